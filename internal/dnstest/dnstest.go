@@ -1,0 +1,256 @@
+// Package dnstest runs a real DNS server on loopback for tests. It answers
+// like a recursive, validating resolver would: it follows CNAMEs within its
+// data and sets the AD bit when every name on the chain is marked secure.
+// Faults (SERVFAIL, silence, truncation, garbage) are set per name.
+package dnstest
+
+import (
+	"net"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/miekg/dns"
+)
+
+// Fault is a misbehaviour for queries about one name.
+type Fault int
+
+const (
+	FaultNone     Fault = iota
+	FaultServfail       // answer SERVFAIL
+	FaultRefused        // answer REFUSED
+	FaultDrop           // never answer (the client times out)
+	FaultTruncate       // over UDP, answer empty with TC set, forcing TCP
+	FaultGarbage        // answer with bytes that are not a DNS message
+)
+
+// Server is a DNS server on 127.0.0.1, UDP and TCP on the same port.
+type Server struct {
+	Addr string // host:port, for resolve.Config.Servers
+
+	mu      sync.Mutex
+	records map[string][]dns.RR // by canonical owner name
+	secure  map[string]bool
+	faults  map[faultKey]Fault
+	queries map[faultKey]int
+	udp     *dns.Server
+	tcp     *dns.Server
+}
+
+type faultKey struct {
+	name  string
+	qtype uint16 // 0 = any type
+}
+
+// New starts a server with records in zone-file syntax, one per string
+// ("example.com. 300 IN MX 10 mx.example.com."), and stops it when t ends.
+func New(t testing.TB, records ...string) *Server {
+	t.Helper()
+	s := &Server{
+		records: make(map[string][]dns.RR),
+		secure:  make(map[string]bool),
+		faults:  make(map[faultKey]Fault),
+		queries: make(map[faultKey]int),
+	}
+	for _, r := range records {
+		s.Add(t, r)
+	}
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatalf("dnstest: %v", err)
+	}
+	l, err := net.Listen("tcp", pc.LocalAddr().String())
+	if err != nil {
+		pc.Close()
+		t.Fatalf("dnstest: %v", err)
+	}
+	s.Addr = pc.LocalAddr().String()
+	started := make(chan struct{}, 2)
+	notify := func() { started <- struct{}{} }
+	s.udp = &dns.Server{PacketConn: pc, Handler: dns.HandlerFunc(s.serveUDP), NotifyStartedFunc: notify}
+	s.tcp = &dns.Server{Listener: l, Handler: dns.HandlerFunc(s.serveTCP), NotifyStartedFunc: notify}
+	go s.udp.ActivateAndServe()
+	go s.tcp.ActivateAndServe()
+	<-started
+	<-started
+	t.Cleanup(func() {
+		s.udp.Shutdown()
+		s.tcp.Shutdown()
+	})
+	return s
+}
+
+// Add adds one record in zone-file syntax.
+func (s *Server) Add(t testing.TB, record string) {
+	t.Helper()
+	rr, err := dns.NewRR(record)
+	if err != nil || rr == nil {
+		t.Fatalf("dnstest: bad record %q: %v", record, err)
+	}
+	name := dns.CanonicalName(rr.Header().Name)
+	s.mu.Lock()
+	s.records[name] = append(s.records[name], rr)
+	s.mu.Unlock()
+}
+
+// Remove deletes every record of name with type qtype (0 = all types).
+func (s *Server) Remove(name string, qtype uint16) {
+	name = dns.CanonicalName(name)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var keep []dns.RR
+	for _, rr := range s.records[name] {
+		if qtype != 0 && rr.Header().Rrtype != qtype {
+			keep = append(keep, rr)
+		}
+	}
+	s.records[name] = keep
+}
+
+// Secure marks names as DNSSEC-validated: answers whose every name is
+// secure carry the AD bit.
+func (s *Server) Secure(names ...string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, n := range names {
+		s.secure[dns.CanonicalName(n)] = true
+	}
+}
+
+// SetFault makes queries for name and qtype (0 = any type) misbehave.
+func (s *Server) SetFault(name string, qtype uint16, f Fault) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.faults[faultKey{dns.CanonicalName(name), qtype}] = f
+}
+
+// Queries returns how many queries for name and qtype (0 = any) arrived.
+func (s *Server) Queries(name string, qtype uint16) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	name = dns.CanonicalName(name)
+	if qtype != 0 {
+		return s.queries[faultKey{name, qtype}]
+	}
+	n := 0
+	for k, c := range s.queries {
+		if k.name == name {
+			n += c
+		}
+	}
+	return n
+}
+
+func (s *Server) serveUDP(w dns.ResponseWriter, q *dns.Msg) { s.serve(w, q, false) }
+func (s *Server) serveTCP(w dns.ResponseWriter, q *dns.Msg) { s.serve(w, q, true) }
+
+func (s *Server) serve(w dns.ResponseWriter, q *dns.Msg, tcp bool) {
+	if len(q.Question) != 1 {
+		m := new(dns.Msg)
+		m.SetRcode(q, dns.RcodeFormatError)
+		w.WriteMsg(m)
+		return
+	}
+	question := q.Question[0]
+	name := dns.CanonicalName(question.Name)
+
+	s.mu.Lock()
+	s.queries[faultKey{name, question.Qtype}]++
+	fault := s.faults[faultKey{name, question.Qtype}]
+	if fault == FaultNone {
+		fault = s.faults[faultKey{name, 0}]
+	}
+	s.mu.Unlock()
+
+	m := new(dns.Msg)
+	m.SetReply(q)
+	m.RecursionAvailable = true
+	switch fault {
+	case FaultDrop:
+		return
+	case FaultServfail:
+		m.Rcode = dns.RcodeServerFailure
+		w.WriteMsg(m)
+		return
+	case FaultRefused:
+		m.Rcode = dns.RcodeRefused
+		w.WriteMsg(m)
+		return
+	case FaultGarbage:
+		w.Write([]byte{0xde, 0xad, 0xbe, 0xef})
+		return
+	case FaultTruncate:
+		if !tcp {
+			m.Truncated = true
+			w.WriteMsg(m)
+			return
+		}
+	}
+
+	s.mu.Lock()
+	answer, rcode, secure := s.resolveLocked(name, question.Qtype)
+	s.mu.Unlock()
+	m.Answer = answer
+	m.Rcode = rcode
+	if rcode == dns.RcodeNameError || len(answer) == 0 {
+		m.Ns = []dns.RR{soa(name)}
+	}
+	if o := q.IsEdns0(); o != nil {
+		m.SetEdns0(4096, o.Do())
+		m.AuthenticatedData = secure && o.Do()
+	}
+	w.WriteMsg(m)
+}
+
+// resolveLocked builds the answer a recursive resolver would give.
+func (s *Server) resolveLocked(name string, qtype uint16) ([]dns.RR, int, bool) {
+	var answer []dns.RR
+	secure := s.secure[name]
+	seen := map[string]bool{}
+	for range 16 {
+		seen[name] = true
+		rrs := s.records[name]
+		var cname *dns.CNAME
+		found := false
+		for _, rr := range rrs {
+			if rr.Header().Rrtype == qtype {
+				answer = append(answer, dns.Copy(rr))
+				found = true
+			} else if c, ok := rr.(*dns.CNAME); ok {
+				cname = c
+			}
+		}
+		if found || cname == nil || qtype == dns.TypeCNAME {
+			if !found && len(rrs) == 0 && !s.hasChildrenLocked(name) {
+				return answer, dns.RcodeNameError, secure
+			}
+			return answer, dns.RcodeSuccess, secure
+		}
+		answer = append(answer, dns.Copy(cname))
+		name = dns.CanonicalName(cname.Target)
+		secure = secure && s.secure[name]
+		if seen[name] {
+			return answer, dns.RcodeSuccess, secure // a loop: hand it to the client as is
+		}
+	}
+	return answer, dns.RcodeServerFailure, false
+}
+
+// hasChildrenLocked reports whether name is an empty non-terminal.
+func (s *Server) hasChildrenLocked(name string) bool {
+	for owner, rrs := range s.records {
+		if len(rrs) > 0 && strings.HasSuffix(owner, "."+name) {
+			return true
+		}
+	}
+	return false
+}
+
+func soa(name string) dns.RR {
+	return &dns.SOA{
+		Hdr: dns.RR_Header{Name: name, Rrtype: dns.TypeSOA, Class: dns.ClassINET, Ttl: 60},
+		Ns:  "ns.test.", Mbox: "hostmaster.test.", Serial: 1,
+		Refresh: 3600, Retry: 600, Expire: 86400, Minttl: 60,
+	}
+}

@@ -1,0 +1,90 @@
+package queue
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"time"
+)
+
+// Envelope is what a submission hands to Enqueue: the SMTP envelope and the
+// DSN and REQUIRETLS parameters that must travel with the message.
+type Envelope struct {
+	From       string // envelope sender; "" is the null sender <>
+	Recipients []RecipientParams
+	User       string // authenticated submitter, "" for a trusted network
+	ClientAddr string // submitting client's IP address
+
+	Body8Bit   bool   // BODY=8BITMIME (RFC 6152)
+	SMTPUTF8   bool   // SMTPUTF8 (RFC 6531)
+	RequireTLS bool   // MAIL FROM … REQUIRETLS (RFC 8689)
+	Ret        string // DSN RET: "FULL", "HDRS" or "" (RFC 3461 §4.3)
+	EnvID      string // DSN ENVID, as the client sent it (RFC 3461 §4.4)
+}
+
+// RecipientParams is one RCPT TO with its DSN parameters.
+type RecipientParams struct {
+	Addr   string
+	Notify []string // NEVER, or any of SUCCESS, FAILURE, DELAY (RFC 3461 §4.1); nil = not given
+	ORcpt  string   // ORCPT as given, "rfc822;user@example.com" (RFC 3461 §4.2)
+}
+
+// State is where one recipient of a message stands.
+type State string
+
+const (
+	StateQueued    State = "queued"    // waiting for its first attempt
+	StateDeferred  State = "deferred"  // an attempt failed temporarily; retry later
+	StateHeld      State = "held"      // an operator put it on hold
+	StateDelivered State = "delivered" // a remote server accepted it
+	StateFailed    State = "failed"    // permanently failed; a DSN was queued if allowed
+)
+
+// Final reports whether nothing more will happen to a recipient in s.
+func (s State) Final() bool { return s == StateDelivered || s == StateFailed }
+
+// Status is the outcome of one attempt for one recipient: what the queue
+// shows, what logs say and what a DSN carries (DESIGN.md decision 6).
+type Status struct {
+	Code      int    // SMTP reply code: 250, 451, 550, …
+	Enhanced  string // enhanced status code (RFC 3463): "4.4.8"
+	Text      string // a line a person can act on; includes the host when one was involved
+	RemoteMTA string // MX host name that gave the reply, "" when the reply is our own
+	// Relayed is set on success when the remote does not support DSN, so
+	// NOTIFY=SUCCESS must be answered with a "relayed" DSN (RFC 3461 §5.2.2).
+	Relayed bool
+}
+
+// Delivered reports whether the remote accepted the recipient.
+func (s Status) Delivered() bool { return s.Code >= 200 && s.Code < 300 }
+
+// Permanent reports whether retrying cannot help (a 5xx).
+func (s Status) Permanent() bool { return s.Code >= 500 }
+
+func (s Status) String() string {
+	if s.Enhanced == "" {
+		return fmt.Sprintf("%d %s", s.Code, s.Text)
+	}
+	return fmt.Sprintf("%d %s %s", s.Code, s.Enhanced, s.Text)
+}
+
+// Job is one delivery attempt: the due recipients of one message at one
+// destination domain, so that one SMTP transaction can carry them all.
+type Job struct {
+	ID         string // queue id, for logs
+	Domain     string // destination domain, lower-case (A-label for IDNs)
+	Envelope   Envelope
+	Recipients []RecipientParams // due recipients at Domain, with their DSN parameters
+	Size       int64
+	Arrived    time.Time
+	Attempt    int // 1 for the first attempt of any of these recipients
+	// Open returns the stored message (headers and body, CRLF line ends).
+	Open func() (io.ReadCloser, error)
+}
+
+// Deliverer attempts jobs. The queue asks for it; delivery implements it.
+type Deliverer interface {
+	// Deliver returns one Status per job recipient, in the same order. It
+	// must return when ctx is done, deferring what it could not finish.
+	Deliver(ctx context.Context, job *Job) []Status
+}

@@ -1,0 +1,436 @@
+// Package resolve is the one DNS client of stsrelay: MX, address, TXT and
+// TLSA lookups against the configured (ideally validating) resolver, with the
+// DO bit on every query so the AD bit can be trusted (DESIGN.md decision 5),
+// CNAME chains followed, TCP on truncation and a TTL-respecting cache shared
+// by delivery, sts, dane and tlsrpt.
+package resolve
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/miekg/dns"
+)
+
+const (
+	// maxCNAMEs bounds a CNAME chain; real chains are one or two long.
+	maxCNAMEs = 8
+	// ednsSize is the UDP payload we advertise (DNS flag day 2020); larger
+	// answers come over TCP, whose messages cannot exceed 64 KiB.
+	ednsSize = 1232
+	// maxTTL caps how long an answer is cached, whatever its TTL says.
+	maxTTL = 24 * time.Hour
+	// negativeTTL caps the caching of NXDOMAIN and NODATA (RFC 2308 §5).
+	negativeTTL = 5 * time.Minute
+	// defaultCacheEntries bounds the cache; an outbound relay sees few domains.
+	defaultCacheEntries = 10000
+)
+
+// Config says which resolver to ask and how patiently.
+type Config struct {
+	// Servers are host:port addresses; empty means /etc/resolv.conf.
+	Servers []string
+	// Timeout bounds one query to one server; 0 means 5 seconds.
+	Timeout time.Duration
+	// CacheEntries bounds the cache; 0 means 10000, negative disables it.
+	CacheEntries int
+}
+
+// Resolver sends queries and caches answers. It is safe for concurrent use.
+type Resolver struct {
+	servers []string
+	timeout time.Duration
+	udp     *dns.Client
+	tcp     *dns.Client
+
+	mu       sync.Mutex
+	cache    map[cacheKey]*cacheEntry
+	maxCache int
+	inflight map[cacheKey]*call
+	now      func() time.Time
+}
+
+type cacheKey struct {
+	name  string
+	qtype uint16
+}
+
+type cacheEntry struct {
+	msg     *dns.Msg
+	expires time.Time
+}
+
+type call struct {
+	done chan struct{}
+	msg  *dns.Msg
+	err  error
+}
+
+// New returns a Resolver for cfg.
+func New(cfg Config) (*Resolver, error) {
+	servers := cfg.Servers
+	if len(servers) == 0 {
+		cc, err := dns.ClientConfigFromFile("/etc/resolv.conf")
+		if err != nil {
+			return nil, fmt.Errorf("dns: reading /etc/resolv.conf: %w", err)
+		}
+		for _, s := range cc.Servers {
+			servers = append(servers, net.JoinHostPort(s, cc.Port))
+		}
+		if len(servers) == 0 {
+			return nil, errors.New("dns: /etc/resolv.conf names no nameserver; set dns.resolver")
+		}
+	}
+	for _, s := range servers {
+		if _, _, err := net.SplitHostPort(s); err != nil {
+			return nil, fmt.Errorf("dns: resolver %q is not host:port", s)
+		}
+	}
+	timeout := cfg.Timeout
+	if timeout <= 0 {
+		timeout = 5 * time.Second
+	}
+	maxCache := cfg.CacheEntries
+	if maxCache == 0 {
+		maxCache = defaultCacheEntries
+	}
+	return &Resolver{
+		servers:  servers,
+		timeout:  timeout,
+		udp:      &dns.Client{Net: "udp", Timeout: timeout, UDPSize: ednsSize},
+		tcp:      &dns.Client{Net: "tcp", Timeout: timeout},
+		cache:    make(map[cacheKey]*cacheEntry),
+		maxCache: maxCache,
+		inflight: make(map[cacheKey]*call),
+		now:      time.Now,
+	}, nil
+}
+
+// Result is the answer to one lookup after CNAMEs were followed.
+type Result struct {
+	Name   string   // the name asked for, canonical (lower case, trailing dot)
+	CNAMEs []string // aliases followed from Name, in order
+	Final  string   // the name the records belong to: Name or the last alias
+	// Records are the answer records of the asked type at Final.
+	Records []dns.RR
+	// Secure is true when every response used had the AD bit: the whole
+	// chain was validated by the resolver (RFC 4035 §3.2.3).
+	Secure bool
+}
+
+// Error is a failed lookup. NotFound (NXDOMAIN) is permanent; anything
+// else (SERVFAIL, REFUSED, timeouts, malformed answers) is temporary.
+type Error struct {
+	Name     string
+	Type     string
+	Rcode    int // DNS response code, -1 when there was no response
+	NotFound bool
+	Err      error
+}
+
+func (e *Error) Error() string {
+	if e.NotFound {
+		return fmt.Sprintf("%s lookup for %s: NXDOMAIN", e.Type, strings.TrimSuffix(e.Name, "."))
+	}
+	if e.Err != nil {
+		return fmt.Sprintf("%s lookup for %s: %v", e.Type, strings.TrimSuffix(e.Name, "."), e.Err)
+	}
+	return fmt.Sprintf("%s lookup for %s: %s", e.Type, strings.TrimSuffix(e.Name, "."), dns.RcodeToString[e.Rcode])
+}
+
+func (e *Error) Unwrap() error { return e.Err }
+
+// Temporary reports whether retrying later may help.
+func (e *Error) Temporary() bool { return !e.NotFound }
+
+// IsNotFound reports whether err says the name does not exist.
+func IsNotFound(err error) bool {
+	var e *Error
+	return errors.As(err, &e) && e.NotFound
+}
+
+// Lookup asks for name's records of qtype, following CNAMEs. A name that
+// exists without such records (NODATA) is a Result with no Records.
+func (r *Resolver) Lookup(ctx context.Context, name string, qtype uint16) (*Result, error) {
+	name = dns.CanonicalName(name)
+	if _, ok := dns.IsDomainName(name); !ok {
+		return nil, &Error{Name: name, Type: dns.TypeToString[qtype], Rcode: -1, Err: errors.New("not a domain name")}
+	}
+	res := &Result{Name: name, Final: name, Secure: true}
+	seen := map[string]bool{name: true}
+	cur := name
+	for {
+		msg, err := r.query(ctx, cur, qtype)
+		if err != nil {
+			return nil, err
+		}
+		res.Secure = res.Secure && msg.AuthenticatedData
+		switch msg.Rcode {
+		case dns.RcodeSuccess:
+		case dns.RcodeNameError:
+			return nil, &Error{Name: name, Type: dns.TypeToString[qtype], Rcode: msg.Rcode, NotFound: true}
+		default:
+			return nil, &Error{Name: name, Type: dns.TypeToString[qtype], Rcode: msg.Rcode}
+		}
+		// Walk the chain inside this answer: resolvers usually return the
+		// aliases and the final records together. Records of owners off
+		// the chain are ignored, so an answer cannot plant unrelated data.
+		for {
+			target := ""
+			for _, rr := range msg.Answer {
+				h := rr.Header()
+				if !strings.EqualFold(h.Name, cur) {
+					continue
+				}
+				if h.Rrtype == qtype {
+					res.Records = append(res.Records, rr)
+				} else if c, ok := rr.(*dns.CNAME); ok && target == "" {
+					target = dns.CanonicalName(c.Target)
+				}
+			}
+			if len(res.Records) > 0 || target == "" || qtype == dns.TypeCNAME {
+				return res, nil
+			}
+			if seen[target] || len(res.CNAMEs) >= maxCNAMEs {
+				return nil, &Error{Name: name, Type: dns.TypeToString[qtype], Rcode: -1,
+					Err: fmt.Errorf("CNAME chain too long or looping at %s", strings.TrimSuffix(target, "."))}
+			}
+			seen[target] = true
+			res.CNAMEs = append(res.CNAMEs, target)
+			res.Final, cur = target, target
+			if !hasOwner(msg, target) {
+				break // the answer stops at an alias: ask for its target
+			}
+		}
+	}
+}
+
+// hasOwner reports whether msg has answer records owned by name.
+func hasOwner(msg *dns.Msg, name string) bool {
+	for _, rr := range msg.Answer {
+		if strings.EqualFold(rr.Header().Name, name) {
+			return true
+		}
+	}
+	return false
+}
+
+// query returns the response for one question, from the cache when fresh.
+// Concurrent identical queries share one exchange.
+func (r *Resolver) query(ctx context.Context, name string, qtype uint16) (*dns.Msg, error) {
+	key := cacheKey{name, qtype}
+	r.mu.Lock()
+	if e, ok := r.cache[key]; ok && r.now().Before(e.expires) {
+		r.mu.Unlock()
+		return e.msg, nil
+	}
+	if c, ok := r.inflight[key]; ok {
+		r.mu.Unlock()
+		select {
+		case <-c.done:
+			return c.msg, c.err
+		case <-ctx.Done():
+			return nil, &Error{Name: name, Type: dns.TypeToString[qtype], Rcode: -1, Err: ctx.Err()}
+		}
+	}
+	c := &call{done: make(chan struct{})}
+	r.inflight[key] = c
+	r.mu.Unlock()
+
+	c.msg, c.err = r.exchange(ctx, name, qtype)
+
+	r.mu.Lock()
+	delete(r.inflight, key)
+	if c.err == nil && r.maxCache > 0 {
+		if ttl := cacheTTL(c.msg); ttl > 0 {
+			if len(r.cache) >= r.maxCache {
+				r.evictLocked()
+			}
+			r.cache[key] = &cacheEntry{msg: c.msg, expires: r.now().Add(ttl)}
+		}
+	}
+	r.mu.Unlock()
+	close(c.done)
+	return c.msg, c.err
+}
+
+// evictLocked drops expired entries, and if none were, an arbitrary tenth.
+func (r *Resolver) evictLocked() {
+	now := r.now()
+	for k, e := range r.cache {
+		if !now.Before(e.expires) {
+			delete(r.cache, k)
+		}
+	}
+	drop := len(r.cache) - r.maxCache + r.maxCache/10 + 1
+	for k := range r.cache {
+		if drop <= 0 {
+			break
+		}
+		delete(r.cache, k)
+		drop--
+	}
+}
+
+// cacheTTL is how long msg may be cached: the smallest answer TTL, or for a
+// negative answer the SOA minimum (RFC 2308 §5). Failures are not cached.
+func cacheTTL(msg *dns.Msg) time.Duration {
+	switch msg.Rcode {
+	case dns.RcodeSuccess, dns.RcodeNameError:
+	default:
+		return 0
+	}
+	if len(msg.Answer) == 0 {
+		for _, rr := range msg.Ns {
+			if soa, ok := rr.(*dns.SOA); ok {
+				ttl := min(soa.Hdr.Ttl, soa.Minttl)
+				return min(time.Duration(ttl)*time.Second, negativeTTL)
+			}
+		}
+		return 0
+	}
+	ttl := msg.Answer[0].Header().Ttl
+	for _, rr := range msg.Answer[1:] {
+		ttl = min(ttl, rr.Header().Ttl)
+	}
+	return min(time.Duration(ttl)*time.Second, maxTTL)
+}
+
+// exchange sends the question to each server in turn until one answers
+// with something other than SERVFAIL or REFUSED.
+func (r *Resolver) exchange(ctx context.Context, name string, qtype uint16) (*dns.Msg, error) {
+	q := new(dns.Msg)
+	q.SetQuestion(name, qtype)
+	q.RecursionDesired = true
+	// RFC 6840 §5.7: AD in a query asks for the AD bit in the answer; the
+	// DO bit (RFC 3225) makes a validating resolver validate for us.
+	q.AuthenticatedData = true
+	q.SetEdns0(ednsSize, true)
+
+	var last error
+	var lastMsg *dns.Msg
+	for _, server := range r.servers {
+		if err := ctx.Err(); err != nil {
+			return nil, &Error{Name: name, Type: dns.TypeToString[qtype], Rcode: -1, Err: err}
+		}
+		resp, _, err := r.udp.ExchangeContext(ctx, q, server)
+		if err == nil && resp.Truncated {
+			resp, _, err = r.tcp.ExchangeContext(ctx, q, server)
+		}
+		if err != nil {
+			last = err
+			continue
+		}
+		if resp.Rcode == dns.RcodeServerFailure || resp.Rcode == dns.RcodeRefused {
+			lastMsg = resp
+			continue
+		}
+		return resp, nil
+	}
+	if lastMsg != nil {
+		return lastMsg, nil
+	}
+	return nil, &Error{Name: name, Type: dns.TypeToString[qtype], Rcode: -1, Err: simplify(last)}
+}
+
+// simplify turns network errors into the words an operator expects.
+func simplify(err error) error {
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return errors.New("timeout")
+	}
+	return err
+}
+
+// MX returns the MX records of domain, unsorted, and whether the answer was
+// DNSSEC-secure. A domain without MX records returns none and no error.
+func (r *Resolver) MX(ctx context.Context, domain string) ([]*dns.MX, bool, error) {
+	res, err := r.Lookup(ctx, domain, dns.TypeMX)
+	if err != nil {
+		return nil, false, err
+	}
+	var mxs []*dns.MX
+	for _, rr := range res.Records {
+		mxs = append(mxs, rr.(*dns.MX))
+	}
+	return mxs, res.Secure, nil
+}
+
+// TXT returns each TXT record of name with its strings concatenated
+// without spaces (RFC 8461 §3.1, RFC 8460 §3), CNAMEs followed.
+func (r *Resolver) TXT(ctx context.Context, name string) ([]string, *Result, error) {
+	res, err := r.Lookup(ctx, name, dns.TypeTXT)
+	if err != nil {
+		return nil, nil, err
+	}
+	var txts []string
+	for _, rr := range res.Records {
+		txts = append(txts, strings.Join(rr.(*dns.TXT).Txt, ""))
+	}
+	return txts, res, nil
+}
+
+// IPVersion restricts which address families are looked up.
+type IPVersion int
+
+const (
+	IPBoth IPVersion = 0
+	IPv4   IPVersion = 4
+	IPv6   IPVersion = 6
+)
+
+// Addrs returns host's addresses, IPv6 first as RFC 6724 prefers (unless
+// version restricts them), following CNAMEs. The Result is that of the
+// A lookup (or AAAA when only IPv6 is wanted): it carries the CNAME chain
+// and DNSSEC status. One family failing is not an error when the other
+// answers.
+func (r *Resolver) Addrs(ctx context.Context, host string, version IPVersion) ([]netip.Addr, *Result, error) {
+	var (
+		addrs  []netip.Addr
+		chain  *Result
+		errs   []error
+		secure = true
+	)
+	types := []uint16{dns.TypeAAAA, dns.TypeA}
+	switch version {
+	case IPv4:
+		types = types[1:]
+	case IPv6:
+		types = types[:1]
+	}
+	for _, t := range types {
+		res, err := r.Lookup(ctx, host, t)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		secure = secure && res.Secure
+		if chain == nil || t == dns.TypeA {
+			chain = res
+		}
+		for _, rr := range res.Records {
+			switch v := rr.(type) {
+			case *dns.A:
+				if a, ok := netip.AddrFromSlice(v.A.To4()); ok {
+					addrs = append(addrs, a)
+				}
+			case *dns.AAAA:
+				if a, ok := netip.AddrFromSlice(v.AAAA.To16()); ok {
+					addrs = append(addrs, a)
+				}
+			}
+		}
+	}
+	if chain == nil {
+		return nil, nil, errs[0]
+	}
+	// A failed family leaves the security of the whole answer unknown.
+	chain.Secure = secure && len(errs) == 0
+	return addrs, chain, nil
+}
