@@ -20,6 +20,10 @@ type Envelope struct {
 	RequireTLS bool   // MAIL FROM … REQUIRETLS (RFC 8689)
 	Ret        string // DSN RET: "FULL", "HDRS" or "" (RFC 3461 §4.3)
 	EnvID      string // DSN ENVID, as the client sent it (RFC 3461 §4.4)
+	// NoTLSPolicy is set when the message has a "TLS-Required: No" header
+	// and no REQUIRETLS: MTA-STS and DANE are not enforced for it, though
+	// STARTTLS is still tried (RFC 8689 §5).
+	NoTLSPolicy bool
 }
 
 // RecipientParams is one RCPT TO with its DSN parameters.
