@@ -1,0 +1,35 @@
+// Package sts implements SMTP MTA Strict Transport Security (MTA-STS, RFC
+// 8461) for outbound delivery: TXT discovery, the HTTPS policy fetch, policy
+// parsing, a cache persisted in bbolt with background refresh, and the
+// per-MX decision that the delivery engine asks for through
+// delivery.PolicySource.
+//
+// The delivery engine verifies certificates and composes deferral texts;
+// this package decides, per MX host, whether it may be used and which names
+// its certificate must carry.
+package sts
+
+import "errors"
+
+// Errors callers branch on. A lookup that finds no applicable policy returns
+// an error that wraps ErrNoPolicy and the cause (one of the others, a
+// *RecordError, a *FetchError or a DNS error).
+var (
+	// ErrNoPolicy means the domain has no MTA-STS policy in force: deliver
+	// as if it did not use MTA-STS (RFC 8461 §3.1, §5.1).
+	ErrNoPolicy = errors.New("no MTA-STS policy")
+	// ErrNoRecord means no TXT record starting with v=STSv1 exists.
+	ErrNoRecord = errors.New("no MTA-STS TXT record")
+	// ErrMultipleRecords means more than one v=STSv1 record exists, which
+	// counts as no policy (RFC 8461 §3.1).
+	ErrMultipleRecords = errors.New("more than one MTA-STS TXT record")
+	// ErrFetchBackoff means the policy was not fetched because the last
+	// fetch of the same id failed less than 5 minutes ago (RFC 8461 §3.3).
+	ErrFetchBackoff = errors.New("policy fetch failed recently; waiting before trying again")
+	// ErrAddressLiteral means the next hop is an address literal, which has
+	// no policy domain (RFC 8461 §3.4).
+	ErrAddressLiteral = errors.New("address literal has no MTA-STS policy")
+	// ErrNotCached is returned by the admin API for a domain without a
+	// cached policy.
+	ErrNotCached = errors.New("no cached MTA-STS policy")
+)
