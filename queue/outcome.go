@@ -1,0 +1,230 @@
+package queue
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"slices"
+	"strings"
+	"time"
+
+	"go.etcd.io/bbolt"
+)
+
+// Outcomes of one attempt for one recipient, as logs and metrics name them.
+const (
+	outcomeDelivered = "delivered"
+	outcomeDeferred  = "deferred"
+	outcomeFailed    = "failed"
+	outcomeExpired   = "expired"
+)
+
+// backoff returns the wait after a recipient's attempts-th failed attempt:
+// the schedule entry (the last one repeats) plus up to 10% jitter, so a
+// retry never comes sooner than configured.
+func (q *Queue) backoff(attempts int) time.Duration {
+	s := q.opts.RetrySchedule
+	d := s[min(max(attempts, 1), len(s))-1]
+	if j := int64(d / 10); j > 0 {
+		d += time.Duration(rand.Int64N(j))
+	}
+	return d
+}
+
+// applyOutcome records the statuses of one delivery, in one commit with
+// the DSNs they cause, then updates the index.
+func (q *Queue) applyOutcome(job *Job, idx []int, statuses []Status) error {
+	if len(statuses) != len(idx) {
+		q.log.Error("queue: deliverer returned the wrong number of statuses; deferring all", "id", job.ID, "domain", job.Domain, "want", len(idx), "got", len(statuses))
+		st := Status{Code: 451, Enhanced: "4.3.0", Text: fmt.Sprintf("internal error: deliverer returned %d statuses for %d recipients", len(statuses), len(idx))}
+		statuses = slices.Repeat([]Status{st}, len(idx))
+	}
+	var (
+		m        *message
+		dsn      *message
+		outcomes []string
+	)
+	err := q.commit.do(func(tx *bbolt.Tx) error {
+		var err error
+		m, err = getMessage(tx, job.ID)
+		if err != nil || m == nil {
+			return err // deleted while in flight: nothing to record
+		}
+		now := q.opts.Now()
+		outcomes = make([]string, len(idx))
+		var notices []dsnRecipient
+		for k, i := range idx {
+			if i >= len(m.Recipients) {
+				continue
+			}
+			r := &m.Recipients[i]
+			outcomes[k] = q.applyStatus(m, r, statuses[k], now)
+			a := noticeFor(r, outcomes[k], statuses[k])
+			if outcomes[k] == outcomeDeferred && r.State == StateDeferred && !r.DelayNotified &&
+				q.opts.DelayNoticeAfter > 0 && now.Sub(m.Arrived) >= q.opts.DelayNoticeAfter && wantsDelayNotice(r) {
+				a = "delayed"
+				r.DelayNotified = true // once per recipient
+			}
+			if a != "" {
+				notices = append(notices, dsnRecipient{recipient: *r, Action: a})
+			}
+		}
+		dsn = nil
+		if len(notices) > 0 && m.Envelope.From != "" { // never bounce a bounce (RFC 3461 §6.2)
+			dsn, err = q.makeDSN(tx, m, notices, now)
+			if err != nil {
+				return err
+			}
+		}
+		if m.done() {
+			return deleteMessage(tx, m.ID)
+		}
+		return putMessage(tx, m)
+	})
+	if err != nil {
+		return err
+	}
+	if m == nil {
+		return nil
+	}
+	q.logOutcome(job, m, idx, statuses, outcomes)
+	q.indexPut(m)
+	if dsn != nil {
+		metricEnqueued.Inc()
+		q.indexPut(dsn)
+		q.wake()
+		q.log.Info("queued DSN", "id", dsn.ID, "orig_id", m.ID, "to", m.Envelope.From)
+	}
+	return nil
+}
+
+// applyStatus moves r according to st and returns the outcome name ("" when
+// r had already reached a final state, by an operator's bounce say).
+func (q *Queue) applyStatus(m *message, r *recipient, st Status, now time.Time) string {
+	if r.State.Final() {
+		return ""
+	}
+	r.Attempts++
+	r.LastAttempt = now
+	r.Last = st
+	if st.RemoteMTA != "" {
+		r.LastMX = st.RemoteMTA
+	}
+	switch {
+	case st.Delivered():
+		r.State = StateDelivered
+		metricDeliveries.WithLabelValues(outcomeDelivered).Inc()
+		return outcomeDelivered
+	case st.Permanent():
+		r.State = StateFailed
+		metricDeliveries.WithLabelValues(outcomeFailed).Inc()
+		return outcomeFailed
+	}
+	deadline := m.Arrived.Add(q.opts.MaxQueueTime)
+	if !now.Before(deadline) {
+		// RFC 5321 §4.5.4.1: give up after the configured time; DESIGN decision 6.
+		r.State = StateFailed
+		r.Last = Status{
+			Code:     554,
+			Enhanced: "5.4.7",
+			Text:     fmt.Sprintf("delivery time expired after %s; last error: %s", days(q.opts.MaxQueueTime), st),
+		}
+		metricDeliveries.WithLabelValues(outcomeExpired).Inc()
+		return outcomeExpired
+	}
+	metricDeliveries.WithLabelValues(outcomeDeferred).Inc()
+	if r.State == StateHeld {
+		return outcomeDeferred // an operator held it meanwhile; release decides
+	}
+	r.State = StateDeferred
+	// The last retry falls on the deadline, so expiry is not late.
+	r.NextAttempt = now.Add(q.backoff(r.Attempts))
+	if r.NextAttempt.After(deadline) {
+		r.NextAttempt = deadline
+	}
+	return outcomeDeferred
+}
+
+// noticeFor returns the DSN Action that outcome calls for under r's NOTIFY
+// (RFC 3461 §4.1), or "".
+func noticeFor(r *recipient, outcome string, st Status) string {
+	switch outcome {
+	case outcomeFailed, outcomeExpired:
+		// No NOTIFY: a failure DSN is still sent (RFC 3461 §4.1).
+		if r.Notify == nil || notifies(r.Notify, "FAILURE") {
+			return "failed"
+		}
+	case outcomeDelivered:
+		if notifies(r.Notify, "SUCCESS") {
+			if st.Relayed {
+				return "relayed" // the next hop cannot send DSNs (RFC 3461 §5.2.2)
+			}
+			return "delivered"
+		}
+	}
+	return ""
+}
+
+// notifies reports whether NOTIFY list includes kind.
+func notifies(list []string, kind string) bool {
+	for _, n := range list {
+		if strings.EqualFold(n, kind) {
+			return true
+		}
+	}
+	return false
+}
+
+// wantsDelayNotice reports whether r may get a delay DSN. Without NOTIFY
+// the MTA chooses (RFC 3461 §4.1: FAILURE or FAILURE,DELAY); stsrelay
+// sends delay notices then, as sendmail does.
+func wantsDelayNotice(r *recipient) bool {
+	return r.Notify == nil || notifies(r.Notify, "DELAY")
+}
+
+// days formats d as "5d" when it is whole days, else as Go does.
+func days(d time.Duration) string {
+	if d%(24*time.Hour) == 0 {
+		return fmt.Sprintf("%dd", d/(24*time.Hour))
+	}
+	return d.String()
+}
+
+// logOutcome writes one line per outcome and status among the recipients
+// of a delivery.
+func (q *Queue) logOutcome(job *Job, m *message, idx []int, statuses []Status, outcomes []string) {
+	type group struct {
+		outcome, status string
+		rcpts           []string
+		next            time.Time
+	}
+	var groups []*group
+	for k, i := range idx {
+		if outcomes[k] == "" || i >= len(m.Recipients) {
+			continue
+		}
+		r := &m.Recipients[i]
+		st := r.Last.String()
+		var g *group
+		for _, x := range groups {
+			if x.outcome == outcomes[k] && x.status == st {
+				g = x
+			}
+		}
+		if g == nil {
+			g = &group{outcome: outcomes[k], status: st}
+			groups = append(groups, g)
+		}
+		g.rcpts = append(g.rcpts, r.Addr)
+		if r.State == StateDeferred {
+			g.next = r.NextAttempt
+		}
+	}
+	for _, g := range groups {
+		attrs := []any{"id", job.ID, "domain", job.Domain, "recipients", strings.Join(g.rcpts, ","),
+			"outcome", g.outcome, "status", g.status, "attempt", job.Attempt}
+		if !g.next.IsZero() {
+			attrs = append(attrs, "next_retry", g.next.UTC().Format(time.RFC3339))
+		}
+		q.log.Info("delivery", attrs...)
+	}
+}

@@ -1,0 +1,272 @@
+package queue
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/base32"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"go.etcd.io/bbolt"
+	"golang.org/x/net/idna"
+)
+
+// Options configure a Queue. Zero values take the defaults noted.
+type Options struct {
+	Deliverer Deliverer // required
+	// Workers is the number of deliveries in flight at once
+	// (delivery.workers). Default 16.
+	Workers int
+	// MaxConnsPerDomain caps the deliveries in flight to one destination
+	// domain (delivery.max_connections_per_domain). Default 4.
+	MaxConnsPerDomain int
+	// RetrySchedule is the wait after the 1st, 2nd, … failed attempt of a
+	// recipient; the last entry repeats (delivery.retry_schedule). Each wait
+	// gets up to 10% added at random so that retries spread out. Default
+	// 5m, 10m, 30m, 1h, 2h, 4h.
+	RetrySchedule []time.Duration
+	// MaxQueueTime is how long a recipient is retried before it bounces
+	// with 5.4.7 (delivery.max_queue_time). Default 120h (RFC 5321 §4.5.4.1).
+	MaxQueueTime time.Duration
+	// DelayNoticeAfter is when a still-deferred recipient gets its one delay
+	// DSN (delivery.delay_notice_after). Default 4h; negative: never.
+	DelayNoticeAfter time.Duration
+	// Hostname is this MTA's name: Reporting-MTA and postmaster@Hostname in
+	// DSNs. Default os.Hostname().
+	Hostname string
+	// MaxMessageSize bounds what Enqueue reads. Default 64 MiB; smtpin's
+	// own limit should be lower.
+	MaxMessageSize int64
+	// ShutdownGrace is how long Run lets in-flight deliveries finish after
+	// its context is done before cancelling them. Default 10s.
+	ShutdownGrace time.Duration
+	Logger        *slog.Logger     // default slog.Default()
+	Now           func() time.Time // clock, for tests; default time.Now
+}
+
+// DefaultRetrySchedule is used when Options.RetrySchedule is empty.
+var DefaultRetrySchedule = []time.Duration{5 * time.Minute, 10 * time.Minute, 30 * time.Minute, time.Hour, 2 * time.Hour, 4 * time.Hour}
+
+// ErrTooBig is returned by Enqueue for a body over Options.MaxMessageSize.
+var ErrTooBig = errors.New("message exceeds the queue's size limit")
+
+// Queue is the durable queue and its delivery scheduler.
+type Queue struct {
+	db     *bbolt.DB
+	opts   Options
+	log    *slog.Logger
+	commit *committer
+
+	mu    sync.Mutex
+	index map[string]*entry
+	sched scheduler
+	kick  chan struct{}
+
+	closeOnce sync.Once
+}
+
+// New opens the queue stored in db, creating its buckets, and loads what
+// is pending. Whatever was in flight when the process last stopped is due
+// again at once: delivery is at least once.
+func New(db *bbolt.DB, opts Options) (*Queue, error) {
+	if opts.Deliverer == nil {
+		return nil, errors.New("queue: Options.Deliverer is required")
+	}
+	if opts.Workers <= 0 {
+		opts.Workers = 16
+	}
+	if opts.MaxConnsPerDomain <= 0 {
+		opts.MaxConnsPerDomain = 4
+	}
+	if len(opts.RetrySchedule) == 0 {
+		opts.RetrySchedule = DefaultRetrySchedule
+	}
+	for _, d := range opts.RetrySchedule {
+		if d <= 0 {
+			return nil, fmt.Errorf("queue: retry schedule entry %v is not positive", d)
+		}
+	}
+	if opts.MaxQueueTime <= 0 {
+		opts.MaxQueueTime = 120 * time.Hour
+	}
+	if opts.DelayNoticeAfter == 0 {
+		opts.DelayNoticeAfter = 4 * time.Hour
+	}
+	if opts.Hostname == "" {
+		h, err := os.Hostname()
+		if err != nil {
+			return nil, fmt.Errorf("queue: Options.Hostname is empty and os.Hostname failed: %v", err)
+		}
+		opts.Hostname = h
+	}
+	if opts.MaxMessageSize <= 0 {
+		opts.MaxMessageSize = 64 << 20
+	}
+	if opts.ShutdownGrace <= 0 {
+		opts.ShutdownGrace = 10 * time.Second
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	q := &Queue{
+		db:    db,
+		opts:  opts,
+		log:   opts.Logger,
+		index: make(map[string]*entry),
+		sched: newScheduler(),
+		kick:  make(chan struct{}, 1),
+	}
+	err := db.Update(func(tx *bbolt.Tx) error {
+		for _, name := range [][]byte{bucketMessages, bucketBodies} {
+			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("queue: cannot create buckets in %s: %w", db.Path(), err)
+	}
+	if err := q.load(); err != nil {
+		return nil, err
+	}
+	q.commit = newCommitter(db)
+	return q, nil
+}
+
+// load builds the in-memory index from the database.
+func (q *Queue) load() error {
+	var damaged int
+	err := q.db.View(func(tx *bbolt.Tx) error {
+		return tx.Bucket(bucketMessages).ForEach(func(k, v []byte) error {
+			var m message
+			if err := json.Unmarshal(v, &m); err != nil {
+				// Leave it in place for an operator; it cannot be scheduled.
+				q.log.Error("queue: damaged message record, not scheduled", "id", string(k), "err", err)
+				damaged++
+				return nil
+			}
+			q.indexPut(&m)
+			return nil
+		})
+	})
+	if err != nil {
+		return fmt.Errorf("queue: reading %s: %w", q.db.Path(), err)
+	}
+	q.log.Info("queue loaded", "messages", len(q.index), "damaged", damaged)
+	return nil
+}
+
+// Close stops accepting writes and waits for pending ones. Call it after
+// Run has returned.
+func (q *Queue) Close() error {
+	q.closeOnce.Do(q.commit.close)
+	return nil
+}
+
+// Enqueue stores a message for delivery and returns its queue id once the
+// message is committed and synced to disk. body is the whole message with
+// CRLF line ends. When Enqueue returns an error, nothing was stored and the
+// message must not be acknowledged (smtpin answers 451 4.3.0).
+func (q *Queue) Enqueue(ctx context.Context, env Envelope, body io.Reader) (string, error) {
+	if err := ctx.Err(); err != nil {
+		return "", fmt.Errorf("message not queued: %w", err)
+	}
+	data, err := io.ReadAll(io.LimitReader(body, q.opts.MaxMessageSize+1))
+	if err != nil {
+		return "", fmt.Errorf("message not queued: reading the message: %w", err)
+	}
+	if int64(len(data)) > q.opts.MaxMessageSize {
+		return "", fmt.Errorf("message not queued: %w (%d bytes)", ErrTooBig, q.opts.MaxMessageSize)
+	}
+	m, err := q.newMessage(env, int64(len(data)))
+	if err != nil {
+		return "", fmt.Errorf("message not queued: %w", err)
+	}
+	err = q.commit.do(func(tx *bbolt.Tx) error { return insertMessage(tx, m, data) })
+	if err != nil {
+		return "", fmt.Errorf("message not queued: %w", err)
+	}
+	metricEnqueued.Inc()
+	q.indexPut(m)
+	q.wake()
+	q.log.Info("queued", "id", m.ID, "from", env.From, "recipients", len(m.Recipients), "size", m.Size, "user", env.User, "client", env.ClientAddr)
+	return m.ID, nil
+}
+
+func (q *Queue) newMessage(env Envelope, size int64) (*message, error) {
+	if len(env.Recipients) == 0 {
+		return nil, errors.New("no recipients")
+	}
+	now := q.opts.Now()
+	m := &message{ID: newID(now), Envelope: env, Size: size, Arrived: now}
+	m.Envelope.Recipients = nil // kept per recipient below
+	for _, rp := range env.Recipients {
+		d, err := recipientDomain(rp.Addr)
+		if err != nil {
+			return nil, err
+		}
+		m.Recipients = append(m.Recipients, recipient{RecipientParams: rp, Domain: d, State: StateQueued, NextAttempt: now})
+	}
+	return m, nil
+}
+
+// insertMessage writes a new message and its body. It may run again in a
+// retried batch, so it only touches tx and m.
+func insertMessage(tx *bbolt.Tx, m *message, body []byte) error {
+	for tx.Bucket(bucketMessages).Get([]byte(m.ID)) != nil {
+		m.ID = newID(m.Arrived)
+	}
+	chunks, err := putBody(tx, m.ID, body)
+	if err != nil {
+		return err
+	}
+	m.Chunks = chunks
+	m.Version = 0
+	return putMessage(tx, m)
+}
+
+// recipientDomain returns the lower-case A-label domain of addr.
+func recipientDomain(addr string) (string, error) {
+	at := strings.LastIndexByte(addr, '@')
+	if at < 0 || at == len(addr)-1 {
+		return "", fmt.Errorf("recipient %q has no domain", addr)
+	}
+	d := strings.ToLower(strings.TrimSuffix(addr[at+1:], "."))
+	if strings.HasPrefix(d, "[") {
+		return d, nil // address literal (RFC 5321 §4.1.3)
+	}
+	a, err := idna.Lookup.ToASCII(d)
+	if err != nil {
+		return "", fmt.Errorf("recipient %q: invalid domain: %v", addr, err)
+	}
+	return a, nil
+}
+
+var idEncoding = base32.NewEncoding("0123456789abcdefghijklmnopqrstuv").WithPadding(base32.NoPadding)
+
+// newID returns a 20-character id that sorts by arrival time.
+func newID(now time.Time) string {
+	var b [12]byte
+	binary.BigEndian.PutUint64(b[:8], uint64(now.UnixNano()))
+	_, _ = rand.Read(b[8:]) // crypto/rand.Read never fails (Go 1.24+)
+	return idEncoding.EncodeToString(b[:])
+}
+
+func (q *Queue) wake() {
+	select {
+	case q.kick <- struct{}{}:
+	default:
+	}
+}

@@ -1,0 +1,337 @@
+package queue
+
+import (
+	"container/heap"
+	"context"
+	"io"
+	"sync"
+	"time"
+
+	"go.etcd.io/bbolt"
+)
+
+// entry is the in-memory summary of one stored message: enough to schedule
+// it and to count it in metrics, a few hundred bytes per message.
+type entry struct {
+	id      string
+	arrived time.Time
+	version uint64
+	counts  [3]int32 // pending recipients: queued, deferred, held
+	slots   []*slot
+}
+
+// slot is one (message, destination domain) pair: the unit of scheduling.
+type slot struct {
+	e        *entry
+	domain   string
+	due      time.Time // earliest next attempt of a pending recipient; zero: none
+	inflight bool      // a delivery is running; never two at once
+	ready    bool      // due and waiting for a worker or a domain slot
+	gone     bool      // the message left the queue
+}
+
+type timed struct {
+	due time.Time
+	s   *slot
+}
+
+type timerHeap []timed
+
+func (h timerHeap) Len() int           { return len(h) }
+func (h timerHeap) Less(i, j int) bool { return h[i].due.Before(h[j].due) }
+func (h timerHeap) Swap(i, j int)      { h[i], h[j] = h[j], h[i] }
+func (h *timerHeap) Push(x any)        { *h = append(*h, x.(timed)) }
+func (h *timerHeap) Pop() any {
+	old := *h
+	x := old[len(old)-1]
+	*h = old[:len(old)-1]
+	return x
+}
+
+// scheduler holds the due times and the ready lists, guarded by Queue.mu.
+// Stale heap items are skipped when popped rather than removed.
+type scheduler struct {
+	timers  timerHeap
+	ready   map[string][]*slot // domain → due slots waiting for a worker
+	domains []string           // domains with ready slots, served round-robin
+	next    int
+	active  map[string]int // domain → deliveries in flight
+	running int
+}
+
+func newScheduler() scheduler {
+	return scheduler{ready: make(map[string][]*slot), active: make(map[string]int)}
+}
+
+// indexPut records the state of m after a committed write. Updates that
+// arrive out of order (two deliveries of one message finishing together)
+// are ignored by version.
+func (q *Queue) indexPut(m *message) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	e := q.index[m.ID]
+	if e != nil && m.Version <= e.version {
+		return
+	}
+	if m.done() {
+		if e != nil {
+			q.indexRemoveLocked(e)
+		}
+		return
+	}
+	if e == nil {
+		e = &entry{id: m.ID, arrived: m.Arrived}
+		q.index[m.ID] = e
+	}
+	e.version = m.Version
+	e.counts = [3]int32{}
+	due := make(map[string]time.Time, len(e.slots)+1)
+	for i := range m.Recipients {
+		r := &m.Recipients[i]
+		switch r.State {
+		case StateQueued:
+			e.counts[0]++
+		case StateDeferred:
+			e.counts[1]++
+		case StateHeld:
+			e.counts[2]++
+		}
+		d, seen := due[r.Domain]
+		if !seen {
+			due[r.Domain] = time.Time{}
+		}
+		if r.pending() && (d.IsZero() || r.NextAttempt.Before(d)) {
+			due[r.Domain] = r.NextAttempt
+		}
+	}
+	for domain, t := range due {
+		var s *slot
+		for _, x := range e.slots {
+			if x.domain == domain {
+				s = x
+				break
+			}
+		}
+		if s == nil {
+			s = &slot{e: e, domain: domain}
+			e.slots = append(e.slots, s)
+		}
+		s.due = t
+		q.pushLocked(s)
+	}
+}
+
+func (q *Queue) indexRemoveLocked(e *entry) {
+	for _, s := range e.slots {
+		s.gone = true
+	}
+	delete(q.index, e.id)
+}
+
+// pushLocked arms s's timer, unless it is running or already waiting.
+func (q *Queue) pushLocked(s *slot) {
+	if s.gone || s.inflight || s.ready || s.due.IsZero() {
+		return
+	}
+	heap.Push(&q.sched.timers, timed{due: s.due, s: s})
+}
+
+// Run delivers due messages until ctx is done. It then gives in-flight
+// deliveries Options.ShutdownGrace to finish, cancels the rest (they stay
+// queued and are due again at the next start) and returns.
+func (q *Queue) Run(ctx context.Context) error {
+	jobCtx, cancelJobs := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancelJobs()
+	var wg sync.WaitGroup
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	metricsTick := time.NewTicker(10 * time.Second)
+	defer metricsTick.Stop()
+	q.updateGauges()
+	for {
+		wait := q.dispatch(jobCtx, &wg)
+		timer.Reset(wait)
+		select {
+		case <-ctx.Done():
+			done := make(chan struct{})
+			go func() { wg.Wait(); close(done) }()
+			grace := time.NewTimer(q.opts.ShutdownGrace)
+			defer grace.Stop()
+			select {
+			case <-done:
+			case <-grace.C:
+				q.log.Warn("queue: cancelling deliveries still running at shutdown")
+				cancelJobs()
+				<-done
+			}
+			q.updateGauges()
+			return nil
+		case <-q.kick:
+		case <-timer.C:
+		case <-metricsTick.C:
+			q.updateGauges()
+		}
+	}
+}
+
+// dispatch moves due slots to the ready lists, starts as many deliveries
+// as the limits allow and returns how long to sleep.
+func (q *Queue) dispatch(ctx context.Context, wg *sync.WaitGroup) time.Duration {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	now := q.opts.Now()
+	sc := &q.sched
+	for len(sc.timers) > 0 && !sc.timers[0].due.After(now) {
+		t := heap.Pop(&sc.timers).(timed)
+		s := t.s
+		if s.gone || s.inflight || s.ready || !t.due.Equal(s.due) {
+			continue // stale
+		}
+		s.ready = true
+		if len(sc.ready[s.domain]) == 0 {
+			sc.domains = append(sc.domains, s.domain)
+		}
+		sc.ready[s.domain] = append(sc.ready[s.domain], s)
+	}
+	for sc.running < q.opts.Workers {
+		s := q.nextReadyLocked()
+		if s == nil {
+			break
+		}
+		s.ready, s.inflight = false, true
+		sc.running++
+		sc.active[s.domain]++
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			q.work(ctx, s)
+		}()
+	}
+	if len(sc.timers) == 0 {
+		return time.Hour
+	}
+	return max(sc.timers[0].due.Sub(now), time.Millisecond)
+}
+
+// nextReadyLocked picks the next ready slot round-robin over domains,
+// skipping domains at their connection limit: a slow or deferred domain
+// never holds up the others.
+func (q *Queue) nextReadyLocked() *slot {
+	sc := &q.sched
+	for checked := 0; checked < len(sc.domains); {
+		if sc.next >= len(sc.domains) {
+			sc.next = 0
+		}
+		d := sc.domains[sc.next]
+		if sc.active[d] >= q.opts.MaxConnsPerDomain {
+			sc.next++
+			checked++
+			continue
+		}
+		list := sc.ready[d]
+		var s *slot
+		for len(list) > 0 && s == nil {
+			if !list[0].gone {
+				s = list[0]
+			}
+			list[0].ready = false
+			list[0] = nil
+			list = list[1:]
+		}
+		if len(list) == 0 {
+			// The next domain slides into this position.
+			delete(sc.ready, d)
+			sc.domains = append(sc.domains[:sc.next], sc.domains[sc.next+1:]...)
+		} else {
+			sc.ready[d] = list
+			sc.next++
+		}
+		if s != nil {
+			return s
+		}
+	}
+	return nil
+}
+
+// work runs one delivery of s and records the outcome.
+func (q *Queue) work(ctx context.Context, s *slot) {
+	retryAt := time.Time{}
+	defer func() { q.finish(s, retryAt) }()
+	job, idx, err := q.loadJob(s)
+	if err != nil {
+		q.log.Error("queue: cannot load message for delivery", "id", s.e.id, "domain", s.domain, "err", err)
+		retryAt = q.opts.Now().Add(time.Minute)
+		return
+	}
+	if job == nil {
+		return
+	}
+	statuses := q.opts.Deliverer.Deliver(ctx, job)
+	if err := q.applyOutcome(job, idx, statuses); err != nil {
+		// Nothing was recorded; try again later rather than in a loop.
+		q.log.Error("queue: cannot record delivery outcome; will retry", "id", job.ID, "domain", job.Domain, "err", err)
+		retryAt = q.opts.Now().Add(time.Minute)
+	}
+}
+
+func (q *Queue) finish(s *slot, retryAt time.Time) {
+	q.mu.Lock()
+	s.inflight = false
+	q.sched.running--
+	if q.sched.active[s.domain]--; q.sched.active[s.domain] <= 0 {
+		delete(q.sched.active, s.domain)
+	}
+	if !retryAt.IsZero() {
+		s.due = retryAt
+	}
+	q.pushLocked(s)
+	q.mu.Unlock()
+	q.wake()
+}
+
+// loadJob reads the recipients of s that are due now. It returns a nil
+// job when none is (they were delivered, held or rescheduled meanwhile).
+func (q *Queue) loadJob(s *slot) (*Job, []int, error) {
+	now := q.opts.Now()
+	var job *Job
+	var idx []int
+	err := q.db.View(func(tx *bbolt.Tx) error {
+		m, err := getMessage(tx, s.e.id)
+		if err != nil || m == nil {
+			return err
+		}
+		minAttempts := -1
+		var rcpts []RecipientParams
+		for i := range m.Recipients {
+			r := &m.Recipients[i]
+			if r.Domain != s.domain || !r.pending() || r.NextAttempt.After(now) {
+				continue
+			}
+			idx = append(idx, i)
+			rcpts = append(rcpts, r.RecipientParams)
+			if minAttempts < 0 || r.Attempts < minAttempts {
+				minAttempts = r.Attempts
+			}
+		}
+		if len(idx) == 0 {
+			return nil
+		}
+		env := m.Envelope
+		env.Recipients = rcpts
+		id, chunks := m.ID, m.Chunks
+		job = &Job{
+			ID:         m.ID,
+			Domain:     s.domain,
+			Envelope:   env,
+			Recipients: rcpts,
+			Size:       m.Size,
+			Arrived:    m.Arrived,
+			Attempt:    minAttempts + 1,
+			Open: func() (io.ReadCloser, error) {
+				return &bodyReader{db: q.db, id: id, chunks: chunks}, nil
+			},
+		}
+		return nil
+	})
+	return job, idx, err
+}
