@@ -1,0 +1,218 @@
+package smtpin
+
+import (
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"net/netip"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/crypto/bcrypt"
+	"golang.org/x/time/rate"
+)
+
+// User may submit mail after SASL PLAIN or LOGIN.
+type User struct {
+	Name         string
+	PasswordHash string // bcrypt, as printed by HashPassword
+	// AllowedSenders restricts MAIL FROM: "user@domain" or "*@domain",
+	// compared without regard to case. Empty allows any sender.
+	AllowedSenders []string
+}
+
+// PasswordCost is the bcrypt cost HashPassword uses: bcrypt.DefaultCost.
+// Submission passwords are machine credentials checked on every connection
+// of applications that often connect once per message; they should be long
+// and random, which protects them better than a higher cost would.
+const PasswordCost = bcrypt.DefaultCost
+
+// HashPassword returns the bcrypt hash of password for [[submission.users]].
+func HashPassword(password []byte) (string, error) {
+	if len(password) == 0 {
+		return "", errors.New("password is empty")
+	}
+	if len(password) > 72 {
+		return "", errors.New("password is longer than 72 bytes, which bcrypt cannot use")
+	}
+	h, err := bcrypt.GenerateFromPassword(password, PasswordCost)
+	if err != nil {
+		return "", err
+	}
+	return string(h), nil
+}
+
+// userDB is the user table in force; SetUsers swaps it whole.
+type userDB struct {
+	users map[string]*User
+	// dummyHash is checked for unknown names, so that the reply takes as
+	// long as for a known name with a wrong password.
+	dummyHash []byte
+}
+
+// SetUsers replaces the users (on SIGHUP). On error the old users stay.
+// Sessions already authenticated keep the rights they logged in with.
+func (s *Server) SetUsers(users []User) error {
+	db := &userDB{users: make(map[string]*User, len(users))}
+	cost := bcrypt.DefaultCost
+	for i := range users {
+		u := users[i]
+		if u.Name == "" {
+			return fmt.Errorf("submission user %d: name is empty", i+1)
+		}
+		if _, dup := db.users[u.Name]; dup {
+			return fmt.Errorf("submission user %q: listed twice", u.Name)
+		}
+		c, err := bcrypt.Cost([]byte(u.PasswordHash))
+		if err != nil {
+			return fmt.Errorf("submission user %q: password_hash is not a bcrypt hash (make one with `stsrelay hash-password`)", u.Name)
+		}
+		cost = max(cost, c)
+		for _, p := range u.AllowedSenders {
+			if err := checkSenderPattern(p); err != nil {
+				return fmt.Errorf("submission user %q: allowed_senders %q: %v", u.Name, p, err)
+			}
+		}
+		u.AllowedSenders = append([]string(nil), u.AllowedSenders...)
+		db.users[u.Name] = &u
+	}
+	if old := s.users.Load(); old != nil {
+		if c, _ := bcrypt.Cost(old.dummyHash); c == cost {
+			db.dummyHash = old.dummyHash
+		}
+	}
+	if db.dummyHash == nil {
+		h, err := bcrypt.GenerateFromPassword([]byte(rand.Text()), cost)
+		if err != nil {
+			return fmt.Errorf("submission users: %v", err)
+		}
+		db.dummyHash = h
+	}
+	s.users.Store(db)
+	return nil
+}
+
+// authenticate checks a name and password. It runs bcrypt even for an
+// unknown name, so that timing does not tell which names exist.
+func (db *userDB) authenticate(name, password string) (*User, bool) {
+	u := db.users[name]
+	hash := db.dummyHash
+	if u != nil {
+		hash = []byte(u.PasswordHash)
+	}
+	err := bcrypt.CompareHashAndPassword(hash, []byte(password))
+	if u == nil || err != nil {
+		return nil, false
+	}
+	return u, true
+}
+
+func checkSenderPattern(p string) error {
+	local, domain, ok := strings.Cut(p, "@")
+	if !ok || local == "" || domain == "" || strings.Contains(domain, "@") {
+		return errors.New(`want "user@domain" or "*@domain"`)
+	}
+	if strings.Contains(local, "*") && local != "*" {
+		return errors.New(`"*" stands only for the whole local part, as in "*@domain"`)
+	}
+	return nil
+}
+
+// mayUseSender reports whether u may use from as MAIL FROM.
+func (u *User) mayUseSender(from string) bool {
+	if len(u.AllowedSenders) == 0 {
+		return true
+	}
+	local, domain, ok := strings.Cut(from, "@")
+	if !ok {
+		return false // the null sender too: it is for bounces, not for users
+	}
+	for _, p := range u.AllowedSenders {
+		pl, pd, _ := strings.Cut(p, "@")
+		if !strings.EqualFold(pd, domain) {
+			continue
+		}
+		if pl == "*" || strings.EqualFold(pl, local) {
+			return true
+		}
+	}
+	return false
+}
+
+// authLimiter counts failed AUTH attempts per client: a burst of
+// authFailBurst, then one attempt per authFailEvery.
+type authLimiter struct {
+	mu sync.Mutex
+	m  map[netip.Prefix]*rate.Limiter
+}
+
+const (
+	authFailBurst   = 5
+	authFailEvery   = time.Minute
+	authLimiterSize = 10000 // clients remembered before idle ones are forgotten
+)
+
+func newAuthLimiter() *authLimiter {
+	return &authLimiter{m: make(map[netip.Prefix]*rate.Limiter)}
+}
+
+// blocked reports whether client has used up its failed attempts.
+func (l *authLimiter) blocked(client netip.Prefix) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	lim := l.m[client]
+	return lim != nil && lim.Tokens() < 1
+}
+
+// failed records a failed attempt by client.
+func (l *authLimiter) failed(client netip.Prefix) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	lim := l.m[client]
+	if lim == nil {
+		if len(l.m) >= authLimiterSize {
+			l.forgetIdle()
+		}
+		lim = rate.NewLimiter(rate.Every(authFailEvery), authFailBurst)
+		l.m[client] = lim
+	}
+	lim.Allow()
+}
+
+// forgetIdle drops clients whose allowance is full again: remembering
+// them changes nothing.
+func (l *authLimiter) forgetIdle() {
+	for k, lim := range l.m {
+		if lim.Tokens() >= authFailBurst {
+			delete(l.m, k)
+		}
+	}
+}
+
+// loginServer is SASL LOGIN (draft-murchison-sasl-login), which go-sasl
+// has only as a client; Outlook and many applications still use it.
+type loginServer struct {
+	step     int
+	username string
+	check    func(username, password string) error
+}
+
+func (a *loginServer) Next(response []byte) (challenge []byte, done bool, err error) {
+	switch a.step {
+	case 0:
+		a.step = 1
+		if response == nil {
+			return []byte("Username:"), false, nil
+		}
+		fallthrough // the initial response is the user name
+	case 1:
+		a.username = string(response)
+		a.step = 2
+		return []byte("Password:"), false, nil
+	case 2:
+		a.step = 3
+		return nil, true, a.check(a.username, string(response))
+	}
+	return nil, true, errors.New("unexpected AUTH LOGIN response")
+}

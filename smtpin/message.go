@@ -1,0 +1,319 @@
+package smtpin
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/rand"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"strings"
+	"time"
+
+	"github.com/emersion/go-smtp"
+
+	"github.com/stsrelay/stsrelay/queue"
+)
+
+// maxHeaderBytes bounds the header section read into memory to find
+// Message-ID, Date and TLS-Required.
+const maxHeaderBytes = 256 << 10
+
+// Errors found in the message text.
+var (
+	errBareLF         = errors.New("bare LF")
+	errBareCR         = errors.New("bare CR")
+	errLineTooLong    = errors.New("line too long")
+	errHeaderTooLarge = errors.New("header section too large")
+)
+
+// receive reads one message and commits it to the queue. It answers 250
+// with the queue id only once Enqueue has returned without error.
+func (s *session) receive(env queue.Envelope, r io.Reader) error {
+	start := time.Now()
+	body := &bodyReader{r: r, maxLine: s.srv.opts.MaxLineLength}
+	br := bufio.NewReaderSize(body, max(8192, s.srv.opts.MaxLineLength+1))
+	hdr, err := readHeader(br, maxHeaderBytes)
+	if err != nil {
+		return s.dataError(env, body, err)
+	}
+	// RFC 8689 §5: the header is ignored when REQUIRETLS was given.
+	if hdr.tlsRequiredNo && !env.RequireTLS {
+		env.NoTLSPolicy = true
+	}
+	trace := s.traceHeaders(env, hdr, time.Now())
+	msg := io.MultiReader(strings.NewReader(trace), bytes.NewReader(hdr.raw), br)
+
+	id, err := s.srv.q.Enqueue(s.srv.baseCtx, env, msg)
+	if err != nil {
+		if body.err != nil {
+			return s.dataError(env, body, body.err) // the client's message, not the queue
+		}
+		s.log.Error("smtpin: queue did not store the message", "from", env.From,
+			"rcpts", len(env.Recipients), "user", env.User, "err", err)
+		return s.rejectAs(env.User, "queue", &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 0},
+			Message: "Could not store the message, try again later"})
+	}
+	if !body.eof {
+		// Enqueue must read to the end; a short read would lose mail.
+		s.log.Error("smtpin: queue stored a message without reading all of it", "id", id)
+	}
+
+	metricAccepted.Inc()
+	tlsInfo := "none"
+	if s.tls != nil {
+		tlsInfo = tls.VersionName(s.tls.Version)
+	}
+	s.log.Info("smtpin: accepted", "id", id, "from", env.From, "rcpts", len(env.Recipients),
+		"size", body.n, "user", env.User, "tls", tlsInfo, "requiretls", env.RequireTLS,
+		"notlspolicy", env.NoTLSPolicy, "duration", time.Since(start).Round(time.Millisecond))
+	// go-smtp sends an SMTPError as the reply, even a 250.
+	return &smtp.SMTPError{Code: 250, EnhancedCode: smtp.EnhancedCode{2, 0, 0}, Message: "Ok: queued as " + id}
+}
+
+// dataError turns a failure while reading the message into the reply.
+func (s *session) dataError(env queue.Envelope, body *bodyReader, err error) error {
+	line := body.lines + 1
+	var netErr net.Error
+	var e *smtp.SMTPError
+	switch {
+	case errors.Is(err, smtp.ErrDataTooLarge):
+		return s.rejectAs(env.User, "size", &smtp.SMTPError{Code: 552, EnhancedCode: smtp.EnhancedCode{5, 3, 4},
+			Message: fmt.Sprintf("Message is larger than the limit of %d bytes", s.srv.opts.MaxMessageSize)})
+	case errors.Is(err, errHeaderTooLarge):
+		return s.rejectAs(env.User, "header_size", &smtp.SMTPError{Code: 552, EnhancedCode: smtp.EnhancedCode{5, 3, 4},
+			Message: fmt.Sprintf("Header section is larger than the limit of %d bytes", maxHeaderBytes)})
+	case errors.Is(err, errBareLF), errors.Is(err, errBareCR):
+		// SMTP smuggling: a lone CR or LF could end the message for a
+		// server further on. RFC 5321 §2.3.8: lines end in CRLF only.
+		reason := "bare_lf"
+		if errors.Is(err, errBareCR) {
+			reason = "bare_cr"
+		}
+		return s.rejectAs(env.User, reason, &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 5, 2},
+			Message: fmt.Sprintf("Message line %d contains a %s; lines must end with CRLF (RFC 5321 §2.3.8)", line, err)})
+	case errors.Is(err, errLineTooLong), errors.Is(err, smtp.ErrTooLongLine):
+		return s.rejectAs(env.User, "line_length", &smtp.SMTPError{Code: 500, EnhancedCode: smtp.EnhancedCode{5, 5, 2},
+			Message: fmt.Sprintf("Message line %d is longer than %d bytes (RFC 5321 §4.5.3.1.6)", line, s.srv.opts.MaxLineLength)})
+	case errors.As(err, &netErr) && netErr.Timeout():
+		return s.rejectAs(env.User, "timeout", &smtp.SMTPError{Code: 421, EnhancedCode: smtp.EnhancedCode{4, 4, 2},
+			Message: "Timeout while receiving the message"})
+	case errors.As(err, &e):
+		return s.rejectAs(env.User, "other", e)
+	default:
+		// The client went away (EOF, RSET during BDAT): nobody hears a reply.
+		metricRejected.WithLabelValues("aborted").Inc()
+		s.log.Info("smtpin: message transfer aborted", "err", err, "user", env.User)
+		return err
+	}
+}
+
+// bodyReader checks the message text as it passes: lines end in CRLF and
+// are at most maxLine bytes long. It also makes a message sent by BDAT
+// without a final CRLF end with one. The first error sticks.
+type bodyReader struct {
+	r       io.Reader
+	maxLine int
+
+	n       int64 // bytes read from the client
+	lines   int   // complete lines read
+	lineLen int
+	last    byte
+	eof     bool
+	tail    string // "\r\n" still to add at the end
+	err     error
+}
+
+func (b *bodyReader) Read(p []byte) (int, error) {
+	if b.err != nil {
+		return 0, b.err
+	}
+	if b.eof {
+		if b.tail == "" {
+			return 0, io.EOF
+		}
+		n := copy(p, b.tail)
+		b.tail = b.tail[n:]
+		return n, nil
+	}
+	n, err := b.r.Read(p)
+	for _, c := range p[:n] {
+		if b.last == '\r' && c != '\n' {
+			b.err = errBareCR
+			return 0, b.err
+		}
+		if c == '\n' && b.last != '\r' {
+			b.err = errBareLF
+			return 0, b.err
+		}
+		b.lineLen++
+		if b.lineLen > b.maxLine {
+			b.err = errLineTooLong
+			return 0, b.err
+		}
+		if c == '\n' {
+			b.lines++
+			b.lineLen = 0
+		}
+		b.last = c
+	}
+	b.n += int64(n)
+	switch {
+	case err == io.EOF:
+		b.eof = true
+		if b.last == '\r' {
+			b.err = errBareCR
+			return 0, b.err
+		}
+		if b.n > 0 && b.last != '\n' {
+			b.tail = "\r\n"
+		}
+		if n > 0 || b.tail != "" {
+			return n, nil
+		}
+		return 0, io.EOF
+	case err != nil:
+		b.err = err
+		return 0, err
+	}
+	return n, nil
+}
+
+// header is what the submission's header section says, as far as we care.
+type header struct {
+	raw           []byte // the bytes read, passed on unchanged
+	hasMessageID  bool
+	hasDate       bool
+	tlsRequiredNo bool // "TLS-Required: No" (RFC 8689 §5)
+}
+
+// readHeader reads the header section (RFC 5322 §2.2), up to limit bytes.
+// It ends at the empty line, or at the first line that is not a header
+// field, which then belongs to the body (as Postfix treats it).
+func readHeader(br *bufio.Reader, limit int) (*header, error) {
+	h := &header{}
+	var name string // the field being read, across folded lines
+	var value []byte
+	finish := func() {
+		switch {
+		case strings.EqualFold(name, "Message-ID"):
+			h.hasMessageID = true
+		case strings.EqualFold(name, "Date"):
+			h.hasDate = true
+		case strings.EqualFold(name, "TLS-Required"):
+			if strings.EqualFold(string(bytes.TrimSpace(value)), "No") {
+				h.tlsRequiredNo = true
+			}
+		}
+		name, value = "", nil
+	}
+	for {
+		line, err := br.ReadSlice('\n')
+		if errors.Is(err, bufio.ErrBufferFull) {
+			err = errLineTooLong // bodyReader stops long lines first; belt and braces
+		}
+		if err != nil && err != io.EOF {
+			return nil, err
+		}
+		if len(h.raw)+len(line) > limit {
+			return nil, errHeaderTooLarge
+		}
+		h.raw = append(h.raw, line...)
+		content := bytes.TrimSuffix(line, []byte("\r\n"))
+		switch {
+		case len(line) == 0 || len(content) == 0:
+			finish() // end of data, or the empty line before the body
+			return h, nil
+		case content[0] == ' ' || content[0] == '\t':
+			value = append(value, content...) // folded (RFC 5322 §2.2.3)
+		default:
+			finish()
+			n, v, ok := bytes.Cut(content, []byte(":"))
+			if !ok || !isFieldName(n) {
+				return h, nil // not a header field: the body has begun
+			}
+			name, value = string(n), append([]byte(nil), v...)
+		}
+		if err == io.EOF {
+			finish()
+			return h, nil
+		}
+	}
+}
+
+// isFieldName: RFC 5322 §3.6.8, printable US-ASCII except colon.
+func isFieldName(b []byte) bool {
+	if len(b) == 0 {
+		return false
+	}
+	for _, c := range b {
+		if c < 33 || c > 126 {
+			return false
+		}
+	}
+	return true
+}
+
+// traceHeaders returns the Received header (RFC 5321 §4.4) and, as Postfix
+// does for submission, a Message-ID and Date when the message has none.
+func (s *session) traceHeaders(env queue.Envelope, hdr *header, now time.Time) string {
+	var b strings.Builder
+	host := s.srv.opts.Hostname
+
+	// RFC 3848 and RFC 6531 §3.7.3: with-protocol names.
+	proto := "ESMTP"
+	if env.SMTPUTF8 {
+		proto = "UTF8SMTP"
+	}
+	if s.tls != nil {
+		proto += "S"
+	}
+	if env.User != "" {
+		proto += "A"
+	}
+	fmt.Fprintf(&b, "Received: from %s ([%s])\r\n", sanitizeHelo(s.helo), s.client)
+	if s.tls != nil {
+		fmt.Fprintf(&b, "\t(using %s with cipher %s)\r\n",
+			tls.VersionName(s.tls.Version), tls.CipherSuiteName(s.tls.CipherSuite))
+	}
+	if env.User != "" && s.srv.opts.ShowAuthUser {
+		fmt.Fprintf(&b, "\t(authenticated user %s)\r\n", sanitizeComment(env.User))
+	}
+	fmt.Fprintf(&b, "\tby %s (stsrelay) with %s;\r\n\t%s\r\n", host, proto, now.Format(time.RFC1123Z))
+	if !hdr.hasMessageID {
+		fmt.Fprintf(&b, "Message-ID: <%s@%s>\r\n", rand.Text(), host)
+	}
+	if !hdr.hasDate {
+		fmt.Fprintf(&b, "Date: %s\r\n", now.Format(time.RFC1123Z))
+	}
+	return b.String()
+}
+
+// sanitizeHelo keeps the client's HELO name from breaking the header:
+// characters outside a host name or address literal become '?'.
+func sanitizeHelo(helo string) string {
+	if helo == "" {
+		return "unknown"
+	}
+	if len(helo) > 255 {
+		helo = helo[:255]
+	}
+	return strings.Map(func(r rune) rune {
+		if 'a' <= r && r <= 'z' || 'A' <= r && r <= 'Z' || '0' <= r && r <= '9' || strings.ContainsRune(".-_:[]", r) {
+			return r
+		}
+		return '?'
+	}, helo)
+}
+
+// sanitizeComment keeps text safe inside a header comment.
+func sanitizeComment(s string) string {
+	return strings.Map(func(r rune) rune {
+		if r < 0x21 || r > 0x7e || r == '(' || r == ')' || r == '\\' {
+			return '?'
+		}
+		return r
+	}, s)
+}

@@ -1,0 +1,25 @@
+package smtpin
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promauto"
+)
+
+var (
+	metricConnections = promauto.NewCounterVec(prometheus.CounterOpts{
+		Name: "stsrelay_smtpin_connections_total",
+		Help: "Client connections, by listener (submission, submissions) and result (accepted, too_many).",
+	}, []string{"listener", "result"})
+	metricAuth = promauto.NewCounterVec(prometheus.CounterOpts{
+		Name: "stsrelay_smtpin_auth_total",
+		Help: "AUTH attempts, by result: success, failure, rate_limited, refused_plaintext.",
+	}, []string{"result"})
+	metricAccepted = promauto.NewCounter(prometheus.CounterOpts{
+		Name: "stsrelay_smtpin_messages_accepted_total",
+		Help: "Messages committed to the queue.",
+	})
+	metricRejected = promauto.NewCounterVec(prometheus.CounterOpts{
+		Name: "stsrelay_smtpin_messages_rejected_total",
+		Help: "Refused MAIL, RCPT and message transfers, by reason.",
+	}, []string{"reason"})
+)

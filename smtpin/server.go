@@ -1,0 +1,374 @@
+// Package smtpin is the submission listener: applications and a Postfix
+// relayhost hand mail to stsrelay here (RFC 6409 submission, RFC 8314
+// implicit TLS), and each accepted message is committed to the queue before
+// the client hears "250".
+//
+// The SMTP protocol work is done by github.com/emersion/go-smtp; this package
+// decides who may relay, enforces the limits and hands the message over.
+package smtpin
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/emersion/go-smtp"
+
+	"github.com/stsrelay/stsrelay/queue"
+)
+
+// Enqueuer stores a submitted message. queue.Queue implements it.
+type Enqueuer interface {
+	// Enqueue stores env and body (the full message, CRLF line ends) durably
+	// and returns its queue id. When it returns an error nothing is stored.
+	Enqueue(ctx context.Context, env queue.Envelope, body io.Reader) (id string, err error)
+}
+
+// Options configure a Server. Zero values get the defaults noted.
+type Options struct {
+	Hostname  string // announced in the greeting and the Received header
+	Listen    string // plain submission with STARTTLS, "" = off (":587")
+	ListenTLS string // implicit TLS submission (RFC 8314), "" = off (":465")
+
+	// GetCertificate supplies the server certificate for STARTTLS and
+	// implicit TLS (CertStore.GetCertificate); nil means no TLS at all.
+	GetCertificate func(*tls.ClientHelloInfo) (*tls.Certificate, error)
+	// SessionTickets enables TLS session resumption by tickets. Off by
+	// default: Go's tickets break STARTTLS with some Outlook versions, and a
+	// submission client gains little from resumption.
+	SessionTickets bool
+
+	// TrustedNetworks may relay without AUTH (the Postfix relayhost case)
+	// and may AUTH without TLS.
+	TrustedNetworks []netip.Prefix
+	// InsecureAuthFromLoopback lets clients on 127.0.0.0/8 and ::1 use AUTH
+	// without TLS. The issue asks for it; main turns it on. It is an option
+	// so that tests over 127.0.0.1 can exercise the refusal.
+	InsecureAuthFromLoopback bool
+
+	Users        []User
+	ShowAuthUser bool // name the authenticated user in the Received header
+
+	MaxMessageSize int64 // bytes, 0 = 50 MiB; larger is 552 5.3.4
+	MaxRecipients  int   // per message, 0 = 1000; more is 452 4.5.3
+	MaxLineLength  int   // bytes per line incl. CRLF, 0 = 2000 (RFC 5321 §4.5.3.1.6 says 1000; go-smtp's default doubles it for lenient clients)
+	MaxConnsPerIP  int   // concurrent connections per client IP (IPv6: per /64), 0 = 20
+
+	// CommandTimeout is how long a client may stay silent while a command
+	// is expected (RFC 5321 §4.5.3.2.7: at least 5 minutes), 0 = 5 min.
+	// DataTimeout is how long it may stay silent while sending a message,
+	// 0 = 5 min. Both are idle timeouts: each read restarts them.
+	CommandTimeout, DataTimeout time.Duration
+
+	Logger *slog.Logger // nil = slog.Default()
+}
+
+// Defaults for zero Options fields.
+const (
+	DefaultMaxMessageSize = 50 << 20
+	DefaultMaxRecipients  = 1000
+	DefaultMaxLineLength  = 2000
+	DefaultMaxConnsPerIP  = 20
+	DefaultTimeout        = 5 * time.Minute
+)
+
+// ErrServerClosed is returned by Serve and Listen after Shutdown.
+var ErrServerClosed = errors.New("smtpin: server closed")
+
+// Server is the submission listener.
+type Server struct {
+	opts    Options
+	q       Enqueuer
+	log     *slog.Logger
+	smtp    *smtp.Server
+	tlsConf *tls.Config
+	users   atomic.Pointer[userDB]
+	authLim *authLimiter
+
+	// authFailDelay slows down password guessing; tests shorten it.
+	authFailDelay time.Duration
+
+	baseCtx    context.Context // for Enqueue; cancelled when Shutdown gives up
+	cancelBase context.CancelFunc
+
+	mu        sync.Mutex
+	plainLn   net.Listener
+	tlsLn     net.Listener
+	conns     map[*conn]struct{}
+	perIP     map[netip.Prefix]int
+	draining  atomic.Bool
+	serving   bool
+	closed    bool
+	serveDone chan struct{}
+}
+
+// New checks opts and returns a Server that stores accepted mail with q.
+// Call Listen, then Serve.
+func New(opts Options, q Enqueuer) (*Server, error) {
+	if q == nil {
+		return nil, errors.New("smtpin: no queue")
+	}
+	if opts.Hostname == "" {
+		return nil, errors.New("smtpin: hostname is empty")
+	}
+	if opts.Listen == "" && opts.ListenTLS == "" {
+		return nil, errors.New("smtpin: neither listen nor listen_tls is set")
+	}
+	if opts.ListenTLS != "" && opts.GetCertificate == nil {
+		return nil, fmt.Errorf("smtpin: listen_tls %s needs a certificate", opts.ListenTLS)
+	}
+	if opts.MaxMessageSize <= 0 {
+		opts.MaxMessageSize = DefaultMaxMessageSize
+	}
+	if opts.MaxRecipients <= 0 {
+		opts.MaxRecipients = DefaultMaxRecipients
+	}
+	if opts.MaxLineLength <= 0 {
+		opts.MaxLineLength = DefaultMaxLineLength
+	}
+	if opts.MaxConnsPerIP <= 0 {
+		opts.MaxConnsPerIP = DefaultMaxConnsPerIP
+	}
+	if opts.CommandTimeout <= 0 {
+		opts.CommandTimeout = DefaultTimeout
+	}
+	if opts.DataTimeout <= 0 {
+		opts.DataTimeout = DefaultTimeout
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	for i, p := range opts.TrustedNetworks {
+		opts.TrustedNetworks[i] = p.Masked()
+	}
+
+	s := &Server{
+		opts:          opts,
+		q:             q,
+		log:           opts.Logger,
+		authLim:       newAuthLimiter(),
+		authFailDelay: time.Second,
+		conns:         make(map[*conn]struct{}),
+		perIP:         make(map[netip.Prefix]int),
+		serveDone:     make(chan struct{}),
+	}
+	s.baseCtx, s.cancelBase = context.WithCancel(context.Background())
+	if err := s.SetUsers(opts.Users); err != nil {
+		return nil, err
+	}
+
+	if opts.GetCertificate != nil {
+		s.tlsConf = &tls.Config{
+			MinVersion:             tls.VersionTLS12,
+			GetCertificate:         opts.GetCertificate,
+			SessionTicketsDisabled: !opts.SessionTickets,
+		}
+	}
+
+	srv := smtp.NewServer(backend{s})
+	srv.Domain = opts.Hostname
+	srv.TLSConfig = s.tlsConf
+	srv.MaxMessageBytes = opts.MaxMessageSize
+	srv.MaxRecipients = opts.MaxRecipients
+	srv.MaxLineLength = opts.MaxLineLength
+	// Read deadlines are set per read by conn, so that DATA gets its own
+	// timeout and Shutdown can wake idle sessions; writes use go-smtp's.
+	srv.ReadTimeout = 0
+	srv.WriteTimeout = opts.CommandTimeout
+	// Whether AUTH is allowed without TLS is decided per client in
+	// session.Auth; go-smtp's own switch is server-wide.
+	srv.AllowInsecureAuth = true
+	srv.EnableSMTPUTF8 = true
+	srv.EnableREQUIRETLS = true // go-smtp offers it on TLS connections only
+	srv.EnableDSN = true
+	srv.ErrorLog = slogPrinter{s.log}
+	s.smtp = srv
+	return s, nil
+}
+
+// Listen binds the configured addresses. An error names the address, so
+// that "address already in use" is reported before the service is ready.
+func (s *Server) Listen() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return ErrServerClosed
+	}
+	if s.plainLn != nil || s.tlsLn != nil {
+		return errors.New("smtpin: Listen called twice")
+	}
+	if s.opts.Listen != "" {
+		l, err := net.Listen("tcp", s.opts.Listen)
+		if err != nil {
+			return fmt.Errorf("submission listen %s: %w", s.opts.Listen, err)
+		}
+		s.plainLn = l
+	}
+	if s.opts.ListenTLS != "" {
+		l, err := net.Listen("tcp", s.opts.ListenTLS)
+		if err != nil {
+			if s.plainLn != nil {
+				s.plainLn.Close()
+				s.plainLn = nil
+			}
+			return fmt.Errorf("submission listen_tls %s: %w", s.opts.ListenTLS, err)
+		}
+		s.tlsLn = l
+	}
+	return nil
+}
+
+// Addr is the bound address of the plain (STARTTLS) listener, nil if none.
+func (s *Server) Addr() net.Addr {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.plainLn == nil {
+		return nil
+	}
+	return s.plainLn.Addr()
+}
+
+// TLSAddr is the bound address of the implicit TLS listener, nil if none.
+func (s *Server) TLSAddr() net.Addr {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.tlsLn == nil {
+		return nil
+	}
+	return s.tlsLn.Addr()
+}
+
+// Serve accepts connections on the listeners bound by Listen until
+// Shutdown, then returns nil; it returns an error if a listener fails.
+func (s *Server) Serve() error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return ErrServerClosed
+	}
+	if s.serving {
+		s.mu.Unlock()
+		return errors.New("smtpin: Serve called twice")
+	}
+	if s.plainLn == nil && s.tlsLn == nil {
+		s.mu.Unlock()
+		return errors.New("smtpin: Serve before Listen")
+	}
+	s.serving = true
+	var lns []net.Listener
+	if s.plainLn != nil {
+		lns = append(lns, &listener{Listener: s.plainLn, srv: s, name: "submission"})
+	}
+	if s.tlsLn != nil {
+		l := &listener{Listener: s.tlsLn, srv: s, name: "submissions", implicitTLS: true}
+		lns = append(lns, tls.NewListener(l, s.tlsConf))
+	}
+	s.mu.Unlock()
+	defer close(s.serveDone)
+
+	errc := make(chan error, len(lns))
+	for _, l := range lns {
+		go func() {
+			err := s.smtp.Serve(l)
+			s.mu.Lock()
+			closed := s.closed
+			s.mu.Unlock()
+			if closed && errors.Is(err, net.ErrClosed) {
+				err = nil
+			} else if err != nil {
+				// One listener failed: close all, so that Serve returns.
+				s.closeListeners()
+				err = fmt.Errorf("submission listener %s: %w", l.Addr(), err)
+			}
+			errc <- err
+		}()
+	}
+	var first error
+	for range lns {
+		if err := <-errc; err != nil && first == nil {
+			first = err
+		}
+	}
+	return first
+}
+
+func (s *Server) closeListeners() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, l := range []net.Listener{s.plainLn, s.tlsLn} {
+		if l != nil {
+			l.Close()
+		}
+	}
+}
+
+// Shutdown stops accepting connections, ends sessions that are waiting for
+// a command (they get "421") and lets message transfers finish until ctx is
+// done; then it closes what is left and returns ctx.Err().
+//
+// go-smtp's own Shutdown is not used: it waits for idle clients to QUIT and
+// cannot close them once its context expires.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return ErrServerClosed
+	}
+	s.closed = true
+	s.draining.Store(true)
+	serving := s.serving
+	for _, l := range []net.Listener{s.plainLn, s.tlsLn} {
+		if l != nil {
+			l.Close()
+		}
+	}
+	for c := range s.conns {
+		c.wake()
+	}
+	s.mu.Unlock()
+	defer s.cancelBase()
+
+	for {
+		s.mu.Lock()
+		n := len(s.conns)
+		s.mu.Unlock()
+		if n == 0 {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			s.mu.Lock()
+			for c := range s.conns {
+				c.Conn.Close()
+			}
+			s.mu.Unlock()
+			return ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	if serving {
+		select {
+		case <-s.serveDone:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	return nil
+}
+
+// slogPrinter gives go-smtp's internal error log to slog.
+type slogPrinter struct{ log *slog.Logger }
+
+func (p slogPrinter) Printf(format string, v ...any) {
+	p.log.Warn("smtpin: " + fmt.Sprintf(format, v...))
+}
+
+func (p slogPrinter) Println(v ...any) { p.log.Warn("smtpin: " + fmt.Sprint(v...)) }

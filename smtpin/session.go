@@ -1,0 +1,287 @@
+package smtpin
+
+import (
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/emersion/go-sasl"
+	"github.com/emersion/go-smtp"
+
+	"github.com/stsrelay/stsrelay/queue"
+)
+
+type backend struct{ s *Server }
+
+// NewSession is called by go-smtp at HELO/EHLO, and again after STARTTLS.
+func (b backend) NewSession(sc *smtp.Conn) (smtp.Session, error) {
+	s := b.s
+	c := connOf(sc.Conn())
+	if c == nil {
+		return nil, errors.New("internal error: unknown connection type")
+	}
+	sess := &session{
+		srv:     s,
+		conn:    c,
+		client:  c.ip,
+		helo:    sc.Hostname(),
+		trusted: s.isTrusted(c.ip),
+	}
+	if st, ok := sc.TLSConnectionState(); ok {
+		sess.tls = &st
+	}
+	sess.log = s.log.With("client", c.ip.String())
+	return sess, nil
+}
+
+func (s *Server) isTrusted(ip netip.Addr) bool {
+	for _, p := range s.opts.TrustedNetworks {
+		if p.Contains(ip) {
+			return true
+		}
+	}
+	return false
+}
+
+// session is one client from EHLO (or STARTTLS) to QUIT. go-smtp calls
+// Data for BDAT in another goroutine while it keeps reading commands, so
+// the transaction state is guarded by mu.
+type session struct {
+	srv     *Server
+	conn    *conn
+	client  netip.Addr
+	helo    string
+	trusted bool
+	tls     *tls.ConnectionState // nil on a plaintext connection
+	log     *slog.Logger
+
+	mu   sync.Mutex
+	user *User // nil until AUTH succeeds
+	tx   *transaction
+}
+
+// transaction is one MAIL … DATA.
+type transaction struct {
+	env queue.Envelope
+}
+
+var _ smtp.AuthSession = (*session)(nil)
+
+func (s *session) Reset() {
+	s.mu.Lock()
+	s.tx = nil
+	s.mu.Unlock()
+}
+
+func (s *session) Logout() error { return nil }
+
+func (s *session) AuthMechanisms() []string {
+	if !s.authAllowed() {
+		return nil // RFC 4954 §4: do not offer what would be refused
+	}
+	return []string{sasl.Plain, sasl.Login}
+}
+
+// authAllowed: AUTH needs TLS, except from trusted networks and, when
+// configured, loopback, where the password does not cross a network.
+func (s *session) authAllowed() bool {
+	return s.tls != nil || s.trusted || (s.srv.opts.InsecureAuthFromLoopback && s.client.IsLoopback())
+}
+
+func (s *session) Auth(mech string) (sasl.Server, error) {
+	if !s.authAllowed() {
+		metricAuth.WithLabelValues("refused_plaintext").Inc()
+		// RFC 4954 §6 and RFC 5248: 538 5.7.11 encryption required.
+		return nil, &smtp.SMTPError{Code: 538, EnhancedCode: smtp.EnhancedCode{5, 7, 11},
+			Message: "Encryption required for requested authentication mechanism: use STARTTLS first"}
+	}
+	key := clientKey(s.client)
+	if s.srv.authLim.blocked(key) {
+		metricAuth.WithLabelValues("rate_limited").Inc()
+		s.log.Warn("smtpin: auth refused: too many failed attempts from client")
+		return nil, &smtp.SMTPError{Code: 454, EnhancedCode: smtp.EnhancedCode{4, 7, 0},
+			Message: "Too many failed authentication attempts from your address, try again later"}
+	}
+	check := func(identity, name, password string) error {
+		// No proxy authorization: a user acts only as itself.
+		if identity != "" && identity != name {
+			return s.authFailed(name, "authorization identity differs from user name")
+		}
+		u, ok := s.srv.users.Load().authenticate(name, password)
+		if !ok {
+			return s.authFailed(name, "wrong user name or password")
+		}
+		s.mu.Lock()
+		s.user = u
+		s.mu.Unlock()
+		metricAuth.WithLabelValues("success").Inc()
+		s.log.Info("smtpin: auth ok", "user", name, "mechanism", mech, "tls", s.tls != nil)
+		return nil
+	}
+	var srv sasl.Server
+	switch strings.ToUpper(mech) {
+	case sasl.Plain:
+		srv = sasl.NewPlainServer(check)
+	case sasl.Login:
+		srv = &loginServer{check: func(name, password string) error { return check("", name, password) }}
+	default:
+		return nil, smtp.ErrAuthUnknownMechanism
+	}
+	return saslErrors{srv, s}, nil
+}
+
+// authFailed counts, logs and delays a failed attempt, and returns the
+// answer for the client.
+func (s *session) authFailed(name, why string) error {
+	metricAuth.WithLabelValues("failure").Inc()
+	s.srv.authLim.failed(clientKey(s.client))
+	s.log.Warn("smtpin: auth failed", "user", name, "reason", why)
+	time.Sleep(s.srv.authFailDelay)
+	return &smtp.SMTPError{Code: 535, EnhancedCode: smtp.EnhancedCode{5, 7, 8},
+		Message: "Authentication failed: " + why}
+}
+
+// saslErrors turns go-sasl's parse errors into a failed attempt; go-smtp
+// would answer them with "454", inviting a retry.
+type saslErrors struct {
+	sasl.Server
+	s *session
+}
+
+func (e saslErrors) Next(response []byte) ([]byte, bool, error) {
+	challenge, done, err := e.Server.Next(response)
+	if err != nil {
+		if _, ok := err.(*smtp.SMTPError); !ok {
+			err = e.s.authFailed("", "malformed AUTH response")
+		}
+	}
+	return challenge, done, err
+}
+
+func (s *session) Mail(from string, opts *smtp.MailOptions) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.tx = nil
+
+	if s.user == nil && !s.trusted {
+		return s.reject("auth_required", 530, smtp.EnhancedCode{5, 7, 0},
+			"Authentication required: log in with AUTH, or submit from a trusted network")
+	}
+	if from != "" {
+		addr, err := parseMailbox(from, opts.UTF8)
+		if err == errNeedsSMTPUTF8 {
+			// RFC 6531 §3.5.
+			return s.reject("bad_sender", 553, smtp.EnhancedCode{5, 6, 7},
+				fmt.Sprintf("Sender <%s>: %v", from, err))
+		}
+		if err != nil {
+			// RFC 3463: X.1.7 bad sender's mailbox address syntax.
+			return s.reject("bad_sender", 501, smtp.EnhancedCode{5, 1, 7},
+				fmt.Sprintf("Bad sender address <%s>: %v", from, err))
+		}
+		from = addr
+	}
+	if s.user != nil && !s.user.mayUseSender(from) {
+		return s.reject("sender_not_allowed", 553, smtp.EnhancedCode{5, 7, 1},
+			fmt.Sprintf("Sender <%s> is not allowed for user %s", from, s.user.Name))
+	}
+	// RFC 8689 §4.1: REQUIRETLS is offered only under TLS, and a message
+	// that asks for it must not have come in the clear either.
+	if opts.RequireTLS && s.tls == nil {
+		return s.reject("requiretls_plaintext", 530, smtp.EnhancedCode{5, 7, 10},
+			"REQUIRETLS needs a TLS session: use STARTTLS first")
+	}
+
+	env := queue.Envelope{
+		From:       from,
+		ClientAddr: s.client.String(),
+		Body8Bit:   opts.Body == smtp.Body8BitMIME,
+		SMTPUTF8:   opts.UTF8,
+		RequireTLS: opts.RequireTLS,
+		Ret:        string(opts.Return),
+		EnvID:      opts.EnvelopeID,
+	}
+	if s.user != nil {
+		env.User = s.user.Name
+	}
+	s.tx = &transaction{env: env}
+	return nil
+}
+
+func (s *session) Rcpt(to string, opts *smtp.RcptOptions) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.tx == nil {
+		return &smtp.SMTPError{Code: 503, EnhancedCode: smtp.EnhancedCode{5, 5, 1}, Message: "MAIL first"}
+	}
+	if s.user == nil && !s.trusted {
+		return s.reject("auth_required", 530, smtp.EnhancedCode{5, 7, 0}, "Authentication required")
+	}
+	addr, err := parseMailbox(to, s.tx.env.SMTPUTF8)
+	if err == errNeedsSMTPUTF8 {
+		return s.reject("bad_recipient", 553, smtp.EnhancedCode{5, 6, 7},
+			fmt.Sprintf("Recipient <%s>: %v", to, err))
+	}
+	if err != nil {
+		// RFC 3463: X.1.3 bad destination mailbox address syntax.
+		return s.reject("bad_recipient", 501, smtp.EnhancedCode{5, 1, 3},
+			fmt.Sprintf("Bad recipient address <%s>: %v", to, err))
+	}
+	to = addr
+	rp := queue.RecipientParams{Addr: to}
+	for _, n := range opts.Notify {
+		rp.Notify = append(rp.Notify, string(n))
+	}
+	if opts.OriginalRecipient != "" {
+		// Stored decoded (xtext undone); whoever passes it on re-encodes it.
+		rp.ORcpt = string(opts.OriginalRecipientType) + ";" + opts.OriginalRecipient
+	}
+	// The same recipient twice would be delivered twice.
+	if !slices.ContainsFunc(s.tx.env.Recipients, func(r queue.RecipientParams) bool { return r.Addr == to }) {
+		s.tx.env.Recipients = append(s.tx.env.Recipients, rp)
+	}
+	return nil
+}
+
+// reject counts and logs a refused command and returns the reply. The
+// caller holds s.mu.
+func (s *session) reject(reason string, code int, ec smtp.EnhancedCode, msg string) error {
+	user := ""
+	if s.user != nil {
+		user = s.user.Name
+	}
+	return s.rejectAs(user, reason, &smtp.SMTPError{Code: code, EnhancedCode: ec, Message: msg})
+}
+
+func (s *session) rejectAs(user, reason string, e *smtp.SMTPError, attrs ...any) error {
+	metricRejected.WithLabelValues(reason).Inc()
+	attrs = append(attrs, "reason", reason,
+		"reply", fmt.Sprintf("%d %d.%d.%d %s", e.Code, e.EnhancedCode[0], e.EnhancedCode[1], e.EnhancedCode[2], e.Message))
+	if user != "" {
+		attrs = append(attrs, "user", user)
+	}
+	s.log.Info("smtpin: rejected", attrs...)
+	return e
+}
+
+func (s *session) Data(r io.Reader) error {
+	s.mu.Lock()
+	if s.tx == nil || len(s.tx.env.Recipients) == 0 {
+		s.mu.Unlock()
+		return &smtp.SMTPError{Code: 503, EnhancedCode: smtp.EnhancedCode{5, 5, 1}, Message: "RCPT first"}
+	}
+	env := s.tx.env
+	env.Recipients = slices.Clone(env.Recipients)
+	s.mu.Unlock()
+
+	s.conn.inData.Store(true)
+	defer s.conn.inData.Store(false)
+	return s.receive(env, r)
+}
