@@ -1,0 +1,188 @@
+package sts
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+	"mime"
+	"net"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/stsrelay/stsrelay/resolve"
+)
+
+const (
+	// MaxPolicySize caps the policy body (RFC 8461 §3.3 suggests 64 KB).
+	MaxPolicySize = 64 << 10
+	// DefaultFetchTimeout bounds a whole fetch: DNS, connect, TLS, headers
+	// and body. RFC 8461 §3.3 suggests at most a minute.
+	DefaultFetchTimeout = 10 * time.Second
+	// maxHeaderBytes bounds the response headers of the policy host.
+	maxHeaderBytes = 16 << 10
+)
+
+// Result types of RFC 8460 §4.3.2 for a failure to get a policy.
+const (
+	ResultFetchError    = "sts-policy-fetch-error"
+	ResultPolicyInvalid = "sts-policy-invalid"
+	ResultWebPKIInvalid = "sts-webpki-invalid"
+)
+
+// FetchError is a failed policy fetch, classified as TLSRPT reports it.
+type FetchError struct {
+	Domain     string
+	ResultType string // ResultFetchError, ResultPolicyInvalid or ResultWebPKIInvalid
+	Err        error
+}
+
+func (e *FetchError) Error() string {
+	return fmt.Sprintf("fetching MTA-STS policy of %s: %v", e.Domain, e.Err)
+}
+
+func (e *FetchError) Unwrap() error { return e.Err }
+
+// PolicyURL is where the policy of domain is published (RFC 8461 §3.3).
+func PolicyURL(domain string) string {
+	return "https://mta-sts." + domain + "/.well-known/mta-sts.txt"
+}
+
+// newHTTPClient builds the client for policy fetches. Addresses come from
+// the configured resolver, like every other lookup of stsrelay, so the
+// policy host may be a CNAME (hosted MTA-STS services need that).
+func newHTTPClient(opts *Options) *http.Client {
+	dial := opts.DialContext
+	if dial == nil {
+		d := &net.Dialer{}
+		dial = d.DialContext
+	}
+	res := opts.Resolver
+	t := &http.Transport{
+		// No proxy from the environment: only an explicitly configured one.
+		Proxy: opts.Proxy,
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			host, port, err := net.SplitHostPort(addr)
+			if err != nil {
+				return nil, err
+			}
+			addrs, _, err := res.Addrs(ctx, host, resolve.IPBoth)
+			if err != nil {
+				return nil, err
+			}
+			if len(addrs) == 0 {
+				return nil, fmt.Errorf("%s has no addresses", host)
+			}
+			var errs []error
+			for _, a := range addrs {
+				c, err := dial(ctx, network, net.JoinHostPort(a.String(), port))
+				if err == nil {
+					return c, nil
+				}
+				errs = append(errs, err)
+				if ctx.Err() != nil {
+					break
+				}
+			}
+			return nil, errors.Join(errs...)
+		},
+		TLSClientConfig: &tls.Config{
+			// RFC 8461 §3.3: the certificate must be valid for the
+			// policy host and chain to a trusted root; nil RootCAs
+			// means the system roots, which honour SSL_CERT_FILE and
+			// SSL_CERT_DIR. Go checks DNS-IDs only, with a wildcard
+			// only as the whole left-most label (RFC 6125).
+			RootCAs:    opts.RootCAs,
+			MinVersion: tls.VersionTLS12, // RFC 8461 §7.2 for SMTP; the same floor here
+		},
+		DisableKeepAlives:      true, // fetches are rare; keep no idle sockets
+		MaxResponseHeaderBytes: maxHeaderBytes,
+		ForceAttemptHTTP2:      false,
+	}
+	return &http.Client{
+		Transport: t,
+		// RFC 8461 §3.3: HTTP 3xx redirects MUST NOT be followed.
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+		// No Jar: cookies are neither sent nor kept. net/http has no HTTP
+		// cache, as RFC 8461 §3.3 wants.
+	}
+}
+
+// Fetch retrieves and parses the policy of domain over HTTPS, without
+// looking at the cache or at DNS for the TXT record. Errors are *FetchError.
+func (m *Manager) Fetch(ctx context.Context, domain string) (*Policy, error) {
+	d, err := policyDomain(domain)
+	if err != nil {
+		return nil, &FetchError{Domain: domain, ResultType: ResultFetchError, Err: err}
+	}
+	ctx, cancel := context.WithTimeout(ctx, m.fetchTimeout)
+	defer cancel()
+	p, err := m.fetch(ctx, d)
+	if err != nil {
+		return nil, &FetchError{Domain: d, ResultType: classify(err), Err: err}
+	}
+	return p, nil
+}
+
+// errInvalid marks errors about the policy's content rather than its transport.
+var errInvalid = errors.New("invalid policy")
+
+func (m *Manager) fetch(ctx context.Context, domain string) (*Policy, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, PolicyURL(domain), nil)
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("User-Agent", "stsrelay")
+	resp, err := m.http.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	// RFC 8461 §3.3: only HTTP 200 is a valid policy; a redirect was not
+	// followed and lands here too.
+	if resp.StatusCode != http.StatusOK {
+		if loc := resp.Header.Get("Location"); loc != "" {
+			return nil, fmt.Errorf("HTTP %d redirect to %.100q is not followed (RFC 8461 §3.3)", resp.StatusCode, loc)
+		}
+		return nil, fmt.Errorf("HTTP status %d, want 200", resp.StatusCode)
+	}
+	// RFC 8461 §3.2: the media type is text/plain; parameters such as
+	// charset are allowed.
+	ct := resp.Header.Get("Content-Type")
+	if mt, _, err := mime.ParseMediaType(ct); err != nil || mt != "text/plain" {
+		return nil, fmt.Errorf("%w: Content-Type %.100q, want text/plain", errInvalid, ct)
+	}
+	// RFC 8461 §3.3: the body is bounded; read one byte more to tell.
+	body, err := io.ReadAll(io.LimitReader(resp.Body, MaxPolicySize+1))
+	if err != nil {
+		return nil, fmt.Errorf("reading policy: %w", err)
+	}
+	if len(body) > MaxPolicySize {
+		return nil, fmt.Errorf("%w: larger than %s bytes", errInvalid, strconv.Itoa(MaxPolicySize))
+	}
+	p, err := Parse(body)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", errInvalid, err)
+	}
+	return p, nil
+}
+
+// classify maps a fetch error to its RFC 8460 §4.3.2 result type.
+func classify(err error) string {
+	var (
+		verr *tls.CertificateVerificationError
+		herr x509.HostnameError
+		uerr x509.UnknownAuthorityError
+		cerr x509.CertificateInvalidError
+	)
+	switch {
+	case errors.Is(err, errInvalid):
+		return ResultPolicyInvalid
+	case errors.As(err, &verr), errors.As(err, &herr), errors.As(err, &uerr), errors.As(err, &cerr):
+		return ResultWebPKIInvalid
+	}
+	return ResultFetchError
+}

@@ -1,0 +1,243 @@
+package sts_test
+
+import (
+	"context"
+	"crypto/tls"
+	"fmt"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"go.etcd.io/bbolt"
+
+	"github.com/stsrelay/stsrelay/delivery"
+	"github.com/stsrelay/stsrelay/internal/dnstest"
+	"github.com/stsrelay/stsrelay/internal/testpki"
+	"github.com/stsrelay/stsrelay/resolve"
+	"github.com/stsrelay/stsrelay/sts"
+)
+
+const enforcePolicy = "version: STSv1\nmode: enforce\nmx: mx.example.com\nmx: *.mail.example.net\nmax_age: 604800\n"
+
+// clock is a settable clock for the cache's notion of time.
+type clock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func newClock() *clock { return &clock{t: time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)} }
+
+func (c *clock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+func (c *clock) Advance(d time.Duration) {
+	c.mu.Lock()
+	c.t = c.t.Add(d)
+	c.mu.Unlock()
+}
+
+// policyHost is a real HTTPS server on loopback that plays mta-sts.<domain>.
+type policyHost struct {
+	srv      *httptest.Server
+	requests atomic.Int32
+
+	mu          sync.Mutex
+	body        string
+	contentType string
+	status      int
+	delay       time.Duration
+	serverNames []string // SNI of each request
+	cookies     []string // Cookie header of each request
+	handler     http.HandlerFunc
+}
+
+func (h *policyHost) Set(body string) {
+	h.mu.Lock()
+	h.body, h.status = body, http.StatusOK
+	h.mu.Unlock()
+}
+
+func (h *policyHost) SetStatus(status int) {
+	h.mu.Lock()
+	h.status = status
+	h.mu.Unlock()
+}
+
+func (h *policyHost) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	h.requests.Add(1)
+	h.mu.Lock()
+	body, ct, status, delay, handler := h.body, h.contentType, h.status, h.delay, h.handler
+	if r.TLS != nil {
+		h.serverNames = append(h.serverNames, r.TLS.ServerName)
+	}
+	h.cookies = append(h.cookies, r.Header.Get("Cookie"))
+	h.mu.Unlock()
+	if delay > 0 {
+		select {
+		case <-time.After(delay):
+		case <-r.Context().Done():
+			return
+		}
+	}
+	if handler != nil {
+		handler(w, r)
+		return
+	}
+	if r.URL.Path != "/.well-known/mta-sts.txt" {
+		http.NotFound(w, r)
+		return
+	}
+	w.Header().Set("Content-Type", ct)
+	w.WriteHeader(status)
+	fmt.Fprint(w, body)
+}
+
+// env is one test's world: DNS, a CA, policy hosts on loopback and a
+// dialer that sends <ip>:443 to the host playing that address.
+type env struct {
+	t     *testing.T
+	DNS   *dnstest.Server
+	CA    *testpki.CA
+	Res   *resolve.Resolver
+	Clock *clock
+	Rec   *recorder
+
+	mu     sync.Mutex
+	hosts  map[string]string // "127.0.0.N" -> listener address
+	nextIP int
+}
+
+func newEnv(t *testing.T) *env {
+	t.Helper()
+	e := &env{t: t, DNS: dnstest.New(t), CA: testpki.NewCA(t), Clock: newClock(),
+		Rec: &recorder{}, hosts: map[string]string{}, nextIP: 2}
+	// No DNS cache: tests change records between lookups.
+	res, err := resolve.New(resolve.Config{Servers: []string{e.DNS.Addr}, Timeout: time.Second, CacheEntries: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.Res = res
+	return e
+}
+
+// Dial is the injected DialContext: addresses of policy hosts go to their
+// loopback listeners, anything else is refused.
+func (e *env) Dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, err
+	}
+	e.mu.Lock()
+	target, ok := e.hosts[host]
+	e.mu.Unlock()
+	if !ok {
+		return nil, fmt.Errorf("test dialer: nothing listens at %s", addr)
+	}
+	var d net.Dialer
+	return d.DialContext(ctx, network, target)
+}
+
+// PolicyHost starts an HTTPS server with cert serving body for
+// mta-sts.<domain>, publishes its address in DNS, and publishes the TXT
+// record with id (unless id is "").
+func (e *env) PolicyHost(domain, id, body string, cert tls.Certificate) *policyHost {
+	e.t.Helper()
+	h := &policyHost{body: body, contentType: "text/plain; charset=utf-8", status: http.StatusOK}
+	srv := httptest.NewUnstartedServer(h)
+	srv.TLS = &tls.Config{Certificates: []tls.Certificate{cert}}
+	srv.StartTLS()
+	e.t.Cleanup(srv.Close)
+	h.srv = srv
+	e.mu.Lock()
+	ip := fmt.Sprintf("127.0.0.%d", e.nextIP)
+	e.nextIP++
+	e.hosts[ip] = srv.Listener.Addr().String()
+	e.mu.Unlock()
+	e.DNS.Add(e.t, fmt.Sprintf("mta-sts.%s. 300 IN A %s", domain, ip))
+	if id != "" {
+		e.SetID(domain, id)
+	}
+	return h
+}
+
+// ValidHost is PolicyHost with a certificate for mta-sts.<domain>.
+func (e *env) ValidHost(domain, id, body string) *policyHost {
+	return e.PolicyHost(domain, id, body, e.CA.Issue(e.t, "mta-sts."+domain))
+}
+
+// SetID replaces the _mta-sts TXT record of domain.
+func (e *env) SetID(domain, id string) {
+	e.DNS.Remove("_mta-sts."+domain+".", 0)
+	e.DNS.Add(e.t, fmt.Sprintf("_mta-sts.%s. 300 IN TXT \"v=STSv1; id=%s\"", domain, id))
+}
+
+func (e *env) Options() sts.Options {
+	return sts.Options{
+		Resolver:    e.Res,
+		RootCAs:     e.CA.Pool,
+		DialContext: e.Dial,
+		Recorder:    e.Rec,
+		Now:         e.Clock.Now,
+	}
+}
+
+// Manager returns a Manager with e.Options() changed by mod.
+func (e *env) Manager(mod func(*sts.Options)) *sts.Manager {
+	e.t.Helper()
+	opts := e.Options()
+	if mod != nil {
+		mod(&opts)
+	}
+	m, err := sts.New(opts)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return m
+}
+
+func openDB(t *testing.T, path string) *bbolt.DB {
+	t.Helper()
+	db, err := bbolt.Open(path, 0o600, &bbolt.Options{Timeout: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return db
+}
+
+func dbPath(t *testing.T) string { return filepath.Join(t.TempDir(), "stsrelay.db") }
+
+// recorder collects TLSRPT results.
+type recorder struct {
+	mu      sync.Mutex
+	results []delivery.SessionResult
+}
+
+func (r *recorder) Record(res delivery.SessionResult) {
+	r.mu.Lock()
+	r.results = append(r.results, res)
+	r.mu.Unlock()
+}
+
+func (r *recorder) Results() []delivery.SessionResult {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]delivery.SessionResult(nil), r.results...)
+}
+
+// resultTypes lists the ResultType of every recorded result.
+func (r *recorder) ResultTypes() string {
+	var types []string
+	for _, res := range r.Results() {
+		types = append(types, res.ResultType)
+	}
+	return strings.Join(types, ",")
+}

@@ -1,0 +1,451 @@
+package sts
+
+import (
+	"context"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"net/url"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"go.etcd.io/bbolt"
+
+	"github.com/stsrelay/stsrelay/delivery"
+	"github.com/stsrelay/stsrelay/resolve"
+)
+
+const (
+	// FetchBackoff is how long a failed fetch of one policy id keeps us
+	// from fetching it again (RFC 8461 §3.3: "at least 5 minutes").
+	FetchBackoff = 5 * time.Minute
+	// refreshAge is how old a policy may get before the background refresh
+	// fetches it again; RFC 8461 §10.2 suggests about daily. Policies with
+	// a shorter max_age are refreshed at half their life.
+	refreshAge = 24 * time.Hour
+	// activeWindow is how recently a domain must have had mail for the
+	// background refresh to keep its policy fresh; it covers the queue's
+	// default lifetime of 5 days with room to spare.
+	activeWindow = 7 * 24 * time.Hour
+	// defaultRefreshInterval is how often Run looks for policies to refresh.
+	defaultRefreshInterval = 10 * time.Minute
+)
+
+// Options configure a Manager. Resolver is required.
+type Options struct {
+	Resolver *resolve.Resolver
+	// DB persists the cache, in bucket "sts-policies", so a restart keeps
+	// policies. nil keeps the cache in memory only (stsrelay check).
+	DB *bbolt.DB
+	// RootCAs verify policy hosts; nil means the system roots (which Go
+	// reads from SSL_CERT_FILE / SSL_CERT_DIR when set).
+	RootCAs *x509.CertPool
+	// DialContext dials "ip:443" for policy fetches; nil means a plain
+	// net.Dialer. Tests point it at loopback servers.
+	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
+	// Proxy, when set, is the HTTP proxy for policy fetches; the
+	// environment's proxy variables are never used.
+	Proxy func(*http.Request) (*url.URL, error)
+	// FetchTimeout bounds one policy fetch; 0 means DefaultFetchTimeout.
+	FetchTimeout time.Duration
+	// MatchCNAMETarget also accepts an MX host whose final CNAME target
+	// matches the policy (DESIGN.md decision 4; sts.match_cname_target).
+	MatchCNAMETarget bool
+	// Recorder receives policy fetch failures for TLSRPT; may be nil.
+	Recorder delivery.Recorder
+	Logger   *slog.Logger
+	// Now is the clock; nil means time.Now.
+	Now func() time.Time
+	// RefreshInterval is how often Run looks for policies to refresh; 0
+	// means 10 minutes.
+	RefreshInterval time.Duration
+}
+
+// CachedPolicy is a policy as the cache holds it. It is never modified
+// after it is made; a refresh replaces it.
+type CachedPolicy struct {
+	Domain  string // policy domain, lower-case A-labels
+	ID      string // the TXT record id it was fetched for
+	Policy  *Policy
+	Fetched time.Time
+	Expires time.Time // Fetched + max_age (RFC 8461 §3.2)
+}
+
+// Expired reports whether the policy may no longer be applied at now.
+func (c *CachedPolicy) Expired(now time.Time) bool { return !now.Before(c.Expires) }
+
+type entry struct {
+	policy   *CachedPolicy
+	lastUsed time.Time // in memory only between fetches, to spare bbolt a write per delivery
+}
+
+type failure struct {
+	id    string
+	until time.Time
+	err   error
+}
+
+type call struct {
+	done   chan struct{}
+	policy *CachedPolicy
+	err    error
+}
+
+// Manager discovers, fetches, caches and refreshes MTA-STS policies, and
+// decides per MX host what delivery needs (it is a delivery.PolicySource).
+// It is safe for concurrent use.
+type Manager struct {
+	resolver         *resolve.Resolver
+	db               *bbolt.DB
+	http             *http.Client
+	fetchTimeout     time.Duration
+	matchCNAMETarget bool
+	recorder         delivery.Recorder
+	log              *slog.Logger
+	now              func() time.Time
+	refreshInterval  time.Duration
+
+	mu       sync.Mutex
+	entries  map[string]*entry   // the cache, mirrored in db
+	failures map[string]failure  // by domain: the last failed fetch
+	inflight map[string]*call    // by domain: the fetch under way
+}
+
+// New returns a Manager and loads the persisted cache from opts.DB.
+func New(opts Options) (*Manager, error) {
+	if opts.Resolver == nil {
+		return nil, errors.New("sts: Options.Resolver is required")
+	}
+	m := &Manager{
+		resolver:         opts.Resolver,
+		db:               opts.DB,
+		fetchTimeout:     opts.FetchTimeout,
+		matchCNAMETarget: opts.MatchCNAMETarget,
+		recorder:         opts.Recorder,
+		log:              opts.Logger,
+		now:              opts.Now,
+		refreshInterval:  opts.RefreshInterval,
+		entries:          make(map[string]*entry),
+		failures:         make(map[string]failure),
+		inflight:         make(map[string]*call),
+	}
+	if m.fetchTimeout <= 0 {
+		m.fetchTimeout = DefaultFetchTimeout
+	}
+	if m.log == nil {
+		m.log = slog.Default()
+	}
+	if m.now == nil {
+		m.now = time.Now
+	}
+	if m.refreshInterval <= 0 {
+		m.refreshInterval = defaultRefreshInterval
+	}
+	m.http = newHTTPClient(&opts)
+	if m.db != nil {
+		entries, bad, err := loadAll(m.db)
+		if err != nil {
+			return nil, fmt.Errorf("sts: loading cached policies: %w", err)
+		}
+		for _, e := range bad {
+			m.log.Warn("sts: skipping stored policy", "err", e)
+		}
+		m.entries = entries
+	}
+	return m, nil
+}
+
+// policyDomain returns the policy domain for a next-hop domain: the domain
+// itself, never a parent (RFC 8461 §3.4), as lower-case A-labels. Address
+// literals have no policy domain.
+func policyDomain(domain string) (string, error) {
+	d := strings.TrimSuffix(domain, ".")
+	if strings.HasPrefix(d, "[") {
+		return "", ErrAddressLiteral
+	}
+	if _, err := netip.ParseAddr(d); err == nil {
+		return "", ErrAddressLiteral
+	}
+	n, err := normalizeHost(d)
+	if err != nil {
+		return "", fmt.Errorf("domain %q: %w", truncate(domain), err)
+	}
+	return n, nil
+}
+
+func noPolicy(cause error) error { return fmt.Errorf("%w: %w", ErrNoPolicy, cause) }
+
+// Policy returns the policy in force for domain. When none applies it
+// returns an error wrapping ErrNoPolicy and the reason; the caller then
+// delivers as if the domain did not use MTA-STS (RFC 8461 §5.1). A policy of
+// mode none is returned as such. Only a cancelled ctx gives other errors.
+//
+// Every call looks up the TXT record (answered from the resolver's cache
+// within its TTL), so a new policy id is noticed on the next attempt; a
+// cached policy with the current id costs a map lookup.
+func (m *Manager) Policy(ctx context.Context, domain string) (*CachedPolicy, error) {
+	d, err := policyDomain(domain)
+	if err != nil {
+		return nil, noPolicy(err)
+	}
+	rec, _, lerr := LookupRecord(ctx, m.resolver, d)
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	now := m.now()
+	m.mu.Lock()
+	var cached *CachedPolicy
+	if e := m.entries[d]; e != nil {
+		e.lastUsed = now
+		if !e.policy.Expired(now) {
+			cached = e.policy
+		}
+	}
+	m.mu.Unlock()
+
+	if lerr != nil {
+		// RFC 8461 §5.1: a missing, invalid or unreachable TXT record
+		// does not end an unexpired cached policy; the policy is valid
+		// for max_age whatever DNS says meanwhile.
+		if cached != nil {
+			cacheLookups.WithLabelValues("hit").Inc()
+			return cached, nil
+		}
+		cacheLookups.WithLabelValues("miss").Inc()
+		if !isRecordError(lerr) {
+			m.log.Info("sts: TXT lookup failed, no cached policy", "domain", d, "err", lerr)
+		}
+		return nil, noPolicy(lerr)
+	}
+	// RFC 8461 §3.3: a cached policy whose id matches the TXT record is
+	// current; no fetch.
+	if cached != nil && cached.ID == rec.ID {
+		cacheLookups.WithLabelValues("hit").Inc()
+		return cached, nil
+	}
+	// RFC 8461 §3.3, §5.1: a different id (or no unexpired policy) means
+	// fetch the policy.
+	cacheLookups.WithLabelValues("miss").Inc()
+	p, ferr := m.refresh(ctx, d, rec.ID, false)
+	if ferr == nil {
+		return p, nil
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	// RFC 8461 §5.1: if the new policy cannot be fetched, the cached one
+	// stays in force until it expires.
+	if cached != nil {
+		m.log.Warn("sts: policy fetch failed; applying the cached policy", "domain", d,
+			"cached_id", cached.ID, "new_id", rec.ID, "expires", cached.Expires, "err", ferr)
+		return cached, nil
+	}
+	return nil, noPolicy(ferr)
+}
+
+// refresh fetches the policy of domain for TXT id and stores it. Callers
+// that arrive while a fetch of the same domain runs share its result. Unless
+// force is set, a failed fetch of the same id is not repeated for
+// FetchBackoff (RFC 8461 §3.3).
+func (m *Manager) refresh(ctx context.Context, domain, id string, force bool) (*CachedPolicy, error) {
+	m.mu.Lock()
+	c, running := m.inflight[domain]
+	if !running {
+		if f, ok := m.failures[domain]; ok && !force && f.id == id && m.now().Before(f.until) {
+			m.mu.Unlock()
+			return nil, fmt.Errorf("%w (until %s): %w", ErrFetchBackoff, f.until.UTC().Format(time.TimeOnly), f.err)
+		}
+		c = &call{done: make(chan struct{})}
+		m.inflight[domain] = c
+		// The fetch outlives a cancelled caller, since others may be
+		// waiting for it; FetchTimeout bounds it.
+		go m.fetchAndStore(context.WithoutCancel(ctx), domain, id, c)
+	}
+	m.mu.Unlock()
+	select {
+	case <-c.done:
+		return c.policy, c.err
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+func (m *Manager) fetchAndStore(ctx context.Context, domain, id string, c *call) {
+	start := m.now()
+	ctx, cancel := context.WithTimeout(ctx, m.fetchTimeout)
+	p, err := m.fetch(ctx, domain)
+	cancel()
+	now := m.now()
+	if err != nil {
+		fe := &FetchError{Domain: domain, ResultType: classify(err), Err: err}
+		policyFetches.WithLabelValues(fe.ResultType).Inc()
+		m.log.Warn("sts: policy fetch failed", "domain", domain, "id", id,
+			"result", fe.ResultType, "err", err, "duration", now.Sub(start))
+		// RFC 8460 §4.3.2 / RFC 8461 §6: a policy that could not be
+		// fetched is reported, with no MX host.
+		if m.recorder != nil {
+			m.recorder.Record(delivery.SessionResult{
+				Time: now, PolicyDomain: domain, Source: delivery.SourceSTS,
+				ResultType: fe.ResultType, Detail: oneLine(err.Error()),
+			})
+		}
+		m.mu.Lock()
+		m.failures[domain] = failure{id: id, until: now.Add(FetchBackoff), err: err}
+		delete(m.inflight, domain)
+		m.mu.Unlock()
+		c.err = fe
+		close(c.done)
+		return
+	}
+	policyFetches.WithLabelValues("ok").Inc()
+	cp := &CachedPolicy{Domain: domain, ID: id, Policy: p, Fetched: now, Expires: now.Add(p.MaxAge)}
+	m.log.Info("sts: policy fetched", "domain", domain, "id", id, "mode", p.Mode,
+		"max_age", p.MaxAge, "duration", now.Sub(start))
+	if m.db != nil {
+		// RFC 8461 §5.1: the new policy (mode none included) replaces
+		// the old one. A failed write keeps the policy in memory.
+		if err := storePolicy(m.db, cp, now); err != nil {
+			m.log.Error("sts: storing policy", "domain", domain, "err", err)
+		}
+	}
+	m.mu.Lock()
+	m.entries[domain] = &entry{policy: cp, lastUsed: now}
+	delete(m.failures, domain)
+	delete(m.inflight, domain)
+	m.mu.Unlock()
+	c.policy = cp
+	close(c.done)
+}
+
+// Refresh looks up the TXT record and fetches the policy now, ignoring the
+// cache and the fetch backoff (the admin "refresh" command).
+func (m *Manager) Refresh(ctx context.Context, domain string) (*CachedPolicy, error) {
+	d, err := policyDomain(domain)
+	if err != nil {
+		return nil, err
+	}
+	rec, _, err := LookupRecord(ctx, m.resolver, d)
+	if err != nil {
+		return nil, err
+	}
+	return m.refresh(ctx, d, rec.ID, true)
+}
+
+// Cached returns the cached policy of domain, expired or not, or
+// ErrNotCached.
+func (m *Manager) Cached(domain string) (*CachedPolicy, error) {
+	d, err := policyDomain(domain)
+	if err != nil {
+		return nil, err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if e := m.entries[d]; e != nil {
+		return e.policy, nil
+	}
+	return nil, ErrNotCached
+}
+
+// List returns every cached policy, sorted by domain.
+func (m *Manager) List() []*CachedPolicy {
+	m.mu.Lock()
+	list := make([]*CachedPolicy, 0, len(m.entries))
+	for _, e := range m.entries {
+		list = append(list, e.policy)
+	}
+	m.mu.Unlock()
+	sort.Slice(list, func(i, j int) bool { return list[i].Domain < list[j].Domain })
+	return list
+}
+
+// Purge forgets the cached policy of domain, in memory and on disk, and any
+// fetch backoff. The next delivery discovers the policy afresh.
+func (m *Manager) Purge(domain string) error {
+	d, err := policyDomain(domain)
+	if err != nil {
+		return err
+	}
+	m.mu.Lock()
+	_, ok := m.entries[d]
+	delete(m.entries, d)
+	delete(m.failures, d)
+	m.mu.Unlock()
+	if m.db != nil {
+		if err := deletePolicy(m.db, d); err != nil {
+			return fmt.Errorf("sts: purging %s: %w", d, err)
+		}
+	}
+	if !ok {
+		return ErrNotCached
+	}
+	return nil
+}
+
+// Run refreshes policies in the background until ctx is done: a policy of a
+// domain that had mail in the last 7 days is fetched again when it is a day
+// old (or half its max_age, if shorter), so it never expires while in use
+// (RFC 8461 §10.2). Expired policies of idle domains are dropped.
+func (m *Manager) Run(ctx context.Context) {
+	t := time.NewTicker(m.refreshInterval)
+	defer t.Stop()
+	for {
+		m.refreshDue(ctx)
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// refreshDue is one pass of Run.
+func (m *Manager) refreshDue(ctx context.Context) {
+	now := m.now()
+	var due, drop []string
+	m.mu.Lock()
+	for d, e := range m.entries {
+		active := now.Sub(e.lastUsed) < activeWindow
+		switch {
+		case active && now.Sub(e.policy.Fetched) >= min(refreshAge, e.policy.Policy.MaxAge/2):
+			due = append(due, d)
+		case !active && e.policy.Expired(now):
+			drop = append(drop, d)
+		}
+	}
+	m.mu.Unlock()
+	for _, d := range drop {
+		m.mu.Lock()
+		delete(m.entries, d)
+		m.mu.Unlock()
+		if m.db != nil {
+			if err := deletePolicy(m.db, d); err != nil {
+				m.log.Error("sts: dropping expired policy", "domain", d, "err", err)
+			}
+		}
+	}
+	for _, d := range due {
+		if ctx.Err() != nil {
+			return
+		}
+		rec, _, err := LookupRecord(ctx, m.resolver, d)
+		if err != nil {
+			// No usable record: the cached policy runs out on its own
+			// (RFC 8461 §5.1); nothing to fetch.
+			m.log.Info("sts: not refreshing policy", "domain", d, "err", err)
+			continue
+		}
+		if _, err := m.refresh(ctx, d, rec.ID, false); err != nil {
+			m.log.Info("sts: background refresh failed", "domain", d, "err", err)
+		}
+	}
+}
+
+func oneLine(s string) string {
+	return strings.Join(strings.Fields(s), " ")
+}

@@ -1,0 +1,94 @@
+package sts
+
+import (
+	"context"
+	"errors"
+	"strings"
+
+	"github.com/stsrelay/stsrelay/delivery"
+)
+
+var _ delivery.PolicySource = (*Manager)(nil)
+
+// Requirements implements delivery.PolicySource: per MX host, what MTA-STS
+// demands (RFC 8461 §4, §5).
+//
+//   - enforce: an MX host that does not match the policy is skipped, which
+//     delivery treats as temporarily unreachable (§8.4); one that matches
+//     needs TLS with a PKIX certificate for the matched name (§4.2).
+//   - testing: the same checks, but delivery goes ahead and only reports.
+//   - none, or no policy: opportunistic TLS.
+//
+// RFC 8461 §5.1 forbids failing a message permanently for an enforce failure
+// without first checking DNS for an updated policy. This holds because every
+// attempt calls Requirements, which looks up the TXT record (from the
+// resolver's cache within its TTL) and fetches the policy when its id
+// changed, and because delivery defers such failures with the temporary
+// 451 4.4.8: a message only fails when the queue's lifetime runs out, after
+// many attempts, each of which checked for a new policy.
+//
+// The only error is a cancelled ctx; a domain without a usable policy gets
+// opportunistic requirements.
+func (m *Manager) Requirements(ctx context.Context, domain string, mxs []delivery.MX) ([]delivery.Requirement, error) {
+	cp, err := m.Policy(ctx, domain)
+	if err != nil && !errors.Is(err, ErrNoPolicy) {
+		return nil, err
+	}
+	reqs := make([]delivery.Requirement, len(mxs))
+	if cp == nil || cp.Policy.Mode == ModeNone {
+		// RFC 8461 §5: mode none is handled as if there were no policy.
+		mode := "no-policy"
+		if cp != nil {
+			mode = string(ModeNone)
+		}
+		decisions.WithLabelValues(mode).Inc()
+		for i := range reqs {
+			reqs[i] = delivery.Requirement{Security: delivery.SecurityMay, Source: delivery.SourceOpportunistic}
+		}
+		return reqs, nil
+	}
+	decisions.WithLabelValues(string(cp.Policy.Mode)).Inc()
+	for i, mx := range mxs {
+		reqs[i] = m.requirement(cp, mx)
+	}
+	return reqs, nil
+}
+
+// requirement decides one MX host under an enforce or testing policy.
+func (m *Manager) requirement(cp *CachedPolicy, mx delivery.MX) delivery.Requirement {
+	name := strings.TrimSuffix(mx.Name, ".")
+	r := delivery.Requirement{
+		Security: delivery.SecurityVerify,
+		Source:   delivery.SourceSTS,
+		// RFC 8461 §7.1: SNI is the MX host name, also when the
+		// CNAME target is what matched.
+		ServerName: name,
+		Testing:    cp.Policy.Mode == ModeTesting,
+	}
+	// RFC 8461 §4.1: check the MX record's own target, not a CNAME
+	// target; the certificate must then be valid for it (§4.2).
+	matched := ""
+	if cp.Policy.Match(name) {
+		matched = name
+	} else if final := strings.TrimSuffix(mx.Final, "."); m.matchCNAMETarget && final != "" &&
+		!strings.EqualFold(final, name) && cp.Policy.Match(final) {
+		// sts.match_cname_target (DESIGN.md decision 4): the policy
+		// lists the provider's host that the MX name is an alias of.
+		matched = final
+	}
+	if matched == "" {
+		// Testing mode delivers anyway (RFC 8461 §5) and verifies the
+		// certificate against the MX name, so TLS failures are still
+		// reported; enforce must not use the host at all (§4.1, §8.4).
+		r.Names = []string{name}
+		if cp.Policy.Mode == ModeEnforce {
+			r.Skip = "not listed in the MTA-STS policy for " + cp.Domain
+		}
+		return r
+	}
+	r.Names = []string{matched}
+	// RFC 8689 §4.2.1: a host matching an MTA-STS policy counts as a
+	// validated MX for REQUIRETLS.
+	r.MXValidated = true
+	return r
+}
