@@ -1,0 +1,550 @@
+package queue
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"testing/iotest"
+	"time"
+
+	"go.etcd.io/bbolt"
+)
+
+func TestEnqueuedMessageSurvivesReopen(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "stsrelay.db")
+	d := newScripted(all(ok250))
+	tq := openTestQueue(t, path, d, Options{})
+	big := testBody + strings.Repeat("0123456789abcdef", 20000) // several chunks
+	e := env("alice@example.com", "bob@example.org", "carol@Example.NET")
+	e.Ret, e.EnvID, e.RequireTLS = "HDRS", "env-1", true
+	e.Recipients[0].Notify = []string{"SUCCESS", "FAILURE"}
+	id, err := tq.Enqueue(context.Background(), e, strings.NewReader(big))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tq.Close()
+	tq.db.Close()
+
+	tq = openTestQueue(t, path, d, Options{})
+	var m *message
+	tq.db.View(func(tx *bbolt.Tx) error { m, err = getMessage(tx, id); return err })
+	if m == nil {
+		t.Fatalf("message %s is gone after reopening", id)
+	}
+	if got := string(tq.body(t, m)); got != big {
+		t.Fatalf("body changed: %d bytes back, %d stored", len(got), len(big))
+	}
+	if m.Envelope.EnvID != "env-1" || m.Envelope.Ret != "HDRS" || !m.Envelope.RequireTLS || m.Envelope.User != "app" {
+		t.Errorf("envelope changed: %+v", m.Envelope)
+	}
+	if !slices.Equal(m.Recipients[0].Notify, []string{"SUCCESS", "FAILURE"}) || m.Recipients[1].Domain != "example.net" {
+		t.Errorf("recipients changed: %+v", m.Recipients)
+	}
+	for _, r := range m.Recipients {
+		if r.State != StateQueued {
+			t.Errorf("%s: state %s, want queued", r.Addr, r.State)
+		}
+	}
+}
+
+func TestEnqueueRefusesAndStoresNothing(t *testing.T) {
+	tq := newTestQueue(t, newScripted(all(ok250)), Options{MaxMessageSize: 100})
+	cases := map[string]struct {
+		env  Envelope
+		body string
+		want string
+	}{
+		"no recipients": {env("a@example.com"), "x", "no recipients"},
+		"no domain":     {env("a@example.com", "bob"), "x", "has no domain"},
+		"too big":       {env("a@example.com", "b@example.org"), strings.Repeat("x", 101), "size limit"},
+	}
+	for name, c := range cases {
+		_, err := tq.Enqueue(context.Background(), c.env, strings.NewReader(c.body))
+		if err == nil || !strings.Contains(err.Error(), c.want) || !strings.HasPrefix(err.Error(), "message not queued") {
+			t.Errorf("%s: err = %v, want 'message not queued: …%s…'", name, err, c.want)
+		}
+	}
+	_, err := tq.Enqueue(context.Background(), env("a@example.com", "b@example.org"), iotest.ErrReader(errors.New("connection reset")))
+	if err == nil || !strings.Contains(err.Error(), "connection reset") {
+		t.Errorf("reader error: err = %v", err)
+	}
+	if list, _ := tq.List(); len(list) != 0 {
+		t.Errorf("queue holds %d messages after refused enqueues", len(list))
+	}
+}
+
+func TestEnqueueFailsClearlyWhenTheDatabaseCannotCommit(t *testing.T) {
+	tq := newTestQueue(t, newScripted(all(ok250)), Options{})
+	tq.db.Close() // every commit now fails
+	_, err := tq.Enqueue(context.Background(), env("a@example.com", "b@example.org"), strings.NewReader(testBody))
+	if err == nil || !strings.HasPrefix(err.Error(), "message not queued") {
+		t.Fatalf("err = %v, want a 'message not queued' error", err)
+	}
+}
+
+func TestRecipientsAtOneDomainShareOneDelivery(t *testing.T) {
+	tq := newTestQueue(t, newScripted(all(ok250)), Options{})
+	id := tq.enqueue(t, env("alice@example.com", "bob@example.org", "carol@other.test", "dave@EXAMPLE.org"))
+	tq.run(t)
+	jobs := tq.waitJobs(t, 2)
+	tq.settle(t)
+	byDomain := map[string][]string{}
+	for _, j := range jobs {
+		if j.ID != id || j.Attempt != 1 {
+			t.Errorf("job %s attempt %d, want %s attempt 1", j.ID, j.Attempt, id)
+		}
+		for _, r := range j.Recipients {
+			byDomain[j.Domain] = append(byDomain[j.Domain], r.Addr)
+		}
+	}
+	if got := byDomain["example.org"]; !slices.Equal(got, []string{"bob@example.org", "dave@EXAMPLE.org"}) {
+		t.Errorf("example.org job carried %v", got)
+	}
+	if got := byDomain["other.test"]; !slices.Equal(got, []string{"carol@other.test"}) {
+		t.Errorf("other.test job carried %v", got)
+	}
+	for _, b := range tq.d.bodies {
+		if b != testBody {
+			t.Errorf("deliverer read %q, want the stored body", b)
+		}
+	}
+	if _, err := tq.Show(id); !errors.Is(err, ErrNotFound) {
+		t.Errorf("delivered message still in the queue: %v", err)
+	}
+}
+
+func TestDeferralOfOneRecipientDoesNotBlockAnother(t *testing.T) {
+	d := newScripted(func(job *Job) []Status {
+		if job.Domain == "slow.test" {
+			return []Status{defer451}
+		}
+		return []Status{ok250}
+	})
+	tq := newTestQueue(t, d, Options{RetrySchedule: []time.Duration{10 * time.Minute, time.Hour}})
+	id := tq.enqueue(t, env("alice@example.com", "bob@slow.test", "carol@fast.test"))
+	start := tq.clock.Now()
+	tq.run(t)
+	tq.waitJobs(t, 2)
+	tq.settle(t)
+
+	mi := tq.show(t, id)
+	bob, carol := mi.Recipients[0], mi.Recipients[1]
+	if carol.State != StateDelivered {
+		t.Errorf("carol: %s, want delivered", carol.State)
+	}
+	if bob.State != StateDeferred || bob.Attempts != 1 || bob.LastCode != 451 || bob.LastEnhanced != "4.4.1" || bob.LastMX != "mx.example.org" {
+		t.Errorf("bob: %+v, want deferred after 1 attempt with the 451 recorded", bob)
+	}
+	if min, max := start.Add(10*time.Minute), start.Add(11*time.Minute); bob.NextAttempt.Before(min) || bob.NextAttempt.After(max) {
+		t.Errorf("bob's next attempt %v, want within [%v, %v]", bob.NextAttempt, min, max)
+	}
+
+	// Not due yet: nothing happens. Due: the second attempt carries only bob.
+	tq.wake()
+	time.Sleep(50 * time.Millisecond)
+	if n := len(tq.d.seen); n != 0 {
+		t.Fatalf("%d deliveries before the retry was due", n)
+	}
+	tq.clock.Advance(11 * time.Minute)
+	tq.wake()
+	j := tq.waitJobs(t, 1)[0]
+	if j.Attempt != 2 || len(j.Recipients) != 1 || j.Recipients[0].Addr != "bob@slow.test" {
+		t.Errorf("retry job: attempt %d, recipients %v", j.Attempt, j.Recipients)
+	}
+}
+
+func TestBackoffFollowsScheduleWithJitterAndRepeatsLast(t *testing.T) {
+	sched := []time.Duration{5 * time.Minute, 10 * time.Minute, 30 * time.Minute, time.Hour}
+	q := &Queue{opts: Options{RetrySchedule: sched}}
+	for attempts := 1; attempts <= 8; attempts++ {
+		want := sched[min(attempts, len(sched))-1]
+		for range 50 {
+			got := q.backoff(attempts)
+			if got < want || got >= want+want/10 {
+				t.Fatalf("backoff(%d) = %v, want in [%v, %v)", attempts, got, want, want+want/10)
+			}
+		}
+	}
+	seen := map[time.Duration]bool{}
+	for range 50 {
+		seen[q.backoff(1)] = true
+	}
+	if len(seen) < 2 {
+		t.Error("backoff has no jitter")
+	}
+}
+
+func TestPermanentFailureFailsRecipientAndBouncesToSender(t *testing.T) {
+	tq := newTestQueue(t, newScripted(all(fail550)), Options{})
+	e := env("alice@example.com", "bob@example.org")
+	e.EnvID = "QQ+2B1"
+	e.Recipients[0].ORcpt = "rfc822;bob@example.org"
+	id := tq.enqueue(t, e)
+	tq.run(t)
+	tq.waitJobs(t, 1)
+	tq.settle(t)
+	if _, err := tq.Show(id); !errors.Is(err, ErrNotFound) {
+		t.Errorf("failed message still queued: %v", err)
+	}
+	dsns := tq.dsnsTo(t, "alice@example.com")
+	if len(dsns) != 1 {
+		t.Fatalf("%d DSNs to the sender, want 1", len(dsns))
+	}
+	rep := parseDSN(t, tq.body(t, dsns[0]))
+	if got := rep.header.Get("From"); got != "Mail Delivery System <postmaster@relay.test>" {
+		t.Errorf("From: %q", got)
+	}
+	if got := rep.perMessage.Get("Reporting-MTA"); got != "dns; relay.test" {
+		t.Errorf("Reporting-MTA: %q", got)
+	}
+	if got := rep.perMessage.Get("Original-Envelope-Id"); got != "QQ+1" {
+		t.Errorf("Original-Envelope-Id: %q, want the decoded ENVID", got)
+	}
+	if len(rep.recipients) != 1 {
+		t.Fatalf("%d recipient blocks, want 1", len(rep.recipients))
+	}
+	r := rep.recipients[0]
+	want := map[string]string{
+		"Final-Recipient":    "rfc822; bob@example.org",
+		"Original-Recipient": "rfc822;bob@example.org",
+		"Action":             "failed",
+		"Status":             "5.1.1",
+		"Remote-MTA":         "dns; mx.example.org",
+		"Diagnostic-Code":    "smtp; 550 5.1.1 mx.example.org: 5.1.1 <bob@example.org>: user unknown",
+	}
+	for k, v := range want {
+		if got := r.Get(k); got != v {
+			t.Errorf("%s: %q, want %q", k, got, v)
+		}
+	}
+	if _, err := time.Parse(rfc5322Date, r.Get("Last-Attempt-Date")); err != nil {
+		t.Errorf("Last-Attempt-Date %q: %v", r.Get("Last-Attempt-Date"), err)
+	}
+	if r.Get("Will-Retry-Until") != "" {
+		t.Error("a failure DSN carries Will-Retry-Until")
+	}
+	// No RET: headers only.
+	if rep.contentType != "text/rfc822-headers" || !strings.Contains(rep.content, "Subject: lunch") || strings.Contains(rep.content, "See you at noon") {
+		t.Errorf("returned content %q (%s), want the original headers only", rep.content, rep.contentType)
+	}
+	if !strings.Contains(rep.text, "<bob@example.org>: failed") {
+		t.Errorf("human part does not name the recipient: %q", rep.text)
+	}
+	// The bounce goes out from the null sender, through this queue.
+	if dsns[0].Envelope.From != "" || !dsns[0].Recipients[0].pending() {
+		t.Errorf("DSN envelope %+v", dsns[0].Envelope)
+	}
+}
+
+func TestBounceWithRetFullReturnsWholeMessage(t *testing.T) {
+	tq := newTestQueue(t, newScripted(all(fail550)), Options{})
+	e := env("alice@example.com", "bob@example.org")
+	e.Ret = "FULL"
+	tq.enqueue(t, e)
+	tq.run(t)
+	tq.waitJobs(t, 1)
+	tq.settle(t)
+	dsns := tq.dsnsTo(t, "alice@example.com")
+	if len(dsns) != 1 {
+		t.Fatalf("%d DSNs, want 1", len(dsns))
+	}
+	rep := parseDSN(t, tq.body(t, dsns[0]))
+	if rep.contentType != "message/rfc822" || rep.content != testBody {
+		t.Errorf("returned %s %q, want message/rfc822 with the whole message", rep.contentType, rep.content)
+	}
+}
+
+func TestRequireTLSBounceCarriesFlagAndHeadersOnly(t *testing.T) {
+	tq := newTestQueue(t, newScripted(all(fail550)), Options{})
+	e := env("alice@example.com", "bob@example.org")
+	e.Ret, e.RequireTLS = "FULL", true
+	tq.enqueue(t, e)
+	tq.run(t)
+	tq.waitJobs(t, 1)
+	tq.settle(t)
+	dsns := tq.dsnsTo(t, "alice@example.com")
+	if len(dsns) != 1 || !dsns[0].Envelope.RequireTLS {
+		t.Fatalf("want one DSN with REQUIRETLS, got %d", len(dsns))
+	}
+	if rep := parseDSN(t, tq.body(t, dsns[0])); rep.contentType != "text/rfc822-headers" {
+		t.Errorf("REQUIRETLS bounce returns %s, want headers only (RFC 8689)", rep.contentType)
+	}
+}
+
+func TestNullSenderNeverGetsABounce(t *testing.T) {
+	tq := newTestQueue(t, newScripted(all(fail550)), Options{})
+	id := tq.enqueue(t, env("", "bob@example.org"))
+	tq.run(t)
+	tq.waitJobs(t, 1)
+	tq.settle(t)
+	if _, err := tq.Show(id); !errors.Is(err, ErrNotFound) {
+		t.Errorf("failed bounce still queued: %v", err)
+	}
+	if list, _ := tq.List(); len(list) != 0 {
+		t.Errorf("a failed message from <> produced %d messages", len(list))
+	}
+}
+
+func TestNotifyNeverAndSuccessOnlySuppressFailureDSN(t *testing.T) {
+	tq := newTestQueue(t, newScripted(all(fail550)), Options{})
+	e := env("alice@example.com", "bob@example.org", "carol@example.org")
+	e.Recipients[0].Notify = []string{"NEVER"}
+	e.Recipients[1].Notify = []string{"SUCCESS"}
+	tq.enqueue(t, e)
+	tq.run(t)
+	tq.waitJobs(t, 1)
+	tq.settle(t)
+	if n := len(tq.dsnsTo(t, "alice@example.com")); n != 0 {
+		t.Errorf("%d DSNs despite NOTIFY=NEVER / NOTIFY=SUCCESS", n)
+	}
+}
+
+func TestNotifySuccessGetsDeliveredOrRelayedDSN(t *testing.T) {
+	relayed := ok250
+	relayed.Relayed = true
+	d := newScripted(func(job *Job) []Status { return []Status{ok250, relayed, ok250} })
+	tq := newTestQueue(t, d, Options{})
+	e := env("alice@example.com", "bob@example.org", "carol@example.org", "dave@example.org")
+	e.Recipients[0].Notify = []string{"SUCCESS"}
+	e.Recipients[1].Notify = []string{"SUCCESS", "FAILURE"}
+	tq.enqueue(t, e)
+	tq.run(t)
+	tq.waitJobs(t, 1)
+	tq.settle(t)
+	dsns := tq.dsnsTo(t, "alice@example.com")
+	if len(dsns) != 1 {
+		t.Fatalf("%d DSNs, want 1", len(dsns))
+	}
+	rep := parseDSN(t, tq.body(t, dsns[0]))
+	if len(rep.recipients) != 2 {
+		t.Fatalf("%d recipient blocks, want bob and carol only", len(rep.recipients))
+	}
+	for i, want := range []string{"delivered", "relayed"} {
+		if got := rep.recipients[i].Get("Action"); got != want {
+			t.Errorf("recipient %d Action %q, want %q", i, got, want)
+		}
+		if got := rep.recipients[i].Get("Status"); got != "2.0.0" {
+			t.Errorf("recipient %d Status %q", i, got)
+		}
+	}
+	if got := rep.header.Get("Subject"); got != "Successful Mail Delivery Report" {
+		t.Errorf("Subject %q", got)
+	}
+}
+
+func TestExpiryFailsWith547AndNamesLastError(t *testing.T) {
+	tq := newTestQueue(t, newScripted(all(defer451)), Options{MaxQueueTime: 120 * time.Hour, RetrySchedule: []time.Duration{48 * time.Hour}})
+	id := tq.enqueue(t, env("alice@example.com", "bob@example.org"))
+	arrived := tq.clock.Now()
+	tq.run(t)
+	tq.waitJobs(t, 1)
+	tq.settle(t)
+	for range 2 {
+		tq.clock.Advance(53 * time.Hour) // past each (jittered) 48h wait
+		tq.wake()
+		tq.waitJobs(t, 1)
+		tq.settle(t)
+	}
+	// Third retry would be after the deadline, so it is moved onto it.
+	mi := tq.show(t, id)
+	if got, want := mi.Recipients[0].NextAttempt, arrived.Add(120*time.Hour); !got.Equal(want) {
+		t.Fatalf("last retry at %v, want the deadline %v", got, want)
+	}
+	tq.clock.Advance(20 * time.Hour)
+	tq.wake()
+	tq.waitJobs(t, 1)
+	tq.settle(t)
+	if _, err := tq.Show(id); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("expired message still queued: %v", err)
+	}
+	dsns := tq.dsnsTo(t, "alice@example.com")
+	if len(dsns) != 2 { // a delay notice after 4h, then the bounce
+		t.Fatalf("%d DSNs, want a delay notice and a bounce", len(dsns))
+	}
+	var bounce *report
+	for _, m := range dsns {
+		if r := parseDSN(t, tq.body(t, m)); r.recipients[0].Get("Action") == "failed" {
+			bounce = r
+		}
+	}
+	if bounce == nil {
+		t.Fatal("no failure DSN")
+	}
+	r := bounce.recipients[0]
+	if r.Get("Status") != "5.4.7" {
+		t.Errorf("Status %q, want 5.4.7", r.Get("Status"))
+	}
+	wantDiag := "smtp; 554 5.4.7 delivery time expired after 5d; last error: 451 4.4.1 mx.example.org[192.0.2.1]: connection refused"
+	if got := r.Get("Diagnostic-Code"); got != wantDiag {
+		t.Errorf("Diagnostic-Code %q, want %q", got, wantDiag)
+	}
+	if got := r.Get("Remote-MTA"); got != "dns; mx.example.org" {
+		t.Errorf("Remote-MTA %q", got)
+	}
+}
+
+func TestDelayNoticeIsSentOnceAfterDelayNoticeAfter(t *testing.T) {
+	tq := newTestQueue(t, newScripted(all(defer451)), Options{DelayNoticeAfter: time.Hour, RetrySchedule: []time.Duration{40 * time.Minute}})
+	e := env("alice@example.com", "bob@example.org", "carol@example.org")
+	e.Recipients[1].Notify = []string{"FAILURE"} // carol asked for no delay notice
+	id := tq.enqueue(t, e)
+	tq.run(t)
+	for i := range 4 { // attempts at 0, ~45m, ~90m, ~135m
+		if i > 0 {
+			tq.clock.Advance(45 * time.Minute)
+			tq.wake()
+		}
+		tq.waitJobs(t, 1)
+		tq.settle(t)
+		want := 0
+		if i >= 2 {
+			want = 1
+		}
+		if got := len(tq.dsnsTo(t, "alice@example.com")); got != want {
+			t.Fatalf("after attempt %d: %d delay DSNs, want %d", i+1, got, want)
+		}
+	}
+	rep := parseDSN(t, tq.body(t, tq.dsnsTo(t, "alice@example.com")[0]))
+	if len(rep.recipients) != 1 || rep.recipients[0].Get("Final-Recipient") != "rfc822; bob@example.org" {
+		t.Fatalf("delay DSN recipients %v, want bob only", rep.recipients)
+	}
+	r := rep.recipients[0]
+	if r.Get("Action") != "delayed" || r.Get("Status") != "4.4.1" {
+		t.Errorf("Action %q Status %q", r.Get("Action"), r.Get("Status"))
+	}
+	until, err := time.Parse(rfc5322Date, r.Get("Will-Retry-Until"))
+	if want := tq.show(t, id).Created.Add(120 * time.Hour); err != nil || !until.Equal(want) {
+		t.Errorf("Will-Retry-Until %q, want %v", r.Get("Will-Retry-Until"), want)
+	}
+	if rep.contentType != "text/rfc822-headers" {
+		t.Errorf("delay notice returns %s", rep.contentType)
+	}
+}
+
+func TestBusyDomainDoesNotHoldUpOthers(t *testing.T) {
+	release := make(chan struct{})
+	started := make(chan string, 10)
+	d := newScripted(func(job *Job) []Status {
+		started <- job.Domain
+		if job.Domain == "slow.test" {
+			<-release
+		}
+		return []Status{ok250}
+	})
+	tq := newTestQueue(t, d, Options{Workers: 3, MaxConnsPerDomain: 1})
+	defer close(release)
+	tq.enqueue(t, env("a@example.com", "x@slow.test"))
+	tq.enqueue(t, env("a@example.com", "y@slow.test"))
+	tq.enqueue(t, env("a@example.com", "z@fast.test"))
+	tq.run(t)
+	got := map[string]int{}
+	for range 2 {
+		select {
+		case dom := <-started:
+			got[dom]++
+		case <-time.After(5 * time.Second):
+			t.Fatalf("deliveries started: %v; fast.test waits behind slow.test", got)
+		}
+	}
+	select {
+	case dom := <-started:
+		t.Fatalf("a third delivery (%s) started while slow.test is at its connection limit", dom)
+	case <-time.After(100 * time.Millisecond):
+	}
+	if got["slow.test"] != 1 || got["fast.test"] != 1 {
+		t.Errorf("started %v, want one each", got)
+	}
+}
+
+func TestWorkersLimitDeliveriesInFlight(t *testing.T) {
+	release := make(chan struct{})
+	started := make(chan string, 10)
+	d := newScripted(func(job *Job) []Status {
+		started <- job.Domain
+		<-release
+		return []Status{ok250}
+	})
+	tq := newTestQueue(t, d, Options{Workers: 2, MaxConnsPerDomain: 5})
+	for _, dom := range []string{"a.test", "b.test", "c.test"} {
+		tq.enqueue(t, env("a@example.com", "x@"+dom))
+	}
+	tq.run(t)
+	<-started
+	<-started
+	select {
+	case dom := <-started:
+		t.Fatalf("third delivery (%s) started with Workers=2", dom)
+	case <-time.After(100 * time.Millisecond):
+	}
+	close(release)
+	<-started
+}
+
+func TestDeliveryInterruptedByShutdownIsDueAtNextStart(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "stsrelay.db")
+	block := make(chan struct{})
+	d := newScripted(func(job *Job) []Status { <-block; return []Status{defer451} })
+	tq := openTestQueue(t, path, d, Options{ShutdownGrace: 10 * time.Millisecond})
+	id := tq.enqueue(t, env("a@example.com", "b@example.org"))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error)
+	go func() { done <- tq.Run(ctx) }()
+	for {
+		tq.mu.Lock()
+		n := tq.sched.running
+		tq.mu.Unlock()
+		if n == 1 {
+			break
+		}
+		time.Sleep(time.Millisecond)
+	}
+	cancel()
+	// The scripted deliverer ignores ctx; let it return once Run cancelled.
+	time.Sleep(50 * time.Millisecond)
+	close(block)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	tq.Close()
+	tq.db.Close()
+
+	d2 := newScripted(all(ok250))
+	tq2 := openTestQueue(t, path, d2, Options{})
+	tq2.clock.Advance(time.Hour) // past the deferral's retry
+	tq2.run(t)
+	if j := tq2.waitJobs(t, 1)[0]; j.ID != id {
+		t.Errorf("delivered %s, want %s", j.ID, id)
+	}
+}
+
+func TestOpenDBExplainsLockedCorruptAndUnwritable(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "stsrelay.db")
+	db, err := OpenDB(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = OpenDB(path)
+	db.Close()
+	if err == nil || err.Error() != "another stsrelay process holds "+path {
+		t.Errorf("second open: %v", err)
+	}
+
+	junk := filepath.Join(dir, "junk.db")
+	os.WriteFile(junk, []byte(strings.Repeat("this is not bbolt\n", 2000)), 0o600)
+	if _, err := OpenDB(junk); err == nil || !strings.Contains(err.Error(), junk+" is not a stsrelay database") {
+		t.Errorf("foreign file: %v", err)
+	}
+
+	if os.Geteuid() != 0 { // root ignores permissions
+		ro := filepath.Join(dir, "ro")
+		os.Mkdir(ro, 0o500)
+		if _, err := OpenDB(filepath.Join(ro, "stsrelay.db")); err == nil || !strings.Contains(err.Error(), "permission denied") {
+			t.Errorf("unwritable directory: %v", err)
+		}
+	}
+}
