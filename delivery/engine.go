@@ -2,21 +2,570 @@ package delivery
 
 import (
 	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"strings"
+	"time"
+
+	"github.com/emersion/go-smtp"
 
 	"github.com/stsrelay/stsrelay/queue"
+	"github.com/stsrelay/stsrelay/resolve"
 )
 
-type connKey struct{}
-type session struct{}
+// maxAddrAttempts bounds the connections one attempt opens, over all MX
+// hosts; RFC 5321 §5.1 asks for at least two addresses, Postfix uses 5.
+const maxAddrAttempts = 10
 
-// Deliver attempts job and returns one Status per recipient, in order.
+// attempt is what one Deliver call learns, for its log line.
+type attempt struct {
+	mx     string
+	ip     string
+	req    Requirement
+	tls    string
+	reused bool
+}
+
+// Deliver attempts job and returns one Status per recipient, in order
+// (queue.Deliverer). It returns when ctx is done, deferring what it could
+// not finish.
 func (e *Engine) Deliver(ctx context.Context, job *queue.Job) []queue.Status {
+	start := time.Now()
+	var at attempt
+	statuses := e.deliver(ctx, job, &at)
+
+	delivered, deferred, failed := 0, 0, 0
+	for _, st := range statuses {
+		switch {
+		case st.Delivered():
+			delivered++
+		case st.Permanent():
+			failed++
+		default:
+			deferred++
+		}
+	}
+	metricAttempts.Inc()
+	metricRecipients.WithLabelValues("delivered").Add(float64(delivered))
+	metricRecipients.WithLabelValues("deferred").Add(float64(deferred))
+	metricRecipients.WithLabelValues("failed").Add(float64(failed))
+
+	outcome, level := "delivered", slog.LevelInfo
+	switch {
+	case failed > 0 && delivered+deferred == 0:
+		outcome, level = "failed", slog.LevelWarn
+	case deferred > 0 && delivered+failed == 0:
+		outcome, level = "deferred", slog.LevelWarn
+	case delivered != len(statuses):
+		outcome, level = "partial", slog.LevelWarn
+	}
+	policy := at.req.Security.String()
+	if at.req.Source != SourceOpportunistic {
+		policy = string(at.req.Source) + "/" + policy
+	}
+	if at.req.Testing {
+		policy += "/testing"
+	}
+	tlsVersion := at.tls
+	if tlsVersion == "" {
+		tlsVersion = "none"
+	}
+	var status string
+	if len(statuses) > 0 {
+		status = statuses[0].String()
+		for _, st := range statuses {
+			if !st.Delivered() {
+				status = st.String()
+				break
+			}
+		}
+	}
+	e.log.LogAttrs(ctx, level, "delivery attempt",
+		slog.String("id", job.ID),
+		slog.String("domain", job.Domain),
+		slog.String("outcome", outcome),
+		slog.Int("delivered", delivered), slog.Int("deferred", deferred), slog.Int("failed", failed),
+		slog.String("mx", at.mx), slog.String("ip", at.ip),
+		slog.String("policy", policy),
+		slog.String("tls", tlsVersion),
+		slog.Bool("reused", at.reused),
+		slog.Duration("took", time.Since(start).Round(time.Millisecond)),
+		slog.String("status", status),
+	)
+	return statuses
+}
+
+func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []queue.Status {
+	if len(job.Recipients) == 0 {
+		return nil
+	}
+	domain := canonicalDomain(job.Domain)
+	all := func(st queue.Status) []queue.Status {
+		out := make([]queue.Status, len(job.Recipients))
+		for i := range out {
+			out[i] = st
+		}
+		return out
+	}
+	if err := ctx.Err(); err != nil {
+		return all(queue.Status{Code: 451, Enhanced: "4.4.2", Text: "delivery interrupted before it started: " + err.Error()})
+	}
+
+	hops, st := e.route(ctx, domain)
+	if st != nil {
+		return all(*st)
+	}
+	reqs, st := e.requirements(ctx, domain, hops)
+	if st != nil {
+		return all(*st)
+	}
+
+	body, err := job.Open()
+	if err != nil {
+		return all(queue.Status{Code: 451, Enhanced: "4.3.0", Text: "reading the queued message: " + err.Error()})
+	}
+	defer body.Close()
+
+	env := job.Envelope
+	var fails []*hostFailure
+	budget := maxAddrAttempts
+	for i, h := range hops {
+		if h.unusable != nil {
+			fails = append(fails, h.unusable)
+			continue
+		}
+		req := effective(reqs[i], env)
+		at.mx, at.req = h.mx.Name, req
+		if f := e.precheck(domain, h.mx, req, env.RequireTLS); f != nil {
+			fails = append(fails, f)
+			continue
+		}
+		if budget <= 0 {
+			continue
+		}
+		s, fs := e.connect(ctx, domain, h, req, env.RequireTLS, &budget)
+		fails = append(fails, fs...)
+		if s == nil {
+			if ctx.Err() != nil {
+				break
+			}
+			continue
+		}
+		at.ip, at.reused = s.addr.String(), s.reused
+		if s.tls != nil {
+			at.tls = tlsVersionName(s.tls.Version)
+		}
+		statuses, f := e.transact(ctx, s, job, body)
+		if f != nil {
+			// The host lacks what this message needs; another may have it.
+			fails = append(fails, f)
+			e.release(s)
+			continue
+		}
+		e.release(s)
+		return statuses
+	}
+	return all(aggregate(domain, fails))
+}
+
+// requirements asks the PolicySource about the usable hosts and applies
+// the local override.
+func (e *Engine) requirements(ctx context.Context, domain string, hops []hop) ([]Requirement, *queue.Status) {
+	reqs := make([]Requirement, len(hops))
+	var mxs []MX
+	var idx []int
+	for i, h := range hops {
+		if h.unusable == nil {
+			mxs = append(mxs, h.mx)
+			idx = append(idx, i)
+		}
+	}
+	if e.opts.Policy != nil && len(mxs) > 0 {
+		got, err := e.opts.Policy.Requirements(ctx, domain, mxs)
+		if err != nil {
+			var pe *Error
+			var re *resolve.Error
+			switch {
+			case errors.As(err, &pe):
+				return nil, &pe.Status
+			case errors.As(err, &re):
+				return nil, &queue.Status{Code: 451, Enhanced: "4.4.3", Text: "TLS policy lookup: " + err.Error()}
+			}
+			return nil, &queue.Status{Code: 451, Enhanced: "4.7.0", Text: fmt.Sprintf("TLS policy lookup for %s: %v", domain, err)}
+		}
+		if len(got) != len(mxs) {
+			return nil, &queue.Status{Code: 451, Enhanced: "4.3.0",
+				Text: fmt.Sprintf("TLS policy lookup for %s: %d requirements for %d MX hosts", domain, len(got), len(mxs))}
+		}
+		for j, i := range idx {
+			reqs[i] = got[j]
+		}
+	}
+	if sec, ok := e.overrides[domain]; ok {
+		for i := range reqs {
+			reqs[i] = applyOverride(reqs[i], hops[i].mx, sec)
+		}
+	}
+	return reqs, nil
+}
+
+// effective is the requirement one message gets at one host.
+func effective(req Requirement, env queue.Envelope) Requirement {
+	if env.NoTLSPolicy && !env.RequireTLS && (req.Source == SourceSTS || req.Source == SourceDANE) {
+		// RFC 8689 §5: "TLS-Required: No" means MTA-STS and DANE are not
+		// enforced for this message; STARTTLS is still tried.
+		req.Security, req.Skip, req.Testing = SecurityMay, "", false
+	}
+	return req
+}
+
+// precheck rejects a host before dialing when its requirement already
+// rules it out.
+func (e *Engine) precheck(domain string, mx MX, req Requirement, requireTLS bool) *hostFailure {
+	if req.Skip != "" {
+		e.record(SessionResult{PolicyDomain: domain, Source: req.Source, MX: mx.Name,
+			ResultType: "validation-failure", Detail: req.Skip})
+		if req.Testing {
+			return nil // RFC 8461 §5: testing reports but delivers
+		}
+		return e.policyFailure(mx.Name, mx, req, requireTLS, req.Skip)
+	}
+	if req.Security == SecurityDANE {
+		// The dane package lands next round; until then nothing can
+		// authenticate by TLSA, and sending unauthenticated is worse
+		// than waiting.
+		return e.policyFailure(mx.Name, mx, req, requireTLS, "DANE required but not available")
+	}
+	if requireTLS {
+		// RFC 8689 §4.2.1: the MX name must be authenticated, by DNSSEC or
+		// by an MTA-STS policy, and TLS must be possible.
+		if !req.MXValidated {
+			return requireTLSFailure(mx.Name, "MX host not validated by DNSSEC or MTA-STS")
+		}
+		if req.Security == SecurityNone {
+			return requireTLSFailure(mx.Name, "local policy forbids TLS to this host")
+		}
+	}
+	return nil
+}
+
+// connect returns a ready session to one of h's addresses: an idle one
+// when there is one, else a new connection.
+func (e *Engine) connect(ctx context.Context, domain string, h hop, req Requirement, requireTLS bool, budget *int) (*session, []*hostFailure) {
+	key := keyFor(domain, h.mx, req)
+	for s := e.takeIdle(key); s != nil; s = e.takeIdle(key) {
+		if s.reset(ctx) {
+			s.reused = true
+			return s, nil
+		}
+		s.close()
+		e.releaseSlot(domain)
+	}
+	var fails []*hostFailure
+	for _, addr := range h.addrs {
+		if *budget <= 0 {
+			break
+		}
+		*budget--
+		if err := e.acquireSlot(ctx, domain); err != nil {
+			fails = append(fails, transportFailure(ctx, h.mx.Name, "waiting for a free connection slot", err))
+			break
+		}
+		r := e.open(ctx, domain, h.mx, addr, req, requireTLS, false)
+		if r.retryPlain {
+			// Security level may: a broken TLS stack should not stop mail
+			// that could go in plaintext; retry this address once, as
+			// Postfix does. Never when TLS is required (checked in open).
+			r = e.open(ctx, domain, h.mx, addr, req, requireTLS, true)
+		}
+		if r.s != nil {
+			if r.s.tls != nil {
+				metricSessions.WithLabelValues("yes").Inc()
+			} else {
+				metricSessions.WithLabelValues("no").Inc()
+			}
+			return r.s, nil
+		}
+		e.releaseSlot(domain)
+		fails = append(fails, r.fail)
+		metricHostFailures.WithLabelValues(r.fail.kind.String()).Inc()
+		if r.fail.nextHost || ctx.Err() != nil {
+			break
+		}
+	}
+	return nil, fails
+}
+
+// transact sends the message over s: MAIL, RCPT for each recipient, DATA.
+// It returns the per-recipient statuses, or a hostFailure when the host
+// cannot take this message at all (before MAIL), so the next may.
+func (e *Engine) transact(ctx context.Context, s *session, job *queue.Job, body io.Reader) ([]queue.Status, *hostFailure) {
+	stop := context.AfterFunc(ctx, func() { s.conn.Conn.Close() })
+	defer func() {
+		if !stop() {
+			s.broken = true
+		}
+	}()
+	env := job.Envelope
+	t := e.opts.Timeouts
+
+	needUTF8 := env.SMTPUTF8 || !isASCII(env.From)
+	for _, r := range job.Recipients {
+		needUTF8 = needUTF8 || !isASCII(r.Addr)
+	}
+	if env.RequireTLS {
+		// RFC 8689 §4.2.1: PKIX (MX host name) or DANE, and REQUIRETLS
+		// offered after STARTTLS.
+		switch ok, _ := s.client.Extension("REQUIRETLS"); {
+		case s.tls == nil:
+			return nil, requireTLSFailure(s.label, "no TLS")
+		case !s.pkixMX:
+			return nil, requireTLSFailure(s.label, "certificate not valid for the MX host name")
+		case !ok:
+			return nil, requireTLSFailure(s.label, "REQUIRETLS not supported")
+		}
+	}
+	if ok, _ := s.client.Extension("SMTPUTF8"); needUTF8 && !ok {
+		// RFC 6531 §3.4: such a message cannot be downgraded here.
+		return nil, &hostFailure{host: s.label, kind: failUTF8, nextHost: true, status: queue.Status{
+			Code: 550, Enhanced: "5.6.7", RemoteMTA: s.mx.Name,
+			Text: s.label + ": SMTPUTF8 not supported, and this message needs it (RFC 6531)"}}
+	}
+	dsn, _ := s.client.Extension("DSN")
+
 	out := make([]queue.Status, len(job.Recipients))
-	for i := range out {
-		out[i] = queue.Status{Code: 451, Enhanced: "4.3.0", Text: "delivery not implemented yet"}
+	// abort gives st to every recipient the remote has not answered for
+	// good: a 421 or a lost connection defers the whole transaction.
+	abort := func(st queue.Status) []queue.Status {
+		for i := range out {
+			if out[i].Code == 0 || out[i].Delivered() {
+				out[i] = st
+			}
+		}
+		return out
+	}
+	fail := func(step string, err error) []queue.Status {
+		var se *smtp.SMTPError
+		if errors.As(err, &se) && se.Code == 421 {
+			s.broken = true
+		}
+		return abort(s.commandFailure(ctx, step, err, false).status)
+	}
+
+	mo := &smtp.MailOptions{Size: job.Size, RequireTLS: env.RequireTLS, UTF8: needUTF8, EnvelopeID: xtextDecode(env.EnvID)}
+	switch strings.ToUpper(env.Ret) {
+	case "FULL":
+		mo.Return = smtp.DSNReturnFull
+	case "HDRS":
+		mo.Return = smtp.DSNReturnHeaders
+	}
+	if !isPrintableASCII(mo.EnvelopeID) {
+		mo.EnvelopeID = ""
+	}
+	s.conn.allow(maxReplyBytes)
+	s.client.CommandTimeout = t.Mail
+	if err := s.client.Mail(env.From, mo); err != nil {
+		// A reply to MAIL applies to every recipient of the transaction.
+		return fail("after MAIL", err), nil
+	}
+
+	var accepted []int
+	for i, r := range job.Recipients {
+		s.conn.allow(maxReplyBytes)
+		s.client.CommandTimeout = t.Rcpt
+		err := s.client.Rcpt(r.Addr, rcptOptions(r))
+		if err == nil {
+			accepted = append(accepted, i)
+			out[i] = queue.Status{Code: 250} // provisional, until the end of DATA
+			continue
+		}
+		var se *smtp.SMTPError
+		if !errors.As(err, &se) || se.Code == 421 {
+			return fail("after RCPT", err), nil
+		}
+		out[i] = smtpErrorStatus(s.label, se)
+	}
+	if len(accepted) == 0 {
+		s.conn.allow(maxReplyBytes)
+		s.client.CommandTimeout = t.Command
+		if err := s.client.Reset(); err != nil {
+			s.broken = true
+		}
+		return out, nil
+	}
+
+	s.conn.allow(maxReplyBytes)
+	s.client.CommandTimeout = t.DataInit
+	w, err := s.client.Data()
+	if err != nil {
+		return fail("after DATA", err), nil
+	}
+	src := &readTracker{r: body}
+	_, err = io.Copy(&deadlineWriter{w: w, s: s, d: t.DataBlock}, src)
+	if err != nil {
+		// Closing without the final dot makes the remote drop the message.
+		s.broken = true
+		s.close()
+		if src.err != nil {
+			return abort(queue.Status{Code: 451, Enhanced: "4.3.0", Text: "reading the queued message: " + src.err.Error()}), nil
+		}
+		return abort(transportFailure(ctx, s.label, "while sending the message", err).status), nil
+	}
+	s.conn.allow(maxReplyBytes)
+	s.client.SubmissionTimeout = t.DataFinal
+	resp, err := w.CloseWithResponse()
+	if err != nil {
+		return fail("after end of data", err), nil
+	}
+	ok := replyStatus(s.label, 250, resp.StatusText)
+	for _, i := range accepted {
+		out[i] = ok
+		// RFC 3461 §5.2.2: a remote without DSN cannot honour NOTIFY, so
+		// we answer SUCCESS with a "relayed" DSN ourselves.
+		out[i].Relayed = !dsn && hasNotify(job.Recipients[i].Notify, "SUCCESS")
+	}
+	return out, nil
+}
+
+// reset readies an idle session for the next message (RSET).
+func (s *session) reset(ctx context.Context) bool {
+	if s.conn == nil {
+		return false
+	}
+	stop := context.AfterFunc(ctx, func() { s.conn.Conn.Close() })
+	defer stop()
+	s.conn.allow(maxReplyBytes)
+	s.client.CommandTimeout = s.e.opts.Timeouts.Command
+	return s.client.Reset() == nil
+}
+
+// deadlineWriter gives each write of the message its own deadline
+// (RFC 5321 §4.5.3.2.5: 3 minutes per data block).
+type deadlineWriter struct {
+	w io.Writer
+	s *session
+	d time.Duration
+}
+
+func (w *deadlineWriter) Write(p []byte) (int, error) {
+	w.s.conn.SetWriteDeadline(time.Now().Add(w.d))
+	return w.w.Write(p)
+}
+
+// readTracker remembers a read error, to tell a broken queue file from a
+// broken connection.
+type readTracker struct {
+	r   io.Reader
+	err error
+}
+
+func (r *readTracker) Read(p []byte) (int, error) {
+	n, err := r.r.Read(p)
+	if err != nil && err != io.EOF {
+		r.err = err
+	}
+	return n, err
+}
+
+func rcptOptions(r queue.RecipientParams) *smtp.RcptOptions {
+	o := &smtp.RcptOptions{}
+	if notify := validNotify(r.Notify); notify != nil {
+		o.Notify = notify
+	}
+	if typ, addr, ok := strings.Cut(r.ORcpt, ";"); ok {
+		switch strings.ToLower(strings.TrimSpace(typ)) {
+		case "rfc822":
+			if a := xtextDecode(addr); isPrintableASCII(a) && a != "" {
+				o.OriginalRecipientType, o.OriginalRecipient = smtp.DSNAddressTypeRFC822, a
+			}
+		case "utf-8":
+			if addr != "" {
+				o.OriginalRecipientType, o.OriginalRecipient = smtp.DSNAddressTypeUTF8, addr
+			}
+		}
+	}
+	return o
+}
+
+// validNotify converts NOTIFY values, or returns nil for a set that RFC
+// 3461 §4.1 does not allow (NEVER with others, unknown words).
+func validNotify(vals []string) []smtp.DSNNotify {
+	var out []smtp.DSNNotify
+	never := false
+	for _, v := range vals {
+		switch n := smtp.DSNNotify(strings.ToUpper(v)); n {
+		case smtp.DSNNotifyNever:
+			never = true
+			out = append(out, n)
+		case smtp.DSNNotifySuccess, smtp.DSNNotifyFailure, smtp.DSNNotifyDelayed:
+			out = append(out, n)
+		default:
+			return nil
+		}
+	}
+	if never && len(out) > 1 {
+		return nil
 	}
 	return out
 }
 
-// Close closes cached connections.
-func (e *Engine) Close() error { return nil }
+func hasNotify(vals []string, want string) bool {
+	for _, v := range vals {
+		if strings.EqualFold(v, want) {
+			return true
+		}
+	}
+	return false
+}
+
+// xtextDecode undoes RFC 3461 §4 xtext ("+2B" is "+"); text that is not
+// valid xtext is returned as is.
+func xtextDecode(s string) string {
+	if !strings.Contains(s, "+") {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] != '+' {
+			b.WriteByte(s[i])
+			continue
+		}
+		if i+2 >= len(s) {
+			return s
+		}
+		var v byte
+		for _, c := range []byte(s[i+1 : i+3]) {
+			switch {
+			case c >= '0' && c <= '9':
+				v = v<<4 | (c - '0')
+			case c >= 'A' && c <= 'F':
+				v = v<<4 | (c - 'A' + 10)
+			default:
+				return s
+			}
+		}
+		b.WriteByte(v)
+		i += 2
+	}
+	return b.String()
+}
+
+func isASCII(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] >= 0x80 {
+			return false
+		}
+	}
+	return true
+}
+
+func isPrintableASCII(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] < 0x20 || s[i] > 0x7e {
+			return false
+		}
+	}
+	return true
+}

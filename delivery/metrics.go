@@ -1,0 +1,34 @@
+package delivery
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promauto"
+)
+
+var (
+	metricAttempts = promauto.NewCounter(prometheus.CounterOpts{
+		Name: "stsrelay_delivery_attempts_total",
+		Help: "Delivery attempts (one per job: one message to one domain).",
+	})
+	metricRecipients = promauto.NewCounterVec(prometheus.CounterOpts{
+		Name: "stsrelay_delivery_recipients_total",
+		Help: "Recipient outcomes of delivery attempts, by outcome (delivered, deferred, failed).",
+	}, []string{"outcome"})
+	metricSessions = promauto.NewCounterVec(prometheus.CounterOpts{
+		Name: "stsrelay_delivery_sessions_total",
+		Help: "SMTP sessions opened to MX hosts, by whether TLS was used.",
+	}, []string{"tls"})
+	metricHostFailures = promauto.NewCounterVec(prometheus.CounterOpts{
+		Name: "stsrelay_delivery_host_failures_total",
+		Help: "Connections to MX hosts that could not be used, by reason class.",
+	}, []string{"reason"})
+	metricConnsActive = promauto.NewGauge(prometheus.GaugeOpts{
+		Name: "stsrelay_delivery_connections_active",
+		Help: "Open SMTP connections to MX hosts, busy or idle, over all domains.",
+	})
+	metricSessionDuration = promauto.NewHistogram(prometheus.HistogramOpts{
+		Name:    "stsrelay_delivery_session_duration_seconds",
+		Help:    "Lifetime of SMTP connections to MX hosts, from connect to close.",
+		Buckets: []float64{0.01, 0.05, 0.1, 0.5, 1, 5, 15, 60, 300, 900},
+	})
+)

@@ -1,0 +1,143 @@
+package delivery
+
+import (
+	"cmp"
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"slices"
+	"strings"
+
+	"github.com/stsrelay/stsrelay/queue"
+	"github.com/stsrelay/stsrelay/resolve"
+)
+
+// hop is one MX host of a route with its addresses, or the reason it
+// cannot be used (then it is never dialed).
+type hop struct {
+	mx    MX
+	addrs []netip.Addr
+	// unusable says why this MX cannot be dialed: its target is an IP
+	// literal, or its address lookup failed or found nothing.
+	unusable *hostFailure
+}
+
+// route returns the hosts to try for domain, best first (RFC 5321 §5.1), or
+// the status every recipient gets when there is nowhere to go.
+func (e *Engine) route(ctx context.Context, domain string) ([]hop, *queue.Status) {
+	records, _, err := e.opts.Resolver.MX(ctx, domain)
+	if err != nil {
+		if resolve.IsNotFound(err) {
+			// RFC 5321 §5.1: a name that does not exist is a permanent error.
+			return nil, &queue.Status{Code: 550, Enhanced: "5.1.2",
+				Text: fmt.Sprintf("domain %s does not exist (MX lookup: NXDOMAIN)", domain)}
+		}
+		// A temporary DNS failure defers; it never bounces (RFC 5321 §5.1).
+		return nil, &queue.Status{Code: 451, Enhanced: "4.4.3", Text: err.Error()}
+	}
+
+	var mxs []MX
+	nullMX := false
+	for _, rr := range records {
+		target := strings.ToLower(strings.TrimSuffix(rr.Mx, "."))
+		if target == "" {
+			nullMX = true
+			continue
+		}
+		mxs = append(mxs, MX{Name: target, Final: target, Preference: rr.Preference})
+	}
+	if nullMX && len(mxs) == 0 {
+		// RFC 7505 §3: "0 ." says the domain accepts no mail at all.
+		return nil, &queue.Status{Code: 550, Enhanced: "5.1.10",
+			Text: fmt.Sprintf("%s does not accept mail (null MX)", domain)}
+	}
+	// A null MX mixed with real ones breaks RFC 7505 §3 ("MUST NOT
+	// advertise any other MX RR"); we decide for the real ones, because
+	// the domain evidently does run mail servers, and ignore the null MX.
+	if nullMX {
+		e.log.Warn("null MX mixed with other MX records; using the others", "domain", domain)
+	}
+
+	if len(mxs) == 0 {
+		// RFC 5321 §5.1: no MX records means an implicit MX on the domain
+		// itself, with preference 0.
+		h := e.resolveHop(ctx, MX{Name: domain, Final: domain})
+		if h.unusable != nil {
+			st := h.unusable.status
+			if h.unusable.notFound {
+				st = queue.Status{Code: 550, Enhanced: "5.4.4",
+					Text: fmt.Sprintf("%s has no MX records and no address to deliver to", domain)}
+			}
+			return nil, &st
+		}
+		return []hop{h}, nil
+	}
+
+	// RFC 5321 §5.1: sort by preference, random order among equals so that
+	// load spreads as the domain intended.
+	rand.Shuffle(len(mxs), func(i, j int) { mxs[i], mxs[j] = mxs[j], mxs[i] })
+	slices.SortStableFunc(mxs, func(a, b MX) int { return cmp.Compare(a.Preference, b.Preference) })
+
+	// RFC 5321 §5.1: when we are among the MX hosts, only hosts with a
+	// better preference than ours may be used, or mail loops.
+	if i := slices.IndexFunc(mxs, func(m MX) bool { return m.Name == e.hostname }); i >= 0 {
+		own := mxs[i].Preference
+		mxs = slices.DeleteFunc(mxs, func(m MX) bool { return m.Preference >= own })
+		if len(mxs) == 0 {
+			return nil, &queue.Status{Code: 550, Enhanced: "5.4.6",
+				Text: fmt.Sprintf("mail for %s loops back to myself (%s is its best MX host)", domain, e.hostname)}
+		}
+	}
+
+	hops := make([]hop, 0, len(mxs))
+	for _, mx := range mxs {
+		hops = append(hops, e.resolveHop(ctx, mx))
+	}
+	return hops, nil
+}
+
+// resolveHop looks up the addresses of mx, following CNAMEs, and records
+// the final name and the alias chain that MTA-STS and DANE need.
+func (e *Engine) resolveHop(ctx context.Context, mx MX) hop {
+	h := hop{mx: mx}
+	name := strings.Trim(mx.Name, "[]")
+	if _, err := netip.ParseAddr(name); err == nil {
+		// RFC 5321 §5.1: an MX target is a host name; an address here is a
+		// misconfiguration that some senders tolerate, but we do not.
+		h.unusable = &hostFailure{host: mx.Name, kind: failRoute, status: queue.Status{
+			Code: 451, Enhanced: "4.4.4", Text: fmt.Sprintf("%s: MX target is an IP address, not a host name", mx.Name)}}
+		return h
+	}
+	addrs, res, err := e.opts.Resolver.Addrs(ctx, mx.Name, e.opts.IPVersion)
+	if err != nil {
+		h.unusable = &hostFailure{host: mx.Name, kind: failRoute, notFound: resolve.IsNotFound(err),
+			status: queue.Status{Code: 451, Enhanced: "4.4.3", Text: fmt.Sprintf("%s: %v", mx.Name, err)}}
+		if h.unusable.notFound {
+			h.unusable.status.Enhanced = "4.4.4"
+			h.unusable.status.Text = fmt.Sprintf("%s: host name does not exist (NXDOMAIN)", mx.Name)
+		}
+		return h
+	}
+	h.mx.Final = strings.TrimSuffix(res.Final, ".")
+	for _, c := range res.CNAMEs {
+		h.mx.CNAMEs = append(h.mx.CNAMEs, strings.TrimSuffix(c, "."))
+	}
+	if len(addrs) == 0 {
+		h.unusable = &hostFailure{host: mx.Name, kind: failRoute, notFound: true, status: queue.Status{
+			Code: 451, Enhanced: "4.4.4", Text: fmt.Sprintf("%s: host has no %s address", mx.Name, e.familyWords())}}
+		return h
+	}
+	h.addrs = addrs
+	return h
+}
+
+func (e *Engine) familyWords() string {
+	switch e.opts.IPVersion {
+	case resolve.IPv4:
+		return "IPv4"
+	case resolve.IPv6:
+		return "IPv6"
+	}
+	return "IPv4 or IPv6"
+}

@@ -1,0 +1,592 @@
+package delivery
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"net/textproto"
+	"os"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/emersion/go-smtp"
+
+	"github.com/stsrelay/stsrelay/queue"
+)
+
+const (
+	// maxReplyBytes bounds what one server reply (or TLS handshake) may
+	// send us; an EHLO reply is well under 1 KiB.
+	maxReplyBytes = 64 << 10
+	// maxHandshakeBytes bounds the TLS handshake, certificate chain
+	// included.
+	maxHandshakeBytes = 256 << 10
+	// maxTextLen bounds how much of a remote reply goes into a Status.
+	maxTextLen = 400
+)
+
+// failKind says why a host could not take the message, which decides the
+// status when no host could (DESIGN.md decision 6).
+type failKind int
+
+const (
+	failRoute      failKind = iota // DNS for this MX host
+	failTransport                  // connect, greeting, protocol, lost connection
+	failSTS                        // the MTA-STS requirement was not met
+	failDANE                       // the DANE requirement was not met
+	failLocal                      // a local override's requirement was not met
+	failRequireTLS                 // RFC 8689 conditions not met for this host
+	failUTF8                       // the message needs SMTPUTF8, the host lacks it
+)
+
+// hostFailure is why one MX host (or one of its addresses) was not used.
+type hostFailure struct {
+	host     string // "mx.example.com" or "mx.example.com[192.0.2.1]"
+	kind     failKind
+	notFound bool   // the MX host name has no addresses
+	reason   string // short, for the combined policy deferral
+	status   queue.Status
+	// nextHost says the other addresses of this host are not worth
+	// trying (the host itself answered).
+	nextHost bool
+}
+
+// session is one SMTP connection that has said EHLO and is ready for MAIL.
+type session struct {
+	e      *Engine
+	key    connKey
+	domain string
+	mx     MX
+	addr   netip.Addr
+	label  string // "mx.example.com[192.0.2.1]", for every text and log line
+	req    Requirement
+
+	conn   *boundedConn
+	client *smtp.Client
+	helo   string               // host name from the greeting (TLSRPT receiving-mx-helo)
+	tls    *tls.ConnectionState // nil in plaintext
+	tlsc   *tls.Conn
+	// pkixMX is true when the certificate chains to RootCAs and names the
+	// MX host: what REQUIRETLS calls PKIX authentication (RFC 8689 §4.2.1).
+	pkixMX bool
+	// tlsProblem is a verification failure tolerated because the policy
+	// is in testing mode.
+	tlsProblem string
+	// broken says the connection must not be used again.
+	broken bool
+
+	idleTimer *time.Timer
+	opened    time.Time
+	reused    bool // taken from the idle cache
+}
+
+// connKey identifies connections that may carry each other's messages:
+// same domain, same MX host, same requirement.
+type connKey struct {
+	domain string
+	mx     string
+	req    string
+}
+
+func keyFor(domain string, mx MX, req Requirement) connKey {
+	return connKey{domain: domain, mx: mx.Name, req: fmt.Sprintf("%d|%s|%s|%s|%t|%t",
+		req.Security, req.Source, req.ServerName, strings.Join(req.Names, ","), req.Testing, req.MXValidated)}
+}
+
+// boundedConn limits how many bytes may be read before the next allow,
+// so no reply (or handshake) can be made to grow without bound.
+type boundedConn struct {
+	net.Conn
+	budget int
+}
+
+var errReplyTooLong = errors.New("reply too long")
+
+func (c *boundedConn) allow(n int) { c.budget = n }
+
+func (c *boundedConn) Read(p []byte) (int, error) {
+	if c.budget <= 0 {
+		return 0, errReplyTooLong
+	}
+	if len(p) > c.budget {
+		p = p[:c.budget]
+	}
+	n, err := c.Conn.Read(p)
+	c.budget -= n
+	return n, err
+}
+
+// replayConn hands go-smtp's Client the greeting we already read: it
+// insists on reading one itself, and on STARTTLS with its own EHLO name.
+type replayConn struct {
+	net.Conn
+	pending []byte
+}
+
+func (c *replayConn) Read(p []byte) (int, error) {
+	if len(c.pending) > 0 {
+		n := copy(p, c.pending)
+		c.pending = c.pending[n:]
+		return n, nil
+	}
+	return c.Conn.Read(p)
+}
+
+// dialResult is the outcome of one connection attempt to one address.
+type dialResult struct {
+	s    *session
+	fail *hostFailure
+	// retryPlain asks for one more connection without STARTTLS, after a
+	// failed handshake at security level may (as Postfix does).
+	retryPlain bool
+}
+
+// open connects to addr and brings the session to the point where MAIL
+// can be sent, enforcing req. requireTLS is the message's REQUIRETLS flag.
+func (e *Engine) open(ctx context.Context, domain string, mx MX, addr netip.Addr, req Requirement, requireTLS, plaintext bool) dialResult {
+	label := fmt.Sprintf("%s[%s]", mx.Name, addr)
+	s := &session{e: e, key: keyFor(domain, mx, req), domain: domain, mx: mx, addr: addr, label: label, req: req}
+
+	dctx, cancel := context.WithTimeout(ctx, e.opts.ConnectTimeout)
+	raw, err := e.dial(dctx, "tcp", netip.AddrPortFrom(addr, uint16(e.opts.Port)).String())
+	cancel()
+	if err != nil {
+		return dialResult{fail: transportFailure(ctx, label, "connecting", err)}
+	}
+	metricConnsActive.Inc()
+	s.opened = e.now()
+	s.conn = &boundedConn{Conn: raw}
+	// The session belongs to ctx until it goes back to the idle cache:
+	// cancelling ctx closes the connection, which unblocks every read.
+	stop := context.AfterFunc(ctx, func() { raw.Close() })
+	defer stop()
+
+	fail := func(f *hostFailure) dialResult {
+		s.close()
+		return dialResult{fail: f}
+	}
+	tp := textproto.NewReader(bufio.NewReader(s.conn))
+
+	// Greeting (RFC 5321 §4.5.3.2.1: 5 minutes).
+	s.conn.allow(maxReplyBytes)
+	s.conn.SetDeadline(time.Now().Add(e.opts.Timeouts.Greeting))
+	code, msg, err := tp.ReadResponse(0)
+	if err != nil {
+		return fail(transportFailure(ctx, label, "waiting for the greeting", err))
+	}
+	if code != 220 {
+		// RFC 5321 §3.1: a 554 (or 4xx) greeting means no service here;
+		// try the next MX host.
+		f := replyFailure(label, code, msg)
+		f.nextHost = true
+		return fail(f)
+	}
+	greeting := firstLine(msg)
+	s.helo, _, _ = strings.Cut(greeting, " ")
+
+	wantTLS := req.Security != SecurityNone && !plaintext
+	mustTLS := (req.Security.RequiresTLS() && !req.Testing) || requireTLS
+	var ext map[string]string
+	if wantTLS {
+		ext, err = s.ehlo(tp)
+		if err != nil {
+			return fail(transportFailure(ctx, label, "EHLO", err))
+		}
+	}
+	if _, ok := ext["STARTTLS"]; wantTLS && !ok {
+		s.record(req, "starttls-not-supported", "STARTTLS not offered")
+		if mustTLS {
+			return fail(e.policyFailure(label, mx, req, requireTLS, "STARTTLS not offered"))
+		}
+		wantTLS = false
+	}
+	if wantTLS {
+		s.conn.allow(maxReplyBytes)
+		s.conn.SetDeadline(time.Now().Add(e.opts.Timeouts.Command))
+		if err := writeLine(s.conn, "STARTTLS"); err != nil {
+			return fail(transportFailure(ctx, label, "STARTTLS", err))
+		}
+		code, msg, err := tp.ReadResponse(0)
+		if err != nil {
+			return fail(transportFailure(ctx, label, "STARTTLS", err))
+		}
+		if code != 220 {
+			reason := "STARTTLS refused: " + replyText(code, msg)
+			s.record(req, "starttls-not-supported", reason)
+			if mustTLS {
+				return fail(e.policyFailure(label, mx, req, requireTLS, reason))
+			}
+			wantTLS = false
+		} else if tp.R.Buffered() > 0 {
+			// Anything sent after the 220 would be injected into the TLS
+			// session's plaintext (CVE-2011-0411); refuse to go on.
+			return fail(&hostFailure{host: label, kind: failTransport, status: queue.Status{Code: 451, Enhanced: "4.4.2",
+				Text: label + ": data after the STARTTLS reply, before the TLS handshake"}})
+		} else {
+			r := e.startTLS(ctx, s, req, requireTLS)
+			if r.fail != nil || r.retryPlain {
+				s.close()
+				return r
+			}
+		}
+	}
+
+	// Hand the connection to go-smtp with the greeting it expects; it says
+	// EHLO itself (again, in plaintext: harmless, RFC 5321 §4.1.4).
+	var conn net.Conn = s.conn
+	if tc, ok := s.tlsConn(); ok {
+		conn = tc
+	}
+	pending := []byte("220 " + greeting + "\r\n")
+	if s.tls == nil {
+		if n := tp.R.Buffered(); n > 0 {
+			rest, _ := tp.R.Peek(n)
+			pending = append(pending, rest...)
+		}
+	}
+	s.client = smtp.NewClient(&replayConn{Conn: conn, pending: pending})
+	s.client.CommandTimeout = e.opts.Timeouts.Command
+	s.conn.allow(maxReplyBytes)
+	if err := s.client.Hello(e.hostname); err != nil {
+		return fail(s.commandFailure(ctx, "EHLO", err, true))
+	}
+	return dialResult{s: s}
+}
+
+// tlsConn returns the session's TLS connection, if it has one.
+func (s *session) tlsConn() (*tls.Conn, bool) {
+	return s.tlsc, s.tlsc != nil
+}
+
+// ehlo sends our EHLO on the plaintext connection and returns the
+// extensions offered. A server that rejects EHLO offers none.
+func (s *session) ehlo(tp *textproto.Reader) (map[string]string, error) {
+	s.conn.allow(maxReplyBytes)
+	s.conn.SetDeadline(time.Now().Add(s.e.opts.Timeouts.Command))
+	if err := writeLine(s.conn, "EHLO "+s.e.hostname); err != nil {
+		return nil, err
+	}
+	code, msg, err := tp.ReadResponse(0)
+	if err != nil {
+		return nil, err
+	}
+	ext := make(map[string]string)
+	if code != 250 {
+		return ext, nil
+	}
+	lines := strings.Split(msg, "\n")
+	for _, l := range lines[1:] {
+		k, v, _ := strings.Cut(l, " ")
+		ext[strings.ToUpper(k)] = v
+	}
+	return ext, nil
+}
+
+// startTLS runs the handshake after a 220 to STARTTLS and checks the
+// certificate as req demands.
+func (e *Engine) startTLS(ctx context.Context, s *session, req Requirement, requireTLS bool) dialResult {
+	serverName := req.ServerName
+	if serverName == "" {
+		serverName = s.mx.Name // RFC 8461 §7.1: SNI is the MX host name
+	}
+	cfg := &tls.Config{
+		ServerName: serverName,
+		MinVersion: tls.VersionTLS12, // RFC 8461 §7.2
+		// The certificate is checked below, against the names the
+		// requirement gives, so that testing mode can deliver anyway and
+		// every failure gets its precise TLSRPT result type.
+		InsecureSkipVerify: true,
+	}
+	tc := tls.Client(s.conn, cfg)
+	s.conn.allow(maxHandshakeBytes)
+	s.conn.SetDeadline(time.Now().Add(e.opts.Timeouts.Command))
+	if err := tc.HandshakeContext(ctx); err != nil {
+		reason := "TLS handshake failed: " + oneLine(err.Error())
+		s.record(req, "validation-failure", reason)
+		if ctx.Err() != nil {
+			return dialResult{fail: transportFailure(ctx, s.label, "TLS handshake", err)}
+		}
+		if (req.Security.RequiresTLS() && !req.Testing) || requireTLS {
+			return dialResult{fail: e.policyFailure(s.label, s.mx, req, requireTLS, reason)}
+		}
+		return dialResult{retryPlain: true}
+	}
+	cs := tc.ConnectionState()
+	s.tls, s.tlsc = &cs, tc
+
+	s.pkixMX = e.verifyPKIX(cs, []string{s.mx.Name}) == nil
+	if req.Security == SecurityVerify {
+		names := req.Names
+		if len(names) == 0 {
+			names = []string{s.mx.Name}
+		}
+		if v := e.verifyPKIX(cs, names); v != nil {
+			s.record(req, v.resultType, v.reason)
+			if !req.Testing {
+				s.quitQuietly()
+				return dialResult{fail: e.policyFailure(s.label, s.mx, req, requireTLS, v.reason)}
+			}
+			s.tlsProblem = v.reason
+			return dialResult{}
+		}
+	}
+	s.record(req, "", "")
+	return dialResult{}
+}
+
+// verification is a failed certificate check.
+type verification struct {
+	reason     string // "certificate name mismatch"
+	resultType string // RFC 8460 §4.3 result type
+}
+
+// verifyPKIX checks that the peer's certificate chains to RootCAs, is
+// valid now, and has a SAN dNSName matching one of names (RFC 8461 §4.2:
+// no CN fallback; a wildcard is the whole left-most label, as
+// x509.Certificate.VerifyHostname does).
+func (e *Engine) verifyPKIX(cs tls.ConnectionState, names []string) *verification {
+	certs := cs.PeerCertificates
+	if len(certs) == 0 {
+		return &verification{"certificate not trusted: no certificate", "certificate-not-trusted"}
+	}
+	inter := x509.NewCertPool()
+	for _, c := range certs[1:] {
+		inter.AddCert(c)
+	}
+	_, err := certs[0].Verify(x509.VerifyOptions{
+		Roots:         e.opts.RootCAs,
+		Intermediates: inter,
+		CurrentTime:   e.now(),
+		KeyUsages:     []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	})
+	if err != nil {
+		var inv x509.CertificateInvalidError
+		var ua x509.UnknownAuthorityError
+		switch {
+		case errors.As(err, &inv) && inv.Reason == x509.Expired:
+			return &verification{"certificate expired", "certificate-expired"}
+		case errors.As(err, &ua):
+			return &verification{"certificate not trusted", "certificate-not-trusted"}
+		}
+		return &verification{"certificate not trusted: " + oneLine(err.Error()), "certificate-not-trusted"}
+	}
+	for _, n := range names {
+		if certs[0].VerifyHostname(strings.TrimSuffix(n, ".")) == nil {
+			return nil
+		}
+	}
+	return &verification{"certificate name mismatch", "certificate-host-mismatch"}
+}
+
+// record gives one TLS session attempt to the Recorder (RFC 8460 §4.3).
+// resultType "" is a success.
+func (s *session) record(req Requirement, resultType, detail string) {
+	s.e.record(SessionResult{
+		PolicyDomain: s.domain,
+		Source:       req.Source,
+		MX:           s.mx.Name,
+		RemoteIP:     s.addr.String(),
+		HELO:         s.helo,
+		ResultType:   resultType,
+		Detail:       detail,
+	})
+}
+
+// policyFailure is a host that did not meet its TLS requirement.
+func (e *Engine) policyFailure(label string, mx MX, req Requirement, requireTLS bool, reason string) *hostFailure {
+	f := &hostFailure{host: mx.Name, reason: reason, nextHost: false}
+	switch {
+	case req.Source == SourceSTS && req.Security.RequiresTLS() && !req.Testing:
+		f.kind = failSTS
+		f.status = queue.Status{Code: 451, Enhanced: "4.4.8", Text: fmt.Sprintf("%s: %s (MTA-STS)", label, reason)}
+	case req.Source == SourceDANE && !req.Testing:
+		f.kind = failDANE
+		f.status = queue.Status{Code: 451, Enhanced: "4.7.5", Text: fmt.Sprintf("%s: %s (DANE)", label, reason)}
+	case requireTLS && !(req.Security.RequiresTLS() && !req.Testing):
+		return requireTLSFailure(label, reason)
+	default:
+		f.kind = failLocal
+		f.status = queue.Status{Code: 451, Enhanced: "4.7.5", Text: fmt.Sprintf("%s: %s (TLS required by local policy)", label, reason)}
+	}
+	return f
+}
+
+func requireTLSFailure(label, reason string) *hostFailure {
+	return &hostFailure{host: label, kind: failRequireTLS, reason: reason, nextHost: true,
+		status: queue.Status{Code: 550, Enhanced: "5.7.30", Text: fmt.Sprintf("%s: %s (message requires TLS, RFC 8689)", label, reason)}}
+}
+
+// transportFailure describes a connection that failed during step.
+func transportFailure(ctx context.Context, label, step string, err error) *hostFailure {
+	f := &hostFailure{host: label, kind: failTransport}
+	st := queue.Status{Code: 451, Enhanced: "4.4.2"}
+	var ne net.Error
+	var pe textproto.ProtocolError
+	switch {
+	case ctx.Err() != nil:
+		st.Text = fmt.Sprintf("%s: delivery interrupted %s (%v)", label, step, context.Cause(ctx))
+	case errors.Is(err, syscall.ECONNREFUSED):
+		st.Enhanced, st.Text = "4.4.1", label+": connection refused"
+	case errors.Is(err, syscall.EHOSTUNREACH), errors.Is(err, syscall.ENETUNREACH):
+		st.Enhanced, st.Text = "4.4.1", label+": host unreachable"
+	case errors.Is(err, os.ErrDeadlineExceeded), errors.As(err, &ne) && ne.Timeout():
+		if step == "connecting" {
+			st.Enhanced, st.Text = "4.4.1", label+": connection timed out"
+		} else {
+			st.Text = fmt.Sprintf("%s: timeout %s", label, step)
+		}
+	case errors.Is(err, errReplyTooLong), errors.Is(err, smtp.ErrTooLongLine):
+		st.Text = fmt.Sprintf("%s: reply too long %s; not an SMTP server?", label, step)
+	case errors.As(err, &pe):
+		st.Text = fmt.Sprintf("%s: malformed reply %s (%s); not an SMTP server?", label, step, oneLine(string(pe)))
+	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, syscall.ECONNRESET), errors.Is(err, net.ErrClosed), errors.Is(err, syscall.EPIPE):
+		st.Text = fmt.Sprintf("%s: connection lost %s", label, step)
+	default:
+		st.Text = fmt.Sprintf("%s: %s: %s", label, step, oneLine(err.Error()))
+	}
+	f.status = st
+	return f
+}
+
+// replyFailure is a host that answered with an error reply.
+func replyFailure(label string, code int, msg string) *hostFailure {
+	return &hostFailure{host: label, kind: failTransport, status: replyStatus(label, code, msg)}
+}
+
+// replyStatus turns a remote reply into a Status, keeping the remote's
+// words: "mx.example.com[192.0.2.1]: 451 4.7.1 greylisted, try later".
+// A reply without an enhanced code gets the generic class code (RFC 3463 §3.1).
+func replyStatus(label string, code int, msg string) queue.Status {
+	enh, text := splitEnhanced(code, msg)
+	if enh == "" {
+		enh = fmt.Sprintf("%d.0.0", code/100)
+	}
+	return queue.Status{Code: code, Enhanced: enh, RemoteMTA: hostOf(label),
+		Text: truncate(fmt.Sprintf("%s: %d %s %s", label, code, enh, text))}
+}
+
+// splitEnhanced separates an RFC 2034 enhanced code from a reply's text.
+func splitEnhanced(code int, msg string) (string, string) {
+	msg = oneLine(msg)
+	first, rest, _ := strings.Cut(msg, " ")
+	parts := strings.Split(first, ".")
+	if len(parts) != 3 || parts[0] != strconv.Itoa(code/100) {
+		return "", msg
+	}
+	for _, p := range parts[1:] {
+		if n, err := strconv.Atoi(p); err != nil || n < 0 || n > 999 {
+			return "", msg
+		}
+	}
+	// RFC 2034 repeats the code on every line; drop the repeats.
+	return first, strings.ReplaceAll(rest, " "+first+" ", " ")
+}
+
+func replyText(code int, msg string) string {
+	return truncate(fmt.Sprintf("%d %s", code, oneLine(msg)))
+}
+
+// commandFailure classifies an error from a go-smtp Client call. A reply
+// is kept as the remote said it; anything else is a lost connection.
+func (s *session) commandFailure(ctx context.Context, step string, err error, nextHost bool) *hostFailure {
+	var se *smtp.SMTPError
+	if errors.As(err, &se) {
+		f := &hostFailure{host: s.label, kind: failTransport, nextHost: nextHost}
+		f.status = smtpErrorStatus(s.label, se)
+		return f
+	}
+	s.broken = true
+	return transportFailure(ctx, s.label, step, err)
+}
+
+func smtpErrorStatus(label string, se *smtp.SMTPError) queue.Status {
+	msg := se.Message
+	if se.EnhancedCode != (smtp.EnhancedCode{}) && se.EnhancedCode != smtp.NoEnhancedCode && se.EnhancedCode[0] > 0 {
+		msg = fmt.Sprintf("%d.%d.%d %s", se.EnhancedCode[0], se.EnhancedCode[1], se.EnhancedCode[2], msg)
+	}
+	return replyStatus(label, se.Code, msg)
+}
+
+func hostOf(label string) string {
+	h, _, _ := strings.Cut(label, "[")
+	return h
+}
+
+func firstLine(msg string) string {
+	l, _, _ := strings.Cut(msg, "\n")
+	return oneLine(l)
+}
+
+// oneLine makes remote text safe for one log line: line breaks become
+// spaces, other control characters go, and the length is bounded.
+func oneLine(s string) string {
+	var b strings.Builder
+	for _, r := range s {
+		switch {
+		case r == '\n' || r == '\r' || r == '\t':
+			b.WriteByte(' ')
+		case r < 0x20 || r == 0x7f || r == 0xfffd:
+		default:
+			b.WriteRune(r)
+		}
+		if b.Len() > 2*maxTextLen {
+			break
+		}
+	}
+	return truncate(strings.Join(strings.Fields(b.String()), " "))
+}
+
+func truncate(s string) string {
+	if len(s) <= maxTextLen {
+		return s
+	}
+	return strings.ToValidUTF8(s[:maxTextLen], "") + "…"
+}
+
+func writeLine(c net.Conn, line string) error {
+	_, err := io.WriteString(c, line+"\r\n")
+	return err
+}
+
+// quitQuietly ends a session we will not use: QUIT with a short deadline,
+// then close.
+func (s *session) quitQuietly() {
+	if s.conn == nil {
+		return
+	}
+	if !s.broken {
+		s.conn.SetDeadline(time.Now().Add(min(s.e.opts.Timeouts.Command, 5*time.Second)))
+		s.conn.allow(maxReplyBytes)
+		if s.client != nil {
+			s.client.Quit()
+		} else if s.tlsc != nil {
+			writeLine(s.tlsc, "QUIT")
+		} else {
+			writeLine(s.conn, "QUIT")
+		}
+	}
+	s.close()
+}
+
+// close drops the connection without a word.
+func (s *session) close() {
+	if s.conn == nil {
+		return
+	}
+	if s.tlsc != nil {
+		s.tlsc.Close()
+	} else {
+		s.conn.Close()
+	}
+	s.conn = nil
+	metricConnsActive.Dec()
+	metricSessionDuration.Observe(s.e.now().Sub(s.opened).Seconds())
+}
