@@ -4,6 +4,9 @@ import (
 	"context"
 	"crypto/tls"
 	"fmt"
+	"io"
+	"log"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -151,9 +154,16 @@ func (e *env) Dial(ctx context.Context, network, addr string) (net.Conn, error) 
 // record with id (unless id is "").
 func (e *env) PolicyHost(domain, id, body string, cert tls.Certificate) *policyHost {
 	e.t.Helper()
+	return e.PolicyHostTLS(domain, id, body, &tls.Config{Certificates: []tls.Certificate{cert}})
+}
+
+// PolicyHostTLS is PolicyHost with a whole TLS configuration.
+func (e *env) PolicyHostTLS(domain, id, body string, cfg *tls.Config) *policyHost {
+	e.t.Helper()
 	h := &policyHost{body: body, contentType: "text/plain; charset=utf-8", status: http.StatusOK}
 	srv := httptest.NewUnstartedServer(h)
-	srv.TLS = &tls.Config{Certificates: []tls.Certificate{cert}}
+	srv.TLS = cfg
+	srv.Config.ErrorLog = log.New(io.Discard, "", 0)
 	srv.StartTLS()
 	e.t.Cleanup(srv.Close)
 	h.srv = srv
@@ -187,6 +197,7 @@ func (e *env) Options() sts.Options {
 		DialContext: e.Dial,
 		Recorder:    e.Rec,
 		Now:         e.Clock.Now,
+		Logger:      slog.New(slog.DiscardHandler),
 	}
 }
 

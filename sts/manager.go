@@ -112,9 +112,9 @@ type Manager struct {
 	refreshInterval  time.Duration
 
 	mu       sync.Mutex
-	entries  map[string]*entry   // the cache, mirrored in db
-	failures map[string]failure  // by domain: the last failed fetch
-	inflight map[string]*call    // by domain: the fetch under way
+	entries  map[string]*entry  // the cache, mirrored in db
+	failures map[string]failure // by domain: the last failed fetch
+	inflight map[string]*call   // by domain: the fetch under way
 }
 
 // New returns a Manager and loads the persisted cache from opts.DB.

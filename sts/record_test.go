@@ -7,11 +7,11 @@ import (
 
 func TestParseRecordAcceptsValidRecords(t *testing.T) {
 	for txt, id := range map[string]string{
-		"v=STSv1; id=20160831085700Z":                 "20160831085700Z",
-		"v=STSv1;id=abc":                              "abc",
-		"v=STSv1 ;\tid=abc ;":                         "abc",
+		"v=STSv1; id=20160831085700Z":                  "20160831085700Z",
+		"v=STSv1;id=abc":                               "abc",
+		"v=STSv1 ;\tid=abc ;":                          "abc",
 		"v=STSv1; id=12345678901234567890123456789012": "12345678901234567890123456789012",
-		"v=STSv1; id=x; ext-1.a=some!value":           "x",
+		"v=STSv1; id=x; ext-1.a=some!value":            "x",
 	} {
 		r, err := ParseRecord(txt)
 		if err != nil || r.ID != id {

@@ -1,0 +1,260 @@
+package sts_test
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stsrelay/stsrelay/internal/testpki"
+	"github.com/stsrelay/stsrelay/sts"
+)
+
+// fetchFails fetches example.com's policy through Policy, expects no
+// policy, and returns the *FetchError behind it.
+func fetchFails(t *testing.T, e *env, mod func(*sts.Options)) *sts.FetchError {
+	t.Helper()
+	m := e.Manager(mod)
+	cp, err := m.Policy(context.Background(), "example.com")
+	if !errors.Is(err, sts.ErrNoPolicy) {
+		t.Fatalf("Policy = %+v, %v; want ErrNoPolicy", cp, err)
+	}
+	var fe *sts.FetchError
+	if !errors.As(err, &fe) {
+		t.Fatalf("err = %v, want a *FetchError", err)
+	}
+	return fe
+}
+
+func wantResult(t *testing.T, fe *sts.FetchError, resultType string) {
+	t.Helper()
+	if fe.ResultType != resultType {
+		t.Fatalf("result type %q (%v), want %q", fe.ResultType, fe, resultType)
+	}
+}
+
+func TestFetchAcceptsTextPlainWithCharset(t *testing.T) {
+	e := newEnv(t)
+	h := e.ValidHost("example.com", "id1", enforcePolicy)
+	cp, err := e.Manager(nil).Policy(context.Background(), "example.com")
+	if err != nil || cp.Policy.Mode != sts.ModeEnforce || cp.ID != "id1" {
+		t.Fatalf("got %+v, %v", cp, err)
+	}
+	if got := cp.Expires.Sub(cp.Fetched); got != 604800*time.Second {
+		t.Fatalf("expiry %v after fetch, want max_age", got)
+	}
+	// RFC 8461 §7.1 / §3.3: SNI is the policy host.
+	if len(h.serverNames) != 1 || h.serverNames[0] != "mta-sts.example.com" {
+		t.Fatalf("SNI %q, want mta-sts.example.com", h.serverNames)
+	}
+}
+
+func TestFetchDoesNotFollowRedirects(t *testing.T) {
+	e := newEnv(t)
+	h := e.ValidHost("example.com", "id1", enforcePolicy)
+	var redirected int
+	h.handler = func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/elsewhere" {
+			redirected++
+			w.Header().Set("Content-Type", "text/plain")
+			w.Write([]byte(enforcePolicy))
+			return
+		}
+		http.Redirect(w, r, "/elsewhere", http.StatusFound)
+	}
+	fe := fetchFails(t, e, nil)
+	wantResult(t, fe, sts.ResultFetchError)
+	if redirected != 0 {
+		t.Fatal("the redirect was followed")
+	}
+	if !strings.Contains(fe.Error(), "redirect") {
+		t.Fatalf("error %q does not say it was a redirect", fe)
+	}
+}
+
+func TestFetchRejectsStatusOtherThan200(t *testing.T) {
+	for _, status := range []int{http.StatusNotFound, http.StatusNoContent, http.StatusInternalServerError} {
+		e := newEnv(t)
+		h := e.ValidHost("example.com", "id1", enforcePolicy)
+		h.SetStatus(status)
+		wantResult(t, fetchFails(t, e, nil), sts.ResultFetchError)
+	}
+}
+
+func TestFetchRejectsWrongMediaType(t *testing.T) {
+	for _, ct := range []string{"text/html; charset=utf-8", "application/octet-stream", ""} {
+		e := newEnv(t)
+		h := e.ValidHost("example.com", "id1", enforcePolicy)
+		h.contentType = ct
+		if ct == "" {
+			h.handler = func(w http.ResponseWriter, r *http.Request) {
+				w.Header()["Content-Type"] = nil // no sniffing either
+				w.Write([]byte(enforcePolicy))
+			}
+		}
+		wantResult(t, fetchFails(t, e, nil), sts.ResultPolicyInvalid)
+	}
+}
+
+func TestFetchRejectsOversizedPolicy(t *testing.T) {
+	e := newEnv(t)
+	// A valid policy padded with ignored extension lines beyond 64 KiB.
+	pad := strings.Repeat("x-padding: "+strings.Repeat("a", 100)+"\n", sts.MaxPolicySize/100)
+	e.ValidHost("example.com", "id1", enforcePolicy+pad)
+	fe := fetchFails(t, e, nil)
+	wantResult(t, fe, sts.ResultPolicyInvalid)
+	if !strings.Contains(fe.Error(), "larger than") {
+		t.Fatalf("error %q does not say the policy was too large", fe)
+	}
+}
+
+func TestFetchAcceptsPolicyJustUnderTheCap(t *testing.T) {
+	e := newEnv(t)
+	body := enforcePolicy + "x-padding: "
+	body += strings.Repeat("a", sts.MaxPolicySize-len(body)-1) + "\n"
+	e.ValidHost("example.com", "id1", body)
+	if _, err := e.Manager(nil).Policy(context.Background(), "example.com"); err != nil {
+		t.Fatalf("a %d-byte policy was refused: %v", len(body), err)
+	}
+}
+
+func TestFetchGivesUpAfterFetchTimeout(t *testing.T) {
+	e := newEnv(t)
+	h := e.ValidHost("example.com", "id1", enforcePolicy)
+	h.delay = 5 * time.Second
+	start := time.Now()
+	fe := fetchFails(t, e, func(o *sts.Options) { o.FetchTimeout = 300 * time.Millisecond })
+	if d := time.Since(start); d > 2*time.Second {
+		t.Fatalf("fetch took %v with a 300ms timeout", d)
+	}
+	wantResult(t, fe, sts.ResultFetchError)
+}
+
+func TestFetchRejectsCertificateForWrongName(t *testing.T) {
+	e := newEnv(t)
+	e.PolicyHost("example.com", "id1", enforcePolicy, e.CA.Issue(t, "www.example.com", "example.com"))
+	wantResult(t, fetchFails(t, e, nil), sts.ResultWebPKIInvalid)
+}
+
+func TestFetchRejectsExpiredCertificate(t *testing.T) {
+	e := newEnv(t)
+	e.PolicyHost("example.com", "id1", enforcePolicy, e.CA.IssueWith(t, testpki.Options{Expired: true}, "mta-sts.example.com"))
+	wantResult(t, fetchFails(t, e, nil), sts.ResultWebPKIInvalid)
+}
+
+func TestFetchRejectsUntrustedCertificate(t *testing.T) {
+	e := newEnv(t)
+	e.PolicyHost("example.com", "id1", enforcePolicy, e.CA.IssueWith(t, testpki.Options{SelfSigned: true}, "mta-sts.example.com"))
+	wantResult(t, fetchFails(t, e, nil), sts.ResultWebPKIInvalid)
+}
+
+func TestFetchRejectsNameOnlyInCommonName(t *testing.T) {
+	e := newEnv(t)
+	// RFC 8461 §3.3 / RFC 6125: DNS-IDs only, no CN fallback.
+	e.PolicyHost("example.com", "id1", enforcePolicy,
+		e.CA.IssueWith(t, testpki.Options{CommonName: "mta-sts.example.com"}, "other.example.com"))
+	wantResult(t, fetchFails(t, e, nil), sts.ResultWebPKIInvalid)
+}
+
+func TestFetchAcceptsWildcardCertificate(t *testing.T) {
+	e := newEnv(t)
+	e.PolicyHost("example.com", "id1", enforcePolicy, e.CA.Issue(t, "*.example.com"))
+	if _, err := e.Manager(nil).Policy(context.Background(), "example.com"); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestFetchFollowsCNAMEOfPolicyHost(t *testing.T) {
+	e := newEnv(t)
+	// The hosted-service pattern: the cert is for mta-sts.example.com, the
+	// name is an alias of the provider's host.
+	e2 := e.PolicyHost("hosted.provider.net", "", enforcePolicy, e.CA.Issue(t, "mta-sts.example.com"))
+	e.DNS.Add(t, "mta-sts.example.com. 300 IN CNAME mta-sts.hosted.provider.net.")
+	e.SetID("example.com", "id1")
+	cp, err := e.Manager(nil).Policy(context.Background(), "example.com")
+	if err != nil || cp.Policy.Mode != sts.ModeEnforce {
+		t.Fatalf("got %+v, %v", cp, err)
+	}
+	if e2.requests.Load() != 1 {
+		t.Fatalf("the CNAME target got %d requests, want 1", e2.requests.Load())
+	}
+}
+
+func TestFetchUsesSystemRootsFromSSLCertFile(t *testing.T) {
+	e := newEnv(t)
+	e.ValidHost("example.com", "id1", enforcePolicy)
+	// Go reads the system roots once per process; this is the only test
+	// of the package that leaves RootCAs nil, so the variable is honoured.
+	t.Setenv("SSL_CERT_FILE", e.CA.WriteCAFile(t, t.TempDir()))
+	t.Setenv("SSL_CERT_DIR", t.TempDir())
+	m := e.Manager(func(o *sts.Options) { o.RootCAs = nil })
+	if _, err := m.Policy(context.Background(), "example.com"); err != nil {
+		t.Fatalf("with SSL_CERT_FILE naming the CA: %v", err)
+	}
+}
+
+func TestFetchIgnoresProxyEnvironment(t *testing.T) {
+	e := newEnv(t)
+	e.ValidHost("example.com", "id1", enforcePolicy)
+	t.Setenv("HTTPS_PROXY", "http://127.0.0.1:1")
+	t.Setenv("https_proxy", "http://127.0.0.1:1")
+	if _, err := e.Manager(nil).Policy(context.Background(), "example.com"); err != nil {
+		t.Fatalf("fetch went to the environment's proxy: %v", err)
+	}
+}
+
+func TestFetchSendsNoCookies(t *testing.T) {
+	e := newEnv(t)
+	h := e.ValidHost("example.com", "id1", enforcePolicy)
+	h.handler = func(w http.ResponseWriter, r *http.Request) {
+		http.SetCookie(w, &http.Cookie{Name: "track", Value: "me"})
+		w.Header().Set("Content-Type", "text/plain")
+		w.Write([]byte(enforcePolicy))
+	}
+	m := e.Manager(nil)
+	for range 2 {
+		if _, err := m.Refresh(context.Background(), "example.com"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if len(h.cookies) != 2 || h.cookies[1] != "" {
+		t.Fatalf("Cookie headers %q, want none", h.cookies)
+	}
+}
+
+func TestFetchRefusesTLSBelow12(t *testing.T) {
+	e := newEnv(t)
+	e.PolicyHostTLS("example.com", "id1", enforcePolicy, &tls.Config{
+		Certificates: []tls.Certificate{e.CA.Issue(t, "mta-sts.example.com")},
+		MinVersion:   tls.VersionTLS10,
+		MaxVersion:   tls.VersionTLS11,
+	})
+	wantResult(t, fetchFails(t, e, nil), sts.ResultFetchError)
+}
+
+func TestFetchFailureIsRecordedForTLSRPT(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		setup  func(e *env)
+		result string
+	}{
+		{"unreachable", func(e *env) { e.SetID("example.com", "id1") }, sts.ResultFetchError},
+		{"invalid", func(e *env) { e.ValidHost("example.com", "id1", "version: STSv1\nmode: enforce\n") }, sts.ResultPolicyInvalid},
+		{"webpki", func(e *env) {
+			e.PolicyHost("example.com", "id1", enforcePolicy, e.CA.Issue(t, "wrong.example.com"))
+		}, sts.ResultWebPKIInvalid},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t)
+			tc.setup(e)
+			fetchFails(t, e, nil)
+			res := e.Rec.Results()
+			if len(res) != 1 || res[0].ResultType != tc.result || res[0].PolicyDomain != "example.com" || res[0].MX != "" {
+				t.Fatalf("recorded %+v, want one %s for example.com without MX", res, tc.result)
+			}
+		})
+	}
+}
