@@ -1,0 +1,315 @@
+package sts_test
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stsrelay/stsrelay/delivery"
+	"github.com/stsrelay/stsrelay/internal/dnstest"
+	"github.com/stsrelay/stsrelay/sts"
+)
+
+var ctx = context.Background()
+
+func mustPolicy(t *testing.T, m *sts.Manager, domain string) *sts.CachedPolicy {
+	t.Helper()
+	cp, err := m.Policy(ctx, domain)
+	if err != nil {
+		t.Fatalf("Policy(%s): %v", domain, err)
+	}
+	return cp
+}
+
+func TestSameIDDoesNotFetchAgain(t *testing.T) {
+	e := newEnv(t)
+	h := e.ValidHost("example.com", "id1", enforcePolicy)
+	m := e.Manager(nil)
+	for range 5 {
+		mustPolicy(t, m, "example.com")
+		e.Clock.Advance(time.Hour)
+	}
+	if n := h.requests.Load(); n != 1 {
+		t.Fatalf("%d fetches for an unchanged id, want 1", n)
+	}
+}
+
+func TestNewIDTriggersRefetch(t *testing.T) {
+	e := newEnv(t)
+	h := e.ValidHost("example.com", "id1", enforcePolicy)
+	m := e.Manager(nil)
+	mustPolicy(t, m, "example.com")
+	h.Set("version: STSv1\nmode: testing\nmx: mx.example.com\nmax_age: 86400\n")
+	e.SetID("example.com", "id2")
+	cp := mustPolicy(t, m, "example.com")
+	if h.requests.Load() != 2 || cp.ID != "id2" || cp.Policy.Mode != sts.ModeTesting {
+		t.Fatalf("after id change: %d fetches, policy %+v", h.requests.Load(), cp)
+	}
+}
+
+func TestExpiredPolicyIsFetchedAgainEvenWithSameID(t *testing.T) {
+	e := newEnv(t)
+	h := e.ValidHost("example.com", "id1", "version: STSv1\nmode: enforce\nmx: mx.example.com\nmax_age: 3600\n")
+	m := e.Manager(nil)
+	mustPolicy(t, m, "example.com")
+	e.Clock.Advance(time.Hour)
+	mustPolicy(t, m, "example.com")
+	if n := h.requests.Load(); n != 2 {
+		t.Fatalf("%d fetches, want a second one after max_age", n)
+	}
+}
+
+func TestCachedPolicySurvivesPolicyHostOutage(t *testing.T) {
+	e := newEnv(t)
+	h := e.ValidHost("example.com", "id1", enforcePolicy)
+	m := e.Manager(nil)
+	first := mustPolicy(t, m, "example.com")
+	// The id changes but the policy host is down: RFC 8461 §5.1 keeps the
+	// cached policy in force until it expires.
+	h.SetStatus(http.StatusServiceUnavailable)
+	e.SetID("example.com", "id2")
+	e.Clock.Advance(24 * time.Hour)
+	cp := mustPolicy(t, m, "example.com")
+	if cp != first || cp.Policy.Mode != sts.ModeEnforce {
+		t.Fatalf("got %+v, want the cached policy", cp)
+	}
+	if h.requests.Load() != 2 {
+		t.Fatalf("%d requests, want the new id to be tried", h.requests.Load())
+	}
+	if got := e.Rec.ResultTypes(); got != sts.ResultFetchError {
+		t.Fatalf("recorded %q, want one fetch error", got)
+	}
+	// After expiry the stale policy no longer applies.
+	e.Clock.Advance(7 * 24 * time.Hour)
+	if cp, err := m.Policy(ctx, "example.com"); !errors.Is(err, sts.ErrNoPolicy) {
+		t.Fatalf("after expiry: %+v, %v; want no policy", cp, err)
+	}
+}
+
+func TestCachedPolicySurvivesRestartAndOutage(t *testing.T) {
+	e := newEnv(t)
+	h := e.ValidHost("example.com", "id1", enforcePolicy)
+	path := dbPath(t)
+	db := openDB(t, path)
+	m := e.Manager(func(o *sts.Options) { o.DB = db })
+	first := mustPolicy(t, m, "example.com")
+	db.Close()
+
+	h.SetStatus(http.StatusInternalServerError)
+	e.Clock.Advance(48 * time.Hour)
+	db = openDB(t, path)
+	defer db.Close()
+	m = e.Manager(func(o *sts.Options) { o.DB = db })
+	cp := mustPolicy(t, m, "example.com")
+	if cp.ID != "id1" || cp.Policy.Mode != sts.ModeEnforce || !cp.Expires.Equal(first.Expires) || !cp.Policy.Match("mx.example.com") {
+		t.Fatalf("after restart: %+v, want the stored policy %+v", cp, first)
+	}
+	if n := h.requests.Load(); n != 1 {
+		t.Fatalf("%d fetches; the restarted manager should use the stored policy", n)
+	}
+	// The id changes while the host is down: the stored policy still holds.
+	e.SetID("example.com", "id2")
+	if cp := mustPolicy(t, m, "example.com"); cp.ID != "id1" {
+		t.Fatalf("got id %s, want the stored id1", cp.ID)
+	}
+}
+
+func TestMissingTXTRecordKeepsUnexpiredPolicy(t *testing.T) {
+	e := newEnv(t)
+	e.ValidHost("example.com", "id1", enforcePolicy)
+	m := e.Manager(nil)
+	mustPolicy(t, m, "example.com")
+	e.DNS.Remove("_mta-sts.example.com.", 0)
+	e.Clock.Advance(6 * 24 * time.Hour)
+	if cp := mustPolicy(t, m, "example.com"); cp.Policy.Mode != sts.ModeEnforce {
+		t.Fatalf("got %+v", cp)
+	}
+	// A DNS failure must not end it either.
+	e.DNS.SetFault("_mta-sts.example.com.", 0, dnstest.FaultServfail)
+	mustPolicy(t, m, "example.com")
+	e.Clock.Advance(24 * time.Hour)
+	if _, err := m.Policy(ctx, "example.com"); !errors.Is(err, sts.ErrNoPolicy) {
+		t.Fatalf("err = %v after expiry, want ErrNoPolicy", err)
+	}
+}
+
+func TestModeNoneReplacesCachedPolicy(t *testing.T) {
+	e := newEnv(t)
+	h := e.ValidHost("example.com", "id1", enforcePolicy)
+	db := openDB(t, dbPath(t))
+	defer db.Close()
+	m := e.Manager(func(o *sts.Options) { o.DB = db })
+	mustPolicy(t, m, "example.com")
+	h.Set("version: STSv1\nmode: none\nmax_age: 86400\n")
+	e.SetID("example.com", "withdrawn")
+	cp := mustPolicy(t, m, "example.com")
+	if cp.Policy.Mode != sts.ModeNone {
+		t.Fatalf("got %+v, want mode none", cp)
+	}
+	reqs, err := m.Requirements(ctx, "example.com", []delivery.MX{{Name: "other.example.org", Final: "other.example.org"}})
+	if err != nil || reqs[0].Security != delivery.SecurityMay || reqs[0].Skip != "" || reqs[0].Source != delivery.SourceOpportunistic {
+		t.Fatalf("requirements under mode none: %+v, %v", reqs, err)
+	}
+	if c, _ := m.Cached("example.com"); c.Policy.Mode != sts.ModeNone {
+		t.Fatalf("cache holds %+v", c)
+	}
+}
+
+func TestFailedFetchIsNotRetriedForFiveMinutes(t *testing.T) {
+	e := newEnv(t)
+	h := e.ValidHost("example.com", "id1", enforcePolicy)
+	h.SetStatus(http.StatusInternalServerError)
+	m := e.Manager(nil)
+	for range 3 {
+		if _, err := m.Policy(ctx, "example.com"); !errors.Is(err, sts.ErrNoPolicy) {
+			t.Fatalf("err = %v", err)
+		}
+	}
+	if n := h.requests.Load(); n != 1 {
+		t.Fatalf("%d fetches right after a failure, want 1", n)
+	}
+	e.Clock.Advance(sts.FetchBackoff - time.Second)
+	_, err := m.Policy(ctx, "example.com")
+	if n := h.requests.Load(); n != 1 || !errors.Is(err, sts.ErrFetchBackoff) {
+		t.Fatalf("%d fetches, err %v before 5 minutes passed", n, err)
+	}
+	// A new id is a different policy: no need to wait.
+	e.SetID("example.com", "id2")
+	m.Policy(ctx, "example.com")
+	if n := h.requests.Load(); n != 2 {
+		t.Fatalf("%d fetches, want one for the new id", n)
+	}
+	e.Clock.Advance(sts.FetchBackoff)
+	h.Set(enforcePolicy)
+	if cp := mustPolicy(t, m, "example.com"); cp.ID != "id2" {
+		t.Fatalf("got %+v", cp)
+	}
+	if n := h.requests.Load(); n != 3 {
+		t.Fatalf("%d fetches, want a retry after 5 minutes", n)
+	}
+}
+
+func TestConcurrentLookupsShareOneFetch(t *testing.T) {
+	e := newEnv(t)
+	h := e.ValidHost("example.com", "id1", enforcePolicy)
+	h.delay = 200 * time.Millisecond
+	m := e.Manager(nil)
+	var wg sync.WaitGroup
+	errs := make(chan error, 100)
+	for range 100 {
+		wg.Go(func() {
+			reqs, err := m.Requirements(ctx, "example.com", []delivery.MX{{Name: "mx.example.com", Final: "mx.example.com"}})
+			if err == nil && reqs[0].Security != delivery.SecurityVerify {
+				err = errors.New("policy not applied")
+			}
+			errs <- err
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := h.requests.Load(); n != 1 {
+		t.Fatalf("%d fetches for 100 concurrent lookups, want 1", n)
+	}
+}
+
+func TestCancelledCallerDoesNotCancelSharedFetch(t *testing.T) {
+	e := newEnv(t)
+	h := e.ValidHost("example.com", "id1", enforcePolicy)
+	h.delay = 200 * time.Millisecond
+	m := e.Manager(nil)
+	c, cancel := context.WithTimeout(ctx, 20*time.Millisecond)
+	defer cancel()
+	if _, err := m.Policy(c, "example.com"); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("err = %v, want the caller's deadline", err)
+	}
+	mustPolicy(t, m, "example.com")
+	if n := h.requests.Load(); n != 1 {
+		t.Fatalf("%d fetches, want the first one to have completed and been shared", n)
+	}
+}
+
+func TestHotPathDoesNotTouchTheDatabase(t *testing.T) {
+	e := newEnv(t)
+	e.ValidHost("example.com", "id1", enforcePolicy)
+	db := openDB(t, dbPath(t))
+	defer db.Close()
+	m := e.Manager(func(o *sts.Options) { o.DB = db })
+	mustPolicy(t, m, "example.com")
+	before := db.Stats()
+	for range 100 {
+		mustPolicy(t, m, "example.com")
+	}
+	after := db.Stats()
+	if after.TxN != before.TxN || after.TxStats.GetWrite() != before.TxStats.GetWrite() {
+		t.Fatalf("100 cached lookups used the database: %d read tx, %d page writes",
+			after.TxN-before.TxN, after.TxStats.GetWrite()-before.TxStats.GetWrite())
+	}
+}
+
+func TestBackgroundRefreshRenewsPolicyOfActiveDomain(t *testing.T) {
+	e := newEnv(t)
+	h := e.ValidHost("example.com", "id1", enforcePolicy) // max_age one week
+	m := e.Manager(nil)
+	first := mustPolicy(t, m, "example.com")
+	e.Clock.Advance(23 * time.Hour)
+	m.RefreshDue(ctx)
+	if n := h.requests.Load(); n != 1 {
+		t.Fatalf("refreshed a policy younger than a day (%d fetches)", n)
+	}
+	e.Clock.Advance(2 * time.Hour)
+	m.RefreshDue(ctx)
+	if n := h.requests.Load(); n != 2 {
+		t.Fatalf("%d fetches, want a refresh of a day-old policy", n)
+	}
+	if c, _ := m.Cached("example.com"); !c.Expires.After(first.Expires) {
+		t.Fatalf("expiry %v not extended past %v", c.Expires, first.Expires)
+	}
+}
+
+func TestBackgroundRefreshLeavesIdleDomainsToExpire(t *testing.T) {
+	e := newEnv(t)
+	h := e.ValidHost("example.com", "id1", "version: STSv1\nmode: enforce\nmx: mx.example.com\nmax_age: 86400\n")
+	db := openDB(t, dbPath(t))
+	defer db.Close()
+	m := e.Manager(func(o *sts.Options) { o.DB = db })
+	mustPolicy(t, m, "example.com")
+	e.Clock.Advance(8 * 24 * time.Hour)
+	m.RefreshDue(ctx)
+	if n := h.requests.Load(); n != 1 {
+		t.Fatalf("%d fetches for a domain without mail for 8 days", n)
+	}
+	if _, err := m.Cached("example.com"); !errors.Is(err, sts.ErrNotCached) {
+		t.Fatalf("expired idle policy still cached: %v", err)
+	}
+	m2 := e.Manager(func(o *sts.Options) { o.DB = db })
+	if len(m2.List()) != 0 {
+		t.Fatal("expired idle policy still stored")
+	}
+}
+
+func TestPurgeForgetsPolicyOnDisk(t *testing.T) {
+	e := newEnv(t)
+	h := e.ValidHost("example.com", "id1", enforcePolicy)
+	db := openDB(t, dbPath(t))
+	defer db.Close()
+	m := e.Manager(func(o *sts.Options) { o.DB = db })
+	mustPolicy(t, m, "example.com")
+	if err := m.Purge("Example.COM."); err != nil {
+		t.Fatal(err)
+	}
+	if len(e.Manager(func(o *sts.Options) { o.DB = db }).List()) != 0 {
+		t.Fatal("purged policy still stored")
+	}
+	mustPolicy(t, m, "example.com")
+	if n := h.requests.Load(); n != 2 {
+		t.Fatalf("%d fetches, want a new fetch after purge", n)
+	}
+}
