@@ -1,0 +1,394 @@
+package delivery
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/emersion/go-smtp"
+
+	"github.com/stsrelay/stsrelay/internal/dnstest"
+	"github.com/stsrelay/stsrelay/internal/testpki"
+	"github.com/stsrelay/stsrelay/queue"
+	"github.com/stsrelay/stsrelay/resolve"
+)
+
+// received is one message a test MX accepted.
+type received struct {
+	from     string
+	mail     smtp.MailOptions
+	rcpts    []string
+	rcptOpts []smtp.RcptOptions
+	data     string
+	tls      bool
+}
+
+// testMX is a go-smtp server on loopback whose answers each test sets.
+type testMX struct {
+	Addr string
+	srv  *smtp.Server
+
+	mu         sync.Mutex
+	got        []received
+	sessions   int
+	serverName []string // SNI of each TLS handshake
+
+	mailErr error
+	rcptErr map[string]error
+	// rcptHook runs before each RCPT reply; it may close the connection.
+	rcptHook func(c *smtp.Conn, to string)
+	dataHook func(c *smtp.Conn)
+	dataErr  error
+}
+
+type mxOption func(*smtp.Server)
+
+func withTLS(cert tls.Certificate) mxOption {
+	return func(s *smtp.Server) {
+		s.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}}
+	}
+}
+
+func newMX(t testing.TB, opts ...mxOption) *testMX {
+	t.Helper()
+	m := &testMX{rcptErr: map[string]error{}}
+	m.srv = smtp.NewServer(smtp.BackendFunc(func(c *smtp.Conn) (smtp.Session, error) {
+		m.mu.Lock()
+		m.sessions++
+		m.mu.Unlock()
+		return &mxSession{m: m, c: c}, nil
+	}))
+	m.srv.Domain = "mx.test"
+	m.srv.ReadTimeout = 10 * time.Second
+	m.srv.WriteTimeout = 10 * time.Second
+	for _, o := range opts {
+		o(m.srv)
+	}
+	if m.srv.TLSConfig != nil {
+		m.srv.TLSConfig.GetConfigForClient = func(h *tls.ClientHelloInfo) (*tls.Config, error) {
+			m.mu.Lock()
+			m.serverName = append(m.serverName, h.ServerName)
+			m.mu.Unlock()
+			return nil, nil
+		}
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.Addr = l.Addr().String()
+	go m.srv.Serve(l)
+	t.Cleanup(func() { m.srv.Close() })
+	return m
+}
+
+func (m *testMX) messages() []received {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return append([]received(nil), m.got...)
+}
+
+func (m *testMX) sessionCount() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.sessions
+}
+
+type mxSession struct {
+	m   *testMX
+	c   *smtp.Conn
+	cur received
+}
+
+func (s *mxSession) Reset()        { s.cur = received{} }
+func (s *mxSession) Logout() error { return nil }
+
+func (s *mxSession) Mail(from string, opts *smtp.MailOptions) error {
+	s.m.mu.Lock()
+	err := s.m.mailErr
+	s.m.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	_, s.cur.tls = s.c.TLSConnectionState()
+	s.cur.from = from
+	if opts != nil {
+		s.cur.mail = *opts
+	}
+	return nil
+}
+
+func (s *mxSession) Rcpt(to string, opts *smtp.RcptOptions) error {
+	s.m.mu.Lock()
+	hook, err := s.m.rcptHook, s.m.rcptErr[to]
+	s.m.mu.Unlock()
+	if hook != nil {
+		hook(s.c, to)
+	}
+	if err != nil {
+		return err
+	}
+	s.cur.rcpts = append(s.cur.rcpts, to)
+	if opts != nil {
+		s.cur.rcptOpts = append(s.cur.rcptOpts, *opts)
+	} else {
+		s.cur.rcptOpts = append(s.cur.rcptOpts, smtp.RcptOptions{})
+	}
+	return nil
+}
+
+func (s *mxSession) Data(r io.Reader) error {
+	s.m.mu.Lock()
+	hook, err := s.m.dataHook, s.m.dataErr
+	s.m.mu.Unlock()
+	b, rerr := io.ReadAll(r)
+	if hook != nil {
+		hook(s.c)
+	}
+	if rerr != nil {
+		return rerr
+	}
+	if err != nil {
+		return err
+	}
+	s.cur.data = string(b)
+	s.m.mu.Lock()
+	s.m.got = append(s.m.got, s.cur)
+	s.m.mu.Unlock()
+	return nil
+}
+
+// rawServer runs handle for every connection to a plain TCP listener, for
+// remotes that do not speak SMTP properly.
+func rawServer(t testing.TB, handle func(c net.Conn)) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				handle(c)
+			}()
+		}
+	}()
+	return l.Addr().String()
+}
+
+// testEnv is a DNS server, a dialer that sends MX addresses to test
+// servers, a CA and a recorder.
+type testEnv struct {
+	t    testing.TB
+	dns  *dnstest.Server
+	ca   *testpki.CA
+	rec  *recorder
+	logs *syncBuffer
+
+	mu        sync.Mutex
+	routes    map[string]string // MX address -> listener address
+	blackhole map[string]bool
+	closed    string // a loopback address where nothing listens
+}
+
+func newEnv(t testing.TB, records ...string) *testEnv {
+	t.Helper()
+	v := &testEnv{
+		t:         t,
+		dns:       dnstest.New(t, records...),
+		ca:        testpki.NewCA(t),
+		rec:       &recorder{},
+		logs:      &syncBuffer{},
+		routes:    map[string]string{},
+		blackhole: map[string]bool{},
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	v.closed = l.Addr().String()
+	l.Close()
+	return v
+}
+
+// route makes connections to ip (port 25) reach addr.
+func (v *testEnv) route(ip, addr string) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.routes[ip] = addr
+}
+
+func (v *testEnv) dial(ctx context.Context, network, address string) (net.Conn, error) {
+	host, port, err := net.SplitHostPort(address)
+	if err != nil || port != "25" {
+		return nil, errors.New("test dialer: not port 25: " + address)
+	}
+	v.mu.Lock()
+	target, ok := v.routes[host]
+	hole := v.blackhole[host]
+	v.mu.Unlock()
+	if hole {
+		<-ctx.Done()
+		return nil, &net.OpError{Op: "dial", Net: network, Err: ctx.Err()}
+	}
+	if !ok {
+		target = v.closed // a real "connection refused"
+	}
+	var d net.Dialer
+	return d.DialContext(ctx, network, target)
+}
+
+func (v *testEnv) resolver() *resolve.Resolver {
+	r, err := resolve.New(resolve.Config{Servers: []string{v.dns.Addr}, Timeout: 500 * time.Millisecond})
+	if err != nil {
+		v.t.Fatal(err)
+	}
+	return r
+}
+
+// options are the engine options every test starts from: short timeouts.
+func (v *testEnv) options() Options {
+	return Options{
+		Hostname:       "relay.sender.test",
+		Resolver:       v.resolver(),
+		Recorder:       v.rec,
+		DialContext:    v.dial,
+		RootCAs:        v.ca.Pool,
+		ConnectTimeout: 2 * time.Second,
+		Timeouts: Timeouts{Greeting: 2 * time.Second, Command: 2 * time.Second, Mail: 2 * time.Second,
+			Rcpt: 2 * time.Second, DataInit: 2 * time.Second, DataBlock: 2 * time.Second, DataFinal: 2 * time.Second},
+		IdleTimeout: -1,
+		Logger:      slog.New(slog.NewTextHandler(v.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
+	}
+}
+
+func (v *testEnv) engine(mod ...func(*Options)) *Engine {
+	v.t.Helper()
+	o := v.options()
+	for _, m := range mod {
+		m(&o)
+	}
+	e, err := New(o)
+	if err != nil {
+		v.t.Fatal(err)
+	}
+	v.t.Cleanup(func() { e.Close() })
+	return e
+}
+
+const testBody = "From: sender@sender.test\r\nTo: rcpt@example.test\r\nSubject: test\r\n\r\nHello.\r\n.leading dot\r\n"
+
+func testJob(domain string, rcpts ...string) *queue.Job {
+	j := &queue.Job{
+		ID:       "J1",
+		Domain:   domain,
+		Envelope: queue.Envelope{From: "sender@sender.test"},
+		Size:     int64(len(testBody)),
+		Arrived:  time.Now(),
+		Attempt:  1,
+		Open: func() (io.ReadCloser, error) {
+			return io.NopCloser(strings.NewReader(testBody)), nil
+		},
+	}
+	for _, r := range rcpts {
+		p := queue.RecipientParams{Addr: r}
+		j.Recipients = append(j.Recipients, p)
+		j.Envelope.Recipients = append(j.Envelope.Recipients, p)
+	}
+	return j
+}
+
+func deliver(t testing.TB, e *Engine, job *queue.Job) []queue.Status {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	st := e.Deliver(ctx, job)
+	if len(st) != len(job.Recipients) {
+		t.Fatalf("Deliver returned %d statuses for %d recipients", len(st), len(job.Recipients))
+	}
+	return st
+}
+
+// wantStatus checks code, enhanced code and that text contains each part.
+func wantStatus(t testing.TB, st queue.Status, code int, enhanced string, parts ...string) {
+	t.Helper()
+	if st.Code != code || st.Enhanced != enhanced {
+		t.Errorf("status = %q, want %d %s", st.String(), code, enhanced)
+		return
+	}
+	for _, p := range parts {
+		if !strings.Contains(st.Text, p) {
+			t.Errorf("status text %q does not contain %q", st.Text, p)
+		}
+	}
+}
+
+// recorder keeps every SessionResult.
+type recorder struct {
+	mu  sync.Mutex
+	got []SessionResult
+}
+
+func (r *recorder) Record(s SessionResult) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.got = append(r.got, s)
+}
+
+func (r *recorder) results() []SessionResult {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]SessionResult(nil), r.got...)
+}
+
+// policyFunc is a PolicySource from a function.
+type policyFunc func(ctx context.Context, domain string, mxs []MX) ([]Requirement, error)
+
+func (f policyFunc) Requirements(ctx context.Context, domain string, mxs []MX) ([]Requirement, error) {
+	return f(ctx, domain, mxs)
+}
+
+// everyMX gives every MX host the same requirement, with Names = the MX name.
+func everyMX(req Requirement) PolicySource {
+	return policyFunc(func(_ context.Context, _ string, mxs []MX) ([]Requirement, error) {
+		out := make([]Requirement, len(mxs))
+		for i, mx := range mxs {
+			out[i] = req
+			if req.Security == SecurityVerify && len(req.Names) == 0 {
+				out[i].Names = []string{mx.Name}
+			}
+		}
+		return out, nil
+	})
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}

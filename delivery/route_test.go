@@ -1,0 +1,349 @@
+package delivery
+
+import (
+	"context"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/miekg/dns"
+
+	"github.com/stsrelay/stsrelay/internal/dnstest"
+	"github.com/stsrelay/stsrelay/resolve"
+)
+
+func TestDeliversToBestMXFirst(t *testing.T) {
+	v := newEnv(t,
+		"example.test. 300 IN MX 20 mx2.example.test.",
+		"example.test. 300 IN MX 10 mx1.example.test.",
+		"mx1.example.test. 300 IN A 127.0.0.2",
+		"mx2.example.test. 300 IN A 127.0.0.3")
+	mx1, mx2 := newMX(t), newMX(t)
+	v.route("127.0.0.2", mx1.Addr)
+	v.route("127.0.0.3", mx2.Addr)
+
+	st := deliver(t, v.engine(), testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 250, "2.0.0", "mx1.example.test[127.0.0.2]: 250 2.0.0")
+	if st[0].RemoteMTA != "mx1.example.test" {
+		t.Errorf("RemoteMTA = %q, want mx1.example.test", st[0].RemoteMTA)
+	}
+	if len(mx1.messages()) != 1 || mx2.sessionCount() != 0 {
+		t.Errorf("mx1 got %d messages, mx2 %d sessions; want 1 and 0", len(mx1.messages()), mx2.sessionCount())
+	}
+	if got := mx1.messages()[0].data; got != testBody {
+		t.Errorf("message arrived as %q, want %q", got, testBody)
+	}
+}
+
+func TestNextMXTriedWhenFirstRefusesConnection(t *testing.T) {
+	v := newEnv(t,
+		"example.test. 300 IN MX 10 mx1.example.test.",
+		"example.test. 300 IN MX 20 mx2.example.test.",
+		"mx1.example.test. 300 IN A 127.0.0.2",
+		"mx2.example.test. 300 IN A 127.0.0.3")
+	mx2 := newMX(t)
+	v.route("127.0.0.3", mx2.Addr) // 127.0.0.2 refuses
+
+	st := deliver(t, v.engine(), testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 250, "2.0.0", "mx2.example.test[127.0.0.3]")
+}
+
+func TestSecondAddressOfMXTriedWhenFirstRefuses(t *testing.T) {
+	// RFC 5321 §5.1: at least two addresses are tried.
+	v := newEnv(t,
+		"example.test. 300 IN MX 10 mx1.example.test.",
+		"mx1.example.test. 300 IN A 127.0.0.2",
+		"mx1.example.test. 300 IN A 127.0.0.3")
+	mx := newMX(t)
+	v.route("127.0.0.3", mx.Addr)
+
+	for range 5 { // the resolver's order is not ours to fix; try a few
+		st := deliver(t, v.engine(), testJob("example.test", "a@example.test"))
+		wantStatus(t, st[0], 250, "2.0.0", "[127.0.0.3]")
+	}
+}
+
+func TestAllMXRefusingDefersWithEveryHostNamed(t *testing.T) {
+	v := newEnv(t,
+		"example.test. 300 IN MX 10 mx1.example.test.",
+		"example.test. 300 IN MX 20 mx2.example.test.",
+		"mx1.example.test. 300 IN A 127.0.0.2",
+		"mx2.example.test. 300 IN A 127.0.0.3")
+	st := deliver(t, v.engine(), testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 451, "4.4.1",
+		"mx1.example.test[127.0.0.2]: connection refused", "mx2.example.test[127.0.0.3]: connection refused")
+	if st[0].RemoteMTA != "" {
+		t.Errorf("RemoteMTA = %q for a failure without a reply", st[0].RemoteMTA)
+	}
+}
+
+func TestEqualPreferenceMXOrderIsRandom(t *testing.T) {
+	v := newEnv(t,
+		"example.test. 300 IN MX 10 mx1.example.test.",
+		"example.test. 300 IN MX 10 mx2.example.test.",
+		"mx1.example.test. 300 IN A 127.0.0.2",
+		"mx2.example.test. 300 IN A 127.0.0.3")
+	mx1, mx2 := newMX(t), newMX(t)
+	v.route("127.0.0.2", mx1.Addr)
+	v.route("127.0.0.3", mx2.Addr)
+	e := v.engine()
+	for range 30 {
+		deliver(t, e, testJob("example.test", "a@example.test"))
+	}
+	// Both get some: all 30 on one host has probability 2^-29.
+	if len(mx1.messages()) == 0 || len(mx2.messages()) == 0 {
+		t.Errorf("mx1 got %d, mx2 %d messages; equal preferences must share", len(mx1.messages()), len(mx2.messages()))
+	}
+}
+
+func TestNullMXFailsPermanently(t *testing.T) {
+	v := newEnv(t, "example.test. 300 IN MX 0 .")
+	st := deliver(t, v.engine(), testJob("example.test", "a@example.test", "b@example.test"))
+	for _, s := range st {
+		wantStatus(t, s, 550, "5.1.10", "example.test does not accept mail (null MX)")
+	}
+}
+
+func TestNullMXMixedWithOtherMXUsesTheOthers(t *testing.T) {
+	// RFC 7505 §3 forbids the mix; we decided to deliver to the real hosts.
+	v := newEnv(t,
+		"example.test. 300 IN MX 0 .",
+		"example.test. 300 IN MX 10 mx1.example.test.",
+		"mx1.example.test. 300 IN A 127.0.0.2")
+	mx := newMX(t)
+	v.route("127.0.0.2", mx.Addr)
+	st := deliver(t, v.engine(), testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 250, "2.0.0")
+}
+
+func TestNXDOMAINFailsPermanently(t *testing.T) {
+	v := newEnv(t, "other.test. 300 IN MX 10 mx1.other.test.")
+	st := deliver(t, v.engine(), testJob("nowhere.test", "a@nowhere.test"))
+	wantStatus(t, st[0], 550, "5.1.2", "nowhere.test does not exist")
+}
+
+func TestDNSFailureDefersNeverBounces(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		fault dnstest.Fault
+		want  string
+	}{
+		{"servfail", dnstest.FaultServfail, "SERVFAIL"},
+		{"refused", dnstest.FaultRefused, "REFUSED"},
+		{"timeout", dnstest.FaultDrop, "timeout"},
+		{"garbage", dnstest.FaultGarbage, "MX lookup for example.test"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			v := newEnv(t, "example.test. 300 IN MX 10 mx1.example.test.")
+			v.dns.SetFault("example.test", dns.TypeMX, tc.fault)
+			st := deliver(t, v.engine(), testJob("example.test", "a@example.test"))
+			wantStatus(t, st[0], 451, "4.4.3", tc.want)
+		})
+	}
+}
+
+func TestImplicitMXUsesTheDomainsAddress(t *testing.T) {
+	v := newEnv(t, "example.test. 300 IN A 127.0.0.2")
+	mx := newMX(t)
+	v.route("127.0.0.2", mx.Addr)
+	st := deliver(t, v.engine(), testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 250, "2.0.0", "example.test[127.0.0.2]")
+}
+
+func TestNoMXAndNoAddressFailsPermanently(t *testing.T) {
+	v := newEnv(t, "example.test. 300 IN TXT \"v=spf1 -all\"")
+	st := deliver(t, v.engine(), testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 550, "5.4.4", "no MX records and no address")
+}
+
+func TestMXRecordsPresentNeverFallBackToDomainAddress(t *testing.T) {
+	// RFC 5321 §5.1: with MX records, the domain's own A is not a route.
+	v := newEnv(t,
+		"example.test. 300 IN MX 10 mx1.example.test.",
+		"example.test. 300 IN A 127.0.0.5")
+	mx := newMX(t)
+	v.route("127.0.0.5", mx.Addr)
+	st := deliver(t, v.engine(), testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 451, "4.4.4", "mx1.example.test: host name does not exist")
+	if mx.sessionCount() != 0 {
+		t.Error("the domain's own address was dialed although it has MX records")
+	}
+}
+
+func TestMXCNAMEChainIsFollowedAndBothNamesKept(t *testing.T) {
+	v := newEnv(t,
+		"example.test. 300 IN MX 10 mx.example.test.",
+		"mx.example.test. 300 IN CNAME a.provider.test.",
+		"a.provider.test. 300 IN CNAME b.provider.test.",
+		"b.provider.test. 300 IN A 127.0.0.2")
+	mx := newMX(t)
+	v.route("127.0.0.2", mx.Addr)
+	var seen []MX
+	policy := policyFunc(func(_ context.Context, _ string, mxs []MX) ([]Requirement, error) {
+		seen = append(seen, mxs...)
+		return make([]Requirement, len(mxs)), nil
+	})
+	st := deliver(t, v.engine(func(o *Options) { o.Policy = policy }), testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 250, "2.0.0", "mx.example.test[127.0.0.2]")
+	if len(seen) != 1 {
+		t.Fatalf("policy saw %d MX hosts, want 1", len(seen))
+	}
+	got := seen[0]
+	if got.Name != "mx.example.test" || got.Final != "b.provider.test" ||
+		!slices.Equal(got.CNAMEs, []string{"a.provider.test", "b.provider.test"}) || got.Preference != 10 {
+		t.Errorf("policy saw %+v, want Name mx.example.test, Final b.provider.test, CNAMEs [a.provider.test b.provider.test]", got)
+	}
+}
+
+func TestMXWithCNAMELoopIsSkipped(t *testing.T) {
+	v := newEnv(t,
+		"example.test. 300 IN MX 10 mx1.example.test.",
+		"example.test. 300 IN MX 20 mx2.example.test.",
+		"mx1.example.test. 300 IN CNAME loop1.example.test.",
+		"loop1.example.test. 300 IN CNAME mx1.example.test.",
+		"mx2.example.test. 300 IN A 127.0.0.3")
+	mx2 := newMX(t)
+	v.route("127.0.0.3", mx2.Addr)
+	st := deliver(t, v.engine(), testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 250, "2.0.0", "mx2.example.test")
+
+	v.dns.Remove("mx2.example.test", 0)
+	v.dns.Add(t, "mx2.example.test. 300 IN CNAME mx2.example.test.")
+	st = deliver(t, v.engine(), testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 451, "4.4.3", "mx1.example.test", "CNAME chain too long or looping")
+}
+
+func TestMXPointingToIPAddressIsSkipped(t *testing.T) {
+	v := newEnv(t,
+		"example.test. 300 IN MX 10 127.0.0.2.",
+		"example.test. 300 IN MX 20 mx2.example.test.",
+		"mx2.example.test. 300 IN A 127.0.0.3")
+	bad, good := newMX(t), newMX(t)
+	v.route("127.0.0.2", bad.Addr)
+	v.route("127.0.0.3", good.Addr)
+	st := deliver(t, v.engine(), testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 250, "2.0.0", "mx2.example.test")
+
+	v.dns.Remove("example.test", dns.TypeMX)
+	v.dns.Add(t, "example.test. 300 IN MX 10 127.0.0.2.")
+	st = deliver(t, v.engine(), testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 451, "4.4.4", "127.0.0.2: MX target is an IP address, not a host name")
+	if bad.sessionCount() != 0 {
+		t.Error("an MX target that is an IP literal was dialed")
+	}
+}
+
+func TestMXWithoutAddressIsSkipped(t *testing.T) {
+	v := newEnv(t,
+		"example.test. 300 IN MX 10 mx1.example.test.",
+		"example.test. 300 IN MX 20 mx2.example.test.",
+		"mx1.example.test. 300 IN TXT \"no address here\"",
+		"mx2.example.test. 300 IN A 127.0.0.3")
+	mx2 := newMX(t)
+	v.route("127.0.0.3", mx2.Addr)
+	st := deliver(t, v.engine(), testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 250, "2.0.0", "mx2.example.test")
+}
+
+func TestAddressLookupFailureOfOneMXMovesOn(t *testing.T) {
+	v := newEnv(t,
+		"example.test. 300 IN MX 10 mx1.example.test.",
+		"example.test. 300 IN MX 20 mx2.example.test.",
+		"mx1.example.test. 300 IN A 127.0.0.2",
+		"mx2.example.test. 300 IN A 127.0.0.3")
+	v.dns.SetFault("mx1.example.test", 0, dnstest.FaultServfail)
+	mx2 := newMX(t)
+	v.route("127.0.0.3", mx2.Addr)
+	st := deliver(t, v.engine(), testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 250, "2.0.0", "mx2.example.test")
+
+	v.dns.SetFault("mx2.example.test", 0, dnstest.FaultServfail)
+	st = deliver(t, v.engine(), testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 451, "4.4.3", "mx1.example.test: ", "SERVFAIL")
+}
+
+func TestOwnHostnameDropsItsPreferenceAndWorse(t *testing.T) {
+	v := newEnv(t,
+		"example.test. 300 IN MX 10 mx1.example.test.",
+		"example.test. 300 IN MX 20 relay.sender.test.",
+		"example.test. 300 IN MX 20 peer.example.test.",
+		"example.test. 300 IN MX 30 mx3.example.test.",
+		"mx1.example.test. 300 IN A 127.0.0.2",
+		"peer.example.test. 300 IN A 127.0.0.3",
+		"mx3.example.test. 300 IN A 127.0.0.4",
+		"relay.sender.test. 300 IN A 127.0.0.5")
+	peer, mx3, self := newMX(t), newMX(t), newMX(t)
+	v.route("127.0.0.3", peer.Addr)
+	v.route("127.0.0.4", mx3.Addr)
+	v.route("127.0.0.5", self.Addr)
+	st := deliver(t, v.engine(), testJob("example.test", "a@example.test")) // mx1 refuses
+	wantStatus(t, st[0], 451, "4.4.1", "mx1.example.test[127.0.0.2]: connection refused")
+	if n := peer.sessionCount() + mx3.sessionCount() + self.sessionCount(); n != 0 {
+		t.Errorf("%d sessions to hosts at or below our own preference, want 0", n)
+	}
+}
+
+func TestOwnHostnameAsBestMXFailsInsteadOfLooping(t *testing.T) {
+	v := newEnv(t,
+		"example.test. 300 IN MX 10 RELAY.sender.test.",
+		"example.test. 300 IN MX 20 mx2.example.test.",
+		"relay.sender.test. 300 IN A 127.0.0.2",
+		"mx2.example.test. 300 IN A 127.0.0.3")
+	st := deliver(t, v.engine(), testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 550, "5.4.6", "loops back to myself")
+}
+
+func TestIPVersionSelectsAddressFamily(t *testing.T) {
+	v := newEnv(t,
+		"example.test. 300 IN MX 10 mx1.example.test.",
+		"mx1.example.test. 300 IN A 127.0.0.2",
+		"mx1.example.test. 300 IN AAAA ::1")
+	v4, v6 := newMX(t), newMX(t)
+	v.route("127.0.0.2", v4.Addr)
+	v.route("::1", v6.Addr)
+	for _, tc := range []struct {
+		version resolve.IPVersion
+		want    string
+	}{
+		{resolve.IPBoth, "[::1]"}, // IPv6 first (RFC 6724)
+		{resolve.IPv4, "[127.0.0.2]"},
+		{resolve.IPv6, "[::1]"},
+	} {
+		st := deliver(t, v.engine(func(o *Options) { o.IPVersion = tc.version }), testJob("example.test", "a@example.test"))
+		wantStatus(t, st[0], 250, "2.0.0", tc.want)
+	}
+	// Both families tried: IPv6 refusing falls back to IPv4.
+	v.route("::1", v.closed)
+	st := deliver(t, v.engine(), testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 250, "2.0.0", "[127.0.0.2]")
+}
+
+func TestTruncatedMXAnswerRetriedOverTCP(t *testing.T) {
+	v := newEnv(t,
+		"example.test. 300 IN MX 10 mx1.example.test.",
+		"mx1.example.test. 300 IN A 127.0.0.2")
+	v.dns.SetFault("example.test", dns.TypeMX, dnstest.FaultTruncate)
+	mx := newMX(t)
+	v.route("127.0.0.2", mx.Addr)
+	st := deliver(t, v.engine(), testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 250, "2.0.0")
+}
+
+func TestLogLineStatesOutcomePolicyHostAndDuration(t *testing.T) {
+	v := newEnv(t,
+		"example.test. 300 IN MX 10 mx1.example.test.",
+		"mx1.example.test. 300 IN A 127.0.0.2")
+	mx := newMX(t, withTLS(v.ca.Issue(t, "mx1.example.test")))
+	v.route("127.0.0.2", mx.Addr)
+	e := v.engine(func(o *Options) {
+		o.Policy = everyMX(Requirement{Security: SecurityVerify, Source: SourceSTS})
+	})
+	deliver(t, e, testJob("example.test", "a@example.test"))
+	logs := v.logs.String()
+	for _, want := range []string{"id=J1", "outcome=delivered", "policy=mta-sts/verify", "mx=mx1.example.test",
+		"ip=127.0.0.2", "tls=TLS1.3", "took="} {
+		if !strings.Contains(logs, want) {
+			t.Errorf("log line lacks %q:\n%s", want, logs)
+		}
+	}
+}
