@@ -16,7 +16,9 @@ var errNeedsSMTPUTF8 = errors.New("non-ASCII address needs the SMTPUTF8 paramete
 // RCPT and returns it in the form to send on. go-smtp removes the quotes
 // of a quoted local part, so one that is not a dot-string is quoted again.
 func parseMailbox(addr string, smtputf8 bool) (string, error) {
-	i := strings.LastIndexByte(addr, '@')
+	// go-smtp ends the local part at the first '@' (it has dropped the
+	// quotes that could have held one).
+	i := strings.IndexByte(addr, '@')
 	if i < 0 {
 		return "", errors.New("no @domain")
 	}

@@ -64,7 +64,7 @@ func (s *session) receive(env queue.Envelope, r io.Reader) error {
 	metricAccepted.Inc()
 	tlsInfo := "none"
 	if s.tls != nil {
-		tlsInfo = tls.VersionName(s.tls.Version)
+		tlsInfo = tlsVersion(s.tls.Version)
 	}
 	s.log.Info("smtpin: accepted", "id", id, "from", env.From, "rcpts", len(env.Recipients),
 		"size", body.n, "user", env.User, "tls", tlsInfo, "requiretls", env.RequireTLS,
@@ -276,7 +276,7 @@ func (s *session) traceHeaders(env queue.Envelope, hdr *header, now time.Time) s
 	fmt.Fprintf(&b, "Received: from %s ([%s])\r\n", sanitizeHelo(s.helo), s.client)
 	if s.tls != nil {
 		fmt.Fprintf(&b, "\t(using %s with cipher %s)\r\n",
-			tls.VersionName(s.tls.Version), tls.CipherSuiteName(s.tls.CipherSuite))
+			tlsVersion(s.tls.Version), tls.CipherSuiteName(s.tls.CipherSuite))
 	}
 	if env.User != "" && s.srv.opts.ShowAuthUser {
 		fmt.Fprintf(&b, "\t(authenticated user %s)\r\n", sanitizeComment(env.User))
@@ -316,4 +316,9 @@ func sanitizeComment(s string) string {
 		}
 		return r
 	}, s)
+}
+
+// tlsVersion names a TLS version the way Postfix's Received does: "TLSv1.3".
+func tlsVersion(v uint16) string {
+	return strings.Replace(tls.VersionName(v), "TLS ", "TLSv", 1)
 }

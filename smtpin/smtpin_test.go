@@ -1,0 +1,559 @@
+package smtpin
+
+import (
+	"crypto/tls"
+	"encoding/base64"
+	"net/netip"
+	"regexp"
+	"reflect"
+	"strings"
+	"testing"
+
+	"github.com/emersion/go-sasl"
+	"github.com/emersion/go-smtp"
+
+	"github.com/stsrelay/stsrelay/queue"
+)
+
+func b64(s string) string { return base64.StdEncoding.EncodeToString([]byte(s)) }
+
+func TestSubmitWithAuthOverSTARTTLS(t *testing.T) {
+	e := start(t, nil)
+	c := e.client(t, true)
+	if ok, _ := c.Extension("AUTH"); !ok {
+		t.Fatal("AUTH not offered after STARTTLS")
+	}
+	if err := c.Auth(plainAuth()); err != nil {
+		t.Fatalf("AUTH PLAIN: %v", err)
+	}
+	resp, err := send(t, c, "app@example.com", []string{"rcpt@example.org"}, testMessage)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := e.q.only(t)
+	if !strings.Contains(resp.StatusText, "queued as "+m.id) {
+		t.Errorf("DATA reply %q does not name queue id %s", resp.StatusText, m.id)
+	}
+	want := queue.Envelope{
+		From:       "app@example.com",
+		Recipients: []queue.RecipientParams{{Addr: "rcpt@example.org"}},
+		User:       testUser,
+		ClientAddr: "127.0.0.1",
+		Body8Bit:   true, // go-smtp's client sends BODY=8BITMIME when offered
+	}
+	if !envEqual(m.env, want) {
+		t.Errorf("envelope %+v, want %+v", m.env, want)
+	}
+	if !strings.HasSuffix(m.body, testMessage) {
+		t.Errorf("stored body does not end with the submitted message:\n%s", m.body)
+	}
+	received := regexp.MustCompile(`^Received: from client\.test \(\[127\.0\.0\.1\]\)\r\n\t\(using TLSv1\.3 with cipher TLS_[A-Z0-9_]+\)\r\n\tby relay\.test \(stsrelay\) with ESMTPSA;\r\n\t[A-Z][a-z]{2}, \d\d [A-Z][a-z]{2} \d{4} \d\d:\d\d:\d\d [+-]\d{4}\r\n`)
+	if !received.MatchString(m.body) {
+		t.Errorf("no Received header with TLS details at the top:\n%s", m.body)
+	}
+	if strings.Contains(m.body, testUser) && strings.Contains(m.body, "authenticated") {
+		t.Errorf("Received names the user although ShowAuthUser is off:\n%s", m.body)
+	}
+	if !regexp.MustCompile(`(?m)^Message-ID: <[A-Z2-7]+@relay\.test>\r$`).MatchString(m.body) {
+		t.Errorf("missing Message-ID not added:\n%s", m.body)
+	}
+	if !regexp.MustCompile(`(?m)^Date: [A-Z][a-z]{2}, `).MatchString(m.body) {
+		t.Errorf("missing Date not added:\n%s", m.body)
+	}
+}
+
+func envEqual(a, b queue.Envelope) bool {
+	return reflect.DeepEqual(a, b)
+}
+
+func TestSubmitWithAuthLoginOverImplicitTLS(t *testing.T) {
+	e := start(t, func(o *Options) { o.ShowAuthUser = true })
+	c, err := smtp.DialTLS(e.srv.TLSAddr().String(), e.clientTLS())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Auth(loginClient{testUser, testPassword}); err != nil {
+		t.Fatalf("AUTH LOGIN: %v", err)
+	}
+	if _, err := send(t, c, "app@example.com", []string{"rcpt@example.org"}, testMessage); err != nil {
+		t.Fatal(err)
+	}
+	m := e.q.only(t)
+	if m.env.User != testUser {
+		t.Errorf("envelope user %q, want %q", m.env.User, testUser)
+	}
+	if !strings.Contains(m.body, "\t(authenticated user app)\r\n") {
+		t.Errorf("Received does not name the user although ShowAuthUser is on:\n%s", m.body)
+	}
+}
+
+// loginClient is SASL LOGIN; go-sasl's needs the exact server prompts.
+type loginClient struct{ user, password string }
+
+func (l loginClient) Start() (string, []byte, error) { return "LOGIN", nil, nil }
+func (l loginClient) Next(challenge []byte) ([]byte, error) {
+	switch string(challenge) {
+	case "Username:":
+		return []byte(l.user), nil
+	case "Password:":
+		return []byte(l.password), nil
+	}
+	return nil, sasl.ErrUnexpectedServerChallenge
+}
+
+func TestAuthLoginWithInitialResponse(t *testing.T) {
+	e := start(t, nil)
+	d := dial(t, e.srv.Addr())
+	d.cmd("EHLO client.test", "250")
+	d.cmd("STARTTLS", "220")
+	d.starttls(e.clientTLS())
+	d.cmd("EHLO client.test", "250")
+	d.cmd("AUTH LOGIN "+b64(testUser), "334 "+b64("Password:"))
+	d.cmd(b64(testPassword), "235 2.0.0")
+}
+
+func TestAuthRefusedWithoutTLS(t *testing.T) {
+	e := start(t, nil) // loopback exemption off, no trusted networks
+	d := dial(t, e.srv.Addr())
+	ehlo := d.cmd("EHLO client.test", "250")
+	if strings.Contains(ehlo, "AUTH") {
+		t.Errorf("AUTH offered on a plaintext connection:\n%s", ehlo)
+	}
+	if !strings.Contains(ehlo, "STARTTLS") {
+		t.Errorf("STARTTLS not offered:\n%s", ehlo)
+	}
+	d.cmd(authPlainLine(testUser, testPassword), "538 5.7.11")
+	d.cmd("MAIL FROM:<app@example.com>", "530 5.7.0")
+}
+
+func TestAuthWithoutTLSAllowedFromLoopbackWhenConfigured(t *testing.T) {
+	e := start(t, func(o *Options) { o.InsecureAuthFromLoopback = true })
+	d := dial(t, e.srv.Addr())
+	if ehlo := d.cmd("EHLO client.test", "250"); !strings.Contains(ehlo, "AUTH PLAIN LOGIN") {
+		t.Errorf("AUTH not offered to loopback:\n%s", ehlo)
+	}
+	d.cmd(authPlainLine(testUser, testPassword), "235 2.0.0")
+	d.cmd("MAIL FROM:<app@example.com>", "250")
+}
+
+func TestAuthWithoutTLSAllowedFromTrustedNetwork(t *testing.T) {
+	e := start(t, func(o *Options) { o.TrustedNetworks = []netip.Prefix{mustPrefix(t, "127.0.0.0/8")} })
+	d := dial(t, e.srv.Addr())
+	d.cmd("EHLO client.test", "250")
+	d.cmd(authPlainLine(testUser, testPassword), "235 2.0.0")
+}
+
+func TestAuthFailsWithWrongPasswordOrUnknownUser(t *testing.T) {
+	e := start(t, nil)
+	for _, tc := range []struct{ name, user, password string }{
+		{"wrong password", testUser, "wrong"},
+		{"unknown user", "nobody", testPassword},
+		{"other authorization identity", "", ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := e.client(t, true)
+			var a sasl.Client = sasl.NewPlainClient("", tc.user, tc.password)
+			if tc.user == "" {
+				a = sasl.NewPlainClient("admin", testUser, testPassword)
+			}
+			wantCode(t, c.Auth(a), 535, "5.7.8")
+			wantCode(t, c.Mail("app@example.com", nil), 530, "5.7.0")
+		})
+	}
+}
+
+func TestAuthRateLimitedAfterRepeatedFailures(t *testing.T) {
+	e := start(t, nil)
+	d := dial(t, e.srv.Addr())
+	d.cmd("EHLO client.test", "250")
+	d.cmd("STARTTLS", "220")
+	d.starttls(e.clientTLS())
+	d.cmd("EHLO client.test", "250")
+	for range authFailBurst {
+		d.cmd(authPlainLine(testUser, "guess"), "535 5.7.8")
+	}
+	// Now even the right password is refused, from a new connection too.
+	d.cmd(authPlainLine(testUser, testPassword), "454 4.7.0")
+	c := e.client(t, true)
+	wantCode(t, c.Auth(plainAuth()), 454, "4.7.0")
+}
+
+func TestTrustedNetworkRelaysWithoutAuth(t *testing.T) {
+	e := start(t, func(o *Options) { o.TrustedNetworks = []netip.Prefix{mustPrefix(t, "127.0.0.1/32")} })
+	c := e.client(t, false)
+	if _, err := send(t, c, "bounce-handler@example.com", []string{"a@example.org", "b@example.net"}, testMessage); err != nil {
+		t.Fatal(err)
+	}
+	m := e.q.only(t)
+	if m.env.User != "" || len(m.env.Recipients) != 2 {
+		t.Errorf("envelope %+v: want no user and two recipients", m.env)
+	}
+	if !strings.Contains(m.body, "with ESMTP;") {
+		t.Errorf("Received does not say plain ESMTP:\n%s", m.body)
+	}
+}
+
+func TestOpenRelayAttemptRefused(t *testing.T) {
+	e := start(t, func(o *Options) { o.TrustedNetworks = []netip.Prefix{mustPrefix(t, "192.0.2.0/24")} })
+	for _, withTLS := range []bool{false, true} {
+		c := e.client(t, withTLS)
+		wantCode(t, c.Mail("someone@example.com", nil), 530, "5.7.0")
+		if err := c.Rcpt("victim@example.org", nil); err == nil {
+			t.Fatal("RCPT accepted without MAIL")
+		}
+	}
+	if n := len(e.q.stored()); n != 0 {
+		t.Fatalf("queue holds %d messages", n)
+	}
+}
+
+func TestAllowedSendersRestrictsMailFrom(t *testing.T) {
+	e := start(t, func(o *Options) {
+		o.Users[0].AllowedSenders = []string{"*@apps.example.com", "alerts@example.com"}
+	})
+	c := e.client(t, true)
+	if err := c.Auth(plainAuth()); err != nil {
+		t.Fatal(err)
+	}
+	for _, ok := range []string{"cron@apps.example.com", "CRON@Apps.Example.com", "alerts@example.com"} {
+		if err := c.Mail(ok, nil); err != nil {
+			t.Errorf("MAIL FROM:<%s>: %v", ok, err)
+		}
+		c.Reset()
+	}
+	for _, bad := range []string{"ceo@example.com", "x@sub.apps.example.com", ""} {
+		err := c.Mail(bad, nil)
+		wantCode(t, err, 553, "5.7.1")
+		c.Reset()
+	}
+}
+
+func TestMessageLargerThanLimitRejected(t *testing.T) {
+	e := start(t, func(o *Options) { o.MaxMessageSize = 1000 })
+	big := "Subject: big\r\n\r\n" + strings.Repeat(strings.Repeat("x", 98)+"\r\n", 20)
+
+	t.Run("SIZE parameter", func(t *testing.T) {
+		d := authedDialogue(t, e)
+		if ehlo := d.cmd("EHLO client.test", "250"); !strings.Contains(ehlo, "SIZE 1000") {
+			t.Errorf("EHLO does not announce SIZE 1000:\n%s", ehlo)
+		}
+		d.cmd("MAIL FROM:<app@example.com> SIZE=5000", "552 5.3.4")
+	})
+	t.Run("DATA", func(t *testing.T) {
+		c := e.client(t, true)
+		c.Auth(plainAuth())
+		_, err := send(t, c, "app@example.com", []string{"r@example.org"}, big)
+		wantCode(t, err, 552, "5.3.4")
+		// The session is still usable.
+		if _, err := send(t, c, "app@example.com", []string{"r@example.org"}, testMessage); err != nil {
+			t.Fatalf("next message after a rejected one: %v", err)
+		}
+	})
+	t.Run("BDAT", func(t *testing.T) {
+		d := authedDialogue(t, e)
+		d.cmd("MAIL FROM:<app@example.com>", "250")
+		d.cmd("RCPT TO:<r@example.org>", "250")
+		chunk := strings.Repeat(strings.Repeat("x", 98)+"\r\n", 20)
+		d.write("BDAT " + itoa(len(chunk)) + " LAST\r\n" + chunk)
+		d.expect("552 5.3.4")
+	})
+	if n := len(e.q.stored()); n != 1 {
+		t.Fatalf("queue holds %d messages, want only the small one", n)
+	}
+}
+
+// authedDialogue is a raw session after STARTTLS and AUTH.
+func authedDialogue(t *testing.T, e *testEnv) *dialogue {
+	t.Helper()
+	d := dial(t, e.srv.Addr())
+	d.cmd("EHLO client.test", "250")
+	d.cmd("STARTTLS", "220")
+	d.starttls(e.clientTLS())
+	d.cmd("EHLO client.test", "250")
+	d.cmd(authPlainLine(testUser, testPassword), "235")
+	return d
+}
+
+func TestTooManyRecipientsRejected(t *testing.T) {
+	e := start(t, func(o *Options) { o.MaxRecipients = 2 })
+	d := authedDialogue(t, e)
+	d.cmd("MAIL FROM:<app@example.com>", "250")
+	d.cmd("RCPT TO:<a@example.org>", "250")
+	d.cmd("RCPT TO:<b@example.org>", "250")
+	d.cmd("RCPT TO:<c@example.org>", "452 4.5.3")
+	d.cmd("DATA", "354")
+	d.write(testMessage + ".\r\n")
+	d.expect("250")
+	if got := e.q.only(t).env.Recipients; len(got) != 2 {
+		t.Fatalf("stored %d recipients, want 2", len(got))
+	}
+}
+
+func TestLongLineRejected(t *testing.T) {
+	e := start(t, func(o *Options) { o.MaxLineLength = 200 })
+	t.Run("DATA", func(t *testing.T) {
+		d := authedDialogue(t, e)
+		d.cmd("MAIL FROM:<app@example.com>", "250")
+		d.cmd("RCPT TO:<a@example.org>", "250")
+		d.cmd("DATA", "354")
+		d.write("Subject: x\r\n\r\n" + strings.Repeat("y", 300) + "\r\n.\r\n")
+		d.expect("500 5.5.2")
+	})
+	t.Run("BDAT", func(t *testing.T) {
+		d := authedDialogue(t, e)
+		d.cmd("MAIL FROM:<app@example.com>", "250")
+		d.cmd("RCPT TO:<a@example.org>", "250")
+		msg := "Subject: x\r\n\r\n" + strings.Repeat("y", 300) + "\r\n"
+		d.write("BDAT " + itoa(len(msg)) + " LAST\r\n" + msg)
+		// Our check answers 500 5.5.2; go-smtp's own line limit also
+		// counts chunk bytes read ahead with the BDAT command, and then
+		// answers 500 5.4.0 and closes. Either way nothing is queued.
+		d.expect("500 5.")
+	})
+	if n := len(e.q.stored()); n != 0 {
+		t.Fatalf("queue holds %d messages", n)
+	}
+}
+
+func TestBadAddressSyntaxNamesTheAddress(t *testing.T) {
+	e := start(t, nil)
+	d := authedDialogue(t, e)
+	r := d.cmd("MAIL FROM:<app@exa mple..com>", "5")
+	if !strings.HasPrefix(r, "501 5.5.2") && !strings.HasPrefix(r, "501 5.1.7") {
+		t.Fatalf("got %q", r)
+	}
+	if r := d.cmd("MAIL FROM:<app@example..com>", "501 5.1.7"); !strings.Contains(r, "app@example..com") {
+		t.Errorf("reply %q does not quote the address", r)
+	}
+	d.cmd("MAIL FROM:<app@example.com>", "250")
+	if r := d.cmd("RCPT TO:<who@-bad-.example>", "501 5.1.3"); !strings.Contains(r, "who@-bad-.example") {
+		t.Errorf("reply %q does not quote the address", r)
+	}
+	d.cmd("RCPT TO:<jörg@example.org>", "553 5.6.7") // no SMTPUTF8 on MAIL
+}
+
+func TestPipelinedCommandsAnsweredInOrder(t *testing.T) {
+	e := start(t, func(o *Options) { o.TrustedNetworks = []netip.Prefix{mustPrefix(t, "127.0.0.1/32")} })
+	d := dial(t, e.srv.Addr())
+	if ehlo := d.cmd("EHLO client.test", "250"); !strings.Contains(ehlo, "PIPELINING") || !strings.Contains(ehlo, "CHUNKING") {
+		t.Fatalf("PIPELINING/CHUNKING not offered:\n%s", ehlo)
+	}
+	// RFC 2920: the whole transaction in one write.
+	d.write("MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nRCPT TO:<bad@@x>\r\nRCPT TO:<c@example.org>\r\nDATA\r\n")
+	d.expect("250")
+	d.expect("250")
+	d.expect("501")
+	d.expect("250")
+	d.expect("354")
+	d.write(testMessage + ".\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<d@example.org>\r\nBDAT 10 LAST\r\nSubject: yNOOP\r\n")
+	d.expect("250 2.0.0 Ok: queued as Q0001")
+	d.expect("250")
+	d.expect("250")
+	d.expect("250 2.0.0 Ok: queued as Q0002")
+	d.expect("250")
+	msgs := e.q.stored()
+	if len(msgs) != 2 || len(msgs[0].env.Recipients) != 2 || msgs[1].env.Recipients[0].Addr != "d@example.org" {
+		t.Fatalf("stored %+v", msgs)
+	}
+	if !strings.HasSuffix(msgs[1].body, "\r\nSubject: y\r\n") {
+		t.Errorf("BDAT message without final CRLF not completed: %q", msgs[1].body)
+	}
+}
+
+// A man in the middle appends commands to the client's STARTTLS; they
+// must not be run inside the TLS session (CVE-2011-0411 class).
+func TestSTARTTLSDiscardsPipelinedCommands(t *testing.T) {
+	e := start(t, func(o *Options) { o.TrustedNetworks = []netip.Prefix{mustPrefix(t, "127.0.0.1/32")} })
+	d := dial(t, e.srv.Addr())
+	d.cmd("EHLO client.test", "250")
+	d.write("STARTTLS\r\nEHLO evil.test\r\nMAIL FROM:<evil@example.com>\r\n")
+	d.expect("220")
+	d.starttls(e.clientTLS())
+	// Had the injected MAIL run in the TLS session, RCPT would be accepted.
+	d.cmd("RCPT TO:<victim@example.org>", "502 5.5.1")
+	d.cmd("EHLO client.test", "250")
+	d.cmd("RCPT TO:<victim@example.org>", "502 5.5.1")
+}
+
+func TestSmugglingAttemptsRejected(t *testing.T) {
+	e := start(t, func(o *Options) { o.TrustedNetworks = []netip.Prefix{mustPrefix(t, "127.0.0.1/32")} })
+	for name, end := range map[string]string{
+		`\n.\n`:   "\n.\n",
+		`\r.\r`:   "\r.\r",
+		`\n.\r\n`: "\n.\r\n",
+		`\r.\r\n`: "\r.\r\n",
+	} {
+		t.Run(name, func(t *testing.T) {
+			d := dial(t, e.srv.Addr())
+			d.cmd("EHLO client.test", "250")
+			d.cmd("MAIL FROM:<a@example.com>", "250")
+			d.cmd("RCPT TO:<b@example.org>", "250")
+			d.cmd("DATA", "354")
+			d.write("Subject: first\r\n\r\nfirst" + end +
+				"MAIL FROM:<admin@example.com>\r\nRCPT TO:<victim@example.org>\r\nDATA\r\nSubject: smuggled\r\n\r\nsmuggled\r\n.\r\n")
+			d.expect("554 5.5.2")
+			// One reply for the whole DATA: the smuggled commands were data.
+			d.cmd("NOOP", "250")
+		})
+	}
+	if n := len(e.q.stored()); n != 0 {
+		t.Fatalf("queue holds %d messages", n)
+	}
+}
+
+func TestQueueFailureAnswers451(t *testing.T) {
+	e := start(t, nil)
+	e.q.setFail(errFake("disk full"))
+	c := e.client(t, true)
+	c.Auth(plainAuth())
+	_, err := send(t, c, "app@example.com", []string{"r@example.org"}, testMessage)
+	wantCode(t, err, 451, "4.3.0")
+	var se *smtp.SMTPError
+	if errorsAs(err, &se) && strings.Contains(se.Message, "disk full") {
+		t.Errorf("reply leaks the queue's internal error: %q", se.Message)
+	}
+}
+
+type errFake string
+
+func (e errFake) Error() string { return string(e) }
+
+func TestDSNAndRequireTLSCarriedToQueue(t *testing.T) {
+	e := start(t, nil)
+	d := authedDialogue(t, e)
+	ehlo := d.cmd("EHLO client.test", "250")
+	for _, ext := range []string{"8BITMIME", "SMTPUTF8", "DSN", "REQUIRETLS", "CHUNKING", "PIPELINING"} {
+		if !strings.Contains(ehlo, ext) {
+			t.Errorf("EHLO under TLS lacks %s:\n%s", ext, ehlo)
+		}
+	}
+	d.cmd("MAIL FROM:<app@example.com> BODY=8BITMIME SMTPUTF8 REQUIRETLS RET=HDRS ENVID=msg+2B1", "250")
+	d.cmd("RCPT TO:<jörg@example.org> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;orig+40example.org", "250")
+	d.cmd("RCPT TO:<b@example.org> NOTIFY=NEVER", "250")
+	d.cmd("DATA", "354")
+	d.write("TLS-Required: No\r\n" + testMessage + ".\r\n")
+	d.expect("250")
+	want := queue.Envelope{
+		From: "app@example.com",
+		Recipients: []queue.RecipientParams{
+			{Addr: "jörg@example.org", Notify: []string{"SUCCESS", "FAILURE"}, ORcpt: "RFC822;orig@example.org"},
+			{Addr: "b@example.org", Notify: []string{"NEVER"}},
+		},
+		User:       testUser,
+		ClientAddr: "127.0.0.1",
+		Body8Bit:   true,
+		SMTPUTF8:   true,
+		RequireTLS: true,
+		Ret:        "HDRS",
+		EnvID:      "msg+1",
+		// NoTLSPolicy stays false: REQUIRETLS wins over the header (RFC 8689 §5).
+	}
+	m := e.q.only(t)
+	if !envEqual(m.env, want) {
+		t.Errorf("envelope\n %+v\nwant\n %+v", m.env, want)
+	}
+	if !strings.Contains(m.body, "with UTF8SMTPSA;") {
+		t.Errorf("Received lacks UTF8SMTPSA:\n%s", m.body)
+	}
+}
+
+func TestTLSRequiredNoHeaderSetsNoTLSPolicy(t *testing.T) {
+	e := start(t, nil)
+	c := e.client(t, true)
+	c.Auth(plainAuth())
+	msg := "Subject: a\r\nTLS-Required:\r\n  no\r\n\r\nbody\r\n"
+	if _, err := send(t, c, "app@example.com", []string{"r@example.org"}, msg); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := send(t, c, "app@example.com", []string{"r@example.org"}, testMessage); err != nil {
+		t.Fatal(err)
+	}
+	msgs := e.q.stored()
+	if !msgs[0].env.NoTLSPolicy {
+		t.Error("TLS-Required: No (folded) did not set NoTLSPolicy")
+	}
+	if msgs[1].env.NoTLSPolicy {
+		t.Error("NoTLSPolicy set without the header")
+	}
+}
+
+func TestRequireTLSRefusedOnPlaintext(t *testing.T) {
+	e := start(t, func(o *Options) { o.TrustedNetworks = []netip.Prefix{mustPrefix(t, "127.0.0.1/32")} })
+	d := dial(t, e.srv.Addr())
+	if ehlo := d.cmd("EHLO client.test", "250"); strings.Contains(ehlo, "REQUIRETLS") {
+		t.Errorf("REQUIRETLS offered without TLS:\n%s", ehlo)
+	}
+	d.cmd("MAIL FROM:<a@example.com> REQUIRETLS", "530 5.7.10")
+}
+
+func TestExistingMessageIDAndDateKept(t *testing.T) {
+	e := start(t, func(o *Options) { o.TrustedNetworks = []netip.Prefix{mustPrefix(t, "127.0.0.1/32")} })
+	c := e.client(t, false)
+	msg := "message-id: <x@example.com>\r\nDATE: Mon, 23 Nov 2026 10:00:00 +0000\r\n" + testMessage
+	if _, err := send(t, c, "a@example.com", []string{"b@example.org"}, msg); err != nil {
+		t.Fatal(err)
+	}
+	body := e.q.only(t).body
+	if strings.Count(strings.ToLower(body), "message-id:") != 1 || strings.Count(strings.ToLower(body), "\ndate:") != 1 {
+		t.Errorf("Message-ID or Date added although present:\n%s", body)
+	}
+}
+
+func TestHeaderSectionLargerThanLimitRejected(t *testing.T) {
+	e := start(t, func(o *Options) { o.TrustedNetworks = []netip.Prefix{mustPrefix(t, "127.0.0.1/32")} })
+	c := e.client(t, false)
+	msg := strings.Repeat("X-Filler: "+strings.Repeat("z", 900)+"\r\n", maxHeaderBytes/900+2) + "\r\nbody\r\n"
+	_, err := send(t, c, "a@example.com", []string{"b@example.org"}, msg)
+	wantCode(t, err, 552, "5.3.4")
+}
+
+func TestConnectionsPerIPCapped(t *testing.T) {
+	e := start(t, func(o *Options) { o.MaxConnsPerIP = 2 })
+	d1 := dial(t, e.srv.Addr())
+	dial(t, e.srv.Addr())
+	d3 := newRawConn(t, e.srv.Addr())
+	d3.expect("421 4.7.0")
+	// A slot frees when a client leaves.
+	d1.cmd("QUIT", "221")
+	waitFor(t, func() bool {
+		e.srv.mu.Lock()
+		defer e.srv.mu.Unlock()
+		return len(e.srv.conns) == 1
+	})
+	dial(t, e.srv.Addr())
+}
+
+func TestNoSessionTicketsByDefault(t *testing.T) {
+	for _, tickets := range []bool{false, true} {
+		e := start(t, func(o *Options) { o.SessionTickets = tickets })
+		conf := e.clientTLS()
+		conf.ClientSessionCache = tls.NewLRUClientSessionCache(4)
+		conf.MaxVersion = tls.VersionTLS12 // resumption visible after one handshake
+		var resumed bool
+		for range 2 {
+			c, err := smtp.DialStartTLS(e.srv.Addr().String(), conf)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := c.Noop(); err != nil {
+				t.Fatal(err)
+			}
+			st, _ := c.TLSConnectionState()
+			resumed = st.DidResume
+			c.Quit()
+		}
+		if resumed != tickets {
+			t.Errorf("SessionTickets=%v: second handshake resumed=%v", tickets, resumed)
+		}
+	}
+}
+
+func TestMinimumTLSVersionIs12(t *testing.T) {
+	e := start(t, nil)
+	conf := e.clientTLS()
+	conf.MaxVersion = tls.VersionTLS11
+	if _, err := smtp.DialTLS(e.srv.TLSAddr().String(), conf); err == nil {
+		t.Fatal("TLS 1.1 handshake succeeded")
+	}
+}
