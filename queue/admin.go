@@ -136,14 +136,17 @@ func (q *Queue) change(id string, fn func(m *message, now time.Time) (int, []dsn
 			return deleteMessage(tx, m.ID)
 		}
 		return putMessage(tx, m)
+	}, func() {
+		q.indexPut(m)
+		if dsn != nil {
+			q.indexPut(dsn)
+		}
 	})
 	if err != nil {
 		return 0, err
 	}
-	q.indexPut(m)
 	if dsn != nil {
 		metricEnqueued.Inc()
-		q.indexPut(dsn)
 	}
 	q.wake()
 	return n, nil
@@ -194,12 +197,13 @@ func (q *Queue) RetryAll() (int, error) {
 			}
 		}
 		return nil
+	}, func() {
+		for _, m := range changed {
+			q.indexPut(m)
+		}
 	})
 	if err != nil {
 		return 0, err
-	}
-	for _, m := range changed {
-		q.indexPut(m)
 	}
 	q.wake()
 	q.log.Info("retry requested for the whole queue", "messages", len(changed))
@@ -280,15 +284,16 @@ func (q *Queue) Delete(id string) error {
 			return fmt.Errorf("%s: %w", id, ErrNotFound)
 		}
 		return deleteMessage(tx, id)
+	}, func() {
+		q.mu.Lock()
+		if e := q.index[id]; e != nil {
+			q.indexRemoveLocked(e)
+		}
+		q.mu.Unlock()
 	})
 	if err != nil {
 		return err
 	}
-	q.mu.Lock()
-	if e := q.index[id]; e != nil {
-		q.indexRemoveLocked(e)
-	}
-	q.mu.Unlock()
 	q.log.Info("deleted by the administrator", "id", id)
 	return nil
 }

@@ -35,8 +35,11 @@ type commitReq struct {
 	// fn runs inside the shared write transaction. It may run more than
 	// once (when another request in the batch fails), so it must not have
 	// effects outside tx other than setting its own results.
-	fn  func(tx *bbolt.Tx) error
-	err chan error
+	fn func(tx *bbolt.Tx) error
+	// after, if set, runs on the committer goroutine once the commit is on
+	// disk, in commit order: the in-memory index follows the file exactly.
+	after func()
+	err   chan error
 }
 
 func newCommitter(db *bbolt.DB) *committer {
@@ -53,8 +56,8 @@ func newCommitter(db *bbolt.DB) *committer {
 // do runs fn in a write transaction and returns once it is committed and
 // synced to disk, or with the reason it was not. It does not give up
 // early: once submitted, the caller must learn whether the write happened.
-func (c *committer) do(fn func(tx *bbolt.Tx) error) error {
-	r := &commitReq{fn: fn, err: make(chan error, 1)}
+func (c *committer) do(fn func(tx *bbolt.Tx) error, after func()) error {
+	r := &commitReq{fn: fn, after: after, err: make(chan error, 1)}
 	c.mu.RLock()
 	if c.closed {
 		c.mu.RUnlock()
@@ -132,6 +135,9 @@ func (c *committer) commit(batch []*commitReq) {
 			metricCommits.Inc()
 		}
 		for _, r := range batch {
+			if err == nil && r.after != nil {
+				r.after()
+			}
 			r.err <- err
 		}
 		return

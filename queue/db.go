@@ -75,7 +75,6 @@ type message struct {
 	Size       int64
 	Chunks     int
 	Arrived    time.Time
-	Version    uint64 // bumped by every write, orders index updates
 	Recipients []recipient
 }
 
@@ -117,7 +116,6 @@ func getMessage(tx *bbolt.Tx, id string) (*message, error) {
 
 func putMessage(tx *bbolt.Tx, m *message) error {
 	m.V = 1
-	m.Version++
 	v, err := json.Marshal(m)
 	if err != nil {
 		return err

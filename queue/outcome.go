@@ -79,6 +79,13 @@ func (q *Queue) applyOutcome(job *Job, idx []int, statuses []Status) error {
 			return deleteMessage(tx, m.ID)
 		}
 		return putMessage(tx, m)
+	}, func() {
+		if m != nil {
+			q.indexPut(m)
+		}
+		if dsn != nil {
+			q.indexPut(dsn)
+		}
 	})
 	if err != nil {
 		return err
@@ -87,10 +94,8 @@ func (q *Queue) applyOutcome(job *Job, idx []int, statuses []Status) error {
 		return nil
 	}
 	q.logOutcome(job, m, idx, statuses, outcomes)
-	q.indexPut(m)
 	if dsn != nil {
 		metricEnqueued.Inc()
-		q.indexPut(dsn)
 		q.wake()
 		q.log.Info("queued DSN", "id", dsn.ID, "orig_id", m.ID, "to", m.Envelope.From)
 	}

@@ -194,12 +194,11 @@ func (q *Queue) Enqueue(ctx context.Context, env Envelope, body io.Reader) (stri
 	if err != nil {
 		return "", fmt.Errorf("message not queued: %w", err)
 	}
-	err = q.commit.do(func(tx *bbolt.Tx) error { return insertMessage(tx, m, data) })
+	err = q.commit.do(func(tx *bbolt.Tx) error { return insertMessage(tx, m, data) }, func() { q.indexPut(m) })
 	if err != nil {
 		return "", fmt.Errorf("message not queued: %w", err)
 	}
 	metricEnqueued.Inc()
-	q.indexPut(m)
 	q.wake()
 	q.log.Info("queued", "id", m.ID, "from", env.From, "recipients", len(m.Recipients), "size", m.Size, "user", env.User, "client", env.ClientAddr)
 	return m.ID, nil
@@ -233,7 +232,6 @@ func insertMessage(tx *bbolt.Tx, m *message, body []byte) error {
 		return err
 	}
 	m.Chunks = chunks
-	m.Version = 0
 	return putMessage(tx, m)
 }
 

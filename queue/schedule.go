@@ -15,7 +15,6 @@ import (
 type entry struct {
 	id      string
 	arrived time.Time
-	version uint64
 	counts  [3]int32 // pending recipients: queued, deferred, held
 	slots   []*slot
 }
@@ -63,16 +62,12 @@ func newScheduler() scheduler {
 	return scheduler{ready: make(map[string][]*slot), active: make(map[string]int)}
 }
 
-// indexPut records the state of m after a committed write. Updates that
-// arrive out of order (two deliveries of one message finishing together)
-// are ignored by version.
+// indexPut records the state of m after a committed write. It runs on
+// the committer goroutine (or at load), so updates arrive in commit order.
 func (q *Queue) indexPut(m *message) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	e := q.index[m.ID]
-	if e != nil && m.Version <= e.version {
-		return
-	}
 	if m.done() {
 		if e != nil {
 			q.indexRemoveLocked(e)
@@ -83,7 +78,6 @@ func (q *Queue) indexPut(m *message) {
 		e = &entry{id: m.ID, arrived: m.Arrived}
 		q.index[m.ID] = e
 	}
-	e.version = m.Version
 	e.counts = [3]int32{}
 	due := make(map[string]time.Time, len(e.slots)+1)
 	for i := range m.Recipients {
@@ -264,6 +258,10 @@ func (q *Queue) work(ctx context.Context, s *slot) {
 		return
 	}
 	if job == nil {
+		// Nothing due after all; the next index update rearms the slot.
+		q.mu.Lock()
+		s.due = time.Time{}
+		q.mu.Unlock()
 		return
 	}
 	statuses := q.opts.Deliverer.Deliver(ctx, job)
