@@ -56,14 +56,25 @@ func New(t testing.TB, records ...string) *Server {
 	for _, r := range records {
 		s.Add(t, r)
 	}
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatalf("dnstest: %v", err)
-	}
-	l, err := net.Listen("tcp", pc.LocalAddr().String())
-	if err != nil {
+	// The UDP port the kernel picks may be taken for TCP: pick again.
+	var (
+		pc  net.PacketConn
+		l   net.Listener
+		err error
+	)
+	for attempt := 0; ; attempt++ {
+		pc, err = net.ListenPacket("udp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatalf("dnstest: %v", err)
+		}
+		l, err = net.Listen("tcp", pc.LocalAddr().String())
+		if err == nil {
+			break
+		}
 		pc.Close()
-		t.Fatalf("dnstest: %v", err)
+		if attempt == 50 {
+			t.Fatalf("dnstest: %v", err)
+		}
 	}
 	s.Addr = pc.LocalAddr().String()
 	started := make(chan struct{}, 2)
