@@ -392,3 +392,9 @@ func (s *syncBuffer) String() string {
 	defer s.mu.Unlock()
 	return s.b.String()
 }
+
+type (
+	ctxT       = context.Context
+	statusT    = queue.Status
+	smtpServer = smtp.Server
+)

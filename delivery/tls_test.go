@@ -1,0 +1,356 @@
+package delivery
+
+import (
+	"crypto/tls"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/stsrelay/stsrelay/internal/testpki"
+)
+
+// oneMX is the zone of most TLS tests: example.test, one MX at 127.0.0.2.
+func oneMX(t *testing.T, opts ...mxOption) (*testEnv, *testMX) {
+	t.Helper()
+	v := newEnv(t,
+		"example.test. 300 IN MX 10 mx1.example.test.",
+		"mx1.example.test. 300 IN A 127.0.0.2")
+	mx := newMX(t, opts...)
+	v.route("127.0.0.2", mx.Addr)
+	return v, mx
+}
+
+func TestOpportunisticTLSAcceptsAnyCertificate(t *testing.T) {
+	ca := testpki.NewCA(t) // not trusted by the engine
+	v, mx := oneMX(t, withTLS(ca.IssueWith(t, testpki.Options{SelfSigned: true, Expired: true}, "wrong.test")))
+	st := deliver(t, v.engine(), testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 250, "2.0.0")
+	if m := mx.messages(); len(m) != 1 || !m[0].tls {
+		t.Fatalf("message not received over TLS: %+v", m)
+	}
+	res := v.rec.results()
+	if len(res) != 1 || res[0].ResultType != "" || res[0].MX != "mx1.example.test" || res[0].RemoteIP != "127.0.0.2" ||
+		res[0].HELO != "mx.test" || res[0].PolicyDomain != "example.test" {
+		t.Errorf("session results = %+v, want one success for mx1.example.test with HELO mx.test", res)
+	}
+}
+
+func TestPlaintextWhenSTARTTLSNotOfferedAtLevelMay(t *testing.T) {
+	v, mx := oneMX(t)
+	st := deliver(t, v.engine(), testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 250, "2.0.0")
+	if m := mx.messages(); len(m) != 1 || m[0].tls {
+		t.Fatalf("want one plaintext message, got %+v", m)
+	}
+	if res := v.rec.results(); len(res) != 1 || res[0].ResultType != "starttls-not-supported" {
+		t.Errorf("session results = %+v, want starttls-not-supported", res)
+	}
+}
+
+// brokenTLS offers STARTTLS but cannot complete a handshake we accept.
+func brokenTLS(t *testing.T) mxOption {
+	cert := testpki.NewCA(t).Issue(t, "mx1.example.test")
+	return func(s *smtpServer) {
+		s.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}, MaxVersion: tls.VersionTLS11}
+	}
+}
+
+func TestBrokenTLSHandshakeRetriesPlaintextOnceAtLevelMay(t *testing.T) {
+	v, mx := oneMX(t, brokenTLS(t))
+	st := deliver(t, v.engine(), testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 250, "2.0.0")
+	if m := mx.messages(); len(m) != 1 || m[0].tls {
+		t.Fatalf("want one plaintext message, got %+v", m)
+	}
+	if n := mx.sessionCount(); n != 2 {
+		t.Errorf("%d sessions, want 2 (TLS attempt, then plaintext)", n)
+	}
+	if res := v.rec.results(); len(res) != 1 || res[0].ResultType != "validation-failure" ||
+		!strings.Contains(res[0].Detail, "TLS handshake failed") {
+		t.Errorf("session results = %+v, want one handshake failure", res)
+	}
+}
+
+func TestBrokenTLSHandshakeNeverFallsBackWhenTLSRequired(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		req      Requirement
+		code     int
+		enhanced string
+		text     string
+	}{
+		{"mta-sts", Requirement{Security: SecurityVerify, Source: SourceSTS}, 451, "4.4.8",
+			"MX hosts of 'example.test' failed MTA-STS validation: mx1.example.test: TLS handshake failed"},
+		{"local encrypt", Requirement{Security: SecurityEncrypt, Source: SourceLocal}, 451, "4.7.5",
+			"mx1.example.test[127.0.0.2]: TLS handshake failed"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			v, mx := oneMX(t, brokenTLS(t))
+			st := deliver(t, v.engine(func(o *Options) { o.Policy = everyMX(tc.req) }), testJob("example.test", "a@example.test"))
+			wantStatus(t, st[0], tc.code, tc.enhanced, tc.text)
+			if len(mx.messages()) != 0 || mx.sessionCount() != 1 {
+				t.Errorf("%d messages in %d sessions, want none in 1", len(mx.messages()), mx.sessionCount())
+			}
+		})
+	}
+}
+
+func TestVerifyDeliversWithValidCertificate(t *testing.T) {
+	v := newEnv(t,
+		"example.test. 300 IN MX 10 mx1.example.test.",
+		"mx1.example.test. 300 IN A 127.0.0.2")
+	mx := newMX(t, withTLS(v.ca.Issue(t, "mx1.example.test")))
+	v.route("127.0.0.2", mx.Addr)
+	e := v.engine(func(o *Options) { o.Policy = everyMX(Requirement{Security: SecurityVerify, Source: SourceSTS}) })
+	st := deliver(t, e, testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 250, "2.0.0")
+	if res := v.rec.results(); len(res) != 1 || res[0].ResultType != "" || res[0].Source != SourceSTS {
+		t.Errorf("session results = %+v, want one mta-sts success", res)
+	}
+	if sni := mx.serverName; !slices.Equal(sni, []string{"mx1.example.test"}) {
+		t.Errorf("SNI = %q, want the MX host name (RFC 8461 §7.1)", sni)
+	}
+}
+
+func TestEnforceDefersOnCertificateProblems(t *testing.T) {
+	other := testpki.NewCA(t)
+	for _, tc := range []struct {
+		name       string
+		cert       func(v *testEnv) tls.Certificate
+		reason     string
+		resultType string
+	}{
+		{"name mismatch", func(v *testEnv) tls.Certificate { return v.ca.Issue(t, "mx9.example.test") },
+			"certificate name mismatch", "certificate-host-mismatch"},
+		{"name only in CN", func(v *testEnv) tls.Certificate {
+			return v.ca.IssueWith(t, testpki.Options{CommonName: "mx1.example.test"}, "other.example.test")
+		}, "certificate name mismatch", "certificate-host-mismatch"},
+		{"wildcard two labels deep", func(v *testEnv) tls.Certificate { return v.ca.Issue(t, "*.test") },
+			"certificate name mismatch", "certificate-host-mismatch"},
+		{"expired", func(v *testEnv) tls.Certificate {
+			return v.ca.IssueWith(t, testpki.Options{Expired: true}, "mx1.example.test")
+		}, "certificate expired", "certificate-expired"},
+		{"untrusted CA", func(v *testEnv) tls.Certificate { return other.Issue(t, "mx1.example.test") },
+			"certificate not trusted", "certificate-not-trusted"},
+		{"self-signed", func(v *testEnv) tls.Certificate {
+			return v.ca.IssueWith(t, testpki.Options{SelfSigned: true}, "mx1.example.test")
+		}, "certificate not trusted", "certificate-not-trusted"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			v := newEnv(t,
+				"example.test. 300 IN MX 10 mx1.example.test.",
+				"mx1.example.test. 300 IN A 127.0.0.2")
+			mx := newMX(t, withTLS(tc.cert(v)))
+			v.route("127.0.0.2", mx.Addr)
+			e := v.engine(func(o *Options) { o.Policy = everyMX(Requirement{Security: SecurityVerify, Source: SourceSTS}) })
+			st := deliver(t, e, testJob("example.test", "a@example.test"))
+			wantStatus(t, st[0], 451, "4.4.8",
+				"MX hosts of 'example.test' failed MTA-STS validation: mx1.example.test: "+tc.reason)
+			if len(mx.messages()) != 0 {
+				t.Error("message delivered despite the failed certificate check")
+			}
+			if res := v.rec.results(); len(res) != 1 || res[0].ResultType != tc.resultType {
+				t.Errorf("session results = %+v, want %s", res, tc.resultType)
+			}
+		})
+	}
+}
+
+func TestWildcardCertificateMatchesOneLeftMostLabel(t *testing.T) {
+	v := newEnv(t,
+		"example.test. 300 IN MX 10 mx1.example.test.",
+		"mx1.example.test. 300 IN A 127.0.0.2")
+	mx := newMX(t, withTLS(v.ca.Issue(t, "*.example.test")))
+	v.route("127.0.0.2", mx.Addr)
+	e := v.engine(func(o *Options) { o.Policy = everyMX(Requirement{Security: SecurityVerify, Source: SourceSTS}) })
+	st := deliver(t, e, testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 250, "2.0.0")
+}
+
+func TestVerifyAcceptsAnyOfRequirementNames(t *testing.T) {
+	v, mx := oneMX(t)
+	mx.srv.TLSConfig = nil
+	mx2 := newMX(t, withTLS(v.ca.Issue(t, "b.provider.test")))
+	v.route("127.0.0.2", mx2.Addr)
+	e := v.engine(func(o *Options) {
+		o.Policy = everyMX(Requirement{Security: SecurityVerify, Source: SourceSTS,
+			Names: []string{"mx1.example.test", "b.provider.test"}, ServerName: "b.provider.test"})
+	})
+	st := deliver(t, e, testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 250, "2.0.0")
+	if sni := mx2.serverName; !slices.Equal(sni, []string{"b.provider.test"}) {
+		t.Errorf("SNI = %q, want Requirement.ServerName", sni)
+	}
+}
+
+func TestEnforceDefersWhenSTARTTLSNotOffered(t *testing.T) {
+	v := newEnv(t,
+		"example.test. 300 IN MX 10 mx1.example.test.",
+		"example.test. 300 IN MX 20 mx2.example.test.",
+		"mx1.example.test. 300 IN A 127.0.0.2",
+		"mx2.example.test. 300 IN A 127.0.0.3")
+	mx1 := newMX(t, withTLS(v.ca.Issue(t, "wrong.example.test")))
+	mx2 := newMX(t)
+	v.route("127.0.0.2", mx1.Addr)
+	v.route("127.0.0.3", mx2.Addr)
+	e := v.engine(func(o *Options) { o.Policy = everyMX(Requirement{Security: SecurityVerify, Source: SourceSTS}) })
+	st := deliver(t, e, testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 451, "4.4.8",
+		"MX hosts of 'example.test' failed MTA-STS validation: mx1.example.test: certificate name mismatch; mx2.example.test: STARTTLS not offered")
+	if len(mx1.messages())+len(mx2.messages()) != 0 {
+		t.Error("message delivered despite MTA-STS enforce")
+	}
+}
+
+func TestTestingModeDeliversDespiteFailuresAndRecordsThem(t *testing.T) {
+	v, mx := oneMX(t)
+	mx.srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{v.ca.Issue(t, "wrong.example.test")}}
+	e := v.engine(func(o *Options) {
+		o.Policy = everyMX(Requirement{Security: SecurityVerify, Source: SourceSTS, Testing: true})
+	})
+	st := deliver(t, e, testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 250, "2.0.0")
+	if m := mx.messages(); len(m) != 1 || !m[0].tls {
+		t.Errorf("want one message over TLS, got %+v", m)
+	}
+	if res := v.rec.results(); len(res) != 1 || res[0].ResultType != "certificate-host-mismatch" {
+		t.Errorf("session results = %+v, want certificate-host-mismatch", res)
+	}
+}
+
+func TestSkippedMXIsNeverDialed(t *testing.T) {
+	v := newEnv(t,
+		"example.test. 300 IN MX 10 mx1.example.test.",
+		"example.test. 300 IN MX 20 mx2.example.test.",
+		"mx1.example.test. 300 IN A 127.0.0.2",
+		"mx2.example.test. 300 IN A 127.0.0.3")
+	mx1 := newMX(t, withTLS(v.ca.Issue(t, "mx1.example.test")))
+	mx2 := newMX(t, withTLS(v.ca.Issue(t, "mx2.example.test")))
+	v.route("127.0.0.2", mx1.Addr)
+	v.route("127.0.0.3", mx2.Addr)
+	skipFirst := policyFunc(func(_ ctxT, _ string, mxs []MX) ([]Requirement, error) {
+		out := make([]Requirement, len(mxs))
+		for i, mx := range mxs {
+			out[i] = Requirement{Security: SecurityVerify, Source: SourceSTS, Names: []string{mx.Name}}
+			if mx.Name == "mx1.example.test" {
+				out[i].Skip = "not listed in the MTA-STS policy"
+			}
+		}
+		return out, nil
+	})
+	e := v.engine(func(o *Options) { o.Policy = skipFirst })
+	st := deliver(t, e, testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 250, "2.0.0", "mx2.example.test")
+	if mx1.sessionCount() != 0 {
+		t.Error("a skipped MX host was dialed")
+	}
+
+	mx2.srv.TLSConfig = nil
+	st = deliver(t, e, testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 451, "4.4.8",
+		"mx1.example.test: not listed in the MTA-STS policy; mx2.example.test: STARTTLS not offered")
+}
+
+func TestPolicyErrorDefersWithItsOwnStatus(t *testing.T) {
+	v, mx := oneMX(t)
+	failing := policyFunc(func(_ ctxT, _ string, _ []MX) ([]Requirement, error) {
+		return nil, &Error{Status: statusT{Code: 451, Enhanced: "4.7.5", Text: "mx1.example.test: TLSA lookup failed in a secure zone"}}
+	})
+	st := deliver(t, v.engine(func(o *Options) { o.Policy = failing }), testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 451, "4.7.5", "TLSA lookup failed")
+	if mx.sessionCount() != 0 {
+		t.Error("dialed although the policy lookup failed")
+	}
+}
+
+func TestDANERequirementDefersUntilDANEIsAvailable(t *testing.T) {
+	v, mx := oneMX(t, withTLS(testpki.NewCA(t).Issue(t, "mx1.example.test")))
+	e := v.engine(func(o *Options) { o.Policy = everyMX(Requirement{Security: SecurityDANE, Source: SourceDANE}) })
+	st := deliver(t, e, testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 451, "4.7.5", "mx1.example.test: DANE required but not available")
+	if mx.sessionCount() != 0 {
+		t.Error("dialed a DANE host without a way to authenticate it")
+	}
+}
+
+func TestLocalOverrides(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		published Requirement
+		override  Security
+		cert      bool // the MX offers STARTTLS with a wrong-name cert
+		code      int
+		enhanced  string
+		wantTLS   bool
+	}{
+		{"none never starts TLS", Requirement{}, SecurityNone, true, 250, "2.0.0", false},
+		{"none beats MTA-STS enforce", Requirement{Security: SecurityVerify, Source: SourceSTS}, SecurityNone, true, 250, "2.0.0", false},
+		{"encrypt accepts any certificate", Requirement{}, SecurityEncrypt, true, 250, "2.0.0", true},
+		{"encrypt needs STARTTLS", Requirement{}, SecurityEncrypt, false, 451, "4.7.5", false},
+		{"verify checks the MX name", Requirement{}, SecurityVerify, true, 451, "4.7.5", false},
+		{"encrypt cannot weaken MTA-STS enforce", Requirement{Security: SecurityVerify, Source: SourceSTS}, SecurityEncrypt, true, 451, "4.4.8", false},
+		{"may cannot weaken MTA-STS enforce", Requirement{Security: SecurityVerify, Source: SourceSTS}, SecurityMay, true, 451, "4.4.8", false},
+		{"may beats MTA-STS testing", Requirement{Security: SecurityVerify, Source: SourceSTS, Testing: true}, SecurityMay, true, 250, "2.0.0", true},
+		{"dane-only defers until DANE lands", Requirement{}, SecurityDANE, true, 451, "4.7.5", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			v, mx := oneMX(t)
+			if tc.cert {
+				mx.srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{v.ca.Issue(t, "wrong.example.test")}}
+			}
+			e := v.engine(func(o *Options) {
+				o.Policy = everyMX(tc.published)
+				o.Overrides = []Override{{Domain: "Example.Test.", TLS: tc.override}}
+			})
+			st := deliver(t, e, testJob("example.test", "a@example.test"))
+			wantStatus(t, st[0], tc.code, tc.enhanced)
+			m := mx.messages()
+			if tc.code == 250 && (len(m) != 1 || m[0].tls != tc.wantTLS) {
+				t.Errorf("messages %+v, want one with TLS=%t", m, tc.wantTLS)
+			}
+		})
+	}
+}
+
+func TestOverrideNeverWeakensDANE(t *testing.T) {
+	dane := Requirement{Security: SecurityDANE, Source: SourceDANE}
+	mx := MX{Name: "mx1.example.test"}
+	for _, sec := range []Security{SecurityMay, SecurityEncrypt, SecurityVerify, SecurityDANE} {
+		if got := applyOverride(dane, mx, sec); got.Source != SourceDANE {
+			t.Errorf("override %s replaced a DANE requirement: %+v", sec, got)
+		}
+	}
+	if got := applyOverride(dane, mx, SecurityNone); got.Security != SecurityNone || got.Source != SourceLocal {
+		t.Errorf("an explicit none must win: %+v", got)
+	}
+}
+
+func TestParseSecurity(t *testing.T) {
+	for in, want := range map[string]Security{"may": SecurityMay, "none": SecurityNone, "encrypt": SecurityEncrypt,
+		"verify": SecurityVerify, "dane-only": SecurityDANE, " Verify ": SecurityVerify} {
+		if got, err := ParseSecurity(in); err != nil || got != want {
+			t.Errorf("ParseSecurity(%q) = %v, %v; want %v", in, got, err, want)
+		}
+	}
+	if _, err := ParseSecurity("secure"); err == nil {
+		t.Error("ParseSecurity accepted an unknown level")
+	}
+}
+
+func TestChainLetsDANEDecideBeforeMTASTS(t *testing.T) {
+	mxs := []MX{{Name: "a.test"}, {Name: "b.test"}}
+	dane := policyFunc(func(_ ctxT, _ string, mxs []MX) ([]Requirement, error) {
+		return []Requirement{{Security: SecurityDANE, Source: SourceDANE}, {MXValidated: true}}, nil
+	})
+	sts := everyMX(Requirement{Security: SecurityVerify, Source: SourceSTS, Skip: "not listed"})
+	got, err := Chain(dane, nil, sts).Requirements(t.Context(), "example.test", mxs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got[0].Source != SourceDANE || got[0].Skip != "" {
+		t.Errorf("host with DANE got %+v, want the DANE requirement alone (DESIGN.md decision 3)", got[0])
+	}
+	if got[1].Source != SourceSTS || got[1].Skip == "" {
+		t.Errorf("host without DANE got %+v, want the MTA-STS requirement", got[1])
+	}
+}
