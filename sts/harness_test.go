@@ -115,14 +115,15 @@ type env struct {
 	Rec   *recorder
 
 	mu     sync.Mutex
-	hosts  map[string]string // "127.0.0.N" -> listener address
+	hosts  map[string]string // "127.0.0.N" -> policy host listener (port 443)
+	mxs    map[string]string // "127.0.0.N" -> SMTP listener (port 25)
 	nextIP int
 }
 
 func newEnv(t *testing.T) *env {
 	t.Helper()
 	e := &env{t: t, DNS: dnstest.New(t), CA: testpki.NewCA(t), Clock: newClock(),
-		Rec: &recorder{}, hosts: map[string]string{}, nextIP: 2}
+		Rec: &recorder{}, hosts: map[string]string{}, mxs: map[string]string{}, nextIP: 2}
 	// No DNS cache: tests change records between lookups.
 	res, err := resolve.New(resolve.Config{Servers: []string{e.DNS.Addr}, Timeout: time.Second, CacheEntries: -1})
 	if err != nil {
@@ -132,15 +133,19 @@ func newEnv(t *testing.T) *env {
 	return e
 }
 
-// Dial is the injected DialContext: addresses of policy hosts go to their
-// loopback listeners, anything else is refused.
+// Dial is the injected DialContext for policy fetches and SMTP: <ip>:443
+// goes to the policy host given that address, <ip>:25 to the MX given it;
+// anything else is refused.
 func (e *env) Dial(ctx context.Context, network, addr string) (net.Conn, error) {
-	host, _, err := net.SplitHostPort(addr)
+	host, port, err := net.SplitHostPort(addr)
 	if err != nil {
 		return nil, err
 	}
 	e.mu.Lock()
 	target, ok := e.hosts[host]
+	if port == "25" {
+		target, ok = e.mxs[host]
+	}
 	e.mu.Unlock()
 	if !ok {
 		return nil, fmt.Errorf("test dialer: nothing listens at %s", addr)
@@ -167,9 +172,8 @@ func (e *env) PolicyHostTLS(domain, id, body string, cfg *tls.Config) *policyHos
 	srv.StartTLS()
 	e.t.Cleanup(srv.Close)
 	h.srv = srv
+	ip := e.newIP()
 	e.mu.Lock()
-	ip := fmt.Sprintf("127.0.0.%d", e.nextIP)
-	e.nextIP++
 	e.hosts[ip] = srv.Listener.Addr().String()
 	e.mu.Unlock()
 	e.DNS.Add(e.t, fmt.Sprintf("mta-sts.%s. 300 IN A %s", domain, ip))
@@ -251,4 +255,13 @@ func (r *recorder) ResultTypes() string {
 		types = append(types, res.ResultType)
 	}
 	return strings.Join(types, ",")
+}
+
+// newIP hands out a loopback address that names one test server.
+func (e *env) newIP() string {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	ip := fmt.Sprintf("127.0.0.%d", e.nextIP)
+	e.nextIP++
+	return ip
 }

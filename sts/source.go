@@ -16,7 +16,8 @@ var _ delivery.PolicySource = (*Manager)(nil)
 //   - enforce: an MX host that does not match the policy is skipped, which
 //     delivery treats as temporarily unreachable (§8.4); one that matches
 //     needs TLS with a PKIX certificate for the matched name (§4.2).
-//   - testing: the same checks, but delivery goes ahead and only reports.
+//   - testing: the same requirements with Testing set: delivery goes ahead
+//     whatever fails (a Skip included) and only reports.
 //   - none, or no policy: opportunistic TLS.
 //
 // RFC 8461 §5.1 forbids failing a message permanently for an enforce failure
@@ -77,13 +78,12 @@ func (m *Manager) requirement(cp *CachedPolicy, mx delivery.MX) delivery.Require
 		matched = final
 	}
 	if matched == "" {
-		// Testing mode delivers anyway (RFC 8461 §5) and verifies the
-		// certificate against the MX name, so TLS failures are still
-		// reported; enforce must not use the host at all (§4.1, §8.4).
+		// Enforce: the host must not be used (§4.1), and counts as
+		// temporarily unreachable (§8.4). Testing: delivery reports the
+		// Skip reason and goes ahead anyway (§5); the certificate is
+		// still checked against the MX name, for the report.
 		r.Names = []string{name}
-		if cp.Policy.Mode == ModeEnforce {
-			r.Skip = "not listed in the MTA-STS policy for " + cp.Domain
-		}
+		r.Skip = "not listed in the MTA-STS policy for " + cp.Domain
 		return r
 	}
 	r.Names = []string{matched}

@@ -84,14 +84,19 @@ func TestCNAMEMXListedUnderItsOwnNameNeedsNoOption(t *testing.T) {
 	}
 }
 
-func TestTestingModeVerifiesButDoesNotSkip(t *testing.T) {
+func TestTestingModeMarksEveryRequirementTesting(t *testing.T) {
 	e := newEnv(t)
 	e.ValidHost("example.com", "id1", "version: STSv1\nmode: testing\nmx: mx.example.com\nmax_age: 86400\n")
 	reqs := requirements(t, e.Manager(nil), mx("mx.example.com"), mx("other.example.org"))
 	for _, r := range reqs {
-		if r.Security != delivery.SecurityVerify || !r.Testing || r.Skip != "" || r.Source != delivery.SourceSTS {
+		if r.Security != delivery.SecurityVerify || !r.Testing || r.Source != delivery.SourceSTS {
 			t.Errorf("testing mode: %+v", r)
 		}
+	}
+	// The unlisted host carries the reason, which delivery reports for
+	// TLSRPT before delivering anyway.
+	if reqs[0].Skip != "" || reqs[1].Skip == "" {
+		t.Errorf("Skip %q/%q, want only the unlisted host to carry a reason", reqs[0].Skip, reqs[1].Skip)
 	}
 	if !reqs[0].MXValidated || reqs[1].MXValidated {
 		t.Errorf("MXValidated %v/%v, want only the listed host", reqs[0].MXValidated, reqs[1].MXValidated)
