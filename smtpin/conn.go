@@ -76,7 +76,8 @@ type conn struct {
 	key netip.Prefix
 
 	inData    atomic.Bool
-	mu        sync.Mutex // orders deadline updates against wake
+	expired   atomic.Bool // a read timed out during DATA: end the session now
+	mu        sync.Mutex  // orders deadline updates against wake
 	closeOnce sync.Once
 }
 
@@ -87,8 +88,10 @@ func (c *conn) Read(b []byte) (int, error) {
 		d = c.srv.opts.DataTimeout
 	}
 	deadline := time.Now().Add(d)
-	if c.srv.isDraining() && !c.inData.Load() {
-		deadline = time.Now() // shutting down: the next command read ends the session
+	if c.expired.Load() || c.srv.isDraining() && !c.inData.Load() {
+		// Shutting down, or the client stalled in DATA: the next read fails,
+		// so go-smtp does not wait a command timeout to discard the rest.
+		deadline = time.Now()
 	}
 	err := c.Conn.SetReadDeadline(deadline)
 	c.mu.Unlock()

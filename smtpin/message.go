@@ -98,6 +98,7 @@ func (s *session) dataError(env queue.Envelope, body *bodyReader, err error) err
 		return s.rejectAs(env.User, "line_length", &smtp.SMTPError{Code: 500, EnhancedCode: smtp.EnhancedCode{5, 5, 2},
 			Message: fmt.Sprintf("Message line %d is longer than %d bytes (RFC 5321 §4.5.3.1.6)", line, s.srv.opts.MaxLineLength)})
 	case errors.As(err, &netErr) && netErr.Timeout():
+		s.conn.expired.Store(true)
 		return s.rejectAs(env.User, "timeout", &smtp.SMTPError{Code: 421, EnhancedCode: smtp.EnhancedCode{4, 4, 2},
 			Message: "Timeout while receiving the message"})
 	case errors.As(err, &e):

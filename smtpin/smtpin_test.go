@@ -4,8 +4,8 @@ import (
 	"crypto/tls"
 	"encoding/base64"
 	"net/netip"
-	"regexp"
 	"reflect"
+	"regexp"
 	"strings"
 	"testing"
 
