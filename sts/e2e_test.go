@@ -129,6 +129,12 @@ func (nopLogger) Println(...any)        {}
 // Engine is a delivery engine whose policy source is m, dialing through e.
 func (e *env) Engine(m *sts.Manager) *delivery.Engine {
 	e.t.Helper()
+	return e.EngineWith(m, -1)
+}
+
+// EngineWith is Engine with a connection-reuse idle timeout (-1 disables reuse).
+func (e *env) EngineWith(m *sts.Manager, idle time.Duration) *delivery.Engine {
+	e.t.Helper()
 	eng, err := delivery.New(delivery.Options{
 		Hostname:       "relay.sender.test",
 		Resolver:       e.Res,
@@ -139,7 +145,7 @@ func (e *env) Engine(m *sts.Manager) *delivery.Engine {
 		ConnectTimeout: 2 * time.Second,
 		Timeouts: delivery.Timeouts{Greeting: 2 * time.Second, Command: 2 * time.Second, Mail: 2 * time.Second,
 			Rcpt: 2 * time.Second, DataInit: 2 * time.Second, DataBlock: 2 * time.Second, DataFinal: 2 * time.Second},
-		IdleTimeout: -1,
+		IdleTimeout: idle,
 		Logger:      slog.New(slog.DiscardHandler),
 	})
 	if err != nil {

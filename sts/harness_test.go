@@ -107,7 +107,7 @@ func (h *policyHost) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // env is one test's world: DNS, a CA, policy hosts on loopback and a
 // dialer that sends <ip>:443 to the host playing that address.
 type env struct {
-	t     *testing.T
+	t     testing.TB
 	DNS   *dnstest.Server
 	CA    *testpki.CA
 	Res   *resolve.Resolver
@@ -120,7 +120,7 @@ type env struct {
 	nextIP int
 }
 
-func newEnv(t *testing.T) *env {
+func newEnv(t testing.TB) *env {
 	t.Helper()
 	e := &env{t: t, DNS: dnstest.New(t), CA: testpki.NewCA(t), Clock: newClock(),
 		Rec: &recorder{}, hosts: map[string]string{}, mxs: map[string]string{}, nextIP: 2}
