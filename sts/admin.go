@@ -1,0 +1,132 @@
+package sts
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"time"
+
+	"github.com/stsrelay/stsrelay/admin"
+)
+
+// PolicyInfo is a cached policy as the control socket and the CLI show it.
+type PolicyInfo struct {
+	Domain   string    `json:"domain"`
+	ID       string    `json:"id"`
+	Mode     Mode      `json:"mode"`
+	MX       []string  `json:"mx"`
+	MaxAge   int64     `json:"max_age"` // seconds
+	Fetched  time.Time `json:"fetched"`
+	Expires  time.Time `json:"expires"`
+	Expired  bool      `json:"expired"`
+	LastUsed time.Time `json:"last_used"`
+	// LastError is the last failed fetch, while its 5-minute backoff runs.
+	LastError string `json:"last_error,omitempty"`
+	// Policy is the policy file as cached.
+	Policy string `json:"policy"`
+}
+
+// Info returns what the cache knows about domain, or ErrNotCached.
+func (m *Manager) Info(domain string) (*PolicyInfo, error) {
+	d, err := policyDomain(domain)
+	if err != nil {
+		return nil, err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	e := m.entries[d]
+	if e == nil {
+		return nil, ErrNotCached
+	}
+	return m.infoLocked(e), nil
+}
+
+// Infos returns every cached policy, sorted by domain.
+func (m *Manager) Infos() []*PolicyInfo {
+	list := m.List()
+	out := make([]*PolicyInfo, 0, len(list))
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, cp := range list {
+		if e := m.entries[cp.Domain]; e != nil {
+			out = append(out, m.infoLocked(e))
+		}
+	}
+	return out
+}
+
+func (m *Manager) infoLocked(e *entry) *PolicyInfo {
+	cp := e.policy
+	now := m.now()
+	info := &PolicyInfo{
+		Domain: cp.Domain, ID: cp.ID, Mode: cp.Policy.Mode, MX: cp.Policy.MX,
+		MaxAge:  int64(cp.Policy.MaxAge / time.Second),
+		Fetched: cp.Fetched, Expires: cp.Expires, Expired: cp.Expired(now),
+		LastUsed: e.lastUsed, Policy: cp.Policy.String(),
+	}
+	if info.MX == nil {
+		info.MX = []string{}
+	}
+	if f, ok := m.failures[cp.Domain]; ok && now.Before(f.until) {
+		info.LastError = oneLine(f.err.Error())
+	}
+	return info
+}
+
+// RegisterAdmin adds the MTA-STS routes to the control socket's mux:
+//
+//	GET    /sts                  every cached policy ([]PolicyInfo)
+//	GET    /sts/{domain}         one cached policy (PolicyInfo)
+//	POST   /sts/{domain}/refresh fetch the policy now, ignoring the backoff
+//	DELETE /sts/{domain}         forget the cached policy
+func (m *Manager) RegisterAdmin(mux *http.ServeMux) {
+	mux.HandleFunc("GET /sts", func(w http.ResponseWriter, r *http.Request) {
+		admin.WriteJSON(w, http.StatusOK, m.Infos())
+	})
+	mux.HandleFunc("GET /sts/{domain}", func(w http.ResponseWriter, r *http.Request) {
+		info, err := m.Info(r.PathValue("domain"))
+		if err != nil {
+			writeError(w, r.PathValue("domain"), err)
+			return
+		}
+		admin.WriteJSON(w, http.StatusOK, info)
+	})
+	mux.HandleFunc("POST /sts/{domain}/refresh", func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithTimeout(r.Context(), m.fetchTimeout+10*time.Second)
+		defer cancel()
+		domain := r.PathValue("domain")
+		if _, err := m.Refresh(ctx, domain); err != nil {
+			writeError(w, domain, err)
+			return
+		}
+		info, err := m.Info(domain)
+		if err != nil {
+			writeError(w, domain, err)
+			return
+		}
+		admin.WriteJSON(w, http.StatusOK, info)
+	})
+	mux.HandleFunc("DELETE /sts/{domain}", func(w http.ResponseWriter, r *http.Request) {
+		domain := r.PathValue("domain")
+		if err := m.Purge(domain); err != nil {
+			writeError(w, domain, err)
+			return
+		}
+		admin.WriteJSON(w, http.StatusOK, map[string]string{"purged": domain})
+	})
+}
+
+func writeError(w http.ResponseWriter, domain string, err error) {
+	var fe *FetchError
+	var re *RecordError
+	switch {
+	case errors.Is(err, ErrNotCached):
+		admin.WriteError(w, http.StatusNotFound, "no cached MTA-STS policy for "+domain)
+	case errors.Is(err, ErrNoRecord), errors.Is(err, ErrMultipleRecords), errors.As(err, &re):
+		admin.WriteError(w, http.StatusNotFound, domain+": "+err.Error())
+	case errors.As(err, &fe):
+		admin.WriteError(w, http.StatusBadGateway, oneLine(err.Error()))
+	default:
+		admin.WriteError(w, http.StatusBadRequest, oneLine(err.Error()))
+	}
+}
