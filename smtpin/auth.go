@@ -146,8 +146,9 @@ func (u *User) mayUseSender(from string) bool {
 // authLimiter counts failed AUTH attempts per client: a burst of
 // authFailBurst, then one attempt per authFailEvery.
 type authLimiter struct {
-	mu sync.Mutex
-	m  map[netip.Prefix]*rate.Limiter
+	mu  sync.Mutex
+	m   map[netip.Prefix]*rate.Limiter
+	now func() time.Time
 }
 
 const (
@@ -157,7 +158,7 @@ const (
 )
 
 func newAuthLimiter() *authLimiter {
-	return &authLimiter{m: make(map[netip.Prefix]*rate.Limiter)}
+	return &authLimiter{m: make(map[netip.Prefix]*rate.Limiter), now: time.Now}
 }
 
 // blocked reports whether client has used up its failed attempts.
@@ -165,7 +166,7 @@ func (l *authLimiter) blocked(client netip.Prefix) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	lim := l.m[client]
-	return lim != nil && lim.Tokens() < 1
+	return lim != nil && lim.TokensAt(l.now()) < 1
 }
 
 // failed records a failed attempt by client.
@@ -180,14 +181,14 @@ func (l *authLimiter) failed(client netip.Prefix) {
 		lim = rate.NewLimiter(rate.Every(authFailEvery), authFailBurst)
 		l.m[client] = lim
 	}
-	lim.Allow()
+	lim.AllowN(l.now(), 1)
 }
 
 // forgetIdle drops clients whose allowance is full again: remembering
 // them changes nothing.
 func (l *authLimiter) forgetIdle() {
 	for k, lim := range l.m {
-		if lim.Tokens() >= authFailBurst {
+		if lim.TokensAt(l.now()) >= authFailBurst {
 			delete(l.m, k)
 		}
 	}

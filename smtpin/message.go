@@ -46,7 +46,12 @@ func (s *session) receive(env queue.Envelope, r io.Reader) error {
 	trace := s.traceHeaders(env, hdr, time.Now())
 	msg := io.MultiReader(strings.NewReader(trace), bytes.NewReader(hdr.raw), br)
 
+	if !s.srv.enqueueBegin() {
+		return s.rejectAs(env.User, "shutdown", &smtp.SMTPError{Code: 421, EnhancedCode: smtp.EnhancedCode{4, 3, 2},
+			Message: "Shutting down, try again later"})
+	}
 	id, err := s.srv.q.Enqueue(s.srv.baseCtx, env, msg)
+	s.srv.enqueueEnd()
 	if err != nil {
 		if body.err != nil {
 			return s.dataError(env, body, body.err) // the client's message, not the queue

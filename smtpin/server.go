@@ -105,6 +105,8 @@ type Server struct {
 	conns     map[*conn]struct{}
 	perIP     map[netip.Prefix]int
 	draining  atomic.Bool
+	stopped   bool // Shutdown gave up: no more Enqueue calls
+	enqueuing int  // Enqueue calls in progress
 	serving   bool
 	closed    bool
 	serveDone chan struct{}
@@ -346,10 +348,17 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		select {
 		case <-ctx.Done():
 			s.mu.Lock()
+			s.stopped = true
 			for c := range s.conns {
 				c.Conn.Close()
 			}
 			s.mu.Unlock()
+			// Let cancelled Enqueue calls return, so that the caller may
+			// close the queue once Shutdown has returned.
+			s.cancelBase()
+			for s.enqueueCount() > 0 {
+				time.Sleep(10 * time.Millisecond)
+			}
 			return ctx.Err()
 		case <-time.After(20 * time.Millisecond):
 		}
@@ -362,6 +371,28 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+func (s *Server) enqueueBegin() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.stopped {
+		return false
+	}
+	s.enqueuing++
+	return true
+}
+
+func (s *Server) enqueueEnd() {
+	s.mu.Lock()
+	s.enqueuing--
+	s.mu.Unlock()
+}
+
+func (s *Server) enqueueCount() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.enqueuing
 }
 
 // slogPrinter gives go-smtp's internal error log to slog.

@@ -83,8 +83,8 @@ func (s *session) Reset() {
 func (s *session) Logout() error { return nil }
 
 func (s *session) AuthMechanisms() []string {
-	if !s.authAllowed() {
-		return nil // RFC 4954 §4: do not offer what would be refused
+	if !s.authAllowed() || len(s.srv.users.Load().users) == 0 {
+		return nil // do not offer what would be refused
 	}
 	return []string{sasl.Plain, sasl.Login}
 }
@@ -101,6 +101,9 @@ func (s *session) Auth(mech string) (sasl.Server, error) {
 		// RFC 4954 §6 and RFC 5248: 538 5.7.11 encryption required.
 		return nil, &smtp.SMTPError{Code: 538, EnhancedCode: smtp.EnhancedCode{5, 7, 11},
 			Message: "Encryption required for requested authentication mechanism: use STARTTLS first"}
+	}
+	if len(s.srv.users.Load().users) == 0 {
+		return nil, smtp.ErrAuthUnsupported
 	}
 	key := clientKey(s.client)
 	if s.srv.authLim.blocked(key) {

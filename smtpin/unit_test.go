@@ -1,0 +1,219 @@
+package smtpin
+
+import (
+	"bufio"
+	"errors"
+	"io"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/crypto/bcrypt"
+)
+
+func TestParseMailbox(t *testing.T) {
+	for _, tc := range []struct {
+		in, want string
+		utf8     bool
+		err      string // substring; "" = valid
+	}{
+		{in: "user@example.com", want: "user@example.com"},
+		{in: "first.last+tag@sub.example.com", want: "first.last+tag@sub.example.com"},
+		{in: "user@[192.0.2.1]", want: "user@[192.0.2.1]"},
+		{in: "user@[IPv6:2001:db8::1]", want: "user@[IPv6:2001:db8::1]"},
+		{in: "john doe@example.com", want: `"john doe"@example.com`}, // go-smtp dropped the quotes
+		{in: `a"b@example.com`, want: `"a\"b"@example.com`},
+		{in: "jörg@exämple.de", want: "jörg@exämple.de", utf8: true},
+		{in: "jörg@example.de", err: "SMTPUTF8"},
+		{in: "user@example..com", err: "empty label"},
+		{in: "user@-example.com", err: "'-'"},
+		{in: "user@exa mple.com", err: "not allowed"},
+		{in: "user@@example.com", err: "not allowed"},
+		{in: "user@[300.1.1.1]", err: "address literal"},
+		{in: "user@[192.0.2.1", err: "unclosed"},
+		{in: "user\x01@example.com", err: "control"},
+		{in: strings.Repeat("a", 65) + "@example.com", err: "64"},
+		{in: "user@" + strings.Repeat("a.", 127) + "com", err: "253"},
+		{in: "user", err: "@domain"},
+	} {
+		got, err := parseMailbox(tc.in, tc.utf8)
+		switch {
+		case tc.err == "" && (err != nil || got != tc.want):
+			t.Errorf("parseMailbox(%q) = %q, %v; want %q", tc.in, got, err, tc.want)
+		case tc.err != "" && (err == nil || !strings.Contains(err.Error(), tc.err)):
+			t.Errorf("parseMailbox(%q) = %q, %v; want error containing %q", tc.in, got, err, tc.err)
+		}
+	}
+}
+
+func TestUserMayUseSender(t *testing.T) {
+	u := &User{AllowedSenders: []string{"*@apps.example.com", "alerts@example.com"}}
+	for from, want := range map[string]bool{
+		"cron@apps.example.com":      true,
+		"Cron@APPS.example.com":      true,
+		"alerts@example.com":         true,
+		"ALERTS@example.com":         true,
+		"other@example.com":          false,
+		"cron@x.apps.example.com":    false,
+		"cron@apps.example.com.evil": false,
+		"":                           false,
+	} {
+		if got := u.mayUseSender(from); got != want {
+			t.Errorf("mayUseSender(%q) = %v, want %v", from, got, want)
+		}
+	}
+	if !(&User{}).mayUseSender("") {
+		t.Error("a user without allowed_senders may not use the null sender")
+	}
+}
+
+func TestSenderPatternChecked(t *testing.T) {
+	for p, ok := range map[string]bool{
+		"*@example.com": true, "a@example.com": true,
+		"example.com": false, "a*@example.com": false, "*@": false, "a@b@c": false,
+	} {
+		if err := checkSenderPattern(p); (err == nil) != ok {
+			t.Errorf("checkSenderPattern(%q) = %v, want ok=%v", p, err, ok)
+		}
+	}
+}
+
+func TestReadHeaderFindsFieldsAndStopsAtBody(t *testing.T) {
+	for _, tc := range []struct {
+		name, msg                  string
+		msgID, date, tlsRequiredNo bool
+		rawLen                     int // bytes of msg read as header; -1 = all
+	}{
+		{name: "plain", msg: "Message-Id: <a@b>\r\nDate: x\r\n\r\nbody\r\n", msgID: true, date: true, rawLen: 30},
+		{name: "folded TLS-Required", msg: "TLS-Required:\r\n\tNO\r\n\r\n", tlsRequiredNo: true, rawLen: -1},
+		{name: "TLS-Required yes", msg: "TLS-Required: yes\r\n\r\n", rawLen: -1},
+		{name: "Date in body is not a header", msg: "Subject: x\r\n\r\nDate: y\r\n", rawLen: 14},
+		{name: "no header section", msg: "just text\r\nDate: y\r\n", rawLen: 11},
+		{name: "no empty line", msg: "Subject: x\r\nDate: y\r\n", date: true, rawLen: -1},
+		{name: "empty", msg: "", rawLen: 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h, err := readHeader(bufio.NewReader(strings.NewReader(tc.msg)), 1000)
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := tc.rawLen
+			if want < 0 {
+				want = len(tc.msg)
+			}
+			if h.hasMessageID != tc.msgID || h.hasDate != tc.date || h.tlsRequiredNo != tc.tlsRequiredNo || len(h.raw) != want {
+				t.Errorf("got id=%v date=%v tlsNo=%v raw=%q; want %v %v %v and %d bytes",
+					h.hasMessageID, h.hasDate, h.tlsRequiredNo, h.raw, tc.msgID, tc.date, tc.tlsRequiredNo, want)
+			}
+		})
+	}
+	_, err := readHeader(bufio.NewReader(strings.NewReader(strings.Repeat("X-A: b\r\n", 200))), 1000)
+	if !errors.Is(err, errHeaderTooLarge) {
+		t.Errorf("header of 1600 bytes with limit 1000: %v", err)
+	}
+}
+
+func TestBodyReaderEnforcesCRLF(t *testing.T) {
+	for _, tc := range []struct {
+		in, out string
+		err     error
+	}{
+		{in: "a\r\nb\r\n", out: "a\r\nb\r\n"},
+		{in: "a\r\nb", out: "a\r\nb\r\n"}, // BDAT without final CRLF
+		{in: "", out: ""},
+		{in: "a\nb\r\n", err: errBareLF},
+		{in: "a\rb\r\n", err: errBareCR},
+		{in: "a\r\nb\r", err: errBareCR},
+		{in: "\n", err: errBareLF},
+		{in: strings.Repeat("x", 11) + "\r\n", err: errLineTooLong},
+		{in: strings.Repeat("x", 8) + "\r\n", out: strings.Repeat("x", 8) + "\r\n"},
+	} {
+		// One byte per read, so that CR and LF fall into separate reads.
+		b := &bodyReader{r: &oneByteReader{s: tc.in}, maxLine: 10}
+		got, err := io.ReadAll(b)
+		if !errors.Is(err, tc.err) || (tc.err == nil && string(got) != tc.out) {
+			t.Errorf("%q: got %q, %v; want %q, %v", tc.in, got, err, tc.out, tc.err)
+		}
+	}
+}
+
+type oneByteReader struct{ s string }
+
+func (r *oneByteReader) Read(p []byte) (int, error) {
+	if r.s == "" {
+		return 0, io.EOF
+	}
+	p[0] = r.s[0]
+	r.s = r.s[1:]
+	return 1, nil
+}
+
+func TestClientKeyGroupsIPv6By64(t *testing.T) {
+	a := clientKey(netip.MustParseAddr("2001:db8:1:2::1"))
+	b := clientKey(netip.MustParseAddr("2001:db8:1:2:ffff::9"))
+	c := clientKey(netip.MustParseAddr("2001:db8:1:3::1"))
+	if a != b || a == c {
+		t.Errorf("keys %v %v %v: want the first two equal and the third different", a, b, c)
+	}
+	if v4a, v4b := clientKey(netip.MustParseAddr("192.0.2.1")), clientKey(netip.MustParseAddr("192.0.2.2")); v4a == v4b {
+		t.Error("two IPv4 clients share a key")
+	}
+}
+
+// An unknown user name must cost a bcrypt comparison like a known one,
+// or the reply time tells which names exist.
+func TestUnknownUserTakesAsLongAsWrongPassword(t *testing.T) {
+	h, _ := bcrypt.GenerateFromPassword([]byte("pw"), bcrypt.DefaultCost)
+	s := &Server{}
+	if err := s.SetUsers([]User{{Name: "known", PasswordHash: string(h)}}); err != nil {
+		t.Fatal(err)
+	}
+	db := s.users.Load()
+	measure := func(name string) time.Duration {
+		begin := time.Now()
+		if _, ok := db.authenticate(name, "wrong"); ok {
+			t.Fatal("authenticated with a wrong password")
+		}
+		return time.Since(begin)
+	}
+	known, unknown := measure("known"), measure("unknown")
+	if unknown < known/4 {
+		t.Errorf("unknown user took %v, known user with wrong password %v", unknown, known)
+	}
+	if _, ok := db.authenticate("known", "pw"); !ok {
+		t.Error("right password refused")
+	}
+}
+
+func TestAuthLimiterBlocksAfterBurstAndForgetsIdleClients(t *testing.T) {
+	l := newAuthLimiter()
+	k := clientKey(netip.MustParseAddr("192.0.2.7"))
+	other := clientKey(netip.MustParseAddr("192.0.2.8"))
+	for i := range authFailBurst {
+		if l.blocked(k) {
+			t.Fatalf("blocked after %d failures", i)
+		}
+		l.failed(k)
+	}
+	if !l.blocked(k) {
+		t.Fatal("not blocked after the burst")
+	}
+	if l.blocked(other) {
+		t.Fatal("another client blocked")
+	}
+	l.failed(other)
+
+	// The table stays bounded: clients whose allowance is full again are
+	// forgotten when it fills up.
+	clock := time.Now()
+	l.now = func() time.Time { return clock }
+	for i := range authLimiterSize {
+		l.failed(clientKey(netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)})))
+	}
+	clock = clock.Add(authFailBurst * authFailEvery)
+	l.failed(clientKey(netip.MustParseAddr("198.51.100.1")))
+	if len(l.m) != 1 {
+		t.Errorf("limiter remembers %d clients after forgetting idle ones, want 1", len(l.m))
+	}
+}
