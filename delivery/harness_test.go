@@ -38,7 +38,7 @@ type testMX struct {
 
 	mu         sync.Mutex
 	got        []received
-	sessions   int
+	conns      map[*smtp.Conn]bool
 	serverName []string // SNI of each TLS handshake
 
 	mailErr error
@@ -59,10 +59,10 @@ func withTLS(cert tls.Certificate) mxOption {
 
 func newMX(t testing.TB, opts ...mxOption) *testMX {
 	t.Helper()
-	m := &testMX{rcptErr: map[string]error{}}
+	m := &testMX{rcptErr: map[string]error{}, conns: map[*smtp.Conn]bool{}}
 	m.srv = smtp.NewServer(smtp.BackendFunc(func(c *smtp.Conn) (smtp.Session, error) {
 		m.mu.Lock()
-		m.sessions++
+		m.conns[c] = true
 		m.mu.Unlock()
 		return &mxSession{m: m, c: c}, nil
 	}))
@@ -86,7 +86,13 @@ func newMX(t testing.TB, opts ...mxOption) *testMX {
 	}
 	m.Addr = l.Addr().String()
 	go m.srv.Serve(l)
-	t.Cleanup(func() { m.srv.Close() })
+	t.Cleanup(func() {
+		// Shutdown, not Close: go-smtp's Close races with a connection
+		// still in its STARTTLS handler (go test -race sees it).
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		m.srv.Shutdown(ctx)
+	})
 	return m
 }
 
@@ -96,10 +102,11 @@ func (m *testMX) messages() []received {
 	return append([]received(nil), m.got...)
 }
 
+// sessionCount is how many connections reached EHLO.
 func (m *testMX) sessionCount() int {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	return m.sessions
+	return len(m.conns)
 }
 
 type mxSession struct {
@@ -398,3 +405,6 @@ type (
 	statusT    = queue.Status
 	smtpServer = smtp.Server
 )
+
+// testEnvCA is a CA of its own, for certificates only opportunistic TLS accepts.
+func testEnvCA(t *testing.T) *testpki.CA { return testpki.NewCA(t) }

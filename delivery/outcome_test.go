@@ -1,0 +1,522 @@
+package delivery
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"io"
+	"net"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/emersion/go-smtp"
+
+	"github.com/stsrelay/stsrelay/queue"
+)
+
+func smtpErr(code int, enh smtp.EnhancedCode, msg string) *smtp.SMTPError {
+	return &smtp.SMTPError{Code: code, EnhancedCode: enh, Message: msg}
+}
+
+func TestEachRecipientGetsItsOwnOutcome(t *testing.T) {
+	v, mx := oneMX(t)
+	mx.rcptErr["grey@example.test"] = smtpErr(451, smtp.EnhancedCode{4, 7, 1}, "greylisted, try later")
+	mx.rcptErr["gone@example.test"] = smtpErr(550, smtp.EnhancedCode{5, 1, 1}, "no such user")
+	st := deliver(t, v.engine(), testJob("example.test", "ok@example.test", "grey@example.test", "gone@example.test"))
+	wantStatus(t, st[0], 250, "2.0.0", "mx1.example.test[127.0.0.2]: 250 2.0.0")
+	wantStatus(t, st[1], 451, "4.7.1")
+	if want := "mx1.example.test[127.0.0.2]: 451 4.7.1 greylisted, try later"; st[1].Text != want {
+		t.Errorf("text = %q, want %q (DESIGN.md decision 6)", st[1].Text, want)
+	}
+	wantStatus(t, st[2], 550, "5.1.1", "no such user")
+	for i, s := range st {
+		if s.RemoteMTA != "mx1.example.test" {
+			t.Errorf("recipient %d: RemoteMTA = %q", i, s.RemoteMTA)
+		}
+	}
+	if m := mx.messages(); len(m) != 1 || !slices.Equal(m[0].rcpts, []string{"ok@example.test"}) {
+		t.Errorf("remote got %+v, want one message to ok@example.test", m)
+	}
+}
+
+func TestRcpt5xxDoesNotTryTheNextMX(t *testing.T) {
+	v := newEnv(t,
+		"example.test. 300 IN MX 10 mx1.example.test.",
+		"example.test. 300 IN MX 20 mx2.example.test.",
+		"mx1.example.test. 300 IN A 127.0.0.2",
+		"mx2.example.test. 300 IN A 127.0.0.3")
+	mx1, mx2 := newMX(t), newMX(t)
+	v.route("127.0.0.2", mx1.Addr)
+	v.route("127.0.0.3", mx2.Addr)
+	mx1.rcptErr["a@example.test"] = smtpErr(550, smtp.EnhancedCode{5, 1, 1}, "no such user")
+	st := deliver(t, v.engine(), testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 550, "5.1.1")
+	if mx2.sessionCount() != 0 {
+		t.Error("the next MX was tried after a 5xx to RCPT")
+	}
+}
+
+func TestMail5xxFailsEveryRecipient(t *testing.T) {
+	v, mx := oneMX(t)
+	mx.mailErr = smtpErr(550, smtp.EnhancedCode{5, 7, 1}, "sender rejected")
+	st := deliver(t, v.engine(), testJob("example.test", "a@example.test", "b@example.test"))
+	for _, s := range st {
+		wantStatus(t, s, 550, "5.7.1", "sender rejected")
+	}
+}
+
+func TestReplyWithoutEnhancedCodeGetsTheClassCode(t *testing.T) {
+	v, mx := oneMX(t)
+	mx.mailErr = smtpErr(452, smtp.NoEnhancedCode, "too busy")
+	st := deliver(t, v.engine(), testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 452, "4.0.0", "too busy")
+}
+
+func Test421MidTransactionDefersTheWholeTransaction(t *testing.T) {
+	v, mx := oneMX(t)
+	mx.rcptErr["b@example.test"] = smtpErr(421, smtp.EnhancedCode{4, 3, 2}, "shutting down")
+	mx.rcptErr["c@example.test"] = smtpErr(550, smtp.EnhancedCode{5, 1, 1}, "no such user")
+	job := testJob("example.test", "c@example.test", "a@example.test", "b@example.test", "d@example.test")
+	st := deliver(t, v.engine(), job)
+	wantStatus(t, st[0], 550, "5.1.1") // answered for good before the 421
+	for _, s := range st[1:] {
+		wantStatus(t, s, 421, "4.3.2", "shutting down")
+	}
+	if len(mx.messages()) != 0 {
+		t.Error("message sent after a 421")
+	}
+}
+
+func TestDroppedConnectionDefersTheWholeTransaction(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		setup func(mx *testMX)
+		want  string
+	}{
+		{"during RCPT", func(mx *testMX) {
+			mx.rcptHook = func(c *smtp.Conn, to string) {
+				if to == "b@example.test" {
+					c.Conn().Close()
+				}
+			}
+		}, "connection lost after RCPT"},
+		{"after DATA", func(mx *testMX) {
+			mx.dataHook = func(c *smtp.Conn) { c.Conn().Close() }
+		}, "connection lost after end of data"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			v, mx := oneMX(t)
+			tc.setup(mx)
+			st := deliver(t, v.engine(), testJob("example.test", "a@example.test", "b@example.test"))
+			for _, s := range st {
+				wantStatus(t, s, 451, "4.4.2", "mx1.example.test[127.0.0.2]: "+tc.want)
+			}
+		})
+	}
+}
+
+func TestDataRejectionAppliesToAcceptedRecipients(t *testing.T) {
+	v, mx := oneMX(t)
+	mx.dataErr = smtpErr(554, smtp.EnhancedCode{5, 7, 1}, "spam detected")
+	mx.rcptErr["b@example.test"] = smtpErr(450, smtp.EnhancedCode{4, 2, 1}, "mailbox busy")
+	st := deliver(t, v.engine(), testJob("example.test", "a@example.test", "b@example.test"))
+	wantStatus(t, st[0], 554, "5.7.1", "spam detected")
+	wantStatus(t, st[1], 450, "4.2.1", "mailbox busy")
+}
+
+func TestGreetingRefusalTriesTheNextMX(t *testing.T) {
+	for _, greeting := range []string{"421 4.3.2 too busy", "554 no SMTP service here"} {
+		t.Run(greeting[:3], func(t *testing.T) {
+			v := newEnv(t,
+				"example.test. 300 IN MX 10 mx1.example.test.",
+				"example.test. 300 IN MX 20 mx2.example.test.",
+				"mx1.example.test. 300 IN A 127.0.0.2",
+				"mx1.example.test. 300 IN A 127.0.0.4",
+				"mx2.example.test. 300 IN A 127.0.0.3")
+			busy := rawServer(t, func(c net.Conn) { io.WriteString(c, greeting+"\r\n") })
+			mx2 := newMX(t)
+			v.route("127.0.0.2", busy)
+			v.route("127.0.0.4", busy)
+			v.route("127.0.0.3", mx2.Addr)
+			st := deliver(t, v.engine(), testJob("example.test", "a@example.test"))
+			wantStatus(t, st[0], 250, "2.0.0", "mx2.example.test")
+		})
+	}
+}
+
+func TestConnectionIsReusedForTheNextMessageToTheDomain(t *testing.T) {
+	v, mx := oneMX(t, withTLS(mustCert(t)))
+	e := v.engine(func(o *Options) { o.IdleTimeout = 5 * time.Second })
+	for range 3 {
+		st := deliver(t, e, testJob("example.test", "a@example.test"))
+		wantStatus(t, st[0], 250, "2.0.0")
+	}
+	if n, m := mx.sessionCount(), len(mx.messages()); n != 1 || m != 3 {
+		t.Errorf("%d messages over %d connections, want 3 over 1", m, n)
+	}
+	if !strings.Contains(v.logs.String(), "reused=true") {
+		t.Error("log does not say the connection was reused")
+	}
+}
+
+func TestIdleConnectionClosedAfterIdleTimeout(t *testing.T) {
+	v, mx := oneMX(t)
+	e := v.engine(func(o *Options) { o.IdleTimeout = 100 * time.Millisecond })
+	deliver(t, e, testJob("example.test", "a@example.test"))
+	time.Sleep(400 * time.Millisecond)
+	deliver(t, e, testJob("example.test", "a@example.test"))
+	if n := mx.sessionCount(); n != 2 {
+		t.Errorf("%d connections, want 2 (the idle one expired)", n)
+	}
+}
+
+func TestDeadIdleConnectionIsReplaced(t *testing.T) {
+	v, mx := oneMX(t)
+	e := v.engine(func(o *Options) { o.IdleTimeout = 5 * time.Second })
+	var conns []net.Conn
+	mx.rcptHook = func(c *smtp.Conn, _ string) { conns = append(conns, c.Conn()) }
+	deliver(t, e, testJob("example.test", "a@example.test"))
+	conns[0].Close() // the remote hangs up while we hold the connection idle
+	st := deliver(t, e, testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 250, "2.0.0")
+	if n := mx.sessionCount(); n != 2 {
+		t.Errorf("%d connections, want 2", n)
+	}
+}
+
+func TestRequirementChangeDoesNotReuseConnection(t *testing.T) {
+	v, mx := oneMX(t, withTLS(mustCert(t)))
+	req := Requirement{}
+	e := v.engine(func(o *Options) {
+		o.IdleTimeout = 5 * time.Second
+		o.Policy = policyFunc(func(_ ctxT, _ string, mxs []MX) ([]Requirement, error) {
+			return []Requirement{req}, nil
+		})
+	})
+	deliver(t, e, testJob("example.test", "a@example.test"))
+	req = Requirement{Security: SecurityEncrypt, Source: SourceSTS}
+	deliver(t, e, testJob("example.test", "a@example.test"))
+	if n := mx.sessionCount(); n != 2 {
+		t.Errorf("%d connections, want 2: a connection made under one requirement must not carry mail under another", n)
+	}
+}
+
+func TestMaxConnsPerDomainMakesRoomByClosingIdle(t *testing.T) {
+	v, mx := oneMX(t)
+	e := v.engine(func(o *Options) { o.IdleTimeout = 5 * time.Second; o.MaxConnsPerDomain = 1 })
+	deliver(t, e, testJob("example.test", "a@example.test"))
+	job := testJob("example.test", "a@example.test")
+	job.Envelope.SMTPUTF8 = false
+	// A different requirement key needs a new connection; the idle one
+	// must give up its slot rather than block.
+	e.opts.Overrides = nil
+	e.overrides["example.test"] = SecurityNone
+	st := deliver(t, e, job)
+	wantStatus(t, st[0], 250, "2.0.0")
+	if n := mx.sessionCount(); n != 2 {
+		t.Errorf("%d connections, want 2", n)
+	}
+}
+
+func TestSMTPUTF8MessageFailsPermanentlyWhenRemoteLacksIt(t *testing.T) {
+	v, mx := oneMX(t)
+	job := testJob("example.test", "jöran@example.test")
+	st := deliver(t, v.engine(), job)
+	wantStatus(t, st[0], 550, "5.6.7", "SMTPUTF8 not supported")
+	if len(mx.messages()) != 0 {
+		t.Error("message sent to a remote without SMTPUTF8")
+	}
+
+	mx.srv.EnableSMTPUTF8 = true
+	st = deliver(t, v.engine(), job)
+	wantStatus(t, st[0], 250, "2.0.0")
+	if m := mx.messages(); len(m) != 1 || !m[0].mail.UTF8 {
+		t.Errorf("want one message with MAIL … SMTPUTF8, got %+v", m)
+	}
+}
+
+func TestDSNParametersPassedToDSNCapableRemote(t *testing.T) {
+	v, mx := oneMX(t)
+	mx.srv.EnableDSN = true
+	job := testJob("example.test", "a@example.test", "b@example.test")
+	job.Envelope.Ret, job.Envelope.EnvID = "HDRS", "QQ+2B314"
+	job.Recipients[0].Notify = []string{"SUCCESS", "FAILURE"}
+	job.Recipients[0].ORcpt = "rfc822;orig+2Ba@example.test"
+	job.Recipients[1].Notify = []string{"NEVER"}
+	st := deliver(t, v.engine(), job)
+	for _, s := range st {
+		wantStatus(t, s, 250, "2.0.0")
+		if s.Relayed {
+			t.Error("Relayed set although the remote supports DSN")
+		}
+	}
+	m := mx.messages()
+	if len(m) != 1 {
+		t.Fatalf("got %d messages", len(m))
+	}
+	if m[0].mail.Return != smtp.DSNReturnHeaders || m[0].mail.EnvelopeID != "QQ+314" {
+		t.Errorf("MAIL RET=%q ENVID=%q, want HDRS and QQ+314", m[0].mail.Return, m[0].mail.EnvelopeID)
+	}
+	r0 := m[0].rcptOpts[0]
+	if !slices.Equal(r0.Notify, []smtp.DSNNotify{"SUCCESS", "FAILURE"}) || r0.OriginalRecipient != "orig+a@example.test" ||
+		r0.OriginalRecipientType != smtp.DSNAddressTypeRFC822 {
+		t.Errorf("RCPT 1 options %+v, want NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;orig+a@example.test", r0)
+	}
+	if !slices.Equal(m[0].rcptOpts[1].Notify, []smtp.DSNNotify{"NEVER"}) {
+		t.Errorf("RCPT 2 NOTIFY = %v, want NEVER", m[0].rcptOpts[1].Notify)
+	}
+}
+
+func TestRelayedWhenRemoteLacksDSNAndNotifyHasSuccess(t *testing.T) {
+	v, mx := oneMX(t)
+	job := testJob("example.test", "a@example.test", "b@example.test")
+	job.Recipients[0].Notify = []string{"success"}
+	job.Recipients[1].Notify = []string{"FAILURE"}
+	st := deliver(t, v.engine(), job)
+	if !st[0].Relayed || st[1].Relayed {
+		t.Errorf("Relayed = %t, %t; want true for NOTIFY=SUCCESS only", st[0].Relayed, st[1].Relayed)
+	}
+	if m := mx.messages(); len(m) != 1 || m[0].rcptOpts[0].Notify != nil {
+		t.Errorf("DSN parameters sent to a remote without DSN: %+v", m)
+	}
+}
+
+func TestSizeAndEightBitPassedWhenSupported(t *testing.T) {
+	v, mx := oneMX(t)
+	mx.srv.MaxMessageBytes = 1 << 20
+	job := testJob("example.test", "a@example.test")
+	job.Envelope.Body8Bit = true
+	deliver(t, v.engine(), job)
+	m := mx.messages()
+	if len(m) != 1 || m[0].mail.Size != job.Size || m[0].mail.Body != smtp.Body8BitMIME {
+		t.Errorf("MAIL options %+v, want SIZE=%d BODY=8BITMIME", m, job.Size)
+	}
+}
+
+func TestUnreadableQueueFileDefersWithoutConnecting(t *testing.T) {
+	v, mx := oneMX(t)
+	job := testJob("example.test", "a@example.test")
+	job.Open = func() (io.ReadCloser, error) { return nil, io.ErrUnexpectedEOF }
+	st := deliver(t, v.engine(), job)
+	wantStatus(t, st[0], 451, "4.3.0", "reading the queued message")
+	if mx.sessionCount() != 0 {
+		t.Error("connected although the message cannot be read")
+	}
+}
+
+// mustCert is a certificate nobody in particular trusts, for opportunistic TLS.
+func mustCert(t *testing.T) tls.Certificate {
+	return testEnvCA(t).Issue(t, "mx1.example.test")
+}
+
+// --- REQUIRETLS (RFC 8689) ---
+
+func requireTLSJob() *queue.Job {
+	j := testJob("example.test", "a@example.test")
+	j.Envelope.RequireTLS = true
+	return j
+}
+
+func TestRequireTLSDeliveredWhenEveryConditionHolds(t *testing.T) {
+	v, mx := oneMX(t)
+	mx.srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{v.ca.Issue(t, "mx1.example.test")}}
+	mx.srv.EnableREQUIRETLS = true
+	e := v.engine(func(o *Options) { o.Policy = everyMX(Requirement{MXValidated: true}) })
+	st := deliver(t, e, requireTLSJob())
+	wantStatus(t, st[0], 250, "2.0.0")
+	if m := mx.messages(); len(m) != 1 || !m[0].mail.RequireTLS || !m[0].tls {
+		t.Errorf("want one message over TLS with MAIL … REQUIRETLS, got %+v", m)
+	}
+}
+
+func TestRequireTLSFailsPermanentlyWhenNoHostQualifies(t *testing.T) {
+	for _, tc := range []struct {
+		name        string
+		validated   bool
+		cert        string // "" = no STARTTLS
+		requireTLS  bool   // remote advertises REQUIRETLS
+		want        string
+		wantSession bool
+	}{
+		{"MX not validated", false, "mx1.example.test", true, "MX host not validated by DNSSEC or MTA-STS", false},
+		{"no STARTTLS", true, "", true, "STARTTLS not offered", true},
+		{"certificate for another name", true, "other.example.test", true, "certificate not valid for the MX host name", true},
+		{"REQUIRETLS not advertised", true, "mx1.example.test", false, "REQUIRETLS not supported", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			v, mx := oneMX(t)
+			if tc.cert != "" {
+				mx.srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{v.ca.Issue(t, tc.cert)}}
+			}
+			mx.srv.EnableREQUIRETLS = tc.requireTLS
+			e := v.engine(func(o *Options) { o.Policy = everyMX(Requirement{MXValidated: tc.validated}) })
+			st := deliver(t, e, requireTLSJob())
+			wantStatus(t, st[0], 550, "5.7.30", tc.want)
+			if len(mx.messages()) != 0 {
+				t.Error("a REQUIRETLS message was sent")
+			}
+			if (mx.sessionCount() > 0) != tc.wantSession {
+				t.Errorf("%d sessions, want some: %t", mx.sessionCount(), tc.wantSession)
+			}
+		})
+	}
+}
+
+func TestRequireTLSNeverFallsBackToPlaintext(t *testing.T) {
+	v, mx := oneMX(t, brokenTLS(t))
+	e := v.engine(func(o *Options) { o.Policy = everyMX(Requirement{MXValidated: true}) })
+	st := deliver(t, e, requireTLSJob())
+	wantStatus(t, st[0], 550, "5.7.30", "TLS handshake failed")
+	if mx.sessionCount() != 1 || len(mx.messages()) != 0 {
+		t.Errorf("%d sessions, %d messages; want 1 and 0", mx.sessionCount(), len(mx.messages()))
+	}
+}
+
+func TestRequireTLSDefersWhenAHostWasUnreachable(t *testing.T) {
+	// One host lacks REQUIRETLS, the better one did not answer: it may
+	// qualify next time, so this is not yet a permanent failure.
+	v := newEnv(t,
+		"example.test. 300 IN MX 10 mx1.example.test.",
+		"example.test. 300 IN MX 20 mx2.example.test.",
+		"mx1.example.test. 300 IN A 127.0.0.2",
+		"mx2.example.test. 300 IN A 127.0.0.3")
+	mx2 := newMX(t, withTLS(v.ca.Issue(t, "mx2.example.test")))
+	v.route("127.0.0.3", mx2.Addr)
+	e := v.engine(func(o *Options) { o.Policy = everyMX(Requirement{MXValidated: true}) })
+	st := deliver(t, e, requireTLSJob())
+	wantStatus(t, st[0], 451, "4.4.1", "connection refused", "REQUIRETLS not supported")
+}
+
+func TestNoTLSPolicyMessageIgnoresMTASTSButStillUsesTLS(t *testing.T) {
+	v, mx := oneMX(t)
+	mx.srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{v.ca.Issue(t, "wrong.example.test")}}
+	e := v.engine(func(o *Options) { o.Policy = everyMX(Requirement{Security: SecurityVerify, Source: SourceSTS}) })
+	job := testJob("example.test", "a@example.test")
+	st := deliver(t, e, job)
+	wantStatus(t, st[0], 451, "4.4.8") // without the header: enforced
+
+	job.Envelope.NoTLSPolicy = true
+	st = deliver(t, e, job)
+	wantStatus(t, st[0], 250, "2.0.0")
+	if m := mx.messages(); len(m) != 1 || !m[0].tls {
+		t.Errorf("want one message over TLS, got %+v", m)
+	}
+}
+
+// --- remotes that misbehave ---
+
+func TestRemoteThatIsNotSMTPDefers(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		handle func(c net.Conn)
+		want   string
+	}{
+		{"HTTP server", func(c net.Conn) {
+			io.WriteString(c, "HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+		}, "malformed reply waiting for the greeting"},
+		{"binary garbage", func(c net.Conn) {
+			c.Write([]byte{0x16, 0x03, 0x01, 0x00, 0xff, '\r', '\n'})
+		}, "malformed reply waiting for the greeting"},
+		{"multi-megabyte line", func(c net.Conn) {
+			io.WriteString(c, "220 ")
+			line := strings.Repeat("x", 1<<20)
+			for range 8 {
+				if _, err := io.WriteString(c, line); err != nil {
+					return
+				}
+			}
+		}, "reply too long waiting for the greeting"},
+		{"endless multi-line reply", func(c net.Conn) {
+			for {
+				if _, err := io.WriteString(c, "220-still greeting you\r\n"); err != nil {
+					return
+				}
+			}
+		}, "reply too long waiting for the greeting"},
+		{"endless EHLO reply", func(c net.Conn) {
+			io.WriteString(c, "220 mx ESMTP\r\n")
+			bufio.NewReader(c).ReadString('\n')
+			for {
+				if _, err := io.WriteString(c, "250-PIPELINING\r\n"); err != nil {
+					return
+				}
+			}
+		}, "reply too long EHLO"},
+		{"hangs up after greeting", func(c net.Conn) {
+			io.WriteString(c, "220 mx ESMTP\r\n")
+		}, "connection lost EHLO"},
+		{"data after STARTTLS reply", func(c net.Conn) {
+			r := bufio.NewReader(c)
+			io.WriteString(c, "220 mx ESMTP\r\n")
+			r.ReadString('\n')
+			io.WriteString(c, "250-mx\r\n250 STARTTLS\r\n")
+			r.ReadString('\n')
+			io.WriteString(c, "220 go ahead\r\n250 injected\r\n")
+			r.ReadString('\n')
+		}, "data after the STARTTLS reply"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			v := newEnv(t,
+				"example.test. 300 IN MX 10 mx1.example.test.",
+				"mx1.example.test. 300 IN A 127.0.0.2")
+			v.route("127.0.0.2", rawServer(t, tc.handle))
+			start := time.Now()
+			st := deliver(t, v.engine(), testJob("example.test", "a@example.test"))
+			wantStatus(t, st[0], 451, "4.4.2", "mx1.example.test[127.0.0.2]: "+tc.want)
+			if d := time.Since(start); d > 3*time.Second {
+				t.Errorf("took %v", d)
+			}
+		})
+	}
+}
+
+func TestSilentRemotesTimeOut(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		setup  func(v *testEnv, mx *testMX)
+		adjust func(o *Options)
+		want   string
+	}{
+		{"no greeting", func(v *testEnv, _ *testMX) {
+			v.route("127.0.0.2", rawServer(t, func(c net.Conn) { time.Sleep(3 * time.Second) }))
+		}, func(o *Options) { o.Timeouts.Greeting = 200 * time.Millisecond }, "timeout waiting for the greeting"},
+		{"slow RCPT", func(_ *testEnv, mx *testMX) {
+			mx.rcptHook = func(*smtp.Conn, string) { time.Sleep(time.Second) }
+		}, func(o *Options) { o.Timeouts.Rcpt = 200 * time.Millisecond }, "timeout after RCPT"},
+		{"slow final reply", func(_ *testEnv, mx *testMX) {
+			mx.dataHook = func(*smtp.Conn) { time.Sleep(time.Second) }
+		}, func(o *Options) { o.Timeouts.DataFinal = 200 * time.Millisecond }, "timeout after end of data"},
+		{"connect", func(v *testEnv, _ *testMX) {
+			v.blackhole["127.0.0.2"] = true
+		}, func(o *Options) { o.ConnectTimeout = 200 * time.Millisecond }, "connection timed out"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			v, mx := oneMX(t)
+			tc.setup(v, mx)
+			start := time.Now()
+			st := deliver(t, v.engine(tc.adjust), testJob("example.test", "a@example.test"))
+			if d := time.Since(start); d > 900*time.Millisecond {
+				t.Errorf("took %v, want about the 200ms timeout", d)
+			}
+			if !strings.Contains(st[0].Text, tc.want) || st[0].Code != 451 {
+				t.Errorf("status %q, want 451 … %s", st[0], tc.want)
+			}
+		})
+	}
+}
+
+func TestCancelledContextStopsDeliveryPromptly(t *testing.T) {
+	v, _ := oneMX(t)
+	v.route("127.0.0.2", rawServer(t, func(c net.Conn) { time.Sleep(5 * time.Second) }))
+	e := v.engine(func(o *Options) { o.Timeouts.Greeting = time.Minute })
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	st := e.Deliver(ctx, testJob("example.test", "a@example.test"))
+	if d := time.Since(start); d > time.Second {
+		t.Errorf("Deliver took %v after its context ended", d)
+	}
+	wantStatus(t, st[0], 451, "4.4.2", "interrupted")
+}
