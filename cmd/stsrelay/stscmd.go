@@ -1,0 +1,173 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/url"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/stsrelay/stsrelay/sts"
+)
+
+const stsHelp = `
+Sts lists and manages the MTA-STS policy cache of the running relay, through
+its control socket. It never opens the database itself.
+
+The commands are:
+
+	list     list the cached policies
+	show     show the cached policy of a domain
+	refresh  fetch the policy of a domain now, ignoring the cache
+	purge    forget the cached policy of a domain
+
+Use "stsrelay sts <command> -help" for more information about a command.`
+
+// stsTimeout bounds one call to the daemon; a refresh includes a fetch.
+const stsTimeout = time.Minute
+
+func runSTS(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprintf(stderr, "usage: stsrelay sts <command> [arguments]\n%s\n", stsHelp)
+		return 2
+	}
+	switch args[0] {
+	case "-h", "-help", "--help", "help":
+		fmt.Fprintf(stderr, "usage: stsrelay sts <command> [arguments]\n%s\n", stsHelp)
+		return 0
+	case "list":
+		return runSTSList(args[1:], stdout, stderr)
+	case "show":
+		return runSTSDomain("show", "GET", "", args[1:], stdout, stderr, `
+Show prints the relay's cached MTA-STS policy of a domain: its id, mode, mx
+patterns, when it was fetched and when it expires.`)
+	case "refresh":
+		return runSTSDomain("refresh", "POST", "/refresh", args[1:], stdout, stderr, `
+Refresh makes the relay look up the domain's _mta-sts TXT record and fetch
+its policy now, even when the cached policy is current or a fetch failed
+less than 5 minutes ago, and prints the result.`)
+	case "purge":
+		return runSTSDomain("purge", "DELETE", "", args[1:], stdout, stderr, `
+Purge makes the relay forget the cached MTA-STS policy of a domain, in memory
+and on disk. The next delivery to the domain discovers its policy afresh.
+Purging an enforce policy drops its protection until then.`)
+	}
+	fmt.Fprintf(stderr, "stsrelay sts %s: unknown command\nRun 'stsrelay sts -help' for usage.\n", args[0])
+	return 2
+}
+
+func runSTSList(args []string, stdout, stderr io.Writer) int {
+	fs := newFlagSet("sts list", "sts list [-config file] [-json]", `
+List prints the MTA-STS policies cached by the running relay, one per line.`, stderr)
+	cfgPath := configFlag(fs)
+	asJSON := fs.Bool("json", false, "print JSON")
+	if code := parseFlags(fs, args); code >= 0 {
+		return code
+	}
+	if fs.NArg() != 0 {
+		fs.Usage()
+		return 2
+	}
+	c, err := controlClient(*cfgPath)
+	if err != nil {
+		return fail(stderr, "sts list: %v", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), stsTimeout)
+	defer cancel()
+	var list []sts.PolicyInfo
+	if err := c.Call(ctx, "GET", "/sts", nil, &list); err != nil {
+		return fail(stderr, "sts list: %v", err)
+	}
+	if *asJSON {
+		return printJSON(stdout, stderr, list)
+	}
+	if len(list) == 0 {
+		fmt.Fprintln(stdout, "no cached MTA-STS policies")
+		return 0
+	}
+	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "DOMAIN\tMODE\tID\tEXPIRES\tMX")
+	for _, p := range list {
+		expires := p.Expires.UTC().Format(time.RFC3339)
+		if p.Expired {
+			expires += " (expired)"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", p.Domain, p.Mode, p.ID, expires, strings.Join(p.MX, " "))
+	}
+	tw.Flush()
+	return 0
+}
+
+// runSTSDomain runs show, refresh and purge: one call about one domain.
+func runSTSDomain(name, method, suffix string, args []string, stdout, stderr io.Writer, help string) int {
+	fs := newFlagSet("sts "+name, "sts "+name+" [-config file] [-json] domain", help, stderr)
+	cfgPath := configFlag(fs)
+	asJSON := fs.Bool("json", false, "print JSON")
+	if code := parseFlags(fs, args); code >= 0 {
+		return code
+	}
+	if fs.NArg() != 1 || fs.Arg(0) == "" {
+		fs.Usage()
+		return 2
+	}
+	domain := fs.Arg(0)
+	c, err := controlClient(*cfgPath)
+	if err != nil {
+		return fail(stderr, "sts %s: %v", name, err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), stsTimeout)
+	defer cancel()
+	path := "/sts/" + url.PathEscape(domain) + suffix
+	if method == "DELETE" {
+		var out map[string]string
+		if err := c.Call(ctx, method, path, nil, &out); err != nil {
+			return fail(stderr, "sts %s: %v", name, err)
+		}
+		if *asJSON {
+			return printJSON(stdout, stderr, out)
+		}
+		fmt.Fprintf(stdout, "purged the cached MTA-STS policy of %s\n", domain)
+		return 0
+	}
+	var info sts.PolicyInfo
+	if err := c.Call(ctx, method, path, nil, &info); err != nil {
+		return fail(stderr, "sts %s: %v", name, err)
+	}
+	if *asJSON {
+		return printJSON(stdout, stderr, info)
+	}
+	printPolicyInfo(stdout, &info)
+	return 0
+}
+
+func printPolicyInfo(w io.Writer, p *sts.PolicyInfo) {
+	state := "in force"
+	if p.Expired {
+		state = "expired"
+	}
+	fmt.Fprintf(w, "domain:    %s\n", p.Domain)
+	fmt.Fprintf(w, "id:        %s\n", p.ID)
+	fmt.Fprintf(w, "mode:      %s\n", p.Mode)
+	fmt.Fprintf(w, "mx:        %s\n", strings.Join(p.MX, " "))
+	fmt.Fprintf(w, "max_age:   %ds\n", p.MaxAge)
+	fmt.Fprintf(w, "fetched:   %s\n", p.Fetched.UTC().Format(time.RFC3339))
+	fmt.Fprintf(w, "expires:   %s (%s)\n", p.Expires.UTC().Format(time.RFC3339), state)
+	if !p.LastUsed.IsZero() {
+		fmt.Fprintf(w, "last used: %s\n", p.LastUsed.UTC().Format(time.RFC3339))
+	}
+	if p.LastError != "" {
+		fmt.Fprintf(w, "last fetch failed: %s\n", p.LastError)
+	}
+}
+
+func printJSON(stdout, stderr io.Writer, v any) int {
+	enc := json.NewEncoder(stdout)
+	enc.SetIndent("", "  ")
+	if err := enc.Encode(v); err != nil {
+		return fail(stderr, "%v", err)
+	}
+	return 0
+}
