@@ -78,7 +78,8 @@ func (s *Server) SetUsers(users []User) error {
 		db.users[u.Name] = &u
 	}
 	if cost == 0 {
-		cost = PasswordCost
+		s.users.Store(db) // no users: AUTH is not offered, no dummy needed
+		return nil
 	}
 	if old := s.users.Load(); old != nil {
 		if c, _ := bcrypt.Cost(old.dummyHash); c == cost {

@@ -31,6 +31,10 @@ type memQueue struct {
 	msgs []stored
 	fail error
 	next int
+	// hang makes Enqueue wait for its context, as a stuck disk would;
+	// returned is closed when such an Enqueue has returned.
+	hang     bool
+	returned chan struct{}
 }
 
 type stored struct {
@@ -46,6 +50,14 @@ func (q *memQueue) Enqueue(ctx context.Context, env queue.Envelope, body io.Read
 	}
 	q.mu.Lock()
 	defer q.mu.Unlock()
+	if q.hang {
+		q.mu.Unlock()
+		<-ctx.Done()
+		time.Sleep(100 * time.Millisecond) // slow to notice
+		close(q.returned)
+		q.mu.Lock()
+		return "", ctx.Err()
+	}
 	if q.fail != nil {
 		return "", q.fail
 	}

@@ -305,3 +305,31 @@ func TestLoadCertificateNamesMissingFile(t *testing.T) {
 		t.Fatalf("LoadCertificate: %v, want an error naming %s", err, missing)
 	}
 }
+
+// main closes the queue after Shutdown: no Enqueue may still be running.
+func TestShutdownWaitsForEnqueueToReturn(t *testing.T) {
+	e := start(t, func(o *Options) { o.TrustedNetworks = append(o.TrustedNetworks, mustPrefix(t, "127.0.0.1/32")) })
+	e.q.mu.Lock()
+	e.q.hang, e.q.returned = true, make(chan struct{})
+	e.q.mu.Unlock()
+	d := dial(t, e.srv.Addr())
+	d.cmd("EHLO client.test", "250")
+	d.cmd("MAIL FROM:<a@example.com>", "250")
+	d.cmd("RCPT TO:<b@example.org>", "250")
+	d.cmd("DATA", "354")
+	d.write(testMessage + ".\r\n")
+	time.Sleep(100 * time.Millisecond) // let it reach Enqueue
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	if err := e.srv.Shutdown(ctx); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Shutdown: %v", err)
+	}
+	select {
+	case <-e.q.returned:
+	default:
+		t.Fatal("Shutdown returned while Enqueue was still running")
+	}
+	if r, _ := io.ReadAll(d.r); strings.Contains(string(r), "250") {
+		t.Fatalf("client was told %q", r)
+	}
+}

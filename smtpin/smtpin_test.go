@@ -397,9 +397,28 @@ func TestSmugglingAttemptsRejected(t *testing.T) {
 			d.cmd("NOOP", "250")
 		})
 	}
+	t.Run("BDAT", func(t *testing.T) {
+		d := dial(t, e.srv.Addr())
+		d.cmd("EHLO client.test", "250")
+		d.cmd("MAIL FROM:<a@example.com>", "250")
+		d.cmd("RCPT TO:<b@example.org>", "250")
+		chunk := "Subject: first\r\n\r\nfirst\n.\nMAIL FROM:<admin@example.com>\r\n"
+		d.write("BDAT " + itoa(len(chunk)) + " LAST\r\n" + chunk)
+		d.expect("554 5.5.2")
+		d.cmd("NOOP", "250")
+	})
 	if n := len(e.q.stored()); n != 0 {
 		t.Fatalf("queue holds %d messages", n)
 	}
+}
+
+func TestAuthNotOfferedWithoutUsers(t *testing.T) {
+	e := start(t, func(o *Options) { o.Users = nil })
+	c := e.client(t, true)
+	if ok, _ := c.Extension("AUTH"); ok {
+		t.Fatal("AUTH offered with no users configured")
+	}
+	wantCode(t, c.Auth(plainAuth()), 502, "5.7.0")
 }
 
 func TestQueueFailureAnswers451(t *testing.T) {
