@@ -1,0 +1,342 @@
+package resolve
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/miekg/dns"
+
+	"github.com/stsrelay/stsrelay/internal/dnstest"
+)
+
+func newResolver(t *testing.T, servers ...*dnstest.Server) *Resolver {
+	t.Helper()
+	var addrs []string
+	for _, s := range servers {
+		addrs = append(addrs, s.Addr)
+	}
+	r, err := New(Config{Servers: addrs, Timeout: 300 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+func lookupErr(t *testing.T, err error) *Error {
+	t.Helper()
+	var e *Error
+	if !errors.As(err, &e) {
+		t.Fatalf("error %v (%T) is not a *resolve.Error", err, err)
+	}
+	return e
+}
+
+func TestLookupFollowsCNAMEChain(t *testing.T) {
+	s := dnstest.New(t,
+		"mx.example.com. 300 IN CNAME a.provider.net.",
+		"a.provider.net. 300 IN CNAME b.provider.net.",
+		"b.provider.net. 300 IN A 192.0.2.1")
+	res, err := newResolver(t, s).Lookup(t.Context(), "MX.example.com", dns.TypeA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Name != "mx.example.com." || res.Final != "b.provider.net." ||
+		!slices.Equal(res.CNAMEs, []string{"a.provider.net.", "b.provider.net."}) {
+		t.Errorf("got Name %q Final %q CNAMEs %q", res.Name, res.Final, res.CNAMEs)
+	}
+	if len(res.Records) != 1 || res.Records[0].(*dns.A).A.String() != "192.0.2.1" {
+		t.Errorf("records %v, want the A record of the final name", res.Records)
+	}
+}
+
+func TestLookupCNAMELoopIsATemporaryError(t *testing.T) {
+	s := dnstest.New(t,
+		"a.example.com. 300 IN CNAME b.example.com.",
+		"b.example.com. 300 IN CNAME a.example.com.")
+	_, err := newResolver(t, s).Lookup(t.Context(), "a.example.com", dns.TypeA)
+	e := lookupErr(t, err)
+	if e.NotFound || !e.Temporary() || !strings.Contains(err.Error(), "CNAME chain too long or looping") {
+		t.Errorf("err = %v, want a temporary CNAME loop error", err)
+	}
+}
+
+func TestLookupAbsurdCNAMEChainIsBounded(t *testing.T) {
+	var recs []string
+	for i := range 12 {
+		recs = append(recs, fmt.Sprintf("c%d.example.com. 300 IN CNAME c%d.example.com.", i, i+1))
+	}
+	recs = append(recs, "c12.example.com. 300 IN A 192.0.2.1")
+	s := dnstest.New(t, recs...)
+	_, err := newResolver(t, s).Lookup(t.Context(), "c0.example.com", dns.TypeA)
+	if e := lookupErr(t, err); e.NotFound || !strings.Contains(err.Error(), "too long") {
+		t.Errorf("err = %v, want a chain-too-long error", err)
+	}
+
+	// A chain of maxCNAMEs aliases is still fine.
+	res, err := newResolver(t, s).Lookup(t.Context(), fmt.Sprintf("c%d.example.com", 12-maxCNAMEs), dns.TypeA)
+	if err != nil || len(res.CNAMEs) != maxCNAMEs {
+		t.Errorf("chain of %d: %v, %v", maxCNAMEs, res, err)
+	}
+}
+
+func TestLookupCNAMEQuestionIsNotFollowed(t *testing.T) {
+	s := dnstest.New(t,
+		"a.example.com. 300 IN CNAME b.example.com.",
+		"b.example.com. 300 IN A 192.0.2.1")
+	res, err := newResolver(t, s).Lookup(t.Context(), "a.example.com", dns.TypeCNAME)
+	if err != nil || len(res.Records) != 1 || res.Final != "a.example.com." {
+		t.Errorf("got %+v, %v; want the CNAME record itself", res, err)
+	}
+}
+
+func TestTruncatedAnswerIsRetriedOverTCP(t *testing.T) {
+	s := dnstest.New(t, "example.com. 300 IN MX 10 mx.example.com.")
+	s.SetFault("example.com", dns.TypeMX, dnstest.FaultTruncate)
+	mxs, _, err := newResolver(t, s).MX(t.Context(), "example.com")
+	if err != nil || len(mxs) != 1 || mxs[0].Mx != "mx.example.com." {
+		t.Fatalf("MX = %v, %v; want the record, fetched over TCP", mxs, err)
+	}
+	if n := s.Queries("example.com", dns.TypeMX); n != 2 {
+		t.Errorf("%d queries, want 2 (UDP truncated, then TCP)", n)
+	}
+}
+
+func TestServerFailuresAreTemporary(t *testing.T) {
+	for _, tc := range []struct {
+		fault dnstest.Fault
+		rcode int
+		text  string
+	}{
+		{dnstest.FaultServfail, dns.RcodeServerFailure, "SERVFAIL"},
+		{dnstest.FaultRefused, dns.RcodeRefused, "REFUSED"},
+		{dnstest.FaultDrop, -1, "timeout"},
+		{dnstest.FaultGarbage, -1, "MX lookup for example.com"},
+	} {
+		t.Run(tc.text, func(t *testing.T) {
+			s := dnstest.New(t, "example.com. 300 IN MX 10 mx.example.com.")
+			s.SetFault("example.com", 0, tc.fault)
+			start := time.Now()
+			_, _, err := newResolver(t, s).MX(t.Context(), "example.com")
+			if d := time.Since(start); d > 2*time.Second {
+				t.Errorf("took %v with a 300ms timeout", d)
+			}
+			e := lookupErr(t, err)
+			if e.NotFound || !e.Temporary() || IsNotFound(err) || e.Rcode != tc.rcode || !strings.Contains(err.Error(), tc.text) {
+				t.Errorf("err = %v (rcode %d), want temporary, rcode %d, mentioning %q", err, e.Rcode, tc.rcode, tc.text)
+			}
+		})
+	}
+}
+
+func TestNXDOMAINIsNotFound(t *testing.T) {
+	s := dnstest.New(t, "example.com. 300 IN MX 10 mx.example.com.")
+	_, _, err := newResolver(t, s).MX(t.Context(), "nowhere.example.net")
+	if !IsNotFound(err) || lookupErr(t, err).Temporary() {
+		t.Errorf("err = %v, want NotFound", err)
+	}
+	if !strings.Contains(err.Error(), "NXDOMAIN") {
+		t.Errorf("err = %q, want it to say NXDOMAIN", err)
+	}
+}
+
+func TestNODATAIsAnEmptyResult(t *testing.T) {
+	s := dnstest.New(t, "example.com. 300 IN A 192.0.2.1")
+	mxs, _, err := newResolver(t, s).MX(t.Context(), "example.com")
+	if err != nil || len(mxs) != 0 {
+		t.Errorf("MX = %v, %v; want none and no error", mxs, err)
+	}
+	// An empty non-terminal exists too.
+	s.Add(t, "a.b.example.com. 300 IN A 192.0.2.2")
+	if _, _, err := newResolver(t, s).MX(t.Context(), "b.example.com"); err != nil {
+		t.Errorf("empty non-terminal: %v", err)
+	}
+}
+
+func TestCacheHonoursTTL(t *testing.T) {
+	s := dnstest.New(t, "example.com. 60 IN MX 10 mx.example.com.")
+	r := newResolver(t, s)
+	now := time.Now()
+	var mu sync.Mutex
+	r.now = func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+	advance := func(d time.Duration) { mu.Lock(); now = now.Add(d); mu.Unlock() }
+
+	for range 3 {
+		if _, _, err := r.MX(t.Context(), "example.com"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := s.Queries("example.com", dns.TypeMX); n != 1 {
+		t.Errorf("%d queries within the TTL, want 1", n)
+	}
+	advance(59 * time.Second)
+	r.MX(t.Context(), "example.com")
+	if n := s.Queries("example.com", dns.TypeMX); n != 1 {
+		t.Errorf("%d queries at 59s of a 60s TTL, want 1", n)
+	}
+	advance(2 * time.Second)
+	r.MX(t.Context(), "example.com")
+	if n := s.Queries("example.com", dns.TypeMX); n != 2 {
+		t.Errorf("%d queries after the TTL, want 2", n)
+	}
+}
+
+func TestCacheKeepsNegativeAnswersButNotFailures(t *testing.T) {
+	s := dnstest.New(t, "example.com. 300 IN A 192.0.2.1")
+	r := newResolver(t, s)
+	for range 2 {
+		r.MX(t.Context(), "nowhere.example.com") // NXDOMAIN, SOA minimum 60s
+		r.MX(t.Context(), "example.com")         // NODATA
+	}
+	if n := s.Queries("nowhere.example.com", dns.TypeMX) + s.Queries("example.com", dns.TypeMX); n != 2 {
+		t.Errorf("%d queries for two negative answers asked twice, want 2", n)
+	}
+	s.SetFault("broken.example.com", 0, dnstest.FaultServfail)
+	r.MX(t.Context(), "broken.example.com")
+	r.MX(t.Context(), "broken.example.com")
+	if n := s.Queries("broken.example.com", dns.TypeMX); n != 2 {
+		t.Errorf("%d queries for a SERVFAIL asked twice, want 2 (failures are not cached)", n)
+	}
+}
+
+func TestCacheTTLIsCappedForHugeTTLs(t *testing.T) {
+	s := dnstest.New(t, "example.com. 2147483647 IN MX 10 mx.example.com.")
+	r := newResolver(t, s)
+	now := time.Now()
+	r.now = func() time.Time { return now }
+	r.MX(t.Context(), "example.com")
+	now = now.Add(maxTTL + time.Second)
+	r.MX(t.Context(), "example.com")
+	if n := s.Queries("example.com", dns.TypeMX); n != 2 {
+		t.Errorf("%d queries, want 2: a cached answer must expire after %v", n, maxTTL)
+	}
+}
+
+func TestADBitMakesResultSecure(t *testing.T) {
+	s := dnstest.New(t,
+		"example.com. 300 IN MX 10 mx.example.com.",
+		"mx.example.com. 300 IN CNAME mx.provider.net.",
+		"mx.provider.net. 300 IN A 192.0.2.1")
+	r := newResolver(t, s)
+	if _, secure, _ := r.MX(t.Context(), "example.com"); secure {
+		t.Error("insecure MX answer reported secure")
+	}
+	s.Secure("example.com", "mx.example.com")
+	r = newResolver(t, s)
+	if _, secure, err := r.MX(t.Context(), "example.com"); !secure || err != nil {
+		t.Errorf("secure MX answer: secure=%t err=%v; want secure (DO bit sent, AD bit read)", secure, err)
+	}
+	// The CNAME target is insecure, so the chain is.
+	if res, _ := r.Lookup(t.Context(), "mx.example.com", dns.TypeA); res == nil || res.Secure {
+		t.Errorf("chain through an insecure name reported secure: %+v", res)
+	}
+	s.Secure("mx.provider.net")
+	r = newResolver(t, s)
+	if res, _ := r.Lookup(t.Context(), "mx.example.com", dns.TypeA); res == nil || !res.Secure {
+		t.Errorf("all-secure chain reported insecure: %+v", res)
+	}
+}
+
+func TestAddrsOrderAndFamilies(t *testing.T) {
+	s := dnstest.New(t,
+		"mx.example.com. 300 IN A 192.0.2.1",
+		"mx.example.com. 300 IN AAAA 2001:db8::1",
+		"v4only.example.com. 300 IN A 192.0.2.2")
+	r := newResolver(t, s)
+	for _, tc := range []struct {
+		host    string
+		version IPVersion
+		want    []string
+	}{
+		{"mx.example.com", IPBoth, []string{"2001:db8::1", "192.0.2.1"}},
+		{"mx.example.com", IPv4, []string{"192.0.2.1"}},
+		{"mx.example.com", IPv6, []string{"2001:db8::1"}},
+		{"v4only.example.com", IPBoth, []string{"192.0.2.2"}},
+		{"v4only.example.com", IPv6, nil},
+	} {
+		addrs, _, err := r.Addrs(t.Context(), tc.host, tc.version)
+		if err != nil {
+			t.Errorf("%s/%d: %v", tc.host, tc.version, err)
+			continue
+		}
+		var got []string
+		for _, a := range addrs {
+			got = append(got, a.String())
+		}
+		if !slices.Equal(got, tc.want) {
+			t.Errorf("%s/%d: %v, want %v", tc.host, tc.version, got, tc.want)
+		}
+	}
+}
+
+func TestAddrsOneFamilyFailingIsNotAnErrorButIsNotSecure(t *testing.T) {
+	s := dnstest.New(t, "mx.example.com. 300 IN A 192.0.2.1")
+	s.Secure("mx.example.com")
+	s.SetFault("mx.example.com", dns.TypeAAAA, dnstest.FaultServfail)
+	addrs, res, err := newResolver(t, s).Addrs(t.Context(), "mx.example.com", IPBoth)
+	if err != nil || !slices.Equal(addrs, []netip.Addr{netip.MustParseAddr("192.0.2.1")}) {
+		t.Fatalf("Addrs = %v, %v; want the IPv4 address", addrs, err)
+	}
+	if res.Secure {
+		t.Error("result secure although the AAAA lookup failed")
+	}
+	s.SetFault("mx.example.com", dns.TypeA, dnstest.FaultServfail)
+	if _, _, err := newResolver(t, s).Addrs(t.Context(), "mx.example.com", IPBoth); err == nil {
+		t.Error("no error although both families failed")
+	}
+}
+
+func TestTXTConcatenatesStrings(t *testing.T) {
+	s := dnstest.New(t, `_mta-sts.example.com. 300 IN TXT "v=STSv1; " "id=2024"`)
+	txts, _, err := newResolver(t, s).TXT(t.Context(), "_mta-sts.example.com")
+	if err != nil || !slices.Equal(txts, []string{"v=STSv1; id=2024"}) {
+		t.Errorf("TXT = %q, %v", txts, err)
+	}
+}
+
+func TestNextServerAskedAfterServfail(t *testing.T) {
+	bad := dnstest.New(t)
+	bad.SetFault("example.com", 0, dnstest.FaultServfail)
+	good := dnstest.New(t, "example.com. 300 IN MX 10 mx.example.com.")
+	mxs, _, err := newResolver(t, bad, good).MX(t.Context(), "example.com")
+	if err != nil || len(mxs) != 1 {
+		t.Errorf("MX = %v, %v; want the second server's answer", mxs, err)
+	}
+}
+
+func TestCancelledContextEndsLookup(t *testing.T) {
+	s := dnstest.New(t)
+	s.SetFault("example.com", 0, dnstest.FaultDrop)
+	r, err := New(Config{Servers: []string{s.Addr}, Timeout: 10 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 100*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	if _, _, err := r.MX(ctx, "example.com"); err == nil {
+		t.Error("no error")
+	}
+	if d := time.Since(start); d > 2*time.Second {
+		t.Errorf("lookup took %v after its context ended", d)
+	}
+}
+
+func TestNewRejectsBadServerAddress(t *testing.T) {
+	if _, err := New(Config{Servers: []string{"127.0.0.1"}}); err == nil {
+		t.Error("accepted a server without a port")
+	}
+}
+
+func TestLookupRejectsInvalidName(t *testing.T) {
+	s := dnstest.New(t)
+	if _, err := newResolver(t, s).Lookup(t.Context(), strings.Repeat("a", 64)+".com", dns.TypeA); err == nil {
+		t.Error("accepted a 64-byte label")
+	}
+}
