@@ -5,6 +5,8 @@ import (
 	"crypto/tls"
 	"errors"
 	"net/http"
+	"os"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -184,10 +186,18 @@ func TestFetchFollowsCNAMEOfPolicyHost(t *testing.T) {
 }
 
 func TestFetchUsesSystemRootsFromSSLCertFile(t *testing.T) {
+	// Go reads the system roots once per process, so the test runs itself
+	// in a fresh process in which nothing has loaded them yet.
+	if os.Getenv("STS_TEST_SYSTEM_ROOTS") == "" {
+		cmd := exec.Command(os.Args[0], "-test.run=^TestFetchUsesSystemRootsFromSSLCertFile$", "-test.count=1")
+		cmd.Env = append(os.Environ(), "STS_TEST_SYSTEM_ROOTS=1")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("in a fresh process: %v\n%s", err, out)
+		}
+		return
+	}
 	e := newEnv(t)
 	e.ValidHost("example.com", "id1", enforcePolicy)
-	// Go reads the system roots once per process; this is the only test
-	// of the package that leaves RootCAs nil, so the variable is honoured.
 	t.Setenv("SSL_CERT_FILE", e.CA.WriteCAFile(t, t.TempDir()))
 	t.Setenv("SSL_CERT_DIR", t.TempDir())
 	m := e.Manager(func(o *sts.Options) { o.RootCAs = nil })
@@ -206,11 +216,18 @@ func TestFetchIgnoresProxyEnvironment(t *testing.T) {
 	}
 }
 
-func TestFetchSendsNoCookies(t *testing.T) {
+func TestFetchSendsNoCookiesAndUsesNoHTTPCache(t *testing.T) {
 	e := newEnv(t)
 	h := e.ValidHost("example.com", "id1", enforcePolicy)
+	var conditional []string
 	h.handler = func(w http.ResponseWriter, r *http.Request) {
+		conditional = append(conditional, r.Header.Get("If-None-Match")+r.Header.Get("If-Modified-Since"))
 		http.SetCookie(w, &http.Cookie{Name: "track", Value: "me"})
+		// RFC 8461 §3.3: HTTP caching MUST NOT be used, whatever the
+		// server allows.
+		w.Header().Set("Cache-Control", "public, max-age=86400")
+		w.Header().Set("ETag", `"v1"`)
+		w.Header().Set("Last-Modified", "Mon, 02 Jan 2006 15:04:05 GMT")
 		w.Header().Set("Content-Type", "text/plain")
 		w.Write([]byte(enforcePolicy))
 	}
@@ -222,6 +239,9 @@ func TestFetchSendsNoCookies(t *testing.T) {
 	}
 	if len(h.cookies) != 2 || h.cookies[1] != "" {
 		t.Fatalf("Cookie headers %q, want none", h.cookies)
+	}
+	if len(conditional) != 2 || conditional[1] != "" {
+		t.Fatalf("requests %d, conditional headers %q; want two plain requests", len(conditional), conditional)
 	}
 }
 

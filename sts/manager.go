@@ -409,6 +409,11 @@ func (m *Manager) refreshDue(ctx context.Context) {
 	now := m.now()
 	var due, drop []string
 	m.mu.Lock()
+	for d, f := range m.failures {
+		if !now.Before(f.until) {
+			delete(m.failures, d) // the backoff is over; keep the map small
+		}
+	}
 	for d, e := range m.entries {
 		active := now.Sub(e.lastUsed) < activeWindow
 		switch {
