@@ -122,6 +122,9 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 		return all(*st)
 	}
 
+	if job.Open == nil {
+		return all(queue.Status{Code: 451, Enhanced: "4.3.0", Text: "queue job " + job.ID + " has no message to open"})
+	}
 	body, err := job.Open()
 	if err != nil {
 		return all(queue.Status{Code: 451, Enhanced: "4.3.0", Text: "reading the queued message: " + err.Error()})
@@ -177,7 +180,7 @@ func (e *Engine) requirements(ctx context.Context, domain string, hops []hop) ([
 	var mxs []MX
 	var idx []int
 	for i, h := range hops {
-		if h.unusable == nil {
+		if h.unusable == nil && !h.literal {
 			mxs = append(mxs, h.mx)
 			idx = append(idx, i)
 		}

@@ -205,18 +205,46 @@ func TestRequirementChangeDoesNotReuseConnection(t *testing.T) {
 
 func TestMaxConnsPerDomainMakesRoomByClosingIdle(t *testing.T) {
 	v, mx := oneMX(t)
-	e := v.engine(func(o *Options) { o.IdleTimeout = 5 * time.Second; o.MaxConnsPerDomain = 1 })
+	req := Requirement{}
+	e := v.engine(func(o *Options) {
+		o.IdleTimeout = time.Minute
+		o.MaxConnsPerDomain = 1
+		o.Policy = policyFunc(func(_ ctxT, _ string, mxs []MX) ([]Requirement, error) {
+			return []Requirement{req}, nil
+		})
+	})
 	deliver(t, e, testJob("example.test", "a@example.test"))
-	job := testJob("example.test", "a@example.test")
-	job.Envelope.SMTPUTF8 = false
-	// A different requirement key needs a new connection; the idle one
-	// must give up its slot rather than block.
-	e.opts.Overrides = nil
-	e.overrides["example.test"] = SecurityNone
-	st := deliver(t, e, job)
+	// Another requirement needs another connection; the idle one holds the
+	// only slot and must give it up rather than block until it expires.
+	req = Requirement{Source: SourceSTS, Testing: true, Security: SecurityVerify}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	st := e.Deliver(ctx, testJob("example.test", "a@example.test"))
 	wantStatus(t, st[0], 250, "2.0.0")
 	if n := mx.sessionCount(); n != 2 {
 		t.Errorf("%d connections, want 2", n)
+	}
+}
+
+func TestMaxConnsPerDomainWaitsForAFreeSlot(t *testing.T) {
+	v, mx := oneMX(t)
+	release := make(chan struct{})
+	mx.rcptHook = func(*smtp.Conn, string) { <-release }
+	e := v.engine(func(o *Options) { o.MaxConnsPerDomain = 1 })
+	done := make(chan []queue.Status)
+	go func() { done <- deliver(t, e, testJob("example.test", "a@example.test")) }()
+	time.Sleep(100 * time.Millisecond) // the first delivery holds the slot
+
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	st := e.Deliver(ctx, testJob("example.test", "b@example.test"))
+	wantStatus(t, st[0], 451, "4.4.2", "waiting for a free connection slot")
+	close(release)
+	if st := <-done; !st[0].Delivered() {
+		t.Errorf("first delivery: %v", st[0])
+	}
+	if n := mx.sessionCount(); n != 1 {
+		t.Errorf("%d connections with a limit of 1", n)
 	}
 }
 

@@ -21,11 +21,17 @@ type hop struct {
 	// unusable says why this MX cannot be dialed: its target is an IP
 	// literal, or its address lookup failed or found nothing.
 	unusable *hostFailure
+	// literal is the route of an address-literal domain: no MTA-STS or
+	// DANE apply (RFC 8461 §3.4, RFC 7672 §2.2).
+	literal bool
 }
 
 // route returns the hosts to try for domain, best first (RFC 5321 §5.1), or
 // the status every recipient gets when there is nowhere to go.
 func (e *Engine) route(ctx context.Context, domain string) ([]hop, *queue.Status) {
+	if strings.HasPrefix(domain, "[") {
+		return literalRoute(domain)
+	}
 	records, _, err := e.opts.Resolver.MX(ctx, domain)
 	if err != nil {
 		if resolve.IsNotFound(err) {
@@ -95,6 +101,20 @@ func (e *Engine) route(ctx context.Context, domain string) ([]hop, *queue.Status
 		hops = append(hops, e.resolveHop(ctx, mx))
 	}
 	return hops, nil
+}
+
+// literalRoute is the route to an address literal (user@[192.0.2.1]):
+// that address alone, no DNS (RFC 5321 §4.1.3, §5.1).
+func literalRoute(domain string) ([]hop, *queue.Status) {
+	lit := strings.TrimSuffix(strings.TrimPrefix(domain, "["), "]")
+	if len(lit) > 5 && strings.EqualFold(lit[:5], "ipv6:") {
+		lit = lit[5:]
+	}
+	addr, err := netip.ParseAddr(lit)
+	if err != nil || addr.Zone() != "" {
+		return nil, &queue.Status{Code: 550, Enhanced: "5.1.2", Text: fmt.Sprintf("%s is not a valid address literal", domain)}
+	}
+	return []hop{{mx: MX{Name: domain, Final: domain}, addrs: []netip.Addr{addr.Unmap()}, literal: true}}, nil
 }
 
 // resolveHop looks up the addresses of mx, following CNAMEs, and records

@@ -347,3 +347,28 @@ func TestLogLineStatesOutcomePolicyHostAndDuration(t *testing.T) {
 		}
 	}
 }
+
+func TestAddressLiteralIsDeliveredWithoutDNSOrPolicy(t *testing.T) {
+	v := newEnv(t)
+	mx := newMX(t, withTLS(mustCert(t)))
+	v.route("127.0.0.2", mx.Addr)
+	asked := false
+	e := v.engine(func(o *Options) {
+		o.Policy = policyFunc(func(_ ctxT, _ string, mxs []MX) ([]Requirement, error) {
+			asked = true
+			return make([]Requirement, len(mxs)), nil
+		})
+	})
+	st := deliver(t, e, testJob("[127.0.0.2]", "a@[127.0.0.2]"))
+	wantStatus(t, st[0], 250, "2.0.0", "[127.0.0.2]: 250")
+	if asked {
+		t.Error("the policy source was asked about an address literal (RFC 8461 §3.4)")
+	}
+	if m := mx.messages(); len(m) != 1 || !m[0].tls {
+		t.Errorf("want one message over TLS, got %+v", m)
+	}
+	st = deliver(t, e, testJob("[IPv6:::1]", "a@[IPv6:::1]"))
+	wantStatus(t, st[0], 451, "4.4.1", "[ipv6:::1]: connection refused")
+	st = deliver(t, e, testJob("[not-an-ip]", "a@[not-an-ip]"))
+	wantStatus(t, st[0], 550, "5.1.2", "not a valid address literal")
+}

@@ -153,6 +153,9 @@ type dialResult struct {
 // can be sent, enforcing req. requireTLS is the message's REQUIRETLS flag.
 func (e *Engine) open(ctx context.Context, domain string, mx MX, addr netip.Addr, req Requirement, requireTLS, plaintext bool) dialResult {
 	label := fmt.Sprintf("%s[%s]", mx.Name, addr)
+	if strings.HasPrefix(mx.Name, "[") {
+		label = mx.Name // an address literal names itself
+	}
 	s := &session{e: e, key: keyFor(domain, mx, req), domain: domain, mx: mx, addr: addr, label: label, req: req}
 
 	dctx, cancel := context.WithTimeout(ctx, e.opts.ConnectTimeout)
@@ -296,6 +299,9 @@ func (e *Engine) startTLS(ctx context.Context, s *session, req Requirement, requ
 	serverName := req.ServerName
 	if serverName == "" {
 		serverName = s.mx.Name // RFC 8461 §7.1: SNI is the MX host name
+	}
+	if strings.HasPrefix(serverName, "[") {
+		serverName = s.addr.String() // an address: crypto/tls sends no SNI
 	}
 	cfg := &tls.Config{
 		ServerName: serverName,

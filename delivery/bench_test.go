@@ -1,0 +1,55 @@
+package delivery
+
+import (
+	"context"
+	"log/slog"
+	"testing"
+	"time"
+)
+
+// BenchmarkDeliver measures one delivery to a loopback go-smtp server, with
+// and without a (cached, instant) TLS requirement, over a reused connection
+// and over a new one each time:
+//
+//	go test -run '^$' -bench BenchmarkDeliver -benchmem ./delivery/
+func BenchmarkDeliver(b *testing.B) {
+	for _, bc := range []struct {
+		name   string
+		tls    bool
+		policy PolicySource
+		idle   time.Duration
+	}{
+		{"plaintext/reuse", false, nil, 5 * time.Second},
+		{"opportunistic-tls/reuse", true, nil, 5 * time.Second},
+		{"sts-verify/reuse", true, everyMX(Requirement{Security: SecurityVerify, Source: SourceSTS}), 5 * time.Second},
+		{"opportunistic-tls/new-connection", true, nil, -1},
+		{"sts-verify/new-connection", true, everyMX(Requirement{Security: SecurityVerify, Source: SourceSTS}), -1},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			v := newEnv(b,
+				"example.test. 300 IN MX 10 mx1.example.test.",
+				"mx1.example.test. 300 IN A 127.0.0.2")
+			var opts []mxOption
+			if bc.tls {
+				opts = append(opts, withTLS(v.ca.Issue(b, "mx1.example.test")))
+			}
+			mx := newMX(b, opts...)
+			v.route("127.0.0.2", mx.Addr)
+			e := v.engine(func(o *Options) {
+				o.Policy = bc.policy
+				o.IdleTimeout = bc.idle
+				o.Recorder = nil
+				o.Logger = slog.New(slog.DiscardHandler)
+			})
+			job := testJob("example.test", "a@example.test")
+			ctx := context.Background()
+			b.ReportAllocs()
+			b.ResetTimer()
+			for b.Loop() {
+				if st := e.Deliver(ctx, job); !st[0].Delivered() {
+					b.Fatal(st[0])
+				}
+			}
+		})
+	}
+}
