@@ -1,0 +1,291 @@
+package main
+
+// End-to-end tests: the real binary, submitting over SMTP, delivering on
+// port 25 to go-smtp servers on 127.0.0.x, fetching MTA-STS policies over
+// HTTPS on port 443, with DNS from a test server. The binary has no test
+// hooks: trust in the test CA comes from SSL_CERT_FILE, as it would for an
+// operator with a private CA.
+//
+// ROOT ONLY: binding ports 25 and 443 needs root (CI runs as root).
+
+import (
+	"crypto/tls"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/emersion/go-smtp"
+
+	"github.com/stsrelay/stsrelay/internal/dnstest"
+	"github.com/stsrelay/stsrelay/internal/testpki"
+)
+
+func requireRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() == 0 {
+		return
+	}
+	if os.Getenv("CI") == "true" {
+		t.Fatal("this test binds ports 25 and 443 and must run as root in CI")
+	}
+	t.Skip("needs root to bind ports 25 and 443 on 127.0.0.x; CI runs it as root")
+}
+
+// received is one message a sink accepted.
+type received struct {
+	From string
+	To   []string
+	Data string
+	TLS  bool
+}
+
+// sink is a go-smtp server on ip:25 that records what it receives.
+type sink struct {
+	mu   sync.Mutex
+	msgs []received
+	got  chan struct{}
+}
+
+func startSink(t *testing.T, ip string, cert *tls.Certificate) *sink {
+	t.Helper()
+	k := &sink{got: make(chan struct{}, 100)}
+	s := smtp.NewServer(smtp.BackendFunc(func(c *smtp.Conn) (smtp.Session, error) {
+		_, isTLS := c.TLSConnectionState()
+		return &sinkSession{sink: k, tls: isTLS}, nil
+	}))
+	s.Domain = "sink.test"
+	s.AllowInsecureAuth = true
+	if cert != nil {
+		s.TLSConfig = &tls.Config{Certificates: []tls.Certificate{*cert}}
+	}
+	ln, err := net.Listen("tcp", net.JoinHostPort(ip, "25"))
+	if err != nil {
+		t.Fatalf("sink on %s:25: %v", ip, err)
+	}
+	go s.Serve(ln)
+	t.Cleanup(func() { s.Close() })
+	return k
+}
+
+type sinkSession struct {
+	sink *sink
+	tls  bool
+	msg  received
+}
+
+func (s *sinkSession) Reset()        { s.msg = received{} }
+func (s *sinkSession) Logout() error { return nil }
+func (s *sinkSession) Mail(from string, _ *smtp.MailOptions) error {
+	s.msg.From = from
+	return nil
+}
+func (s *sinkSession) Rcpt(to string, _ *smtp.RcptOptions) error {
+	s.msg.To = append(s.msg.To, to)
+	return nil
+}
+func (s *sinkSession) Data(r io.Reader) error {
+	b, err := io.ReadAll(r)
+	if err != nil {
+		return err
+	}
+	s.msg.Data, s.msg.TLS = string(b), s.tls
+	s.sink.mu.Lock()
+	s.sink.msgs = append(s.sink.msgs, s.msg)
+	s.sink.mu.Unlock()
+	s.sink.got <- struct{}{}
+	return nil
+}
+
+// wait returns the n-th received message, failing after timeout.
+func (k *sink) wait(t *testing.T, timeout time.Duration) received {
+	t.Helper()
+	select {
+	case <-k.got:
+	case <-time.After(timeout):
+		t.Fatalf("sink received nothing within %s", timeout)
+	}
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.msgs[len(k.msgs)-1]
+}
+
+func (k *sink) count() int {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return len(k.msgs)
+}
+
+// policyServer serves an MTA-STS policy on ip:443.
+func policyServer(t *testing.T, ip string, cert tls.Certificate, policy string) {
+	t.Helper()
+	ln, err := net.Listen("tcp", net.JoinHostPort(ip, "443"))
+	if err != nil {
+		t.Fatalf("policy server on %s:443: %v", ip, err)
+	}
+	srv := &http.Server{
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.URL.Path != "/.well-known/mta-sts.txt" {
+				http.NotFound(w, r)
+				return
+			}
+			w.Header().Set("Content-Type", "text/plain")
+			io.WriteString(w, policy)
+		}),
+		TLSConfig: &tls.Config{Certificates: []tls.Certificate{cert}},
+	}
+	go srv.ServeTLS(ln, "", "")
+	t.Cleanup(func() { srv.Close() })
+}
+
+// e2e is one relay with its DNS, CA and state.
+type e2e struct {
+	t      *testing.T
+	dns    *dnstest.Server
+	ca     *testpki.CA
+	config string
+	d      *daemon
+	addr   string
+}
+
+func newE2E(t *testing.T, records ...string) *e2e {
+	t.Helper()
+	requireRoot(t)
+	dir := t.TempDir()
+	e := &e2e{t: t, dns: dnstest.New(t, records...), ca: testpki.NewCA(t)}
+	caFile := e.ca.WriteCAFile(t, dir)
+	e.config = writeConfig(t, dir, "", fmt.Sprintf(`
+[delivery]
+retry_schedule = ["1h"]
+connect_timeout = "5s"
+ip_version = "4"
+`))
+	// Point the resolver at the test DNS server.
+	text, _ := os.ReadFile(e.config)
+	os.WriteFile(e.config, []byte(strings.Replace(string(text), `resolver = "127.0.0.1:1"`, fmt.Sprintf("resolver = %q", e.dns.Addr), 1)), 0o600)
+	e.d = startDaemon(t, e.config, "SSL_CERT_FILE="+caFile, "SSL_CERT_DIR=")
+	e.addr = e.d.submissionAddr()
+	t.Cleanup(func() {
+		if e.d.cmd.ProcessState == nil {
+			e.d.stop(syscall.SIGTERM)
+		}
+	})
+	return e
+}
+
+// recipient is what `stsrelay queue list -json` says of one recipient.
+type recipient struct {
+	Address          string `json:"address"`
+	State            string `json:"state"`
+	LastCode         int    `json:"last_code"`
+	LastEnhancedCode string `json:"last_enhanced_code"`
+	LastText         string `json:"last_text"`
+}
+
+// waitRecipientState polls the queue through the CLI until rcpt reaches
+// state, and returns it.
+func (e *e2e) waitRecipientState(rcpt, state string) recipient {
+	e.t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	var last string
+	for time.Now().Before(deadline) {
+		code, out, errOut := stsrelay(e.t, "", "queue", "list", "-json", "-config", e.config)
+		if code != 0 {
+			e.t.Fatalf("queue list: %s", errOut)
+		}
+		last = out
+		var msgs []struct {
+			Recipients []recipient `json:"recipients"`
+		}
+		if err := json.Unmarshal([]byte(out), &msgs); err != nil {
+			e.t.Fatalf("queue list -json: %v\n%s", err, out)
+		}
+		for _, m := range msgs {
+			for _, r := range m.Recipients {
+				if r.Address == rcpt && r.State == state {
+					return r
+				}
+			}
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	e.t.Fatalf("%s never reached state %s; queue:\n%s\nlog:\n%s", rcpt, state, last, e.d.output())
+	return recipient{}
+}
+
+const stsPolicy = "version: STSv1\nmode: enforce\nmx: mx.example.net\nmax_age: 86400\n"
+
+func stsRecords(mxIP, stsIP string) []string {
+	return []string{
+		"example.net. 60 IN MX 10 mx.example.net.",
+		"mx.example.net. 60 IN A " + mxIP,
+		"_mta-sts.example.net. 60 IN TXT \"v=STSv1; id=20261123\"",
+		"mta-sts.example.net. 60 IN A " + stsIP,
+	}
+}
+
+func TestEndToEndDeliversOverVerifiedTLSUnderMTASTSEnforce(t *testing.T) {
+	e := newE2E(t, stsRecords("127.0.0.2", "127.0.0.3")...)
+	mxCert := e.ca.Issue(t, "mx.example.net")
+	k := startSink(t, "127.0.0.2", &mxCert)
+	policyServer(t, "127.0.0.3", e.ca.Issue(t, "mta-sts.example.net"), stsPolicy)
+
+	submit(t, e.addr, "app@example.com", "user@example.net", "Subject: enforce\r\n\r\nover verified TLS\r\n")
+	msg := k.wait(t, 30*time.Second)
+	if !msg.TLS {
+		t.Fatal("delivered without TLS under an enforce policy")
+	}
+	if msg.From != "app@example.com" || len(msg.To) != 1 || msg.To[0] != "user@example.net" {
+		t.Fatalf("envelope = %+v", msg)
+	}
+	if !strings.Contains(msg.Data, "over verified TLS") || !strings.Contains(msg.Data, "Received: ") {
+		t.Fatalf("message as delivered:\n%s", msg.Data)
+	}
+	e.d.waitFor(`mta-sts`)
+}
+
+func TestEndToEndDefersRatherThanSendUnverifiedUnderEnforce(t *testing.T) {
+	e := newE2E(t, stsRecords("127.0.0.4", "127.0.0.5")...)
+	wrong := e.ca.Issue(t, "some-other-host.example")
+	k := startSink(t, "127.0.0.4", &wrong)
+	policyServer(t, "127.0.0.5", e.ca.Issue(t, "mta-sts.example.net"), stsPolicy)
+
+	submit(t, e.addr, "app@example.com", "user@example.net", "Subject: enforce\r\n\r\nmust not leak\r\n")
+	r := e.waitRecipientState("user@example.net", "deferred")
+	if r.LastCode != 451 || r.LastEnhancedCode != "4.4.8" || !strings.Contains(r.LastText, "MX hosts of 'example.net' failed MTA-STS validation") {
+		t.Fatalf("deferral = %d %s %q, want 451 4.4.8 MX hosts of 'example.net' failed MTA-STS validation…", r.LastCode, r.LastEnhancedCode, r.LastText)
+	}
+	if !strings.Contains(r.LastText, "mx.example.net") {
+		t.Fatalf("deferral %q does not name the failing host", r.LastText)
+	}
+	if n := k.count(); n != 0 {
+		t.Fatalf("the MX received %d messages over an unverified channel", n)
+	}
+}
+
+func TestEndToEndNullMXBouncesToTheSender(t *testing.T) {
+	e := newE2E(t,
+		"nomail.example. 60 IN MX 0 .",
+		"example.com. 60 IN MX 10 mx.example.com.",
+		"mx.example.com. 60 IN A 127.0.0.6",
+	)
+	k := startSink(t, "127.0.0.6", nil)
+	submit(t, e.addr, "app@example.com", "user@nomail.example", "Subject: to nowhere\r\n\r\nbody\r\n")
+
+	dsn := k.wait(t, 30*time.Second)
+	if dsn.From != "" || len(dsn.To) != 1 || dsn.To[0] != "app@example.com" {
+		t.Fatalf("bounce envelope = %q → %v, want <> → app@example.com", dsn.From, dsn.To)
+	}
+	for _, want := range []string{"report-type=delivery-status", "Status: 5.1.10", "Final-Recipient: rfc822;user@nomail.example", "null MX"} {
+		if !strings.Contains(dsn.Data, want) {
+			t.Errorf("bounce lacks %q:\n%s", want, dsn.Data)
+		}
+	}
+}

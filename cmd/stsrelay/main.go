@@ -1,0 +1,194 @@
+// Command stsrelay is an outbound SMTP relay that enforces MTA-STS
+// (RFC 8461) and DANE (RFC 7672). This package only wires: flags,
+// configuration and the packages that do the work.
+package main
+
+import (
+	"bufio"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"runtime/debug"
+	"strings"
+
+	"github.com/stsrelay/stsrelay/admin"
+	"github.com/stsrelay/stsrelay/config"
+	"github.com/stsrelay/stsrelay/smtpin"
+)
+
+// version is set at build time with -ldflags "-X main.version=…".
+var version = ""
+
+const defaultConfigPath = "/etc/stsrelay/config.toml"
+
+type command struct {
+	name  string
+	short string // one line for the command list
+	run   func(args []string, stdin io.Reader, stdout, stderr io.Writer) int
+}
+
+func commands() []command {
+	return []command{
+		{"serve", "run the relay", func(a []string, _ io.Reader, o, e io.Writer) int { return runServe(a, o, e) }},
+		{"check", "explain how mail to a domain would be protected", func(a []string, _ io.Reader, o, e io.Writer) int { return runCheck(a, o, e) }},
+		{"queue", "list and manage the queue of the running relay", func(a []string, _ io.Reader, o, e io.Writer) int { return runQueue(a, o, e) }},
+		{"sts", "list and manage the MTA-STS policy cache", func(a []string, _ io.Reader, o, e io.Writer) int { return runSTS(a, o, e) }},
+		{"tlsrpt", "TLS reporting (RFC 8460)", func(a []string, _ io.Reader, o, e io.Writer) int { return runTLSRPT(a, o, e) }},
+		{"hash-password", "make a bcrypt hash for [[submission.users]]", runHashPassword},
+		{"version", "print the version", func(a []string, _ io.Reader, o, e io.Writer) int { return runVersion(a, o, e) }},
+	}
+}
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdin, os.Stdout, os.Stderr))
+}
+
+func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		usage(stderr)
+		return 2
+	}
+	name := args[0]
+	if name == "help" || name == "-h" || name == "-help" || name == "--help" {
+		if len(args) > 1 {
+			// "stsrelay help queue" is "stsrelay queue -help".
+			return run([]string{args[1], "-help"}, stdin, stdout, stdout)
+		}
+		usage(stdout)
+		return 0
+	}
+	for _, c := range commands() {
+		if c.name == name {
+			return c.run(args[1:], stdin, stdout, stderr)
+		}
+	}
+	fmt.Fprintf(stderr, "stsrelay %s: unknown command\nRun 'stsrelay help' for usage.\n", name)
+	return 2
+}
+
+func usage(w io.Writer) {
+	fmt.Fprint(w, "stsrelay is an outbound SMTP relay that enforces MTA-STS and DANE.\n\nUsage:\n\n\tstsrelay <command> [arguments]\n\nThe commands are:\n\n")
+	for _, c := range commands() {
+		fmt.Fprintf(w, "\t%-14s %s\n", c.name, c.short)
+	}
+	fmt.Fprint(w, "\nUse \"stsrelay help <command>\" for more information about a command.\n")
+}
+
+// newFlagSet returns a flag set that prints go-tool style help: the usage
+// line, the description, then the flags.
+func newFlagSet(name, usageLine, description string, stderr io.Writer) *flag.FlagSet {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "usage: stsrelay %s\n\n%s\n", usageLine, strings.TrimSpace(description))
+		hasFlags := false
+		fs.VisitAll(func(*flag.Flag) { hasFlags = true })
+		if hasFlags {
+			fmt.Fprint(fs.Output(), "\nFlags:\n")
+			fs.PrintDefaults()
+		}
+	}
+	return fs
+}
+
+// parseFlags parses args and returns the exit code to use when the command
+// must stop: 0 after -help, 2 after a usage error, -1 to go on.
+func parseFlags(fs *flag.FlagSet, args []string) int {
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
+	return -1
+}
+
+// configFlag adds -config to fs.
+func configFlag(fs *flag.FlagSet) *string {
+	return fs.String("config", defaultConfigPath, "configuration `file`")
+}
+
+// loadConfig loads the configuration file at path.
+func loadConfig(path string) (*config.Config, error) {
+	return config.Load(path)
+}
+
+// controlClient returns a client for the control socket of the daemon that
+// runs with the configuration at configPath.
+func controlClient(configPath string) (*admin.Client, error) {
+	cfg, err := loadConfig(configPath)
+	if err != nil {
+		return nil, err
+	}
+	return admin.Dial(admin.SocketPath(cfg.StateDir)), nil
+}
+
+// fail prints one line for the user and returns the exit code 1.
+func fail(stderr io.Writer, format string, args ...any) int {
+	fmt.Fprintf(stderr, "stsrelay: "+format+"\n", args...)
+	return 1
+}
+
+func runVersion(args []string, stdout, stderr io.Writer) int {
+	fs := newFlagSet("version", "version", "Version prints the version of stsrelay and of Go it was built with.", stderr)
+	if code := parseFlags(fs, args); code >= 0 {
+		return code
+	}
+	v := version
+	if v == "" {
+		v = "(devel)"
+		if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" {
+			v = bi.Main.Version
+		}
+	}
+	goVersion := "unknown"
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		goVersion = bi.GoVersion
+	}
+	fmt.Fprintf(stdout, "stsrelay %s %s\n", v, goVersion)
+	return 0
+}
+
+func runHashPassword(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
+	fs := newFlagSet("hash-password", "hash-password < password", `
+Hash-password reads a password from the first line of standard input and
+prints its bcrypt hash, for password_hash in [[submission.users]]:
+
+	stsrelay hash-password <<< 'correct horse battery staple'
+
+The password itself never goes into the configuration.`, stderr)
+	if code := parseFlags(fs, args); code >= 0 {
+		return code
+	}
+	if fs.NArg() > 0 {
+		// A password on the command line would land in shell history and ps.
+		return fail(stderr, "hash-password: give the password on standard input, not as an argument")
+	}
+	line, err := bufio.NewReader(io.LimitReader(stdin, 1024)).ReadString('\n')
+	if err != nil && !errors.Is(err, io.EOF) {
+		return fail(stderr, "hash-password: reading standard input: %v", err)
+	}
+	password := strings.TrimRight(line, "\r\n")
+	if password == "" {
+		return fail(stderr, "hash-password: no password on standard input")
+	}
+	hash, err := smtpin.HashPassword([]byte(password))
+	if err != nil {
+		return fail(stderr, "hash-password: %v", err)
+	}
+	fmt.Fprintln(stdout, hash)
+	return 0
+}
+
+func runTLSRPT(args []string, stdout, stderr io.Writer) int {
+	fs := newFlagSet("tlsrpt", "tlsrpt [-config file] <command>", `
+Tlsrpt shows and sends TLS reports (RFC 8460). It is not implemented yet:
+TLS reporting arrives in the next release.`, stderr)
+	configFlag(fs)
+	if code := parseFlags(fs, args); code >= 0 {
+		return code
+	}
+	return fail(stderr, "tlsrpt: not implemented yet (TLS reporting arrives in the next release)")
+}

@@ -1,0 +1,428 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/emersion/go-smtp"
+	"golang.org/x/crypto/bcrypt"
+)
+
+// binary is the stsrelay command built once for these tests: they run it
+// as a user would, as a separate process.
+var binary string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "stsrelay-bin")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	binary = filepath.Join(dir, "stsrelay")
+	out, err := exec.Command("go", "build", "-race", "-o", binary, ".").CombinedOutput()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "building stsrelay: %v\n%s", err, out)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// daemon is a running `stsrelay serve`.
+type daemon struct {
+	t      *testing.T
+	cmd    *exec.Cmd
+	config string
+	mu     sync.Mutex
+	log    bytes.Buffer
+	lines  chan string
+	exited chan error
+}
+
+// writeConfig writes a configuration for a daemon in dir; extra is TOML
+// appended after the [submission] table's keys.
+func writeConfig(t *testing.T, dir, submissionExtra string, tail string) string {
+	t.Helper()
+	p := filepath.Join(dir, "config.toml")
+	text := `hostname = "relay.test"
+state_dir = "state"
+[log]
+level = "debug"
+[submission]
+listen = "127.0.0.1:0"
+trusted_networks = ["127.0.0.0/8"]
+` + submissionExtra + `
+[dns]
+resolver = "127.0.0.1:1"
+timeout = "100ms"
+` + tail
+	if err := os.WriteFile(p, []byte(text), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func startDaemon(t *testing.T, config string, env ...string) *daemon {
+	t.Helper()
+	d := &daemon{t: t, config: config, lines: make(chan string, 1000), exited: make(chan error, 1)}
+	d.cmd = exec.Command(binary, "serve", "-config", config)
+	d.cmd.Env = append(os.Environ(), env...)
+	stderr, err := d.cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		for sc.Scan() {
+			d.mu.Lock()
+			d.log.WriteString(sc.Text() + "\n")
+			d.mu.Unlock()
+			select {
+			case d.lines <- sc.Text():
+			default:
+			}
+		}
+		d.exited <- d.cmd.Wait()
+	}()
+	t.Cleanup(func() {
+		if d.cmd.ProcessState == nil {
+			d.cmd.Process.Kill()
+			<-d.exited
+		}
+	})
+	return d
+}
+
+// waitFor returns the first log line matching re, failing after a while.
+func (d *daemon) waitFor(re string) string {
+	d.t.Helper()
+	pattern := regexp.MustCompile(re)
+	deadline := time.After(30 * time.Second)
+	for {
+		select {
+		case line := <-d.lines:
+			if pattern.MatchString(line) {
+				return line
+			}
+		case err := <-d.exited:
+			d.exited <- err
+			d.t.Fatalf("daemon exited (%v) before logging %q:\n%s", err, re, d.output())
+		case <-deadline:
+			d.t.Fatalf("no log line %q within 30s:\n%s", re, d.output())
+		}
+	}
+}
+
+func (d *daemon) output() string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.log.String()
+}
+
+// submissionAddr waits for readiness and returns the bound address.
+func (d *daemon) submissionAddr() string {
+	d.t.Helper()
+	line := d.waitFor(`stsrelay started`)
+	m := regexp.MustCompile(`submission=(\S+)`).FindStringSubmatch(line)
+	if m == nil {
+		d.t.Fatalf("start line without the submission address: %s", line)
+	}
+	return m[1]
+}
+
+// stop sends sig and returns the exit code.
+func (d *daemon) stop(sig syscall.Signal) int {
+	d.t.Helper()
+	d.cmd.Process.Signal(sig)
+	select {
+	case <-d.exited:
+	case <-time.After(60 * time.Second):
+		d.t.Fatalf("daemon did not stop within 60s after %v:\n%s", sig, d.output())
+	}
+	return d.cmd.ProcessState.ExitCode()
+}
+
+// stsrelay runs a CLI command and returns its exit code, stdout and stderr.
+func stsrelay(t *testing.T, stdin string, args ...string) (int, string, string) {
+	t.Helper()
+	cmd := exec.Command(binary, args...)
+	cmd.Stdin = strings.NewReader(stdin)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	if err != nil && cmd.ProcessState == nil {
+		t.Fatal(err)
+	}
+	return cmd.ProcessState.ExitCode(), stdout.String(), stderr.String()
+}
+
+func submit(t *testing.T, addr, from, to, body string) {
+	t.Helper()
+	c, err := smtp.Dial(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.SendMail(from, []string{to}, strings.NewReader(body)); err != nil {
+		t.Fatalf("submitting: %v", err)
+	}
+}
+
+// assertOneLine fails unless text is one line without a Go panic or trace.
+func assertOneLine(t *testing.T, text string) {
+	t.Helper()
+	text = strings.TrimSuffix(text, "\n")
+	if strings.Contains(text, "\n") || strings.Contains(text, "panic") || strings.Contains(text, "goroutine ") {
+		t.Fatalf("want one clear line, got:\n%s", text)
+	}
+}
+
+// lastLine returns stderr's last line after checking that nothing before
+// it is a panic or a stack trace: a failed start may log what it did
+// before failing, then says why in one line.
+func lastLine(t *testing.T, stderr string) string {
+	t.Helper()
+	if strings.Contains(stderr, "panic") || strings.Contains(stderr, "goroutine ") {
+		t.Fatalf("a panic or trace reached the user:\n%s", stderr)
+	}
+	lines := strings.Split(strings.TrimSuffix(stderr, "\n"), "\n")
+	return lines[len(lines)-1]
+}
+
+func TestServeAcceptsMailAndStopsCleanlyOnSIGTERM(t *testing.T) {
+	dir := t.TempDir()
+	config := writeConfig(t, dir, "", "")
+	d := startDaemon(t, config)
+	addr := d.submissionAddr()
+
+	submit(t, addr, "app@example.com", "user@example.net", "Subject: hi\r\n\r\nhello\r\n")
+	d.waitFor(`id=\S+`)
+
+	code, out, errOut := stsrelay(t, "", "queue", "list", "-json", "-config", config)
+	if code != 0 {
+		t.Fatalf("queue list: exit %d: %s", code, errOut)
+	}
+	var list []map[string]any
+	if err := json.Unmarshal([]byte(out), &list); err != nil {
+		t.Fatalf("queue list -json is not JSON: %v\n%s", err, out)
+	}
+	if len(list) != 1 || list[0]["from"] != "app@example.com" {
+		t.Fatalf("queue list = %s, want the one submitted message", out)
+	}
+	if fi, err := os.Stat(filepath.Join(dir, "state", "control.sock")); err != nil || fi.Mode().Perm()&0o077 != 0 {
+		t.Fatalf("control socket: %v, mode %v; want owner-only", err, fi.Mode())
+	}
+
+	if code := d.stop(syscall.SIGTERM); code != 0 {
+		t.Fatalf("exit code %d after SIGTERM:\n%s", code, d.output())
+	}
+	if !strings.Contains(d.output(), "stopped") {
+		t.Fatalf("no 'stopped' line:\n%s", d.output())
+	}
+
+	// What was acknowledged is still there after the restart.
+	d2 := startDaemon(t, config)
+	d2.submissionAddr()
+	code, out, _ = stsrelay(t, "", "queue", "list", "-json", "-config", config)
+	if code != 0 || !strings.Contains(out, "user@example.net") {
+		t.Fatalf("after restart, queue list = %d %s", code, out)
+	}
+	if code := d2.stop(syscall.SIGINT); code != 0 {
+		t.Fatalf("exit code %d after SIGINT", code)
+	}
+}
+
+func TestServeRunsTheExampleConfig(t *testing.T) {
+	dir := t.TempDir()
+	example, err := os.ReadFile("../../config.toml.example")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Same file, but on a free port so a relay already on 2525 does not
+	// fail the test; everything else is as shipped.
+	text := strings.Replace(string(example), `listen = "127.0.0.1:2525"`, `listen = "127.0.0.1:0"`, 1)
+	if text == string(example) {
+		t.Fatal("config.toml.example no longer listens on 127.0.0.1:2525")
+	}
+	config := filepath.Join(dir, "config.toml")
+	os.WriteFile(config, []byte(text), 0o600)
+	d := startDaemon(t, config)
+	d.submissionAddr()
+	if _, err := os.Stat(filepath.Join(dir, "var", "stsrelay.db")); err != nil {
+		t.Fatalf("state not under ./var: %v", err)
+	}
+	if code := d.stop(syscall.SIGTERM); code != 0 {
+		t.Fatalf("exit code %d", code)
+	}
+}
+
+func TestServeTellsSystemdWhenReady(t *testing.T) {
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "notify.sock")
+	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	d := startDaemon(t, writeConfig(t, dir, "", ""), "NOTIFY_SOCKET="+sock)
+	conn.SetReadDeadline(time.Now().Add(30 * time.Second))
+	buf := make([]byte, 256)
+	n, err := conn.Read(buf)
+	if err != nil {
+		t.Fatalf("no sd_notify message: %v\n%s", err, d.output())
+	}
+	if string(buf[:n]) != "READY=1" {
+		t.Fatalf("sd_notify sent %q, want READY=1", buf[:n])
+	}
+	// Readiness means listening: a connection must succeed right now.
+	c, err := net.Dial("tcp", d.submissionAddr())
+	if err != nil {
+		t.Fatalf("ready but not listening: %v", err)
+	}
+	c.Close()
+	d.stop(syscall.SIGTERM)
+}
+
+func TestServeReloadsUsersOnSIGHUP(t *testing.T) {
+	dir := t.TempDir()
+	config := writeConfig(t, dir, "", "")
+	d := startDaemon(t, config)
+	d.submissionAddr()
+
+	hash, err := bcrypt.GenerateFromPassword([]byte("pw"), bcrypt.MinCost)
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeConfig(t, dir, fmt.Sprintf("[[submission.users]]\nname = \"app\"\npassword_hash = %q\n", hash), "[delivery]\nworkers = 3\n")
+	d.cmd.Process.Signal(syscall.SIGHUP)
+	d.waitFor(`reload: users loaded.*users=1`)
+	d.waitFor(`needs a restart.*key=delivery`)
+
+	// A broken file keeps the running configuration.
+	os.WriteFile(config, []byte("hostname = \n"), 0o600)
+	d.cmd.Process.Signal(syscall.SIGHUP)
+	d.waitFor(`reload failed; keeping the running configuration`)
+	if code := d.stop(syscall.SIGTERM); code != 0 {
+		t.Fatalf("exit code %d", code)
+	}
+}
+
+func TestServeFailsInOneLine(t *testing.T) {
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+
+	for _, c := range []struct {
+		name  string
+		setup func(dir string) string // returns the config path
+		want  string
+	}{
+		{"missing config", func(dir string) string { return filepath.Join(dir, "nope.toml") }, "nope.toml: no such file"},
+		{"bad value", func(dir string) string {
+			return writeConfig(t, dir, "max_message_size = \"35XB\"", "")
+		}, `line 8: submission.max_message_size: "35XB" is not a size`},
+		{"port in use", func(dir string) string {
+			p := writeConfig(t, dir, "", "")
+			text, _ := os.ReadFile(p)
+			os.WriteFile(p, bytes.Replace(text, []byte("127.0.0.1:0"), []byte(busy.Addr().String()), 1), 0o600)
+			return p
+		}, "address already in use"},
+		{"state_dir is a file", func(dir string) string {
+			p := writeConfig(t, dir, "", "")
+			os.WriteFile(filepath.Join(dir, "state"), []byte("x"), 0o600)
+			return p
+		}, "state_dir " + "PLACEHOLDER"},
+		{"foreign database", func(dir string) string {
+			p := writeConfig(t, dir, "", "")
+			os.MkdirAll(filepath.Join(dir, "state"), 0o700)
+			os.WriteFile(filepath.Join(dir, "state", "stsrelay.db"), bytes.Repeat([]byte("not a database "), 1000), 0o600)
+			return p
+		}, "stsrelay.db"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			dir := t.TempDir()
+			config := c.setup(dir)
+			want := strings.Replace(c.want, "PLACEHOLDER", filepath.Join(dir, "state"), 1)
+			code, stdout, stderr := stsrelay(t, "", "serve", "-config", config)
+			if code == 0 {
+				t.Fatalf("exit 0, want failure; stdout %s", stdout)
+			}
+			line := lastLine(t, stderr)
+			if !strings.HasPrefix(line, "stsrelay: ") || !strings.Contains(line, want) {
+				t.Fatalf("last line %q does not say %q", line, want)
+			}
+		})
+	}
+}
+
+func TestQueueCommandSaysWhenNoDaemonRuns(t *testing.T) {
+	config := writeConfig(t, t.TempDir(), "", "")
+	code, _, stderr := stsrelay(t, "", "queue", "list", "-config", config)
+	if code == 0 {
+		t.Fatal("queue list succeeded without a daemon")
+	}
+	assertOneLine(t, stderr)
+	if !strings.Contains(stderr, "no stsrelay daemon is running") {
+		t.Fatalf("stderr = %q", stderr)
+	}
+}
+
+func TestHashPasswordPrintsAVerifiableHash(t *testing.T) {
+	code, out, stderr := stsrelay(t, "correct horse\n", "hash-password")
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	hash := strings.TrimSpace(out)
+	if err := bcrypt.CompareHashAndPassword([]byte(hash), []byte("correct horse")); err != nil {
+		t.Fatalf("%q does not verify: %v", hash, err)
+	}
+	if code, _, stderr := stsrelay(t, "", "hash-password", "secret"); code == 0 || !strings.Contains(stderr, "standard input") {
+		t.Fatalf("a password argument was accepted: %d %q", code, stderr)
+	}
+	if code, _, _ := stsrelay(t, "", "hash-password"); code == 0 {
+		t.Fatal("an empty password was hashed")
+	}
+}
+
+func TestHelpReadsLikeTheGoTool(t *testing.T) {
+	code, out, _ := stsrelay(t, "", "help")
+	if code != 0 || !strings.Contains(out, "Usage:\n\n\tstsrelay <command> [arguments]") {
+		t.Fatalf("help: %d\n%s", code, out)
+	}
+	for _, c := range commands() {
+		if !strings.Contains(out, "\t"+c.name) {
+			t.Errorf("help does not list %s", c.name)
+		}
+		code, _, stderr := stsrelay(t, "", c.name, "-help")
+		if code != 0 || !strings.Contains(stderr, "usage: stsrelay "+c.name) {
+			t.Errorf("%s -help: exit %d\n%s", c.name, code, stderr)
+		}
+	}
+	if code, _, stderr := stsrelay(t, ""); code != 2 || !strings.Contains(stderr, "Usage:") {
+		t.Errorf("no arguments: exit %d, %q", code, stderr)
+	}
+	if code, _, stderr := stsrelay(t, "", "frobnicate"); code != 2 || !strings.Contains(stderr, "unknown command") {
+		t.Errorf("unknown command: exit %d, %q", code, stderr)
+	}
+	if code, out, _ := stsrelay(t, "", "version"); code != 0 || !strings.HasPrefix(out, "stsrelay ") {
+		t.Errorf("version: %d %q", code, out)
+	}
+}

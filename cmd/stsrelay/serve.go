@@ -1,0 +1,395 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"reflect"
+	"sync"
+	"syscall"
+	"time"
+
+	sdnotify "github.com/coreos/go-systemd/v22/daemon"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"go.etcd.io/bbolt"
+
+	"github.com/stsrelay/stsrelay/admin"
+	"github.com/stsrelay/stsrelay/config"
+	"github.com/stsrelay/stsrelay/delivery"
+	"github.com/stsrelay/stsrelay/queue"
+	"github.com/stsrelay/stsrelay/resolve"
+	"github.com/stsrelay/stsrelay/smtpin"
+	"github.com/stsrelay/stsrelay/sts"
+)
+
+// shutdownGrace bounds how long in-flight sessions and deliveries may take
+// to finish once a stop was asked for; what is left stays queued.
+const shutdownGrace = 30 * time.Second
+
+func runServe(args []string, stdout, stderr io.Writer) int {
+	fs := newFlagSet("serve", "serve [-config file]", `
+Serve runs the relay: the submission listener, the queue and the delivery
+workers, until SIGINT or SIGTERM. SIGHUP reloads the users and the TLS
+certificate from the configuration file; other changes need a restart.`, stderr)
+	configPath := configFlag(fs)
+	if code := parseFlags(fs, args); code >= 0 {
+		return code
+	}
+	cfg, err := loadConfig(*configPath)
+	if err != nil {
+		return fail(stderr, "%v", err)
+	}
+	logger := newLogger(cfg.Log, stderr)
+	r, err := start(cfg, logger)
+	if err != nil {
+		return fail(stderr, "%v", err)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+
+	sdnotify.SdNotify(false, sdnotify.SdNotifyReady)
+	logger.Info("stsrelay started", "version", versionString(), "submission", r.smtp.Addr(), "state_dir", cfg.StateDir)
+	for {
+		select {
+		case <-hup:
+			sdnotify.SdNotify(false, sdnotify.SdNotifyReloading)
+			r.reload(*configPath)
+			sdnotify.SdNotify(false, sdnotify.SdNotifyReady)
+			continue
+		case err := <-r.failed:
+			logger.Error("stopping after a fatal error", "err", err)
+			r.shutdown()
+			return 1
+		case <-ctx.Done():
+		}
+		break
+	}
+	sdnotify.SdNotify(false, sdnotify.SdNotifyStopping)
+	logger.Info("stopping: no new submissions; finishing what is in flight", "grace", shutdownGrace)
+	r.shutdown()
+	logger.Info("stopped")
+	return 0
+}
+
+func versionString() string {
+	var b []byte
+	w := &bytesWriter{&b}
+	runVersion(nil, w, io.Discard)
+	return string(b[:max(len(b)-1, 0)])
+}
+
+type bytesWriter struct{ b *[]byte }
+
+func (w *bytesWriter) Write(p []byte) (int, error) { *w.b = append(*w.b, p...); return len(p), nil }
+
+func newLogger(c config.Log, w io.Writer) *slog.Logger {
+	var level slog.Level
+	level.UnmarshalText([]byte(c.Level)) // validated by config
+	opts := &slog.HandlerOptions{Level: level}
+	if c.Format == "json" {
+		return slog.New(slog.NewJSONHandler(w, opts))
+	}
+	return slog.New(slog.NewTextHandler(w, opts))
+}
+
+// relay is the running daemon: every part, so they can be stopped in order.
+type relay struct {
+	cfg     *config.Config
+	logger  *slog.Logger
+	db      *bbolt.DB
+	queue   *queue.Queue
+	engine  *delivery.Engine
+	sts     *sts.Manager
+	smtp    *smtpin.Server
+	certs   *smtpin.CertStore
+	control *admin.Server
+	metrics *http.Server
+
+	cancelQueue context.CancelFunc
+	done        sync.WaitGroup
+	failed      chan error // a part that stopped on its own
+}
+
+// start builds and starts every part. Anything that can fail for the
+// operator's reasons (state_dir, ports, certificates) fails here, before
+// systemd is told we are ready.
+func start(cfg *config.Config, logger *slog.Logger) (_ *relay, err error) {
+	r := &relay{cfg: cfg, logger: logger, failed: make(chan error, 4)}
+	defer func() {
+		if err != nil {
+			r.closeParts()
+		}
+	}()
+	if err := prepareStateDir(cfg.StateDir); err != nil {
+		return nil, err
+	}
+	if r.db, err = queue.OpenDB(filepath.Join(cfg.StateDir, "stsrelay.db")); err != nil {
+		return nil, err
+	}
+
+	var servers []string
+	if cfg.DNS.Resolver != "" {
+		servers = []string{cfg.DNS.Resolver}
+	}
+	res, err := resolve.New(resolve.Config{Servers: servers, Timeout: cfg.DNS.Timeout.Duration})
+	if err != nil {
+		return nil, err
+	}
+
+	var overrides []delivery.Override
+	for _, p := range cfg.Delivery.Policies {
+		sec, err := delivery.ParseSecurity(p.TLS)
+		if err != nil {
+			return nil, fmt.Errorf("delivery.policy %s: %w", p.Domain, err)
+		}
+		overrides = append(overrides, delivery.Override{Domain: p.Domain, TLS: sec})
+	}
+	policy, err := r.policySource(res)
+	if err != nil {
+		return nil, err
+	}
+	r.engine, err = delivery.New(delivery.Options{
+		Hostname:          cfg.Hostname,
+		Resolver:          res,
+		Policy:            policy,
+		Overrides:         overrides,
+		IPVersion:         ipVersion(cfg.Delivery.IPVersion),
+		ConnectTimeout:    cfg.Delivery.ConnectTimeout.Duration,
+		MaxConnsPerDomain: cfg.Delivery.MaxConnsPerDomain,
+		Logger:            logger,
+	})
+	if err != nil {
+		return nil, err
+	}
+
+	var schedule []time.Duration
+	for _, d := range cfg.Delivery.RetrySchedule {
+		schedule = append(schedule, d.Duration)
+	}
+	delayNotice := cfg.Delivery.DelayNoticeAfter.Duration
+	if delayNotice == 0 {
+		delayNotice = -1 // config: 0 = never; queue: negative = never
+	}
+	r.queue, err = queue.New(r.db, queue.Options{
+		Deliverer:         r.engine,
+		Workers:           cfg.Delivery.Workers,
+		MaxConnsPerDomain: cfg.Delivery.MaxConnsPerDomain,
+		RetrySchedule:     schedule,
+		MaxQueueTime:      cfg.Delivery.MaxQueueTime.Duration,
+		DelayNoticeAfter:  delayNotice,
+		Hostname:          cfg.Hostname,
+		MaxMessageSize:    int64(cfg.Submission.MaxMessageSize) + 64<<10, // room for our Received header
+		ShutdownGrace:     shutdownGrace,
+		Logger:            logger,
+	})
+	if err != nil {
+		return nil, err
+	}
+
+	opts := smtpin.Options{
+		Hostname:                 cfg.Hostname,
+		Listen:                   cfg.Submission.Listen,
+		ListenTLS:                cfg.Submission.ListenTLS,
+		SessionTickets:           cfg.Submission.SessionTickets,
+		TrustedNetworks:          prefixes(cfg.Submission.TrustedNetworks),
+		InsecureAuthFromLoopback: true,
+		Users:                    users(cfg.Submission.Users),
+		ShowAuthUser:             cfg.Submission.ShowAuthUser,
+		MaxMessageSize:           int64(cfg.Submission.MaxMessageSize),
+		MaxRecipients:            cfg.Submission.MaxRecipients,
+		MaxConnsPerIP:            cfg.Submission.MaxConnsPerIP,
+		CommandTimeout:           cfg.Submission.CommandTimeout.Duration,
+		DataTimeout:              cfg.Submission.DataTimeout.Duration,
+		Logger:                   logger,
+	}
+	if cfg.Submission.TLSCert != "" {
+		if r.certs, err = smtpin.LoadCertificate(cfg.Submission.TLSCert, cfg.Submission.TLSKey); err != nil {
+			return nil, fmt.Errorf("submission.tls_cert: %w", err)
+		}
+		opts.GetCertificate = r.certs.GetCertificate
+	}
+	if r.smtp, err = smtpin.New(opts, r.queue); err != nil {
+		return nil, err
+	}
+	if err := r.smtp.Listen(); err != nil {
+		return nil, err
+	}
+
+	mux := http.NewServeMux()
+	r.queue.RegisterAdmin(mux)
+	r.registerAdmin(mux)
+	if r.control, err = admin.Listen(admin.SocketPath(cfg.StateDir), mux, logger); err != nil {
+		return nil, err
+	}
+
+	if cfg.Metrics.Listen != "" {
+		ln, err := net.Listen("tcp", cfg.Metrics.Listen)
+		if err != nil {
+			return nil, fmt.Errorf("metrics.listen: %w", err)
+		}
+		m := http.NewServeMux()
+		m.Handle("GET /metrics", promhttp.Handler())
+		m.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok\n") })
+		r.metrics = &http.Server{Handler: m, ReadHeaderTimeout: 10 * time.Second}
+		r.goServe("metrics", func() error { return r.metrics.Serve(ln) })
+	}
+
+	queueCtx, cancel := context.WithCancel(context.Background())
+	r.cancelQueue = cancel
+	r.goServe("queue", func() error { return r.queue.Run(queueCtx) })
+	r.goServe("control socket", r.control.Serve)
+	r.goServe("submission", r.smtp.Serve)
+	r.startPolicy(queueCtx)
+	return r, nil
+}
+
+// goServe runs a part's serve loop; one that returns early is fatal.
+func (r *relay) goServe(name string, serve func() error) {
+	r.done.Add(1)
+	go func() {
+		defer r.done.Done()
+		if err := serve(); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			r.failed <- fmt.Errorf("%s: %w", name, err)
+		}
+	}()
+}
+
+// shutdown stops accepting mail first, then lets deliveries finish within
+// shutdownGrace; undelivered recipients stay queued for the next start.
+func (r *relay) shutdown() {
+	ctx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
+	defer cancel()
+	if err := r.smtp.Shutdown(ctx); err != nil {
+		r.logger.Warn("submission sessions cut off at shutdown", "err", err)
+	}
+	r.control.Close()
+	if r.metrics != nil {
+		r.metrics.Close()
+	}
+	r.cancelQueue()
+	r.done.Wait()
+	r.closeParts()
+}
+
+// closeParts releases whatever start got to, in reverse order.
+func (r *relay) closeParts() {
+	if r.metrics != nil {
+		r.metrics.Close()
+	}
+	if r.control != nil {
+		r.control.Close()
+	}
+	if r.engine != nil {
+		r.engine.Close()
+	}
+	if r.queue != nil {
+		r.queue.Close()
+	}
+	if r.db != nil {
+		r.db.Close()
+	}
+}
+
+// reload applies what can change without a restart: users and the TLS
+// certificate. It logs every other change it had to leave alone.
+func (r *relay) reload(path string) {
+	cfg, err := loadConfig(path)
+	if err != nil {
+		r.logger.Error("reload failed; keeping the running configuration", "err", err)
+		return
+	}
+	if err := r.smtp.SetUsers(users(cfg.Submission.Users)); err != nil {
+		r.logger.Error("reload: users not changed", "err", err)
+	} else {
+		r.logger.Info("reload: users loaded", "users", len(cfg.Submission.Users))
+	}
+	if r.certs != nil && cfg.Submission.TLSCert == r.cfg.Submission.TLSCert && cfg.Submission.TLSKey == r.cfg.Submission.TLSKey {
+		if err := r.certs.Reload(); err != nil {
+			r.logger.Error("reload: keeping the old certificate", "err", err)
+		} else {
+			r.logger.Info("reload: certificate loaded", "file", cfg.Submission.TLSCert)
+		}
+	}
+	for _, key := range changedNeedingRestart(r.cfg, cfg) {
+		r.logger.Warn("reload: setting changed but needs a restart", "key", key)
+	}
+	r.cfg.Submission.Users = cfg.Submission.Users
+}
+
+// changedNeedingRestart lists the sections that differ, except what
+// reload applies.
+func changedNeedingRestart(old, cur *config.Config) []string {
+	a, b := *old, *cur
+	a.Submission.Users, b.Submission.Users = nil, nil
+	var keys []string
+	if a.Hostname != b.Hostname {
+		keys = append(keys, "hostname")
+	}
+	if a.StateDir != b.StateDir {
+		keys = append(keys, "state_dir")
+	}
+	for _, s := range []struct {
+		key  string
+		x, y any
+	}{
+		{"log", a.Log, b.Log}, {"submission", a.Submission, b.Submission}, {"dns", a.DNS, b.DNS},
+		{"delivery", a.Delivery, b.Delivery}, {"sts", a.STS, b.STS}, {"dane", a.DANE, b.DANE},
+		{"tlsrpt", a.TLSRPT, b.TLSRPT}, {"metrics", a.Metrics, b.Metrics},
+	} {
+		if !reflect.DeepEqual(s.x, s.y) {
+			keys = append(keys, s.key)
+		}
+	}
+	return keys
+}
+
+// prepareStateDir creates the state directory and proves it writable, so
+// that a read-only or foreign directory fails at start in one line.
+func prepareStateDir(dir string) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("state_dir %s: cannot create it: %w", dir, errors.Unwrap(err))
+	}
+	f, err := os.CreateTemp(dir, ".write-test-*")
+	if err != nil {
+		return fmt.Errorf("state_dir %s: not writable: %w", dir, errors.Unwrap(err))
+	}
+	f.Close()
+	return os.Remove(f.Name())
+}
+
+func ipVersion(s string) resolve.IPVersion {
+	switch s {
+	case "4":
+		return resolve.IPv4
+	case "6":
+		return resolve.IPv6
+	}
+	return resolve.IPBoth
+}
+
+func prefixes(nets []config.Network) []netip.Prefix {
+	var p []netip.Prefix
+	for _, n := range nets {
+		p = append(p, n.Prefix)
+	}
+	return p
+}
+
+func users(us []config.User) []smtpin.User {
+	var out []smtpin.User
+	for _, u := range us {
+		out = append(out, smtpin.User{Name: u.Name, PasswordHash: u.PasswordHash, AllowedSenders: u.AllowedSenders})
+	}
+	return out
+}
