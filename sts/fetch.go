@@ -54,7 +54,7 @@ func PolicyURL(domain string) string {
 // newHTTPClient builds the client for policy fetches. Addresses come from
 // the configured resolver, like every other lookup of stsrelay, so the
 // policy host may be a CNAME (hosted MTA-STS services need that).
-func newHTTPClient(opts *Options) *http.Client {
+func newHTTPClient(opts *Options, timeout time.Duration) *http.Client {
 	dial := opts.DialContext
 	if dial == nil {
 		d := &net.Dialer{}
@@ -65,6 +65,7 @@ func newHTTPClient(opts *Options) *http.Client {
 		// No proxy from the environment: only an explicitly configured one.
 		Proxy: opts.Proxy,
 		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			deadline := time.Now().Add(timeout)
 			host, port, err := net.SplitHostPort(addr)
 			if err != nil {
 				return nil, err
@@ -77,8 +78,18 @@ func newHTTPClient(opts *Options) *http.Client {
 				return nil, fmt.Errorf("%s has no addresses", host)
 			}
 			var errs []error
-			for _, a := range addrs {
-				c, err := dial(ctx, network, net.JoinHostPort(a.String(), port))
+			for i, a := range addrs {
+				// Share the time left among the addresses left, so an
+				// unreachable IPv6 address cannot use up the whole fetch.
+				// net/http may hand the dial a context without the
+				// request's deadline, so count from the fetch timeout.
+				left := time.Until(deadline)
+				if dl, ok := ctx.Deadline(); ok {
+					left = min(left, time.Until(dl))
+				}
+				actx, cancel := context.WithTimeout(ctx, left/time.Duration(len(addrs)-i))
+				c, err := dial(actx, network, net.JoinHostPort(a.String(), port))
+				cancel()
 				if err == nil {
 					return c, nil
 				}

@@ -185,6 +185,18 @@ func TestFetchFollowsCNAMEOfPolicyHost(t *testing.T) {
 	}
 }
 
+func TestFetchTriesNextAddressWhenOneHangs(t *testing.T) {
+	e := newEnv(t)
+	e.ValidHost("example.com", "id1", enforcePolicy)
+	e.DNS.Add(t, "mta-sts.example.com. 300 IN AAAA "+blackholeIP) // tried first (IPv6 first)
+	e.DNS.Remove("mta-sts.example.com.", 1)                       // the A record...
+	e.DNS.Add(t, "mta-sts.example.com. 300 IN A 127.0.0.2")       // ...back, after the AAAA
+	m := e.Manager(func(o *sts.Options) { o.FetchTimeout = 2 * time.Second })
+	if _, err := m.Policy(ctx, "example.com"); err != nil {
+		t.Fatalf("a hanging first address used up the fetch: %v", err)
+	}
+}
+
 func TestFetchUsesSystemRootsFromSSLCertFile(t *testing.T) {
 	// Go reads the system roots once per process, so the test runs itself
 	// in a fresh process in which nothing has loaded them yet.

@@ -28,6 +28,9 @@ import (
 
 const enforcePolicy = "version: STSv1\nmode: enforce\nmx: mx.example.com\nmx: *.mail.example.net\nmax_age: 604800\n"
 
+// blackholeIP is an address whose connections hang until the dial's context ends.
+const blackholeIP = "fd00::dead"
+
 // clock is a settable clock for the cache's notion of time.
 type clock struct {
 	mu sync.Mutex
@@ -140,6 +143,10 @@ func (e *env) Dial(ctx context.Context, network, addr string) (net.Conn, error) 
 	host, port, err := net.SplitHostPort(addr)
 	if err != nil {
 		return nil, err
+	}
+	if host == blackholeIP {
+		<-ctx.Done()
+		return nil, fmt.Errorf("dial %s: %w", addr, ctx.Err())
 	}
 	e.mu.Lock()
 	target, ok := e.hosts[host]

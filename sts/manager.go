@@ -147,7 +147,7 @@ func New(opts Options) (*Manager, error) {
 	if m.refreshInterval <= 0 {
 		m.refreshInterval = defaultRefreshInterval
 	}
-	m.http = newHTTPClient(&opts)
+	m.http = newHTTPClient(&opts, m.fetchTimeout)
 	if m.db != nil {
 		entries, bad, err := loadAll(m.db)
 		if err != nil {
