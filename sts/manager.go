@@ -242,8 +242,10 @@ func (m *Manager) Policy(ctx context.Context, domain string) (*CachedPolicy, err
 	// RFC 8461 §5.1: if the new policy cannot be fetched, the cached one
 	// stays in force until it expires.
 	if cached != nil {
-		m.log.Warn("sts: policy fetch failed; applying the cached policy", "domain", d,
-			"cached_id", cached.ID, "new_id", rec.ID, "expires", cached.Expires, "err", ferr)
+		if !errors.Is(ferr, ErrFetchBackoff) { // said once per failed fetch, not per delivery
+			m.log.Warn("sts: policy fetch failed; applying the cached policy", "domain", d,
+				"cached_id", cached.ID, "new_id", rec.ID, "expires", cached.Expires, "err", ferr)
+		}
 		return cached, nil
 	}
 	return nil, noPolicy(ferr)
