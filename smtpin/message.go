@@ -31,8 +31,9 @@ var (
 
 // receive reads one message and commits it to the queue. It answers 250
 // with the queue id only once Enqueue has returned without error.
-func (s *session) receive(env queue.Envelope, r io.Reader) error {
+func (s *session) receive(tx transaction, r io.Reader) error {
 	start := time.Now()
+	env := tx.env
 	body := &bodyReader{r: r, maxLine: s.srv.opts.MaxLineLength}
 	br := bufio.NewReaderSize(body, max(8192, s.srv.opts.MaxLineLength+1))
 	hdr, err := readHeader(br, maxHeaderBytes)
@@ -43,7 +44,7 @@ func (s *session) receive(env queue.Envelope, r io.Reader) error {
 	if hdr.tlsRequiredNo && !env.RequireTLS {
 		env.NoTLSPolicy = true
 	}
-	trace := s.traceHeaders(env, hdr, time.Now())
+	trace := s.traceHeaders(tx.helo, env, hdr, time.Now())
 	msg := io.MultiReader(strings.NewReader(trace), bytes.NewReader(hdr.raw), br)
 
 	if !s.srv.enqueueBegin() {
@@ -264,7 +265,7 @@ func isFieldName(b []byte) bool {
 
 // traceHeaders returns the Received header (RFC 5321 §4.4) and, as Postfix
 // does for submission, a Message-ID and Date when the message has none.
-func (s *session) traceHeaders(env queue.Envelope, hdr *header, now time.Time) string {
+func (s *session) traceHeaders(helo string, env queue.Envelope, hdr *header, now time.Time) string {
 	var b strings.Builder
 	host := s.srv.opts.Hostname
 
@@ -279,7 +280,7 @@ func (s *session) traceHeaders(env queue.Envelope, hdr *header, now time.Time) s
 	if env.User != "" {
 		proto += "A"
 	}
-	fmt.Fprintf(&b, "Received: from %s ([%s])\r\n", sanitizeHelo(s.helo), s.client)
+	fmt.Fprintf(&b, "Received: from %s ([%s])\r\n", sanitizeHelo(helo), s.client)
 	if s.tls != nil {
 		fmt.Fprintf(&b, "\t(using %s with cipher %s)\r\n",
 			tlsVersion(s.tls.Version), tls.CipherSuiteName(s.tls.CipherSuite))

@@ -29,9 +29,9 @@ func (b backend) NewSession(sc *smtp.Conn) (smtp.Session, error) {
 	}
 	sess := &session{
 		srv:     s,
+		sc:      sc,
 		conn:    c,
 		client:  c.ip,
-		helo:    sc.Hostname(),
 		trusted: s.isTrusted(c.ip),
 	}
 	if st, ok := sc.TLSConnectionState(); ok {
@@ -55,9 +55,9 @@ func (s *Server) isTrusted(ip netip.Addr) bool {
 // the transaction state is guarded by mu.
 type session struct {
 	srv     *Server
+	sc      *smtp.Conn
 	conn    *conn
 	client  netip.Addr
-	helo    string
 	trusted bool
 	tls     *tls.ConnectionState // nil on a plaintext connection
 	log     *slog.Logger
@@ -69,7 +69,8 @@ type session struct {
 
 // transaction is one MAIL … DATA.
 type transaction struct {
-	env queue.Envelope
+	env  queue.Envelope
+	helo string // as of MAIL: a client may say EHLO again
 }
 
 var _ smtp.AuthSession = (*session)(nil)
@@ -214,7 +215,7 @@ func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 	if s.user != nil {
 		env.User = s.user.Name
 	}
-	s.tx = &transaction{env: env}
+	s.tx = &transaction{env: env, helo: s.sc.Hostname()}
 	return nil
 }
 
@@ -280,11 +281,11 @@ func (s *session) Data(r io.Reader) error {
 		s.mu.Unlock()
 		return &smtp.SMTPError{Code: 503, EnhancedCode: smtp.EnhancedCode{5, 5, 1}, Message: "RCPT first"}
 	}
-	env := s.tx.env
-	env.Recipients = slices.Clone(env.Recipients)
+	tx := *s.tx
+	tx.env.Recipients = slices.Clone(tx.env.Recipients)
 	s.mu.Unlock()
 
 	s.conn.inData.Store(true)
 	defer s.conn.inData.Store(false)
-	return s.receive(env, r)
+	return s.receive(tx, r)
 }
