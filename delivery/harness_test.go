@@ -46,7 +46,9 @@ type testMX struct {
 	// rcptHook runs before each RCPT reply; it may close the connection.
 	rcptHook func(c *smtp.Conn, to string)
 	dataHook func(c *smtp.Conn)
-	dataErr  error
+	// dataStall runs before the message is read.
+	dataStall func()
+	dataErr   error
 }
 
 type mxOption func(*smtp.Server)
@@ -154,8 +156,11 @@ func (s *mxSession) Rcpt(to string, opts *smtp.RcptOptions) error {
 
 func (s *mxSession) Data(r io.Reader) error {
 	s.m.mu.Lock()
-	hook, err := s.m.dataHook, s.m.dataErr
+	hook, err, stall := s.m.dataHook, s.m.dataErr, s.m.dataStall
 	s.m.mu.Unlock()
+	if stall != nil {
+		stall()
+	}
 	b, rerr := io.ReadAll(r)
 	if hook != nil {
 		hook(s.c)

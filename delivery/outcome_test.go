@@ -535,6 +535,37 @@ func TestSilentRemotesTimeOut(t *testing.T) {
 	}
 }
 
+func TestStalledMessageTransferTimesOut(t *testing.T) {
+	v, mx := oneMX(t)
+	stop := make(chan struct{})
+	defer close(stop)
+	mx.dataStall = func() { <-stop } // the remote stops reading
+	e := v.engine(func(o *Options) { o.Timeouts.DataBlock = 200 * time.Millisecond })
+	job := testJob("example.test", "a@example.test")
+	line := strings.Repeat("x", 998) + "\r\n"
+	job.Open = func() (io.ReadCloser, error) {
+		// 64 MiB: more than loopback socket buffers hold.
+		return io.NopCloser(io.LimitReader(repeatReader(line), 64<<20)), nil
+	}
+	start := time.Now()
+	st := deliver(t, e, job)
+	if d := time.Since(start); d > 8*time.Second { // filling the socket buffers takes a moment
+		t.Errorf("took %v with a 200ms data block timeout", d)
+	}
+	wantStatus(t, st[0], 451, "4.4.2", "timeout while sending the message")
+}
+
+// repeatReader repeats s forever.
+type repeatReader string
+
+func (r repeatReader) Read(p []byte) (int, error) {
+	n := 0
+	for n < len(p) {
+		n += copy(p[n:], r)
+	}
+	return n, nil
+}
+
 func TestCancelledContextStopsDeliveryPromptly(t *testing.T) {
 	v, _ := oneMX(t)
 	v.route("127.0.0.2", rawServer(t, func(c net.Conn) { time.Sleep(5 * time.Second) }))
