@@ -4,6 +4,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stsrelay/stsrelay/delivery"
 	"github.com/stsrelay/stsrelay/resolve"
 )
 
@@ -45,5 +46,36 @@ func BenchmarkDeliver(b *testing.B) {
 				}
 			})
 		}
+	}
+}
+
+// BenchmarkRequirements is the MTA-STS share of each delivery on its own:
+// the PolicySource call for a domain with a cached enforce policy and for a
+// domain without a policy, with the resolver's cache warm.
+//
+//	go test -run '^$' -bench BenchmarkRequirements ./sts/
+func BenchmarkRequirements(b *testing.B) {
+	e := newEnv(b)
+	res, err := resolve.New(resolve.Config{Servers: []string{e.DNS.Addr}, Timeout: time.Second})
+	if err != nil {
+		b.Fatal(err)
+	}
+	e.Res = res
+	e.ValidHost("enforce.test", "id1", "version: STSv1\nmode: enforce\nmx: mx.enforce.test\nmax_age: 86400\n")
+	e.DNS.Add(b, `_mta-sts.nopolicy.test. 300 IN TXT "v=spf1 -all"`)
+	m := e.Manager(nil)
+	for _, domain := range []string{"enforce.test", "nopolicy.test"} {
+		b.Run(domain, func(b *testing.B) {
+			mxs := []delivery.MX{{Name: "mx." + domain, Final: "mx." + domain, Preference: 10}}
+			if _, err := m.Requirements(ctx, domain, mxs); err != nil {
+				b.Fatal(err)
+			}
+			b.ReportAllocs()
+			for b.Loop() {
+				if _, err := m.Requirements(ctx, domain, mxs); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
 	}
 }

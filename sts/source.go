@@ -68,16 +68,18 @@ func (m *Manager) requirement(cp *CachedPolicy, mx delivery.MX) delivery.Require
 	}
 	// RFC 8461 §4.1: check the MX record's own target, not a CNAME
 	// target; the certificate must then be valid for it (§4.2).
-	matched := ""
+	var matched []string
 	if cp.Policy.Match(name) {
-		matched = name
-	} else if final := strings.TrimSuffix(mx.Final, "."); m.matchCNAMETarget && final != "" &&
+		matched = append(matched, name)
+	}
+	if final := strings.TrimSuffix(mx.Final, "."); m.matchCNAMETarget && final != "" &&
 		!strings.EqualFold(final, name) && cp.Policy.Match(final) {
 		// sts.match_cname_target (DESIGN.md decision 4): the policy
-		// lists the provider's host that the MX name is an alias of.
-		matched = final
+		// lists the provider's host that the MX name is an alias of; a
+		// certificate for either listed name is accepted.
+		matched = append(matched, final)
 	}
-	if matched == "" {
+	if len(matched) == 0 {
 		// Enforce: the host must not be used (§4.1), and counts as
 		// temporarily unreachable (§8.4). Testing: delivery reports the
 		// Skip reason and goes ahead anyway (§5); the certificate is
@@ -86,7 +88,7 @@ func (m *Manager) requirement(cp *CachedPolicy, mx delivery.MX) delivery.Require
 		r.Skip = "not listed in the MTA-STS policy for " + cp.Domain
 		return r
 	}
-	r.Names = []string{matched}
+	r.Names = matched
 	// RFC 8689 §4.2.1: a host matching an MTA-STS policy counts as a
 	// validated MX for REQUIRETLS.
 	r.MXValidated = true

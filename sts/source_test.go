@@ -84,6 +84,20 @@ func TestCNAMEMXListedUnderItsOwnNameNeedsNoOption(t *testing.T) {
 	}
 }
 
+func TestCNAMEMXWithBothNamesListedAcceptsEitherCertificateOnlyWithOption(t *testing.T) {
+	e := newEnv(t)
+	e.ValidHost("example.com", "id1", "version: STSv1\nmode: enforce\nmx: mail.example.com\nmx: mx.provider.net\nmax_age: 86400\n")
+	in := mx("mail.example.com", "mx.provider.net")
+	r := requirements(t, e.Manager(nil), in)[0]
+	if !slices.Equal(r.Names, []string{"mail.example.com"}) {
+		t.Fatalf("RFC reading: Names %q, want only the MX name (RFC 8461 §4.2)", r.Names)
+	}
+	r = requirements(t, e.Manager(func(o *sts.Options) { o.MatchCNAMETarget = true }), in)[0]
+	if !slices.Equal(r.Names, []string{"mail.example.com", "mx.provider.net"}) {
+		t.Fatalf("match_cname_target: Names %q, want both listed names", r.Names)
+	}
+}
+
 func TestTestingModeMarksEveryRequirementTesting(t *testing.T) {
 	e := newEnv(t)
 	e.ValidHost("example.com", "id1", "version: STSv1\nmode: testing\nmx: mx.example.com\nmax_age: 86400\n")
