@@ -228,8 +228,12 @@ func effective(req Requirement, env queue.Envelope) Requirement {
 // rules it out.
 func (e *Engine) precheck(domain string, mx MX, req Requirement, requireTLS bool) *hostFailure {
 	if req.Skip != "" {
+		result := req.SkipResult
+		if result == "" {
+			result = "validation-failure"
+		}
 		e.record(SessionResult{PolicyDomain: domain, Source: req.Source, MX: mx.Name,
-			ResultType: "validation-failure", Detail: req.Skip})
+			ResultType: result, Detail: req.Skip})
 		if req.Testing {
 			return nil // RFC 8461 §5: testing reports but delivers
 		}

@@ -77,6 +77,7 @@ type chain []PolicySource
 func (c chain) Requirements(ctx context.Context, domain string, mxs []MX) ([]Requirement, error) {
 	out := make([]Requirement, len(mxs))
 	decided := make([]bool, len(mxs))
+	validated := make([]bool, len(mxs))
 	for _, src := range c {
 		if src == nil {
 			continue
@@ -89,15 +90,16 @@ func (c chain) Requirements(ctx context.Context, domain string, mxs []MX) ([]Req
 			return nil, fmt.Errorf("policy source %T returned %d requirements for %d MX hosts", src, len(reqs), len(mxs))
 		}
 		for i, r := range reqs {
-			if decided[i] {
-				continue
-			}
-			if r.Source != SourceOpportunistic {
+			// DNSSEC may vouch for the MX name even where DANE does
+			// not decide the TLS (RFC 8689 §4.2.1): keep it either way.
+			validated[i] = validated[i] || r.MXValidated
+			if !decided[i] && r.Source != SourceOpportunistic {
 				out[i], decided[i] = r, true
-			} else if r.MXValidated {
-				out[i].MXValidated = true // DNSSEC said so even without TLSA
 			}
 		}
+	}
+	for i := range out {
+		out[i].MXValidated = validated[i]
 	}
 	return out, nil
 }

@@ -81,6 +81,10 @@ type Requirement struct {
 	// (for example "not listed in the MTA-STS policy"); it is treated as
 	// temporarily unreachable (RFC 8461 §8.4).
 	Skip string
+	// SkipResult is the RFC 8460 §4.3 result type recorded for a Skip;
+	// "" means "validation-failure". DANE uses "tlsa-invalid" or
+	// "dnssec-invalid" here.
+	SkipResult string
 	// Testing is MTA-STS mode "testing": verify as Security says, report
 	// what fails, but deliver as SecurityMay would (RFC 8461 §5).
 	Testing bool

@@ -245,6 +245,11 @@ func TestSkippedMXIsNeverDialed(t *testing.T) {
 		t.Error("a skipped MX host was dialed")
 	}
 
+	if res := v.rec.results(); len(res) != 2 || res[0].MX != "mx1.example.test" || res[0].ResultType != "validation-failure" ||
+		res[0].Detail != "not listed in the MTA-STS policy" || res[1].ResultType != "" {
+		t.Errorf("session results = %+v, want the skip as validation-failure, then a success", res)
+	}
+
 	mx2.srv.TLSConfig = nil
 	st = deliver(t, e, testJob("example.test", "a@example.test"))
 	wantStatus(t, st[0], 451, "4.4.8",
@@ -350,7 +355,7 @@ func TestChainLetsDANEDecideBeforeMTASTS(t *testing.T) {
 	if got[0].Source != SourceDANE || got[0].Skip != "" {
 		t.Errorf("host with DANE got %+v, want the DANE requirement alone (DESIGN.md decision 3)", got[0])
 	}
-	if got[1].Source != SourceSTS || got[1].Skip == "" {
-		t.Errorf("host without DANE got %+v, want the MTA-STS requirement", got[1])
+	if got[1].Source != SourceSTS || got[1].Skip == "" || !got[1].MXValidated {
+		t.Errorf("host without DANE got %+v, want the MTA-STS requirement, MX validated by DNSSEC", got[1])
 	}
 }
