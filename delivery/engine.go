@@ -26,6 +26,9 @@ type attempt struct {
 	req    Requirement
 	tls    string
 	reused bool
+	// skipped says why hosts before the one used (or all of them) were
+	// not used: the route's "record why".
+	skipped []string
 }
 
 // Deliver attempts job and returns one Status per recipient, in order
@@ -82,7 +85,7 @@ func (e *Engine) Deliver(ctx context.Context, job *queue.Job) []queue.Status {
 			}
 		}
 	}
-	e.log.LogAttrs(ctx, level, "delivery attempt",
+	attrs := []slog.Attr{
 		slog.String("id", job.ID),
 		slog.String("domain", job.Domain),
 		slog.String("outcome", outcome),
@@ -93,7 +96,11 @@ func (e *Engine) Deliver(ctx context.Context, job *queue.Job) []queue.Status {
 		slog.Bool("reused", at.reused),
 		slog.Duration("took", time.Since(start).Round(time.Millisecond)),
 		slog.String("status", status),
-	)
+	}
+	if len(at.skipped) > 0 {
+		attrs = append(attrs, slog.String("hosts_not_used", strings.Join(at.skipped, "; ")))
+	}
+	e.log.LogAttrs(ctx, level, "delivery attempt", attrs...)
 	return statuses
 }
 
@@ -168,8 +175,10 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 			continue
 		}
 		e.release(s)
+		at.skipped = texts(fails)
 		return statuses
 	}
+	at.skipped = texts(fails)
 	return all(aggregate(domain, fails))
 }
 

@@ -223,6 +223,9 @@ func TestMXPointingToIPAddressIsSkipped(t *testing.T) {
 	v.route("127.0.0.3", good.Addr)
 	st := deliver(t, v.engine(), testJob("example.test", "a@example.test"))
 	wantStatus(t, st[0], 250, "2.0.0", "mx2.example.test")
+	if want := `hosts_not_used="127.0.0.2: MX target is an IP address`; !strings.Contains(v.logs.String(), want) {
+		t.Errorf("log does not say why the MX was skipped (%s):\n%s", want, v.logs.String())
+	}
 
 	v.dns.Remove("example.test", dns.TypeMX)
 	v.dns.Add(t, "example.test. 300 IN MX 10 127.0.0.2.")
