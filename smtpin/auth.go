@@ -145,21 +145,21 @@ func (u *User) mayUseSender(from string) bool {
 }
 
 // authLimiter counts failed AUTH attempts per client: a burst of
-// authFailBurst, then one attempt per authFailEvery.
+// burst failures, then one more per every.
 type authLimiter struct {
-	mu  sync.Mutex
-	m   map[netip.Prefix]*rate.Limiter
-	now func() time.Time
+	mu    sync.Mutex
+	m     map[netip.Prefix]*rate.Limiter
+	burst int
+	every time.Duration
+	now   func() time.Time
 }
 
-const (
-	authFailBurst   = 5
-	authFailEvery   = time.Minute
-	authLimiterSize = 10000 // clients remembered before idle ones are forgotten
-)
+// authLimiterSize is how many clients are remembered before those whose
+// allowance is full again are forgotten.
+const authLimiterSize = 10000
 
-func newAuthLimiter() *authLimiter {
-	return &authLimiter{m: make(map[netip.Prefix]*rate.Limiter), now: time.Now}
+func newAuthLimiter(burst int, every time.Duration) *authLimiter {
+	return &authLimiter{m: make(map[netip.Prefix]*rate.Limiter), burst: burst, every: every, now: time.Now}
 }
 
 // blocked reports whether client has used up its failed attempts.
@@ -179,7 +179,7 @@ func (l *authLimiter) failed(client netip.Prefix) {
 		if len(l.m) >= authLimiterSize {
 			l.forgetIdle()
 		}
-		lim = rate.NewLimiter(rate.Every(authFailEvery), authFailBurst)
+		lim = rate.NewLimiter(rate.Every(l.every), l.burst)
 		l.m[client] = lim
 	}
 	lim.AllowN(l.now(), 1)
@@ -189,7 +189,7 @@ func (l *authLimiter) failed(client netip.Prefix) {
 // them changes nothing.
 func (l *authLimiter) forgetIdle() {
 	for k, lim := range l.m {
-		if lim.TokensAt(l.now()) >= authFailBurst {
+		if lim.TokensAt(l.now()) >= float64(l.burst) {
 			delete(l.m, k)
 		}
 	}

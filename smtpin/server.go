@@ -56,6 +56,11 @@ type Options struct {
 
 	Users        []User
 	ShowAuthUser bool // name the authenticated user in the Received header
+	// Failed AUTH attempts per client IP (IPv6: per /64): AuthFailures in a
+	// burst (0 = 5), then one more per AuthFailuresPer (0 = 1 min); beyond
+	// that AUTH is answered 454 4.7.0. Each failure is also delayed 1s.
+	AuthFailures    int
+	AuthFailuresPer time.Duration
 
 	MaxMessageSize int64 // bytes, 0 = 50 MiB; larger is 552 5.3.4
 	MaxRecipients  int   // per message, 0 = 1000; more is 452 4.5.3
@@ -73,11 +78,13 @@ type Options struct {
 
 // Defaults for zero Options fields.
 const (
-	DefaultMaxMessageSize = 50 << 20
-	DefaultMaxRecipients  = 1000
-	DefaultMaxLineLength  = 2000
-	DefaultMaxConnsPerIP  = 20
-	DefaultTimeout        = 5 * time.Minute
+	DefaultMaxMessageSize  = 50 << 20
+	DefaultMaxRecipients   = 1000
+	DefaultMaxLineLength   = 2000
+	DefaultMaxConnsPerIP   = 20
+	DefaultAuthFailures    = 5
+	DefaultAuthFailuresPer = time.Minute
+	DefaultTimeout         = 5 * time.Minute
 )
 
 // ErrServerClosed is returned by Serve and Listen after Shutdown.
@@ -139,6 +146,12 @@ func New(opts Options, q Enqueuer) (*Server, error) {
 	if opts.MaxConnsPerIP <= 0 {
 		opts.MaxConnsPerIP = DefaultMaxConnsPerIP
 	}
+	if opts.AuthFailures <= 0 {
+		opts.AuthFailures = DefaultAuthFailures
+	}
+	if opts.AuthFailuresPer <= 0 {
+		opts.AuthFailuresPer = DefaultAuthFailuresPer
+	}
 	if opts.CommandTimeout <= 0 {
 		opts.CommandTimeout = DefaultTimeout
 	}
@@ -148,15 +161,17 @@ func New(opts Options, q Enqueuer) (*Server, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
+	trusted := make([]netip.Prefix, len(opts.TrustedNetworks))
 	for i, p := range opts.TrustedNetworks {
-		opts.TrustedNetworks[i] = p.Masked()
+		trusted[i] = p.Masked()
 	}
+	opts.TrustedNetworks = trusted
 
 	s := &Server{
 		opts:          opts,
 		q:             q,
 		log:           opts.Logger,
-		authLim:       newAuthLimiter(),
+		authLim:       newAuthLimiter(opts.AuthFailures, opts.AuthFailuresPer),
 		authFailDelay: time.Second,
 		conns:         make(map[*conn]struct{}),
 		perIP:         make(map[netip.Prefix]int),

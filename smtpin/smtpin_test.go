@@ -170,7 +170,7 @@ func TestAuthRateLimitedAfterRepeatedFailures(t *testing.T) {
 	d.cmd("STARTTLS", "220")
 	d.starttls(e.clientTLS())
 	d.cmd("EHLO client.test", "250")
-	for range authFailBurst {
+	for range DefaultAuthFailures {
 		d.cmd(authPlainLine(testUser, "guess"), "535 5.7.8")
 	}
 	// Now even the right password is refused, from a new connection too.

@@ -187,10 +187,10 @@ func TestUnknownUserTakesAsLongAsWrongPassword(t *testing.T) {
 }
 
 func TestAuthLimiterBlocksAfterBurstAndForgetsIdleClients(t *testing.T) {
-	l := newAuthLimiter()
+	l := newAuthLimiter(DefaultAuthFailures, DefaultAuthFailuresPer)
 	k := clientKey(netip.MustParseAddr("192.0.2.7"))
 	other := clientKey(netip.MustParseAddr("192.0.2.8"))
-	for i := range authFailBurst {
+	for i := range DefaultAuthFailures {
 		if l.blocked(k) {
 			t.Fatalf("blocked after %d failures", i)
 		}
@@ -211,7 +211,7 @@ func TestAuthLimiterBlocksAfterBurstAndForgetsIdleClients(t *testing.T) {
 	for i := range authLimiterSize {
 		l.failed(clientKey(netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)})))
 	}
-	clock = clock.Add(authFailBurst * authFailEvery)
+	clock = clock.Add(DefaultAuthFailures * DefaultAuthFailuresPer)
 	l.failed(clientKey(netip.MustParseAddr("198.51.100.1")))
 	if len(l.m) != 1 {
 		t.Errorf("limiter remembers %d clients after forgetting idle ones, want 1", len(l.m))
