@@ -313,3 +313,41 @@ func TestPurgeForgetsPolicyOnDisk(t *testing.T) {
 		t.Fatalf("%d fetches, want a new fetch after purge", n)
 	}
 }
+
+func TestMaxAgeZeroPolicyAppliesToTheFetchingDeliveryOnly(t *testing.T) {
+	e := newEnv(t)
+	h := e.ValidHost("example.com", "id1", "version: STSv1\nmode: enforce\nmx: mx.example.com\nmax_age: 0\n")
+	m := e.Manager(nil)
+	for i := 1; i <= 2; i++ {
+		if cp := mustPolicy(t, m, "example.com"); cp.Policy.Mode != sts.ModeEnforce {
+			t.Fatalf("got %+v", cp)
+		}
+		if n := h.requests.Load(); n != int32(i) {
+			t.Fatalf("%d fetches after %d lookups; a max_age 0 policy is never current", n, i)
+		}
+	}
+}
+
+func TestRunRefreshesInTheBackgroundUntilCancelled(t *testing.T) {
+	e := newEnv(t)
+	h := e.ValidHost("example.com", "id1", enforcePolicy)
+	m := e.Manager(func(o *sts.Options) { o.RefreshInterval = 10 * time.Millisecond })
+	mustPolicy(t, m, "example.com")
+	e.Clock.Advance(25 * time.Hour)
+	c, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() { m.Run(c); close(done) }()
+	deadline := time.Now().Add(5 * time.Second)
+	for h.requests.Load() < 2 {
+		if time.Now().After(deadline) {
+			t.Fatal("Run did not refresh a day-old policy")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	cancel()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Run did not return after its context ended")
+	}
+}
