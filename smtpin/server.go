@@ -1,10 +1,3 @@
-// Package smtpin is the submission listener: applications and a Postfix
-// relayhost hand mail to stsrelay here (RFC 6409 submission, RFC 8314
-// implicit TLS), and each accepted message is committed to the queue before
-// the client hears "250".
-//
-// The SMTP protocol work is done by github.com/emersion/go-smtp; this package
-// decides who may relay, enforces the limits and hands the message over.
 package smtpin
 
 import (
