@@ -318,7 +318,8 @@ func (e *Engine) connect(ctx context.Context, domain string, h hop, req Requirem
 // It returns the per-recipient statuses, or a hostFailure when the host
 // cannot take this message at all (before MAIL), so the next may.
 func (e *Engine) transact(ctx context.Context, s *session, job *queue.Job, body io.Reader) ([]queue.Status, *hostFailure) {
-	stop := context.AfterFunc(ctx, func() { s.conn.Conn.Close() })
+	raw := s.conn.Conn
+	stop := context.AfterFunc(ctx, func() { raw.Close() })
 	defer func() {
 		if !stop() {
 			s.broken = true
@@ -370,6 +371,9 @@ func (e *Engine) transact(ctx context.Context, s *session, job *queue.Job, body 
 		return abort(s.commandFailure(ctx, step, err, false).status)
 	}
 
+	// go-smtp adds BODY=8BITMIME whenever the remote offers it. An 8-bit
+	// message to a remote without 8BITMIME goes out as it is, as Postfix
+	// does by default: converting MIME parts is not a relay's job.
 	mo := &smtp.MailOptions{Size: job.Size, RequireTLS: env.RequireTLS, UTF8: needUTF8, EnvelopeID: xtextDecode(env.EnvID)}
 	switch strings.ToUpper(env.Ret) {
 	case "FULL":
@@ -450,7 +454,8 @@ func (s *session) reset(ctx context.Context) bool {
 	if s.conn == nil {
 		return false
 	}
-	stop := context.AfterFunc(ctx, func() { s.conn.Conn.Close() })
+	raw := s.conn.Conn
+	stop := context.AfterFunc(ctx, func() { raw.Close() })
 	defer stop()
 	s.conn.allow(maxReplyBytes)
 	s.client.CommandTimeout = s.e.opts.Timeouts.Command

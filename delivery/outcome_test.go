@@ -500,6 +500,33 @@ func TestRemoteThatIsNotSMTPDefers(t *testing.T) {
 	}
 }
 
+func TestUnexpectedSuccessCodeIsNeverADelivery(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		handle func(c net.Conn)
+	}{
+		{"greeting 250", func(c net.Conn) { io.WriteString(c, "250 hello\r\n") }},
+		{"DATA answered 250", func(c net.Conn) {
+			r := bufio.NewReader(c)
+			io.WriteString(c, "220 mx ESMTP\r\n")
+			for _, reply := range []string{"250 mx", "250 mx", "250 ok", "250 ok", "250 2.0.0 sure"} {
+				if _, err := r.ReadString('\n'); err != nil {
+					return
+				}
+				io.WriteString(c, reply+"\r\n")
+			}
+			r.ReadString('\n')
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			v, _ := oneMX(t)
+			v.route("127.0.0.2", rawServer(t, tc.handle))
+			st := deliver(t, v.engine(), testJob("example.test", "a@example.test"))
+			wantStatus(t, st[0], 451, "4.5.0", "unexpected reply 250")
+		})
+	}
+}
+
 func TestSilentRemotesTimeOut(t *testing.T) {
 	for _, tc := range []struct {
 		name   string

@@ -464,7 +464,17 @@ func transportFailure(ctx context.Context, label, step string, err error) *hostF
 
 // replyFailure is a host that answered with an error reply.
 func replyFailure(label string, code int, msg string) *hostFailure {
-	return &hostFailure{host: label, kind: failTransport, status: replyStatus(label, code, msg)}
+	return &hostFailure{host: label, kind: failTransport, status: failureStatus(label, code, msg)}
+}
+
+// failureStatus is replyStatus for a reply that ends a step: a code that
+// is not 4xx or 5xx there is a protocol violation, never a success.
+func failureStatus(label string, code int, msg string) queue.Status {
+	if code < 400 || code > 599 {
+		return queue.Status{Code: 451, Enhanced: "4.5.0", RemoteMTA: hostOf(label),
+			Text: truncate(fmt.Sprintf("%s: unexpected reply %d %s", label, code, oneLine(msg)))}
+	}
+	return replyStatus(label, code, msg)
 }
 
 // replyStatus turns a remote reply into a Status, keeping the remote's
@@ -518,7 +528,7 @@ func smtpErrorStatus(label string, se *smtp.SMTPError) queue.Status {
 	if se.EnhancedCode != (smtp.EnhancedCode{}) && se.EnhancedCode != smtp.NoEnhancedCode && se.EnhancedCode[0] > 0 {
 		msg = fmt.Sprintf("%d.%d.%d %s", se.EnhancedCode[0], se.EnhancedCode[1], se.EnhancedCode[2], msg)
 	}
-	return replyStatus(label, se.Code, msg)
+	return failureStatus(label, se.Code, msg)
 }
 
 func hostOf(label string) string {
