@@ -35,6 +35,9 @@ type attempt struct {
 // (queue.Deliverer). It returns when ctx is done, deferring what it could
 // not finish.
 func (e *Engine) Deliver(ctx context.Context, job *queue.Job) []queue.Status {
+	if job == nil {
+		return nil
+	}
 	start := time.Now()
 	var at attempt
 	statuses := e.deliver(ctx, job, &at)
@@ -214,6 +217,9 @@ func (e *Engine) requirements(ctx context.Context, domain string, hops []hop) ([
 		for j, i := range idx {
 			reqs[i] = got[j]
 		}
+	}
+	for i, h := range hops {
+		reqs[i].MXValidated = reqs[i].MXValidated || h.validated
 	}
 	if sec, ok := e.overrides[domain]; ok {
 		for i := range reqs {

@@ -359,6 +359,19 @@ func TestRequireTLSDeliveredWhenEveryConditionHolds(t *testing.T) {
 	}
 }
 
+func TestRequireTLSAcceptsAnMXValidatedByDNSSEC(t *testing.T) {
+	v, mx := oneMX(t)
+	mx.srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{v.ca.Issue(t, "mx1.example.test")}}
+	mx.srv.EnableREQUIRETLS = true
+	e := v.engine() // no policy source: only DNSSEC can validate the MX
+	st := deliver(t, e, requireTLSJob())
+	wantStatus(t, st[0], 550, "5.7.30", "MX host not validated")
+
+	v.dns.Secure("example.test", "mx1.example.test")
+	st = deliver(t, v.engine(), requireTLSJob())
+	wantStatus(t, st[0], 250, "2.0.0")
+}
+
 func TestRequireTLSFailsPermanentlyWhenNoHostQualifies(t *testing.T) {
 	for _, tc := range []struct {
 		name        string

@@ -65,6 +65,10 @@ type MX struct {
 	// counting Name itself. DANE needs it (RFC 7672 §2.2.3).
 	CNAMEs     []string
 	Preference uint16
+	// MXSecure says the MX answer (for an implicit MX, the answer that
+	// there is none) was DNSSEC-validated; AddrSecure says the same of
+	// the address lookup, CNAMEs included (RFC 7672 §2.2.1, §2.2.2).
+	MXSecure, AddrSecure bool
 }
 
 // Requirement is what one MX host needs before a message may go to it. It is

@@ -24,6 +24,9 @@ type hop struct {
 	// literal is the route of an address-literal domain: no MTA-STS or
 	// DANE apply (RFC 8461 §3.4, RFC 7672 §2.2).
 	literal bool
+	// validated says DNSSEC vouched for the MX answer and the alias
+	// chain to the addresses.
+	validated bool
 }
 
 // route returns the hosts to try for domain, best first (RFC 5321 §5.1), or
@@ -32,7 +35,7 @@ func (e *Engine) route(ctx context.Context, domain string) ([]hop, *queue.Status
 	if strings.HasPrefix(domain, "[") {
 		return literalRoute(domain)
 	}
-	records, _, err := e.opts.Resolver.MX(ctx, domain)
+	records, secure, err := e.opts.Resolver.MX(ctx, domain)
 	if err != nil {
 		if resolve.IsNotFound(err) {
 			// RFC 5321 §5.1: a name that does not exist is a permanent error.
@@ -68,7 +71,7 @@ func (e *Engine) route(ctx context.Context, domain string) ([]hop, *queue.Status
 	if len(mxs) == 0 {
 		// RFC 5321 §5.1: no MX records means an implicit MX on the domain
 		// itself, with preference 0.
-		h := e.resolveHop(ctx, MX{Name: domain, Final: domain})
+		h := e.resolveHop(ctx, MX{Name: domain, Final: domain}, secure)
 		if h.unusable != nil {
 			st := h.unusable.status
 			if h.unusable.notFound {
@@ -98,7 +101,7 @@ func (e *Engine) route(ctx context.Context, domain string) ([]hop, *queue.Status
 
 	hops := make([]hop, 0, len(mxs))
 	for _, mx := range mxs {
-		hops = append(hops, e.resolveHop(ctx, mx))
+		hops = append(hops, e.resolveHop(ctx, mx, secure))
 	}
 	return hops, nil
 }
@@ -118,8 +121,10 @@ func literalRoute(domain string) ([]hop, *queue.Status) {
 }
 
 // resolveHop looks up the addresses of mx, following CNAMEs, and records
-// the final name and the alias chain that MTA-STS and DANE need.
-func (e *Engine) resolveHop(ctx context.Context, mx MX) hop {
+// the final name and the alias chain that MTA-STS and DANE need. mxSecure
+// says the MX answer was DNSSEC-validated.
+func (e *Engine) resolveHop(ctx context.Context, mx MX, mxSecure bool) hop {
+	mx.MXSecure = mxSecure
 	h := hop{mx: mx}
 	name := strings.Trim(mx.Name, "[]")
 	if _, err := netip.ParseAddr(name); err == nil {
@@ -149,6 +154,10 @@ func (e *Engine) resolveHop(ctx context.Context, mx MX) hop {
 		return h
 	}
 	h.addrs = addrs
+	// RFC 8689 §4.2.1: an MX name from a DNSSEC-validated answer, reached
+	// through validated aliases, is a validated MX for REQUIRETLS.
+	h.mx.AddrSecure = res.Secure
+	h.validated = mxSecure && res.Secure
 	return h
 }
 

@@ -193,6 +193,16 @@ func TestMXCNAMEChainIsFollowedAndBothNamesKept(t *testing.T) {
 		!slices.Equal(got.CNAMEs, []string{"a.provider.test", "b.provider.test"}) || got.Preference != 10 {
 		t.Errorf("policy saw %+v, want Name mx.example.test, Final b.provider.test, CNAMEs [a.provider.test b.provider.test]", got)
 	}
+	if got.MXSecure || got.AddrSecure {
+		t.Errorf("insecure answers reported secure: %+v", got)
+	}
+
+	v.dns.Secure("example.test", "mx.example.test", "a.provider.test")
+	seen = nil
+	deliver(t, v.engine(func(o *Options) { o.Policy = policy }), testJob("example.test", "a@example.test"))
+	if !seen[0].MXSecure || seen[0].AddrSecure {
+		t.Errorf("MX secure, last alias insecure: got MXSecure %t AddrSecure %t", seen[0].MXSecure, seen[0].AddrSecure)
+	}
 }
 
 func TestMXWithCNAMELoopIsSkipped(t *testing.T) {
