@@ -122,7 +122,7 @@ func start(t *testing.T, edit func(*Options)) *testEnv {
 		ListenTLS:      "127.0.0.1:0",
 		GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return &cert, nil },
 		Users:          []User{{Name: testUser, PasswordHash: userHash(t)}},
-		Logger:         slog.New(slog.NewTextHandler(testWriter{t}, nil)),
+		Logger:         slog.New(slog.NewTextHandler(newTestWriter(t), nil)),
 	}
 	if edit != nil {
 		edit(&opts)
@@ -151,10 +151,30 @@ func start(t *testing.T, edit func(*Options)) *testEnv {
 	return &testEnv{srv: srv, q: q, ca: ca}
 }
 
-type testWriter struct{ t *testing.T }
+// testWriter sends log output to t.Log until the test's cleanup is done;
+// a session goroutine may still log after that.
+type testWriter struct {
+	t    *testing.T
+	mu   *sync.Mutex
+	done *bool
+}
+
+func newTestWriter(t *testing.T) testWriter {
+	w := testWriter{t: t, mu: new(sync.Mutex), done: new(bool)}
+	t.Cleanup(func() {
+		w.mu.Lock()
+		*w.done = true
+		w.mu.Unlock()
+	})
+	return w
+}
 
 func (w testWriter) Write(p []byte) (int, error) {
-	w.t.Log(strings.TrimSuffix(string(p), "\n"))
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !*w.done {
+		w.t.Log(strings.TrimSuffix(string(p), "\n"))
+	}
 	return len(p), nil
 }
 

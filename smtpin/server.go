@@ -119,13 +119,13 @@ func New(opts Options, q Enqueuer) (*Server, error) {
 		return nil, errors.New("smtpin: no queue")
 	}
 	if opts.Hostname == "" {
-		return nil, errors.New("smtpin: hostname is empty")
+		return nil, errors.New("submission: hostname is empty")
 	}
 	if opts.Listen == "" && opts.ListenTLS == "" {
-		return nil, errors.New("smtpin: neither listen nor listen_tls is set")
+		return nil, errors.New("submission: neither listen nor listen_tls is set")
 	}
 	if opts.ListenTLS != "" && opts.GetCertificate == nil {
-		return nil, fmt.Errorf("smtpin: listen_tls %s needs a certificate", opts.ListenTLS)
+		return nil, fmt.Errorf("submission.listen_tls = %q needs a certificate (tls_cert, tls_key)", opts.ListenTLS)
 	}
 	if opts.MaxMessageSize <= 0 {
 		opts.MaxMessageSize = DefaultMaxMessageSize
@@ -175,6 +175,9 @@ func New(opts Options, q Enqueuer) (*Server, error) {
 		return nil, err
 	}
 
+	if opts.GetCertificate == nil {
+		s.log.Warn("submission: no TLS certificate: STARTTLS is not offered and AUTH works only from trusted networks or loopback")
+	}
 	if opts.GetCertificate != nil {
 		s.tlsConf = &tls.Config{
 			MinVersion:             tls.VersionTLS12,
@@ -218,7 +221,7 @@ func (s *Server) Listen() error {
 	if s.opts.Listen != "" {
 		l, err := net.Listen("tcp", s.opts.Listen)
 		if err != nil {
-			return fmt.Errorf("submission listen %s: %w", s.opts.Listen, err)
+			return fmt.Errorf("submission.listen: %w", err) // names the address
 		}
 		s.plainLn = l
 	}
@@ -229,7 +232,7 @@ func (s *Server) Listen() error {
 				s.plainLn.Close()
 				s.plainLn = nil
 			}
-			return fmt.Errorf("submission listen_tls %s: %w", s.opts.ListenTLS, err)
+			return fmt.Errorf("submission.listen_tls: %w", err)
 		}
 		s.tlsLn = l
 	}
@@ -346,13 +349,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	s.mu.Unlock()
 	defer s.cancelBase()
 
-	for {
-		s.mu.Lock()
-		n := len(s.conns)
-		s.mu.Unlock()
-		if n == 0 {
-			break
-		}
+	for s.connCount() > 0 {
 		select {
 		case <-ctx.Done():
 			s.mu.Lock()
@@ -362,9 +359,13 @@ func (s *Server) Shutdown(ctx context.Context) error {
 			}
 			s.mu.Unlock()
 			// Let cancelled Enqueue calls return, so that the caller may
-			// close the queue once Shutdown has returned.
+			// close the queue once Shutdown has returned, and give the
+			// sessions a moment to notice their closed connections.
 			s.cancelBase()
 			for s.enqueueCount() > 0 {
+				time.Sleep(10 * time.Millisecond)
+			}
+			for end := time.Now().Add(2 * time.Second); s.connCount() > 0 && time.Now().Before(end); {
 				time.Sleep(10 * time.Millisecond)
 			}
 			return ctx.Err()
@@ -379,6 +380,12 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+func (s *Server) connCount() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.conns)
 }
 
 func (s *Server) enqueueBegin() bool {
