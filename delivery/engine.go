@@ -465,7 +465,13 @@ func (s *session) reset(ctx context.Context) bool {
 	defer stop()
 	s.conn.allow(maxReplyBytes)
 	s.client.CommandTimeout = s.e.opts.Timeouts.Command
-	return s.client.Reset() == nil
+	if s.client.Reset() != nil {
+		return false
+	}
+	// go-smtp forgets the EHLO reply on RSET and would say EHLO again at
+	// the first Extension call, hiding any error; say it now and check.
+	s.conn.allow(maxReplyBytes)
+	return s.client.Hello(s.e.hostname) == nil
 }
 
 // deadlineWriter gives each write of the message its own deadline
