@@ -22,6 +22,7 @@ import (
 	"github.com/stsrelay/stsrelay/delivery"
 	"github.com/stsrelay/stsrelay/internal/dnstest"
 	"github.com/stsrelay/stsrelay/internal/testpki"
+	"github.com/stsrelay/stsrelay/queue"
 	"github.com/stsrelay/stsrelay/resolve"
 	"github.com/stsrelay/stsrelay/sts"
 )
@@ -228,7 +229,7 @@ func (e *env) Manager(mod func(*sts.Options)) *sts.Manager {
 
 func openDB(t *testing.T, path string) *bbolt.DB {
 	t.Helper()
-	db, err := bbolt.Open(path, 0o600, &bbolt.Options{Timeout: time.Second})
+	db, err := queue.OpenDB(path) // the daemon's database, shared with the queue
 	if err != nil {
 		t.Fatal(err)
 	}

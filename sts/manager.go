@@ -40,7 +40,7 @@ const (
 // Options configure a Manager. Resolver is required.
 type Options struct {
 	Resolver *resolve.Resolver
-	// DB persists the cache, in bucket "sts-policies", so a restart keeps
+	// DB persists the cache, in bucket "sts.policies", so a restart keeps
 	// policies. nil keeps the cache in memory only (stsrelay check).
 	DB *bbolt.DB
 	// RootCAs verify policy hosts; nil means the system roots (which Go

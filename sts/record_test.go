@@ -61,3 +61,31 @@ func TestIsRecordKeepsOnlySTSv1(t *testing.T) {
 		}
 	}
 }
+
+// FuzzParseRecord checks that ParseRecord never panics and that what it
+// accepts has a valid id and renders back to an equivalent record.
+func FuzzParseRecord(f *testing.F) {
+	for _, s := range []string{"v=STSv1; id=20160831085700Z;", "v=STSv1;id=a;ext=b", "v=STSv1 ; id=x ;", "v=STSv1; id=2016-08-31"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, txt string) {
+		r, err := ParseRecord(txt)
+		if err != nil {
+			var re *RecordError
+			if !errors.As(err, &re) {
+				t.Fatalf("error %v is not a *RecordError", err)
+			}
+			return
+		}
+		if !IsRecord(txt) {
+			t.Fatalf("accepted %q, which IsRecord discards", txt)
+		}
+		if len(r.ID) < 1 || len(r.ID) > 32 || !allAlnum(r.ID) {
+			t.Fatalf("accepted id %q", r.ID)
+		}
+		again, err := ParseRecord(r.String())
+		if err != nil || again.ID != r.ID || len(again.Extensions) != len(r.Extensions) {
+			t.Fatalf("String() %q does not parse back: %+v, %v", r.String(), again, err)
+		}
+	})
+}

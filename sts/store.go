@@ -8,8 +8,9 @@ import (
 	"go.etcd.io/bbolt"
 )
 
-// bucketPolicies holds one JSON storedPolicy per domain, keyed by domain.
-var bucketPolicies = []byte("sts-policies")
+// bucketPolicies holds one JSON storedPolicy per domain, keyed by domain,
+// in the database the queue opens (queue.OpenDB).
+var bucketPolicies = []byte("sts.policies")
 
 // storedPolicy is the persisted form of a CachedPolicy.
 type storedPolicy struct {
