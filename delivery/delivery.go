@@ -151,6 +151,9 @@ func New(opts Options) (*Engine, error) {
 	if opts.Port == 0 {
 		opts.Port = 25
 	}
+	if opts.Port < 0 || opts.Port > 65535 {
+		return nil, fmt.Errorf("delivery: port %d is not a TCP port", opts.Port)
+	}
 	if opts.ConnectTimeout <= 0 {
 		opts.ConnectTimeout = 30 * time.Second
 	}
