@@ -196,8 +196,9 @@ func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 		return s.reject("sender_not_allowed", 553, smtp.EnhancedCode{5, 7, 1},
 			fmt.Sprintf("Sender <%s> is not allowed for user %s", from, s.user.Name))
 	}
-	// RFC 8689 §4.1: REQUIRETLS is offered only under TLS, and a message
-	// that asks for it must not have come in the clear either.
+	// RFC 8689: REQUIRETLS is offered only under TLS; go-smtp accepts the
+	// parameter in the clear too, and a message that demands TLS onward
+	// must not have travelled in the clear to us.
 	if opts.RequireTLS && s.tls == nil {
 		return s.reject("requiretls_plaintext", 530, smtp.EnhancedCode{5, 7, 10},
 			"REQUIRETLS needs a TLS session: use STARTTLS first")
