@@ -132,3 +132,17 @@ func TestAddressLiteralHasNoPolicy(t *testing.T) {
 		}
 	}
 }
+
+func TestTXTLookupFailureWithoutCacheMeansNoPolicy(t *testing.T) {
+	e := newEnv(t)
+	h := e.ValidHost("example.com", "id1", enforcePolicy)
+	e.DNS.SetFault("_mta-sts.example.com.", 0, dnstest.FaultServfail)
+	cp, err := e.Manager(nil).Policy(context.Background(), "example.com")
+	var de *resolve.Error
+	if !errors.Is(err, sts.ErrNoPolicy) || !errors.As(err, &de) {
+		t.Fatalf("got %+v, %v; want ErrNoPolicy wrapping the DNS error", cp, err)
+	}
+	if h.requests.Load() != 0 {
+		t.Fatal("fetched a policy without a TXT record")
+	}
+}

@@ -7,6 +7,26 @@
 // The delivery engine verifies certificates and composes deferral texts;
 // this package decides, per MX host, whether it may be used and which names
 // its certificate must carry.
+//
+// Where RFC 8461 leaves a choice, this package decides so (each decision is
+// tested):
+//   - max_age above 31557600 is capped at 31557600, not rejected (Parse).
+//   - Blank lines in a policy are ignored; a repeated non-mx key: the first
+//     one wins; keys are case-sensitive.
+//   - A TXT record counts as MTA-STS when it starts with "v=STSv1" followed
+//     by ";", a blank or nothing; one with two id fields is invalid.
+//   - A DNS failure for the TXT record with no unexpired cached policy means
+//     no policy (deliver opportunistically), as a missing record does.
+//   - A policy fetched with max_age 0 applies to the delivery that fetched
+//     it; the next one fetches again.
+//   - Policy fetch failures are recorded for TLSRPT once per fetch, not per
+//     delivery; the 5-minute backoff (§3.3) is kept per domain and id.
+//   - The background refresh fetches the policy of each domain that had
+//     mail in the last 7 days once it is a day old (or half its max_age),
+//     so max_age keeps moving forward while mail flows (§10.2).
+//   - With sts.match_cname_target, an MX host whose final CNAME target
+//     matches the policy is accepted too, and its certificate may be valid
+//     for any of the names that matched; SNI stays the MX name (§7.1).
 package sts
 
 import "errors"

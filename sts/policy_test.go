@@ -190,3 +190,10 @@ func FuzzParse(f *testing.F) {
 		}
 	})
 }
+
+func TestParseIgnoresBlankLines(t *testing.T) {
+	p := mustParse(t, "version: STSv1\n\nmode: enforce\r\n\r\nmx: mx.example.com\nmax_age: 60\n\n")
+	if p.Mode != ModeEnforce || len(p.MX) != 1 {
+		t.Fatalf("got %+v", p)
+	}
+}
