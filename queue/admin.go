@@ -1,7 +1,6 @@
 package queue
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -72,12 +71,12 @@ func (q *Queue) List() ([]MessageInfo, error) {
 	list := []MessageInfo{}
 	err := q.db.View(func(tx *bbolt.Tx) error {
 		return tx.Bucket(bucketMessages).ForEach(func(k, v []byte) error {
-			var m message
-			if err := json.Unmarshal(v, &m); err != nil {
+			m, err := decodeMessage(v)
+			if err != nil {
 				list = append(list, MessageInfo{ID: string(k), From: "(damaged record)"})
 				return nil
 			}
-			list = append(list, info(&m))
+			list = append(list, info(m))
 			return nil
 		})
 	})
@@ -92,7 +91,7 @@ func (q *Queue) Show(id string) (*MessageInfo, error) {
 		if err != nil || m == nil {
 			return err
 		}
-		h, err := readBody(tx, m, 64<<10)
+		h, err := q.spool.read(m.ID, 64<<10)
 		if err != nil {
 			return err
 		}
@@ -138,6 +137,9 @@ func (q *Queue) change(id string, fn func(m *message, now time.Time) (int, []dsn
 		return putMessage(tx, m)
 	}, func() {
 		q.indexPut(m)
+		if m.done() {
+			q.spool.remove(m.ID)
+		}
 		if dsn != nil {
 			q.indexPut(dsn)
 		}
@@ -290,6 +292,7 @@ func (q *Queue) Delete(id string) error {
 			q.indexRemoveLocked(e)
 		}
 		q.mu.Unlock()
+		q.spool.remove(id)
 	})
 	if err != nil {
 		return err

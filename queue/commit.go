@@ -23,6 +23,7 @@ const maxBatch = 512
 // batch, which caps it near 80 commits/s.
 type committer struct {
 	db      *bbolt.DB
+	syncDir func() error // the spool directory, before any commit that needs it
 	reqs    chan *commitReq
 	mu      sync.RWMutex // held for reading while sending; Close takes it to stop senders
 	closed  bool
@@ -39,15 +40,19 @@ type commitReq struct {
 	// after, if set, runs on the committer goroutine once the commit is on
 	// disk, in commit order: the in-memory index follows the file exactly.
 	after func()
-	err   chan error
+	// syncDir asks for the spool directory to be synced before the
+	// commit, so that a new body file's name is as durable as its record.
+	syncDir bool
+	err     chan error
 }
 
-func newCommitter(db *bbolt.DB) *committer {
+func newCommitter(db *bbolt.DB, syncDir func() error) *committer {
 	c := &committer{
-		db:   db,
-		reqs: make(chan *commitReq, maxBatch),
-		quit: make(chan struct{}),
-		done: make(chan struct{}),
+		db:      db,
+		syncDir: syncDir,
+		reqs:    make(chan *commitReq, maxBatch),
+		quit:    make(chan struct{}),
+		done:    make(chan struct{}),
 	}
 	go c.run()
 	return c
@@ -57,7 +62,15 @@ func newCommitter(db *bbolt.DB) *committer {
 // synced to disk, or with the reason it was not. It does not give up
 // early: once submitted, the caller must learn whether the write happened.
 func (c *committer) do(fn func(tx *bbolt.Tx) error, after func()) error {
-	r := &commitReq{fn: fn, after: after, err: make(chan error, 1)}
+	return c.submit(&commitReq{fn: fn, after: after, err: make(chan error, 1)})
+}
+
+// doSynced is do for a write whose body file was just created.
+func (c *committer) doSynced(fn func(tx *bbolt.Tx) error, after func()) error {
+	return c.submit(&commitReq{fn: fn, after: after, syncDir: true, err: make(chan error, 1)})
+}
+
+func (c *committer) submit(r *commitReq) error {
 	c.mu.RLock()
 	if c.closed {
 		c.mu.RUnlock()
@@ -113,6 +126,17 @@ func (c *committer) run() {
 }
 
 func (c *committer) commit(batch []*commitReq) {
+	for _, r := range batch {
+		if r.syncDir {
+			if err := c.syncDir(); err != nil {
+				for _, r := range batch {
+					r.err <- err
+				}
+				return
+			}
+			break
+		}
+	}
 	for len(batch) > 0 {
 		failed, ferr := -1, error(nil)
 		err := c.db.Update(func(tx *bbolt.Tx) error {

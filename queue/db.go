@@ -1,12 +1,8 @@
 package queue
 
 import (
-	"bytes"
-	"encoding/binary"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -17,13 +13,9 @@ import (
 	bolterrors "go.etcd.io/bbolt/errors"
 )
 
-// Bucket names. Other packages (sts) keep their own buckets in the same file.
-var (
-	bucketMessages = []byte("queue.messages") // id → JSON record
-	bucketBodies   = []byte("queue.bodies")   // id 0x00 chunk(uint32 BE) → bytes
-)
-
-const chunkSize = 64 << 10
+// bucketMessages maps queue id → JSON record. Other packages (sts) keep
+// their own buckets in the same file.
+var bucketMessages = []byte("queue.messages")
 
 // OpenDB opens or creates the stsrelay database at path. It waits about a
 // second for bbolt's file lock, then fails: the daemon owns the file
@@ -69,11 +61,9 @@ func plainErr(err error) error {
 
 // message is the stored record of one queued message.
 type message struct {
-	V          int // record format, 1
 	ID         string
 	Envelope   Envelope
 	Size       int64
-	Chunks     int
 	Arrived    time.Time
 	Recipients []recipient
 }
@@ -107,106 +97,25 @@ func getMessage(tx *bbolt.Tx, id string) (*message, error) {
 	if v == nil {
 		return nil, nil
 	}
-	m := new(message)
-	if err := json.Unmarshal(v, m); err != nil {
+	m, err := decodeMessage(v)
+	if err != nil {
 		return nil, fmt.Errorf("message %s: damaged record: %v", id, err)
 	}
 	return m, nil
 }
 
 func putMessage(tx *bbolt.Tx, m *message) error {
-	m.V = 1
-	v, err := json.Marshal(m)
+	v, err := encodeMessage(m)
 	if err != nil {
 		return err
 	}
-	return tx.Bucket(bucketMessages).Put([]byte(m.ID), v)
+	b := tx.Bucket(bucketMessages)
+	b.FillPercent = 0.9 // ids grow with time: mostly appends, so pack pages
+	return b.Put([]byte(m.ID), v)
 }
 
-func chunkKey(id string, n int) []byte {
-	k := make([]byte, len(id)+5)
-	copy(k, id)
-	binary.BigEndian.PutUint32(k[len(id)+1:], uint32(n))
-	return k
-}
-
-func putBody(tx *bbolt.Tx, id string, body []byte) (chunks int, err error) {
-	b := tx.Bucket(bucketBodies)
-	for n := 0; len(body) > 0; n++ {
-		c := body[:min(len(body), chunkSize)]
-		body = body[len(c):]
-		if err := b.Put(chunkKey(id, n), c); err != nil {
-			return 0, err
-		}
-		chunks = n + 1
-	}
-	return chunks, nil
-}
-
-// deleteMessage removes a message and its body.
+// deleteMessage removes a message's record; the caller removes its body
+// file once the commit is on disk.
 func deleteMessage(tx *bbolt.Tx, id string) error {
-	if err := tx.Bucket(bucketMessages).Delete([]byte(id)); err != nil {
-		return err
-	}
-	prefix := append([]byte(id), 0)
-	c := tx.Bucket(bucketBodies).Cursor()
-	for k, _ := c.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, _ = c.Seek(prefix) {
-		if err := c.Delete(); err != nil {
-			return err
-		}
-	}
-	return nil
+	return tx.Bucket(bucketMessages).Delete([]byte(id))
 }
-
-// readBody copies up to limit bytes of a stored body (all of it if limit < 0).
-func readBody(tx *bbolt.Tx, m *message, limit int64) ([]byte, error) {
-	var buf bytes.Buffer
-	b := tx.Bucket(bucketBodies)
-	for n := 0; n < m.Chunks && (limit < 0 || int64(buf.Len()) < limit); n++ {
-		c := b.Get(chunkKey(m.ID, n))
-		if c == nil {
-			return nil, fmt.Errorf("message %s: body chunk %d missing", m.ID, n)
-		}
-		buf.Write(c)
-	}
-	if limit >= 0 && int64(buf.Len()) > limit {
-		buf.Truncate(int(limit))
-	}
-	return buf.Bytes(), nil
-}
-
-// bodyReader streams a stored body one chunk per read transaction, so a
-// slow delivery never holds a transaction open (that would block the mmap
-// from growing and stall every commit).
-type bodyReader struct {
-	db     *bbolt.DB
-	id     string
-	chunks int
-	next   int
-	buf    []byte
-}
-
-func (r *bodyReader) Read(p []byte) (int, error) {
-	for len(r.buf) == 0 {
-		if r.next >= r.chunks {
-			return 0, io.EOF
-		}
-		err := r.db.View(func(tx *bbolt.Tx) error {
-			c := tx.Bucket(bucketBodies).Get(chunkKey(r.id, r.next))
-			if c == nil {
-				return fmt.Errorf("message %s was removed from the queue during delivery", r.id)
-			}
-			r.buf = append(r.buf[:0], c...)
-			return nil
-		})
-		if err != nil {
-			return 0, err
-		}
-		r.next++
-	}
-	n := copy(p, r.buf)
-	r.buf = r.buf[n:]
-	return n, nil
-}
-
-func (r *bodyReader) Close() error { r.buf, r.next = nil, r.chunks; return nil }

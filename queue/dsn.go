@@ -30,7 +30,7 @@ const rfc5322Date = "Mon, 02 Jan 2006 15:04:05 -0700"
 // rcpts and stores it in tx as a new message from the null sender to the
 // original envelope sender (RFC 3461 §6.2), so it travels this same queue.
 func (q *Queue) makeDSN(tx *bbolt.Tx, orig *message, rcpts []dsnRecipient, now time.Time) (*message, error) {
-	body, full, err := q.dsnBody(tx, orig, rcpts, now)
+	body, full, err := q.dsnBody(orig, rcpts, now)
 	if err != nil {
 		return nil, err
 	}
@@ -46,13 +46,20 @@ func (q *Queue) makeDSN(tx *bbolt.Tx, orig *message, rcpts []dsnRecipient, now t
 		return nil, nil // a sender we cannot route to gets no DSN
 	}
 	m := &message{
-		ID:         newID(now),
 		Envelope:   env,
-		Size:       int64(len(body)),
 		Arrived:    now,
 		Recipients: []recipient{{RecipientParams: RecipientParams{Addr: orig.Envelope.From}, Domain: d, State: StateQueued, NextAttempt: now}},
 	}
-	if err := insertMessage(tx, m, body); err != nil {
+	// The body file must be durable before the record commits. If this
+	// transaction is then not committed, the file is an orphan that the
+	// next start removes.
+	if m.ID, m.Size, err = q.spool.write(now, bytes.NewReader(body), int64(len(body))); err != nil {
+		return nil, err
+	}
+	if err := q.spool.syncDir(); err != nil {
+		return nil, err
+	}
+	if err := putMessage(tx, m); err != nil {
 		return nil, err
 	}
 	return m, nil
@@ -60,7 +67,7 @@ func (q *Queue) makeDSN(tx *bbolt.Tx, orig *message, rcpts []dsnRecipient, now t
 
 // dsnBody writes the multipart/report message; full reports whether the
 // whole original message is attached (RET=FULL) rather than its headers.
-func (q *Queue) dsnBody(tx *bbolt.Tx, orig *message, rcpts []dsnRecipient, now time.Time) (body []byte, full bool, err error) {
+func (q *Queue) dsnBody(orig *message, rcpts []dsnRecipient, now time.Time) (body []byte, full bool, err error) {
 	worst := "delivered"
 	for _, r := range rcpts {
 		switch {
@@ -76,9 +83,9 @@ func (q *Queue) dsnBody(tx *bbolt.Tx, orig *message, rcpts []dsnRecipient, now t
 	full = worst == "failed" && strings.EqualFold(orig.Envelope.Ret, "FULL") && !orig.Envelope.RequireTLS
 	var original []byte
 	if full {
-		original, err = readBody(tx, orig, -1)
+		original, err = q.spool.read(orig.ID, -1)
 	} else {
-		original, err = readBody(tx, orig, maxHeaderBytes)
+		original, err = q.spool.read(orig.ID, maxHeaderBytes)
 		original = headerSection(original)
 	}
 	if err != nil {

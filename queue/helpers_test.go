@@ -218,8 +218,7 @@ func (tq *testQueue) dsnsTo(t *testing.T, addr string) []*message {
 
 func (tq *testQueue) body(t *testing.T, m *message) []byte {
 	t.Helper()
-	r := &bodyReader{db: tq.db, id: m.ID, chunks: m.Chunks}
-	b, err := io.ReadAll(r)
+	b, err := tq.spool.read(m.ID, -1)
 	if err != nil {
 		t.Fatal(err)
 	}

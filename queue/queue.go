@@ -5,12 +5,12 @@ import (
 	"crypto/rand"
 	"encoding/base32"
 	"encoding/binary"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"time"
@@ -22,6 +22,9 @@ import (
 // Options configure a Queue. Zero values take the defaults noted.
 type Options struct {
 	Deliverer Deliverer // required
+	// Dir is the spool directory for message bodies. Default: "spool"
+	// beside the database file.
+	Dir string
 	// Workers is the number of deliveries in flight at once
 	// (delivery.workers). Default 16.
 	Workers int
@@ -64,6 +67,7 @@ type Queue struct {
 	opts   Options
 	log    *slog.Logger
 	commit *committer
+	spool  *spool
 
 	mu    sync.Mutex
 	index map[string]*entry
@@ -119,7 +123,15 @@ func New(db *bbolt.DB, opts Options) (*Queue, error) {
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
+	if opts.Dir == "" {
+		opts.Dir = filepath.Join(filepath.Dir(db.Path()), "spool")
+	}
+	sp, err := openSpool(opts.Dir)
+	if err != nil {
+		return nil, fmt.Errorf("queue: %w", err)
+	}
 	q := &Queue{
+		spool: sp,
 		db:    db,
 		opts:  opts,
 		log:   opts.Logger,
@@ -127,52 +139,60 @@ func New(db *bbolt.DB, opts Options) (*Queue, error) {
 		sched: newScheduler(),
 		kick:  make(chan struct{}, 1),
 	}
-	err := db.Update(func(tx *bbolt.Tx) error {
-		for _, name := range [][]byte{bucketMessages, bucketBodies} {
-			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
-				return err
-			}
-		}
-		return nil
+	err = db.Update(func(tx *bbolt.Tx) error {
+		_, err := tx.CreateBucketIfNotExists(bucketMessages)
+		return err
 	})
 	if err != nil {
+		sp.close()
 		return nil, fmt.Errorf("queue: cannot create buckets in %s: %w", db.Path(), err)
 	}
 	if err := q.load(); err != nil {
+		sp.close()
 		return nil, err
 	}
-	q.commit = newCommitter(db)
+	q.commit = newCommitter(db, sp.syncDir)
 	return q, nil
 }
 
 // load builds the in-memory index from the database.
 func (q *Queue) load() error {
 	var damaged int
+	stored := make(map[string]bool)
 	err := q.db.View(func(tx *bbolt.Tx) error {
 		return tx.Bucket(bucketMessages).ForEach(func(k, v []byte) error {
-			var m message
-			if err := json.Unmarshal(v, &m); err != nil {
+			stored[string(k)] = true
+			m, err := decodeMessage(v)
+			if err != nil {
 				// Leave it in place for an operator; it cannot be scheduled.
 				q.log.Error("queue: damaged message record, not scheduled", "id", string(k), "err", err)
 				damaged++
 				return nil
 			}
-			q.indexPut(&m)
+			q.indexPut(m)
 			return nil
 		})
 	})
 	if err != nil {
 		return fmt.Errorf("queue: reading %s: %w", q.db.Path(), err)
 	}
-	q.log.Info("queue loaded", "messages", len(q.index), "damaged", damaged)
+	orphans, err := q.spool.sweep(stored)
+	if err != nil {
+		return fmt.Errorf("queue: %w", err)
+	}
+	q.log.Info("queue loaded", "messages", len(q.index), "damaged", damaged, "orphan_bodies_removed", orphans)
 	return nil
 }
 
 // Close stops accepting writes and waits for pending ones. Call it after
 // Run has returned.
 func (q *Queue) Close() error {
-	q.closeOnce.Do(q.commit.close)
-	return nil
+	var err error
+	q.closeOnce.Do(func() {
+		q.commit.close()
+		err = q.spool.close()
+	})
+	return err
 }
 
 // Enqueue stores a message for delivery and returns its queue id once the
@@ -183,19 +203,16 @@ func (q *Queue) Enqueue(ctx context.Context, env Envelope, body io.Reader) (stri
 	if err := ctx.Err(); err != nil {
 		return "", fmt.Errorf("message not queued: %w", err)
 	}
-	data, err := io.ReadAll(io.LimitReader(body, q.opts.MaxMessageSize+1))
-	if err != nil {
-		return "", fmt.Errorf("message not queued: reading the message: %w", err)
-	}
-	if int64(len(data)) > q.opts.MaxMessageSize {
-		return "", fmt.Errorf("message not queued: %w (%d bytes)", ErrTooBig, q.opts.MaxMessageSize)
-	}
-	m, err := q.newMessage(env, int64(len(data)))
+	m, err := q.newMessage(env)
 	if err != nil {
 		return "", fmt.Errorf("message not queued: %w", err)
 	}
-	err = q.commit.do(func(tx *bbolt.Tx) error { return insertMessage(tx, m, data) }, func() { q.indexPut(m) })
+	if m.ID, m.Size, err = q.spool.write(m.Arrived, body, q.opts.MaxMessageSize); err != nil {
+		return "", fmt.Errorf("message not queued: %w", err)
+	}
+	err = q.commit.doSynced(func(tx *bbolt.Tx) error { return putMessage(tx, m) }, func() { q.indexPut(m) })
 	if err != nil {
+		q.spool.remove(m.ID)
 		return "", fmt.Errorf("message not queued: %w", err)
 	}
 	metricEnqueued.Inc()
@@ -204,12 +221,12 @@ func (q *Queue) Enqueue(ctx context.Context, env Envelope, body io.Reader) (stri
 	return m.ID, nil
 }
 
-func (q *Queue) newMessage(env Envelope, size int64) (*message, error) {
+func (q *Queue) newMessage(env Envelope) (*message, error) {
 	if len(env.Recipients) == 0 {
 		return nil, errors.New("no recipients")
 	}
 	now := q.opts.Now()
-	m := &message{ID: newID(now), Envelope: env, Size: size, Arrived: now}
+	m := &message{Envelope: env, Arrived: now}
 	m.Envelope.Recipients = nil // kept per recipient below
 	for _, rp := range env.Recipients {
 		d, err := recipientDomain(rp.Addr)
@@ -219,20 +236,6 @@ func (q *Queue) newMessage(env Envelope, size int64) (*message, error) {
 		m.Recipients = append(m.Recipients, recipient{RecipientParams: rp, Domain: d, State: StateQueued, NextAttempt: now})
 	}
 	return m, nil
-}
-
-// insertMessage writes a new message and its body. It may run again in a
-// retried batch, so it only touches tx and m.
-func insertMessage(tx *bbolt.Tx, m *message, body []byte) error {
-	for tx.Bucket(bucketMessages).Get([]byte(m.ID)) != nil {
-		m.ID = newID(m.Arrived)
-	}
-	chunks, err := putBody(tx, m.ID, body)
-	if err != nil {
-		return err
-	}
-	m.Chunks = chunks
-	return putMessage(tx, m)
 }
 
 // recipientDomain returns the lower-case A-label domain of addr.
@@ -253,6 +256,9 @@ func recipientDomain(addr string) (string, error) {
 }
 
 var idEncoding = base32.NewEncoding("0123456789abcdefghijklmnopqrstuv").WithPadding(base32.NoPadding)
+
+// idLen is the length of a queue id.
+const idLen = 20
 
 // newID returns a 20-character id that sorts by arrival time.
 func newID(now time.Time) string {

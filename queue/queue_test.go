@@ -18,7 +18,7 @@ func TestEnqueuedMessageSurvivesReopen(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "stsrelay.db")
 	d := newScripted(all(ok250))
 	tq := openTestQueue(t, path, d, Options{})
-	big := testBody + strings.Repeat("0123456789abcdef", 20000) // several chunks
+	big := testBody + strings.Repeat("0123456789abcdef", 20000) // larger than any buffer on the way
 	e := env("alice@example.com", "bob@example.org", "carol@Example.NET")
 	e.Ret, e.EnvID, e.RequireTLS = "HDRS", "env-1", true
 	e.Recipients[0].Notify = []string{"SUCCESS", "FAILURE"}

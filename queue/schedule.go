@@ -316,7 +316,6 @@ func (q *Queue) loadJob(s *slot) (*Job, []int, error) {
 		}
 		env := m.Envelope
 		env.Recipients = rcpts
-		id, chunks := m.ID, m.Chunks
 		job = &Job{
 			ID:         m.ID,
 			Domain:     s.domain,
@@ -325,9 +324,7 @@ func (q *Queue) loadJob(s *slot) (*Job, []int, error) {
 			Size:       m.Size,
 			Arrived:    m.Arrived,
 			Attempt:    minAttempts + 1,
-			Open: func() (io.ReadCloser, error) {
-				return &bodyReader{db: q.db, id: id, chunks: chunks}, nil
-			},
+			Open:       func() (io.ReadCloser, error) { return q.spool.open(s.e.id) },
 		}
 		return nil
 	})
