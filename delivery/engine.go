@@ -243,15 +243,13 @@ func effective(req Requirement, env queue.Envelope) Requirement {
 // rules it out.
 func (e *Engine) precheck(domain string, mx MX, req Requirement, requireTLS bool) *hostFailure {
 	if req.Skip != "" {
-		result := req.SkipResult
-		if result == "" {
-			result = "validation-failure"
+		if req.Testing {
+			// RFC 8461 §5: testing reports but delivers; the session
+			// records the Skip as its result.
+			return nil
 		}
 		e.record(SessionResult{PolicyDomain: domain, Source: req.Source, MX: mx.Name,
-			ResultType: result, Detail: req.Skip})
-		if req.Testing {
-			return nil // RFC 8461 §5: testing reports but delivers
-		}
+			ResultType: skipResult(req), Detail: req.Skip})
 		return e.policyFailure(mx.Name, mx, req, requireTLS, req.Skip)
 	}
 	if req.Security == SecurityDANE {
@@ -271,6 +269,14 @@ func (e *Engine) precheck(domain string, mx MX, req Requirement, requireTLS bool
 		}
 	}
 	return nil
+}
+
+// skipResult is the RFC 8460 result type of a Skip.
+func skipResult(req Requirement) string {
+	if req.SkipResult != "" {
+		return req.SkipResult
+	}
+	return "validation-failure"
 }
 
 // connect returns a ready session to one of h's addresses: an idle one

@@ -344,6 +344,12 @@ func (e *Engine) startTLS(ctx context.Context, s *session, req Requirement, requ
 			return dialResult{}
 		}
 	}
+	if req.Skip != "" {
+		// Testing mode went ahead with a host the policy rules out: TLS
+		// worked, the session still failed the policy (RFC 8460 §4.3).
+		s.record(req, skipResult(req), req.Skip)
+		return dialResult{}
+	}
 	s.record(req, "", "")
 	return dialResult{}
 }

@@ -218,6 +218,20 @@ func TestTestingModeDeliversDespiteFailuresAndRecordsThem(t *testing.T) {
 	}
 }
 
+func TestTestingModeDeliversToUnlistedMXAndRecordsOneFailure(t *testing.T) {
+	v, mx := oneMX(t)
+	mx.srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{v.ca.Issue(t, "mx1.example.test")}}
+	e := v.engine(func(o *Options) {
+		o.Policy = everyMX(Requirement{Security: SecurityVerify, Source: SourceSTS, Testing: true,
+			Skip: "not listed in the MTA-STS policy"})
+	})
+	st := deliver(t, e, testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 250, "2.0.0")
+	if res := v.rec.results(); len(res) != 1 || res[0].ResultType != "validation-failure" || res[0].Detail != "not listed in the MTA-STS policy" {
+		t.Errorf("session results = %+v, want exactly one validation-failure", res)
+	}
+}
+
 func TestSkippedMXIsNeverDialed(t *testing.T) {
 	v := newEnv(t,
 		"example.test. 300 IN MX 10 mx1.example.test.",
