@@ -283,7 +283,7 @@ func TestEndToEndNullMXBouncesToTheSender(t *testing.T) {
 	if dsn.From != "" || len(dsn.To) != 1 || dsn.To[0] != "app@example.com" {
 		t.Fatalf("bounce envelope = %q → %v, want <> → app@example.com", dsn.From, dsn.To)
 	}
-	for _, want := range []string{"report-type=delivery-status", "Status: 5.1.10", "Final-Recipient: rfc822;user@nomail.example", "null MX"} {
+	for _, want := range []string{"report-type=delivery-status", "Status: 5.1.10", "Final-Recipient: rfc822; user@nomail.example", "null MX"} {
 		if !strings.Contains(dsn.Data, want) {
 			t.Errorf("bounce lacks %q:\n%s", want, dsn.Data)
 		}
