@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -349,5 +350,26 @@ func TestRunRefreshesInTheBackgroundUntilCancelled(t *testing.T) {
 	case <-done:
 	case <-time.After(5 * time.Second):
 		t.Fatal("Run did not return after its context ended")
+	}
+}
+
+func TestMetricsCountFetchesCacheHitsAndModes(t *testing.T) {
+	e := newEnv(t)
+	e.ValidHost("example.com", "id1", enforcePolicy)
+	m := e.Manager(nil)
+	before := map[string]float64{
+		"fetches/ok": sts.Counters("fetches", "ok"), "cache/hit": sts.Counters("cache", "hit"),
+		"cache/miss": sts.Counters("cache", "miss"), "deliveries/enforce": sts.Counters("deliveries", "enforce"),
+		"deliveries/no-policy": sts.Counters("deliveries", "no-policy"),
+	}
+	for range 3 {
+		requirements(t, m, mx("mx.example.com"))
+	}
+	m.Requirements(ctx, "other.example", []delivery.MX{mx("mx.other.example")})
+	for key, want := range map[string]float64{"fetches/ok": 1, "cache/hit": 2, "cache/miss": 2, "deliveries/enforce": 3, "deliveries/no-policy": 1} {
+		metric, label, _ := strings.Cut(key, "/")
+		if got := sts.Counters(metric, label) - before[key]; got != want {
+			t.Errorf("%s grew by %v, want %v", key, got, want)
+		}
 	}
 }

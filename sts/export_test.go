@@ -1,6 +1,25 @@
 package sts
 
-import "context"
+import (
+	"context"
+
+	dto "github.com/prometheus/client_model/go"
+)
 
 // RefreshDue runs one pass of the background refresh, for tests.
 func (m *Manager) RefreshDue(ctx context.Context) { m.refreshDue(ctx) }
+
+// Counters reads the package's metrics, for tests: fetches by result,
+// cache lookups by result and decisions by mode.
+func Counters(metric, label string) float64 {
+	var m dto.Metric
+	switch metric {
+	case "fetches":
+		policyFetches.WithLabelValues(label).Write(&m)
+	case "cache":
+		cacheLookups.WithLabelValues(label).Write(&m)
+	case "deliveries":
+		decisions.WithLabelValues(label).Write(&m)
+	}
+	return m.GetCounter().GetValue()
+}
