@@ -332,3 +332,17 @@ func TestCNAMEMXUnderBothMatchSettings(t *testing.T) {
 		}
 	})
 }
+
+func TestFetchFailureWithoutCacheDeliversOpportunistically(t *testing.T) {
+	e := newEnv(t)
+	h := e.ValidHost("example.com", "id1", enforcePolicy)
+	h.SetStatus(503)
+	cert := e.CA.IssueWith(t, testpki.Options{SelfSigned: true}, "mx.example.com")
+	mx := e.MX("example.com", "mx.example.com", &cert)
+	// RFC 8461 §5.1: no policy could be fetched and none is cached: deliver
+	// as if the domain did not use MTA-STS, and report the failure (§6).
+	wantDelivered(t, send(t, e.Engine(e.Manager(nil)), "example.com"), mx, 1)
+	if got := e.Rec.Results(); len(got) == 0 || got[0].ResultType != sts.ResultFetchError {
+		t.Fatalf("recorded %+v, want the fetch error first", got)
+	}
+}
