@@ -1,0 +1,40 @@
+package delivery
+
+import (
+	"strings"
+	"testing"
+	"unicode/utf8"
+)
+
+// FuzzReplyStatus feeds arbitrary remote replies to the code that turns
+// them into queue statuses: no panic, a bounded single line, valid UTF-8.
+func FuzzReplyStatus(f *testing.F) {
+	f.Add(451, "4.7.1 greylisted, try later")
+	f.Add(550, "5.1.1 no such user\n5.1.1 really")
+	f.Add(250, "")
+	f.Add(421, "\x00\xff\r\n4.")
+	f.Fuzz(func(t *testing.T, code int, msg string) {
+		for _, st := range []statusT{replyStatus("mx[192.0.2.1]", code, msg), failureStatus("mx[192.0.2.1]", code, msg)} {
+			if strings.ContainsAny(st.Text, "\r\n") || !utf8.ValidString(st.Text) || len(st.Text) > maxTextLen+len("…") {
+				t.Errorf("status text %q is not one short line of UTF-8", st.Text)
+			}
+		}
+		if st := failureStatus("mx", code, msg); st.Code < 400 || st.Code > 599 {
+			t.Errorf("failureStatus(%d) = %d, want a 4xx or 5xx", code, st.Code)
+		}
+	})
+}
+
+func TestXtextDecode(t *testing.T) {
+	for in, want := range map[string]string{
+		"plain@example.com":   "plain@example.com",
+		"a+2Bb@example.com":   "a+b@example.com",
+		"a+3Db+2B":            "a=b+",
+		"broken+2":            "broken+2",
+		"lower+2bis-not-hex+": "lower+2bis-not-hex+",
+	} {
+		if got := xtextDecode(in); got != want {
+			t.Errorf("xtextDecode(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
