@@ -26,6 +26,8 @@ type attempt struct {
 	req    Requirement
 	tls    string
 	reused bool
+	// tlsProblem is a certificate failure that testing mode let pass.
+	tlsProblem string
 	// skipped says why hosts before the one used (or all of them) were
 	// not used: the route's "record why".
 	skipped []string
@@ -100,6 +102,9 @@ func (e *Engine) Deliver(ctx context.Context, job *queue.Job) []queue.Status {
 		slog.Duration("took", time.Since(start).Round(time.Millisecond)),
 		slog.String("status", status),
 	}
+	if at.tlsProblem != "" {
+		attrs = append(attrs, slog.String("tls_problem", at.tlsProblem))
+	}
 	if len(at.skipped) > 0 {
 		attrs = append(attrs, slog.String("hosts_not_used", strings.Join(at.skipped, "; ")))
 	}
@@ -170,6 +175,7 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 		if s.tls != nil {
 			at.tls = tlsVersionName(s.tls.Version)
 		}
+		at.tlsProblem = s.tlsProblem
 		statuses, f := e.transact(ctx, s, job, body)
 		if f != nil {
 			// The host lacks what this message needs; another may have it.
@@ -350,7 +356,7 @@ func (e *Engine) transact(ctx context.Context, s *session, job *queue.Job, body 
 		switch ok, _ := s.client.Extension("REQUIRETLS"); {
 		case s.tls == nil:
 			return nil, requireTLSFailure(s.label, "no TLS")
-		case !s.pkixMX:
+		case !s.authenticatedMX():
 			return nil, requireTLSFailure(s.label, "certificate not valid for the MX host name")
 		case !ok:
 			return nil, requireTLSFailure(s.label, "REQUIRETLS not supported")

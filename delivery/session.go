@@ -74,9 +74,8 @@ type session struct {
 	helo   string               // host name from the greeting (TLSRPT receiving-mx-helo)
 	tls    *tls.ConnectionState // nil in plaintext
 	tlsc   *tls.Conn
-	// pkixMX is true when the certificate chains to RootCAs and names the
-	// MX host: what REQUIRETLS calls PKIX authentication (RFC 8689 §4.2.1).
-	pkixMX bool
+	// pkixMX caches authenticatedMX.
+	pkixMX *bool
 	// tlsProblem is a verification failure tolerated because the policy
 	// is in testing mode.
 	tlsProblem string
@@ -328,13 +327,16 @@ func (e *Engine) startTLS(ctx context.Context, s *session, req Requirement, requ
 	cs := tc.ConnectionState()
 	s.tls, s.tlsc = &cs, tc
 
-	s.pkixMX = e.verifyPKIX(cs, []string{s.mx.Name}) == nil
 	if req.Security == SecurityVerify {
 		names := req.Names
 		if len(names) == 0 {
 			names = []string{s.mx.Name}
 		}
-		if v := e.verifyPKIX(cs, names); v != nil {
+		v := e.verifyChain(cs)
+		if v == nil {
+			v = matchName(cs, names)
+		}
+		if v != nil {
 			s.record(req, v.resultType, v.reason)
 			if !req.Testing {
 				s.quitQuietly()
@@ -360,11 +362,23 @@ type verification struct {
 	resultType string // RFC 8460 §4.3 result type
 }
 
-// verifyPKIX checks that the peer's certificate chains to RootCAs, is
-// valid now, and has a SAN dNSName matching one of names (RFC 8461 §4.2:
-// no CN fallback; a wildcard is the whole left-most label, as
-// x509.Certificate.VerifyHostname does).
-func (e *Engine) verifyPKIX(cs tls.ConnectionState, names []string) *verification {
+// authenticatedMX reports whether the session's certificate is PKIX-valid
+// for the MX host name: what REQUIRETLS calls authenticated (RFC 8689
+// §4.2.1). Only REQUIRETLS messages ask, so it is computed on demand.
+func (s *session) authenticatedMX() bool {
+	if s.tls == nil {
+		return false
+	}
+	if s.pkixMX == nil {
+		ok := s.e.verifyChain(*s.tls) == nil && matchName(*s.tls, []string{s.mx.Name}) == nil
+		s.pkixMX = &ok
+	}
+	return *s.pkixMX
+}
+
+// verifyChain checks that the peer's certificate chains to RootCAs and is
+// valid now (RFC 8461 §4.2).
+func (e *Engine) verifyChain(cs tls.ConnectionState) *verification {
 	certs := cs.PeerCertificates
 	if len(certs) == 0 {
 		return &verification{"certificate not trusted: no certificate", "certificate-not-trusted"}
@@ -389,6 +403,17 @@ func (e *Engine) verifyPKIX(cs tls.ConnectionState, names []string) *verificatio
 			return &verification{"certificate not trusted", "certificate-not-trusted"}
 		}
 		return &verification{"certificate not trusted: " + oneLine(err.Error()), "certificate-not-trusted"}
+	}
+	return nil
+}
+
+// matchName checks that the peer's certificate has a SAN dNSName matching
+// one of names (RFC 8461 §4.2: no CN fallback; a wildcard is the whole
+// left-most label, as x509.Certificate.VerifyHostname does).
+func matchName(cs tls.ConnectionState, names []string) *verification {
+	certs := cs.PeerCertificates
+	if len(certs) == 0 {
+		return &verification{"certificate not trusted: no certificate", "certificate-not-trusted"}
 	}
 	for _, n := range names {
 		if certs[0].VerifyHostname(strings.TrimSuffix(n, ".")) == nil {

@@ -216,6 +216,10 @@ func TestTestingModeDeliversDespiteFailuresAndRecordsThem(t *testing.T) {
 	if res := v.rec.results(); len(res) != 1 || res[0].ResultType != "certificate-host-mismatch" {
 		t.Errorf("session results = %+v, want certificate-host-mismatch", res)
 	}
+	if logs := v.logs.String(); !strings.Contains(logs, `tls_problem="certificate name mismatch"`) ||
+		!strings.Contains(logs, "policy=mta-sts/verify/testing") {
+		t.Errorf("log line does not show the tolerated failure:\n%s", logs)
+	}
 }
 
 func TestTestingModeDeliversToUnlistedMXAndRecordsOneFailure(t *testing.T) {
