@@ -60,7 +60,8 @@ func (s *Server) admit(nc net.Conn, listenerName string, implicitTLS bool) *conn
 	}
 
 	metricConnections.WithLabelValues(listenerName, "accepted").Inc()
-	c := &conn{Conn: nc, srv: s, ip: ip, key: key}
+	c := &conn{Conn: nc, srv: s, ip: ip, key: key, id: s.connSeq.Add(1)}
+	s.log.Debug("smtpin: connected", "conn", c.id, "client", ip, "listener", listenerName)
 	s.mu.Lock()
 	s.conns[c] = struct{}{}
 	s.mu.Unlock()
@@ -74,6 +75,7 @@ type conn struct {
 	srv *Server
 	ip  netip.Addr
 	key netip.Prefix
+	id  uint64 // in log lines, to tell one client's sessions apart
 
 	inData    atomic.Bool
 	expired   atomic.Bool // a read timed out during DATA: end the session now

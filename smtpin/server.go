@@ -106,6 +106,8 @@ type Server struct {
 	baseCtx    context.Context // for Enqueue; cancelled when Shutdown gives up
 	cancelBase context.CancelFunc
 
+	connSeq atomic.Uint64
+
 	mu        sync.Mutex
 	plainLn   net.Listener
 	tlsLn     net.Listener

@@ -37,7 +37,7 @@ func (b backend) NewSession(sc *smtp.Conn) (smtp.Session, error) {
 	if st, ok := sc.TLSConnectionState(); ok {
 		sess.tls = &st
 	}
-	sess.log = s.log.With("client", c.ip.String())
+	sess.log = s.log.With("client", c.ip.String(), "conn", c.id)
 	return sess, nil
 }
 
