@@ -59,7 +59,8 @@ certificate from the configuration file; other changes need a restart.`, stderr)
 	defer signal.Stop(hup)
 
 	sdnotify.SdNotify(false, sdnotify.SdNotifyReady)
-	logger.Info("stsrelay started", "version", versionString(), "submission", r.smtp.Addr(), "state_dir", cfg.StateDir)
+	logger.Info("stsrelay started", "version", versionString(), "submission", addrString(r.smtp.Addr()),
+		"submission_tls", addrString(r.smtp.TLSAddr()), "state_dir", cfg.StateDir)
 	for {
 		select {
 		case <-hup:
@@ -80,6 +81,14 @@ certificate from the configuration file; other changes need a restart.`, stderr)
 	r.shutdown()
 	logger.Info("stopped")
 	return 0
+}
+
+// addrString prints a listener address, "off" for none.
+func addrString(a net.Addr) string {
+	if a == nil {
+		return "off"
+	}
+	return a.String()
 }
 
 func versionString() string {
@@ -211,6 +220,8 @@ func start(cfg *config.Config, logger *slog.Logger) (_ *relay, err error) {
 		MaxConnsPerIP:            cfg.Submission.MaxConnsPerIP,
 		CommandTimeout:           cfg.Submission.CommandTimeout.Duration,
 		DataTimeout:              cfg.Submission.DataTimeout.Duration,
+		AuthFailures:             cfg.Submission.AuthRate.Failures,
+		AuthFailuresPer:          cfg.Submission.AuthRate.Per.Duration,
 		Logger:                   logger,
 	}
 	if cfg.Submission.TLSCert != "" {
@@ -259,7 +270,8 @@ func (r *relay) goServe(name string, serve func() error) {
 	r.done.Add(1)
 	go func() {
 		defer r.done.Done()
-		if err := serve(); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		err := serve()
+		if err != nil && !errors.Is(err, http.ErrServerClosed) && !errors.Is(err, smtpin.ErrServerClosed) {
 			r.failed <- fmt.Errorf("%s: %w", name, err)
 		}
 	}()
