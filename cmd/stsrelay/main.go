@@ -136,19 +136,24 @@ func runVersion(args []string, stdout, stderr io.Writer) int {
 	if code := parseFlags(fs, args); code >= 0 {
 		return code
 	}
-	v := version
+	fmt.Fprintln(stdout, versionLine())
+	return 0
+}
+
+// versionLine is "stsrelay VERSION GOVERSION".
+func versionLine() string {
+	v, goVersion := version, "unknown"
+	bi, ok := debug.ReadBuildInfo()
+	if ok {
+		goVersion = bi.GoVersion
+	}
 	if v == "" {
 		v = "(devel)"
-		if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" {
+		if ok && bi.Main.Version != "" {
 			v = bi.Main.Version
 		}
 	}
-	goVersion := "unknown"
-	if bi, ok := debug.ReadBuildInfo(); ok {
-		goVersion = bi.GoVersion
-	}
-	fmt.Fprintf(stdout, "stsrelay %s %s\n", v, goVersion)
-	return 0
+	return fmt.Sprintf("stsrelay %s %s", v, goVersion)
 }
 
 func runHashPassword(args []string, stdin io.Reader, stdout, stderr io.Writer) int {

@@ -59,7 +59,7 @@ certificate from the configuration file; other changes need a restart.`, stderr)
 	defer signal.Stop(hup)
 
 	sdnotify.SdNotify(false, sdnotify.SdNotifyReady)
-	logger.Info("stsrelay started", "version", versionString(), "submission", addrString(r.smtp.Addr()),
+	logger.Info("stsrelay started", "version", versionLine(), "submission", addrString(r.smtp.Addr()),
 		"submission_tls", addrString(r.smtp.TLSAddr()), "state_dir", cfg.StateDir)
 	for {
 		select {
@@ -90,17 +90,6 @@ func addrString(a net.Addr) string {
 	}
 	return a.String()
 }
-
-func versionString() string {
-	var b []byte
-	w := &bytesWriter{&b}
-	runVersion(nil, w, io.Discard)
-	return string(b[:max(len(b)-1, 0)])
-}
-
-type bytesWriter struct{ b *[]byte }
-
-func (w *bytesWriter) Write(p []byte) (int, error) { *w.b = append(*w.b, p...); return len(p), nil }
 
 func newLogger(c config.Log, w io.Writer) *slog.Logger {
 	var level slog.Level
