@@ -19,7 +19,7 @@ type Envelope struct {
 	SMTPUTF8   bool   // SMTPUTF8 (RFC 6531)
 	RequireTLS bool   // MAIL FROM … REQUIRETLS (RFC 8689)
 	Ret        string // DSN RET: "FULL", "HDRS" or "" (RFC 3461 §4.3)
-	EnvID      string // DSN ENVID, as the client sent it (RFC 3461 §4.4)
+	EnvID      string // DSN ENVID, xtext-decoded (RFC 3461 §4.4)
 	// NoTLSPolicy is set when the message has a "TLS-Required: No" header
 	// and no REQUIRETLS: MTA-STS and DANE are not enforced for it, though
 	// STARTTLS is still tried (RFC 8689 §5).
@@ -30,7 +30,9 @@ type Envelope struct {
 type RecipientParams struct {
 	Addr   string
 	Notify []string // NEVER, or any of SUCCESS, FAILURE, DELAY (RFC 3461 §4.1); nil = not given
-	ORcpt  string   // ORCPT as given, "rfc822;user@example.com" (RFC 3461 §4.2)
+	// ORcpt is the ORCPT address type and xtext-decoded address,
+	// "rfc822;user+tag@example.com" (RFC 3461 §4.2).
+	ORcpt string
 }
 
 // State is where one recipient of a message stands.
