@@ -392,7 +392,7 @@ func (e *Engine) transact(ctx context.Context, s *session, job *queue.Job, body 
 	// go-smtp adds BODY=8BITMIME whenever the remote offers it. An 8-bit
 	// message to a remote without 8BITMIME goes out as it is, as Postfix
 	// does by default: converting MIME parts is not a relay's job.
-	mo := &smtp.MailOptions{Size: job.Size, RequireTLS: env.RequireTLS, UTF8: needUTF8, EnvelopeID: xtextDecode(env.EnvID)}
+	mo := &smtp.MailOptions{Size: job.Size, RequireTLS: env.RequireTLS, UTF8: needUTF8, EnvelopeID: env.EnvID}
 	switch strings.ToUpper(env.Ret) {
 	case "FULL":
 		mo.Return = smtp.DSNReturnFull
@@ -522,7 +522,7 @@ func rcptOptions(r queue.RecipientParams) *smtp.RcptOptions {
 	if typ, addr, ok := strings.Cut(r.ORcpt, ";"); ok {
 		switch strings.ToLower(strings.TrimSpace(typ)) {
 		case "rfc822":
-			if a := xtextDecode(addr); isPrintableASCII(a) && a != "" {
+			if a := addr; isPrintableASCII(a) && a != "" {
 				o.OriginalRecipientType, o.OriginalRecipient = smtp.DSNAddressTypeRFC822, a
 			}
 		case "utf-8":
@@ -563,38 +563,6 @@ func hasNotify(vals []string, want string) bool {
 		}
 	}
 	return false
-}
-
-// xtextDecode undoes RFC 3461 §4 xtext ("+2B" is "+"); text that is not
-// valid xtext is returned as is.
-func xtextDecode(s string) string {
-	if !strings.Contains(s, "+") {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] != '+' {
-			b.WriteByte(s[i])
-			continue
-		}
-		if i+2 >= len(s) {
-			return s
-		}
-		var v byte
-		for _, c := range []byte(s[i+1 : i+3]) {
-			switch {
-			case c >= '0' && c <= '9':
-				v = v<<4 | (c - '0')
-			case c >= 'A' && c <= 'F':
-				v = v<<4 | (c - 'A' + 10)
-			default:
-				return s
-			}
-		}
-		b.WriteByte(v)
-		i += 2
-	}
-	return b.String()
 }
 
 func isASCII(s string) bool {

@@ -24,17 +24,3 @@ func FuzzReplyStatus(f *testing.F) {
 		}
 	})
 }
-
-func TestXtextDecode(t *testing.T) {
-	for in, want := range map[string]string{
-		"plain@example.com":   "plain@example.com",
-		"a+2Bb@example.com":   "a+b@example.com",
-		"a+3Db+2B":            "a=b+",
-		"broken+2":            "broken+2",
-		"lower+2bis-not-hex+": "lower+2bis-not-hex+",
-	} {
-		if got := xtextDecode(in); got != want {
-			t.Errorf("xtextDecode(%q) = %q, want %q", in, got, want)
-		}
-	}
-}

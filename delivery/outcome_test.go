@@ -265,6 +265,8 @@ func TestSMTPUTF8MessageFailsPermanentlyWhenRemoteLacksIt(t *testing.T) {
 	}
 }
 
+// The envelope holds ENVID and ORCPT decoded, as smtpin receives them; a
+// "+2B" in them is literal text (plus addressing), not xtext to decode again.
 func TestDSNParametersPassedToDSNCapableRemote(t *testing.T) {
 	v, mx := oneMX(t)
 	mx.srv.EnableDSN = true
@@ -284,13 +286,13 @@ func TestDSNParametersPassedToDSNCapableRemote(t *testing.T) {
 	if len(m) != 1 {
 		t.Fatalf("got %d messages", len(m))
 	}
-	if m[0].mail.Return != smtp.DSNReturnHeaders || m[0].mail.EnvelopeID != "QQ+314" {
-		t.Errorf("MAIL RET=%q ENVID=%q, want HDRS and QQ+314", m[0].mail.Return, m[0].mail.EnvelopeID)
+	if m[0].mail.Return != smtp.DSNReturnHeaders || m[0].mail.EnvelopeID != "QQ+2B314" {
+		t.Errorf("MAIL RET=%q ENVID=%q, want HDRS and QQ+2B314", m[0].mail.Return, m[0].mail.EnvelopeID)
 	}
 	r0 := m[0].rcptOpts[0]
-	if !slices.Equal(r0.Notify, []smtp.DSNNotify{"SUCCESS", "FAILURE"}) || r0.OriginalRecipient != "orig+a@example.test" ||
+	if !slices.Equal(r0.Notify, []smtp.DSNNotify{"SUCCESS", "FAILURE"}) || r0.OriginalRecipient != "orig+2Ba@example.test" ||
 		r0.OriginalRecipientType != smtp.DSNAddressTypeRFC822 {
-		t.Errorf("RCPT 1 options %+v, want NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;orig+a@example.test", r0)
+		t.Errorf("RCPT 1 options %+v, want NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;orig+2Ba@example.test", r0)
 	}
 	if !slices.Equal(m[0].rcptOpts[1].Notify, []smtp.DSNNotify{"NEVER"}) {
 		t.Errorf("RCPT 2 NOTIFY = %v, want NEVER", m[0].rcptOpts[1].Notify)
