@@ -111,7 +111,10 @@ func (e *env) MX(domain, host string, cert *tls.Certificate) *smtpMX {
 		e.t.Fatal(err)
 	}
 	go m.srv.Serve(l)
-	e.t.Cleanup(func() { m.srv.Close() })
+	// Only the listener is closed: go-smtp v0.25.1's Server.Close reads
+	// Conn.conn unlocked while a STARTTLS in progress writes it (a data
+	// race); the connections end when the client closes them.
+	e.t.Cleanup(func() { l.Close() })
 	ip := e.newIP()
 	e.mu.Lock()
 	e.mxs[ip] = l.Addr().String()
