@@ -117,7 +117,8 @@ type Result struct {
 	Name   string   // the name asked for, canonical (lower case, trailing dot)
 	CNAMEs []string // aliases followed from Name, in order
 	Final  string   // the name the records belong to: Name or the last alias
-	// Records are the answer records of the asked type at Final.
+	// Records are the answer records of the asked type at Final. They are
+	// shared with the cache: read them, never modify them.
 	Records []dns.RR
 	// Secure is true when every response used had the AD bit: the whole
 	// chain was validated by the resolver (RFC 4035 §3.2.3).
@@ -230,21 +231,26 @@ func (r *Resolver) query(ctx context.Context, name string, qtype uint16) (*dns.M
 		r.mu.Unlock()
 		return e.msg, nil
 	}
-	if c, ok := r.inflight[key]; ok {
-		r.mu.Unlock()
-		select {
-		case <-c.done:
-			return c.msg, c.err
-		case <-ctx.Done():
-			return nil, &Error{Name: name, Type: dns.TypeToString[qtype], Rcode: -1, Err: ctx.Err()}
-		}
+	c, ok := r.inflight[key]
+	if !ok {
+		c = &call{done: make(chan struct{})}
+		r.inflight[key] = c
+		// The exchange is shared, so one caller giving up must not fail the
+		// others: it runs detached, bounded by the per-query timeouts.
+		go r.share(context.WithoutCancel(ctx), key, c)
 	}
-	c := &call{done: make(chan struct{})}
-	r.inflight[key] = c
 	r.mu.Unlock()
+	select {
+	case <-c.done:
+		return c.msg, c.err
+	case <-ctx.Done():
+		return nil, &Error{Name: name, Type: dns.TypeToString[qtype], Rcode: -1, Err: ctx.Err()}
+	}
+}
 
-	c.msg, c.err = r.exchange(ctx, name, qtype)
-
+// share runs the exchange for c, caches a usable answer and wakes the waiters.
+func (r *Resolver) share(ctx context.Context, key cacheKey, c *call) {
+	c.msg, c.err = r.exchange(ctx, key.name, key.qtype)
 	r.mu.Lock()
 	delete(r.inflight, key)
 	if c.err == nil && r.maxCache > 0 {
@@ -257,7 +263,6 @@ func (r *Resolver) query(ctx context.Context, name string, qtype uint16) (*dns.M
 	}
 	r.mu.Unlock()
 	close(c.done)
-	return c.msg, c.err
 }
 
 // evictLocked drops expired entries, and if none were, an arbitrary tenth.

@@ -340,3 +340,36 @@ func TestLookupRejectsInvalidName(t *testing.T) {
 		t.Error("accepted a 64-byte label")
 	}
 }
+
+func TestConcurrentLookupsShareOneQueryAndSurviveACancelledCaller(t *testing.T) {
+	s := dnstest.New(t, "slow.example. 300 IN A 192.0.2.7")
+	s.SetDelay("slow.example", 150*time.Millisecond)
+	r := newResolver(t, s)
+
+	first, cancel := context.WithCancel(t.Context())
+	firstErr := make(chan error, 1)
+	go func() {
+		_, err := r.Lookup(first, "slow.example", dns.TypeA)
+		firstErr <- err
+	}()
+	time.Sleep(30 * time.Millisecond) // the first caller's query is on the wire
+	second := make(chan error, 1)
+	go func() {
+		res, err := r.Lookup(t.Context(), "slow.example", dns.TypeA)
+		if err == nil && len(res.Records) != 1 {
+			err = fmt.Errorf("records %v", res.Records)
+		}
+		second <- err
+	}()
+	time.Sleep(30 * time.Millisecond)
+	cancel()
+	if err := <-firstErr; !errors.Is(err, context.Canceled) {
+		t.Errorf("cancelled caller: err = %v, want context.Canceled", err)
+	}
+	if err := <-second; err != nil {
+		t.Fatalf("the other caller failed because the first gave up: %v", err)
+	}
+	if n := s.Queries("slow.example", dns.TypeA); n != 1 {
+		t.Errorf("%d queries sent, want 1 shared", n)
+	}
+}

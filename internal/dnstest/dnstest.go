@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/miekg/dns"
 )
@@ -33,6 +34,7 @@ type Server struct {
 	records map[string][]dns.RR // by canonical owner name
 	secure  map[string]bool
 	faults  map[faultKey]Fault
+	delays  map[string]time.Duration
 	queries map[faultKey]int
 	udp     *dns.Server
 	tcp     *dns.Server
@@ -51,6 +53,7 @@ func New(t testing.TB, records ...string) *Server {
 		records: make(map[string][]dns.RR),
 		secure:  make(map[string]bool),
 		faults:  make(map[faultKey]Fault),
+		delays:  make(map[string]time.Duration),
 		queries: make(map[faultKey]int),
 	}
 	for _, r := range records {
@@ -136,6 +139,13 @@ func (s *Server) SetFault(name string, qtype uint16, f Fault) {
 	s.faults[faultKey{dns.CanonicalName(name), qtype}] = f
 }
 
+// SetDelay makes every answer about name wait d before it is sent.
+func (s *Server) SetDelay(name string, d time.Duration) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.delays[dns.CanonicalName(name)] = d
+}
+
 // Queries returns how many queries for name and qtype (0 = any) arrived.
 func (s *Server) Queries(name string, qtype uint16) int {
 	s.mu.Lock()
@@ -172,7 +182,9 @@ func (s *Server) serve(w dns.ResponseWriter, q *dns.Msg, tcp bool) {
 	if fault == FaultNone {
 		fault = s.faults[faultKey{name, 0}]
 	}
+	delay := s.delays[name]
 	s.mu.Unlock()
+	time.Sleep(delay)
 
 	m := new(dns.Msg)
 	m.SetReply(q)
