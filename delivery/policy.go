@@ -81,9 +81,10 @@ type Requirement struct {
 	// Names are the reference identifiers a certificate may match under
 	// SecurityVerify (and DANE-TA next round).
 	Names []string
-	// Skip, when not empty, says why this MX must not be used at all
-	// (for example "not listed in the MTA-STS policy"); it is treated as
-	// temporarily unreachable (RFC 8461 §8.4).
+	// Skip, when not empty, says why this MX fails the policy (for example
+	// "not listed in the MTA-STS policy"). Such a host is treated as
+	// temporarily unreachable (RFC 8461 §8.4), unless Testing is set: then
+	// the failure is recorded and the host is used as SecurityMay would.
 	Skip string
 	// SkipResult is the RFC 8460 §4.3 result type recorded for a Skip;
 	// "" means "validation-failure". DANE uses "tlsa-invalid" or

@@ -433,7 +433,8 @@ func (r *Resolver) Addrs(ctx context.Context, host string, version IPVersion) ([
 		}
 	}
 	if chain == nil {
-		return nil, nil, errs[0]
+		// Both failed: the A error reads best ("A lookup for x: NXDOMAIN").
+		return nil, nil, errs[len(errs)-1]
 	}
 	// A failed family leaves the security of the whole answer unknown.
 	chain.Secure = secure && len(errs) == 0
