@@ -251,16 +251,22 @@ func (q *Queue) nextReadyLocked() *slot {
 func (q *Queue) work(ctx context.Context, s *slot) {
 	retryAt := time.Time{}
 	defer func() { q.finish(s, retryAt) }()
-	job, idx, err := q.loadJob(s)
+	q.mu.Lock()
+	startDue := s.due
+	q.mu.Unlock()
+	job, idx, nextDue, err := q.loadJob(s)
 	if err != nil {
 		q.log.Error("queue: cannot load message for delivery", "id", s.e.id, "domain", s.domain, "err", err)
 		retryAt = q.opts.Now().Add(time.Minute)
 		return
 	}
 	if job == nil {
-		// Nothing due after all; the next index update rearms the slot.
+		// Nothing due after all (an operator held it, say). Unless a commit
+		// rescheduled the slot meanwhile, wait for what the record says.
 		q.mu.Lock()
-		s.due = time.Time{}
+		if s.due.Equal(startDue) {
+			s.due = nextDue
+		}
 		q.mu.Unlock()
 		return
 	}
@@ -288,12 +294,11 @@ func (q *Queue) finish(s *slot, retryAt time.Time) {
 }
 
 // loadJob reads the recipients of s that are due now. It returns a nil
-// job when none is (they were delivered, held or rescheduled meanwhile).
-func (q *Queue) loadJob(s *slot) (*Job, []int, error) {
+// job when none is (they were delivered, held or rescheduled meanwhile),
+// with the earliest later attempt at the domain (zero: none).
+func (q *Queue) loadJob(s *slot) (job *Job, idx []int, nextDue time.Time, err error) {
 	now := q.opts.Now()
-	var job *Job
-	var idx []int
-	err := q.db.View(func(tx *bbolt.Tx) error {
+	err = q.db.View(func(tx *bbolt.Tx) error {
 		m, err := getMessage(tx, s.e.id)
 		if err != nil || m == nil {
 			return err
@@ -302,7 +307,13 @@ func (q *Queue) loadJob(s *slot) (*Job, []int, error) {
 		var rcpts []RecipientParams
 		for i := range m.Recipients {
 			r := &m.Recipients[i]
-			if r.Domain != s.domain || !r.pending() || r.NextAttempt.After(now) {
+			if r.Domain != s.domain || !r.pending() {
+				continue
+			}
+			if r.NextAttempt.After(now) {
+				if nextDue.IsZero() || r.NextAttempt.Before(nextDue) {
+					nextDue = r.NextAttempt
+				}
 				continue
 			}
 			idx = append(idx, i)
@@ -328,5 +339,5 @@ func (q *Queue) loadJob(s *slot) (*Job, []int, error) {
 		}
 		return nil
 	})
-	return job, idx, err
+	return job, idx, nextDue, err
 }

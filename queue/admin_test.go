@@ -1,0 +1,170 @@
+package queue
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stsrelay/stsrelay/admin"
+)
+
+// serveAdmin serves the queue's admin routes on a real control socket and
+// returns a client for it.
+func serveAdmin(t *testing.T, q *Queue) *admin.Client {
+	t.Helper()
+	mux := http.NewServeMux()
+	q.RegisterAdmin(mux)
+	path := filepath.Join(t.TempDir(), admin.SocketName)
+	srv, err := admin.Listen(path, mux, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve()
+	t.Cleanup(func() { srv.Close() })
+	return admin.Dial(path)
+}
+
+func call(t *testing.T, c *admin.Client, method, path string, out any) error {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	return c.Call(ctx, method, path, nil, out)
+}
+
+func TestAdminHoldReleaseRetryOverControlSocket(t *testing.T) {
+	tq := newTestQueue(t, newScripted(all(defer451)), Options{})
+	c := serveAdmin(t, tq.Queue)
+	id := tq.enqueue(t, env("alice@example.com", "bob@example.org", "carol@example.net"))
+	tq.run(t)
+	tq.waitJobs(t, 2)
+	tq.settle(t)
+
+	var list []MessageInfo
+	if err := call(t, c, "GET", "/queue", &list); err != nil {
+		t.Fatal(err)
+	}
+	if len(list) != 1 || list[0].ID != id || list[0].From != "alice@example.com" || len(list[0].Recipients) != 2 {
+		t.Fatalf("list = %+v", list)
+	}
+	r := list[0].Recipients[0]
+	if r.State != StateDeferred || r.Attempts != 1 || r.LastCode != 451 || r.LastEnhanced != "4.4.1" || r.LastMX != "mx.example.org" || r.NextAttempt.IsZero() {
+		t.Errorf("recipient = %+v", r)
+	}
+
+	var res ActionResult
+	if err := call(t, c, "POST", "/queue/"+id+"/hold", &res); err != nil || res.Changed != 2 {
+		t.Fatalf("hold: %v, %+v", err, res)
+	}
+	var mi MessageInfo
+	call(t, c, "GET", "/queue/"+id, &mi)
+	for _, r := range mi.Recipients {
+		if r.State != StateHeld || !r.NextAttempt.IsZero() {
+			t.Errorf("after hold: %+v", r)
+		}
+	}
+	if !strings.Contains(mi.Headers, "Subject: lunch") || strings.Contains(mi.Headers, "See you") {
+		t.Errorf("show headers = %q", mi.Headers)
+	}
+	// A held message is not delivered even when its retry comes due.
+	tq.clock.Advance(time.Hour)
+	tq.wake()
+	time.Sleep(50 * time.Millisecond)
+	if n := len(tq.d.seen); n != 0 {
+		t.Fatalf("%d deliveries of a held message", n)
+	}
+	if err := call(t, c, "POST", "/queue/"+id+"/release", &res); err != nil || res.Changed != 2 {
+		t.Fatalf("release: %v, %+v", err, res)
+	}
+	tq.waitJobs(t, 2)
+	tq.settle(t)
+
+	// Retry makes a deferred recipient due before its time.
+	if err := call(t, c, "POST", "/queue/"+id+"/retry", &res); err != nil || res.Changed != 2 {
+		t.Fatalf("retry: %v, %+v", err, res)
+	}
+	tq.waitJobs(t, 2)
+	tq.settle(t)
+	if err := call(t, c, "POST", "/queue/retry-all", &res); err != nil || res.Changed != 1 {
+		t.Fatalf("retry-all: %v, %+v", err, res)
+	}
+	tq.waitJobs(t, 2)
+	tq.settle(t)
+	call(t, c, "GET", "/queue/"+id, &mi)
+	if mi.Recipients[0].Attempts != 4 {
+		t.Errorf("attempts after release, retry and retry-all = %d, want 4", mi.Recipients[0].Attempts)
+	}
+}
+
+func TestAdminDeleteAndBounce(t *testing.T) {
+	tq := newTestQueue(t, newScripted(all(defer451)), Options{})
+	c := serveAdmin(t, tq.Queue)
+	kept := tq.enqueue(t, env("alice@example.com", "bob@example.org"))
+	gone := tq.enqueue(t, env("alice@example.com", "carol@example.org"))
+
+	for _, path := range []string{"/queue/nosuchid", "/queue/nosuchid/bounce", "/queue/nosuchid/hold"} {
+		method := "POST"
+		if !strings.HasSuffix(path, "bounce") && !strings.HasSuffix(path, "hold") {
+			method = "DELETE"
+		}
+		err := call(t, c, method, path, nil)
+		if err == nil || err.Error() != "nosuchid: no such message in the queue" {
+			t.Errorf("%s %s: %v", method, path, err)
+		}
+	}
+
+	if err := call(t, c, "DELETE", "/queue/"+gone, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tq.Show(gone); !errors.Is(err, ErrNotFound) {
+		t.Errorf("deleted message still there: %v", err)
+	}
+	if _, err := tq.spool.read(gone, 10); err == nil {
+		t.Error("deleted message's body file is still there")
+	}
+	if n := len(tq.dsnsTo(t, "alice@example.com")); n != 0 {
+		t.Errorf("delete sent %d DSNs", n)
+	}
+
+	var res ActionResult
+	if err := call(t, c, "POST", "/queue/"+kept+"/bounce", &res); err != nil || res.Changed != 1 {
+		t.Fatalf("bounce: %v %+v", err, res)
+	}
+	if _, err := tq.Show(kept); !errors.Is(err, ErrNotFound) {
+		t.Errorf("bounced message still there: %v", err)
+	}
+	dsns := tq.dsnsTo(t, "alice@example.com")
+	if len(dsns) != 1 {
+		t.Fatalf("%d DSNs after bounce, want 1", len(dsns))
+	}
+	rep := parseDSN(t, tq.body(t, dsns[0]))
+	if got := rep.recipients[0].Get("Diagnostic-Code"); got != "smtp; 554 5.0.0 bounced by the mail system administrator" {
+		t.Errorf("Diagnostic-Code %q", got)
+	}
+	if rep.recipients[0].Get("Remote-MTA") != "" {
+		t.Error("Remote-MTA on a bounce no remote was involved in")
+	}
+}
+
+func TestOrphanBodyFromACrashIsRemovedAtStart(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "stsrelay.db")
+	tq := openTestQueue(t, path, newScripted(all(ok250)), Options{})
+	kept := tq.enqueue(t, env("alice@example.com", "bob@example.org"))
+	// A body written just before a crash, its record never committed.
+	orphan, _, err := tq.spool.write(time.Now(), strings.NewReader(testBody), 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tq.Close()
+	tq.db.Close()
+	tq = openTestQueue(t, path, newScripted(all(ok250)), Options{})
+	if _, err := tq.spool.read(orphan, 10); err == nil {
+		t.Error("orphan body survived the restart")
+	}
+	if b, err := tq.spool.read(kept, -1); err != nil || string(b) != testBody {
+		t.Errorf("queued message's body: %v", err)
+	}
+}
