@@ -49,10 +49,13 @@ func (s *spool) write(now time.Time, body io.Reader, limit int64) (id string, si
 	if err != nil {
 		return "", 0, fmt.Errorf("spool file: %w", plainErr(err))
 	}
-	size, err = io.Copy(f, io.LimitReader(body, limit+1))
+	src := &readErr{r: io.LimitReader(body, limit+1)}
+	size, err = io.Copy(f, src)
 	switch {
+	case src.err != nil:
+		err = fmt.Errorf("reading the message: %w", src.err)
 	case err != nil:
-		err = fmt.Errorf("reading the message: %w", err)
+		err = fmt.Errorf("spool file: %w", plainErr(err))
 	case size > limit:
 		err = fmt.Errorf("%w (%d bytes)", ErrTooBig, limit)
 	default:
@@ -68,6 +71,20 @@ func (s *spool) write(now time.Time, body io.Reader, limit int64) (id string, si
 		return "", 0, err
 	}
 	return id, size, nil
+}
+
+// readErr remembers a read error, to tell it from a write error.
+type readErr struct {
+	r   io.Reader
+	err error
+}
+
+func (r *readErr) Read(p []byte) (int, error) {
+	n, err := r.r.Read(p)
+	if err != nil && err != io.EOF {
+		r.err = err
+	}
+	return n, err
 }
 
 // syncDir makes new and removed names durable.
