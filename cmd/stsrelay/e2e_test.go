@@ -153,6 +153,7 @@ type e2e struct {
 	config string
 	d      *daemon
 	addr   string
+	env    []string // trust in the test CA, for the daemon and the CLI
 }
 
 func newE2E(t *testing.T, records ...string) *e2e {
@@ -170,7 +171,8 @@ ip_version = "4"
 	// Point the resolver at the test DNS server.
 	text, _ := os.ReadFile(e.config)
 	os.WriteFile(e.config, []byte(strings.Replace(string(text), `resolver = "127.0.0.1:1"`, fmt.Sprintf("resolver = %q", e.dns.Addr), 1)), 0o600)
-	e.d = startDaemon(t, e.config, "SSL_CERT_FILE="+caFile, "SSL_CERT_DIR=")
+	e.env = []string{"SSL_CERT_FILE=" + caFile, "SSL_CERT_DIR="}
+	e.d = startDaemon(t, e.config, e.env...)
 	e.addr = e.d.submissionAddr()
 	t.Cleanup(func() {
 		if e.d.cmd.ProcessState == nil {
@@ -286,6 +288,74 @@ func TestEndToEndNullMXBouncesToTheSender(t *testing.T) {
 	for _, want := range []string{"report-type=delivery-status", "Status: 5.1.10", "Final-Recipient: rfc822; user@nomail.example", "null MX"} {
 		if !strings.Contains(dsn.Data, want) {
 			t.Errorf("bounce lacks %q:\n%s", want, dsn.Data)
+		}
+	}
+}
+
+func TestEndToEndSTSCommandsShowRefreshAndPurgeTheCache(t *testing.T) {
+	e := newE2E(t, stsRecords("127.0.0.7", "127.0.0.8")...)
+	mxCert := e.ca.Issue(t, "mx.example.net")
+	k := startSink(t, "127.0.0.7", &mxCert)
+	policyServer(t, "127.0.0.8", e.ca.Issue(t, "mta-sts.example.net"), stsPolicy)
+	submit(t, e.addr, "app@example.com", "user@example.net", "Subject: x\r\n\r\nx\r\n")
+	k.wait(t, 30*time.Second)
+
+	// Flags go before the arguments, as with the go tool.
+	sts := func(args ...string) (int, string, string) {
+		all := append([]string{"sts", args[0], "-config", e.config}, args[1:]...)
+		return stsrelayEnv(t, e.env, "", all...)
+	}
+	code, out, errOut := sts("list", "-json")
+	if code != 0 || !strings.Contains(out, "example.net") || !strings.Contains(out, "20261123") {
+		t.Fatalf("sts list -json: %d %s %s", code, out, errOut)
+	}
+	code, out, _ = sts("show", "example.net")
+	if code != 0 || !strings.Contains(out, "mode:      enforce") || !strings.Contains(out, "mx:        mx.example.net") {
+		t.Fatalf("sts show: %d\n%s", code, out)
+	}
+	if code, _, errOut := sts("refresh", "example.net"); code != 0 {
+		t.Fatalf("sts refresh: %s", errOut)
+	}
+	if code, out, _ := sts("purge", "example.net"); code != 0 || !strings.Contains(out, "purged") {
+		t.Fatalf("sts purge: %d %s", code, out)
+	}
+	code, _, errOut = sts("show", "example.net")
+	if code == 0 {
+		t.Fatal("sts show succeeded for a purged domain")
+	}
+	assertOneLine(t, errOut)
+	if code, _, errOut := sts("purge", "not-cached.example"); code == 0 {
+		t.Fatalf("purging an unknown domain succeeded: %s", errOut)
+	}
+}
+
+func TestEndToEndCheckWarnsAboutACNAMEMX(t *testing.T) {
+	e := newE2E(t,
+		"example.net. 60 IN MX 10 mx.example.net.",
+		"mx.example.net. 60 IN CNAME host.provider.example.",
+		"host.provider.example. 60 IN A 127.0.0.9",
+		"_mta-sts.example.net. 60 IN CNAME _mta-sts.provider.example.",
+		"_mta-sts.provider.example. 60 IN TXT \"v=STSv1; id=hosted1\"",
+		"mta-sts.example.net. 60 IN CNAME sts.provider.example.",
+		"sts.provider.example. 60 IN A 127.0.0.10",
+	)
+	// The policy lists the provider's host, not the MX record's own name.
+	policyServer(t, "127.0.0.10", e.ca.Issue(t, "mta-sts.example.net"),
+		"version: STSv1\nmode: enforce\nmx: host.provider.example\nmax_age: 86400\n")
+	code, out, errOut := stsrelayEnv(t, e.env, "", "check", "-config", e.config, "example.net")
+	if code != 0 && out == "" {
+		t.Fatalf("check: exit %d: %s", code, errOut)
+	}
+	for _, want := range []string{
+		"CNAME to _mta-sts.provider.example", // hosted MTA-STS TXT behind a CNAME
+		"OK: policy id hosted1",
+		"OK: mode enforce",
+		"is a CNAME: mx.example.net -> host.provider.example",
+		"WARNING: an MX target is a CNAME",
+		"deferred (451 4.4.8)",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("check output lacks %q:\n%s", want, out)
 		}
 	}
 }

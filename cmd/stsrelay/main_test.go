@@ -161,7 +161,14 @@ func (d *daemon) stop(sig syscall.Signal) int {
 // stsrelay runs a CLI command and returns its exit code, stdout and stderr.
 func stsrelay(t *testing.T, stdin string, args ...string) (int, string, string) {
 	t.Helper()
+	return stsrelayEnv(t, nil, stdin, args...)
+}
+
+// stsrelayEnv is stsrelay with extra environment variables.
+func stsrelayEnv(t *testing.T, env []string, stdin string, args ...string) (int, string, string) {
+	t.Helper()
 	cmd := exec.Command(binary, args...)
+	cmd.Env = append(os.Environ(), env...)
 	cmd.Stdin = strings.NewReader(stdin)
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
