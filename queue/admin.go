@@ -265,7 +265,6 @@ func (q *Queue) Bounce(id string) (int, error) {
 			}
 			r.State = StateFailed
 			r.Last = Status{Code: 554, Enhanced: "5.0.0", Text: "bounced by the mail system administrator"}
-			metricDeliveries.WithLabelValues(outcomeFailed).Inc()
 			n++
 			if a := noticeFor(r, outcomeFailed, r.Last); a != "" {
 				notices = append(notices, dsnRecipient{recipient: *r, Action: a})
@@ -274,6 +273,7 @@ func (q *Queue) Bounce(id string) (int, error) {
 		return n, notices
 	})
 	if err == nil {
+		metricDeliveries.WithLabelValues(outcomeFailed).Add(float64(n))
 		q.log.Info("bounced by the administrator", "id", id, "recipients", n)
 	}
 	return n, err

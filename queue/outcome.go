@@ -96,6 +96,11 @@ func (q *Queue) applyOutcome(job *Job, idx []int, statuses []Status) error {
 	if m == nil {
 		return nil
 	}
+	for _, o := range outcomes {
+		if o != "" {
+			metricDeliveries.WithLabelValues(o).Inc()
+		}
+	}
 	q.logOutcome(job, m, idx, statuses, outcomes)
 	if dsn != nil {
 		metricEnqueued.Inc()
@@ -120,11 +125,9 @@ func (q *Queue) applyStatus(m *message, r *recipient, st Status, now time.Time) 
 	switch {
 	case st.Delivered():
 		r.State = StateDelivered
-		metricDeliveries.WithLabelValues(outcomeDelivered).Inc()
 		return outcomeDelivered
 	case st.Permanent():
 		r.State = StateFailed
-		metricDeliveries.WithLabelValues(outcomeFailed).Inc()
 		return outcomeFailed
 	}
 	deadline := m.Arrived.Add(q.opts.MaxQueueTime)
@@ -136,10 +139,8 @@ func (q *Queue) applyStatus(m *message, r *recipient, st Status, now time.Time) 
 			Enhanced: "5.4.7",
 			Text:     fmt.Sprintf("delivery time expired after %s; last error: %s", days(q.opts.MaxQueueTime), st),
 		}
-		metricDeliveries.WithLabelValues(outcomeExpired).Inc()
 		return outcomeExpired
 	}
-	metricDeliveries.WithLabelValues(outcomeDeferred).Inc()
 	if r.State == StateHeld {
 		return outcomeDeferred // an operator held it meanwhile; release decides
 	}
