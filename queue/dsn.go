@@ -23,12 +23,12 @@ type dsnRecipient struct {
 const maxHeaderBytes = 256 << 10
 
 // rfc5322Date is the date format of RFC 5322 §3.3, numeric zone
-// (RFC 3464 §2.1.5 wants numeric time zones).
+// (RFC 3464 wants numeric time zones in its date fields).
 const rfc5322Date = "Mon, 02 Jan 2006 15:04:05 -0700"
 
 // makeDSN builds a delivery status notification (RFC 3464) about orig for
 // rcpts and stores it in tx as a new message from the null sender to the
-// original envelope sender (RFC 3461 §6.2), so it travels this same queue.
+// original envelope sender (RFC 5321 §4.5.5), so it travels this same queue.
 func (q *Queue) makeDSN(tx *bbolt.Tx, orig *message, rcpts []dsnRecipient, now time.Time) (*message, error) {
 	body, full, err := q.dsnBody(orig, rcpts, now)
 	if err != nil {
@@ -172,7 +172,7 @@ func (q *Queue) dsnBody(orig *message, rcpts []dsnRecipient, now time.Time) (bod
 		}
 	}
 
-	// Part 3: the original message or its headers (RFC 3462 §2).
+	// Part 3: the original message or its headers (RFC 3464 §2, RFC 6522).
 	ct := "text/rfc822-headers"
 	if full {
 		ct = "message/rfc822"

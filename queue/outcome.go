@@ -69,7 +69,7 @@ func (q *Queue) applyOutcome(job *Job, idx []int, statuses []Status) error {
 			}
 		}
 		dsn = nil
-		if len(notices) > 0 && m.Envelope.From != "" { // never bounce a bounce (RFC 3461 §6.2)
+		if len(notices) > 0 && m.Envelope.From != "" { // never bounce a bounce (RFC 5321 §4.5.5)
 			dsn, err = q.makeDSN(tx, m, notices, now)
 			if err != nil {
 				return err

@@ -11,7 +11,6 @@ package main
 import (
 	"crypto/tls"
 	"encoding/json"
-	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -162,15 +161,12 @@ func newE2E(t *testing.T, records ...string) *e2e {
 	dir := t.TempDir()
 	e := &e2e{t: t, dns: dnstest.New(t, records...), ca: testpki.NewCA(t)}
 	caFile := e.ca.WriteCAFile(t, dir)
-	e.config = writeConfig(t, dir, "", fmt.Sprintf(`
+	e.config = writeConfig(t, dir, configParts{resolver: e.dns.Addr, tail: `
 [delivery]
 retry_schedule = ["1h"]
 connect_timeout = "5s"
 ip_version = "4"
-`))
-	// Point the resolver at the test DNS server.
-	text, _ := os.ReadFile(e.config)
-	os.WriteFile(e.config, []byte(strings.Replace(string(text), `resolver = "127.0.0.1:1"`, fmt.Sprintf("resolver = %q", e.dns.Addr), 1)), 0o600)
+`})
 	e.env = []string{"SSL_CERT_FILE=" + caFile, "SSL_CERT_DIR="}
 	e.d = startDaemon(t, e.config, e.env...)
 	e.addr = e.d.submissionAddr()

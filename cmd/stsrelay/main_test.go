@@ -52,10 +52,19 @@ type daemon struct {
 	exited chan error
 }
 
-// writeConfig writes a configuration for a daemon in dir; extra is TOML
-// appended after the [submission] table's keys.
-func writeConfig(t *testing.T, dir, submissionExtra string, tail string) string {
+// configParts vary the test configuration.
+type configParts struct {
+	resolver   string // dns.resolver; default: nothing listens there
+	submission string // more [submission] keys
+	tail       string // more tables
+}
+
+// writeConfig writes a configuration for a daemon in dir.
+func writeConfig(t *testing.T, dir string, c configParts) string {
 	t.Helper()
+	if c.resolver == "" {
+		c.resolver = "127.0.0.1:1"
+	}
 	p := filepath.Join(dir, "config.toml")
 	text := `hostname = "relay.test"
 state_dir = "state"
@@ -64,11 +73,11 @@ level = "debug"
 [submission]
 listen = "127.0.0.1:0"
 trusted_networks = ["127.0.0.0/8"]
-` + submissionExtra + `
+` + c.submission + `
 [dns]
-resolver = "127.0.0.1:1"
+resolver = "` + c.resolver + `"
 timeout = "100ms"
-` + tail
+` + c.tail
 	if err := os.WriteFile(p, []byte(text), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -214,7 +223,7 @@ func lastLine(t *testing.T, stderr string) string {
 
 func TestServeAcceptsMailAndStopsCleanlyOnSIGTERM(t *testing.T) {
 	dir := t.TempDir()
-	config := writeConfig(t, dir, "", "")
+	config := writeConfig(t, dir, configParts{})
 	d := startDaemon(t, config)
 	addr := d.submissionAddr()
 
@@ -287,7 +296,7 @@ func TestServeTellsSystemdWhenReady(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer conn.Close()
-	d := startDaemon(t, writeConfig(t, dir, "", ""), "NOTIFY_SOCKET="+sock)
+	d := startDaemon(t, writeConfig(t, dir, configParts{}), "NOTIFY_SOCKET="+sock)
 	conn.SetReadDeadline(time.Now().Add(30 * time.Second))
 	buf := make([]byte, 256)
 	n, err := conn.Read(buf)
@@ -308,7 +317,7 @@ func TestServeTellsSystemdWhenReady(t *testing.T) {
 
 func TestServeReloadsUsersOnSIGHUP(t *testing.T) {
 	dir := t.TempDir()
-	config := writeConfig(t, dir, "", "")
+	config := writeConfig(t, dir, configParts{})
 	d := startDaemon(t, config)
 	d.submissionAddr()
 
@@ -316,7 +325,10 @@ func TestServeReloadsUsersOnSIGHUP(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	writeConfig(t, dir, fmt.Sprintf("[[submission.users]]\nname = \"app\"\npassword_hash = %q\n", hash), "[delivery]\nworkers = 3\n")
+	writeConfig(t, dir, configParts{
+		submission: fmt.Sprintf("[[submission.users]]\nname = \"app\"\npassword_hash = %q\n", hash),
+		tail:       "[delivery]\nworkers = 3\n",
+	})
 	d.cmd.Process.Signal(syscall.SIGHUP)
 	d.waitFor(`reload: users loaded.*users=1`)
 	d.waitFor(`needs a restart.*key=delivery`)
@@ -344,21 +356,21 @@ func TestServeFailsInOneLine(t *testing.T) {
 	}{
 		{"missing config", func(dir string) string { return filepath.Join(dir, "nope.toml") }, "nope.toml: no such file"},
 		{"bad value", func(dir string) string {
-			return writeConfig(t, dir, "max_message_size = \"35XB\"", "")
+			return writeConfig(t, dir, configParts{submission: "max_message_size = \"35XB\""})
 		}, `line 8: submission.max_message_size: "35XB" is not a size`},
 		{"port in use", func(dir string) string {
-			p := writeConfig(t, dir, "", "")
+			p := writeConfig(t, dir, configParts{})
 			text, _ := os.ReadFile(p)
 			os.WriteFile(p, bytes.Replace(text, []byte("127.0.0.1:0"), []byte(busy.Addr().String()), 1), 0o600)
 			return p
 		}, "address already in use"},
 		{"state_dir is a file", func(dir string) string {
-			p := writeConfig(t, dir, "", "")
+			p := writeConfig(t, dir, configParts{})
 			os.WriteFile(filepath.Join(dir, "state"), []byte("x"), 0o600)
 			return p
 		}, "state_dir " + "PLACEHOLDER"},
 		{"foreign database", func(dir string) string {
-			p := writeConfig(t, dir, "", "")
+			p := writeConfig(t, dir, configParts{})
 			os.MkdirAll(filepath.Join(dir, "state"), 0o700)
 			os.WriteFile(filepath.Join(dir, "state", "stsrelay.db"), bytes.Repeat([]byte("not a database "), 1000), 0o600)
 			return p
@@ -381,7 +393,7 @@ func TestServeFailsInOneLine(t *testing.T) {
 }
 
 func TestQueueCommandSaysWhenNoDaemonRuns(t *testing.T) {
-	config := writeConfig(t, t.TempDir(), "", "")
+	config := writeConfig(t, t.TempDir(), configParts{})
 	code, _, stderr := stsrelay(t, "", "queue", "list", "-config", config)
 	if code == 0 {
 		t.Fatal("queue list succeeded without a daemon")
