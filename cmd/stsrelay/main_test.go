@@ -5,7 +5,9 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -444,4 +446,41 @@ func TestHelpReadsLikeTheGoTool(t *testing.T) {
 	if code, out, _ := stsrelay(t, "", "version"); code != 0 || !strings.HasPrefix(out, "stsrelay ") {
 		t.Errorf("version: %d %q", code, out)
 	}
+}
+
+func TestServeExposesMetricsAndHealth(t *testing.T) {
+	// A free port for [metrics] listen (it takes no port 0: the address is
+	// what Prometheus scrapes, so it must be stable).
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	dir := t.TempDir()
+	d := startDaemon(t, writeConfig(t, dir, configParts{tail: "[metrics]\nlisten = \"" + addr + "\"\n"}))
+	submit(t, d.submissionAddr(), "app@example.com", "user@example.net", "Subject: m\r\n\r\nm\r\n")
+
+	get := func(path string) string {
+		resp, err := http.Get("http://" + addr + path)
+		if err != nil {
+			t.Fatalf("GET %s: %v", path, err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		if resp.StatusCode != 200 {
+			t.Fatalf("GET %s: %s", path, resp.Status)
+		}
+		return string(b)
+	}
+	if body := get("/healthz"); body != "ok\n" {
+		t.Errorf("/healthz = %q", body)
+	}
+	metrics := get("/metrics")
+	for _, want := range []string{"stsrelay_smtpin_messages_accepted_total 1", "stsrelay_queue_", "stsrelay_delivery_"} {
+		if !strings.Contains(metrics, want) {
+			t.Errorf("/metrics lacks %q", want)
+		}
+	}
+	d.stop(syscall.SIGTERM)
 }
