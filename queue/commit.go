@@ -2,6 +2,8 @@ package queue
 
 import (
 	"errors"
+	"fmt"
+	"os"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -40,10 +42,10 @@ type commitReq struct {
 	// after, if set, runs on the committer goroutine once the commit is on
 	// disk, in commit order: the in-memory index follows the file exactly.
 	after func()
-	// syncDir asks for the spool directory to be synced before the
-	// commit, so that a new body file's name is as durable as its record.
-	syncDir bool
-	err     chan error
+	// file, if set, is a new body file: it and the spool directory are
+	// synced before the commit, so the body is as durable as its record.
+	file *os.File
+	err  chan error
 }
 
 func newCommitter(db *bbolt.DB, syncDir func() error) *committer {
@@ -65,9 +67,9 @@ func (c *committer) do(fn func(tx *bbolt.Tx) error, after func()) error {
 	return c.submit(&commitReq{fn: fn, after: after, err: make(chan error, 1)})
 }
 
-// doSynced is do for a write whose body file was just created.
-func (c *committer) doSynced(fn func(tx *bbolt.Tx) error, after func()) error {
-	return c.submit(&commitReq{fn: fn, after: after, syncDir: true, err: make(chan error, 1)})
+// doWithFile is do for a write whose body file f was just created.
+func (c *committer) doWithFile(fn func(tx *bbolt.Tx) error, after func(), f *os.File) error {
+	return c.submit(&commitReq{fn: fn, after: after, file: f, err: make(chan error, 1)})
 }
 
 func (c *committer) submit(r *commitReq) error {
@@ -126,16 +128,8 @@ func (c *committer) run() {
 }
 
 func (c *committer) commit(batch []*commitReq) {
-	for _, r := range batch {
-		if r.syncDir {
-			if err := c.syncDir(); err != nil {
-				for _, r := range batch {
-					r.err <- err
-				}
-				return
-			}
-			break
-		}
+	if batch = c.syncFiles(batch); len(batch) == 0 {
+		return
 	}
 	for len(batch) > 0 {
 		failed, ferr := -1, error(nil)
@@ -166,4 +160,36 @@ func (c *committer) commit(batch []*commitReq) {
 		}
 		return
 	}
+}
+
+// syncFiles syncs the body files of batch, all at once so that the file
+// system can commit them in one journal transaction, then the spool
+// directory. It answers the requests whose file failed and returns the rest.
+func (c *committer) syncFiles(batch []*commitReq) []*commitReq {
+	errs := make([]error, len(batch))
+	var wg sync.WaitGroup
+	files := 0
+	for i, r := range batch {
+		if r.file != nil {
+			files++
+			wg.Go(func() { errs[i] = r.file.Sync() })
+		}
+	}
+	if files == 0 {
+		return batch
+	}
+	wg.Wait()
+	dirErr := c.syncDir()
+	kept := batch[:0]
+	for i, r := range batch {
+		switch {
+		case errs[i] != nil:
+			r.err <- fmt.Errorf("spool file %s: %w", r.file.Name(), plainErr(errs[i]))
+		case dirErr != nil:
+			r.err <- dirErr
+		default:
+			kept = append(kept, r)
+		}
+	}
+	return kept
 }

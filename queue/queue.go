@@ -207,10 +207,16 @@ func (q *Queue) Enqueue(ctx context.Context, env Envelope, body io.Reader) (stri
 	if err != nil {
 		return "", fmt.Errorf("message not queued: %w", err)
 	}
-	if m.ID, m.Size, err = q.spool.write(m.Arrived, body, q.opts.MaxMessageSize); err != nil {
+	f, id, size, err := q.spool.create(m.Arrived, body, q.opts.MaxMessageSize)
+	if err != nil {
 		return "", fmt.Errorf("message not queued: %w", err)
 	}
-	err = q.commit.doSynced(func(tx *bbolt.Tx) error { return putMessage(tx, m) }, func() { q.indexPut(m) })
+	m.ID, m.Size = id, size
+	err = q.commit.doWithFile(func(tx *bbolt.Tx) error { return putMessage(tx, m) }, func() { q.indexPut(m) }, f)
+	if cerr := f.Close(); err == nil && cerr != nil {
+		// Synced and committed; a close error cannot lose the body.
+		q.log.Warn("queue: closing spool file", "id", id, "err", cerr)
+	}
 	if err != nil {
 		q.spool.remove(m.ID)
 		return "", fmt.Errorf("message not queued: %w", err)

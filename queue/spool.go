@@ -11,9 +11,9 @@ import (
 )
 
 // spool holds message bodies, one file per queue id, beside the database.
-// A body file is written and fsynced before its record is committed, and
-// the directory is fsynced once per group commit, so a committed record
-// always has its body. A crash can leave a body without a record; load
+// The group commit fsyncs the new body files of a batch (in parallel, so
+// the file system journals them together), then the directory, then
+// commits their records, so a committed record always has its body. A crash can leave a body without a record; load
 // removes those.
 type spool struct {
 	dir string
@@ -38,7 +38,25 @@ func (s *spool) path(id string) string { return filepath.Join(s.dir, id) }
 // write stores body under a new id, reading at most limit bytes, and
 // syncs the file. On error nothing is left behind.
 func (s *spool) write(now time.Time, body io.Reader, limit int64) (id string, size int64, err error) {
-	var f *os.File
+	f, id, size, err := s.create(now, body, limit)
+	if err != nil {
+		return "", 0, err
+	}
+	err = f.Sync()
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		os.Remove(f.Name())
+		return "", 0, fmt.Errorf("spool file %s: %w", f.Name(), plainErr(err))
+	}
+	return id, size, nil
+}
+
+// create stores body under a new id, reading at most limit bytes, and
+// returns the file still open and not yet synced: the group commit syncs
+// it. On error nothing is left behind.
+func (s *spool) create(now time.Time, body io.Reader, limit int64) (f *os.File, id string, size int64, err error) {
 	for {
 		id = newID(now)
 		f, err = os.OpenFile(s.path(id), os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
@@ -47,7 +65,7 @@ func (s *spool) write(now time.Time, body io.Reader, limit int64) (id string, si
 		}
 	}
 	if err != nil {
-		return "", 0, fmt.Errorf("spool file: %w", plainErr(err))
+		return nil, "", 0, fmt.Errorf("spool file: %w", plainErr(err))
 	}
 	src := &readErr{r: io.LimitReader(body, limit+1)}
 	size, err = io.Copy(f, src)
@@ -58,19 +76,13 @@ func (s *spool) write(now time.Time, body io.Reader, limit int64) (id string, si
 		err = fmt.Errorf("spool file: %w", plainErr(err))
 	case size > limit:
 		err = fmt.Errorf("%w (%d bytes)", ErrTooBig, limit)
-	default:
-		if err = f.Sync(); err != nil {
-			err = fmt.Errorf("spool file %s: %w", f.Name(), plainErr(err))
-		}
-	}
-	if cerr := f.Close(); err == nil && cerr != nil {
-		err = fmt.Errorf("spool file %s: %w", f.Name(), plainErr(cerr))
 	}
 	if err != nil {
+		f.Close()
 		os.Remove(f.Name())
-		return "", 0, err
+		return nil, "", 0, err
 	}
-	return id, size, nil
+	return f, id, size, nil
 }
 
 // readErr remembers a read error, to tell it from a write error.
