@@ -30,14 +30,14 @@ type MessageInfo struct {
 
 // RecipientInfo is one recipient's delivery state.
 type RecipientInfo struct {
-	Address      string    `json:"address"`
-	State        State     `json:"state"`
-	Attempts     int       `json:"attempts"`
-	NextAttempt  time.Time `json:"next_attempt,omitzero"`
-	LastCode     int       `json:"last_code,omitempty"`
-	LastEnhanced string    `json:"last_enhanced_code,omitempty"`
-	LastText     string    `json:"last_text,omitempty"`
-	LastMX       string    `json:"last_mx,omitempty"`
+	Address      string     `json:"address"`
+	State        State      `json:"state"`
+	Attempts     int        `json:"attempts"`
+	NextAttempt  *time.Time `json:"next_attempt"` // null unless queued or deferred
+	LastCode     int        `json:"last_code"`    // 0 before the first attempt
+	LastEnhanced string     `json:"last_enhanced_code"`
+	LastText     string     `json:"last_text"`
+	LastMX       string     `json:"last_mx"` // "" when no MX host was reached
 }
 
 // ActionResult is the reply to an admin action.
@@ -59,7 +59,7 @@ func info(m *message) MessageInfo {
 			LastCode: r.Last.Code, LastEnhanced: r.Last.Enhanced, LastText: r.Last.Text, LastMX: r.LastMX,
 		}
 		if r.pending() {
-			ri.NextAttempt = r.NextAttempt
+			ri.NextAttempt = &r.NextAttempt
 		}
 		mi.Recipients = append(mi.Recipients, ri)
 	}

@@ -51,7 +51,7 @@ func TestAdminHoldReleaseRetryOverControlSocket(t *testing.T) {
 		t.Fatalf("list = %+v", list)
 	}
 	r := list[0].Recipients[0]
-	if r.State != StateDeferred || r.Attempts != 1 || r.LastCode != 451 || r.LastEnhanced != "4.4.1" || r.LastMX != "mx.example.org" || r.NextAttempt.IsZero() {
+	if r.State != StateDeferred || r.Attempts != 1 || r.LastCode != 451 || r.LastEnhanced != "4.4.1" || r.LastMX != "mx.example.org" || r.NextAttempt == nil {
 		t.Errorf("recipient = %+v", r)
 	}
 
@@ -62,7 +62,7 @@ func TestAdminHoldReleaseRetryOverControlSocket(t *testing.T) {
 	var mi MessageInfo
 	call(t, c, "GET", "/queue/"+id, &mi)
 	for _, r := range mi.Recipients {
-		if r.State != StateHeld || !r.NextAttempt.IsZero() {
+		if r.State != StateHeld || r.NextAttempt != nil {
 			t.Errorf("after hold: %+v", r)
 		}
 	}

@@ -139,7 +139,7 @@ func TestDeferralOfOneRecipientDoesNotBlockAnother(t *testing.T) {
 	if bob.State != StateDeferred || bob.Attempts != 1 || bob.LastCode != 451 || bob.LastEnhanced != "4.4.1" || bob.LastMX != "mx.example.org" {
 		t.Errorf("bob: %+v, want deferred after 1 attempt with the 451 recorded", bob)
 	}
-	if min, max := start.Add(10*time.Minute), start.Add(11*time.Minute); bob.NextAttempt.Before(min) || bob.NextAttempt.After(max) {
+	if min, max := start.Add(10*time.Minute), start.Add(11*time.Minute); bob.NextAttempt == nil || bob.NextAttempt.Before(min) || bob.NextAttempt.After(max) {
 		t.Errorf("bob's next attempt %v, want within [%v, %v]", bob.NextAttempt, min, max)
 	}
 
@@ -351,7 +351,7 @@ func TestExpiryFailsWith547AndNamesLastError(t *testing.T) {
 	}
 	// Third retry would be after the deadline, so it is moved onto it.
 	mi := tq.show(t, id)
-	if got, want := mi.Recipients[0].NextAttempt, arrived.Add(120*time.Hour); !got.Equal(want) {
+	if got, want := mi.Recipients[0].NextAttempt, arrived.Add(120*time.Hour); got == nil || !got.Equal(want) {
 		t.Fatalf("last retry at %v, want the deadline %v", got, want)
 	}
 	tq.clock.Advance(20 * time.Hour)

@@ -245,7 +245,7 @@ func recipientLine(r queue.RecipientInfo) string {
 	if r.Attempts > 0 {
 		fmt.Fprintf(&b, ", %d attempt(s)", r.Attempts)
 	}
-	if !r.NextAttempt.IsZero() {
+	if r.NextAttempt != nil {
 		fmt.Fprintf(&b, ", next %s", r.NextAttempt.Local().Format(time.DateTime))
 	}
 	if r.LastCode != 0 {
