@@ -548,3 +548,37 @@ func TestOpenDBExplainsLockedCorruptAndUnwritable(t *testing.T) {
 		}
 	}
 }
+
+func TestMixedOutcomesInOneTransactionAreRecordedPerRecipient(t *testing.T) {
+	d := newScripted(func(job *Job) []Status {
+		if job.Attempt == 1 {
+			return []Status{ok250, defer451, fail550}
+		}
+		return all(ok250)(job)
+	})
+	tq := newTestQueue(t, d, Options{RetrySchedule: []time.Duration{time.Minute}})
+	id := tq.enqueue(t, env("alice@example.com", "a@example.org", "b@example.org", "c@example.org"))
+	tq.run(t)
+	tq.waitJobs(t, 1)
+	tq.settle(t)
+	mi := tq.show(t, id)
+	want := []State{StateDelivered, StateDeferred, StateFailed}
+	for i, r := range mi.Recipients {
+		if r.State != want[i] {
+			t.Errorf("%s: %s, want %s", r.Address, r.State, want[i])
+		}
+	}
+	if n := len(tq.dsnsTo(t, "alice@example.com")); n != 1 {
+		t.Errorf("%d DSNs, want one bounce for c", n)
+	}
+	tq.clock.Advance(2 * time.Minute)
+	tq.wake()
+	j := tq.waitJobs(t, 1)[0]
+	if len(j.Recipients) != 1 || j.Recipients[0].Addr != "b@example.org" || j.Attempt != 2 {
+		t.Errorf("retry carried %v (attempt %d), want only b, attempt 2", j.Recipients, j.Attempt)
+	}
+	tq.settle(t)
+	if _, err := tq.Show(id); !errors.Is(err, ErrNotFound) {
+		t.Errorf("message still queued after its last recipient was delivered: %v", err)
+	}
+}
