@@ -91,7 +91,7 @@ func (q *Queue) Show(id string) (*MessageInfo, error) {
 		if err != nil || m == nil {
 			return err
 		}
-		h, err := q.spool.read(m.ID, 64<<10)
+		h, err := q.spool.read(locOf(m), 64<<10)
 		if err != nil {
 			return err
 		}
@@ -137,9 +137,6 @@ func (q *Queue) change(id string, fn func(m *message, now time.Time) (int, []dsn
 		return putMessage(tx, m)
 	}, func() {
 		q.indexPut(m)
-		if m.done() {
-			q.spool.remove(m.ID)
-		}
 		if dsn != nil {
 			q.indexPut(dsn)
 		}
@@ -288,11 +285,12 @@ func (q *Queue) Delete(id string) error {
 		return deleteMessage(tx, id)
 	}, func() {
 		q.mu.Lock()
+		defer q.mu.Unlock()
 		if e := q.index[id]; e != nil {
 			q.indexRemoveLocked(e)
+		} else {
+			q.spool.remove(id) // a damaged record was never indexed
 		}
-		q.mu.Unlock()
-		q.spool.remove(id)
 	})
 	if err != nil {
 		return err

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -116,13 +117,14 @@ func TestAdminDeleteAndBounce(t *testing.T) {
 		}
 	}
 
+	goneLoc := locOf(tq.stored(t, gone))
 	if err := call(t, c, "DELETE", "/queue/"+gone, nil); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := tq.Show(gone); !errors.Is(err, ErrNotFound) {
 		t.Errorf("deleted message still there: %v", err)
 	}
-	if _, err := tq.spool.read(gone, 10); err == nil {
+	if _, err := tq.spool.read(goneLoc, 10); err == nil {
 		t.Error("deleted message's body file is still there")
 	}
 	if n := len(tq.dsnsTo(t, "alice@example.com")); n != 0 {
@@ -153,18 +155,26 @@ func TestOrphanBodyFromACrashIsRemovedAtStart(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "stsrelay.db")
 	tq := openTestQueue(t, path, newScripted(all(ok250)), Options{})
 	kept := tq.enqueue(t, env("alice@example.com", "bob@example.org"))
-	// A body written just before a crash, its record never committed.
+	// Bodies written just before a crash, their records never committed.
 	orphan, _, err := tq.spool.write(time.Now(), strings.NewReader(testBody), 1<<20)
 	if err != nil {
 		t.Fatal(err)
 	}
+	bf, _, err := tq.spool.writeBatch([][]byte{[]byte(testBody)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	bf.Close()
 	tq.Close()
 	tq.db.Close()
 	tq = openTestQueue(t, path, newScripted(all(ok250)), Options{})
-	if _, err := tq.spool.read(orphan, 10); err == nil {
-		t.Error("orphan body survived the restart")
+	if _, err := tq.spool.read(bodyLoc{id: orphan}, 10); err == nil {
+		t.Error("orphan body file survived the restart")
 	}
-	if b, err := tq.spool.read(kept, -1); err != nil || string(b) != testBody {
+	if _, err := os.Stat(bf.Name()); err == nil {
+		t.Error("orphan batch file survived the restart")
+	}
+	if b, err := tq.spool.read(locOf(tq.stored(t, kept)), -1); err != nil || string(b) != testBody {
 		t.Errorf("queued message's body: %v", err)
 	}
 }

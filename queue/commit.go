@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -14,8 +15,13 @@ import (
 // ErrClosed is returned by operations on a closed Queue.
 var ErrClosed = errors.New("queue is closed")
 
-// maxBatch bounds one group commit, so one transaction stays small.
-const maxBatch = 512
+// maxBatch and maxBatchBytes bound one group commit, so one transaction
+// stays small and one batch file does not grow large (it stays on disk
+// until the last of its messages leaves the queue).
+const (
+	maxBatch      = 512
+	maxBatchBytes = 8 << 20
+)
 
 // committer is the group commit: one goroutine takes every pending write,
 // runs them in one bbolt transaction and one commit (fdatasync of the data,
@@ -25,7 +31,7 @@ const maxBatch = 512
 // batch, which caps it near 80 commits/s.
 type committer struct {
 	db      *bbolt.DB
-	syncDir func() error // the spool directory, before any commit that needs it
+	spool   *spool
 	reqs    chan *commitReq
 	mu      sync.RWMutex // held for reading while sending; Close takes it to stop senders
 	closed  bool
@@ -45,16 +51,20 @@ type commitReq struct {
 	// file, if set, is a new body file: it and the spool directory are
 	// synced before the commit, so the body is as durable as its record.
 	file *os.File
-	err  chan error
+	// body, if set, is a small body to store in the batch file shared by
+	// the group commit; place learns where it went before fn runs.
+	body  []byte
+	place func(file string, off int64)
+	err   chan error
 }
 
-func newCommitter(db *bbolt.DB, syncDir func() error) *committer {
+func newCommitter(db *bbolt.DB, sp *spool) *committer {
 	c := &committer{
-		db:      db,
-		syncDir: syncDir,
-		reqs:    make(chan *commitReq, maxBatch),
-		quit:    make(chan struct{}),
-		done:    make(chan struct{}),
+		db:    db,
+		spool: sp,
+		reqs:  make(chan *commitReq, maxBatch),
+		quit:  make(chan struct{}),
+		done:  make(chan struct{}),
 	}
 	go c.run()
 	return c
@@ -70,6 +80,11 @@ func (c *committer) do(fn func(tx *bbolt.Tx) error, after func()) error {
 // doWithFile is do for a write whose body file f was just created.
 func (c *committer) doWithFile(fn func(tx *bbolt.Tx) error, after func(), f *os.File) error {
 	return c.submit(&commitReq{fn: fn, after: after, file: f, err: make(chan error, 1)})
+}
+
+// doWithBody is do for a write whose small body goes into the batch file.
+func (c *committer) doWithBody(fn func(tx *bbolt.Tx) error, after func(), body []byte, place func(string, int64)) error {
+	return c.submit(&commitReq{fn: fn, after: after, body: body, place: place, err: make(chan error, 1)})
 }
 
 func (c *committer) submit(r *commitReq) error {
@@ -114,11 +129,13 @@ func (c *committer) run() {
 				}
 			}
 		}
+		size := len(batch[0].body)
 	gather:
-		for len(batch) < maxBatch {
+		for len(batch) < maxBatch && size < maxBatchBytes {
 			select {
 			case r := <-c.reqs:
 				batch = append(batch, r)
+				size += len(r.body)
 			default:
 				break gather
 			}
@@ -162,34 +179,79 @@ func (c *committer) commit(batch []*commitReq) {
 	}
 }
 
-// syncFiles syncs the body files of batch, all at once so that the file
-// system can commit them in one journal transaction, then the spool
-// directory. It answers the requests whose file failed and returns the rest.
+// syncFiles writes the small bodies of batch into one new batch file,
+// then syncs it and the other new body files all at once (the file system
+// can commit them in one journal transaction), then the spool directory.
+// It answers the requests whose body could not be stored and returns the
+// rest.
 func (c *committer) syncFiles(batch []*commitReq) []*commitReq {
 	errs := make([]error, len(batch))
+	var bodies [][]byte
+	for _, r := range batch {
+		if r.body != nil {
+			bodies = append(bodies, r.body)
+		}
+	}
+	var bf *os.File
+	var bfErr error
+	if len(bodies) > 0 {
+		var offs []int64
+		bf, offs, bfErr = c.spool.writeBatch(bodies)
+		if bfErr == nil {
+			name := filepath.Base(bf.Name())
+			k := 0
+			for _, r := range batch {
+				if r.body != nil {
+					r.place(name, offs[k])
+					k++
+				}
+			}
+			defer bf.Close()
+		}
+	}
 	var wg sync.WaitGroup
 	files := 0
 	for i, r := range batch {
-		if r.file != nil {
+		switch {
+		case r.file != nil:
 			files++
-			wg.Go(func() { errs[i] = r.file.Sync() })
+			wg.Go(func() {
+				if err := r.file.Sync(); err != nil {
+					errs[i] = fmt.Errorf("spool file %s: %w", r.file.Name(), plainErr(err))
+				}
+			})
+		case r.body != nil:
+			errs[i] = bfErr
 		}
 	}
-	if files == 0 {
+	if bf != nil {
+		files++
+		wg.Go(func() {
+			if err := bf.Sync(); err != nil {
+				bfErr = fmt.Errorf("spool file %s: %w", bf.Name(), plainErr(err))
+			}
+		})
+	}
+	if files == 0 && len(bodies) == 0 {
 		return batch
 	}
 	wg.Wait()
-	dirErr := c.syncDir()
+	dirErr := c.spool.syncDir()
 	kept := batch[:0]
 	for i, r := range batch {
 		switch {
 		case errs[i] != nil:
-			r.err <- fmt.Errorf("spool file %s: %w", r.file.Name(), plainErr(errs[i]))
+			r.err <- errs[i]
+		case r.body != nil && bfErr != nil:
+			r.err <- bfErr
 		case dirErr != nil:
 			r.err <- dirErr
 		default:
 			kept = append(kept, r)
 		}
+	}
+	if bf != nil && len(kept) == 0 {
+		os.Remove(bf.Name())
 	}
 	return kept
 }

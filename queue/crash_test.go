@@ -160,7 +160,11 @@ func (d *crashDeliverer) Deliver(ctx context.Context, job *Job) []Status {
 }
 
 func makeBody(n int) []byte {
-	payload := strings.Repeat(fmt.Sprintf("line %d of a test message\r\n", n), 1+rand.IntN(300))
+	lines := 1 + rand.IntN(300)
+	if n%20 == 0 {
+		lines = 12000 // over inlineMax: a spool file of its own
+	}
+	payload := strings.Repeat(fmt.Sprintf("line %d of a test message\r\n", n), lines)
 	return fmt.Appendf(nil, "Subject: %d\r\nX-Check: %x\r\n\r\n%s", n, sha256.Sum256([]byte(payload)), payload)
 }
 

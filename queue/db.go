@@ -61,9 +61,14 @@ func plainErr(err error) error {
 
 // message is the stored record of one queued message.
 type message struct {
-	ID         string
-	Envelope   Envelope
-	Size       int64
+	ID       string
+	Envelope Envelope
+	Size     int64
+	// BodyFile names the spool file that holds the body from BodyOff on,
+	// when it is shared with other messages of one group commit; "" means
+	// the file named ID holds only this body.
+	BodyFile   string
+	BodyOff    int64
 	Arrived    time.Time
 	Recipients []recipient
 }

@@ -83,9 +83,9 @@ func (q *Queue) dsnBody(orig *message, rcpts []dsnRecipient, now time.Time) (bod
 	full = worst == "failed" && strings.EqualFold(orig.Envelope.Ret, "FULL") && !orig.Envelope.RequireTLS
 	var original []byte
 	if full {
-		original, err = q.spool.read(orig.ID, -1)
+		original, err = q.spool.read(locOf(orig), -1)
 	} else {
-		original, err = q.spool.read(orig.ID, maxHeaderBytes)
+		original, err = q.spool.read(locOf(orig), maxHeaderBytes)
 		original = headerSection(original)
 	}
 	if err != nil {

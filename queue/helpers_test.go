@@ -216,9 +216,24 @@ func (tq *testQueue) dsnsTo(t *testing.T, addr string) []*message {
 	return out
 }
 
+// stored returns the record of id.
+func (tq *testQueue) stored(t *testing.T, id string) *message {
+	t.Helper()
+	var m *message
+	err := tq.db.View(func(tx *bbolt.Tx) error {
+		var err error
+		m, err = getMessage(tx, id)
+		return err
+	})
+	if err != nil || m == nil {
+		t.Fatalf("message %s: %v, %v", id, m, err)
+	}
+	return m
+}
+
 func (tq *testQueue) body(t *testing.T, m *message) []byte {
 	t.Helper()
-	b, err := tq.spool.read(m.ID, -1)
+	b, err := tq.spool.read(locOf(m), -1)
 	if err != nil {
 		t.Fatal(err)
 	}

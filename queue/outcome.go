@@ -82,9 +82,6 @@ func (q *Queue) applyOutcome(job *Job, idx []int, statuses []Status) error {
 	}, func() {
 		if m != nil {
 			q.indexPut(m)
-			if m.done() {
-				q.spool.remove(m.ID)
-			}
 		}
 		if dsn != nil {
 			q.indexPut(dsn)

@@ -1,6 +1,7 @@
 package queue
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/base32"
@@ -58,6 +59,10 @@ type Options struct {
 // DefaultRetrySchedule is used when Options.RetrySchedule is empty.
 var DefaultRetrySchedule = []time.Duration{5 * time.Minute, 10 * time.Minute, 30 * time.Minute, time.Hour, 2 * time.Hour, 4 * time.Hour}
 
+// inlineMax is the largest body that goes into a group commit's shared
+// batch file; larger ones get a file of their own.
+const inlineMax = 256 << 10
+
 // ErrTooBig is returned by Enqueue for a body over Options.MaxMessageSize.
 var ErrTooBig = errors.New("message exceeds the queue's size limit")
 
@@ -69,10 +74,11 @@ type Queue struct {
 	commit *committer
 	spool  *spool
 
-	mu    sync.Mutex
-	index map[string]*entry
-	sched scheduler
-	kick  chan struct{}
+	mu       sync.Mutex
+	index    map[string]*entry
+	bodyRefs map[string]int // batch file → messages in the index using it
+	sched    scheduler
+	kick     chan struct{}
 
 	closeOnce sync.Once
 }
@@ -131,13 +137,14 @@ func New(db *bbolt.DB, opts Options) (*Queue, error) {
 		return nil, fmt.Errorf("queue: %w", err)
 	}
 	q := &Queue{
-		spool: sp,
-		db:    db,
-		opts:  opts,
-		log:   opts.Logger,
-		index: make(map[string]*entry),
-		sched: newScheduler(),
-		kick:  make(chan struct{}, 1),
+		spool:    sp,
+		db:       db,
+		opts:     opts,
+		log:      opts.Logger,
+		index:    make(map[string]*entry),
+		bodyRefs: make(map[string]int),
+		sched:    newScheduler(),
+		kick:     make(chan struct{}, 1),
 	}
 	err = db.Update(func(tx *bbolt.Tx) error {
 		_, err := tx.CreateBucketIfNotExists(bucketMessages)
@@ -151,7 +158,7 @@ func New(db *bbolt.DB, opts Options) (*Queue, error) {
 		sp.close()
 		return nil, err
 	}
-	q.commit = newCommitter(db, sp.syncDir)
+	q.commit = newCommitter(db, sp)
 	return q, nil
 }
 
@@ -163,6 +170,9 @@ func (q *Queue) load() error {
 		return tx.Bucket(bucketMessages).ForEach(func(k, v []byte) error {
 			stored[string(k)] = true
 			m, err := decodeMessage(v)
+			if m != nil && m.BodyFile != "" {
+				stored[m.BodyFile] = true
+			}
 			if err != nil {
 				// Leave it in place for an operator; it cannot be scheduled.
 				q.log.Error("queue: damaged message record, not scheduled", "id", string(k), "err", err)
@@ -207,7 +217,31 @@ func (q *Queue) Enqueue(ctx context.Context, env Envelope, body io.Reader) (stri
 	if err != nil {
 		return "", fmt.Errorf("message not queued: %w", err)
 	}
-	f, id, size, err := q.spool.create(m.Arrived, body, q.opts.MaxMessageSize)
+	// A small body rides in the group commit's batch file: one file and
+	// one fsync for the whole batch. A large one gets a file of its own,
+	// streamed to disk rather than held in memory.
+	src := &readErr{r: body}
+	head, err := io.ReadAll(io.LimitReader(src, min(inlineMax, q.opts.MaxMessageSize)+1))
+	if src.err != nil {
+		return "", fmt.Errorf("message not queued: reading the message: %w", src.err)
+	}
+	if int64(len(head)) <= min(inlineMax, q.opts.MaxMessageSize) {
+		m.ID, m.Size = newID(m.Arrived), int64(len(head))
+		err = q.commit.doWithBody(func(tx *bbolt.Tx) error {
+			for tx.Bucket(bucketMessages).Get([]byte(m.ID)) != nil {
+				m.ID = newID(m.Arrived)
+			}
+			return putMessage(tx, m)
+		}, func() { q.indexPut(m) }, head, func(file string, off int64) { m.BodyFile, m.BodyOff = file, off })
+		if err != nil {
+			return "", fmt.Errorf("message not queued: %w", err)
+		}
+		metricEnqueued.Inc()
+		q.wake()
+		q.log.Info("queued", "id", m.ID, "from", env.From, "recipients", len(m.Recipients), "size", m.Size, "user", env.User, "client", env.ClientAddr)
+		return m.ID, nil
+	}
+	f, id, size, err := q.spool.create(m.Arrived, io.MultiReader(bytes.NewReader(head), src), q.opts.MaxMessageSize)
 	if err != nil {
 		return "", fmt.Errorf("message not queued: %w", err)
 	}

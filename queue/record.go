@@ -23,6 +23,8 @@ type storedMessage struct {
 	Ret         string            `json:"ret,omitempty"`
 	EnvID       string            `json:"envid,omitempty"`
 	Size        int64             `json:"s"`
+	BodyFile    string            `json:"bf,omitempty"`
+	BodyOff     int64             `json:"bo,omitempty"`
 	Arrived     int64             `json:"t"`
 	Recipients  []storedRecipient `json:"r"`
 }
@@ -64,7 +66,7 @@ func encodeMessage(m *message) ([]byte, error) {
 	s := storedMessage{
 		V: 1, ID: m.ID, From: e.From, User: e.User, ClientAddr: e.ClientAddr,
 		Body8Bit: e.Body8Bit, SMTPUTF8: e.SMTPUTF8, RequireTLS: e.RequireTLS, NoTLSPolicy: e.NoTLSPolicy,
-		Ret: e.Ret, EnvID: e.EnvID, Size: m.Size, Arrived: unixNano(m.Arrived),
+		Ret: e.Ret, EnvID: e.EnvID, Size: m.Size, BodyFile: m.BodyFile, BodyOff: m.BodyOff, Arrived: unixNano(m.Arrived),
 		Recipients: make([]storedRecipient, len(m.Recipients)),
 	}
 	for i, r := range m.Recipients {
@@ -94,6 +96,8 @@ func decodeMessage(v []byte) (*message, error) {
 			Ret: s.Ret, EnvID: s.EnvID,
 		},
 		Size:       s.Size,
+		BodyFile:   s.BodyFile,
+		BodyOff:    s.BodyOff,
 		Arrived:    fromUnixNano(s.Arrived),
 		Recipients: make([]recipient, len(s.Recipients)),
 	}

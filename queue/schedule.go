@@ -13,10 +13,11 @@ import (
 // entry is the in-memory summary of one stored message: enough to schedule
 // it and to count it in metrics, a few hundred bytes per message.
 type entry struct {
-	id      string
-	arrived time.Time
-	counts  [3]int32 // pending recipients: queued, deferred, held
-	slots   []*slot
+	id       string
+	arrived  time.Time
+	bodyFile string   // shared batch file, "" for a file of its own
+	counts   [3]int32 // pending recipients: queued, deferred, held
+	slots    []*slot
 }
 
 // slot is one (message, destination domain) pair: the unit of scheduling.
@@ -71,12 +72,17 @@ func (q *Queue) indexPut(m *message) {
 	if m.done() {
 		if e != nil {
 			q.indexRemoveLocked(e)
+		} else {
+			q.spool.remove(m.ID) // done on its first write (a DSN to <> say)
 		}
 		return
 	}
 	if e == nil {
-		e = &entry{id: m.ID, arrived: m.Arrived}
+		e = &entry{id: m.ID, arrived: m.Arrived, bodyFile: m.BodyFile}
 		q.index[m.ID] = e
+		if m.BodyFile != "" {
+			q.bodyRefs[m.BodyFile]++
+		}
 	}
 	e.counts = [3]int32{}
 	due := make(map[string]time.Time, len(e.slots)+1)
@@ -115,11 +121,21 @@ func (q *Queue) indexPut(m *message) {
 	}
 }
 
+// indexRemoveLocked forgets a message whose record is gone and removes its
+// body file, or its share of a batch file.
 func (q *Queue) indexRemoveLocked(e *entry) {
 	for _, s := range e.slots {
 		s.gone = true
 	}
 	delete(q.index, e.id)
+	if e.bodyFile == "" {
+		q.spool.remove(e.id)
+		return
+	}
+	if q.bodyRefs[e.bodyFile]--; q.bodyRefs[e.bodyFile] <= 0 {
+		delete(q.bodyRefs, e.bodyFile)
+		q.spool.remove(e.bodyFile)
+	}
 }
 
 // pushLocked arms s's timer, unless it is running or already waiting.
@@ -325,6 +341,7 @@ func (q *Queue) loadJob(s *slot) (job *Job, idx []int, nextDue time.Time, err er
 		if len(idx) == 0 {
 			return nil
 		}
+		loc := locOf(m)
 		env := m.Envelope
 		env.Recipients = rcpts
 		job = &Job{
@@ -335,7 +352,7 @@ func (q *Queue) loadJob(s *slot) (job *Job, idx []int, nextDue time.Time, err er
 			Size:       m.Size,
 			Arrived:    m.Arrived,
 			Attempt:    minAttempts + 1,
-			Open:       func() (io.ReadCloser, error) { return q.spool.open(s.e.id) },
+			Open:       func() (io.ReadCloser, error) { return q.spool.open(loc) },
 		}
 		return nil
 	})

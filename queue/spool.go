@@ -5,16 +5,18 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 )
 
-// spool holds message bodies, one file per queue id, beside the database.
-// The group commit fsyncs the new body files of a batch (in parallel, so
-// the file system journals them together), then the directory, then
-// commits their records, so a committed record always has its body. A crash can leave a body without a record; load
-// removes those.
+// spool holds message bodies beside the database: small ones in batch
+// files shared by the messages of one group commit, large ones in a file
+// named by their queue id. The committer syncs new files and the directory
+// before it commits their records, so a committed record always has its
+// body. A crash can leave a file no record refers to; load removes those.
 type spool struct {
 	dir string
 	d   *os.File // the directory, for fsync
@@ -107,17 +109,35 @@ func (s *spool) syncDir() error {
 	return nil
 }
 
-func (s *spool) open(id string) (io.ReadCloser, error) {
-	f, err := os.Open(s.path(id))
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, fmt.Errorf("message %s is no longer in the queue", id)
+// bodyLoc is where a body is: its own file, or a stretch of a batch file.
+type bodyLoc struct {
+	id, file  string // file "" means the file named id
+	off, size int64
+}
+
+func locOf(m *message) bodyLoc { return bodyLoc{m.ID, m.BodyFile, m.BodyOff, m.Size} }
+
+func (s *spool) open(l bodyLoc) (io.ReadCloser, error) {
+	name := l.file
+	if name == "" {
+		name = l.id
 	}
-	return f, err
+	f, err := os.Open(s.path(name))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("message %s is no longer in the queue", l.id)
+	}
+	if err != nil || l.file == "" {
+		return f, err
+	}
+	return struct {
+		io.Reader
+		io.Closer
+	}{io.NewSectionReader(f, l.off, l.size), f}, nil
 }
 
 // read returns up to limit bytes of a body (all of it if limit < 0).
-func (s *spool) read(id string, limit int64) ([]byte, error) {
-	f, err := s.open(id)
+func (s *spool) read(l bodyLoc, limit int64) ([]byte, error) {
+	f, err := s.open(l)
 	if err != nil {
 		return nil, err
 	}
@@ -128,9 +148,39 @@ func (s *spool) read(id string, limit int64) ([]byte, error) {
 	return io.ReadAll(io.LimitReader(f, limit))
 }
 
-// remove deletes a body whose record is gone. A failure leaves a file
-// that the next start sweeps away.
-func (s *spool) remove(id string) { os.Remove(s.path(id)) }
+// batchPrefix starts the names of files shared by the small bodies of one
+// group commit.
+const batchPrefix = "b-"
+
+// writeBatch writes bodies one after another into a new batch file and
+// returns it open and not yet synced, with each body's offset.
+func (s *spool) writeBatch(bodies [][]byte) (f *os.File, offs []int64, err error) {
+	for {
+		f, err = os.OpenFile(s.path(batchPrefix+newID(time.Now())), os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
+		if !errors.Is(err, fs.ErrExist) {
+			break
+		}
+	}
+	if err != nil {
+		return nil, nil, fmt.Errorf("spool file: %w", plainErr(err))
+	}
+	var off int64
+	for _, b := range bodies {
+		offs = append(offs, off)
+		off += int64(len(b))
+	}
+	bufs := net.Buffers(bodies)
+	if _, err := bufs.WriteTo(f); err != nil {
+		f.Close()
+		os.Remove(f.Name())
+		return nil, nil, fmt.Errorf("spool file: %w", plainErr(err))
+	}
+	return f, offs, nil
+}
+
+// remove deletes a body file whose records are gone. A failure leaves a
+// file that the next start sweeps away.
+func (s *spool) remove(name string) { os.Remove(s.path(name)) }
 
 // sweep removes body files that no record refers to: bodies written just
 // before a crash, before their record was committed.
@@ -144,7 +194,7 @@ func (s *spool) sweep(keep map[string]bool) (int, error) {
 	}
 	n := 0
 	for _, name := range names {
-		if !keep[name] && len(name) == idLen {
+		if !keep[name] && (len(name) == idLen || strings.HasPrefix(name, batchPrefix)) {
 			if os.Remove(s.path(name)) == nil {
 				n++
 			}
