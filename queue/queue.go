@@ -221,8 +221,8 @@ func (q *Queue) Enqueue(ctx context.Context, env Envelope, body io.Reader) (stri
 	// one fsync for the whole batch. A large one gets a file of its own,
 	// streamed to disk rather than held in memory.
 	src := &readErr{r: body}
-	head, err := io.ReadAll(io.LimitReader(src, min(inlineMax, q.opts.MaxMessageSize)+1))
-	if src.err != nil {
+	head, _ := io.ReadAll(io.LimitReader(src, min(inlineMax, q.opts.MaxMessageSize)+1))
+	if src.err != nil { // the only error ReadAll can meet here
 		return "", fmt.Errorf("message not queued: reading the message: %w", src.err)
 	}
 	if int64(len(head)) <= min(inlineMax, q.opts.MaxMessageSize) {
