@@ -115,6 +115,9 @@ func TestRecipientsAtOneDomainShareOneDelivery(t *testing.T) {
 	if _, err := tq.Show(id); !errors.Is(err, ErrNotFound) {
 		t.Errorf("delivered message still in the queue: %v", err)
 	}
+	if left, _ := os.ReadDir(tq.spool.dir); len(left) != 0 {
+		t.Errorf("spool files left after delivery: %v", left)
+	}
 }
 
 func TestDeferralOfOneRecipientDoesNotBlockAnother(t *testing.T) {
@@ -580,5 +583,9 @@ func TestMixedOutcomesInOneTransactionAreRecordedPerRecipient(t *testing.T) {
 	tq.settle(t)
 	if _, err := tq.Show(id); !errors.Is(err, ErrNotFound) {
 		t.Errorf("message still queued after its last recipient was delivered: %v", err)
+	}
+	// Only the bounce for c is left in the spool.
+	if left, _ := os.ReadDir(tq.spool.dir); len(left) != 1 {
+		t.Errorf("spool holds %v, want only the bounce's body", left)
 	}
 }
