@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"mime/multipart"
 	"net/textproto"
-	"strconv"
 	"strings"
 	"time"
 
@@ -147,13 +146,13 @@ func (q *Queue) dsnBody(orig *message, rcpts []dsnRecipient, now time.Time) (bod
 	field := func(name, value string) { fmt.Fprintf(w, "%s: %s\r\n", name, oneLine(value)) }
 	field("Reporting-MTA", "dns; "+host)
 	if orig.Envelope.EnvID != "" {
-		field("Original-Envelope-Id", xtextDecode(orig.Envelope.EnvID)) // only with ENVID (§2.2.1)
+		field("Original-Envelope-Id", orig.Envelope.EnvID) // only with ENVID (§2.2.1); smtpin decoded the xtext
 	}
 	field("Arrival-Date", orig.Arrived.Format(rfc5322Date))
 	for _, r := range rcpts {
 		w.Write([]byte("\r\n"))
 		if r.ORcpt != "" {
-			field("Original-Recipient", xtextDecode(r.ORcpt))
+			field("Original-Recipient", r.ORcpt)
 		}
 		field("Final-Recipient", "rfc822; "+r.Addr)
 		field("Action", r.Action)
@@ -228,24 +227,4 @@ func oneLine(s string) string {
 		s = s[:900] + "…"
 	}
 	return s
-}
-
-// xtextDecode undoes RFC 3461 §4 xtext ("+2B" for "+"); invalid input is
-// returned as is.
-func xtextDecode(s string) string {
-	if !strings.Contains(s, "+") {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '+' && i+2 < len(s) {
-			if v, err := strconv.ParseUint(s[i+1:i+3], 16, 8); err == nil {
-				b.WriteByte(byte(v))
-				i += 2
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
 }
