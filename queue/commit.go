@@ -145,7 +145,8 @@ func (c *committer) run() {
 }
 
 func (c *committer) commit(batch []*commitReq) {
-	if batch = c.syncFiles(batch); len(batch) == 0 {
+	batch, batchFile := c.syncFiles(batch)
+	if len(batch) == 0 {
 		return
 	}
 	for len(batch) > 0 {
@@ -168,6 +169,8 @@ func (c *committer) commit(batch []*commitReq) {
 		if err == nil {
 			c.commits.Add(1)
 			metricCommits.Inc()
+		} else if batchFile != "" {
+			os.Remove(batchFile) // no record refers to it (a full disk, say)
 		}
 		for _, r := range batch {
 			if err == nil && r.after != nil {
@@ -184,7 +187,7 @@ func (c *committer) commit(batch []*commitReq) {
 // can commit them in one journal transaction), then the spool directory.
 // It answers the requests whose body could not be stored and returns the
 // rest.
-func (c *committer) syncFiles(batch []*commitReq) []*commitReq {
+func (c *committer) syncFiles(batch []*commitReq) (kept []*commitReq, batchFile string) {
 	errs := make([]error, len(batch))
 	var bodies [][]byte
 	for _, r := range batch {
@@ -233,11 +236,11 @@ func (c *committer) syncFiles(batch []*commitReq) []*commitReq {
 		})
 	}
 	if files == 0 && len(bodies) == 0 {
-		return batch
+		return batch, ""
 	}
 	wg.Wait()
 	dirErr := c.spool.syncDir()
-	kept := batch[:0]
+	kept = batch[:0]
 	for i, r := range batch {
 		switch {
 		case errs[i] != nil:
@@ -250,8 +253,12 @@ func (c *committer) syncFiles(batch []*commitReq) []*commitReq {
 			kept = append(kept, r)
 		}
 	}
-	if bf != nil && len(kept) == 0 {
-		os.Remove(bf.Name())
+	if bf == nil {
+		return kept, ""
 	}
-	return kept
+	if len(kept) == 0 || bfErr != nil || dirErr != nil {
+		os.Remove(bf.Name())
+		return kept, ""
+	}
+	return kept, bf.Name()
 }

@@ -84,6 +84,9 @@ func TestEnqueueFailsClearlyWhenTheDatabaseCannotCommit(t *testing.T) {
 	if err == nil || !strings.HasPrefix(err.Error(), "message not queued") {
 		t.Fatalf("err = %v, want a 'message not queued' error", err)
 	}
+	if left, _ := os.ReadDir(tq.spool.dir); len(left) != 0 {
+		t.Errorf("refused message left spool files: %v", left)
+	}
 }
 
 func TestRecipientsAtOneDomainShareOneDelivery(t *testing.T) {
