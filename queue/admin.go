@@ -146,6 +146,7 @@ func (q *Queue) change(id string, fn func(m *message, now time.Time) (int, []dsn
 	}
 	if dsn != nil {
 		metricEnqueued.Inc()
+		q.log.Info("queued DSN", "id", dsn.ID, "orig_id", m.ID, "to", m.Envelope.From)
 	}
 	q.wake()
 	return n, nil

@@ -231,6 +231,8 @@ func (q *Queue) logOutcome(job *Job, m *message, idx []int, statuses []Status, o
 		if !g.next.IsZero() {
 			attrs = append(attrs, "next_retry", g.next.UTC().Format(time.RFC3339))
 		}
-		q.log.Info("delivery", attrs...)
+		// delivery logs the attempt itself (MX, policy, TLS, time); this line
+		// says what became of the recipients.
+		q.log.Info("recipients updated", attrs...)
 	}
 }

@@ -484,3 +484,79 @@ func TestServeExposesMetricsAndHealth(t *testing.T) {
 	}
 	d.stop(syscall.SIGTERM)
 }
+
+func TestQueueCommandsSteerTheRunningDaemon(t *testing.T) {
+	dir := t.TempDir()
+	// The resolver does not answer, so messages stay deferred.
+	config := writeConfig(t, dir, configParts{tail: "[delivery]\nretry_schedule = [\"1h\"]\n"})
+	d := startDaemon(t, config)
+	addr := d.submissionAddr()
+	deferred := func(rcpt string) string {
+		t.Helper()
+		submit(t, addr, "app@example.com", rcpt, "Subject: q\r\n\r\nq\r\n")
+		line := d.waitFor(`recipients updated.*recipients=` + regexp.QuoteMeta(rcpt) + `.*outcome=deferred`)
+		return regexp.MustCompile(`id=(\S+)`).FindStringSubmatch(line)[1]
+	}
+	q := func(args ...string) (int, string, string) {
+		return stsrelay(t, "", append([]string{"queue", args[0], "-config", config}, args[1:]...)...)
+	}
+	state := func(id string) string {
+		t.Helper()
+		code, out, errOut := q("show", "-json", id)
+		if code != 0 {
+			t.Fatalf("queue show: %s", errOut)
+		}
+		var m struct {
+			Recipients []struct{ State string }
+		}
+		if err := json.Unmarshal([]byte(out), &m); err != nil || len(m.Recipients) != 1 {
+			t.Fatalf("queue show -json: %v\n%s", err, out)
+		}
+		return m.Recipients[0].State
+	}
+
+	id := deferred("one@example.net")
+	if s := state(id); s != "deferred" {
+		t.Fatalf("state %s, want deferred", s)
+	}
+	if code, out, _ := q("list"); code != 0 || !strings.Contains(out, id) || !strings.Contains(out, "one@example.net") {
+		t.Fatalf("queue list:\n%s", out)
+	}
+	if code, _, errOut := q("hold", id); code != 0 {
+		t.Fatalf("hold: %s", errOut)
+	}
+	if s := state(id); s != "held" {
+		t.Fatalf("after hold: %s", s)
+	}
+	if code, _, errOut := q("release", id); code != 0 {
+		t.Fatalf("release: %s", errOut)
+	}
+	if s := state(id); s == "held" {
+		t.Fatal("still held after release")
+	}
+	if code, _, errOut := q("retry", "-all"); code != 0 {
+		t.Fatalf("retry -all: %s", errOut)
+	}
+	if code, _, errOut := q("delete", id); code != 0 {
+		t.Fatalf("delete: %s", errOut)
+	}
+	if code, _, _ := q("show", id); code == 0 {
+		t.Fatal("a deleted message is still shown")
+	}
+
+	// Bouncing fails the recipient at once and tells the sender.
+	id2 := deferred("two@example.net")
+	if code, _, errOut := q("bounce", id2); code != 0 {
+		t.Fatalf("bounce: %s", errOut)
+	}
+	d.waitFor(`queued DSN.*orig_id=` + id2 + `.*to=app@example.com`)
+
+	for _, cmd := range []string{"show", "hold", "delete", "bounce"} {
+		code, _, errOut := q(cmd, "nosuchid")
+		if code == 0 || !strings.Contains(errOut, "no such message") {
+			t.Errorf("queue %s nosuchid: exit %d, %q", cmd, code, errOut)
+		}
+		assertOneLine(t, errOut)
+	}
+	d.stop(syscall.SIGTERM)
+}
