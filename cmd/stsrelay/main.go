@@ -5,6 +5,8 @@ package main
 
 import (
 	"bufio"
+	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -12,6 +14,7 @@ import (
 	"os"
 	"runtime/debug"
 	"strings"
+	"time"
 
 	"github.com/stsrelay/stsrelay/admin"
 	"github.com/stsrelay/stsrelay/config"
@@ -123,6 +126,52 @@ func controlClient(configPath string) (*admin.Client, error) {
 		return nil, err
 	}
 	return admin.Dial(admin.SocketPath(cfg.StateDir)), nil
+}
+
+// controlTimeout bounds one call to the daemon; an sts refresh includes a
+// policy fetch.
+const controlTimeout = time.Minute
+
+// controlCall makes one call to the daemon of the configuration at
+// configPath and decodes its reply into out.
+func controlCall(configPath, method, path string, out any) error {
+	c, err := controlClient(configPath)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), controlTimeout)
+	defer cancel()
+	return c.Call(ctx, method, path, nil, out)
+}
+
+// runGroup runs one command of a group such as "stsrelay queue", so that
+// help, a missing command and an unknown one read the same in every group.
+func runGroup(group, help string, args []string, stderr io.Writer, commands map[string]func(args []string) int) int {
+	usage := func() { fmt.Fprintf(stderr, "usage: stsrelay %s <command> [arguments]\n%s\n", group, help) }
+	if len(args) == 0 {
+		usage()
+		return 2
+	}
+	switch args[0] {
+	case "-h", "-help", "--help", "help":
+		usage()
+		return 0
+	}
+	if run, ok := commands[args[0]]; ok {
+		return run(args[1:])
+	}
+	fmt.Fprintf(stderr, "stsrelay %s %s: unknown command\nRun 'stsrelay %s -help' for usage.\n", group, args[0], group)
+	return 2
+}
+
+// printJSON prints v as indented JSON.
+func printJSON(stdout, stderr io.Writer, v any) int {
+	enc := json.NewEncoder(stdout)
+	enc.SetIndent("", "  ")
+	if err := enc.Encode(v); err != nil {
+		return fail(stderr, "%v", err)
+	}
+	return 0
 }
 
 // fail prints one line for the user and returns the exit code 1.

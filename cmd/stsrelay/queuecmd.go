@@ -1,8 +1,6 @@
 package main
 
 import (
-	"context"
-	"encoding/json"
 	"fmt"
 	"io"
 	"net/url"
@@ -28,59 +26,37 @@ The commands are:
 
 Use "stsrelay queue <command> -help" for more information about a command.`
 
-// queueTimeout bounds one call to the daemon.
-const queueTimeout = time.Minute
-
 func runQueue(args []string, stdout, stderr io.Writer) int {
-	if len(args) == 0 {
-		fmt.Fprintf(stderr, "usage: stsrelay queue <command> [arguments]\n%s\n", queueHelp)
-		return 2
-	}
-	switch args[0] {
-	case "-h", "-help", "--help", "help":
-		fmt.Fprintf(stderr, "usage: stsrelay queue <command> [arguments]\n%s\n", queueHelp)
-		return 0
-	case "list":
-		return runQueueList(args[1:], stdout, stderr)
-	case "show":
-		return runQueueShow(args[1:], stdout, stderr)
-	case "retry":
-		return runQueueRetry(args[1:], stdout, stderr)
-	case "hold":
-		return runQueueAction("hold", "POST", "/hold", args[1:], stdout, stderr, `
+	return runGroup("queue", queueHelp, args, stderr, map[string]func([]string) int{
+		"list":  func(a []string) int { return runQueueList(a, stdout, stderr) },
+		"show":  func(a []string) int { return runQueueShow(a, stdout, stderr) },
+		"retry": func(a []string) int { return runQueueRetry(a, stdout, stderr) },
+		"hold": func(a []string) int {
+			return runQueueAction("hold", "POST", "/hold", a, stdout, stderr, `
 Hold stops delivery of the queued and deferred recipients of a message until
 "stsrelay queue release". A held message still counts towards its time in
 the queue: it expires on its next attempt after delivery.max_queue_time.`,
-			"held %d recipient(s)", "nothing to hold: no recipient is queued or deferred")
-	case "release":
-		return runQueueAction("release", "POST", "/release", args[1:], stdout, stderr, `
+				"held %d recipient(s)", "nothing to hold: no recipient is queued or deferred")
+		},
+		"release": func(a []string) int {
+			return runQueueAction("release", "POST", "/release", a, stdout, stderr, `
 Release makes the held recipients of a message due for delivery now.`,
-			"released %d recipient(s)", "nothing to release: no recipient is held")
-	case "delete":
-		return runQueueAction("delete", "DELETE", "", args[1:], stdout, stderr, `
+				"released %d recipient(s)", "nothing to release: no recipient is held")
+		},
+		"delete": func(a []string) int {
+			return runQueueAction("delete", "DELETE", "", a, stdout, stderr, `
 Delete removes a message from the queue. Nobody is notified: the sender gets
 no bounce. Use "stsrelay queue bounce" to tell the sender.`,
-			"deleted", "deleted")
-	case "bounce":
-		return runQueueAction("bounce", "POST", "/bounce", args[1:], stdout, stderr, `
+				"deleted", "deleted")
+		},
+		"bounce": func(a []string) int {
+			return runQueueAction("bounce", "POST", "/bounce", a, stdout, stderr, `
 Bounce fails every recipient of a message that is not yet delivered, with
 "554 5.0.0 bounced by the mail system administrator", and sends the sender a
 delivery status notification (unless the sender is <> or NOTIFY forbids it).`,
-			"bounced %d recipient(s)", "nothing to bounce: every recipient is delivered or failed")
-	}
-	fmt.Fprintf(stderr, "stsrelay queue %s: unknown command\nRun 'stsrelay queue -help' for usage.\n", args[0])
-	return 2
-}
-
-// queueCall makes one admin call to the daemon of the config at cfgPath.
-func queueCall(cfgPath, method, path string, out any) error {
-	c, err := controlClient(cfgPath)
-	if err != nil {
-		return err
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), queueTimeout)
-	defer cancel()
-	return c.Call(ctx, method, path, nil, out)
+				"bounced %d recipient(s)", "nothing to bounce: every recipient is delivered or failed")
+		},
+	})
 }
 
 func runQueueList(args []string, stdout, stderr io.Writer) int {
@@ -98,11 +74,11 @@ line per recipient with its state and the last reply, like postqueue -p.`, stder
 		return 2
 	}
 	var list []queue.MessageInfo
-	if err := queueCall(*cfgPath, "GET", "/queue", &list); err != nil {
+	if err := controlCall(*cfgPath, "GET", "/queue", &list); err != nil {
 		return fail(stderr, "queue list: %v", err)
 	}
 	if *asJSON {
-		return writeQueueJSON(stdout, stderr, list)
+		return printJSON(stdout, stderr, list)
 	}
 	if len(list) == 0 {
 		fmt.Fprintln(stdout, "The queue is empty.")
@@ -134,11 +110,11 @@ recipient with the last reply and MX host, and the message's headers.`, stderr)
 		return 2
 	}
 	var m queue.MessageInfo
-	if err := queueCall(*cfgPath, "GET", "/queue/"+url.PathEscape(fs.Arg(0)), &m); err != nil {
+	if err := controlCall(*cfgPath, "GET", "/queue/"+url.PathEscape(fs.Arg(0)), &m); err != nil {
 		return fail(stderr, "queue show: %v", err)
 	}
 	if *asJSON {
-		return writeQueueJSON(stdout, stderr, m)
+		return printJSON(stdout, stderr, m)
 	}
 	fmt.Fprintf(stdout, "id:       %s\nfrom:     %s\nsize:     %d bytes\ncreated:  %s\n",
 		m.ID, sender(m.From), m.Size, m.Created.Local().Format(time.RFC1123Z))
@@ -182,14 +158,14 @@ every message with -all. Held recipients stay held.`, stderr)
 	}
 	var res queue.ActionResult
 	if *allFlag {
-		if err := queueCall(*cfgPath, "POST", "/queue/retry-all", &res); err != nil {
+		if err := controlCall(*cfgPath, "POST", "/queue/retry-all", &res); err != nil {
 			return fail(stderr, "queue retry: %v", err)
 		}
 		fmt.Fprintf(stdout, "retrying %d message(s) now\n", res.Changed)
 		return 0
 	}
 	id := fs.Arg(0)
-	if err := queueCall(*cfgPath, "POST", "/queue/"+url.PathEscape(id)+"/retry", &res); err != nil {
+	if err := controlCall(*cfgPath, "POST", "/queue/"+url.PathEscape(id)+"/retry", &res); err != nil {
 		return fail(stderr, "queue retry: %v", err)
 	}
 	if res.Changed == 0 {
@@ -213,7 +189,7 @@ func runQueueAction(name, method, suffix string, args []string, stdout, stderr i
 	}
 	id := fs.Arg(0)
 	var res queue.ActionResult
-	if err := queueCall(*cfgPath, method, "/queue/"+url.PathEscape(id)+suffix, &res); err != nil {
+	if err := controlCall(*cfgPath, method, "/queue/"+url.PathEscape(id)+suffix, &res); err != nil {
 		return fail(stderr, "queue %s: %v", name, err)
 	}
 	msg := none
@@ -224,15 +200,6 @@ func runQueueAction(name, method, suffix string, args []string, stdout, stderr i
 		}
 	}
 	fmt.Fprintf(stdout, "%s: %s\n", id, msg)
-	return 0
-}
-
-func writeQueueJSON(stdout, stderr io.Writer, v any) int {
-	enc := json.NewEncoder(stdout)
-	enc.SetIndent("", "  ")
-	if err := enc.Encode(v); err != nil {
-		return fail(stderr, "queue: %v", err)
-	}
 	return 0
 }
 

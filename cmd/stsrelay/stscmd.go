@@ -1,8 +1,6 @@
 package main
 
 import (
-	"context"
-	"encoding/json"
 	"fmt"
 	"io"
 	"net/url"
@@ -26,37 +24,27 @@ The commands are:
 
 Use "stsrelay sts <command> -help" for more information about a command.`
 
-// stsTimeout bounds one call to the daemon; a refresh includes a fetch.
-const stsTimeout = time.Minute
-
 func runSTS(args []string, stdout, stderr io.Writer) int {
-	if len(args) == 0 {
-		fmt.Fprintf(stderr, "usage: stsrelay sts <command> [arguments]\n%s\n", stsHelp)
-		return 2
-	}
-	switch args[0] {
-	case "-h", "-help", "--help", "help":
-		fmt.Fprintf(stderr, "usage: stsrelay sts <command> [arguments]\n%s\n", stsHelp)
-		return 0
-	case "list":
-		return runSTSList(args[1:], stdout, stderr)
-	case "show":
-		return runSTSDomain("show", "GET", "", args[1:], stdout, stderr, `
+	return runGroup("sts", stsHelp, args, stderr, map[string]func([]string) int{
+		"list": func(a []string) int { return runSTSList(a, stdout, stderr) },
+		"show": func(a []string) int {
+			return runSTSDomain("show", "GET", "", a, stdout, stderr, `
 Show prints the relay's cached MTA-STS policy of a domain: its id, mode, mx
 patterns, when it was fetched and when it expires.`)
-	case "refresh":
-		return runSTSDomain("refresh", "POST", "/refresh", args[1:], stdout, stderr, `
+		},
+		"refresh": func(a []string) int {
+			return runSTSDomain("refresh", "POST", "/refresh", a, stdout, stderr, `
 Refresh makes the relay look up the domain's _mta-sts TXT record and fetch
 its policy now, even when the cached policy is current or a fetch failed
 less than 5 minutes ago, and prints the result.`)
-	case "purge":
-		return runSTSDomain("purge", "DELETE", "", args[1:], stdout, stderr, `
+		},
+		"purge": func(a []string) int {
+			return runSTSDomain("purge", "DELETE", "", a, stdout, stderr, `
 Purge makes the relay forget the cached MTA-STS policy of a domain, in memory
 and on disk. The next delivery to the domain discovers its policy afresh.
 Purging an enforce policy drops its protection until then.`)
-	}
-	fmt.Fprintf(stderr, "stsrelay sts %s: unknown command\nRun 'stsrelay sts -help' for usage.\n", args[0])
-	return 2
+		},
+	})
 }
 
 func runSTSList(args []string, stdout, stderr io.Writer) int {
@@ -71,14 +59,8 @@ List prints the MTA-STS policies cached by the running relay, one per line.`, st
 		fs.Usage()
 		return 2
 	}
-	c, err := controlClient(*cfgPath)
-	if err != nil {
-		return fail(stderr, "sts list: %v", err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), stsTimeout)
-	defer cancel()
 	var list []sts.PolicyInfo
-	if err := c.Call(ctx, "GET", "/sts", nil, &list); err != nil {
+	if err := controlCall(*cfgPath, "GET", "/sts", &list); err != nil {
 		return fail(stderr, "sts list: %v", err)
 	}
 	if *asJSON {
@@ -114,16 +96,10 @@ func runSTSDomain(name, method, suffix string, args []string, stdout, stderr io.
 		return 2
 	}
 	domain := fs.Arg(0)
-	c, err := controlClient(*cfgPath)
-	if err != nil {
-		return fail(stderr, "sts %s: %v", name, err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), stsTimeout)
-	defer cancel()
 	path := "/sts/" + url.PathEscape(domain) + suffix
 	if method == "DELETE" {
 		var out map[string]string
-		if err := c.Call(ctx, method, path, nil, &out); err != nil {
+		if err := controlCall(*cfgPath, method, path, &out); err != nil {
 			return fail(stderr, "sts %s: %v", name, err)
 		}
 		if *asJSON {
@@ -133,7 +109,7 @@ func runSTSDomain(name, method, suffix string, args []string, stdout, stderr io.
 		return 0
 	}
 	var info sts.PolicyInfo
-	if err := c.Call(ctx, method, path, nil, &info); err != nil {
+	if err := controlCall(*cfgPath, method, path, &info); err != nil {
 		return fail(stderr, "sts %s: %v", name, err)
 	}
 	if *asJSON {
@@ -161,13 +137,4 @@ func printPolicyInfo(w io.Writer, p *sts.PolicyInfo) {
 	if p.LastError != "" {
 		fmt.Fprintf(w, "last fetch failed: %s\n", p.LastError)
 	}
-}
-
-func printJSON(stdout, stderr io.Writer, v any) int {
-	enc := json.NewEncoder(stdout)
-	enc.SetIndent("", "  ")
-	if err := enc.Encode(v); err != nil {
-		return fail(stderr, "%v", err)
-	}
-	return 0
 }
