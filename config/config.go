@@ -272,8 +272,8 @@ func (c *Config) validate(data []byte) error {
 	if s.MaxRecipients <= 0 {
 		return bad("submission.max_recipients", "must be positive, got %d", s.MaxRecipients)
 	}
-	if s.MaxConnsPerIP < 0 {
-		return bad("submission.max_connections_per_ip", "must be 0 (no limit) or positive, got %d", s.MaxConnsPerIP)
+	if s.MaxConnsPerIP <= 0 {
+		return bad("submission.max_connections_per_ip", "must be positive, got %d (trusted_networks are not limited)", s.MaxConnsPerIP)
 	}
 	if s.CommandTimeout.Duration <= 0 || s.DataTimeout.Duration <= 0 {
 		return bad("submission.command_timeout", "timeouts must be positive")

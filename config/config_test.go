@@ -133,6 +133,7 @@ func TestRejectsBadInput(t *testing.T) {
 		{"implicit TLS without cert", "[submission]\nlisten_tls = \":465\"\n", "line 2: submission.listen_tls: implicit TLS needs"},
 		{"zero recipients", "[submission]\nmax_recipients = 0\n", "line 2: submission.max_recipients: must be positive"},
 		{"negative conns", "[submission]\nmax_connections_per_ip = -1\n", "submission.max_connections_per_ip"},
+		{"zero conns", "[submission]\nmax_connections_per_ip = 0\n", "line 2: submission.max_connections_per_ip: must be positive"},
 		{"plaintext password", "[[submission.users]]\nname = \"a\"\npassword_hash = \"hunter2\"\n", "line 3: submission.users[0].password_hash: is not a bcrypt hash"},
 		{"empty user name", "[[submission.users]]\nname = \"\"\npassword_hash = \"" + testHash + "\"\n", "submission.users[0].name: must not be empty"},
 		{"duplicate user", "[[submission.users]]\nname = \"a\"\npassword_hash = \"" + testHash + "\"\n[[submission.users]]\nname = \"a\"\npassword_hash = \"" + testHash + "\"\n", "line 5: submission.users[1].name: user \"a\" is defined twice"},

@@ -11,7 +11,7 @@ import (
 )
 
 // listener admits connections: it counts them per client and refuses a
-// client over MaxConnsPerIP before go-smtp sees it.
+// client over MaxConnsPerIP, unless trusted, before go-smtp sees it.
 type listener struct {
 	net.Listener
 	srv         *Server
@@ -36,8 +36,11 @@ func (s *Server) admit(nc net.Conn, listenerName string, implicitTLS bool) *conn
 	ip := remoteIP(nc)
 	key := clientKey(ip)
 
+	// Trusted networks are not capped: a Postfix relayhost opens as many
+	// connections as its own concurrency limit allows (20 by default).
+	trusted := s.isTrusted(ip)
 	s.mu.Lock()
-	over := s.perIP[key] >= s.opts.MaxConnsPerIP
+	over := !trusted && s.perIP[key] >= s.opts.MaxConnsPerIP
 	if !over {
 		s.perIP[key]++
 	}

@@ -543,6 +543,16 @@ func TestConnectionsPerIPCapped(t *testing.T) {
 	dial(t, e.srv.Addr())
 }
 
+func TestTrustedNetworksAreNotCappedPerIP(t *testing.T) {
+	e := start(t, func(o *Options) {
+		o.MaxConnsPerIP = 2
+		o.TrustedNetworks = []netip.Prefix{mustPrefix(t, "127.0.0.1/32")}
+	})
+	for range 4 {
+		dial(t, e.srv.Addr()) // fails the test on a 421 greeting
+	}
+}
+
 func TestNoSessionTicketsByDefault(t *testing.T) {
 	for _, tickets := range []bool{false, true} {
 		e := start(t, func(o *Options) { o.SessionTickets = tickets })
