@@ -51,6 +51,7 @@ type sink struct {
 	mu   sync.Mutex
 	msgs []received
 	got  chan struct{}
+	srv  *smtp.Server
 }
 
 func startSink(t *testing.T, ip string, cert *tls.Certificate) *sink {
@@ -70,6 +71,7 @@ func startSink(t *testing.T, ip string, cert *tls.Certificate) *sink {
 		t.Fatalf("sink on %s:25: %v", ip, err)
 	}
 	go s.Serve(ln)
+	k.srv = s
 	t.Cleanup(func() { s.Close() })
 	return k
 }
@@ -122,8 +124,8 @@ func (k *sink) count() int {
 	return len(k.msgs)
 }
 
-// policyServer serves an MTA-STS policy on ip:443.
-func policyServer(t *testing.T, ip string, cert tls.Certificate, policy string) {
+// policyServer serves an MTA-STS policy on ip:443 until stop is called.
+func policyServer(t *testing.T, ip string, cert tls.Certificate, policy string) (stop func()) {
 	t.Helper()
 	ln, err := net.Listen("tcp", net.JoinHostPort(ip, "443"))
 	if err != nil {
@@ -142,6 +144,7 @@ func policyServer(t *testing.T, ip string, cert tls.Certificate, policy string) 
 	}
 	go srv.ServeTLS(ln, "", "")
 	t.Cleanup(func() { srv.Close() })
+	return func() { srv.Close() }
 }
 
 // e2e is one relay with its DNS, CA and state.
@@ -353,5 +356,37 @@ func TestEndToEndCheckWarnsAboutACNAMEMX(t *testing.T) {
 		if !strings.Contains(out, want) {
 			t.Errorf("check output lacks %q:\n%s", want, out)
 		}
+	}
+}
+
+func TestEndToEndCachedPolicyOutlivesPolicyHostOutageAndRestart(t *testing.T) {
+	e := newE2E(t, stsRecords("127.0.0.11", "127.0.0.12")...)
+	good := e.ca.Issue(t, "mx.example.net")
+	k := startSink(t, "127.0.0.11", &good)
+	stopPolicy := policyServer(t, "127.0.0.12", e.ca.Issue(t, "mta-sts.example.net"), stsPolicy)
+	submit(t, e.addr, "app@example.com", "user@example.net", "Subject: 1\r\n\r\nfirst\r\n")
+	if !k.wait(t, 30*time.Second).TLS {
+		t.Fatal("first message not over TLS")
+	}
+
+	// The policy host goes away, the relay restarts, and the MX now shows
+	// a certificate for another name. The cached enforce policy must hold.
+	stopPolicy()
+	if code := e.d.stop(syscall.SIGTERM); code != 0 {
+		t.Fatalf("exit %d", code)
+	}
+	k.srv.Close()
+	wrong := e.ca.Issue(t, "other.example")
+	k2 := startSink(t, "127.0.0.11", &wrong)
+	e.d = startDaemon(t, e.config, e.env...)
+	e.addr = e.d.submissionAddr()
+
+	submit(t, e.addr, "app@example.com", "user2@example.net", "Subject: 2\r\n\r\nsecond\r\n")
+	r := e.waitRecipientState("user2@example.net", "deferred")
+	if r.LastCode != 451 || r.LastEnhancedCode != "4.4.8" {
+		t.Fatalf("after the outage and restart: %d %s %q, want 451 4.4.8 from the cached enforce policy", r.LastCode, r.LastEnhancedCode, r.LastText)
+	}
+	if n := k2.count(); n != 0 {
+		t.Fatalf("%d messages went to an MX with the wrong certificate", n)
 	}
 }
