@@ -173,12 +173,15 @@ func Load(path string) (*Config, error) {
 		return nil, fmt.Errorf("config %s: %w", path, err)
 	}
 	cfg.Path = path
-	if !filepath.IsAbs(cfg.StateDir) {
-		cfg.StateDir = filepath.Join(filepath.Dir(path), cfg.StateDir)
+	// Relative paths are relative to the file's folder, made absolute so
+	// that logs and the CLI name the same place whatever the working folder.
+	dir, err := filepath.Abs(filepath.Dir(path))
+	if err != nil {
+		return nil, fmt.Errorf("config %s: %w", path, err)
 	}
-	for _, f := range []*string{&cfg.Submission.TLSCert, &cfg.Submission.TLSKey} {
+	for _, f := range []*string{&cfg.StateDir, &cfg.Submission.TLSCert, &cfg.Submission.TLSKey} {
 		if *f != "" && !filepath.IsAbs(*f) {
-			*f = filepath.Join(filepath.Dir(path), *f)
+			*f = filepath.Join(dir, *f)
 		}
 	}
 	return cfg, nil
