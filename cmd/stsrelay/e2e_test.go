@@ -40,10 +40,11 @@ func requireRoot(t *testing.T) {
 
 // received is one message a sink accepted.
 type received struct {
-	From string
-	To   []string
-	Data string
-	TLS  bool
+	From       string
+	To         []string
+	Data       string
+	TLS        bool
+	RequireTLS bool // MAIL FROM carried REQUIRETLS
 }
 
 // sink is a go-smtp server on ip:25 that records what it receives.
@@ -63,6 +64,7 @@ func startSink(t *testing.T, ip string, cert *tls.Certificate) *sink {
 	}))
 	s.Domain = "sink.test"
 	s.AllowInsecureAuth = true
+	s.EnableREQUIRETLS = true
 	if cert != nil {
 		s.TLSConfig = &tls.Config{Certificates: []tls.Certificate{*cert}}
 	}
@@ -84,8 +86,9 @@ type sinkSession struct {
 
 func (s *sinkSession) Reset()        { s.msg = received{} }
 func (s *sinkSession) Logout() error { return nil }
-func (s *sinkSession) Mail(from string, _ *smtp.MailOptions) error {
+func (s *sinkSession) Mail(from string, opts *smtp.MailOptions) error {
 	s.msg.From = from
+	s.msg.RequireTLS = opts != nil && opts.RequireTLS
 	return nil
 }
 func (s *sinkSession) Rcpt(to string, _ *smtp.RcptOptions) error {
@@ -160,11 +163,23 @@ type e2e struct {
 
 func newE2E(t *testing.T, records ...string) *e2e {
 	t.Helper()
+	return newE2EWithTLS(t, false, records...)
+}
+
+// newE2EWithTLS is newE2E; with tlsSubmission the relay offers STARTTLS
+// on submission with a certificate for relay.test from the test CA.
+func newE2EWithTLS(t *testing.T, tlsSubmission bool, records ...string) *e2e {
+	t.Helper()
 	requireRoot(t)
 	dir := t.TempDir()
 	e := &e2e{t: t, dns: dnstest.New(t, records...), ca: testpki.NewCA(t)}
 	caFile := e.ca.WriteCAFile(t, dir)
-	e.config = writeConfig(t, dir, configParts{resolver: e.dns.Addr, tail: `
+	submission := ""
+	if tlsSubmission {
+		certFile, keyFile := testpki.WriteFiles(t, dir, e.ca.Issue(t, "relay.test"))
+		submission = "tls_cert = \"" + certFile + "\"\ntls_key = \"" + keyFile + "\"\n"
+	}
+	e.config = writeConfig(t, dir, configParts{resolver: e.dns.Addr, submission: submission, tail: `
 [delivery]
 retry_schedule = ["1h"]
 connect_timeout = "5s"
@@ -174,6 +189,9 @@ ip_version = "4"
 	e.d = startDaemon(t, e.config, e.env...)
 	e.addr = e.d.submissionAddr()
 	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("relay log:\n%s", e.d.output())
+		}
 		if e.d.cmd.ProcessState == nil {
 			e.d.stop(syscall.SIGTERM)
 		}
@@ -388,5 +406,64 @@ func TestEndToEndCachedPolicyOutlivesPolicyHostOutageAndRestart(t *testing.T) {
 	}
 	if n := k2.count(); n != 0 {
 		t.Fatalf("%d messages went to an MX with the wrong certificate", n)
+	}
+}
+
+// submitRequireTLS submits over STARTTLS with MAIL FROM … REQUIRETLS.
+func (e *e2e) submitRequireTLS(from, to, body string) {
+	e.t.Helper()
+	c, err := smtp.DialStartTLS(e.addr, &tls.Config{ServerName: "relay.test", RootCAs: e.ca.Pool})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Mail(from, &smtp.MailOptions{RequireTLS: true}); err != nil {
+		e.t.Fatalf("MAIL FROM … REQUIRETLS: %v", err)
+	}
+	if err := c.Rcpt(to, nil); err != nil {
+		e.t.Fatal(err)
+	}
+	w, err := c.Data()
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	io.WriteString(w, body)
+	if err := w.Close(); err != nil {
+		e.t.Fatal(err)
+	}
+	c.Quit()
+}
+
+func TestEndToEndRequireTLSGoesOnlyToAnAuthenticatedMX(t *testing.T) {
+	e := newE2EWithTLS(t, true, append(stsRecords("127.0.0.13", "127.0.0.14"),
+		// example.org: no MTA-STS, no DNSSEC: its MX cannot be validated.
+		"example.org. 60 IN MX 10 mx.example.org.",
+		"mx.example.org. 60 IN A 127.0.0.15",
+		"example.com. 60 IN MX 10 mx.example.com.",
+		"mx.example.com. 60 IN A 127.0.0.16",
+	)...)
+	good := e.ca.Issue(t, "mx.example.net")
+	k := startSink(t, "127.0.0.13", &good)
+	policyServer(t, "127.0.0.14", e.ca.Issue(t, "mta-sts.example.net"), stsPolicy)
+	orgCert := e.ca.Issue(t, "mx.example.org")
+	unvalidated := startSink(t, "127.0.0.15", &orgCert)
+	senderMX := startSink(t, "127.0.0.16", nil)
+
+	e.submitRequireTLS("app@example.com", "user@example.net", "Subject: requiretls\r\n\r\nsecret\r\n")
+	msg := k.wait(t, 30*time.Second)
+	if !msg.TLS || !msg.RequireTLS {
+		t.Fatalf("delivered with TLS=%v REQUIRETLS=%v, want both (RFC 8689 §4.2.1)", msg.TLS, msg.RequireTLS)
+	}
+
+	// No MX of example.org can be validated: a permanent 5.7.30, never a
+	// plaintext or unauthenticated delivery, never a retry loop.
+	e.submitRequireTLS("app@example.com", "user@example.org", "Subject: requiretls\r\n\r\nsecret\r\n")
+	e.d.waitFor(`recipients updated.*recipients=user@example.org outcome=failed status="550 5.7.30`)
+	// The bounce carries REQUIRETLS too (RFC 8689 §5), and example.com's
+	// MX is not validated either: it fails, and a bounce is never bounced.
+	e.d.waitFor(`queued DSN`)
+	e.d.waitFor(`recipients updated.*recipients=app@example.com outcome=failed status="550 5.7.30`)
+	if n := unvalidated.count() + senderMX.count(); n != 0 {
+		t.Fatalf("%d REQUIRETLS messages went to MX hosts that neither DNSSEC nor MTA-STS validates", n)
 	}
 }
