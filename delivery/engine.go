@@ -248,12 +248,10 @@ func effective(req Requirement, env queue.Envelope) Requirement {
 // precheck rejects a host before dialing when its requirement already
 // rules it out.
 func (e *Engine) precheck(domain string, mx MX, req Requirement, requireTLS bool) *hostFailure {
-	if req.Skip != "" {
-		if req.Testing {
-			// RFC 8461 §5: testing reports but delivers; the session
-			// records the Skip as its result.
-			return nil
-		}
+	// RFC 8461 §5: under testing a Skip is reported, not enforced; the
+	// session records it as its result. A REQUIRETLS message still needs
+	// the host validated, which a Skip says it is not (checked below).
+	if req.Skip != "" && !req.Testing {
 		e.record(SessionResult{PolicyDomain: domain, Source: req.Source, MX: mx.Name,
 			ResultType: skipResult(req), Detail: req.Skip})
 		return e.policyFailure(mx.Name, mx, req, requireTLS, req.Skip)

@@ -407,6 +407,26 @@ func TestRequireTLSFailsPermanentlyWhenNoHostQualifies(t *testing.T) {
 	}
 }
 
+// An MX host outside an MTA-STS testing policy is delivered to for normal
+// mail, but it is not a validated MX for REQUIRETLS (RFC 8689 §4.2.1).
+func TestRequireTLSRefusesAnMXOutsideATestingPolicy(t *testing.T) {
+	v, mx := oneMX(t)
+	mx.srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{v.ca.Issue(t, "mx1.example.test")}}
+	mx.srv.EnableREQUIRETLS = true
+	e := v.engine(func(o *Options) {
+		o.Policy = everyMX(Requirement{Security: SecurityVerify, Source: SourceSTS, Names: []string{"mx1.example.test"},
+			Testing: true, Skip: "not listed in the MTA-STS policy for example.test"})
+	})
+	st := deliver(t, e, requireTLSJob())
+	wantStatus(t, st[0], 550, "5.7.30", "MX host not validated")
+	if len(mx.messages()) != 0 {
+		t.Fatal("a REQUIRETLS message went to an MX that the testing policy does not list")
+	}
+	// The same host gets ordinary mail: testing only reports.
+	st = deliver(t, e, testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 250, "2.0.0")
+}
+
 func TestRequireTLSNeverFallsBackToPlaintext(t *testing.T) {
 	v, mx := oneMX(t, brokenTLS(t))
 	e := v.engine(func(o *Options) { o.Policy = everyMX(Requirement{MXValidated: true}) })
