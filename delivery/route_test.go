@@ -156,6 +156,18 @@ func TestNoMXAndNoAddressFailsPermanently(t *testing.T) {
 	wantStatus(t, st[0], 550, "5.4.4", "no MX records and no address")
 }
 
+func TestNoMXAndAFailingAddressLookupDefers(t *testing.T) {
+	// AAAA says "none", A fails: the domain may have an IPv4 address, so
+	// this is a DNS failure to retry, never "no address" (RFC 5321 §5.1).
+	v := newEnv(t, "example.test. 300 IN TXT \"v=spf1 -all\"")
+	v.dns.SetFault("example.test", dns.TypeA, dnstest.FaultServfail)
+	st := deliver(t, v.engine(), testJob("example.test", "a@example.test"))
+	if st[0].Permanent() {
+		t.Fatalf("status %s: a temporary DNS failure bounced the message", st[0])
+	}
+	wantStatus(t, st[0], 451, "4.4.3")
+}
+
 func TestMXRecordsPresentNeverFallBackToDomainAddress(t *testing.T) {
 	// RFC 5321 §5.1: with MX records, the domain's own A is not a route.
 	v := newEnv(t,

@@ -394,7 +394,7 @@ const (
 // version restricts them), following CNAMEs. The Result is that of the
 // A lookup (or AAAA when only IPv6 is wanted): it carries the CNAME chain
 // and DNSSEC status. One family failing is not an error when the other
-// answers.
+// answers with addresses.
 func (r *Resolver) Addrs(ctx context.Context, host string, version IPVersion) ([]netip.Addr, *Result, error) {
 	var (
 		addrs  []netip.Addr
@@ -435,6 +435,15 @@ func (r *Resolver) Addrs(ctx context.Context, host string, version IPVersion) ([
 	if chain == nil {
 		// Both failed: the A error reads best ("A lookup for x: NXDOMAIN").
 		return nil, nil, errs[len(errs)-1]
+	}
+	if len(addrs) == 0 {
+		// No address, but a family failed temporarily: the host may well
+		// have addresses, so "none" would turn a DNS hiccup into a bounce.
+		for _, err := range errs {
+			if !IsNotFound(err) {
+				return nil, nil, err
+			}
+		}
 	}
 	// A failed family leaves the security of the whole answer unknown.
 	chain.Secure = secure && len(errs) == 0

@@ -292,6 +292,17 @@ func TestAddrsOneFamilyFailingIsNotAnErrorButIsNotSecure(t *testing.T) {
 	}
 }
 
+func TestAddrsFailureOfOneFamilyWithNoDataInTheOtherIsTemporary(t *testing.T) {
+	// Only an AAAA lookup works, and it says "no such record"; the A lookup
+	// fails. The host may have IPv4 addresses: that must not read as none.
+	s := dnstest.New(t, "mx.example.com. 300 IN TXT \"exists\"")
+	s.SetFault("mx.example.com", dns.TypeA, dnstest.FaultServfail)
+	addrs, _, err := newResolver(t, s).Addrs(t.Context(), "mx.example.com", IPBoth)
+	if err == nil || IsNotFound(err) {
+		t.Fatalf("Addrs = %v, %v; want a temporary error", addrs, err)
+	}
+}
+
 func TestTXTConcatenatesStrings(t *testing.T) {
 	s := dnstest.New(t, `_mta-sts.example.com. 300 IN TXT "v=STSv1; " "id=2024"`)
 	txts, _, err := newResolver(t, s).TXT(t.Context(), "_mta-sts.example.com")
