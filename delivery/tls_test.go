@@ -335,6 +335,41 @@ func TestLocalOverrides(t *testing.T) {
 	}
 }
 
+func TestOverrideNeverDialsAnMXThatMTASTSEnforceRulesOut(t *testing.T) {
+	v, mx := oneMX(t)
+	mx.srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{v.ca.Issue(t, "mx1.example.test")}}
+	for _, sec := range []Security{SecurityMay, SecurityEncrypt, SecurityVerify} {
+		e := v.engine(func(o *Options) {
+			o.Policy = everyMX(Requirement{Security: SecurityVerify, Source: SourceSTS, Skip: "not listed in the MTA-STS policy for example.test"})
+			o.Overrides = []Override{{Domain: "example.test", TLS: sec}}
+		})
+		st := deliver(t, e, testJob("example.test", "a@example.test"))
+		wantStatus(t, st[0], 451, "4.4.8", "not listed in the MTA-STS policy")
+	}
+	if n := mx.sessionCount(); n != 0 {
+		t.Fatalf("an override dialed an MX that the enforce policy rules out (%d sessions)", n)
+	}
+}
+
+// RFC 8461 §7.2 (and plain prudence): TLS 1.2 or newer. A server that
+// speaks only TLS 1.1 fails an MTA-STS requirement.
+func TestTLSOlderThan12FailsAVerifyRequirement(t *testing.T) {
+	v, mx := oneMX(t)
+	mx.srv.TLSConfig = &tls.Config{
+		Certificates: []tls.Certificate{v.ca.Issue(t, "mx1.example.test")},
+		MinVersion:   tls.VersionTLS10, // Go's server default floor is 1.2
+		MaxVersion:   tls.VersionTLS11,
+	}
+	e := v.engine(func(o *Options) {
+		o.Policy = everyMX(Requirement{Security: SecurityVerify, Source: SourceSTS, Names: []string{"mx1.example.test"}})
+	})
+	st := deliver(t, e, testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 451, "4.4.8", "TLS handshake failed")
+	if len(mx.messages()) != 0 {
+		t.Fatal("delivered over TLS 1.1")
+	}
+}
+
 func TestOverrideNeverWeakensDANE(t *testing.T) {
 	dane := Requirement{Security: SecurityDANE, Source: SourceDANE}
 	mx := MX{Name: "mx1.example.test"}
