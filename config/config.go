@@ -143,8 +143,9 @@ func Default() *Config {
 		Delivery: Delivery{
 			Workers:           32,
 			MaxConnsPerDomain: 10,
-			// RFC 5321 §4.5.4.1: the first retry delayed, later ones at
-			// least 30 minutes apart; the last step repeats.
+			// RFC 5321 §4.5.4.1 asks for a delayed first retry and 30
+			// minutes between retries; the first two are shorter, as
+			// Postfix's are, because greylisting clears in minutes.
 			RetrySchedule: []Duration{
 				{5 * time.Minute}, {10 * time.Minute}, {30 * time.Minute},
 				{time.Hour}, {2 * time.Hour}, {4 * time.Hour},
