@@ -279,11 +279,17 @@ func (c *Config) validate(data []byte) error {
 	if s.MaxConnsPerIP <= 0 {
 		return bad("submission.max_connections_per_ip", "must be positive, got %d (trusted_networks are not limited)", s.MaxConnsPerIP)
 	}
-	if s.CommandTimeout.Duration <= 0 || s.DataTimeout.Duration <= 0 {
-		return bad("submission.command_timeout", "timeouts must be positive")
+	if s.CommandTimeout.Duration <= 0 {
+		return bad("submission.command_timeout", "must be positive (use e.g. 5m)")
 	}
-	if s.AuthRate.Failures <= 0 || s.AuthRate.Per.Duration <= 0 {
-		return bad("submission.auth_limit", "failures and per must be positive")
+	if s.DataTimeout.Duration <= 0 {
+		return bad("submission.data_timeout", "must be positive (use e.g. 10m)")
+	}
+	if s.AuthRate.Failures <= 0 {
+		return bad("submission.auth_limit.failures", "must be positive, got %d", s.AuthRate.Failures)
+	}
+	if s.AuthRate.Per.Duration <= 0 {
+		return bad("submission.auth_limit.per", "must be positive (use e.g. 1m)")
 	}
 	seen := map[string]bool{}
 	for i, u := range s.Users {

@@ -154,7 +154,10 @@ func TestRejectsBadInput(t *testing.T) {
 		{"zero fetch timeout", "[sts]\nfetch_timeout = \"0s\"\n", "sts.fetch_timeout"},
 		{"tlsrpt without organization", "[tlsrpt]\nenabled = true\n", "tlsrpt.organization_name: must be set"},
 		{"tlsrpt without contact", "[tlsrpt]\nenabled = true\norganization_name = \"Example\"\n", "tlsrpt.contact_info: must be set"},
-		{"auth limit", "[submission.auth_limit]\nfailures = 0\n", "submission.auth_limit"},
+		{"auth limit failures", "[submission.auth_limit]\nfailures = 0\n", "line 2: submission.auth_limit.failures: must be positive"},
+		{"auth limit per", "[submission.auth_limit]\nper = \"0s\"\n", "line 2: submission.auth_limit.per: must be positive"},
+		{"zero command timeout", "[submission]\ncommand_timeout = \"0s\"\n", "line 2: submission.command_timeout: must be positive"},
+		{"zero data timeout", "[submission]\ndata_timeout = \"0s\"\n", "line 2: submission.data_timeout: must be positive"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			def := Default()

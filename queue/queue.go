@@ -81,6 +81,9 @@ type Queue struct {
 	kick     chan struct{}
 
 	closeOnce sync.Once
+	// loaded is what load found, logged when Run starts: a start that
+	// fails later (a port in use) then ends in one line, not a summary.
+	loaded []any
 }
 
 // New opens the queue stored in db, creating its buckets, and loads what
@@ -190,7 +193,7 @@ func (q *Queue) load() error {
 	if err != nil {
 		return fmt.Errorf("queue: %w", err)
 	}
-	q.log.Info("queue loaded", "messages", len(q.index), "damaged", damaged, "orphan_bodies_removed", orphans)
+	q.loaded = []any{"messages", len(q.index), "damaged", damaged, "orphan_bodies_removed", orphans}
 	return nil
 }
 

@@ -150,6 +150,7 @@ func (q *Queue) pushLocked(s *slot) {
 // deliveries Options.ShutdownGrace to finish, cancels the rest (they stay
 // queued and are due again at the next start) and returns.
 func (q *Queue) Run(ctx context.Context) error {
+	q.log.Info("queue loaded", q.loaded...)
 	jobCtx, cancelJobs := context.WithCancel(context.WithoutCancel(ctx))
 	defer cancelJobs()
 	var wg sync.WaitGroup

@@ -14,14 +14,18 @@
 //   - SMTP smuggling: a bare CR or bare LF anywhere in the message, DATA or
 //     BDAT, rejects it with 554 5.5.2; nothing is normalised. go-smtp
 //     already ends DATA only at CRLF.CRLF, so the rest of such a message is
-//     read as data and discarded, never run as commands.
+//     read as data and discarded, never run as commands. One exception:
+//     go-smtp's DATA reader drops a CR right after a line's leading dot
+//     (".\r"), so that CR is removed before we see it; removed, it cannot
+//     end a message early here or downstream.
 //   - Commands pipelined after STARTTLS are discarded: go-smtp builds a new
 //     reader over the TLS connection, and the session starts over.
 //   - Timeouts are idle timeouts, restarted by every read (RFC 5321
 //     §4.5.3.2); the client stalling in DATA is dropped at once after the
 //     421 reply.
 //   - Per-client limits (connections, failed AUTH) count an IPv6 client by
-//     its /64. Trusted networks are not exempt from the connection cap.
+//     its /64. Trusted networks are exempt from the connection cap: a
+//     Postfix relayhost opens as many connections as its concurrency allows.
 //   - TLS session tickets are off unless Options.SessionTickets is set.
 //   - ENVID and ORCPT reach queue.Envelope decoded (xtext removed); a
 //     relay passing them on must encode them again (RFC 3461 §4).

@@ -184,9 +184,6 @@ func New(opts Options, q Enqueuer) (*Server, error) {
 		return nil, err
 	}
 
-	if opts.GetCertificate == nil {
-		s.log.Warn("submission: no TLS certificate: STARTTLS is not offered and AUTH works only from trusted networks or loopback")
-	}
 	if opts.GetCertificate != nil {
 		s.tlsConf = &tls.Config{
 			MinVersion:             tls.VersionTLS12,
@@ -244,6 +241,9 @@ func (s *Server) Listen() error {
 			return fmt.Errorf("submission.listen_tls: %w", err)
 		}
 		s.tlsLn = l
+	}
+	if s.opts.GetCertificate == nil {
+		s.log.Warn("submission: no TLS certificate: STARTTLS is not offered and AUTH works only from trusted networks or loopback")
 	}
 	return nil
 }

@@ -211,18 +211,6 @@ func assertOneLine(t *testing.T, text string) {
 	}
 }
 
-// lastLine returns stderr's last line after checking that nothing before
-// it is a panic or a stack trace: a failed start may log what it did
-// before failing, then says why in one line.
-func lastLine(t *testing.T, stderr string) string {
-	t.Helper()
-	if strings.Contains(stderr, "panic") || strings.Contains(stderr, "goroutine ") {
-		t.Fatalf("a panic or trace reached the user:\n%s", stderr)
-	}
-	lines := strings.Split(strings.TrimSuffix(stderr, "\n"), "\n")
-	return lines[len(lines)-1]
-}
-
 func TestServeAcceptsMailAndStopsCleanlyOnSIGTERM(t *testing.T) {
 	dir := t.TempDir()
 	config := writeConfig(t, dir, configParts{})
@@ -386,9 +374,9 @@ func TestServeFailsInOneLine(t *testing.T) {
 			if code == 0 {
 				t.Fatalf("exit 0, want failure; stdout %s", stdout)
 			}
-			line := lastLine(t, stderr)
-			if !strings.HasPrefix(line, "stsrelay: ") || !strings.Contains(line, want) {
-				t.Fatalf("last line %q does not say %q", line, want)
+			assertOneLine(t, stderr)
+			if !strings.HasPrefix(stderr, "stsrelay: ") || !strings.Contains(stderr, want) {
+				t.Fatalf("stderr %q does not say %q", stderr, want)
 			}
 		})
 	}

@@ -266,11 +266,14 @@ func (r *relay) goServe(name string, serve func() error) {
 	}()
 }
 
-// shutdown stops accepting mail first, then lets deliveries finish within
-// shutdownGrace; undelivered recipients stay queued for the next start.
+// shutdown stops taking new work and lets what is in flight finish, under
+// one deadline for submissions and deliveries alike (shutdownGrace, inside
+// the unit's TimeoutStopSec). Undelivered recipients stay queued; a message
+// submitted meanwhile is still committed, and goes out after the restart.
 func (r *relay) shutdown() {
 	ctx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
 	defer cancel()
+	r.cancelQueue()
 	if err := r.smtp.Shutdown(ctx); err != nil {
 		r.logger.Warn("submission sessions cut off at shutdown", "err", err)
 	}
@@ -278,7 +281,6 @@ func (r *relay) shutdown() {
 	if r.metrics != nil {
 		r.metrics.Close()
 	}
-	r.cancelQueue()
 	r.done.Wait()
 	r.closeParts()
 }
