@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"crypto/tls"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -20,6 +21,8 @@ import (
 
 	"github.com/emersion/go-smtp"
 	"golang.org/x/crypto/bcrypt"
+
+	"github.com/stsrelay/stsrelay/internal/testpki"
 )
 
 // binary is the stsrelay command built once for these tests: they run it
@@ -330,6 +333,40 @@ func TestServeReloadsUsersOnSIGHUP(t *testing.T) {
 	if code := d.stop(syscall.SIGTERM); code != 0 {
 		t.Fatalf("exit code %d", code)
 	}
+}
+
+func TestServeReloadsTheCertificateOnSIGHUP(t *testing.T) {
+	dir := t.TempDir()
+	ca := testpki.NewCA(t)
+	certFile, keyFile := testpki.WriteFiles(t, dir, ca.Issue(t, "relay.test"))
+	d := startDaemon(t, writeConfig(t, dir, configParts{
+		submission: fmt.Sprintf("tls_cert = %q\ntls_key = %q\n", certFile, keyFile),
+	}))
+	addr := d.submissionAddr()
+	serial := func() string {
+		t.Helper()
+		c, err := smtp.DialStartTLS(addr, &tls.Config{ServerName: "relay.test", RootCAs: ca.Pool})
+		if err != nil {
+			t.Fatalf("STARTTLS: %v", err)
+		}
+		defer c.Close()
+		if err := c.Noop(); err != nil { // completes the handshake
+			t.Fatal(err)
+		}
+		cs, ok := c.TLSConnectionState()
+		if !ok || len(cs.PeerCertificates) == 0 {
+			t.Fatal("no TLS after STARTTLS")
+		}
+		return cs.PeerCertificates[0].SerialNumber.String()
+	}
+	before := serial()
+	testpki.WriteFiles(t, dir, ca.Issue(t, "relay.test")) // same paths, new certificate
+	d.cmd.Process.Signal(syscall.SIGHUP)
+	d.waitFor(`reload: certificate loaded`)
+	if after := serial(); after == before {
+		t.Fatal("STARTTLS still presents the old certificate after SIGHUP")
+	}
+	d.stop(syscall.SIGTERM)
 }
 
 func TestServeFailsInOneLine(t *testing.T) {
