@@ -55,10 +55,17 @@ func (e *Engine) Deliver(ctx context.Context, job *queue.Job) []queue.Status {
 			deferred++
 		}
 	}
+	policy := at.req.Security.String()
+	if at.req.Source != SourceOpportunistic {
+		policy = string(at.req.Source) + "/" + policy
+	}
+	if at.req.Testing {
+		policy += "/testing"
+	}
 	metricAttempts.Inc()
-	metricRecipients.WithLabelValues("delivered").Add(float64(delivered))
-	metricRecipients.WithLabelValues("deferred").Add(float64(deferred))
-	metricRecipients.WithLabelValues("failed").Add(float64(failed))
+	metricRecipients.WithLabelValues("delivered", policy).Add(float64(delivered))
+	metricRecipients.WithLabelValues("deferred", policy).Add(float64(deferred))
+	metricRecipients.WithLabelValues("failed", policy).Add(float64(failed))
 
 	outcome, level := "delivered", slog.LevelInfo
 	switch {
@@ -68,13 +75,6 @@ func (e *Engine) Deliver(ctx context.Context, job *queue.Job) []queue.Status {
 		outcome, level = "deferred", slog.LevelWarn
 	case delivered != len(statuses):
 		outcome, level = "partial", slog.LevelWarn
-	}
-	policy := at.req.Security.String()
-	if at.req.Source != SourceOpportunistic {
-		policy = string(at.req.Source) + "/" + policy
-	}
-	if at.req.Testing {
-		policy += "/testing"
 	}
 	tlsVersion := at.tls
 	if tlsVersion == "" {

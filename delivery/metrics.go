@@ -12,8 +12,8 @@ var (
 	})
 	metricRecipients = promauto.NewCounterVec(prometheus.CounterOpts{
 		Name: "stsrelay_delivery_recipients_total",
-		Help: "Recipient outcomes of delivery attempts, by outcome (delivered, deferred, failed).",
-	}, []string{"outcome"})
+		Help: "Recipient outcomes of delivery attempts, by outcome (delivered, deferred, failed) and the policy that applied (\"may\", \"mta-sts/verify\", \"mta-sts/verify/testing\", \"local/encrypt\", …).",
+	}, []string{"outcome", "policy"})
 	metricSessions = promauto.NewCounterVec(prometheus.CounterOpts{
 		Name: "stsrelay_delivery_sessions_total",
 		Help: "SMTP sessions opened to MX hosts, by whether TLS was used.",

@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
 	"github.com/stsrelay/stsrelay/internal/testpki"
 )
 
@@ -410,5 +412,20 @@ func TestChainLetsDANEDecideBeforeMTASTS(t *testing.T) {
 	}
 	if got[1].Source != SourceSTS || got[1].Skip == "" || !got[1].MXValidated {
 		t.Errorf("host without DANE got %+v, want the MTA-STS requirement, MX validated by DNSSEC", got[1])
+	}
+}
+
+func TestOutcomesAreCountedByPolicy(t *testing.T) {
+	v, mx := oneMX(t)
+	mx.srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{v.ca.Issue(t, "mx1.example.test")}}
+	e := v.engine(func(o *Options) {
+		o.Policy = everyMX(Requirement{Security: SecurityVerify, Source: SourceSTS, Names: []string{"mx1.example.test"}})
+	})
+	counter := metricRecipients.WithLabelValues("delivered", "mta-sts/verify")
+	before := testutil.ToFloat64(counter)
+	st := deliver(t, e, testJob("example.test", "a@example.test", "b@example.test"))
+	wantStatus(t, st[0], 250, "2.0.0")
+	if got := testutil.ToFloat64(counter) - before; got != 2 {
+		t.Fatalf("delivered recipients under mta-sts/verify counted %v, want 2", got)
 	}
 }
