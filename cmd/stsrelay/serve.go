@@ -48,33 +48,35 @@ certificate from the configuration file; other changes need a restart.`, stderr)
 		return fail(stderr, "%v", err)
 	}
 	logger := newLogger(cfg.Log, stderr)
-	r, err := start(cfg, logger)
-	if err != nil {
-		return fail(stderr, "%v", err)
-	}
+	// Signals are caught before start: a SIGHUP from a log rotation during
+	// start-up must not kill the process (its default action).
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
+	r, err := start(cfg, logger)
+	if err != nil {
+		return fail(stderr, "%v", err)
+	}
 
 	sdnotify.SdNotify(false, sdnotify.SdNotifyReady)
 	logger.Info("stsrelay started", "version", versionLine(), "submission", addrString(r.smtp.Addr()),
 		"submission_tls", addrString(r.smtp.TLSAddr()), "state_dir", cfg.StateDir)
+wait:
 	for {
 		select {
 		case <-hup:
 			sdnotify.SdNotify(false, sdnotify.SdNotifyReloading)
 			r.reload(*configPath)
 			sdnotify.SdNotify(false, sdnotify.SdNotifyReady)
-			continue
 		case err := <-r.failed:
 			logger.Error("stopping after a fatal error", "err", err)
 			r.shutdown()
 			return 1
 		case <-ctx.Done():
+			break wait
 		}
-		break
 	}
 	sdnotify.SdNotify(false, sdnotify.SdNotifyStopping)
 	logger.Info("stopping: no new submissions; finishing what is in flight", "grace", shutdownGrace)
