@@ -1,6 +1,8 @@
 package delivery
 
 import (
+	"sync"
+
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promauto"
 )
@@ -26,9 +28,42 @@ var (
 		Name: "stsrelay_delivery_connections_active",
 		Help: "Open SMTP connections to MX hosts, busy or idle, over all domains.",
 	})
+	metricDomainConns = promauto.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "stsrelay_delivery_domain_connections_active",
+		Help: "Open SMTP connections per destination domain; a domain appears only while it has some.",
+	}, []string{"domain"})
 	metricSessionDuration = promauto.NewHistogram(prometheus.HistogramOpts{
 		Name:    "stsrelay_delivery_session_duration_seconds",
 		Help:    "Lifetime of SMTP connections to MX hosts, from connect to close.",
 		Buckets: []float64{0.01, 0.05, 0.1, 0.5, 1, 5, 15, 60, 300, 900},
 	})
 )
+
+// domainConns counts open connections per domain for metricDomainConns. A
+// domain's series is deleted when its count drops to zero, so the series
+// are as few as the domains being delivered to at the moment.
+var domainConns = struct {
+	sync.Mutex
+	n map[string]int
+}{n: make(map[string]int)}
+
+func connOpened(domain string) {
+	metricConnsActive.Inc()
+	domainConns.Lock()
+	defer domainConns.Unlock()
+	domainConns.n[domain]++
+	metricDomainConns.WithLabelValues(domain).Set(float64(domainConns.n[domain]))
+}
+
+func connClosed(domain string) {
+	metricConnsActive.Dec()
+	domainConns.Lock()
+	defer domainConns.Unlock()
+	domainConns.n[domain]--
+	if n := domainConns.n[domain]; n > 0 {
+		metricDomainConns.WithLabelValues(domain).Set(float64(n))
+		return
+	}
+	delete(domainConns.n, domain)
+	metricDomainConns.DeleteLabelValues(domain)
+}

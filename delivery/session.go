@@ -163,7 +163,7 @@ func (e *Engine) open(ctx context.Context, domain string, mx MX, addr netip.Addr
 	if err != nil {
 		return dialResult{fail: transportFailure(ctx, label, "connecting", err)}
 	}
-	metricConnsActive.Inc()
+	connOpened(domain)
 	s.opened = e.now()
 	s.conn = &boundedConn{Conn: raw}
 	// The session belongs to ctx until it goes back to the idle cache:
@@ -634,6 +634,6 @@ func (s *session) close() {
 		s.conn.Close()
 	}
 	s.conn = nil
-	metricConnsActive.Dec()
+	connClosed(s.domain)
 	metricSessionDuration.Observe(s.e.now().Sub(s.opened).Seconds())
 }

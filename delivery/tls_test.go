@@ -5,6 +5,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
@@ -427,5 +428,19 @@ func TestOutcomesAreCountedByPolicy(t *testing.T) {
 	wantStatus(t, st[0], 250, "2.0.0")
 	if got := testutil.ToFloat64(counter) - before; got != 2 {
 		t.Fatalf("delivered recipients under mta-sts/verify counted %v, want 2", got)
+	}
+}
+
+func TestActiveConnectionsAreCountedPerDomain(t *testing.T) {
+	v, _ := oneMX(t)
+	e := v.engine(func(o *Options) { o.IdleTimeout = time.Minute })
+	wantStatus(t, deliver(t, e, testJob("example.test", "a@example.test"))[0], 250, "2.0.0")
+	// The connection waits in the idle cache for the next message.
+	if got := testutil.ToFloat64(metricDomainConns.WithLabelValues("example.test")); got != 1 {
+		t.Fatalf("example.test connections = %v, want 1 while the connection is cached", got)
+	}
+	e.Close()
+	if n := testutil.CollectAndCount(metricDomainConns); n != 0 {
+		t.Fatalf("%d domain series left after every connection closed, want none", n)
 	}
 }
