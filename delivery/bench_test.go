@@ -2,6 +2,7 @@ package delivery
 
 import (
 	"context"
+	"github.com/stsrelay/stsrelay/policy"
 	"log/slog"
 	"testing"
 	"time"
@@ -16,14 +17,14 @@ func BenchmarkDeliver(b *testing.B) {
 	for _, bc := range []struct {
 		name   string
 		tls    bool
-		policy PolicySource
+		policy policy.PolicySource
 		idle   time.Duration
 	}{
 		{"plaintext/reuse", false, nil, 5 * time.Second},
 		{"opportunistic-tls/reuse", true, nil, 5 * time.Second},
-		{"sts-verify/reuse", true, everyMX(Requirement{Security: SecurityVerify, Source: SourceSTS}), 5 * time.Second},
+		{"sts-verify/reuse", true, everyMX(policy.Requirement{Security: policy.SecurityVerify, Policy: testSTS}), 5 * time.Second},
 		{"opportunistic-tls/new-connection", true, nil, -1},
-		{"sts-verify/new-connection", true, everyMX(Requirement{Security: SecurityVerify, Source: SourceSTS}), -1},
+		{"sts-verify/new-connection", true, everyMX(policy.Requirement{Security: policy.SecurityVerify, Policy: testSTS}), -1},
 	} {
 		b.Run(bc.name, func(b *testing.B) {
 			v := newEnv(b,

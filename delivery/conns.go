@@ -7,6 +7,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/stsrelay/stsrelay/policy"
 	"github.com/stsrelay/stsrelay/queue"
 )
 
@@ -138,7 +139,7 @@ func (e *Engine) Close() error {
 }
 
 // record hands r to the Recorder, if there is one.
-func (e *Engine) record(r SessionResult) {
+func (e *Engine) record(r policy.SessionResult) {
 	if e.opts.Recorder == nil {
 		return
 	}

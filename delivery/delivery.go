@@ -1,8 +1,8 @@
 // Package delivery sends queued messages to the MX hosts of their
 // recipients' domains: it routes (RFC 5321 §5.1, RFC 7505), asks a
-// PolicySource which TLS each MX host needs (MTA-STS RFC 8461, DANE RFC 7672,
-// local overrides), runs the SMTP client session and turns every reply into a
-// per-recipient queue.Status (DESIGN.md decision 6).
+// policy.PolicySource which TLS each MX host needs (MTA-STS RFC 8461, DANE
+// RFC 7672, local overrides), runs the SMTP client session and turns every
+// reply into a per-recipient queue.Status (DESIGN.md decision 6).
 package delivery
 
 import (
@@ -16,6 +16,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/stsrelay/stsrelay/policy"
 	"github.com/stsrelay/stsrelay/queue"
 	"github.com/stsrelay/stsrelay/resolve"
 )
@@ -29,13 +30,13 @@ type Options struct {
 	Resolver *resolve.Resolver
 	// Policy decides each MX host's TLS requirement; nil means
 	// opportunistic TLS for every host.
-	Policy PolicySource
+	Policy policy.PolicySource
 	// Overrides are the [[delivery.policy]] entries, applied over Policy
 	// (see Override for the precedence rules).
 	Overrides []Override
-	// Recorder receives one SessionResult per TLS session attempt; nil
+	// Recorder receives one policy.SessionResult per TLS session attempt; nil
 	// records nothing.
-	Recorder Recorder
+	Recorder policy.Recorder
 
 	// Port is the SMTP port dialed on every MX host; 0 means 25. Only
 	// tests set it.
@@ -43,7 +44,7 @@ type Options struct {
 	// DialContext opens connections; nil means a net.Dialer. Tests use it
 	// to send every MX address to loopback.
 	DialContext func(ctx context.Context, network, address string) (net.Conn, error)
-	// RootCAs verifies certificates under SecurityVerify; nil means the
+	// RootCAs verifies certificates under policy.SecurityVerify; nil means the
 	// system roots.
 	RootCAs *x509.CertPool
 	// IPVersion restricts the address families dialed
@@ -103,7 +104,7 @@ func (t Timeouts) withDefaults() Timeouts {
 type Engine struct {
 	opts      Options
 	hostname  string // canonical, no trailing dot
-	overrides map[string]Security
+	overrides map[string]override
 	dial      func(ctx context.Context, network, address string) (net.Conn, error)
 	log       *slog.Logger
 	now       func() time.Time
@@ -134,7 +135,7 @@ func New(opts Options) (*Engine, error) {
 	default:
 		return nil, fmt.Errorf("delivery: ip_version must be both, 4 or 6, not %d", opts.IPVersion)
 	}
-	overrides := make(map[string]Security, len(opts.Overrides))
+	overrides := make(map[string]override, len(opts.Overrides))
 	for _, o := range opts.Overrides {
 		d := canonicalDomain(o.Domain)
 		if d == "" {
@@ -143,10 +144,10 @@ func New(opts Options) (*Engine, error) {
 		if _, dup := overrides[d]; dup {
 			return nil, fmt.Errorf("delivery: two policy overrides for domain %q", d)
 		}
-		if o.TLS < SecurityMay || o.TLS > SecurityDANE {
+		if o.TLS < policy.SecurityMay || o.TLS > policy.SecurityDANE {
 			return nil, fmt.Errorf("delivery: policy override for %q: unknown tls level %d", d, o.TLS)
 		}
-		overrides[d] = o.TLS
+		overrides[d] = override{sec: o.TLS, id: policy.NewIdentity(policy.TypeLocal, d, []string{"tls: " + o.TLS.String()}, nil)}
 	}
 	if opts.Port == 0 {
 		opts.Port = 25

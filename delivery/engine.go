@@ -11,6 +11,7 @@ import (
 
 	"github.com/emersion/go-smtp"
 
+	"github.com/stsrelay/stsrelay/policy"
 	"github.com/stsrelay/stsrelay/queue"
 	"github.com/stsrelay/stsrelay/resolve"
 )
@@ -23,7 +24,7 @@ const maxAddrAttempts = 10
 type attempt struct {
 	mx     string
 	ip     string
-	req    Requirement
+	req    policy.Requirement
 	tls    string
 	reused bool
 	// tlsProblem is a certificate failure that testing mode let pass.
@@ -55,17 +56,11 @@ func (e *Engine) Deliver(ctx context.Context, job *queue.Job) []queue.Status {
 			deferred++
 		}
 	}
-	policy := at.req.Security.String()
-	if at.req.Source != SourceOpportunistic {
-		policy = string(at.req.Source) + "/" + policy
-	}
-	if at.req.Testing {
-		policy += "/testing"
-	}
+	label := at.req.Label()
 	metricAttempts.Inc()
-	metricRecipients.WithLabelValues("delivered", policy).Add(float64(delivered))
-	metricRecipients.WithLabelValues("deferred", policy).Add(float64(deferred))
-	metricRecipients.WithLabelValues("failed", policy).Add(float64(failed))
+	metricRecipients.WithLabelValues("delivered", label).Add(float64(delivered))
+	metricRecipients.WithLabelValues("deferred", label).Add(float64(deferred))
+	metricRecipients.WithLabelValues("failed", label).Add(float64(failed))
 
 	outcome, level := "delivered", slog.LevelInfo
 	switch {
@@ -96,7 +91,7 @@ func (e *Engine) Deliver(ctx context.Context, job *queue.Job) []queue.Status {
 		slog.String("outcome", outcome),
 		slog.Int("delivered", delivered), slog.Int("deferred", deferred), slog.Int("failed", failed),
 		slog.String("mx", at.mx), slog.String("ip", at.ip),
-		slog.String("policy", policy),
+		slog.String("policy", label),
 		slog.String("tls", tlsVersion),
 		slog.Bool("reused", at.reused),
 		slog.Duration("took", time.Since(start).Round(time.Millisecond)),
@@ -191,11 +186,11 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 	return all(aggregate(domain, fails))
 }
 
-// requirements asks the PolicySource about the usable hosts and applies
+// requirements asks the policy.PolicySource about the usable hosts and applies
 // the local override.
-func (e *Engine) requirements(ctx context.Context, domain string, hops []hop) ([]Requirement, *queue.Status) {
-	reqs := make([]Requirement, len(hops))
-	var mxs []MX
+func (e *Engine) requirements(ctx context.Context, domain string, hops []hop) ([]policy.Requirement, *queue.Status) {
+	reqs := make([]policy.Requirement, len(hops))
+	var mxs []policy.MX
 	var idx []int
 	for i, h := range hops {
 		if h.unusable == nil && !h.literal {
@@ -206,11 +201,11 @@ func (e *Engine) requirements(ctx context.Context, domain string, hops []hop) ([
 	if e.opts.Policy != nil && len(mxs) > 0 {
 		got, err := e.opts.Policy.Requirements(ctx, domain, mxs)
 		if err != nil {
-			var pe *Error
+			var pe *policy.Error
 			var re *resolve.Error
 			switch {
 			case errors.As(err, &pe):
-				return nil, &pe.Status
+				return nil, &queue.Status{Code: pe.Code, Enhanced: pe.Enhanced, Text: pe.Text}
 			case errors.As(err, &re):
 				return nil, &queue.Status{Code: 451, Enhanced: "4.4.3", Text: "TLS policy lookup: " + err.Error()}
 			}
@@ -227,40 +222,39 @@ func (e *Engine) requirements(ctx context.Context, domain string, hops []hop) ([
 	for i, h := range hops {
 		reqs[i].MXValidated = reqs[i].MXValidated || h.validated
 	}
-	if sec, ok := e.overrides[domain]; ok {
+	if o, ok := e.overrides[domain]; ok {
 		for i := range reqs {
-			reqs[i] = applyOverride(reqs[i], hops[i].mx, sec)
+			reqs[i] = o.apply(reqs[i], hops[i].mx)
 		}
 	}
 	return reqs, nil
 }
 
 // effective is the requirement one message gets at one host.
-func effective(req Requirement, env queue.Envelope) Requirement {
-	if env.NoTLSPolicy && !env.RequireTLS && (req.Source == SourceSTS || req.Source == SourceDANE) {
+func effective(req policy.Requirement, env queue.Envelope) policy.Requirement {
+	if env.NoTLSPolicy && !env.RequireTLS && req.Source().Published() {
 		// RFC 8689 §5: "TLS-Required: No" means MTA-STS and DANE are not
 		// enforced for this message; STARTTLS is still tried.
-		req.Security, req.Skip, req.Testing = SecurityMay, "", false
+		req.Security, req.Skip, req.Testing = policy.SecurityMay, "", false
 	}
 	return req
 }
 
 // precheck rejects a host before dialing when its requirement already
 // rules it out.
-func (e *Engine) precheck(domain string, mx MX, req Requirement, requireTLS bool) *hostFailure {
+func (e *Engine) precheck(domain string, mx policy.MX, req policy.Requirement, requireTLS bool) *hostFailure {
 	// RFC 8461 §5: under testing a Skip is reported, not enforced; the
 	// session records it as its result. A REQUIRETLS message still needs
 	// the host validated, which a Skip says it is not (checked below).
-	if req.Skip != "" && !req.Testing {
-		e.record(SessionResult{PolicyDomain: domain, Source: req.Source, MX: mx.Name,
-			ResultType: skipResult(req), Detail: req.Skip})
+	if req.Excluded() {
+		e.record(policy.SessionResult{PolicyDomain: domain, Policy: req.Policy, MX: mx.Name,
+			Result: req.SkipResultType(), Detail: req.Skip})
 		return e.policyFailure(mx.Name, mx, req, requireTLS, req.Skip)
 	}
-	if req.Security == SecurityDANE {
-		// The dane package lands next round; until then nothing can
-		// authenticate by TLSA, and sending unauthenticated is worse
-		// than waiting.
-		return e.policyFailure(mx.Name, mx, req, requireTLS, "DANE required but not available")
+	if req.Security == policy.SecurityDANE && req.DANE == nil && !req.Testing {
+		// Nothing can authenticate this host by TLSA (dane-only without
+		// usable records); sending unauthenticated is worse than waiting.
+		return e.policyFailure(mx.Name, mx, req, requireTLS, "DANE required but no usable TLSA records")
 	}
 	if requireTLS {
 		// RFC 8689 §4.2.1: the MX name must be authenticated, by DNSSEC or
@@ -268,32 +262,31 @@ func (e *Engine) precheck(domain string, mx MX, req Requirement, requireTLS bool
 		if !req.MXValidated {
 			return requireTLSFailure(mx.Name, "MX host not validated by DNSSEC or MTA-STS")
 		}
-		if req.Security == SecurityNone {
+		if req.Security == policy.SecurityNone {
 			return requireTLSFailure(mx.Name, "local policy forbids TLS to this host")
 		}
 	}
 	return nil
 }
 
-// skipResult is the RFC 8460 result type of a Skip.
-func skipResult(req Requirement) string {
-	if req.SkipResult != "" {
-		return req.SkipResult
-	}
-	return "validation-failure"
-}
-
 // connect returns a ready session to one of h's addresses: an idle one
 // when there is one, else a new connection.
-func (e *Engine) connect(ctx context.Context, domain string, h hop, req Requirement, requireTLS bool, budget *int) (*session, []*hostFailure) {
-	key := keyFor(domain, h.mx, req)
-	for s := e.takeIdle(key); s != nil; s = e.takeIdle(key) {
-		if s.reset(ctx) {
-			s.reused = true
-			return s, nil
+func (e *Engine) connect(ctx context.Context, domain string, h hop, req policy.Requirement, requireTLS bool, budget *int) (*session, []*hostFailure) {
+	// An idle connection serves only if it is what a new one would be:
+	// one that ended in plaintext never carries a message that needs TLS.
+	for _, withTLS := range []bool{true, false} {
+		if !withTLS && (req.MustTLS() || requireTLS) {
+			break
 		}
-		s.close()
-		e.releaseSlot(domain)
+		key := keyFor(domain, h.mx, req, withTLS)
+		for s := e.takeIdle(key); s != nil; s = e.takeIdle(key) {
+			if s.reset(ctx) {
+				s.reused = true
+				return s, nil
+			}
+			s.close()
+			e.releaseSlot(domain)
+		}
 	}
 	var fails []*hostFailure
 	for _, addr := range h.addrs {

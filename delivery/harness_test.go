@@ -17,6 +17,7 @@ import (
 
 	"github.com/stsrelay/stsrelay/internal/dnstest"
 	"github.com/stsrelay/stsrelay/internal/testpki"
+	"github.com/stsrelay/stsrelay/policy"
 	"github.com/stsrelay/stsrelay/queue"
 	"github.com/stsrelay/stsrelay/resolve"
 )
@@ -349,38 +350,38 @@ func wantStatus(t testing.TB, st queue.Status, code int, enhanced string, parts 
 	}
 }
 
-// recorder keeps every SessionResult.
+// recorder keeps every policy.SessionResult.
 type recorder struct {
 	mu  sync.Mutex
-	got []SessionResult
+	got []policy.SessionResult
 }
 
-func (r *recorder) Record(s SessionResult) {
+func (r *recorder) Record(s policy.SessionResult) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.got = append(r.got, s)
 }
 
-func (r *recorder) results() []SessionResult {
+func (r *recorder) results() []policy.SessionResult {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return append([]SessionResult(nil), r.got...)
+	return append([]policy.SessionResult(nil), r.got...)
 }
 
-// policyFunc is a PolicySource from a function.
-type policyFunc func(ctx context.Context, domain string, mxs []MX) ([]Requirement, error)
+// policyFunc is a policy.PolicySource from a function.
+type policyFunc func(ctx context.Context, domain string, mxs []policy.MX) ([]policy.Requirement, error)
 
-func (f policyFunc) Requirements(ctx context.Context, domain string, mxs []MX) ([]Requirement, error) {
+func (f policyFunc) Requirements(ctx context.Context, domain string, mxs []policy.MX) ([]policy.Requirement, error) {
 	return f(ctx, domain, mxs)
 }
 
 // everyMX gives every MX host the same requirement, with Names = the MX name.
-func everyMX(req Requirement) PolicySource {
-	return policyFunc(func(_ context.Context, _ string, mxs []MX) ([]Requirement, error) {
-		out := make([]Requirement, len(mxs))
+func everyMX(req policy.Requirement) policy.PolicySource {
+	return policyFunc(func(_ context.Context, _ string, mxs []policy.MX) ([]policy.Requirement, error) {
+		out := make([]policy.Requirement, len(mxs))
 		for i, mx := range mxs {
 			out[i] = req
-			if req.Security == SecurityVerify && len(req.Names) == 0 {
+			if req.Security == policy.SecurityVerify && len(req.Names) == 0 {
 				out[i].Names = []string{mx.Name}
 			}
 		}
@@ -413,3 +414,10 @@ type (
 
 // testEnvCA is a CA of its own, for certificates only opportunistic TLS accepts.
 func testEnvCA(t *testing.T) *testpki.CA { return testpki.NewCA(t) }
+
+// Policy identities for requirements that tests hand to the engine.
+var (
+	testSTS   = policy.NewIdentity(policy.TypeSTS, "example.test", []string{"version: STSv1", "mode: enforce", "mx: *.example.test", "max_age: 86400"}, []string{"*.example.test"})
+	testTLSA  = policy.NewIdentity(policy.TypeTLSA, "example.test", []string{"3 1 1 00"}, nil)
+	testLocal = policy.NewIdentity(policy.TypeLocal, "example.test", nil, nil)
+)

@@ -4,6 +4,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/stsrelay/stsrelay/policy"
 	"github.com/stsrelay/stsrelay/resolve"
 )
 
@@ -27,9 +28,9 @@ func TestNewRejectsBadOptions(t *testing.T) {
 		{"bad ip version", func(o *Options) { o.IPVersion = 5 }, "ip_version"},
 		{"bad port", func(o *Options) { o.Port = 70000 }, "not a TCP port"},
 		{"duplicate override", func(o *Options) {
-			o.Overrides = []Override{{Domain: "a.example", TLS: SecurityVerify}, {Domain: "A.example.", TLS: SecurityMay}}
+			o.Overrides = []Override{{Domain: "a.example", TLS: policy.SecurityVerify}, {Domain: "A.example.", TLS: policy.SecurityMay}}
 		}, `two policy overrides for domain "a.example"`},
-		{"empty override domain", func(o *Options) { o.Overrides = []Override{{TLS: SecurityVerify}} }, "empty domain"},
+		{"empty override domain", func(o *Options) { o.Overrides = []Override{{TLS: policy.SecurityVerify}} }, "empty domain"},
 		{"unknown override level", func(o *Options) { o.Overrides = []Override{{Domain: "a.example", TLS: 42}} }, "unknown tls level"},
 	} {
 		o := good

@@ -4,15 +4,18 @@ import (
 	"bufio"
 	"context"
 	"crypto/tls"
+	"errors"
 	"io"
 	"net"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/emersion/go-smtp"
 
+	"github.com/stsrelay/stsrelay/policy"
 	"github.com/stsrelay/stsrelay/queue"
 )
 
@@ -188,15 +191,15 @@ func TestDeadIdleConnectionIsReplaced(t *testing.T) {
 
 func TestRequirementChangeDoesNotReuseConnection(t *testing.T) {
 	v, mx := oneMX(t, withTLS(mustCert(t)))
-	req := Requirement{}
+	req := policy.Requirement{}
 	e := v.engine(func(o *Options) {
 		o.IdleTimeout = 5 * time.Second
-		o.Policy = policyFunc(func(_ ctxT, _ string, mxs []MX) ([]Requirement, error) {
-			return []Requirement{req}, nil
+		o.Policy = policyFunc(func(_ ctxT, _ string, mxs []policy.MX) ([]policy.Requirement, error) {
+			return []policy.Requirement{req}, nil
 		})
 	})
 	deliver(t, e, testJob("example.test", "a@example.test"))
-	req = Requirement{Security: SecurityEncrypt, Source: SourceSTS}
+	req = policy.Requirement{Security: policy.SecurityEncrypt, Policy: testSTS}
 	deliver(t, e, testJob("example.test", "a@example.test"))
 	if n := mx.sessionCount(); n != 2 {
 		t.Errorf("%d connections, want 2: a connection made under one requirement must not carry mail under another", n)
@@ -205,18 +208,18 @@ func TestRequirementChangeDoesNotReuseConnection(t *testing.T) {
 
 func TestMaxConnsPerDomainMakesRoomByClosingIdle(t *testing.T) {
 	v, mx := oneMX(t)
-	req := Requirement{}
+	req := policy.Requirement{}
 	e := v.engine(func(o *Options) {
 		o.IdleTimeout = time.Minute
 		o.MaxConnsPerDomain = 1
-		o.Policy = policyFunc(func(_ ctxT, _ string, mxs []MX) ([]Requirement, error) {
-			return []Requirement{req}, nil
+		o.Policy = policyFunc(func(_ ctxT, _ string, mxs []policy.MX) ([]policy.Requirement, error) {
+			return []policy.Requirement{req}, nil
 		})
 	})
 	deliver(t, e, testJob("example.test", "a@example.test"))
 	// Another requirement needs another connection; the idle one holds the
 	// only slot and must give it up rather than block until it expires.
-	req = Requirement{Source: SourceSTS, Testing: true, Security: SecurityVerify}
+	req = policy.Requirement{Policy: testSTS, Testing: true, Security: policy.SecurityVerify}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	st := e.Deliver(ctx, testJob("example.test", "a@example.test"))
@@ -353,7 +356,7 @@ func TestRequireTLSDeliveredWhenEveryConditionHolds(t *testing.T) {
 	v, mx := oneMX(t)
 	mx.srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{v.ca.Issue(t, "mx1.example.test")}}
 	mx.srv.EnableREQUIRETLS = true
-	e := v.engine(func(o *Options) { o.Policy = everyMX(Requirement{MXValidated: true}) })
+	e := v.engine(func(o *Options) { o.Policy = everyMX(policy.Requirement{MXValidated: true}) })
 	st := deliver(t, e, requireTLSJob())
 	wantStatus(t, st[0], 250, "2.0.0")
 	if m := mx.messages(); len(m) != 1 || !m[0].mail.RequireTLS || !m[0].tls {
@@ -394,7 +397,7 @@ func TestRequireTLSFailsPermanentlyWhenNoHostQualifies(t *testing.T) {
 				mx.srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{v.ca.Issue(t, tc.cert)}}
 			}
 			mx.srv.EnableREQUIRETLS = tc.requireTLS
-			e := v.engine(func(o *Options) { o.Policy = everyMX(Requirement{MXValidated: tc.validated}) })
+			e := v.engine(func(o *Options) { o.Policy = everyMX(policy.Requirement{MXValidated: tc.validated}) })
 			st := deliver(t, e, requireTLSJob())
 			wantStatus(t, st[0], 550, "5.7.30", tc.want)
 			if len(mx.messages()) != 0 {
@@ -414,7 +417,7 @@ func TestRequireTLSRefusesAnMXOutsideATestingPolicy(t *testing.T) {
 	mx.srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{v.ca.Issue(t, "mx1.example.test")}}
 	mx.srv.EnableREQUIRETLS = true
 	e := v.engine(func(o *Options) {
-		o.Policy = everyMX(Requirement{Security: SecurityVerify, Source: SourceSTS, Names: []string{"mx1.example.test"},
+		o.Policy = everyMX(policy.Requirement{Security: policy.SecurityVerify, Policy: testSTS, Names: []string{"mx1.example.test"},
 			Testing: true, Skip: "not listed in the MTA-STS policy for example.test"})
 	})
 	st := deliver(t, e, requireTLSJob())
@@ -429,7 +432,7 @@ func TestRequireTLSRefusesAnMXOutsideATestingPolicy(t *testing.T) {
 
 func TestRequireTLSNeverFallsBackToPlaintext(t *testing.T) {
 	v, mx := oneMX(t, brokenTLS(t))
-	e := v.engine(func(o *Options) { o.Policy = everyMX(Requirement{MXValidated: true}) })
+	e := v.engine(func(o *Options) { o.Policy = everyMX(policy.Requirement{MXValidated: true}) })
 	st := deliver(t, e, requireTLSJob())
 	wantStatus(t, st[0], 550, "5.7.30", "TLS handshake failed")
 	if mx.sessionCount() != 1 || len(mx.messages()) != 0 {
@@ -447,7 +450,7 @@ func TestRequireTLSDefersWhenAHostWasUnreachable(t *testing.T) {
 		"mx2.example.test. 300 IN A 127.0.0.3")
 	mx2 := newMX(t, withTLS(v.ca.Issue(t, "mx2.example.test")))
 	v.route("127.0.0.3", mx2.Addr)
-	e := v.engine(func(o *Options) { o.Policy = everyMX(Requirement{MXValidated: true}) })
+	e := v.engine(func(o *Options) { o.Policy = everyMX(policy.Requirement{MXValidated: true}) })
 	st := deliver(t, e, requireTLSJob())
 	wantStatus(t, st[0], 451, "4.4.1", "connection refused", "REQUIRETLS not supported")
 }
@@ -455,7 +458,9 @@ func TestRequireTLSDefersWhenAHostWasUnreachable(t *testing.T) {
 func TestNoTLSPolicyMessageIgnoresMTASTSButStillUsesTLS(t *testing.T) {
 	v, mx := oneMX(t)
 	mx.srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{v.ca.Issue(t, "wrong.example.test")}}
-	e := v.engine(func(o *Options) { o.Policy = everyMX(Requirement{Security: SecurityVerify, Source: SourceSTS}) })
+	e := v.engine(func(o *Options) {
+		o.Policy = everyMX(policy.Requirement{Security: policy.SecurityVerify, Policy: testSTS})
+	})
 	job := testJob("example.test", "a@example.test")
 	st := deliver(t, e, job)
 	wantStatus(t, st[0], 451, "4.4.8") // without the header: enforced
@@ -640,4 +645,30 @@ func TestCancelledContextStopsDeliveryPromptly(t *testing.T) {
 		t.Errorf("Deliver took %v after its context ended", d)
 	}
 	wantStatus(t, st[0], 451, "4.4.2", "interrupted")
+}
+
+// A plaintext connection left by a failed handshake at level may must not
+// carry a later REQUIRETLS message: a fresh connection gets TLS.
+func TestConnectionReuseNeverDowngradesARequireTLSMessage(t *testing.T) {
+	v, mx := oneMX(t)
+	cert := v.ca.Issue(t, "mx1.example.test")
+	var handshakes atomic.Int32
+	mx.srv.TLSConfig = &tls.Config{GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
+		if handshakes.Add(1) == 1 {
+			return nil, errors.New("first handshake fails")
+		}
+		return &tls.Config{Certificates: []tls.Certificate{cert}}, nil
+	}}
+	mx.srv.EnableREQUIRETLS = true
+	e := v.engine(func(o *Options) {
+		o.IdleTimeout = 10 * time.Second
+		o.Policy = everyMX(policy.Requirement{MXValidated: true})
+	})
+	wantStatus(t, deliver(t, e, testJob("example.test", "a@example.test"))[0], 250, "2.0.0")
+	st := deliver(t, e, requireTLSJob())
+	wantStatus(t, st[0], 250, "2.0.0")
+	m := mx.messages()
+	if len(m) != 2 || m[0].tls || !m[1].tls || !m[1].mail.RequireTLS {
+		t.Errorf("want the first message in plaintext, the REQUIRETLS one over a new TLS connection; got %+v", m)
+	}
 }

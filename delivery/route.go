@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/stsrelay/stsrelay/policy"
 	"github.com/stsrelay/stsrelay/queue"
 	"github.com/stsrelay/stsrelay/resolve"
 )
@@ -16,7 +17,7 @@ import (
 // hop is one MX host of a route with its addresses, or the reason it
 // cannot be used (then it is never dialed).
 type hop struct {
-	mx    MX
+	mx    policy.MX
 	addrs []netip.Addr
 	// unusable says why this MX cannot be dialed: its target is an IP
 	// literal, or its address lookup failed or found nothing.
@@ -46,7 +47,7 @@ func (e *Engine) route(ctx context.Context, domain string) ([]hop, *queue.Status
 		return nil, &queue.Status{Code: 451, Enhanced: "4.4.3", Text: err.Error()}
 	}
 
-	var mxs []MX
+	var mxs []policy.MX
 	nullMX := false
 	for _, rr := range records {
 		target := strings.ToLower(strings.TrimSuffix(rr.Mx, "."))
@@ -54,7 +55,7 @@ func (e *Engine) route(ctx context.Context, domain string) ([]hop, *queue.Status
 			nullMX = true
 			continue
 		}
-		mxs = append(mxs, MX{Name: target, Final: target, Preference: rr.Preference})
+		mxs = append(mxs, policy.MX{Name: target, Final: target, Preference: rr.Preference})
 	}
 	if nullMX && len(mxs) == 0 {
 		// RFC 7505 §3: "0 ." says the domain accepts no mail at all.
@@ -71,7 +72,7 @@ func (e *Engine) route(ctx context.Context, domain string) ([]hop, *queue.Status
 	if len(mxs) == 0 {
 		// RFC 5321 §5.1: no MX records means an implicit MX on the domain
 		// itself, with preference 0.
-		h := e.resolveHop(ctx, MX{Name: domain, Final: domain}, secure)
+		h := e.resolveHop(ctx, policy.MX{Name: domain, Final: domain}, secure)
 		if h.unusable != nil {
 			st := h.unusable.status
 			if h.unusable.notFound {
@@ -86,13 +87,13 @@ func (e *Engine) route(ctx context.Context, domain string) ([]hop, *queue.Status
 	// RFC 5321 §5.1: sort by preference, random order among equals so that
 	// load spreads as the domain intended.
 	rand.Shuffle(len(mxs), func(i, j int) { mxs[i], mxs[j] = mxs[j], mxs[i] })
-	slices.SortStableFunc(mxs, func(a, b MX) int { return cmp.Compare(a.Preference, b.Preference) })
+	slices.SortStableFunc(mxs, func(a, b policy.MX) int { return cmp.Compare(a.Preference, b.Preference) })
 
 	// RFC 5321 §5.1: when we are among the MX hosts, only hosts with a
 	// better preference than ours may be used, or mail loops.
-	if i := slices.IndexFunc(mxs, func(m MX) bool { return m.Name == e.hostname }); i >= 0 {
+	if i := slices.IndexFunc(mxs, func(m policy.MX) bool { return m.Name == e.hostname }); i >= 0 {
 		own := mxs[i].Preference
-		mxs = slices.DeleteFunc(mxs, func(m MX) bool { return m.Preference >= own })
+		mxs = slices.DeleteFunc(mxs, func(m policy.MX) bool { return m.Preference >= own })
 		if len(mxs) == 0 {
 			return nil, &queue.Status{Code: 550, Enhanced: "5.4.6",
 				Text: fmt.Sprintf("mail for %s loops back to myself (%s is its best MX host)", domain, e.hostname)}
@@ -117,13 +118,13 @@ func literalRoute(domain string) ([]hop, *queue.Status) {
 	if err != nil || addr.Zone() != "" {
 		return nil, &queue.Status{Code: 550, Enhanced: "5.1.2", Text: fmt.Sprintf("%s is not a valid address literal", domain)}
 	}
-	return []hop{{mx: MX{Name: domain, Final: domain}, addrs: []netip.Addr{addr.Unmap()}, literal: true}}, nil
+	return []hop{{mx: policy.MX{Name: domain, Final: domain}, addrs: []netip.Addr{addr.Unmap()}, literal: true}}, nil
 }
 
 // resolveHop looks up the addresses of mx, following CNAMEs, and records
 // the final name and the alias chain that MTA-STS and DANE need. mxSecure
 // says the MX answer was DNSSEC-validated.
-func (e *Engine) resolveHop(ctx context.Context, mx MX, mxSecure bool) hop {
+func (e *Engine) resolveHop(ctx context.Context, mx policy.MX, mxSecure bool) hop {
 	mx.MXSecure = mxSecure
 	h := hop{mx: mx}
 	name := strings.Trim(mx.Name, "[]")

@@ -9,6 +9,7 @@ import (
 	"github.com/miekg/dns"
 
 	"github.com/stsrelay/stsrelay/internal/dnstest"
+	"github.com/stsrelay/stsrelay/policy"
 	"github.com/stsrelay/stsrelay/resolve"
 )
 
@@ -190,10 +191,10 @@ func TestMXCNAMEChainIsFollowedAndBothNamesKept(t *testing.T) {
 		"b.provider.test. 300 IN A 127.0.0.2")
 	mx := newMX(t)
 	v.route("127.0.0.2", mx.Addr)
-	var seen []MX
-	policy := policyFunc(func(_ context.Context, _ string, mxs []MX) ([]Requirement, error) {
+	var seen []policy.MX
+	policy := policyFunc(func(_ context.Context, _ string, mxs []policy.MX) ([]policy.Requirement, error) {
 		seen = append(seen, mxs...)
-		return make([]Requirement, len(mxs)), nil
+		return make([]policy.Requirement, len(mxs)), nil
 	})
 	st := deliver(t, v.engine(func(o *Options) { o.Policy = policy }), testJob("example.test", "a@example.test"))
 	wantStatus(t, st[0], 250, "2.0.0", "mx.example.test[127.0.0.2]")
@@ -361,7 +362,7 @@ func TestLogLineStatesOutcomePolicyHostAndDuration(t *testing.T) {
 	mx := newMX(t, withTLS(v.ca.Issue(t, "mx1.example.test")))
 	v.route("127.0.0.2", mx.Addr)
 	e := v.engine(func(o *Options) {
-		o.Policy = everyMX(Requirement{Security: SecurityVerify, Source: SourceSTS})
+		o.Policy = everyMX(policy.Requirement{Security: policy.SecurityVerify, Policy: testSTS})
 	})
 	deliver(t, e, testJob("example.test", "a@example.test"))
 	logs := v.logs.String()
@@ -379,9 +380,9 @@ func TestAddressLiteralIsDeliveredWithoutDNSOrPolicy(t *testing.T) {
 	v.route("127.0.0.2", mx.Addr)
 	asked := false
 	e := v.engine(func(o *Options) {
-		o.Policy = policyFunc(func(_ ctxT, _ string, mxs []MX) ([]Requirement, error) {
+		o.Policy = policyFunc(func(_ ctxT, _ string, mxs []policy.MX) ([]policy.Requirement, error) {
 			asked = true
-			return make([]Requirement, len(mxs)), nil
+			return make([]policy.Requirement, len(mxs)), nil
 		})
 	})
 	st := deliver(t, e, testJob("[127.0.0.2]", "a@[127.0.0.2]"))

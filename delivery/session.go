@@ -19,6 +19,7 @@ import (
 
 	"github.com/emersion/go-smtp"
 
+	"github.com/stsrelay/stsrelay/policy"
 	"github.com/stsrelay/stsrelay/queue"
 )
 
@@ -64,10 +65,10 @@ type session struct {
 	e      *Engine
 	key    connKey
 	domain string
-	mx     MX
+	mx     policy.MX
 	addr   netip.Addr
 	label  string // "mx.example.com[192.0.2.1]", for every text and log line
-	req    Requirement
+	req    policy.Requirement
 
 	conn   *boundedConn
 	client *smtp.Client
@@ -88,16 +89,18 @@ type session struct {
 }
 
 // connKey identifies connections that may carry each other's messages:
-// same domain, same MX host, same requirement.
+// same domain and MX host, opened under the same requirement, and with the
+// same outcome of STARTTLS, so a plaintext connection left by a failed
+// handshake never serves a message that needs TLS.
 type connKey struct {
 	domain string
 	mx     string
 	req    string
+	tls    bool
 }
 
-func keyFor(domain string, mx MX, req Requirement) connKey {
-	return connKey{domain: domain, mx: mx.Name, req: fmt.Sprintf("%d|%s|%s|%s|%t|%t",
-		req.Security, req.Source, req.ServerName, strings.Join(req.Names, ","), req.Testing, req.MXValidated)}
+func keyFor(domain string, mx policy.MX, req policy.Requirement, tls bool) connKey {
+	return connKey{domain: domain, mx: mx.Name, req: req.Key(), tls: tls}
 }
 
 // boundedConn limits how many bytes may be read before the next allow,
@@ -150,12 +153,12 @@ type dialResult struct {
 
 // open connects to addr and brings the session to the point where MAIL
 // can be sent, enforcing req. requireTLS is the message's REQUIRETLS flag.
-func (e *Engine) open(ctx context.Context, domain string, mx MX, addr netip.Addr, req Requirement, requireTLS, plaintext bool) dialResult {
+func (e *Engine) open(ctx context.Context, domain string, mx policy.MX, addr netip.Addr, req policy.Requirement, requireTLS, plaintext bool) dialResult {
 	label := fmt.Sprintf("%s[%s]", mx.Name, addr)
 	if strings.HasPrefix(mx.Name, "[") {
 		label = mx.Name // an address literal names itself
 	}
-	s := &session{e: e, key: keyFor(domain, mx, req), domain: domain, mx: mx, addr: addr, label: label, req: req}
+	s := &session{e: e, domain: domain, mx: mx, addr: addr, label: label, req: req}
 
 	dctx, cancel := context.WithTimeout(ctx, e.opts.ConnectTimeout)
 	raw, err := e.dial(dctx, "tcp", netip.AddrPortFrom(addr, uint16(e.opts.Port)).String())
@@ -194,8 +197,8 @@ func (e *Engine) open(ctx context.Context, domain string, mx MX, addr netip.Addr
 	greeting := firstLine(msg)
 	s.helo, _, _ = strings.Cut(greeting, " ")
 
-	wantTLS := req.Security != SecurityNone && !plaintext
-	mustTLS := (req.Security.RequiresTLS() && !req.Testing) || requireTLS
+	wantTLS := req.WantTLS() && !plaintext
+	mustTLS := req.MustTLS() || requireTLS
 	var ext map[string]string
 	if wantTLS {
 		ext, err = s.ehlo(tp)
@@ -204,7 +207,7 @@ func (e *Engine) open(ctx context.Context, domain string, mx MX, addr netip.Addr
 		}
 	}
 	if _, ok := ext["STARTTLS"]; wantTLS && !ok {
-		s.record(req, "starttls-not-supported", "STARTTLS not offered")
+		s.record(req, policy.ResultSTARTTLSNotSupported, "STARTTLS not offered")
 		if mustTLS {
 			return fail(e.policyFailure(label, mx, req, requireTLS, "STARTTLS not offered"))
 		}
@@ -222,7 +225,7 @@ func (e *Engine) open(ctx context.Context, domain string, mx MX, addr netip.Addr
 		}
 		if code != 220 {
 			reason := "STARTTLS refused: " + replyText(code, msg)
-			s.record(req, "starttls-not-supported", reason)
+			s.record(req, policy.ResultSTARTTLSNotSupported, reason)
 			if mustTLS {
 				return fail(e.policyFailure(label, mx, req, requireTLS, reason))
 			}
@@ -260,6 +263,7 @@ func (e *Engine) open(ctx context.Context, domain string, mx MX, addr netip.Addr
 	if err := s.client.Hello(e.hostname); err != nil {
 		return fail(s.commandFailure(ctx, "EHLO", err, true))
 	}
+	s.key = keyFor(domain, mx, req, s.tls != nil)
 	return dialResult{s: s}
 }
 
@@ -294,7 +298,7 @@ func (s *session) ehlo(tp *textproto.Reader) (map[string]string, error) {
 
 // startTLS runs the handshake after a 220 to STARTTLS and checks the
 // certificate as req demands.
-func (e *Engine) startTLS(ctx context.Context, s *session, req Requirement, requireTLS bool) dialResult {
+func (e *Engine) startTLS(ctx context.Context, s *session, req policy.Requirement, requireTLS bool) dialResult {
 	serverName := req.ServerName
 	if serverName == "" {
 		serverName = s.mx.Name // RFC 8461 §7.1: SNI is the MX host name
@@ -314,12 +318,14 @@ func (e *Engine) startTLS(ctx context.Context, s *session, req Requirement, requ
 	s.conn.allow(maxHandshakeBytes)
 	s.conn.SetDeadline(time.Now().Add(e.opts.Timeouts.Command))
 	if err := tc.HandshakeContext(ctx); err != nil {
-		reason := "TLS handshake failed: " + oneLine(err.Error())
-		s.record(req, "validation-failure", reason)
 		if ctx.Err() != nil {
+			// Cut off by shutdown: not the server's fault, so not a
+			// result for a TLS report.
 			return dialResult{fail: transportFailure(ctx, s.label, "TLS handshake", err)}
 		}
-		if (req.Security.RequiresTLS() && !req.Testing) || requireTLS {
+		reason := "TLS handshake failed: " + oneLine(err.Error())
+		s.record(req, policy.ResultValidationFailure, reason)
+		if req.MustTLS() || requireTLS {
 			return dialResult{fail: e.policyFailure(s.label, s.mx, req, requireTLS, reason)}
 		}
 		return dialResult{retryPlain: true}
@@ -327,39 +333,45 @@ func (e *Engine) startTLS(ctx context.Context, s *session, req Requirement, requ
 	cs := tc.ConnectionState()
 	s.tls, s.tlsc = &cs, tc
 
-	if req.Security == SecurityVerify {
-		names := req.Names
-		if len(names) == 0 {
-			names = []string{s.mx.Name}
+	if f := e.authenticate(s, req, cs); f != nil {
+		s.record(req, f.Result, f.Reason)
+		if req.MustAuthenticate() {
+			s.quitQuietly()
+			return dialResult{fail: e.policyFailure(s.label, s.mx, req, requireTLS, f.Reason)}
 		}
-		v := e.verifyChain(cs)
-		if v == nil {
-			v = matchName(cs, names)
-		}
-		if v != nil {
-			s.record(req, v.resultType, v.reason)
-			if !req.Testing {
-				s.quitQuietly()
-				return dialResult{fail: e.policyFailure(s.label, s.mx, req, requireTLS, v.reason)}
-			}
-			s.tlsProblem = v.reason
-			return dialResult{}
-		}
+		s.tlsProblem = f.Reason
+		return dialResult{}
 	}
 	if req.Skip != "" {
 		// Testing mode went ahead with a host the policy rules out: TLS
 		// worked, the session still failed the policy (RFC 8460 §4.3).
-		s.record(req, skipResult(req), req.Skip)
+		s.record(req, req.SkipResultType(), req.Skip)
 		return dialResult{}
 	}
-	s.record(req, "", "")
+	s.record(req, policy.ResultSuccess, "")
 	return dialResult{}
 }
 
-// verification is a failed certificate check.
-type verification struct {
-	reason     string // "certificate name mismatch"
-	resultType string // RFC 8460 §4.3 result type
+// authenticate checks the server's certificate as req demands: the one
+// place that decides what "verified" means. A nil result is a pass.
+func (e *Engine) authenticate(s *session, req policy.Requirement, cs tls.ConnectionState) *policy.Failure {
+	switch req.Security {
+	case policy.SecurityVerify:
+		names := req.Names
+		if len(names) == 0 {
+			names = []string{s.mx.Name}
+		}
+		if f := e.verifyChain(cs); f != nil {
+			return f
+		}
+		return matchName(cs, names)
+	case policy.SecurityDANE:
+		if req.DANE == nil {
+			return &policy.Failure{Result: policy.ResultDANERequired, Reason: "DANE required but no usable TLSA records"}
+		}
+		return req.DANE.Authenticate(cs.PeerCertificates, e.now())
+	}
+	return nil
 }
 
 // authenticatedMX reports whether the session's certificate is PKIX-valid
@@ -378,10 +390,10 @@ func (s *session) authenticatedMX() bool {
 
 // verifyChain checks that the peer's certificate chains to RootCAs and is
 // valid now (RFC 8461 §4.2).
-func (e *Engine) verifyChain(cs tls.ConnectionState) *verification {
+func (e *Engine) verifyChain(cs tls.ConnectionState) *policy.Failure {
 	certs := cs.PeerCertificates
 	if len(certs) == 0 {
-		return &verification{"certificate not trusted: no certificate", "certificate-not-trusted"}
+		return &policy.Failure{Result: policy.ResultCertificateNotTrusted, Reason: "certificate not trusted: no certificate"}
 	}
 	inter := x509.NewCertPool()
 	for _, c := range certs[1:] {
@@ -398,11 +410,11 @@ func (e *Engine) verifyChain(cs tls.ConnectionState) *verification {
 		var ua x509.UnknownAuthorityError
 		switch {
 		case errors.As(err, &inv) && inv.Reason == x509.Expired:
-			return &verification{"certificate expired", "certificate-expired"}
+			return &policy.Failure{Result: policy.ResultCertificateExpired, Reason: "certificate expired"}
 		case errors.As(err, &ua):
-			return &verification{"certificate not trusted", "certificate-not-trusted"}
+			return &policy.Failure{Result: policy.ResultCertificateNotTrusted, Reason: "certificate not trusted"}
 		}
-		return &verification{"certificate not trusted: " + oneLine(err.Error()), "certificate-not-trusted"}
+		return &policy.Failure{Result: policy.ResultCertificateNotTrusted, Reason: "certificate not trusted: " + oneLine(err.Error())}
 	}
 	return nil
 }
@@ -410,44 +422,51 @@ func (e *Engine) verifyChain(cs tls.ConnectionState) *verification {
 // matchName checks that the peer's certificate has a SAN dNSName matching
 // one of names (RFC 8461 §4.2: no CN fallback; a wildcard is the whole
 // left-most label, as x509.Certificate.VerifyHostname does).
-func matchName(cs tls.ConnectionState, names []string) *verification {
+func matchName(cs tls.ConnectionState, names []string) *policy.Failure {
 	certs := cs.PeerCertificates
 	if len(certs) == 0 {
-		return &verification{"certificate not trusted: no certificate", "certificate-not-trusted"}
+		return &policy.Failure{Result: policy.ResultCertificateNotTrusted, Reason: "certificate not trusted: no certificate"}
 	}
 	for _, n := range names {
 		if certs[0].VerifyHostname(strings.TrimSuffix(n, ".")) == nil {
 			return nil
 		}
 	}
-	return &verification{"certificate name mismatch", "certificate-host-mismatch"}
+	return &policy.Failure{Result: policy.ResultCertificateHostMismatch, Reason: "certificate name mismatch"}
 }
 
 // record gives one TLS session attempt to the Recorder (RFC 8460 §4.3).
-// resultType "" is a success.
-func (s *session) record(req Requirement, resultType, detail string) {
-	s.e.record(SessionResult{
+func (s *session) record(req policy.Requirement, result policy.ResultType, detail string) {
+	if s.e.opts.Recorder == nil {
+		return
+	}
+	local := ""
+	if a, ok := s.conn.LocalAddr().(*net.TCPAddr); ok {
+		local = a.IP.String()
+	}
+	s.e.record(policy.SessionResult{
 		PolicyDomain: s.domain,
-		Source:       req.Source,
+		Policy:       req.Policy,
 		MX:           s.mx.Name,
-		RemoteIP:     s.addr.String(),
+		SendingIP:    local,
+		ReceivingIP:  s.addr.String(),
 		HELO:         s.helo,
-		ResultType:   resultType,
+		Result:       result,
 		Detail:       detail,
 	})
 }
 
 // policyFailure is a host that did not meet its TLS requirement.
-func (e *Engine) policyFailure(label string, mx MX, req Requirement, requireTLS bool, reason string) *hostFailure {
+func (e *Engine) policyFailure(label string, mx policy.MX, req policy.Requirement, requireTLS bool, reason string) *hostFailure {
 	f := &hostFailure{host: mx.Name, reason: reason, nextHost: false}
 	switch {
-	case req.Source == SourceSTS && req.Security.RequiresTLS() && !req.Testing:
+	case req.Source() == policy.TypeSTS && req.MustTLS():
 		f.kind = failSTS
 		f.status = queue.Status{Code: 451, Enhanced: "4.4.8", Text: fmt.Sprintf("%s: %s (MTA-STS)", label, reason)}
-	case req.Source == SourceDANE && !req.Testing:
+	case req.Source() == policy.TypeTLSA && !req.Testing:
 		f.kind = failDANE
 		f.status = queue.Status{Code: 451, Enhanced: "4.7.5", Text: fmt.Sprintf("%s: %s (DANE)", label, reason)}
-	case requireTLS && !(req.Security.RequiresTLS() && !req.Testing):
+	case requireTLS && !req.MustTLS():
 		return requireTLSFailure(label, reason)
 	default:
 		f.kind = failLocal

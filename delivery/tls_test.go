@@ -10,6 +10,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/stsrelay/stsrelay/internal/testpki"
+	"github.com/stsrelay/stsrelay/policy"
 )
 
 // oneMX is the zone of most TLS tests: example.test, one MX at 127.0.0.2.
@@ -32,7 +33,7 @@ func TestOpportunisticTLSAcceptsAnyCertificate(t *testing.T) {
 		t.Fatalf("message not received over TLS: %+v", m)
 	}
 	res := v.rec.results()
-	if len(res) != 1 || res[0].ResultType != "" || res[0].MX != "mx1.example.test" || res[0].RemoteIP != "127.0.0.2" ||
+	if len(res) != 1 || res[0].Result != "" || res[0].MX != "mx1.example.test" || res[0].ReceivingIP != "127.0.0.2" ||
 		res[0].HELO != "mx.test" || res[0].PolicyDomain != "example.test" {
 		t.Errorf("session results = %+v, want one success for mx1.example.test with HELO mx.test", res)
 	}
@@ -45,7 +46,7 @@ func TestPlaintextWhenSTARTTLSNotOfferedAtLevelMay(t *testing.T) {
 	if m := mx.messages(); len(m) != 1 || m[0].tls {
 		t.Fatalf("want one plaintext message, got %+v", m)
 	}
-	if res := v.rec.results(); len(res) != 1 || res[0].ResultType != "starttls-not-supported" {
+	if res := v.rec.results(); len(res) != 1 || res[0].Result != "starttls-not-supported" {
 		t.Errorf("session results = %+v, want starttls-not-supported", res)
 	}
 }
@@ -68,7 +69,7 @@ func TestBrokenTLSHandshakeRetriesPlaintextOnceAtLevelMay(t *testing.T) {
 	if n := mx.sessionCount(); n != 2 {
 		t.Errorf("%d sessions, want 2 (TLS attempt, then plaintext)", n)
 	}
-	if res := v.rec.results(); len(res) != 1 || res[0].ResultType != "validation-failure" ||
+	if res := v.rec.results(); len(res) != 1 || res[0].Result != "validation-failure" ||
 		!strings.Contains(res[0].Detail, "TLS handshake failed") {
 		t.Errorf("session results = %+v, want one handshake failure", res)
 	}
@@ -77,14 +78,14 @@ func TestBrokenTLSHandshakeRetriesPlaintextOnceAtLevelMay(t *testing.T) {
 func TestBrokenTLSHandshakeNeverFallsBackWhenTLSRequired(t *testing.T) {
 	for _, tc := range []struct {
 		name     string
-		req      Requirement
+		req      policy.Requirement
 		code     int
 		enhanced string
 		text     string
 	}{
-		{"mta-sts", Requirement{Security: SecurityVerify, Source: SourceSTS}, 451, "4.4.8",
+		{"mta-sts", policy.Requirement{Security: policy.SecurityVerify, Policy: testSTS}, 451, "4.4.8",
 			"MX hosts of 'example.test' failed MTA-STS validation: mx1.example.test: TLS handshake failed"},
-		{"local encrypt", Requirement{Security: SecurityEncrypt, Source: SourceLocal}, 451, "4.7.5",
+		{"local encrypt", policy.Requirement{Security: policy.SecurityEncrypt, Policy: testLocal}, 451, "4.7.5",
 			"mx1.example.test[127.0.0.2]: TLS handshake failed"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -104,10 +105,12 @@ func TestVerifyDeliversWithValidCertificate(t *testing.T) {
 		"mx1.example.test. 300 IN A 127.0.0.2")
 	mx := newMX(t, withTLS(v.ca.Issue(t, "mx1.example.test")))
 	v.route("127.0.0.2", mx.Addr)
-	e := v.engine(func(o *Options) { o.Policy = everyMX(Requirement{Security: SecurityVerify, Source: SourceSTS}) })
+	e := v.engine(func(o *Options) {
+		o.Policy = everyMX(policy.Requirement{Security: policy.SecurityVerify, Policy: testSTS})
+	})
 	st := deliver(t, e, testJob("example.test", "a@example.test"))
 	wantStatus(t, st[0], 250, "2.0.0")
-	if res := v.rec.results(); len(res) != 1 || res[0].ResultType != "" || res[0].Source != SourceSTS {
+	if res := v.rec.results(); len(res) != 1 || res[0].Result != "" || res[0].Policy != testSTS {
 		t.Errorf("session results = %+v, want one mta-sts success", res)
 	}
 	if sni := mx.serverName; !slices.Equal(sni, []string{"mx1.example.test"}) {
@@ -121,7 +124,7 @@ func TestEnforceDefersOnCertificateProblems(t *testing.T) {
 		name       string
 		cert       func(v *testEnv) tls.Certificate
 		reason     string
-		resultType string
+		resultType policy.ResultType
 	}{
 		{"name mismatch", func(v *testEnv) tls.Certificate { return v.ca.Issue(t, "mx9.example.test") },
 			"certificate name mismatch", "certificate-host-mismatch"},
@@ -145,14 +148,16 @@ func TestEnforceDefersOnCertificateProblems(t *testing.T) {
 				"mx1.example.test. 300 IN A 127.0.0.2")
 			mx := newMX(t, withTLS(tc.cert(v)))
 			v.route("127.0.0.2", mx.Addr)
-			e := v.engine(func(o *Options) { o.Policy = everyMX(Requirement{Security: SecurityVerify, Source: SourceSTS}) })
+			e := v.engine(func(o *Options) {
+				o.Policy = everyMX(policy.Requirement{Security: policy.SecurityVerify, Policy: testSTS})
+			})
 			st := deliver(t, e, testJob("example.test", "a@example.test"))
 			wantStatus(t, st[0], 451, "4.4.8",
 				"MX hosts of 'example.test' failed MTA-STS validation: mx1.example.test: "+tc.reason)
 			if len(mx.messages()) != 0 {
 				t.Error("message delivered despite the failed certificate check")
 			}
-			if res := v.rec.results(); len(res) != 1 || res[0].ResultType != tc.resultType {
+			if res := v.rec.results(); len(res) != 1 || res[0].Result != tc.resultType {
 				t.Errorf("session results = %+v, want %s", res, tc.resultType)
 			}
 		})
@@ -165,7 +170,9 @@ func TestWildcardCertificateMatchesOneLeftMostLabel(t *testing.T) {
 		"mx1.example.test. 300 IN A 127.0.0.2")
 	mx := newMX(t, withTLS(v.ca.Issue(t, "*.example.test")))
 	v.route("127.0.0.2", mx.Addr)
-	e := v.engine(func(o *Options) { o.Policy = everyMX(Requirement{Security: SecurityVerify, Source: SourceSTS}) })
+	e := v.engine(func(o *Options) {
+		o.Policy = everyMX(policy.Requirement{Security: policy.SecurityVerify, Policy: testSTS})
+	})
 	st := deliver(t, e, testJob("example.test", "a@example.test"))
 	wantStatus(t, st[0], 250, "2.0.0")
 }
@@ -176,13 +183,13 @@ func TestVerifyAcceptsAnyOfRequirementNames(t *testing.T) {
 	mx2 := newMX(t, withTLS(v.ca.Issue(t, "b.provider.test")))
 	v.route("127.0.0.2", mx2.Addr)
 	e := v.engine(func(o *Options) {
-		o.Policy = everyMX(Requirement{Security: SecurityVerify, Source: SourceSTS,
+		o.Policy = everyMX(policy.Requirement{Security: policy.SecurityVerify, Policy: testSTS,
 			Names: []string{"mx1.example.test", "b.provider.test"}, ServerName: "b.provider.test"})
 	})
 	st := deliver(t, e, testJob("example.test", "a@example.test"))
 	wantStatus(t, st[0], 250, "2.0.0")
 	if sni := mx2.serverName; !slices.Equal(sni, []string{"b.provider.test"}) {
-		t.Errorf("SNI = %q, want Requirement.ServerName", sni)
+		t.Errorf("SNI = %q, want policy.Requirement.ServerName", sni)
 	}
 }
 
@@ -196,7 +203,9 @@ func TestEnforceDefersWhenSTARTTLSNotOffered(t *testing.T) {
 	mx2 := newMX(t)
 	v.route("127.0.0.2", mx1.Addr)
 	v.route("127.0.0.3", mx2.Addr)
-	e := v.engine(func(o *Options) { o.Policy = everyMX(Requirement{Security: SecurityVerify, Source: SourceSTS}) })
+	e := v.engine(func(o *Options) {
+		o.Policy = everyMX(policy.Requirement{Security: policy.SecurityVerify, Policy: testSTS})
+	})
 	st := deliver(t, e, testJob("example.test", "a@example.test"))
 	wantStatus(t, st[0], 451, "4.4.8",
 		"MX hosts of 'example.test' failed MTA-STS validation: mx1.example.test: certificate name mismatch; mx2.example.test: STARTTLS not offered")
@@ -209,14 +218,14 @@ func TestTestingModeDeliversDespiteFailuresAndRecordsThem(t *testing.T) {
 	v, mx := oneMX(t)
 	mx.srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{v.ca.Issue(t, "wrong.example.test")}}
 	e := v.engine(func(o *Options) {
-		o.Policy = everyMX(Requirement{Security: SecurityVerify, Source: SourceSTS, Testing: true})
+		o.Policy = everyMX(policy.Requirement{Security: policy.SecurityVerify, Policy: testSTS, Testing: true})
 	})
 	st := deliver(t, e, testJob("example.test", "a@example.test"))
 	wantStatus(t, st[0], 250, "2.0.0")
 	if m := mx.messages(); len(m) != 1 || !m[0].tls {
 		t.Errorf("want one message over TLS, got %+v", m)
 	}
-	if res := v.rec.results(); len(res) != 1 || res[0].ResultType != "certificate-host-mismatch" {
+	if res := v.rec.results(); len(res) != 1 || res[0].Result != "certificate-host-mismatch" {
 		t.Errorf("session results = %+v, want certificate-host-mismatch", res)
 	}
 	if logs := v.logs.String(); !strings.Contains(logs, `tls_problem="certificate name mismatch"`) ||
@@ -229,12 +238,12 @@ func TestTestingModeDeliversToUnlistedMXAndRecordsOneFailure(t *testing.T) {
 	v, mx := oneMX(t)
 	mx.srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{v.ca.Issue(t, "mx1.example.test")}}
 	e := v.engine(func(o *Options) {
-		o.Policy = everyMX(Requirement{Security: SecurityVerify, Source: SourceSTS, Testing: true,
+		o.Policy = everyMX(policy.Requirement{Security: policy.SecurityVerify, Policy: testSTS, Testing: true,
 			Skip: "not listed in the MTA-STS policy"})
 	})
 	st := deliver(t, e, testJob("example.test", "a@example.test"))
 	wantStatus(t, st[0], 250, "2.0.0")
-	if res := v.rec.results(); len(res) != 1 || res[0].ResultType != "validation-failure" || res[0].Detail != "not listed in the MTA-STS policy" {
+	if res := v.rec.results(); len(res) != 1 || res[0].Result != "validation-failure" || res[0].Detail != "not listed in the MTA-STS policy" {
 		t.Errorf("session results = %+v, want exactly one validation-failure", res)
 	}
 }
@@ -249,10 +258,10 @@ func TestSkippedMXIsNeverDialed(t *testing.T) {
 	mx2 := newMX(t, withTLS(v.ca.Issue(t, "mx2.example.test")))
 	v.route("127.0.0.2", mx1.Addr)
 	v.route("127.0.0.3", mx2.Addr)
-	skipFirst := policyFunc(func(_ ctxT, _ string, mxs []MX) ([]Requirement, error) {
-		out := make([]Requirement, len(mxs))
+	skipFirst := policyFunc(func(_ ctxT, _ string, mxs []policy.MX) ([]policy.Requirement, error) {
+		out := make([]policy.Requirement, len(mxs))
 		for i, mx := range mxs {
-			out[i] = Requirement{Security: SecurityVerify, Source: SourceSTS, Names: []string{mx.Name}}
+			out[i] = policy.Requirement{Security: policy.SecurityVerify, Policy: testSTS, Names: []string{mx.Name}}
 			if mx.Name == "mx1.example.test" {
 				out[i].Skip = "not listed in the MTA-STS policy"
 			}
@@ -266,8 +275,8 @@ func TestSkippedMXIsNeverDialed(t *testing.T) {
 		t.Error("a skipped MX host was dialed")
 	}
 
-	if res := v.rec.results(); len(res) != 2 || res[0].MX != "mx1.example.test" || res[0].ResultType != "validation-failure" ||
-		res[0].Detail != "not listed in the MTA-STS policy" || res[1].ResultType != "" {
+	if res := v.rec.results(); len(res) != 2 || res[0].MX != "mx1.example.test" || res[0].Result != "validation-failure" ||
+		res[0].Detail != "not listed in the MTA-STS policy" || res[1].Result != "" {
 		t.Errorf("session results = %+v, want the skip as validation-failure, then a success", res)
 	}
 
@@ -279,8 +288,8 @@ func TestSkippedMXIsNeverDialed(t *testing.T) {
 
 func TestPolicyErrorDefersWithItsOwnStatus(t *testing.T) {
 	v, mx := oneMX(t)
-	failing := policyFunc(func(_ ctxT, _ string, _ []MX) ([]Requirement, error) {
-		return nil, &Error{Status: statusT{Code: 451, Enhanced: "4.7.5", Text: "mx1.example.test: TLSA lookup failed in a secure zone"}}
+	failing := policyFunc(func(_ ctxT, _ string, _ []policy.MX) ([]policy.Requirement, error) {
+		return nil, &policy.Error{Code: 451, Enhanced: "4.7.5", Text: "mx1.example.test: TLSA lookup failed in a secure zone"}
 	})
 	st := deliver(t, v.engine(func(o *Options) { o.Policy = failing }), testJob("example.test", "a@example.test"))
 	wantStatus(t, st[0], 451, "4.7.5", "TLSA lookup failed")
@@ -289,11 +298,13 @@ func TestPolicyErrorDefersWithItsOwnStatus(t *testing.T) {
 	}
 }
 
-func TestDANERequirementDefersUntilDANEIsAvailable(t *testing.T) {
+func TestDANERequirementWithoutAuthenticatorDefers(t *testing.T) {
 	v, mx := oneMX(t, withTLS(testpki.NewCA(t).Issue(t, "mx1.example.test")))
-	e := v.engine(func(o *Options) { o.Policy = everyMX(Requirement{Security: SecurityDANE, Source: SourceDANE}) })
+	e := v.engine(func(o *Options) {
+		o.Policy = everyMX(policy.Requirement{Security: policy.SecurityDANE, Policy: testTLSA})
+	})
 	st := deliver(t, e, testJob("example.test", "a@example.test"))
-	wantStatus(t, st[0], 451, "4.7.5", "mx1.example.test: DANE required but not available")
+	wantStatus(t, st[0], 451, "4.7.5", "mx1.example.test: DANE required but no usable TLSA records")
 	if mx.sessionCount() != 0 {
 		t.Error("dialed a DANE host without a way to authenticate it")
 	}
@@ -302,22 +313,22 @@ func TestDANERequirementDefersUntilDANEIsAvailable(t *testing.T) {
 func TestLocalOverrides(t *testing.T) {
 	for _, tc := range []struct {
 		name      string
-		published Requirement
-		override  Security
+		published policy.Requirement
+		override  policy.Security
 		cert      bool // the MX offers STARTTLS with a wrong-name cert
 		code      int
 		enhanced  string
 		wantTLS   bool
 	}{
-		{"none never starts TLS", Requirement{}, SecurityNone, true, 250, "2.0.0", false},
-		{"none beats MTA-STS enforce", Requirement{Security: SecurityVerify, Source: SourceSTS}, SecurityNone, true, 250, "2.0.0", false},
-		{"encrypt accepts any certificate", Requirement{}, SecurityEncrypt, true, 250, "2.0.0", true},
-		{"encrypt needs STARTTLS", Requirement{}, SecurityEncrypt, false, 451, "4.7.5", false},
-		{"verify checks the MX name", Requirement{}, SecurityVerify, true, 451, "4.7.5", false},
-		{"encrypt cannot weaken MTA-STS enforce", Requirement{Security: SecurityVerify, Source: SourceSTS}, SecurityEncrypt, true, 451, "4.4.8", false},
-		{"may cannot weaken MTA-STS enforce", Requirement{Security: SecurityVerify, Source: SourceSTS}, SecurityMay, true, 451, "4.4.8", false},
-		{"may beats MTA-STS testing", Requirement{Security: SecurityVerify, Source: SourceSTS, Testing: true}, SecurityMay, true, 250, "2.0.0", true},
-		{"dane-only defers until DANE lands", Requirement{}, SecurityDANE, true, 451, "4.7.5", false},
+		{"none never starts TLS", policy.Requirement{}, policy.SecurityNone, true, 250, "2.0.0", false},
+		{"none beats MTA-STS enforce", policy.Requirement{Security: policy.SecurityVerify, Policy: testSTS}, policy.SecurityNone, true, 250, "2.0.0", false},
+		{"encrypt accepts any certificate", policy.Requirement{}, policy.SecurityEncrypt, true, 250, "2.0.0", true},
+		{"encrypt needs STARTTLS", policy.Requirement{}, policy.SecurityEncrypt, false, 451, "4.7.5", false},
+		{"verify checks the MX name", policy.Requirement{}, policy.SecurityVerify, true, 451, "4.7.5", false},
+		{"encrypt cannot weaken MTA-STS enforce", policy.Requirement{Security: policy.SecurityVerify, Policy: testSTS}, policy.SecurityEncrypt, true, 451, "4.4.8", false},
+		{"may cannot weaken MTA-STS enforce", policy.Requirement{Security: policy.SecurityVerify, Policy: testSTS}, policy.SecurityMay, true, 451, "4.4.8", false},
+		{"may beats MTA-STS testing", policy.Requirement{Security: policy.SecurityVerify, Policy: testSTS, Testing: true}, policy.SecurityMay, true, 250, "2.0.0", true},
+		{"dane-only defers until DANE lands", policy.Requirement{}, policy.SecurityDANE, true, 451, "4.7.5", false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			v, mx := oneMX(t)
@@ -341,9 +352,9 @@ func TestLocalOverrides(t *testing.T) {
 func TestOverrideNeverDialsAnMXThatMTASTSEnforceRulesOut(t *testing.T) {
 	v, mx := oneMX(t)
 	mx.srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{v.ca.Issue(t, "mx1.example.test")}}
-	for _, sec := range []Security{SecurityMay, SecurityEncrypt, SecurityVerify} {
+	for _, sec := range []policy.Security{policy.SecurityMay, policy.SecurityEncrypt, policy.SecurityVerify} {
 		e := v.engine(func(o *Options) {
-			o.Policy = everyMX(Requirement{Security: SecurityVerify, Source: SourceSTS, Skip: "not listed in the MTA-STS policy for example.test"})
+			o.Policy = everyMX(policy.Requirement{Security: policy.SecurityVerify, Policy: testSTS, Skip: "not listed in the MTA-STS policy for example.test"})
 			o.Overrides = []Override{{Domain: "example.test", TLS: sec}}
 		})
 		st := deliver(t, e, testJob("example.test", "a@example.test"))
@@ -364,7 +375,7 @@ func TestTLSOlderThan12FailsAVerifyRequirement(t *testing.T) {
 		MaxVersion:   tls.VersionTLS11,
 	}
 	e := v.engine(func(o *Options) {
-		o.Policy = everyMX(Requirement{Security: SecurityVerify, Source: SourceSTS, Names: []string{"mx1.example.test"}})
+		o.Policy = everyMX(policy.Requirement{Security: policy.SecurityVerify, Policy: testSTS, Names: []string{"mx1.example.test"}})
 	})
 	st := deliver(t, e, testJob("example.test", "a@example.test"))
 	wantStatus(t, st[0], 451, "4.4.8", "TLS handshake failed")
@@ -374,45 +385,15 @@ func TestTLSOlderThan12FailsAVerifyRequirement(t *testing.T) {
 }
 
 func TestOverrideNeverWeakensDANE(t *testing.T) {
-	dane := Requirement{Security: SecurityDANE, Source: SourceDANE}
-	mx := MX{Name: "mx1.example.test"}
-	for _, sec := range []Security{SecurityMay, SecurityEncrypt, SecurityVerify, SecurityDANE} {
-		if got := applyOverride(dane, mx, sec); got.Source != SourceDANE {
+	dane := policy.Requirement{Security: policy.SecurityDANE, Policy: testTLSA}
+	mx := policy.MX{Name: "mx1.example.test"}
+	for _, sec := range []policy.Security{policy.SecurityMay, policy.SecurityEncrypt, policy.SecurityVerify, policy.SecurityDANE} {
+		if got := (override{sec: sec, id: testLocal}.apply(dane, mx)); got.Source() != policy.TypeTLSA {
 			t.Errorf("override %s replaced a DANE requirement: %+v", sec, got)
 		}
 	}
-	if got := applyOverride(dane, mx, SecurityNone); got.Security != SecurityNone || got.Source != SourceLocal {
+	if got := (override{sec: policy.SecurityNone, id: testLocal}.apply(dane, mx)); got.Security != policy.SecurityNone || got.Source() != policy.TypeLocal {
 		t.Errorf("an explicit none must win: %+v", got)
-	}
-}
-
-func TestParseSecurity(t *testing.T) {
-	for in, want := range map[string]Security{"may": SecurityMay, "none": SecurityNone, "encrypt": SecurityEncrypt,
-		"verify": SecurityVerify, "dane-only": SecurityDANE, " Verify ": SecurityVerify} {
-		if got, err := ParseSecurity(in); err != nil || got != want {
-			t.Errorf("ParseSecurity(%q) = %v, %v; want %v", in, got, err, want)
-		}
-	}
-	if _, err := ParseSecurity("secure"); err == nil {
-		t.Error("ParseSecurity accepted an unknown level")
-	}
-}
-
-func TestChainLetsDANEDecideBeforeMTASTS(t *testing.T) {
-	mxs := []MX{{Name: "a.test"}, {Name: "b.test"}}
-	dane := policyFunc(func(_ ctxT, _ string, mxs []MX) ([]Requirement, error) {
-		return []Requirement{{Security: SecurityDANE, Source: SourceDANE}, {MXValidated: true}}, nil
-	})
-	sts := everyMX(Requirement{Security: SecurityVerify, Source: SourceSTS, Skip: "not listed"})
-	got, err := Chain(dane, nil, sts).Requirements(t.Context(), "example.test", mxs)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got[0].Source != SourceDANE || got[0].Skip != "" {
-		t.Errorf("host with DANE got %+v, want the DANE requirement alone (DESIGN.md decision 3)", got[0])
-	}
-	if got[1].Source != SourceSTS || got[1].Skip == "" || !got[1].MXValidated {
-		t.Errorf("host without DANE got %+v, want the MTA-STS requirement, MX validated by DNSSEC", got[1])
 	}
 }
 
@@ -420,7 +401,7 @@ func TestOutcomesAreCountedByPolicy(t *testing.T) {
 	v, mx := oneMX(t)
 	mx.srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{v.ca.Issue(t, "mx1.example.test")}}
 	e := v.engine(func(o *Options) {
-		o.Policy = everyMX(Requirement{Security: SecurityVerify, Source: SourceSTS, Names: []string{"mx1.example.test"}})
+		o.Policy = everyMX(policy.Requirement{Security: policy.SecurityVerify, Policy: testSTS, Names: []string{"mx1.example.test"}})
 	})
 	counter := metricRecipients.WithLabelValues("delivered", "mta-sts/verify")
 	before := testutil.ToFloat64(counter)

@@ -1,10 +1,10 @@
 package sts_test
 
 import (
+	"github.com/stsrelay/stsrelay/policy"
 	"testing"
 	"time"
 
-	"github.com/stsrelay/stsrelay/delivery"
 	"github.com/stsrelay/stsrelay/resolve"
 )
 
@@ -66,7 +66,7 @@ func BenchmarkRequirements(b *testing.B) {
 	m := e.Manager(nil)
 	for _, domain := range []string{"enforce.test", "nopolicy.test"} {
 		b.Run(domain, func(b *testing.B) {
-			mxs := []delivery.MX{{Name: "mx." + domain, Final: "mx." + domain, Preference: 10}}
+			mxs := []policy.MX{{Name: "mx." + domain, Final: "mx." + domain, Preference: 10}}
 			if _, err := m.Requirements(ctx, domain, mxs); err != nil {
 				b.Fatal(err)
 			}

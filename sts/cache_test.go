@@ -3,13 +3,13 @@ package sts_test
 import (
 	"context"
 	"errors"
+	"github.com/stsrelay/stsrelay/policy"
 	"net/http"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
-	"github.com/stsrelay/stsrelay/delivery"
 	"github.com/stsrelay/stsrelay/internal/dnstest"
 	"github.com/stsrelay/stsrelay/sts"
 )
@@ -80,7 +80,7 @@ func TestCachedPolicySurvivesPolicyHostOutage(t *testing.T) {
 	if h.requests.Load() != 2 {
 		t.Fatalf("%d requests, want the new id to be tried", h.requests.Load())
 	}
-	if got := e.Rec.ResultTypes(); got != sts.ResultFetchError {
+	if got := e.Rec.ResultTypes(); got != string(sts.ResultFetchError) {
 		t.Fatalf("recorded %q, want one fetch error", got)
 	}
 	// After expiry the stale policy no longer applies.
@@ -150,8 +150,8 @@ func TestModeNoneReplacesCachedPolicy(t *testing.T) {
 	if cp.Policy.Mode != sts.ModeNone {
 		t.Fatalf("got %+v, want mode none", cp)
 	}
-	reqs, err := m.Requirements(ctx, "example.com", []delivery.MX{{Name: "other.example.org", Final: "other.example.org"}})
-	if err != nil || reqs[0].Security != delivery.SecurityMay || reqs[0].Skip != "" || reqs[0].Source != delivery.SourceOpportunistic {
+	reqs, err := m.Requirements(ctx, "example.com", []policy.MX{{Name: "other.example.org", Final: "other.example.org"}})
+	if err != nil || reqs[0].Security != policy.SecurityMay || reqs[0].Skip != "" || reqs[0].Source() != policy.TypeNone {
 		t.Fatalf("requirements under mode none: %+v, %v", reqs, err)
 	}
 	if c, _ := m.Cached("example.com"); c.Policy.Mode != sts.ModeNone {
@@ -202,8 +202,8 @@ func TestConcurrentLookupsShareOneFetch(t *testing.T) {
 	errs := make(chan error, 100)
 	for range 100 {
 		wg.Go(func() {
-			reqs, err := m.Requirements(ctx, "example.com", []delivery.MX{{Name: "mx.example.com", Final: "mx.example.com"}})
-			if err == nil && reqs[0].Security != delivery.SecurityVerify {
+			reqs, err := m.Requirements(ctx, "example.com", []policy.MX{{Name: "mx.example.com", Final: "mx.example.com"}})
+			if err == nil && reqs[0].Security != policy.SecurityVerify {
 				err = errors.New("policy not applied")
 			}
 			errs <- err
@@ -365,7 +365,7 @@ func TestMetricsCountFetchesCacheHitsAndModes(t *testing.T) {
 	for range 3 {
 		requirements(t, m, mx("mx.example.com"))
 	}
-	m.Requirements(ctx, "other.example", []delivery.MX{mx("mx.other.example")})
+	m.Requirements(ctx, "other.example", []policy.MX{mx("mx.other.example")})
 	for key, want := range map[string]float64{"fetches/ok": 1, "cache/hit": 2, "cache/miss": 2, "deliveries/enforce": 3, "deliveries/no-policy": 1} {
 		metric, label, _ := strings.Cut(key, "/")
 		if got := sts.Counters(metric, label) - before[key]; got != want {

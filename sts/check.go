@@ -124,7 +124,7 @@ func (r *CheckReport) Write(w io.Writer) {
 		var fe *FetchError
 		kind := ""
 		if errors.As(r.FetchErr, &fe) {
-			kind = " [" + fe.ResultType + "]"
+			kind = " [" + string(fe.ResultType) + "]"
 		}
 		fmt.Fprintf(w, "  PROBLEM%s: %v\n", kind, r.FetchErr)
 	} else {

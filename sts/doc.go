@@ -2,7 +2,7 @@
 // 8461) for outbound delivery: TXT discovery, the HTTPS policy fetch, policy
 // parsing, a cache persisted in bbolt with background refresh, and the
 // per-MX decision that the delivery engine asks for through
-// delivery.PolicySource.
+// policy.PolicySource.
 //
 // The delivery engine verifies certificates and composes deferral texts;
 // this package decides, per MX host, whether it may be used and which names

@@ -3,6 +3,7 @@ package sts_test
 import (
 	"crypto/tls"
 	"fmt"
+	"github.com/stsrelay/stsrelay/policy"
 	"io"
 	"log/slog"
 	"net"
@@ -263,7 +264,7 @@ func TestTestingModeDeliversDespiteBadCertificate(t *testing.T) {
 	wantDelivered(t, send(t, e.Engine(e.Manager(nil)), "example.com"), mx, 1)
 	var reported bool
 	for _, r := range e.Rec.Results() {
-		reported = reported || (r.ResultType != "" && r.MX == "mx.example.com" && r.Source == delivery.SourceSTS)
+		reported = reported || (r.Result != "" && r.MX == "mx.example.com" && r.Policy != nil && r.Policy.Type == policy.TypeSTS)
 	}
 	if !reported {
 		t.Fatalf("the certificate failure was not recorded for TLSRPT: %+v", e.Rec.Results())
@@ -345,7 +346,7 @@ func TestFetchFailureWithoutCacheDeliversOpportunistically(t *testing.T) {
 	// RFC 8461 §5.1: no policy could be fetched and none is cached: deliver
 	// as if the domain did not use MTA-STS, and report the failure (§6).
 	wantDelivered(t, send(t, e.Engine(e.Manager(nil)), "example.com"), mx, 1)
-	if got := e.Rec.Results(); len(got) == 0 || got[0].ResultType != sts.ResultFetchError {
+	if got := e.Rec.Results(); len(got) == 0 || got[0].Result != sts.ResultFetchError {
 		t.Fatalf("recorded %+v, want the fetch error first", got)
 	}
 }

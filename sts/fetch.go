@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/stsrelay/stsrelay/policy"
 	"github.com/stsrelay/stsrelay/resolve"
 )
 
@@ -28,15 +29,15 @@ const (
 
 // Result types of RFC 8460 §4.3.2 for a failure to get a policy.
 const (
-	ResultFetchError    = "sts-policy-fetch-error"
-	ResultPolicyInvalid = "sts-policy-invalid"
-	ResultWebPKIInvalid = "sts-webpki-invalid"
+	ResultFetchError    = policy.ResultSTSPolicyFetchError
+	ResultPolicyInvalid = policy.ResultSTSPolicyInvalid
+	ResultWebPKIInvalid = policy.ResultSTSWebPKIInvalid
 )
 
 // FetchError is a failed policy fetch, classified as TLSRPT reports it.
 type FetchError struct {
 	Domain     string
-	ResultType string // ResultFetchError, ResultPolicyInvalid or ResultWebPKIInvalid
+	ResultType policy.ResultType // ResultFetchError, ResultPolicyInvalid or ResultWebPKIInvalid
 	Err        error
 }
 
@@ -182,7 +183,7 @@ func (m *Manager) fetch(ctx context.Context, domain string) (*Policy, error) {
 }
 
 // classify maps a fetch error to its RFC 8460 §4.3.2 result type.
-func classify(err error) string {
+func classify(err error) policy.ResultType {
 	var (
 		verr *tls.CertificateVerificationError
 		herr x509.HostnameError

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"github.com/stsrelay/stsrelay/policy"
 	"net/http"
 	"os"
 	"os/exec"
@@ -31,7 +32,7 @@ func fetchFails(t *testing.T, e *env, mod func(*sts.Options)) *sts.FetchError {
 	return fe
 }
 
-func wantResult(t *testing.T, fe *sts.FetchError, resultType string) {
+func wantResult(t *testing.T, fe *sts.FetchError, resultType policy.ResultType) {
 	t.Helper()
 	if fe.ResultType != resultType {
 		t.Fatalf("result type %q (%v), want %q", fe.ResultType, fe, resultType)
@@ -270,7 +271,7 @@ func TestFetchFailureIsRecordedForTLSRPT(t *testing.T) {
 	for _, tc := range []struct {
 		name   string
 		setup  func(e *env)
-		result string
+		result policy.ResultType
 	}{
 		{"unreachable", func(e *env) { e.SetID("example.com", "id1") }, sts.ResultFetchError},
 		{"invalid", func(e *env) { e.ValidHost("example.com", "id1", "version: STSv1\nmode: enforce\n") }, sts.ResultPolicyInvalid},
@@ -283,7 +284,7 @@ func TestFetchFailureIsRecordedForTLSRPT(t *testing.T) {
 			tc.setup(e)
 			fetchFails(t, e, nil)
 			res := e.Rec.Results()
-			if len(res) != 1 || res[0].ResultType != tc.result || res[0].PolicyDomain != "example.com" || res[0].MX != "" {
+			if len(res) != 1 || res[0].Result != tc.result || res[0].PolicyDomain != "example.com" || res[0].MX != "" {
 				t.Fatalf("recorded %+v, want one %s for example.com without MX", res, tc.result)
 			}
 		})

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"fmt"
+	"github.com/stsrelay/stsrelay/policy"
 	"io"
 	"log"
 	"log/slog"
@@ -19,7 +20,6 @@ import (
 
 	"go.etcd.io/bbolt"
 
-	"github.com/stsrelay/stsrelay/delivery"
 	"github.com/stsrelay/stsrelay/internal/dnstest"
 	"github.com/stsrelay/stsrelay/internal/testpki"
 	"github.com/stsrelay/stsrelay/queue"
@@ -241,26 +241,26 @@ func dbPath(t *testing.T) string { return filepath.Join(t.TempDir(), "stsrelay.d
 // recorder collects TLSRPT results.
 type recorder struct {
 	mu      sync.Mutex
-	results []delivery.SessionResult
+	results []policy.SessionResult
 }
 
-func (r *recorder) Record(res delivery.SessionResult) {
+func (r *recorder) Record(res policy.SessionResult) {
 	r.mu.Lock()
 	r.results = append(r.results, res)
 	r.mu.Unlock()
 }
 
-func (r *recorder) Results() []delivery.SessionResult {
+func (r *recorder) Results() []policy.SessionResult {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return append([]delivery.SessionResult(nil), r.results...)
+	return append([]policy.SessionResult(nil), r.results...)
 }
 
 // resultTypes lists the ResultType of every recorded result.
 func (r *recorder) ResultTypes() string {
 	var types []string
 	for _, res := range r.Results() {
-		types = append(types, res.ResultType)
+		types = append(types, string(res.Result))
 	}
 	return strings.Join(types, ",")
 }

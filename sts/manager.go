@@ -17,7 +17,7 @@ import (
 
 	"go.etcd.io/bbolt"
 
-	"github.com/stsrelay/stsrelay/delivery"
+	"github.com/stsrelay/stsrelay/policy"
 	"github.com/stsrelay/stsrelay/resolve"
 )
 
@@ -58,7 +58,7 @@ type Options struct {
 	// matches the policy (DESIGN.md decision 4; sts.match_cname_target).
 	MatchCNAMETarget bool
 	// Recorder receives policy fetch failures for TLSRPT; may be nil.
-	Recorder delivery.Recorder
+	Recorder policy.Recorder
 	Logger   *slog.Logger
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
@@ -75,6 +75,13 @@ type CachedPolicy struct {
 	Policy  *Policy
 	Fetched time.Time
 	Expires time.Time // Fetched + max_age (RFC 8461 §3.2)
+	// Identity is the policy as TLS reports name it (RFC 8460 §4.4).
+	Identity *policy.Identity
+}
+
+func newCachedPolicy(domain, id string, p *Policy, fetched, expires time.Time) *CachedPolicy {
+	return &CachedPolicy{Domain: domain, ID: id, Policy: p, Fetched: fetched, Expires: expires,
+		Identity: policy.NewIdentity(policy.TypeSTS, domain, p.Lines(), p.MX)}
 }
 
 // Expired reports whether the policy may no longer be applied at now.
@@ -98,7 +105,7 @@ type call struct {
 }
 
 // Manager discovers, fetches, caches and refreshes MTA-STS policies, and
-// decides per MX host what delivery needs (it is a delivery.PolicySource).
+// decides per MX host what delivery needs (it is a policy.PolicySource).
 // It is safe for concurrent use.
 type Manager struct {
 	resolver         *resolve.Resolver
@@ -106,7 +113,7 @@ type Manager struct {
 	http             *http.Client
 	fetchTimeout     time.Duration
 	matchCNAMETarget bool
-	recorder         delivery.Recorder
+	recorder         policy.Recorder
 	log              *slog.Logger
 	now              func() time.Time
 	refreshInterval  time.Duration
@@ -286,15 +293,15 @@ func (m *Manager) fetchAndStore(ctx context.Context, domain, id string, c *call)
 	now := m.now()
 	if err != nil {
 		fe := &FetchError{Domain: domain, ResultType: classify(err), Err: err}
-		policyFetches.WithLabelValues(fe.ResultType).Inc()
+		policyFetches.WithLabelValues(string(fe.ResultType)).Inc()
 		m.log.Warn("sts: policy fetch failed", "domain", domain, "id", id,
 			"result", fe.ResultType, "err", err, "duration", now.Sub(start))
 		// RFC 8460 §4.3.2 / RFC 8461 §6: a policy that could not be
 		// fetched is reported, with no MX host.
 		if m.recorder != nil {
-			m.recorder.Record(delivery.SessionResult{
-				Time: now, PolicyDomain: domain, Source: delivery.SourceSTS,
-				ResultType: fe.ResultType, Detail: oneLine(err.Error()),
+			m.recorder.Record(policy.SessionResult{
+				Time: now, PolicyDomain: domain, Policy: policy.NewIdentity(policy.TypeSTS, domain, nil, nil),
+				Result: fe.ResultType, Detail: oneLine(err.Error()),
 			})
 		}
 		m.mu.Lock()
@@ -306,7 +313,7 @@ func (m *Manager) fetchAndStore(ctx context.Context, domain, id string, c *call)
 		return
 	}
 	policyFetches.WithLabelValues("ok").Inc()
-	cp := &CachedPolicy{Domain: domain, ID: id, Policy: p, Fetched: now, Expires: now.Add(p.MaxAge)}
+	cp := newCachedPolicy(domain, id, p, now, now.Add(p.MaxAge))
 	m.log.Info("sts: policy fetched", "domain", domain, "id", id, "mode", p.Mode,
 		"max_age", p.MaxAge, "duration", now.Sub(start))
 	if m.db != nil {

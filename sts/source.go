@@ -5,12 +5,12 @@ import (
 	"errors"
 	"strings"
 
-	"github.com/stsrelay/stsrelay/delivery"
+	"github.com/stsrelay/stsrelay/policy"
 )
 
-var _ delivery.PolicySource = (*Manager)(nil)
+var _ policy.PolicySource = (*Manager)(nil)
 
-// Requirements implements delivery.PolicySource: per MX host, what MTA-STS
+// Requirements implements policy.PolicySource: per MX host, what MTA-STS
 // demands (RFC 8461 §4, §5).
 //
 //   - enforce: an MX host that does not match the policy is skipped, which
@@ -30,12 +30,12 @@ var _ delivery.PolicySource = (*Manager)(nil)
 //
 // The only error is a cancelled ctx; a domain without a usable policy gets
 // opportunistic requirements.
-func (m *Manager) Requirements(ctx context.Context, domain string, mxs []delivery.MX) ([]delivery.Requirement, error) {
+func (m *Manager) Requirements(ctx context.Context, domain string, mxs []policy.MX) ([]policy.Requirement, error) {
 	cp, err := m.Policy(ctx, domain)
 	if err != nil && !errors.Is(err, ErrNoPolicy) {
 		return nil, err
 	}
-	reqs := make([]delivery.Requirement, len(mxs))
+	reqs := make([]policy.Requirement, len(mxs))
 	if cp == nil || cp.Policy.Mode == ModeNone {
 		// RFC 8461 §5: mode none is handled as if there were no policy.
 		mode := "no-policy"
@@ -44,7 +44,7 @@ func (m *Manager) Requirements(ctx context.Context, domain string, mxs []deliver
 		}
 		decisions.WithLabelValues(mode).Inc()
 		for i := range reqs {
-			reqs[i] = delivery.Requirement{Security: delivery.SecurityMay, Source: delivery.SourceOpportunistic}
+			reqs[i] = policy.Requirement{Security: policy.SecurityMay}
 		}
 		return reqs, nil
 	}
@@ -56,11 +56,11 @@ func (m *Manager) Requirements(ctx context.Context, domain string, mxs []deliver
 }
 
 // requirement decides one MX host under an enforce or testing policy.
-func (m *Manager) requirement(cp *CachedPolicy, mx delivery.MX) delivery.Requirement {
+func (m *Manager) requirement(cp *CachedPolicy, mx policy.MX) policy.Requirement {
 	name := strings.TrimSuffix(mx.Name, ".")
-	r := delivery.Requirement{
-		Security: delivery.SecurityVerify,
-		Source:   delivery.SourceSTS,
+	r := policy.Requirement{
+		Security: policy.SecurityVerify,
+		Policy:   cp.Identity,
 		// RFC 8461 §7.1: SNI is the MX host name, also when the
 		// CNAME target is what matched.
 		ServerName: name,

@@ -2,14 +2,14 @@ package sts_test
 
 import (
 	"context"
+	"github.com/stsrelay/stsrelay/policy"
 	"slices"
 	"testing"
 
-	"github.com/stsrelay/stsrelay/delivery"
 	"github.com/stsrelay/stsrelay/sts"
 )
 
-func requirements(t *testing.T, m *sts.Manager, mxs ...delivery.MX) []delivery.Requirement {
+func requirements(t *testing.T, m *sts.Manager, mxs ...policy.MX) []policy.Requirement {
 	t.Helper()
 	reqs, err := m.Requirements(ctx, "example.com", mxs)
 	if err != nil {
@@ -21,12 +21,12 @@ func requirements(t *testing.T, m *sts.Manager, mxs ...delivery.MX) []delivery.R
 	return reqs
 }
 
-func mx(name string, cnames ...string) delivery.MX {
+func mx(name string, cnames ...string) policy.MX {
 	final := name
 	if len(cnames) > 0 {
 		final = cnames[len(cnames)-1]
 	}
-	return delivery.MX{Name: name, Final: final, CNAMEs: cnames, Preference: 10}
+	return policy.MX{Name: name, Final: final, CNAMEs: cnames, Preference: 10}
 }
 
 func TestEnforceRequiresVerifiedTLSForListedMX(t *testing.T) {
@@ -35,7 +35,7 @@ func TestEnforceRequiresVerifiedTLSForListedMX(t *testing.T) {
 	reqs := requirements(t, e.Manager(nil), mx("MX.Example.com."), mx("a.mail.example.net"))
 	for i, want := range []string{"MX.Example.com", "a.mail.example.net"} {
 		r := reqs[i]
-		if r.Security != delivery.SecurityVerify || r.Source != delivery.SourceSTS || r.Skip != "" || r.Testing ||
+		if r.Security != policy.SecurityVerify || r.Source() != policy.TypeSTS || r.Skip != "" || r.Testing ||
 			!r.MXValidated || r.ServerName != want || !slices.Equal(r.Names, []string{want}) {
 			t.Errorf("requirement %d = %+v, want verify for %s", i, r, want)
 		}
@@ -50,7 +50,7 @@ func TestEnforceSkipsMXNotListed(t *testing.T) {
 		t.Fatalf("listed MX skipped: %+v", reqs[0])
 	}
 	for _, r := range reqs[1:] {
-		if r.Skip != "not listed in the MTA-STS policy for example.com" || r.MXValidated || r.Security != delivery.SecurityVerify {
+		if r.Skip != "not listed in the MTA-STS policy for example.com" || r.MXValidated || r.Security != policy.SecurityVerify {
 			t.Errorf("unlisted MX: %+v", r)
 		}
 	}
@@ -103,7 +103,7 @@ func TestTestingModeMarksEveryRequirementTesting(t *testing.T) {
 	e.ValidHost("example.com", "id1", "version: STSv1\nmode: testing\nmx: mx.example.com\nmax_age: 86400\n")
 	reqs := requirements(t, e.Manager(nil), mx("mx.example.com"), mx("other.example.org"))
 	for _, r := range reqs {
-		if r.Security != delivery.SecurityVerify || !r.Testing || r.Source != delivery.SourceSTS {
+		if r.Security != policy.SecurityVerify || !r.Testing || r.Source() != policy.TypeSTS {
 			t.Errorf("testing mode: %+v", r)
 		}
 	}
@@ -120,7 +120,7 @@ func TestTestingModeMarksEveryRequirementTesting(t *testing.T) {
 func TestNoPolicyMeansOpportunistic(t *testing.T) {
 	e := newEnv(t)
 	for _, r := range requirements(t, e.Manager(nil), mx("mx.example.com")) {
-		if r.Security != delivery.SecurityMay || r.Source != delivery.SourceOpportunistic || r.Skip != "" || r.Names != nil || r.MXValidated {
+		if r.Security != policy.SecurityMay || r.Source() != policy.TypeNone || r.Skip != "" || r.Names != nil || r.MXValidated {
 			t.Fatalf("no policy: %+v", r)
 		}
 	}
@@ -131,7 +131,7 @@ func TestRequirementsErrOnlyWhenCancelled(t *testing.T) {
 	e.ValidHost("example.com", "id1", enforcePolicy)
 	c, cancel := context.WithCancel(ctx)
 	cancel()
-	if _, err := e.Manager(nil).Requirements(c, "example.com", []delivery.MX{mx("mx.example.com")}); err == nil {
+	if _, err := e.Manager(nil).Requirements(c, "example.com", []policy.MX{mx("mx.example.com")}); err == nil {
 		t.Fatal("no error with a cancelled context")
 	}
 }

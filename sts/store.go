@@ -44,10 +44,7 @@ func loadAll(db *bbolt.DB) (map[string]*entry, []error, error) {
 			}
 			domain := string(k)
 			entries[domain] = &entry{
-				policy: &CachedPolicy{
-					Domain: domain, ID: sp.ID, Policy: p,
-					Fetched: sp.Fetched, Expires: sp.Expires,
-				},
+				policy:   newCachedPolicy(domain, sp.ID, p, sp.Fetched, sp.Expires),
 				lastUsed: sp.LastUsed,
 			}
 			return nil

@@ -4,7 +4,7 @@ import (
 	"context"
 	"net/http"
 
-	"github.com/stsrelay/stsrelay/delivery"
+	"github.com/stsrelay/stsrelay/policy"
 	"github.com/stsrelay/stsrelay/resolve"
 	"github.com/stsrelay/stsrelay/sts"
 )
@@ -12,7 +12,7 @@ import (
 // policySource builds the DNS-published TLS policies that delivery asks
 // before dialing: MTA-STS now; DANE joins the chain in front of it next
 // (DESIGN.md decision 3).
-func (r *relay) policySource(res *resolve.Resolver) (delivery.PolicySource, error) {
+func (r *relay) policySource(res *resolve.Resolver) (policy.PolicySource, error) {
 	if !r.cfg.STS.Enabled {
 		r.logger.Warn("MTA-STS is disabled (sts.enabled = false): no domain's policy is enforced")
 		return nil, nil

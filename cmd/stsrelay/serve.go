@@ -24,6 +24,7 @@ import (
 	"github.com/stsrelay/stsrelay/admin"
 	"github.com/stsrelay/stsrelay/config"
 	"github.com/stsrelay/stsrelay/delivery"
+	"github.com/stsrelay/stsrelay/policy"
 	"github.com/stsrelay/stsrelay/queue"
 	"github.com/stsrelay/stsrelay/resolve"
 	"github.com/stsrelay/stsrelay/smtpin"
@@ -149,7 +150,7 @@ func start(cfg *config.Config, logger *slog.Logger) (_ *relay, err error) {
 
 	var overrides []delivery.Override
 	for _, p := range cfg.Delivery.Policies {
-		sec, err := delivery.ParseSecurity(p.TLS)
+		sec, err := policy.ParseSecurity(p.TLS)
 		if err != nil {
 			return nil, fmt.Errorf("delivery.policy %s: %w", p.Domain, err)
 		}
