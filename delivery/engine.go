@@ -123,13 +123,9 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 		return all(queue.Status{Code: 451, Enhanced: "4.4.2", Text: "delivery interrupted before it started: " + err.Error()})
 	}
 
-	hops, st := e.route(ctx, domain)
-	if st != nil {
-		return all(*st)
-	}
-	reqs, st := e.requirements(ctx, domain, hops)
-	if st != nil {
-		return all(*st)
+	p := e.plan(ctx, domain)
+	if p.status != nil {
+		return all(*p.status)
 	}
 
 	if job.Open == nil {
@@ -144,14 +140,18 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 	env := job.Envelope
 	var fails []*hostFailure
 	budget := maxAddrAttempts
-	for i, h := range hops {
+	for i, h := range p.hops {
 		if h.unusable != nil {
 			fails = append(fails, h.unusable)
 			continue
 		}
-		req := effective(reqs[i], env)
+		req := effective(p.reqs[i], env)
 		at.mx, at.req = h.mx.Name, req
-		if f := e.precheck(domain, h.mx, req, env.RequireTLS); f != nil {
+		if f := e.precheck(h.mx, req, env.RequireTLS); f != nil {
+			if req.Excluded() {
+				e.record(policy.SessionResult{PolicyDomain: domain, Policy: req.Policy, MX: h.mx.Name,
+					Result: req.SkipResultType(), Detail: req.Skip})
+			}
 			fails = append(fails, f)
 			continue
 		}
@@ -242,13 +242,11 @@ func effective(req policy.Requirement, env queue.Envelope) policy.Requirement {
 
 // precheck rejects a host before dialing when its requirement already
 // rules it out.
-func (e *Engine) precheck(domain string, mx policy.MX, req policy.Requirement, requireTLS bool) *hostFailure {
+func (e *Engine) precheck(mx policy.MX, req policy.Requirement, requireTLS bool) *hostFailure {
 	// RFC 8461 §5: under testing a Skip is reported, not enforced; the
 	// session records it as its result. A REQUIRETLS message still needs
 	// the host validated, which a Skip says it is not (checked below).
 	if req.Excluded() {
-		e.record(policy.SessionResult{PolicyDomain: domain, Policy: req.Policy, MX: mx.Name,
-			Result: req.SkipResultType(), Detail: req.Skip})
 		return e.policyFailure(mx.Name, mx, req, requireTLS, req.Skip)
 	}
 	if req.Security == policy.SecurityDANE && req.DANE == nil && !req.Testing {

@@ -32,19 +32,20 @@ type hop struct {
 
 // route returns the hosts to try for domain, best first (RFC 5321 §5.1), or
 // the status every recipient gets when there is nowhere to go.
-func (e *Engine) route(ctx context.Context, domain string) ([]hop, *queue.Status) {
+func (e *Engine) route(ctx context.Context, domain string) (hops []hop, implicit bool, _ *queue.Status) {
 	if strings.HasPrefix(domain, "[") {
-		return literalRoute(domain)
+		hops, st := literalRoute(domain)
+		return hops, false, st
 	}
 	records, secure, err := e.opts.Resolver.MX(ctx, domain)
 	if err != nil {
 		if resolve.IsNotFound(err) {
 			// RFC 5321 §5.1: a name that does not exist is a permanent error.
-			return nil, &queue.Status{Code: 550, Enhanced: "5.1.2",
+			return nil, false, &queue.Status{Code: 550, Enhanced: "5.1.2",
 				Text: fmt.Sprintf("domain %s does not exist (MX lookup: NXDOMAIN)", domain)}
 		}
 		// A temporary DNS failure defers; it never bounces (RFC 5321 §5.1).
-		return nil, &queue.Status{Code: 451, Enhanced: "4.4.3", Text: err.Error()}
+		return nil, false, &queue.Status{Code: 451, Enhanced: "4.4.3", Text: err.Error()}
 	}
 
 	var mxs []policy.MX
@@ -59,7 +60,7 @@ func (e *Engine) route(ctx context.Context, domain string) ([]hop, *queue.Status
 	}
 	if nullMX && len(mxs) == 0 {
 		// RFC 7505 §3: "0 ." says the domain accepts no mail at all.
-		return nil, &queue.Status{Code: 550, Enhanced: "5.1.10",
+		return nil, false, &queue.Status{Code: 550, Enhanced: "5.1.10",
 			Text: fmt.Sprintf("%s does not accept mail (null MX)", domain)}
 	}
 	// A null MX mixed with real ones breaks RFC 7505 §3 ("MUST NOT
@@ -79,9 +80,9 @@ func (e *Engine) route(ctx context.Context, domain string) ([]hop, *queue.Status
 				st = queue.Status{Code: 550, Enhanced: "5.4.4",
 					Text: fmt.Sprintf("%s has no MX records and no address to deliver to", domain)}
 			}
-			return nil, &st
+			return nil, true, &st
 		}
-		return []hop{h}, nil
+		return []hop{h}, true, nil
 	}
 
 	// RFC 5321 §5.1: sort by preference, random order among equals so that
@@ -95,16 +96,16 @@ func (e *Engine) route(ctx context.Context, domain string) ([]hop, *queue.Status
 		own := mxs[i].Preference
 		mxs = slices.DeleteFunc(mxs, func(m policy.MX) bool { return m.Preference >= own })
 		if len(mxs) == 0 {
-			return nil, &queue.Status{Code: 550, Enhanced: "5.4.6",
+			return nil, false, &queue.Status{Code: 550, Enhanced: "5.4.6",
 				Text: fmt.Sprintf("mail for %s loops back to myself (%s is its best MX host)", domain, e.hostname)}
 		}
 	}
 
-	hops := make([]hop, 0, len(mxs))
+	hops = make([]hop, 0, len(mxs))
 	for _, mx := range mxs {
 		hops = append(hops, e.resolveHop(ctx, mx, secure))
 	}
-	return hops, nil
+	return hops, false, nil
 }
 
 // literalRoute is the route to an address literal (user@[192.0.2.1]):

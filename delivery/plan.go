@@ -1,0 +1,200 @@
+package delivery
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"net/netip"
+	"strings"
+
+	"github.com/stsrelay/stsrelay/policy"
+	"github.com/stsrelay/stsrelay/queue"
+)
+
+// plan is a route with each host's requirement: everything delivery
+// decides before it dials.
+type plan struct {
+	hops     []hop
+	reqs     []policy.Requirement
+	implicit bool
+	// status, when set, is what every recipient gets without a connection.
+	status *queue.Status
+}
+
+// plan routes domain and asks the policy sources about its hosts. Delivery
+// and Check both start here, so what check shows is what delivery does.
+func (e *Engine) plan(ctx context.Context, domain string) plan {
+	var p plan
+	p.hops, p.implicit, p.status = e.route(ctx, domain)
+	if p.status != nil {
+		return p
+	}
+	p.reqs, p.status = e.requirements(ctx, domain, p.hops)
+	return p
+}
+
+// Report is what a delivery to one domain would do now, for
+// "stsrelay check": the route, each host's requirement and, when Check
+// connects, what each host's TLS showed. Building it sends no mail.
+type Report struct {
+	Domain string
+	// Implicit says the domain has no MX records, so the domain itself is
+	// the host (RFC 5321 §5.1).
+	Implicit bool
+	// Status, when set, is what every recipient gets without any
+	// connection: null MX, a domain that does not exist, a DNS failure.
+	Status *queue.Status
+	Hosts  []HostReport
+	// Connected says Check dialed the hosts.
+	Connected bool
+	// Outcome is what a message (without REQUIRETLS) would get now:
+	// 250 with Via set when a host would take it, else the status every
+	// recipient would get. Its Code is 0 when only dialing can tell.
+	Outcome queue.Status
+	Via     string
+}
+
+// HostReport is one host of the route.
+type HostReport struct {
+	MX          policy.MX
+	Addrs       []netip.Addr
+	Requirement policy.Requirement
+	// NotUsed, when set, is why delivery does not dial this host: its
+	// address lookup failed, or its requirement rules it out.
+	NotUsed *queue.Status
+	// Failures are the addresses that were dialed and failed, in order.
+	Failures []queue.Status
+	// Session is the connection that would carry the message.
+	Session *SessionReport
+	// Probed says this host was dialed; delivery stops at the first host
+	// that takes the message, Check dials every host.
+	Probed bool
+}
+
+// SessionReport is a connection brought to the point where MAIL would be
+// sent, then closed.
+type SessionReport struct {
+	Addr       netip.Addr
+	Greeting   string // host name from the 220 greeting
+	Extensions []string
+	// TLS is nil when the session stayed in plaintext.
+	TLS *tls.ConnectionState
+	// Protection says in words what protected the session:
+	// "verified TLS, MTA-STS enforce".
+	Protection string
+	// TLSProblem is a certificate failure that MTA-STS testing tolerated.
+	TLSProblem string
+}
+
+// Certificate is the server's leaf certificate, or nil.
+func (s *SessionReport) Certificate() *x509.Certificate {
+	if s.TLS == nil || len(s.TLS.PeerCertificates) == 0 {
+		return nil
+	}
+	return s.TLS.PeerCertificates[0]
+}
+
+// Check plans a delivery to domain as Deliver would and, when connect is
+// set, dials every usable host the way Deliver would (port, SNI, STARTTLS,
+// certificate checks), stopping before MAIL. No mail is sent.
+func (e *Engine) Check(ctx context.Context, domain string, connect bool) *Report {
+	domain = canonicalDomain(domain)
+	p := e.plan(ctx, domain)
+	r := &Report{Domain: domain, Implicit: p.implicit, Status: p.status, Connected: connect}
+	if p.status != nil {
+		r.Outcome = *p.status
+		return r
+	}
+	var fails []*hostFailure
+	budget := maxAddrAttempts
+	pending := false
+	for i, h := range p.hops {
+		hr := HostReport{MX: h.mx, Addrs: h.addrs, Requirement: p.reqs[i]}
+		switch f := e.precheck(h.mx, p.reqs[i], false); {
+		case h.unusable != nil:
+			hr.NotUsed = &h.unusable.status
+			fails = append(fails, h.unusable)
+		case f != nil:
+			hr.NotUsed = &f.status
+			fails = append(fails, f)
+		case !connect:
+			pending = true
+		default:
+			hr.Probed = true
+			// Every host gets its own budget: a check wants to see them all.
+			budget = maxAddrAttempts
+			s, fs := e.connect(ctx, domain, h, p.reqs[i], false, &budget)
+			for _, f := range fs {
+				hr.Failures = append(hr.Failures, f.status)
+			}
+			if s == nil {
+				if r.Via == "" {
+					fails = append(fails, fs...)
+				}
+				break
+			}
+			hr.Session = s.report()
+			if r.Via == "" {
+				r.Via = s.label
+				r.Outcome = queue.Status{Code: 250, Enhanced: "2.0.0",
+					Text: "would deliver to " + s.label + " (" + hr.Session.Protection + ")"}
+			}
+			s.quitQuietly()
+			e.releaseSlot(domain)
+		}
+		r.Hosts = append(r.Hosts, hr)
+	}
+	if r.Via == "" && !pending {
+		r.Outcome = aggregate(domain, fails)
+	}
+	return r
+}
+
+// report describes the session for Check.
+func (s *session) report() *SessionReport {
+	sr := &SessionReport{Addr: s.addr, Greeting: s.helo, TLS: s.tls, TLSProblem: s.tlsProblem,
+		Protection: protection(s.req, s.tls, s.tlsProblem)}
+	for _, ext := range []string{"STARTTLS", "SIZE", "8BITMIME", "SMTPUTF8", "DSN", "REQUIRETLS",
+		"PIPELINING", "CHUNKING", "ENHANCEDSTATUSCODES"} {
+		if ok, _ := s.client.Extension(ext); ok {
+			sr.Extensions = append(sr.Extensions, ext)
+		}
+	}
+	return sr
+}
+
+// protection says in words what protected a session, as an operator greps
+// for it: "verified TLS, MTA-STS enforce", "DANE-authenticated TLS",
+// "TLS, certificate not checked", "plaintext".
+func protection(req policy.Requirement, cs *tls.ConnectionState, problem string) string {
+	if cs == nil {
+		if req.Security == policy.SecurityNone {
+			return "plaintext, as the local policy says"
+		}
+		return "plaintext, STARTTLS not available"
+	}
+	var b strings.Builder
+	switch {
+	case problem != "":
+		b.WriteString("TLS, certificate NOT valid (" + problem + ")")
+	case req.Security == policy.SecurityDANE:
+		b.WriteString("DANE-authenticated TLS")
+	case req.Security == policy.SecurityVerify:
+		b.WriteString("verified TLS")
+	default:
+		b.WriteString("TLS, certificate not checked")
+	}
+	switch req.Source() {
+	case policy.TypeSTS:
+		if req.Testing {
+			b.WriteString(", MTA-STS testing")
+		} else {
+			b.WriteString(", MTA-STS enforce")
+		}
+	case policy.TypeTLSA:
+		b.WriteString(", DANE")
+	case policy.TypeLocal:
+		b.WriteString(", local policy " + req.Security.String())
+	}
+	return b.String()
+}
