@@ -68,7 +68,7 @@ func TestCheckOutcomeEqualsDeliveryOutcome(t *testing.T) {
 			code: 451, enhanced: "4.7.5"},
 		{name: "MX refuses connections",
 			setup: func(t *testing.T, v *testEnv, mx *testMX) { v.route("127.0.0.2", "127.0.0.1:1") },
-			code: 451, enhanced: "4.4.1"},
+			code:  451, enhanced: "4.4.1"},
 		{name: "null MX",
 			setup: func(t *testing.T, v *testEnv, mx *testMX) {
 				v.dns.Remove("example.test.", dns.TypeMX)

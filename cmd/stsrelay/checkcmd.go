@@ -2,89 +2,597 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"flag"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/url"
 	"os"
+	"slices"
+	"strings"
 	"time"
+
+	"golang.org/x/net/idna"
 
 	"github.com/stsrelay/stsrelay/admin"
 	"github.com/stsrelay/stsrelay/config"
-	"github.com/stsrelay/stsrelay/resolve"
+	"github.com/stsrelay/stsrelay/delivery"
+	"github.com/stsrelay/stsrelay/policy"
+	"github.com/stsrelay/stsrelay/queue"
 	"github.com/stsrelay/stsrelay/sts"
 )
 
-func runCheck(args []string, stdout, stderr io.Writer) int {
-	fs := newFlagSet("check", "check [-config file] domain", `
-Check explains how mail to a domain would be protected by MTA-STS: it prints
-the _mta-sts TXT record, fetches the policy, shows the policy cached by the
-running relay (if one runs), and tells for each MX host whether it passes the
-policy's mx patterns, both as RFC 8461 §4.1 reads them (the MX record's own
-name) and with sts.match_cname_target (the final CNAME target too). No mail
-is sent.
+// Exit codes of check.
+const (
+	checkDelivers = 0 // every host would take mail as the domain requires
+	checkProblem  = 1 // some host, or the domain, would defer or fail
+	checkError    = 2 // the check itself could not be made
+)
 
-The DNS resolver, fetch timeout and match_cname_target come from the
-configuration file; without one at the default path, built-in defaults
-(/etc/resolv.conf) are used.`, stderr)
+// certExpiryWarning is how soon a certificate's expiry is worth a line of
+// advice: time enough for a domain owner to renew.
+const certExpiryWarning = 14 * 24 * time.Hour
+
+func runCheck(args []string, stdout, stderr io.Writer) int {
+	fs := newFlagSet("check", "check [-config file] [-json] [-no-connect] domain", `
+Check explains how mail to a domain would be delivered now, and why. It
+runs the relay's own delivery plan with the relay's configuration: the MX
+route (CNAMEs followed, implicit MX, null MX), the TLS each host must offer
+and which policy asks for it (a local [[delivery.policy]], the domain's
+MTA-STS policy, live or as the running relay caches it), then connects to
+each host on port 25 as delivery would (EHLO, STARTTLS, certificate checks)
+and stops before MAIL. No mail is sent.
+
+Each host ends in a verdict ("would deliver (verified TLS, MTA-STS
+enforce)", or "would defer: 451 4.4.8 …" with the status delivery would
+record), followed by advice for the domain owner where a common
+misconfiguration shows.
+
+Exit status: 0 when every host would deliver under the domain's
+requirement, 1 when some host or the domain would defer or fail, 2 when the
+check could not be made (DNS failure, unknown domain, bad configuration).
+
+The configuration file gives the resolver, timeouts and policies; without
+one at the default path, built-in defaults (/etc/resolv.conf) are used.`, stderr)
 	cfgPath := configFlag(fs)
+	asJSON := fs.Bool("json", false, "print the result as JSON (see README: 'stsrelay check -json')")
+	noConnect := fs.Bool("no-connect", false, "plan only: do not connect to the MX hosts")
 	if code := parseFlags(fs, args); code >= 0 {
 		return code
 	}
 	if fs.NArg() != 1 || fs.Arg(0) == "" {
+		fmt.Fprintln(stderr, "stsrelay check: want exactly one domain")
 		fs.Usage()
-		return 2
+		return checkError
 	}
-	domain := fs.Arg(0)
+	domain, err := idna.Lookup.ToASCII(strings.TrimSuffix(strings.TrimSpace(fs.Arg(0)), "."))
+	if err != nil || domain == "" || strings.ContainsAny(domain, "@/ ") {
+		fmt.Fprintf(stderr, "stsrelay: check: %q is not a domain name\n", fs.Arg(0))
+		return checkError
+	}
+	domain = strings.ToLower(domain)
 
 	cfg, err := loadConfig(*cfgPath)
 	if err != nil {
 		explicit := false
 		fs.Visit(func(f *flag.Flag) { explicit = explicit || f.Name == "config" })
 		if _, serr := os.Stat(*cfgPath); explicit || !errors.Is(serr, os.ErrNotExist) {
-			return fail(stderr, "check: %v", err)
+			fail(stderr, "check: %v", err)
+			return checkError
 		}
 		cfg = config.Default()
 		cfg.StateDir = "" // no configuration, so no known daemon either
 	}
+	res, err := newResolver(cfg)
+	if err != nil {
+		fail(stderr, "check: %v", err)
+		return checkError
+	}
+	parts, err := buildDelivery(cfg, res, nil, slog.New(slog.DiscardHandler))
+	if err != nil {
+		fail(stderr, "check: %v", err)
+		return checkError
+	}
+	defer parts.engine.Close()
 
-	var servers []string
-	if cfg.DNS.Resolver != "" {
-		servers = []string{cfg.DNS.Resolver}
-	}
-	res, err := resolve.New(resolve.Config{Servers: servers, Timeout: cfg.DNS.Timeout.Duration})
-	if err != nil {
-		return fail(stderr, "check: %v", err)
-	}
-	m, err := sts.New(sts.Options{
-		Resolver:         res,
-		FetchTimeout:     cfg.STS.FetchTimeout.Duration,
-		MatchCNAMETarget: cfg.STS.MatchCNAMETarget,
-		Logger:           slog.New(slog.DiscardHandler),
-	})
-	if err != nil {
-		return fail(stderr, "check: %v", err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	report := m.Check(ctx, domain)
+	c := &checkResult{Domain: domain}
+	if parts.sts != nil {
+		c.primeFromDaemon(ctx, cfg, parts.sts)
+	}
+	c.report = parts.engine.Check(ctx, domain, !*noConnect)
+	if parts.sts != nil {
+		c.inspection = parts.sts.Inspect(ctx, domain)
+		c.stsChanged(ctx, parts.sts)
+	}
+	c.build(time.Now())
+	if *asJSON {
+		if code := printJSON(stdout, stderr, c.json()); code != 0 {
+			return checkError
+		}
+	} else {
+		c.write(stdout)
+	}
+	return c.exit
+}
 
+// checkResult is everything check found, before it is printed.
+type checkResult struct {
+	Domain     string
+	report     *delivery.Report
+	inspection *sts.Inspection
+	daemon     *sts.PolicyInfo // the running relay's cached policy
+	daemonNote string          // why daemon is nil
+	// textChanged says the policy host now serves a different policy
+	// under the id the relay cached.
+	textChanged bool
+
+	verdicts []string // per host
+	advice   []string
+	exit     int
+}
+
+// primeFromDaemon asks the running relay for its cached policy and puts it
+// in check's own cache, so that the plan follows what the relay applies
+// (a cached policy stays in force through a policy host outage).
+func (c *checkResult) primeFromDaemon(ctx context.Context, cfg *config.Config, m *sts.Manager) {
+	if cfg.StateDir == "" {
+		c.daemonNote = "unknown: no configuration file, so no relay to ask"
+		return
+	}
+	var info sts.PolicyInfo
+	err := admin.Dial(admin.SocketPath(cfg.StateDir)).Call(ctx, "GET", "/sts/"+url.PathEscape(c.Domain), nil, &info)
 	switch {
-	case cfg.StateDir == "":
-		report.CachedNote = "unknown: no configuration file, so no daemon to ask"
-	default:
-		var info sts.PolicyInfo
-		err := admin.Dial(admin.SocketPath(cfg.StateDir)).Call(ctx, "GET", "/sts/"+url.PathEscape(report.Domain), nil, &info)
-		switch {
-		case err == nil:
-			report.Cached = &info
-		case errors.Is(err, admin.ErrNotRunning):
-			report.CachedNote = "no daemon running"
-		default:
-			report.CachedNote = err.Error()
+	case errors.Is(err, admin.ErrNotRunning):
+		c.daemonNote = "no relay running; the live policy is used"
+		return
+	case err != nil && strings.Contains(err.Error(), "no cached"):
+		c.daemonNote = "none"
+		return
+	case err != nil:
+		c.daemonNote = err.Error()
+		return
+	}
+	c.daemon = &info
+	if !info.Expired {
+		if err := m.Prime(c.Domain, info.ID, info.Policy, info.Fetched, info.Expires); err != nil {
+			c.daemonNote = err.Error()
 		}
 	}
-	report.Write(stdout)
-	return 0
+}
+
+// stsChanged fetches the policy once more when the relay's cached id is
+// the published one, to notice a policy changed without a new id (senders
+// would keep the old one until it expires, RFC 8461 §3.1).
+func (c *checkResult) stsChanged(ctx context.Context, m *sts.Manager) {
+	i := c.inspection
+	if c.daemon == nil || i.Record == nil || i.Record.ID != c.daemon.ID {
+		return
+	}
+	live, err := m.Fetch(ctx, c.Domain)
+	if err != nil {
+		return
+	}
+	cached, err := sts.Parse([]byte(c.daemon.Policy))
+	c.textChanged = err == nil && !slices.Equal(live.Lines(), cached.Lines())
+}
+
+// stsPolicy is the MTA-STS policy in force, or nil.
+func (c *checkResult) stsPolicy() *sts.Policy {
+	if c.inspection == nil || c.inspection.Applied == nil {
+		return nil
+	}
+	return c.inspection.Applied.Policy
+}
+
+// build decides the verdicts, the advice and the exit status.
+func (c *checkResult) build(now time.Time) {
+	r := c.report
+	switch {
+	case r.Status == nil:
+	case r.Status.Enhanced == "4.4.3" || r.Status.Enhanced == "5.1.2":
+		c.exit = checkError
+	default:
+		c.exit = checkProblem
+	}
+	for _, h := range r.Hosts {
+		v := hostVerdict(h, r.Connected)
+		if !strings.HasPrefix(v, "would deliver") && !strings.HasPrefix(v, "would try") {
+			c.exit = max(c.exit, checkProblem)
+		}
+		c.verdicts = append(c.verdicts, v)
+	}
+	if r.Status == nil && r.Outcome.Code != 0 && !r.Outcome.Delivered() {
+		c.exit = max(c.exit, checkProblem)
+	}
+
+	p := c.stsPolicy()
+	if i := c.inspection; i != nil && i.Published() {
+		if i.RecordErr != nil {
+			c.advice = append(c.advice, fmt.Sprintf("The _mta-sts TXT record is not valid (%v): senders ignore the policy.", i.RecordErr))
+		}
+		if i.FetchErr != nil {
+			c.advice = append(c.advice, fmt.Sprintf("The policy could not be fetched (%v). Senders without a cached policy deliver without MTA-STS.", i.FetchErr))
+		}
+	}
+	if c.textChanged {
+		c.advice = append(c.advice, "The policy host serves a policy that differs from the one cached under the same id: change the id in the _mta-sts TXT record whenever the policy changes (RFC 8461 §3.1), or senders keep the old one until it expires.")
+	}
+	if p != nil && p.Mode != sts.ModeNone {
+		if p.MaxAge < 24*time.Hour {
+			c.advice = append(c.advice, fmt.Sprintf("max_age is %s; RFC 8461 §3.2 suggests weeks or more, so that a policy survives an outage of the policy host.", p.MaxAge))
+		}
+		for _, pat := range p.MX {
+			if !slices.ContainsFunc(r.Hosts, func(h delivery.HostReport) bool {
+				pp := &sts.Policy{MX: []string{pat}}
+				return pp.Match(h.MX.Name) || pp.Match(h.MX.Final)
+			}) && r.Status == nil {
+				c.advice = append(c.advice, fmt.Sprintf("The policy's mx pattern %q matches no MX host of %s.", pat, c.Domain))
+			}
+		}
+	}
+	for _, h := range r.Hosts {
+		if len(h.MX.CNAMEs) > 0 {
+			c.advice = append(c.advice, cnameAdvice(c.Domain, h.MX, p))
+		}
+		if h.Session != nil {
+			if cert := h.Session.Certificate(); cert != nil && cert.NotAfter.Sub(now) < certExpiryWarning {
+				c.advice = append(c.advice, fmt.Sprintf("The certificate of %s expires %s.", h.MX.Name, cert.NotAfter.UTC().Format(time.RFC3339)))
+			}
+		}
+	}
+}
+
+// cnameAdvice explains an MX target that is an alias, and how senders that
+// read RFC 8461 §4.1 differently treat it under the domain's policy p.
+func cnameAdvice(domain string, mx policy.MX, p *sts.Policy) string {
+	msg := fmt.Sprintf("MX target %s is a CNAME of %s (RFC 2181 §10.3 says an MX target must not be an alias).", mx.Name, mx.Final)
+	if p == nil || p.Mode == sts.ModeNone {
+		return msg
+	}
+	byName, byTarget := p.Match(mx.Name), p.Match(mx.Final)
+	switch {
+	case byName && !byTarget:
+		msg += fmt.Sprintf(" The MTA-STS policy lists %s, as RFC 8461 §4.1 asks, but some large senders match the CNAME target %s instead and defer mail for %s (451 4.4.8). Fix: add \"mx: %s\" to the policy, or point the MX record at the host itself.", mx.Name, mx.Final, domain, mx.Final)
+	case !byName && byTarget:
+		msg += fmt.Sprintf(" The MTA-STS policy lists only the CNAME target %s; senders that follow RFC 8461 §4.1 (this relay among them, unless sts.match_cname_target is set) match the MX record's own name %s and defer mail for %s (451 4.4.8). Fix: add \"mx: %s\" to the policy, or point the MX record at the host itself.", mx.Final, mx.Name, domain, mx.Name)
+	case !byName && !byTarget:
+		msg += " The MTA-STS policy lists neither name."
+	}
+	return msg
+}
+
+// hostVerdict is the last line about one host.
+func hostVerdict(h delivery.HostReport, connected bool) string {
+	switch {
+	case h.NotUsed != nil:
+		return "would not use this host: " + h.NotUsed.String()
+	case h.Session != nil:
+		return "would deliver (" + h.Session.Protection + ")"
+	case h.Probed && len(h.Failures) > 0:
+		st := h.Failures[len(h.Failures)-1]
+		if st.Permanent() {
+			return "would fail: " + st.String()
+		}
+		return "would defer: " + st.String()
+	case !connected:
+		return "would try (not connected: -no-connect)"
+	}
+	return "not tried"
+}
+
+// requirementWords says what a requirement demands, and who asks.
+func requirementWords(req policy.Requirement, mx string) string {
+	var what string
+	switch req.Security {
+	case policy.SecurityNone:
+		what = "no TLS"
+	case policy.SecurityMay:
+		what = "STARTTLS if offered, any certificate, else plaintext"
+	case policy.SecurityEncrypt:
+		what = "TLS, any certificate"
+	case policy.SecurityVerify:
+		names := req.Names
+		if len(names) == 0 {
+			names = []string{mx}
+		}
+		what = "TLS with a certificate valid for " + strings.Join(names, " or ")
+	case policy.SecurityDANE:
+		what = "TLS authenticated by TLSA records"
+	}
+	switch req.Source() {
+	case policy.TypeSTS:
+		mode := "enforce"
+		if req.Testing {
+			mode = "testing: failures reported, mail delivered anyway"
+		}
+		what += fmt.Sprintf(" (MTA-STS %s, policy domain %s)", mode, req.Domain())
+	case policy.TypeTLSA:
+		what += fmt.Sprintf(" (DANE, TLSA base domain %s)", req.ServerName)
+	case policy.TypeLocal:
+		what += fmt.Sprintf(" (local [[delivery.policy]] tls = %q)", req.Security.String())
+	default:
+		what += " (no policy published)"
+	}
+	if req.Skip != "" {
+		what += "; " + req.Skip
+	}
+	return what
+}
+
+// write prints the result for a person.
+func (c *checkResult) write(w io.Writer) {
+	r := c.report
+	fmt.Fprintf(w, "Delivery check of %s (no mail is sent)\n", c.Domain)
+
+	if i := c.inspection; i != nil {
+		fmt.Fprintf(w, "\nMTA-STS:\n")
+		if d := i.Discovery; d != nil {
+			for _, cn := range d.CNAMEs {
+				fmt.Fprintf(w, "  _mta-sts.%s: CNAME to %s\n", c.Domain, strings.TrimSuffix(cn, "."))
+			}
+			for _, t := range d.STS {
+				fmt.Fprintf(w, "  TXT %q\n", t)
+			}
+		}
+		switch {
+		case i.Record != nil:
+			fmt.Fprintf(w, "  record OK: policy id %s\n", i.Record.ID)
+		case i.Published():
+			fmt.Fprintf(w, "  PROBLEM: %v\n", i.RecordErr)
+		case errors.Is(i.RecordErr, sts.ErrNoRecord):
+			fmt.Fprintf(w, "  none: %s does not publish MTA-STS\n", c.Domain)
+		default:
+			fmt.Fprintf(w, "  unknown: %v\n", i.RecordErr)
+		}
+		if i.FetchErr != nil {
+			kind := ""
+			var fe *sts.FetchError
+			if errors.As(i.FetchErr, &fe) {
+				kind = " [" + string(fe.ResultType) + "]"
+			}
+			fmt.Fprintf(w, "  PROBLEM%s: %v\n", kind, i.FetchErr)
+		}
+		if a := i.Applied; a != nil {
+			fmt.Fprintf(w, "  policy in force: id %s, mode %s, max_age %s, mx %s, expires %s\n", a.ID, a.Policy.Mode,
+				a.Policy.MaxAge, strings.Join(a.Policy.MX, " "), a.Expires.UTC().Format(time.RFC3339))
+		}
+		switch {
+		case !i.Published() && i.Applied == nil:
+		case c.daemon != nil:
+			state := "in force"
+			if c.daemon.Expired {
+				state = "EXPIRED"
+			}
+			fmt.Fprintf(w, "  cached by the running relay: id %s, mode %s, fetched %s (%s)\n", c.daemon.ID, c.daemon.Mode,
+				c.daemon.Fetched.UTC().Format(time.RFC3339), state)
+		case c.daemonNote != "":
+			fmt.Fprintf(w, "  cached by the running relay: %s\n", c.daemonNote)
+		}
+	}
+
+	fmt.Fprintf(w, "\nRoute:\n")
+	switch {
+	case r.Status != nil:
+		fmt.Fprintf(w, "  %s\n", r.Status)
+	case r.Implicit:
+		fmt.Fprintf(w, "  no MX records: mail goes to %s itself (implicit MX, RFC 5321 §5.1)\n", c.Domain)
+	}
+	for i, h := range r.Hosts {
+		fmt.Fprintf(w, "  MX %d %s", h.MX.Preference, h.MX.Name)
+		if len(h.MX.CNAMEs) > 0 {
+			fmt.Fprintf(w, " (CNAME: %s)", strings.Join(append([]string{h.MX.Name}, h.MX.CNAMEs...), " -> "))
+		}
+		fmt.Fprintln(w)
+		if len(h.Addrs) > 0 {
+			var as []string
+			for _, a := range h.Addrs {
+				as = append(as, a.String())
+			}
+			fmt.Fprintf(w, "      addresses: %s\n", strings.Join(as, " "))
+		}
+		fmt.Fprintf(w, "      requires: %s\n", requirementWords(h.Requirement, h.MX.Name))
+		for _, f := range h.Failures {
+			fmt.Fprintf(w, "      tried: %s\n", f)
+		}
+		if s := h.Session; s != nil {
+			fmt.Fprintf(w, "      connected: %s, greeting %s, offers %s\n", s.Addr, s.Greeting, strings.Join(s.Extensions, " "))
+			if s.TLS != nil {
+				fmt.Fprintf(w, "      TLS: %s, %s\n", tls.VersionName(s.TLS.Version), tls.CipherSuiteName(s.TLS.CipherSuite))
+			}
+			if cert := s.Certificate(); cert != nil {
+				fmt.Fprintf(w, "      certificate: %s, issued by %s, expires %s\n", strings.Join(cert.DNSNames, " "),
+					cert.Issuer.CommonName, cert.NotAfter.UTC().Format(time.RFC3339))
+			}
+		}
+		fmt.Fprintf(w, "      verdict: %s\n", c.verdicts[i])
+	}
+
+	if len(c.advice) > 0 {
+		fmt.Fprintf(w, "\nAdvice for the domain owner:\n")
+		for _, a := range c.advice {
+			fmt.Fprintf(w, "  - %s\n", a)
+		}
+	}
+	fmt.Fprintf(w, "\nOutcome: %s\n", outcomeWords(r))
+}
+
+// outcomeWords is the last line: what a message would get now.
+func outcomeWords(r *delivery.Report) string {
+	switch st := r.Outcome; {
+	case st.Code == 0:
+		return "not known without connecting; each host's requirement is listed above"
+	case st.Delivered():
+		return st.Text
+	case st.Permanent():
+		return "would fail: " + st.String()
+	default:
+		return "would defer: " + st.String()
+	}
+}
+
+// checkJSON is the stable shape of `stsrelay check -json`; README documents
+// it. Fields are only ever added.
+type checkJSON struct {
+	Domain  string      `json:"domain"`
+	Route   checkRoute  `json:"route"`
+	MTASTS  *checkSTS   `json:"mta_sts"`
+	Hosts   []checkHost `json:"hosts"`
+	Outcome *statusJSON `json:"outcome"` // null when only connecting can tell
+	Verdict string      `json:"verdict"`
+	Advice  []string    `json:"advice"`
+	Exit    int         `json:"exit"`
+}
+
+type statusJSON struct {
+	Code     int    `json:"code"`
+	Enhanced string `json:"enhanced"`
+	Text     string `json:"text"`
+}
+
+type checkRoute struct {
+	ImplicitMX bool        `json:"implicit_mx"`
+	Status     *statusJSON `json:"status"` // set when no host is tried
+}
+
+type checkSTS struct {
+	Published   bool      `json:"published"`
+	TXT         []string  `json:"txt"`
+	CNAMEs      []string  `json:"cnames"`
+	ID          string    `json:"id,omitempty"`
+	RecordError string    `json:"record_error,omitempty"`
+	FetchError  string    `json:"fetch_error,omitempty"`
+	FetchResult string    `json:"fetch_result,omitempty"` // RFC 8460 result type
+	Policy      *checkPol `json:"policy"`                 // in force, or null
+	Relay       *checkPol `json:"relay_cache"`            // the running relay's, or null
+	RelayNote   string    `json:"relay_note,omitempty"`
+}
+
+type checkPol struct {
+	ID      string    `json:"id"`
+	Mode    string    `json:"mode"`
+	MX      []string  `json:"mx"`
+	MaxAge  int64     `json:"max_age"`
+	Expires time.Time `json:"expires"`
+}
+
+type checkHost struct {
+	MX          string        `json:"mx"`
+	Preference  uint16        `json:"preference"`
+	CNAMEs      []string      `json:"cnames"`
+	Final       string        `json:"final"`
+	Addresses   []string      `json:"addresses"`
+	Requirement checkReq      `json:"requirement"`
+	NotUsed     *statusJSON   `json:"not_used"`
+	Probed      bool          `json:"probed"`
+	Failures    []statusJSON  `json:"failures"`
+	Session     *checkSession `json:"session"`
+	Verdict     string        `json:"verdict"`
+}
+
+type checkReq struct {
+	TLS          string   `json:"tls"`    // may, none, encrypt, verify, dane
+	Policy       string   `json:"policy"` // no-policy-found, sts, tlsa, local
+	PolicyDomain string   `json:"policy_domain,omitempty"`
+	Testing      bool     `json:"testing"`
+	Names        []string `json:"names,omitempty"`
+	ServerName   string   `json:"server_name,omitempty"`
+	Skip         string   `json:"skip,omitempty"`
+	Words        string   `json:"words"`
+}
+
+type checkSession struct {
+	Address     string     `json:"address"`
+	Greeting    string     `json:"greeting"`
+	Extensions  []string   `json:"extensions"`
+	TLSVersion  string     `json:"tls_version,omitempty"`
+	Certificate *checkCert `json:"certificate"`
+	Protection  string     `json:"protection"`
+	TLSProblem  string     `json:"tls_problem,omitempty"`
+}
+
+type checkCert struct {
+	DNSNames []string  `json:"dns_names"`
+	Issuer   string    `json:"issuer"`
+	NotAfter time.Time `json:"not_after"`
+}
+
+func statusOf(st *queue.Status) *statusJSON {
+	if st == nil {
+		return nil
+	}
+	return &statusJSON{Code: st.Code, Enhanced: st.Enhanced, Text: st.Text}
+}
+
+func (c *checkResult) json() checkJSON {
+	r := c.report
+	out := checkJSON{Domain: c.Domain, Route: checkRoute{ImplicitMX: r.Implicit, Status: statusOf(r.Status)},
+		Verdict: outcomeWords(r), Advice: c.advice, Exit: c.exit, Hosts: []checkHost{}}
+	if out.Advice == nil {
+		out.Advice = []string{}
+	}
+	if r.Outcome.Code != 0 {
+		out.Outcome = statusOf(&r.Outcome)
+	}
+	if i := c.inspection; i != nil {
+		s := &checkSTS{Published: i.Published(), TXT: []string{}, CNAMEs: []string{}, RelayNote: c.daemonNote}
+		if d := i.Discovery; d != nil {
+			s.TXT = append(s.TXT, d.STS...)
+			for _, cn := range d.CNAMEs {
+				s.CNAMEs = append(s.CNAMEs, strings.TrimSuffix(cn, "."))
+			}
+		}
+		if i.Record != nil {
+			s.ID = i.Record.ID
+		}
+		if i.RecordErr != nil && s.Published {
+			s.RecordError = i.RecordErr.Error()
+		}
+		if i.FetchErr != nil {
+			s.FetchError = i.FetchErr.Error()
+			var fe *sts.FetchError
+			if errors.As(i.FetchErr, &fe) {
+				s.FetchResult = string(fe.ResultType)
+			}
+		}
+		if a := i.Applied; a != nil {
+			s.Policy = &checkPol{ID: a.ID, Mode: string(a.Policy.Mode), MX: a.Policy.MX,
+				MaxAge: int64(a.Policy.MaxAge / time.Second), Expires: a.Expires.UTC().Truncate(time.Second)}
+		}
+		if d := c.daemon; d != nil {
+			s.Relay = &checkPol{ID: d.ID, Mode: string(d.Mode), MX: d.MX, MaxAge: d.MaxAge, Expires: d.Expires.UTC().Truncate(time.Second)}
+		}
+		out.MTASTS = s
+	}
+	for i, h := range r.Hosts {
+		req := h.Requirement
+		ch := checkHost{MX: h.MX.Name, Preference: h.MX.Preference, CNAMEs: append([]string{}, h.MX.CNAMEs...),
+			Final: h.MX.Final, Addresses: []string{}, NotUsed: statusOf(h.NotUsed), Probed: h.Probed,
+			Failures: []statusJSON{}, Verdict: c.verdicts[i],
+			Requirement: checkReq{TLS: req.Security.String(), Policy: string(req.Source()), PolicyDomain: req.Domain(),
+				Testing: req.Testing, Names: req.Names, ServerName: req.ServerName, Skip: req.Skip,
+				Words: requirementWords(req, h.MX.Name)}}
+		for _, a := range h.Addrs {
+			ch.Addresses = append(ch.Addresses, a.String())
+		}
+		for _, f := range h.Failures {
+			ch.Failures = append(ch.Failures, *statusOf(&f))
+		}
+		if s := h.Session; s != nil {
+			cs := &checkSession{Address: s.Addr.String(), Greeting: s.Greeting, Extensions: s.Extensions,
+				Protection: s.Protection, TLSProblem: s.TLSProblem}
+			if s.TLS != nil {
+				cs.TLSVersion = tls.VersionName(s.TLS.Version)
+			}
+			if cert := s.Certificate(); cert != nil {
+				cs.Certificate = &checkCert{DNSNames: cert.DNSNames, Issuer: cert.Issuer.CommonName, NotAfter: cert.NotAfter.UTC().Truncate(time.Second)}
+			}
+			ch.Session = cs
+		}
+		out.Hosts = append(out.Hosts, ch)
+	}
+	return out
 }

@@ -2,33 +2,79 @@ package main
 
 import (
 	"context"
+	"fmt"
+	"log/slog"
 	"net/http"
 
+	"go.etcd.io/bbolt"
+
+	"github.com/stsrelay/stsrelay/config"
+	"github.com/stsrelay/stsrelay/delivery"
 	"github.com/stsrelay/stsrelay/policy"
 	"github.com/stsrelay/stsrelay/resolve"
 	"github.com/stsrelay/stsrelay/sts"
 )
 
-// policySource builds the DNS-published TLS policies that delivery asks
-// before dialing: MTA-STS now; DANE joins the chain in front of it next
-// (DESIGN.md decision 3).
-func (r *relay) policySource(res *resolve.Resolver) (policy.PolicySource, error) {
-	if !r.cfg.STS.Enabled {
-		r.logger.Warn("MTA-STS is disabled (sts.enabled = false): no domain's policy is enforced")
-		return nil, nil
+// deliveryParts are the delivery engine and the policy sources it asks.
+// serve and check build them with the same function, so that check
+// decides as the relay does.
+type deliveryParts struct {
+	engine *delivery.Engine
+	sts    *sts.Manager // nil when sts.enabled = false
+}
+
+// newResolver is the one DNS client, as dns.resolver configures it.
+func newResolver(cfg *config.Config) (*resolve.Resolver, error) {
+	var servers []string
+	if cfg.DNS.Resolver != "" {
+		servers = []string{cfg.DNS.Resolver}
 	}
-	m, err := sts.New(sts.Options{
-		Resolver:         res,
-		DB:               r.db,
-		FetchTimeout:     r.cfg.STS.FetchTimeout.Duration,
-		MatchCNAMETarget: r.cfg.STS.MatchCNAMETarget,
-		Logger:           r.logger,
+	return resolve.New(resolve.Config{Servers: servers, Timeout: cfg.DNS.Timeout.Duration})
+}
+
+// buildDelivery wires the policy sources (MTA-STS; DANE joins the chain in
+// front of it, RFC 8461 §2) and the engine. db persists the MTA-STS cache;
+// nil keeps it in memory (check).
+func buildDelivery(cfg *config.Config, res *resolve.Resolver, db *bbolt.DB, logger *slog.Logger) (*deliveryParts, error) {
+	p := &deliveryParts{}
+	var src policy.PolicySource
+	if cfg.STS.Enabled {
+		m, err := sts.New(sts.Options{
+			Resolver:         res,
+			DB:               db,
+			FetchTimeout:     cfg.STS.FetchTimeout.Duration,
+			MatchCNAMETarget: cfg.STS.MatchCNAMETarget,
+			Logger:           logger,
+		})
+		if err != nil {
+			return nil, err
+		}
+		p.sts, src = m, m
+	}
+
+	var overrides []delivery.Override
+	for _, o := range cfg.Delivery.Policies {
+		sec, err := policy.ParseSecurity(o.TLS)
+		if err != nil {
+			return nil, fmt.Errorf("delivery.policy %s: %w", o.Domain, err)
+		}
+		overrides = append(overrides, delivery.Override{Domain: o.Domain, TLS: sec})
+	}
+	e, err := delivery.New(delivery.Options{
+		Hostname:          cfg.Hostname,
+		Resolver:          res,
+		Policy:            src,
+		Overrides:         overrides,
+		IPVersion:         ipVersion(cfg.Delivery.IPVersion),
+		ConnectTimeout:    cfg.Delivery.ConnectTimeout.Duration,
+		MaxConnsPerDomain: cfg.Delivery.MaxConnsPerDomain,
+		Logger:            logger,
 	})
 	if err != nil {
 		return nil, err
 	}
-	r.sts = m
-	return m, nil
+	p.engine = e
+	return p, nil
 }
 
 func (r *relay) registerAdmin(mux *http.ServeMux) {

@@ -24,7 +24,6 @@ import (
 	"github.com/stsrelay/stsrelay/admin"
 	"github.com/stsrelay/stsrelay/config"
 	"github.com/stsrelay/stsrelay/delivery"
-	"github.com/stsrelay/stsrelay/policy"
 	"github.com/stsrelay/stsrelay/queue"
 	"github.com/stsrelay/stsrelay/resolve"
 	"github.com/stsrelay/stsrelay/smtpin"
@@ -139,40 +138,18 @@ func start(cfg *config.Config, logger *slog.Logger) (_ *relay, err error) {
 		return nil, err
 	}
 
-	var servers []string
-	if cfg.DNS.Resolver != "" {
-		servers = []string{cfg.DNS.Resolver}
-	}
-	res, err := resolve.New(resolve.Config{Servers: servers, Timeout: cfg.DNS.Timeout.Duration})
+	res, err := newResolver(cfg)
 	if err != nil {
 		return nil, err
 	}
-
-	var overrides []delivery.Override
-	for _, p := range cfg.Delivery.Policies {
-		sec, err := policy.ParseSecurity(p.TLS)
-		if err != nil {
-			return nil, fmt.Errorf("delivery.policy %s: %w", p.Domain, err)
-		}
-		overrides = append(overrides, delivery.Override{Domain: p.Domain, TLS: sec})
+	if !cfg.STS.Enabled {
+		logger.Warn("MTA-STS is disabled (sts.enabled = false): no domain's policy is enforced")
 	}
-	policy, err := r.policySource(res)
+	parts, err := buildDelivery(cfg, res, r.db, logger)
 	if err != nil {
 		return nil, err
 	}
-	r.engine, err = delivery.New(delivery.Options{
-		Hostname:          cfg.Hostname,
-		Resolver:          res,
-		Policy:            policy,
-		Overrides:         overrides,
-		IPVersion:         ipVersion(cfg.Delivery.IPVersion),
-		ConnectTimeout:    cfg.Delivery.ConnectTimeout.Duration,
-		MaxConnsPerDomain: cfg.Delivery.MaxConnsPerDomain,
-		Logger:            logger,
-	})
-	if err != nil {
-		return nil, err
-	}
+	r.engine, r.sts = parts.engine, parts.sts
 
 	var schedule []time.Duration
 	for _, d := range cfg.Delivery.RetrySchedule {

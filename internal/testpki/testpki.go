@@ -4,6 +4,7 @@
 package testpki
 
 import (
+	"cmp"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -38,7 +39,7 @@ func NewCA(t testing.TB) *CA {
 		SerialNumber:          serial(t),
 		Subject:               pkix.Name{CommonName: "stsrelay test CA"},
 		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(24 * time.Hour),
+		NotAfter:              time.Now().Add(2 * 365 * 24 * time.Hour),
 		IsCA:                  true,
 		BasicConstraintsValid: true,
 		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
@@ -61,6 +62,9 @@ type Options struct {
 	Expired    bool   // NotAfter in the past
 	CommonName string // subject CN; SANs come from the names argument
 	SelfSigned bool   // signed by its own key, not the CA
+	// ValidFor is the time left until NotAfter; 0 means 90 days, as a
+	// public CA would issue.
+	ValidFor time.Duration
 }
 
 // Issue returns a server certificate with the given DNS names (IP
@@ -81,7 +85,7 @@ func (ca *CA) IssueWith(t testing.TB, opt Options, names ...string) tls.Certific
 		SerialNumber: serial(t),
 		Subject:      pkix.Name{CommonName: opt.CommonName},
 		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(12 * time.Hour),
+		NotAfter:     time.Now().Add(cmp.Or(opt.ValidFor, 90*24*time.Hour)),
 		KeyUsage:     x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 	}
