@@ -24,7 +24,6 @@ import (
 	"github.com/stsrelay/stsrelay/admin"
 	"github.com/stsrelay/stsrelay/config"
 	"github.com/stsrelay/stsrelay/delivery"
-	"github.com/stsrelay/stsrelay/policy"
 	"github.com/stsrelay/stsrelay/queue"
 	"github.com/stsrelay/stsrelay/resolve"
 	"github.com/stsrelay/stsrelay/smtpin"
@@ -38,8 +37,9 @@ const shutdownGrace = 30 * time.Second
 func runServe(args []string, stdout, stderr io.Writer) int {
 	fs := newFlagSet("serve", "serve [-config file]", `
 Serve runs the relay: the submission listener, the queue and the delivery
-workers, until SIGINT or SIGTERM. SIGHUP reloads the users and the TLS
-certificate from the configuration file; other changes need a restart.`, stderr)
+workers, until SIGINT or SIGTERM. SIGHUP reloads the users, the TLS
+certificate, and the delivery routes, limits and TLS policies (with their
+password files) from the configuration file; other changes need a restart.`, stderr)
 	configPath := configFlag(fs)
 	if code := parseFlags(fs, args); code >= 0 {
 		return code
@@ -148,13 +148,9 @@ func start(cfg *config.Config, logger *slog.Logger) (_ *relay, err error) {
 		return nil, err
 	}
 
-	var overrides []delivery.Override
-	for _, p := range cfg.Delivery.Policies {
-		sec, err := policy.ParseSecurity(p.TLS)
-		if err != nil {
-			return nil, fmt.Errorf("delivery.policy %s: %w", p.Domain, err)
-		}
-		overrides = append(overrides, delivery.Override{Domain: p.Domain, TLS: sec})
+	overrides, routes, limits, err := deliveryTables(cfg.Delivery)
+	if err != nil {
+		return nil, err
 	}
 	policy, err := r.policySource(res)
 	if err != nil {
@@ -165,6 +161,8 @@ func start(cfg *config.Config, logger *slog.Logger) (_ *relay, err error) {
 		Resolver:          res,
 		Policy:            policy,
 		Overrides:         overrides,
+		Routes:            routes,
+		Limits:            limits,
 		IPVersion:         ipVersion(cfg.Delivery.IPVersion),
 		ConnectTimeout:    cfg.Delivery.ConnectTimeout.Duration,
 		MaxConnsPerDomain: cfg.Delivery.MaxConnsPerDomain,
@@ -307,8 +305,9 @@ func (r *relay) closeParts() {
 	}
 }
 
-// reload applies what can change without a restart: users and the TLS
-// certificate. It logs every other change it had to leave alone.
+// reload applies what can change without a restart: users, the TLS
+// certificate, and delivery's routes, limits and TLS policies. It logs
+// every other change it had to leave alone.
 func (r *relay) reload(path string) {
 	cfg, err := loadConfig(path)
 	if err != nil {
@@ -327,10 +326,25 @@ func (r *relay) reload(path string) {
 			r.logger.Info("reload: certificate loaded", "file", cfg.Submission.TLSCert)
 		}
 	}
+	if err := r.reloadRoutes(cfg.Delivery); err != nil {
+		r.logger.Error("reload: routes, limits and TLS policies not changed", "err", err)
+	} else {
+		r.logger.Info("reload: routes, limits and TLS policies loaded", "routes", len(cfg.Delivery.Routes),
+			"limits", len(cfg.Delivery.Limits), "policies", len(cfg.Delivery.Policies))
+		r.cfg.Delivery.Policies, r.cfg.Delivery.Routes, r.cfg.Delivery.Limits = cfg.Delivery.Policies, cfg.Delivery.Routes, cfg.Delivery.Limits
+	}
 	for _, key := range changedNeedingRestart(r.cfg, cfg) {
 		r.logger.Warn("reload: setting changed but needs a restart", "key", key)
 	}
 	r.cfg.Submission.Users = cfg.Submission.Users
+}
+
+func (r *relay) reloadRoutes(d config.Delivery) error {
+	overrides, routes, limits, err := deliveryTables(d)
+	if err != nil {
+		return err
+	}
+	return r.engine.SetRoutes(overrides, routes, limits)
 }
 
 // changedNeedingRestart lists the sections that differ, except what
@@ -338,6 +352,9 @@ func (r *relay) reload(path string) {
 func changedNeedingRestart(old, cur *config.Config) []string {
 	a, b := *old, *cur
 	a.Submission.Users, b.Submission.Users = nil, nil
+	for _, d := range []*config.Delivery{&a.Delivery, &b.Delivery} {
+		d.Policies, d.Routes, d.Limits = nil, nil, nil
+	}
 	var keys []string
 	if a.Hostname != b.Hostname {
 		keys = append(keys, "hostname")
