@@ -58,17 +58,21 @@ func TestCheckOutcomeEqualsDeliveryOutcome(t *testing.T) {
 			setup: func(t *testing.T, v *testEnv, mx *testMX) {
 				mx.srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{v.ca.Issue(t, "mx1.example.test")}}
 			},
-			opts: func(o *Options) { o.Overrides = []Override{{Domains: []string{"example.test"}, TLS: policy.SecurityDANE}} },
+			opts: func(o *Options) {
+				o.Overrides = []Override{{Domains: []string{"example.test"}, TLS: policy.SecurityDANE}}
+			},
 			code: 451, enhanced: "4.7.5"},
 		{name: "local verify, untrusted certificate",
 			setup: func(t *testing.T, v *testEnv, mx *testMX) {
 				mx.srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{testpki.NewCA(t).Issue(t, "mx1.example.test")}}
 			},
-			opts: func(o *Options) { o.Overrides = []Override{{Domains: []string{"example.test"}, TLS: policy.SecurityVerify}} },
+			opts: func(o *Options) {
+				o.Overrides = []Override{{Domains: []string{"example.test"}, TLS: policy.SecurityVerify}}
+			},
 			code: 451, enhanced: "4.7.5"},
 		{name: "MX refuses connections",
 			setup: func(t *testing.T, v *testEnv, mx *testMX) { v.route("127.0.0.2", "127.0.0.1:1") },
-			code: 451, enhanced: "4.4.1"},
+			code:  451, enhanced: "4.4.1"},
 		{name: "null MX",
 			setup: func(t *testing.T, v *testEnv, mx *testMX) {
 				v.dns.Remove("example.test.", dns.TypeMX)
