@@ -132,7 +132,7 @@ func (e *Engine) maxLocked(key string, d *destState) int {
 // only destinations in use; a rate limiter is kept until it has refilled,
 // or forgetting would grant a burst.
 func (e *Engine) forgetLocked(key string, d *destState) {
-	if d.open > 0 || d.waiters > 0 || d.lowered > 0 {
+	if d.open > 0 || d.waiters > 0 || d.lowered > 0 && e.now().Before(d.loweredUntil) {
 		return
 	}
 	if d.limiter != nil && d.limiter.TokensAt(e.now()) < 1 {
