@@ -171,16 +171,16 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 		}
 		s, fs := e.connect(ctx, nh, h, req, env.RequireTLS, &budget)
 		fails = append(fails, fs...)
-		authFailed := false
+		stop := false
 		for _, f := range fs {
 			if f.throttle {
 				e.throttle(h, job, f.status.Text)
 			}
-			authFailed = authFailed || f.kind == failAuth
+			// One refused password per attempt, not one per host, spares
+			// the account a lockout.
+			stop = stop || f.stop
 		}
-		if authFailed {
-			// The next host would get the same credentials: one refusal
-			// per attempt, not one per host, spares the account.
+		if stop {
 			break
 		}
 		if s == nil {

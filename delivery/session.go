@@ -63,6 +63,9 @@ type hostFailure struct {
 	nextHost bool
 	// throttle says the host answered "too many connections".
 	throttle bool
+	// stop says no other host is to be tried in this attempt: the upstream
+	// refused the route's password, which the next host would get too.
+	stop bool
 }
 
 // session is one SMTP connection that has said EHLO (and AUTH, when its
@@ -371,7 +374,7 @@ func (s *session) login(ctx context.Context, nh NextHop) *hostFailure {
 		}
 	}
 	st.Text = truncate(fmt.Sprintf("%s (authentication with the credentials of %s)", st.Text, nh.Route))
-	return &hostFailure{host: s.label, kind: failAuth, status: st, nextHost: true}
+	return &hostFailure{host: s.label, kind: failAuth, status: st, nextHost: true, stop: true}
 }
 
 // scrub removes the credentials from remote text, should a server echo
