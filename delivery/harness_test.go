@@ -30,6 +30,7 @@ type received struct {
 	rcptOpts []smtp.RcptOptions
 	data     string
 	tls      bool
+	account  string // the AUTH user of the connection, at upstreams
 }
 
 // testMX is a go-smtp server on loopback whose answers each test sets.

@@ -435,3 +435,30 @@ func TestMetricsNeverNameCredentials(t *testing.T) {
 	}
 	noSecrets(t, "metrics", b.String())
 }
+
+// A connection logged in as one account never carries mail that a route
+// sends with another, even to the same nexthop.
+func TestIdleConnectionsAreNotSharedBetweenAccounts(t *testing.T) {
+	v := newEnv(t, "smtp.provider.test. 300 IN A 127.0.0.1")
+	up := newUpstream(t, nil, upSTARTTLS(v.ca.Issue(t, "smtp.provider.test")), upAuth("tenant1", "pw1"), upAuth("tenant2", "pw2"))
+	nexthop := "[smtp.provider.test]:" + strconv.Itoa(up.Port)
+	e := v.engine(withRoutes(
+		Route{Domains: []string{"*"}, Senders: []string{"@tenant1.test"}, Nexthop: nexthop, Auth: &Credentials{"tenant1", "pw1"}},
+		Route{Domains: []string{"*"}, Senders: []string{"@tenant2.test"}, Nexthop: nexthop, Auth: &Credentials{"tenant2", "pw2"}},
+	), func(o *Options) { o.IdleTimeout = time.Minute })
+	for _, from := range []string{"a@tenant1.test", "b@tenant2.test", "c@tenant1.test", "d@tenant2.test"} {
+		job := testJob("example.org", "x@example.org")
+		job.Envelope.From = from
+		if st := deliver(t, e, job); !st[0].Delivered() {
+			t.Fatal(st[0])
+		}
+	}
+	for _, m := range up.messages() {
+		if want := strings.TrimSuffix(strings.Split(m.from, "@")[1], ".test"); m.account != want {
+			t.Errorf("mail from %s went over %s's connection", m.from, m.account)
+		}
+	}
+	if _, _, _, conns := up.stats(); conns != 2 {
+		t.Errorf("%d connections, want one per account, each reused", conns)
+	}
+}

@@ -73,6 +73,11 @@ func TestMXHostLimitHoldsConnectionsAtTheMaximumUnderLoad(t *testing.T) {
 	if _, maxOpen, refused, _ := up.stats(); maxOpen != 3 || refused != 0 {
 		t.Errorf("at most %d connections at once (%d refused), want exactly 3", maxOpen, refused)
 	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if len(e.dests) != 0 {
+		t.Errorf("shaping state kept for %d idle destinations", len(e.dests))
+	}
 }
 
 func TestDomainLimitDoesNotHoldUpOtherDestinations(t *testing.T) {
@@ -111,8 +116,8 @@ func TestMaxMessagesPerConnection(t *testing.T) {
 			t.Fatal(st[0])
 		}
 	}
-	if _, _, _, sessions := up.stats(); sessions != 3 {
-		t.Errorf("%d connections for 5 messages at 2 per connection, want 3", sessions)
+	if _, _, _, conns := up.stats(); conns != 3 {
+		t.Errorf("%d connections for 5 messages at 2 per connection, want 3", conns)
 	}
 }
 

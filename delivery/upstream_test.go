@@ -25,13 +25,13 @@ type upstream struct {
 	srv  *smtp.Server
 
 	mu       sync.Mutex
-	user     string
-	pass     string
+	accounts map[string]string // user → password
 	mechs    []string // offered AUTH mechanisms; nil: no AUTH
 	authErr  error    // replaces the password check's result when set
 	auths    []string // "user:password:tls" of each AUTH attempt
 	got      []received
-	sessions int
+	sessions int // go-smtp sessions: one per EHLO before and after STARTTLS
+	accepted int // connections taken
 	open     int // connections open now
 	maxOpen  int // the most open at once
 	refused  int // connections answered with 421
@@ -48,7 +48,13 @@ func upSTARTTLS(cert tls.Certificate) upOption {
 
 // upAuth asks for user and pass, offering PLAIN and LOGIN.
 func upAuth(user, pass string) upOption {
-	return func(u *upstream) { u.user, u.pass, u.mechs = user, pass, []string{sasl.Plain, sasl.Login} }
+	return func(u *upstream) {
+		if u.accounts == nil {
+			u.accounts = map[string]string{}
+		}
+		u.accounts[user] = pass
+		u.mechs = []string{sasl.Plain, sasl.Login}
+	}
 }
 
 // newUpstream starts a plaintext or STARTTLS upstream; with implicit set,
@@ -110,10 +116,13 @@ func (u *upstream) release() {
 	u.mu.Unlock()
 }
 
-func (u *upstream) stats() (open, maxOpen, refused, sessions int) {
+// stats returns the connections open now, the most open at once, those
+// refused with 421, and all connections taken (plaintext and STARTTLS
+// upstreams only).
+func (u *upstream) stats() (open, maxOpen, refused, accepted int) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	return u.open, u.maxOpen, u.refused, u.sessions
+	return u.open, u.maxOpen, u.refused, u.accepted
 }
 
 func (u *upstream) authAttempts() []string {
@@ -164,6 +173,7 @@ func (l *countingListener) Accept() (net.Conn, error) {
 			continue
 		}
 		u.open++
+		u.accepted++
 		u.maxOpen = max(u.maxOpen, u.open)
 		u.mu.Unlock()
 		return &countedConn{Conn: c, u: u}, nil
@@ -202,8 +212,9 @@ func (c *countedConn) Close() error {
 type upSession struct {
 	u      *upstream
 	c      *smtp.Conn
-	cur    received
-	authed bool
+	cur     received
+	authed  bool
+	account string // who logged in on this connection
 }
 
 var _ smtp.AuthSession = (*upSession)(nil)
@@ -223,10 +234,11 @@ func (s *upSession) Auth(mech string) (sasl.Server, error) {
 		if s.u.authErr != nil {
 			return s.u.authErr
 		}
-		if user != s.u.user || pass != s.u.pass {
+		if want, ok := s.u.accounts[user]; !ok || pass != want {
 			return smtp.ErrAuthFailed
 		}
-		s.authed = true
+		s.authed, s.cur.from = true, ""
+		s.account = user
 		return nil
 	}
 	switch mech {
@@ -274,6 +286,7 @@ func (s *upSession) Mail(from string, opts *smtp.MailOptions) error {
 	}
 	_, s.cur.tls = s.c.TLSConnectionState()
 	s.cur.from = from
+	s.cur.account = s.account
 	return nil
 }
 
