@@ -462,3 +462,23 @@ func TestIdleConnectionsAreNotSharedBetweenAccounts(t *testing.T) {
 		t.Errorf("%d connections, want one per account, each reused", conns)
 	}
 }
+
+// A reload that changes a route's account does not reuse the connection
+// the old account logged in on.
+func TestReloadedAccountGetsItsOwnConnection(t *testing.T) {
+	v := newEnv(t, "smtp.provider.test. 300 IN A 127.0.0.1")
+	up := newUpstream(t, nil, upSTARTTLS(v.ca.Issue(t, "smtp.provider.test")), upAuth("tenant1", "pw1"), upAuth("tenant2", "pw2"))
+	route := func(user, pass string) Route {
+		return Route{Name: "r", Domains: []string{"*"}, Nexthop: "[smtp.provider.test]:" + strconv.Itoa(up.Port), Auth: &Credentials{user, pass}}
+	}
+	e := v.engine(withRoutes(route("tenant1", "pw1")), func(o *Options) { o.IdleTimeout = time.Minute })
+	deliver(t, e, testJob("example.org", "x@example.org"))
+	if err := e.SetRoutes(nil, []Route{route("tenant2", "pw2")}, nil); err != nil {
+		t.Fatal(err)
+	}
+	deliver(t, e, testJob("example.org", "y@example.org"))
+	m := up.messages()
+	if len(m) != 2 || m[0].account != "tenant1" || m[1].account != "tenant2" {
+		t.Errorf("messages went as %+v; want tenant1 then tenant2", m)
+	}
+}

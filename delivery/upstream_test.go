@@ -26,9 +26,9 @@ type upstream struct {
 
 	mu       sync.Mutex
 	accounts map[string]string // user → password
-	mechs    []string // offered AUTH mechanisms; nil: no AUTH
-	authErr  error    // replaces the password check's result when set
-	auths    []string // "user:password:tls" of each AUTH attempt
+	mechs    []string          // offered AUTH mechanisms; nil: no AUTH
+	authErr  error             // replaces the password check's result when set
+	auths    []string          // "user:password:tls" of each AUTH attempt
 	got      []received
 	sessions int // go-smtp sessions: one per EHLO before and after STARTTLS
 	accepted int // connections taken
@@ -210,8 +210,8 @@ func (c *countedConn) Close() error {
 }
 
 type upSession struct {
-	u      *upstream
-	c      *smtp.Conn
+	u       *upstream
+	c       *smtp.Conn
 	cur     received
 	authed  bool
 	account string // who logged in on this connection
