@@ -112,20 +112,21 @@ func (e *Engine) destLocked(key string, sh Shaping) *destState {
 	return d
 }
 
-// maxLocked is how many connections key may have open now.
-func (e *Engine) maxLocked(key string, d *destState) int {
-	n := d.shaping.MaxConnections
+// maxLocked is how many connections d may have open now; restored says
+// a lowered limit has just run out (the caller logs it, unlocked).
+func (e *Engine) maxLocked(d *destState) (n int, restored bool) {
+	n = d.shaping.MaxConnections
 	if n <= 0 {
 		n = e.opts.MaxConnsPerDomain
 	}
 	if d.lowered > 0 {
 		if e.now().Before(d.loweredUntil) {
-			return min(n, d.lowered)
+			return min(n, d.lowered), false
 		}
 		d.lowered = 0
-		e.log.Info("destination concurrency restored", "destination", key, "max_connections", n)
+		return n, true
 	}
-	return n
+	return n, false
 }
 
 // forgetLocked drops the state of a key nobody uses, so the map holds
@@ -147,9 +148,13 @@ func (e *Engine) acquireSlot(ctx context.Context, h hop) error {
 	for {
 		e.mu.Lock()
 		d := e.destLocked(h.key, h.shaping)
-		if d.open < e.maxLocked(h.key, d) {
+		n, restored := e.maxLocked(d)
+		if d.open < n {
 			d.open++
 			e.mu.Unlock()
+			if restored {
+				e.log.Info("destination concurrency restored", "destination", h.key, "max_connections", n)
+			}
 			return nil
 		}
 		var victim *session
@@ -226,7 +231,8 @@ func (e *Engine) waitRate(ctx context.Context, h hop) error {
 func (e *Engine) throttle(h hop, job *queue.Job, reason string) {
 	e.mu.Lock()
 	d := e.destLocked(h.key, h.shaping)
-	n := max(1, min(e.maxLocked(h.key, d)-1, d.open))
+	cur, _ := e.maxLocked(d)
+	n := max(1, min(cur-1, d.open))
 	first := d.lowered == 0
 	d.lowered, d.loweredUntil = n, e.now().Add(e.opts.ThrottleFor)
 	e.mu.Unlock()

@@ -237,3 +237,38 @@ func TestTooManyConnectionsLowersConcurrencyAndTellsTheQueue(t *testing.T) {
 }
 
 func itoa(n int) string { return strconv.Itoa(n) }
+
+func TestLoweredConcurrencyIsRestoredAfterAWhile(t *testing.T) {
+	v := newEnv(t)
+	var mu sync.Mutex
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	e := v.engine(func(o *Options) {
+		o.ThrottleFor = time.Minute
+		o.Now = func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+	})
+	h := hop{key: "domain x.test"}
+	var th throttles
+	e.throttle(h, th.job("x.test", "a@x.test"), "421 4.7.0 too many connections")
+	limit := func() int {
+		e.mu.Lock()
+		defer e.mu.Unlock()
+		n, _ := e.maxLocked(e.destLocked(h.key, h.shaping))
+		return n
+	}
+	if n := limit(); n != 1 || len(th.got) != 1 || th.got[0] != "1 1m0s" {
+		t.Fatalf("limit %d, queue told %q; want 1 and \"1 1m0s\"", n, th.got)
+	}
+	mu.Lock()
+	now = now.Add(time.Minute)
+	mu.Unlock()
+	if err := e.acquireSlot(t.Context(), h); err != nil {
+		t.Fatal(err)
+	}
+	e.releaseSlot(h.key)
+	if n := limit(); n != 10 {
+		t.Errorf("limit %d after the while, want the default 10", n)
+	}
+	if !strings.Contains(v.logs.String(), "destination concurrency restored") {
+		t.Errorf("restoring not logged:\n%s", v.logs.String())
+	}
+}
