@@ -6,6 +6,7 @@ package config
 import (
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -16,6 +17,8 @@ import (
 	"time"
 
 	"github.com/BurntSushi/toml"
+
+	"github.com/stsrelay/stsrelay/routing"
 )
 
 // Config is the whole configuration, typed. Field comments give defaults;
@@ -90,14 +93,64 @@ type Delivery struct {
 	ConnectTimeout    Duration   `toml:"connect_timeout"`
 	IPVersion         string     `toml:"ip_version"` // both | 4 | 6
 	Policies          []Policy   `toml:"policy"`
+	Routes            []Route    `toml:"route"`
+	Limits            []Limits   `toml:"limits"`
 }
 
-// Policy is a local TLS policy for one destination domain, like an entry
-// of Postfix's smtp_tls_policy_maps.
+// Policy is a local TLS policy for destination domains, like an entry of
+// Postfix's smtp_tls_policy_maps. Domains are patterns as routes write
+// them (routing.ParsePattern); Domain is the one-pattern form.
 type Policy struct {
-	Domain string `toml:"domain"`
-	TLS    string `toml:"tls"` // may | encrypt | verify | dane-only | none
+	Domain  string   `toml:"domain"`
+	Domains []string `toml:"domains"`
+	TLS     string   `toml:"tls"` // may | encrypt | verify | dane-only | none
 }
+
+// Route sends mail for some recipient domains (and optionally some
+// senders) to a next hop of the operator's choosing, like Postfix's
+// transport and sender_dependent_relayhost maps.
+type Route struct {
+	Domains     []string `toml:"domains"` // "example.org", ".example.org", "*"
+	Senders     []string `toml:"senders"` // "user@example.org", "@example.org", "<>"; none: any
+	Nexthop     string   `toml:"nexthop"` // "[host]:port", "name:port", "name"
+	ImplicitTLS bool     `toml:"implicit_tls"`
+	// TLS is may | encrypt | verify | dane | dane-only | none; "" means
+	// verify with credentials, else what DNS policy says.
+	TLS              string `toml:"tls"`
+	AuthUsername     string `toml:"auth_username"`
+	AuthPasswordFile string `toml:"auth_password_file"`
+	Shaping
+	// AuthPassword is the first line of AuthPasswordFile, read by Load.
+	AuthPassword Secret `toml:"-"`
+}
+
+// Limits shape the traffic to some destinations: recipient Domains (each
+// domain counted on its own) or MXHosts (every matching host counted
+// together, as one provider).
+type Limits struct {
+	Domains []string `toml:"domains"`
+	MXHosts []string `toml:"mx_hosts"`
+	Shaping
+}
+
+// Shaping is what a route or a [[delivery.limits]] entry may limit; zero
+// fields keep the defaults.
+type Shaping struct {
+	MaxConnections     int  `toml:"max_connections"`             // default: max_connections_per_domain
+	MaxMessagesPerConn int  `toml:"max_messages_per_connection"` // default: no limit
+	Rate               Rate `toml:"rate"`                        // "600/m"; default: no limit
+}
+
+// Secret is a password read from a file. It prints as "[redacted]", so
+// that no log line, %v or JSON dump of the configuration shows it.
+type Secret struct{ s string }
+
+// Reveal returns the password, for the one place that sends it.
+func (s Secret) Reveal() string { return s.s }
+
+func (s Secret) String() string               { return "[redacted]" }
+func (s Secret) GoString() string             { return "[redacted]" }
+func (s Secret) MarshalText() ([]byte, error) { return []byte("[redacted]"), nil }
 
 type STS struct {
 	Enabled          bool     `toml:"enabled"`
@@ -122,6 +175,13 @@ type Metrics struct {
 
 // PolicyTLS lists the values [[delivery.policy]] tls accepts.
 var PolicyTLS = []string{"may", "encrypt", "verify", "dane-only", "none"}
+
+// RouteTLS lists the values [[delivery.route]] tls accepts: "dane" is
+// Postfix's opportunistic DANE (what DNS publishes decides).
+var RouteTLS = []string{"may", "encrypt", "verify", "dane", "dane-only", "none"}
+
+// maxPasswordFile bounds what Load reads of a password file.
+const maxPasswordFile = 4 << 10
 
 // Default returns the configuration used for every key the file leaves out.
 func Default() *Config {
@@ -180,12 +240,62 @@ func Load(path string) (*Config, error) {
 	if err != nil {
 		return nil, fmt.Errorf("config %s: %w", path, err)
 	}
-	for _, f := range []*string{&cfg.StateDir, &cfg.Submission.TLSCert, &cfg.Submission.TLSKey} {
+	paths := []*string{&cfg.StateDir, &cfg.Submission.TLSCert, &cfg.Submission.TLSKey}
+	for i := range cfg.Delivery.Routes {
+		paths = append(paths, &cfg.Delivery.Routes[i].AuthPasswordFile)
+	}
+	for _, f := range paths {
 		if *f != "" && !filepath.IsAbs(*f) {
 			*f = filepath.Join(dir, *f)
 		}
 	}
+	if err := cfg.readPasswords(data); err != nil {
+		return nil, fmt.Errorf("config %s: %w", path, err)
+	}
 	return cfg, nil
+}
+
+// readPasswords reads each route's password file: its first line, without
+// the line end. A missing, unreadable or empty file is an error now, not a
+// deferral of every message later.
+func (c *Config) readPasswords(data []byte) error {
+	for i := range c.Delivery.Routes {
+		r := &c.Delivery.Routes[i]
+		if r.AuthPasswordFile == "" {
+			continue
+		}
+		key := fmt.Sprintf("delivery.route[%d].auth_password_file", i)
+		pw, err := readPassword(r.AuthPasswordFile)
+		if err != nil {
+			return keyError(data, key, err.Error())
+		}
+		r.AuthPassword = Secret{pw}
+	}
+	return nil
+}
+
+func readPassword(path string) (string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", fmt.Errorf("cannot read %s: %v", path, errors.Unwrap(err))
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, maxPasswordFile+1))
+	if err != nil {
+		return "", fmt.Errorf("cannot read %s: %v", path, errors.Unwrap(err))
+	}
+	if len(b) > maxPasswordFile {
+		return "", fmt.Errorf("%s is over %d bytes; it must hold the password alone", path, maxPasswordFile)
+	}
+	pw, rest, _ := strings.Cut(string(b), "\n")
+	pw = strings.TrimSuffix(pw, "\r")
+	if strings.TrimSpace(rest) != "" {
+		return "", fmt.Errorf("%s has more than one line; it must hold the password alone", path)
+	}
+	if pw == "" {
+		return "", fmt.Errorf("%s is empty", path)
+	}
+	return pw, nil
 }
 
 // Parse decodes and validates TOML text; relative paths stay as written.
@@ -197,7 +307,7 @@ func Parse(data []byte) (*Config, error) {
 func parse(data []byte, cfg *Config) (*Config, error) {
 	md, err := toml.Decode(string(data), cfg)
 	if err != nil {
-		return nil, decodeError(err)
+		return nil, decodeError(data, err)
 	}
 	if undecoded := md.Undecoded(); len(undecoded) > 0 {
 		k := undecoded[0].String()
@@ -210,16 +320,41 @@ func parse(data []byte, cfg *Config) (*Config, error) {
 }
 
 // decodeError turns the TOML library's error into our one-line form.
-func decodeError(err error) error {
+func decodeError(data []byte, err error) error {
 	var pe toml.ParseError
 	if !errors.As(err, &pe) {
 		// Type mismatches: "toml: line 3 (last key "x"): incompatible types: …".
 		return errors.New(strings.TrimPrefix(err.Error(), "toml: "))
 	}
 	if pe.LastKey != "" {
-		return fmt.Errorf("line %d: %s: %s", pe.Position.Line, pe.LastKey, pe.Message)
+		return fmt.Errorf("line %d: %s: %s", pe.Position.Line, indexedKey(data, pe.Position.Line, pe.LastKey), pe.Message)
 	}
 	return fmt.Errorf("line %d: %s", pe.Position.Line, pe.Message)
+}
+
+// indexedKey adds the index of the [[array]] table that line is in to key:
+// "delivery.route.rate" → "delivery.route[1].rate", as validation names it.
+func indexedKey(data []byte, line int, key string) string {
+	header, index := "", -1
+	seen := map[string]int{}
+	for n, l := range strings.Split(string(data), "\n") {
+		if n+1 > line {
+			break
+		}
+		t := strings.TrimSpace(l)
+		switch {
+		case strings.HasPrefix(t, "[["):
+			header = strings.TrimSpace(strings.Trim(t[:strings.Index(t+"]]", "]]")], "[ "))
+			index = seen[header]
+			seen[header]++
+		case strings.HasPrefix(t, "["):
+			header = ""
+		}
+	}
+	if rest, ok := strings.CutPrefix(key, header+"."); ok && header != "" {
+		return fmt.Sprintf("%s[%d].%s", header, index, rest)
+	}
+	return key
 }
 
 // keyError names key and, when it can be found, its line.
@@ -347,21 +482,8 @@ func (c *Config) validate(data []byte) error {
 	if !slices.Contains([]string{"both", "4", "6"}, d.IPVersion) {
 		return bad("delivery.ip_version", "%q is not allowed (use both, 4 or 6)", d.IPVersion)
 	}
-	domains := map[string]bool{}
-	for i, p := range d.Policies {
-		key := fmt.Sprintf("delivery.policy[%d]", i)
-		p.Domain = strings.ToLower(strings.TrimSuffix(p.Domain, "."))
-		d.Policies[i].Domain = p.Domain
-		if !isDomain(p.Domain) {
-			return bad(key+".domain", "%q is not a domain name", p.Domain)
-		}
-		if domains[p.Domain] {
-			return bad(key+".domain", "%s has two policies", p.Domain)
-		}
-		domains[p.Domain] = true
-		if !slices.Contains(PolicyTLS, p.TLS) {
-			return bad(key+".tls", "%q is not a TLS policy (use %s)", p.TLS, strings.Join(PolicyTLS, ", "))
-		}
+	if err := c.validateTables(data); err != nil {
+		return err
 	}
 
 	if c.STS.FetchTimeout.Duration <= 0 {
@@ -374,6 +496,186 @@ func (c *Config) validate(data []byte) error {
 		if c.TLSRPT.ContactInfo == "" {
 			return bad("tlsrpt.contact_info", "must be set when tlsrpt.enabled is true")
 		}
+	}
+	return nil
+}
+
+// validateTables checks [[delivery.policy]], [[delivery.route]] and
+// [[delivery.limits]]: their patterns, and that no two entries of one
+// table tie for some destination.
+func (c *Config) validateTables(data []byte) error {
+	bad := func(key, format string, args ...any) error {
+		return keyError(data, key, fmt.Sprintf(format, args...))
+	}
+	d := &c.Delivery
+	var policies []routing.Entry[int]
+	policyField := make([]string, len(d.Policies))
+	for i := range d.Policies {
+		p := &d.Policies[i]
+		key := fmt.Sprintf("delivery.policy[%d]", i)
+		// "domain" is the one-pattern form that older files use.
+		policyField[i] = "domains"
+		if p.Domain != "" && len(p.Domains) == 0 {
+			policyField[i] = "domain"
+		}
+		if p.Domain != "" {
+			p.Domains = append([]string{p.Domain}, p.Domains...)
+			p.Domain = ""
+		}
+		dk := key + "." + policyField[i]
+		if len(p.Domains) == 0 {
+			return bad(key+".domains", "must list at least one domain (example.org, .example.org or *)")
+		}
+		pats, err := parsePatterns(p.Domains)
+		if err != nil {
+			return bad(dk, "%v", err)
+		}
+		if !slices.Contains(PolicyTLS, p.TLS) {
+			return bad(key+".tls", "%q is not a TLS policy (use %s)", p.TLS, strings.Join(PolicyTLS, ", "))
+		}
+		policies = append(policies, routing.Entry[int]{Domains: pats})
+	}
+	if err := tieError(data, "delivery.policy", func(i int) string { return policyField[i] }, policies); err != nil {
+		return err
+	}
+
+	var routes []routing.Entry[int]
+	for i := range d.Routes {
+		r := &d.Routes[i]
+		key := fmt.Sprintf("delivery.route[%d]", i)
+		if len(r.Domains) == 0 {
+			return bad(key+".domains", "must list at least one domain (example.org, .example.org or *)")
+		}
+		pats, err := parsePatterns(r.Domains)
+		if err != nil {
+			return bad(key+".domains", "%v", err)
+		}
+		var senders []routing.SenderPattern
+		for _, s := range r.Senders {
+			sp, err := routing.ParseSender(s)
+			if err != nil {
+				return bad(key+".senders", "%v", err)
+			}
+			senders = append(senders, sp)
+		}
+		if r.Nexthop == "" {
+			return bad(key+".nexthop", "must be set (use [host]:port, name:port or name)")
+		}
+		if _, err := routing.ParseNexthop(r.Nexthop); err != nil {
+			return bad(key+".nexthop", "%v", err)
+		}
+		if r.TLS != "" && !slices.Contains(RouteTLS, r.TLS) {
+			return bad(key+".tls", "%q is not a TLS level (use %s)", r.TLS, strings.Join(RouteTLS, ", "))
+		}
+		if (r.AuthUsername == "") != (r.AuthPasswordFile == "") {
+			return bad(key+".auth_username", "auth_username and auth_password_file go together (the password is never written in this file)")
+		}
+		if r.AuthUsername != "" && r.TLS == "none" {
+			return bad(key+".tls", `"none" with credentials would send the password in the clear; use encrypt or verify`)
+		}
+		if r.ImplicitTLS && r.TLS == "none" {
+			return bad(key+".tls", `"none" contradicts implicit_tls = true`)
+		}
+		if err := checkShaping(data, key, r.Shaping); err != nil {
+			return err
+		}
+		routes = append(routes, routing.Entry[int]{Domains: pats, Senders: senders})
+	}
+	if err := tieError(data, "delivery.route", func(int) string { return "domains" }, routes); err != nil {
+		return err
+	}
+
+	var byDomain, byMX []routing.Entry[int]
+	var domainIdx, mxIdx []int
+	for i := range d.Limits {
+		l := &d.Limits[i]
+		key := fmt.Sprintf("delivery.limits[%d]", i)
+		if (len(l.Domains) == 0) == (len(l.MXHosts) == 0) {
+			return bad(key+".domains", "set domains (each domain limited on its own) or mx_hosts (matching hosts limited together), not both or neither")
+		}
+		field, list := "domains", l.Domains
+		if len(l.MXHosts) > 0 {
+			field, list = "mx_hosts", l.MXHosts
+		}
+		pats, err := parsePatterns(list)
+		if err != nil {
+			return bad(key+"."+field, "%v", err)
+		}
+		if l.Shaping == (Shaping{}) {
+			return bad(key+"."+field, "sets no limit (use max_connections, max_messages_per_connection or rate)")
+		}
+		if err := checkShaping(data, key, l.Shaping); err != nil {
+			return err
+		}
+		if field == "domains" {
+			byDomain, domainIdx = append(byDomain, routing.Entry[int]{Domains: pats}), append(domainIdx, i)
+		} else {
+			byMX, mxIdx = append(byMX, routing.Entry[int]{Domains: pats}), append(mxIdx, i)
+		}
+	}
+	for _, t := range []struct {
+		field   string
+		entries []routing.Entry[int]
+		idx     []int
+	}{{"domains", byDomain, domainIdx}, {"mx_hosts", byMX, mxIdx}} {
+		if _, err := routing.NewTable(t.entries); err != nil {
+			var ce *routing.ConflictError
+			if errors.As(err, &ce) {
+				ce.First, ce.Second = t.idx[ce.First], t.idx[ce.Second]
+				return tieError(data, "delivery.limits", func(int) string { return t.field }, nil, ce)
+			}
+			return err
+		}
+	}
+	return nil
+}
+
+// tieError reports two entries of table that tie, naming the later one's
+// key and line and the earlier one's line.
+func tieError(data []byte, table string, field func(int) string, entries []routing.Entry[int], known ...*routing.ConflictError) error {
+	var ce *routing.ConflictError
+	if len(known) > 0 {
+		ce = known[0]
+	} else if _, err := routing.NewTable(entries); err != nil {
+		if !errors.As(err, &ce) {
+			return err
+		}
+	} else {
+		return nil
+	}
+	first := fmt.Sprintf("%s[%d]", table, ce.First)
+	if line := lineOf(data, first+"."+field(ce.First)); line > 0 {
+		first = fmt.Sprintf("%s (line %d)", first, line)
+	}
+	what := "domain " + ce.Domain
+	if ce.Sender != "" {
+		what += " and sender " + ce.Sender
+	}
+	return keyError(data, fmt.Sprintf("%s[%d].%s", table, ce.Second, field(ce.Second)),
+		fmt.Sprintf("overlaps %s: both match %s with the same specificity, so neither would win", first, what))
+}
+
+// parsePatterns parses list and rewrites it in canonical form (lower
+// case, no trailing dot).
+func parsePatterns(list []string) ([]routing.Pattern, error) {
+	var out []routing.Pattern
+	for i, s := range list {
+		p, err := routing.ParsePattern(s)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, p)
+		list[i] = p.String()
+	}
+	return out, nil
+}
+
+func checkShaping(data []byte, key string, s Shaping) error {
+	if s.MaxConnections < 0 {
+		return keyError(data, key+".max_connections", fmt.Sprintf("must not be negative, got %d (0 keeps the default)", s.MaxConnections))
+	}
+	if s.MaxMessagesPerConn < 0 {
+		return keyError(data, key+".max_messages_per_connection", fmt.Sprintf("must not be negative, got %d (0: no limit)", s.MaxMessagesPerConn))
 	}
 	return nil
 }
@@ -535,3 +837,44 @@ func (n *Network) UnmarshalText(b []byte) error {
 type valueError struct{ msg string }
 
 func (e *valueError) Error() string { return e.msg }
+
+// Rate is a number of messages per period in TOML: "600/m", "10/s",
+// "5000/h", "100/30s". The zero Rate is no limit.
+type Rate struct {
+	N   int
+	Per time.Duration
+}
+
+func (r *Rate) UnmarshalText(b []byte) error {
+	bad := &valueError{fmt.Sprintf("%q is not a rate (use e.g. 600/m, 10/s or 5000/h)", b)}
+	n, per, ok := strings.Cut(strings.TrimSpace(string(b)), "/")
+	count, err := strconv.Atoi(strings.TrimSpace(n))
+	if !ok || err != nil || count <= 0 {
+		return bad
+	}
+	per = strings.TrimSpace(per)
+	if per == "s" || per == "m" || per == "h" {
+		per = "1" + per
+	}
+	d, err := time.ParseDuration(per)
+	if err != nil || d <= 0 {
+		return bad
+	}
+	r.N, r.Per = count, d
+	return nil
+}
+
+func (r Rate) MarshalText() ([]byte, error) {
+	if r.N == 0 {
+		return []byte(""), nil
+	}
+	return []byte(fmt.Sprintf("%d/%s", r.N, r.Per)), nil
+}
+
+// PerSecond is the rate as events per second; 0 for no limit.
+func (r Rate) PerSecond() float64 {
+	if r.N == 0 || r.Per <= 0 {
+		return 0
+	}
+	return float64(r.N) / r.Per.Seconds()
+}

@@ -1,6 +1,8 @@
 package config
 
 import (
+	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -105,7 +107,7 @@ tls = "verify"
 	if r := cfg.Delivery.RetrySchedule; len(r) != 2 || r[1].Duration != 90*time.Minute {
 		t.Errorf("retry_schedule = %v", r)
 	}
-	if p := cfg.Delivery.Policies; len(p) != 1 || p[0].Domain != "partner.example" {
+	if p := cfg.Delivery.Policies; len(p) != 1 || len(p[0].Domains) != 1 || p[0].Domains[0] != "partner.example" {
 		t.Errorf("policy = %+v, want the domain lower-cased without the dot", p)
 	}
 }
@@ -150,7 +152,7 @@ func TestRejectsBadInput(t *testing.T) {
 		{"bad ip version", "[delivery]\nip_version = \"5\"\n", `line 2: delivery.ip_version: "5" is not allowed`},
 		{"bad policy tls", "[[delivery.policy]]\ndomain = \"a.example\"\ntls = \"secure\"\n", `line 3: delivery.policy[0].tls: "secure" is not a TLS policy`},
 		{"bad policy domain", "[[delivery.policy]]\ndomain = \"a b\"\ntls = \"may\"\n", "line 2: delivery.policy[0].domain"},
-		{"duplicate policy", "[[delivery.policy]]\ndomain = \"a.example\"\ntls = \"may\"\n[[delivery.policy]]\ndomain = \"A.example\"\ntls = \"none\"\n", "a.example has two policies"},
+		{"duplicate policy", "[[delivery.policy]]\ndomain = \"a.example\"\ntls = \"may\"\n[[delivery.policy]]\ndomain = \"A.example\"\ntls = \"none\"\n", "line 5: delivery.policy[1].domain: overlaps delivery.policy[0] (line 2): both match domain a.example"},
 		{"zero fetch timeout", "[sts]\nfetch_timeout = \"0s\"\n", "sts.fetch_timeout"},
 		{"tlsrpt without organization", "[tlsrpt]\nenabled = true\n", "tlsrpt.organization_name: must be set"},
 		{"tlsrpt without contact", "[tlsrpt]\nenabled = true\norganization_name = \"Example\"\n", "tlsrpt.contact_info: must be set"},
@@ -217,6 +219,147 @@ func TestParseSize(t *testing.T) {
 	for _, in := range []string{"", "MB", "-1MB", "1.5MB", "35XB", "99999999999GB"} {
 		if _, err := ParseSize(in); err == nil {
 			t.Errorf("ParseSize(%q) accepted", in)
+		}
+	}
+}
+
+const routesTOML = `hostname = "relay.example.com"
+[[delivery.route]]
+domains = ["*"]
+nexthop = "smtp.provider.test:587"
+auth_username = "relay"
+auth_password_file = "upstream.pass"
+max_connections = 4
+rate = "600/m"
+
+[[delivery.route]]
+domains = ["internal.example", ".internal.example"]
+nexthop = "[192.0.2.25]:2525"
+tls = "none"
+
+[[delivery.route]]
+domains = ["*"]
+senders = ["@tenant.example", "boss@Tenant.example"]
+nexthop = "[smtp.provider.test]:465"
+implicit_tls = true
+tls = "verify"
+
+[[delivery.limits]]
+mx_hosts = [".google.com"]
+max_connections = 5
+max_messages_per_connection = 100
+
+[[delivery.limits]]
+domains = ["Big.Example."]
+rate = "10/s"
+`
+
+func TestLoadsRoutesLimitsAndPasswordFiles(t *testing.T) {
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "upstream.pass"), []byte("s3cret-pw\n"), 0o600)
+	p := filepath.Join(dir, "c.toml")
+	os.WriteFile(p, []byte(routesTOML), 0o600)
+	cfg, err := Load(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := cfg.Delivery.Routes
+	if len(r) != 3 || r[0].AuthPassword.Reveal() != "s3cret-pw" || r[0].AuthPasswordFile != filepath.Join(dir, "upstream.pass") {
+		t.Fatalf("routes = %+v", r)
+	}
+	if r[0].MaxConnections != 4 || r[0].Rate.PerSecond() != 10 || r[2].Senders[1] != "boss@Tenant.example" || !r[2].ImplicitTLS {
+		t.Errorf("routes = %+v", r)
+	}
+	l := cfg.Delivery.Limits
+	if len(l) != 2 || l[0].MXHosts[0] != ".google.com" || l[1].Domains[0] != "big.example" || l[1].Rate.PerSecond() != 10 {
+		t.Errorf("limits = %+v", l)
+	}
+	// The password never shows when the configuration is printed.
+	for _, out := range []string{fmt.Sprintf("%v %+v %#v %s", cfg, cfg, cfg, r[0].AuthPassword)} {
+		if strings.Contains(out, "s3cret-pw") {
+			t.Errorf("password printed: %s", out)
+		}
+	}
+	if b, _ := json.Marshal(cfg); strings.Contains(string(b), "s3cret-pw") {
+		t.Error("password in JSON")
+	}
+}
+
+func TestParseRate(t *testing.T) {
+	for in, want := range map[string]float64{"600/m": 10, "10/s": 10, "3600/h": 1, "100/10s": 10, " 5 / 1s ": 5} {
+		var r Rate
+		if err := r.UnmarshalText([]byte(in)); err != nil || r.PerSecond() != want {
+			t.Errorf("rate %q = %v (%v), want %v/s", in, r.PerSecond(), err, want)
+		}
+	}
+	for _, bad := range []string{"600", "600/", "/m", "0/m", "-1/m", "ten/m", "5/0s", "5/x"} {
+		var r Rate
+		if err := r.UnmarshalText([]byte(bad)); err == nil {
+			t.Errorf("rate %q accepted", bad)
+		}
+	}
+}
+
+func TestRejectsBadRoutesAndLimits(t *testing.T) {
+	route := func(extra string) string {
+		return "[[delivery.route]]\ndomains = [\"*\"]\nnexthop = \"[192.0.2.1]:25\"\n" + extra
+	}
+	for _, c := range []struct{ name, toml, want string }{
+		{"unknown tls", route("tls = \"secure\"\n"), `line 4: delivery.route[0].tls: "secure" is not a TLS level (use may, encrypt, verify, dane, dane-only, none)`},
+		{"nexthop does not parse", "[[delivery.route]]\ndomains = [\"*\"]\nnexthop = \"host:99999\"\n", `line 3: delivery.route[0].nexthop: "host:99999" is not a nexthop`},
+		{"address without brackets", "[[delivery.route]]\ndomains = [\"*\"]\nnexthop = \"192.0.2.1:25\"\n", "line 3: delivery.route[0].nexthop: \"192.0.2.1:25\" is not a nexthop: an address goes in brackets"},
+		{"no nexthop", "[[delivery.route]]\ndomains = [\"*\"]\n", "delivery.route[0].nexthop: must be set"},
+		{"no domains", "[[delivery.route]]\nnexthop = \"a.example\"\n", "line 1: delivery.route[0].domains: must list at least one"},
+		{"bad domain pattern", "[[delivery.route]]\ndomains = [\"*.example.org\"]\nnexthop = \"a.example\"\n", `line 2: delivery.route[0].domains: "*.example.org" is not a domain pattern`},
+		{"bad sender", route("senders = [\"tenant.example\"]\n"), `line 4: delivery.route[0].senders: "tenant.example" is not a sender pattern`},
+		{"username without file", route("auth_username = \"u\"\n"), "line 4: delivery.route[0].auth_username: auth_username and auth_password_file go together"},
+		{"auth in the clear", route("auth_username = \"u\"\nauth_password_file = \"/p\"\ntls = \"none\"\n"), "line 6: delivery.route[0].tls: \"none\" with credentials"},
+		{"implicit tls none", route("implicit_tls = true\ntls = \"none\"\n"), "delivery.route[0].tls: \"none\" contradicts implicit_tls"},
+		{"bad rate", route("rate = \"lots\"\n"), `line 4: delivery.route[0].rate: "lots" is not a rate`},
+		{"negative connections", route("max_connections = -1\n"), "line 4: delivery.route[0].max_connections: must not be negative"},
+		{"overlapping routes", route("") + "[[delivery.route]]\ndomains = [\"a.example\", \"*\"]\nnexthop = \"b.example\"\n",
+			"line 5: delivery.route[1].domains: overlaps delivery.route[0] (line 2): both match domain * with the same specificity"},
+		{"overlapping sender routes", route("senders = [\"@t.example\"]\n") + "[[delivery.route]]\ndomains = [\"*\"]\nsenders = [\"@T.example\"]\nnexthop = \"b.example\"\n",
+			"delivery.route[1].domains: overlaps delivery.route[0] (line 2): both match domain * and sender @t.example"},
+		{"limits without target", "[[delivery.limits]]\nmax_connections = 3\n", "delivery.limits[0].domains: set domains"},
+		{"limits with both", "[[delivery.limits]]\ndomains = [\"a.example\"]\nmx_hosts = [\".b.example\"]\nmax_connections = 3\n", "line 2: delivery.limits[0].domains: set domains"},
+		{"limits without limit", "[[delivery.limits]]\ndomains = [\"a.example\"]\n", "line 2: delivery.limits[0].domains: sets no limit"},
+		{"limits bad rate", "[[delivery.limits]]\ndomains = [\"a.example\"]\nrate = \"600 per minute\"\n", `line 3: delivery.limits[0].rate: "600 per minute" is not a rate`},
+		{"overlapping limits", "[[delivery.limits]]\nmx_hosts = [\".google.com\"]\nmax_connections = 3\n[[delivery.limits]]\ndomains = [\"a.example\"]\nmax_connections = 3\n[[delivery.limits]]\nmx_hosts = [\".GOOGLE.com\"]\nrate = \"1/s\"\n",
+			"line 8: delivery.limits[2].mx_hosts: overlaps delivery.limits[0] (line 2)"},
+		{"policy pattern", "[[delivery.policy]]\ndomains = [\"*.x\"]\ntls = \"may\"\n", `line 2: delivery.policy[0].domains: "*.x" is not a domain pattern`},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			def := Default()
+			def.Hostname = "relay.example.com"
+			_, err := parse([]byte(c.toml), def)
+			if err == nil {
+				t.Fatalf("no error for\n%s", c.toml)
+			}
+			if !strings.Contains(err.Error(), c.want) || strings.Contains(err.Error(), "\n") {
+				t.Fatalf("error %q\nis not one line containing %q", err, c.want)
+			}
+		})
+	}
+}
+
+func TestPasswordFileProblemsStopTheLoad(t *testing.T) {
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "empty.pass"), nil, 0o600)
+	os.WriteFile(filepath.Join(dir, "two.pass"), []byte("a\nb\n"), 0o600)
+	os.Mkdir(filepath.Join(dir, "adir"), 0o700) // unreadable as a file, even for root
+	for file, want := range map[string]string{
+		"missing.pass": "no such file or directory",
+		"adir":         "is a directory",
+		"empty.pass":   "is empty",
+		"two.pass":     "more than one line",
+	} {
+		p := filepath.Join(dir, "c.toml")
+		os.WriteFile(p, []byte("hostname = \"relay.example.com\"\n[[delivery.route]]\ndomains = [\"*\"]\nnexthop = \"a.example:587\"\nauth_username = \"u\"\nauth_password_file = \""+file+"\"\n"), 0o600)
+		_, err := Load(p)
+		prefix := "config " + p + ": line 6: delivery.route[0].auth_password_file: "
+		if err == nil || !strings.HasPrefix(err.Error(), prefix) || !strings.Contains(err.Error(), want) {
+			t.Errorf("%s: err = %v, want %q…%q", file, err, prefix, want)
 		}
 	}
 }

@@ -7,6 +7,8 @@ import (
 	"strings"
 	"time"
 
+	"golang.org/x/time/rate"
+
 	"github.com/stsrelay/stsrelay/policy"
 	"github.com/stsrelay/stsrelay/queue"
 )
@@ -50,73 +52,198 @@ func (e *Engine) removeIdle(s *session) bool {
 }
 
 // release ends the use of s by one delivery: it waits in the idle cache
-// for the next message to the same domain, or is closed.
+// for the next message to the same destination, or is closed when it is
+// broken or has carried its destination's max_messages_per_connection.
 func (e *Engine) release(s *session) {
-	if s.broken || s.conn == nil || e.opts.IdleTimeout < 0 {
+	spent := s.shaping.MaxMessagesPerConn > 0 && s.messages >= s.shaping.MaxMessagesPerConn
+	if s.broken || s.conn == nil || e.opts.IdleTimeout < 0 || spent {
 		s.quitQuietly()
-		e.releaseSlot(s.domain)
+		e.releaseSlot(s.shapeKey)
 		return
 	}
 	e.mu.Lock()
 	if e.closed {
 		e.mu.Unlock()
 		s.quitQuietly()
-		e.releaseSlot(s.domain)
+		e.releaseSlot(s.shapeKey)
 		return
 	}
 	e.idle[s.key] = append(e.idle[s.key], s)
 	s.idleTimer = time.AfterFunc(e.opts.IdleTimeout, func() {
 		if e.removeIdle(s) {
 			s.quitQuietly()
-			e.releaseSlot(s.domain)
+			e.releaseSlot(s.shapeKey)
 		}
 	})
 	e.mu.Unlock()
 }
 
-// acquireSlot waits until a new connection to domain is allowed
-// (MaxConnsPerDomain), closing an idle one to make room if need be.
-func (e *Engine) acquireSlot(ctx context.Context, domain string) error {
+// destState is the traffic shaping of one destination key: a recipient
+// domain, a route's nexthop, or the hosts of an mx_hosts limit.
+type destState struct {
+	open    int           // connections open, busy or idle
+	waiters int           // deliveries waiting for a slot
+	wake    chan struct{} // closed and replaced when a slot frees: wakes this key's waiters only
+	shaping Shaping
+	limiter *rate.Limiter // nil: no rate limit
+	// lowered, until loweredUntil, caps open connections after the
+	// destination said it has too many of ours.
+	lowered      int
+	loweredUntil time.Time
+}
+
+// destLocked returns the state of key, creating it, with the latest
+// limits (a reload may have changed them).
+func (e *Engine) destLocked(key string, sh Shaping) *destState {
+	d := e.dests[key]
+	if d == nil {
+		d = &destState{wake: make(chan struct{})}
+		e.dests[key] = d
+	}
+	d.shaping = sh
+	switch {
+	case sh.Rate <= 0:
+		d.limiter = nil
+	case d.limiter == nil:
+		d.limiter = rate.NewLimiter(sh.Rate, 1)
+	case d.limiter.Limit() != sh.Rate:
+		d.limiter.SetLimit(sh.Rate)
+	}
+	return d
+}
+
+// maxLocked is how many connections d may have open now; restored says
+// a lowered limit has just run out (the caller logs it, unlocked).
+func (e *Engine) maxLocked(d *destState) (n int, restored bool) {
+	n = d.shaping.MaxConnections
+	if n <= 0 {
+		n = e.opts.MaxConnsPerDomain
+	}
+	if d.lowered > 0 {
+		if e.now().Before(d.loweredUntil) {
+			return min(n, d.lowered), false
+		}
+		d.lowered = 0
+		return n, true
+	}
+	return n, false
+}
+
+// forgetLocked drops the state of a key nobody uses, so the map holds
+// only destinations in use; a rate limiter is kept until it has refilled,
+// or forgetting would grant a burst.
+func (e *Engine) forgetLocked(key string, d *destState) {
+	if d.open > 0 || d.waiters > 0 || d.lowered > 0 && e.now().Before(d.loweredUntil) {
+		return
+	}
+	if d.limiter != nil && d.limiter.TokensAt(e.now()) < 1 {
+		return
+	}
+	delete(e.dests, key)
+}
+
+// acquireSlot waits until h's destination may have one more connection,
+// closing an idle one to the same destination to make room if need be.
+func (e *Engine) acquireSlot(ctx context.Context, h hop) error {
 	for {
 		e.mu.Lock()
-		if e.slots[domain] < e.opts.MaxConnsPerDomain {
-			e.slots[domain]++
+		d := e.destLocked(h.key, h.shaping)
+		n, restored := e.maxLocked(d)
+		if d.open < n {
+			d.open++
 			e.mu.Unlock()
+			if restored {
+				e.log.Info("destination concurrency restored", "destination", h.key, "max_connections", n)
+			}
 			return nil
 		}
 		var victim *session
-		for key, list := range e.idle {
-			if key.domain == domain && len(list) > 0 {
+		for _, list := range e.idle {
+			if len(list) > 0 && list[0].shapeKey == h.key {
 				victim = list[0]
 				break
 			}
 		}
-		wake := e.wake
-		e.mu.Unlock()
-		if victim != nil && e.removeIdle(victim) {
-			victim.idleTimer.Stop()
-			victim.quitQuietly()
-			return nil // its slot is now ours
+		wake := d.wake
+		if victim == nil {
+			d.waiters++
 		}
+		e.mu.Unlock()
 		if victim != nil {
+			if e.removeIdle(victim) {
+				victim.idleTimer.Stop()
+				victim.quitQuietly()
+				e.releaseSlot(victim.shapeKey)
+			}
 			continue
 		}
+		var err error
 		select {
 		case <-wake:
 		case <-ctx.Done():
-			return context.Cause(ctx)
+			err = context.Cause(ctx)
+		}
+		e.mu.Lock()
+		d.waiters--
+		e.forgetLocked(h.key, d)
+		e.mu.Unlock()
+		if err != nil {
+			return err
 		}
 	}
 }
 
-func (e *Engine) releaseSlot(domain string) {
+func (e *Engine) releaseSlot(key string) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	if e.slots[domain]--; e.slots[domain] <= 0 {
-		delete(e.slots, domain)
+	d := e.dests[key]
+	if d == nil {
+		return
 	}
-	close(e.wake)
-	e.wake = make(chan struct{})
+	d.open--
+	close(d.wake)
+	d.wake = make(chan struct{})
+	e.forgetLocked(key, d)
+}
+
+// waitRate waits until h's destination may take one more message.
+func (e *Engine) waitRate(ctx context.Context, h hop) error {
+	e.mu.Lock()
+	d := e.destLocked(h.key, h.shaping)
+	lim := d.limiter
+	d.waiters++ // keeps the limiter while we wait
+	e.mu.Unlock()
+	var err error
+	if lim != nil {
+		err = lim.Wait(ctx)
+	}
+	e.mu.Lock()
+	d.waiters--
+	e.forgetLocked(h.key, d)
+	e.mu.Unlock()
+	return err
+}
+
+// throttle lowers the concurrency of h's destination after it said it has
+// too many connections from us: to the connections that it still accepts
+// (at least one) for ThrottleFor, logged once when the lowering starts,
+// and tells the queue to hold back the domain's other messages alike.
+func (e *Engine) throttle(h hop, job *queue.Job, reason string) {
+	e.mu.Lock()
+	d := e.destLocked(h.key, h.shaping)
+	cur, _ := e.maxLocked(d)
+	n := max(1, min(cur-1, d.open))
+	first := d.lowered == 0
+	d.lowered, d.loweredUntil = n, e.now().Add(e.opts.ThrottleFor)
+	e.mu.Unlock()
+	metricThrottled.Inc()
+	if first {
+		e.log.Warn("destination says too many connections; lowering concurrency", "destination", h.key,
+			"max_connections", n, "for", e.opts.ThrottleFor, "reply", reason)
+	}
+	if job.Throttle != nil {
+		job.Throttle(n, e.opts.ThrottleFor)
+	}
 }
 
 // Close says QUIT on every idle connection. Deliveries still running
@@ -133,7 +260,7 @@ func (e *Engine) Close() error {
 	for _, s := range idle {
 		s.idleTimer.Stop()
 		s.quitQuietly()
-		e.releaseSlot(s.domain)
+		e.releaseSlot(s.shapeKey)
 	}
 	return nil
 }

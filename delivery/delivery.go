@@ -14,6 +14,7 @@ import (
 	"net"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/stsrelay/stsrelay/policy"
@@ -34,13 +35,15 @@ type Options struct {
 	// Overrides are the [[delivery.policy]] entries, applied over Policy
 	// (see Override for the precedence rules).
 	Overrides []Override
+	// Routes are the [[delivery.route]] entries; a domain no route
+	// matches goes to its MX hosts.
+	Routes []Route
+	// Limits are the [[delivery.limits]] entries.
+	Limits []Limit
 	// Recorder receives one policy.SessionResult per TLS session attempt; nil
 	// records nothing.
 	Recorder policy.Recorder
 
-	// Port is the SMTP port dialed on every MX host; 0 means 25. Only
-	// tests set it.
-	Port int
 	// DialContext opens connections; nil means a net.Dialer. Tests use it
 	// to send every MX address to loopback.
 	DialContext func(ctx context.Context, network, address string) (net.Conn, error)
@@ -60,9 +63,15 @@ type Options struct {
 	// message to the same domain; 0 means 10 seconds, negative disables
 	// connection reuse.
 	IdleTimeout time.Duration
-	// MaxConnsPerDomain bounds simultaneous connections to one domain;
-	// 0 means 10. Deliver waits for a free slot, or for ctx.
+	// MaxConnsPerDomain bounds simultaneous connections to one
+	// destination (a recipient domain, a route's nexthop, or the hosts of
+	// an mx_hosts limit) that no Shaping limits otherwise; 0 means 10.
+	// Deliver waits for a free slot, or for ctx.
 	MaxConnsPerDomain int
+	// ThrottleFor is how long a destination that answered "too many
+	// connections" (a 421 greeting) keeps its lowered concurrency; 0
+	// means 5 minutes.
+	ThrottleFor time.Duration
 
 	// Logger gets one line per delivery attempt; nil means slog.Default().
 	Logger *slog.Logger
@@ -102,17 +111,16 @@ func (t Timeouts) withDefaults() Timeouts {
 // Engine delivers jobs. It implements queue.Deliverer and is safe for
 // concurrent use.
 type Engine struct {
-	opts      Options
-	hostname  string // canonical, no trailing dot
-	overrides map[string]override
-	dial      func(ctx context.Context, network, address string) (net.Conn, error)
-	log       *slog.Logger
-	now       func() time.Time
+	opts     Options
+	hostname string // canonical, no trailing dot
+	tables   atomic.Pointer[tables]
+	dial     func(ctx context.Context, network, address string) (net.Conn, error)
+	log      *slog.Logger
+	now      func() time.Time
 
 	mu     sync.Mutex
 	idle   map[connKey][]*session
-	slots  map[string]int // open connections per domain
-	wake   chan struct{}  // closed and replaced when a slot frees
+	dests  map[string]*destState // by shaping key
 	closed bool
 }
 
@@ -135,25 +143,9 @@ func New(opts Options) (*Engine, error) {
 	default:
 		return nil, fmt.Errorf("delivery: ip_version must be both, 4 or 6, not %d", opts.IPVersion)
 	}
-	overrides := make(map[string]override, len(opts.Overrides))
-	for _, o := range opts.Overrides {
-		d := canonicalDomain(o.Domain)
-		if d == "" {
-			return nil, errors.New("delivery: a policy override has an empty domain")
-		}
-		if _, dup := overrides[d]; dup {
-			return nil, fmt.Errorf("delivery: two policy overrides for domain %q", d)
-		}
-		if o.TLS < policy.SecurityMay || o.TLS > policy.SecurityDANE {
-			return nil, fmt.Errorf("delivery: policy override for %q: unknown tls level %d", d, o.TLS)
-		}
-		overrides[d] = override{sec: o.TLS, id: policy.NewIdentity(policy.TypeLocal, d, []string{"tls: " + o.TLS.String()}, nil)}
-	}
-	if opts.Port == 0 {
-		opts.Port = 25
-	}
-	if opts.Port < 0 || opts.Port > 65535 {
-		return nil, fmt.Errorf("delivery: port %d is not a TCP port", opts.Port)
+	t, err := compileTables(opts.Overrides, opts.Routes, opts.Limits)
+	if err != nil {
+		return nil, err
 	}
 	if opts.ConnectTimeout <= 0 {
 		opts.ConnectTimeout = 30 * time.Second
@@ -164,18 +156,20 @@ func New(opts Options) (*Engine, error) {
 	if opts.MaxConnsPerDomain <= 0 {
 		opts.MaxConnsPerDomain = 10
 	}
+	if opts.ThrottleFor <= 0 {
+		opts.ThrottleFor = 5 * time.Minute
+	}
 	opts.Timeouts = opts.Timeouts.withDefaults()
 	e := &Engine{
-		opts:      opts,
-		hostname:  host,
-		overrides: overrides,
-		dial:      opts.DialContext,
-		log:       opts.Logger,
-		now:       opts.Now,
-		idle:      make(map[connKey][]*session),
-		slots:     make(map[string]int),
-		wake:      make(chan struct{}),
+		opts:     opts,
+		hostname: host,
+		dial:     opts.DialContext,
+		log:      opts.Logger,
+		now:      opts.Now,
+		idle:     make(map[connKey][]*session),
+		dests:    make(map[string]*destState),
 	}
+	e.tables.Store(t)
 	if e.dial == nil {
 		d := &net.Dialer{}
 		e.dial = d.DialContext

@@ -22,6 +22,7 @@ const maxAddrAttempts = 10
 
 // attempt is what one Deliver call learns, for its log line.
 type attempt struct {
+	nh     NextHop
 	mx     string
 	ip     string
 	req    policy.Requirement
@@ -103,6 +104,10 @@ func (e *Engine) Deliver(ctx context.Context, job *queue.Job) []queue.Status {
 	if len(at.skipped) > 0 {
 		attrs = append(attrs, slog.String("hosts_not_used", strings.Join(at.skipped, "; ")))
 	}
+	if at.nh.Route != "" {
+		// Where the route sent it; never its credentials.
+		attrs = append(attrs, slog.String("route", at.nh.Route), slog.String("nexthop", at.nh.String()))
+	}
 	e.log.LogAttrs(ctx, level, "delivery attempt", attrs...)
 	return statuses
 }
@@ -123,7 +128,9 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 		return all(queue.Status{Code: 451, Enhanced: "4.4.2", Text: "delivery interrupted before it started: " + err.Error()})
 	}
 
-	p := e.plan(ctx, domain)
+	nh := e.nexthop(domain, job.Envelope.From)
+	at.nh = nh
+	p := e.plan(ctx, nh)
 	if p.status != nil {
 		return all(*p.status)
 	}
@@ -149,7 +156,7 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 		at.mx, at.req = h.mx.Name, req
 		if f := e.precheck(h.mx, req, env.RequireTLS); f != nil {
 			if req.Excluded() {
-				e.record(policy.SessionResult{PolicyDomain: domain, Policy: req.Policy, MX: h.mx.Name,
+				e.record(policy.SessionResult{PolicyDomain: nh.PolicyDomain, Policy: req.Policy, MX: h.mx.Name,
 					Result: req.SkipResultType(), Detail: req.Skip})
 			}
 			fails = append(fails, f)
@@ -158,8 +165,24 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 		if budget <= 0 {
 			continue
 		}
-		s, fs := e.connect(ctx, domain, h, req, env.RequireTLS, &budget)
+		if err := e.waitRate(ctx, h); err != nil {
+			fails = append(fails, transportFailure(ctx, h.mx.Name, "waiting for the destination's rate limit", err))
+			break
+		}
+		s, fs := e.connect(ctx, nh, h, req, env.RequireTLS, &budget)
 		fails = append(fails, fs...)
+		stop := false
+		for _, f := range fs {
+			if f.throttle {
+				e.throttle(h, job, f.status.Text)
+			}
+			// One refused password per attempt, not one per host, spares
+			// the account a lockout.
+			stop = stop || f.stop
+		}
+		if stop {
+			break
+		}
 		if s == nil {
 			if ctx.Err() != nil {
 				break
@@ -172,6 +195,9 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 		}
 		at.tlsProblem = s.tlsProblem
 		statuses, f := e.transact(ctx, s, job, body)
+		if s.throttled != "" {
+			e.throttle(h, job, s.throttled)
+		}
 		if f != nil {
 			// The host lacks what this message needs; another may have it.
 			fails = append(fails, f)
@@ -186,9 +212,11 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 	return all(aggregate(domain, fails))
 }
 
-// requirements asks the policy.PolicySource about the usable hosts and applies
-// the local override.
-func (e *Engine) requirements(ctx context.Context, domain string, hops []hop) ([]policy.Requirement, *queue.Status) {
+// requirements asks the policy.PolicySource about the usable hosts of nh,
+// for its policy domain (RFC 8461 §3.4: a smart host's own domain), and
+// applies the local override: the route's tls, else [[delivery.policy]].
+func (e *Engine) requirements(ctx context.Context, nh NextHop, hops []hop) ([]policy.Requirement, *queue.Status) {
+	domain := nh.PolicyDomain
 	reqs := make([]policy.Requirement, len(hops))
 	var mxs []policy.MX
 	var idx []int
@@ -198,7 +226,7 @@ func (e *Engine) requirements(ctx context.Context, domain string, hops []hop) ([
 			idx = append(idx, i)
 		}
 	}
-	if e.opts.Policy != nil && len(mxs) > 0 {
+	if e.opts.Policy != nil && len(mxs) > 0 && domain != "" {
 		got, err := e.opts.Policy.Requirements(ctx, domain, mxs)
 		if err != nil {
 			var pe *policy.Error
@@ -222,7 +250,7 @@ func (e *Engine) requirements(ctx context.Context, domain string, hops []hop) ([
 	for i, h := range hops {
 		reqs[i].MXValidated = reqs[i].MXValidated || h.validated
 	}
-	if o, ok := e.overrides[domain]; ok {
+	if o, ok := e.localOverride(nh); ok {
 		for i := range reqs {
 			reqs[i] = o.apply(reqs[i], hops[i].mx)
 		}
@@ -269,21 +297,21 @@ func (e *Engine) precheck(mx policy.MX, req policy.Requirement, requireTLS bool)
 
 // connect returns a ready session to one of h's addresses: an idle one
 // when there is one, else a new connection.
-func (e *Engine) connect(ctx context.Context, domain string, h hop, req policy.Requirement, requireTLS bool, budget *int) (*session, []*hostFailure) {
+func (e *Engine) connect(ctx context.Context, nh NextHop, h hop, req policy.Requirement, requireTLS bool, budget *int) (*session, []*hostFailure) {
 	// An idle connection serves only if it is what a new one would be:
 	// one that ended in plaintext never carries a message that needs TLS.
 	for _, withTLS := range []bool{true, false} {
-		if !withTLS && (req.MustTLS() || requireTLS) {
+		if !withTLS && (req.MustTLS() || requireTLS || nh.auth != nil) {
 			break
 		}
-		key := keyFor(domain, h.mx, req, withTLS)
+		key := keyFor(nh, h.mx, req, withTLS)
 		for s := e.takeIdle(key); s != nil; s = e.takeIdle(key) {
 			if s.reset(ctx) {
 				s.reused = true
 				return s, nil
 			}
 			s.close()
-			e.releaseSlot(domain)
+			e.releaseSlot(s.shapeKey)
 		}
 	}
 	var fails []*hostFailure
@@ -292,16 +320,16 @@ func (e *Engine) connect(ctx context.Context, domain string, h hop, req policy.R
 			break
 		}
 		*budget--
-		if err := e.acquireSlot(ctx, domain); err != nil {
+		if err := e.acquireSlot(ctx, h); err != nil {
 			fails = append(fails, transportFailure(ctx, h.mx.Name, "waiting for a free connection slot", err))
 			break
 		}
-		r := e.open(ctx, domain, h.mx, addr, req, requireTLS, false)
+		r := e.open(ctx, nh, h, addr, req, requireTLS, false)
 		if r.retryPlain {
 			// Security level may: a broken TLS stack should not stop mail
 			// that could go in plaintext; retry this address once, as
 			// Postfix does. Never when TLS is required (checked in open).
-			r = e.open(ctx, domain, h.mx, addr, req, requireTLS, true)
+			r = e.open(ctx, nh, h, addr, req, requireTLS, true)
 		}
 		if r.s != nil {
 			if r.s.tls != nil {
@@ -311,7 +339,7 @@ func (e *Engine) connect(ctx context.Context, domain string, h hop, req policy.R
 			}
 			return r.s, nil
 		}
-		e.releaseSlot(domain)
+		e.releaseSlot(h.key)
 		fails = append(fails, r.fail)
 		metricHostFailures.WithLabelValues(r.fail.kind.String()).Inc()
 		if r.fail.nextHost || ctx.Err() != nil {
@@ -334,6 +362,7 @@ func (e *Engine) transact(ctx context.Context, s *session, job *queue.Job, body 
 	}()
 	env := job.Envelope
 	t := e.opts.Timeouts
+	s.throttled = ""
 
 	needUTF8 := env.SMTPUTF8 || !isASCII(env.From)
 	for _, r := range job.Recipients {
@@ -375,7 +404,11 @@ func (e *Engine) transact(ctx context.Context, s *session, job *queue.Job, body 
 		if errors.As(err, &se) && se.Code == 421 {
 			s.broken = true
 		}
-		return abort(s.commandFailure(ctx, step, err, false).status)
+		st := s.commandFailure(ctx, step, err, false).status
+		if tooManyConnections(st.Code, st.Text, false) {
+			s.throttled = st.Text
+		}
+		return abort(st)
 	}
 
 	// go-smtp adds BODY=8BITMIME whenever the remote offers it. An 8-bit
@@ -393,6 +426,7 @@ func (e *Engine) transact(ctx context.Context, s *session, job *queue.Job, body 
 	}
 	s.conn.allow(maxReplyBytes)
 	s.client.CommandTimeout = t.Mail
+	s.messages++
 	if err := s.client.Mail(env.From, mo); err != nil {
 		// A reply to MAIL applies to every recipient of the transaction.
 		return fail("after MAIL", err), nil
@@ -413,6 +447,9 @@ func (e *Engine) transact(ctx context.Context, s *session, job *queue.Job, body 
 			return fail("after RCPT", err), nil
 		}
 		out[i] = smtpErrorStatus(s.label, se)
+		if tooManyConnections(out[i].Code, out[i].Text, false) {
+			s.throttled = out[i].Text
+		}
 	}
 	if len(accepted) == 0 {
 		s.conn.allow(maxReplyBytes)

@@ -30,6 +30,7 @@ type received struct {
 	rcptOpts []smtp.RcptOptions
 	data     string
 	tls      bool
+	account  string // the AUTH user of the connection, at upstreams
 }
 
 // testMX is a go-smtp server on loopback whose answers each test sets.
@@ -247,8 +248,17 @@ func (v *testEnv) route(ip, addr string) {
 
 func (v *testEnv) dial(ctx context.Context, network, address string) (net.Conn, error) {
 	host, port, err := net.SplitHostPort(address)
-	if err != nil || port != "25" {
-		return nil, errors.New("test dialer: not port 25: " + address)
+	if err != nil {
+		return nil, errors.New("test dialer: " + address + ": " + err.Error())
+	}
+	if port != "25" {
+		// A route's port: the test upstreams listen on 127.0.0.1 at
+		// random ports, which the route names.
+		if host != "127.0.0.1" {
+			return nil, errors.New("test dialer: a port other than 25 only on 127.0.0.1: " + address)
+		}
+		var d net.Dialer
+		return d.DialContext(ctx, network, address)
 	}
 	v.mu.Lock()
 	target, ok := v.routes[host]

@@ -30,8 +30,12 @@ var (
 	})
 	metricDomainConns = promauto.NewGaugeVec(prometheus.GaugeOpts{
 		Name: "stsrelay_delivery_domain_connections_active",
-		Help: "Open SMTP connections per destination domain; a domain appears only while it has some.",
+		Help: "Open SMTP connections per destination domain (or route nexthop); a destination appears only while it has some.",
 	}, []string{"domain"})
+	metricThrottled = promauto.NewCounter(prometheus.CounterOpts{
+		Name: "stsrelay_delivery_throttled_total",
+		Help: "Times a destination said it has too many connections from us (a 421 greeting) and its concurrency was lowered.",
+	})
 	metricSessionDuration = promauto.NewHistogram(prometheus.HistogramOpts{
 		Name:    "stsrelay_delivery_session_duration_seconds",
 		Help:    "Lifetime of SMTP connections to MX hosts, from connect to close.",

@@ -26,12 +26,22 @@ func TestNewRejectsBadOptions(t *testing.T) {
 		{"hostname with space", func(o *Options) { o.Hostname = "relay example" }, "not a host name"},
 		{"no resolver", func(o *Options) { o.Resolver = nil }, "resolver is required"},
 		{"bad ip version", func(o *Options) { o.IPVersion = 5 }, "ip_version"},
-		{"bad port", func(o *Options) { o.Port = 70000 }, "not a TCP port"},
 		{"duplicate override", func(o *Options) {
-			o.Overrides = []Override{{Domain: "a.example", TLS: policy.SecurityVerify}, {Domain: "A.example.", TLS: policy.SecurityMay}}
-		}, `two policy overrides for domain "a.example"`},
+			o.Overrides = []Override{{Domains: []string{"a.example"}, TLS: policy.SecurityVerify}, {Domains: []string{"A.example."}, TLS: policy.SecurityMay}}
+		}, "entries 0 and 1 both match domain a.example"},
 		{"empty override domain", func(o *Options) { o.Overrides = []Override{{TLS: policy.SecurityVerify}} }, "empty domain"},
-		{"unknown override level", func(o *Options) { o.Overrides = []Override{{Domain: "a.example", TLS: 42}} }, "unknown tls level"},
+		{"unknown override level", func(o *Options) { o.Overrides = []Override{{Domains: []string{"a.example"}, TLS: 42}} }, "unknown tls level"},
+		{"bad nexthop", func(o *Options) { o.Routes = []Route{{Name: "r", Domains: []string{"*"}, Nexthop: "[x"}} }, "r: \"[x\" is not a nexthop"},
+		{"route without domains", func(o *Options) { o.Routes = []Route{{Name: "r", Nexthop: "x.example"}} }, "r: domains: none given"},
+		{"auth in the clear", func(o *Options) {
+			o.Routes = []Route{{Name: "r", Domains: []string{"*"}, Nexthop: "x.example", TLS: "none", Auth: &Credentials{"u", "p"}}}
+		}, "password in the clear"},
+		{"routes tie", func(o *Options) {
+			o.Routes = []Route{{Name: "a", Domains: []string{"*"}, Nexthop: "x.example"}, {Name: "b", Domains: []string{"*"}, Nexthop: "y.example"}}
+		}, "routes: entries 0 and 1 both match domain *"},
+		{"limit on both", func(o *Options) {
+			o.Limits = []Limit{{Domains: []string{"a.example"}, MXHosts: []string{".b.example"}, Shaping: Shaping{MaxConnections: 1}}}
+		}, "domains or mx_hosts"},
 	} {
 		o := good
 		tc.mod(&o)

@@ -4,14 +4,17 @@ import (
 	"github.com/stsrelay/stsrelay/policy"
 )
 
-// Override is one [[delivery.policy]] entry: the TLS that mail to Domain
-// gets, like a line of Postfix's smtp_tls_policy_maps.
+// Override is one [[delivery.policy]] entry: the TLS that mail to Domains
+// gets, like a line of Postfix's smtp_tls_policy_maps. Domains are
+// patterns (example.org, .example.org, *) matched, as routes are, against
+// the next hop's policy domain: the recipient domain, or the host a route
+// names. The most specific entry wins; a route's own tls beats every entry.
 //
 // An override beats opportunistic TLS and MTA-STS in testing mode, but never
 // weakens a DANE requirement or an MTA-STS enforce requirement: for those
 // hosts only "none" (an explicit opt-out) or "dane-only" (stronger) apply.
 type Override struct {
-	Domain string
+	Domains []string
 	// TLS is SecurityMay, SecurityNone, SecurityEncrypt, SecurityVerify
 	// (PKIX, the MX host name as reference identifier) or SecurityDANE
 	// ("dane-only": mail defers with 4.7.5 unless TLSA records
@@ -19,10 +22,29 @@ type Override struct {
 	TLS policy.Security
 }
 
-// override is an Override ready to apply, with its policy identity made once.
+// override is a local TLS level ready to apply, with its policy identity.
 type override struct {
 	sec policy.Security
 	id  *policy.Identity
+}
+
+// localOverride returns the local level that applies to nh, if any: the
+// route's own, else the [[delivery.policy]] entry matching the policy
+// domain (or, for an address, the recipient domain).
+func (e *Engine) localOverride(nh NextHop) (override, bool) {
+	domain := nh.PolicyDomain
+	if domain == "" {
+		domain = nh.Domain
+	}
+	if nh.local != nil {
+		return override{sec: *nh.local, id: policy.NewIdentity(policy.TypeLocal, domain,
+			[]string{"route: " + nh.Route, "tls: " + nh.local.String()}, nil)}, true
+	}
+	sec, _, ok := e.tables.Load().overrides.Lookup(domain, "")
+	if !ok {
+		return override{}, false
+	}
+	return override{sec: sec, id: policy.NewIdentity(policy.TypeLocal, domain, []string{"tls: " + sec.String()}, nil)}, true
 }
 
 // apply returns the requirement for mx once the local override has been

@@ -14,6 +14,7 @@ import (
 // plan is a route with each host's requirement: everything delivery
 // decides before it dials.
 type plan struct {
+	nh       NextHop
 	hops     []hop
 	reqs     []policy.Requirement
 	implicit bool
@@ -21,23 +22,31 @@ type plan struct {
 	status *queue.Status
 }
 
-// plan routes domain and asks the policy sources about its hosts. Delivery
+// plan routes nh and asks the policy sources about its hosts. Delivery
 // and Check both start here, so what check shows is what delivery does.
-func (e *Engine) plan(ctx context.Context, domain string) plan {
-	var p plan
-	p.hops, p.implicit, p.status = e.route(ctx, domain)
+func (e *Engine) plan(ctx context.Context, nh NextHop) plan {
+	p := plan{nh: nh}
+	p.hops, p.implicit, p.status = e.route(ctx, nh)
 	if p.status != nil {
 		return p
 	}
-	p.reqs, p.status = e.requirements(ctx, domain, p.hops)
+	p.reqs, p.status = e.requirements(ctx, nh, p.hops)
 	return p
 }
+
+// anySender matches no sender pattern: Check without a sender shows the
+// route that every sender gets unless a sender-dependent route applies.
+const anySender = "\x00"
 
 // Report is what a delivery to one domain would do now, for
 // "stsrelay check": the route, each host's requirement and, when Check
 // connects, what each host's TLS showed. Building it sends no mail.
 type Report struct {
 	Domain string
+	// NextHop is where the routes send the domain's mail: its Route (""
+	// for the domain's own MX hosts), the host and port, and the
+	// PolicyDomain whose MTA-STS policy applies.
+	NextHop NextHop
 	// Implicit says the domain has no MX records, so the domain itself is
 	// the host (RFC 5321 §5.1).
 	Implicit bool
@@ -98,9 +107,15 @@ func (s *SessionReport) Certificate() *x509.Certificate {
 // set, dials every usable host the way Deliver would (port, SNI, STARTTLS,
 // certificate checks), stopping before MAIL. No mail is sent.
 func (e *Engine) Check(ctx context.Context, domain string, connect bool) *Report {
+	return e.CheckFrom(ctx, domain, anySender, connect)
+}
+
+// CheckFrom is Check for mail from sender ("" for the null sender of
+// bounces), for sender-dependent routes.
+func (e *Engine) CheckFrom(ctx context.Context, domain, sender string, connect bool) *Report {
 	domain = canonicalDomain(domain)
-	p := e.plan(ctx, domain)
-	r := &Report{Domain: domain, Implicit: p.implicit, Status: p.status, Connected: connect}
+	p := e.plan(ctx, e.nexthop(domain, sender))
+	r := &Report{Domain: domain, NextHop: p.nh, Implicit: p.implicit, Status: p.status, Connected: connect}
 	if p.status != nil {
 		r.Outcome = *p.status
 		return r
@@ -123,7 +138,7 @@ func (e *Engine) Check(ctx context.Context, domain string, connect bool) *Report
 			hr.Probed = true
 			// Every host gets its own budget: a check wants to see them all.
 			budget = maxAddrAttempts
-			s, fs := e.connect(ctx, domain, h, p.reqs[i], false, &budget)
+			s, fs := e.connect(ctx, p.nh, h, p.reqs[i], false, &budget)
 			for _, f := range fs {
 				hr.Failures = append(hr.Failures, f.status)
 			}
@@ -140,7 +155,7 @@ func (e *Engine) Check(ctx context.Context, domain string, connect bool) *Report
 					Text: "would deliver to " + s.label + " (" + hr.Session.Protection + ")"}
 			}
 			s.quitQuietly()
-			e.releaseSlot(domain)
+			e.releaseSlot(h.key)
 		}
 		r.Hosts = append(r.Hosts, hr)
 	}

@@ -51,20 +51,24 @@ func TestCheckOutcomeEqualsDeliveryOutcome(t *testing.T) {
 			},
 			opts: func(o *Options) {
 				o.Policy = everyMX(policy.Requirement{Security: policy.SecurityVerify, Policy: testSTS})
-				o.Overrides = []Override{{Domain: "example.test", TLS: policy.SecurityNone}}
+				o.Overrides = []Override{{Domains: []string{"example.test"}, TLS: policy.SecurityNone}}
 			},
 			code: 250, enhanced: "2.0.0"},
 		{name: "local dane-only without TLSA",
 			setup: func(t *testing.T, v *testEnv, mx *testMX) {
 				mx.srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{v.ca.Issue(t, "mx1.example.test")}}
 			},
-			opts: func(o *Options) { o.Overrides = []Override{{Domain: "example.test", TLS: policy.SecurityDANE}} },
+			opts: func(o *Options) {
+				o.Overrides = []Override{{Domains: []string{"example.test"}, TLS: policy.SecurityDANE}}
+			},
 			code: 451, enhanced: "4.7.5"},
 		{name: "local verify, untrusted certificate",
 			setup: func(t *testing.T, v *testEnv, mx *testMX) {
 				mx.srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{testpki.NewCA(t).Issue(t, "mx1.example.test")}}
 			},
-			opts: func(o *Options) { o.Overrides = []Override{{Domain: "example.test", TLS: policy.SecurityVerify}} },
+			opts: func(o *Options) {
+				o.Overrides = []Override{{Domains: []string{"example.test"}, TLS: policy.SecurityVerify}}
+			},
 			code: 451, enhanced: "4.7.5"},
 		{name: "MX refuses connections",
 			setup: func(t *testing.T, v *testEnv, mx *testMX) { v.route("127.0.0.2", "127.0.0.1:1") },

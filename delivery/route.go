@@ -22,21 +22,62 @@ type hop struct {
 	// unusable says why this MX cannot be dialed: its target is an IP
 	// literal, or its address lookup failed or found nothing.
 	unusable *hostFailure
-	// literal is the route of an address-literal domain: no MTA-STS or
-	// DANE apply (RFC 8461 §3.4, RFC 7672 §2.2).
+	// literal is an address without a name: no MTA-STS or DANE apply
+	// (RFC 8461 §3.4, RFC 7672 §2.2).
 	literal bool
-	// validated says DNSSEC vouched for the MX answer and the alias
-	// chain to the addresses.
+	// validated says the MX name is authenticated: DNSSEC vouched for the
+	// MX answer and the alias chain to the addresses, or a route named
+	// the host.
 	validated bool
+	// key and shaping are the traffic limits this host counts toward.
+	key     string
+	shaping Shaping
 }
 
-// route returns the hosts to try for domain, best first (RFC 5321 §5.1), or
+// route returns the hosts to try for nh, best first (RFC 5321 §5.1), or
 // the status every recipient gets when there is nowhere to go.
-func (e *Engine) route(ctx context.Context, domain string) (hops []hop, implicit bool, _ *queue.Status) {
-	if strings.HasPrefix(domain, "[") {
-		hops, st := literalRoute(domain)
-		return hops, false, st
+func (e *Engine) route(ctx context.Context, nh NextHop) (hops []hop, implicit bool, _ *queue.Status) {
+	hops, implicit, st := e.hops(ctx, nh)
+	if st != nil && nh.Route != "" && st.Permanent() {
+		// A route's host that does not exist is the operator's mistake,
+		// not the recipient's: defer until the configuration is fixed.
+		st.Code, st.Enhanced = 451, "4.4.4"
 	}
+	if st != nil && nh.Route != "" {
+		st.Text += fmt.Sprintf(" (nexthop %s of %s)", nh, nh.Route)
+	}
+	for i := range hops {
+		hops[i].mx.Port = uint16(nh.Port)
+		hops[i].key, hops[i].shaping = e.shapingFor(nh, hops[i].mx)
+	}
+	return hops, implicit, st
+}
+
+// hops looks up the hosts of nh: its address, its host's addresses, or
+// the MX hosts of its host (implicit: there are none, so the host itself).
+func (e *Engine) hops(ctx context.Context, nh NextHop) (_ []hop, implicit bool, _ *queue.Status) {
+	switch {
+	case nh.Addr.IsValid():
+		name := "[" + nh.Addr.String() + "]"
+		if nh.Route == "" {
+			name = nh.Domain // as the recipient wrote it
+		}
+		return []hop{{mx: policy.MX{Name: name, Final: name}, addrs: []netip.Addr{nh.Addr}, literal: true}}, false, nil
+	case strings.HasPrefix(nh.Host, "["):
+		return nil, false, &queue.Status{Code: 550, Enhanced: "5.1.2", Text: fmt.Sprintf("%s is not a valid address literal", nh.Host)}
+	case !nh.MX:
+		// "[host]:port": that host's addresses, no MX lookup. The name
+		// comes from our configuration, so it is as trusted as a
+		// DNSSEC-validated MX answer (RFC 7672 §2.2.2: non-MX destination).
+		h := e.resolveHop(ctx, policy.MX{Name: nh.Host, Final: nh.Host}, true)
+		if h.unusable != nil {
+			st := h.unusable.status
+			return nil, false, &st
+		}
+		h.validated = true
+		return []hop{h}, false, nil
+	}
+	domain := nh.Host
 	records, secure, err := e.opts.Resolver.MX(ctx, domain)
 	if err != nil {
 		if resolve.IsNotFound(err) {
@@ -101,25 +142,11 @@ func (e *Engine) route(ctx context.Context, domain string) (hops []hop, implicit
 		}
 	}
 
-	hops = make([]hop, 0, len(mxs))
+	hops := make([]hop, 0, len(mxs))
 	for _, mx := range mxs {
 		hops = append(hops, e.resolveHop(ctx, mx, secure))
 	}
 	return hops, false, nil
-}
-
-// literalRoute is the route to an address literal (user@[192.0.2.1]):
-// that address alone, no DNS (RFC 5321 §4.1.3, §5.1).
-func literalRoute(domain string) ([]hop, *queue.Status) {
-	lit := strings.TrimSuffix(strings.TrimPrefix(domain, "["), "]")
-	if len(lit) > 5 && strings.EqualFold(lit[:5], "ipv6:") {
-		lit = lit[5:]
-	}
-	addr, err := netip.ParseAddr(lit)
-	if err != nil || addr.Zone() != "" {
-		return nil, &queue.Status{Code: 550, Enhanced: "5.1.2", Text: fmt.Sprintf("%s is not a valid address literal", domain)}
-	}
-	return []hop{{mx: policy.MX{Name: domain, Final: domain}, addrs: []netip.Addr{addr.Unmap()}, literal: true}}, nil
 }
 
 // resolveHop looks up the addresses of mx, following CNAMEs, and records

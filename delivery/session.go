@@ -12,11 +12,13 @@ import (
 	"net/netip"
 	"net/textproto"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
+	"github.com/emersion/go-sasl"
 	"github.com/emersion/go-smtp"
 
 	"github.com/stsrelay/stsrelay/policy"
@@ -46,6 +48,7 @@ const (
 	failLocal                      // a local override's requirement was not met
 	failRequireTLS                 // RFC 8689 conditions not met for this host
 	failUTF8                       // the message needs SMTPUTF8, the host lacks it
+	failAuth                       // a route's credentials could not be used or were refused
 )
 
 // hostFailure is why one MX host (or one of its addresses) was not used.
@@ -58,17 +61,27 @@ type hostFailure struct {
 	// nextHost says the other addresses of this host are not worth
 	// trying (the host itself answered).
 	nextHost bool
+	// throttle says the host answered "too many connections".
+	throttle bool
+	// stop says no other host is to be tried in this attempt: the upstream
+	// refused the route's password, which the next host would get too.
+	stop bool
 }
 
-// session is one SMTP connection that has said EHLO and is ready for MAIL.
+// session is one SMTP connection that has said EHLO (and AUTH, when its
+// route has credentials) and is ready for MAIL.
 type session struct {
-	e      *Engine
-	key    connKey
-	domain string
-	mx     policy.MX
-	addr   netip.Addr
-	label  string // "mx.example.com[192.0.2.1]", for every text and log line
-	req    policy.Requirement
+	e            *Engine
+	key          connKey
+	dest         string // NextHop.dest: who may reuse it
+	metricName   string // NextHop.metricName
+	policyDomain string // where its TLS results are reported; "" for none
+	shapeKey     string // the traffic limits it counts toward
+	shaping      Shaping
+	mx           policy.MX
+	addr         netip.Addr
+	label        string // "mx.example.com[192.0.2.1]", ":port" added when not 25; for every text and log line
+	req          policy.Requirement
 
 	conn   *boundedConn
 	client *smtp.Client
@@ -82,6 +95,11 @@ type session struct {
 	tlsProblem string
 	// broken says the connection must not be used again.
 	broken bool
+	// messages counts the transactions started, for
+	// max_messages_per_connection.
+	messages int
+	// throttled says the remote answered "too many connections".
+	throttled string
 
 	idleTimer *time.Timer
 	opened    time.Time
@@ -89,18 +107,19 @@ type session struct {
 }
 
 // connKey identifies connections that may carry each other's messages:
-// same domain and MX host, opened under the same requirement, and with the
-// same outcome of STARTTLS, so a plaintext connection left by a failed
-// handshake never serves a message that needs TLS.
+// same destination (recipient domain, or route target and account) and MX
+// host, opened under the same requirement, and with the same outcome of
+// STARTTLS, so a plaintext connection left by a failed handshake never
+// serves a message that needs TLS.
 type connKey struct {
-	domain string
-	mx     string
-	req    string
-	tls    bool
+	dest string
+	mx   string
+	req  string
+	tls  bool
 }
 
-func keyFor(domain string, mx policy.MX, req policy.Requirement, tls bool) connKey {
-	return connKey{domain: domain, mx: mx.Name, req: req.Key(), tls: tls}
+func keyFor(nh NextHop, mx policy.MX, req policy.Requirement, tls bool) connKey {
+	return connKey{dest: nh.dest(), mx: mx.Name, req: req.Key(), tls: tls}
 }
 
 // boundedConn limits how many bytes may be read before the next allow,
@@ -151,22 +170,36 @@ type dialResult struct {
 	retryPlain bool
 }
 
-// open connects to addr and brings the session to the point where MAIL
-// can be sent, enforcing req. requireTLS is the message's REQUIRETLS flag.
-func (e *Engine) open(ctx context.Context, domain string, mx policy.MX, addr netip.Addr, req policy.Requirement, requireTLS, plaintext bool) dialResult {
+// hopLabel names one address of a host in every text and log line:
+// "mx.example.com[192.0.2.1]", "[192.0.2.1]", with ":587" when the port
+// is not 25.
+func hopLabel(nh NextHop, mx policy.MX, addr netip.Addr) string {
 	label := fmt.Sprintf("%s[%s]", mx.Name, addr)
 	if strings.HasPrefix(mx.Name, "[") {
-		label = mx.Name // an address literal names itself
+		label = mx.Name // an address names itself
 	}
-	s := &session{e: e, domain: domain, mx: mx, addr: addr, label: label, req: req}
+	if nh.Port != 25 {
+		label += ":" + strconv.Itoa(nh.Port)
+	}
+	return label
+}
+
+// open connects to addr and brings the session to the point where MAIL
+// can be sent, enforcing req and logging in when nh has credentials.
+// requireTLS is the message's REQUIRETLS flag.
+func (e *Engine) open(ctx context.Context, nh NextHop, h hop, addr netip.Addr, req policy.Requirement, requireTLS, plaintext bool) dialResult {
+	mx := h.mx
+	label := hopLabel(nh, mx, addr)
+	s := &session{e: e, dest: nh.dest(), metricName: nh.metricName(), policyDomain: nh.PolicyDomain,
+		shapeKey: h.key, shaping: h.shaping, mx: mx, addr: addr, label: label, req: req}
 
 	dctx, cancel := context.WithTimeout(ctx, e.opts.ConnectTimeout)
-	raw, err := e.dial(dctx, "tcp", netip.AddrPortFrom(addr, uint16(e.opts.Port)).String())
+	raw, err := e.dial(dctx, "tcp", netip.AddrPortFrom(addr, uint16(nh.Port)).String())
 	cancel()
 	if err != nil {
 		return dialResult{fail: transportFailure(ctx, label, "connecting", err)}
 	}
-	connOpened(domain)
+	connOpened(s.metricName)
 	s.opened = e.now()
 	s.conn = &boundedConn{Conn: raw}
 	// The session belongs to ctx until it goes back to the idle cache:
@@ -178,7 +211,18 @@ func (e *Engine) open(ctx context.Context, domain string, mx policy.MX, addr net
 		s.close()
 		return dialResult{fail: f}
 	}
-	tp := textproto.NewReader(bufio.NewReader(s.conn))
+	var rd io.Reader = s.conn
+	if nh.ImplicitTLS {
+		// RFC 8314 §3.3: TLS from the first byte; there is no plaintext
+		// to fall back to.
+		r := e.startTLS(ctx, s, req, requireTLS, true)
+		if r.fail != nil {
+			s.close()
+			return r
+		}
+		rd = s.tlsc
+	}
+	tp := textproto.NewReader(bufio.NewReader(rd))
 
 	// Greeting (RFC 5321 §4.5.3.2.1: 5 minutes).
 	s.conn.allow(maxReplyBytes)
@@ -192,12 +236,13 @@ func (e *Engine) open(ctx context.Context, domain string, mx policy.MX, addr net
 		// try the next MX host.
 		f := replyFailure(label, code, msg)
 		f.nextHost = true
+		f.throttle = tooManyConnections(code, msg, true)
 		return fail(f)
 	}
 	greeting := firstLine(msg)
 	s.helo, _, _ = strings.Cut(greeting, " ")
 
-	wantTLS := req.WantTLS() && !plaintext
+	wantTLS := req.WantTLS() && !plaintext && s.tls == nil
 	mustTLS := req.MustTLS() || requireTLS
 	var ext map[string]string
 	if wantTLS {
@@ -236,7 +281,7 @@ func (e *Engine) open(ctx context.Context, domain string, mx policy.MX, addr net
 			return fail(&hostFailure{host: label, kind: failTransport, status: queue.Status{Code: 451, Enhanced: "4.4.2",
 				Text: label + ": data after the STARTTLS reply, before the TLS handshake"}})
 		} else {
-			r := e.startTLS(ctx, s, req, requireTLS)
+			r := e.startTLS(ctx, s, req, requireTLS, false)
 			if r.fail != nil || r.retryPlain {
 				s.close()
 				return r
@@ -251,7 +296,9 @@ func (e *Engine) open(ctx context.Context, domain string, mx policy.MX, addr net
 		conn = tc
 	}
 	pending := []byte("220 " + greeting + "\r\n")
-	if s.tls == nil {
+	if s.tls == nil || nh.ImplicitTLS {
+		// What tp read ahead belongs to the stream go-smtp goes on with
+		// (after STARTTLS it was plaintext, and there is none: see above).
 		if n := tp.R.Buffered(); n > 0 {
 			rest, _ := tp.R.Peek(n)
 			pending = append(pending, rest...)
@@ -261,10 +308,103 @@ func (e *Engine) open(ctx context.Context, domain string, mx policy.MX, addr net
 	s.client.CommandTimeout = e.opts.Timeouts.Command
 	s.conn.allow(maxReplyBytes)
 	if err := s.client.Hello(e.hostname); err != nil {
-		return fail(s.commandFailure(ctx, "EHLO", err, true))
+		f := s.commandFailure(ctx, "EHLO", err, true)
+		f.throttle = tooManyConnections(f.status.Code, f.status.Text, false)
+		return fail(f)
 	}
-	s.key = keyFor(domain, mx, req, s.tls != nil)
+	if nh.auth != nil {
+		if f := s.login(ctx, nh); f != nil {
+			s.quitQuietly()
+			return dialResult{fail: f}
+		}
+	}
+	s.key = keyFor(nh, mx, req, s.tls != nil)
 	return dialResult{s: s}
+}
+
+// login authenticates with nh's credentials (RFC 4954), only over TLS
+// that met the route's level: a verification failure that MTA-STS testing
+// let pass is not good enough for a password. The password never goes
+// into a status, a log line or a report.
+func (s *session) login(ctx context.Context, nh NextHop) *hostFailure {
+	refuse := func(enhanced, why string) *hostFailure {
+		return &hostFailure{host: s.label, kind: failAuth, status: queue.Status{Code: 451, Enhanced: enhanced,
+			Text: fmt.Sprintf("%s: %s; credentials of %s not sent", s.label, why, nh.Route)}}
+	}
+	switch {
+	case s.tls == nil:
+		return refuse("4.7.10", "no TLS (STARTTLS not offered or failed)")
+	case s.tlsProblem != "":
+		return refuse("4.7.10", "TLS not verified ("+s.tlsProblem+")")
+	}
+	ok, mechs := s.client.Extension("AUTH")
+	if !ok {
+		return refuse("4.7.0", "AUTH not offered")
+	}
+	var client sasl.Client
+	switch offered := strings.Fields(strings.ToUpper(mechs)); {
+	case slices.Contains(offered, sasl.Plain):
+		client = sasl.NewPlainClient("", nh.auth.Username, nh.auth.Password)
+	case slices.Contains(offered, sasl.Login):
+		client = sasl.NewLoginClient(nh.auth.Username, nh.auth.Password)
+	default:
+		return refuse("4.7.0", "AUTH offers neither PLAIN nor LOGIN ("+oneLine(mechs)+")")
+	}
+	s.conn.allow(maxReplyBytes)
+	s.client.CommandTimeout = s.e.opts.Timeouts.Command
+	err := s.client.Auth(client)
+	if err == nil {
+		return nil
+	}
+	var se *smtp.SMTPError
+	if !errors.As(err, &se) {
+		s.broken = true
+		f := transportFailure(ctx, s.label, "AUTH", err)
+		f.kind = failAuth
+		return f
+	}
+	st := smtpErrorStatus(s.label, se)
+	st.Text = scrub(st.Text, nh.auth)
+	if st.Permanent() {
+		// A refused password is the operator's to fix, not the
+		// recipient's fault: defer, keeping the upstream's words.
+		st.Code, st.Enhanced = 451, "4.7.0"
+		if se.Code == 535 {
+			st.Enhanced = "4.7.8"
+		}
+	}
+	st.Text = truncate(fmt.Sprintf("%s (authentication with the credentials of %s)", st.Text, nh.Route))
+	return &hostFailure{host: s.label, kind: failAuth, status: st, nextHost: true, stop: true}
+}
+
+// scrub removes the credentials from remote text, should a server echo
+// them.
+func scrub(text string, c *Credentials) string {
+	if c.Password != "" {
+		text = strings.ReplaceAll(text, c.Password, "[redacted]")
+	}
+	if len(c.Username) >= 4 {
+		text = strings.ReplaceAll(text, c.Username, "[redacted]")
+	}
+	return text
+}
+
+// tooManyConnections reports whether a reply says the remote wants fewer
+// connections from us: a 421 greeting, or a 4xx that says so.
+func tooManyConnections(code int, text string, greeting bool) bool {
+	if code < 400 || code > 499 {
+		return false
+	}
+	if greeting && code == 421 {
+		return true
+	}
+	t := strings.ToLower(text)
+	for _, p := range []string{"too many connections", "too many concurrent", "too many simultaneous", "connection limit", "too many sessions"} {
+		if strings.Contains(t, p) {
+			return true
+		}
+	}
+	return false
 }
 
 // tlsConn returns the session's TLS connection, if it has one.
@@ -298,7 +438,9 @@ func (s *session) ehlo(tp *textproto.Reader) (map[string]string, error) {
 
 // startTLS runs the handshake after a 220 to STARTTLS and checks the
 // certificate as req demands.
-func (e *Engine) startTLS(ctx context.Context, s *session, req policy.Requirement, requireTLS bool) dialResult {
+// With implicit set the connection has no plaintext phase (port 465), so a
+// failed handshake is never retried in plaintext.
+func (e *Engine) startTLS(ctx context.Context, s *session, req policy.Requirement, requireTLS, implicit bool) dialResult {
 	serverName := req.ServerName
 	if serverName == "" {
 		serverName = s.mx.Name // RFC 8461 §7.1: SNI is the MX host name
@@ -327,6 +469,10 @@ func (e *Engine) startTLS(ctx context.Context, s *session, req policy.Requiremen
 		s.record(req, policy.ResultValidationFailure, reason)
 		if req.MustTLS() || requireTLS {
 			return dialResult{fail: e.policyFailure(s.label, s.mx, req, requireTLS, reason)}
+		}
+		if implicit {
+			return dialResult{fail: &hostFailure{host: s.label, kind: failTransport,
+				status: queue.Status{Code: 451, Enhanced: "4.4.2", Text: s.label + ": " + reason}}}
 		}
 		return dialResult{retryPlain: true}
 	}
@@ -445,7 +591,7 @@ func (s *session) record(req policy.Requirement, result policy.ResultType, detai
 		local = a.IP.String()
 	}
 	s.e.record(policy.SessionResult{
-		PolicyDomain: s.domain,
+		PolicyDomain: s.policyDomain,
 		Policy:       req.Policy,
 		MX:           s.mx.Name,
 		SendingIP:    local,
@@ -653,6 +799,6 @@ func (s *session) close() {
 		s.conn.Close()
 	}
 	s.conn = nil
-	connClosed(s.domain)
+	connClosed(s.metricName)
 	metricSessionDuration.Observe(s.e.now().Sub(s.opened).Seconds())
 }

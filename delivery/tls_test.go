@@ -337,7 +337,7 @@ func TestLocalOverrides(t *testing.T) {
 			}
 			e := v.engine(func(o *Options) {
 				o.Policy = everyMX(tc.published)
-				o.Overrides = []Override{{Domain: "Example.Test.", TLS: tc.override}}
+				o.Overrides = []Override{{Domains: []string{"Example.Test."}, TLS: tc.override}}
 			})
 			st := deliver(t, e, testJob("example.test", "a@example.test"))
 			wantStatus(t, st[0], tc.code, tc.enhanced)
@@ -355,7 +355,7 @@ func TestOverrideNeverDialsAnMXThatMTASTSEnforceRulesOut(t *testing.T) {
 	for _, sec := range []policy.Security{policy.SecurityMay, policy.SecurityEncrypt, policy.SecurityVerify} {
 		e := v.engine(func(o *Options) {
 			o.Policy = everyMX(policy.Requirement{Security: policy.SecurityVerify, Policy: testSTS, Skip: "not listed in the MTA-STS policy for example.test"})
-			o.Overrides = []Override{{Domain: "example.test", TLS: sec}}
+			o.Overrides = []Override{{Domains: []string{"example.test"}, TLS: sec}}
 		})
 		st := deliver(t, e, testJob("example.test", "a@example.test"))
 		wantStatus(t, st[0], 451, "4.4.8", "not listed in the MTA-STS policy")

@@ -17,6 +17,10 @@ type MX struct {
 	// counting Name itself (RFC 7672 §2.2.3).
 	CNAMEs     []string
 	Preference uint16
+	// Port is the TCP port delivery dials: 25, or a route's port. DANE
+	// looks up TLSA at _port._tcp.<base> (RFC 7672 §2.2.2, §3 for
+	// non-MX destinations).
+	Port uint16
 	// MXSecure says the MX answer (for an implicit MX, the answer that
 	// there is none) was DNSSEC-validated; AddrSecure says the same of
 	// the address lookup, CNAMEs included (RFC 7672 §2.2.1, §2.2.2).

@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"testing/iotest"
 	"time"
@@ -590,5 +591,75 @@ func TestMixedOutcomesInOneTransactionAreRecordedPerRecipient(t *testing.T) {
 	// Only the bounce for c is left in the spool.
 	if left, _ := os.ReadDir(tq.spool.dir); len(left) != 1 {
 		t.Errorf("spool holds %v, want only the bounce's body", left)
+	}
+}
+
+func TestThrottleHoldsBackTheDomainsOtherMessages(t *testing.T) {
+	var mu sync.Mutex
+	inflight, most := map[string]int{}, map[string]int{}
+	release := make(chan struct{})
+	started := make(chan string, 20)
+	d := newScripted(func(job *Job) []Status {
+		mu.Lock()
+		inflight[job.Domain]++
+		most[job.Domain] = max(most[job.Domain], inflight[job.Domain])
+		first := len(started) == 0 && job.Domain == "busy.test" && most["busy.test"] == 1
+		mu.Unlock()
+		if first {
+			// The destination said "too many connections".
+			job.Throttle(1, time.Hour)
+		}
+		started <- job.Domain
+		<-release
+		mu.Lock()
+		inflight[job.Domain]--
+		mu.Unlock()
+		return all(ok250)(job)
+	})
+	tq := newTestQueue(t, d, Options{Workers: 10, MaxConnsPerDomain: 5})
+	tq.enqueue(t, env("a@example.com", "x@busy.test"))
+	tq.run(t)
+	if dom := <-started; dom != "busy.test" {
+		t.Fatalf("started %s", dom)
+	}
+	tq.enqueue(t, env("a@example.com", "y@busy.test"))
+	tq.enqueue(t, env("a@example.com", "z@busy.test"))
+	tq.enqueue(t, env("a@example.com", "w@other.test"))
+	// other.test is not held back; busy.test's next waits for the first.
+	select {
+	case dom := <-started:
+		if dom != "other.test" {
+			t.Fatalf("%s started while busy.test is throttled to one delivery", dom)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("other.test did not start")
+	}
+	select {
+	case dom := <-started:
+		t.Fatalf("%s started while busy.test is throttled to one delivery", dom)
+	case <-time.After(100 * time.Millisecond):
+	}
+	close(release)
+	tq.waitJobs(t, 4)
+	tq.settle(t)
+	mu.Lock()
+	defer mu.Unlock()
+	if most["busy.test"] != 1 {
+		t.Errorf("busy.test had %d deliveries at once after its throttle, want 1", most["busy.test"])
+	}
+}
+
+func TestThrottleEnds(t *testing.T) {
+	tq := newTestQueue(t, newScripted(all(ok250)), Options{MaxConnsPerDomain: 5})
+	tq.throttle("busy.test", 1, time.Hour)
+	tq.mu.Lock()
+	limited := tq.limitLocked("busy.test", tq.clock.Now())
+	tq.mu.Unlock()
+	tq.clock.Advance(time.Hour)
+	tq.mu.Lock()
+	after := tq.limitLocked("busy.test", tq.clock.Now())
+	tq.mu.Unlock()
+	if limited != 1 || after != 5 {
+		t.Errorf("limit %d while throttled, %d after; want 1 and 5", limited, after)
 	}
 }

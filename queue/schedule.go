@@ -57,10 +57,46 @@ type scheduler struct {
 	next    int
 	active  map[string]int // domain → deliveries in flight
 	running int
+	// throttled lowers a domain's limit of deliveries in flight for a
+	// while, when its servers asked us to slow down (Job.Throttle).
+	throttled map[string]throttle
+}
+
+type throttle struct {
+	limit int
+	until time.Time
 }
 
 func newScheduler() scheduler {
-	return scheduler{ready: make(map[string][]*slot), active: make(map[string]int)}
+	return scheduler{ready: make(map[string][]*slot), active: make(map[string]int), throttled: make(map[string]throttle)}
+}
+
+// throttle lowers domain's deliveries in flight to limit (at least one,
+// so the domain keeps moving and its finishing delivery wakes the next)
+// until d has passed; a later signal replaces an earlier one.
+func (q *Queue) throttle(domain string, limit int, d time.Duration) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	now := q.opts.Now()
+	for k, t := range q.sched.throttled {
+		if !now.Before(t.until) {
+			delete(q.sched.throttled, k) // few entries: only destinations that complained
+		}
+	}
+	q.sched.throttled[domain] = throttle{limit: max(1, limit), until: now.Add(d)}
+}
+
+// limitLocked is how many deliveries to domain may run at once now.
+func (q *Queue) limitLocked(domain string, now time.Time) int {
+	t, ok := q.sched.throttled[domain]
+	if !ok {
+		return q.opts.MaxConnsPerDomain
+	}
+	if !now.Before(t.until) {
+		delete(q.sched.throttled, domain)
+		return q.opts.MaxConnsPerDomain
+	}
+	return min(t.limit, q.opts.MaxConnsPerDomain)
 }
 
 // indexPut records the state of m after a committed write. It runs on
@@ -229,12 +265,13 @@ func (q *Queue) dispatch(ctx context.Context, wg *sync.WaitGroup) time.Duration 
 // never holds up the others.
 func (q *Queue) nextReadyLocked() *slot {
 	sc := &q.sched
+	now := q.opts.Now()
 	for checked := 0; checked < len(sc.domains); {
 		if sc.next >= len(sc.domains) {
 			sc.next = 0
 		}
 		d := sc.domains[sc.next]
-		if sc.active[d] >= q.opts.MaxConnsPerDomain {
+		if sc.active[d] >= q.limitLocked(d, now) {
 			sc.next++
 			checked++
 			continue
@@ -354,6 +391,7 @@ func (q *Queue) loadJob(s *slot) (job *Job, idx []int, nextDue time.Time, err er
 			Arrived:    m.Arrived,
 			Attempt:    minAttempts + 1,
 			Open:       func() (io.ReadCloser, error) { return q.spool.open(loc) },
+			Throttle:   func(limit int, d time.Duration) { q.throttle(s.domain, limit, d) },
 		}
 		return nil
 	})

@@ -86,6 +86,12 @@ type Job struct {
 	Attempt    int // 1 for the first attempt of any of these recipients
 	// Open returns the stored message (headers and body, CRLF line ends).
 	Open func() (io.ReadCloser, error)
+	// Throttle is the Deliverer's way to tell the scheduler that the
+	// destination asked us to slow down (a 421 greeting, "too many
+	// connections"): for the next d, at most limit deliveries to Domain
+	// run at once, so the domain's other messages wait in the queue
+	// instead of in workers. Nil is allowed: there is no one to tell.
+	Throttle func(limit int, d time.Duration)
 }
 
 // Deliverer attempts jobs. The queue asks for it; delivery implements it.

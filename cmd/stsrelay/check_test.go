@@ -317,3 +317,15 @@ func TestCheckAdvisesTheDomainOwner(t *testing.T) {
 		}
 	}
 }
+
+// A route decides the next hop before any MX lookup; check shows it, and
+// never the credentials.
+func TestCheckShowsTheRoute(t *testing.T) {
+	w := newCheckWorld(t, "[[delivery.route]]\ndomains = [\".routed.example\"]\nnexthop = \"[127.0.0.31]:25\"\ntls = \"may\"\n")
+	startSink(t, "127.0.0.31", nil)
+	code, out := w.check("mail.routed.example")
+	if code != 0 {
+		t.Errorf("exit %d, want 0:\n%s", code, out)
+	}
+	golden(t, "route.txt", out)
+}

@@ -36,7 +36,7 @@ const (
 const certExpiryWarning = 14 * 24 * time.Hour
 
 func runCheck(args []string, stdout, stderr io.Writer) int {
-	fs := newFlagSet("check", "check [-config file] [-json] [-no-connect] domain", `
+	fs := newFlagSet("check", "check [-config file] [-json] [-no-connect] [-sender address] domain", `
 Check explains how mail to a domain would be delivered now, and why. It
 runs the relay's own delivery plan with the relay's configuration: the MX
 route (CNAMEs followed, implicit MX, null MX), the TLS each host must offer
@@ -59,6 +59,7 @@ one at the default path, built-in defaults (/etc/resolv.conf) are used.`, stderr
 	cfgPath := configFlag(fs)
 	asJSON := fs.Bool("json", false, "print the result as JSON (see README: 'stsrelay check -json')")
 	noConnect := fs.Bool("no-connect", false, "plan only: do not connect to the MX hosts")
+	sender := fs.String("sender", "", "envelope sender `address`, for sender-dependent routes")
 	if code := parseFlags(fs, args); code >= 0 {
 		return code
 	}
@@ -100,12 +101,16 @@ one at the default path, built-in defaults (/etc/resolv.conf) are used.`, stderr
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	c := &checkResult{Domain: domain}
-	if parts.sts != nil {
+	// A route to a smart host makes the host's domain the policy domain
+	// (RFC 8461 §3.4): learn it from the route, then take the running
+	// relay's cached policy for it before planning for real.
+	c.PolicyDomain = parts.engine.CheckFrom(ctx, domain, *sender, false).NextHop.PolicyDomain
+	if parts.sts != nil && c.PolicyDomain != "" {
 		c.primeFromDaemon(ctx, cfg, parts.sts)
 	}
-	c.report = parts.engine.Check(ctx, domain, !*noConnect)
-	if parts.sts != nil {
-		c.inspection = parts.sts.Inspect(ctx, domain)
+	c.report = parts.engine.CheckFrom(ctx, domain, *sender, !*noConnect)
+	if parts.sts != nil && c.PolicyDomain != "" {
+		c.inspection = parts.sts.Inspect(ctx, c.PolicyDomain)
 		c.stsChanged(ctx, parts.sts)
 	}
 	c.build(time.Now())
@@ -121,11 +126,14 @@ one at the default path, built-in defaults (/etc/resolv.conf) are used.`, stderr
 
 // checkResult is everything check found, before it is printed.
 type checkResult struct {
-	Domain     string
-	report     *delivery.Report
-	inspection *sts.Inspection
-	daemon     *sts.PolicyInfo // the running relay's cached policy
-	daemonNote string          // why daemon is nil
+	Domain string
+	// PolicyDomain is whose MTA-STS policy applies: the domain, or the
+	// smart host a route names; "" for an address.
+	PolicyDomain string
+	report       *delivery.Report
+	inspection   *sts.Inspection
+	daemon       *sts.PolicyInfo // the running relay's cached policy
+	daemonNote   string          // why daemon is nil
 	// textChanged says the policy host now serves a different policy
 	// under the id the relay cached.
 	textChanged bool
@@ -144,7 +152,7 @@ func (c *checkResult) primeFromDaemon(ctx context.Context, cfg *config.Config, m
 		return
 	}
 	var info sts.PolicyInfo
-	err := admin.Dial(admin.SocketPath(cfg.StateDir)).Call(ctx, "GET", "/sts/"+url.PathEscape(c.Domain), nil, &info)
+	err := admin.Dial(admin.SocketPath(cfg.StateDir)).Call(ctx, "GET", "/sts/"+url.PathEscape(c.PolicyDomain), nil, &info)
 	switch {
 	case errors.Is(err, admin.ErrNotRunning):
 		c.daemonNote = "no relay running; the live policy is used"
@@ -158,7 +166,7 @@ func (c *checkResult) primeFromDaemon(ctx context.Context, cfg *config.Config, m
 	}
 	c.daemon = &info
 	if !info.Expired {
-		if err := m.Prime(c.Domain, info.ID, info.Policy, info.Fetched, info.Expires); err != nil {
+		if err := m.Prime(c.PolicyDomain, info.ID, info.Policy, info.Fetched, info.Expires); err != nil {
 			c.daemonNote = err.Error()
 		}
 	}
@@ -172,7 +180,7 @@ func (c *checkResult) stsChanged(ctx context.Context, m *sts.Manager) {
 	if c.daemon == nil || i.Record == nil || i.Record.ID != c.daemon.ID {
 		return
 	}
-	live, err := m.Fetch(ctx, c.Domain)
+	live, err := m.Fetch(ctx, c.PolicyDomain)
 	if err != nil {
 		return
 	}
@@ -230,7 +238,7 @@ func (c *checkResult) build(now time.Time) {
 				pp := &sts.Policy{MX: []string{pat}}
 				return pp.Match(h.MX.Name) || pp.Match(h.MX.Final)
 			}) && r.Status == nil {
-				c.advice = append(c.advice, fmt.Sprintf("The policy's mx pattern %q matches no MX host of %s.", pat, c.Domain))
+				c.advice = append(c.advice, fmt.Sprintf("The policy's mx pattern %q matches no MX host of %s.", pat, c.PolicyDomain))
 			}
 		}
 	}
@@ -332,7 +340,7 @@ func (c *checkResult) write(w io.Writer) {
 		fmt.Fprintf(w, "\nMTA-STS:\n")
 		if d := i.Discovery; d != nil {
 			for _, cn := range d.CNAMEs {
-				fmt.Fprintf(w, "  _mta-sts.%s: CNAME to %s\n", c.Domain, strings.TrimSuffix(cn, "."))
+				fmt.Fprintf(w, "  _mta-sts.%s: CNAME to %s\n", i.Domain, strings.TrimSuffix(cn, "."))
 			}
 			for _, t := range d.STS {
 				fmt.Fprintf(w, "  TXT %q\n", t)
@@ -344,7 +352,7 @@ func (c *checkResult) write(w io.Writer) {
 		case i.Published():
 			fmt.Fprintf(w, "  PROBLEM: %v\n", i.RecordErr)
 		case errors.Is(i.RecordErr, sts.ErrNoRecord):
-			fmt.Fprintf(w, "  none: %s does not publish MTA-STS\n", c.Domain)
+			fmt.Fprintf(w, "  none: %s does not publish MTA-STS\n", i.Domain)
 		default:
 			fmt.Fprintf(w, "  unknown: %v\n", i.RecordErr)
 		}
@@ -375,6 +383,24 @@ func (c *checkResult) write(w io.Writer) {
 	}
 
 	fmt.Fprintf(w, "\nRoute:\n")
+	if nh := r.NextHop; nh.Route != "" {
+		fmt.Fprintf(w, "  %s: next hop %s", nh.Route, nh.String())
+		if nh.ImplicitTLS {
+			fmt.Fprint(w, " (implicit TLS)")
+		}
+		if nh.PolicyDomain != "" {
+			fmt.Fprintf(w, ", policy domain %s", nh.PolicyDomain)
+		} else {
+			fmt.Fprint(w, ", no policy domain (an address)")
+		}
+		if l := nh.TLSLevel(); l != "" {
+			fmt.Fprintf(w, ", tls %s", l)
+		}
+		if nh.HasAuth() {
+			fmt.Fprint(w, ", with AUTH")
+		}
+		fmt.Fprintln(w)
+	}
 	switch {
 	case r.Status != nil:
 		fmt.Fprintf(w, "  %s\n", r.Status)
@@ -454,8 +480,14 @@ type statusJSON struct {
 }
 
 type checkRoute struct {
-	ImplicitMX bool        `json:"implicit_mx"`
-	Status     *statusJSON `json:"status"` // set when no host is tried
+	Name         string      `json:"name,omitempty"` // "delivery.route[0]"; "" for MX routing
+	Nexthop      string      `json:"nexthop,omitempty"`
+	ImplicitTLS  bool        `json:"implicit_tls,omitempty"`
+	PolicyDomain string      `json:"policy_domain"`
+	TLS          string      `json:"tls,omitempty"` // the route's own tls level
+	Auth         bool        `json:"auth,omitempty"`
+	ImplicitMX   bool        `json:"implicit_mx"`
+	Status       *statusJSON `json:"status"` // set when no host is tried
 }
 
 type checkSTS struct {
@@ -529,10 +561,15 @@ func statusOf(st *queue.Status) *statusJSON {
 
 func (c *checkResult) json() checkJSON {
 	r := c.report
-	out := checkJSON{Domain: c.Domain, Route: checkRoute{ImplicitMX: r.Implicit, Status: statusOf(r.Status)},
+	nh := r.NextHop
+	out := checkJSON{Domain: c.Domain, Route: checkRoute{ImplicitMX: r.Implicit, Status: statusOf(r.Status),
+		PolicyDomain: nh.PolicyDomain, TLS: nh.TLSLevel(), Auth: nh.HasAuth(), ImplicitTLS: nh.ImplicitTLS},
 		Verdict: outcomeWords(r), Advice: c.advice, Exit: c.exit, Hosts: []checkHost{}}
 	if out.Advice == nil {
 		out.Advice = []string{}
+	}
+	if nh.Route != "" {
+		out.Route.Name, out.Route.Nexthop = nh.Route, nh.String()
 	}
 	if r.Outcome.Code != 0 {
 		out.Outcome = statusOf(&r.Outcome)

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"fmt"
 	"log/slog"
 	"net/http"
 
@@ -52,19 +51,17 @@ func buildDelivery(cfg *config.Config, res *resolve.Resolver, db *bbolt.DB, logg
 		p.sts, src = m, m
 	}
 
-	var overrides []delivery.Override
-	for _, o := range cfg.Delivery.Policies {
-		sec, err := policy.ParseSecurity(o.TLS)
-		if err != nil {
-			return nil, fmt.Errorf("delivery.policy %s: %w", o.Domain, err)
-		}
-		overrides = append(overrides, delivery.Override{Domain: o.Domain, TLS: sec})
+	overrides, routes, limits, err := deliveryTables(cfg.Delivery)
+	if err != nil {
+		return nil, err
 	}
 	e, err := delivery.New(delivery.Options{
 		Hostname:          cfg.Hostname,
 		Resolver:          res,
 		Policy:            src,
 		Overrides:         overrides,
+		Routes:            routes,
+		Limits:            limits,
 		IPVersion:         ipVersion(cfg.Delivery.IPVersion),
 		ConnectTimeout:    cfg.Delivery.ConnectTimeout.Duration,
 		MaxConnsPerDomain: cfg.Delivery.MaxConnsPerDomain,

@@ -37,8 +37,9 @@ const shutdownGrace = 30 * time.Second
 func runServe(args []string, stdout, stderr io.Writer) int {
 	fs := newFlagSet("serve", "serve [-config file]", `
 Serve runs the relay: the submission listener, the queue and the delivery
-workers, until SIGINT or SIGTERM. SIGHUP reloads the users and the TLS
-certificate from the configuration file; other changes need a restart.`, stderr)
+workers, until SIGINT or SIGTERM. SIGHUP reloads the users, the TLS
+certificate, and the delivery routes, limits and TLS policies (with their
+password files) from the configuration file; other changes need a restart.`, stderr)
 	configPath := configFlag(fs)
 	if code := parseFlags(fs, args); code >= 0 {
 		return code
@@ -284,8 +285,9 @@ func (r *relay) closeParts() {
 	}
 }
 
-// reload applies what can change without a restart: users and the TLS
-// certificate. It logs every other change it had to leave alone.
+// reload applies what can change without a restart: users, the TLS
+// certificate, and delivery's routes, limits and TLS policies. It logs
+// every other change it had to leave alone.
 func (r *relay) reload(path string) {
 	cfg, err := loadConfig(path)
 	if err != nil {
@@ -304,10 +306,25 @@ func (r *relay) reload(path string) {
 			r.logger.Info("reload: certificate loaded", "file", cfg.Submission.TLSCert)
 		}
 	}
+	if err := r.reloadRoutes(cfg.Delivery); err != nil {
+		r.logger.Error("reload: routes, limits and TLS policies not changed", "err", err)
+	} else {
+		r.logger.Info("reload: routes, limits and TLS policies loaded", "routes", len(cfg.Delivery.Routes),
+			"limits", len(cfg.Delivery.Limits), "policies", len(cfg.Delivery.Policies))
+		r.cfg.Delivery.Policies, r.cfg.Delivery.Routes, r.cfg.Delivery.Limits = cfg.Delivery.Policies, cfg.Delivery.Routes, cfg.Delivery.Limits
+	}
 	for _, key := range changedNeedingRestart(r.cfg, cfg) {
 		r.logger.Warn("reload: setting changed but needs a restart", "key", key)
 	}
 	r.cfg.Submission.Users = cfg.Submission.Users
+}
+
+func (r *relay) reloadRoutes(d config.Delivery) error {
+	overrides, routes, limits, err := deliveryTables(d)
+	if err != nil {
+		return err
+	}
+	return r.engine.SetRoutes(overrides, routes, limits)
 }
 
 // changedNeedingRestart lists the sections that differ, except what
@@ -315,6 +332,9 @@ func (r *relay) reload(path string) {
 func changedNeedingRestart(old, cur *config.Config) []string {
 	a, b := *old, *cur
 	a.Submission.Users, b.Submission.Users = nil, nil
+	for _, d := range []*config.Delivery{&a.Delivery, &b.Delivery} {
+		d.Policies, d.Routes, d.Limits = nil, nil, nil
+	}
 	var keys []string
 	if a.Hostname != b.Hostname {
 		keys = append(keys, "hostname")
