@@ -199,7 +199,7 @@ func aggregate(domain string, fails []*hostFailure) queue.Status {
 		// message as it is: fail now rather than retry for days
 		// (RFC 8689 §4.2.1: 5.7.30).
 		st := fails[0].status
-		st.RemoteMTA = ""
+		st.RemoteMTA, st.Reply = "", ""
 		if count[failRequireTLS] > 0 {
 			st.Code, st.Enhanced = 550, "5.7.30"
 			st.Text = truncateList(fmt.Sprintf("message requires TLS (REQUIRETLS) but no MX host of '%s' qualifies: ", domain), texts(fails))

@@ -12,6 +12,8 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/emersion/go-smtp"
+
 	"github.com/stsrelay/stsrelay/policy"
 )
 
@@ -232,5 +234,23 @@ func TestCancelledHandshakeIsNotRecorded(t *testing.T) {
 		if r.Result != policy.ResultSuccess {
 			t.Errorf("recorded %s (%s) for a handshake cut off by cancellation", r.Result, r.Detail)
 		}
+	}
+}
+
+// A DSN's Diagnostic-Code carries the remote's reply as received (RFC 3464
+// §2.3.6); a status of our own has none, and names no Remote-MTA.
+func TestRemoteReplyIsKeptAsReceived(t *testing.T) {
+	v, mx := oneMX(t)
+	mx.rcptErr["gone@example.test"] = smtpErr(550, smtp.EnhancedCode{5, 1, 1}, "no such user")
+	st := deliver(t, v.engine(), testJob("example.test", "gone@example.test"))
+	if got, want := st[0].Reply, "550 5.1.1 no such user"; got != want || st[0].RemoteMTA != "mx1.example.test" {
+		t.Errorf("Reply %q RemoteMTA %q, want %q from mx1.example.test", got, st[0].RemoteMTA, want)
+	}
+
+	v.route("127.0.0.2", v.closed)
+	st = deliver(t, v.engine(), testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 451, "4.4.1", "connection refused")
+	if st[0].Reply != "" || st[0].RemoteMTA != "" {
+		t.Errorf("Reply %q RemoteMTA %q for a connection that was refused", st[0].Reply, st[0].RemoteMTA)
 	}
 }

@@ -591,21 +591,22 @@ func replyFailure(label string, code int, msg string) *hostFailure {
 // is not 4xx or 5xx there is a protocol violation, never a success.
 func failureStatus(label string, code int, msg string) queue.Status {
 	if code < 400 || code > 599 {
-		return queue.Status{Code: 451, Enhanced: "4.5.0", RemoteMTA: hostOf(label),
+		return queue.Status{Code: 451, Enhanced: "4.5.0", RemoteMTA: hostOf(label), Reply: replyText(code, msg),
 			Text: truncate(fmt.Sprintf("%s: unexpected reply %d %s", label, code, oneLine(msg)))}
 	}
 	return replyStatus(label, code, msg)
 }
 
 // replyStatus turns a remote reply into a Status, keeping the remote's
-// words: "mx.example.com[192.0.2.1]: 451 4.7.1 greylisted, try later".
+// words: "mx.example.com[192.0.2.1]: 451 4.7.1 greylisted, try later",
+// and the reply as received for a DSN's Diagnostic-Code.
 // A reply without an enhanced code gets the generic class code (RFC 3463 §3.1).
 func replyStatus(label string, code int, msg string) queue.Status {
 	enh, text := splitEnhanced(code, msg)
 	if enh == "" {
 		enh = fmt.Sprintf("%d.0.0", code/100)
 	}
-	return queue.Status{Code: code, Enhanced: enh, RemoteMTA: hostOf(label),
+	return queue.Status{Code: code, Enhanced: enh, RemoteMTA: hostOf(label), Reply: replyText(code, msg),
 		Text: truncate(fmt.Sprintf("%s: %d %s %s", label, code, enh, text))}
 }
 
