@@ -254,3 +254,27 @@ func TestRemoteReplyIsKeptAsReceived(t *testing.T) {
 		t.Errorf("Reply %q RemoteMTA %q for a connection that was refused", st[0].Reply, st[0].RemoteMTA)
 	}
 }
+
+// A quoted local part with an '@', and an address literal with a
+// lower-case IPv6 tag, go out exactly as they were submitted.
+func TestUnusualAddressesAreDeliveredUnchanged(t *testing.T) {
+	v, _ := oneMX(t)
+	mx := &scriptMX{ehlo: []string{"8BITMIME"}}
+	addr := newScriptMX(t, mx)
+	v.route("127.0.0.2", addr)
+	v.route("2001:db8::1", addr)
+	e := v.engine()
+
+	wantStatus(t, deliver(t, e, testJob("example.test", `"a@b"@example.test`))[0], 250, "2.0.0")
+	job := testJob("[ipv6:2001:db8::1]", "user@[ipv6:2001:db8::1]")
+	wantStatus(t, deliver(t, e, job)[0], 250, "2.0.0")
+	var rcpts []string
+	for _, c := range mx.commands() {
+		if strings.HasPrefix(c, "RCPT") {
+			rcpts = append(rcpts, c)
+		}
+	}
+	if want := []string{`RCPT TO:<"a@b"@example.test>`, "RCPT TO:<user@[ipv6:2001:db8::1]>"}; !slices.Equal(rcpts, want) {
+		t.Errorf("sent %q, want %q", rcpts, want)
+	}
+}

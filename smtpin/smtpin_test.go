@@ -586,3 +586,21 @@ func TestMinimumTLSVersionIs12(t *testing.T) {
 		t.Fatal("TLS 1.1 handshake succeeded")
 	}
 }
+
+// RFC 5321 §4.1.2, §4.1.3: a quoted local part may hold an '@', and the
+// IPv6 tag of an address literal is case-insensitive. Both are stored as
+// written, so delivery sends them on unchanged.
+func TestQuotedLocalPartAndIPv6LiteralAccepted(t *testing.T) {
+	e := start(t, nil)
+	d := authedDialogue(t, e)
+	d.cmd("MAIL FROM:<app@example.com>", "250")
+	d.cmd(`RCPT TO:<"a@b"@example.org>`, "250")
+	d.cmd("RCPT TO:<user@[ipv6:2001:db8::1]>", "250")
+	d.cmd("DATA", "354")
+	d.write(testMessage + ".\r\n")
+	d.expect("250")
+	got := e.q.only(t).env.Recipients
+	if len(got) != 2 || got[0].Addr != `"a@b"@example.org` || got[1].Addr != "user@[ipv6:2001:db8::1]" {
+		t.Fatalf("stored %+v", got)
+	}
+}
