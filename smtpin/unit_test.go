@@ -23,7 +23,7 @@ func TestParseMailbox(t *testing.T) {
 		{in: "user@[192.0.2.1]", want: "user@[192.0.2.1]"},
 		{in: "user@[IPv6:2001:db8::1]", want: "user@[IPv6:2001:db8::1]"},
 		{in: "user@[ipv6:2001:db8::1]", want: "user@[ipv6:2001:db8::1]"}, // the tag is case-insensitive
-		{in: "a@b@example.org", want: `"a@b"@example.org`},              // <"a@b"@example.org>, quotes dropped by go-smtp
+		{in: "a@b@example.org", want: `"a@b"@example.org`},               // <"a@b"@example.org>, quotes dropped by go-smtp
 		{in: "user@[IPv4:192.0.2.1]", err: "address literal"},
 		{in: "john doe@example.com", want: `"john doe"@example.com`}, // go-smtp dropped the quotes
 		{in: `a"b@example.com`, want: `"a\"b"@example.com`},
