@@ -105,8 +105,8 @@ type failure struct {
 type call struct {
 	started time.Time // wall clock, for FetchWait
 	done    chan struct{}
-	policy *CachedPolicy
-	err    error
+	policy  *CachedPolicy
+	err     error
 }
 
 // Manager discovers, fetches, caches and refreshes MTA-STS policies, and
