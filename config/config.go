@@ -215,7 +215,7 @@ func Default() *Config {
 			ConnectTimeout:   Duration{30 * time.Second},
 			IPVersion:        "both",
 		},
-		STS:  STS{Enabled: true, FetchTimeout: Duration{10 * time.Second}},
+		STS:  STS{Enabled: true, FetchTimeout: Duration{time.Minute}}, // RFC 8461 §3.3
 		DANE: DANE{Enabled: true},
 	}
 }
@@ -487,7 +487,7 @@ func (c *Config) validate(data []byte) error {
 	}
 
 	if c.STS.FetchTimeout.Duration <= 0 {
-		return bad("sts.fetch_timeout", "must be positive (use e.g. 10s)")
+		return bad("sts.fetch_timeout", "must be positive (use e.g. 1m)")
 	}
 	if c.TLSRPT.Enabled {
 		if c.TLSRPT.OrganizationName == "" {

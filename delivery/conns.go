@@ -290,6 +290,10 @@ func (k failKind) String() string {
 		return "requiretls"
 	case failUTF8:
 		return "smtputf8"
+	case failEightBit:
+		return "8bitmime"
+	case failAuth:
+		return "auth"
 	}
 	return "unknown"
 }
@@ -319,17 +323,21 @@ func aggregate(domain string, fails []*hostFailure) queue.Status {
 			fmt.Sprintf("MX hosts of '%s' failed MTA-STS validation: ", domain), reasons(fails))}
 	case only(failSTS, failDANE, failLocal):
 		return queue.Status{Code: 451, Enhanced: "4.7.5", Text: truncateList("", texts(fails))}
-	case only(failRequireTLS, failUTF8):
+	case only(failRequireTLS, failUTF8, failEightBit):
 		// Every host was reached or judged, and none can ever take this
 		// message as it is: fail now rather than retry for days
 		// (RFC 8689 §4.2.1: 5.7.30).
 		st := fails[0].status
-		st.RemoteMTA = ""
+		st.RemoteMTA, st.Reply = "", ""
 		if count[failRequireTLS] > 0 {
 			st.Code, st.Enhanced = 550, "5.7.30"
 			st.Text = truncateList(fmt.Sprintf("message requires TLS (REQUIRETLS) but no MX host of '%s' qualifies: ", domain), texts(fails))
-		} else {
+		} else if count[failUTF8] > 0 {
+			st.Code, st.Enhanced = 550, "5.6.7"
 			st.Text = truncateList(fmt.Sprintf("no MX host of '%s' supports SMTPUTF8, which this message needs: ", domain), texts(fails))
+		} else {
+			st.Code, st.Enhanced = 550, "5.6.3"
+			st.Text = truncateList(fmt.Sprintf("no MX host of '%s' supports 8BITMIME, which this message needs: ", domain), texts(fails))
 		}
 		return st
 	}

@@ -3,6 +3,18 @@
 // policy.PolicySource which TLS each MX host needs (MTA-STS RFC 8461, DANE
 // RFC 7672, local overrides), runs the SMTP client session and turns every
 // reply into a per-recipient queue.Status (DESIGN.md decision 6).
+//
+// Messages go out exactly as they were queued; delivery never rewrites
+// them (a rewrite would break DKIM signatures). A message the next hop
+// cannot take as it is goes to the next MX host, and when none can, it
+// returns to its sender: 8-bit content to hosts without 8BITMIME with
+// 550 5.6.3 (RFC 6152 §3 allows returning instead of converting to 7-bit
+// MIME), a message needing SMTPUTF8 with 5.6.7 (RFC 6531 §3.4), a
+// REQUIRETLS one with 5.7.30 (RFC 8689). EHLO keywords are matched
+// without regard to case (RFC 5321 §2.4). When the next hop supports DSN,
+// NOTIFY goes on with the message and that hop sends any success notice;
+// a Status is marked Relayed only when NOTIFY=SUCCESS could not go on
+// (RFC 3461 §5.2.1, §5.2.2).
 package delivery
 
 import (

@@ -386,6 +386,14 @@ func (e *Engine) transact(ctx context.Context, s *session, job *queue.Job, body 
 			Code: 550, Enhanced: "5.6.7", RemoteMTA: s.mx.Name,
 			Text: s.label + ": SMTPUTF8 not supported, and this message needs it (RFC 6531)"}}
 	}
+	if ok, _ := s.client.Extension("8BITMIME"); env.Body8Bit && !ok {
+		// RFC 6152 §3: 8-bit data must not go to a server without
+		// 8BITMIME. stsrelay does not rewrite messages (package doc): the
+		// next host may take it, else the message returns with 5.6.3.
+		return nil, &hostFailure{host: s.label, kind: failEightBit, nextHost: true, status: queue.Status{
+			Code: 550, Enhanced: "5.6.3",
+			Text: s.label + ": 8BITMIME not supported, and this message has 8-bit content (RFC 6152)"}}
+	}
 	dsn, _ := s.client.Extension("DSN")
 
 	out := make([]queue.Status, len(job.Recipients))
@@ -411,9 +419,8 @@ func (e *Engine) transact(ctx context.Context, s *session, job *queue.Job, body 
 		return abort(st)
 	}
 
-	// go-smtp adds BODY=8BITMIME whenever the remote offers it. An 8-bit
-	// message to a remote without 8BITMIME goes out as it is, as Postfix
-	// does by default: converting MIME parts is not a relay's job.
+	// go-smtp adds BODY=8BITMIME whenever the remote offers it, which
+	// RFC 6152 allows for 7-bit content too.
 	mo := &smtp.MailOptions{Size: job.Size, RequireTLS: env.RequireTLS, UTF8: needUTF8, EnvelopeID: env.EnvID}
 	switch strings.ToUpper(env.Ret) {
 	case "FULL":
@@ -486,9 +493,13 @@ func (e *Engine) transact(ctx context.Context, s *session, job *queue.Job, body 
 	ok := replyStatus(s.label, 250, resp.StatusText)
 	for _, i := range accepted {
 		out[i] = ok
-		// RFC 3461 §5.2.2: a remote without DSN cannot honour NOTIFY, so
-		// we answer SUCCESS with a "relayed" DSN ourselves.
-		out[i].Relayed = !dsn && hasNotify(job.Recipients[i].Notify, "SUCCESS")
+		// RFC 3461 §4.1, §5.2.1: once NOTIFY went to a DSN-capable next
+		// hop, the success notice is that hop's to send, not ours. A
+		// remote without DSN cannot honour NOTIFY, so SUCCESS gets a
+		// "relayed" DSN from us (§5.2.2).
+		n := job.Recipients[i].Notify
+		passed := dsn && validNotify(n) != nil
+		out[i].Relayed = !passed && hasNotify(n, "SUCCESS")
 	}
 	return out, nil
 }
@@ -509,7 +520,7 @@ func (s *session) reset(ctx context.Context) bool {
 	// go-smtp forgets the EHLO reply on RSET and would say EHLO again at
 	// the first Extension call, hiding any error; say it now and check.
 	s.conn.allow(maxReplyBytes)
-	return s.client.Hello(s.e.hostname) == nil
+	return s.hello() == nil
 }
 
 // deadlineWriter gives each write of the message its own deadline

@@ -49,6 +49,7 @@ const (
 	failRequireTLS                 // RFC 8689 conditions not met for this host
 	failUTF8                       // the message needs SMTPUTF8, the host lacks it
 	failAuth                       // a route's credentials could not be used or were refused
+	failEightBit                   // the message has 8-bit content, the host lacks 8BITMIME
 )
 
 // hostFailure is why one MX host (or one of its addresses) was not used.
@@ -85,6 +86,7 @@ type session struct {
 
 	conn   *boundedConn
 	client *smtp.Client
+	replay *replayConn          // what client reads from
 	helo   string               // host name from the greeting (TLSRPT receiving-mx-helo)
 	tls    *tls.ConnectionState // nil in plaintext
 	tlsc   *tls.Conn
@@ -147,18 +149,85 @@ func (c *boundedConn) Read(p []byte) (int, error) {
 
 // replayConn hands go-smtp's Client the greeting we already read: it
 // insists on reading one itself, and on STARTTLS with its own EHLO name.
+// It also upper-cases the keywords of the EHLO reply go-smtp reads.
 type replayConn struct {
 	net.Conn
 	pending []byte
+	ehlo    ehloUpper
 }
 
 func (c *replayConn) Read(p []byte) (int, error) {
 	if len(c.pending) > 0 {
 		n := copy(p, c.pending)
 		c.pending = c.pending[n:]
+		c.ehlo.filter(p[:n])
 		return n, nil
 	}
-	return c.Conn.Read(p)
+	n, err := c.Conn.Read(p)
+	c.ehlo.filter(p[:n])
+	return n, err
+}
+
+// hello says EHLO through go-smtp, which then sees the keywords of the
+// reply upper-cased.
+func (s *session) hello() error {
+	s.replay.ehlo.arm()
+	err := s.client.Hello(s.e.hostname)
+	s.replay.ehlo.armed = false
+	return err
+}
+
+// ehloUpper upper-cases the extension keywords of the next 250 reply that
+// passes through it, in place.
+//
+// RFC 5321 §2.4: EHLO keywords are case-insensitive, and a server may
+// send "250-smtputf8". go-smtp (v0.25.1, still in v0.26.0) keeps them as
+// sent in Client.ehlo and upper-cases only the name asked for in
+// Client.Extension; Client.Mail and Client.Rcpt read the same map, so
+// SMTPUTF8, REQUIRETLS, DSN, SIZE and 8BITMIME offered in lower case would
+// be missed. The upstream fix is one line in Client.ehlo:
+// ext[strings.ToUpper(args[0])] = …; once go-smtp has it, remove this
+// filter and session.hello.
+type ehloUpper struct {
+	armed bool
+	line  int  // line of the reply being read, from 0
+	col   int  // bytes of that line seen
+	skip  bool // the reply is not a 250: pass it through
+	last  bool // this line is the reply's last ("250 " rather than "250-")
+	word  bool // inside the keyword
+}
+
+func (u *ehloUpper) arm() { *u = ehloUpper{armed: true} }
+
+func (u *ehloUpper) filter(p []byte) {
+	for i := range p {
+		if !u.armed {
+			return
+		}
+		c := p[i]
+		switch {
+		case c == '\n':
+			if u.last {
+				if !u.skip {
+					u.armed = false // the EHLO reply is over
+				}
+				u.line, u.skip = -1, false
+			}
+			u.line++
+			u.col, u.last, u.word = 0, false, false
+			continue
+		case u.col < 3 && u.line == 0:
+			u.skip = u.skip || c != "250"[u.col]
+		case u.col == 3:
+			u.last = c != '-'
+			u.word = u.line > 0 && !u.skip
+		case u.word && c == ' ', u.word && c == '\r':
+			u.word = false
+		case u.word && 'a' <= c && c <= 'z':
+			p[i] = c - 'a' + 'A'
+		}
+		u.col++
+	}
 }
 
 // dialResult is the outcome of one connection attempt to one address.
@@ -304,10 +373,11 @@ func (e *Engine) open(ctx context.Context, nh NextHop, h hop, addr netip.Addr, r
 			pending = append(pending, rest...)
 		}
 	}
-	s.client = smtp.NewClient(&replayConn{Conn: conn, pending: pending})
+	s.replay = &replayConn{Conn: conn, pending: pending}
+	s.client = smtp.NewClient(s.replay)
 	s.client.CommandTimeout = e.opts.Timeouts.Command
 	s.conn.allow(maxReplyBytes)
-	if err := s.client.Hello(e.hostname); err != nil {
+	if err := s.hello(); err != nil {
 		f := s.commandFailure(ctx, "EHLO", err, true)
 		f.throttle = tooManyConnections(f.status.Code, f.status.Text, false)
 		return fail(f)
@@ -667,21 +737,22 @@ func replyFailure(label string, code int, msg string) *hostFailure {
 // is not 4xx or 5xx there is a protocol violation, never a success.
 func failureStatus(label string, code int, msg string) queue.Status {
 	if code < 400 || code > 599 {
-		return queue.Status{Code: 451, Enhanced: "4.5.0", RemoteMTA: hostOf(label),
+		return queue.Status{Code: 451, Enhanced: "4.5.0", RemoteMTA: hostOf(label), Reply: replyText(code, msg),
 			Text: truncate(fmt.Sprintf("%s: unexpected reply %d %s", label, code, oneLine(msg)))}
 	}
 	return replyStatus(label, code, msg)
 }
 
 // replyStatus turns a remote reply into a Status, keeping the remote's
-// words: "mx.example.com[192.0.2.1]: 451 4.7.1 greylisted, try later".
+// words: "mx.example.com[192.0.2.1]: 451 4.7.1 greylisted, try later",
+// and the reply as received for a DSN's Diagnostic-Code.
 // A reply without an enhanced code gets the generic class code (RFC 3463 §3.1).
 func replyStatus(label string, code int, msg string) queue.Status {
 	enh, text := splitEnhanced(code, msg)
 	if enh == "" {
 		enh = fmt.Sprintf("%d.0.0", code/100)
 	}
-	return queue.Status{Code: code, Enhanced: enh, RemoteMTA: hostOf(label),
+	return queue.Status{Code: code, Enhanced: enh, RemoteMTA: hostOf(label), Reply: replyText(code, msg),
 		Text: truncate(fmt.Sprintf("%s: %d %s %s", label, code, enh, text))}
 }
 

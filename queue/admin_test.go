@@ -143,7 +143,7 @@ func TestAdminDeleteAndBounce(t *testing.T) {
 		t.Fatalf("%d DSNs after bounce, want 1", len(dsns))
 	}
 	rep := parseDSN(t, tq.body(t, dsns[0]))
-	if got := rep.recipients[0].Get("Diagnostic-Code"); got != "smtp; 554 5.0.0 bounced by the mail system administrator" {
+	if got := rep.recipients[0].Get("Diagnostic-Code"); got != "X-stsrelay; 554 5.0.0 bounced by the mail system administrator" {
 		t.Errorf("Diagnostic-Code %q", got)
 	}
 	if rep.recipients[0].Get("Remote-MTA") != "" {

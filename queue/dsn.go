@@ -8,6 +8,7 @@ import (
 	"net/textproto"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"go.etcd.io/bbolt"
 )
@@ -29,7 +30,7 @@ const rfc5322Date = "Mon, 02 Jan 2006 15:04:05 -0700"
 // rcpts and stores it in tx as a new message from the null sender to the
 // original envelope sender (RFC 5321 §4.5.5), so it travels this same queue.
 func (q *Queue) makeDSN(tx *bbolt.Tx, orig *message, rcpts []dsnRecipient, now time.Time) (*message, error) {
-	body, full, err := q.dsnBody(orig, rcpts, now)
+	body, err := q.dsnBody(orig, rcpts, now)
 	if err != nil {
 		return nil, err
 	}
@@ -37,7 +38,7 @@ func (q *Queue) makeDSN(tx *bbolt.Tx, orig *message, rcpts []dsnRecipient, now t
 		From:       "",
 		Recipients: nil,
 		SMTPUTF8:   orig.Envelope.SMTPUTF8,
-		Body8Bit:   full && orig.Envelope.Body8Bit,
+		Body8Bit:   !isASCII(string(body)),   // RFC 6152: so that no 7-bit host gets it
 		RequireTLS: orig.Envelope.RequireTLS, // RFC 8689 §5: bounces keep REQUIRETLS
 	}
 	d, err := recipientDomain(orig.Envelope.From)
@@ -64,9 +65,9 @@ func (q *Queue) makeDSN(tx *bbolt.Tx, orig *message, rcpts []dsnRecipient, now t
 	return m, nil
 }
 
-// dsnBody writes the multipart/report message; full reports whether the
-// whole original message is attached (RET=FULL) rather than its headers.
-func (q *Queue) dsnBody(orig *message, rcpts []dsnRecipient, now time.Time) (body []byte, full bool, err error) {
+// dsnBody writes the multipart/report message, with the whole original
+// message (RET=FULL, failures only) or its headers.
+func (q *Queue) dsnBody(orig *message, rcpts []dsnRecipient, now time.Time) ([]byte, error) {
 	worst := "delivered"
 	for _, r := range rcpts {
 		switch {
@@ -79,8 +80,9 @@ func (q *Queue) dsnBody(orig *message, rcpts []dsnRecipient, now time.Time) (bod
 	// RFC 3461 §4.3: RET=FULL asks for the whole message, and only in
 	// failure DSNs. Without RET stsrelay returns headers only, and always
 	// for REQUIRETLS messages (RFC 8689 §5).
-	full = worst == "failed" && strings.EqualFold(orig.Envelope.Ret, "FULL") && !orig.Envelope.RequireTLS
+	full := worst == "failed" && strings.EqualFold(orig.Envelope.Ret, "FULL") && !orig.Envelope.RequireTLS
 	var original []byte
+	var err error
 	if full {
 		original, err = q.spool.read(locOf(orig), -1)
 	} else {
@@ -88,7 +90,7 @@ func (q *Queue) dsnBody(orig *message, rcpts []dsnRecipient, now time.Time) (bod
 		original = headerSection(original)
 	}
 	if err != nil {
-		return nil, false, err
+		return nil, err
 	}
 
 	host := q.opts.Hostname
@@ -97,7 +99,7 @@ func (q *Queue) dsnBody(orig *message, rcpts []dsnRecipient, now time.Time) (bod
 	subject := map[string]string{
 		"failed":    "Undelivered Mail Returned to Sender",
 		"delayed":   "Delayed Mail (still being retried)",
-		"delivered": "Successful Mail Delivery Report",
+		"delivered": "Successful Mail Delivery Report", // relayed: no delivered DSN is ever made
 	}[worst]
 	var rnd [8]byte
 	_, _ = rand.Read(rnd[:])
@@ -116,52 +118,77 @@ func (q *Queue) dsnBody(orig *message, rcpts []dsnRecipient, now time.Time) (bod
 	}
 	b.WriteString(strings.Join(hdr, "\r\n"))
 
-	// Part 1: for people (RFC 3464 §2, RFC 6522).
-	w, err := mw.CreatePart(textproto.MIMEHeader{"Content-Type": {"text/plain; charset=utf-8"}})
-	if err != nil {
-		return nil, false, err
+	// RFC 6533 §3, §6: a message with SMTPUTF8, or UTF-8 in what the
+	// report says, gets the global types, with UTF-8 addresses as such.
+	global := orig.Envelope.SMTPUTF8 || !isASCII(orig.Envelope.EnvID)
+	for _, r := range rcpts {
+		global = global || !isASCII(r.Addr) || !isASCII(r.ORcpt) || !isASCII(r.Last.Text) || !isASCII(r.Last.Reply)
 	}
-	fmt.Fprintf(w, "This is the mail system at host %s.\r\n\r\n", host)
+	// part writes one body part; 8-bit content is declared as such.
+	part := func(ct string, content []byte) error {
+		h := textproto.MIMEHeader{"Content-Type": {ct}}
+		if !isASCII(string(content)) {
+			h.Set("Content-Transfer-Encoding", "8bit")
+		}
+		w, err := mw.CreatePart(h)
+		if err == nil {
+			_, err = w.Write(content)
+		}
+		return err
+	}
+
+	// Part 1: for people (RFC 3464 §2, RFC 6522). It says every reason,
+	// ours as well as the remote's.
+	var w bytes.Buffer
+	fmt.Fprintf(&w, "This is the mail system at host %s.\r\n\r\n", host)
 	switch worst {
 	case "failed":
-		fmt.Fprintf(w, "Your message could not be delivered to one or more recipients.\r\nIt is attached below.\r\n\r\n")
+		fmt.Fprintf(&w, "Your message could not be delivered to one or more recipients.\r\nIt is attached below.\r\n\r\n")
 	case "delayed":
-		fmt.Fprintf(w, "Your message could not be delivered yet. The mail system will keep\r\ntrying until %s; you do not need to resend it.\r\n\r\n",
+		fmt.Fprintf(&w, "Your message could not be delivered yet. The mail system will keep\r\ntrying until %s; you do not need to resend it.\r\n\r\n",
 			orig.Arrived.Add(q.opts.MaxQueueTime).Format(rfc5322Date))
 	default:
-		fmt.Fprintf(w, "Your message was delivered to the following recipients, as you asked.\r\n\r\n")
+		fmt.Fprintf(&w, "Your message was relayed to the mail systems of the following recipients,\r\n"+
+			"which do not send delivery notifications; you will get no further notice\r\nfrom them.\r\n\r\n")
 	}
 	for _, r := range rcpts {
-		fmt.Fprintf(w, "<%s>: %s\r\n", oneLine(r.Addr), r.Action)
+		fmt.Fprintf(&w, "<%s>: %s\r\n", oneLine(r.Addr), r.Action)
 		if r.Last.Code != 0 {
-			fmt.Fprintf(w, "    %s\r\n", oneLine(r.Last.String()))
+			fmt.Fprintf(&w, "    %s\r\n", oneLine(r.Last.String()))
 		}
+	}
+	if err := part("text/plain; charset=utf-8", w.Bytes()); err != nil {
+		return nil, err
 	}
 
 	// Part 2: message/delivery-status (RFC 3464 §2.1–2.3).
-	w, err = mw.CreatePart(textproto.MIMEHeader{"Content-Type": {"message/delivery-status"}})
-	if err != nil {
-		return nil, false, err
-	}
-	field := func(name, value string) { fmt.Fprintf(w, "%s: %s\r\n", name, oneLine(value)) }
+	w.Reset()
+	field := func(name, value string) { fmt.Fprintf(&w, "%s: %s\r\n", name, oneLine(value)) }
 	field("Reporting-MTA", "dns; "+host)
 	if orig.Envelope.EnvID != "" {
 		field("Original-Envelope-Id", orig.Envelope.EnvID) // only with ENVID (§2.2.1); smtpin decoded the xtext
 	}
 	field("Arrival-Date", orig.Arrived.Format(rfc5322Date))
 	for _, r := range rcpts {
-		w.Write([]byte("\r\n"))
+		w.WriteString("\r\n")
 		if r.ORcpt != "" {
-			field("Original-Recipient", r.ORcpt)
+			field("Original-Recipient", originalRecipient(r.ORcpt))
 		}
-		field("Final-Recipient", "rfc822; "+r.Addr)
+		field("Final-Recipient", addressField(r.Addr))
 		field("Action", r.Action)
 		field("Status", statusCode(r.Action, r.Last))
-		if r.LastMX != "" {
-			field("Remote-MTA", "dns; "+r.LastMX) // only if one was involved (§2.3.5)
+		// §2.3.5: the MTA that gave this status, and none when the
+		// status is our own decision (an earlier attempt's host is not it).
+		if r.Last.RemoteMTA != "" {
+			field("Remote-MTA", "dns; "+r.Last.RemoteMTA)
 		}
-		if r.Last.Code != 0 {
-			field("Diagnostic-Code", "smtp; "+r.Last.String())
+		// §2.3.6: "smtp;" carries the remote's reply as received; our
+		// own reasons are not disguised as one.
+		switch {
+		case r.Last.Reply != "":
+			field("Diagnostic-Code", "smtp; "+r.Last.Reply)
+		case r.Last.Code != 0:
+			field("Diagnostic-Code", "X-stsrelay; "+r.Last.String())
 		}
 		if !r.LastAttempt.IsZero() {
 			field("Last-Attempt-Date", r.LastAttempt.Format(rfc5322Date))
@@ -170,21 +197,75 @@ func (q *Queue) dsnBody(orig *message, rcpts []dsnRecipient, now time.Time) (bod
 			field("Will-Retry-Until", orig.Arrived.Add(q.opts.MaxQueueTime).Format(rfc5322Date)) // delayed only (§2.3.9)
 		}
 	}
+	ct := "message/delivery-status"
+	if global {
+		ct = "message/global-delivery-status"
+	}
+	if err := part(ct, w.Bytes()); err != nil {
+		return nil, err
+	}
 
-	// Part 3: the original message or its headers (RFC 3464 §2, RFC 6522).
-	ct := "text/rfc822-headers"
-	if full {
+	// Part 3: the original message or its headers (RFC 3464 §2, RFC 6522;
+	// RFC 6532 §3.7 and RFC 6533 §3 for the global types).
+	switch {
+	case full && global:
+		ct = "message/global"
+	case full:
 		ct = "message/rfc822"
+	case global:
+		ct = "message/global-headers"
+	default:
+		ct = "text/rfc822-headers"
 	}
-	w, err = mw.CreatePart(textproto.MIMEHeader{"Content-Type": {ct}})
-	if err != nil {
-		return nil, false, err
+	if err := part(ct, original); err != nil {
+		return nil, err
 	}
-	w.Write(original)
 	if err := mw.Close(); err != nil {
-		return nil, false, err
+		return nil, err
 	}
-	return b.Bytes(), full, nil
+	return b.Bytes(), nil
+}
+
+// addressField is a Final-Recipient value: rfc822 for an ASCII address,
+// utf-8 otherwise (RFC 6533 §3).
+func addressField(addr string) string {
+	if isASCII(addr) {
+		return "rfc822; " + addr
+	}
+	return "utf-8; " + utf8AddrUnitext(addr)
+}
+
+// originalRecipient is the Original-Recipient value for ORCPT orcpt,
+// "type;address" with the address decoded.
+func originalRecipient(orcpt string) string {
+	typ, addr, _ := strings.Cut(orcpt, ";")
+	if strings.EqualFold(strings.TrimSpace(typ), "utf-8") {
+		return "utf-8; " + utf8AddrUnitext(addr)
+	}
+	return orcpt
+}
+
+// utf8AddrUnitext encodes addr as RFC 6533 §3's utf-8-addr-unitext: UTF-8
+// as it is, and "+", "=", "\\" and controls as \x{HEX}.
+func utf8AddrUnitext(addr string) string {
+	var b strings.Builder
+	for _, r := range addr {
+		if r < 0x21 || r == 0x7f || r == '+' || r == '=' || r == '\\' {
+			fmt.Fprintf(&b, "\\x{%X}", r)
+			continue
+		}
+		b.WriteRune(r)
+	}
+	return b.String()
+}
+
+func isASCII(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] >= 0x80 {
+			return false
+		}
+	}
+	return true
 }
 
 // statusCode is the RFC 3464 Status field: the enhanced code when there is
@@ -224,7 +305,12 @@ func oneLine(s string) string {
 		return r
 	}, s)
 	if len(s) > 900 {
-		s = s[:900] + "…"
+		// Never cut a UTF-8 sequence in half.
+		n := 900
+		for n > 0 && !utf8.RuneStart(s[n]) {
+			n--
+		}
+		s = s[:n] + "…"
 	}
 	return s
 }

@@ -85,7 +85,8 @@ func all(st Status) func(*Job) []Status {
 var (
 	ok250    = Status{Code: 250, Enhanced: "2.0.0", Text: "mx.example.org: ok queued as 123", RemoteMTA: "mx.example.org"}
 	defer451 = Status{Code: 451, Enhanced: "4.4.1", Text: "mx.example.org[192.0.2.1]: connection refused", RemoteMTA: "mx.example.org"}
-	fail550  = Status{Code: 550, Enhanced: "5.1.1", Text: "mx.example.org: 5.1.1 <bob@example.org>: user unknown", RemoteMTA: "mx.example.org"}
+	fail550  = Status{Code: 550, Enhanced: "5.1.1", Text: "mx.example.org[192.0.2.1]: 550 5.1.1 <bob@example.org>: user unknown", RemoteMTA: "mx.example.org",
+		Reply: "550 5.1.1 <bob@example.org>: user unknown"}
 )
 
 const testBody = "From: alice@example.com\r\nTo: bob@example.org\r\nSubject: lunch\r\nMessage-ID: <1@example.com>\r\n\r\nSee you at noon.\r\n"
@@ -249,6 +250,9 @@ type report struct {
 	recipients  []textproto.MIMEHeader
 	contentType string
 	content     string
+	// statusType is the second part's Content-Type: message/delivery-status
+	// or message/global-delivery-status (RFC 6533).
+	statusType string
 }
 
 func parseDSN(t *testing.T, raw []byte) *report {
@@ -283,9 +287,10 @@ func parseDSN(t *testing.T, raw []byte) *report {
 			}
 			rep.text = string(data)
 		case 1:
-			if ct != "message/delivery-status" {
+			if ct != "message/delivery-status" && ct != "message/global-delivery-status" {
 				t.Fatalf("DSN part 2 is %q, want message/delivery-status", ct)
 			}
+			rep.statusType = ct
 			tr := textproto.NewReader(bufio.NewReader(bytes.NewReader(data)))
 			rep.perMessage, err = tr.ReadMIMEHeader()
 			if err != nil {

@@ -160,11 +160,11 @@ func noticeFor(r *recipient, outcome string, st Status) string {
 			return "failed"
 		}
 	case outcomeDelivered:
-		if notifies(r.Notify, "SUCCESS") {
-			if st.Relayed {
-				return "relayed" // the next hop cannot send DSNs (RFC 3461 §5.2.2)
-			}
-			return "delivered"
+		// RFC 3461 §5.2.1: a next hop that got NOTIFY sends the success
+		// notice itself; stsrelay never delivers to a mailbox, so it
+		// only says "relayed" when NOTIFY could not be passed on (§5.2.2).
+		if st.Relayed && notifies(r.Notify, "SUCCESS") {
+			return "relayed"
 		}
 	}
 	return ""

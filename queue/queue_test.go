@@ -221,7 +221,7 @@ func TestPermanentFailureFailsRecipientAndBouncesToSender(t *testing.T) {
 		"Action":             "failed",
 		"Status":             "5.1.1",
 		"Remote-MTA":         "dns; mx.example.org",
-		"Diagnostic-Code":    "smtp; 550 5.1.1 mx.example.org: 5.1.1 <bob@example.org>: user unknown",
+		"Diagnostic-Code":    "smtp; 550 5.1.1 <bob@example.org>: user unknown", // the reply as received (RFC 3464 §2.3.6)
 	}
 	for k, v := range want {
 		if got := r.Get(k); got != v {
@@ -310,7 +310,9 @@ func TestNotifyNeverAndSuccessOnlySuppressFailureDSN(t *testing.T) {
 	}
 }
 
-func TestNotifySuccessGetsDeliveredOrRelayedDSN(t *testing.T) {
+// RFC 3461 §5.2.1, §5.2.2: a next hop that got NOTIFY sends the success
+// notice; stsrelay sends "relayed" only when NOTIFY could not go further.
+func TestNotifySuccessGetsRelayedDSNOnlyWhenNotPassedOn(t *testing.T) {
 	relayed := ok250
 	relayed.Relayed = true
 	d := newScripted(func(job *Job) []Status { return []Status{ok250, relayed, ok250} })
@@ -327,16 +329,12 @@ func TestNotifySuccessGetsDeliveredOrRelayedDSN(t *testing.T) {
 		t.Fatalf("%d DSNs, want 1", len(dsns))
 	}
 	rep := parseDSN(t, tq.body(t, dsns[0]))
-	if len(rep.recipients) != 2 {
-		t.Fatalf("%d recipient blocks, want bob and carol only", len(rep.recipients))
+	if len(rep.recipients) != 1 {
+		t.Fatalf("%d recipient blocks, want carol's only (bob's next hop got NOTIFY and reports itself)", len(rep.recipients))
 	}
-	for i, want := range []string{"delivered", "relayed"} {
-		if got := rep.recipients[i].Get("Action"); got != want {
-			t.Errorf("recipient %d Action %q, want %q", i, got, want)
-		}
-		if got := rep.recipients[i].Get("Status"); got != "2.0.0" {
-			t.Errorf("recipient %d Status %q", i, got)
-		}
+	r := rep.recipients[0]
+	if r.Get("Final-Recipient") != "rfc822; carol@example.org" || r.Get("Action") != "relayed" || r.Get("Status") != "2.0.0" {
+		t.Errorf("recipient block %v, want carol relayed 2.0.0", r)
 	}
 	if got := rep.header.Get("Subject"); got != "Successful Mail Delivery Report" {
 		t.Errorf("Subject %q", got)
@@ -385,12 +383,14 @@ func TestExpiryFailsWith547AndNamesLastError(t *testing.T) {
 	if r.Get("Status") != "5.4.7" {
 		t.Errorf("Status %q, want 5.4.7", r.Get("Status"))
 	}
-	wantDiag := "smtp; 554 5.4.7 delivery time expired after 5d; last error: 451 4.4.1 mx.example.org[192.0.2.1]: connection refused"
+	// Expiry is our own decision: no remote reply, no Remote-MTA
+	// (RFC 3464 §2.3.5, §2.3.6); the last error is in the text.
+	wantDiag := "X-stsrelay; 554 5.4.7 delivery time expired after 5d; last error: 451 4.4.1 mx.example.org[192.0.2.1]: connection refused"
 	if got := r.Get("Diagnostic-Code"); got != wantDiag {
 		t.Errorf("Diagnostic-Code %q, want %q", got, wantDiag)
 	}
-	if got := r.Get("Remote-MTA"); got != "dns; mx.example.org" {
-		t.Errorf("Remote-MTA %q", got)
+	if got := r.Get("Remote-MTA"); got != "" {
+		t.Errorf("Remote-MTA %q for a status of our own", got)
 	}
 }
 

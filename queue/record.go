@@ -42,6 +42,7 @@ type storedRecipient struct {
 	Enhanced      string   `json:"le,omitempty"`
 	Text          string   `json:"lt,omitempty"`
 	RemoteMTA     string   `json:"lr,omitempty"`
+	Reply         string   `json:"lp,omitempty"`
 	Relayed       bool     `json:"rl,omitempty"`
 	LastMX        string   `json:"mx,omitempty"`
 	DelayNotified bool     `json:"dn,omitempty"`
@@ -74,7 +75,7 @@ func encodeMessage(m *message) ([]byte, error) {
 			Addr: r.Addr, Notify: r.Notify, ORcpt: r.ORcpt, Domain: r.Domain, State: r.State,
 			Attempts: r.Attempts, NextAttempt: unixNano(r.NextAttempt), LastAttempt: unixNano(r.LastAttempt),
 			Code: r.Last.Code, Enhanced: r.Last.Enhanced, Text: r.Last.Text, RemoteMTA: r.Last.RemoteMTA,
-			Relayed: r.Last.Relayed, LastMX: r.LastMX, DelayNotified: r.DelayNotified,
+			Reply: r.Last.Reply, Relayed: r.Last.Relayed, LastMX: r.LastMX, DelayNotified: r.DelayNotified,
 		}
 	}
 	return json.Marshal(&s)
@@ -106,7 +107,7 @@ func decodeMessage(v []byte) (*message, error) {
 			RecipientParams: RecipientParams{Addr: r.Addr, Notify: r.Notify, ORcpt: r.ORcpt},
 			Domain:          r.Domain, State: r.State, Attempts: r.Attempts,
 			NextAttempt: fromUnixNano(r.NextAttempt), LastAttempt: fromUnixNano(r.LastAttempt),
-			Last:   Status{Code: r.Code, Enhanced: r.Enhanced, Text: r.Text, RemoteMTA: r.RemoteMTA, Relayed: r.Relayed},
+			Last:   Status{Code: r.Code, Enhanced: r.Enhanced, Text: r.Text, RemoteMTA: r.RemoteMTA, Reply: r.Reply, Relayed: r.Relayed},
 			LastMX: r.LastMX, DelayNotified: r.DelayNotified,
 		}
 	}

@@ -56,8 +56,14 @@ type Status struct {
 	Enhanced  string // enhanced status code (RFC 3463): "4.4.8"
 	Text      string // a line a person can act on; includes the host when one was involved
 	RemoteMTA string // MX host name that gave the reply, "" when the reply is our own
-	// Relayed is set on success when the remote does not support DSN, so
-	// NOTIFY=SUCCESS must be answered with a "relayed" DSN (RFC 3461 §5.2.2).
+	// Reply is the remote's reply as received, on one line ("550 5.1.1
+	// user unknown"); "" when the status is our own decision. A DSN's
+	// Diagnostic-Code carries it (RFC 3464 §2.3.6).
+	Reply string
+	// Relayed is set on success when NOTIFY could not be passed on (the
+	// next hop lacks DSN), so NOTIFY=SUCCESS is answered with a "relayed"
+	// DSN (RFC 3461 §5.2.2). A success without it sends no DSN: a
+	// DSN-capable next hop that got NOTIFY owns the notice (§5.2.1).
 	Relayed bool
 }
 

@@ -16,13 +16,18 @@ var errNeedsSMTPUTF8 = errors.New("non-ASCII address needs the SMTPUTF8 paramete
 // RCPT and returns it in the form to send on. go-smtp removes the quotes
 // of a quoted local part, so one that is not a dot-string is quoted again.
 func parseMailbox(addr string, smtputf8 bool) (string, error) {
-	// go-smtp ends the local part at the first '@' (it has dropped the
-	// quotes that could have held one).
-	i := strings.IndexByte(addr, '@')
+	// A domain never holds an '@', so the last one ends the local part:
+	// <"a@b"@example.org> is valid (RFC 5321 §4.1.2), and go-smtp hands
+	// it over as a@b@example.org. Without the quotes, an '@' that begins
+	// or ends the local part is taken for the typo it almost always is.
+	i := strings.LastIndexByte(addr, '@')
 	if i < 0 {
 		return "", errors.New("no @domain")
 	}
 	local, domain := addr[:i], addr[i+1:]
+	if strings.HasPrefix(local, "@") || strings.HasSuffix(local, "@") {
+		return "", errors.New("'@' not allowed at the start or end of the local part")
+	}
 	if !utf8.ValidString(addr) {
 		return "", errors.New("not valid UTF-8")
 	}
@@ -72,8 +77,10 @@ func checkDomain(d string) error {
 		if !ok {
 			return errors.New("unclosed address literal")
 		}
-		if v6, ok := strings.CutPrefix(lit, "IPv6:"); ok {
-			if a, err := netip.ParseAddr(v6); err != nil || !a.Is6() {
+		// RFC 5321 §4.1.3 with RFC 5234 §2.3: the tag is case-insensitive;
+		// the literal is passed on as written.
+		if len(lit) >= 5 && strings.EqualFold(lit[:5], "IPv6:") {
+			if a, err := netip.ParseAddr(lit[5:]); err != nil || !a.Is6() || a.Zone() != "" {
 				return fmt.Errorf("bad IPv6 address literal %q", lit)
 			}
 			return nil

@@ -128,10 +128,11 @@ func (u *User) mayUseSender(from string) bool {
 	if len(u.AllowedSenders) == 0 {
 		return true
 	}
-	local, domain, ok := strings.Cut(from, "@")
-	if !ok {
+	at := strings.LastIndexByte(from, '@') // a quoted local part may hold one
+	if at < 0 {
 		return false // the null sender too: it is for bounces, not for users
 	}
+	local, domain := from[:at], from[at+1:]
 	for _, p := range u.AllowedSenders {
 		pl, pd, _ := strings.Cut(p, "@")
 		if !strings.EqualFold(pd, domain) {

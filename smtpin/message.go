@@ -21,6 +21,13 @@ import (
 // Message-ID, Date and TLS-Required.
 const maxHeaderBytes = 256 << 10
 
+// maxTextLine is the longest message line, CRLF included (RFC 5321
+// §4.5.3.1.6, RFC 5322 §2.1.1: 998 octets before it). A longer line is
+// refused at submission rather than relayed as it is (many servers would
+// refuse or break it) or folded (which changes the message and breaks its
+// DKIM signature): the client can encode it, a relay cannot.
+const maxTextLine = 1000
+
 // Errors found in the message text.
 var (
 	errBareLF         = errors.New("bare LF")
@@ -34,8 +41,8 @@ var (
 func (s *session) receive(tx transaction, r io.Reader) error {
 	start := time.Now()
 	env := tx.env
-	body := &bodyReader{r: r, maxLine: s.srv.opts.MaxLineLength}
-	br := bufio.NewReaderSize(body, max(8192, s.srv.opts.MaxLineLength+1))
+	body := &bodyReader{r: r, maxLine: s.maxTextLine()}
+	br := bufio.NewReaderSize(body, max(8192, body.maxLine+1))
 	hdr, err := readHeader(br, maxHeaderBytes)
 	if err != nil {
 		return s.dataError(env, body, err)
@@ -101,8 +108,9 @@ func (s *session) dataError(env queue.Envelope, body *bodyReader, err error) err
 		return s.rejectAs(env.User, reason, &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 5, 2},
 			Message: fmt.Sprintf("Message line %d contains a %s; lines must end with CRLF (RFC 5321 §2.3.8)", line, err)})
 	case errors.Is(err, errLineTooLong), errors.Is(err, smtp.ErrTooLongLine):
-		return s.rejectAs(env.User, "line_length", &smtp.SMTPError{Code: 500, EnhancedCode: smtp.EnhancedCode{5, 5, 2},
-			Message: fmt.Sprintf("Message line %d is longer than %d bytes (RFC 5321 §4.5.3.1.6)", line, s.srv.opts.MaxLineLength)})
+		return s.rejectAs(env.User, "line_length", &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 6, 0},
+			Message: fmt.Sprintf("Message line %d is longer than %d octets (RFC 5321 §4.5.3.1.6); encode it (quoted-printable or base64)",
+				line, s.maxTextLine()-2)})
 	case errors.As(err, &netErr) && netErr.Timeout():
 		s.conn.expired.Store(true)
 		return s.rejectAs(env.User, "timeout", &smtp.SMTPError{Code: 421, EnhancedCode: smtp.EnhancedCode{4, 4, 2},
@@ -116,6 +124,9 @@ func (s *session) dataError(env queue.Envelope, body *bodyReader, err error) err
 		return err
 	}
 }
+
+// maxTextLine is the longest message line accepted, CRLF included.
+func (s *session) maxTextLine() int { return min(maxTextLine, s.srv.opts.MaxLineLength) }
 
 // bodyReader checks the message text as it passes: lines end in CRLF and
 // are at most maxLine bytes long. It also makes a message sent by BDAT

@@ -61,9 +61,9 @@ type Options struct {
 	// byte early); BDAT is exact.
 	MaxMessageSize int64
 	MaxRecipients  int // per message, 0 = 1000; more is 452 4.5.3
-	// MaxLineLength in bytes with CRLF, for commands and message lines,
-	// 0 = 2000: RFC 5321 §4.5.3.1.6 says 1000, doubled as go-smtp does for
-	// applications that do not fold long lines.
+	// MaxLineLength in bytes with CRLF, for commands, 0 = 2000: RFC 5321
+	// §4.5.3.1.6 says 512, but SMTPUTF8 and AUTH lines run longer.
+	// Message lines are held to RFC 5321's 1000 (or this, if smaller).
 	MaxLineLength int
 	MaxConnsPerIP int // concurrent connections per client IP (IPv6: per /64), 0 = 20
 

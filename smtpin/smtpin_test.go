@@ -298,7 +298,7 @@ func TestLongLineRejected(t *testing.T) {
 		d.cmd("RCPT TO:<a@example.org>", "250")
 		d.cmd("DATA", "354")
 		d.write("Subject: x\r\n\r\n" + strings.Repeat("y", 300) + "\r\n.\r\n")
-		d.expect("500 5.5.2")
+		d.expect("554 5.6.0")
 	})
 	t.Run("BDAT", func(t *testing.T) {
 		d := authedDialogue(t, e)
@@ -306,10 +306,10 @@ func TestLongLineRejected(t *testing.T) {
 		d.cmd("RCPT TO:<a@example.org>", "250")
 		msg := "Subject: x\r\n\r\n" + strings.Repeat("y", 300) + "\r\n"
 		d.write("BDAT " + itoa(len(msg)) + " LAST\r\n" + msg)
-		// Our check answers 500 5.5.2; go-smtp's own line limit also
+		// Our check answers 554 5.6.0; go-smtp's own line limit also
 		// counts chunk bytes read ahead with the BDAT command, and then
 		// answers 500 5.4.0 and closes. Either way nothing is queued.
-		d.expect("500 5.")
+		d.expect("5")
 	})
 	if n := len(e.q.stored()); n != 0 {
 		t.Fatalf("queue holds %d messages", n)
@@ -585,4 +585,53 @@ func TestMinimumTLSVersionIs12(t *testing.T) {
 	if _, err := smtp.DialTLS(e.srv.TLSAddr().String(), conf); err == nil {
 		t.Fatal("TLS 1.1 handshake succeeded")
 	}
+}
+
+// RFC 5321 §4.1.2, §4.1.3: a quoted local part may hold an '@', and the
+// IPv6 tag of an address literal is case-insensitive. Both are stored as
+// written, so delivery sends them on unchanged.
+func TestQuotedLocalPartAndIPv6LiteralAccepted(t *testing.T) {
+	e := start(t, nil)
+	d := authedDialogue(t, e)
+	d.cmd("MAIL FROM:<app@example.com>", "250")
+	d.cmd(`RCPT TO:<"a@b"@example.org>`, "250")
+	d.cmd("RCPT TO:<user@[ipv6:2001:db8::1]>", "250")
+	d.cmd("DATA", "354")
+	d.write(testMessage + ".\r\n")
+	d.expect("250")
+	got := e.q.only(t).env.Recipients
+	if len(got) != 2 || got[0].Addr != `"a@b"@example.org` || got[1].Addr != "user@[ipv6:2001:db8::1]" {
+		t.Fatalf("stored %+v", got)
+	}
+}
+
+// RFC 5321 §4.5.3.1.6: a message line holds at most 998 octets before its
+// CRLF. stsrelay refuses a longer one at submission, by DATA and by BDAT,
+// with the default options; a line of exactly 998 octets passes.
+func TestMessageLineOver998OctetsRejected(t *testing.T) {
+	e := start(t, nil)
+	send := func(t *testing.T, bdat bool, n int, want string) {
+		d := authedDialogue(t, e)
+		d.cmd("MAIL FROM:<app@example.com>", "250")
+		d.cmd("RCPT TO:<a@example.org>", "250")
+		msg := "Subject: x\r\n\r\n" + strings.Repeat("y", n) + "\r\n"
+		if bdat {
+			d.write("BDAT " + itoa(len(msg)) + " LAST\r\n" + msg)
+		} else {
+			d.cmd("DATA", "354")
+			d.write(msg + ".\r\n")
+		}
+		if r := d.expect(want); want != "250" && !strings.Contains(r, "998 octets") {
+			t.Errorf("reply %q does not say the limit", r)
+		}
+	}
+	for _, bdat := range []bool{false, true} {
+		send(t, bdat, 999, "554 5.6.0")
+		send(t, bdat, 1500, "554 5.6.0")
+	}
+	if n := len(e.q.stored()); n != 0 {
+		t.Fatalf("queue holds %d messages with long lines", n)
+	}
+	send(t, false, 998, "250")
+	send(t, true, 998, "250")
 }

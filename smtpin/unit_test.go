@@ -22,6 +22,9 @@ func TestParseMailbox(t *testing.T) {
 		{in: "first.last+tag@sub.example.com", want: "first.last+tag@sub.example.com"},
 		{in: "user@[192.0.2.1]", want: "user@[192.0.2.1]"},
 		{in: "user@[IPv6:2001:db8::1]", want: "user@[IPv6:2001:db8::1]"},
+		{in: "user@[ipv6:2001:db8::1]", want: "user@[ipv6:2001:db8::1]"}, // the tag is case-insensitive
+		{in: "a@b@example.org", want: `"a@b"@example.org`},               // <"a@b"@example.org>, quotes dropped by go-smtp
+		{in: "user@[IPv4:192.0.2.1]", err: "address literal"},
 		{in: "john doe@example.com", want: `"john doe"@example.com`}, // go-smtp dropped the quotes
 		{in: `a"b@example.com`, want: `"a\"b"@example.com`},
 		{in: "jörg@exämple.de", want: "jörg@exämple.de", utf8: true},
@@ -30,6 +33,7 @@ func TestParseMailbox(t *testing.T) {
 		{in: "user@-example.com", err: "'-'"},
 		{in: "user@exa mple.com", err: "not allowed"},
 		{in: "user@@example.com", err: "not allowed"},
+		{in: "@user@example.com", err: "not allowed"},
 		{in: "user@[300.1.1.1]", err: "address literal"},
 		{in: "user@[192.0.2.1", err: "unclosed"},
 		{in: "user\x01@example.com", err: "control"},

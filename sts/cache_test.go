@@ -3,7 +3,7 @@ package sts_test
 import (
 	"context"
 	"errors"
-	"github.com/stsrelay/stsrelay/policy"
+	"fmt"
 	"net/http"
 	"strings"
 	"sync"
@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/stsrelay/stsrelay/internal/dnstest"
+	"github.com/stsrelay/stsrelay/policy"
 	"github.com/stsrelay/stsrelay/sts"
 )
 
@@ -371,5 +372,77 @@ func TestMetricsCountFetchesCacheHitsAndModes(t *testing.T) {
 		if got := sts.Counters(metric, label) - before[key]; got != want {
 			t.Errorf("%s grew by %v, want %v", key, got, want)
 		}
+	}
+}
+
+// RFC 8461 §3.3 gives a policy host a minute. While one answers slowly,
+// its domain's delivery is deferred after FetchWait (never sent without
+// the policy, never holding its worker for the minute), other domains'
+// lookups go on, and the fetch completes in the background for the next
+// attempt.
+func TestSlowPolicyHostDefersItsDomainWithoutHoldingOthers(t *testing.T) {
+	e := newEnv(t)
+	slow := e.ValidHost("slow.example", "id1", enforcePolicy)
+	arrived, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	slow.handler = func(w http.ResponseWriter, r *http.Request) {
+		once.Do(func() { close(arrived) })
+		<-release
+		fmt.Fprint(w, enforcePolicy)
+	}
+	defer func() {
+		select {
+		case <-release:
+		default:
+			close(release)
+		}
+	}()
+	e.ValidHost("fast.example", "id1", enforcePolicy)
+	m := e.Manager(func(o *sts.Options) { o.FetchTimeout, o.FetchWait = 30*time.Second, 3*time.Second })
+	mxs := []policy.MX{{Name: "mx.example.com", Final: "mx.example.com"}}
+
+	type result struct {
+		reqs []policy.Requirement
+		err  error
+	}
+	slowDone := make(chan result, 1)
+	go func() {
+		reqs, err := m.Requirements(ctx, "slow.example", mxs)
+		slowDone <- result{reqs, err}
+	}()
+	<-arrived
+
+	// Another domain's fetch and lookup complete while the slow host has
+	// not answered.
+	reqs, err := m.Requirements(ctx, "fast.example", mxs)
+	if err != nil || reqs[0].Security != policy.SecurityVerify {
+		t.Fatalf("fast.example: %+v, %v; want its enforce policy while slow.example's host stalls", reqs, err)
+	}
+
+	// The slow domain's delivery is deferred while its host still stalls.
+	r := <-slowDone
+	var pe *policy.Error
+	if !errors.As(r.err, &pe) || pe.Code != 451 || !strings.Contains(pe.Text, "slow.example") {
+		t.Fatalf("slow.example: %+v, %v; want a 451 deferral while its policy host answers", r.reqs, r.err)
+	}
+
+	// The fetch goes on; once the host answers, the next attempt finds
+	// the policy without fetching again.
+	close(release)
+	for i := 0; ; i++ {
+		if _, err := m.Cached("slow.example"); err == nil {
+			break
+		}
+		if i == 1000 {
+			t.Fatal("the background fetch never stored the policy")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	reqs, err = m.Requirements(ctx, "slow.example", mxs)
+	if err != nil || reqs[0].Security != policy.SecurityVerify {
+		t.Fatalf("slow.example after its host answered: %+v, %v", reqs, err)
+	}
+	if n := slow.requests.Load(); n != 1 {
+		t.Errorf("%d fetches of slow.example, want the one that was waited for", n)
 	}
 }

@@ -49,6 +49,10 @@ var (
 	// ErrAddressLiteral means the next hop is an address literal, which has
 	// no policy domain (RFC 8461 §3.4).
 	ErrAddressLiteral = errors.New("address literal has no MTA-STS policy")
+	// ErrFetchPending means the policy is being fetched and the fetch took
+	// longer than a delivery waits (Options.FetchWait). Delivery defers
+	// rather than go ahead without the policy; the fetch goes on.
+	ErrFetchPending = errors.New("policy fetch still running")
 	// ErrNotCached is returned by the admin API for a domain without a
 	// cached policy.
 	ErrNotCached = errors.New("no cached MTA-STS policy")

@@ -21,8 +21,15 @@ const (
 	// MaxPolicySize caps the policy body (RFC 8461 §3.3 suggests 64 KB).
 	MaxPolicySize = 64 << 10
 	// DefaultFetchTimeout bounds a whole fetch: DNS, connect, TLS, headers
-	// and body. RFC 8461 §3.3 suggests at most a minute.
-	DefaultFetchTimeout = 10 * time.Second
+	// and body. RFC 8461 §3.3 suggests a timeout of one minute, and says
+	// policy hosts SHOULD answer within it: a host that takes 20 seconds
+	// conforms, and giving up on it earlier would deliver without its
+	// policy.
+	DefaultFetchTimeout = time.Minute
+	// DefaultFetchWait is how long a delivery waits for a fetch before it
+	// defers; the fetch goes on in the background up to FetchTimeout, so
+	// a slow policy host does not hold a delivery worker for a minute.
+	DefaultFetchWait = 5 * time.Second
 	// maxHeaderBytes bounds the response headers of the policy host.
 	maxHeaderBytes = 16 << 10
 )

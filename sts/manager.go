@@ -54,6 +54,10 @@ type Options struct {
 	Proxy func(*http.Request) (*url.URL, error)
 	// FetchTimeout bounds one policy fetch; 0 means DefaultFetchTimeout.
 	FetchTimeout time.Duration
+	// FetchWait bounds how long Requirements waits for a fetch, counted
+	// from its start, when no cached policy applies meanwhile; then it
+	// defers the delivery. 0 means DefaultFetchWait.
+	FetchWait time.Duration
 	// MatchCNAMETarget also accepts an MX host whose final CNAME target
 	// matches the policy (DESIGN.md decision 4; sts.match_cname_target).
 	MatchCNAMETarget bool
@@ -99,9 +103,10 @@ type failure struct {
 }
 
 type call struct {
-	done   chan struct{}
-	policy *CachedPolicy
-	err    error
+	started time.Time // wall clock, for FetchWait
+	done    chan struct{}
+	policy  *CachedPolicy
+	err     error
 }
 
 // Manager discovers, fetches, caches and refreshes MTA-STS policies, and
@@ -112,6 +117,7 @@ type Manager struct {
 	db               *bbolt.DB
 	http             *http.Client
 	fetchTimeout     time.Duration
+	fetchWait        time.Duration
 	matchCNAMETarget bool
 	recorder         policy.Recorder
 	log              *slog.Logger
@@ -133,6 +139,7 @@ func New(opts Options) (*Manager, error) {
 		resolver:         opts.Resolver,
 		db:               opts.DB,
 		fetchTimeout:     opts.FetchTimeout,
+		fetchWait:        opts.FetchWait,
 		matchCNAMETarget: opts.MatchCNAMETarget,
 		recorder:         opts.Recorder,
 		log:              opts.Logger,
@@ -144,6 +151,9 @@ func New(opts Options) (*Manager, error) {
 	}
 	if m.fetchTimeout <= 0 {
 		m.fetchTimeout = DefaultFetchTimeout
+	}
+	if m.fetchWait <= 0 {
+		m.fetchWait = DefaultFetchWait
 	}
 	if m.log == nil {
 		m.log = slog.Default()
@@ -197,6 +207,12 @@ func noPolicy(cause error) error { return fmt.Errorf("%w: %w", ErrNoPolicy, caus
 // within its TTL), so a new policy id is noticed on the next attempt; a
 // cached policy with the current id costs a map lookup.
 func (m *Manager) Policy(ctx context.Context, domain string) (*CachedPolicy, error) {
+	return m.policy(ctx, domain, 0)
+}
+
+// policy is Policy; a wait above 0 bounds how long a fetch is waited
+// for, after which ErrFetchPending is returned if no cached policy applies.
+func (m *Manager) policy(ctx context.Context, domain string, wait time.Duration) (*CachedPolicy, error) {
 	d, err := policyDomain(domain)
 	if err != nil {
 		return nil, noPolicy(err)
@@ -239,7 +255,7 @@ func (m *Manager) Policy(ctx context.Context, domain string) (*CachedPolicy, err
 	// RFC 8461 §3.3, §5.1: a different id (or no unexpired policy) means
 	// fetch the policy.
 	cacheLookups.WithLabelValues("miss").Inc()
-	p, ferr := m.refresh(ctx, d, rec.ID, false)
+	p, ferr := m.refresh(ctx, d, rec.ID, false, wait)
 	if ferr == nil {
 		return p, nil
 	}
@@ -249,11 +265,16 @@ func (m *Manager) Policy(ctx context.Context, domain string) (*CachedPolicy, err
 	// RFC 8461 §5.1: if the new policy cannot be fetched, the cached one
 	// stays in force until it expires.
 	if cached != nil {
-		if !errors.Is(ferr, ErrFetchBackoff) { // said once per failed fetch, not per delivery
+		if !errors.Is(ferr, ErrFetchBackoff) && !errors.Is(ferr, ErrFetchPending) { // said once per failed fetch, not per delivery
 			m.log.Warn("sts: policy fetch failed; applying the cached policy", "domain", d,
 				"cached_id", cached.ID, "new_id", rec.ID, "expires", cached.Expires, "err", ferr)
 		}
 		return cached, nil
+	}
+	if errors.Is(ferr, ErrFetchPending) {
+		// Not "no policy": going ahead now could be the downgrade the
+		// policy exists to prevent.
+		return nil, ferr
 	}
 	return nil, noPolicy(ferr)
 }
@@ -261,8 +282,9 @@ func (m *Manager) Policy(ctx context.Context, domain string) (*CachedPolicy, err
 // refresh fetches the policy of domain for TXT id and stores it. Callers
 // that arrive while a fetch of the same domain runs share its result. Unless
 // force is set, a failed fetch of the same id is not repeated for
-// FetchBackoff (RFC 8461 §3.3).
-func (m *Manager) refresh(ctx context.Context, domain, id string, force bool) (*CachedPolicy, error) {
+// FetchBackoff (RFC 8461 §3.3). A wait above 0 returns ErrFetchPending
+// once the fetch has run that long; it goes on for later callers.
+func (m *Manager) refresh(ctx context.Context, domain, id string, force bool, wait time.Duration) (*CachedPolicy, error) {
 	m.mu.Lock()
 	c, running := m.inflight[domain]
 	if !running {
@@ -270,18 +292,26 @@ func (m *Manager) refresh(ctx context.Context, domain, id string, force bool) (*
 			m.mu.Unlock()
 			return nil, fmt.Errorf("%w (until %s): %w", ErrFetchBackoff, f.until.UTC().Format(time.TimeOnly), f.err)
 		}
-		c = &call{done: make(chan struct{})}
+		c = &call{started: time.Now(), done: make(chan struct{})}
 		m.inflight[domain] = c
 		// The fetch outlives a cancelled caller, since others may be
 		// waiting for it; FetchTimeout bounds it.
 		go m.fetchAndStore(context.WithoutCancel(ctx), domain, id, c)
 	}
 	m.mu.Unlock()
+	var waited <-chan time.Time
+	if wait > 0 {
+		t := time.NewTimer(time.Until(c.started.Add(wait)))
+		defer t.Stop()
+		waited = t.C
+	}
 	select {
 	case <-c.done:
 		return c.policy, c.err
 	case <-ctx.Done():
 		return nil, ctx.Err()
+	case <-waited:
+		return nil, fmt.Errorf("%w: mta-sts.%s has not answered in %s", ErrFetchPending, domain, wait)
 	}
 }
 
@@ -343,7 +373,7 @@ func (m *Manager) Refresh(ctx context.Context, domain string) (*CachedPolicy, er
 	if err != nil {
 		return nil, err
 	}
-	return m.refresh(ctx, d, rec.ID, true)
+	return m.refresh(ctx, d, rec.ID, true, 0)
 }
 
 // Cached returns the cached policy of domain, expired or not, or
@@ -454,7 +484,7 @@ func (m *Manager) refreshDue(ctx context.Context) {
 			m.log.Info("sts: not refreshing policy", "domain", d, "err", err)
 			continue
 		}
-		if _, err := m.refresh(ctx, d, rec.ID, false); err != nil {
+		if _, err := m.refresh(ctx, d, rec.ID, false, 0); err != nil {
 			m.log.Info("sts: background refresh failed", "domain", d, "err", err)
 		}
 	}

@@ -6,6 +6,7 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"golang.org/x/net/idna"
 )
@@ -285,10 +286,15 @@ func allDigits(s string) bool {
 	return true
 }
 
-// truncate keeps error messages about hostile input short.
+// truncate keeps error messages about hostile input short, never cutting
+// a UTF-8 character in half.
 func truncate(s string) string {
-	if len(s) > 64 {
-		return s[:64] + "…"
+	if len(s) <= 64 {
+		return s
 	}
-	return s
+	n := 64
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n] + "…"
 }

@@ -6,6 +6,7 @@ import (
 	"strings"
 	"testing"
 	"time"
+	"unicode/utf8"
 )
 
 func mustParse(t *testing.T, body string) *Policy {
@@ -195,5 +196,14 @@ func TestParseIgnoresBlankLines(t *testing.T) {
 	p := mustParse(t, "version: STSv1\n\nmode: enforce\r\n\r\nmx: mx.example.com\nmax_age: 60\n\n")
 	if p.Mode != ModeEnforce || len(p.MX) != 1 {
 		t.Fatalf("got %+v", p)
+	}
+}
+
+// Errors quote hostile input shortened, never with half a character.
+func TestParseErrorQuotesWholeCharacters(t *testing.T) {
+	body := "version: STSv1\nmode: x" + strings.Repeat("é", 100) + "\nmx: mx.example.com\nmax_age: 86400\n"
+	_, err := Parse([]byte(body))
+	if err == nil || !utf8.ValidString(err.Error()) {
+		t.Errorf("Parse error %q is not valid UTF-8", err)
 	}
 }

@@ -3,6 +3,7 @@ package sts
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 
 	"github.com/stsrelay/stsrelay/policy"
@@ -28,10 +29,18 @@ var _ policy.PolicySource = (*Manager)(nil)
 // 451 4.4.8: a message only fails when the queue's lifetime runs out, after
 // many attempts, each of which checked for a new policy.
 //
-// The only error is a cancelled ctx; a domain without a usable policy gets
-// opportunistic requirements.
+// A domain without a usable policy gets opportunistic requirements. When
+// its policy is being fetched and the policy host is slow (RFC 8461 §3.3
+// gives it a minute), the delivery is deferred with a *policy.Error after
+// FetchWait rather than holding its worker or going ahead without the
+// policy; the fetch goes on, and a later attempt finds the policy cached.
+// Otherwise the only error is a cancelled ctx.
 func (m *Manager) Requirements(ctx context.Context, domain string, mxs []policy.MX) ([]policy.Requirement, error) {
-	cp, err := m.Policy(ctx, domain)
+	cp, err := m.policy(ctx, domain, m.fetchWait)
+	if errors.Is(err, ErrFetchPending) {
+		return nil, &policy.Error{Code: 451, Enhanced: "4.4.3",
+			Text: fmt.Sprintf("MTA-STS policy of %s not fetched yet (%v); will retry", domain, err)}
+	}
 	if err != nil && !errors.Is(err, ErrNoPolicy) {
 		return nil, err
 	}

@@ -44,7 +44,8 @@ type received struct {
 	To         []string
 	Data       string
 	TLS        bool
-	RequireTLS bool // MAIL FROM carried REQUIRETLS
+	RequireTLS bool               // MAIL FROM carried REQUIRETLS
+	Notify     [][]smtp.DSNNotify // NOTIFY of each RCPT, on a sink with DSN
 }
 
 // sink is a go-smtp server on ip:25 that records what it receives.
@@ -55,7 +56,7 @@ type sink struct {
 	srv  *smtp.Server
 }
 
-func startSink(t *testing.T, ip string, cert *tls.Certificate) *sink {
+func startSink(t *testing.T, ip string, cert *tls.Certificate, opts ...func(*smtp.Server)) *sink {
 	t.Helper()
 	k := &sink{got: make(chan struct{}, 100)}
 	s := smtp.NewServer(smtp.BackendFunc(func(c *smtp.Conn) (smtp.Session, error) {
@@ -67,6 +68,9 @@ func startSink(t *testing.T, ip string, cert *tls.Certificate) *sink {
 	s.EnableREQUIRETLS = true
 	if cert != nil {
 		s.TLSConfig = &tls.Config{Certificates: []tls.Certificate{*cert}}
+	}
+	for _, o := range opts {
+		o(s)
 	}
 	ln, err := net.Listen("tcp", net.JoinHostPort(ip, "25"))
 	if err != nil {
@@ -91,8 +95,13 @@ func (s *sinkSession) Mail(from string, opts *smtp.MailOptions) error {
 	s.msg.RequireTLS = opts != nil && opts.RequireTLS
 	return nil
 }
-func (s *sinkSession) Rcpt(to string, _ *smtp.RcptOptions) error {
+func (s *sinkSession) Rcpt(to string, opts *smtp.RcptOptions) error {
 	s.msg.To = append(s.msg.To, to)
+	var notify []smtp.DSNNotify
+	if opts != nil {
+		notify = opts.Notify
+	}
+	s.msg.Notify = append(s.msg.Notify, notify)
 	return nil
 }
 func (s *sinkSession) Data(r io.Reader) error {
@@ -441,5 +450,72 @@ func TestEndToEndRequireTLSGoesOnlyToAnAuthenticatedMX(t *testing.T) {
 	e.d.waitFor(`recipients updated.*recipients=app@example.com outcome=failed status="550 5.7.30`)
 	if n := unvalidated.count() + senderMX.count(); n != 0 {
 		t.Fatalf("%d REQUIRETLS messages went to MX hosts that neither DNSSEC nor MTA-STS validates", n)
+	}
+}
+
+// RFC 3461 §5.2.1, §5.2.2: NOTIFY=SUCCESS goes on to a DSN-capable next
+// hop, which then owns the success notice: the relay sends none of its
+// own. A next hop without DSN gets the message without NOTIFY, and the
+// sender a "relayed" DSN.
+func TestEndToEndSuccessNoticeBelongsToADSNCapableNextHop(t *testing.T) {
+	e := newE2E(t,
+		"dsn.example. 60 IN MX 10 mx.dsn.example.",
+		"mx.dsn.example. 60 IN A 127.0.0.17",
+		"nodsn.example. 60 IN MX 10 mx.nodsn.example.",
+		"mx.nodsn.example. 60 IN A 127.0.0.18",
+		"example.com. 60 IN MX 10 mx.example.com.",
+		"mx.example.com. 60 IN A 127.0.0.19",
+	)
+	withDSN := startSink(t, "127.0.0.17", nil, func(s *smtp.Server) { s.EnableDSN = true })
+	withoutDSN := startSink(t, "127.0.0.18", nil)
+	sender := startSink(t, "127.0.0.19", nil)
+	submitNotify := func(to string) {
+		t.Helper()
+		c, err := smtp.Dial(e.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		if err := c.Mail("app@example.com", nil); err != nil {
+			t.Fatal(err)
+		}
+		if err := c.Rcpt(to, &smtp.RcptOptions{Notify: []smtp.DSNNotify{smtp.DSNNotifySuccess, smtp.DSNNotifyFailure}}); err != nil {
+			t.Fatal(err)
+		}
+		w, err := c.Data()
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.WriteString(w, "Subject: notify\r\n\r\nbody\r\n")
+		if err := w.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	submitNotify("user@dsn.example")
+	msg := withDSN.wait(t, 30*time.Second)
+	if len(msg.Notify) != 1 || len(msg.Notify[0]) != 2 || msg.Notify[0][0] != smtp.DSNNotifySuccess {
+		t.Fatalf("NOTIFY at the DSN-capable hop = %v, want SUCCESS,FAILURE passed on", msg.Notify)
+	}
+	e.d.waitFor(`recipients=user@dsn.example outcome=delivered`)
+
+	submitNotify("user@nodsn.example")
+	msg = withoutDSN.wait(t, 30*time.Second)
+	if len(msg.Notify) != 1 || msg.Notify[0] != nil {
+		t.Fatalf("NOTIFY sent to a hop without DSN: %v", msg.Notify)
+	}
+	dsn := sender.wait(t, 30*time.Second)
+	for _, want := range []string{"Action: relayed", "Final-Recipient: rfc822; user@nodsn.example"} {
+		if !strings.Contains(dsn.Data, want) {
+			t.Errorf("DSN lacks %q:\n%s", want, dsn.Data)
+		}
+	}
+	// The first message's outcome was logged, with any DSN it caused,
+	// before the second was submitted: one DSN in all.
+	if n := strings.Count(e.d.output(), "queued DSN"); n != 1 {
+		t.Errorf("%d DSNs queued, want only the relayed one (the DSN-capable hop owns the other)", n)
+	}
+	if strings.Contains(dsn.Data, "user@dsn.example") || sender.count() != 1 {
+		t.Errorf("the sender got a success DSN for the DSN-capable hop's recipient:\n%s", dsn.Data)
 	}
 }

@@ -129,8 +129,8 @@ func controlClient(configPath string) (*admin.Client, error) {
 }
 
 // controlTimeout bounds one call to the daemon; an sts refresh includes a
-// policy fetch.
-const controlTimeout = time.Minute
+// policy fetch, which may take sts.fetch_timeout (default one minute).
+const controlTimeout = 2 * time.Minute
 
 // controlCall makes one call to the daemon of the configuration at
 // configPath and decodes its reply into out.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"net/http"
+	"time"
 
 	"go.etcd.io/bbolt"
 
@@ -38,10 +39,17 @@ func buildDelivery(cfg *config.Config, res *resolve.Resolver, db *bbolt.DB, logg
 	p := &deliveryParts{}
 	var src policy.PolicySource
 	if cfg.STS.Enabled {
+		var wait time.Duration // the daemon defers after sts.DefaultFetchWait
+		if db == nil {
+			// check runs once, with no later attempt to find the policy
+			// cached: it waits for the whole fetch.
+			wait = cfg.STS.FetchTimeout.Duration
+		}
 		m, err := sts.New(sts.Options{
 			Resolver:         res,
 			DB:               db,
 			FetchTimeout:     cfg.STS.FetchTimeout.Duration,
+			FetchWait:        wait,
 			MatchCNAMETarget: cfg.STS.MatchCNAMETarget,
 			Logger:           logger,
 		})

@@ -1,0 +1,280 @@
+package delivery
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"io"
+	"net"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/emersion/go-smtp"
+
+	"github.com/stsrelay/stsrelay/policy"
+)
+
+// scriptMX is an SMTP server on loopback that answers EHLO with exactly
+// the lines a test gives (lower-case keywords, no 8BITMIME), as some real
+// servers do and go-smtp's server cannot, and keeps every command line.
+type scriptMX struct {
+	ehlo    []string         // EHLO keywords before STARTTLS, as sent
+	ehloTLS []string         // and after it
+	cert    *tls.Certificate // offers STARTTLS when set
+
+	mu   sync.Mutex
+	cmds []string
+	data []string
+}
+
+func newScriptMX(t *testing.T, m *scriptMX) string {
+	t.Helper()
+	if m.cert != nil && !slices.Contains(m.ehlo, "STARTTLS") {
+		m.ehlo = append(m.ehlo, "STARTTLS")
+	}
+	return rawServer(t, m.serve)
+}
+
+func (m *scriptMX) commands() []string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return append([]string(nil), m.cmds...)
+}
+
+// command returns the first command line starting with verb, or "".
+func (m *scriptMX) command(verb string) string {
+	for _, c := range m.commands() {
+		if strings.HasPrefix(c, verb) {
+			return c
+		}
+	}
+	return ""
+}
+
+func (m *scriptMX) serve(c net.Conn) {
+	var conn io.ReadWriter = c
+	r := bufio.NewReader(conn)
+	reply := func(lines ...string) {
+		for i, l := range lines {
+			sep := "-"
+			if i == len(lines)-1 {
+				sep = " "
+			}
+			io.WriteString(conn, l[:3]+sep+l[3:]+"\r\n")
+		}
+	}
+	reply("220mx.test ESMTP")
+	inTLS := false
+	for {
+		line, err := r.ReadString('\n')
+		if err != nil {
+			return
+		}
+		line = strings.TrimSuffix(line, "\r\n")
+		m.mu.Lock()
+		m.cmds = append(m.cmds, line)
+		m.mu.Unlock()
+		verb := strings.ToUpper(strings.SplitN(line, " ", 2)[0])
+		switch {
+		case verb == "EHLO":
+			keys := m.ehlo
+			if inTLS {
+				keys = m.ehloTLS
+			}
+			lines := []string{"250mx.test"}
+			for _, k := range keys {
+				lines = append(lines, "250"+k)
+			}
+			reply(lines...)
+		case verb == "STARTTLS" && m.cert != nil && !inTLS:
+			reply("220ready")
+			tc := tls.Server(c, &tls.Config{Certificates: []tls.Certificate{*m.cert}})
+			if tc.Handshake() != nil {
+				return
+			}
+			conn, r, inTLS = tc, bufio.NewReader(tc), true
+		case verb == "MAIL", verb == "RCPT", verb == "RSET", verb == "NOOP":
+			reply("250ok")
+		case verb == "DATA":
+			reply("354go ahead")
+			var b strings.Builder
+			for {
+				l, err := r.ReadString('\n')
+				if err != nil {
+					return
+				}
+				if l == ".\r\n" {
+					break
+				}
+				b.WriteString(l)
+			}
+			m.mu.Lock()
+			m.data = append(m.data, b.String())
+			m.mu.Unlock()
+			reply("2502.0.0 queued")
+		case verb == "QUIT":
+			reply("221bye")
+			return
+		default:
+			reply("5025.5.1 unknown command")
+		}
+	}
+}
+
+// RFC 5321 §2.4: EHLO keywords are case-insensitive. A server that offers
+// them in lower case gets SMTPUTF8, BODY=8BITMIME, SIZE and the DSN
+// parameters (go-smtp alone would see none of them).
+func TestLowerCaseEHLOKeywordsAreHonoured(t *testing.T) {
+	v, _ := oneMX(t)
+	mx := &scriptMX{ehlo: []string{"pipelining", "8bitmime", "smtputf8", "dsn", "size 1000000"}}
+	v.route("127.0.0.2", newScriptMX(t, mx))
+	job := testJob("example.test", "jöran@example.test")
+	job.Envelope.SMTPUTF8, job.Envelope.Body8Bit = true, true
+	job.Envelope.Ret, job.Envelope.EnvID = "HDRS", "E1"
+	job.Recipients[0].Notify = []string{"SUCCESS"}
+	st := deliver(t, v.engine(), job)
+	wantStatus(t, st[0], 250, "2.0.0")
+	if st[0].Relayed {
+		t.Error("Relayed set although the remote offers dsn: a false relayed DSN")
+	}
+	want := "MAIL FROM:<sender@sender.test> BODY=8BITMIME SIZE=" + strconv.FormatInt(job.Size, 10) + " SMTPUTF8 RET=HDRS ENVID=E1"
+	if got := mx.command("MAIL"); got != want {
+		t.Errorf("sent %q\n want %q", got, want)
+	}
+	if got, want := mx.command("RCPT"), "RCPT TO:<jöran@example.test> NOTIFY=SUCCESS"; got != want {
+		t.Errorf("sent %q, want %q", got, want)
+	}
+}
+
+func TestLowerCaseRequireTLSKeywordIsHonoured(t *testing.T) {
+	v, _ := oneMX(t)
+	cert := v.ca.Issue(t, "mx1.example.test")
+	mx := &scriptMX{ehlo: []string{"8bitmime"}, ehloTLS: []string{"8bitmime", "requiretls"}, cert: &cert}
+	mx.ehlo = append(mx.ehlo, "starttls")
+	v.route("127.0.0.2", newScriptMX(t, mx))
+	e := v.engine(func(o *Options) { o.Policy = everyMX(policy.Requirement{MXValidated: true}) })
+	st := deliver(t, e, requireTLSJob())
+	wantStatus(t, st[0], 250, "2.0.0")
+	if got := mx.command("MAIL"); !strings.HasSuffix(got, " REQUIRETLS") {
+		t.Errorf("sent %q, want MAIL … REQUIRETLS", got)
+	}
+}
+
+// RFC 6152 §3: 8-bit content never goes to a server without 8BITMIME;
+// stsrelay returns it (5.6.3) rather than rewriting it. 7-bit content
+// goes as usual.
+func TestEightBitMessageReturnedWhenRemoteLacks8BITMIME(t *testing.T) {
+	v, _ := oneMX(t)
+	mx := &scriptMX{ehlo: []string{"PIPELINING", "SIZE 1000000"}}
+	v.route("127.0.0.2", newScriptMX(t, mx))
+	e := v.engine()
+	job := testJob("example.test", "a@example.test")
+	job.Envelope.Body8Bit = true
+	st := deliver(t, e, job)
+	wantStatus(t, st[0], 550, "5.6.3", "8BITMIME")
+	if st[0].RemoteMTA != "" {
+		t.Errorf("RemoteMTA = %q for a decision of ours", st[0].RemoteMTA)
+	}
+	if c := mx.command("MAIL"); c != "" {
+		t.Errorf("sent %q to a remote without 8BITMIME", c)
+	}
+
+	st = deliver(t, e, testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 250, "2.0.0")
+	if got := mx.command("MAIL"); strings.Contains(got, "BODY=") {
+		t.Errorf("sent %q: BODY=8BITMIME to a remote without it", got)
+	}
+}
+
+func TestEightBitMessageGoesToAnMXWith8BITMIME(t *testing.T) {
+	v := newEnv(t,
+		"example.test. 300 IN MX 10 mx1.example.test.",
+		"example.test. 300 IN MX 20 mx2.example.test.",
+		"mx1.example.test. 300 IN A 127.0.0.2",
+		"mx2.example.test. 300 IN A 127.0.0.3")
+	seven := &scriptMX{ehlo: []string{"SIZE 1000000"}}
+	v.route("127.0.0.2", newScriptMX(t, seven))
+	eight := newMX(t)
+	v.route("127.0.0.3", eight.Addr)
+	job := testJob("example.test", "a@example.test")
+	job.Envelope.Body8Bit = true
+	wantStatus(t, deliver(t, v.engine(), job)[0], 250, "2.0.0")
+	if m := eight.messages(); len(m) != 1 || m[0].mail.Body != "8BITMIME" {
+		t.Errorf("the 8BITMIME host got %+v, want the message with BODY=8BITMIME", m)
+	}
+}
+
+// A handshake cut off by cancellation (shutdown) is not the server's
+// failure, so no TLS report may count it.
+func TestCancelledHandshakeIsNotRecorded(t *testing.T) {
+	v, _ := oneMX(t)
+	hello := make(chan struct{})
+	v.route("127.0.0.2", rawServer(t, func(c net.Conn) {
+		r := bufio.NewReader(c)
+		io.WriteString(c, "220 mx.test ESMTP\r\n")
+		r.ReadString('\n') // EHLO
+		io.WriteString(c, "250-mx.test\r\n250 STARTTLS\r\n")
+		r.ReadString('\n') // STARTTLS
+		io.WriteString(c, "220 ready\r\n")
+		r.ReadByte() // the ClientHello begins; never answer it
+		close(hello)
+		io.Copy(io.Discard, r)
+	}))
+	e := v.engine(func(o *Options) {
+		o.Policy = everyMX(policy.Requirement{Security: policy.SecurityVerify, Policy: testSTS, MXValidated: true})
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	go func() { <-hello; cancel() }()
+	st := e.Deliver(ctx, testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 451, "4.4.2", "interrupted")
+	for _, r := range v.rec.results() {
+		if r.Result != policy.ResultSuccess {
+			t.Errorf("recorded %s (%s) for a handshake cut off by cancellation", r.Result, r.Detail)
+		}
+	}
+}
+
+// A DSN's Diagnostic-Code carries the remote's reply as received (RFC 3464
+// §2.3.6); a status of our own has none, and names no Remote-MTA.
+func TestRemoteReplyIsKeptAsReceived(t *testing.T) {
+	v, mx := oneMX(t)
+	mx.rcptErr["gone@example.test"] = smtpErr(550, smtp.EnhancedCode{5, 1, 1}, "no such user")
+	st := deliver(t, v.engine(), testJob("example.test", "gone@example.test"))
+	if got, want := st[0].Reply, "550 5.1.1 no such user"; got != want || st[0].RemoteMTA != "mx1.example.test" {
+		t.Errorf("Reply %q RemoteMTA %q, want %q from mx1.example.test", got, st[0].RemoteMTA, want)
+	}
+
+	v.route("127.0.0.2", v.closed)
+	st = deliver(t, v.engine(), testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 451, "4.4.1", "connection refused")
+	if st[0].Reply != "" || st[0].RemoteMTA != "" {
+		t.Errorf("Reply %q RemoteMTA %q for a connection that was refused", st[0].Reply, st[0].RemoteMTA)
+	}
+}
+
+// A quoted local part with an '@', and an address literal with a
+// lower-case IPv6 tag, go out exactly as they were submitted.
+func TestUnusualAddressesAreDeliveredUnchanged(t *testing.T) {
+	v, _ := oneMX(t)
+	mx := &scriptMX{ehlo: []string{"8BITMIME"}}
+	addr := newScriptMX(t, mx)
+	v.route("127.0.0.2", addr)
+	v.route("2001:db8::1", addr)
+	e := v.engine()
+
+	wantStatus(t, deliver(t, e, testJob("example.test", `"a@b"@example.test`))[0], 250, "2.0.0")
+	job := testJob("[ipv6:2001:db8::1]", "user@[ipv6:2001:db8::1]")
+	wantStatus(t, deliver(t, e, job)[0], 250, "2.0.0")
+	var rcpts []string
+	for _, c := range mx.commands() {
+		if strings.HasPrefix(c, "RCPT") {
+			rcpts = append(rcpts, c)
+		}
+	}
+	if want := []string{`RCPT TO:<"a@b"@example.test>`, "RCPT TO:<user@[ipv6:2001:db8::1]>"}; !slices.Equal(rcpts, want) {
+		t.Errorf("sent %q, want %q", rcpts, want)
+	}
+}

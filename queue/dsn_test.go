@@ -1,0 +1,115 @@
+package queue
+
+import (
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+	"unicode/utf8"
+)
+
+// RFC 3464 §2.3.5: Remote-MTA names the host that gave the reported
+// status. A host that answered an earlier attempt is not it when the last
+// status is our own decision (a null MX found later, say).
+func TestRemoteMTAOnlyForTheAttemptThatGaveTheStatus(t *testing.T) {
+	var calls atomic.Int32
+	grey := Status{Code: 451, Enhanced: "4.7.1", Text: "mx.example.org[192.0.2.1]: 451 4.7.1 greylisted",
+		RemoteMTA: "mx.example.org", Reply: "451 4.7.1 greylisted"}
+	nullMX := Status{Code: 550, Enhanced: "5.1.10", Text: "example.org does not accept mail (null MX)"}
+	d := newScripted(func(job *Job) []Status {
+		if calls.Add(1) == 1 {
+			return all(grey)(job)
+		}
+		return all(nullMX)(job)
+	})
+	tq := newTestQueue(t, d, Options{RetrySchedule: []time.Duration{time.Hour}})
+	tq.enqueue(t, env("alice@example.com", "bob@example.org"))
+	tq.run(t)
+	tq.waitJobs(t, 1)
+	tq.settle(t)
+	tq.clock.Advance(2 * time.Hour)
+	tq.wake()
+	tq.waitJobs(t, 1)
+	tq.settle(t)
+	dsns := tq.dsnsTo(t, "alice@example.com")
+	if len(dsns) != 1 {
+		t.Fatalf("%d DSNs, want 1", len(dsns))
+	}
+	r := parseDSN(t, tq.body(t, dsns[0])).recipients[0]
+	if got := r.Get("Remote-MTA"); got != "" {
+		t.Errorf("Remote-MTA %q next to a status of our own", got)
+	}
+	if got, want := r.Get("Diagnostic-Code"), "X-stsrelay; 550 5.1.10 example.org does not accept mail (null MX)"; got != want {
+		t.Errorf("Diagnostic-Code %q, want %q (not disguised as an smtp reply)", got, want)
+	}
+}
+
+// RFC 6533: a DSN about an SMTPUTF8 message uses the global types and
+// utf-8 address types, and says its body is 8-bit (RFC 6152).
+func TestDSNForUTF8MessageUsesGlobalTypes(t *testing.T) {
+	tq := newTestQueue(t, newScripted(all(fail550)), Options{})
+	e := env("alice@example.com", "jöran@example.org")
+	e.SMTPUTF8 = true
+	e.Recipients[0].ORcpt = "utf-8;jöran+x@example.org"
+	tq.enqueue(t, e)
+	tq.run(t)
+	tq.waitJobs(t, 1)
+	tq.settle(t)
+	dsns := tq.dsnsTo(t, "alice@example.com")
+	if len(dsns) != 1 {
+		t.Fatalf("%d DSNs, want 1", len(dsns))
+	}
+	if !dsns[0].Envelope.SMTPUTF8 || !dsns[0].Envelope.Body8Bit {
+		t.Errorf("DSN envelope %+v, want SMTPUTF8 and BODY=8BITMIME", dsns[0].Envelope)
+	}
+	rep := parseDSN(t, tq.body(t, dsns[0]))
+	if rep.statusType != "message/global-delivery-status" || rep.contentType != "message/global-headers" {
+		t.Errorf("parts %q and %q, want message/global-delivery-status and message/global-headers", rep.statusType, rep.contentType)
+	}
+	r := rep.recipients[0]
+	if got, want := r.Get("Final-Recipient"), "utf-8; jöran@example.org"; got != want {
+		t.Errorf("Final-Recipient %q, want %q", got, want)
+	}
+	if got, want := r.Get("Original-Recipient"), `utf-8; jöran\x{2B}x@example.org`; got != want {
+		t.Errorf("Original-Recipient %q, want %q (RFC 6533 utf-8-addr-unitext)", got, want)
+	}
+
+	// An ASCII message keeps the classic types.
+	tq2 := newTestQueue(t, newScripted(all(fail550)), Options{})
+	tq2.enqueue(t, env("alice@example.com", "bob@example.org"))
+	tq2.run(t)
+	tq2.waitJobs(t, 1)
+	tq2.settle(t)
+	rep = parseDSN(t, tq2.body(t, tq2.dsnsTo(t, "alice@example.com")[0]))
+	if rep.statusType != "message/delivery-status" || rep.contentType != "text/rfc822-headers" {
+		t.Errorf("ASCII DSN parts %q and %q", rep.statusType, rep.contentType)
+	}
+}
+
+// A remote's UTF-8 text is cut at a character boundary, and makes the
+// report a global one.
+func TestDSNTruncationNeverCutsAUTF8Character(t *testing.T) {
+	long := fail550
+	long.Reply = "550 5.1.1 x" + strings.Repeat("é", 600) // an odd number of ASCII bytes before
+	long.Text = "mx.example.org[192.0.2.1]: " + long.Reply
+	tq := newTestQueue(t, newScripted(all(long)), Options{})
+	tq.enqueue(t, env("alice@example.com", "bob@example.org"))
+	tq.run(t)
+	tq.waitJobs(t, 1)
+	tq.settle(t)
+	dsns := tq.dsnsTo(t, "alice@example.com")
+	if len(dsns) != 1 {
+		t.Fatalf("%d DSNs, want 1", len(dsns))
+	}
+	body := tq.body(t, dsns[0])
+	if !utf8.Valid(body) {
+		t.Error("DSN is not valid UTF-8: a character was cut in half")
+	}
+	rep := parseDSN(t, body)
+	if rep.statusType != "message/global-delivery-status" {
+		t.Errorf("part 2 is %q, want message/global-delivery-status for UTF-8 diagnostic text", rep.statusType)
+	}
+	if d := rep.recipients[0].Get("Diagnostic-Code"); !strings.HasSuffix(d, "é…") {
+		t.Errorf("Diagnostic-Code %q, want it cut after a whole character", d)
+	}
+}
