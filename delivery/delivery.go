@@ -2,7 +2,8 @@
 // recipients' domains: it routes (RFC 5321 §5.1, RFC 7505), asks a
 // policy.PolicySource which TLS each MX host needs (MTA-STS RFC 8461, DANE
 // RFC 7672, local overrides), runs the SMTP client session and turns every
-// reply into a per-recipient queue.Status (DESIGN.md decision 6).
+// reply into a per-recipient queue.Status (docs/DESIGN.md, "What deferrals
+// say").
 package delivery
 
 import (
@@ -51,7 +52,7 @@ type Options struct {
 	// (delivery.ip_version).
 	IPVersion resolve.IPVersion
 
-	// ConnectTimeout bounds one TCP connect; 0 means 30 seconds.
+	// ConnectTimeout bounds one TCP connect; 0 means DefaultConnectTimeout.
 	ConnectTimeout time.Duration
 	// Timeouts bound each SMTP step; zero fields take the RFC 5321
 	// §4.5.3.2 values.
@@ -61,7 +62,8 @@ type Options struct {
 	// connection reuse.
 	IdleTimeout time.Duration
 	// MaxConnsPerDomain bounds simultaneous connections to one domain;
-	// 0 means 10. Deliver waits for a free slot, or for ctx.
+	// 0 means DefaultMaxConnsPerDomain. Deliver waits for a free slot, or
+	// for ctx.
 	MaxConnsPerDomain int
 
 	// Logger gets one line per delivery attempt; nil means slog.Default().
@@ -70,6 +72,13 @@ type Options struct {
 	// time.Now.
 	Now func() time.Time
 }
+
+// Defaults for zero Options fields, and of the [delivery] keys in
+// stsrelay's configuration, which takes them from here.
+const (
+	DefaultConnectTimeout    = 30 * time.Second
+	DefaultMaxConnsPerDomain = 10
+)
 
 // Timeouts bound each step of an SMTP session. RFC 5321 §4.5.3.2 gives the
 // defaults used for zero fields.
@@ -156,13 +165,13 @@ func New(opts Options) (*Engine, error) {
 		return nil, fmt.Errorf("delivery: port %d is not a TCP port", opts.Port)
 	}
 	if opts.ConnectTimeout <= 0 {
-		opts.ConnectTimeout = 30 * time.Second
+		opts.ConnectTimeout = DefaultConnectTimeout
 	}
 	if opts.IdleTimeout == 0 {
 		opts.IdleTimeout = 10 * time.Second
 	}
 	if opts.MaxConnsPerDomain <= 0 {
-		opts.MaxConnsPerDomain = 10
+		opts.MaxConnsPerDomain = DefaultMaxConnsPerDomain
 	}
 	opts.Timeouts = opts.Timeouts.withDefaults()
 	e := &Engine{
