@@ -493,7 +493,7 @@ func TestServeExposesMetricsAndHealth(t *testing.T) {
 	l.Close()
 	dir := t.TempDir()
 	d := startDaemon(t, writeConfig(t, dir, configParts{tail: "[metrics]\nlisten = \"" + addr + "\"\n"}))
-	submit(t, d.submissionAddr(), "app@example.com", "user@example.net", "Subject: m\r\n\r\nm\r\n")
+	subAddr := d.submissionAddr()
 
 	get := func(path string) string {
 		resp, err := http.Get("http://" + addr + path)
@@ -510,7 +510,17 @@ func TestServeExposesMetricsAndHealth(t *testing.T) {
 	if body := get("/healthz"); body != "ok\n" {
 		t.Errorf("/healthz = %q", body)
 	}
+	for _, want := range []string{"stsrelay_queue_messages 0\n", "stsrelay_queue_oldest_message_age_seconds 0\n"} {
+		if metrics := get("/metrics"); !strings.Contains(metrics, want) {
+			t.Errorf("empty queue: /metrics lacks %q", want)
+		}
+	}
+	submit(t, subAddr, "app@example.com", "user@example.net", "Subject: m\r\n\r\nm\r\n")
+	// The gauges follow the commit that made the 250: no tick to wait for.
 	metrics := get("/metrics")
+	if !strings.Contains(metrics, "stsrelay_queue_messages 1\n") {
+		t.Errorf("right after a submission, /metrics lacks stsrelay_queue_messages 1")
+	}
 	for _, want := range []string{"stsrelay_smtpin_messages_accepted_total 1", "stsrelay_queue_", "stsrelay_delivery_"} {
 		if !strings.Contains(metrics, want) {
 			t.Errorf("/metrics lacks %q", want)

@@ -18,6 +18,9 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/crypto/bcrypt"
+	"golang.org/x/sys/unix"
+
 	"github.com/stsrelay/stsrelay/internal/dnstest"
 )
 
@@ -392,4 +395,102 @@ func TestQueueCommandsHintWhoMayRunThem(t *testing.T) {
 	}
 	assertOneLine(t, string(out))
 	d.stop(syscall.SIGTERM)
+}
+
+// openPTY returns a pseudo-terminal's controller and its terminal end.
+func openPTY(t *testing.T) (ptmx, tty *os.File) {
+	t.Helper()
+	ptmx, err := os.OpenFile("/dev/ptmx", os.O_RDWR|syscall.O_NOCTTY, 0)
+	if err != nil {
+		t.Skipf("no pseudo-terminals here: %v", err)
+	}
+	fd := int(ptmx.Fd())
+	if err := unix.IoctlSetPointerInt(fd, unix.TIOCSPTLCK, 0); err != nil {
+		t.Fatal(err)
+	}
+	n, err := unix.IoctlGetInt(fd, unix.TIOCGPTN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tty, err = os.OpenFile(fmt.Sprintf("/dev/pts/%d", n), os.O_RDWR|syscall.O_NOCTTY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ptmx.Close(); tty.Close() })
+	return ptmx, tty
+}
+
+func TestHashPasswordOnATerminalPromptsWithoutEcho(t *testing.T) {
+	ptmx, tty := openPTY(t)
+	cmd := exec.Command(binary, "hash-password")
+	var stdout strings.Builder
+	cmd.Stdin, cmd.Stderr, cmd.Stdout = tty, tty, &stdout
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Setctty: true}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	tty.Close()
+	screen := make(chan string, 100)
+	go func() {
+		buf := make([]byte, 1024)
+		for {
+			n, err := ptmx.Read(buf)
+			if n > 0 {
+				screen <- string(buf[:n])
+			}
+			if err != nil {
+				close(screen)
+				return
+			}
+		}
+	}()
+	var seen strings.Builder
+	waitFor := func(s string) {
+		t.Helper()
+		deadline := time.After(30 * time.Second)
+		for !strings.Contains(seen.String(), s) {
+			select {
+			case chunk, ok := <-screen:
+				if !ok {
+					t.Fatalf("terminal closed before %q; it showed %q", s, seen.String())
+				}
+				seen.WriteString(chunk)
+			case <-deadline:
+				t.Fatalf("no %q on the terminal; it showed %q", s, seen.String())
+			}
+		}
+	}
+	waitFor("Password: ")
+	ptmx.WriteString("s3cret horse\n")
+	waitFor("Again: ")
+	ptmx.WriteString("s3cret horse\n")
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("hash-password: %v; terminal showed %q", err, seen.String())
+	}
+	for chunk := range screen {
+		seen.WriteString(chunk)
+	}
+	if strings.Contains(seen.String(), "s3cret") {
+		t.Fatalf("the password was echoed: %q", seen.String())
+	}
+	hash := strings.TrimSpace(stdout.String())
+	if err := bcrypt.CompareHashAndPassword([]byte(hash), []byte("s3cret horse")); err != nil {
+		t.Fatalf("%q does not verify: %v", hash, err)
+	}
+	// The cost the README and the example show.
+	if !strings.HasPrefix(hash, "$2a$10$") {
+		t.Errorf("hash %q: want bcrypt cost 10, as documented", hash)
+	}
+	for _, doc := range []string{"../../README.md", "../../config.toml.example"} {
+		text, _ := os.ReadFile(doc)
+		if m := regexp.MustCompile(`\$2[aby]\$(\d\d)\$`).FindAllStringSubmatch(string(text), -1); len(m) == 0 {
+			t.Errorf("%s shows no password hash", doc)
+		} else {
+			for _, x := range m {
+				if x[1] != "10" {
+					t.Errorf("%s shows bcrypt cost %s; hash-password uses 10", doc, x[1])
+				}
+			}
+		}
+	}
 }
