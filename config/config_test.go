@@ -53,6 +53,17 @@ func TestExampleLoadsAndMatchesDefaults(t *testing.T) {
 	}
 }
 
+func TestProductionExampleLoads(t *testing.T) {
+	cfg, err := Load("../config.production.toml.example")
+	if err != nil {
+		t.Fatalf("config.production.toml.example: %v", err)
+	}
+	if cfg.HostnameFromSystem || cfg.StateDir != "/var/lib/stsrelay" || cfg.Submission.TLSKey == "" ||
+		len(cfg.Submission.Users) == 0 || cfg.Log.Format != "json" {
+		t.Errorf("the production example is not a production setup: %+v", cfg)
+	}
+}
+
 func TestDefaultsApplyToEmptyFile(t *testing.T) {
 	cfg, err := Parse([]byte("hostname = \"relay.example.com\"\n"))
 	if err != nil {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"net"
 	"net/http"
@@ -229,6 +230,9 @@ func start(cfg *config.Config, logger *slog.Logger) (_ *relay, err error) {
 	}
 	if cfg.Submission.TLSCert != "" {
 		if r.certs, err = smtpin.LoadCertificate(cfg.Submission.TLSCert, cfg.Submission.TLSKey); err != nil {
+			if errors.Is(err, fs.ErrPermission) {
+				return nil, fmt.Errorf("submission.tls_cert: %w (the user stsrelay runs as must be able to read the certificate and the key)", err)
+			}
 			return nil, fmt.Errorf("submission.tls_cert: %w", err)
 		}
 		opts.GetCertificate = r.certs.GetCertificate
