@@ -10,11 +10,12 @@ build:
 run:
 	$(GO) run ./cmd/stsrelay serve -config config.toml.example
 
-# The whole test suite, with the race detector; then the memory test of a
-# 100,000-message queue, which -race would distort, on its own.
+# The whole test suite, with the race detector; then the tests of a
+# 100,000-message queue (memory, paging through the daemon), which -race
+# would distort or slow down, on their own.
 test:
 	$(GO) test -race -timeout 20m ./...
-	$(GO) test -count=1 -run 'Of100000' -v ./queue/
+	$(GO) test -count=1 -timeout 20m -run 'Of100000' -v ./queue/ ./cmd/stsrelay/
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchtime 2s ./queue/ ./delivery/ ./sts/

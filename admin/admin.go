@@ -1,7 +1,9 @@
 // Package admin is the control socket between the running daemon and the
 // stsrelay CLI: JSON over HTTP on a unix socket in the state directory,
-// mode 0600. The CLI never opens the database itself, because bbolt lets only
-// one process own the file (DESIGN.md decision 2).
+// mode 0600. While the daemon runs, the CLI asks it rather than open the
+// database, because bbolt lets only one process write the file
+// (docs/DESIGN.md, "One process owns the database"). Handlers learn who
+// asked from the socket's peer credentials (CallerAttrs).
 package admin
 
 import (
@@ -15,7 +17,9 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/user"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -64,6 +68,7 @@ func Listen(path string, mux *http.ServeMux, logger *slog.Logger) (*Server, erro
 		http: &http.Server{
 			Handler:           http.MaxBytesHandler(mux, maxBody),
 			ReadHeaderTimeout: 10 * time.Second,
+			ConnContext:       withPeer,
 			ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
 		},
 	}
@@ -86,6 +91,44 @@ func (s *Server) Close() error {
 	err := s.http.Shutdown(ctx)
 	os.Remove(s.path)
 	return err
+}
+
+type peerKey struct{}
+
+// withPeer records the uid of the process at the other end of c
+// (SO_PEERCRED), for CallerAttrs.
+func withPeer(ctx context.Context, c net.Conn) context.Context {
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		return ctx
+	}
+	raw, err := uc.SyscallConn()
+	if err != nil {
+		return ctx
+	}
+	var cred *syscall.Ucred
+	raw.Control(func(fd uintptr) {
+		cred, _ = syscall.GetsockoptUcred(int(fd), syscall.SOL_SOCKET, syscall.SO_PEERCRED)
+	})
+	if cred == nil {
+		return ctx
+	}
+	return context.WithValue(ctx, peerKey{}, cred.Uid)
+}
+
+// CallerAttrs are log attributes naming who made a request on the control
+// socket: the peer's uid and, when it has one, its user name. Every
+// administrative change is logged with them.
+func CallerAttrs(ctx context.Context) []any {
+	uid, ok := ctx.Value(peerKey{}).(uint32)
+	if !ok {
+		return []any{"by_uid", "unknown"}
+	}
+	attrs := []any{"by_uid", uid}
+	if u, err := user.LookupId(strconv.FormatUint(uint64(uid), 10)); err == nil {
+		attrs = append(attrs, "by_user", u.Username)
+	}
+	return attrs
 }
 
 // WriteJSON writes v as the JSON reply with the given status.
@@ -149,24 +192,14 @@ func (c *Client) Call(ctx context.Context, method, path string, in, out any) err
 	if in != nil {
 		req.Header.Set("Content-Type", "application/json")
 	}
-	resp, err := c.http.Do(req)
+	resp, err := c.do(req)
 	if err != nil {
-		if isNoDaemon(err) {
-			return fmt.Errorf("%w (no control socket answers at %s)", ErrNotRunning, c.path)
-		}
-		return fmt.Errorf("control socket %s: %w", c.path, err)
+		return err
 	}
 	defer resp.Body.Close()
 	data, err := io.ReadAll(io.LimitReader(resp.Body, maxBody))
 	if err != nil {
 		return fmt.Errorf("control socket %s: reading reply: %w", c.path, err)
-	}
-	if resp.StatusCode >= 300 {
-		var e errorReply
-		if json.Unmarshal(data, &e) == nil && e.Error != "" {
-			return errors.New(e.Error)
-		}
-		return fmt.Errorf("daemon answered %s", resp.Status)
 	}
 	if out == nil {
 		return nil
@@ -176,6 +209,56 @@ func (c *Client) Call(ctx context.Context, method, path string, in, out any) err
 	}
 	return nil
 }
+
+// Open makes a GET request for path and returns the reply body unread, for
+// replies that are not JSON and may be large (a stored message). The
+// caller closes it.
+func (c *Client) Open(ctx context.Context, path string) (io.ReadCloser, error) {
+	req, err := http.NewRequestWithContext(ctx, "GET", "http://stsrelay"+path, nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := c.do(req)
+	if err != nil {
+		return nil, err
+	}
+	return resp.Body, nil
+}
+
+// ErrPermission means the caller may not open the control socket.
+var ErrPermission = errors.New("permission denied (run as root or the stsrelay user)")
+
+// do sends req and turns an error reply into an error.
+func (c *Client) do(req *http.Request) (*http.Response, error) {
+	resp, err := c.http.Do(req)
+	if err != nil {
+		switch {
+		case isNoDaemon(err):
+			return nil, fmt.Errorf("%w (no control socket answers at %s)", ErrNotRunning, c.path)
+		case errors.Is(err, syscall.EACCES) || errors.Is(err, syscall.EPERM):
+			return nil, fmt.Errorf("control socket %s: %w", c.path, ErrPermission)
+		}
+		return nil, fmt.Errorf("control socket %s: %w", c.path, err)
+	}
+	if resp.StatusCode < 300 {
+		return resp, nil
+	}
+	defer resp.Body.Close()
+	data, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+	var e errorReply
+	if json.Unmarshal(data, &e) == nil && e.Error != "" {
+		return nil, &ReplyError{Status: resp.StatusCode, Msg: e.Error}
+	}
+	return nil, &ReplyError{Status: resp.StatusCode, Msg: "daemon answered " + resp.Status}
+}
+
+// ReplyError is the daemon's answer to a request it refused.
+type ReplyError struct {
+	Status int    // HTTP status: 404 for an unknown id, 409 for a needed confirmation, …
+	Msg    string // one line for the user
+}
+
+func (e *ReplyError) Error() string { return e.Msg }
 
 func isNoDaemon(err error) bool {
 	return errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED) ||

@@ -1,9 +1,12 @@
 // Package config loads stsrelay's one TOML file: defaults, then the file,
 // then validation. Every error names the key, its line and what is allowed
-// (DESIGN.md decision 8). No other package reads the file.
+// (docs/DESIGN.md, "Configuration"). No other package reads the file. The
+// defaults are the packages' own (queue.DefaultOptions, smtpin.Default…),
+// so that a zero option and a missing key mean the same.
 package config
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -11,6 +14,8 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"reflect"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -18,7 +23,12 @@ import (
 
 	"github.com/BurntSushi/toml"
 
+	"github.com/stsrelay/stsrelay/delivery"
+	"github.com/stsrelay/stsrelay/queue"
+	"github.com/stsrelay/stsrelay/resolve"
 	"github.com/stsrelay/stsrelay/routing"
+	"github.com/stsrelay/stsrelay/smtpin"
+	"github.com/stsrelay/stsrelay/sts"
 )
 
 // Config is the whole configuration, typed. Field comments give defaults;
@@ -43,6 +53,9 @@ type Config struct {
 
 	// Path is the file this was loaded from.
 	Path string `toml:"-"`
+	// HostnameFromSystem is set when the file leaves hostname out and
+	// the machine's host name is used.
+	HostnameFromSystem bool `toml:"-"`
 }
 
 type Log struct {
@@ -67,10 +80,12 @@ type Submission struct {
 	AuthRate        AuthLimits `toml:"auth_limit"`
 }
 
-// AuthLimits rate-limits failed AUTH attempts per client IP.
+// AuthLimits rate-limits failed AUTH attempts per client IP and user
+// name, and per client IP over all names.
 type AuthLimits struct {
-	Failures int      `toml:"failures"` // allowed in a burst
-	Per      Duration `toml:"per"`      // one failure is forgiven per this long
+	Failures      int      `toml:"failures"`        // allowed in a burst, per client and user name
+	FailuresPerIP int      `toml:"failures_per_ip"` // allowed in a burst, per client over all names
+	Per           Duration `toml:"per"`             // one failure is forgiven per this long
 }
 
 type User struct {
@@ -183,39 +198,43 @@ var RouteTLS = []string{"may", "encrypt", "verify", "dane", "dane-only", "none"}
 // maxPasswordFile bounds what Load reads of a password file.
 const maxPasswordFile = 4 << 10
 
-// Default returns the configuration used for every key the file leaves out.
+// Default returns the configuration used for every key the file leaves
+// out. The values are the packages' defaults: one table, in the packages.
 func Default() *Config {
 	host, _ := os.Hostname()
+	q := queue.DefaultOptions
+	var schedule []Duration
+	for _, d := range q.RetrySchedule {
+		schedule = append(schedule, Duration{d})
+	}
 	return &Config{
 		Hostname: host,
 		StateDir: "/var/lib/stsrelay",
 		Log:      Log{Level: "info", Format: "text"},
 		Submission: Submission{
 			Listen:         "127.0.0.1:587",
-			MaxMessageSize: 35 << 20,
-			MaxRecipients:  1000,
-			MaxConnsPerIP:  20,
-			CommandTimeout: Duration{5 * time.Minute},
-			DataTimeout:    Duration{10 * time.Minute},
-			AuthRate:       AuthLimits{Failures: 5, Per: Duration{time.Minute}},
-		},
-		DNS: DNS{Timeout: Duration{5 * time.Second}},
-		Delivery: Delivery{
-			Workers:           32,
-			MaxConnsPerDomain: 10,
-			// RFC 5321 §4.5.4.1 asks for a delayed first retry and 30
-			// minutes between retries; the first two are shorter, as
-			// Postfix's are, because greylisting clears in minutes.
-			RetrySchedule: []Duration{
-				{5 * time.Minute}, {10 * time.Minute}, {30 * time.Minute},
-				{time.Hour}, {2 * time.Hour}, {4 * time.Hour},
+			MaxMessageSize: smtpin.DefaultMaxMessageSize,
+			MaxRecipients:  smtpin.DefaultMaxRecipients,
+			MaxConnsPerIP:  smtpin.DefaultMaxConnsPerIP,
+			CommandTimeout: Duration{smtpin.DefaultCommandTimeout},
+			DataTimeout:    Duration{smtpin.DefaultDataTimeout},
+			AuthRate: AuthLimits{
+				Failures:      smtpin.DefaultAuthFailures,
+				FailuresPerIP: smtpin.DefaultAuthFailuresPerIP,
+				Per:           Duration{smtpin.DefaultAuthFailuresPer},
 			},
-			MaxQueueTime:     Duration{120 * time.Hour},
-			DelayNoticeAfter: Duration{4 * time.Hour},
-			ConnectTimeout:   Duration{30 * time.Second},
-			IPVersion:        "both",
 		},
-		STS:  STS{Enabled: true, FetchTimeout: Duration{time.Minute}}, // RFC 8461 §3.3
+		DNS: DNS{Timeout: Duration{resolve.DefaultTimeout}},
+		Delivery: Delivery{
+			Workers:           q.Workers,
+			MaxConnsPerDomain: q.MaxConnsPerDomain,
+			RetrySchedule:     schedule,
+			MaxQueueTime:      Duration{q.MaxQueueTime},
+			DelayNoticeAfter:  Duration{q.DelayNoticeAfter},
+			ConnectTimeout:    Duration{delivery.DefaultConnectTimeout},
+			IPVersion:         "both",
+		},
+		STS:  STS{Enabled: true, FetchTimeout: Duration{sts.DefaultFetchTimeout}},
 		DANE: DANE{Enabled: true},
 	}
 }
@@ -311,25 +330,114 @@ func parse(data []byte, cfg *Config) (*Config, error) {
 	}
 	if undecoded := md.Undecoded(); len(undecoded) > 0 {
 		k := undecoded[0].String()
-		return nil, keyError(data, k, "unknown key (see config.toml.example for the keys there are)")
+		what := "unknown key"
+		if headerLine(data, k) > 0 {
+			what = "unknown table"
+		}
+		return nil, keyError(data, k, what+" (see config.toml.example for the keys there are)")
 	}
+	cfg.HostnameFromSystem = !md.IsDefined("hostname")
 	if err := cfg.validate(data); err != nil {
 		return nil, err
 	}
 	return cfg, nil
 }
 
+// typeMismatch is the TOML library's error for a value of the wrong type.
+var typeMismatch = regexp.MustCompile(`^toml: line (\d+) \(last key "([^"]+)"\): incompatible types: TOML value has type (\S+); destination has type (\S+)$`)
+
 // decodeError turns the TOML library's error into our one-line form.
 func decodeError(data []byte, err error) error {
 	var pe toml.ParseError
 	if !errors.As(err, &pe) {
-		// Type mismatches: "toml: line 3 (last key "x"): incompatible types: …".
+		if m := typeMismatch.FindStringSubmatch(err.Error()); m != nil {
+			return fmt.Errorf("line %s: %s: is %s, want %s", m[1], m[2], tomlType(m[3]), goType(m[4]))
+		}
 		return errors.New(strings.TrimPrefix(err.Error(), "toml: "))
 	}
-	if pe.LastKey != "" {
-		return fmt.Errorf("line %d: %s: %s", pe.Position.Line, indexedKey(data, pe.Position.Line, pe.LastKey), pe.Message)
+	// The library's line can be the next one when the error is at a line
+	// end, and its last key the table before: count from the byte offset,
+	// and name the key only when it is on that line.
+	line := pe.Position.Line
+	if off := pe.Position.Start; off > 0 && off <= len(data) {
+		line = 1 + bytes.Count(data[:off], []byte("\n"))
 	}
-	return fmt.Errorf("line %d: %s", pe.Position.Line, pe.Message)
+	if k := pe.LastKey; k != "" {
+		leaf := k[strings.LastIndex(k, ".")+1:]
+		if text := lineText(data, line); keyIs(strings.TrimSpace(text), leaf) {
+			return fmt.Errorf("line %d: %s: %s", line, indexedKey(data, line, k), pe.Message)
+		}
+	}
+	return fmt.Errorf("line %d: %s", line, pe.Message)
+}
+
+// tomlType names a TOML value's type as the library reports it.
+func tomlType(t string) string {
+	switch t {
+	case "string":
+		return "a string"
+	case "int64":
+		return "a number"
+	case "float64":
+		return "a decimal number"
+	case "bool":
+		return "true or false"
+	case "[]interface", "[]interface{}", "[]any":
+		return "a list"
+	case "map[string]interface", "map[string]interface{}", "map[string]any":
+		return "a table"
+	}
+	if strings.HasPrefix(t, "time.") {
+		return "a date or time"
+	}
+	return "a " + t
+}
+
+// goType says what a destination type wants, as the library reports it.
+func goType(t string) string {
+	switch t {
+	case "integer":
+		return "a whole number (no quotes)"
+	case "string":
+		return "a string in quotes"
+	case "bool":
+		return "true or false"
+	case "float":
+		return "a number"
+	case "slice", "array":
+		return `a list in brackets, e.g. ["…", "…"]`
+	case "struct", "map":
+		return "a table"
+	}
+	return "a " + t
+}
+
+// lineText returns line n (1-based) of data.
+func lineText(data []byte, n int) string {
+	lines := strings.Split(string(data), "\n")
+	if n < 1 || n > len(lines) {
+		return ""
+	}
+	return lines[n-1]
+}
+
+// headerLine finds a [table] or [[array]] header named name.
+func headerLine(data []byte, name string) int {
+	for n, line := range strings.Split(string(data), "\n") {
+		t := strings.TrimSpace(line)
+		if !strings.HasPrefix(t, "[") {
+			continue
+		}
+		end := strings.IndexByte(t, ']')
+		if end < 0 {
+			continue
+		}
+		h := strings.TrimSpace(strings.Trim(t[:end], "[ "))
+		if strings.ReplaceAll(h, " ", "") == name {
+			return n + 1
+		}
+	}
+	return 0
 }
 
 // indexedKey adds the index of the [[array]] table that line is in to key:
@@ -359,7 +467,11 @@ func indexedKey(data []byte, line int, key string) string {
 
 // keyError names key and, when it can be found, its line.
 func keyError(data []byte, key, msg string) error {
-	if line := lineOf(data, key); line > 0 {
+	line := headerLine(data, key)
+	if line == 0 {
+		line = lineOf(data, key)
+	}
+	if line > 0 {
 		return fmt.Errorf("line %d: %s: %s", line, key, msg)
 	}
 	return fmt.Errorf("%s: %s", key, msg)
@@ -422,6 +534,9 @@ func (c *Config) validate(data []byte) error {
 	}
 	if s.AuthRate.Failures <= 0 {
 		return bad("submission.auth_limit.failures", "must be positive, got %d", s.AuthRate.Failures)
+	}
+	if s.AuthRate.FailuresPerIP < s.AuthRate.Failures {
+		return bad("submission.auth_limit.failures_per_ip", "must be at least failures (%d), got %d", s.AuthRate.Failures, s.AuthRate.FailuresPerIP)
 	}
 	if s.AuthRate.Per.Duration <= 0 {
 		return bad("submission.auth_limit.per", "must be positive (use e.g. 1m)")
@@ -678,6 +793,50 @@ func checkShaping(data []byte, key string, s Shaping) error {
 		return keyError(data, key+".max_messages_per_connection", fmt.Sprintf("must not be negative, got %d (0: no limit)", s.MaxMessagesPerConn))
 	}
 	return nil
+}
+
+// Changed lists the keys whose values differ between a and b, as dotted
+// names ("submission.auth_limit.failures"); a list of tables that differs
+// anywhere is named once ("submission.users"). Path and the derived
+// fields are not keys and are not compared.
+func Changed(a, b *Config) []string {
+	var keys []string
+	diff(reflect.ValueOf(*a), reflect.ValueOf(*b), "", &keys)
+	return keys
+}
+
+func diff(a, b reflect.Value, prefix string, keys *[]string) {
+	t := a.Type()
+	for i := range t.NumField() {
+		f := t.Field(i)
+		tag := f.Tag.Get("toml")
+		if tag == "" || tag == "-" {
+			continue
+		}
+		key := tag
+		if prefix != "" {
+			key = prefix + "." + tag
+		}
+		x, y := a.Field(i), b.Field(i)
+		if f.Type.Kind() == reflect.Struct && isTable(f.Type) {
+			diff(x, y, key, keys)
+			continue
+		}
+		if !reflect.DeepEqual(x.Interface(), y.Interface()) {
+			*keys = append(*keys, key)
+		}
+	}
+}
+
+// isTable reports whether t is a TOML table of ours rather than a value
+// type such as Duration or Network.
+func isTable(t reflect.Type) bool {
+	for i := range t.NumField() {
+		if tag := t.Field(i).Tag.Get("toml"); tag != "" && tag != "-" {
+			return true
+		}
+	}
+	return false
 }
 
 // lineOf finds the line of a dotted key such as "delivery.workers" or

@@ -9,6 +9,12 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/stsrelay/stsrelay/delivery"
+	"github.com/stsrelay/stsrelay/queue"
+	"github.com/stsrelay/stsrelay/resolve"
+	"github.com/stsrelay/stsrelay/smtpin"
+	"github.com/stsrelay/stsrelay/sts"
 )
 
 // A bcrypt hash of "secret" (cost 4), valid in form.
@@ -46,6 +52,17 @@ func TestExampleLoadsAndMatchesDefaults(t *testing.T) {
 		if !reflect.DeepEqual(c.got, c.want) {
 			t.Errorf("%s: example says %+v, default is %+v", c.name, c.got, c.want)
 		}
+	}
+}
+
+func TestProductionExampleLoads(t *testing.T) {
+	cfg, err := Load("../config.production.toml.example")
+	if err != nil {
+		t.Fatalf("config.production.toml.example: %v", err)
+	}
+	if cfg.HostnameFromSystem || cfg.StateDir != "/var/lib/stsrelay" || cfg.Submission.TLSKey == "" ||
+		len(cfg.Submission.Users) == 0 || cfg.Log.Format != "json" {
+		t.Errorf("the production example is not a production setup: %+v", cfg)
 	}
 }
 
@@ -123,7 +140,15 @@ func TestRejectsBadInput(t *testing.T) {
 		{"bad size", "[submission]\nmax_message_size = \"35XB\"\n", `line 2: submission.max_message_size: "35XB" is not a size (use e.g. 35MB)`},
 		{"bad duration", "[delivery]\nmax_queue_time = \"5 days\"\n", `line 2: delivery.max_queue_time: "5 days" is not a duration`},
 		{"bad duration in list", "[delivery]\nretry_schedule = [\"5m\", \"soon\"]\n", `"soon" is not a duration`},
-		{"wrong type", "[delivery]\nworkers = \"ten\"\n", "workers"},
+		{"wrong type", "[delivery]\nworkers = \"ten\"\n", "line 2: delivery.workers: is a string, want a whole number (no quotes)"},
+		{"string for a list", "[submission]\ntrusted_networks = \"10.0.0.0/8\"\n", "line 2: submission.trusted_networks: is a string, want a list in brackets"},
+		{"number for a string", "[log]\nlevel = 3\n", "line 2: log.level: is a number, want a string in quotes"},
+		{"unknown table", "hostname = \"a.example\"\n[log]\nlevel = \"info\"\n\n[foo]\n", "line 5: foo: unknown table"},
+		{"unknown table with keys", "[log]\nlevel = \"info\"\n[foo]\nbar = 1\n", "line 3: foo: unknown table"},
+		{"unknown nested table", "[submission]\nlisten = \":587\"\n[submission.limits]\nx = 1\n", "line 3: submission.limits: unknown table"},
+		{"unterminated table header", "[log]\nlevel = \"info\"\n\n[delivery\nworkers = 3\n", "line 4: expected"},
+		{"syntax error after a table", "[log]\nlevel=info\n", "line 2: expected"},
+		{"auth limit per ip below failures", "[submission.auth_limit]\nfailures = 10\nfailures_per_ip = 5\n", "line 3: submission.auth_limit.failures_per_ip: must be at least failures"},
 		{"bad network", "[submission]\ntrusted_networks = [\"10.0.0.0/33\"]\n", `line 2: submission.trusted_networks: "10.0.0.0/33" is not an IP network`},
 		{"bad level", "[log]\nlevel = \"loud\"\n", `line 2: log.level: "loud" is not a level`},
 		{"bad format", "[log]\nformat = \"xml\"\n", "log.format"},
@@ -167,6 +192,10 @@ func TestRejectsBadInput(t *testing.T) {
 			_, err := parse([]byte(c.toml), def)
 			if err == nil {
 				t.Fatalf("no error for\n%s", c.toml)
+			}
+			// A syntax error names its line, never the table before it.
+			if strings.Contains(err.Error(), ": log: ") || strings.Contains(err.Error(), "last key") {
+				t.Fatalf("error %q names the wrong place", err)
 			}
 			if !strings.Contains(err.Error(), c.want) {
 				t.Fatalf("error %q\ndoes not contain %q", err, c.want)
@@ -361,5 +390,72 @@ func TestPasswordFileProblemsStopTheLoad(t *testing.T) {
 		if err == nil || !strings.HasPrefix(err.Error(), prefix) || !strings.Contains(err.Error(), want) {
 			t.Errorf("%s: err = %v, want %q…%q", file, err, prefix, want)
 		}
+	}
+}
+
+func TestDefaultsAreThePackagesDefaults(t *testing.T) {
+	d := Default()
+	q := queue.DefaultOptions
+	var schedule []time.Duration
+	for _, r := range d.Delivery.RetrySchedule {
+		schedule = append(schedule, r.Duration)
+	}
+	for _, c := range []struct {
+		key       string
+		got, want any
+	}{
+		{"delivery.workers", d.Delivery.Workers, q.Workers},
+		{"delivery.max_connections_per_domain (queue)", d.Delivery.MaxConnsPerDomain, q.MaxConnsPerDomain},
+		{"delivery.max_connections_per_domain (delivery)", d.Delivery.MaxConnsPerDomain, delivery.DefaultMaxConnsPerDomain},
+		{"delivery.retry_schedule", schedule, q.RetrySchedule},
+		{"delivery.max_queue_time", d.Delivery.MaxQueueTime.Duration, q.MaxQueueTime},
+		{"delivery.delay_notice_after", d.Delivery.DelayNoticeAfter.Duration, q.DelayNoticeAfter},
+		{"delivery.connect_timeout", d.Delivery.ConnectTimeout.Duration, delivery.DefaultConnectTimeout},
+		{"submission.max_message_size", int64(d.Submission.MaxMessageSize), int64(smtpin.DefaultMaxMessageSize)},
+		{"submission.max_recipients", d.Submission.MaxRecipients, smtpin.DefaultMaxRecipients},
+		{"submission.max_connections_per_ip", d.Submission.MaxConnsPerIP, smtpin.DefaultMaxConnsPerIP},
+		{"submission.command_timeout", d.Submission.CommandTimeout.Duration, smtpin.DefaultCommandTimeout},
+		{"submission.data_timeout", d.Submission.DataTimeout.Duration, smtpin.DefaultDataTimeout},
+		{"submission.auth_limit.failures", d.Submission.AuthRate.Failures, smtpin.DefaultAuthFailures},
+		{"submission.auth_limit.failures_per_ip", d.Submission.AuthRate.FailuresPerIP, smtpin.DefaultAuthFailuresPerIP},
+		{"submission.auth_limit.per", d.Submission.AuthRate.Per.Duration, smtpin.DefaultAuthFailuresPer},
+		{"dns.timeout", d.DNS.Timeout.Duration, resolve.DefaultTimeout},
+		{"sts.fetch_timeout", d.STS.FetchTimeout.Duration, sts.DefaultFetchTimeout},
+	} {
+		if !reflect.DeepEqual(c.got, c.want) {
+			t.Errorf("%s: configuration default %v, package default %v", c.key, c.got, c.want)
+		}
+	}
+	// 0 means never in the configuration; the queue reads it the same way.
+	if d, err := Parse([]byte("hostname = \"a.example\"\n[delivery]\ndelay_notice_after = \"0s\"\n")); err != nil || d.Delivery.DelayNoticeAfter.Duration != 0 {
+		t.Errorf("delay_notice_after = 0s: %v, %v", d, err)
+	}
+}
+
+func TestChangedNamesTheKeys(t *testing.T) {
+	a, err := Parse([]byte("hostname = \"a.example\"\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := Parse([]byte("hostname = \"a.example\"\n[submission.auth_limit]\nfailures = 9\nfailures_per_ip = 30\n[delivery]\nretry_schedule = [\"1m\"]\n[[delivery.policy]]\ndomain = \"x.example\"\ntls = \"verify\"\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := strings.Join(Changed(a, b), " ")
+	want := "submission.auth_limit.failures submission.auth_limit.failures_per_ip delivery.retry_schedule delivery.policy"
+	if got != want {
+		t.Errorf("Changed = %q, want %q", got, want)
+	}
+	if c := Changed(a, a); len(c) != 0 {
+		t.Errorf("Changed(a, a) = %v", c)
+	}
+}
+
+func TestHostnameFromSystemWhenLeftOut(t *testing.T) {
+	if c, err := Parse([]byte("[log]\nlevel = \"info\"\n")); err == nil && !c.HostnameFromSystem {
+		t.Error("hostname left out, but HostnameFromSystem is false")
+	}
+	if c, err := Parse([]byte("hostname = \"relay.example.com\"\n")); err != nil || c.HostnameFromSystem {
+		t.Errorf("hostname set: %v, HostnameFromSystem %v", err, c.HostnameFromSystem)
 	}
 }

@@ -393,6 +393,8 @@ func truncateList(prefix string, items []string) string {
 	return strings.ToValidUTF8(s[:max], "") + "…"
 }
 
+// tlsVersionName spells a TLS version as logs and Received headers do
+// everywhere in stsrelay, the Postfix way: "TLSv1.3".
 func tlsVersionName(v uint16) string {
-	return strings.ReplaceAll(tls.VersionName(v), " ", "")
+	return strings.Replace(tls.VersionName(v), "TLS ", "TLSv", 1)
 }

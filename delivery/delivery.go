@@ -2,7 +2,7 @@
 // recipients' domains: it routes (RFC 5321 §5.1, RFC 7505), asks a
 // policy.PolicySource which TLS each MX host needs (MTA-STS RFC 8461, DANE
 // RFC 7672, local overrides), runs the SMTP client session and turns every
-// reply into a per-recipient queue.Status (DESIGN.md decision 6).
+// reply into a per-recipient queue.Status (docs/DESIGN.md, "What deferrals say").
 //
 // Messages go out exactly as they were queued; delivery never rewrites
 // them (a rewrite would break DKIM signatures). A message the next hop
@@ -66,7 +66,7 @@ type Options struct {
 	// (delivery.ip_version).
 	IPVersion resolve.IPVersion
 
-	// ConnectTimeout bounds one TCP connect; 0 means 30 seconds.
+	// ConnectTimeout bounds one TCP connect; 0 means DefaultConnectTimeout.
 	ConnectTimeout time.Duration
 	// Timeouts bound each SMTP step; zero fields take the RFC 5321
 	// §4.5.3.2 values.
@@ -77,8 +77,8 @@ type Options struct {
 	IdleTimeout time.Duration
 	// MaxConnsPerDomain bounds simultaneous connections to one
 	// destination (a recipient domain, a route's nexthop, or the hosts of
-	// an mx_hosts limit) that no Shaping limits otherwise; 0 means 10.
-	// Deliver waits for a free slot, or for ctx.
+	// an mx_hosts limit) that no Shaping limits otherwise; 0 means
+	// DefaultMaxConnsPerDomain. Deliver waits for a free slot, or for ctx.
 	MaxConnsPerDomain int
 	// ThrottleFor is how long a destination that answered "too many
 	// connections" (a 421 greeting) keeps its lowered concurrency; 0
@@ -91,6 +91,13 @@ type Options struct {
 	// time.Now.
 	Now func() time.Time
 }
+
+// Defaults for zero Options fields, and of the [delivery] keys in
+// stsrelay's configuration, which takes them from here.
+const (
+	DefaultConnectTimeout    = 30 * time.Second
+	DefaultMaxConnsPerDomain = 10
+)
 
 // Timeouts bound each step of an SMTP session. RFC 5321 §4.5.3.2 gives the
 // defaults used for zero fields.
@@ -160,13 +167,13 @@ func New(opts Options) (*Engine, error) {
 		return nil, err
 	}
 	if opts.ConnectTimeout <= 0 {
-		opts.ConnectTimeout = 30 * time.Second
+		opts.ConnectTimeout = DefaultConnectTimeout
 	}
 	if opts.IdleTimeout == 0 {
 		opts.IdleTimeout = 10 * time.Second
 	}
 	if opts.MaxConnsPerDomain <= 0 {
-		opts.MaxConnsPerDomain = 10
+		opts.MaxConnsPerDomain = DefaultMaxConnsPerDomain
 	}
 	if opts.ThrottleFor <= 0 {
 		opts.ThrottleFor = 5 * time.Minute

@@ -2,6 +2,7 @@ package delivery
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -30,6 +31,8 @@ type attempt struct {
 	reused bool
 	// tlsProblem is a certificate failure that testing mode let pass.
 	tlsProblem string
+	// state is the session's TLS, nil in plaintext.
+	state *tls.ConnectionState
 	// skipped says why hosts before the one used (or all of them) were
 	// not used: the route's "record why".
 	skipped []string
@@ -88,6 +91,7 @@ func (e *Engine) Deliver(ctx context.Context, job *queue.Job) []queue.Status {
 	}
 	attrs := []slog.Attr{
 		slog.String("id", job.ID),
+		slog.String("message_id", job.Envelope.MessageID),
 		slog.String("domain", job.Domain),
 		slog.String("outcome", outcome),
 		slog.Int("delivered", delivered), slog.Int("deferred", deferred), slog.Int("failed", failed),
@@ -97,6 +101,15 @@ func (e *Engine) Deliver(ctx context.Context, job *queue.Job) []queue.Status {
 		slog.Bool("reused", at.reused),
 		slog.Duration("took", time.Since(start).Round(time.Millisecond)),
 		slog.String("status", status),
+	}
+	if at.state != nil {
+		// The words an operator greps for, as check prints them and as
+		// Postfix's "Verified TLS connection established": "verified TLS,
+		// MTA-STS enforce", and the name the certificate matched.
+		attrs = append(attrs, slog.String("tls_auth", protection(at.req, at.state, at.tlsProblem)))
+		if name := verifiedName(&at); name != "" {
+			attrs = append(attrs, slog.String("cert_name", name))
+		}
 	}
 	if at.tlsProblem != "" {
 		attrs = append(attrs, slog.String("tls_problem", at.tlsProblem))
@@ -110,6 +123,24 @@ func (e *Engine) Deliver(ctx context.Context, job *queue.Job) []queue.Status {
 	}
 	e.log.LogAttrs(ctx, level, "delivery attempt", attrs...)
 	return statuses
+}
+
+// verifiedName is the name the certificate of a verified session matched,
+// "" when the session's certificate was not verified.
+func verifiedName(at *attempt) string {
+	if at.req.Security != policy.SecurityVerify || at.req.Skip != "" || at.tlsProblem != "" || len(at.state.PeerCertificates) == 0 {
+		return ""
+	}
+	names := at.req.Names
+	if len(names) == 0 {
+		names = []string{at.mx}
+	}
+	for _, n := range names {
+		if at.state.PeerCertificates[0].VerifyHostname(strings.TrimSuffix(n, ".")) == nil {
+			return n
+		}
+	}
+	return ""
 }
 
 func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []queue.Status {
@@ -193,7 +224,7 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 		if s.tls != nil {
 			at.tls = tlsVersionName(s.tls.Version)
 		}
-		at.tlsProblem = s.tlsProblem
+		at.tlsProblem, at.state = s.tlsProblem, s.tls
 		statuses, f := e.transact(ctx, s, job, body)
 		if s.throttled != "" {
 			e.throttle(h, job, s.throttled)

@@ -367,7 +367,7 @@ func TestLogLineStatesOutcomePolicyHostAndDuration(t *testing.T) {
 	deliver(t, e, testJob("example.test", "a@example.test"))
 	logs := v.logs.String()
 	for _, want := range []string{"id=J1", "outcome=delivered", "policy=mta-sts/verify", "mx=mx1.example.test",
-		"ip=127.0.0.2", "tls=TLS1.3", "took="} {
+		"ip=127.0.0.2", "tls=TLSv1.3", `tls_auth="verified TLS, MTA-STS enforce"`, "cert_name=mx1.example.test", "took="} {
 		if !strings.Contains(logs, want) {
 			t.Errorf("log line lacks %q:\n%s", want, logs)
 		}

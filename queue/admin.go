@@ -3,7 +3,11 @@ package queue
 import (
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
+	"slices"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/stsrelay/stsrelay/admin"
@@ -21,6 +25,7 @@ type MessageInfo struct {
 	Created    time.Time       `json:"created"`
 	User       string          `json:"user,omitempty"`
 	ClientAddr string          `json:"client_addr,omitempty"`
+	MessageID  string          `json:"message_id,omitempty"`
 	Ret        string          `json:"ret,omitempty"`
 	EnvID      string          `json:"envid,omitempty"`
 	RequireTLS bool            `json:"requiretls,omitempty"`
@@ -43,13 +48,13 @@ type RecipientInfo struct {
 // ActionResult is the reply to an admin action.
 type ActionResult struct {
 	ID      string `json:"id,omitempty"`
-	Changed int    `json:"changed"` // recipients (messages for retry-all) the action changed
+	Changed int    `json:"changed"` // recipients the action changed
 }
 
 func info(m *message) MessageInfo {
 	mi := MessageInfo{
 		ID: m.ID, From: m.Envelope.From, Size: m.Size, Created: m.Arrived,
-		User: m.Envelope.User, ClientAddr: m.Envelope.ClientAddr,
+		User: m.Envelope.User, ClientAddr: m.Envelope.ClientAddr, MessageID: m.Envelope.MessageID,
 		Ret: m.Envelope.Ret, EnvID: m.Envelope.EnvID, RequireTLS: m.Envelope.RequireTLS,
 		Recipients: []RecipientInfo{},
 	}
@@ -66,218 +71,225 @@ func info(m *message) MessageInfo {
 	return mi
 }
 
-// List returns every message in the queue, oldest first.
-func (q *Queue) List() ([]MessageInfo, error) {
-	list := []MessageInfo{}
-	err := q.db.View(func(tx *bbolt.Tx) error {
-		return tx.Bucket(bucketMessages).ForEach(func(k, v []byte) error {
-			m, err := decodeMessage(v)
-			if err != nil {
-				list = append(list, MessageInfo{ID: string(k), From: "(damaged record)"})
-				return nil
-			}
-			list = append(list, info(m))
-			return nil
-		})
-	})
-	return list, err
-}
+// List returns up to limit messages after the id after, oldest first
+// (Reader.List).
+func (q *Queue) List(after string, limit int) (*Page, error) { return q.reader.List(after, limit) }
 
 // Show returns one message with its header section (up to 64 KiB).
-func (q *Queue) Show(id string) (*MessageInfo, error) {
-	var mi *MessageInfo
-	err := q.db.View(func(tx *bbolt.Tx) error {
-		m, err := getMessage(tx, id)
-		if err != nil || m == nil {
-			return err
-		}
-		h, err := q.spool.read(locOf(m), 64<<10)
-		if err != nil {
-			return err
-		}
-		x := info(m)
-		x.Headers = string(headerSection(h))
-		mi = &x
-		return nil
-	})
-	if err == nil && mi == nil {
-		err = fmt.Errorf("%s: %w", id, ErrNotFound)
-	}
-	return mi, err
+func (q *Queue) Show(id string) (*MessageInfo, error) { return q.reader.Show(id) }
+
+// Message opens the stored message id (Reader.Message).
+func (q *Queue) Message(id string) (io.ReadCloser, error) { return q.reader.Message(id) }
+
+// Summary counts the waiting recipients by domain and age (Reader.Summary).
+func (q *Queue) Summary() (*Summary, error) { return q.reader.Summary() }
+
+// An action changes the recipients of a message that pick selects and
+// returns how many it changed, with the DSN notices that calls for.
+type action func(m *message, pick func(*recipient) bool, now time.Time) (int, []dsnRecipient)
+
+// actions are the changing queue commands, by name.
+var actions = map[string]action{
+	"retry":   retryRecipients,
+	"hold":    holdRecipients,
+	"release": releaseRecipients,
+	"bounce":  bounceRecipients,
+	"delete":  deleteRecipients,
 }
 
-// change applies fn to message id in one commit with any DSN it calls for.
-// fn returns how many recipients it changed.
-func (q *Queue) change(id string, fn func(m *message, now time.Time) (int, []dsnRecipient)) (int, error) {
-	var m, dsn *message
-	var n int
-	err := q.commit.do(func(tx *bbolt.Tx) error {
-		var err error
-		if m, err = getMessage(tx, id); err != nil {
-			return err
+// retryRecipients makes the picked queued and deferred recipients due now.
+// The attempt the schedule had planned is kept in ResumeAt: if the retry
+// fails, the schedule goes on from there (applyStatus).
+func retryRecipients(m *message, pick func(*recipient) bool, now time.Time) (int, []dsnRecipient) {
+	n := 0
+	for i := range m.Recipients {
+		r := &m.Recipients[i]
+		if !r.pending() || !pick(r) {
+			continue
 		}
-		if m == nil {
-			return fmt.Errorf("%s: %w", id, ErrNotFound)
+		if r.State == StateDeferred && r.NextAttempt.After(now) && r.ResumeAt.IsZero() {
+			r.ResumeAt = r.NextAttempt
 		}
-		now := q.opts.Now()
-		var notices []dsnRecipient
-		n, notices = fn(m, now)
-		dsn = nil
-		if len(notices) > 0 && m.Envelope.From != "" {
-			if dsn, err = q.makeDSN(tx, m, notices, now); err != nil {
-				return err
-			}
-		}
-		if n == 0 {
-			return nil
-		}
-		if m.done() {
-			return deleteMessage(tx, m.ID)
-		}
-		return putMessage(tx, m)
-	}, func() {
-		q.indexPut(m)
-		if dsn != nil {
-			q.indexPut(dsn)
-		}
-	})
-	if err != nil {
-		return 0, err
+		r.NextAttempt = now
+		n++
 	}
-	if dsn != nil {
-		metricEnqueued.Inc()
-		q.log.Info("queued DSN", "id", dsn.ID, "orig_id", m.ID, "to", m.Envelope.From)
-	}
-	q.wake()
 	return n, nil
 }
 
-// Retry makes the queued and deferred recipients of id due now.
-func (q *Queue) Retry(id string) (int, error) {
-	n, err := q.change(id, func(m *message, now time.Time) (int, []dsnRecipient) { return retryNow(m, now), nil })
-	if err == nil {
-		q.log.Info("retry requested", "id", id, "recipients", n)
-	}
-	return n, err
-}
-
-func retryNow(m *message, now time.Time) int {
+func holdRecipients(m *message, pick func(*recipient) bool, _ time.Time) (int, []dsnRecipient) {
 	n := 0
 	for i := range m.Recipients {
-		if r := &m.Recipients[i]; r.pending() {
+		if r := &m.Recipients[i]; r.pending() && pick(r) {
+			r.State, r.ResumeAt = StateHeld, time.Time{}
+			n++
+		}
+	}
+	return n, nil
+}
+
+func releaseRecipients(m *message, pick func(*recipient) bool, now time.Time) (int, []dsnRecipient) {
+	n := 0
+	for i := range m.Recipients {
+		if r := &m.Recipients[i]; r.State == StateHeld && pick(r) {
+			r.State = StateDeferred
+			if r.Attempts == 0 {
+				r.State = StateQueued
+			}
 			r.NextAttempt = now
 			n++
 		}
 	}
-	return n
+	return n, nil
 }
 
-// RetryAll makes every queued and deferred recipient due now and returns
-// how many messages that changed.
-func (q *Queue) RetryAll() (int, error) {
-	var changed []*message
-	err := q.commit.do(func(tx *bbolt.Tx) error {
-		changed = changed[:0]
-		now := q.opts.Now()
-		b := tx.Bucket(bucketMessages)
-		var ids []string
-		if err := b.ForEach(func(k, _ []byte) error { ids = append(ids, string(k)); return nil }); err != nil {
-			return err
+// bounceRecipients fails the picked recipients that are not final yet and
+// notifies the sender, as NOTIFY allows.
+func bounceRecipients(m *message, pick func(*recipient) bool, _ time.Time) (int, []dsnRecipient) {
+	n := 0
+	var notices []dsnRecipient
+	for i := range m.Recipients {
+		r := &m.Recipients[i]
+		if r.State.Final() || !pick(r) {
+			continue
 		}
+		r.State = StateFailed
+		r.Last = Status{Code: 554, Enhanced: "5.0.0", Text: "bounced by the mail system administrator"}
+		n++
+		if a := noticeFor(r, outcomeFailed, r.Last); a != "" {
+			notices = append(notices, dsnRecipient{recipient: *r, Action: a})
+		}
+	}
+	return n, notices
+}
+
+// deleteRecipients drops the picked recipients without notifying anyone;
+// a message goes with its last waiting recipient.
+func deleteRecipients(m *message, pick func(*recipient) bool, _ time.Time) (int, []dsnRecipient) {
+	n := 0
+	for i := range m.Recipients {
+		r := &m.Recipients[i]
+		if r.State.Final() || !pick(r) {
+			continue
+		}
+		r.State = StateFailed
+		r.Last = Status{Code: 554, Enhanced: "5.0.0", Text: "deleted by the mail system administrator"}
+		n++
+	}
+	return n, nil
+}
+
+func everyone(*recipient) bool { return true }
+
+// changed is what one commit of an action did.
+type changed struct {
+	messages, recipients int
+	dsns                 []*message
+	orig                 []string // the message each DSN is about
+}
+
+// apply runs act on the messages ids in one commit, with the DSNs it
+// calls for. A message that is gone meanwhile is skipped.
+func (q *Queue) apply(ids []string, act action, sel *Selector) (changed, error) {
+	var res changed
+	var touched []*message
+	err := q.commit.do(func(tx *bbolt.Tx) error {
+		res, touched = changed{}, touched[:0]
+		now := q.opts.Now()
 		for _, id := range ids {
 			m, err := getMessage(tx, id)
-			if err != nil {
-				continue // damaged; List shows it
+			if err != nil || m == nil {
+				continue // gone, or damaged: only a delete by id removes that
 			}
-			if m != nil && retryNow(m, now) > 0 {
-				if err := putMessage(tx, m); err != nil {
+			pick := everyone
+			if sel != nil {
+				if !sel.matchSender(m) {
+					continue
+				}
+				pick = sel.picker(now)
+			}
+			n, notices := act(m, pick, now)
+			if n == 0 {
+				continue
+			}
+			res.messages++
+			res.recipients += n
+			if len(notices) > 0 && m.Envelope.From != "" { // never bounce a bounce
+				dsn, err := q.makeDSN(tx, m, notices, now)
+				if err != nil {
 					return err
 				}
-				changed = append(changed, m)
+				if dsn != nil {
+					res.dsns = append(res.dsns, dsn)
+					res.orig = append(res.orig, m.ID)
+				}
 			}
+			if m.done() {
+				err = deleteMessage(tx, m.ID)
+			} else {
+				err = putMessage(tx, m)
+			}
+			if err != nil {
+				return err
+			}
+			touched = append(touched, m)
 		}
 		return nil
 	}, func() {
-		for _, m := range changed {
+		for _, m := range touched {
 			q.indexPut(m)
 		}
+		for _, d := range res.dsns {
+			q.indexPut(d)
+		}
+	})
+	if err != nil {
+		return changed{}, err
+	}
+	for i, d := range res.dsns {
+		metricEnqueued.Inc()
+		q.log.Info("queued DSN", "id", d.ID, "orig_id", res.orig[i], "to", d.Recipients[0].Addr)
+	}
+	q.wake()
+	return res, nil
+}
+
+// change applies the action named name to every recipient of message id.
+func (q *Queue) change(name, id string) (int, error) {
+	err := q.db.View(func(tx *bbolt.Tx) error {
+		m, err := getMessage(tx, id)
+		if err == nil && m == nil {
+			err = fmt.Errorf("%s: %w", id, ErrNotFound)
+		}
+		return err
 	})
 	if err != nil {
 		return 0, err
 	}
-	q.wake()
-	q.log.Info("retry requested for the whole queue", "messages", len(changed))
-	return len(changed), nil
+	res, err := q.apply([]string{id}, actions[name], nil)
+	n := res.recipients
+	if name == "bounce" {
+		metricDeliveries.WithLabelValues(outcomeFailed).Add(float64(n))
+	}
+	return n, err
 }
+
+// Retry makes the queued and deferred recipients of id due now. If that
+// attempt fails, the next one follows the schedule as if it had not
+// happened.
+func (q *Queue) Retry(id string) (int, error) { return q.change("retry", id) }
 
 // Hold stops delivery of the pending recipients of id until Release.
-func (q *Queue) Hold(id string) (int, error) {
-	n, err := q.change(id, func(m *message, _ time.Time) (int, []dsnRecipient) {
-		n := 0
-		for i := range m.Recipients {
-			if r := &m.Recipients[i]; r.pending() {
-				r.State = StateHeld
-				n++
-			}
-		}
-		return n, nil
-	})
-	if err == nil {
-		q.log.Info("held", "id", id, "recipients", n)
-	}
-	return n, err
-}
+func (q *Queue) Hold(id string) (int, error) { return q.change("hold", id) }
 
 // Release makes the held recipients of id due now.
-func (q *Queue) Release(id string) (int, error) {
-	n, err := q.change(id, func(m *message, now time.Time) (int, []dsnRecipient) {
-		n := 0
-		for i := range m.Recipients {
-			if r := &m.Recipients[i]; r.State == StateHeld {
-				r.State = StateDeferred
-				if r.Attempts == 0 {
-					r.State = StateQueued
-				}
-				r.NextAttempt = now
-				n++
-			}
-		}
-		return n, nil
-	})
-	if err == nil {
-		q.log.Info("released", "id", id, "recipients", n)
-	}
-	return n, err
-}
+func (q *Queue) Release(id string) (int, error) { return q.change("release", id) }
 
 // Bounce fails every recipient of id not yet delivered and sends the
 // sender a DSN, as NOTIFY allows.
-func (q *Queue) Bounce(id string) (int, error) {
-	n, err := q.change(id, func(m *message, now time.Time) (int, []dsnRecipient) {
-		n := 0
-		var notices []dsnRecipient
-		for i := range m.Recipients {
-			r := &m.Recipients[i]
-			if r.State.Final() {
-				continue
-			}
-			r.State = StateFailed
-			r.Last = Status{Code: 554, Enhanced: "5.0.0", Text: "bounced by the mail system administrator"}
-			n++
-			if a := noticeFor(r, outcomeFailed, r.Last); a != "" {
-				notices = append(notices, dsnRecipient{recipient: *r, Action: a})
-			}
-		}
-		return n, notices
-	})
-	if err == nil {
-		metricDeliveries.WithLabelValues(outcomeFailed).Add(float64(n))
-		q.log.Info("bounced by the administrator", "id", id, "recipients", n)
-	}
-	return n, err
-}
+func (q *Queue) Bounce(id string) (int, error) { return q.change("bounce", id) }
 
-// Delete removes id from the queue without notifying anyone.
+// Delete removes id from the queue without notifying anyone. It also
+// removes a damaged record, which no other command can read.
 func (q *Queue) Delete(id string) error {
 	err := q.commit.do(func(tx *bbolt.Tx) error {
 		if tx.Bucket(bucketMessages).Get([]byte(id)) == nil {
@@ -293,31 +305,161 @@ func (q *Queue) Delete(id string) error {
 			q.spool.remove(id) // a damaged record was never indexed
 		}
 	})
-	if err != nil {
-		return err
+	return err
+}
+
+// Selector picks messages and recipients for a bulk action. The filters
+// combine: a recipient is picked when its message's sender, its domain
+// and its status match those given; All alone picks everything.
+type Selector struct {
+	All    bool   `json:"all,omitempty"`
+	Domain string `json:"domain,omitempty"` // recipient domain
+	Sender string `json:"sender,omitempty"` // envelope sender; "<>" is the null sender
+	Status string `json:"status,omitempty"` // active | deferred | held
+}
+
+// check normalizes s and says what is wrong with it.
+func (s *Selector) check() error {
+	if !s.All && s.Domain == "" && s.Sender == "" && s.Status == "" {
+		return errors.New("nothing selected: give all, or a domain, sender or status")
 	}
-	q.log.Info("deleted by the administrator", "id", id)
+	if s.Domain != "" {
+		d, err := recipientDomain("x@" + s.Domain)
+		if err != nil {
+			return fmt.Errorf("domain %q is not a domain name", s.Domain)
+		}
+		s.Domain = d
+	}
+	switch s.Status {
+	case "", StatusActive, StatusDeferred, StatusHeld:
+	default:
+		return fmt.Errorf("status %q is not one of active, deferred, held", s.Status)
+	}
 	return nil
 }
 
-// RegisterAdmin adds the queue's admin routes to mux (JSON in and out):
+func (s *Selector) matchSender(m *message) bool {
+	switch s.Sender {
+	case "":
+		return true
+	case "<>":
+		return m.Envelope.From == ""
+	}
+	return strings.EqualFold(strings.Trim(s.Sender, "<>"), m.Envelope.From)
+}
+
+func (s *Selector) picker(now time.Time) func(*recipient) bool {
+	return func(r *recipient) bool {
+		return (s.Domain == "" || r.Domain == s.Domain) && (s.Status == "" || statusOf(r, now) == s.Status)
+	}
+}
+
+// BulkResult is what a bulk action changed.
+type BulkResult struct {
+	Messages   int `json:"messages"`
+	Recipients int `json:"recipients"`
+}
+
+// ConfirmError refuses to delete or bounce more than one message without
+// a confirmation.
+type ConfirmError struct {
+	Action   string
+	Messages int
+}
+
+func (e *ConfirmError) Error() string {
+	return fmt.Sprintf("%d messages match; run again with -yes to %s them all", e.Messages, e.Action)
+}
+
+// bulkChunk bounds the messages changed in one commit, so that a bulk
+// action over a large queue does not hold up submissions and deliveries
+// with one huge transaction.
+const bulkChunk = 500
+
+// Select applies the action named name (retry, hold, release, bounce,
+// delete) to the recipients sel picks. Deleting or bouncing more than
+// one message needs confirm; without it Select changes nothing and
+// returns a *ConfirmError.
+func (q *Queue) Select(name string, sel Selector, confirm bool) (BulkResult, error) {
+	act, ok := actions[name]
+	if !ok {
+		return BulkResult{}, fmt.Errorf("%q is not a queue action", name)
+	}
+	if err := sel.check(); err != nil {
+		return BulkResult{}, err
+	}
+	// Find what would change, on copies read page by page.
+	var ids []string
+	now := q.opts.Now()
+	pick := sel.picker(now)
+	err := q.reader.each(func(m *message) {
+		if sel.matchSender(m) {
+			if n, _ := act(m, pick, now); n > 0 {
+				ids = append(ids, m.ID)
+			}
+		}
+	})
+	if err != nil {
+		return BulkResult{}, err
+	}
+	if (name == "delete" || name == "bounce") && len(ids) > 1 && !confirm {
+		return BulkResult{}, &ConfirmError{Action: name, Messages: len(ids)}
+	}
+	var total BulkResult
+	for chunk := range slices.Chunk(ids, bulkChunk) {
+		res, err := q.apply(chunk, act, &sel)
+		total.Messages += res.messages
+		total.Recipients += res.recipients
+		if err != nil {
+			return total, err
+		}
+	}
+	if name == "bounce" {
+		metricDeliveries.WithLabelValues(outcomeFailed).Add(float64(total.Recipients))
+	}
+	return total, nil
+}
+
+// RegisterAdmin adds the queue's admin routes to mux (JSON in and out,
+// except the stored message):
 //
-//	GET    /queue               list
-//	GET    /queue/{id}          show
-//	POST   /queue/{id}/retry    retry now
-//	POST   /queue/retry-all     retry everything now
-//	POST   /queue/{id}/hold     hold
-//	POST   /queue/{id}/release  release
-//	POST   /queue/{id}/bounce   fail and notify the sender
-//	DELETE /queue/{id}          delete silently
+//	GET    /queue?after=ID&limit=N  one page of the listing (Page)
+//	GET    /queue/summary           counts by domain, age and reason (Summary)
+//	GET    /queue/{id}              one message (MessageInfo)
+//	GET    /queue/{id}/message      the stored message; ?headers=1 for its header section
+//	POST   /queue/{id}/retry        retry now
+//	POST   /queue/{id}/hold         hold
+//	POST   /queue/{id}/release      release
+//	POST   /queue/{id}/bounce       fail and notify the sender
+//	DELETE /queue/{id}              delete silently
+//	POST   /queue/{action}          a bulk action: BulkRequest in, BulkResult out
+//
+// Every change is logged with the uid of the process that asked.
 func (q *Queue) RegisterAdmin(mux *http.ServeMux) {
 	mux.HandleFunc("GET /queue", func(w http.ResponseWriter, r *http.Request) {
-		list, err := q.List()
+		limit := 0
+		if l := r.URL.Query().Get("limit"); l != "" {
+			n, err := strconv.Atoi(l)
+			if err != nil || n <= 0 {
+				admin.WriteError(w, http.StatusBadRequest, "limit must be a positive number")
+				return
+			}
+			limit = n
+		}
+		page, err := q.List(r.URL.Query().Get("after"), limit)
 		if err != nil {
 			admin.WriteError(w, http.StatusInternalServerError, "reading the queue: "+err.Error())
 			return
 		}
-		admin.WriteJSON(w, http.StatusOK, list)
+		admin.WriteJSON(w, http.StatusOK, page)
+	})
+	mux.HandleFunc("GET /queue/summary", func(w http.ResponseWriter, r *http.Request) {
+		s, err := q.Summary()
+		if err != nil {
+			admin.WriteError(w, http.StatusInternalServerError, "reading the queue: "+err.Error())
+			return
+		}
+		admin.WriteJSON(w, http.StatusOK, s)
 	})
 	mux.HandleFunc("GET /queue/{id}", func(w http.ResponseWriter, r *http.Request) {
 		mi, err := q.Show(r.PathValue("id"))
@@ -327,30 +469,106 @@ func (q *Queue) RegisterAdmin(mux *http.ServeMux) {
 		}
 		admin.WriteJSON(w, http.StatusOK, mi)
 	})
-	mux.HandleFunc("POST /queue/retry-all", func(w http.ResponseWriter, r *http.Request) {
-		n, err := q.RetryAll()
+	mux.HandleFunc("GET /queue/{id}/message", func(w http.ResponseWriter, r *http.Request) {
+		rc, err := q.Message(r.PathValue("id"))
 		if err != nil {
 			writeErr(w, err)
 			return
 		}
-		admin.WriteJSON(w, http.StatusOK, ActionResult{Changed: n})
+		defer rc.Close()
+		w.Header().Set("Content-Type", "message/rfc822")
+		if r.URL.Query().Get("headers") != "" {
+			h, _ := io.ReadAll(io.LimitReader(rc, maxHeaderBytes))
+			w.Write(headerSection(h))
+			return
+		}
+		io.Copy(w, rc)
 	})
-	action := func(fn func(string) (int, error)) http.HandlerFunc {
+	action := func(name string) http.HandlerFunc {
 		return func(w http.ResponseWriter, r *http.Request) {
 			id := r.PathValue("id")
-			n, err := fn(id)
+			var n int
+			var err error
+			if name == "delete" {
+				err = q.Delete(id)
+			} else {
+				n, err = q.change(name, id)
+			}
 			if err != nil {
 				writeErr(w, err)
 				return
 			}
+			attrs := []any{"id", id}
+			if name != "delete" {
+				attrs = append(attrs, "recipients", n)
+			}
+			q.log.Info("queue "+name+" by the administrator", append(attrs, admin.CallerAttrs(r.Context())...)...)
 			admin.WriteJSON(w, http.StatusOK, ActionResult{ID: id, Changed: n})
 		}
 	}
-	mux.HandleFunc("POST /queue/{id}/retry", action(q.Retry))
-	mux.HandleFunc("POST /queue/{id}/hold", action(q.Hold))
-	mux.HandleFunc("POST /queue/{id}/release", action(q.Release))
-	mux.HandleFunc("POST /queue/{id}/bounce", action(q.Bounce))
-	mux.HandleFunc("DELETE /queue/{id}", action(func(id string) (int, error) { return 0, q.Delete(id) }))
+	mux.HandleFunc("POST /queue/{id}/retry", action("retry"))
+	mux.HandleFunc("POST /queue/{id}/hold", action("hold"))
+	mux.HandleFunc("POST /queue/{id}/release", action("release"))
+	mux.HandleFunc("POST /queue/{id}/bounce", action("bounce"))
+	mux.HandleFunc("DELETE /queue/{id}", action("delete"))
+	mux.HandleFunc("POST /queue/{action}", func(w http.ResponseWriter, r *http.Request) {
+		name := r.PathValue("action")
+		if _, ok := actions[name]; !ok {
+			admin.WriteError(w, http.StatusNotFound, fmt.Sprintf("%q is not a queue action", name))
+			return
+		}
+		var req BulkRequest
+		if err := admin.ReadJSON(r, &req); err != nil {
+			admin.WriteError(w, http.StatusBadRequest, err.Error())
+			return
+		}
+		res, err := q.Select(name, req.Selector, req.Yes)
+		if err != nil {
+			var ce *ConfirmError
+			switch {
+			case errors.As(err, &ce):
+				admin.WriteError(w, http.StatusConflict, err.Error())
+			case res.Messages == 0 && !errors.Is(err, ErrClosed):
+				admin.WriteError(w, http.StatusBadRequest, err.Error())
+			default:
+				writeErr(w, err)
+			}
+			if res.Messages == 0 {
+				return
+			}
+		}
+		attrs := []any{"messages", res.Messages, "recipients", res.Recipients}
+		attrs = append(attrs, req.Selector.attrs()...)
+		q.log.Info("queue "+name+" by the administrator", append(attrs, admin.CallerAttrs(r.Context())...)...)
+		if err == nil {
+			admin.WriteJSON(w, http.StatusOK, res)
+		}
+	})
+}
+
+// BulkRequest is the body of a bulk action: the selection, and Yes to
+// confirm deleting or bouncing more than one message.
+type BulkRequest struct {
+	Selector
+	Yes bool `json:"yes,omitempty"`
+}
+
+// attrs are the selection's filters, for the log line.
+func (s *Selector) attrs() []any {
+	var a []any
+	if s.All {
+		a = append(a, "all", true)
+	}
+	if s.Domain != "" {
+		a = append(a, "domain", s.Domain)
+	}
+	if s.Sender != "" {
+		a = append(a, "sender", s.Sender)
+	}
+	if s.Status != "" {
+		a = append(a, "status", s.Status)
+	}
+	return a
 }
 
 func writeErr(w http.ResponseWriter, err error) {

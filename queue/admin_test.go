@@ -44,10 +44,11 @@ func TestAdminHoldReleaseRetryOverControlSocket(t *testing.T) {
 	tq.waitJobs(t, 2)
 	tq.settle(t)
 
-	var list []MessageInfo
-	if err := call(t, c, "GET", "/queue", &list); err != nil {
+	var page Page
+	if err := call(t, c, "GET", "/queue", &page); err != nil {
 		t.Fatal(err)
 	}
+	list := page.Messages
 	if len(list) != 1 || list[0].ID != id || list[0].From != "alice@example.com" || len(list[0].Recipients) != 2 {
 		t.Fatalf("list = %+v", list)
 	}
@@ -89,8 +90,9 @@ func TestAdminHoldReleaseRetryOverControlSocket(t *testing.T) {
 	}
 	tq.waitJobs(t, 2)
 	tq.settle(t)
-	if err := call(t, c, "POST", "/queue/retry-all", &res); err != nil || res.Changed != 1 {
-		t.Fatalf("retry-all: %v, %+v", err, res)
+	var bulk BulkResult
+	if err := c.Call(context.Background(), "POST", "/queue/retry", BulkRequest{Selector: Selector{All: true}}, &bulk); err != nil || bulk.Messages != 1 || bulk.Recipients != 2 {
+		t.Fatalf("retry -all: %v, %+v", err, bulk)
 	}
 	tq.waitJobs(t, 2)
 	tq.settle(t)

@@ -215,8 +215,8 @@ func crashChild(t *testing.T, dir, mode string) {
 		cancel()
 		<-runDone
 		q.Close()
-		if list, _ := q.List(); len(list) != 0 {
-			t.Fatalf("index empty but %d messages stored", len(list))
+		if p, _ := q.List("", 0); len(p.Messages) != 0 {
+			t.Fatalf("index empty but %d messages stored", len(p.Messages))
 		}
 		// Batch files go with their last message; orphans from the kills
 		// were swept at start.

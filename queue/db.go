@@ -19,7 +19,8 @@ var bucketMessages = []byte("queue.messages")
 
 // OpenDB opens or creates the stsrelay database at path. It waits about a
 // second for bbolt's file lock, then fails: the daemon owns the file
-// (DESIGN.md decision 2). Errors are one line that says what to fix.
+// (docs/DESIGN.md, "One process owns the database"). Errors are one line
+// that says what to fix.
 func OpenDB(path string) (*bbolt.DB, error) {
 	if dir := filepath.Dir(path); dir != "" {
 		if err := os.MkdirAll(dir, 0o700); err != nil {
@@ -47,6 +48,37 @@ func OpenDB(path string) (*bbolt.DB, error) {
 		return nil, fmt.Errorf("cannot open %s: no space left on device", path)
 	}
 	// bbolt reports a file too small to hold its header as a plain error.
+	return nil, fmt.Errorf("cannot open %s: %v", path, err)
+}
+
+// ErrNoDatabase is returned by OpenReadOnly when there is no database
+// file: no daemon has run with this state directory yet.
+var ErrNoDatabase = errors.New("no queue database")
+
+// ErrLocked is returned by OpenReadOnly when a process holds the
+// database for writing: a daemon is running (or starting).
+var ErrLocked = errors.New("the database is locked by a running stsrelay daemon")
+
+// OpenReadOnly opens the database at path for reading while no daemon
+// runs. bbolt takes a shared lock, so a daemon that starts meanwhile waits
+// for it (up to OpenDB's second) and never changes the file under a
+// reader.
+func OpenReadOnly(path string) (*bbolt.DB, error) {
+	if _, err := os.Stat(path); errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("%s: %w", path, ErrNoDatabase)
+	}
+	db, err := bbolt.Open(path, 0o600, &bbolt.Options{ReadOnly: true, Timeout: time.Second})
+	switch {
+	case err == nil:
+		return db, nil
+	case errors.Is(err, bolterrors.ErrTimeout):
+		return nil, fmt.Errorf("%s: %w", path, ErrLocked)
+	case errors.Is(err, fs.ErrPermission):
+		return nil, fmt.Errorf("cannot read %s: %w", path, fs.ErrPermission)
+	case errors.Is(err, bolterrors.ErrInvalid), errors.Is(err, bolterrors.ErrVersionMismatch),
+		errors.Is(err, bolterrors.ErrChecksum):
+		return nil, fmt.Errorf("%s is not a stsrelay database (%v)", path, err)
+	}
 	return nil, fmt.Errorf("cannot open %s: %v", path, err)
 }
 
@@ -84,6 +116,13 @@ type recipient struct {
 	Last          Status
 	LastMX        string // last MX host tried, kept when a later status is our own
 	DelayNotified bool
+	// ResumeAt is the attempt the retry schedule had planned when an
+	// operator asked for a retry now; a failed manual retry goes back to
+	// it, so the schedule goes on as if the retry had not happened.
+	ResumeAt time.Time
+	// Skipped counts the failed manual retries, which do not advance the
+	// retry schedule.
+	Skipped int
 }
 
 func (r *recipient) pending() bool { return r.State == StateQueued || r.State == StateDeferred }

@@ -30,12 +30,16 @@ const rfc5322Date = "Mon, 02 Jan 2006 15:04:05 -0700"
 // rcpts and stores it in tx as a new message from the null sender to the
 // original envelope sender (RFC 5321 §4.5.5), so it travels this same queue.
 func (q *Queue) makeDSN(tx *bbolt.Tx, orig *message, rcpts []dsnRecipient, now time.Time) (*message, error) {
-	body, err := q.dsnBody(orig, rcpts, now)
+	var rnd [8]byte
+	_, _ = rand.Read(rnd[:])
+	msgID := fmt.Sprintf("<%x.dsn@%s>", rnd, q.opts.Hostname)
+	body, err := q.dsnBody(orig, rcpts, msgID, now)
 	if err != nil {
 		return nil, err
 	}
 	env := Envelope{
 		From:       "",
+		MessageID:  msgID,
 		Recipients: nil,
 		SMTPUTF8:   orig.Envelope.SMTPUTF8,
 		Body8Bit:   !isASCII(string(body)),   // RFC 6152: so that no 7-bit host gets it
@@ -67,7 +71,7 @@ func (q *Queue) makeDSN(tx *bbolt.Tx, orig *message, rcpts []dsnRecipient, now t
 
 // dsnBody writes the multipart/report message, with the whole original
 // message (RET=FULL, failures only) or its headers.
-func (q *Queue) dsnBody(orig *message, rcpts []dsnRecipient, now time.Time) ([]byte, error) {
+func (q *Queue) dsnBody(orig *message, rcpts []dsnRecipient, msgID string, now time.Time) ([]byte, error) {
 	worst := "delivered"
 	for _, r := range rcpts {
 		switch {
@@ -101,14 +105,12 @@ func (q *Queue) dsnBody(orig *message, rcpts []dsnRecipient, now time.Time) ([]b
 		"delayed":   "Delayed Mail (still being retried)",
 		"delivered": "Successful Mail Delivery Report", // relayed: no delivered DSN is ever made
 	}[worst]
-	var rnd [8]byte
-	_, _ = rand.Read(rnd[:])
 	hdr := []string{
 		"From: Mail Delivery System <postmaster@" + host + ">",
 		"To: <" + oneLine(orig.Envelope.From) + ">",
 		"Subject: " + subject,
 		"Date: " + now.Format(rfc5322Date),
-		fmt.Sprintf("Message-ID: <%x.dsn@%s>", rnd, host),
+		"Message-ID: " + msgID,
 		"Auto-Submitted: auto-replied", // RFC 3834 §5
 		"MIME-Version: 1.0",
 		`Content-Type: multipart/report; report-type=delivery-status; boundary="` + mw.Boundary() + `"`,

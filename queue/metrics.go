@@ -1,6 +1,8 @@
 package queue
 
 import (
+	"time"
+
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promauto"
 )
@@ -32,24 +34,37 @@ var (
 	})
 )
 
-// updateGauges recomputes the gauges from the in-memory index.
+// countLocked adds (sign 1) or removes (sign -1) e's recipients from
+// the queue's totals and sets the gauges, so that they follow every
+// commit at once. The caller holds q.mu.
+func (q *Queue) countLocked(e *entry, sign int) {
+	for i, n := range e.counts {
+		q.totals[i] += sign * int(n)
+	}
+	metricRecipients.WithLabelValues(string(StateQueued)).Set(float64(q.totals[0]))
+	metricRecipients.WithLabelValues(string(StateDeferred)).Set(float64(q.totals[1]))
+	metricRecipients.WithLabelValues(string(StateHeld)).Set(float64(q.totals[2]))
+	metricMessages.Set(float64(len(q.index)))
+}
+
+// updateGauges recomputes the gauges from the in-memory index: the age of
+// the oldest message grows by itself, and changes when it leaves.
 func (q *Queue) updateGauges() {
 	q.mu.Lock()
-	var counts [3]int
-	oldest := q.opts.Now()
+	defer q.mu.Unlock()
+	var oldest time.Time
 	for _, e := range q.index {
-		for i, n := range e.counts {
-			counts[i] += int(n)
-		}
-		if e.arrived.Before(oldest) {
+		if oldest.IsZero() || e.arrived.Before(oldest) {
 			oldest = e.arrived
 		}
 	}
-	n := len(q.index)
-	q.mu.Unlock()
-	metricRecipients.WithLabelValues(string(StateQueued)).Set(float64(counts[0]))
-	metricRecipients.WithLabelValues(string(StateDeferred)).Set(float64(counts[1]))
-	metricRecipients.WithLabelValues(string(StateHeld)).Set(float64(counts[2]))
-	metricMessages.Set(float64(n))
-	metricOldest.Set(q.opts.Now().Sub(oldest).Seconds())
+	age := 0.0
+	if !oldest.IsZero() {
+		age = max(q.opts.Now().Sub(oldest).Seconds(), 0)
+	}
+	metricOldest.Set(age)
+	metricMessages.Set(float64(len(q.index)))
+	metricRecipients.WithLabelValues(string(StateQueued)).Set(float64(q.totals[0]))
+	metricRecipients.WithLabelValues(string(StateDeferred)).Set(float64(q.totals[1]))
+	metricRecipients.WithLabelValues(string(StateHeld)).Set(float64(q.totals[2]))
 }

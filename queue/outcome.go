@@ -116,6 +116,8 @@ func (q *Queue) applyStatus(m *message, r *recipient, st Status, now time.Time) 
 	r.Attempts++
 	r.LastAttempt = now
 	r.Last = st
+	resume := r.ResumeAt
+	r.ResumeAt = time.Time{}
 	if st.RemoteMTA != "" {
 		r.LastMX = st.RemoteMTA
 	}
@@ -129,7 +131,7 @@ func (q *Queue) applyStatus(m *message, r *recipient, st Status, now time.Time) 
 	}
 	deadline := m.Arrived.Add(q.opts.MaxQueueTime)
 	if !now.Before(deadline) {
-		// RFC 5321 §4.5.4.1: give up after the configured time; DESIGN decision 6.
+		// RFC 5321 §4.5.4.1: give up after the configured time.
 		r.State = StateFailed
 		r.Last = Status{
 			Code:     554,
@@ -142,8 +144,15 @@ func (q *Queue) applyStatus(m *message, r *recipient, st Status, now time.Time) 
 		return outcomeDeferred // an operator held it meanwhile; release decides
 	}
 	r.State = StateDeferred
+	if resume.After(now) {
+		// An operator's retry failed: the schedule goes on as if it had
+		// not happened, neither sooner nor one step further.
+		r.NextAttempt = resume
+		r.Skipped++
+	} else {
+		r.NextAttempt = now.Add(q.backoff(r.Attempts - r.Skipped))
+	}
 	// The last retry falls on the deadline, so expiry is not late.
-	r.NextAttempt = now.Add(q.backoff(r.Attempts))
 	if r.NextAttempt.After(deadline) {
 		r.NextAttempt = deadline
 	}
@@ -226,13 +235,18 @@ func (q *Queue) logOutcome(job *Job, m *message, idx []int, statuses []Status, o
 		}
 	}
 	for _, g := range groups {
-		attrs := []any{"id", job.ID, "domain", job.Domain, "recipients", strings.Join(g.rcpts, ","),
-			"outcome", g.outcome, "status", g.status, "attempt", job.Attempt}
+		attrs := []any{"id", job.ID, "message_id", job.Envelope.MessageID, "domain", job.Domain,
+			"recipients", strings.Join(g.rcpts, ","), "outcome", g.outcome, "status", g.status, "attempt", job.Attempt}
 		if !g.next.IsZero() {
 			attrs = append(attrs, "next_retry", g.next.UTC().Format(time.RFC3339))
 		}
-		// delivery logs the attempt itself (MX, policy, TLS, time); this line
-		// says what became of the recipients.
-		q.log.Info("recipients updated", attrs...)
+		// delivery logs the attempt itself in one line (MX, policy, TLS,
+		// time); this one says what became of the recipients, for debugging.
+		// Giving up is news of its own.
+		if g.outcome == outcomeExpired {
+			q.log.Warn("gave up: delivery time expired", attrs...)
+			continue
+		}
+		q.log.Debug("recipients updated", attrs...)
 	}
 }

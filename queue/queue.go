@@ -20,44 +20,58 @@ import (
 	"golang.org/x/net/idna"
 )
 
-// Options configure a Queue. Zero values take the defaults noted.
+// Options configure a Queue. A zero field takes its value from
+// DefaultOptions, which is also where stsrelay's configuration takes its
+// defaults from.
 type Options struct {
 	Deliverer Deliverer // required
 	// Dir is the spool directory for message bodies. Default: "spool"
 	// beside the database file.
 	Dir string
 	// Workers is the number of deliveries in flight at once
-	// (delivery.workers). Default 16.
+	// (delivery.workers).
 	Workers int
 	// MaxConnsPerDomain caps the deliveries in flight to one destination
-	// domain (delivery.max_connections_per_domain). Default 4.
+	// domain (delivery.max_connections_per_domain).
 	MaxConnsPerDomain int
 	// RetrySchedule is the wait after the 1st, 2nd, … failed attempt of a
 	// recipient; the last entry repeats (delivery.retry_schedule). Each wait
-	// gets up to 10% added at random so that retries spread out. Default
-	// 5m, 10m, 30m, 1h, 2h, 4h.
+	// gets up to 10% added at random so that retries spread out.
 	RetrySchedule []time.Duration
 	// MaxQueueTime is how long a recipient is retried before it bounces
-	// with 5.4.7 (delivery.max_queue_time). Default 120h (RFC 5321 §4.5.4.1).
+	// with 5.4.7 (delivery.max_queue_time).
 	MaxQueueTime time.Duration
 	// DelayNoticeAfter is when a still-deferred recipient gets its one delay
-	// DSN (delivery.delay_notice_after). Default 4h; negative: never.
+	// DSN (delivery.delay_notice_after). 0 means never, as in the
+	// configuration; DefaultOptions has the usual value.
 	DelayNoticeAfter time.Duration
 	// Hostname is this MTA's name: Reporting-MTA and postmaster@Hostname in
 	// DSNs. Default os.Hostname().
 	Hostname string
-	// MaxMessageSize bounds what Enqueue reads. Default 64 MiB; smtpin's
-	// own limit should be lower.
+	// MaxMessageSize bounds what Enqueue reads; smtpin's own limit should
+	// be lower.
 	MaxMessageSize int64
 	// ShutdownGrace is how long Run lets in-flight deliveries finish after
-	// its context is done before cancelling them. Default 10s.
+	// its context is done before cancelling them.
 	ShutdownGrace time.Duration
 	Logger        *slog.Logger     // default slog.Default()
 	Now           func() time.Time // clock, for tests; default time.Now
 }
 
-// DefaultRetrySchedule is used when Options.RetrySchedule is empty.
-var DefaultRetrySchedule = []time.Duration{5 * time.Minute, 10 * time.Minute, 30 * time.Minute, time.Hour, 2 * time.Hour, 4 * time.Hour}
+// DefaultOptions are the values zero Options fields take, and the
+// defaults of the [delivery] keys in stsrelay's configuration.
+var DefaultOptions = Options{
+	Workers:           32,
+	MaxConnsPerDomain: 10,
+	// RFC 5321 §4.5.4.1 asks for a delayed first retry and 30 minutes
+	// between retries; the first two are shorter, as Postfix's are,
+	// because greylisting clears in minutes.
+	RetrySchedule:    []time.Duration{5 * time.Minute, 10 * time.Minute, 30 * time.Minute, time.Hour, 2 * time.Hour, 4 * time.Hour},
+	MaxQueueTime:     120 * time.Hour, // RFC 5321 §4.5.4.1: 4-5 days
+	DelayNoticeAfter: 4 * time.Hour,
+	MaxMessageSize:   64 << 20,
+	ShutdownGrace:    10 * time.Second,
+}
 
 // inlineMax is the largest body that goes into a group commit's shared
 // batch file; larger ones get a file of their own.
@@ -73,10 +87,12 @@ type Queue struct {
 	log    *slog.Logger
 	commit *committer
 	spool  *spool
+	reader *Reader
 
 	mu       sync.Mutex
 	index    map[string]*entry
 	bodyRefs map[string]int // batch file → messages in the index using it
+	totals   [3]int         // pending recipients in the index: queued, deferred, held
 	sched    scheduler
 	kick     chan struct{}
 
@@ -93,14 +109,15 @@ func New(db *bbolt.DB, opts Options) (*Queue, error) {
 	if opts.Deliverer == nil {
 		return nil, errors.New("queue: Options.Deliverer is required")
 	}
+	def := DefaultOptions
 	if opts.Workers <= 0 {
-		opts.Workers = 16
+		opts.Workers = def.Workers
 	}
 	if opts.MaxConnsPerDomain <= 0 {
-		opts.MaxConnsPerDomain = 4
+		opts.MaxConnsPerDomain = def.MaxConnsPerDomain
 	}
 	if len(opts.RetrySchedule) == 0 {
-		opts.RetrySchedule = DefaultRetrySchedule
+		opts.RetrySchedule = def.RetrySchedule
 	}
 	for _, d := range opts.RetrySchedule {
 		if d <= 0 {
@@ -108,10 +125,10 @@ func New(db *bbolt.DB, opts Options) (*Queue, error) {
 		}
 	}
 	if opts.MaxQueueTime <= 0 {
-		opts.MaxQueueTime = 120 * time.Hour
+		opts.MaxQueueTime = def.MaxQueueTime
 	}
-	if opts.DelayNoticeAfter == 0 {
-		opts.DelayNoticeAfter = 4 * time.Hour
+	if opts.DelayNoticeAfter < 0 {
+		return nil, fmt.Errorf("queue: DelayNoticeAfter %v is negative (0 means never)", opts.DelayNoticeAfter)
 	}
 	if opts.Hostname == "" {
 		h, err := os.Hostname()
@@ -121,10 +138,10 @@ func New(db *bbolt.DB, opts Options) (*Queue, error) {
 		opts.Hostname = h
 	}
 	if opts.MaxMessageSize <= 0 {
-		opts.MaxMessageSize = 64 << 20
+		opts.MaxMessageSize = def.MaxMessageSize
 	}
 	if opts.ShutdownGrace <= 0 {
-		opts.ShutdownGrace = 10 * time.Second
+		opts.ShutdownGrace = def.ShutdownGrace
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
@@ -149,6 +166,7 @@ func New(db *bbolt.DB, opts Options) (*Queue, error) {
 		sched:    newScheduler(),
 		kick:     make(chan struct{}, 1),
 	}
+	q.reader = &Reader{db: db, spool: sp, now: opts.Now}
 	err = db.Update(func(tx *bbolt.Tx) error {
 		_, err := tx.CreateBucketIfNotExists(bucketMessages)
 		return err
@@ -211,7 +229,8 @@ func (q *Queue) Close() error {
 // Enqueue stores a message for delivery and returns its queue id once the
 // message is committed and synced to disk. body is the whole message with
 // CRLF line ends. When Enqueue returns an error, nothing was stored and the
-// message must not be acknowledged (smtpin answers 451 4.3.0).
+// message must not be acknowledged (smtpin answers 451 4.3.0). Enqueue
+// logs nothing: the caller's line is the one line per submission.
 func (q *Queue) Enqueue(ctx context.Context, env Envelope, body io.Reader) (string, error) {
 	if err := ctx.Err(); err != nil {
 		return "", fmt.Errorf("message not queued: %w", err)
@@ -241,7 +260,6 @@ func (q *Queue) Enqueue(ctx context.Context, env Envelope, body io.Reader) (stri
 		}
 		metricEnqueued.Inc()
 		q.wake()
-		q.log.Info("queued", "id", m.ID, "from", env.From, "recipients", len(m.Recipients), "size", m.Size, "user", env.User, "client", env.ClientAddr)
 		return m.ID, nil
 	}
 	f, id, size, err := q.spool.create(m.Arrived, io.MultiReader(bytes.NewReader(head), src), q.opts.MaxMessageSize)
@@ -260,7 +278,6 @@ func (q *Queue) Enqueue(ctx context.Context, env Envelope, body io.Reader) (stri
 	}
 	metricEnqueued.Inc()
 	q.wake()
-	q.log.Info("queued", "id", m.ID, "from", env.From, "recipients", len(m.Recipients), "size", m.Size, "user", env.User, "client", env.ClientAddr)
 	return m.ID, nil
 }
 

@@ -73,8 +73,8 @@ func TestEnqueueRefusesAndStoresNothing(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "connection reset") {
 		t.Errorf("reader error: err = %v", err)
 	}
-	if list, _ := tq.List(); len(list) != 0 {
-		t.Errorf("queue holds %d messages after refused enqueues", len(list))
+	if p, _ := tq.List("", 0); len(p.Messages) != 0 {
+		t.Errorf("queue holds %d messages after refused enqueues", len(p.Messages))
 	}
 }
 
@@ -291,8 +291,8 @@ func TestNullSenderNeverGetsABounce(t *testing.T) {
 	if _, err := tq.Show(id); !errors.Is(err, ErrNotFound) {
 		t.Errorf("failed bounce still queued: %v", err)
 	}
-	if list, _ := tq.List(); len(list) != 0 {
-		t.Errorf("a failed message from <> produced %d messages", len(list))
+	if p, _ := tq.List("", 0); len(p.Messages) != 0 {
+		t.Errorf("a failed message from <> produced %d messages", len(p.Messages))
 	}
 }
 
@@ -342,7 +342,7 @@ func TestNotifySuccessGetsRelayedDSNOnlyWhenNotPassedOn(t *testing.T) {
 }
 
 func TestExpiryFailsWith547AndNamesLastError(t *testing.T) {
-	tq := newTestQueue(t, newScripted(all(defer451)), Options{MaxQueueTime: 120 * time.Hour, RetrySchedule: []time.Duration{48 * time.Hour}})
+	tq := newTestQueue(t, newScripted(all(defer451)), Options{MaxQueueTime: 120 * time.Hour, RetrySchedule: []time.Duration{48 * time.Hour}, DelayNoticeAfter: 4 * time.Hour})
 	id := tq.enqueue(t, env("alice@example.com", "bob@example.org"))
 	arrived := tq.clock.Now()
 	tq.run(t)

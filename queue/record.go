@@ -16,6 +16,7 @@ type storedMessage struct {
 	From        string            `json:"f"`
 	User        string            `json:"u,omitempty"`
 	ClientAddr  string            `json:"c,omitempty"`
+	MessageID   string            `json:"mid,omitempty"`
 	Body8Bit    bool              `json:"8b,omitempty"`
 	SMTPUTF8    bool              `json:"utf8,omitempty"`
 	RequireTLS  bool              `json:"rtls,omitempty"`
@@ -46,6 +47,8 @@ type storedRecipient struct {
 	Relayed       bool     `json:"rl,omitempty"`
 	LastMX        string   `json:"mx,omitempty"`
 	DelayNotified bool     `json:"dn,omitempty"`
+	ResumeAt      int64    `json:"ra,omitempty"`
+	Skipped       int      `json:"sk,omitempty"`
 }
 
 func unixNano(t time.Time) int64 {
@@ -65,7 +68,7 @@ func fromUnixNano(n int64) time.Time {
 func encodeMessage(m *message) ([]byte, error) {
 	e := &m.Envelope
 	s := storedMessage{
-		V: 1, ID: m.ID, From: e.From, User: e.User, ClientAddr: e.ClientAddr,
+		V: 1, ID: m.ID, From: e.From, User: e.User, ClientAddr: e.ClientAddr, MessageID: e.MessageID,
 		Body8Bit: e.Body8Bit, SMTPUTF8: e.SMTPUTF8, RequireTLS: e.RequireTLS, NoTLSPolicy: e.NoTLSPolicy,
 		Ret: e.Ret, EnvID: e.EnvID, Size: m.Size, BodyFile: m.BodyFile, BodyOff: m.BodyOff, Arrived: unixNano(m.Arrived),
 		Recipients: make([]storedRecipient, len(m.Recipients)),
@@ -76,6 +79,7 @@ func encodeMessage(m *message) ([]byte, error) {
 			Attempts: r.Attempts, NextAttempt: unixNano(r.NextAttempt), LastAttempt: unixNano(r.LastAttempt),
 			Code: r.Last.Code, Enhanced: r.Last.Enhanced, Text: r.Last.Text, RemoteMTA: r.Last.RemoteMTA,
 			Reply: r.Last.Reply, Relayed: r.Last.Relayed, LastMX: r.LastMX, DelayNotified: r.DelayNotified,
+			ResumeAt: unixNano(r.ResumeAt), Skipped: r.Skipped,
 		}
 	}
 	return json.Marshal(&s)
@@ -92,7 +96,7 @@ func decodeMessage(v []byte) (*message, error) {
 	m := &message{
 		ID: s.ID,
 		Envelope: Envelope{
-			From: s.From, User: s.User, ClientAddr: s.ClientAddr,
+			From: s.From, User: s.User, ClientAddr: s.ClientAddr, MessageID: s.MessageID,
 			Body8Bit: s.Body8Bit, SMTPUTF8: s.SMTPUTF8, RequireTLS: s.RequireTLS, NoTLSPolicy: s.NoTLSPolicy,
 			Ret: s.Ret, EnvID: s.EnvID,
 		},
@@ -109,6 +113,7 @@ func decodeMessage(v []byte) (*message, error) {
 			NextAttempt: fromUnixNano(r.NextAttempt), LastAttempt: fromUnixNano(r.LastAttempt),
 			Last:   Status{Code: r.Code, Enhanced: r.Enhanced, Text: r.Text, RemoteMTA: r.RemoteMTA, Reply: r.Reply, Relayed: r.Relayed},
 			LastMX: r.LastMX, DelayNotified: r.DelayNotified,
+			ResumeAt: fromUnixNano(r.ResumeAt), Skipped: r.Skipped,
 		}
 	}
 	return m, nil

@@ -119,7 +119,12 @@ func (q *Queue) indexPut(m *message) {
 		if m.BodyFile != "" {
 			q.bodyRefs[m.BodyFile]++
 		}
+		if len(q.index) == 1 {
+			metricOldest.Set(max(q.opts.Now().Sub(e.arrived).Seconds(), 0))
+		}
 	}
+	defer q.countLocked(e, 1)
+	q.countLocked(e, -1)
 	e.counts = [3]int32{}
 	due := make(map[string]time.Time, len(e.slots)+1)
 	for i := range m.Recipients {
@@ -163,7 +168,12 @@ func (q *Queue) indexRemoveLocked(e *entry) {
 	for _, s := range e.slots {
 		s.gone = true
 	}
+	q.countLocked(e, -1)
 	delete(q.index, e.id)
+	if len(q.index) == 0 {
+		metricOldest.Set(0)
+	}
+	metricMessages.Set(float64(len(q.index)))
 	if e.bodyFile == "" {
 		q.spool.remove(e.id)
 		return

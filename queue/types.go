@@ -14,6 +14,9 @@ type Envelope struct {
 	Recipients []RecipientParams
 	User       string // authenticated submitter, "" for a trusted network
 	ClientAddr string // submitting client's IP address
+	// MessageID is the message's Message-ID header field body, angle
+	// brackets included, so that logs can be searched by it.
+	MessageID string
 
 	Body8Bit   bool   // BODY=8BITMIME (RFC 6152)
 	SMTPUTF8   bool   // SMTPUTF8 (RFC 6531)
@@ -50,7 +53,8 @@ const (
 func (s State) Final() bool { return s == StateDelivered || s == StateFailed }
 
 // Status is the outcome of one attempt for one recipient: what the queue
-// shows, what logs say and what a DSN carries (DESIGN.md decision 6).
+// shows, what logs say and what a DSN carries (docs/DESIGN.md, "What deferrals
+// say").
 type Status struct {
 	Code      int    // SMTP reply code: 250, 451, 550, …
 	Enhanced  string // enhanced status code (RFC 3463): "4.4.8"

@@ -1,8 +1,9 @@
 // Package resolve is the one DNS client of stsrelay: MX, address, TXT and
-// TLSA lookups against the configured (ideally validating) resolver, with the
-// DO bit on every query so the AD bit can be trusted (DESIGN.md decision 5),
-// CNAME chains followed, TCP on truncation and a TTL-respecting cache shared
-// by delivery, sts, dane and tlsrpt.
+// TLSA lookups against the configured (ideally validating) resolver, with
+// the DO bit on every query so the AD bit can be trusted (docs/DESIGN.md,
+// "DNSSEC comes from a validating resolver"), CNAME chains followed, TCP on
+// truncation and a TTL-respecting cache shared by delivery, sts, dane and
+// tlsrpt.
 package resolve
 
 import (
@@ -36,11 +37,15 @@ const (
 type Config struct {
 	// Servers are host:port addresses; empty means /etc/resolv.conf.
 	Servers []string
-	// Timeout bounds one query to one server; 0 means 5 seconds.
+	// Timeout bounds one query to one server; 0 means DefaultTimeout.
 	Timeout time.Duration
 	// CacheEntries bounds the cache; 0 means 10000, negative disables it.
 	CacheEntries int
 }
+
+// DefaultTimeout bounds one query to one server when Config.Timeout is
+// 0, and is the default of the dns.timeout key.
+const DefaultTimeout = 5 * time.Second
 
 // Resolver sends queries and caches answers. It is safe for concurrent use.
 type Resolver struct {
@@ -94,7 +99,7 @@ func New(cfg Config) (*Resolver, error) {
 	}
 	timeout := cfg.Timeout
 	if timeout <= 0 {
-		timeout = 5 * time.Second
+		timeout = DefaultTimeout
 	}
 	maxCache := cfg.CacheEntries
 	if maxCache == 0 {

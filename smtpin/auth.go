@@ -145,52 +145,86 @@ func (u *User) mayUseSender(from string) bool {
 	return false
 }
 
-// authLimiter counts failed AUTH attempts per client: a burst of
-// burst failures, then one more per every.
+// authLimiter counts failed AUTH attempts per client and user name: a
+// burst of burst failures, then one more per every. One application with a
+// wrong password on a shared host so locks out only its own name; the
+// client as a whole has a higher allowance, ipBurst, against guessing
+// across many names.
 type authLimiter struct {
-	mu    sync.Mutex
-	m     map[netip.Prefix]*rate.Limiter
-	burst int
-	every time.Duration
-	now   func() time.Time
+	mu      sync.Mutex
+	m       map[authKey]*rate.Limiter
+	burst   int
+	ipBurst int
+	every   time.Duration
+	now     func() time.Time
 }
 
-// authLimiterSize is how many clients are remembered before those whose
+// authKey is a client, with a user name or "" for the client as a whole.
+type authKey struct {
+	client netip.Prefix
+	user   string
+}
+
+// authLimiterSize is how many keys are remembered before those whose
 // allowance is full again are forgotten.
 const authLimiterSize = 10000
 
-func newAuthLimiter(burst int, every time.Duration) *authLimiter {
-	return &authLimiter{m: make(map[netip.Prefix]*rate.Limiter), burst: burst, every: every, now: time.Now}
+// maxUserKey bounds the user name kept in a key: names are the client's
+// to choose.
+const maxUserKey = 256
+
+func newAuthLimiter(burst, ipBurst int, every time.Duration) *authLimiter {
+	return &authLimiter{m: make(map[authKey]*rate.Limiter), burst: burst, ipBurst: max(ipBurst, burst), every: every, now: time.Now}
 }
 
-// blocked reports whether client has used up its failed attempts.
-func (l *authLimiter) blocked(client netip.Prefix) bool {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	lim := l.m[client]
-	return lim != nil && lim.TokensAt(l.now()) < 1
-}
-
-// failed records a failed attempt by client.
-func (l *authLimiter) failed(client netip.Prefix) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	lim := l.m[client]
-	if lim == nil {
-		if len(l.m) >= authLimiterSize {
-			l.forgetIdle()
-		}
-		lim = rate.NewLimiter(rate.Every(l.every), l.burst)
-		l.m[client] = lim
+func userKey(client netip.Prefix, user string) authKey {
+	if len(user) > maxUserKey {
+		user = user[:maxUserKey]
 	}
-	lim.AllowN(l.now(), 1)
+	return authKey{client, user}
 }
 
-// forgetIdle drops clients whose allowance is full again: remembering
-// them changes nothing.
+// blocked says which allowance of client trying user is used up: "user",
+// "client", or "" when it may try.
+func (l *authLimiter) blocked(client netip.Prefix, user string) string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	now := l.now()
+	if lim := l.m[authKey{client: client}]; lim != nil && lim.TokensAt(now) < 1 {
+		return "client"
+	}
+	if lim := l.m[userKey(client, user)]; lim != nil && lim.TokensAt(now) < 1 {
+		return "user"
+	}
+	return ""
+}
+
+// failed records a failed attempt by client for user.
+func (l *authLimiter) failed(client netip.Prefix, user string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for _, k := range []authKey{{client: client}, userKey(client, user)} {
+		lim := l.m[k]
+		if lim == nil {
+			if len(l.m) >= authLimiterSize {
+				l.forgetIdle()
+			}
+			burst := l.burst
+			if k.user == "" {
+				burst = l.ipBurst
+			}
+			lim = rate.NewLimiter(rate.Every(l.every), burst)
+			l.m[k] = lim
+		}
+		lim.AllowN(l.now(), 1)
+	}
+}
+
+// forgetIdle drops keys whose allowance is full again: remembering them
+// changes nothing.
 func (l *authLimiter) forgetIdle() {
 	for k, lim := range l.m {
-		if lim.TokensAt(l.now()) >= float64(l.burst) {
+		if lim.TokensAt(l.now()) >= float64(lim.Burst()) {
 			delete(l.m, k)
 		}
 	}

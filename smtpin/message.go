@@ -51,8 +51,9 @@ func (s *session) receive(tx transaction, r io.Reader) error {
 	if hdr.tlsRequiredNo && !env.RequireTLS {
 		env.NoTLSPolicy = true
 	}
-	trace := s.traceHeaders(tx.helo, env, hdr, time.Now())
-	msg := io.MultiReader(strings.NewReader(trace), bytes.NewReader(hdr.raw), br)
+	trace, msgID := s.traceHeaders(tx.helo, env, hdr, time.Now())
+	env.MessageID = msgID
+	msg := &countingReader{r: io.MultiReader(strings.NewReader(trace), bytes.NewReader(hdr.raw), br)}
 
 	if !s.srv.enqueueBegin() {
 		return s.rejectAs(env.User, "shutdown", &smtp.SMTPError{Code: 421, EnhancedCode: smtp.EnhancedCode{4, 3, 2},
@@ -79,8 +80,10 @@ func (s *session) receive(tx transaction, r io.Reader) error {
 	if s.tls != nil {
 		tlsInfo = tlsVersion(s.tls.Version)
 	}
-	s.log.Info("smtpin: accepted", "id", id, "from", env.From, "rcpts", len(env.Recipients),
-		"size", body.n, "user", env.User, "tls", tlsInfo, "requiretls", env.RequireTLS,
+	// The one line per submission. size is what was stored, our Received
+	// header included, as the queue shows it.
+	s.log.Info("smtpin: accepted", "id", id, "message_id", msgID, "from", env.From, "rcpts", len(env.Recipients),
+		"size", msg.n, "user", env.User, "tls", tlsInfo, "requiretls", env.RequireTLS,
 		"notlspolicy", env.NoTLSPolicy, "duration", time.Since(start).Round(time.Millisecond))
 	// go-smtp sends an SMTPError as the reply, even a 250.
 	return &smtp.SMTPError{Code: 250, EnhancedCode: smtp.EnhancedCode{2, 0, 0}, Message: "Ok: queued as " + id}
@@ -199,10 +202,27 @@ func (b *bodyReader) Read(p []byte) (int, error) {
 	return n, nil
 }
 
+// countingReader counts the bytes read through it.
+type countingReader struct {
+	r io.Reader
+	n int64
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n += int64(n)
+	return n, err
+}
+
+// maxMessageIDLen bounds the Message-ID kept for logs and the queue; RFC
+// 5322 §2.1.1 bounds a line at 998 characters.
+const maxMessageIDLen = 998
+
 // header is what the submission's header section says, as far as we care.
 type header struct {
 	raw           []byte // the bytes read, passed on unchanged
 	hasMessageID  bool
+	messageID     string // the first Message-ID field's body, unfolded
 	hasDate       bool
 	tlsRequiredNo bool // "TLS-Required: No" (RFC 8689 §5)
 }
@@ -217,6 +237,9 @@ func readHeader(br *bufio.Reader, limit int) (*header, error) {
 	finish := func() {
 		switch {
 		case strings.EqualFold(name, "Message-ID"):
+			if !h.hasMessageID {
+				h.messageID = messageID(value)
+			}
 			h.hasMessageID = true
 		case strings.EqualFold(name, "Date"):
 			h.hasDate = true
@@ -261,6 +284,22 @@ func readHeader(br *bufio.Reader, limit int) (*header, error) {
 	}
 }
 
+// messageID cleans a Message-ID field body for logs: unfolded, printable
+// ASCII only, bounded.
+func messageID(v []byte) string {
+	id := strings.Join(strings.Fields(string(v)), " ")
+	id = strings.Map(func(r rune) rune {
+		if r < 0x20 || r > 0x7e {
+			return '?'
+		}
+		return r
+	}, id)
+	if len(id) > maxMessageIDLen {
+		id = id[:maxMessageIDLen]
+	}
+	return id
+}
+
 // isFieldName: RFC 5322 §3.6.8, printable US-ASCII except colon.
 func isFieldName(b []byte) bool {
 	if len(b) == 0 {
@@ -275,8 +314,9 @@ func isFieldName(b []byte) bool {
 }
 
 // traceHeaders returns the Received header (RFC 5321 §4.4) and, as Postfix
-// does for submission, a Message-ID and Date when the message has none.
-func (s *session) traceHeaders(helo string, env queue.Envelope, hdr *header, now time.Time) string {
+// does for submission, a Message-ID and Date when the message has none;
+// and the message's Message-ID, its own or the one added.
+func (s *session) traceHeaders(helo string, env queue.Envelope, hdr *header, now time.Time) (string, string) {
 	var b strings.Builder
 	host := s.srv.opts.Hostname
 
@@ -300,13 +340,15 @@ func (s *session) traceHeaders(helo string, env queue.Envelope, hdr *header, now
 		fmt.Fprintf(&b, "\t(authenticated user %s)\r\n", sanitizeComment(env.User))
 	}
 	fmt.Fprintf(&b, "\tby %s (stsrelay) with %s;\r\n\t%s\r\n", host, proto, now.Format(time.RFC1123Z))
+	msgID := hdr.messageID
 	if !hdr.hasMessageID {
-		fmt.Fprintf(&b, "Message-ID: <%s@%s>\r\n", rand.Text(), host)
+		msgID = fmt.Sprintf("<%s@%s>", rand.Text(), host)
+		fmt.Fprintf(&b, "Message-ID: %s\r\n", msgID)
 	}
 	if !hdr.hasDate {
 		fmt.Fprintf(&b, "Date: %s\r\n", now.Format(time.RFC1123Z))
 	}
-	return b.String()
+	return b.String(), msgID
 }
 
 // sanitizeHelo keeps the client's HELO name from breaking the header:

@@ -50,41 +50,47 @@ type Options struct {
 
 	Users        []User
 	ShowAuthUser bool // name the authenticated user in the Received header
-	// Failed AUTH attempts per client IP (IPv6: per /64): AuthFailures in a
-	// burst (0 = 5), then one more per AuthFailuresPer (0 = 1 min); beyond
-	// that AUTH is answered 454 4.7.0. Each failure is also delayed 1s.
-	AuthFailures    int
-	AuthFailuresPer time.Duration
+	// Failed AUTH attempts per client IP (IPv6: per /64) and user name:
+	// AuthFailures in a burst, then one more per AuthFailuresPer; beyond
+	// that AUTH for that name is answered 454 4.7.0. AuthFailuresPerIP is
+	// the burst for the client over all names. Each failure is also
+	// delayed 1s.
+	AuthFailures      int
+	AuthFailuresPerIP int
+	AuthFailuresPer   time.Duration
 
-	// MaxMessageSize in bytes, 0 = 50 MiB; larger is 552 5.3.4. go-smtp
+	// MaxMessageSize in bytes; larger is 552 5.3.4. go-smtp
 	// v0.25.1 refuses a DATA message of exactly this size (it checks one
 	// byte early); BDAT is exact.
 	MaxMessageSize int64
-	MaxRecipients  int // per message, 0 = 1000; more is 452 4.5.3
-	// MaxLineLength in bytes with CRLF, for commands, 0 = 2000: RFC 5321
+	MaxRecipients  int // per message; more is 452 4.5.3
+	// MaxLineLength in bytes with CRLF, for commands: RFC 5321
 	// §4.5.3.1.6 says 512, but SMTPUTF8 and AUTH lines run longer.
 	// Message lines are held to RFC 5321's 1000 (or this, if smaller).
 	MaxLineLength int
-	MaxConnsPerIP int // concurrent connections per client IP (IPv6: per /64), 0 = 20
+	MaxConnsPerIP int // concurrent connections per client IP (IPv6: per /64)
 
 	// CommandTimeout is how long a client may stay silent while a command
-	// is expected (RFC 5321 §4.5.3.2.7: at least 5 minutes), 0 = 5 min.
-	// DataTimeout is how long it may stay silent while sending a message,
-	// 0 = 5 min. Both are idle timeouts: each read restarts them.
+	// is expected (RFC 5321 §4.5.3.2.7: at least 5 minutes). DataTimeout is
+	// how long it may stay silent while sending a message. Both are idle
+	// timeouts: each read restarts them.
 	CommandTimeout, DataTimeout time.Duration
 
 	Logger *slog.Logger // nil = slog.Default()
 }
 
-// Defaults for zero Options fields.
+// Defaults for zero Options fields, and of the [submission] keys in
+// stsrelay's configuration, which takes them from here.
 const (
-	DefaultMaxMessageSize  = 50 << 20
-	DefaultMaxRecipients   = 1000
-	DefaultMaxLineLength   = 2000
-	DefaultMaxConnsPerIP   = 20
-	DefaultAuthFailures    = 5
-	DefaultAuthFailuresPer = time.Minute
-	DefaultTimeout         = 5 * time.Minute
+	DefaultMaxMessageSize    = 35 << 20
+	DefaultMaxRecipients     = 1000
+	DefaultMaxLineLength     = 2000
+	DefaultMaxConnsPerIP     = 20
+	DefaultAuthFailures      = 5
+	DefaultAuthFailuresPerIP = 20
+	DefaultAuthFailuresPer   = time.Minute
+	DefaultCommandTimeout    = 5 * time.Minute
+	DefaultDataTimeout       = 10 * time.Minute
 )
 
 // ErrServerClosed is returned by Serve and Listen after Shutdown.
@@ -151,14 +157,17 @@ func New(opts Options, q Enqueuer) (*Server, error) {
 	if opts.AuthFailures <= 0 {
 		opts.AuthFailures = DefaultAuthFailures
 	}
+	if opts.AuthFailuresPerIP <= 0 {
+		opts.AuthFailuresPerIP = DefaultAuthFailuresPerIP
+	}
 	if opts.AuthFailuresPer <= 0 {
 		opts.AuthFailuresPer = DefaultAuthFailuresPer
 	}
 	if opts.CommandTimeout <= 0 {
-		opts.CommandTimeout = DefaultTimeout
+		opts.CommandTimeout = DefaultCommandTimeout
 	}
 	if opts.DataTimeout <= 0 {
-		opts.DataTimeout = DefaultTimeout
+		opts.DataTimeout = DefaultDataTimeout
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
@@ -173,7 +182,7 @@ func New(opts Options, q Enqueuer) (*Server, error) {
 		opts:          opts,
 		q:             q,
 		log:           opts.Logger,
-		authLim:       newAuthLimiter(opts.AuthFailures, opts.AuthFailuresPer),
+		authLim:       newAuthLimiter(opts.AuthFailures, opts.AuthFailuresPerIP, opts.AuthFailuresPer),
 		authFailDelay: time.Second,
 		conns:         make(map[*conn]struct{}),
 		perIP:         make(map[netip.Prefix]int),

@@ -99,6 +99,9 @@ func (s *session) authAllowed() bool {
 func (s *session) Auth(mech string) (sasl.Server, error) {
 	if !s.authAllowed() {
 		metricAuth.WithLabelValues("refused_plaintext").Inc()
+		// Refused before the client sends a name, so that no password
+		// crosses the network in the clear: there is no user to name.
+		s.log.Info("smtpin: auth refused: TLS required first", "mechanism", mech)
 		// RFC 4954 §6 and RFC 5248: 538 5.7.11 encryption required.
 		return nil, &smtp.SMTPError{Code: 538, EnhancedCode: smtp.EnhancedCode{5, 7, 11},
 			Message: "Encryption required for requested authentication mechanism: use STARTTLS first"}
@@ -106,14 +109,22 @@ func (s *session) Auth(mech string) (sasl.Server, error) {
 	if len(s.srv.users.Load().users) == 0 {
 		return nil, smtp.ErrAuthUnsupported
 	}
-	key := clientKey(s.client)
-	if s.srv.authLim.blocked(key) {
-		metricAuth.WithLabelValues("rate_limited").Inc()
-		s.log.Warn("smtpin: auth refused: too many failed attempts from client")
-		return nil, &smtp.SMTPError{Code: 454, EnhancedCode: smtp.EnhancedCode{4, 7, 0},
-			Message: "Too many failed authentication attempts from your address, try again later"}
-	}
 	check := func(identity, name, password string) error {
+		// Limits are checked once the name is known, so that one
+		// application's wrong password locks out only its own name; the
+		// password of a refused attempt is not checked at all.
+		switch s.srv.authLim.blocked(clientKey(s.client), name) {
+		case "client":
+			metricAuth.WithLabelValues("rate_limited").Inc()
+			s.log.Warn("smtpin: auth refused: too many failed attempts from this client", "user", logName(name))
+			return &smtp.SMTPError{Code: 454, EnhancedCode: smtp.EnhancedCode{4, 7, 0},
+				Message: "Too many failed authentication attempts from your address, try again later"}
+		case "user":
+			metricAuth.WithLabelValues("rate_limited").Inc()
+			s.log.Warn("smtpin: auth refused: too many failed attempts for this user from this client", "user", logName(name))
+			return &smtp.SMTPError{Code: 454, EnhancedCode: smtp.EnhancedCode{4, 7, 0},
+				Message: "Too many failed authentication attempts for this user, try again later"}
+		}
 		// No proxy authorization: a user acts only as itself.
 		if identity != "" && identity != name {
 			return s.authFailed(name, "authorization identity differs from user name")
@@ -145,11 +156,19 @@ func (s *session) Auth(mech string) (sasl.Server, error) {
 // answer for the client.
 func (s *session) authFailed(name, why string) error {
 	metricAuth.WithLabelValues("failure").Inc()
-	s.srv.authLim.failed(clientKey(s.client))
-	s.log.Warn("smtpin: auth failed", "user", name, "reason", why)
+	s.srv.authLim.failed(clientKey(s.client), name)
+	s.log.Warn("smtpin: auth failed", "user", logName(name), "reason", why)
 	time.Sleep(s.srv.authFailDelay)
 	return &smtp.SMTPError{Code: 535, EnhancedCode: smtp.EnhancedCode{5, 7, 8},
 		Message: "Authentication failed: " + why}
+}
+
+// logName bounds a user name a client sent, for a log line.
+func logName(name string) string {
+	if len(name) > maxUserKey {
+		return name[:maxUserKey] + "…"
+	}
+	return name
 }
 
 // saslErrors turns go-sasl's parse errors into a failed attempt; go-smtp

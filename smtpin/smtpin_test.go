@@ -1,12 +1,15 @@
 package smtpin
 
 import (
+	"bytes"
 	"crypto/tls"
 	"encoding/base64"
+	"log/slog"
 	"net/netip"
 	"reflect"
 	"regexp"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/emersion/go-sasl"
@@ -40,6 +43,10 @@ func TestSubmitWithAuthOverSTARTTLS(t *testing.T) {
 		User:       testUser,
 		ClientAddr: "127.0.0.1",
 		Body8Bit:   true, // go-smtp's client sends BODY=8BITMIME when offered
+	}
+	// The message had no Message-ID: the envelope carries the one added.
+	if added := regexp.MustCompile(`(?m)^Message-ID: (<[A-Z2-7]+@relay\.test>)\r$`).FindStringSubmatch(m.body); added != nil {
+		want.MessageID = added[1]
 	}
 	if !envEqual(m.env, want) {
 		t.Errorf("envelope %+v, want %+v", m.env, want)
@@ -177,6 +184,63 @@ func TestAuthRateLimitedAfterRepeatedFailures(t *testing.T) {
 	d.cmd(authPlainLine(testUser, testPassword), "454 4.7.0")
 	c := e.client(t, true)
 	wantCode(t, c.Auth(plainAuth()), 454, "4.7.0")
+}
+
+func TestFailedAuthOfOneUserDoesNotLockOutAnother(t *testing.T) {
+	var logBuf syncBuffer
+	e := start(t, func(o *Options) { o.Logger = slog.New(slog.NewTextHandler(&logBuf, nil)) })
+	d := dial(t, e.srv.Addr())
+	d.cmd("EHLO client.test", "250")
+	d.cmd("STARTTLS", "220")
+	d.starttls(e.clientTLS())
+	d.cmd("EHLO client.test", "250")
+	// A misconfigured application on the same host uses up its own tries.
+	for range DefaultAuthFailures {
+		d.cmd(authPlainLine("misconfigured", "old password"), "535 5.7.8")
+	}
+	d.cmd(authPlainLine("misconfigured", "old password"), "454 4.7.0")
+	if !strings.Contains(logBuf.String(), `msg="smtpin: auth refused: too many failed attempts for this user from this client" client=127.0.0.1`) ||
+		!strings.Contains(logBuf.String(), "user=misconfigured") {
+		t.Errorf("the refusal does not name the user tried:\n%s", logBuf.String())
+	}
+	if strings.Contains(logBuf.String(), "old password") {
+		t.Error("a password reached the log")
+	}
+	// The other application from the same address still gets in.
+	c := e.client(t, true)
+	if err := c.Auth(plainAuth()); err != nil {
+		t.Fatalf("another user from the same client: %v", err)
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for a logger and a test at once.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.String()
+}
+
+func TestTheMessagesOwnMessageIDTravelsInTheEnvelope(t *testing.T) {
+	e := start(t, func(o *Options) { o.TrustedNetworks = []netip.Prefix{mustPrefix(t, "127.0.0.1/32")} })
+	c := e.client(t, false)
+	msg := "From: app@example.com\r\nMessage-ID:\r\n <folded.1@app.example.com>\r\nSubject: x\r\n\r\nx\r\n"
+	if _, err := send(t, c, "app@example.com", []string{"a@example.org"}, msg); err != nil {
+		t.Fatal(err)
+	}
+	if m := e.q.only(t); m.env.MessageID != "<folded.1@app.example.com>" {
+		t.Errorf("envelope Message-ID %q", m.env.MessageID)
+	}
 }
 
 func TestTrustedNetworkRelaysWithoutAuth(t *testing.T) {
@@ -469,6 +533,10 @@ func TestDSNAndRequireTLSCarriedToQueue(t *testing.T) {
 		// NoTLSPolicy stays false: REQUIRETLS wins over the header (RFC 8689 §5).
 	}
 	m := e.q.only(t)
+	if m.env.MessageID == "" || !strings.Contains(m.body, "Message-ID: "+m.env.MessageID+"\r\n") {
+		t.Errorf("envelope Message-ID %q is not the message's", m.env.MessageID)
+	}
+	want.MessageID = m.env.MessageID
 	if !envEqual(m.env, want) {
 		t.Errorf("envelope\n %+v\nwant\n %+v", m.env, want)
 	}

@@ -3,6 +3,7 @@ package smtpin
 import (
 	"bufio"
 	"errors"
+	"fmt"
 	"io"
 	"net/netip"
 	"strings"
@@ -190,34 +191,44 @@ func TestUnknownUserTakesAsLongAsWrongPassword(t *testing.T) {
 	}
 }
 
-func TestAuthLimiterBlocksAfterBurstAndForgetsIdleClients(t *testing.T) {
-	l := newAuthLimiter(DefaultAuthFailures, DefaultAuthFailuresPer)
+func TestAuthLimiterBlocksAUserAfterItsBurstAndTheClientAfterMore(t *testing.T) {
+	l := newAuthLimiter(DefaultAuthFailures, DefaultAuthFailuresPerIP, DefaultAuthFailuresPer)
 	k := clientKey(netip.MustParseAddr("192.0.2.7"))
 	other := clientKey(netip.MustParseAddr("192.0.2.8"))
 	for i := range DefaultAuthFailures {
-		if l.blocked(k) {
-			t.Fatalf("blocked after %d failures", i)
+		if b := l.blocked(k, "app1"); b != "" {
+			t.Fatalf("blocked (%s) after %d failures", b, i)
 		}
-		l.failed(k)
+		l.failed(k, "app1")
 	}
-	if !l.blocked(k) {
-		t.Fatal("not blocked after the burst")
+	if b := l.blocked(k, "app1"); b != "user" {
+		t.Fatalf("after the burst: blocked %q, want user", b)
 	}
-	if l.blocked(other) {
-		t.Fatal("another client blocked")
+	// Another application on the same host is not locked out.
+	if b := l.blocked(k, "app2"); b != "" {
+		t.Fatalf("another user from the same client blocked (%s)", b)
 	}
-	l.failed(other)
+	if b := l.blocked(other, "app1"); b != "" {
+		t.Fatalf("the same user from another client blocked (%s)", b)
+	}
+	// Guessing across names meets the client's own, higher cap.
+	for i := DefaultAuthFailures; i < DefaultAuthFailuresPerIP; i++ {
+		l.failed(k, fmt.Sprintf("guess%d", i))
+	}
+	if b := l.blocked(k, "app2"); b != "client" {
+		t.Fatalf("after %d failures over many names: blocked %q, want client", DefaultAuthFailuresPerIP, b)
+	}
 
-	// The table stays bounded: clients whose allowance is full again are
+	// The table stays bounded: keys whose allowance is full again are
 	// forgotten when it fills up.
 	clock := time.Now()
 	l.now = func() time.Time { return clock }
-	for i := range authLimiterSize {
-		l.failed(clientKey(netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)})))
+	for i := range authLimiterSize / 2 {
+		l.failed(clientKey(netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)})), "u")
 	}
-	clock = clock.Add(DefaultAuthFailures * DefaultAuthFailuresPer)
-	l.failed(clientKey(netip.MustParseAddr("198.51.100.1")))
-	if len(l.m) != 1 {
-		t.Errorf("limiter remembers %d clients after forgetting idle ones, want 1", len(l.m))
+	clock = clock.Add(DefaultAuthFailuresPerIP * DefaultAuthFailuresPer)
+	l.failed(clientKey(netip.MustParseAddr("198.51.100.1")), "u")
+	if len(l.m) != 2 {
+		t.Errorf("limiter remembers %d keys after forgetting idle ones, want 2", len(l.m))
 	}
 }

@@ -95,10 +95,14 @@ func (m *Manager) RegisterAdmin(mux *http.ServeMux) {
 		ctx, cancel := context.WithTimeout(r.Context(), m.fetchTimeout+10*time.Second)
 		defer cancel()
 		domain := r.PathValue("domain")
-		if _, err := m.Refresh(ctx, domain); err != nil {
+		caller := admin.CallerAttrs(r.Context())
+		cp, err := m.Refresh(ctx, domain)
+		if err != nil {
+			m.log.Warn("sts: refresh by the administrator failed", append([]any{"domain", domain, "err", oneLine(err.Error())}, caller...)...)
 			writeError(w, domain, err)
 			return
 		}
+		m.log.Info("sts: refresh by the administrator", append([]any{"domain", cp.Domain, "policy_id", cp.ID, "mode", cp.Policy.Mode}, caller...)...)
 		info, err := m.Info(domain)
 		if err != nil {
 			writeError(w, domain, err)
@@ -112,6 +116,7 @@ func (m *Manager) RegisterAdmin(mux *http.ServeMux) {
 			writeError(w, domain, err)
 			return
 		}
+		m.log.Info("sts: purge by the administrator", append([]any{"domain", domain}, admin.CallerAttrs(r.Context())...)...)
 		admin.WriteJSON(w, http.StatusOK, map[string]string{"purged": domain})
 	})
 }

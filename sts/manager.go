@@ -59,7 +59,8 @@ type Options struct {
 	// defers the delivery. 0 means DefaultFetchWait.
 	FetchWait time.Duration
 	// MatchCNAMETarget also accepts an MX host whose final CNAME target
-	// matches the policy (DESIGN.md decision 4; sts.match_cname_target).
+	// matches the policy (docs/DESIGN.md, "MX names and CNAMEs";
+	// sts.match_cname_target).
 	MatchCNAMETarget bool
 	// Recorder receives policy fetch failures for TLSRPT; may be nil.
 	Recorder policy.Recorder

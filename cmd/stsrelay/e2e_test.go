@@ -276,7 +276,14 @@ func TestEndToEndDeliversOverVerifiedTLSUnderMTASTSEnforce(t *testing.T) {
 	if !strings.Contains(msg.Data, "over verified TLS") || !strings.Contains(msg.Data, "Received: ") {
 		t.Fatalf("message as delivered:\n%s", msg.Data)
 	}
-	e.d.waitFor(`mta-sts`)
+	// One line an operator greps for: verified, the name the certificate
+	// matched, the policy, the TLS version spelled as in Received.
+	line := e.d.waitFor(`delivery attempt.*outcome=delivered`)
+	for _, want := range []string{"policy=mta-sts/verify", "tls=TLSv1.3", `tls_auth="verified TLS, MTA-STS enforce"`, "cert_name=mx.example.net"} {
+		if !strings.Contains(line, want) {
+			t.Errorf("delivery line lacks %q: %s", want, line)
+		}
+	}
 }
 
 func TestEndToEndDefersRatherThanSendUnverifiedUnderEnforce(t *testing.T) {
@@ -345,6 +352,9 @@ func TestEndToEndSTSCommandsShowRefreshAndPurgeTheCache(t *testing.T) {
 	if code, out, _ := sts("purge", "example.net"); code != 0 || !strings.Contains(out, "purged") {
 		t.Fatalf("sts purge: %d %s", code, out)
 	}
+	// Administrative changes name who asked.
+	e.d.waitFor(`sts: refresh by the administrator.*domain=example.net.*by_uid=0 by_user=root`)
+	e.d.waitFor(`sts: purge by the administrator.*domain=example.net.*by_uid=0 by_user=root`)
 	code, _, errOut = sts("show", "example.net")
 	if code == 0 {
 		t.Fatal("sts show succeeded for a purged domain")

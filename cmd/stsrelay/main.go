@@ -1,16 +1,16 @@
 // Command stsrelay is an outbound SMTP relay that enforces MTA-STS
-// (RFC 8461) and DANE (RFC 7672). This package only wires: flags,
-// configuration and the packages that do the work.
+// (RFC 8461). This package only wires: flags, configuration and the
+// packages that do the work.
 package main
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"runtime/debug"
 	"strings"
@@ -38,7 +38,7 @@ func commands() []command {
 		{"check", "explain how mail to a domain would be protected", func(a []string, _ io.Reader, o, e io.Writer) int { return runCheck(a, o, e) }},
 		{"queue", "list and manage the queue of the running relay", func(a []string, _ io.Reader, o, e io.Writer) int { return runQueue(a, o, e) }},
 		{"sts", "list and manage the MTA-STS policy cache", func(a []string, _ io.Reader, o, e io.Writer) int { return runSTS(a, o, e) }},
-		{"tlsrpt", "TLS reporting (RFC 8460)", func(a []string, _ io.Reader, o, e io.Writer) int { return runTLSRPT(a, o, e) }},
+		{"tlsrpt", "TLS reporting (RFC 8460): not available in this version", func(a []string, _ io.Reader, o, e io.Writer) int { return runTLSRPT(a, o, e) }},
 		{"hash-password", "make a bcrypt hash for [[submission.users]]", runHashPassword},
 		{"version", "print the version", func(a []string, _ io.Reader, o, e io.Writer) int { return runVersion(a, o, e) }},
 	}
@@ -72,7 +72,7 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 }
 
 func usage(w io.Writer) {
-	fmt.Fprint(w, "stsrelay is an outbound SMTP relay that enforces MTA-STS and DANE.\n\nUsage:\n\n\tstsrelay <command> [arguments]\n\nThe commands are:\n\n")
+	fmt.Fprint(w, "stsrelay is an outbound SMTP relay that enforces MTA-STS (RFC 8461).\n\nUsage:\n\n\tstsrelay <command> [arguments]\n\nThe commands are:\n\n")
 	for _, c := range commands() {
 		fmt.Fprintf(w, "\t%-14s %s\n", c.name, c.short)
 	}
@@ -115,7 +115,12 @@ func configFlag(fs *flag.FlagSet) *string {
 
 // loadConfig loads the configuration file at path.
 func loadConfig(path string) (*config.Config, error) {
-	return config.Load(path)
+	cfg, err := config.Load(path)
+	if errors.Is(err, fs.ErrPermission) {
+		// The file is root:stsrelay 0640 in the documented install.
+		return nil, fmt.Errorf("%w (run as root or the stsrelay user)", err)
+	}
+	return cfg, err
 }
 
 // controlClient returns a client for the control socket of the daemon that
@@ -135,13 +140,18 @@ const controlTimeout = 2 * time.Minute
 // controlCall makes one call to the daemon of the configuration at
 // configPath and decodes its reply into out.
 func controlCall(configPath, method, path string, out any) error {
+	return controlSend(configPath, method, path, nil, out)
+}
+
+// controlSend is controlCall with a request body, in (nil for none).
+func controlSend(configPath, method, path string, in, out any) error {
 	c, err := controlClient(configPath)
 	if err != nil {
 		return err
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), controlTimeout)
 	defer cancel()
-	return c.Call(ctx, method, path, nil, out)
+	return c.Call(ctx, method, path, in, out)
 }
 
 // runGroup runs one command of a group such as "stsrelay queue", so that
@@ -149,6 +159,7 @@ func controlCall(configPath, method, path string, out any) error {
 func runGroup(group, help string, args []string, stderr io.Writer, commands map[string]func(args []string) int) int {
 	usage := func() { fmt.Fprintf(stderr, "usage: stsrelay %s <command> [arguments]\n%s\n", group, help) }
 	if len(args) == 0 {
+		fmt.Fprintf(stderr, "stsrelay %s: no command given\n", group)
 		usage()
 		return 2
 	}
@@ -206,13 +217,15 @@ func versionLine() string {
 }
 
 func runHashPassword(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
-	fs := newFlagSet("hash-password", "hash-password < password", `
-Hash-password reads a password from the first line of standard input and
-prints its bcrypt hash, for password_hash in [[submission.users]]:
+	fs := newFlagSet("hash-password", "hash-password < password", fmt.Sprintf(`
+Hash-password prints the bcrypt hash (cost %d) of a password, for
+password_hash in [[submission.users]]. On a terminal it asks for the
+password twice without showing it; otherwise it reads the first line of
+standard input:
 
 	stsrelay hash-password <<< 'correct horse battery staple'
 
-The password itself never goes into the configuration.`, stderr)
+The password itself never goes into the configuration.`, smtpin.PasswordCost), stderr)
 	if code := parseFlags(fs, args); code >= 0 {
 		return code
 	}
@@ -220,13 +233,12 @@ The password itself never goes into the configuration.`, stderr)
 		// A password on the command line would land in shell history and ps.
 		return fail(stderr, "hash-password: give the password on standard input, not as an argument")
 	}
-	line, err := bufio.NewReader(io.LimitReader(stdin, 1024)).ReadString('\n')
-	if err != nil && !errors.Is(err, io.EOF) {
-		return fail(stderr, "hash-password: reading standard input: %v", err)
+	password, err := readPassword(stdin, stderr)
+	if err != nil {
+		return fail(stderr, "hash-password: %v", err)
 	}
-	password := strings.TrimRight(line, "\r\n")
 	if password == "" {
-		return fail(stderr, "hash-password: no password on standard input")
+		return fail(stderr, "hash-password: no password given")
 	}
 	hash, err := smtpin.HashPassword([]byte(password))
 	if err != nil {
@@ -238,11 +250,11 @@ The password itself never goes into the configuration.`, stderr)
 
 func runTLSRPT(args []string, stdout, stderr io.Writer) int {
 	fs := newFlagSet("tlsrpt", "tlsrpt [-config file] <command>", `
-Tlsrpt shows and sends TLS reports (RFC 8460). It is not implemented yet:
-TLS reporting arrives in the next release.`, stderr)
+Tlsrpt will show and send TLS reports (RFC 8460). TLS reporting is not
+available in this version.`, stderr)
 	configFlag(fs)
 	if code := parseFlags(fs, args); code >= 0 {
 		return code
 	}
-	return fail(stderr, "tlsrpt: not implemented yet (TLS reporting arrives in the next release)")
+	return fail(stderr, "tlsrpt: TLS reporting is not available in this version")
 }

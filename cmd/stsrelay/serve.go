@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"net"
 	"net/http"
@@ -12,7 +13,8 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
-	"reflect"
+	"slices"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -44,6 +46,9 @@ password files) from the configuration file; other changes need a restart.`, std
 	if code := parseFlags(fs, args); code >= 0 {
 		return code
 	}
+	if fs.NArg() != 0 {
+		return usageError(fs, stderr, "unexpected argument %q", fs.Arg(0))
+	}
 	cfg, err := loadConfig(*configPath)
 	if err != nil {
 		return fail(stderr, "%v", err)
@@ -61,9 +66,16 @@ password files) from the configuration file; other changes need a restart.`, std
 		return fail(stderr, "%v", err)
 	}
 
+	// Warnings come once everything is bound: a start that fails says one
+	// line and nothing before it.
+	for _, w := range r.warnings {
+		logger.Warn(w.msg, w.attrs...)
+	}
 	sdnotify.SdNotify(false, sdnotify.SdNotifyReady)
-	logger.Info("stsrelay started", "version", versionLine(), "submission", addrString(r.smtp.Addr()),
-		"submission_tls", addrString(r.smtp.TLSAddr()), "state_dir", cfg.StateDir)
+	logger.Info("stsrelay started", "version", versionLine(), "hostname", cfg.Hostname,
+		"submission", addrString(r.smtp.Addr()), "submission_tls", addrString(r.smtp.TLSAddr()),
+		"state_dir", cfg.StateDir)
+	r.checkHostname()
 wait:
 	for {
 		select {
@@ -99,9 +111,19 @@ func newLogger(c config.Log, w io.Writer) *slog.Logger {
 	level.UnmarshalText([]byte(c.Level)) // validated by config
 	opts := &slog.HandlerOptions{Level: level}
 	if c.Format == "json" {
+		opts.ReplaceAttr = durationText
 		return slog.New(slog.NewJSONHandler(w, opts))
 	}
 	return slog.New(slog.NewTextHandler(w, opts))
+}
+
+// durationText writes durations as Go writes them ("1.5s", "120ms"), as
+// the text format does: JSON would otherwise get nanosecond integers.
+func durationText(_ []string, a slog.Attr) slog.Attr {
+	if a.Value.Kind() == slog.KindDuration {
+		a.Value = slog.StringValue(a.Value.Duration().String())
+	}
+	return a
 }
 
 // relay is the running daemon: every part, so they can be stopped in order.
@@ -117,9 +139,24 @@ type relay struct {
 	control *admin.Server
 	metrics *http.Server
 
+	res         *resolve.Resolver
+	queueCtx    context.Context // ends at shutdown
 	cancelQueue context.CancelFunc
 	done        sync.WaitGroup
 	failed      chan error // a part that stopped on its own
+	// warnings are logged once start has succeeded.
+	warnings []warning
+}
+
+// warning is one line logged at start.
+type warning struct {
+	msg   string
+	attrs []any
+}
+
+// warn queues a warning for the end of a successful start.
+func (r *relay) warn(msg string, attrs ...any) {
+	r.warnings = append(r.warnings, warning{msg, attrs})
 }
 
 // start builds and starts every part. Anything that can fail for the
@@ -143,8 +180,9 @@ func start(cfg *config.Config, logger *slog.Logger) (_ *relay, err error) {
 	if err != nil {
 		return nil, err
 	}
+	r.res = res
 	if !cfg.STS.Enabled {
-		logger.Warn("MTA-STS is disabled (sts.enabled = false): no domain's policy is enforced")
+		r.warn("MTA-STS is disabled (sts.enabled = false): no domain's policy is enforced")
 	}
 	parts, err := buildDelivery(cfg, res, r.db, logger)
 	if err != nil {
@@ -156,17 +194,13 @@ func start(cfg *config.Config, logger *slog.Logger) (_ *relay, err error) {
 	for _, d := range cfg.Delivery.RetrySchedule {
 		schedule = append(schedule, d.Duration)
 	}
-	delayNotice := cfg.Delivery.DelayNoticeAfter.Duration
-	if delayNotice == 0 {
-		delayNotice = -1 // config: 0 = never; queue: negative = never
-	}
 	r.queue, err = queue.New(r.db, queue.Options{
 		Deliverer:         r.engine,
 		Workers:           cfg.Delivery.Workers,
 		MaxConnsPerDomain: cfg.Delivery.MaxConnsPerDomain,
 		RetrySchedule:     schedule,
 		MaxQueueTime:      cfg.Delivery.MaxQueueTime.Duration,
-		DelayNoticeAfter:  delayNotice,
+		DelayNoticeAfter:  cfg.Delivery.DelayNoticeAfter.Duration,
 		Hostname:          cfg.Hostname,
 		MaxMessageSize:    int64(cfg.Submission.MaxMessageSize) + 64<<10, // room for our Received header
 		ShutdownGrace:     shutdownGrace,
@@ -191,11 +225,15 @@ func start(cfg *config.Config, logger *slog.Logger) (_ *relay, err error) {
 		CommandTimeout:           cfg.Submission.CommandTimeout.Duration,
 		DataTimeout:              cfg.Submission.DataTimeout.Duration,
 		AuthFailures:             cfg.Submission.AuthRate.Failures,
+		AuthFailuresPerIP:        cfg.Submission.AuthRate.FailuresPerIP,
 		AuthFailuresPer:          cfg.Submission.AuthRate.Per.Duration,
 		Logger:                   logger,
 	}
 	if cfg.Submission.TLSCert != "" {
 		if r.certs, err = smtpin.LoadCertificate(cfg.Submission.TLSCert, cfg.Submission.TLSKey); err != nil {
+			if errors.Is(err, fs.ErrPermission) {
+				return nil, fmt.Errorf("submission.tls_cert: %w (the user stsrelay runs as must be able to read the certificate and the key)", err)
+			}
 			return nil, fmt.Errorf("submission.tls_cert: %w", err)
 		}
 		opts.GetCertificate = r.certs.GetCertificate
@@ -203,36 +241,94 @@ func start(cfg *config.Config, logger *slog.Logger) (_ *relay, err error) {
 	if r.smtp, err = smtpin.New(opts, r.queue); err != nil {
 		return nil, err
 	}
-	if err := r.smtp.Listen(); err != nil {
-		return nil, err
-	}
 
+	// Every listener is bound before any part starts, so that a port in
+	// use fails the start with nothing running.
 	mux := http.NewServeMux()
 	r.queue.RegisterAdmin(mux)
 	r.registerAdmin(mux)
 	if r.control, err = admin.Listen(admin.SocketPath(cfg.StateDir), mux, logger); err != nil {
 		return nil, err
 	}
-
+	var metricsLn net.Listener
 	if cfg.Metrics.Listen != "" {
-		ln, err := net.Listen("tcp", cfg.Metrics.Listen)
-		if err != nil {
+		if metricsLn, err = net.Listen("tcp", cfg.Metrics.Listen); err != nil {
 			return nil, fmt.Errorf("metrics.listen: %w", err)
 		}
 		m := http.NewServeMux()
 		m.Handle("GET /metrics", promhttp.Handler())
 		m.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok\n") })
 		r.metrics = &http.Server{Handler: m, ReadHeaderTimeout: 10 * time.Second}
-		r.goServe("metrics", func() error { return r.metrics.Serve(ln) })
 	}
+	if err := r.smtp.Listen(); err != nil {
+		if metricsLn != nil {
+			metricsLn.Close()
+		}
+		return nil, err
+	}
+	r.startDANE()
+	r.startTLSRPT()
 
-	queueCtx, cancel := context.WithCancel(context.Background())
-	r.cancelQueue = cancel
-	r.goServe("queue", func() error { return r.queue.Run(queueCtx) })
+	r.queueCtx, r.cancelQueue = context.WithCancel(context.Background())
+	if r.metrics != nil {
+		r.goServe("metrics", func() error { return r.metrics.Serve(metricsLn) })
+	}
+	r.goServe("queue", func() error { return r.queue.Run(r.queueCtx) })
 	r.goServe("control socket", r.control.Serve)
 	r.goServe("submission", r.smtp.Serve)
-	r.startPolicy(queueCtx)
+	r.startPolicy(r.queueCtx)
 	return r, nil
+}
+
+// startDANE wires DANE (RFC 7672). This version has none: the key is
+// accepted so that configurations keep working, and the start says that
+// nothing is enforced.
+func (r *relay) startDANE() {
+	if r.cfg.DANE.Enabled {
+		r.warn("dane.enabled = true, but DANE is not available in this version: no TLSA record is looked up or enforced")
+	}
+}
+
+// startTLSRPT wires TLS reporting (RFC 8460). This version has none.
+func (r *relay) startTLSRPT() {
+	if r.cfg.TLSRPT.Enabled {
+		r.warn("tlsrpt.enabled = true, but TLS reporting is not available in this version: no report is sent")
+	}
+}
+
+// hostnameTimeout bounds the start-up lookup of our own name.
+const hostnameTimeout = 10 * time.Second
+
+// checkHostname warns when the name in EHLO, Received and DSNs
+// (Reporting-MTA, postmaster@) is not one that receivers can check: left
+// to the machine's name, not fully qualified, or without an address. It
+// looks the name up in the background, so a slow resolver does not delay
+// the start.
+func (r *relay) checkHostname() {
+	name := r.cfg.Hostname
+	if r.cfg.HostnameFromSystem {
+		r.logger.Warn("hostname is not set; using the machine's name, which MX hosts see in EHLO and senders in DSNs", "hostname", name)
+	}
+	if !strings.Contains(strings.TrimSuffix(name, "."), ".") {
+		r.logger.Warn("hostname is not a fully qualified domain name; set hostname to a name with an A or AAAA record", "hostname", name)
+		return
+	}
+	r.done.Add(1)
+	go func() {
+		defer r.done.Done()
+		ctx, cancel := context.WithTimeout(r.queueCtx, hostnameTimeout)
+		defer cancel()
+		addrs, _, err := r.res.Addrs(ctx, name, resolve.IPBoth)
+		switch {
+		case r.queueCtx.Err() != nil:
+		case (err != nil && resolve.IsNotFound(err)) || (err == nil && len(addrs) == 0):
+			r.logger.Warn("hostname has no A or AAAA record; MX hosts may refuse an EHLO name without one", "hostname", name)
+		case err != nil:
+			r.logger.Warn("hostname: cannot look up its address; MX hosts may refuse an EHLO name without one", "hostname", name, "err", err)
+		default:
+			r.logger.Debug("hostname has an address", "hostname", name, "addrs", len(addrs))
+		}
+	}()
 }
 
 // goServe runs a part's serve loop; one that returns early is fatal.
@@ -327,34 +423,16 @@ func (r *relay) reloadRoutes(d config.Delivery) error {
 	return r.engine.SetRoutes(overrides, routes, limits)
 }
 
-// changedNeedingRestart lists the sections that differ, except what
-// reload applies.
+// changedNeedingRestart lists the keys that differ, except what reload
+// applies (the users, the delivery policies, routes and limits).
 func changedNeedingRestart(old, cur *config.Config) []string {
-	a, b := *old, *cur
-	a.Submission.Users, b.Submission.Users = nil, nil
-	for _, d := range []*config.Delivery{&a.Delivery, &b.Delivery} {
-		d.Policies, d.Routes, d.Limits = nil, nil, nil
-	}
-	var keys []string
-	if a.Hostname != b.Hostname {
-		keys = append(keys, "hostname")
-	}
-	if a.StateDir != b.StateDir {
-		keys = append(keys, "state_dir")
-	}
-	for _, s := range []struct {
-		key  string
-		x, y any
-	}{
-		{"log", a.Log, b.Log}, {"submission", a.Submission, b.Submission}, {"dns", a.DNS, b.DNS},
-		{"delivery", a.Delivery, b.Delivery}, {"sts", a.STS, b.STS}, {"dane", a.DANE, b.DANE},
-		{"tlsrpt", a.TLSRPT, b.TLSRPT}, {"metrics", a.Metrics, b.Metrics},
-	} {
-		if !reflect.DeepEqual(s.x, s.y) {
-			keys = append(keys, s.key)
+	return slices.DeleteFunc(config.Changed(old, cur), func(k string) bool {
+		switch k {
+		case "submission.users", "delivery.policy", "delivery.route", "delivery.limits":
+			return true
 		}
-	}
-	return keys
+		return false
+	})
 }
 
 // prepareStateDir creates the state directory and proves it writable, so

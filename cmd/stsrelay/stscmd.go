@@ -56,8 +56,7 @@ List prints the MTA-STS policies cached by the running relay, one per line.`, st
 		return code
 	}
 	if fs.NArg() != 0 {
-		fs.Usage()
-		return 2
+		return usageError(fs, stderr, "unexpected argument %q (list takes no domain; use show)", fs.Arg(0))
 	}
 	var list []sts.PolicyInfo
 	if err := controlCall(*cfgPath, "GET", "/sts", &list); err != nil {
@@ -92,8 +91,7 @@ func runSTSDomain(name, method, suffix string, args []string, stdout, stderr io.
 		return code
 	}
 	if fs.NArg() != 1 || fs.Arg(0) == "" {
-		fs.Usage()
-		return 2
+		return usageError(fs, stderr, "want exactly one domain")
 	}
 	domain := fs.Arg(0)
 	path := "/sts/" + url.PathEscape(domain) + suffix
