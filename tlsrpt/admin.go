@@ -119,3 +119,13 @@ func (t *Reporter) RegisterAdmin(mux *http.ServeMux) {
 		admin.WriteJSON(w, http.StatusOK, res)
 	})
 }
+
+// RegisterDisabled answers the routes of RegisterAdmin with one line that
+// says TLS reporting is off, for a daemon running without it.
+func RegisterDisabled(mux *http.ServeMux) {
+	off := func(w http.ResponseWriter, _ *http.Request) {
+		admin.WriteError(w, http.StatusConflict, "TLS reporting is off in the running relay (tlsrpt.enabled = false)")
+	}
+	mux.HandleFunc("GET /tlsrpt", off)
+	mux.HandleFunc("POST /tlsrpt/send", off)
+}

@@ -73,6 +73,10 @@ func LoadDKIMKey(path string) (crypto.Signer, error) {
 	return nil, fmt.Errorf("%s: %T keys cannot sign DKIM (use RSA or Ed25519)", path, key)
 }
 
+// CanSign reports whether a DKIM key covers the report sender's domain;
+// without one, mailto: endpoints cannot be served (RFC 8460 §3).
+func (t *Reporter) CanSign() bool { return t.signingKey() != nil }
+
 // signingKey is the key for the sender's domain or its closest parent.
 func (t *Reporter) signingKey() *DKIMKey {
 	_, d, _ := strings.Cut(t.opts.Sender, "@")

@@ -38,7 +38,7 @@ func commands() []command {
 		{"check", "explain how mail to a domain would be protected", func(a []string, _ io.Reader, o, e io.Writer) int { return runCheck(a, o, e) }},
 		{"queue", "list and manage the queue of the running relay", func(a []string, _ io.Reader, o, e io.Writer) int { return runQueue(a, o, e) }},
 		{"sts", "list and manage the MTA-STS policy cache", func(a []string, _ io.Reader, o, e io.Writer) int { return runSTS(a, o, e) }},
-		{"tlsrpt", "TLS reporting (RFC 8460)", func(a []string, _ io.Reader, o, e io.Writer) int { return runTLSRPT(a, o, e) }},
+		{"tlsrpt", "show and send TLS reports (RFC 8460)", func(a []string, _ io.Reader, o, e io.Writer) int { return runTLSRPT(a, o, e) }},
 		{"hash-password", "make a bcrypt hash for [[submission.users]]", runHashPassword},
 		{"version", "print the version", func(a []string, _ io.Reader, o, e io.Writer) int { return runVersion(a, o, e) }},
 	}
@@ -234,15 +234,4 @@ The password itself never goes into the configuration.`, stderr)
 	}
 	fmt.Fprintln(stdout, hash)
 	return 0
-}
-
-func runTLSRPT(args []string, stdout, stderr io.Writer) int {
-	fs := newFlagSet("tlsrpt", "tlsrpt [-config file] <command>", `
-Tlsrpt shows and sends TLS reports (RFC 8460). It is not implemented yet:
-TLS reporting arrives in the next release.`, stderr)
-	configFlag(fs)
-	if code := parseFlags(fs, args); code >= 0 {
-		return code
-	}
-	return fail(stderr, "tlsrpt: not implemented yet (TLS reporting arrives in the next release)")
 }

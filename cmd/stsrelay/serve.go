@@ -28,6 +28,7 @@ import (
 	"github.com/stsrelay/stsrelay/resolve"
 	"github.com/stsrelay/stsrelay/smtpin"
 	"github.com/stsrelay/stsrelay/sts"
+	"github.com/stsrelay/stsrelay/tlsrpt"
 )
 
 // shutdownGrace bounds how long in-flight sessions and deliveries may take
@@ -111,6 +112,7 @@ type relay struct {
 	queue   *queue.Queue
 	engine  *delivery.Engine
 	sts     *sts.Manager
+	tlsrpt  *tlsrpt.Reporter
 	smtp    *smtpin.Server
 	certs   *smtpin.CertStore
 	control *admin.Server
@@ -145,7 +147,10 @@ func start(cfg *config.Config, logger *slog.Logger) (_ *relay, err error) {
 	if !cfg.STS.Enabled {
 		logger.Warn("MTA-STS is disabled (sts.enabled = false): no domain's policy is enforced")
 	}
-	parts, err := buildDelivery(cfg, res, r.db, logger)
+	if err := r.newReporter(res); err != nil {
+		return nil, err
+	}
+	parts, err := buildDelivery(cfg, res, r.db, r.recorder(), logger)
 	if err != nil {
 		return nil, err
 	}
@@ -209,6 +214,7 @@ func start(cfg *config.Config, logger *slog.Logger) (_ *relay, err error) {
 	mux := http.NewServeMux()
 	r.queue.RegisterAdmin(mux)
 	r.registerAdmin(mux)
+	r.registerTLSRPT(mux)
 	if r.control, err = admin.Listen(admin.SocketPath(cfg.StateDir), mux, logger); err != nil {
 		return nil, err
 	}
@@ -231,6 +237,7 @@ func start(cfg *config.Config, logger *slog.Logger) (_ *relay, err error) {
 	r.goServe("control socket", r.control.Serve)
 	r.goServe("submission", r.smtp.Serve)
 	r.startPolicy(queueCtx)
+	r.startTLSRPT(queueCtx)
 	return r, nil
 }
 
@@ -275,6 +282,9 @@ func (r *relay) closeParts() {
 	}
 	if r.engine != nil {
 		r.engine.Close()
+	}
+	if r.tlsrpt != nil {
+		r.tlsrpt.Close() // stores buffered results while the database is open
 	}
 	if r.queue != nil {
 		r.queue.Close()
@@ -328,7 +338,7 @@ func changedNeedingRestart(old, cur *config.Config) []string {
 	}{
 		{"log", a.Log, b.Log}, {"submission", a.Submission, b.Submission}, {"dns", a.DNS, b.DNS},
 		{"delivery", a.Delivery, b.Delivery}, {"sts", a.STS, b.STS}, {"dane", a.DANE, b.DANE},
-		{"tlsrpt", a.TLSRPT, b.TLSRPT}, {"metrics", a.Metrics, b.Metrics},
+		{"tlsrpt", a.TLSRPT, b.TLSRPT}, {"dkim", a.DKIM, b.DKIM}, {"metrics", a.Metrics, b.Metrics},
 	} {
 		if !reflect.DeepEqual(s.x, s.y) {
 			keys = append(keys, s.key)
