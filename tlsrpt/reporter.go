@@ -106,8 +106,9 @@ type Reporter struct {
 
 	// work serializes making and sending reports (the daily job and the
 	// control socket's send).
-	work sync.Mutex
-	wake chan struct{}
+	work     sync.Mutex
+	madeDays map[string]bool // closed days whose reports are all made; under work
+	wake     chan struct{}
 }
 
 // New checks opts and starts the writer that stores recorded results.
@@ -157,6 +158,7 @@ func New(opts Options) (*Reporter, error) {
 		stop:      make(chan struct{}),
 		stopped:   make(chan struct{}),
 		wake:      make(chan struct{}, 1),
+		madeDays:  make(map[string]bool),
 	}
 	t.http = newHTTPClient(&opts)
 	err := opts.DB.Update(func(tx *bbolt.Tx) error {

@@ -59,9 +59,25 @@ func (t *Reporter) runOnce(ctx context.Context) time.Time {
 			if ctx.Err() != nil {
 				return now
 			}
+			if t.madeDays[d] {
+				continue
+			}
 			// Made reports are pending and due now: deliverDue sends them.
-			if _, _, err := t.makeDay(ctx, d, false); err != nil {
+			results, _, err := t.makeDay(ctx, d, false)
+			if err != nil {
 				t.log.Error("tlsrpt: making reports", "day", d, "err", err)
+				continue
+			}
+			// Every domain has its report unless a DNS failure left one
+			// to try again; a closed day gets no new results.
+			complete := true
+			for _, r := range results {
+				if r.State == statePending && r.ReportID == "" {
+					complete = false
+				}
+			}
+			if complete {
+				t.madeDays[d] = true
 			}
 		}
 	}

@@ -17,6 +17,7 @@ import (
 	"github.com/emersion/go-msgauth/dkim"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"github.com/stsrelay/stsrelay/internal/dnstest"
 	"github.com/stsrelay/stsrelay/policy"
 )
 
@@ -337,5 +338,27 @@ func TestDailyJobWaitsForTheDelayThenSendsAndAPendingReportSurvivesARestart(t *t
 	list, _ := e.rep.List()
 	if len(list) != 1 || len(list[0].Reports) != 1 || list[0].Reports[0].State != stateSent {
 		t.Errorf("list: %+v", list)
+	}
+}
+
+func TestTLSRPTLookupFailureIsRetriedByTheDailyJob(t *testing.T) {
+	e := newEnv(t, nil)
+	ep := e.endpoint("r.example.org", func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(http.StatusOK) })
+	e.dns.Add(t, `_smtp._tls.example.net. 60 IN TXT "v=TLSRPTv1; rua=`+ep.url+`"`)
+	e.dns.SetFault("_smtp._tls.example.net", 0, dnstest.FaultServfail)
+	e.rep.Record(result("example.net", nil, 1, policy.ResultSuccess, "mx.example.net", ""))
+	ctx := context.Background()
+	e.rep.runOnce(ctx)
+	if ep.requests() != 0 {
+		t.Fatal("sent without a record")
+	}
+	if list, _ := e.rep.List(); len(list) != 1 || len(list[0].Reports) != 0 {
+		t.Fatalf("after a DNS failure: %+v, want no report yet", list)
+	}
+	e.dns.SetFault("_smtp._tls.example.net", 0, dnstest.FaultNone)
+	e.clock.Advance(10 * time.Minute)
+	e.rep.runOnce(ctx)
+	if ep.requests() != 1 {
+		t.Fatalf("%d requests once DNS answers, want 1", ep.requests())
 	}
 }
