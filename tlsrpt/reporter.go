@@ -108,7 +108,6 @@ type Reporter struct {
 	// control socket's send).
 	work     sync.Mutex
 	madeDays map[string]bool // closed days whose reports are all made; under work
-	wake     chan struct{}
 }
 
 // New checks opts and starts the writer that stores recorded results.
@@ -157,7 +156,6 @@ func New(opts Options) (*Reporter, error) {
 		flushes:   make(chan chan struct{}),
 		stop:      make(chan struct{}),
 		stopped:   make(chan struct{}),
-		wake:      make(chan struct{}, 1),
 		madeDays:  make(map[string]bool),
 	}
 	t.http = newHTTPClient(&opts)

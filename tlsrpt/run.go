@@ -31,7 +31,6 @@ func (t *Reporter) Run(ctx context.Context) {
 		case <-ctx.Done():
 			timer.Stop()
 			return
-		case <-t.wake:
 		case <-timer.C:
 		}
 		timer.Stop()
