@@ -15,7 +15,9 @@
 //   - Sessions decided by an operator's local policy ([[delivery.policy]])
 //     are not reported: the domain published no such policy, and reporting
 //     them as another type would misstate what it published.
-//   - Sessions that carried our own reports are not counted (§3).
+//   - Sessions that carried our own reports are not counted (§3). A
+//     session is counted, or not, by the message it was opened for; a
+//     connection delivery reuses for the next message is not counted again.
 //   - A report counts as delivered once one of its rua URIs accepted it
 //     (mailto: committed to the queue; https: 200 or 201). Until then it is
 //     retried with backoff for 24 hours from its first attempt (§5.5).
