@@ -18,10 +18,11 @@ test:
 	$(GO) test -count=1 -timeout 20m -run 'Of100000' -v ./queue/ ./cmd/stsrelay/
 
 bench:
-	$(GO) test -run '^$$' -bench . -benchtime 2s ./queue/ ./delivery/ ./sts/
+	$(GO) test -run '^$$' -bench . -benchtime 2s ./queue/ ./delivery/ ./sts/ ./tlsrpt/
 
 fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime 60s ./sts/
+	$(GO) test -run '^$$' -fuzz FuzzParseRecord -fuzztime 60s ./tlsrpt/
 
 lint:
 	gofmt -l $$(git ls-files '*.go')

@@ -49,6 +49,7 @@ type Config struct {
 	STS        STS        `toml:"sts"`
 	DANE       DANE       `toml:"dane"`
 	TLSRPT     TLSRPT     `toml:"tlsrpt"`
+	DKIM       []DKIM     `toml:"dkim"`
 	Metrics    Metrics    `toml:"metrics"`
 
 	// Path is the file this was loaded from.
@@ -180,8 +181,18 @@ type DANE struct {
 type TLSRPT struct {
 	Enabled          bool   `toml:"enabled"`
 	OrganizationName string `toml:"organization_name"`
-	ContactInfo      string `toml:"contact_info"`
+	ContactInfo      string `toml:"contact_info"` // an email address; its domain is the report submitter
 	ReportSender     string `toml:"report_sender"`
+	// MaxDelay bounds the random wait after 00:00 UTC before the day's
+	// reports go out (RFC 8460 §4.1).
+	MaxDelay Duration `toml:"max_delay"`
+}
+
+// DKIM is one signing key, published at Selector._domainkey.Domain.
+type DKIM struct {
+	Domain   string `toml:"domain"`
+	Selector string `toml:"selector"`
+	KeyFile  string `toml:"key_file"` // PEM: RSA (PKCS #1 or #8) or Ed25519 (PKCS #8)
 }
 
 type Metrics struct {
@@ -234,8 +245,9 @@ func Default() *Config {
 			ConnectTimeout:    Duration{delivery.DefaultConnectTimeout},
 			IPVersion:         "both",
 		},
-		STS:  STS{Enabled: true, FetchTimeout: Duration{sts.DefaultFetchTimeout}},
-		DANE: DANE{Enabled: true},
+		STS:    STS{Enabled: true, FetchTimeout: Duration{sts.DefaultFetchTimeout}},
+		DANE:   DANE{Enabled: true},
+		TLSRPT: TLSRPT{MaxDelay: Duration{4 * time.Hour}},
 	}
 }
 
@@ -262,6 +274,9 @@ func Load(path string) (*Config, error) {
 	paths := []*string{&cfg.StateDir, &cfg.Submission.TLSCert, &cfg.Submission.TLSKey}
 	for i := range cfg.Delivery.Routes {
 		paths = append(paths, &cfg.Delivery.Routes[i].AuthPasswordFile)
+	}
+	for i := range cfg.DKIM {
+		paths = append(paths, &cfg.DKIM[i].KeyFile)
 	}
 	for _, f := range paths {
 		if *f != "" && !filepath.IsAbs(*f) {
@@ -611,6 +626,34 @@ func (c *Config) validate(data []byte) error {
 		if c.TLSRPT.ContactInfo == "" {
 			return bad("tlsrpt.contact_info", "must be set when tlsrpt.enabled is true")
 		}
+		if !isMailbox(c.TLSRPT.ContactInfo) {
+			return bad("tlsrpt.contact_info", "%q is not an email address (use e.g. tlsrpt@example.com; its domain names the report submitter)", c.TLSRPT.ContactInfo)
+		}
+		if c.TLSRPT.ReportSender != "" && !isMailbox(c.TLSRPT.ReportSender) {
+			return bad("tlsrpt.report_sender", "%q is not an email address (use e.g. tlsrpt-noreply@example.com)", c.TLSRPT.ReportSender)
+		}
+	}
+	if d := c.TLSRPT.MaxDelay.Duration; d <= 0 || d > 20*time.Hour {
+		return bad("tlsrpt.max_delay", "must be positive and at most 20h (use e.g. 4h)")
+	}
+	keys := map[string]bool{}
+	for i, k := range c.DKIM {
+		key := fmt.Sprintf("dkim[%d]", i)
+		k.Domain = strings.ToLower(strings.TrimSuffix(k.Domain, "."))
+		c.DKIM[i].Domain = k.Domain
+		if !isDomain(k.Domain) || !strings.Contains(k.Domain, ".") {
+			return bad(key+".domain", "%q is not a domain name", k.Domain)
+		}
+		if !isDomain(k.Selector) {
+			return bad(key+".selector", "%q is not a DKIM selector (letters, digits, hyphens, dots)", k.Selector)
+		}
+		if k.KeyFile == "" {
+			return bad(key+".key_file", "must be set (a PEM private key)")
+		}
+		if keys[k.Selector+"._domainkey."+k.Domain] {
+			return bad(key+".selector", "%s._domainkey.%s is defined twice", k.Selector, k.Domain)
+		}
+		keys[k.Selector+"._domainkey."+k.Domain] = true
 	}
 	return nil
 }
@@ -837,6 +880,12 @@ func isTable(t reflect.Type) bool {
 		}
 	}
 	return false
+}
+
+// isMailbox is a light check of an addr-spec: local@domain.
+func isMailbox(s string) bool {
+	local, domain, ok := strings.Cut(s, "@")
+	return ok && local != "" && !strings.ContainsAny(local, " \t<>\\\"") && isDomain(domain) && strings.Contains(domain, ".")
 }
 
 // lineOf finds the line of a dotted key such as "delivery.workers" or

@@ -181,6 +181,15 @@ func TestRejectsBadInput(t *testing.T) {
 		{"zero fetch timeout", "[sts]\nfetch_timeout = \"0s\"\n", "sts.fetch_timeout"},
 		{"tlsrpt without organization", "[tlsrpt]\nenabled = true\n", "tlsrpt.organization_name: must be set"},
 		{"tlsrpt without contact", "[tlsrpt]\nenabled = true\norganization_name = \"Example\"\n", "tlsrpt.contact_info: must be set"},
+		{"tlsrpt contact not an address", "[tlsrpt]\nenabled = true\norganization_name = \"Example\"\ncontact_info = \"https://example.com/contact\"\n", "line 4: tlsrpt.contact_info: \"https://example.com/contact\" is not an email address"},
+		{"tlsrpt sender not an address", "[tlsrpt]\nenabled = true\norganization_name = \"Example\"\ncontact_info = \"t@example.com\"\nreport_sender = \"noreply\"\n", "line 5: tlsrpt.report_sender"},
+		{"tlsrpt zero delay", "[tlsrpt]\nmax_delay = \"0s\"\n", "line 2: tlsrpt.max_delay: must be positive"},
+		{"tlsrpt delay past the day", "[tlsrpt]\nmax_delay = \"30h\"\n", "tlsrpt.max_delay"},
+		{"dkim bad domain", "[[dkim]]\ndomain = \"example\"\nselector = \"s1\"\nkey_file = \"k.pem\"\n", "line 2: dkim[0].domain"},
+		{"dkim bad selector", "[[dkim]]\ndomain = \"example.com\"\nselector = \"s 1\"\nkey_file = \"k.pem\"\n", "line 3: dkim[0].selector"},
+		{"dkim no key", "[[dkim]]\ndomain = \"example.com\"\nselector = \"s1\"\n", "dkim[0].key_file: must be set"},
+		{"dkim twice", "[[dkim]]\ndomain = \"example.com\"\nselector = \"s1\"\nkey_file = \"a.pem\"\n[[dkim]]\ndomain = \"Example.com.\"\nselector = \"s1\"\nkey_file = \"b.pem\"\n", "s1._domainkey.example.com is defined twice"},
+		{"dkim unknown key", "[[dkim]]\ndomain = \"example.com\"\nselector = \"s1\"\nkey_file = \"a.pem\"\nsign_all = true\n", "dkim.sign_all: unknown key"},
 		{"auth limit failures", "[submission.auth_limit]\nfailures = 0\n", "line 2: submission.auth_limit.failures: must be positive"},
 		{"auth limit per", "[submission.auth_limit]\nper = \"0s\"\n", "line 2: submission.auth_limit.per: must be positive"},
 		{"zero command timeout", "[submission]\ncommand_timeout = \"0s\"\n", "line 2: submission.command_timeout: must be positive"},
@@ -229,13 +238,16 @@ func TestLoadErrorsNameTheFile(t *testing.T) {
 func TestLoadResolvesPathsAgainstTheConfigFolder(t *testing.T) {
 	dir := t.TempDir()
 	p := filepath.Join(dir, "c.toml")
-	os.WriteFile(p, []byte("hostname = \"a.example\"\nstate_dir = \"state\"\n[submission]\ntls_cert = \"c.pem\"\ntls_key = \"/k.pem\"\n"), 0o600)
+	os.WriteFile(p, []byte("hostname = \"a.example\"\nstate_dir = \"state\"\n[submission]\ntls_cert = \"c.pem\"\ntls_key = \"/k.pem\"\n[[dkim]]\ndomain = \"example.com\"\nselector = \"s1\"\nkey_file = \"dkim/s1.pem\"\n"), 0o600)
 	cfg, err := Load(p)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if cfg.StateDir != filepath.Join(dir, "state") || cfg.Submission.TLSCert != filepath.Join(dir, "c.pem") || cfg.Submission.TLSKey != "/k.pem" {
 		t.Errorf("paths = %q %q %q", cfg.StateDir, cfg.Submission.TLSCert, cfg.Submission.TLSKey)
+	}
+	if len(cfg.DKIM) != 1 || cfg.DKIM[0].KeyFile != filepath.Join(dir, "dkim/s1.pem") {
+		t.Errorf("dkim = %+v, want key_file relative to the config folder", cfg.DKIM)
 	}
 }
 

@@ -188,7 +188,7 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 		if f := e.precheck(h.mx, req, env.RequireTLS); f != nil {
 			if req.Excluded() {
 				e.record(policy.SessionResult{PolicyDomain: nh.PolicyDomain, Policy: req.Policy, MX: h.mx.Name,
-					Result: req.SkipResultType(), Detail: req.Skip})
+					Result: req.SkipResultType(), Detail: req.Skip, TLSReport: req.TLSReport})
 			}
 			fails = append(fails, f)
 			continue
@@ -296,6 +296,7 @@ func effective(req policy.Requirement, env queue.Envelope) policy.Requirement {
 		// enforced for this message; STARTTLS is still tried.
 		req.Security, req.Skip, req.Testing = policy.SecurityMay, "", false
 	}
+	req.TLSReport = env.TLSReport
 	return req
 }
 

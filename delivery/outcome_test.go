@@ -473,6 +473,29 @@ func TestNoTLSPolicyMessageIgnoresMTASTSButStillUsesTLS(t *testing.T) {
 	}
 }
 
+func TestTLSReportMessageGoesDespiteMTASTSAndItsSessionsAreMarked(t *testing.T) {
+	// RFC 8460 §3: reports go out despite TLS failures, and their sessions
+	// are not counted in the next report, so the recorder must know them.
+	v, mx := oneMX(t)
+	mx.srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{v.ca.Issue(t, "wrong.example.test")}}
+	e := v.engine(func(o *Options) {
+		o.Policy = everyMX(policy.Requirement{Security: policy.SecurityVerify, Policy: testSTS})
+	})
+	job := testJob("example.test", "a@example.test")
+	job.Envelope.NoTLSPolicy, job.Envelope.TLSReport = true, true
+	st := deliver(t, e, job)
+	wantStatus(t, st[0], 250, "2.0.0")
+	got := v.rec.results()
+	if len(got) == 0 {
+		t.Fatal("no session result recorded")
+	}
+	for _, r := range got {
+		if !r.TLSReport {
+			t.Errorf("session result %+v is not marked as a TLS report session", r)
+		}
+	}
+}
+
 // --- remotes that misbehave ---
 
 func TestRemoteThatIsNotSMTPDefers(t *testing.T) {

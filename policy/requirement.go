@@ -98,6 +98,9 @@ type Requirement struct {
 	// MXValidated says the MX name itself is authenticated (by DNSSEC or
 	// by an MTA-STS policy), as REQUIRETLS demands (RFC 8689 §4.2.1).
 	MXValidated bool
+	// TLSReport says the message is an RFC 8460 report that we send:
+	// its sessions are not counted in reports (RFC 8460 §3).
+	TLSReport bool
 }
 
 // Source is the kind of policy that decided.

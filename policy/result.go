@@ -48,7 +48,10 @@ type SessionResult struct {
 	ReceivingIP string // receiving-ip
 	HELO        string // receiving-mx-helo, from the greeting
 	Result      ResultType
-	Detail      string // additional-information, one line
+	Detail      string // failure-reason-code, one line
+	// TLSReport marks a session that carried one of our own TLS
+	// reports; reports do not count it (RFC 8460 §3).
+	TLSReport bool
 }
 
 // Recorder receives SessionResults. It must not block: delivery calls it

@@ -22,6 +22,7 @@ func TestEnqueuedMessageSurvivesReopen(t *testing.T) {
 	big := testBody + strings.Repeat("0123456789abcdef", 20000) // larger than any buffer on the way
 	e := env("alice@example.com", "bob@example.org", "carol@Example.NET")
 	e.Ret, e.EnvID, e.RequireTLS = "HDRS", "env-1", true
+	e.NoTLSPolicy, e.TLSReport = true, true
 	e.Recipients[0].Notify = []string{"SUCCESS", "FAILURE"}
 	id, err := tq.Enqueue(context.Background(), e, strings.NewReader(big))
 	if err != nil {
@@ -39,7 +40,8 @@ func TestEnqueuedMessageSurvivesReopen(t *testing.T) {
 	if got := string(tq.body(t, m)); got != big {
 		t.Fatalf("body changed: %d bytes back, %d stored", len(got), len(big))
 	}
-	if m.Envelope.EnvID != "env-1" || m.Envelope.Ret != "HDRS" || !m.Envelope.RequireTLS || m.Envelope.User != "app" {
+	if m.Envelope.EnvID != "env-1" || m.Envelope.Ret != "HDRS" || !m.Envelope.RequireTLS || m.Envelope.User != "app" ||
+		!m.Envelope.NoTLSPolicy || !m.Envelope.TLSReport {
 		t.Errorf("envelope changed: %+v", m.Envelope)
 	}
 	if !slices.Equal(m.Recipients[0].Notify, []string{"SUCCESS", "FAILURE"}) || m.Recipients[1].Domain != "example.net" {

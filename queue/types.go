@@ -27,6 +27,9 @@ type Envelope struct {
 	// and no REQUIRETLS: MTA-STS and DANE are not enforced for it, though
 	// STARTTLS is still tried (RFC 8689 §5).
 	NoTLSPolicy bool
+	// TLSReport marks an RFC 8460 report that stsrelay sends itself: its
+	// delivery sessions are not counted in the next report (RFC 8460 §3).
+	TLSReport bool
 }
 
 // RecipientParams is one RCPT TO with its DSN parameters.

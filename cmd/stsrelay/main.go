@@ -1,6 +1,7 @@
 // Command stsrelay is an outbound SMTP relay that enforces MTA-STS
-// (RFC 8461). This package only wires: flags, configuration and the
-// packages that do the work.
+// (RFC 8461) and sends TLS reports (RFC 8460). This
+// package only wires: flags, configuration and the packages that do the
+// work.
 package main
 
 import (
@@ -38,7 +39,7 @@ func commands() []command {
 		{"check", "explain how mail to a domain would be protected", func(a []string, _ io.Reader, o, e io.Writer) int { return runCheck(a, o, e) }},
 		{"queue", "list and manage the queue of the running relay", func(a []string, _ io.Reader, o, e io.Writer) int { return runQueue(a, o, e) }},
 		{"sts", "list and manage the MTA-STS policy cache", func(a []string, _ io.Reader, o, e io.Writer) int { return runSTS(a, o, e) }},
-		{"tlsrpt", "TLS reporting (RFC 8460): not available in this version", func(a []string, _ io.Reader, o, e io.Writer) int { return runTLSRPT(a, o, e) }},
+		{"tlsrpt", "show and send TLS reports (RFC 8460)", func(a []string, _ io.Reader, o, e io.Writer) int { return runTLSRPT(a, o, e) }},
 		{"hash-password", "make a bcrypt hash for [[submission.users]]", runHashPassword},
 		{"version", "print the version", func(a []string, _ io.Reader, o, e io.Writer) int { return runVersion(a, o, e) }},
 	}
@@ -72,7 +73,7 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 }
 
 func usage(w io.Writer) {
-	fmt.Fprint(w, "stsrelay is an outbound SMTP relay that enforces MTA-STS (RFC 8461).\n\nUsage:\n\n\tstsrelay <command> [arguments]\n\nThe commands are:\n\n")
+	fmt.Fprint(w, "stsrelay is an outbound SMTP relay that enforces MTA-STS and sends TLS reports.\n\nUsage:\n\n\tstsrelay <command> [arguments]\n\nThe commands are:\n\n")
 	for _, c := range commands() {
 		fmt.Fprintf(w, "\t%-14s %s\n", c.name, c.short)
 	}
@@ -246,15 +247,4 @@ The password itself never goes into the configuration.`, smtpin.PasswordCost), s
 	}
 	fmt.Fprintln(stdout, hash)
 	return 0
-}
-
-func runTLSRPT(args []string, stdout, stderr io.Writer) int {
-	fs := newFlagSet("tlsrpt", "tlsrpt [-config file] <command>", `
-Tlsrpt will show and send TLS reports (RFC 8460). TLS reporting is not
-available in this version.`, stderr)
-	configFlag(fs)
-	if code := parseFlags(fs, args); code >= 0 {
-		return code
-	}
-	return fail(stderr, "tlsrpt: TLS reporting is not available in this version")
 }

@@ -272,8 +272,7 @@ func TestLogLinesCarryQueueIDAndMessageIDInTextAndJSON(t *testing.T) {
 
 func TestStartWarnsAboutWhatThisVersionDoesNotDo(t *testing.T) {
 	dir := t.TempDir()
-	config := writeConfig(t, dir, configParts{hostname: "-",
-		tail: "[tlsrpt]\nenabled = true\norganization_name = \"Example\"\ncontact_info = \"tlsrpt@example.com\"\n"})
+	config := writeConfig(t, dir, configParts{hostname: "-"})
 	d := startDaemon(t, config)
 	d.submissionAddr()
 	d.waitFor(`hostname is not set; using the machine's name`)
@@ -281,7 +280,6 @@ func TestStartWarnsAboutWhatThisVersionDoesNotDo(t *testing.T) {
 	out := d.output()
 	for _, w := range []string{
 		"dane.enabled = true, but DANE is not available in this version",
-		"tlsrpt.enabled = true, but TLS reporting is not available in this version",
 	} {
 		if n := strings.Count(out, w); n != 1 {
 			t.Errorf("%q logged %d times, want once:\n%s", w, n, out)
@@ -313,15 +311,15 @@ func TestHelpClaimsOnlyWhatIsBuilt(t *testing.T) {
 	if strings.Contains(out, "DANE") {
 		t.Errorf("help claims DANE:\n%s", out)
 	}
-	if !strings.Contains(out, "tlsrpt         TLS reporting (RFC 8460): not available in this version") {
-		t.Errorf("help does not say TLS reporting is not there:\n%s", out)
+	if !strings.Contains(out, "tlsrpt         show and send TLS reports (RFC 8460)") {
+		t.Errorf("help does not list the tlsrpt command:\n%s", out)
 	}
 	unit, err := os.ReadFile("../../systemd/stsrelay.service")
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, l := range strings.Split(string(unit), "\n") {
-		if strings.HasPrefix(l, "Description=") && (strings.Contains(l, "DANE") || strings.Contains(l, "TLSRPT")) {
+		if strings.HasPrefix(l, "Description=") && strings.Contains(l, "DANE") {
 			t.Errorf("unit claims what is not built: %s", l)
 		}
 	}

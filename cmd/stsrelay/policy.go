@@ -34,8 +34,9 @@ func newResolver(cfg *config.Config) (*resolve.Resolver, error) {
 
 // buildDelivery wires the policy sources (MTA-STS; DANE joins the chain in
 // front of it, RFC 8461 §2) and the engine. db persists the MTA-STS cache;
-// nil keeps it in memory (check).
-func buildDelivery(cfg *config.Config, res *resolve.Resolver, db *bbolt.DB, logger *slog.Logger) (*deliveryParts, error) {
+// nil keeps it in memory (check). rec receives session results for TLS
+// reports; nil records nothing (check, or tlsrpt.enabled = false).
+func buildDelivery(cfg *config.Config, res *resolve.Resolver, db *bbolt.DB, rec policy.Recorder, logger *slog.Logger) (*deliveryParts, error) {
 	p := &deliveryParts{}
 	var src policy.PolicySource
 	if cfg.STS.Enabled {
@@ -51,6 +52,7 @@ func buildDelivery(cfg *config.Config, res *resolve.Resolver, db *bbolt.DB, logg
 			FetchTimeout:     cfg.STS.FetchTimeout.Duration,
 			FetchWait:        wait,
 			MatchCNAMETarget: cfg.STS.MatchCNAMETarget,
+			Recorder:         rec,
 			Logger:           logger,
 		})
 		if err != nil {
@@ -70,6 +72,7 @@ func buildDelivery(cfg *config.Config, res *resolve.Resolver, db *bbolt.DB, logg
 		Overrides:         overrides,
 		Routes:            routes,
 		Limits:            limits,
+		Recorder:          rec,
 		IPVersion:         ipVersion(cfg.Delivery.IPVersion),
 		ConnectTimeout:    cfg.Delivery.ConnectTimeout.Duration,
 		MaxConnsPerDomain: cfg.Delivery.MaxConnsPerDomain,

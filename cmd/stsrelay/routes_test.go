@@ -144,10 +144,10 @@ func TestServeReloadsRoutesOnSIGHUPAndDeliversThroughThem(t *testing.T) {
 func TestServeRefusesBadRoutesInOneLine(t *testing.T) {
 	for _, c := range []struct{ name, tail, want string }{
 		{"missing password file", "[[delivery.route]]\ndomains = [\"*\"]\nnexthop = \"smtp.provider.test:587\"\nauth_username = \"u\"\nauth_password_file = \"nope.pass\"\n",
-			"line 16: delivery.route[0].auth_password_file: cannot read "},
+			"line 17: delivery.route[0].auth_password_file: cannot read "},
 		{"overlapping routes", "[[delivery.route]]\ndomains = [\"*\"]\nnexthop = \"a.test\"\n[[delivery.route]]\ndomains = [\"*\"]\nnexthop = \"b.test\"\n",
-			"line 16: delivery.route[1].domains: overlaps delivery.route[0] (line 13)"},
-		{"bad rate", "[[delivery.limits]]\ndomains = [\"a.test\"]\nrate = \"fast\"\n", `line 14: delivery.limits[0].rate: "fast" is not a rate`},
+			"line 17: delivery.route[1].domains: overlaps delivery.route[0] (line 14)"},
+		{"bad rate", "[[delivery.limits]]\ndomains = [\"a.test\"]\nrate = \"fast\"\n", `line 15: delivery.limits[0].rate: "fast" is not a rate`},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			config := writeConfig(t, t.TempDir(), configParts{tail: c.tail})

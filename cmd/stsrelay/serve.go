@@ -30,6 +30,7 @@ import (
 	"github.com/stsrelay/stsrelay/resolve"
 	"github.com/stsrelay/stsrelay/smtpin"
 	"github.com/stsrelay/stsrelay/sts"
+	"github.com/stsrelay/stsrelay/tlsrpt"
 )
 
 // shutdownGrace bounds how long in-flight sessions and deliveries may take
@@ -134,6 +135,7 @@ type relay struct {
 	queue   *queue.Queue
 	engine  *delivery.Engine
 	sts     *sts.Manager
+	tlsrpt  *tlsrpt.Reporter
 	smtp    *smtpin.Server
 	certs   *smtpin.CertStore
 	control *admin.Server
@@ -184,7 +186,10 @@ func start(cfg *config.Config, logger *slog.Logger) (_ *relay, err error) {
 	if !cfg.STS.Enabled {
 		r.warn("MTA-STS is disabled (sts.enabled = false): no domain's policy is enforced")
 	}
-	parts, err := buildDelivery(cfg, res, r.db, logger)
+	if err := r.newReporter(res); err != nil {
+		return nil, err
+	}
+	parts, err := buildDelivery(cfg, res, r.db, r.recorder(), logger)
 	if err != nil {
 		return nil, err
 	}
@@ -247,6 +252,7 @@ func start(cfg *config.Config, logger *slog.Logger) (_ *relay, err error) {
 	mux := http.NewServeMux()
 	r.queue.RegisterAdmin(mux)
 	r.registerAdmin(mux)
+	r.registerTLSRPT(mux)
 	if r.control, err = admin.Listen(admin.SocketPath(cfg.StateDir), mux, logger); err != nil {
 		return nil, err
 	}
@@ -267,7 +273,6 @@ func start(cfg *config.Config, logger *slog.Logger) (_ *relay, err error) {
 		return nil, err
 	}
 	r.startDANE()
-	r.startTLSRPT()
 
 	r.queueCtx, r.cancelQueue = context.WithCancel(context.Background())
 	if r.metrics != nil {
@@ -277,6 +282,7 @@ func start(cfg *config.Config, logger *slog.Logger) (_ *relay, err error) {
 	r.goServe("control socket", r.control.Serve)
 	r.goServe("submission", r.smtp.Serve)
 	r.startPolicy(r.queueCtx)
+	r.startTLSRPT(r.queueCtx)
 	return r, nil
 }
 
@@ -286,13 +292,6 @@ func start(cfg *config.Config, logger *slog.Logger) (_ *relay, err error) {
 func (r *relay) startDANE() {
 	if r.cfg.DANE.Enabled {
 		r.warn("dane.enabled = true, but DANE is not available in this version: no TLSA record is looked up or enforced")
-	}
-}
-
-// startTLSRPT wires TLS reporting (RFC 8460). This version has none.
-func (r *relay) startTLSRPT() {
-	if r.cfg.TLSRPT.Enabled {
-		r.warn("tlsrpt.enabled = true, but TLS reporting is not available in this version: no report is sent")
 	}
 }
 
@@ -372,6 +371,9 @@ func (r *relay) closeParts() {
 	}
 	if r.engine != nil {
 		r.engine.Close()
+	}
+	if r.tlsrpt != nil {
+		r.tlsrpt.Close() // stores buffered results while the database is open
 	}
 	if r.queue != nil {
 		r.queue.Close()
