@@ -188,7 +188,7 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 		if f := e.precheck(h.mx, req, env.RequireTLS); f != nil {
 			if req.Excluded() {
 				e.record(policy.SessionResult{PolicyDomain: nh.PolicyDomain, Policy: req.Policy, MX: h.mx.Name,
-					Result: req.SkipResultType(), Detail: req.Skip, TLSReport: req.TLSReport})
+					Result: req.SkipResultType(), Detail: req.Skip, Unreported: req.Unreported})
 			}
 			fails = append(fails, f)
 			continue
@@ -295,8 +295,9 @@ func effective(req policy.Requirement, env queue.Envelope) policy.Requirement {
 		// RFC 8689 §5: "TLS-Required: No" means MTA-STS and DANE are not
 		// enforced for this message; STARTTLS is still tried.
 		req.Security, req.Skip, req.Testing = policy.SecurityMay, "", false
+		req.Unreported = true
 	}
-	req.TLSReport = env.TLSReport
+	req.Unreported = req.Unreported || env.TLSReport
 	return req
 }
 

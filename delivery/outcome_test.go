@@ -490,8 +490,8 @@ func TestTLSReportMessageGoesDespiteMTASTSAndItsSessionsAreMarked(t *testing.T) 
 		t.Fatal("no session result recorded")
 	}
 	for _, r := range got {
-		if !r.TLSReport {
-			t.Errorf("session result %+v is not marked as a TLS report session", r)
+		if !r.Unreported {
+			t.Errorf("session result %+v is not left out of TLS reports", r)
 		}
 	}
 }
@@ -693,5 +693,33 @@ func TestConnectionReuseNeverDowngradesARequireTLSMessage(t *testing.T) {
 	m := mx.messages()
 	if len(m) != 2 || m[0].tls || !m[1].tls || !m[1].mail.RequireTLS {
 		t.Errorf("want the first message in plaintext, the REQUIRETLS one over a new TLS connection; got %+v", m)
+	}
+}
+
+// A "TLS-Required: No" message sets the MTA-STS policy aside (RFC 8689 §5):
+// its session says nothing of the policy, so a TLS report must not count
+// it as a success under that policy.
+func TestTLSRequiredNoSessionsAreLeftOutOfReports(t *testing.T) {
+	v, mx := oneMX(t)
+	mx.srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{v.ca.Issue(t, "wrong.example.test")}}
+	e := v.engine(func(o *Options) {
+		o.Policy = everyMX(policy.Requirement{Security: policy.SecurityVerify, Policy: testSTS})
+	})
+	job := testJob("example.test", "a@example.test")
+	job.Envelope.NoTLSPolicy = true
+	wantStatus(t, deliver(t, e, job)[0], 250, "2.0.0")
+	got := v.rec.results()
+	if len(got) == 0 {
+		t.Fatal("no session result recorded")
+	}
+	for _, r := range got {
+		if !r.Unreported {
+			t.Errorf("session result %+v would be reported under the MTA-STS policy", r)
+		}
+	}
+	// The next ordinary message is reported again.
+	deliver(t, e, testJob("example.test", "b@example.test"))
+	if got := v.rec.results(); got[len(got)-1].Unreported {
+		t.Errorf("an ordinary message's session is left out of reports: %+v", got[len(got)-1])
 	}
 }

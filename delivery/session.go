@@ -669,7 +669,7 @@ func (s *session) record(req policy.Requirement, result policy.ResultType, detai
 		HELO:         s.helo,
 		Result:       result,
 		Detail:       detail,
-		TLSReport:    req.TLSReport,
+		Unreported:   req.Unreported,
 	})
 }
 

@@ -98,9 +98,11 @@ type Requirement struct {
 	// MXValidated says the MX name itself is authenticated (by DNSSEC or
 	// by an MTA-STS policy), as REQUIRETLS demands (RFC 8689 §4.2.1).
 	MXValidated bool
-	// TLSReport says the message is an RFC 8460 report that we send:
-	// its sessions are not counted in reports (RFC 8460 §3).
-	TLSReport bool
+	// Unreported leaves this message's sessions out of TLS reports: it is
+	// one of our own reports (RFC 8460 §3), or its "TLS-Required: No"
+	// set the policy aside (RFC 8689 §5), so its sessions say nothing
+	// of how the policy fared.
+	Unreported bool
 }
 
 // Source is the kind of policy that decided.

@@ -49,9 +49,9 @@ type SessionResult struct {
 	HELO        string // receiving-mx-helo, from the greeting
 	Result      ResultType
 	Detail      string // failure-reason-code, one line
-	// TLSReport marks a session that carried one of our own TLS
-	// reports; reports do not count it (RFC 8460 §3).
-	TLSReport bool
+	// Unreported marks a session that TLS reports leave out (see
+	// Requirement.Unreported).
+	Unreported bool
 }
 
 // Recorder receives SessionResults. It must not block: delivery calls it

@@ -45,7 +45,7 @@ func recordMixedDay(r *Reporter) {
 	// Not reported: a local policy decided, or the session carried a report.
 	r.Record(result("example.net", localID, 20, policy.ResultSuccess, "mx1.example.net", ""))
 	own := result("example.net", stsID, 21, policy.ResultCertificateHostMismatch, "mx1.example.net", "certificate name mismatch")
-	own.TLSReport = true
+	own.Unreported = true
 	r.Record(own)
 	// The next day, and another domain.
 	next := result("example.net", stsID, 0, policy.ResultSuccess, "mx1.example.net", "")
@@ -59,12 +59,12 @@ func TestReportOfAMixedDayFollowsRFC8460FieldByField(t *testing.T) {
 	ep := e.endpoint("reports.example.net", func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(http.StatusCreated) })
 	e.dns.Add(t, `_smtp._tls.example.net. 60 IN TXT "v=TLSRPTv1; rua=`+ep.url+`"`)
 	skippedLocal := testutil.ToFloat64(metricSkipped.WithLabelValues("local"))
-	skippedOwn := testutil.ToFloat64(metricSkipped.WithLabelValues("report"))
+	skippedOwn := testutil.ToFloat64(metricSkipped.WithLabelValues("unreported"))
 	recordMixedDay(e.rep)
 	if d := testutil.ToFloat64(metricSkipped.WithLabelValues("local")) - skippedLocal; d != 1 {
 		t.Errorf("local results skipped: %v, want 1", d)
 	}
-	if d := testutil.ToFloat64(metricSkipped.WithLabelValues("report")) - skippedOwn; d != 1 {
+	if d := testutil.ToFloat64(metricSkipped.WithLabelValues("unreported")) - skippedOwn; d != 1 {
 		t.Errorf("report sessions skipped: %v, want 1", d)
 	}
 

@@ -181,8 +181,8 @@ func (t *Reporter) Sender() string { return t.opts.Sender }
 // buffer is full the result is dropped and counted.
 func (t *Reporter) Record(r policy.SessionResult) {
 	switch {
-	case r.TLSReport:
-		metricSkipped.WithLabelValues("report").Inc()
+	case r.Unreported:
+		metricSkipped.WithLabelValues("unreported").Inc()
 		return
 	case r.Policy != nil && r.Policy.Type == policy.TypeLocal:
 		metricSkipped.WithLabelValues("local").Inc()
