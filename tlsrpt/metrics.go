@@ -12,7 +12,7 @@ var (
 	}, []string{"result"})
 	metricSkipped = promauto.NewCounterVec(prometheus.CounterOpts{
 		Name: "stsrelay_tlsrpt_results_skipped_total",
-		Help: "Session results not counted in reports, by reason: report (it carried one of our own reports), local (a local policy decided).",
+		Help: "Session results not counted in reports, by reason: unreported (one of our own reports, or a message with TLS-Required: No), local (a local policy decided).",
 	}, []string{"reason"})
 	metricDropped = promauto.NewCounter(prometheus.CounterOpts{
 		Name: "stsrelay_tlsrpt_results_dropped_total",
