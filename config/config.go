@@ -56,6 +56,7 @@ type Submission struct {
 	MaxMessageSize  Size       `toml:"max_message_size"`
 	MaxRecipients   int        `toml:"max_recipients"`
 	MaxConnsPerIP   int        `toml:"max_connections_per_ip"`
+	MaxConns        int        `toml:"max_connections"` // in all; trusted_networks are still let in
 	CommandTimeout  Duration   `toml:"command_timeout"`
 	DataTimeout     Duration   `toml:"data_timeout"`
 	SessionTickets  bool       `toml:"tls_session_tickets"`
@@ -135,6 +136,7 @@ func Default() *Config {
 			MaxMessageSize: 35 << 20,
 			MaxRecipients:  1000,
 			MaxConnsPerIP:  20,
+			MaxConns:       1000,
 			CommandTimeout: Duration{5 * time.Minute},
 			DataTimeout:    Duration{10 * time.Minute},
 			AuthRate:       AuthLimits{Failures: 5, Per: Duration{time.Minute}},
@@ -278,6 +280,9 @@ func (c *Config) validate(data []byte) error {
 	}
 	if s.MaxConnsPerIP <= 0 {
 		return bad("submission.max_connections_per_ip", "must be positive, got %d (trusted_networks are not limited)", s.MaxConnsPerIP)
+	}
+	if s.MaxConns < s.MaxConnsPerIP {
+		return bad("submission.max_connections", "must be at least max_connections_per_ip (%d), got %d", s.MaxConnsPerIP, s.MaxConns)
 	}
 	if s.CommandTimeout.Duration <= 0 {
 		return bad("submission.command_timeout", "must be positive (use e.g. 5m)")

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/emersion/go-smtp"
+	"golang.org/x/time/rate"
 
 	"github.com/stsrelay/stsrelay/queue"
 )
@@ -56,9 +57,9 @@ type Options struct {
 	AuthFailures    int
 	AuthFailuresPer time.Duration
 
-	// MaxMessageSize in bytes, 0 = 50 MiB; larger is 552 5.3.4. go-smtp
-	// v0.25.1 refuses a DATA message of exactly this size (it checks one
-	// byte early); BDAT is exact.
+	// MaxMessageSize in bytes, 0 = 50 MiB; larger is 552 5.3.4: at MAIL
+	// when its SIZE parameter says so (RFC 1870), else as soon as the
+	// message passes the limit. A message of exactly this size is accepted.
 	MaxMessageSize int64
 	MaxRecipients  int // per message, 0 = 1000; more is 452 4.5.3
 	// MaxLineLength in bytes with CRLF, for commands and message lines,
@@ -66,6 +67,10 @@ type Options struct {
 	// applications that do not fold long lines.
 	MaxLineLength int
 	MaxConnsPerIP int // concurrent connections per client IP (IPv6: per /64), 0 = 20
+	// MaxConns caps concurrent connections in all, so that a flood from
+	// many addresses cannot use up file descriptors, 0 = 1000. Beyond it
+	// new clients get 421 4.3.2; trusted networks are still let in.
+	MaxConns int
 
 	// CommandTimeout is how long a client may stay silent while a command
 	// is expected (RFC 5321 §4.5.3.2.7: at least 5 minutes), 0 = 5 min.
@@ -82,6 +87,7 @@ const (
 	DefaultMaxRecipients   = 1000
 	DefaultMaxLineLength   = 2000
 	DefaultMaxConnsPerIP   = 20
+	DefaultMaxConns        = 1000
 	DefaultAuthFailures    = 5
 	DefaultAuthFailuresPer = time.Minute
 	DefaultTimeout         = 5 * time.Minute
@@ -107,6 +113,13 @@ type Server struct {
 	cancelBase context.CancelFunc
 
 	connSeq atomic.Uint64
+	// maxUnanswered is how much a client may send before it must wait
+	// for a reply: a whole message, dot-stuffed (at most 4/3 of its size),
+	// with room to spare for the rest of a rejected one.
+	maxUnanswered int64
+	// refusalLog rate-limits the log lines of refused connections.
+	refusalLog       *rate.Limiter
+	refusalsUnlogged atomic.Int64
 
 	mu        sync.Mutex
 	plainLn   net.Listener
@@ -148,6 +161,9 @@ func New(opts Options, q Enqueuer) (*Server, error) {
 	if opts.MaxConnsPerIP <= 0 {
 		opts.MaxConnsPerIP = DefaultMaxConnsPerIP
 	}
+	if opts.MaxConns <= 0 {
+		opts.MaxConns = DefaultMaxConns
+	}
 	if opts.AuthFailures <= 0 {
 		opts.AuthFailures = DefaultAuthFailures
 	}
@@ -175,6 +191,8 @@ func New(opts Options, q Enqueuer) (*Server, error) {
 		log:           opts.Logger,
 		authLim:       newAuthLimiter(opts.AuthFailures, opts.AuthFailuresPer),
 		authFailDelay: time.Second,
+		maxUnanswered: 2*opts.MaxMessageSize + 64<<10,
+		refusalLog:    rate.NewLimiter(rate.Every(time.Second), 5),
 		conns:         make(map[*conn]struct{}),
 		perIP:         make(map[netip.Prefix]int),
 		serveDone:     make(chan struct{}),
@@ -195,7 +213,12 @@ func New(opts Options, q Enqueuer) (*Server, error) {
 	srv := smtp.NewServer(backend{s})
 	srv.Domain = opts.Hostname
 	srv.TLSConfig = s.tlsConf
-	srv.MaxMessageBytes = opts.MaxMessageSize
+	// go-smtp's own size limit is left off: v0.25.1 (and v0.26.0) refuses
+	// a DATA message of exactly the limit, and drains an oversized BDAT
+	// chunk without bound. smtpin checks MAIL's SIZE and counts the
+	// message itself; EHLO then announces SIZE without a number, which
+	// RFC 1870 §4 allows, and clients still learn the limit at MAIL.
+	srv.MaxMessageBytes = 0
 	srv.MaxRecipients = opts.MaxRecipients
 	srv.MaxLineLength = opts.MaxLineLength
 	// Read deadlines are set per read by conn, so that DATA gets its own
