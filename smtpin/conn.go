@@ -174,10 +174,10 @@ func (c *conn) Read(b []byte) (int, error) {
 	c.mu.Lock()
 	c.unanswered += int64(n)
 	if err != nil && c.draining {
-		// The rest of a rejected message did not come in time: the
-		// client is still inside it, so reading commands now would run
-		// its text as commands.
-		c.cutLocked("the rest of a rejected message did not arrive in time", "err", err)
+		// The rest of a rejected message did not come (in time): the
+		// client may still be inside it, so reading commands now could
+		// run its text as commands.
+		c.cutLocked("reading the rest of a rejected message failed", "err", err)
 	}
 	c.mu.Unlock()
 	return n, err

@@ -196,12 +196,12 @@ func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 		if err == errNeedsSMTPUTF8 {
 			// RFC 6531 §3.5.
 			return s.reject("bad_sender", 553, smtp.EnhancedCode{5, 6, 7},
-				fmt.Sprintf("Sender <%s>: %v", from, err))
+				fmt.Sprintf("Sender <%s>: %v", printable(from), err))
 		}
 		if err != nil {
 			// RFC 3463: X.1.7 bad sender's mailbox address syntax.
 			return s.reject("bad_sender", 501, smtp.EnhancedCode{5, 1, 7},
-				fmt.Sprintf("Bad sender address <%s>: %v", from, err))
+				fmt.Sprintf("Bad sender address <%s>: %v", printable(from), err))
 		}
 		from = addr
 	}
@@ -253,12 +253,12 @@ func (s *session) Rcpt(to string, opts *smtp.RcptOptions) error {
 	addr, err := parseMailbox(to, s.tx.env.SMTPUTF8)
 	if err == errNeedsSMTPUTF8 {
 		return s.reject("bad_recipient", 553, smtp.EnhancedCode{5, 6, 7},
-			fmt.Sprintf("Recipient <%s>: %v", to, err))
+			fmt.Sprintf("Recipient <%s>: %v", printable(to), err))
 	}
 	if err != nil {
 		// RFC 3463: X.1.3 bad destination mailbox address syntax.
 		return s.reject("bad_recipient", 501, smtp.EnhancedCode{5, 1, 3},
-			fmt.Sprintf("Bad recipient address <%s>: %v", to, err))
+			fmt.Sprintf("Bad recipient address <%s>: %v", printable(to), err))
 	}
 	to = addr
 	rp := queue.RecipientParams{Addr: to}
@@ -323,4 +323,18 @@ func (s *session) data(r io.Reader) error {
 	s.conn.inData.Store(true)
 	defer s.conn.inData.Store(false)
 	return s.receive(tx, r)
+}
+
+// printable makes a client's address safe to echo in a reply and a log
+// line: anything but printable ASCII becomes '?'.
+func printable(s string) string {
+	if len(s) > 300 {
+		s = s[:300]
+	}
+	return strings.Map(func(r rune) rune {
+		if r < 0x20 || r > 0x7e {
+			return '?'
+		}
+		return r
+	}, s)
 }
