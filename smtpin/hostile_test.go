@@ -375,7 +375,11 @@ func TestHostileSessionsLeaveOnlyAcceptedMessagesInRealQueue(t *testing.T) {
 			d.nc.Close()
 			return ""
 		},
-		func() string { d := begin(); d.write("BDAT " + itoa(len(good)) + " LAST\r\n" + good); return d.expect("250 ") },
+		func() string {
+			d := begin()
+			d.write("BDAT " + itoa(len(good)) + " LAST\r\n" + good)
+			return d.expect("250 ")
+		},
 	} {
 		if r := send(); strings.HasPrefix(r, "250 ") {
 			accepted = append(accepted, strings.TrimSpace(r[strings.LastIndex(r, " ")+1:]))

@@ -22,6 +22,10 @@ var (
 		Name: "stsrelay_smtpin_connections_cut_off_total",
 		Help: "Sessions ended by smtpin mid-way: failed STARTTLS handshake, rejected message not finished in time, too much sent without waiting for a reply.",
 	})
+	metricPanics = promauto.NewCounter(prometheus.CounterOpts{
+		Name: "stsrelay_smtpin_panics_recovered_total",
+		Help: "Panics in a session that go-smtp recovered from: the session ended with 421.",
+	})
 	metricRejected = promauto.NewCounterVec(prometheus.CounterOpts{
 		Name: "stsrelay_smtpin_messages_rejected_total",
 		Help: "Refused MAIL, RCPT and message transfers, by reason.",

@@ -231,7 +231,7 @@ func New(opts Options, q Enqueuer) (*Server, error) {
 	srv.EnableSMTPUTF8 = true
 	srv.EnableREQUIRETLS = true // go-smtp offers it on TLS connections only
 	srv.EnableDSN = true
-	srv.ErrorLog = slogPrinter{s.log}
+	srv.ErrorLog = newSlogPrinter(s.log)
 	s.smtp = srv
 	return s, nil
 }
@@ -444,17 +444,37 @@ func (s *Server) enqueueCount() int {
 
 // slogPrinter gives go-smtp's internal log to slog. Most of it is failed
 // TLS handshakes and dropped connections, which scanners cause all day;
-// panics it recovered from are errors.
-type slogPrinter struct{ log *slog.Logger }
+// panics it recovered from are errors. A client can provoke one in
+// go-smtp v0.25.1 (commands pipelined after "Too many errors" meet its
+// closed session), so their stack traces are rate-limited: a flood of
+// them must not become a flood of log.
+type slogPrinter struct {
+	log        *slog.Logger
+	panics     *rate.Limiter
+	suppressed *atomic.Int64
+}
+
+func newSlogPrinter(log *slog.Logger) slogPrinter {
+	return slogPrinter{log: log, panics: rate.NewLimiter(rate.Every(time.Minute), 3), suppressed: new(atomic.Int64)}
+}
 
 func (p slogPrinter) Printf(format string, v ...any) { p.print(fmt.Sprintf(format, v...)) }
 
 func (p slogPrinter) Println(v ...any) { p.print(fmt.Sprint(v...)) }
 
 func (p slogPrinter) print(msg string) {
-	level := slog.LevelInfo
-	if strings.HasPrefix(msg, "panic") {
-		level = slog.LevelError
+	if !strings.HasPrefix(msg, "panic") {
+		p.log.Info("smtpin: " + msg)
+		return
 	}
-	p.log.Log(context.Background(), level, "smtpin: "+msg)
+	metricPanics.Inc()
+	if !p.panics.Allow() {
+		p.suppressed.Add(1)
+		return
+	}
+	var attrs []any
+	if n := p.suppressed.Swap(0); n > 0 {
+		attrs = append(attrs, "also_recovered_unlogged", n)
+	}
+	p.log.Error("smtpin: "+msg, attrs...)
 }
