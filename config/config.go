@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"strconv"
 	"strings"
@@ -205,10 +206,46 @@ func parse(data []byte, cfg *Config) (*Config, error) {
 		k := undecoded[0].String()
 		return nil, keyError(data, k, "unknown key (see config.toml.example for the keys there are)")
 	}
+	// The TOML library matches keys to fields without regard to case, so
+	// "Workers" and "workers" would both set one field, the last decoded
+	// winning at random. Keys are spelled as documented, or refused.
+	for _, k := range md.Keys() {
+		if want, ok := spelling(reflect.TypeFor[Config](), k); !ok {
+			return nil, keyError(data, k.String(), fmt.Sprintf("unknown key (keys are case-sensitive: %s)", want))
+		}
+	}
 	if err := cfg.validate(data); err != nil {
 		return nil, err
 	}
 	return cfg, nil
+}
+
+// spelling checks that every part of key names a field by its exact toml
+// tag; when one does not, it returns the documented spelling.
+func spelling(t reflect.Type, key toml.Key) (string, bool) {
+	for i, part := range key {
+		for t.Kind() == reflect.Pointer || t.Kind() == reflect.Slice {
+			t = t.Elem()
+		}
+		if t.Kind() != reflect.Struct {
+			return "", true // a value's own structure, such as an inline table
+		}
+		found := false
+		for f := range t.Fields() {
+			tag, _, _ := strings.Cut(f.Tag.Get("toml"), ",")
+			if tag == part {
+				t, found = f.Type, true
+				break
+			}
+			if strings.EqualFold(tag, part) {
+				return strings.Join(append(append([]string(nil), key[:i]...), tag), "."), false
+			}
+		}
+		if !found {
+			return "", true // unknown keys are reported by Undecoded
+		}
+	}
+	return "", true
 }
 
 // decodeError turns the TOML library's error into our one-line form.
@@ -216,12 +253,28 @@ func decodeError(err error) error {
 	var pe toml.ParseError
 	if !errors.As(err, &pe) {
 		// Type mismatches: "toml: line 3 (last key "x"): incompatible types: …".
-		return errors.New(strings.TrimPrefix(err.Error(), "toml: "))
+		return errors.New(oneLine(strings.TrimPrefix(err.Error(), "toml: ")))
 	}
 	if pe.LastKey != "" {
-		return fmt.Errorf("line %d: %s: %s", pe.Position.Line, pe.LastKey, pe.Message)
+		return fmt.Errorf("line %d: %s: %s", pe.Position.Line, oneLine(pe.LastKey), oneLine(pe.Message))
 	}
-	return fmt.Errorf("line %d: %s", pe.Position.Line, pe.Message)
+	return fmt.Errorf("line %d: %s", pe.Position.Line, oneLine(pe.Message))
+}
+
+// oneLine escapes the control characters that the TOML library copies
+// from the file into its messages (a backslash before a line break, for
+// one), so that an error stays one line.
+func oneLine(s string) string {
+	var b strings.Builder
+	for _, r := range s {
+		if r < 0x20 || r == 0x7f {
+			q := strconv.QuoteRune(r)
+			b.WriteString(q[1 : len(q)-1])
+			continue
+		}
+		b.WriteRune(r)
+	}
+	return b.String()
 }
 
 // keyError names key and, when it can be found, its line.

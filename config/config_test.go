@@ -136,6 +136,8 @@ func TestRejectsBadInput(t *testing.T) {
 		{"zero recipients", "[submission]\nmax_recipients = 0\n", "line 2: submission.max_recipients: must be positive"},
 		{"negative conns", "[submission]\nmax_connections_per_ip = -1\n", "submission.max_connections_per_ip"},
 		{"zero conns", "[submission]\nmax_connections_per_ip = 0\n", "line 2: submission.max_connections_per_ip: must be positive"},
+		{"key in another case", "[delivery]\nworkers = 3\nWorkers = 5\n", "line 3: delivery.Workers: unknown key (keys are case-sensitive: delivery.workers)"},
+		{"table in another case", "[Delivery]\nworkers = 3\n", "unknown key (keys are case-sensitive: delivery)"},
 		{"zero total conns", "[submission]\nmax_connections = 0\n", "line 2: submission.max_connections: must be at least max_connections_per_ip (20), got 0"},
 		{"total under per-IP", "[submission]\nmax_connections_per_ip = 50\nmax_connections = 40\n", "line 3: submission.max_connections: must be at least"},
 		{"plaintext password", "[[submission.users]]\nname = \"a\"\npassword_hash = \"hunter2\"\n", "line 3: submission.users[0].password_hash: is not a bcrypt hash"},
