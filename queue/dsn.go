@@ -239,7 +239,7 @@ func oneLine(s string) string {
 		return r
 	}, s)
 	if len(s) > 900 {
-		s = s[:900] + "…"
+		s = strings.ToValidUTF8(s[:900], "") + "…" // not half a character
 	}
 	return s
 }

@@ -240,3 +240,29 @@ func keys(h mail.Header) []string {
 	}
 	return out
 }
+
+func TestDSNStatusIsAWellFormedCodeOfItsClass(t *testing.T) {
+	for _, tc := range []struct {
+		action, enhanced, want string
+	}{
+		{"failed", "5.1.1", "5.1.1"},
+		{"failed", "4.4.1", "5.0.0"},
+		{"failed", "5.", "5.0.0"},
+		{"failed", "5.1.1 user unknown", "5.0.0"},
+		{"delayed", "4.4.1000", "4.0.0"},
+		{"delayed", "4.7.10", "4.7.10"},
+		{"delivered", "2.0.0", "2.0.0"},
+		{"relayed", "", "2.0.0"},
+	} {
+		if got := statusCode(tc.action, Status{Enhanced: tc.enhanced}); got != tc.want {
+			t.Errorf("statusCode(%s, %q) = %q, want %q", tc.action, tc.enhanced, got, tc.want)
+		}
+	}
+}
+
+func TestDSNHeaderCutStaysValidUTF8(t *testing.T) {
+	from := "a" + strings.Repeat("é", 600) + "@example.com"
+	if got := oneLine(from); !utf8.ValidString(got) {
+		t.Fatalf("oneLine cut a character in two: %q", got[len(got)-8:])
+	}
+}
