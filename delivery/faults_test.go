@@ -14,6 +14,7 @@ import (
 
 	"github.com/stsrelay/stsrelay/internal/dnstest"
 	"github.com/stsrelay/stsrelay/internal/faultproxy"
+	"github.com/stsrelay/stsrelay/policy"
 )
 
 // Network faults between the engine and a real go-smtp MX, injected by a
@@ -123,7 +124,7 @@ func TestFaultTLSHandshakeAbortedFallsBackToPlaintextWhenOpportunistic(t *testin
 	if p.Accepted() != 2 {
 		t.Fatalf("%d connections, want 2 (TLS, then plaintext)", p.Accepted())
 	}
-	if r := v.rec.results(); len(r) == 0 || r[0].ResultType != "validation-failure" {
+	if r := v.rec.results(); len(r) == 0 || r[0].Result != policy.ResultValidationFailure {
 		t.Fatalf("TLS results %+v, want the failed handshake recorded", r)
 	}
 	settled(t, base)
@@ -133,7 +134,7 @@ func TestFaultTLSHandshakeAbortedDefersWhenTLSIsRequired(t *testing.T) {
 	v, mx, p := proxiedMX(t, []mxOption{withTLS(mustCert(t))},
 		faultproxy.Rule{When: "\x16\x03", Then: faultproxy.Reset()})
 	e := v.engine(func(o *Options) {
-		o.Overrides = []Override{{Domain: "example.test", TLS: SecurityEncrypt}}
+		o.Overrides = []Override{{Domain: "example.test", TLS: policy.SecurityEncrypt}}
 	})
 	base := runtime.NumGoroutine()
 	st := deliver(t, e, testJob("example.test", "a@example.test"))
