@@ -73,6 +73,7 @@ type Submission struct {
 	MaxMessageSize  Size       `toml:"max_message_size"`
 	MaxRecipients   int        `toml:"max_recipients"`
 	MaxConnsPerIP   int        `toml:"max_connections_per_ip"`
+	MaxConns        int        `toml:"max_connections"` // in all; trusted_networks are still let in
 	CommandTimeout  Duration   `toml:"command_timeout"`
 	DataTimeout     Duration   `toml:"data_timeout"`
 	SessionTickets  bool       `toml:"tls_session_tickets"`
@@ -227,6 +228,7 @@ func Default() *Config {
 			MaxMessageSize: smtpin.DefaultMaxMessageSize,
 			MaxRecipients:  smtpin.DefaultMaxRecipients,
 			MaxConnsPerIP:  smtpin.DefaultMaxConnsPerIP,
+			MaxConns:       smtpin.DefaultMaxConns,
 			CommandTimeout: Duration{smtpin.DefaultCommandTimeout},
 			DataTimeout:    Duration{smtpin.DefaultDataTimeout},
 			AuthRate: AuthLimits{
@@ -352,6 +354,14 @@ func parse(data []byte, cfg *Config) (*Config, error) {
 		return nil, keyError(data, k, what+" (see config.toml.example for the keys there are)")
 	}
 	cfg.HostnameFromSystem = !md.IsDefined("hostname")
+	// The TOML library matches keys to fields without regard to case, so
+	// "Workers" and "workers" would both set one field, the last decoded
+	// winning at random. Keys are spelled as documented, or refused.
+	for _, k := range md.Keys() {
+		if want, ok := spelling(reflect.TypeFor[Config](), k); !ok {
+			return nil, keyError(data, k.String(), fmt.Sprintf("unknown key (keys are case-sensitive: %s)", want))
+		}
+	}
 	if err := cfg.validate(data); err != nil {
 		return nil, err
 	}
@@ -361,6 +371,34 @@ func parse(data []byte, cfg *Config) (*Config, error) {
 // typeMismatch is the TOML library's error for a value of the wrong type.
 var typeMismatch = regexp.MustCompile(`^toml: line (\d+) \(last key "([^"]+)"\): incompatible types: TOML value has type (\S+); destination has type (\S+)$`)
 
+// spelling checks that every part of key names a field by its exact toml
+// tag; when one does not, it returns the documented spelling.
+func spelling(t reflect.Type, key toml.Key) (string, bool) {
+	for i, part := range key {
+		for t.Kind() == reflect.Pointer || t.Kind() == reflect.Slice {
+			t = t.Elem()
+		}
+		if t.Kind() != reflect.Struct {
+			return "", true // a value's own structure, such as an inline table
+		}
+		found := false
+		for f := range t.Fields() {
+			tag, _, _ := strings.Cut(f.Tag.Get("toml"), ",")
+			if tag == part {
+				t, found = f.Type, true
+				break
+			}
+			if strings.EqualFold(tag, part) {
+				return strings.Join(append(append([]string(nil), key[:i]...), tag), "."), false
+			}
+		}
+		if !found {
+			return "", true // unknown keys are reported by Undecoded
+		}
+	}
+	return "", true
+}
+
 // decodeError turns the TOML library's error into our one-line form.
 func decodeError(data []byte, err error) error {
 	var pe toml.ParseError
@@ -368,7 +406,7 @@ func decodeError(data []byte, err error) error {
 		if m := typeMismatch.FindStringSubmatch(err.Error()); m != nil {
 			return fmt.Errorf("line %s: %s: is %s, want %s", m[1], m[2], tomlType(m[3]), goType(m[4]))
 		}
-		return errors.New(strings.TrimPrefix(err.Error(), "toml: "))
+		return errors.New(oneLine(strings.TrimPrefix(err.Error(), "toml: ")))
 	}
 	// The library's line can be the next one when the error is at a line
 	// end, and its last key the table before: count from the byte offset,
@@ -380,10 +418,10 @@ func decodeError(data []byte, err error) error {
 	if k := pe.LastKey; k != "" {
 		leaf := k[strings.LastIndex(k, ".")+1:]
 		if text := lineText(data, line); keyIs(strings.TrimSpace(text), leaf) {
-			return fmt.Errorf("line %d: %s: %s", line, indexedKey(data, line, k), pe.Message)
+			return fmt.Errorf("line %d: %s: %s", line, indexedKey(data, line, oneLine(k)), oneLine(pe.Message))
 		}
 	}
-	return fmt.Errorf("line %d: %s", line, pe.Message)
+	return fmt.Errorf("line %d: %s", line, oneLine(pe.Message))
 }
 
 // tomlType names a TOML value's type as the library reports it.
@@ -480,6 +518,22 @@ func indexedKey(data []byte, line int, key string) string {
 	return key
 }
 
+// oneLine escapes the control characters that the TOML library copies
+// from the file into its messages (a backslash before a line break, for
+// one), so that an error stays one line.
+func oneLine(s string) string {
+	var b strings.Builder
+	for _, r := range s {
+		if r < 0x20 || r == 0x7f {
+			q := strconv.QuoteRune(r)
+			b.WriteString(q[1 : len(q)-1])
+			continue
+		}
+		b.WriteRune(r)
+	}
+	return b.String()
+}
+
 // keyError names key and, when it can be found, its line.
 func keyError(data []byte, key, msg string) error {
 	line := headerLine(data, key)
@@ -540,6 +594,9 @@ func (c *Config) validate(data []byte) error {
 	}
 	if s.MaxConnsPerIP <= 0 {
 		return bad("submission.max_connections_per_ip", "must be positive, got %d (trusted_networks are not limited)", s.MaxConnsPerIP)
+	}
+	if s.MaxConns < s.MaxConnsPerIP {
+		return bad("submission.max_connections", "must be at least max_connections_per_ip (%d), got %d", s.MaxConnsPerIP, s.MaxConns)
 	}
 	if s.CommandTimeout.Duration <= 0 {
 		return bad("submission.command_timeout", "must be positive (use e.g. 5m)")

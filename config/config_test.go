@@ -48,6 +48,8 @@ func TestExampleLoadsAndMatchesDefaults(t *testing.T) {
 		{"submission.max_message_size", cfg.Submission.MaxMessageSize, def.Submission.MaxMessageSize},
 		{"submission.auth_limit", cfg.Submission.AuthRate, def.Submission.AuthRate},
 		{"submission.command_timeout", cfg.Submission.CommandTimeout, def.Submission.CommandTimeout},
+		{"submission.max_connections", cfg.Submission.MaxConns, def.Submission.MaxConns},
+		{"submission.max_connections_per_ip", cfg.Submission.MaxConnsPerIP, def.Submission.MaxConnsPerIP},
 	} {
 		if !reflect.DeepEqual(c.got, c.want) {
 			t.Errorf("%s: example says %+v, default is %+v", c.name, c.got, c.want)
@@ -161,6 +163,10 @@ func TestRejectsBadInput(t *testing.T) {
 		{"zero recipients", "[submission]\nmax_recipients = 0\n", "line 2: submission.max_recipients: must be positive"},
 		{"negative conns", "[submission]\nmax_connections_per_ip = -1\n", "submission.max_connections_per_ip"},
 		{"zero conns", "[submission]\nmax_connections_per_ip = 0\n", "line 2: submission.max_connections_per_ip: must be positive"},
+		{"key in another case", "[delivery]\nworkers = 3\nWorkers = 5\n", "line 3: delivery.Workers: unknown key (keys are case-sensitive: delivery.workers)"},
+		{"table in another case", "[Delivery]\nworkers = 3\n", "unknown key (keys are case-sensitive: delivery)"},
+		{"zero total conns", "[submission]\nmax_connections = 0\n", "line 2: submission.max_connections: must be at least max_connections_per_ip (20), got 0"},
+		{"total under per-IP", "[submission]\nmax_connections_per_ip = 50\nmax_connections = 40\n", "line 3: submission.max_connections: must be at least"},
 		{"plaintext password", "[[submission.users]]\nname = \"a\"\npassword_hash = \"hunter2\"\n", "line 3: submission.users[0].password_hash: is not a bcrypt hash"},
 		{"empty user name", "[[submission.users]]\nname = \"\"\npassword_hash = \"" + testHash + "\"\n", "submission.users[0].name: must not be empty"},
 		{"duplicate user", "[[submission.users]]\nname = \"a\"\npassword_hash = \"" + testHash + "\"\n[[submission.users]]\nname = \"a\"\npassword_hash = \"" + testHash + "\"\n", "line 5: submission.users[1].name: user \"a\" is defined twice"},
@@ -426,6 +432,7 @@ func TestDefaultsAreThePackagesDefaults(t *testing.T) {
 		{"submission.max_message_size", int64(d.Submission.MaxMessageSize), int64(smtpin.DefaultMaxMessageSize)},
 		{"submission.max_recipients", d.Submission.MaxRecipients, smtpin.DefaultMaxRecipients},
 		{"submission.max_connections_per_ip", d.Submission.MaxConnsPerIP, smtpin.DefaultMaxConnsPerIP},
+		{"submission.max_connections", d.Submission.MaxConns, smtpin.DefaultMaxConns},
 		{"submission.command_timeout", d.Submission.CommandTimeout.Duration, smtpin.DefaultCommandTimeout},
 		{"submission.data_timeout", d.Submission.DataTimeout.Duration, smtpin.DefaultDataTimeout},
 		{"submission.auth_limit.failures", d.Submission.AuthRate.Failures, smtpin.DefaultAuthFailures},

@@ -270,8 +270,9 @@ func isASCII(s string) bool {
 	return true
 }
 
-// statusCode is the RFC 3464 Status field: the enhanced code when there is
-// one of the right class, else the class's generic code.
+// statusCode is the RFC 3464 Status field: the enhanced code when it is a
+// well-formed one of the right class (RFC 3463 §2), else the class's
+// generic code.
 func statusCode(action string, st Status) string {
 	class := "2"
 	switch action {
@@ -280,10 +281,24 @@ func statusCode(action string, st Status) string {
 	case "delayed":
 		class = "4"
 	}
-	if strings.HasPrefix(st.Enhanced, class+".") {
+	parts := strings.Split(st.Enhanced, ".")
+	if len(parts) == 3 && parts[0] == class && isDigits(parts[1], 3) && isDigits(parts[2], 3) {
 		return st.Enhanced
 	}
 	return class + ".0.0"
+}
+
+// isDigits reports whether s is 1 to max ASCII digits.
+func isDigits(s string, max int) bool {
+	if s == "" || len(s) > max {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if s[i] < '0' || s[i] > '9' {
+			return false
+		}
+	}
+	return true
 }
 
 // headerSection returns the header section of msg, with its blank line.

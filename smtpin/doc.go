@@ -4,29 +4,72 @@
 // the client hears "250".
 //
 // github.com/emersion/go-smtp does the protocol work; this package decides
-// who may relay, enforces the limits and hands the message over. Choices
-// worth knowing:
+// who may relay, enforces the limits and hands the message over.
 //
-//   - Relaying needs AUTH (PLAIN or LOGIN, bcrypt hashes) or a client
-//     address in TrustedNetworks; everyone else gets 530 5.7.0 at MAIL.
-//     AUTH needs TLS except from TrustedNetworks and, if
-//     InsecureAuthFromLoopback is set, from loopback (538 5.7.11).
+// Relaying needs AUTH (PLAIN or LOGIN, bcrypt hashes) or a client address
+// in TrustedNetworks; everyone else gets 530 5.7.0 at MAIL. AUTH needs TLS
+// except from TrustedNetworks and, if InsecureAuthFromLoopback is set (main
+// sets it), from loopback. The whole matrix, pinned by TestOpenRelayMatrix
+// (TLS is STARTTLS or implicit TLS):
+//
+//	trusted  AUTH  TLS  answer
+//	no       no    no   MAIL 530 5.7.0
+//	no       no    yes  MAIL 530 5.7.0
+//	no       yes   no   AUTH not offered, 538 5.7.11; MAIL 530 5.7.0
+//	no       yes   yes  relays; MAIL FROM held to allowed_senders (553 5.7.1)
+//	yes      no    no   relays, any sender
+//	yes      no    yes  relays, any sender
+//	yes      yes   no   relays; MAIL FROM held to allowed_senders (553 5.7.1)
+//	yes      yes   yes  relays; MAIL FROM held to allowed_senders (553 5.7.1)
+//
+// Loopback with InsecureAuthFromLoopback may AUTH without TLS as a trusted
+// client may; it still relays only after AUTH.
+//
+// Choices worth knowing:
+//
 //   - SMTP smuggling: a bare CR or bare LF anywhere in the message, DATA or
 //     BDAT, rejects it with 554 5.5.2; nothing is normalised. go-smtp
 //     already ends DATA only at CRLF.CRLF, so the rest of such a message is
 //     read as data and discarded, never run as commands. One exception:
 //     go-smtp's DATA reader drops a CR right after a line's leading dot
 //     (".\r"), so that CR is removed before we see it; removed, it cannot
-//     end a message early here or downstream.
+//     end a message early here or downstream. A NUL byte is refused too
+//     (554 5.6.0): 7bit and 8bit text holds none (RFC 2045 §2.8).
 //   - Commands pipelined after STARTTLS are discarded: go-smtp builds a new
 //     reader over the TLS connection, and the session starts over.
 //   - Timeouts are idle timeouts, restarted by every read (RFC 5321
 //     §4.5.3.2); the client stalling in DATA is dropped at once after the
 //     421 reply.
 //   - Per-client limits (connections, failed AUTH) count an IPv6 client by
-//     its /64. Trusted networks are exempt from the connection cap: a
-//     Postfix relayhost opens as many connections as its concurrency allows.
+//     its /64. Trusted networks are exempt from the connection caps, per
+//     client and in all (MaxConns): a Postfix relayhost opens as many
+//     connections as its concurrency allows, and a flood from elsewhere
+//     must not lock it out.
 //   - TLS session tickets are off unless Options.SessionTickets is set.
 //   - ENVID and ORCPT reach queue.Envelope decoded (xtext removed); a
 //     relay passing them on must encode them again (RFC 3461 §4).
+//
+// Gaps of go-smtp v0.25.1 (v0.26.0, the newest release, has them too)
+// closed here, each with a test that fails against go-smtp alone:
+//
+//   - After a failed STARTTLS handshake go-smtp answers 550 and reads on in
+//     plaintext, running commands it had buffered: the session ends with
+//     421 4.7.0 instead (TestFailedSTARTTLSHandshakeEndsSession).
+//   - After a rejected message go-smtp reads the rest with no bound but the
+//     idle timeout: that drain gets DataTimeout in all, and a client may
+//     never send more than twice MaxMessageSize (plus 64 KiB) without a
+//     reply, which also bounds the BDAT chunks go-smtp discards
+//     (TestRejectedMessageDrainIsBounded*, TestRefusedBDATChunkDiscardIsBounded).
+//     A client cut off that way gets the reply, then the connection closes.
+//   - go-smtp refuses a DATA message of exactly its size limit. Its limit
+//     is left off and smtpin counts the message itself, so EHLO announces
+//     SIZE without a number (RFC 1870 §4 allows it) and an oversized SIZE=
+//     is refused at MAIL (TestMessageOfExactlyMaxSizeAccepted).
+//   - go-smtp caps nothing in all: MaxConns does (TestTotalConnectionsCapped).
+//
+// Left as go-smtp has them: undecodable AUTH base64 is answered 454 4.7.0
+// (RFC 4954 §4 says 501); the EHLO name and an unknown verb are echoed in
+// replies as sent, a bare CR included; and commands pipelined after its
+// "Too many errors" meet its closed session and panic, which it recovers
+// from (the session ends with 421; the log's stack traces are rate-limited).
 package smtpin

@@ -34,6 +34,8 @@ var (
 	errBareCR         = errors.New("bare CR")
 	errLineTooLong    = errors.New("line too long")
 	errHeaderTooLarge = errors.New("header section too large")
+	errTooLarge       = errors.New("message too large")
+	errNUL            = errors.New("NUL byte")
 )
 
 // receive reads one message and commits it to the queue. It answers 250
@@ -41,7 +43,7 @@ var (
 func (s *session) receive(tx transaction, r io.Reader) error {
 	start := time.Now()
 	env := tx.env
-	body := &bodyReader{r: r, maxLine: s.maxTextLine()}
+	body := &bodyReader{r: r, maxLine: s.maxTextLine(), max: s.srv.opts.MaxMessageSize}
 	br := bufio.NewReaderSize(body, max(8192, body.maxLine+1))
 	hdr, err := readHeader(br, maxHeaderBytes)
 	if err != nil {
@@ -95,7 +97,7 @@ func (s *session) dataError(env queue.Envelope, body *bodyReader, err error) err
 	var netErr net.Error
 	var e *smtp.SMTPError
 	switch {
-	case errors.Is(err, smtp.ErrDataTooLarge):
+	case errors.Is(err, errTooLarge), errors.Is(err, smtp.ErrDataTooLarge):
 		return s.rejectAs(env.User, "size", &smtp.SMTPError{Code: 552, EnhancedCode: smtp.EnhancedCode{5, 3, 4},
 			Message: fmt.Sprintf("Message is larger than the limit of %d bytes", s.srv.opts.MaxMessageSize)})
 	case errors.Is(err, errHeaderTooLarge):
@@ -110,6 +112,12 @@ func (s *session) dataError(env queue.Envelope, body *bodyReader, err error) err
 		}
 		return s.rejectAs(env.User, reason, &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 5, 2},
 			Message: fmt.Sprintf("Message line %d contains a %s; lines must end with CRLF (RFC 5321 §2.3.8)", line, err)})
+	case errors.Is(err, errNUL):
+		// RFC 2045 §2.7, §2.8: 7bit and 8bit data hold no NUL; only
+		// BINARYMIME, which is not offered, would allow it. Software that
+		// reads C strings would see the message end early.
+		return s.rejectAs(env.User, "nul", &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 6, 0},
+			Message: fmt.Sprintf("Message line %d contains a NUL byte, which mail text may not hold (RFC 2045 §2.8)", line)})
 	case errors.Is(err, errLineTooLong), errors.Is(err, smtp.ErrTooLongLine):
 		return s.rejectAs(env.User, "line_length", &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 6, 0},
 			Message: fmt.Sprintf("Message line %d is longer than %d octets (RFC 5321 §4.5.3.1.6); encode it (quoted-printable or base64)",
@@ -131,12 +139,14 @@ func (s *session) dataError(env queue.Envelope, body *bodyReader, err error) err
 // maxTextLine is the longest message line accepted, CRLF included.
 func (s *session) maxTextLine() int { return min(maxTextLine, s.srv.opts.MaxLineLength) }
 
-// bodyReader checks the message text as it passes: lines end in CRLF and
-// are at most maxLine bytes long. It also makes a message sent by BDAT
-// without a final CRLF end with one. The first error sticks.
+// bodyReader checks the message text as it passes: at most max bytes,
+// lines end in CRLF and are at most maxLine bytes long, no NUL. It also
+// makes a message sent by BDAT without a final CRLF end with one. The
+// first error sticks.
 type bodyReader struct {
 	r       io.Reader
 	maxLine int
+	max     int64
 
 	n       int64 // bytes read from the client
 	lines   int   // complete lines read
@@ -169,6 +179,10 @@ func (b *bodyReader) Read(p []byte) (int, error) {
 			b.err = errBareLF
 			return 0, b.err
 		}
+		if c == 0 {
+			b.err = errNUL
+			return 0, b.err
+		}
 		b.lineLen++
 		if b.lineLen > b.maxLine {
 			b.err = errLineTooLong
@@ -181,6 +195,12 @@ func (b *bodyReader) Read(p []byte) (int, error) {
 		b.last = c
 	}
 	b.n += int64(n)
+	if b.n > b.max {
+		// RFC 1870: the size is that of the message, without dot-stuffing
+		// and the final dot; a message of exactly max bytes is accepted.
+		b.err = errTooLarge
+		return 0, b.err
+	}
 	switch {
 	case err == io.EOF:
 		b.eof = true

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/emersion/go-smtp"
+	"golang.org/x/time/rate"
 
 	"github.com/stsrelay/stsrelay/queue"
 )
@@ -59,9 +60,9 @@ type Options struct {
 	AuthFailuresPerIP int
 	AuthFailuresPer   time.Duration
 
-	// MaxMessageSize in bytes; larger is 552 5.3.4. go-smtp
-	// v0.25.1 refuses a DATA message of exactly this size (it checks one
-	// byte early); BDAT is exact.
+	// MaxMessageSize in bytes; larger is 552 5.3.4: at MAIL when its SIZE
+	// parameter says so (RFC 1870), else as soon as the message passes the
+	// limit. A message of exactly this size is accepted.
 	MaxMessageSize int64
 	MaxRecipients  int // per message; more is 452 4.5.3
 	// MaxLineLength in bytes with CRLF, for commands: RFC 5321
@@ -69,6 +70,10 @@ type Options struct {
 	// Message lines are held to RFC 5321's 1000 (or this, if smaller).
 	MaxLineLength int
 	MaxConnsPerIP int // concurrent connections per client IP (IPv6: per /64)
+	// MaxConns caps concurrent connections in all, so that a flood from
+	// many addresses cannot use up file descriptors. Beyond it new clients
+	// get 421 4.3.2; trusted networks are still let in.
+	MaxConns int
 
 	// CommandTimeout is how long a client may stay silent while a command
 	// is expected (RFC 5321 §4.5.3.2.7: at least 5 minutes). DataTimeout is
@@ -91,6 +96,7 @@ const (
 	DefaultAuthFailuresPer   = time.Minute
 	DefaultCommandTimeout    = 5 * time.Minute
 	DefaultDataTimeout       = 10 * time.Minute
+	DefaultMaxConns          = 1000
 )
 
 // ErrServerClosed is returned by Serve and Listen after Shutdown.
@@ -113,6 +119,13 @@ type Server struct {
 	cancelBase context.CancelFunc
 
 	connSeq atomic.Uint64
+	// maxUnanswered is how much a client may send before it must wait
+	// for a reply: a whole message, dot-stuffed (at most 4/3 of its size),
+	// with room to spare for the rest of a rejected one.
+	maxUnanswered int64
+	// refusalLog rate-limits the log lines of refused connections.
+	refusalLog       *rate.Limiter
+	refusalsUnlogged atomic.Int64
 
 	mu        sync.Mutex
 	plainLn   net.Listener
@@ -154,6 +167,9 @@ func New(opts Options, q Enqueuer) (*Server, error) {
 	if opts.MaxConnsPerIP <= 0 {
 		opts.MaxConnsPerIP = DefaultMaxConnsPerIP
 	}
+	if opts.MaxConns <= 0 {
+		opts.MaxConns = DefaultMaxConns
+	}
 	if opts.AuthFailures <= 0 {
 		opts.AuthFailures = DefaultAuthFailures
 	}
@@ -184,6 +200,8 @@ func New(opts Options, q Enqueuer) (*Server, error) {
 		log:           opts.Logger,
 		authLim:       newAuthLimiter(opts.AuthFailures, opts.AuthFailuresPerIP, opts.AuthFailuresPer),
 		authFailDelay: time.Second,
+		maxUnanswered: 2*opts.MaxMessageSize + 64<<10,
+		refusalLog:    rate.NewLimiter(rate.Every(time.Second), 5),
 		conns:         make(map[*conn]struct{}),
 		perIP:         make(map[netip.Prefix]int),
 		serveDone:     make(chan struct{}),
@@ -204,7 +222,12 @@ func New(opts Options, q Enqueuer) (*Server, error) {
 	srv := smtp.NewServer(backend{s})
 	srv.Domain = opts.Hostname
 	srv.TLSConfig = s.tlsConf
-	srv.MaxMessageBytes = opts.MaxMessageSize
+	// go-smtp's own size limit is left off: v0.25.1 (and v0.26.0) refuses
+	// a DATA message of exactly the limit, and drains an oversized BDAT
+	// chunk without bound. smtpin checks MAIL's SIZE and counts the
+	// message itself; EHLO then announces SIZE without a number, which
+	// RFC 1870 §4 allows, and clients still learn the limit at MAIL.
+	srv.MaxMessageBytes = 0
 	srv.MaxRecipients = opts.MaxRecipients
 	srv.MaxLineLength = opts.MaxLineLength
 	// Read deadlines are set per read by conn, so that DATA gets its own
@@ -217,7 +240,7 @@ func New(opts Options, q Enqueuer) (*Server, error) {
 	srv.EnableSMTPUTF8 = true
 	srv.EnableREQUIRETLS = true // go-smtp offers it on TLS connections only
 	srv.EnableDSN = true
-	srv.ErrorLog = slogPrinter{s.log}
+	srv.ErrorLog = newSlogPrinter(s.log)
 	s.smtp = srv
 	return s, nil
 }
@@ -430,17 +453,37 @@ func (s *Server) enqueueCount() int {
 
 // slogPrinter gives go-smtp's internal log to slog. Most of it is failed
 // TLS handshakes and dropped connections, which scanners cause all day;
-// panics it recovered from are errors.
-type slogPrinter struct{ log *slog.Logger }
+// panics it recovered from are errors. A client can provoke one in
+// go-smtp v0.25.1 (commands pipelined after "Too many errors" meet its
+// closed session), so their stack traces are rate-limited: a flood of
+// them must not become a flood of log.
+type slogPrinter struct {
+	log        *slog.Logger
+	panics     *rate.Limiter
+	suppressed *atomic.Int64
+}
+
+func newSlogPrinter(log *slog.Logger) slogPrinter {
+	return slogPrinter{log: log, panics: rate.NewLimiter(rate.Every(time.Minute), 3), suppressed: new(atomic.Int64)}
+}
 
 func (p slogPrinter) Printf(format string, v ...any) { p.print(fmt.Sprintf(format, v...)) }
 
 func (p slogPrinter) Println(v ...any) { p.print(fmt.Sprint(v...)) }
 
 func (p slogPrinter) print(msg string) {
-	level := slog.LevelInfo
-	if strings.HasPrefix(msg, "panic") {
-		level = slog.LevelError
+	if !strings.HasPrefix(msg, "panic") {
+		p.log.Info("smtpin: " + msg)
+		return
 	}
-	p.log.Log(context.Background(), level, "smtpin: "+msg)
+	metricPanics.Inc()
+	if !p.panics.Allow() {
+		p.suppressed.Add(1)
+		return
+	}
+	var attrs []any
+	if n := p.suppressed.Swap(0); n > 0 {
+		attrs = append(attrs, "also_recovered_unlogged", n)
+	}
+	p.log.Error("smtpin: "+msg, attrs...)
 }

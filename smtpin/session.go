@@ -27,6 +27,9 @@ func (b backend) NewSession(sc *smtp.Conn) (smtp.Session, error) {
 	if c == nil {
 		return nil, errors.New("internal error: unknown connection type")
 	}
+	if c.cut.Load() {
+		return nil, errClosing
+	}
 	sess := &session{
 		srv:     s,
 		sc:      sc,
@@ -75,6 +78,10 @@ type transaction struct {
 
 var _ smtp.AuthSession = (*session)(nil)
 
+// errClosing answers commands that go-smtp had buffered when the
+// connection began to be cut off; nobody hears it, and nothing runs.
+var errClosing = &smtp.SMTPError{Code: 421, EnhancedCode: smtp.EnhancedCode{4, 7, 0}, Message: "Closing connection"}
+
 func (s *session) Reset() {
 	s.mu.Lock()
 	s.tx = nil
@@ -97,6 +104,9 @@ func (s *session) authAllowed() bool {
 }
 
 func (s *session) Auth(mech string) (sasl.Server, error) {
+	if s.conn.cut.Load() {
+		return nil, errClosing
+	}
 	if !s.authAllowed() {
 		metricAuth.WithLabelValues("refused_plaintext").Inc()
 		// Refused before the client sends a name, so that no password
@@ -192,6 +202,9 @@ func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.tx = nil
+	if s.conn.cut.Load() {
+		return errClosing
+	}
 
 	if s.user == nil && !s.trusted {
 		return s.reject("auth_required", 530, smtp.EnhancedCode{5, 7, 0},
@@ -202,18 +215,23 @@ func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 		if err == errNeedsSMTPUTF8 {
 			// RFC 6531 §3.5.
 			return s.reject("bad_sender", 553, smtp.EnhancedCode{5, 6, 7},
-				fmt.Sprintf("Sender <%s>: %v", from, err))
+				fmt.Sprintf("Sender <%s>: %v", printable(from), err))
 		}
 		if err != nil {
 			// RFC 3463: X.1.7 bad sender's mailbox address syntax.
 			return s.reject("bad_sender", 501, smtp.EnhancedCode{5, 1, 7},
-				fmt.Sprintf("Bad sender address <%s>: %v", from, err))
+				fmt.Sprintf("Bad sender address <%s>: %v", printable(from), err))
 		}
 		from = addr
 	}
 	if s.user != nil && !s.user.mayUseSender(from) {
 		return s.reject("sender_not_allowed", 553, smtp.EnhancedCode{5, 7, 1},
 			fmt.Sprintf("Sender <%s> is not allowed for user %s", from, s.user.Name))
+	}
+	if opts.Size > s.srv.opts.MaxMessageSize {
+		// RFC 1870 §6.3.
+		return s.reject("size", 552, smtp.EnhancedCode{5, 3, 4},
+			fmt.Sprintf("Message size exceeds fixed maximum message size of %d bytes", s.srv.opts.MaxMessageSize))
 	}
 	// RFC 8689: REQUIRETLS is offered only under TLS; go-smtp accepts the
 	// parameter in the clear too, and a message that demands TLS onward
@@ -242,6 +260,9 @@ func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 func (s *session) Rcpt(to string, opts *smtp.RcptOptions) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.conn.cut.Load() {
+		return errClosing
+	}
 	if s.tx == nil {
 		return &smtp.SMTPError{Code: 503, EnhancedCode: smtp.EnhancedCode{5, 5, 1}, Message: "MAIL first"}
 	}
@@ -251,12 +272,12 @@ func (s *session) Rcpt(to string, opts *smtp.RcptOptions) error {
 	addr, err := parseMailbox(to, s.tx.env.SMTPUTF8)
 	if err == errNeedsSMTPUTF8 {
 		return s.reject("bad_recipient", 553, smtp.EnhancedCode{5, 6, 7},
-			fmt.Sprintf("Recipient <%s>: %v", to, err))
+			fmt.Sprintf("Recipient <%s>: %v", printable(to), err))
 	}
 	if err != nil {
 		// RFC 3463: X.1.3 bad destination mailbox address syntax.
 		return s.reject("bad_recipient", 501, smtp.EnhancedCode{5, 1, 3},
-			fmt.Sprintf("Bad recipient address <%s>: %v", to, err))
+			fmt.Sprintf("Bad recipient address <%s>: %v", printable(to), err))
 	}
 	to = addr
 	rp := queue.RecipientParams{Addr: to}
@@ -296,6 +317,19 @@ func (s *session) rejectAs(user, reason string, e *smtp.SMTPError, attrs ...any)
 }
 
 func (s *session) Data(r io.Reader) error {
+	err := s.data(r)
+	if e, ok := err.(*smtp.SMTPError); !ok || e.Code != 250 {
+		// go-smtp reads the rest of a rejected message after Data returns,
+		// with no bound but the idle timeout; conn bounds it.
+		s.conn.beginDrain()
+	}
+	return err
+}
+
+func (s *session) data(r io.Reader) error {
+	if s.conn.cut.Load() {
+		return errClosing
+	}
 	s.mu.Lock()
 	if s.tx == nil || len(s.tx.env.Recipients) == 0 {
 		s.mu.Unlock()
@@ -308,4 +342,18 @@ func (s *session) Data(r io.Reader) error {
 	s.conn.inData.Store(true)
 	defer s.conn.inData.Store(false)
 	return s.receive(tx, r)
+}
+
+// printable makes a client's address safe to echo in a reply and a log
+// line: anything but printable ASCII becomes '?'.
+func printable(s string) string {
+	if len(s) > 300 {
+		s = s[:300]
+	}
+	return strings.Map(func(r rune) rune {
+		if r < 0x20 || r > 0x7e {
+			return '?'
+		}
+		return r
+	}, s)
 }

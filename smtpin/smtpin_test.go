@@ -299,10 +299,13 @@ func TestMessageLargerThanLimitRejected(t *testing.T) {
 
 	t.Run("SIZE parameter", func(t *testing.T) {
 		d := authedDialogue(t, e)
-		if ehlo := d.cmd("EHLO client.test", "250"); !strings.Contains(ehlo, "SIZE 1000") {
-			t.Errorf("EHLO does not announce SIZE 1000:\n%s", ehlo)
+		// SIZE without a number (RFC 1870 §4): see Options.MaxMessageSize.
+		if ehlo := d.cmd("EHLO client.test", "250"); !strings.Contains(ehlo, "250-SIZE\r\n") {
+			t.Errorf("EHLO does not announce SIZE:\n%s", ehlo)
 		}
 		d.cmd("MAIL FROM:<app@example.com> SIZE=5000", "552 5.3.4")
+		d.cmd("MAIL FROM:<app@example.com> SIZE=1001", "552 5.3.4")
+		d.cmd("MAIL FROM:<app@example.com> SIZE=1000", "250")
 	})
 	t.Run("DATA", func(t *testing.T) {
 		c := e.client(t, true)

@@ -119,7 +119,7 @@ func TestReadHeaderFindsFieldsAndStopsAtBody(t *testing.T) {
 	}
 }
 
-func TestBodyReaderEnforcesCRLF(t *testing.T) {
+func TestBodyReaderEnforcesCRLFAndSize(t *testing.T) {
 	for _, tc := range []struct {
 		in, out string
 		err     error
@@ -133,9 +133,12 @@ func TestBodyReaderEnforcesCRLF(t *testing.T) {
 		{in: "\n", err: errBareLF},
 		{in: strings.Repeat("x", 11) + "\r\n", err: errLineTooLong},
 		{in: strings.Repeat("x", 8) + "\r\n", out: strings.Repeat("x", 8) + "\r\n"},
+		{in: "a\x00b\r\n", err: errNUL},
+		{in: "12345678\r\n123456\r\n", out: "12345678\r\n123456\r\n"}, // exactly max
+		{in: "12345678\r\n1234567\r\n", err: errTooLarge},
 	} {
 		// One byte per read, so that CR and LF fall into separate reads.
-		b := &bodyReader{r: &oneByteReader{s: tc.in}, maxLine: 10}
+		b := &bodyReader{r: &oneByteReader{s: tc.in}, maxLine: 10, max: 18}
 		got, err := io.ReadAll(b)
 		if !errors.Is(err, tc.err) || (tc.err == nil && string(got) != tc.out) {
 			t.Errorf("%q: got %q, %v; want %q, %v", tc.in, got, err, tc.out, tc.err)

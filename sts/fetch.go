@@ -176,6 +176,11 @@ func (m *Manager) fetch(ctx context.Context, domain string) (*Policy, error) {
 	}
 	// RFC 8461 §3.3: the body is bounded; read one byte more to tell.
 	body, err := io.ReadAll(io.LimitReader(resp.Body, MaxPolicySize+1))
+	if err == nil && ctx.Err() != nil {
+		// When the fetch timeout cuts a body short, net/http sometimes
+		// reports a clean end; the part read must not pass for the policy.
+		err = context.Cause(ctx)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("reading policy: %w", err)
 	}

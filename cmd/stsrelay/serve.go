@@ -227,6 +227,7 @@ func start(cfg *config.Config, logger *slog.Logger) (_ *relay, err error) {
 		MaxMessageSize:           int64(cfg.Submission.MaxMessageSize),
 		MaxRecipients:            cfg.Submission.MaxRecipients,
 		MaxConnsPerIP:            cfg.Submission.MaxConnsPerIP,
+		MaxConns:                 cfg.Submission.MaxConns,
 		CommandTimeout:           cfg.Submission.CommandTimeout.Duration,
 		DataTimeout:              cfg.Submission.DataTimeout.Duration,
 		AuthFailures:             cfg.Submission.AuthRate.Failures,

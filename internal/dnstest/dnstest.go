@@ -1,7 +1,8 @@
 // Package dnstest runs a real DNS server on loopback for tests. It answers
 // like a recursive, validating resolver would: it follows CNAMEs within its
 // data and sets the AD bit when every name on the chain is marked secure.
-// Faults (SERVFAIL, silence, truncation, garbage) are set per name.
+// Faults (SERVFAIL, silence, truncation, garbage, wrong IDs) are set per
+// name.
 package dnstest
 
 import (
@@ -24,6 +25,12 @@ const (
 	FaultDrop           // never answer (the client times out)
 	FaultTruncate       // over UDP, answer empty with TC set, forcing TCP
 	FaultGarbage        // answer with bytes that are not a DNS message
+	// FaultWrongID answers with another message ID only, as an off-path
+	// spoofer guessing wrong would: the client must ignore it (and time out).
+	FaultWrongID
+	// FaultWrongIDFirst sends a SERVFAIL with another ID, then the real
+	// answer: a client that ignores the first gets the second.
+	FaultWrongIDFirst
 )
 
 // Server is a DNS server on 127.0.0.1, UDP and TCP on the same port.
@@ -222,6 +229,15 @@ func (s *Server) serve(w dns.ResponseWriter, q *dns.Msg, tcp bool) {
 	if o := q.IsEdns0(); o != nil {
 		m.SetEdns0(4096, o.Do())
 		m.AuthenticatedData = secure && o.Do()
+	}
+	switch fault {
+	case FaultWrongID:
+		m.Id ^= 0x5a5a
+	case FaultWrongIDFirst:
+		bogus := new(dns.Msg)
+		bogus.SetRcode(q, dns.RcodeServerFailure)
+		bogus.Id ^= 0x5a5a
+		w.WriteMsg(bogus)
 	}
 	w.WriteMsg(m)
 }

@@ -1,0 +1,415 @@
+package smtpin
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stsrelay/stsrelay/internal/testpki"
+	"github.com/stsrelay/stsrelay/queue"
+)
+
+// Hostile input on the submission port, over real TCP: every case gets a
+// clear 4xx or 5xx, the server keeps serving others, and nothing that was
+// not answered 250 is queued.
+
+// served checks that the server still takes a message from another client.
+func served(t *testing.T, e *testEnv) {
+	t.Helper()
+	before := len(e.q.stored())
+	d := authedDialogue(t, e)
+	d.cmd("MAIL FROM:<app@example.com>", "250")
+	d.cmd("RCPT TO:<r@example.org>", "250")
+	d.cmd("DATA", "354")
+	d.write(testMessage + ".\r\n")
+	d.expect("250 2.0.0")
+	d.cmd("QUIT", "221")
+	if n := len(e.q.stored()); n != before+1 {
+		t.Fatalf("queue holds %d messages, want %d", n, before+1)
+	}
+}
+
+func wantQueued(t *testing.T, e *testEnv, n int) {
+	t.Helper()
+	if got := len(e.q.stored()); got != n {
+		t.Fatalf("queue holds %d messages, want %d", got, n)
+	}
+}
+
+func TestCommandOf100KBRefused(t *testing.T) {
+	e := start(t, nil)
+	for _, line := range []string{
+		"MAIL FROM:<" + strings.Repeat("a", 100<<10) + "@example.com>",
+		"EHLO " + strings.Repeat("h", 100<<10),
+		strings.Repeat("X", 100<<10),
+	} {
+		d := dial(t, e.srv.Addr())
+		// go-smtp stops at MaxLineLength, answers and hangs up, without
+		// reading the rest.
+		d.nc.SetWriteDeadline(time.Now().Add(5 * time.Second))
+		go io.WriteString(d.nc, line+"\r\n")
+		d.expect("500 5.4.0")
+		if !d.closed() {
+			t.Fatal("connection open after a 100 KB command")
+		}
+	}
+	served(t, e)
+	wantQueued(t, e, 1)
+}
+
+func TestHeaderLinesOver998Characters(t *testing.T) {
+	e := start(t, func(o *Options) { o.TrustedNetworks = []netip.Prefix{mustPrefix(t, "127.0.0.1/32")} })
+	d := dial(t, e.srv.Addr())
+	d.cmd("EHLO client.test", "250")
+	// RFC 5321 §4.5.3.1.6: 998 octets and CRLF. Longer lines are refused
+	// rather than relayed or folded (README, "Protocol decisions").
+	send := func(line string) {
+		d.cmd("MAIL FROM:<a@example.com>", "250")
+		d.cmd("RCPT TO:<b@example.org>", "250")
+		d.cmd("DATA", "354")
+		d.write(line + "\r\n" + testMessage + ".\r\n")
+	}
+	line := "X-Long: " + strings.Repeat("v", 998-len("X-Long: "))
+	send(line)
+	d.expect("250 2.0.0")
+	if m := e.q.stored(); !strings.Contains(m[len(m)-1].body, "\r\n"+line+"\r\n") {
+		t.Fatal("998-character header line not stored unchanged")
+	}
+	send(line + "v")
+	d.expect("554 5.6.0")
+	send("X-Long: " + strings.Repeat("v", 5000))
+	d.expect("554 5.6.0")
+	// Past MaxLineLength go-smtp's reader cannot find the line's end to
+	// drain the message, so the session ends after the reply.
+	if !d.closed() {
+		t.Fatal("session open after a line longer than MaxLineLength")
+	}
+	wantQueued(t, e, 1)
+}
+
+func TestTenThousandRecipients(t *testing.T) {
+	e := start(t, nil) // MaxRecipients: the default, 1000
+	d := authedDialogue(t, e)
+	d.cmd("MAIL FROM:<app@example.com>", "250")
+	const n = 10000
+	// Pipelined in one go, read back concurrently.
+	go func() {
+		var b strings.Builder
+		for i := range n {
+			b.WriteString("RCPT TO:<r" + itoa(i) + "@example.org>\r\n")
+		}
+		d.nc.SetWriteDeadline(time.Now().Add(30 * time.Second))
+		io.WriteString(d.nc, b.String())
+	}()
+	ok, over := 0, 0
+	for range n {
+		switch r := d.reply(); {
+		case strings.HasPrefix(r, "250 "):
+			ok++
+		case strings.HasPrefix(r, "452 4.5.3"):
+			over++
+		default:
+			t.Fatalf("RCPT reply %q", r)
+		}
+	}
+	if ok != DefaultMaxRecipients || over != n-DefaultMaxRecipients {
+		t.Fatalf("%d recipients accepted and %d refused, want %d and %d", ok, over, DefaultMaxRecipients, n-DefaultMaxRecipients)
+	}
+	d.cmd("DATA", "354")
+	d.write(testMessage + ".\r\n")
+	d.expect("250 2.0.0")
+	if got := len(e.q.only(t).env.Recipients); got != DefaultMaxRecipients {
+		t.Fatalf("stored %d recipients, want %d", got, DefaultMaxRecipients)
+	}
+}
+
+func TestNULBytesRefused(t *testing.T) {
+	e := start(t, func(o *Options) { o.TrustedNetworks = []netip.Prefix{mustPrefix(t, "127.0.0.1/32")} })
+	d := dial(t, e.srv.Addr())
+	d.cmd("EHLO client\x00.test", "250")
+	d.cmd("NO\x00OP", "501 5.5.2")
+	d.cmd("MAIL FROM:<a\x00b@example.com>", "501 5.1.7")
+	d.cmd("MAIL FROM:<a@example.com>", "250")
+	d.cmd("RCPT TO:<b@exa\x00mple.org>", "501 5.1.3")
+	d.cmd("RCPT TO:<b@example.org>", "250")
+	d.cmd("DATA", "354")
+	d.write("Subject: nul\r\n\r\nbefore\x00after\r\n.\r\n")
+	r := d.expect("554 5.6.0")
+	if !strings.Contains(r, "line 3") {
+		t.Errorf("reply %q does not name the line", r)
+	}
+	// BDAT too.
+	d.cmd("MAIL FROM:<a@example.com>", "250")
+	d.cmd("RCPT TO:<b@example.org>", "250")
+	chunk := "Subject: nul\r\n\r\n\x00\r\n"
+	d.write("BDAT " + itoa(len(chunk)) + " LAST\r\n" + chunk)
+	d.expect("554 5.6.0")
+	d.cmd("NOOP", "250")
+	wantQueued(t, e, 0)
+}
+
+func TestInvalidUTF8Refused(t *testing.T) {
+	e := start(t, func(o *Options) { o.TrustedNetworks = []netip.Prefix{mustPrefix(t, "127.0.0.1/32")} })
+	d := dial(t, e.srv.Addr())
+	d.cmd("EHLO client.test", "250")
+	for _, utf8 := range []string{"", " SMTPUTF8"} {
+		r := d.cmd("MAIL FROM:<j\xf6rg@example.com>"+utf8, "501 5.1.7")
+		if strings.Contains(r, "\xf6") {
+			t.Errorf("reply %q echoes the invalid byte", r)
+		}
+		d.cmd("MAIL FROM:<a@example.com>"+utf8, "250")
+		d.cmd("RCPT TO:<b@\xff\xfe.example>", "501 5.1.3")
+		d.cmd("RCPT TO:<\xc3@example.org>", "501 5.1.3")
+		d.cmd("RSET", "250")
+	}
+	// Valid UTF-8 needs SMTPUTF8 (RFC 6531 §3.5)…
+	d.cmd("MAIL FROM:<jörg@example.com>", "553 5.6.7")
+	// … and with it, an 8-bit message text is taken as it is: stsrelay
+	// relays text, it does not convert charsets.
+	d.cmd("MAIL FROM:<jörg@example.com> SMTPUTF8", "250")
+	d.cmd("RCPT TO:<b@example.org>", "250")
+	d.cmd("DATA", "354")
+	d.write("Subject: caf\xe9\r\n\r\nlatin-1 \xe9\xe8\r\n.\r\n")
+	d.expect("250 2.0.0")
+	if !strings.Contains(e.q.only(t).body, "latin-1 \xe9\xe8\r\n") {
+		t.Fatal("8-bit text changed on the way")
+	}
+}
+
+func TestAuthWithGarbageBase64(t *testing.T) {
+	e := start(t, nil)
+	d := dial(t, e.srv.Addr())
+	d.cmd("EHLO client.test", "250")
+	d.cmd("STARTTLS", "220")
+	d.starttls(e.clientTLS())
+	d.cmd("EHLO client.test", "250")
+	// go-smtp answers undecodable base64 with 454 4.7.0 (RFC 4954 §4 would
+	// say 501); either way the attempt ends and nothing is authenticated.
+	d.cmd("AUTH PLAIN !!!not-base64!!!", "454 4.7.0")
+	d.cmd("AUTH PLAIN", "334")
+	d.cmd("%%%", "454 4.7.0")
+	d.cmd("AUTH LOGIN", "334")
+	d.cmd("*", "501")
+	// Decodable but not a PLAIN response: a failed attempt, counted.
+	d.cmd("AUTH PLAIN "+b64("garbage"), "535 5.7.8")
+	d.cmd("AUTH PLAIN "+b64("\x00\x00\x00\x00"), "535 5.7.8")
+	d.cmd("MAIL FROM:<app@example.com>", "530 5.7.0")
+	d.cmd(authPlainLine(testUser, testPassword), "235")
+	d.cmd("MAIL FROM:<app@example.com>", "250")
+	wantQueued(t, e, 0)
+}
+
+func TestSTARTTLSTwiceRefused(t *testing.T) {
+	e := start(t, nil)
+	d := authedDialogue(t, e)
+	d.cmd("STARTTLS", "502 5.5.1")
+	d.cmd("MAIL FROM:<app@example.com>", "250")
+	// On the implicit TLS port as well.
+	nc, err := tls.Dial("tcp", e.srv.TLSAddr().String(), e.clientTLS())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { nc.Close() })
+	d2 := &dialogue{t: t, nc: nc, r: bufio.NewReader(nc)}
+	d2.expect("220 ")
+	d2.cmd("EHLO client.test", "250")
+	d2.cmd("STARTTLS", "502 5.5.1")
+	d2.cmd("NOOP", "250")
+	served(t, e)
+}
+
+func TestDataBeforeRcptRefused(t *testing.T) {
+	e := start(t, func(o *Options) { o.TrustedNetworks = []netip.Prefix{mustPrefix(t, "127.0.0.1/32")} })
+	d := dial(t, e.srv.Addr())
+	d.cmd("DATA", "502 5.5.1") // before EHLO
+	d.cmd("EHLO client.test", "250")
+	d.cmd("DATA", "502 5.5.1")
+	d.cmd("MAIL FROM:<a@example.com>", "250")
+	d.cmd("DATA", "502 5.5.1")
+	d.cmd("RCPT TO:<bad>", "501")
+	d.cmd("DATA", "502 5.5.1")
+	// The chunk of a refused BDAT is data, never commands: one reply.
+	chunk := "MAIL FROM:<x@example.com>\r\nRCPT TO:<y@example.org>\r\n"
+	d.write("BDAT " + itoa(len(chunk)) + " LAST\r\n" + chunk)
+	d.expect("502 5.5.1")
+	d.cmd("NOOP", "250")
+	wantQueued(t, e, 0)
+}
+
+// A flood of connections from one address meets the per-IP cap; another
+// client submits meanwhile.
+func TestConnectionFloodFromOneIPLeavesOthersServed(t *testing.T) {
+	e := start(t, func(o *Options) { o.MaxConnsPerIP = 5 })
+	const flood = 200
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	greetings := map[string]int{}
+	for range flood {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			nc, err := net.DialTimeout("tcp", e.srv.Addr().String(), 5*time.Second)
+			if err != nil {
+				mu.Lock()
+				greetings["dial error"]++
+				mu.Unlock()
+				return
+			}
+			defer nc.Close()
+			nc.SetReadDeadline(time.Now().Add(10 * time.Second))
+			line, _ := bufio.NewReader(nc).ReadString('\n')
+			mu.Lock()
+			greetings[line[:min(len(line), 9)]]++
+			mu.Unlock()
+			if strings.HasPrefix(line, "220 ") {
+				time.Sleep(time.Second) // hold the slot while the others arrive
+			}
+		}()
+	}
+	// Meanwhile, from another address.
+	other, err := dialFrom(t, e.srv.Addr(), "127.0.0.2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	other.expect("220 ")
+	other.cmd("EHLO other.test", "250")
+	other.cmd("STARTTLS", "220")
+	other.starttls(e.clientTLS())
+	other.cmd("EHLO other.test", "250")
+	other.cmd(authPlainLine(testUser, testPassword), "235")
+	other.cmd("MAIL FROM:<app@example.com>", "250")
+	other.cmd("RCPT TO:<r@example.org>", "250")
+	other.cmd("DATA", "354")
+	other.write(testMessage + ".\r\n")
+	other.expect("250 2.0.0")
+	wg.Wait()
+	if greetings["220 relay"] < 5 || greetings["220 relay"]+greetings["421 4.7.0"] != flood {
+		t.Fatalf("greetings %v: want at least 5 served, the rest 421 4.7.0", greetings)
+	}
+	wantQueued(t, e, 1)
+}
+
+// Nothing half-queued: hostile sessions against the real queue leave
+// exactly the messages that were answered 250, each whole.
+func TestHostileSessionsLeaveOnlyAcceptedMessagesInRealQueue(t *testing.T) {
+	dir := t.TempDir()
+	db, err := queue.OpenDB(filepath.Join(dir, "stsrelay.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	q, err := queue.New(db, queue.Options{Deliverer: nobody{}, Hostname: "relay.test",
+		Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { q.Close() })
+	cert := testpki.NewCA(t).Issue(t, "localhost", "127.0.0.1")
+	opts := Options{
+		Hostname: "relay.test", Listen: "127.0.0.1:0",
+		GetCertificate:  func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return &cert, nil },
+		TrustedNetworks: []netip.Prefix{mustPrefix(t, "127.0.0.1/32")},
+		MaxMessageSize:  4096,
+		DataTimeout:     time.Second,
+		Logger:          slog.New(slog.NewTextHandler(newTestWriter(t), nil)),
+	}
+	srv, err := New(opts, q)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := srv.Listen(); err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve()
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		srv.Shutdown(ctx)
+	})
+
+	var clients []*dialogue
+	begin := func() *dialogue {
+		d := dial(t, srv.Addr())
+		clients = append(clients, d)
+		d.cmd("EHLO client.test", "250")
+		d.cmd("MAIL FROM:<a@example.com>", "250")
+		d.cmd("RCPT TO:<b@example.org>", "250")
+		return d
+	}
+	var accepted []string
+	good := "Subject: ok\r\n\r\nfine\r\n"
+	for i, send := range []func() string{
+		func() string { d := begin(); d.cmd("DATA", "354"); d.write(good + ".\r\n"); return d.expect("250 ") },
+		func() string { // too large
+			d := begin()
+			d.cmd("DATA", "354")
+			d.write(strings.Repeat(strings.Repeat("x", 98)+"\r\n", 50) + ".\r\n")
+			return d.expect("552 ")
+		},
+		func() string { d := begin(); d.cmd("DATA", "354"); d.write("a\nb\r\n.\r\n"); return d.expect("554 ") },
+		func() string { d := begin(); d.cmd("DATA", "354"); d.write("a\x00b\r\n.\r\n"); return d.expect("554 ") },
+		func() string { // the client goes away mid-message
+			d := begin()
+			d.cmd("DATA", "354")
+			d.write("Subject: cut\r\n\r\nhalf a mess")
+			d.nc.Close()
+			return ""
+		},
+		func() string { // stalls mid-message
+			d := begin()
+			d.cmd("DATA", "354")
+			d.write("Subject: slow\r\n\r\nhalf")
+			return d.expect("421 ")
+		},
+		func() string { // mid-BDAT
+			d := begin()
+			d.write("BDAT 100\r\nSubject: x\r\n\r\n")
+			d.nc.Close()
+			return ""
+		},
+		func() string {
+			d := begin()
+			d.write("BDAT " + itoa(len(good)) + " LAST\r\n" + good)
+			return d.expect("250 ")
+		},
+	} {
+		if r := send(); strings.HasPrefix(r, "250 ") {
+			accepted = append(accepted, strings.TrimSpace(r[strings.LastIndex(r, " ")+1:]))
+		} else if r != "" && !strings.HasPrefix(r, "4") && !strings.HasPrefix(r, "5") {
+			t.Fatalf("case %d: reply %q", i, r)
+		}
+	}
+	for _, d := range clients {
+		d.nc.Close()
+	}
+	waitFor(t, func() bool { return srv.connCount() == 0 })
+	page, err := q.List("", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ids []string
+	for _, m := range page.Messages {
+		ids = append(ids, m.ID)
+		mi, err := q.Show(m.ID)
+		if err != nil || !strings.Contains(mi.Headers, "Subject: ok") {
+			t.Errorf("message %s: %v, headers %q", m.ID, err, mi.Headers)
+		}
+	}
+	if strings.Join(ids, ",") != strings.Join(accepted, ",") {
+		t.Fatalf("queue holds %v, want exactly the accepted %v", ids, accepted)
+	}
+}
+
+type nobody struct{}
+
+func (nobody) Deliver(ctx context.Context, job *queue.Job) []queue.Status {
+	return make([]queue.Status, len(job.Recipients))
+}
