@@ -23,10 +23,10 @@ type Options struct {
 	// Resolver must be a validating resolver's client: its AD bit is what
 	// makes an answer DNSSEC-secure (DESIGN.md decision 5).
 	Resolver *resolve.Resolver
-	// Domains, when not nil, limits DANE to these next-hop domains (lower
-	// case, no trailing dot): [dane] is off but [[delivery.policy]]
-	// entries ask for DANE.
-	Domains map[string]bool
+	// Only, when not nil, limits DANE to the next-hop domains (lower
+	// case, no trailing dot) for which it returns true: [dane] is off,
+	// but [[delivery.policy]] entries ask for DANE.
+	Only func(domain string) bool
 	// Logger gets a debug line per MX host; nil discards.
 	Logger *slog.Logger
 }
@@ -34,9 +34,9 @@ type Options struct {
 // Source decides, per MX host, what the domain's TLSA records demand
 // (policy.PolicySource).
 type Source struct {
-	res     *resolve.Resolver
-	domains map[string]bool
-	log     *slog.Logger
+	res  *resolve.Resolver
+	only func(string) bool
+	log  *slog.Logger
 }
 
 // New returns a Source.
@@ -48,7 +48,7 @@ func New(opts Options) (*Source, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Source{res: opts.Resolver, domains: opts.Domains, log: log}, nil
+	return &Source{res: opts.Resolver, only: opts.Only, log: log}, nil
 }
 
 var _ policy.PolicySource = (*Source)(nil)
@@ -59,7 +59,7 @@ var _ policy.PolicySource = (*Source)(nil)
 // for the domain (RFC 7672 §2.1.2).
 func (s *Source) Requirements(ctx context.Context, domain string, mxs []policy.MX) ([]policy.Requirement, error) {
 	out := make([]policy.Requirement, len(mxs))
-	if s.domains != nil && !s.domains[strings.TrimSuffix(strings.ToLower(domain), ".")] {
+	if !s.Applies(domain) {
 		return out, nil
 	}
 	for i, mx := range mxs {
@@ -73,6 +73,11 @@ func (s *Source) Requirements(ctx context.Context, domain string, mxs []policy.M
 		s.log.Debug("DANE lookup", "domain", domain, "mx", mx.Name, "base", h.Base, "policy", h.Requirement.Label(), "note", h.Note)
 	}
 	return out, nil
+}
+
+// Applies reports whether DANE is looked up for domain (Options.Only).
+func (s *Source) Applies(domain string) bool {
+	return s.only == nil || s.only(strings.TrimSuffix(strings.ToLower(domain), "."))
 }
 
 // Host is what DANE found for one MX host, step by step, as `stsrelay

@@ -394,13 +394,13 @@ func TestDomainsLimitWhereDANEApplies(t *testing.T) {
 		"mx.example.test. 300 IN A 127.0.0.2",
 		"_25._tcp.mx.example.test. 300 IN TLSA 3 1 1 "+hashA)
 	z.dns.Secure("mx.example.test", "_25._tcp.mx.example.test")
-	src, _ := New(Options{Resolver: z.res, Domains: map[string]bool{"other.test": true}})
+	src, _ := New(Options{Resolver: z.res, Only: func(d string) bool { return d == "other.test" }})
 	mxs := []policy.MX{z.mx("mx.example.test", true)}
 	reqs, err := src.Requirements(t.Context(), "example.test", mxs)
 	if err != nil || reqs[0].Policy != nil || z.tlsaQueries("mx.example.test") != 0 {
 		t.Fatalf("DANE applied outside its domains: %+v, %v", reqs, err)
 	}
-	src, _ = New(Options{Resolver: z.res, Domains: map[string]bool{"example.test": true}})
+	src, _ = New(Options{Resolver: z.res, Only: func(d string) bool { return d == "example.test" }})
 	reqs, err = src.Requirements(t.Context(), "Example.Test.", mxs)
 	if err != nil || reqs[0].DANE == nil {
 		t.Fatalf("DANE did not apply to a listed domain: %+v, %v", reqs, err)
