@@ -219,3 +219,42 @@ func TestRecordStringIsThePolicyString(t *testing.T) {
 		t.Errorf("String() = %q", got)
 	}
 }
+
+func host(t *testing.T, base string, data ...string) *Host {
+	t.Helper()
+	var rrs []*dns.TLSA
+	for _, d := range data {
+		rrs = append(rrs, tlsa(t, d))
+	}
+	h := &Host{Base: base, Records: Records(rrs)}
+	h.Requirement, h.Note = requirement("example.test", policy.MX{Name: base}, base, h.Records)
+	return h
+}
+
+func TestVerifyForCheckSaysWhatToPublish(t *testing.T) {
+	ca := testpki.NewCA(t)
+	leaf := ca.Issue(t, "mx.example.test")
+	chain := chainOf(leaf.Certificate...)
+	good := testpki.TLSA(leaf.Leaf, 3, 1, 1)
+
+	v := host(t, "mx.example.test", "3 1 1 "+strings.Repeat("00", 32), good).Verify(chain, time.Now())
+	if v.Failure != nil || len(v.Advice) != 0 || v.Matches[0] != -1 || v.Matches[1] != 0 {
+		t.Errorf("matching RRset: %+v", v)
+	}
+
+	v = host(t, "mx.example.test", "3 1 1 "+strings.Repeat("00", 32)).Verify(chain, time.Now())
+	if v.Failure == nil || len(v.Advice) != 1 || !strings.Contains(v.Advice[0], "_25._tcp.mx.example.test. IN TLSA "+good) {
+		t.Errorf("mismatch: %+v", v)
+	}
+
+	// A DANE-TA record for a CA the server does not send.
+	v = host(t, "mx.example.test", testpki.TLSA(ca.Cert, 2, 0, 1)).Verify(chain, time.Now())
+	if v.Failure == nil || len(v.Advice) != 2 || !strings.Contains(v.Advice[1], "sends only its own certificate") {
+		t.Errorf("DANE-TA without the chain: %+v", v)
+	}
+
+	v = host(t, "mx.example.test", "1 1 1 "+strings.Repeat("00", 32)).Verify(chain, time.Now())
+	if v.Failure != nil || len(v.Advice) != 1 || !strings.Contains(v.Advice[0], "no TLSA record at _25._tcp.mx.example.test. is usable") {
+		t.Errorf("unusable only: %+v", v)
+	}
+}
