@@ -120,7 +120,7 @@ func (s *Source) Lookup(ctx context.Context, domain string, mx policy.MX) *Host 
 	h.step("MX "+domain, mx.MXSecure, "")
 	addr := "A/AAAA " + mx.Name
 	if len(mx.CNAMEs) > 0 {
-		addr += " (CNAME " + strings.Join(mx.CNAMEs, " → ") + ")"
+		addr += " via CNAME " + strings.Join(mx.CNAMEs, " → ")
 	}
 	h.step(addr, mx.AddrSecure, "")
 

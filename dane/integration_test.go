@@ -8,6 +8,7 @@ package dane_test
 import (
 	"context"
 	"crypto/tls"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -177,7 +178,14 @@ func TestDANEAgainstARealValidatingResolver(t *testing.T) {
 		Hostname: "relay.sender.test",
 		Resolver: res,
 		Policy:   policy.Chain(src),
-		Port:     recv.port,
+		// Every MX is 127.0.0.1; port 25 there is the receiver's port.
+		DialContext: func(ctx context.Context, network, address string) (net.Conn, error) {
+			if address != "127.0.0.1:25" {
+				return nil, fmt.Errorf("dialed %s, not an MX of the test zone", address)
+			}
+			var d net.Dialer
+			return d.DialContext(ctx, network, fmt.Sprintf("127.0.0.1:%d", recv.port))
+		},
 		Timeouts: delivery.Timeouts{Greeting: 5 * time.Second, Command: 5 * time.Second},
 		Logger: slog.New(slog.NewTextHandler(writerFunc(func(p []byte) (int, error) {
 			logMu.Lock()

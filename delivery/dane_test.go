@@ -357,3 +357,22 @@ func TestSessionsAreCountedByDANEOutcome(t *testing.T) {
 		t.Errorf("certificate-not-trusted sessions counted %v, want 1", got)
 	}
 }
+
+// Check keeps the chain of a host that failed DANE, so that it can hold it
+// against the TLSA records and say what to fix; the same result as Deliver.
+func TestCheckKeepsTheCertificatesOfAHostThatFailedDANE(t *testing.T) {
+	ca := testpki.NewCA(t)
+	cert := ca.Issue(t, "mx1.example.test")
+	v, mx := daneEnv(t, cert, "3 1 1 "+strings.Repeat("00", 32))
+	r := v.engine(v.withDANE(nil)).Check(t.Context(), "example.test", true)
+	h := r.Hosts[0]
+	if h.Session != nil || len(h.PeerCertificates) != 1 || !h.PeerCertificates[0].Equal(cert.Leaf) {
+		t.Fatalf("host report %+v, want no session and the server's certificate", h)
+	}
+	if r.Outcome.Code != 451 || r.Outcome.Enhanced != "4.7.5" || !strings.Contains(r.Outcome.Text, "TLSA records did not match") {
+		t.Errorf("outcome %s", r.Outcome)
+	}
+	if mx.sessionCount() != 1 || len(mx.messages()) != 0 {
+		t.Errorf("sessions %d, messages %d", mx.sessionCount(), len(mx.messages()))
+	}
+}

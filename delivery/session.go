@@ -67,6 +67,9 @@ type hostFailure struct {
 	// stop says no other host is to be tried in this attempt: the upstream
 	// refused the route's password, which the next host would get too.
 	stop bool
+	// peerCerts is the chain a host sent before it failed its
+	// requirement, for check.
+	peerCerts []*x509.Certificate
 }
 
 // session is one SMTP connection that has said EHLO (and AUTH, when its
@@ -518,8 +521,12 @@ func (e *Engine) startTLS(ctx context.Context, s *session, req policy.Requiremen
 	if strings.HasPrefix(serverName, "[") {
 		serverName = s.addr.String() // an address: crypto/tls sends no SNI
 	}
-	// verdict is authenticate's answer, given inside the handshake.
-	var verdict *policy.Failure
+	// verdict is authenticate's answer, given inside the handshake to
+	// the chain seen.
+	var (
+		verdict *policy.Failure
+		seen    []*x509.Certificate
+	)
 	cfg := &tls.Config{
 		ServerName: serverName,
 		MinVersion: tls.VersionTLS12, // RFC 8461 §7.2
@@ -534,6 +541,7 @@ func (e *Engine) startTLS(ctx context.Context, s *session, req policy.Requiremen
 		// authentication is not demanded (opportunistic TLS, MTA-STS
 		// testing) the failure is only noted and the session goes on.
 		VerifyConnection: func(cs tls.ConnectionState) error {
+			seen = cs.PeerCertificates
 			verdict = e.authenticate(s, req, cs)
 			if verdict != nil && req.MustAuthenticate() {
 				return verdict
@@ -552,7 +560,9 @@ func (e *Engine) startTLS(ctx context.Context, s *session, req policy.Requiremen
 		}
 		if verdict != nil && req.MustAuthenticate() {
 			s.record(req, verdict.Result, verdict.Reason)
-			return dialResult{fail: e.policyFailure(s.label, s.mx, req, requireTLS, verdict.Reason)}
+			f := e.policyFailure(s.label, s.mx, req, requireTLS, verdict.Reason)
+			f.peerCerts = seen
+			return dialResult{fail: f}
 		}
 		reason := "TLS handshake failed: " + oneLine(err.Error())
 		s.record(req, policy.ResultValidationFailure, reason)
