@@ -37,7 +37,7 @@ func (h *Host) Verify(chain []*x509.Certificate, now time.Time) *Verification {
 	if h.Base == "" || h.Requirement.Excluded() {
 		return v
 	}
-	owner := "_25._tcp." + h.Base + "."
+	owner := h.owner(h.Base) + "."
 	a, ok := h.Requirement.DANE.(*Authenticator)
 	if !ok || a == nil {
 		v.Advice = append(v.Advice, fmt.Sprintf("no TLSA record at %s is usable for SMTP, so mail goes over TLS without authentication; "+

@@ -108,6 +108,16 @@ type Step struct {
 	Answer string // "2 records", "NODATA", "NXDOMAIN", "SERVFAIL"
 }
 
+// owner is where the TLSA records of base are: _port._tcp.base, the port
+// delivery dials (RFC 7672 §2.2.3; a route's port, RFC 7672 §3).
+func (h *Host) owner(base string) string {
+	port := h.MX.Port
+	if port == 0 {
+		port = 25
+	}
+	return fmt.Sprintf("_%d._tcp.%s", port, base)
+}
+
 func (h *Host) step(query string, secure bool, answer string) {
 	h.Steps = append(h.Steps, Step{Query: query, Secure: secure, Answer: answer})
 }
@@ -163,7 +173,7 @@ func (s *Source) Lookup(ctx context.Context, domain string, mx policy.MX) *Host 
 	}
 
 	for _, base := range h.Candidates {
-		owner := "_25._tcp." + base
+		owner := h.owner(base)
 		rrs, res, err := s.res.TLSA(ctx, owner)
 		if resolve.IsNotFound(err) {
 			h.step("TLSA "+owner, false, "NXDOMAIN")

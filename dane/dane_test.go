@@ -437,3 +437,19 @@ func TestWildcardIsTheWholeLeftMostLabel(t *testing.T) {
 		}
 	}
 }
+
+// A route's port is the port of the TLSA owner name (RFC 7672 §3).
+func TestTLSAOwnerFollowsThePort(t *testing.T) {
+	z := newZone(t,
+		"mx.example.test. 300 IN A 127.0.0.2",
+		"_25._tcp.mx.example.test. 300 IN TLSA 3 1 1 "+strings.Repeat("bb", 32),
+		"_587._tcp.mx.example.test. 300 IN TLSA 3 1 1 "+hashA)
+	z.dns.Secure("mx.example.test", "_25._tcp.mx.example.test", "_587._tcp.mx.example.test")
+	mx := z.mx("mx.example.test", true)
+	mx.Port = 587
+	h := z.src.Lookup(t.Context(), "example.test", mx)
+	wantDANE(t, h, "mx.example.test")
+	if h.Requirement.Policy.Strings[0] != "3 1 1 "+hashA || z.tlsaQueries("mx.example.test") != 0 {
+		t.Errorf("records %q, want those at _587._tcp", h.Requirement.Policy.Strings)
+	}
+}
