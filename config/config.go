@@ -120,7 +120,7 @@ type Delivery struct {
 type Policy struct {
 	Domain  string   `toml:"domain"`
 	Domains []string `toml:"domains"`
-	TLS     string   `toml:"tls"` // may | encrypt | verify | dane-only | none
+	TLS     string   `toml:"tls"` // may | encrypt | verify | dane | dane-only | none
 }
 
 // Route sends mail for some recipient domains (and optionally some
@@ -177,6 +177,9 @@ type STS struct {
 
 type DANE struct {
 	Enabled bool `toml:"enabled"`
+	// TrustRemoteResolver silences the start-up warning that DNSSEC
+	// status (the AD bit) comes from a resolver not on this host.
+	TrustRemoteResolver bool `toml:"trust_remote_resolver"`
 }
 
 type TLSRPT struct {
@@ -201,7 +204,7 @@ type Metrics struct {
 }
 
 // PolicyTLS lists the values [[delivery.policy]] tls accepts.
-var PolicyTLS = []string{"may", "encrypt", "verify", "dane-only", "none"}
+var PolicyTLS = []string{"may", "encrypt", "verify", "dane", "dane-only", "none"}
 
 // RouteTLS lists the values [[delivery.route]] tls accepts: "dane" is
 // Postfix's opportunistic DANE (what DNS publishes decides).

@@ -110,6 +110,11 @@ ip_version = "6"
 [[delivery.policy]]
 domain = "Partner.Example."
 tls = "verify"
+[[delivery.policy]]
+domain = "dane.example"
+tls = "dane"
+[dane]
+trust_remote_resolver = true
 `))
 	if err != nil {
 		t.Fatal(err)
@@ -126,8 +131,11 @@ tls = "verify"
 	if r := cfg.Delivery.RetrySchedule; len(r) != 2 || r[1].Duration != 90*time.Minute {
 		t.Errorf("retry_schedule = %v", r)
 	}
-	if p := cfg.Delivery.Policies; len(p) != 1 || len(p[0].Domains) != 1 || p[0].Domains[0] != "partner.example" {
+	if p := cfg.Delivery.Policies; len(p) != 2 || len(p[0].Domains) != 1 || p[0].Domains[0] != "partner.example" || p[1].TLS != "dane" {
 		t.Errorf("policy = %+v, want the domain lower-cased without the dot", p)
+	}
+	if !cfg.DANE.Enabled || !cfg.DANE.TrustRemoteResolver {
+		t.Errorf("dane = %+v", cfg.DANE)
 	}
 }
 

@@ -265,8 +265,19 @@ func (e *Engine) Close() error {
 	return nil
 }
 
-// record hands r to the Recorder, if there is one.
-func (e *Engine) record(r policy.SessionResult) {
+// record counts r, made under req, and hands it to the Recorder, if
+// there is one.
+func (e *Engine) record(req policy.Requirement, r policy.SessionResult) {
+	if req.Source() == policy.TypeTLSA || req.Security == policy.SecurityDANE {
+		outcome := string(r.Result)
+		if r.Result == policy.ResultSuccess {
+			outcome = "authenticated"
+			if !req.Security.Authenticates() {
+				outcome = "encrypted"
+			}
+		}
+		metricDANESessions.WithLabelValues(outcome).Inc()
+	}
 	if e.opts.Recorder == nil {
 		return
 	}

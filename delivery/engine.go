@@ -186,10 +186,7 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 		req := effective(p.reqs[i], env)
 		at.mx, at.req = h.mx.Name, req
 		if f := e.precheck(h.mx, req, env.RequireTLS); f != nil {
-			if req.Excluded() {
-				e.record(policy.SessionResult{PolicyDomain: nh.PolicyDomain, Policy: req.Policy, MX: h.mx.Name,
-					Result: req.SkipResultType(), Detail: req.Skip, Unreported: req.Unreported})
-			}
+			e.recordPrecheck(nh.PolicyDomain, h.mx, req)
 			fails = append(fails, f)
 			continue
 		}
@@ -326,6 +323,25 @@ func (e *Engine) precheck(mx policy.MX, req policy.Requirement, requireTLS bool)
 		}
 	}
 	return nil
+}
+
+// recordPrecheck records the session result of a host that precheck ruled
+// out before dialing, as delivery (not Check) counts them.
+func (e *Engine) recordPrecheck(domain string, mx policy.MX, req policy.Requirement) {
+	switch {
+	case req.Excluded():
+		e.record(req, policy.SessionResult{PolicyDomain: domain, Policy: req.Policy, MX: mx.Name,
+			Result: req.SkipResultType(), Detail: req.Skip, Unreported: req.Unreported})
+	case req.Security == policy.SecurityDANE && req.DANE == nil && !req.Testing:
+		// RFC 8460 §4.3.2.1: dane-required, under the TLSA policy if there
+		// is one, else as no policy found (a local policy is not reported).
+		r := policy.SessionResult{PolicyDomain: domain, MX: mx.Name, Result: policy.ResultDANERequired,
+			Detail: "DANE required by local policy; no usable DNSSEC-validated TLSA records", Unreported: req.Unreported}
+		if req.Source() == policy.TypeTLSA {
+			r.Policy = req.Policy
+		}
+		e.record(req, r)
+	}
 }
 
 // connect returns a ready session to one of h's addresses: an idle one

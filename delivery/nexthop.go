@@ -139,7 +139,7 @@ func (n NextHop) metricName() string {
 // tables are the per-destination tables; SetRoutes swaps them whole.
 type tables struct {
 	routes    *routing.Table[*compiledRoute]
-	overrides *routing.Table[policy.Security]
+	overrides *routing.Table[policy.Local]
 	byDomain  *routing.Table[Shaping]
 	byMX      *routing.Table[mxLimit]
 }
@@ -161,7 +161,7 @@ type mxLimit struct {
 // compileTables checks and compiles the three tables.
 func compileTables(overrides []Override, routes []Route, limits []Limit) (*tables, error) {
 	t := &tables{}
-	var oe []routing.Entry[policy.Security]
+	var oe []routing.Entry[policy.Local]
 	for _, o := range overrides {
 		if len(o.Domains) == 0 {
 			return nil, errors.New("delivery: a policy override has an empty domain")
@@ -173,7 +173,7 @@ func compileTables(overrides []Override, routes []Route, limits []Limit) (*table
 		if o.TLS < policy.SecurityMay || o.TLS > policy.SecurityDANE {
 			return nil, fmt.Errorf("delivery: policy override for %s: unknown tls level %d", o.Domains[0], o.TLS)
 		}
-		oe = append(oe, routing.Entry[policy.Security]{Domains: pats, Value: o.TLS})
+		oe = append(oe, routing.Entry[policy.Local]{Domains: pats, Value: policy.Local{Security: o.TLS, Published: o.Published}})
 	}
 	var err error
 	if t.overrides, err = routing.NewTable(oe); err != nil {

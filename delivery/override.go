@@ -18,14 +18,20 @@ type Override struct {
 	// TLS is SecurityMay, SecurityNone, SecurityEncrypt, SecurityVerify
 	// (PKIX, the MX host name as reference identifier) or SecurityDANE
 	// ("dane-only": mail defers with 4.7.5 unless TLSA records
-	// authenticate the host).
+	// authenticate the host). Unused when Published.
 	TLS policy.Security
+	// Published is tls = "dane": the domain's published policies decide,
+	// DANE first, exactly as without an entry. The policy source must
+	// look up TLSA records for these domains (cmd/stsrelay makes sure of
+	// it when [dane] is off).
+	Published bool
 }
 
 // override is a local TLS level ready to apply, with its policy identity.
 type override struct {
-	sec policy.Security
-	id  *policy.Identity
+	sec       policy.Security
+	published bool
+	id        *policy.Identity
 }
 
 // localOverride returns the local level that applies to nh, if any: the
@@ -40,16 +46,20 @@ func (e *Engine) localOverride(nh NextHop) (override, bool) {
 		return override{sec: *nh.local, id: policy.NewIdentity(policy.TypeLocal, domain,
 			[]string{"route: " + nh.Route, "tls: " + nh.local.String()}, nil)}, true
 	}
-	sec, _, ok := e.tables.Load().overrides.Lookup(domain, "")
+	l, _, ok := e.tables.Load().overrides.Lookup(domain, "")
 	if !ok {
 		return override{}, false
 	}
-	return override{sec: sec, id: policy.NewIdentity(policy.TypeLocal, domain, []string{"tls: " + sec.String()}, nil)}, true
+	return override{sec: l.Security, published: l.Published,
+		id: policy.NewIdentity(policy.TypeLocal, domain, []string{"tls: " + l.Security.String()}, nil)}, true
 }
 
 // apply returns the requirement for mx once the local override has been
 // applied over the published requirement req.
 func (o override) apply(req policy.Requirement, mx policy.MX) policy.Requirement {
+	if o.published {
+		return req
+	}
 	local := policy.Requirement{
 		Security:    o.sec,
 		Policy:      o.id,
@@ -60,13 +70,22 @@ func (o override) apply(req policy.Requirement, mx policy.MX) policy.Requirement
 		// An explicit "none" is the operator opting out, DNS policy or not.
 		return local
 	}
+	if o.sec == policy.SecurityDANE {
+		// dane-only: TLSA records must authenticate the host. The DANE
+		// requirement stands as published (a failed TLSA lookup keeps its
+		// Skip); records that are all unusable, or no DANE at all, leave
+		// nothing to authenticate with, so the host defers.
+		if req.Source() != policy.TypeTLSA {
+			return local
+		}
+		if req.Skip == "" && req.DANE == nil {
+			req.Security = policy.SecurityDANE
+		}
+		return req
+	}
 	if !req.Enforced() {
 		return local
 	}
-	// Never weaken what the domain published; dane-only is stronger than
-	// MTA-STS, and a DANE requirement already is DANE.
-	if o.sec == policy.SecurityDANE && req.Source() != policy.TypeTLSA {
-		return local
-	}
+	// Never weaken what the domain published.
 	return req
 }

@@ -73,6 +73,10 @@ type HostReport struct {
 	NotUsed *queue.Status
 	// Failures are the addresses that were dialed and failed, in order.
 	Failures []queue.Status
+	// PeerCertificates is the chain the host sent in its TLS handshake,
+	// leaf first, also when it failed the requirement: what check holds
+	// against the TLSA records or the policy.
+	PeerCertificates []*x509.Certificate
 	// Session is the connection that would carry the message.
 	Session *SessionReport
 	// Probed says this host was dialed; delivery stops at the first host
@@ -141,6 +145,9 @@ func (e *Engine) CheckFrom(ctx context.Context, domain, sender string, connect b
 			s, fs := e.connect(ctx, p.nh, h, p.reqs[i], false, &budget)
 			for _, f := range fs {
 				hr.Failures = append(hr.Failures, f.status)
+				if len(f.peerCerts) > 0 {
+					hr.PeerCertificates = f.peerCerts
+				}
 			}
 			if s == nil {
 				if r.Via == "" {
@@ -149,6 +156,9 @@ func (e *Engine) CheckFrom(ctx context.Context, domain, sender string, connect b
 				break
 			}
 			hr.Session = s.report()
+			if s.tls != nil {
+				hr.PeerCertificates = s.tls.PeerCertificates
+			}
 			if r.Via == "" {
 				r.Via = s.label
 				r.Outcome = queue.Status{Code: 250, Enhanced: "2.0.0",

@@ -67,6 +67,9 @@ type hostFailure struct {
 	// stop says no other host is to be tried in this attempt: the upstream
 	// refused the route's password, which the next host would get too.
 	stop bool
+	// peerCerts is the chain a host sent before it failed its
+	// requirement, for check.
+	peerCerts []*x509.Certificate
 }
 
 // session is one SMTP connection that has said EHLO (and AUTH, when its
@@ -518,13 +521,33 @@ func (e *Engine) startTLS(ctx context.Context, s *session, req policy.Requiremen
 	if strings.HasPrefix(serverName, "[") {
 		serverName = s.addr.String() // an address: crypto/tls sends no SNI
 	}
+	// verdict is authenticate's answer, given inside the handshake to
+	// the chain seen.
+	var (
+		verdict *policy.Failure
+		seen    []*x509.Certificate
+	)
 	cfg := &tls.Config{
 		ServerName: serverName,
 		MinVersion: tls.VersionTLS12, // RFC 8461 §7.2
-		// The certificate is checked below, against the names the
-		// requirement gives, so that testing mode can deliver anyway and
-		// every failure gets its precise TLSRPT result type.
+		// crypto/tls's own check is off: the requirement says what a
+		// valid certificate is (Web PKI and names, or TLSA records).
 		InsecureSkipVerify: true,
+		// The requirement's check runs inside the handshake rather than
+		// after it, so a certificate that must authenticate and does
+		// not ends the handshake with a bad_certificate alert: the
+		// server sees why, as from any conformant DANE or MTA-STS
+		// client, and not a byte of SMTP crosses the channel. Where
+		// authentication is not demanded (opportunistic TLS, MTA-STS
+		// testing) the failure is only noted and the session goes on.
+		VerifyConnection: func(cs tls.ConnectionState) error {
+			seen = cs.PeerCertificates
+			verdict = e.authenticate(s, req, cs)
+			if verdict != nil && req.MustAuthenticate() {
+				return verdict
+			}
+			return nil
+		},
 	}
 	tc := tls.Client(s.conn, cfg)
 	s.conn.allow(maxHandshakeBytes)
@@ -534,6 +557,12 @@ func (e *Engine) startTLS(ctx context.Context, s *session, req policy.Requiremen
 			// Cut off by shutdown: not the server's fault, so not a
 			// result for a TLS report.
 			return dialResult{fail: transportFailure(ctx, s.label, "TLS handshake", err)}
+		}
+		if verdict != nil && req.MustAuthenticate() {
+			s.record(req, verdict.Result, verdict.Reason)
+			f := e.policyFailure(s.label, s.mx, req, requireTLS, verdict.Reason)
+			f.peerCerts = seen
+			return dialResult{fail: f}
 		}
 		reason := "TLS handshake failed: " + oneLine(err.Error())
 		s.record(req, policy.ResultValidationFailure, reason)
@@ -549,13 +578,10 @@ func (e *Engine) startTLS(ctx context.Context, s *session, req policy.Requiremen
 	cs := tc.ConnectionState()
 	s.tls, s.tlsc = &cs, tc
 
-	if f := e.authenticate(s, req, cs); f != nil {
-		s.record(req, f.Result, f.Reason)
-		if req.MustAuthenticate() {
-			s.quitQuietly()
-			return dialResult{fail: e.policyFailure(s.label, s.mx, req, requireTLS, f.Reason)}
-		}
-		s.tlsProblem = f.Reason
+	if verdict != nil {
+		// Not demanded (testing mode): report it, deliver anyway.
+		s.record(req, verdict.Result, verdict.Reason)
+		s.tlsProblem = verdict.Reason
 		return dialResult{}
 	}
 	if req.Skip != "" {
@@ -590,12 +616,16 @@ func (e *Engine) authenticate(s *session, req policy.Requirement, cs tls.Connect
 	return nil
 }
 
-// authenticatedMX reports whether the session's certificate is PKIX-valid
-// for the MX host name: what REQUIRETLS calls authenticated (RFC 8689
-// §4.2.1). Only REQUIRETLS messages ask, so it is computed on demand.
+// authenticatedMX reports whether the session's server is authenticated
+// as REQUIRETLS demands (RFC 8689 §4.2.1): by DANE, or by a PKIX-valid
+// certificate for the MX host name. Only REQUIRETLS messages ask, so the
+// PKIX check is made on demand.
 func (s *session) authenticatedMX() bool {
 	if s.tls == nil {
 		return false
+	}
+	if s.req.Security == policy.SecurityDANE && s.req.DANE != nil && s.tlsProblem == "" {
+		return true // startTLS let the session through only if TLSA matched
 	}
 	if s.pkixMX == nil {
 		ok := s.e.verifyChain(*s.tls) == nil && matchName(*s.tls, []string{s.mx.Name}) == nil
@@ -653,14 +683,11 @@ func matchName(cs tls.ConnectionState, names []string) *policy.Failure {
 
 // record gives one TLS session attempt to the Recorder (RFC 8460 §4.3).
 func (s *session) record(req policy.Requirement, result policy.ResultType, detail string) {
-	if s.e.opts.Recorder == nil {
-		return
-	}
 	local := ""
 	if a, ok := s.conn.LocalAddr().(*net.TCPAddr); ok {
 		local = a.IP.String()
 	}
-	s.e.record(policy.SessionResult{
+	s.e.record(req, policy.SessionResult{
 		PolicyDomain: s.policyDomain,
 		Policy:       req.Policy,
 		MX:           s.mx.Name,

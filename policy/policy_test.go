@@ -16,8 +16,33 @@ func TestParseSecurity(t *testing.T) {
 			t.Errorf("ParseSecurity(%q) = %v, %v; want %v", in, got, err, want)
 		}
 	}
-	if _, err := policy.ParseSecurity("secure"); err == nil {
-		t.Error("ParseSecurity accepted an unknown level")
+	for _, bad := range []string{"secure", "dane"} {
+		if _, err := policy.ParseSecurity(bad); err == nil {
+			t.Errorf("ParseSecurity accepted %q, which is not one level", bad)
+		}
+	}
+}
+
+// "dane" is DANE when published, else what DNS gives; "dane-only" is DANE
+// or nothing (Postfix's policy table levels).
+func TestParseLocalTellsDANEFromDANEOnly(t *testing.T) {
+	for in, want := range map[string]policy.Local{
+		"dane":      {Published: true},
+		" DANE ":    {Published: true},
+		"dane-only": {Security: policy.SecurityDANE},
+		"verify":    {Security: policy.SecurityVerify},
+		"none":      {Security: policy.SecurityNone},
+	} {
+		got, err := policy.ParseLocal(in)
+		if err != nil || got != want {
+			t.Errorf("ParseLocal(%q) = %+v, %v; want %+v", in, got, err, want)
+		}
+		if !got.WantsDANE() && (in == "dane" || in == "dane-only") {
+			t.Errorf("ParseLocal(%q) does not ask for TLSA lookups", in)
+		}
+	}
+	if _, err := policy.ParseLocal("dane-preferred"); err == nil {
+		t.Error("ParseLocal accepted an unknown value")
 	}
 }
 

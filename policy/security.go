@@ -48,7 +48,7 @@ func (s Security) RequiresTLS() bool { return s >= SecurityEncrypt }
 func (s Security) Authenticates() bool { return s == SecurityVerify || s == SecurityDANE }
 
 // ParseSecurity parses a tls level as [[delivery.policy]] writes it: may,
-// none, encrypt, verify or dane-only.
+// none, encrypt, verify or dane-only. "dane" is not a level (ParseLocal).
 func ParseSecurity(s string) (Security, error) {
 	switch strings.ToLower(strings.TrimSpace(s)) {
 	case "may":
@@ -59,8 +59,35 @@ func ParseSecurity(s string) (Security, error) {
 		return SecurityEncrypt, nil
 	case "verify":
 		return SecurityVerify, nil
-	case "dane-only", "dane":
+	case "dane-only":
 		return SecurityDANE, nil
 	}
 	return 0, fmt.Errorf("unknown tls level %q (want may, none, encrypt, verify or dane-only)", s)
+}
+
+// Local is what one [[delivery.policy]] entry asks for, as Postfix's
+// policy table levels mean it.
+type Local struct {
+	// Security is the level the entry imposes, unless Published.
+	Security Security
+	// Published is tls = "dane": DANE where the domain publishes TLSA
+	// records, else what its other published policy (MTA-STS) or
+	// opportunistic TLS gives; the entry imposes nothing itself.
+	Published bool
+}
+
+// WantsDANE reports whether the entry needs TLSA lookups for its domain.
+func (l Local) WantsDANE() bool { return l.Published || l.Security == SecurityDANE }
+
+// ParseLocal parses a [[delivery.policy]] tls value: may, none, encrypt,
+// verify, dane or dane-only.
+func ParseLocal(s string) (Local, error) {
+	if strings.EqualFold(strings.TrimSpace(s), "dane") {
+		return Local{Published: true}, nil
+	}
+	sec, err := ParseSecurity(s)
+	if err != nil {
+		return Local{}, fmt.Errorf("unknown tls value %q (want may, none, encrypt, verify, dane or dane-only)", s)
+	}
+	return Local{Security: sec}, nil
 }

@@ -155,6 +155,10 @@ func (e *Error) Unwrap() error { return e.Err }
 // Temporary reports whether retrying later may help.
 func (e *Error) Temporary() bool { return !e.NotFound }
 
+// ErrCNAMEChain is the error of a lookup whose CNAME chain loops or is
+// longer than any real one: the data is broken, not the resolver.
+var ErrCNAMEChain = errors.New("CNAME chain too long or looping")
+
 // IsNotFound reports whether err says the name does not exist.
 func IsNotFound(err error) bool {
 	var e *Error
@@ -205,7 +209,7 @@ func (r *Resolver) Lookup(ctx context.Context, name string, qtype uint16) (*Resu
 			}
 			if seen[target] || len(res.CNAMEs) >= maxCNAMEs {
 				return nil, &Error{Name: name, Type: dns.TypeToString[qtype], Rcode: -1,
-					Err: fmt.Errorf("CNAME chain too long or looping at %s", strings.TrimSuffix(target, "."))}
+					Err: fmt.Errorf("%w at %s", ErrCNAMEChain, strings.TrimSuffix(target, "."))}
 			}
 			seen[target] = true
 			res.CNAMEs = append(res.CNAMEs, target)
@@ -385,6 +389,25 @@ func (r *Resolver) TXT(ctx context.Context, name string) ([]string, *Result, err
 	}
 	return txts, res, nil
 }
+
+// TLSA returns the TLSA records at name (RFC 6698), CNAMEs followed, with
+// the Result that says whether the answer was DNSSEC-secure.
+func (r *Resolver) TLSA(ctx context.Context, name string) ([]*dns.TLSA, *Result, error) {
+	res, err := r.Lookup(ctx, name, dns.TypeTLSA)
+	if err != nil {
+		return nil, nil, err
+	}
+	var out []*dns.TLSA
+	for _, rr := range res.Records {
+		if t, ok := rr.(*dns.TLSA); ok {
+			out = append(out, t)
+		}
+	}
+	return out, res, nil
+}
+
+// Servers returns the resolver addresses queries go to, host:port.
+func (r *Resolver) Servers() []string { return append([]string(nil), r.servers...) }
 
 // IPVersion restricts which address families are looked up.
 type IPVersion int

@@ -384,3 +384,33 @@ func TestConcurrentLookupsShareOneQueryAndSurviveACancelledCaller(t *testing.T) 
 		t.Errorf("%d queries sent, want 1 shared", n)
 	}
 }
+
+func TestTLSARecordsWithTheirSecurity(t *testing.T) {
+	s := dnstest.New(t,
+		"_25._tcp.mx.example.com. 300 IN TLSA 3 1 1 0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+		"_25._tcp.mx.example.com. 300 IN TLSA 2 0 1 fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210")
+	s.Secure("_25._tcp.mx.example.com")
+	recs, res, err := newResolver(t, s).TLSA(t.Context(), "_25._tcp.mx.example.com")
+	if err != nil || len(recs) != 2 || !res.Secure {
+		t.Fatalf("TLSA = %v, %+v, %v; want two secure records", recs, res, err)
+	}
+	if recs[0].Usage != 3 || recs[0].Selector != 1 || recs[0].MatchingType != 1 {
+		t.Errorf("first record %v, want 3 1 1", recs[0])
+	}
+}
+
+// Hundreds of records do not fit a UDP answer: the server truncates, the
+// client asks again over TCP and gets them all.
+func TestLargeTLSARRsetComesOverTCP(t *testing.T) {
+	s := dnstest.New(t)
+	for i := range 300 {
+		s.Add(t, fmt.Sprintf("_25._tcp.mx.example.com. 300 IN TLSA 3 1 1 %064x", i))
+	}
+	recs, _, err := newResolver(t, s).TLSA(t.Context(), "_25._tcp.mx.example.com")
+	if err != nil || len(recs) != 300 {
+		t.Fatalf("got %d records, %v; want 300", len(recs), err)
+	}
+	if n := s.Queries("_25._tcp.mx.example.com", dns.TypeTLSA); n != 2 {
+		t.Errorf("%d queries, want 2 (UDP truncated, then TCP)", n)
+	}
+}

@@ -95,6 +95,7 @@ func (w *checkWorld) deliverOnce(rcpt string) recipient {
 var (
 	timeRE   = regexp.MustCompile(`\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z`)
 	cipherRE = regexp.MustCompile(`TLS_[A-Z0-9_]+`)
+	hexRE    = regexp.MustCompile(`[0-9a-f]{24,}`) // TLSA data of fresh keys
 )
 
 // golden compares out with testdata/check/name, after replacing what
@@ -103,6 +104,7 @@ func golden(t *testing.T, name, out string) {
 	t.Helper()
 	out = timeRE.ReplaceAllString(out, "<TIME>")
 	out = cipherRE.ReplaceAllString(out, "<CIPHER>")
+	out = hexRE.ReplaceAllString(out, "<HEX>")
 	path := filepath.Join("testdata", "check", name)
 	if *update {
 		if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
@@ -328,4 +330,82 @@ func TestCheckShowsTheRoute(t *testing.T) {
 		t.Errorf("exit %d, want 0:\n%s", code, out)
 	}
 	golden(t, "route.txt", out)
+}
+
+// DANE in check: the DNSSEC status of each answer, the TLSA records with
+// their usability, the base domain, and the live certificate held against
+// the records, with what to publish when it does not match; the relay on
+// the same configuration then does what check said.
+func TestCheckShowsDANE(t *testing.T) {
+	records := []string{
+		"dane.example. 60 IN MX 10 mx.dane.example.",
+		"mx.dane.example. 60 IN A 127.0.0.42",
+		"mismatch.example. 60 IN MX 10 mx.mismatch.example.",
+		"mx.mismatch.example. 60 IN A 127.0.0.42",
+		"_25._tcp.mx.mismatch.example. 60 IN TLSA 3 1 1 " + strings.Repeat("00", 32),
+		"_25._tcp.mx.mismatch.example. 60 IN TLSA 1 1 1 " + strings.Repeat("00", 32),
+	}
+	w := newCheckWorld(t, "", records...)
+	cert := w.ca.IssueWith(t, testpki.Options{SelfSigned: true}, "mx.dane.example", "mx.mismatch.example")
+	w.dns.Add(t, "_25._tcp.mx.dane.example. 60 IN TLSA "+testpki.TLSA(cert.Leaf, 3, 1, 1))
+	w.dns.Secure("dane.example", "mx.dane.example", "_25._tcp.mx.dane.example",
+		"mismatch.example", "mx.mismatch.example", "_25._tcp.mx.mismatch.example")
+	k := startSink(t, "127.0.0.42", &cert)
+
+	code, out := w.check("dane.example")
+	if code != 0 {
+		t.Errorf("exit %d, want 0:\n%s", code, out)
+	}
+	for _, want := range []string{
+		"requires: TLS authenticated by TLSA records (DANE, TLSA base domain mx.dane.example)",
+		"DNSSEC: MX dane.example (secure); A/AAAA mx.dane.example (secure); TLSA _25._tcp.mx.dane.example (secure, 1 record)",
+		"TLSA base domain: mx.dane.example (tried in order: mx.dane.example)",
+		"usable; matches the server's certificate",
+		"live certificate: authenticated by the TLSA records",
+		"verdict: would deliver (DANE-authenticated TLS, DANE)",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("check lacks %q:\n%s", want, out)
+		}
+	}
+	golden(t, "dane.txt", out)
+
+	code, out = w.check("mismatch.example")
+	if code != 1 {
+		t.Errorf("exit %d, want 1:\n%s", code, out)
+	}
+	for _, want := range []string{
+		"not usable: usage PKIX-EE(1) is not used for SMTP (RFC 7672 §3.1.3)",
+		"live certificate: FAILS the TLSA records: TLSA records did not match the certificate",
+		"verdict: would defer: 451 4.7.5 mx.mismatch.example[127.0.0.42]: TLSA records did not match the certificate (DANE)",
+		"mx.mismatch.example: the TLSA records at _25._tcp.mx.mismatch.example. match none of the certificates the server sends",
+		"publish _25._tcp.mx.mismatch.example. IN TLSA " + testpki.TLSA(cert.Leaf, 3, 1, 1),
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("check lacks %q:\n%s", want, out)
+		}
+	}
+	golden(t, "dane-mismatch.txt", out)
+
+	code, out = w.check("-json", "mismatch.example")
+	var v checkJSON
+	if err := json.Unmarshal([]byte(out), &v); err != nil || code != 1 {
+		t.Fatalf("-json: exit %d, %v\n%s", code, err, out)
+	}
+	d := v.Hosts[0].DANE
+	if d == nil || d.Base != "mx.mismatch.example" || len(d.Records) != 2 || d.Records[0].Usable != true ||
+		d.Records[0].Match == nil || *d.Records[0].Match != -1 || d.Live == nil || d.Live.Authenticated ||
+		d.Live.Result != "certificate-not-trusted" || v.Hosts[0].Requirement.Policy != "tlsa" {
+		t.Errorf("-json dane = %+v", d)
+	}
+
+	if r := w.deliverOnce("user@mismatch.example"); r.State != "deferred" || r.LastEnhancedCode != "4.7.5" {
+		t.Fatalf("delivery: %+v, want deferred 4.7.5 as check said", r)
+	}
+	if r := w.deliverOnce("user@dane.example"); r.State != "delivered" {
+		t.Fatalf("delivery: %+v, want delivered as check said", r)
+	}
+	if m := k.wait(t, 10*time.Second); !m.TLS {
+		t.Error("delivered without TLS")
+	}
 }

@@ -18,6 +18,7 @@ import (
 
 	"github.com/stsrelay/stsrelay/admin"
 	"github.com/stsrelay/stsrelay/config"
+	"github.com/stsrelay/stsrelay/dane"
 	"github.com/stsrelay/stsrelay/delivery"
 	"github.com/stsrelay/stsrelay/policy"
 	"github.com/stsrelay/stsrelay/queue"
@@ -40,10 +41,14 @@ func runCheck(args []string, stdout, stderr io.Writer) int {
 Check explains how mail to a domain would be delivered now, and why. It
 runs the relay's own delivery plan with the relay's configuration: the MX
 route (CNAMEs followed, implicit MX, null MX), the TLS each host must offer
-and which policy asks for it (a local [[delivery.policy]], the domain's
-MTA-STS policy, live or as the running relay caches it), then connects to
-each host on port 25 as delivery would (EHLO, STARTTLS, certificate checks)
-and stops before MAIL. No mail is sent.
+and which policy asks for it (a local [[delivery.policy]], the host's DANE
+TLSA records, the domain's MTA-STS policy, live or as the running relay
+caches it), then connects to each host on port 25 as delivery would (EHLO,
+STARTTLS, certificate checks) and stops before MAIL. No mail is sent.
+
+For DANE it shows per host the DNSSEC status of each DNS answer, the TLSA
+records with their usability, the TLSA base domain used, and whether the
+server's certificate matches the records.
 
 Each host ends in a verdict ("would deliver (verified TLS, MTA-STS
 enforce)", or "would defer: 451 4.4.8 …" with the status delivery would
@@ -109,6 +114,9 @@ one at the default path, built-in defaults (/etc/resolv.conf) are used.`, stderr
 		c.primeFromDaemon(ctx, cfg, parts.sts)
 	}
 	c.report = parts.engine.CheckFrom(ctx, domain, *sender, !*noConnect)
+	if parts.dane != nil && c.PolicyDomain != "" && parts.dane.Applies(c.PolicyDomain) {
+		c.daneDetails(ctx, parts.dane, time.Now())
+	}
 	if parts.sts != nil && c.PolicyDomain != "" {
 		c.inspection = parts.sts.Inspect(ctx, c.PolicyDomain)
 		c.stsChanged(ctx, parts.sts)
@@ -137,6 +145,12 @@ type checkResult struct {
 	// textChanged says the policy host now serves a different policy
 	// under the id the relay cached.
 	textChanged bool
+
+	// dane holds, per host, what DANE found and, when check connected,
+	// the server's chain held against the TLSA records; nil entries for
+	// hosts DANE was not looked up for.
+	dane     []*dane.Host
+	daneLive []*dane.Verification
 
 	verdicts []string // per host
 	advice   []string
@@ -169,6 +183,23 @@ func (c *checkResult) primeFromDaemon(ctx context.Context, cfg *config.Config, m
 		if err := m.Prime(c.PolicyDomain, info.ID, info.Policy, info.Fetched, info.Expires); err != nil {
 			c.daemonNote = err.Error()
 		}
+	}
+}
+
+// daneDetails looks up what DANE says of each host, step by step, and
+// holds the chain each probed host sent against its TLSA records.
+func (c *checkResult) daneDetails(ctx context.Context, src *dane.Source, now time.Time) {
+	for _, h := range c.report.Hosts {
+		var dh *dane.Host
+		var live *dane.Verification
+		if len(h.Addrs) > 0 && !strings.HasPrefix(h.MX.Name, "[") {
+			dh = src.Lookup(ctx, c.PolicyDomain, h.MX)
+			if len(h.PeerCertificates) > 0 && dh.Base != "" {
+				live = dh.Verify(h.PeerCertificates, now)
+			}
+		}
+		c.dane = append(c.dane, dh)
+		c.daneLive = append(c.daneLive, live)
 	}
 }
 
@@ -242,9 +273,12 @@ func (c *checkResult) build(now time.Time) {
 			}
 		}
 	}
-	for _, h := range r.Hosts {
+	for i, h := range r.Hosts {
 		if len(h.MX.CNAMEs) > 0 {
 			c.advice = append(c.advice, cnameAdvice(c.Domain, h.MX, p))
+		}
+		if i < len(c.dane) && c.dane[i] != nil {
+			c.advice = append(c.advice, daneAdvice(c.dane[i], c.daneLive[i])...)
 		}
 		if h.Session != nil {
 			if cert := h.Session.Certificate(); cert != nil && cert.NotAfter.Sub(now) < certExpiryWarning {
@@ -271,6 +305,75 @@ func cnameAdvice(domain string, mx policy.MX, p *sts.Policy) string {
 		msg += " The MTA-STS policy lists neither name."
 	}
 	return msg
+}
+
+// daneAdvice is what the owner of a host's TLSA records should fix.
+func daneAdvice(h *dane.Host, live *dane.Verification) []string {
+	var out []string
+	if h.Requirement.Excluded() {
+		out = append(out, fmt.Sprintf("%s: %s in a DNSSEC-signed zone: senders that use DANE defer mail to this host until the zone answers with valid signatures.",
+			h.MX.Name, h.Requirement.Skip))
+	}
+	if live != nil {
+		for _, a := range live.Advice {
+			out = append(out, h.MX.Name+": "+a+".")
+		}
+	}
+	return out
+}
+
+// writeDANE prints what DANE found for one host.
+func writeDANE(w io.Writer, h *dane.Host, live *dane.Verification) {
+	fmt.Fprintf(w, "      DANE: %s\n", h.Note)
+	var steps []string
+	for _, st := range h.Steps {
+		sec := "insecure"
+		if st.Secure {
+			sec = "secure"
+		}
+		if st.Answer != "" {
+			sec += ", " + st.Answer
+		}
+		steps = append(steps, st.Query+" ("+sec+")")
+	}
+	fmt.Fprintf(w, "        DNSSEC: %s\n", strings.Join(steps, "; "))
+	if len(h.Candidates) > 0 {
+		base := h.Base
+		if base == "" {
+			base = "none"
+		}
+		fmt.Fprintf(w, "        TLSA base domain: %s (tried in order: %s)\n", base, strings.Join(h.Candidates, ", "))
+	}
+	for i, r := range h.Records {
+		use := "usable"
+		if !r.Usable {
+			use = "not usable: " + r.Why
+		}
+		if live != nil {
+			if live.Matches[i] == 0 {
+				use += "; matches the server's certificate"
+			} else if live.Matches[i] > 0 {
+				use += fmt.Sprintf("; matches certificate %d of the server's chain", live.Matches[i]+1)
+			}
+		}
+		fmt.Fprintf(w, "        TLSA %s: %s\n", shortRecord(r), use)
+	}
+	switch {
+	case live == nil:
+	case live.Failure != nil:
+		fmt.Fprintf(w, "        live certificate: FAILS the TLSA records: %s\n", live.Failure.Reason)
+	case h.Requirement.DANE != nil:
+		fmt.Fprintf(w, "        live certificate: authenticated by the TLSA records\n")
+	}
+}
+
+// shortRecord is a TLSA record with long data cut, for one line.
+func shortRecord(r dane.Record) string {
+	s := r.String()
+	if len(s) > 6+24 {
+		s = s[:6+24] + "…"
+	}
+	return s
 }
 
 // hostVerdict is the last line about one host.
@@ -433,6 +536,13 @@ func (c *checkResult) write(w io.Writer) {
 				fmt.Fprintf(w, "      certificate: %s, issued by %s, expires %s\n", strings.Join(cert.DNSNames, " "),
 					cert.Issuer.CommonName, cert.NotAfter.UTC().Format(time.RFC3339))
 			}
+		} else if len(h.PeerCertificates) > 0 {
+			cert := h.PeerCertificates[0]
+			fmt.Fprintf(w, "      certificate (refused): %s, issued by %s, expires %s\n", strings.Join(cert.DNSNames, " "),
+				cert.Issuer.CommonName, cert.NotAfter.UTC().Format(time.RFC3339))
+		}
+		if i < len(c.dane) && c.dane[i] != nil {
+			writeDANE(w, c.dane[i], c.daneLive[i])
 		}
 		fmt.Fprintf(w, "      verdict: %s\n", c.verdicts[i])
 	}
@@ -523,6 +633,60 @@ type checkHost struct {
 	Failures    []statusJSON  `json:"failures"`
 	Session     *checkSession `json:"session"`
 	Verdict     string        `json:"verdict"`
+	DANE        *checkDANE    `json:"dane"` // null when DANE was not looked up
+}
+
+type checkDANE struct {
+	Note       string            `json:"note"`
+	Steps      []checkDANEStep   `json:"steps"`
+	Candidates []string          `json:"candidates"`
+	Base       string            `json:"base"`
+	Records    []checkDANERecord `json:"records"`
+	// Live is the server's chain held against the records, or null.
+	Live *checkDANELive `json:"live"`
+}
+
+type checkDANEStep struct {
+	Query  string `json:"query"`
+	Secure bool   `json:"secure"`
+	Answer string `json:"answer,omitempty"`
+}
+
+type checkDANERecord struct {
+	Record string `json:"record"` // "3 1 1 hex"
+	Usable bool   `json:"usable"`
+	Why    string `json:"why,omitempty"`
+	// Match is the index in the server's chain of the certificate the
+	// record matches (0 the leaf), -1 for none; absent without a probe.
+	Match *int `json:"match,omitempty"`
+}
+
+type checkDANELive struct {
+	Authenticated bool   `json:"authenticated"`
+	Failure       string `json:"failure,omitempty"`
+	Result        string `json:"result,omitempty"` // RFC 8460 result type
+}
+
+func daneJSON(h *dane.Host, live *dane.Verification) *checkDANE {
+	d := &checkDANE{Note: h.Note, Steps: []checkDANEStep{}, Candidates: append([]string{}, h.Candidates...),
+		Base: h.Base, Records: []checkDANERecord{}}
+	for _, st := range h.Steps {
+		d.Steps = append(d.Steps, checkDANEStep{Query: st.Query, Secure: st.Secure, Answer: st.Answer})
+	}
+	for i, r := range h.Records {
+		cr := checkDANERecord{Record: r.String(), Usable: r.Usable, Why: r.Why}
+		if live != nil {
+			cr.Match = &live.Matches[i]
+		}
+		d.Records = append(d.Records, cr)
+	}
+	if live != nil {
+		d.Live = &checkDANELive{Authenticated: live.Failure == nil && h.Requirement.DANE != nil}
+		if live.Failure != nil {
+			d.Live.Failure, d.Live.Result = live.Failure.Reason, string(live.Failure.Result)
+		}
+	}
+	return d
 }
 
 type checkReq struct {
@@ -628,6 +792,9 @@ func (c *checkResult) json() checkJSON {
 				cs.Certificate = &checkCert{DNSNames: cert.DNSNames, Issuer: cert.Issuer.CommonName, NotAfter: cert.NotAfter.UTC().Truncate(time.Second)}
 			}
 			ch.Session = cs
+		}
+		if i < len(c.dane) && c.dane[i] != nil {
+			ch.DANE = daneJSON(c.dane[i], c.daneLive[i])
 		}
 		out.Hosts = append(out.Hosts, ch)
 	}

@@ -529,3 +529,35 @@ func TestEndToEndSuccessNoticeBelongsToADSNCapableNextHop(t *testing.T) {
 		t.Errorf("the sender got a success DSN for the DSN-capable hop's recipient:\n%s", dsn.Data)
 	}
 }
+
+// DANE through the binary: TLSA records in a zone the resolver marks
+// secure authenticate a self-signed MX certificate (no CA would), and a
+// mismatching RRset defers with 4.7.5 without a byte of the message sent.
+func TestEndToEndDANEAuthenticatesTheMXOrDefers(t *testing.T) {
+	e := newE2E(t,
+		"dane.example. 60 IN MX 10 mx.dane.example.",
+		"mx.dane.example. 60 IN A 127.0.0.41",
+		"bad.example. 60 IN MX 10 mx.bad.example.",
+		"mx.bad.example. 60 IN A 127.0.0.41",
+		"_25._tcp.mx.bad.example. 60 IN TLSA 3 1 1 "+strings.Repeat("00", 32))
+	cert := e.ca.IssueWith(t, testpki.Options{SelfSigned: true}, "mx.dane.example", "mx.bad.example")
+	e.dns.Add(t, "_25._tcp.mx.dane.example. 60 IN TLSA "+testpki.TLSA(cert.Leaf, 3, 1, 1))
+	e.dns.Secure("dane.example", "mx.dane.example", "_25._tcp.mx.dane.example",
+		"bad.example", "mx.bad.example", "_25._tcp.mx.bad.example")
+	k := startSink(t, "127.0.0.41", &cert)
+
+	submit(t, e.addr, "app@example.com", "user@dane.example", "Subject: dane\r\n\r\nauthenticated by DANE\r\n")
+	if msg := k.wait(t, 30*time.Second); !msg.TLS || !strings.Contains(msg.Data, "authenticated by DANE") {
+		t.Fatalf("delivered %+v, want it over TLS", msg)
+	}
+	e.d.waitFor(`policy=dane/dane`)
+
+	submit(t, e.addr, "app@example.com", "user@bad.example", "Subject: dane\r\n\r\nmust not leak\r\n")
+	r := e.waitRecipientState("user@bad.example", "deferred")
+	if r.LastCode != 451 || r.LastEnhancedCode != "4.7.5" || !strings.Contains(r.LastText, "mx.bad.example[127.0.0.41]: TLSA records did not match the certificate (DANE)") {
+		t.Fatalf("deferral = %d %s %q, want 451 4.7.5 … TLSA records did not match the certificate", r.LastCode, r.LastEnhancedCode, r.LastText)
+	}
+	if n := k.count(); n != 1 {
+		t.Fatalf("the MX received %d messages, want only the authenticated one", n)
+	}
+}

@@ -1,5 +1,5 @@
 // Command stsrelay is an outbound SMTP relay that enforces MTA-STS
-// (RFC 8461) and sends TLS reports (RFC 8460). This
+// (RFC 8461) and DANE (RFC 7672) and sends TLS reports (RFC 8460). This
 // package only wires: flags, configuration and the packages that do the
 // work.
 package main
@@ -73,7 +73,7 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 }
 
 func usage(w io.Writer) {
-	fmt.Fprint(w, "stsrelay is an outbound SMTP relay that enforces MTA-STS and sends TLS reports.\n\nUsage:\n\n\tstsrelay <command> [arguments]\n\nThe commands are:\n\n")
+	fmt.Fprint(w, "stsrelay is an outbound SMTP relay that enforces MTA-STS and DANE and sends TLS reports.\n\nUsage:\n\n\tstsrelay <command> [arguments]\n\nThe commands are:\n\n")
 	for _, c := range commands() {
 		fmt.Fprintf(w, "\t%-14s %s\n", c.name, c.short)
 	}

@@ -2,16 +2,22 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
+	"net"
 	"net/http"
+	"net/netip"
+	"sync/atomic"
 	"time"
 
 	"go.etcd.io/bbolt"
 
 	"github.com/stsrelay/stsrelay/config"
+	"github.com/stsrelay/stsrelay/dane"
 	"github.com/stsrelay/stsrelay/delivery"
 	"github.com/stsrelay/stsrelay/policy"
 	"github.com/stsrelay/stsrelay/resolve"
+	"github.com/stsrelay/stsrelay/routing"
 	"github.com/stsrelay/stsrelay/sts"
 )
 
@@ -21,6 +27,10 @@ import (
 type deliveryParts struct {
 	engine *delivery.Engine
 	sts    *sts.Manager // nil when sts.enabled = false
+	dane   *dane.Source
+	// daneScope, with dane.enabled = false, holds the [[delivery.policy]]
+	// entries that still ask for DANE; reloads replace it.
+	daneScope *atomic.Pointer[routing.Table[bool]]
 }
 
 // newResolver is the one DNS client, as dns.resolver configures it.
@@ -32,13 +42,35 @@ func newResolver(cfg *config.Config) (*resolve.Resolver, error) {
 	return resolve.New(resolve.Config{Servers: servers, Timeout: cfg.DNS.Timeout.Duration})
 }
 
-// buildDelivery wires the policy sources (MTA-STS; DANE joins the chain in
-// front of it, RFC 8461 §2) and the engine. db persists the MTA-STS cache;
-// nil keeps it in memory (check). rec receives session results for TLS
-// reports; nil records nothing (check, or tlsrpt.enabled = false).
+// buildDelivery wires the policy sources, DANE in front of MTA-STS (RFC
+// 8461 §2, DESIGN.md decision 3), and the engine. db persists the MTA-STS
+// cache; nil keeps it in memory (check). rec receives session results for
+// TLS reports; nil records nothing (check, or tlsrpt.enabled = false).
 func buildDelivery(cfg *config.Config, res *resolve.Resolver, db *bbolt.DB, rec policy.Recorder, logger *slog.Logger) (*deliveryParts, error) {
-	p := &deliveryParts{}
-	var src policy.PolicySource
+	p := &deliveryParts{daneScope: &atomic.Pointer[routing.Table[bool]]{}}
+	var sources []policy.PolicySource
+
+	opts := dane.Options{Resolver: res, Logger: logger}
+	if !cfg.DANE.Enabled {
+		// Off, but a tls = "dane" or "dane-only" entry still asks for it
+		// for its domains; the source stays, so a reload can add some.
+		scope, err := daneScope(cfg.Delivery)
+		if err != nil {
+			return nil, err
+		}
+		p.daneScope.Store(scope)
+		opts.Only = func(domain string) bool {
+			want, _, _ := p.daneScope.Load().Lookup(domain, "")
+			return want
+		}
+	}
+	d, err := dane.New(opts)
+	if err != nil {
+		return nil, err
+	}
+	p.dane = d
+	sources = append(sources, d)
+
 	if cfg.STS.Enabled {
 		var wait time.Duration // the daemon defers after sts.DefaultFetchWait
 		if db == nil {
@@ -58,7 +90,8 @@ func buildDelivery(cfg *config.Config, res *resolve.Resolver, db *bbolt.DB, rec 
 		if err != nil {
 			return nil, err
 		}
-		p.sts, src = m, m
+		p.sts = m
+		sources = append(sources, m)
 	}
 
 	overrides, routes, limits, err := deliveryTables(cfg.Delivery)
@@ -68,7 +101,7 @@ func buildDelivery(cfg *config.Config, res *resolve.Resolver, db *bbolt.DB, rec 
 	e, err := delivery.New(delivery.Options{
 		Hostname:          cfg.Hostname,
 		Resolver:          res,
-		Policy:            src,
+		Policy:            policy.Chain(sources...),
 		Overrides:         overrides,
 		Routes:            routes,
 		Limits:            limits,
@@ -83,6 +116,75 @@ func buildDelivery(cfg *config.Config, res *resolve.Resolver, db *bbolt.DB, rec 
 	}
 	p.engine = e
 	return p, nil
+}
+
+// daneScope is the table of [[delivery.policy]] entries, true where the
+// entry asks for DANE (dane, dane-only): matched as delivery matches them,
+// the most specific entry deciding.
+func daneScope(d config.Delivery) (*routing.Table[bool], error) {
+	var entries []routing.Entry[bool]
+	for i, p := range d.Policies {
+		l, err := policy.ParseLocal(p.TLS)
+		if err != nil {
+			return nil, fmt.Errorf("delivery.policy[%d]: %w", i, err)
+		}
+		var pats []routing.Pattern
+		for _, s := range p.Domains {
+			pat, err := routing.ParsePattern(s)
+			if err != nil {
+				return nil, fmt.Errorf("delivery.policy[%d]: %w", i, err)
+			}
+			pats = append(pats, pat)
+		}
+		entries = append(entries, routing.Entry[bool]{Domains: pats, Value: l.WantsDANE()})
+	}
+	return routing.NewTable(entries)
+}
+
+// policyWarnings are the start-up warnings about the TLS policies that
+// the configuration leaves unenforced, or founded on an unprotected path.
+func policyWarnings(cfg *config.Config, res *resolve.Resolver) []string {
+	var out []string
+	someDANE := cfg.DANE.Enabled
+	if !cfg.DANE.Enabled {
+		msg := "DANE is disabled (dane.enabled = false): no domain's TLSA records are enforced"
+		for _, p := range cfg.Delivery.Policies {
+			if l, err := policy.ParseLocal(p.TLS); err == nil && l.WantsDANE() {
+				msg = "DANE is disabled (dane.enabled = false) except where a [[delivery.policy]] entry says dane or dane-only"
+				someDANE = true
+				break
+			}
+		}
+		out = append(out, msg)
+	}
+	if remote := remoteResolvers(res.Servers()); someDANE && len(remote) > 0 && !cfg.DANE.TrustRemoteResolver {
+		out = append(out, fmt.Sprintf("DANE trusts the DNSSEC status (AD bit) of resolver %v, which is not on this host: anyone on the path "+
+			"could forge it; run a validating resolver on loopback, or set dane.trust_remote_resolver = true if the path is protected", remote))
+	}
+	if !cfg.STS.Enabled {
+		out = append(out, "MTA-STS is disabled (sts.enabled = false): no domain's policy is enforced")
+	}
+	return out
+}
+
+// remoteResolvers returns the resolver addresses that are not loopback:
+// the AD bit from those crosses a network unprotected (RFC 4035 §4.9.3).
+func remoteResolvers(servers []string) []string {
+	var out []string
+	for _, s := range servers {
+		host, _, err := net.SplitHostPort(s)
+		if err != nil {
+			host = s
+		}
+		if host == "localhost" {
+			continue
+		}
+		if a, err := netip.ParseAddr(host); err == nil && a.Unmap().IsLoopback() {
+			continue
+		}
+		out = append(out, s)
+	}
+	return out
 }
 
 func (r *relay) registerAdmin(mux *http.ServeMux) {

@@ -15,11 +15,11 @@ import (
 func deliveryTables(d config.Delivery) ([]delivery.Override, []delivery.Route, []delivery.Limit, error) {
 	var overrides []delivery.Override
 	for i, p := range d.Policies {
-		sec, err := policy.ParseSecurity(p.TLS)
+		l, err := policy.ParseLocal(p.TLS)
 		if err != nil {
 			return nil, nil, nil, fmt.Errorf("delivery.policy[%d]: %w", i, err)
 		}
-		overrides = append(overrides, delivery.Override{Domains: p.Domains, TLS: sec})
+		overrides = append(overrides, delivery.Override{Domains: p.Domains, TLS: l.Security, Published: l.Published})
 	}
 	var routes []delivery.Route
 	for i, r := range d.Routes {

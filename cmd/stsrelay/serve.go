@@ -16,6 +16,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -28,6 +29,7 @@ import (
 	"github.com/stsrelay/stsrelay/delivery"
 	"github.com/stsrelay/stsrelay/queue"
 	"github.com/stsrelay/stsrelay/resolve"
+	"github.com/stsrelay/stsrelay/routing"
 	"github.com/stsrelay/stsrelay/smtpin"
 	"github.com/stsrelay/stsrelay/sts"
 	"github.com/stsrelay/stsrelay/tlsrpt"
@@ -140,6 +142,8 @@ type relay struct {
 	certs   *smtpin.CertStore
 	control *admin.Server
 	metrics *http.Server
+	// daneScope is where DANE applies with dane.enabled = false.
+	daneScope *atomic.Pointer[routing.Table[bool]]
 
 	res         *resolve.Resolver
 	queueCtx    context.Context // ends at shutdown
@@ -183,8 +187,8 @@ func start(cfg *config.Config, logger *slog.Logger) (_ *relay, err error) {
 		return nil, err
 	}
 	r.res = res
-	if !cfg.STS.Enabled {
-		r.warn("MTA-STS is disabled (sts.enabled = false): no domain's policy is enforced")
+	for _, w := range policyWarnings(cfg, res) {
+		r.warn(w)
 	}
 	if err := r.newReporter(res); err != nil {
 		return nil, err
@@ -193,7 +197,7 @@ func start(cfg *config.Config, logger *slog.Logger) (_ *relay, err error) {
 	if err != nil {
 		return nil, err
 	}
-	r.engine, r.sts = parts.engine, parts.sts
+	r.engine, r.sts, r.daneScope = parts.engine, parts.sts, parts.daneScope
 
 	var schedule []time.Duration
 	for _, d := range cfg.Delivery.RetrySchedule {
@@ -273,7 +277,6 @@ func start(cfg *config.Config, logger *slog.Logger) (_ *relay, err error) {
 		}
 		return nil, err
 	}
-	r.startDANE()
 
 	r.queueCtx, r.cancelQueue = context.WithCancel(context.Background())
 	if r.metrics != nil {
@@ -285,15 +288,6 @@ func start(cfg *config.Config, logger *slog.Logger) (_ *relay, err error) {
 	r.startPolicy(r.queueCtx)
 	r.startTLSRPT(r.queueCtx)
 	return r, nil
-}
-
-// startDANE wires DANE (RFC 7672). This version has none: the key is
-// accepted so that configurations keep working, and the start says that
-// nothing is enforced.
-func (r *relay) startDANE() {
-	if r.cfg.DANE.Enabled {
-		r.warn("dane.enabled = true, but DANE is not available in this version: no TLSA record is looked up or enforced")
-	}
 }
 
 // hostnameTimeout bounds the start-up lookup of our own name.
@@ -423,7 +417,15 @@ func (r *relay) reloadRoutes(d config.Delivery) error {
 	if err != nil {
 		return err
 	}
-	return r.engine.SetRoutes(overrides, routes, limits)
+	scope, err := daneScope(d)
+	if err != nil {
+		return err
+	}
+	if err := r.engine.SetRoutes(overrides, routes, limits); err != nil {
+		return err
+	}
+	r.daneScope.Store(scope)
+	return nil
 }
 
 // changedNeedingRestart lists the keys that differ, except what reload

@@ -115,6 +115,15 @@ func (s *Server) Add(t testing.TB, record string) {
 	s.mu.Unlock()
 }
 
+// AddRR adds one record as it is, for data that zone-file syntax cannot
+// express (a dns.RFC3597 with a known type carries malformed RDATA).
+func (s *Server) AddRR(rr dns.RR) {
+	name := dns.CanonicalName(rr.Header().Name)
+	s.mu.Lock()
+	s.records[name] = append(s.records[name], rr)
+	s.mu.Unlock()
+}
+
 // Remove deletes every record of name with type qtype (0 = all types).
 func (s *Server) Remove(name string, qtype uint16) {
 	name = dns.CanonicalName(name)
@@ -226,9 +235,16 @@ func (s *Server) serve(w dns.ResponseWriter, q *dns.Msg, tcp bool) {
 	if rcode == dns.RcodeNameError || len(answer) == 0 {
 		m.Ns = []dns.RR{soa(name)}
 	}
+	size := dns.MinMsgSize
 	if o := q.IsEdns0(); o != nil {
 		m.SetEdns0(4096, o.Do())
 		m.AuthenticatedData = secure && o.Do()
+		size = int(o.UDPSize())
+	}
+	if !tcp {
+		// As a real server does: what does not fit the client's buffer is
+		// cut, with TC set, so the client asks again over TCP.
+		m.Truncate(size)
 	}
 	switch fault {
 	case FaultWrongID:

@@ -8,10 +8,13 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/sha256"
+	"crypto/sha512"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
+	"fmt"
 	"math/big"
 	"net"
 	"os"
@@ -113,6 +116,33 @@ func (ca *CA) IssueWith(t testing.TB, opt Options, names ...string) tls.Certific
 		t.Fatal(err)
 	}
 	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}
+}
+
+// WithChain returns cert with the CA's certificate after the leaf, as a
+// server sends its chain (DANE-TA needs the trust anchor in it).
+func (ca *CA) WithChain(cert tls.Certificate) tls.Certificate {
+	cert.Certificate = append(append([][]byte(nil), cert.Certificate...), ca.Cert.Raw)
+	return cert
+}
+
+// TLSA returns the TLSA record data "usage selector matching hex" that
+// matches c (RFC 6698 §2.1): selector 0 is the whole certificate, 1 its
+// SubjectPublicKeyInfo; matching type 0 is the data itself, 1 SHA-256,
+// 2 SHA-512.
+func TLSA(c *x509.Certificate, usage, selector, matching uint8) string {
+	data := c.Raw
+	if selector == 1 {
+		data = c.RawSubjectPublicKeyInfo
+	}
+	switch matching {
+	case 1:
+		h := sha256.Sum256(data)
+		data = h[:]
+	case 2:
+		h := sha512.Sum512(data)
+		data = h[:]
+	}
+	return fmt.Sprintf("%d %d %d %x", usage, selector, matching, data)
 }
 
 // WriteFiles writes cert (PEM chain) and key (PKCS#8 PEM) into dir and

@@ -1,0 +1,95 @@
+package main
+
+import (
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/stsrelay/stsrelay/config"
+	"github.com/stsrelay/stsrelay/resolve"
+)
+
+func TestRemoteResolversAreTheNonLoopbackOnes(t *testing.T) {
+	got := remoteResolvers([]string{"127.0.0.1:53", "[::1]:53", "localhost:53", "127.0.0.53:53", "192.0.2.1:53", "[2001:db8::1]:53", "[::ffff:127.0.0.1]:53"})
+	if want := []string{"192.0.2.1:53", "[2001:db8::1]:53"}; !slices.Equal(got, want) {
+		t.Errorf("remote = %q, want %q", got, want)
+	}
+}
+
+// warnings returns the start-up warnings for cfg with a resolver at server
+// (nothing is sent to it).
+func warnings(t *testing.T, cfg *config.Config, server string) string {
+	t.Helper()
+	res, err := resolve.New(resolve.Config{Servers: []string{server}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.Join(policyWarnings(cfg, res), "\n")
+}
+
+func TestDANEWarnsAboutARemoteResolverUnlessTrusted(t *testing.T) {
+	const warning = "DANE trusts the DNSSEC status (AD bit) of resolver [192.0.2.1:53], which is not on this host"
+	cfg := config.Default()
+	if w := warnings(t, cfg, "192.0.2.1:53"); !strings.Contains(w, warning) {
+		t.Errorf("no warning about a remote resolver: %q", w)
+	}
+	if w := warnings(t, cfg, "127.0.0.1:53"); w != "" {
+		t.Errorf("warned with DANE on a loopback resolver: %q", w)
+	}
+	cfg.DANE.TrustRemoteResolver = true
+	if w := warnings(t, cfg, "192.0.2.1:53"); w != "" {
+		t.Errorf("dane.trust_remote_resolver did not silence the warning: %q", w)
+	}
+
+	cfg = config.Default()
+	cfg.DANE.Enabled = false
+	if w := warnings(t, cfg, "192.0.2.1:53"); strings.Contains(w, "AD bit") || !strings.Contains(w, "DANE is disabled") {
+		t.Errorf("DANE off: %q", w)
+	}
+	cfg.Delivery.Policies = []config.Policy{{Domains: []string{"partner.example"}, TLS: "dane-only"}}
+	if w := warnings(t, cfg, "192.0.2.1:53"); !strings.Contains(w, "except where a [[delivery.policy]] entry says dane") || !strings.Contains(w, "AD bit") {
+		t.Errorf("DANE off but asked for by a policy entry: %q", w)
+	}
+}
+
+// With dane.enabled = false, DANE still applies where the most specific
+// [[delivery.policy]] entry says dane or dane-only, and a reload moves it.
+func TestDANEScopeFollowsThePolicyEntries(t *testing.T) {
+	res, err := resolve.New(resolve.Config{Servers: []string{"127.0.0.1:1"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := config.Default()
+	cfg.Hostname = "relay.test"
+	p, err := buildDelivery(cfg, res, nil, nil, nil)
+	if err != nil || !p.dane.Applies("any.example") {
+		t.Fatalf("default: %v; DANE applies to any.example: %v", err, p.dane.Applies("any.example"))
+	}
+	p.engine.Close()
+
+	cfg.DANE.Enabled = false
+	cfg.Delivery.Policies = []config.Policy{
+		{Domains: []string{".partner.example"}, TLS: "dane-only"},
+		{Domains: []string{"x.partner.example"}, TLS: "may"},
+		{Domains: []string{"other.example"}, TLS: "dane"},
+	}
+	p, err = buildDelivery(cfg, res, nil, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.engine.Close()
+	for domain, want := range map[string]bool{"a.partner.example": true, "x.partner.example": false,
+		"other.example": true, "any.example": false} {
+		if got := p.dane.Applies(domain); got != want {
+			t.Errorf("DANE applies to %s: %v, want %v", domain, got, want)
+		}
+	}
+	scope, err := daneScope(config.Delivery{Policies: []config.Policy{{Domains: []string{"any.example"}, TLS: "dane"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.daneScope.Store(scope)
+	if !p.dane.Applies("any.example") || p.dane.Applies("other.example") {
+		t.Error("a new scope did not take effect")
+	}
+}
