@@ -9,7 +9,7 @@ import (
 )
 
 // errorForm is what every configuration error looks like: one line,
-// naming the line or the key (DESIGN.md decision 8).
+// naming the line or the key (docs/DESIGN.md, "Configuration").
 var errorForm = regexp.MustCompile(`^(line \d+: )?[^\n]+$`)
 
 // FuzzParse feeds arbitrary text to the configuration loader: it never

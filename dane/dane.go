@@ -21,7 +21,7 @@ import (
 // Options configure a Source.
 type Options struct {
 	// Resolver must be a validating resolver's client: its AD bit is what
-	// makes an answer DNSSEC-secure (DESIGN.md decision 5).
+	// makes an answer DNSSEC-secure (docs/DESIGN.md, "DNSSEC comes from a validating resolver").
 	Resolver *resolve.Resolver
 	// Only, when not nil, limits DANE to the next-hop domains (lower
 	// case, no trailing dot) for which it returns true: [dane] is off,

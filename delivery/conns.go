@@ -310,7 +310,7 @@ func (k failKind) String() string {
 }
 
 // aggregate is the status every recipient gets when no host took the
-// message (DESIGN.md decision 6).
+// message (docs/DESIGN.md, "What deferrals say").
 func aggregate(domain string, fails []*hostFailure) queue.Status {
 	if len(fails) == 0 {
 		return queue.Status{Code: 451, Enhanced: "4.4.4", Text: fmt.Sprintf("no usable MX host for %s", domain)}
@@ -329,7 +329,7 @@ func aggregate(domain string, fails []*hostFailure) queue.Status {
 	switch {
 	case only(failSTS):
 		// No RFC code for MTA-STS; 4.4.8 is what a large provider uses
-		// (RFC-NOTES). RFC 8461 §5: never a permanent failure.
+		// (docs/DESIGN.md). RFC 8461 §5: never a permanent failure.
 		return queue.Status{Code: 451, Enhanced: "4.4.8", Text: truncateList(
 			fmt.Sprintf("MX hosts of '%s' failed MTA-STS validation: ", domain), reasons(fails))}
 	case only(failSTS, failDANE, failLocal):

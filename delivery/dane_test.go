@@ -212,7 +212,7 @@ func TestTLSALookupFailureSkipsTheHostAndTriesTheNext(t *testing.T) {
 		"mx2.example.test: TLSA lookup for _25._tcp.mx2.example.test failed: SERVFAIL (DANE)")
 }
 
-// RFC 8461 §2 and DESIGN.md decision 3: DANE alone decides for a host
+// RFC 8461 §2 and docs/DESIGN.md ("Security policy precedence"): DANE alone decides for a host
 // with TLSA records, even one the MTA-STS policy would rule out.
 func TestDANEWinsOverAnMTASTSPolicyThatWouldReject(t *testing.T) {
 	cert := testpki.NewCA(t).IssueWith(t, testpki.Options{SelfSigned: true}, "mx1.example.test")

@@ -31,7 +31,7 @@ func TestEachRecipientGetsItsOwnOutcome(t *testing.T) {
 	wantStatus(t, st[0], 250, "2.0.0", "mx1.example.test[127.0.0.2]: 250 2.0.0")
 	wantStatus(t, st[1], 451, "4.7.1")
 	if want := "mx1.example.test[127.0.0.2]: 451 4.7.1 greylisted, try later"; st[1].Text != want {
-		t.Errorf("text = %q, want %q (DESIGN.md decision 6)", st[1].Text, want)
+		t.Errorf("text = %q, want %q (docs/DESIGN.md, What deferrals say)", st[1].Text, want)
 	}
 	wantStatus(t, st[2], 550, "5.1.1", "no such user")
 	for i, s := range st {

@@ -37,7 +37,7 @@ const (
 )
 
 // failKind says why a host could not take the message, which decides the
-// status when no host could (DESIGN.md decision 6).
+// status when no host could (docs/DESIGN.md, "What deferrals say").
 type failKind int
 
 const (

@@ -83,7 +83,7 @@ func (m *Manager) requirement(cp *CachedPolicy, mx policy.MX) policy.Requirement
 	}
 	if final := strings.TrimSuffix(mx.Final, "."); m.matchCNAMETarget && final != "" &&
 		!strings.EqualFold(final, name) && cp.Policy.Match(final) {
-		// sts.match_cname_target (DESIGN.md decision 4): the policy
+		// sts.match_cname_target (docs/DESIGN.md, "MX names and CNAMEs"): the policy
 		// lists the provider's host that the MX name is an alias of; a
 		// certificate for either listed name is accepted.
 		matched = append(matched, final)

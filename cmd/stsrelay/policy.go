@@ -43,7 +43,7 @@ func newResolver(cfg *config.Config) (*resolve.Resolver, error) {
 }
 
 // buildDelivery wires the policy sources, DANE in front of MTA-STS (RFC
-// 8461 §2, DESIGN.md decision 3), and the engine. db persists the MTA-STS
+// 8461 §2; docs/DESIGN.md, "Security policy precedence"), and the engine. db persists the MTA-STS
 // cache; nil keeps it in memory (check). rec receives session results for
 // TLS reports; nil records nothing (check, or tlsrpt.enabled = false).
 func buildDelivery(cfg *config.Config, res *resolve.Resolver, db *bbolt.DB, rec policy.Recorder, logger *slog.Logger) (*deliveryParts, error) {
