@@ -88,6 +88,12 @@ func writeConfig(t *testing.T, dir string, c configParts) string {
 	if c.logFormat == "" {
 		c.logFormat = "text"
 	}
+	// Nothing answers at the default resolver, which fails at once; a test
+	// DNS server gets time to answer on a loaded machine.
+	dnsTimeout := "100ms"
+	if c.resolver != "127.0.0.1:1" {
+		dnsTimeout = "2s"
+	}
 	p := filepath.Join(dir, "config.toml")
 	text := hostname + `
 state_dir = "state"
@@ -100,7 +106,7 @@ trusted_networks = ["127.0.0.0/8"]
 ` + c.submission + `
 [dns]
 resolver = "` + c.resolver + `"
-timeout = "100ms"
+timeout = "` + dnsTimeout + `"
 ` + c.tail
 	if err := os.WriteFile(p, []byte(text), 0o600); err != nil {
 		t.Fatal(err)
