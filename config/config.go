@@ -556,7 +556,7 @@ func (c *Config) validate(data []byte) error {
 	if c.Hostname == "" {
 		return bad("hostname", "must be set (this machine has no host name)")
 	}
-	if !isDomain(c.Hostname) {
+	if !routing.IsDomain(c.Hostname) {
 		return bad("hostname", "%q is not a host name (use e.g. relay.example.com)", c.Hostname)
 	}
 	if c.StateDir == "" {
@@ -701,10 +701,10 @@ func (c *Config) validate(data []byte) error {
 		key := fmt.Sprintf("dkim[%d]", i)
 		k.Domain = strings.ToLower(strings.TrimSuffix(k.Domain, "."))
 		c.DKIM[i].Domain = k.Domain
-		if !isDomain(k.Domain) || !strings.Contains(k.Domain, ".") {
+		if !routing.IsDomain(k.Domain) || !strings.Contains(k.Domain, ".") {
 			return bad(key+".domain", "%q is not a domain name", k.Domain)
 		}
-		if !isDomain(k.Selector) {
+		if !routing.IsDomain(k.Selector) {
 			return bad(key+".selector", "%q is not a DKIM selector (letters, digits, hyphens, dots)", k.Selector)
 		}
 		if k.KeyFile == "" {
@@ -945,7 +945,7 @@ func isTable(t reflect.Type) bool {
 // isMailbox is a light check of an addr-spec: local@domain.
 func isMailbox(s string) bool {
 	local, domain, ok := strings.Cut(s, "@")
-	return ok && local != "" && !strings.ContainsAny(local, " \t<>\\\"") && isDomain(domain) && strings.Contains(domain, ".")
+	return ok && local != "" && !strings.ContainsAny(local, " \t<>\\\"") && routing.IsDomain(domain) && strings.Contains(domain, ".")
 }
 
 // lineOf finds the line of a dotted key such as "delivery.workers" or
@@ -1006,25 +1006,6 @@ func isPort(s string) bool {
 	return err == nil && n >= 0 && n <= 65535
 }
 
-// isDomain is a light syntax check: letters, digits, hyphens, dots, no
-// empty labels, at most 253 octets (RFC 1035 §2.3.4).
-func isDomain(s string) bool {
-	s = strings.TrimSuffix(s, ".")
-	if s == "" || len(s) > 253 {
-		return false
-	}
-	for _, label := range strings.Split(s, ".") {
-		if label == "" || len(label) > 63 || label[0] == '-' || label[len(label)-1] == '-' {
-			return false
-		}
-		for _, r := range label {
-			if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_') {
-				return false
-			}
-		}
-	}
-	return true
-}
 
 func isBcrypt(h string) bool {
 	return len(h) == 60 && (strings.HasPrefix(h, "$2a$") || strings.HasPrefix(h, "$2b$") || strings.HasPrefix(h, "$2y$"))
@@ -1035,7 +1016,7 @@ func validSenderPattern(p string) bool {
 		return true
 	}
 	local, domain, ok := strings.Cut(p, "@")
-	return ok && local != "" && !strings.Contains(domain, "@") && isDomain(domain)
+	return ok && local != "" && !strings.Contains(domain, "@") && routing.IsDomain(domain)
 }
 
 // Duration is a Go duration in TOML: "30s", "4h".
