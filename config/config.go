@@ -1006,7 +1006,6 @@ func isPort(s string) bool {
 	return err == nil && n >= 0 && n <= 65535
 }
 
-
 func isBcrypt(h string) bool {
 	return len(h) == 60 && (strings.HasPrefix(h, "$2a$") || strings.HasPrefix(h, "$2b$") || strings.HasPrefix(h, "$2y$"))
 }
