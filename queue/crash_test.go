@@ -51,11 +51,17 @@ func TestCrashLosesNoAcknowledgedMessage(t *testing.T) {
 		return cmd
 	}
 	for round := range 8 {
+		before := countLines(filepath.Join(dir, "acked"))
 		cmd := child("load")
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
 		}
-		time.Sleep(time.Duration(150+rand.IntN(400)) * time.Millisecond)
+		// Kill it at a random moment once it is under load, however slowly
+		// a busy machine starts it.
+		for deadline := time.Now().Add(20 * time.Second); countLines(filepath.Join(dir, "acked")) < before+10 && time.Now().Before(deadline); {
+			time.Sleep(10 * time.Millisecond)
+		}
+		time.Sleep(time.Duration(rand.IntN(400)) * time.Millisecond)
 		cmd.Process.Signal(syscall.SIGKILL)
 		err := cmd.Wait()
 		if ws, ok := cmd.ProcessState.Sys().(syscall.WaitStatus); !ok || !ws.Signaled() {
@@ -93,6 +99,13 @@ func TestCrashLosesNoAcknowledgedMessage(t *testing.T) {
 }
 
 // readLines returns the complete lines of path.
+// countLines counts the complete lines in the file at path, 0 when it
+// does not exist yet.
+func countLines(path string) int {
+	data, _ := os.ReadFile(path)
+	return bytes.Count(data, []byte("\n"))
+}
+
 func readLines(t *testing.T, path string) []string {
 	data, err := os.ReadFile(path)
 	if err != nil {
