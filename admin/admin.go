@@ -64,7 +64,7 @@ func Listen(path string, mux *http.ServeMux, logger *slog.Logger) (*Server, erro
 	}
 	s := &Server{
 		path: path,
-		ln:   ln,
+		ln:   ownerOnly{Listener: ln, uid: os.Geteuid(), log: logger},
 		http: &http.Server{
 			Handler:           http.MaxBytesHandler(mux, maxBody),
 			ReadHeaderTimeout: 10 * time.Second,
@@ -73,6 +73,34 @@ func Listen(path string, mux *http.ServeMux, logger *slog.Logger) (*Server, erro
 		},
 	}
 	return s, nil
+}
+
+// ownerOnly accepts connections from the daemon's own user and root only.
+// The socket's mode already keeps others out; this still holds when the
+// mode or the state directory's permissions were loosened by hand.
+type ownerOnly struct {
+	net.Listener
+	uid int
+	log *slog.Logger
+}
+
+func (l ownerOnly) Accept() (net.Conn, error) {
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		uid, err := peerUID(c)
+		switch {
+		case err != nil:
+			l.log.Warn("control socket: refused a connection whose user is unknown", "err", err)
+		case uid != l.uid && uid != 0:
+			l.log.Warn("control socket: refused a connection from another user", "uid", uid)
+		default:
+			return c, nil
+		}
+		c.Close()
+	}
 }
 
 // Serve answers requests until Close.
