@@ -604,6 +604,18 @@ ip_version = "4"
 	return p
 }
 
+// waitUntil polls cond until it holds, failing after a minute.
+func waitUntil(t *testing.T, d *daemon, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("not within a minute: %s\nrelay log (tail):\n%s", what, tail(d.output(), 40))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
 // waitLoaded waits until the relay is up and its queue loaded (logged by
 // the queue's own goroutine, in either order with the start line).
 func waitLoaded(t *testing.T, d *daemon) {

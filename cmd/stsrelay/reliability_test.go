@@ -141,9 +141,9 @@ func TestSIGTERMUnderLoadLosesNothingAndEndsWithinTheGrace(t *testing.T) {
 	waitLoaded(t, d)
 	g.start(8)
 	defer g.cancel()
-	for k.stalledCount() < 3 || g.ackedCount() < 300 {
-		time.Sleep(50 * time.Millisecond)
-	}
+	waitUntil(t, d, "3 deliveries stalled and 300 messages acknowledged", func() bool {
+		return k.stalledCount() >= 3 && g.ackedCount() >= 300
+	})
 	start := time.Now()
 	d.cmd.Process.Signal(syscall.SIGTERM)
 	select {
@@ -204,9 +204,7 @@ func TestFullDiskAnswers452AndLosesNothing(t *testing.T) {
 	waitLoaded(t, d)
 	g.start(8)
 	defer g.cancel()
-	for g.ackedCount() < 200 {
-		time.Sleep(50 * time.Millisecond)
-	}
+	waitUntil(t, d, "200 messages acknowledged", func() bool { return g.ackedCount() >= 200 })
 
 	// Fill the file system and keep it full (deliveries free space as
 	// they remove bodies) until enough submissions were turned away.
@@ -244,9 +242,7 @@ func TestFullDiskAnswers452AndLosesNothing(t *testing.T) {
 	}
 	freed := time.Now()
 	ackedAfter := g.ackedCount()
-	for g.ackedCount() < ackedAfter+200 {
-		time.Sleep(50 * time.Millisecond)
-	}
+	waitUntil(t, d, "200 more messages acknowledged once space returned", func() bool { return g.ackedCount() >= ackedAfter+200 })
 	g.stop()
 	for reply, n := range g.replies {
 		if reply != "452 4.3.1" {

@@ -43,6 +43,7 @@ type soakSample struct {
 	heap       float64
 	goroutines float64
 	queued     float64
+	deferrals  float64 // attempts the relay recorded as deferred, so far
 	delivered  int
 }
 
@@ -131,6 +132,7 @@ func TestSoakKeepsMemoryAndGoroutinesFlat(t *testing.T) {
 	}
 	g.stop()
 	elapsed := time.Since(start)
+	last := samples[len(samples)-1]
 	if code := d.stop(syscall.SIGTERM); code != 0 {
 		t.Fatalf("exit %d after SIGTERM", code)
 	}
@@ -158,9 +160,9 @@ func TestSoakKeepsMemoryAndGoroutinesFlat(t *testing.T) {
 	if a, b := peak(first, gor), peak(second, gor); b > a*(1+soakGoroutineTolerance)+soakGoroutinesAllowance {
 		t.Errorf("goroutines grew: peak %.0f in the first half, %.0f in the second", a, b)
 	}
-	t.Logf("RESULT soak: %s at %.1f messages/s (half of the measured %.1f), %d acknowledged, %d delivered; "+
+	t.Logf("RESULT soak: %s at %.1f messages/s (half of the measured %.1f), %d acknowledged, %d delivered, %.0f deferred attempts retried; "+
 		"RSS %.1f → %.1f MiB, goroutines %.0f → %.0f (peaks of the two halves after a %s warm-up)",
-		elapsed.Round(time.Second), rate, maxRate, g.ackedCount(), k.delivered()-probe.ackedCount(),
+		elapsed.Round(time.Second), rate, maxRate, g.ackedCount(), k.delivered()-probe.ackedCount(), last.deferrals,
 		peak(first, rss)/(1<<20), peak(second, rss)/(1<<20), peak(first, gor), peak(second, gor), samples[warm-1].at)
 }
 
@@ -188,8 +190,9 @@ func scrape(t *testing.T, addr string) soakSample {
 	if err != nil {
 		t.Fatal(err)
 	}
-	value := func(name string) float64 {
-		m := regexp.MustCompile(`(?m)^` + name + `(?:\{[^}]*\})? (\S+)$`).FindAllStringSubmatch(string(b), -1)
+	// value sums the series of name whose labels contain labels.
+	value := func(name, labels string) float64 {
+		m := regexp.MustCompile(`(?m)^` + name + `(?:\{[^}]*` + regexp.QuoteMeta(labels) + `[^}]*\})? (\S+)$`).FindAllStringSubmatch(string(b), -1)
 		if m == nil {
 			t.Fatalf("/metrics has no %s", name)
 		}
@@ -204,10 +207,11 @@ func scrape(t *testing.T, addr string) soakSample {
 		return sum
 	}
 	return soakSample{
-		rss:        value("process_resident_memory_bytes"),
-		heap:       value("go_memstats_heap_inuse_bytes"),
-		goroutines: value("go_goroutines"),
-		queued:     value("stsrelay_queue_messages"),
+		rss:        value("process_resident_memory_bytes", ""),
+		heap:       value("go_memstats_heap_inuse_bytes", ""),
+		goroutines: value("go_goroutines", ""),
+		queued:     value("stsrelay_queue_messages", ""),
+		deferrals:  value("stsrelay_queue_deliveries_total", `outcome="deferred"`),
 	}
 }
 
