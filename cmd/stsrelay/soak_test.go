@@ -192,7 +192,7 @@ func scrape(t *testing.T, addr string) soakSample {
 	}
 	// value sums the series of name whose labels contain labels.
 	value := func(name, labels string) float64 {
-		m := regexp.MustCompile(`(?m)^` + name + `(?:\{[^}]*` + regexp.QuoteMeta(labels) + `[^}]*\})? (\S+)$`).FindAllStringSubmatch(string(b), -1)
+		m := regexp.MustCompile(`(?m)^`+name+`(?:\{[^}]*`+regexp.QuoteMeta(labels)+`[^}]*\})? (\S+)$`).FindAllStringSubmatch(string(b), -1)
 		if m == nil {
 			t.Fatalf("/metrics has no %s", name)
 		}
