@@ -1,8 +1,8 @@
 package main
 
 // The load harness of the reliability tests (reliability_test.go,
-// soak_test.go): a go-smtp sink on 127.0.0.x:25 that records every
-// recipient it accepted, with the relay's lifetime ("epoch") in which it
+// soak_test.go): a go-smtp sink on a free loopback port, where routes send
+// every load domain, that records every recipient it accepted, with the relay's lifetime ("epoch") in which it
 // did; submitters that tag each message and remember what the relay
 // answered; and the checks that compare the two.
 
@@ -30,31 +30,36 @@ import (
 	"time"
 
 	"github.com/emersion/go-smtp"
+
+	"github.com/stsrelay/stsrelay/internal/dnstest"
 )
 
 // Destination domains of the load, all served by one sink. What the sink
 // does with each decides what the relay must do.
 const (
 	domainDefer = "defer.test" // RCPT always 451: stays queued for good
-	domainFlaky = "flaky.test" // the final reply is 451 one time in three: retried
+	domainFlaky = "flaky.test" // the first attempt of each recipient gets 451, the retry 250
 	domainStall = "stall.test" // the final reply never comes while the sink stalls
 )
 
 var okDomains = []string{"ok0.test", "ok1.test", "ok2.test", "ok3.test"}
 
-// loadRecords are the DNS records that send every load domain to ip.
-func loadRecords(ip string) []string {
-	recs := []string{"mx.load.test. 60 IN A " + ip}
+// loadRoutes are the [[delivery.route]] entries that send every load
+// domain to the sink at addr, each domain its own route (and so its own
+// connection limit), as MX hosts would be.
+func loadRoutes(addr string) string {
+	var b strings.Builder
 	for _, d := range append(slices.Clone(okDomains), domainDefer, domainFlaky, domainStall) {
-		recs = append(recs, d+". 60 IN MX 10 mx.load.test.")
+		fmt.Fprintf(&b, "[[delivery.route]]\ndomains = [%q]\nnexthop = \"[%s]:%s\"\n", d, strings.Split(addr, ":")[0], strings.Split(addr, ":")[1])
 	}
-	return recs
+	return b.String()
 }
 
-// loadSink is a go-smtp server on ip:25 that records each accepted
-// recipient with the epoch it came in.
+// loadSink is a go-smtp server on a free loopback port that records each
+// accepted recipient with the epoch it came in.
 type loadSink struct {
-	srv *smtp.Server
+	srv  *smtp.Server
+	addr string
 
 	mu      sync.Mutex
 	got     map[string][]int // recipient → epoch of each delivery
@@ -65,12 +70,12 @@ type loadSink struct {
 	stall   chan struct{} // nil: answer at once; else hold final replies to stall.test until closed
 	stalled int           // final replies held so far
 
-	flakyOK bool // flaky.test never defers (the soak's rate probe)
+	tried map[string]bool // flaky.test recipients deferred once
 }
 
-func startLoadSink(t *testing.T, ip string) *loadSink {
+func startLoadSink(t *testing.T) *loadSink {
 	t.Helper()
-	k := &loadSink{got: make(map[string][]int)}
+	k := &loadSink{got: make(map[string][]int), tried: make(map[string]bool)}
 	k.idle = sync.NewCond(&k.mu)
 	s := smtp.NewServer(smtp.BackendFunc(func(c *smtp.Conn) (smtp.Session, error) {
 		k.mu.Lock()
@@ -82,12 +87,12 @@ func startLoadSink(t *testing.T, ip string) *loadSink {
 	s.MaxRecipients = 0
 	s.MaxMessageBytes = 64 << 20
 	s.ErrorLog = log.New(io.Discard, "", 0) // every kill resets dozens of sessions
-	ln, err := net.Listen("tcp", net.JoinHostPort(ip, "25"))
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
-		t.Fatalf("sink on %s:25: %v", ip, err)
+		t.Fatal(err)
 	}
 	go s.Serve(ln)
-	k.srv = s
+	k.srv, k.addr = s, ln.Addr().String()
 	t.Cleanup(func() {
 		k.release()
 		s.Close()
@@ -199,9 +204,10 @@ func (s *loadSession) Data(r io.Reader) error {
 	switch domain {
 	case domainFlaky:
 		k.mu.Lock()
-		lucky := k.flakyOK
+		retry := k.tried[s.rcpts[0]]
+		k.tried[s.rcpts[0]] = true
 		k.mu.Unlock()
-		if !lucky && rand.IntN(3) == 0 {
+		if !retry {
 			return &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 0}, Message: "Temporary local problem, try again"}
 		}
 	case domainStall:
@@ -578,26 +584,31 @@ func freePort(t *testing.T) string {
 	return l.Addr().String()
 }
 
-// loadConfig writes the configuration of a relay under load: submission
-// on a fixed port (it survives restarts), info logging, quick retries.
-func writeLoadConfig(t *testing.T, dir, stateDir, listen, resolver, extra string) string {
+// writeLoadConfig writes the configuration of a relay under load:
+// submission on a fixed port (it survives restarts), routes to the sink,
+// quick retries, a DNS server of its own (nothing leaves loopback). level
+// is debug where the checks read the "recipients updated" lines.
+func writeLoadConfig(t *testing.T, dir, stateDir, listen string, k *loadSink, level, extra string) string {
 	t.Helper()
+	dns := dnstest.New(t)
 	p := filepath.Join(dir, "config.toml")
 	text := `hostname = "relay.test"
 state_dir = ` + strconv.Quote(stateDir) + `
 [log]
-level = "info"
+level = ` + strconv.Quote(level) + `
 [submission]
 listen = ` + strconv.Quote(listen) + `
 trusted_networks = ["127.0.0.0/8"]
 [dns]
-resolver = ` + strconv.Quote(resolver) + `
+resolver = ` + strconv.Quote(dns.Addr) + `
 timeout = "2s"
 [delivery]
-retry_schedule = ["1s"]
+# flaky.test is retried a second after its deferral; defer.test, which
+# never accepts, only every minute after that.
+retry_schedule = ["1s", "1m"]
 connect_timeout = "5s"
 ip_version = "4"
-` + extra
+` + loadRoutes(k.addr) + extra
 	if err := os.WriteFile(p, []byte(text), 0o600); err != nil {
 		t.Fatal(err)
 	}
