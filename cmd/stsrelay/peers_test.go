@@ -320,14 +320,17 @@ func (p *postfix) submit(from, to, body string) {
 	}
 }
 
+// sinkRoute sends example.net to k, as its MX would be.
+func sinkRoute(k *sink) string {
+	return fmt.Sprintf("[[delivery.route]]\ndomains = [\"example.net\"]\nnexthop = %q\n", "["+strings.Replace(k.addr, ":", "]:", 1))
+}
+
 func TestPostfixRelaysThroughStsrelay(t *testing.T) {
 	same, other, passwdLine := readmePostfixLines(t)
 
 	t.Run("OtherHostSASLOverSTARTTLS", func(t *testing.T) {
 		requireRoot(t)
-		const ip = "127.0.0.25"
-		k := startSink(t, ip, nil)
-		dns := dnstest.New(t, "example.net. 60 IN MX 10 mx.example.net.", "mx.example.net. 60 IN A "+ip)
+		k := startSinkAt(t, "127.0.0.1:0", nil)
 		dir := t.TempDir()
 		ca := testpki.NewCA(t)
 		certFile, keyFile := testpki.WriteFiles(t, dir, ca.Issue(t, "relay.test"))
@@ -344,9 +347,7 @@ tls_key = %q
 %s
 [dns]
 resolver = %q
-[delivery]
-ip_version = "4"
-`, certFile, keyFile, userBlock(t), dns.Addr)), 0o600)
+%s`, certFile, keyFile, userBlock(t), dnstest.New(t).Addr, sinkRoute(k))), 0o600)
 		d := startDaemon(t, config)
 		relay := d.submissionAddr()
 
@@ -385,9 +386,7 @@ ip_version = "4"
 
 	t.Run("SameHostTrustedLoopback", func(t *testing.T) {
 		requireRoot(t)
-		const ip = "127.0.0.26"
-		k := startSink(t, ip, nil)
-		dns := dnstest.New(t, "example.net. 60 IN MX 10 mx.example.net.", "mx.example.net. 60 IN A "+ip)
+		k := startSinkAt(t, "127.0.0.1:0", nil)
 		dir := t.TempDir()
 		addr := freePort(t)
 		config := filepath.Join(dir, "config.toml")
@@ -398,9 +397,7 @@ listen = %q
 trusted_networks = ["127.0.0.0/8"]
 [dns]
 resolver = %q
-[delivery]
-ip_version = "4"
-`, addr, dns.Addr)), 0o600)
+%s`, addr, dnstest.New(t).Addr, sinkRoute(k))), 0o600)
 		d := startDaemon(t, config)
 		d.submissionAddr()
 		_, port, _ := strings.Cut(addr, ":")

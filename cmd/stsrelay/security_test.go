@@ -115,16 +115,18 @@ func TestSubmissionRefusesTLSBelow12(t *testing.T) {
 	d.stop(syscall.SIGTERM)
 }
 
-// tlsSink is a go-smtp server on ip:25 that offers STARTTLS with the
-// given TLS versions only, and records what clients offered and agreed.
+// tlsSink is a go-smtp server on a free loopback port that offers
+// STARTTLS with the given TLS versions only, and records what clients
+// offered and agreed.
 type tlsSink struct {
+	addr     string
 	mu       sync.Mutex
 	hellos   [][]uint16 // versions each ClientHello offered
 	sessions []uint16   // the version of each session that got past the handshake
 	got      []received
 }
 
-func startTLSSink(t *testing.T, ip string, cert tls.Certificate, min, max uint16) *tlsSink {
+func startTLSSink(t *testing.T, cert tls.Certificate, min, max uint16) *tlsSink {
 	t.Helper()
 	k := &tlsSink{}
 	s := smtp.NewServer(smtp.BackendFunc(func(c *smtp.Conn) (smtp.Session, error) {
@@ -147,11 +149,12 @@ func startTLSSink(t *testing.T, ip string, cert tls.Certificate, min, max uint16
 			return nil, nil
 		},
 	}
-	ln, err := net.Listen("tcp", net.JoinHostPort(ip, "25"))
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
-		t.Fatalf("sink on %s:25: %v", ip, err)
+		t.Fatal(err)
 	}
 	go s.Serve(ln)
+	k.addr = ln.Addr().String()
 	t.Cleanup(func() { s.Close() })
 	return k
 }
@@ -185,23 +188,28 @@ func (s *tlsSinkSession) Data(r io.Reader) error {
 }
 
 func TestDeliveryRefusesTLSBelow12(t *testing.T) {
-	requireRoot(t)
-	const ip = "127.0.0.27"
-	e := newE2E(t)
-	e.d.stop(syscall.SIGTERM)
-	// Two domains on one MX that speaks TLS 1.0–1.1 only: one where the
-	// relay must encrypt (a local policy), one opportunistic.
-	e.dns.Add(t, "old.example. 60 IN MX 10 mx.old.example.")
-	e.dns.Add(t, "may.example. 60 IN MX 10 mx.old.example.")
-	e.dns.Add(t, "mx.old.example. 60 IN A "+ip)
-	k := startTLSSink(t, ip, e.ca.Issue(t, "mx.old.example"), tls.VersionTLS10, tls.VersionTLS11)
-	config, _ := os.ReadFile(e.config)
-	os.WriteFile(e.config, append(config, "[[delivery.policy]]\ndomain = \"old.example\"\ntls = \"encrypt\"\n"...), 0o600)
-	e.d = startDaemon(t, e.config, e.env...)
+	// Two domains routed to one MX that speaks TLS 1.0–1.1 only: one where
+	// the relay must encrypt, one opportunistic.
+	ca := testpki.NewCA(t)
+	k := startTLSSink(t, ca.Issue(t, "mx.old.example"), tls.VersionTLS10, tls.VersionTLS11)
+	nexthop := "[" + strings.Replace(k.addr, ":", "]:", 1)
+	dir := t.TempDir()
+	e := &e2e{t: t, config: writeConfig(t, dir, configParts{tail: fmt.Sprintf(`[delivery]
+retry_schedule = ["1h"]
+[[delivery.route]]
+domains = ["old.example"]
+nexthop = %[1]q
+tls = "encrypt"
+[[delivery.route]]
+domains = ["may.example"]
+nexthop = %[1]q
+tls = "may"
+`, nexthop)})}
+	e.d = startDaemon(t, e.config)
 	e.addr = e.d.submissionAddr()
 
 	// The sink does speak TLS 1.1, to a client that offers it.
-	if err := startTLSHandshake(ip+":25", tls11Only(&tls.Config{RootCAs: e.ca.Pool, ServerName: "mx.old.example"})); err != nil {
+	if err := startTLSHandshake(k.addr, tls11Only(&tls.Config{RootCAs: ca.Pool, ServerName: "mx.old.example"})); err != nil {
 		t.Fatalf("the TLS 1.1 sink refused a TLS 1.1 client: %v", err)
 	}
 	k.mu.Lock()
@@ -337,10 +345,8 @@ func assertNoSecret(t *testing.T, log, user, password string) {
 // and LOGIN, a wrong password, garbage, a delivery — and searches the
 // relay's whole log for the password.
 func TestSecretsNeverLogged(t *testing.T) {
-	requireRoot(t)
-	const ip = "127.0.0.28"
-	k := startSink(t, ip, nil)
-	dns := dnstest.New(t, "example.net. 60 IN MX 10 mx.example.net.", "mx.example.net. 60 IN A "+ip)
+	k := startSinkAt(t, "127.0.0.1:0", nil)
+	dns := dnstest.New(t)
 	dir := t.TempDir()
 	ca := testpki.NewCA(t)
 	certFile, keyFile := testpki.WriteFiles(t, dir, ca.Issue(t, "relay.test"))
@@ -357,9 +363,7 @@ received_show_user = true
 %s
 [dns]
 resolver = %q
-[delivery]
-ip_version = "4"
-`, certFile, keyFile, userBlock(t), dns.Addr)), 0o600)
+%s`, certFile, keyFile, userBlock(t), dns.Addr, sinkRoute(k))), 0o600)
 	d := startDaemon(t, config)
 	addr := d.submissionAddr()
 	dial := func() *smtp.Client {
