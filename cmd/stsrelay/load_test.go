@@ -615,6 +615,19 @@ ip_version = "4"
 	return p
 }
 
+// requireRootTo is requireRoot for tests that need root for another
+// reason than ports 25 and 443; why completes "needs root to …".
+func requireRootTo(t *testing.T, why string) {
+	t.Helper()
+	if os.Geteuid() == 0 {
+		return
+	}
+	if os.Getenv("CI") == "true" {
+		t.Fatalf("this test needs root to %s and must run as root in CI", why)
+	}
+	t.Skipf("needs root to %s; CI runs it as root", why)
+}
+
 // waitUntil polls cond until it holds, failing after a minute.
 func waitUntil(t *testing.T, d *daemon, what string, cond func() bool) {
 	t.Helper()

@@ -3,6 +3,8 @@ package main
 // Real third-party peers against the binary: swaks submits (AUTH PLAIN and
 // LOGIN, STARTTLS and implicit TLS), and a private Postfix instance uses
 // stsrelay as its relayhost with the main.cf lines README.md gives.
+//
+// ROOT ONLY: the Postfix tests (Postfix sets up its queue as root).
 
 import (
 	"context"
@@ -192,7 +194,7 @@ type postfix struct {
 // site lines; maps are files to create there and index with postmap.
 func startPostfix(t *testing.T, site []string, maps map[string]string) *postfix {
 	t.Helper()
-	requireRoot(t) // Postfix's own set-up: ownership, privilege drop to user postfix
+	requireRootTo(t, "run Postfix, which sets up its queue as root and drops to user postfix")
 	bin := requireTool(t, "postfix", "postfix")
 	requireTool(t, "postmap", "postfix")
 	top := t.TempDir()
@@ -329,7 +331,7 @@ func TestPostfixRelaysThroughStsrelay(t *testing.T) {
 	same, other, passwdLine := readmePostfixLines(t)
 
 	t.Run("OtherHostSASLOverSTARTTLS", func(t *testing.T) {
-		requireRoot(t)
+		requireRootTo(t, "run Postfix")
 		k := startSinkAt(t, "127.0.0.1:0", nil)
 		dir := t.TempDir()
 		ca := testpki.NewCA(t)
@@ -385,7 +387,7 @@ resolver = %q
 	})
 
 	t.Run("SameHostTrustedLoopback", func(t *testing.T) {
-		requireRoot(t)
+		requireRootTo(t, "run Postfix")
 		k := startSinkAt(t, "127.0.0.1:0", nil)
 		dir := t.TempDir()
 		addr := freePort(t)

@@ -176,7 +176,7 @@ func TestSIGTERMUnderLoadLosesNothingAndEndsWithinTheGrace(t *testing.T) {
 // TestFullDiskAnswers452AndLosesNothing runs the relay with its state on
 // a small tmpfs, fills it while submissions go on, and frees it again.
 func TestFullDiskAnswers452AndLosesNothing(t *testing.T) {
-	requireRoot(t) // mount
+	requireRootTo(t, "mount a tmpfs")
 	k := startLoadSink(t)
 	dir := t.TempDir()
 	state := filepath.Join(dir, "state")

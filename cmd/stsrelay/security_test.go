@@ -3,6 +3,8 @@ package main
 // Security review items, through the binary: TLS 1.2 at least on every
 // listener and every outbound session, a control socket only its owner can
 // use, and no secret in the logs.
+//
+// ROOT ONLY: the control-socket test (it runs a command as user nobody).
 
 import (
 	"crypto/tls"
@@ -254,14 +256,9 @@ tls = "may"
 
 // TestControlSocketRefusesOtherUsers connects to the control socket as
 // user nobody: refused by the socket's mode, and, with the mode loosened
-// by hand, by the daemon itself (SO_PEERCRED).
+// by hand, by the daemon itself (SO_PEERCRED). ROOT ONLY.
 func TestControlSocketRefusesOtherUsers(t *testing.T) {
-	if os.Geteuid() != 0 {
-		if os.Getenv("CI") == "true" {
-			t.Fatal("this test switches to another user and must run as root in CI")
-		}
-		t.Skip("needs root to run a command as another user; CI runs it as root")
-	}
+	requireRootTo(t, "run a command as user nobody")
 	// Everything on the way is open to others, so that the socket's own
 	// mode is what keeps them out: the binary, the configuration, the
 	// state directory.
