@@ -44,22 +44,28 @@ const (
 
 var okDomains = []string{"ok0.test", "ok1.test", "ok2.test", "ok3.test"}
 
+// loadDomains are every domain the sink serves.
+func loadDomains() []string {
+	return append(slices.Clone(okDomains), domainDefer, domainFlaky, domainStall)
+}
+
 // loadRoutes are the [[delivery.route]] entries that send every load
-// domain to the sink at addr, each domain its own route (and so its own
-// connection limit), as MX hosts would be.
-func loadRoutes(addr string) string {
+// domain to its own port of the sink, so that each has its own connection
+// limit, as each domain's MX hosts would (stall.test holding all its
+// connections must not hold up the others).
+func loadRoutes(k *loadSink) string {
 	var b strings.Builder
-	for _, d := range append(slices.Clone(okDomains), domainDefer, domainFlaky, domainStall) {
-		fmt.Fprintf(&b, "[[delivery.route]]\ndomains = [%q]\nnexthop = \"[%s]:%s\"\n", d, strings.Split(addr, ":")[0], strings.Split(addr, ":")[1])
+	for _, d := range loadDomains() {
+		fmt.Fprintf(&b, "[[delivery.route]]\ndomains = [%q]\nnexthop = \"[127.0.0.1]:%d\"\n", d, k.ports[d])
 	}
 	return b.String()
 }
 
-// loadSink is a go-smtp server on a free loopback port that records each
-// accepted recipient with the epoch it came in.
+// loadSink is a go-smtp server on free loopback ports, one per load
+// domain, that records each accepted recipient with the epoch it came in.
 type loadSink struct {
-	srv  *smtp.Server
-	addr string
+	srv   *smtp.Server
+	ports map[string]int // domain → port
 
 	mu      sync.Mutex
 	got     map[string][]int // recipient → epoch of each delivery
@@ -75,7 +81,7 @@ type loadSink struct {
 
 func startLoadSink(t *testing.T) *loadSink {
 	t.Helper()
-	k := &loadSink{got: make(map[string][]int), tried: make(map[string]bool)}
+	k := &loadSink{got: make(map[string][]int), tried: make(map[string]bool), ports: make(map[string]int)}
 	k.idle = sync.NewCond(&k.mu)
 	s := smtp.NewServer(smtp.BackendFunc(func(c *smtp.Conn) (smtp.Session, error) {
 		k.mu.Lock()
@@ -87,12 +93,15 @@ func startLoadSink(t *testing.T) *loadSink {
 	s.MaxRecipients = 0
 	s.MaxMessageBytes = 64 << 20
 	s.ErrorLog = log.New(io.Discard, "", 0) // every kill resets dozens of sessions
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	for _, d := range loadDomains() {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		go s.Serve(ln)
+		k.ports[d] = ln.Addr().(*net.TCPAddr).Port
 	}
-	go s.Serve(ln)
-	k.srv, k.addr = s, ln.Addr().String()
+	k.srv = s
 	t.Cleanup(func() {
 		k.release()
 		s.Close()
@@ -203,9 +212,14 @@ func (s *loadSession) Data(r io.Reader) error {
 	domain := s.rcpts[0][strings.LastIndexByte(s.rcpts[0], '@')+1:]
 	switch domain {
 	case domainFlaky:
+		// Deferred while any recipient is new: per-recipient retry times
+		// (the queue's jitter) may split a message's recipients later.
 		k.mu.Lock()
-		retry := k.tried[s.rcpts[0]]
-		k.tried[s.rcpts[0]] = true
+		retry := true
+		for _, rc := range s.rcpts {
+			retry = retry && k.tried[rc]
+			k.tried[rc] = true
+		}
 		k.mu.Unlock()
 		if !retry {
 			return &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 0}, Message: "Temporary local problem, try again"}
@@ -608,7 +622,7 @@ timeout = "2s"
 retry_schedule = ["1s", "1m"]
 connect_timeout = "5s"
 ip_version = "4"
-` + loadRoutes(k.addr) + extra
+` + loadRoutes(k) + extra
 	if err := os.WriteFile(p, []byte(text), 0o600); err != nil {
 		t.Fatal(err)
 	}
