@@ -155,9 +155,9 @@ func TestSoakKeepsMemoryAndGoroutinesFlat(t *testing.T) {
 	if a, b := peak(first, gor), peak(second, gor); b > a*(1+soakGoroutineTolerance)+soakGoroutinesAllowance {
 		t.Errorf("goroutines grew: peak %.0f in the first half, %.0f in the second", a, b)
 	}
-	t.Logf("RESULT soak: %s at %.1f messages/s (half of the measured %.1f), %d acknowledged, %d delivered, %.0f deferred attempts retried; "+
+	t.Logf("RESULT soak: %s paced at %.1f messages/s (half of the measured %.1f), %.1f/s achieved: %d acknowledged, %d delivered, %.0f deferred attempts retried; "+
 		"RSS %.1f → %.1f MiB, goroutines %.0f → %.0f (peaks of the two halves after a %s warm-up)",
-		elapsed.Round(time.Second), rate, maxRate, g.ackedCount(), k.delivered()-probe.ackedCount(), last.deferrals,
+		elapsed.Round(time.Second), rate, maxRate, float64(g.ackedCount())/elapsed.Seconds(), g.ackedCount(), k.delivered()-probe.ackedCount(), last.deferrals,
 		peak(first, rss)/(1<<20), peak(second, rss)/(1<<20), peak(first, gor), peak(second, gor), samples[warm-1].at)
 }
 
