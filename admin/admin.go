@@ -64,7 +64,7 @@ func Listen(path string, mux *http.ServeMux, logger *slog.Logger) (*Server, erro
 	}
 	s := &Server{
 		path: path,
-		ln:   ln,
+		ln:   ownerOnly{Listener: ln, uid: os.Geteuid(), log: logger},
 		http: &http.Server{
 			Handler:           http.MaxBytesHandler(mux, maxBody),
 			ReadHeaderTimeout: 10 * time.Second,
@@ -73,6 +73,34 @@ func Listen(path string, mux *http.ServeMux, logger *slog.Logger) (*Server, erro
 		},
 	}
 	return s, nil
+}
+
+// ownerOnly accepts connections from the daemon's own user and root only.
+// The socket's mode already keeps others out; this still holds when the
+// mode or the state directory's permissions were loosened by hand.
+type ownerOnly struct {
+	net.Listener
+	uid int
+	log *slog.Logger
+}
+
+func (l ownerOnly) Accept() (net.Conn, error) {
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		uid, err := peerUID(c)
+		switch {
+		case err != nil:
+			l.log.Warn("control socket: refused a connection whose user is unknown", "err", err)
+		case uid != l.uid && uid != 0:
+			l.log.Warn("control socket: refused a connection from another user", "uid", uid)
+		default:
+			return c, nil
+		}
+		c.Close()
+	}
 }
 
 // Serve answers requests until Close.
@@ -95,25 +123,38 @@ func (s *Server) Close() error {
 
 type peerKey struct{}
 
-// withPeer records the uid of the process at the other end of c
-// (SO_PEERCRED), for CallerAttrs.
+// withPeer records the uid of the process at the other end of c, for
+// CallerAttrs.
 func withPeer(ctx context.Context, c net.Conn) context.Context {
-	uc, ok := c.(*net.UnixConn)
-	if !ok {
-		return ctx
-	}
-	raw, err := uc.SyscallConn()
+	uid, err := peerUID(c)
 	if err != nil {
 		return ctx
 	}
-	var cred *syscall.Ucred
-	raw.Control(func(fd uintptr) {
-		cred, _ = syscall.GetsockoptUcred(int(fd), syscall.SOL_SOCKET, syscall.SO_PEERCRED)
-	})
-	if cred == nil {
-		return ctx
+	return context.WithValue(ctx, peerKey{}, uint32(uid))
+}
+
+// peerUID returns the user id of the process at the other end of a unix
+// socket connection (SO_PEERCRED, as the kernel recorded it at connect).
+func peerUID(c net.Conn) (int, error) {
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		return -1, fmt.Errorf("not a unix socket connection: %T", c)
 	}
-	return context.WithValue(ctx, peerKey{}, cred.Uid)
+	raw, err := uc.SyscallConn()
+	if err != nil {
+		return -1, err
+	}
+	var cred *syscall.Ucred
+	var credErr error
+	if err := raw.Control(func(fd uintptr) {
+		cred, credErr = syscall.GetsockoptUcred(int(fd), syscall.SOL_SOCKET, syscall.SO_PEERCRED)
+	}); err != nil {
+		return -1, err
+	}
+	if credErr != nil {
+		return -1, fmt.Errorf("SO_PEERCRED: %w", credErr)
+	}
+	return int(cred.Uid), nil
 }
 
 // CallerAttrs are log attributes naming who made a request on the control

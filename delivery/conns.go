@@ -75,6 +75,13 @@ func (e *Engine) release(s *session) {
 			e.releaseSlot(s.shapeKey)
 		}
 	})
+	// A delivery waiting for a slot of this destination may be for another
+	// route or domain on the same hosts, which cannot reuse this connection:
+	// wake it to close the connection now, not when the idle timer fires.
+	if d := e.dests[s.shapeKey]; d != nil && d.waiters > 0 {
+		close(d.wake)
+		d.wake = make(chan struct{})
+	}
 	e.mu.Unlock()
 }
 

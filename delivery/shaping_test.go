@@ -105,6 +105,38 @@ func TestDomainLimitDoesNotHoldUpOtherDestinations(t *testing.T) {
 	}
 }
 
+// A connection that goes idle while a delivery to another domain of the
+// same provider waits for its slot gives the slot up at once, not when the
+// idle timer fires.
+func TestIdleConnectionMakesRoomForAWaiterOfAnotherDomain(t *testing.T) {
+	v, up := twoDomainsOneProvider(t)
+	e := v.engine(func(o *Options) {
+		o.IdleTimeout = time.Hour
+		o.Limits = []Limit{{MXHosts: []string{".bigmail.test"}, Shaping: Shaping{MaxConnections: 1}}}
+	})
+	up.hold()
+	done := make(chan []queue.Status, 2)
+	go func() { done <- deliver(t, e, testJob("a.test", "x@a.test")) }()
+	waitFor(t, "a.test's connection", func() bool { open, _, _, _ := up.stats(); return open == 1 })
+	go func() {
+		// Far below the idle timeout: a waiter woken only by the idle
+		// timer gives up with 451 4.4.2.
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		done <- e.Deliver(ctx, testJob("b.test", "y@b.test"))
+	}()
+	waitFor(t, "b.test waiting for the provider's slot", func() bool { return e.waitersFor("mx .bigmail.test") == 1 })
+	up.release()
+	for range 2 {
+		if st := <-done; !st[0].Delivered() {
+			t.Error(st[0])
+		}
+	}
+	if _, maxOpen, _, conns := up.stats(); maxOpen != 1 || conns != 2 {
+		t.Errorf("%d connections, at most %d at once; want 2, one at a time", conns, maxOpen)
+	}
+}
+
 func TestMaxMessagesPerConnection(t *testing.T) {
 	v, up := twoDomainsOneProvider(t)
 	e := v.engine(func(o *Options) {

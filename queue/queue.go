@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"go.etcd.io/bbolt"
@@ -79,6 +80,11 @@ const inlineMax = 256 << 10
 
 // ErrTooBig is returned by Enqueue for a body over Options.MaxMessageSize.
 var ErrTooBig = errors.New("message exceeds the queue's size limit")
+
+// ErrNoSpace is in the chain of Enqueue's error when the file system that
+// holds the queue is full or over quota: nothing was stored, and trying
+// again once space returns will work (smtpin answers 452 4.3.1).
+var ErrNoSpace = errors.New("the queue's file system is full")
 
 // Queue is the durable queue and its delivery scheduler.
 type Queue struct {
@@ -229,9 +235,15 @@ func (q *Queue) Close() error {
 // Enqueue stores a message for delivery and returns its queue id once the
 // message is committed and synced to disk. body is the whole message with
 // CRLF line ends. When Enqueue returns an error, nothing was stored and the
-// message must not be acknowledged (smtpin answers 451 4.3.0). Enqueue
-// logs nothing: the caller's line is the one line per submission.
-func (q *Queue) Enqueue(ctx context.Context, env Envelope, body io.Reader) (string, error) {
+// message must not be acknowledged (smtpin answers 451 4.3.0, or 452 4.3.1
+// for ErrNoSpace). Enqueue logs nothing: the caller's line is the one line
+// per submission.
+func (q *Queue) Enqueue(ctx context.Context, env Envelope, body io.Reader) (id string, err error) {
+	defer func() {
+		if isNoSpace(err) {
+			err = fmt.Errorf("%w (%w)", ErrNoSpace, err)
+		}
+	}()
 	if err := ctx.Err(); err != nil {
 		return "", fmt.Errorf("message not queued: %w", err)
 	}
@@ -279,6 +291,12 @@ func (q *Queue) Enqueue(ctx context.Context, env Envelope, body io.Reader) (stri
 	metricEnqueued.Inc()
 	q.wake()
 	return m.ID, nil
+}
+
+// isNoSpace reports a write refused for lack of space: ENOSPC from a spool
+// write, a bbolt commit or an fsync, or EDQUOT from a quota.
+func isNoSpace(err error) bool {
+	return errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT)
 }
 
 func (q *Queue) newMessage(env Envelope) (*message, error) {

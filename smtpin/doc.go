@@ -46,6 +46,9 @@
 //     connections as its concurrency allows, and a flood from elsewhere
 //     must not lock it out.
 //   - TLS session tickets are off unless Options.SessionTickets is set.
+//   - A message the queue could not store gets 451 4.3.0; when its file
+//     system is full (queue.ErrNoSpace), 452 4.3.1 (RFC 3463 X.3.1), which
+//     tells the client the condition will pass.
 //   - ENVID and ORCPT reach queue.Envelope decoded (xtext removed); a
 //     relay passing them on must encode them again (RFC 3461 §4).
 //

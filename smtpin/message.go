@@ -69,6 +69,12 @@ func (s *session) receive(tx transaction, r io.Reader) error {
 		}
 		s.log.Error("smtpin: queue did not store the message", "from", env.From,
 			"rcpts", len(env.Recipients), "user", env.User, "err", err)
+		if errors.Is(err, queue.ErrNoSpace) {
+			// RFC 5321 §4.2.2 452 insufficient system storage; RFC 3463
+			// X.3.1 mail system full. The client keeps the message.
+			return s.rejectAs(env.User, "no_space", &smtp.SMTPError{Code: 452, EnhancedCode: smtp.EnhancedCode{4, 3, 1},
+				Message: "Insufficient system storage, try again later"})
+		}
 		return s.rejectAs(env.User, "queue", &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 0},
 			Message: "Could not store the message, try again later"})
 	}

@@ -4,12 +4,14 @@ import (
 	"bytes"
 	"crypto/tls"
 	"encoding/base64"
+	"fmt"
 	"log/slog"
 	"net/netip"
 	"reflect"
 	"regexp"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 
 	"github.com/emersion/go-sasl"
@@ -499,6 +501,17 @@ func TestQueueFailureAnswers451(t *testing.T) {
 	if errorsAs(err, &se) && strings.Contains(se.Message, "disk full") {
 		t.Errorf("reply leaks the queue's internal error: %q", se.Message)
 	}
+}
+
+// A full disk is a condition the client can wait out: 452 4.3.1 (RFC 3463
+// X.3.1), not the generic 451 4.3.0.
+func TestQueueFullDiskAnswers452(t *testing.T) {
+	e := start(t, nil)
+	e.q.setFail(fmt.Errorf("%w (spool file: %w)", queue.ErrNoSpace, syscall.ENOSPC))
+	c := e.client(t, true)
+	c.Auth(plainAuth())
+	_, err := send(t, c, "app@example.com", []string{"r@example.org"}, testMessage)
+	wantCode(t, err, 452, "4.3.1")
 }
 
 type errFake string

@@ -54,9 +54,17 @@ type sink struct {
 	msgs []received
 	got  chan struct{}
 	srv  *smtp.Server
+	addr string
 }
 
 func startSink(t *testing.T, ip string, cert *tls.Certificate, opts ...func(*smtp.Server)) *sink {
+	t.Helper()
+	return startSinkAt(t, net.JoinHostPort(ip, "25"), cert, opts...)
+}
+
+// startSinkAt is startSink on any address; "127.0.0.1:0" takes a free
+// port (k.addr), for relays that reach it through a route.
+func startSinkAt(t *testing.T, addr string, cert *tls.Certificate, opts ...func(*smtp.Server)) *sink {
 	t.Helper()
 	k := &sink{got: make(chan struct{}, 100)}
 	s := smtp.NewServer(smtp.BackendFunc(func(c *smtp.Conn) (smtp.Session, error) {
@@ -72,12 +80,12 @@ func startSink(t *testing.T, ip string, cert *tls.Certificate, opts ...func(*smt
 	for _, o := range opts {
 		o(s)
 	}
-	ln, err := net.Listen("tcp", net.JoinHostPort(ip, "25"))
+	ln, err := net.Listen("tcp", addr)
 	if err != nil {
-		t.Fatalf("sink on %s:25: %v", ip, err)
+		t.Fatalf("sink on %s: %v", addr, err)
 	}
 	go s.Serve(ln)
-	k.srv = s
+	k.srv, k.addr = s, ln.Addr().String()
 	t.Cleanup(func() { s.Close() })
 	return k
 }

@@ -116,8 +116,14 @@ timeout = "` + dnsTimeout + `"
 
 func startDaemon(t *testing.T, config string, env ...string) *daemon {
 	t.Helper()
+	return startBinary(t, binary, config, env...)
+}
+
+// startBinary is startDaemon with another build of stsrelay.
+func startBinary(t *testing.T, bin, config string, env ...string) *daemon {
+	t.Helper()
 	d := &daemon{t: t, config: config, lines: make(chan string, 1000), exited: make(chan error, 1)}
-	d.cmd = exec.Command(binary, "serve", "-config", config)
+	d.cmd = exec.Command(bin, "serve", "-config", config)
 	d.cmd.Env = append(os.Environ(), env...)
 	stderr, err := d.cmd.StderrPipe()
 	if err != nil {

@@ -36,8 +36,13 @@ import (
 )
 
 // shutdownGrace bounds how long in-flight sessions and deliveries may take
-// to finish once a stop was asked for; what is left stays queued.
-const shutdownGrace = 30 * time.Second
+// to finish once a stop was asked for; what is left stays queued. Of it,
+// shutdownRecord is kept back from deliveries for recording the ones cut
+// off and closing the database, so that the whole stop fits in the grace.
+const (
+	shutdownGrace  = 30 * time.Second
+	shutdownRecord = time.Second
+)
 
 func runServe(args []string, stdout, stderr io.Writer) int {
 	fs := newFlagSet("serve", "serve [-config file]", `
@@ -212,7 +217,7 @@ func start(cfg *config.Config, logger *slog.Logger) (_ *relay, err error) {
 		DelayNoticeAfter:  cfg.Delivery.DelayNoticeAfter.Duration,
 		Hostname:          cfg.Hostname,
 		MaxMessageSize:    int64(cfg.Submission.MaxMessageSize) + 64<<10, // room for our Received header
-		ShutdownGrace:     shutdownGrace,
+		ShutdownGrace:     shutdownGrace - shutdownRecord,
 		Logger:            logger,
 	})
 	if err != nil {
