@@ -1,10 +1,10 @@
 package main
 
 // Crash safety of the whole binary: stsrelay runs as a child process under
-// load from several submitters, delivering through routes to a sink on a
-// loopback port, and is killed, stopped and starved of disk. Then what the submitters were
-// told is checked against what the sink received and what is still queued
-// (verifyLoad). docs/RELIABILITY.md reports the figures.
+// load from several submitters, delivering through routes to a sink on
+// loopback ports, and is killed, stopped and starved of disk. Then what
+// the submitters were told is checked against what the sink received and
+// what is still queued (verifyLoad). docs/RELIABILITY.md has the figures.
 //
 // ROOT ONLY: the full-disk test, which mounts a tmpfs.
 
