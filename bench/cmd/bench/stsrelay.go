@@ -43,7 +43,7 @@ type system interface {
 
 type runOptions struct {
 	pprof   bool              // serve /debug/pprof on the metrics listener
-	onStart func()             // called as the load starts
+	onStart func()            // called as the load starts
 	onDone  func(world.Count) // called once the sink has everything, before stop
 }
 
