@@ -14,6 +14,7 @@ import (
 type dnsServer struct {
 	records map[string][]dns.RR // by lower-case owner name with final dot
 	soa     dns.RR
+	addr    string // UDP
 	udp     *dns.Server
 	tcp     *dns.Server
 }
@@ -43,6 +44,7 @@ func startDNS(addr string, zone []string) (*dnsServer, error) {
 		pc.Close()
 		return nil, err
 	}
+	s.addr = pc.LocalAddr().String()
 	s.udp = &dns.Server{PacketConn: pc, Handler: s}
 	s.tcp = &dns.Server{Listener: l, Handler: s}
 	go s.udp.ActivateAndServe()

@@ -3,6 +3,7 @@ package world
 import (
 	"crypto/tls"
 	"io"
+	"log"
 	"net"
 	"net/http"
 	"strings"
@@ -12,7 +13,8 @@ import (
 // policyServer serves https://mta-sts.DOMAIN/.well-known/mta-sts.txt for
 // the enforce domains, each policy naming the domain's own MX host.
 type policyServer struct {
-	srv *http.Server
+	srv  *http.Server
+	addr string
 }
 
 func startPolicy(addr string, certs *certStore, domains int) (*policyServer, error) {
@@ -25,7 +27,7 @@ func startPolicy(addr string, certs *certStore, domains int) (*policyServer, err
 	if err != nil {
 		return nil, err
 	}
-	s := &policyServer{srv: &http.Server{
+	s := &policyServer{addr: l.Addr().String(), srv: &http.Server{
 		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			host, _, err := net.SplitHostPort(r.Host)
 			if err != nil {
@@ -41,6 +43,7 @@ func startPolicy(addr string, certs *certStore, domains int) (*policyServer, err
 		}),
 		TLSConfig:         &tls.Config{GetCertificate: certs.get, MinVersion: tls.VersionTLS12},
 		ReadHeaderTimeout: 10 * time.Second,
+		ErrorLog:          log.New(io.Discard, "", 0),
 	}}
 	go s.srv.ServeTLS(l, "", "")
 	return s, nil

@@ -18,7 +18,8 @@ import (
 // certificate for the MX name the client asks for (SNI), accepts every
 // recipient and counts what arrives.
 type Sink struct {
-	srv *smtp.Server
+	srv   *smtp.Server
+	addrs []string // where it listens
 
 	conns      atomic.Int64
 	handshakes atomic.Int64
@@ -84,6 +85,7 @@ func startSink(addrs []string, certs *certStore) (*Sink, error) {
 			return nil, err
 		}
 		ls = append(ls, l)
+		k.addrs = append(k.addrs, l.Addr().String())
 	}
 	for _, l := range ls {
 		go s.Serve(countingListener{l, &k.conns})
