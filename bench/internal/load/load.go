@@ -273,14 +273,16 @@ func (g *generator) message(buf *bytes.Buffer, i int, rcpts []string) {
 	buf.Reset()
 	fmt.Fprintf(buf, "From: <%s>\r\nTo: <%s>\r\nSubject: bench message %d\r\nDate: %s\r\nMessage-ID: <%d.%s@bench.example>\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n",
 		g.o.From, rcpts[0], i, time.Now().Format(time.RFC1123Z), i, g.o.RunID)
-	if rest := g.o.Size - buf.Len(); rest > 0 {
+	// Filler up to Size, ending on CRLF so that the relay adds nothing;
+	// where the cut falls inside a CRLF, no bare CR may remain (RFC 5321
+	// §2.3.8).
+	if rest := g.o.Size - buf.Len() - 2; rest > 0 {
 		buf.Write(g.filler[:rest])
+		if b := buf.Bytes(); b[len(b)-1] == '\r' {
+			b[len(b)-1] = 'x'
+		}
 	}
-	// End on a line break, so that the relay adds none.
-	if b := buf.Bytes(); len(b) < 2 || b[len(b)-2] != '\r' || b[len(b)-1] != '\n' {
-		buf.Truncate(max(buf.Len()-2, 0))
-		buf.WriteString("\r\n")
-	}
+	buf.WriteString("\r\n")
 }
 
 // filler is n bytes of 76-character lines, like a base64 attachment.

@@ -193,3 +193,25 @@ func TestRunCountsRefusedMessages(t *testing.T) {
 		t.Fatalf("%d accepted, %d failed, first error %q; want 5 AUTH failures", res.Accepted, res.Failed, res.FirstError)
 	}
 }
+
+func TestMessagesHaveNoBareCROrLFWhateverTheCut(t *testing.T) {
+	for size := 400; size < 600; size++ {
+		g := &generator{o: Options{Size: size, From: "a@bench.example", RunID: "run"}, filler: filler(size)}
+		var buf bytes.Buffer
+		for i := range 120 { // Message-IDs of 1 to 3 digits move the cut
+			g.message(&buf, i, []string{"u@a.example"})
+			b := buf.Bytes()
+			if len(b) != size {
+				t.Fatalf("size %d, message %d: %d bytes", size, i, len(b))
+			}
+			for j, c := range b {
+				if c == '\r' && (j+1 == len(b) || b[j+1] != '\n') || c == '\n' && (j == 0 || b[j-1] != '\r') {
+					t.Fatalf("size %d, message %d: bare CR or LF at byte %d", size, i, j)
+				}
+			}
+			if !bytes.HasSuffix(b, []byte("\r\n")) {
+				t.Fatalf("size %d, message %d does not end in CRLF", size, i)
+			}
+		}
+	}
+}
