@@ -45,10 +45,16 @@ func run(args []string, stdout, stderr io.Writer) int {
 	keep := fs.Bool("keep", false, "keep every run's state directory")
 	list := fs.Bool("list", false, "list the scenarios and exit")
 	messages := fs.Int("messages", 0, "override every scenario's message count (a smoke test)")
+	profileAll := fs.Bool("profile", false, "take pprof profiles of stsrelay in every scenario, not only the main one")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
 	all := scenarios(*quick)
+	if *profileAll {
+		for _, sc := range all {
+			sc.profile = true
+		}
+	}
 	if *messages > 0 {
 		for _, sc := range all {
 			sc.messages = *messages

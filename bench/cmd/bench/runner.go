@@ -103,7 +103,7 @@ func (b *bench) scenario(ctx context.Context, sc *scenario) (*report, error) {
 		}
 	}
 	if sc.profile && slices.Contains(sc.systems, sysStsrelay) {
-		if err := b.profile(ctx, sc, w, rep); err != nil {
+		if err := b.profile(ctx, sc, w, rep, snapshots[sysStsrelay]); err != nil {
 			b.logf("   profile: %v", err)
 		}
 	}
@@ -354,7 +354,7 @@ func copyState(snapshot, dir string, names []string) error {
 
 // profile runs stsrelay once more with its pprof endpoint on, takes a CPU
 // profile over most of the run and the allocation profile after it.
-func (b *bench) profile(ctx context.Context, sc *scenario, w *world.World, rep *report) error {
+func (b *bench) profile(ctx context.Context, sc *scenario, w *world.World, rep *report, snapshot string) error {
 	est := 10.0
 	if m := rep.median(sysStsrelay, func(r *runResult) float64 { return r.E2ERate }); m > 0 {
 		est = float64(sc.messages) / m
@@ -393,7 +393,7 @@ func (b *bench) profile(ctx context.Context, sc *scenario, w *world.World, rep *
 			allocErr = fmt.Errorf("allocation profile: %w", err)
 		}
 	}
-	r := b.runOnce(ctx, sc, w, sysStsrelay, 0, "", o)
+	r := b.runOnce(ctx, sc, w, sysStsrelay, 0, snapshot, o)
 	if r.Err != "" {
 		return fmt.Errorf("%s", r.Err)
 	}
