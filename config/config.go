@@ -201,6 +201,9 @@ type DKIM struct {
 
 type Metrics struct {
 	Listen string `toml:"listen"` // host:port for /metrics and /healthz; "" = off
+	// Pprof also serves Go's profiles under /debug/pprof/ on Listen, for
+	// benchmarks and diagnosis.
+	Pprof bool `toml:"pprof"`
 }
 
 // PolicyTLS lists the values [[delivery.policy]] tls accepts.
@@ -582,6 +585,9 @@ func (c *Config) validate(data []byte) error {
 		if _, port, err := net.SplitHostPort(l.addr); err != nil || !isPort(port) {
 			return bad(l.key, "%q is not host:port (use e.g. 127.0.0.1:587 or :587)", l.addr)
 		}
+	}
+	if c.Metrics.Pprof && c.Metrics.Listen == "" {
+		return bad("metrics.pprof", "needs metrics.listen, the listener it is served on")
 	}
 	if (s.TLSCert == "") != (s.TLSKey == "") {
 		return bad("submission.tls_cert", "tls_cert and tls_key go together: set both or neither")

@@ -166,6 +166,7 @@ func TestRejectsBadInput(t *testing.T) {
 		{"no listener", "[submission]\nlisten = \"\"\n", "line 2: submission.listen: no listener"},
 		{"bad listen", "[submission]\nlisten = \"localhost\"\n", `line 2: submission.listen: "localhost" is not host:port`},
 		{"bad metrics listen", "[metrics]\nlisten = \"9100\"\n", "metrics.listen"},
+		{"pprof without listener", "[metrics]\npprof = true\n", "line 2: metrics.pprof: needs metrics.listen"},
 		{"cert without key", "[submission]\ntls_cert = \"c.pem\"\n", "tls_cert and tls_key go together"},
 		{"implicit TLS without cert", "[submission]\nlisten_tls = \":465\"\n", "line 2: submission.listen_tls: implicit TLS needs"},
 		{"zero recipients", "[submission]\nmax_recipients = 0\n", "line 2: submission.max_recipients: must be positive"},

@@ -538,6 +538,37 @@ func TestServeExposesMetricsAndHealth(t *testing.T) {
 			t.Errorf("/metrics lacks %q", want)
 		}
 	}
+	// Profiles only when metrics.pprof asks for them.
+	resp, err := http.Get("http://" + addr + "/debug/pprof/allocs")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusNotFound {
+		t.Errorf("/debug/pprof/allocs without metrics.pprof: %s, want 404", resp.Status)
+	}
+	d.stop(syscall.SIGTERM)
+}
+
+func TestServeExposesProfilesWhenAsked(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	d := startDaemon(t, writeConfig(t, t.TempDir(), configParts{tail: "[metrics]\nlisten = \"" + addr + "\"\npprof = true\n"}))
+	for _, path := range []string{"/debug/pprof/allocs", "/debug/pprof/profile?seconds=1"} {
+		resp, err := http.Get("http://" + addr + path)
+		if err != nil {
+			t.Fatalf("GET %s: %v", path, err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK || len(b) == 0 {
+			t.Errorf("GET %s: %s, %d bytes", path, resp.Status, len(b))
+		}
+	}
 	d.stop(syscall.SIGTERM)
 }
 

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"net/netip"
 	"os"
 	"os/signal"
@@ -274,6 +275,13 @@ func start(cfg *config.Config, logger *slog.Logger) (_ *relay, err error) {
 		m := http.NewServeMux()
 		m.Handle("GET /metrics", promhttp.Handler())
 		m.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok\n") })
+		if cfg.Metrics.Pprof {
+			m.HandleFunc("GET /debug/pprof/", pprof.Index) // named profiles: allocs, heap, goroutine, …
+			m.HandleFunc("GET /debug/pprof/cmdline", pprof.Cmdline)
+			m.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+			m.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
+			m.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
+		}
 		r.metrics = &http.Server{Handler: m, ReadHeaderTimeout: 10 * time.Second}
 	}
 	if err := r.smtp.Listen(); err != nil {

@@ -1,0 +1,72 @@
+package main
+
+import (
+	"net/http"
+	"net/http/httptest"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/stsrelay/stsrelay/bench/internal/world"
+)
+
+func TestRampUpFindsWhenTheRateIsReached(t *testing.T) {
+	start := time.Unix(1000, 0)
+	var arr []world.Arrival
+	// 2 s at 10/s, then 8 s at 100/s.
+	for ms := 0; ms < 2000; ms += 100 {
+		arr = append(arr, world.Arrival{At: start.Add(time.Duration(ms) * time.Millisecond), Recipients: 1})
+	}
+	for ms := 2000; ms < 10000; ms += 10 {
+		arr = append(arr, world.Arrival{At: start.Add(time.Duration(ms) * time.Millisecond), Recipients: 1})
+	}
+	got := rampUp(arr, start)
+	// The half-second window holds 90% of 100/s once 0.45 s of the fast
+	// part has passed.
+	if got < 2.4 || got > 2.5 {
+		t.Fatalf("ramp-up = %.2f s, want about 2.45", got)
+	}
+}
+
+func TestMedianAndRatiosInTheTable(t *testing.T) {
+	if m := median([]float64{3, 1, 2}); m != 2 {
+		t.Errorf("median(3,1,2) = %v", m)
+	}
+	if m := median([]float64{4, 1, 3, 2}); m != 2.5 {
+		t.Errorf("median(4,1,3,2) = %v", m)
+	}
+	sc := &scenario{name: "x", messages: 10, size: 4096, rcpts: 1, domains: 1, sessions: 1, kind: world.Enforce,
+		systems: []string{sysStsrelay, sysPostfixReuse}}
+	rep := &report{sc: sc, runs: []*runResult{
+		{System: sysStsrelay, E2ERate: 1000}, {System: sysStsrelay, E2ERate: 800}, {System: sysStsrelay, E2ERate: 900},
+		{System: sysPostfixReuse, E2ERate: 100}, {System: sysPostfixReuse, Err: "failed", E2ERate: 1},
+	}}
+	rows := rep.table()
+	if !slices.Equal(rows[0], []string{"figure (median)", "stsrelay", "Postfix reuse", "stsrelay / Postfix reuse"}) {
+		t.Fatalf("header = %q", rows[0])
+	}
+	if !slices.Equal(rows[1], []string{"end-to-end msg/s", "900", "100", "9.00"}) {
+		t.Fatalf("first row = %q (a failed run must not count)", rows[1])
+	}
+}
+
+func TestScrapeSumsLabelledSeries(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		w.Write([]byte("# HELP x y\nstsrelay_delivery_sessions_total{tls=\"true\"} 7\nstsrelay_delivery_sessions_total{tls=\"false\"} 3\nstsrelay_queue_commits_total 12\n"))
+	}))
+	defer srv.Close()
+	m, err := scrape(srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m["stsrelay_delivery_sessions_total"] != 10 || m[`stsrelay_delivery_sessions_total{tls="true"}`] != 7 || m["stsrelay_queue_commits_total"] != 12 {
+		t.Fatalf("scrape = %v", m)
+	}
+}
+
+func TestUserArgsDropsWhatBenchRunAdds(t *testing.T) {
+	got := userArgs([]string{"-stsrelay", "/w/bin/stsrelay", "-work", "/w", "-quick", "-work=/x"})
+	if !slices.Equal(got, []string{"-quick"}) {
+		t.Fatalf("userArgs = %q", got)
+	}
+}

@@ -1,0 +1,111 @@
+package main
+
+import (
+	"fmt"
+	"strings"
+
+	"github.com/stsrelay/stsrelay/bench/internal/world"
+)
+
+// The systems under test. The stsrelay variants are stsrelay under a
+// changed load, interleaved with the others so that their ratio to
+// stsrelay is measured under the same noise.
+const (
+	sysStsrelay         = "stsrelay"
+	sysStsrelayNoPolicy = "stsrelay-nopolicy"   // the same messages to domains without MTA-STS
+	sysStsrelayEmpty    = "stsrelay-emptyqueue" // without the deferred messages queued first
+	sysPostfix          = "postfix"             // smtp_tls_connection_reuse = no, its default
+	sysPostfixReuse     = "postfix-reuse"       // smtp_tls_connection_reuse = yes
+)
+
+var systemTitles = map[string]string{
+	sysStsrelay:         "stsrelay",
+	sysStsrelayNoPolicy: "stsrelay no policy",
+	sysStsrelayEmpty:    "stsrelay empty queue",
+	sysPostfix:          "Postfix",
+	sysPostfixReuse:     "Postfix reuse",
+}
+
+// isStsrelay reports whether a system runs stsrelay.
+func isStsrelay(sys string) bool { return strings.HasPrefix(sys, sysStsrelay) }
+
+// scenario is one load, run against each of its systems in turn.
+type scenario struct {
+	name     string
+	messages int
+	size     int
+	rcpts    int
+	domains  int // recipient domains per message
+	sessions int
+	kind     world.Kind
+	// auth: submission over STARTTLS with AUTH PLAIN, and the relays
+	// require it (no trusted networks).
+	auth           bool
+	connPerMessage bool
+	deferred       int // messages to a dead MX queued before the run
+	systems        []string
+	profile        bool // take pprof profiles of stsrelay in an extra run
+}
+
+func (s *scenario) title() string {
+	t := fmt.Sprintf("%s × %s, %d recipient", thousands(s.messages), sizeString(s.size), s.rcpts)
+	if s.rcpts > 1 {
+		t += fmt.Sprintf("s at %d domains", s.domains)
+	}
+	t += fmt.Sprintf(", %d sessions", s.sessions)
+	if s.kind == world.Enforce {
+		t += ", MTA-STS enforce"
+	} else {
+		t += ", no MTA-STS policy"
+	}
+	if s.auth {
+		t += ", STARTTLS + AUTH"
+	}
+	if s.connPerMessage {
+		t += ", one connection per message"
+	}
+	if s.deferred > 0 {
+		t += fmt.Sprintf(", %s deferred messages queued", thousands(s.deferred))
+	}
+	return t
+}
+
+// scenarios returns the scenarios of the issue; quick shrinks them so that
+// the whole run takes a few minutes.
+func scenarios(quick bool) []*scenario {
+	n := func(full, small int) int {
+		if quick {
+			return small
+		}
+		return full
+	}
+	all := []string{sysStsrelay, sysPostfix, sysPostfixReuse}
+	two := []string{sysStsrelay, sysPostfixReuse}
+	return []*scenario{
+		{name: "4k-enforce", messages: n(20000, 3000), size: 4 << 10, rcpts: 1, domains: 1, sessions: 20, kind: world.Enforce,
+			systems: []string{sysStsrelay, sysStsrelayNoPolicy, sysPostfix, sysPostfixReuse}, profile: true},
+		{name: "4k-nopolicy", messages: n(20000, 3000), size: 4 << 10, rcpts: 1, domains: 1, sessions: 20, kind: world.Plain, systems: all},
+		{name: "100k-enforce", messages: n(2000, 300), size: 100 << 10, rcpts: 5, domains: 3, sessions: 20, kind: world.Enforce, systems: all},
+		{name: "100k-nopolicy", messages: n(2000, 300), size: 100 << 10, rcpts: 5, domains: 3, sessions: 20, kind: world.Plain, systems: all},
+		{name: "4k-auth", messages: n(20000, 3000), size: 4 << 10, rcpts: 1, domains: 1, sessions: 20, kind: world.Enforce, auth: true, systems: two},
+		{name: "4k-auth-conn-per-msg", messages: n(1000, 200), size: 4 << 10, rcpts: 1, domains: 1, sessions: 20, kind: world.Enforce, auth: true, connPerMessage: true, systems: two},
+		{name: "4k-enforce-deferred", messages: n(20000, 3000), size: 4 << 10, rcpts: 1, domains: 1, sessions: 20, kind: world.Enforce, deferred: n(100000, 10000),
+			systems: []string{sysStsrelay, sysStsrelayEmpty, sysPostfixReuse}},
+	}
+}
+
+func sizeString(n int) string {
+	if n%(1<<10) == 0 {
+		return fmt.Sprintf("%d KiB", n>>10)
+	}
+	return fmt.Sprintf("%d B", n)
+}
+
+// thousands prints n with comma separators: 20,000.
+func thousands(n int) string {
+	s := fmt.Sprint(n)
+	for i := len(s) - 3; i > 0; i -= 3 {
+		s = s[:i] + "," + s[i:]
+	}
+	return s
+}
