@@ -642,6 +642,19 @@ func requireRootTo(t *testing.T, why string) {
 	t.Skipf("needs root to %s; CI runs it as root", why)
 }
 
+// openToOthers makes dir and the directories t.TempDir made above it
+// searchable and readable by other users (never os.TempDir itself or
+// anything above it).
+func openToOthers(t *testing.T, dir string) {
+	t.Helper()
+	top := filepath.Clean(os.TempDir())
+	for p := filepath.Clean(dir); strings.HasPrefix(p, top+string(filepath.Separator)); p = filepath.Dir(p) {
+		if err := os.Chmod(p, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
 // waitUntil polls cond until it holds, failing after a minute.
 func waitUntil(t *testing.T, d *daemon, what string, cond func() bool) {
 	t.Helper()

@@ -199,9 +199,7 @@ func startPostfix(t *testing.T, site []string, maps map[string]string) *postfix 
 	requireTool(t, "postmap", "postfix")
 	top := t.TempDir()
 	// The postfix user must reach its queue and data directories.
-	for p := top; p != "/tmp" && p != "/"; p = filepath.Dir(p) {
-		os.Chmod(p, 0o755)
-	}
+	openToOthers(t, top)
 	p := &postfix{t: t, dir: filepath.Join(top, "etc")}
 	_, p.port, _ = strings.Cut(freePort(t), ":")
 	os.Mkdir(p.dir, 0o755)

@@ -263,9 +263,7 @@ func TestControlSocketRefusesOtherUsers(t *testing.T) {
 	// mode is what keeps them out: the binary, the configuration, the
 	// state directory.
 	dir := t.TempDir()
-	for p := dir; p != "/tmp" && p != "/"; p = filepath.Dir(p) {
-		os.Chmod(p, 0o755)
-	}
+	openToOthers(t, dir)
 	bin := filepath.Join(dir, "stsrelay")
 	data, err := os.ReadFile(binary)
 	if err != nil {
