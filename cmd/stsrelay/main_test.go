@@ -558,6 +558,7 @@ func TestServeExposesProfilesWhenAsked(t *testing.T) {
 	addr := l.Addr().String()
 	l.Close()
 	d := startDaemon(t, writeConfig(t, t.TempDir(), configParts{tail: "[metrics]\nlisten = \"" + addr + "\"\npprof = true\n"}))
+	d.submissionAddr() // the metrics listener is bound once the daemon says it started
 	for _, path := range []string{"/debug/pprof/allocs", "/debug/pprof/profile?seconds=1"} {
 		resp, err := http.Get("http://" + addr + path)
 		if err != nil {
