@@ -54,3 +54,40 @@ func BenchmarkDeliver(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkTLSResumption measures a delivery over a new connection each
+// time to a STARTTLS server under an MTA-STS verify requirement, with full
+// handshakes (no session cache) and with resumed ones; run both in one
+// invocation and compare them:
+//
+//	go test -run '^$' -bench BenchmarkTLSResumption -count 5 ./delivery/
+func BenchmarkTLSResumption(b *testing.B) {
+	for _, bc := range []struct {
+		name  string
+		cache int
+	}{{"full-handshake", -1}, {"resumed", 0}} {
+		b.Run(bc.name, func(b *testing.B) {
+			v := newEnv(b,
+				"example.test. 300 IN MX 10 mx1.example.test.",
+				"mx1.example.test. 300 IN A 127.0.0.2")
+			mx := newMX(b, withTLS(v.ca.Issue(b, "mx1.example.test")))
+			v.route("127.0.0.2", mx.Addr)
+			e := v.engine(func(o *Options) {
+				o.Policy = everyMX(policy.Requirement{Security: policy.SecurityVerify, Policy: testSTS})
+				o.IdleTimeout = -1
+				o.TLSSessionCacheSize = bc.cache
+				o.Recorder = nil
+				o.Logger = slog.New(slog.DiscardHandler)
+			})
+			job := testJob("example.test", "a@example.test")
+			ctx := context.Background()
+			b.ReportAllocs()
+			b.ResetTimer()
+			for b.Loop() {
+				if st := e.Deliver(ctx, job); !st[0].Delivered() {
+					b.Fatal(st[0])
+				}
+			}
+		})
+	}
+}

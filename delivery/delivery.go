@@ -19,6 +19,7 @@ package delivery
 
 import (
 	"context"
+	"crypto/tls"
 	"crypto/x509"
 	"errors"
 	"fmt"
@@ -84,6 +85,10 @@ type Options struct {
 	// connections" (a 421 greeting) keeps its lowered concurrency; 0
 	// means 5 minutes.
 	ThrottleFor time.Duration
+	// TLSSessionCacheSize bounds the TLS sessions remembered for
+	// resumption, one per MX host name; 0 means
+	// DefaultTLSSessionCacheSize, negative turns resumption off.
+	TLSSessionCacheSize int
 
 	// Logger gets one line per delivery attempt; nil means slog.Default().
 	Logger *slog.Logger
@@ -97,6 +102,10 @@ type Options struct {
 const (
 	DefaultConnectTimeout    = 30 * time.Second
 	DefaultMaxConnsPerDomain = 10
+	// DefaultTLSSessionCacheSize keeps one session per MX host name for
+	// the 1,024 hosts used last: a ticket and the chain it was made with,
+	// a few KiB each.
+	DefaultTLSSessionCacheSize = 1024
 )
 
 // Timeouts bound each step of an SMTP session. RFC 5321 §4.5.3.2 gives the
@@ -136,6 +145,10 @@ type Engine struct {
 	dial     func(ctx context.Context, network, address string) (net.Conn, error)
 	log      *slog.Logger
 	now      func() time.Time
+	// tlsSessions lets a new connection to an MX host resume an earlier
+	// TLS session (RFC 8446 §2.2, RFC 5077); nil when turned off. Each
+	// Engine has its own.
+	tlsSessions tls.ClientSessionCache
 
 	mu     sync.Mutex
 	idle   map[connKey][]*session
@@ -189,6 +202,12 @@ func New(opts Options) (*Engine, error) {
 		dests:    make(map[string]*destState),
 	}
 	e.tables.Store(t)
+	if n := opts.TLSSessionCacheSize; n >= 0 {
+		if n == 0 {
+			n = DefaultTLSSessionCacheSize
+		}
+		e.tlsSessions = tls.NewLRUClientSessionCache(n)
+	}
 	if e.dial == nil {
 		d := &net.Dialer{}
 		e.dial = d.DialContext

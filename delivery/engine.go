@@ -110,6 +110,10 @@ func (e *Engine) Deliver(ctx context.Context, job *queue.Job) []queue.Status {
 		if name := verifiedName(&at); name != "" {
 			attrs = append(attrs, slog.String("cert_name", name))
 		}
+		if at.state.DidResume {
+			// The connection's handshake resumed an earlier session.
+			attrs = append(attrs, slog.Bool("tls_resumed", true))
+		}
 	}
 	if at.tlsProblem != "" {
 		attrs = append(attrs, slog.String("tls_problem", at.tlsProblem))

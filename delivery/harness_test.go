@@ -30,6 +30,7 @@ type received struct {
 	rcptOpts []smtp.RcptOptions
 	data     string
 	tls      bool
+	resumed  bool   // the connection's TLS handshake resumed a session
 	account  string // the AUTH user of the connection, at upstreams
 }
 
@@ -42,6 +43,9 @@ type testMX struct {
 	got        []received
 	conns      map[*smtp.Conn]bool
 	serverName []string // SNI of each TLS handshake
+	// unwrapped counts the session tickets clients offered that this
+	// server accepted for resumption.
+	unwrapped int
 
 	mailErr error
 	rcptErr map[string]error
@@ -83,6 +87,16 @@ func newMX(t testing.TB, opts ...mxOption) *testMX {
 			m.mu.Unlock()
 			return nil, nil
 		}
+		cfg := m.srv.TLSConfig
+		cfg.UnwrapSession = func(identity []byte, cs tls.ConnectionState) (*tls.SessionState, error) {
+			ss, err := cfg.DecryptTicket(identity, cs)
+			if ss != nil {
+				m.mu.Lock()
+				m.unwrapped++
+				m.mu.Unlock()
+			}
+			return ss, err
+		}
 	}
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -104,6 +118,13 @@ func (m *testMX) messages() []received {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	return append([]received(nil), m.got...)
+}
+
+// tickets is how many session tickets the server accepted for resumption.
+func (m *testMX) tickets() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.unwrapped
 }
 
 // sessionCount is how many connections reached EHLO.
@@ -129,7 +150,9 @@ func (s *mxSession) Mail(from string, opts *smtp.MailOptions) error {
 	if err != nil {
 		return err
 	}
-	_, s.cur.tls = s.c.TLSConnectionState()
+	var cs tls.ConnectionState
+	cs, s.cur.tls = s.c.TLSConnectionState()
+	s.cur.resumed = cs.DidResume
 	s.cur.from = from
 	if opts != nil {
 		s.cur.mail = *opts

@@ -20,6 +20,10 @@ var (
 		Name: "stsrelay_delivery_sessions_total",
 		Help: "SMTP sessions opened to MX hosts, by whether TLS was used.",
 	}, []string{"tls"})
+	metricTLSResumed = promauto.NewCounter(prometheus.CounterOpts{
+		Name: "stsrelay_delivery_tls_resumed_total",
+		Help: "SMTP sessions to MX hosts whose TLS handshake resumed an earlier session (abbreviated handshake; the certificate was checked again); of stsrelay_delivery_sessions_total{tls=\"yes\"}.",
+	})
 	metricDANESessions = promauto.NewCounterVec(prometheus.CounterOpts{
 		Name: "stsrelay_delivery_dane_sessions_total",
 		Help: "Session attempts with MX hosts whose TLSA records decide, by DANE outcome: authenticated, encrypted (no usable TLSA record: TLS without authentication), or the RFC 8460 result type of the failure (certificate-not-trusted, starttls-not-supported, dnssec-invalid, tlsa-invalid, dane-required, …).",

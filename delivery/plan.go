@@ -142,6 +142,10 @@ func (e *Engine) CheckFrom(ctx context.Context, domain, sender string, connect b
 			hr.Probed = true
 			// Every host gets its own budget: a check wants to see them all.
 			budget = maxAddrAttempts
+			// A check shows the certificate the host sends today, which
+			// a resumed session would not, and leaves the daemon's
+			// sessions alone.
+			h.fresh = true
 			s, fs := e.connect(ctx, p.nh, h, p.reqs[i], false, &budget)
 			for _, f := range fs {
 				hr.Failures = append(hr.Failures, f.status)

@@ -32,6 +32,9 @@ type hop struct {
 	// key and shaping are the traffic limits this host counts toward.
 	key     string
 	shaping Shaping
+	// fresh asks for full TLS handshakes that neither resume a session
+	// nor leave one to resume (check).
+	fresh bool
 }
 
 // route returns the hosts to try for nh, best first (RFC 5321 §5.1), or

@@ -86,6 +86,7 @@ type session struct {
 	addr         netip.Addr
 	label        string // "mx.example.com[192.0.2.1]", ":port" added when not 25; for every text and log line
 	req          policy.Requirement
+	fresh        bool // no TLS session resumption (hop.fresh)
 
 	conn   *boundedConn
 	client *smtp.Client
@@ -263,7 +264,7 @@ func (e *Engine) open(ctx context.Context, nh NextHop, h hop, addr netip.Addr, r
 	mx := h.mx
 	label := hopLabel(nh, mx, addr)
 	s := &session{e: e, dest: nh.dest(), metricName: nh.metricName(), policyDomain: nh.PolicyDomain,
-		shapeKey: h.key, shaping: h.shaping, mx: mx, addr: addr, label: label, req: req}
+		shapeKey: h.key, shaping: h.shaping, mx: mx, addr: addr, label: label, req: req, fresh: h.fresh}
 
 	dctx, cancel := context.WithTimeout(ctx, e.opts.ConnectTimeout)
 	raw, err := e.dial(dctx, "tcp", netip.AddrPortFrom(addr, uint16(nh.Port)).String())
@@ -549,6 +550,22 @@ func (e *Engine) startTLS(ctx context.Context, s *session, req policy.Requiremen
 			return nil
 		},
 	}
+	if !s.fresh {
+		// Resumption skips the certificate exchange, not the check:
+		// crypto/tls calls VerifyConnection on resumed handshakes too,
+		// with the chain of the session resumed (Go 1.26
+		// crypto/tls/handshake_client.go, clientHandshakeState.handshake,
+		// "Make sure the connection is still being verified whether or
+		// not this is a resumption"; handshake_client_tls13.go,
+		// readServerCertificate, for TLS 1.3 PSKs), so the requirement of
+		// this connection judges that chain as if just sent; a handshake
+		// that fails drops the session (RFC 5077 §3.2), and one whose
+		// certificate has expired is not offered. Sessions are kept per
+		// ServerName, the MX host name: the addresses of one host share
+		// them, and connections under different requirements too, which
+		// is safe because each runs its own check.
+		cfg.ClientSessionCache = e.tlsSessions
+	}
 	tc := tls.Client(s.conn, cfg)
 	s.conn.allow(maxHandshakeBytes)
 	s.conn.SetDeadline(time.Now().Add(e.opts.Timeouts.Command))
@@ -577,6 +594,9 @@ func (e *Engine) startTLS(ctx context.Context, s *session, req policy.Requiremen
 	}
 	cs := tc.ConnectionState()
 	s.tls, s.tlsc = &cs, tc
+	if cs.DidResume {
+		metricTLSResumed.Inc()
+	}
 
 	if verdict != nil {
 		// Not demanded (testing mode): report it, deliver anyway.
