@@ -46,6 +46,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 	list := fs.Bool("list", false, "list the scenarios and exit")
 	messages := fs.Int("messages", 0, "override every scenario's message count (a smoke test)")
 	profileAll := fs.Bool("profile", false, "take pprof profiles of stsrelay in every scenario, not only the main one")
+	baseline := fs.String("baseline", "", "another stsrelay binary to run as system stsrelay-baseline next to stsrelay in every scenario that has it, for before/after ratios")
+	baselineRev := fs.String("baseline-rev", "", "the git revision -baseline was built from, for the report (bench/run -baseline-rev REV builds it and sets both)")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -60,6 +62,18 @@ func run(args []string, stdout, stderr io.Writer) int {
 			sc.messages = *messages
 			sc.deferred = min(sc.deferred, *messages)
 		}
+	}
+	if *baselineRev != "" && *baseline == "" {
+		fmt.Fprintln(stderr, "bench: -baseline-rev names the revision of -baseline; use bench/run -baseline-rev REV, which builds it")
+		return 2
+	}
+	if *baseline != "" {
+		if fi, err := os.Stat(*baseline); err != nil || fi.IsDir() || fi.Mode()&0o111 == 0 {
+			fmt.Fprintf(stderr, "bench: -baseline %s is not an executable file\n", *baseline)
+			return 2
+		}
+		withBaseline(all)
+		systemTitles[sysStsrelayBaseline] = baselineTitle(*baselineRev)
 	}
 	if *list {
 		for _, sc := range all {
@@ -92,13 +106,19 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if *systems != "" {
 		want := strings.Split(*systems, ",")
 		for _, sc := range selected {
-			sc.systems = slices.DeleteFunc(slices.Clone(sc.systems), func(s string) bool { return !slices.Contains(want, s) })
+			sc.systems = slices.DeleteFunc(slices.Clone(sc.systems), func(s string) bool {
+				// The baseline goes with stsrelay unless asked for alone.
+				if s == sysStsrelayBaseline && slices.Contains(want, sysStsrelay) {
+					return false
+				}
+				return !slices.Contains(want, s)
+			})
 		}
 	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	b, err := newBench(*work, *bin, *reps, *keep, stderr)
+	b, err := newBench(*work, *bin, *baseline, *reps, *keep, stderr)
 	if err != nil {
 		fmt.Fprintf(stderr, "bench: %v\n", err)
 		return 1
@@ -134,6 +154,15 @@ func run(args []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
+// baselineTitle names the baseline in tables: "stsrelay baseline", with
+// the revision it was built from when known.
+func baselineTitle(rev string) string {
+	if rev == "" {
+		return "stsrelay baseline"
+	}
+	return "stsrelay baseline (" + rev + ")"
+}
+
 // bench holds what lives across scenarios.
 type bench struct {
 	work  string
@@ -146,7 +175,7 @@ type bench struct {
 	start time.Time
 }
 
-func newBench(work, bin string, reps int, keep bool, log io.Writer) (*bench, error) {
+func newBench(work, bin, baseline string, reps int, keep bool, log io.Writer) (*bench, error) {
 	if os.Geteuid() != 0 {
 		return nil, fmt.Errorf("needs root: ports 25, 53 and 443, a private mount namespace, Postfix")
 	}
@@ -188,7 +217,7 @@ func newBench(work, bin string, reps int, keep bool, log io.Writer) (*bench, err
 	return &bench{
 		work: work, reps: reps, keep: keep, log: log, ca: ca, runs: runs, start: time.Now(),
 		env: &env{
-			stsrelayBin: bin, caFile: caFile, relayCert: certFile, relayKey: keyFile,
+			stsrelayBin: bin, baselineBin: baseline, caFile: caFile, relayCert: certFile, relayKey: keyFile,
 			user: "app@bench.example", password: password, passHash: hash,
 		},
 	}, nil

@@ -140,7 +140,11 @@ func (rep *report) notes() []string {
 			out = append(out, fmt.Sprintf("%s: median of %d completed runs out of %d", systemTitles[s], n, all))
 		}
 	}
-	if runs := rep.ok(sysStsrelay); len(runs) > 0 {
+	for _, sys := range []string{sysStsrelay, sysStsrelayBaseline} {
+		runs := rep.ok(sys)
+		if len(runs) == 0 {
+			continue
+		}
 		reuse := median(collect(runs, func(r *runResult) (float64, bool) {
 			a, s := r.Counters["attempts"], r.Counters["sessions"]
 			return 1 - s/a, a > 0
@@ -149,7 +153,7 @@ func (rep *report) notes() []string {
 			e, c := r.Counters["enqueued"], r.Counters["commits"]
 			return c / e, e > 0
 		}))
-		out = append(out, fmt.Sprintf("stsrelay's own counters: %.1f%% of delivery attempts reused a connection; %.2f queue commits (fsync'd) per message, acceptance and outcomes together.", 100*reuse, commits))
+		out = append(out, fmt.Sprintf("%s's own counters: %.1f%% of delivery attempts reused a connection; %.2f queue commits (fsync'd) per message, acceptance and outcomes together.", systemTitles[sys], 100*reuse, commits))
 	}
 	for _, s := range rep.sc.systems {
 		if isStsrelay(s) {
@@ -247,15 +251,20 @@ func writeMarkdown(file string, reports []*report, quick bool, reps int, args []
 	return os.WriteFile(file, []byte(b.String()), 0o644)
 }
 
-// userArgs drops the flags bench/run adds itself.
+// userArgs drops the flags bench/run adds itself: -stsrelay, -work, and
+// -baseline when it built the baseline from -baseline-rev, which stays.
 func userArgs(args []string) []string {
+	added := []string{"-stsrelay", "-work"}
+	if slices.ContainsFunc(args, func(a string) bool { return a == "-baseline-rev" || strings.HasPrefix(a, "-baseline-rev=") }) {
+		added = append(added, "-baseline")
+	}
 	var out []string
 	for i := 0; i < len(args); i++ {
-		if args[i] == "-stsrelay" || args[i] == "-work" {
+		if slices.Contains(added, args[i]) {
 			i++
 			continue
 		}
-		if strings.HasPrefix(args[i], "-stsrelay=") || strings.HasPrefix(args[i], "-work=") {
+		if name, _, ok := strings.Cut(args[i], "="); ok && slices.Contains(added, name) {
 			continue
 		}
 		out = append(out, args[i])

@@ -1,9 +1,12 @@
 package main
 
 import (
+	"io"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -68,5 +71,78 @@ func TestUserArgsDropsWhatBenchRunAdds(t *testing.T) {
 	got := userArgs([]string{"-stsrelay", "/w/bin/stsrelay", "-work", "/w", "-quick", "-work=/x"})
 	if !slices.Equal(got, []string{"-quick"}) {
 		t.Fatalf("userArgs = %q", got)
+	}
+}
+
+func TestBaselineRunsNextToStsrelayWithARatioColumn(t *testing.T) {
+	all := []*scenario{
+		{name: "a", systems: []string{sysStsrelay, sysStsrelayNoPolicy, sysPostfixReuse}},
+		{name: "b", systems: []string{sysPostfix}},
+	}
+	withBaseline(all)
+	if !slices.Equal(all[0].systems, []string{sysStsrelay, sysStsrelayBaseline, sysStsrelayNoPolicy, sysPostfixReuse}) {
+		t.Errorf("systems %q, want the baseline right after stsrelay", all[0].systems)
+	}
+	if !slices.Equal(all[1].systems, []string{sysPostfix}) {
+		t.Errorf("systems %q, want no baseline where stsrelay does not run", all[1].systems)
+	}
+
+	sc := &scenario{name: "x", messages: 10, size: 4096, rcpts: 1, domains: 1, sessions: 1, kind: world.Enforce,
+		systems: []string{sysStsrelay, sysStsrelayBaseline, sysPostfixReuse}}
+	counters := map[string]float64{"attempts": 100, "sessions": 10, "enqueued": 100, "commits": 50}
+	rep := &report{sc: sc, runs: []*runResult{
+		{System: sysStsrelay, E2ERate: 1200, Counters: counters}, {System: sysStsrelayBaseline, E2ERate: 1000},
+		{System: sysPostfixReuse, E2ERate: 100},
+	}}
+	rows := rep.table()
+	want := []string{"figure (median)", "stsrelay", "stsrelay baseline", "Postfix reuse", "stsrelay / stsrelay baseline", "stsrelay / Postfix reuse"}
+	if !slices.Equal(rows[0], want) {
+		t.Fatalf("header = %q", rows[0])
+	}
+	if !slices.Equal(rows[1], []string{"end-to-end msg/s", "1200", "1000", "100", "1.20", "12.00"}) {
+		t.Fatalf("first row = %q", rows[1])
+	}
+	notes := strings.Join(rep.notes(), "\n")
+	if !strings.Contains(notes, "stsrelay's own counters: 90.0% of delivery attempts reused a connection") ||
+		!strings.Contains(notes, "stsrelay baseline's own counters: 0.0%") {
+		t.Errorf("notes:\n%s", notes)
+	}
+}
+
+func TestBaselineFlags(t *testing.T) {
+	bin, err := os.Executable() // any executable file
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { systemTitles[sysStsrelayBaseline] = baselineTitle("") }()
+	var out, errs strings.Builder
+	if rc := run([]string{"-list", "-baseline", bin, "-baseline-rev", "v1.2"}, &out, &errs); rc != 0 {
+		t.Fatalf("rc %d: %s", rc, errs.String())
+	}
+	for _, line := range strings.Split(strings.TrimSpace(out.String()), "\n") {
+		has := strings.Contains(line, "[stsrelay, stsrelay-baseline")
+		if strings.Contains(line, "[stsrelay") != has {
+			t.Errorf("scenario line without the baseline next to stsrelay: %s", line)
+		}
+	}
+	if systemTitles[sysStsrelayBaseline] != "stsrelay baseline (v1.2)" {
+		t.Errorf("title %q", systemTitles[sysStsrelayBaseline])
+	}
+	for _, args := range [][]string{
+		{"-list", "-baseline", t.TempDir()},
+		{"-list", "-baseline", "/nonexistent/stsrelay"},
+		{"-list", "-baseline-rev", "HEAD"},
+	} {
+		errs.Reset()
+		if rc := run(args, io.Discard, &errs); rc != 2 {
+			t.Errorf("%q: rc %d, want 2", args, rc)
+		}
+	}
+	got := userArgs([]string{"-stsrelay", "/w/bin/stsrelay", "-work", "/w", "-baseline", "/w/bin/stsrelay-baseline", "-baseline-rev", "main~3"})
+	if !slices.Equal(got, []string{"-baseline-rev", "main~3"}) {
+		t.Errorf("userArgs = %q, want the revision and not the path bench/run built", got)
+	}
+	if got := userArgs([]string{"-baseline=/opt/old/stsrelay", "-quick"}); !slices.Equal(got, []string{"-baseline=/opt/old/stsrelay", "-quick"}) {
+		t.Errorf("userArgs = %q, want a baseline of the user's own kept", got)
 	}
 }

@@ -56,7 +56,9 @@ type runResult struct {
 func (b *bench) newSystem(name string) system {
 	switch name {
 	case sysStsrelay, sysStsrelayNoPolicy, sysStsrelayEmpty:
-		return &stsrelaySys{env: b.env}
+		return &stsrelaySys{env: b.env, bin: b.env.stsrelayBin}
+	case sysStsrelayBaseline:
+		return &stsrelaySys{env: b.env, bin: b.env.baselineBin}
 	case sysPostfix:
 		return &postfixSys{env: b.env}
 	case sysPostfixReuse:

@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"slices"
 	"strings"
 
 	"github.com/stsrelay/stsrelay/bench/internal/world"
@@ -14,6 +15,7 @@ const (
 	sysStsrelay         = "stsrelay"
 	sysStsrelayNoPolicy = "stsrelay-nopolicy"   // the same messages to domains without MTA-STS
 	sysStsrelayEmpty    = "stsrelay-emptyqueue" // without the deferred messages queued first
+	sysStsrelayBaseline = "stsrelay-baseline"   // the -baseline binary under the same load
 	sysPostfix          = "postfix"             // smtp_tls_connection_reuse = no, its default
 	sysPostfixReuse     = "postfix-reuse"       // smtp_tls_connection_reuse = yes
 )
@@ -22,6 +24,7 @@ var systemTitles = map[string]string{
 	sysStsrelay:         "stsrelay",
 	sysStsrelayNoPolicy: "stsrelay no policy",
 	sysStsrelayEmpty:    "stsrelay empty queue",
+	sysStsrelayBaseline: "stsrelay baseline",
 	sysPostfix:          "Postfix",
 	sysPostfixReuse:     "Postfix reuse",
 }
@@ -91,6 +94,17 @@ func scenarios(quick bool) []*scenario {
 		{name: "4k-auth-conn-per-msg", messages: n(1000, 200), size: 4 << 10, rcpts: 1, domains: 1, sessions: 20, kind: world.Enforce, auth: true, connPerMessage: true, systems: two},
 		{name: "4k-enforce-deferred", messages: n(20000, 3000), size: 4 << 10, rcpts: 1, domains: 1, sessions: 20, kind: world.Enforce, deferred: n(100000, 10000),
 			systems: []string{sysStsrelay, sysStsrelayEmpty, sysPostfixReuse}},
+	}
+}
+
+// withBaseline adds the baseline right after stsrelay in every scenario
+// that runs stsrelay, so that both see the same load, interleaved, and the
+// table gets a "stsrelay / stsrelay baseline" column.
+func withBaseline(all []*scenario) {
+	for _, sc := range all {
+		if i := slices.Index(sc.systems, sysStsrelay); i >= 0 && !slices.Contains(sc.systems, sysStsrelayBaseline) {
+			sc.systems = slices.Insert(slices.Clone(sc.systems), i+1, sysStsrelayBaseline)
+		}
 	}
 }
 

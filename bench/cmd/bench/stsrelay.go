@@ -50,6 +50,7 @@ type runOptions struct {
 // env is what every system needs from the world and the build.
 type env struct {
 	stsrelayBin string
+	baselineBin string // -baseline, for stsrelay-baseline; "" when none
 	caFile      string
 	relayCert   string // submission certificate for relay.bench.example
 	relayKey    string
@@ -60,6 +61,7 @@ type env struct {
 
 type stsrelaySys struct {
 	env  *env
+	bin  string // the binary run
 	dir  string
 	cmd  *exec.Cmd
 	done chan struct{} // closed when the process has exited
@@ -117,7 +119,7 @@ listen = %q
 	if s.log, err = os.Create(filepath.Join(dir, "stsrelay.log")); err != nil {
 		return err
 	}
-	s.cmd = exec.Command(s.env.stsrelayBin, "serve", "-config", confFile)
+	s.cmd = exec.Command(s.bin, "serve", "-config", confFile)
 	s.cmd.Env = append(os.Environ(), "SSL_CERT_FILE="+s.env.caFile, "SSL_CERT_DIR=/nonexistent")
 	s.cmd.Stdout, s.cmd.Stderr = s.log, s.log
 	if err := s.cmd.Start(); err != nil {
