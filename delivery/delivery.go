@@ -15,6 +15,13 @@
 // NOTIFY goes on with the message and that hop sends any success notice;
 // a Status is marked Relayed only when NOTIFY=SUCCESS could not go on
 // (RFC 3461 §5.2.1, §5.2.2).
+//
+// New connections to an MX host resume an earlier TLS session when the
+// host allows it. The certificate check of the connection's requirement
+// still runs, on the chain of the session resumed (crypto/tls calls
+// VerifyConnection on resumed handshakes too), so resumption saves
+// handshake work and never a check (docs/DESIGN.md, "TLS session
+// resumption").
 package delivery
 
 import (
