@@ -142,9 +142,9 @@ func (e *Engine) CheckFrom(ctx context.Context, domain, sender string, connect b
 			hr.Probed = true
 			// Every host gets its own budget: a check wants to see them all.
 			budget = maxAddrAttempts
-			// A check shows the certificate the host sends today, which
-			// a resumed session would not, and leaves the daemon's
-			// sessions alone.
+			// A check shows the certificate each address sends today:
+			// with resumption the second address of a host (sessions are
+			// kept per name) would show the first one's.
 			h.fresh = true
 			s, fs := e.connect(ctx, p.nh, h, p.reqs[i], false, &budget)
 			for _, f := range fs {

@@ -1,6 +1,7 @@
 package sts_test
 
 import (
+	"crypto/rand"
 	"crypto/tls"
 	"fmt"
 	"github.com/stsrelay/stsrelay/policy"
@@ -32,8 +33,13 @@ type smtpMX struct {
 	cert     tls.Certificate
 }
 
-// SetCert changes the certificate the MX presents from now on.
+// SetCert makes the MX present c from now on, as another server on its
+// address would (an attacker's): with session ticket keys of its own, so
+// no TLS session made with the previous certificate resumes.
 func (m *smtpMX) SetCert(c tls.Certificate) {
+	var key [32]byte
+	rand.Read(key[:])
+	m.srv.TLSConfig.SetSessionTicketKeys([][32]byte{key})
 	m.mu.Lock()
 	m.cert = c
 	m.mu.Unlock()
