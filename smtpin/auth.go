@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -18,7 +19,8 @@ type User struct {
 	Name         string
 	PasswordHash string // bcrypt, as printed by HashPassword
 	// AllowedSenders restricts MAIL FROM: "user@domain" or "*@domain",
-	// compared without regard to case. Empty allows any sender.
+	// compared without regard to case. Empty, or "*" among them, allows
+	// any sender (the configuration may say so explicitly).
 	AllowedSenders []string
 }
 
@@ -113,9 +115,12 @@ func (db *userDB) authenticate(name, password string) (*User, bool) {
 }
 
 func checkSenderPattern(p string) error {
+	if p == "*" {
+		return nil
+	}
 	local, domain, ok := strings.Cut(p, "@")
 	if !ok || local == "" || domain == "" || strings.Contains(domain, "@") {
-		return errors.New(`want "user@domain" or "*@domain"`)
+		return errors.New(`want "user@domain", "*@domain" or "*"`)
 	}
 	if strings.Contains(local, "*") && local != "*" {
 		return errors.New(`"*" stands only for the whole local part, as in "*@domain"`)
@@ -125,7 +130,7 @@ func checkSenderPattern(p string) error {
 
 // mayUseSender reports whether u may use from as MAIL FROM.
 func (u *User) mayUseSender(from string) bool {
-	if len(u.AllowedSenders) == 0 {
+	if len(u.AllowedSenders) == 0 || slices.Contains(u.AllowedSenders, "*") {
 		return true
 	}
 	at := strings.LastIndexByte(from, '@') // a quoted local part may hold one

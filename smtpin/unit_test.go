@@ -71,11 +71,18 @@ func TestUserMayUseSender(t *testing.T) {
 	if !(&User{}).mayUseSender("") {
 		t.Error("a user without allowed_senders may not use the null sender")
 	}
+	// "*" says explicitly what an empty list says.
+	any := &User{AllowedSenders: []string{"alerts@example.com", "*"}}
+	for _, from := range []string{"someone@elsewhere.example", ""} {
+		if !any.mayUseSender(from) {
+			t.Errorf(`allowed_senders with "*": mayUseSender(%q) = false`, from)
+		}
+	}
 }
 
 func TestSenderPatternChecked(t *testing.T) {
 	for p, ok := range map[string]bool{
-		"*@example.com": true, "a@example.com": true,
+		"*@example.com": true, "a@example.com": true, "*": true,
 		"example.com": false, "a*@example.com": false, "*@": false, "a@b@c": false,
 	} {
 		if err := checkSenderPattern(p); (err == nil) != ok {
