@@ -1,7 +1,9 @@
 package smtpin
 
 import (
+	"crypto/sha256"
 	"crypto/tls"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -126,12 +128,12 @@ func (s *session) Auth(mech string) (sasl.Server, error) {
 		switch s.srv.authLim.blocked(clientKey(s.client), name) {
 		case "client":
 			metricAuth.WithLabelValues("rate_limited").Inc()
-			s.log.Warn("smtpin: auth refused: too many failed attempts from this client", "user", logName(name))
+			s.log.Warn("smtpin: auth refused: too many failed attempts from this client", "user", s.logUser(name))
 			return &smtp.SMTPError{Code: 454, EnhancedCode: smtp.EnhancedCode{4, 7, 0},
 				Message: "Too many failed authentication attempts from your address, try again later"}
 		case "user":
 			metricAuth.WithLabelValues("rate_limited").Inc()
-			s.log.Warn("smtpin: auth refused: too many failed attempts for this user from this client", "user", logName(name))
+			s.log.Warn("smtpin: auth refused: too many failed attempts for this user from this client", "user", s.logUser(name))
 			return &smtp.SMTPError{Code: 454, EnhancedCode: smtp.EnhancedCode{4, 7, 0},
 				Message: "Too many failed authentication attempts for this user, try again later"}
 		}
@@ -167,18 +169,26 @@ func (s *session) Auth(mech string) (sasl.Server, error) {
 func (s *session) authFailed(name, why string) error {
 	metricAuth.WithLabelValues("failure").Inc()
 	s.srv.authLim.failed(clientKey(s.client), name)
-	s.log.Warn("smtpin: auth failed", "user", logName(name), "reason", why)
+	s.log.Warn("smtpin: auth failed", "user", s.logUser(name), "reason", why)
 	time.Sleep(s.srv.authFailDelay)
 	return &smtp.SMTPError{Code: 535, EnhancedCode: smtp.EnhancedCode{5, 7, 8},
 		Message: "Authentication failed: " + why}
 }
 
-// logName bounds a user name a client sent, for a log line.
-func logName(name string) string {
-	if len(name) > maxUserKey {
-		return name[:maxUserKey] + "…"
+// logUser names the user a client tried, for a log line. A configured
+// name is logged as it is; any other name only as a short hash, since
+// what a client sends as its user name is sometimes the password, pasted
+// into the wrong field. The hash still lets an operator tell one repeated
+// name from many.
+func (s *session) logUser(name string) string {
+	if _, ok := s.srv.users.Load().users[name]; ok {
+		return name
 	}
-	return name
+	if name == "" {
+		return ""
+	}
+	sum := sha256.Sum256([]byte(name))
+	return "unknown#" + hex.EncodeToString(sum[:4])
 }
 
 // saslErrors turns go-sasl's parse errors into a failed attempt; go-smtp

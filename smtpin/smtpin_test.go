@@ -2,8 +2,10 @@ package smtpin
 
 import (
 	"bytes"
+	"crypto/sha256"
 	"crypto/tls"
 	"encoding/base64"
+	"encoding/hex"
 	"fmt"
 	"log/slog"
 	"net/netip"
@@ -154,11 +156,14 @@ func TestAuthWithoutTLSAllowedFromTrustedNetwork(t *testing.T) {
 }
 
 func TestAuthFailsWithWrongPasswordOrUnknownUser(t *testing.T) {
-	e := start(t, nil)
-	for _, tc := range []struct{ name, user, password string }{
-		{"wrong password", testUser, "wrong"},
-		{"unknown user", "nobody", testPassword},
-		{"other authorization identity", "", ""},
+	var logBuf syncBuffer
+	e := start(t, func(o *Options) { o.Logger = slog.New(slog.NewTextHandler(&logBuf, nil)) })
+	for _, tc := range []struct{ name, user, password, logged string }{
+		{"wrong password", testUser, "wrong", "user=" + testUser},
+		{"unknown user", "nobody", testPassword, "user=unknown#" + nameHash("nobody")},
+		// A password pasted into the user name field stays out of the log.
+		{"password as user name", testPassword, "", "user=unknown#" + nameHash(testPassword)},
+		{"other authorization identity", "", "", "user=" + testUser},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := e.client(t, true)
@@ -168,8 +173,20 @@ func TestAuthFailsWithWrongPasswordOrUnknownUser(t *testing.T) {
 			}
 			wantCode(t, c.Auth(a), 535, "5.7.8")
 			wantCode(t, c.Mail("app@example.com", nil), 530, "5.7.0")
+			if !strings.Contains(logBuf.String(), tc.logged) {
+				t.Errorf("log lacks %s:\n%s", tc.logged, logBuf.String())
+			}
 		})
 	}
+	if strings.Contains(logBuf.String(), testPassword) || strings.Contains(logBuf.String(), "user=nobody") {
+		t.Errorf("a password or an unconfigured user name reached the log:\n%s", logBuf.String())
+	}
+}
+
+// nameHash is how a user name that is not configured appears in the log.
+func nameHash(name string) string {
+	sum := sha256.Sum256([]byte(name))
+	return hex.EncodeToString(sum[:4])
 }
 
 func TestAuthRateLimitedAfterRepeatedFailures(t *testing.T) {
@@ -202,8 +219,8 @@ func TestFailedAuthOfOneUserDoesNotLockOutAnother(t *testing.T) {
 	}
 	d.cmd(authPlainLine("misconfigured", "old password"), "454 4.7.0")
 	if !strings.Contains(logBuf.String(), `msg="smtpin: auth refused: too many failed attempts for this user from this client" client=127.0.0.1`) ||
-		!strings.Contains(logBuf.String(), "user=misconfigured") {
-		t.Errorf("the refusal does not name the user tried:\n%s", logBuf.String())
+		!strings.Contains(logBuf.String(), "user=unknown#"+nameHash("misconfigured")) {
+		t.Errorf("the refusal does not name the (hashed, unconfigured) user tried:\n%s", logBuf.String())
 	}
 	if strings.Contains(logBuf.String(), "old password") {
 		t.Error("a password reached the log")
