@@ -204,6 +204,8 @@ func TestRejectsBadInput(t *testing.T) {
 		{"dkim bad selector", "[[dkim]]\ndomain = \"example.com\"\nselector = \"s 1\"\nkey_file = \"k.pem\"\n", "line 3: dkim[0].selector"},
 		{"dkim no key", "[[dkim]]\ndomain = \"example.com\"\nselector = \"s1\"\n", "dkim[0].key_file: must be set"},
 		{"dkim twice", "[[dkim]]\ndomain = \"example.com\"\nselector = \"s1\"\nkey_file = \"a.pem\"\n[[dkim]]\ndomain = \"Example.com.\"\nselector = \"s1\"\nkey_file = \"b.pem\"\n", "s1._domainkey.example.com is defined twice"},
+		{"dkim sign_relayed twice", "[[dkim]]\ndomain = \"example.com\"\nselector = \"s1\"\nkey_file = \"a.pem\"\nsign_relayed = true\n[[dkim]]\ndomain = \"example.com\"\nselector = \"s2\"\nkey_file = \"b.pem\"\nsign_relayed = true\n", "line 10: dkim[1].sign_relayed: dkim[0] already signs relayed mail from example.com; at most one key per domain may"},
+		{"dkim sign_relayed not a bool", "[[dkim]]\ndomain = \"example.com\"\nselector = \"s1\"\nkey_file = \"a.pem\"\nsign_relayed = \"yes\"\n", "sign_relayed"},
 		{"dkim unknown key", "[[dkim]]\ndomain = \"example.com\"\nselector = \"s1\"\nkey_file = \"a.pem\"\nsign_all = true\n", "dkim.sign_all: unknown key"},
 		{"auth limit failures", "[submission.auth_limit]\nfailures = 0\n", "line 2: submission.auth_limit.failures: must be positive"},
 		{"auth limit per", "[submission.auth_limit]\nper = \"0s\"\n", "line 2: submission.auth_limit.per: must be positive"},

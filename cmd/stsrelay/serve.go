@@ -204,13 +204,17 @@ func start(cfg *config.Config, logger *slog.Logger) (_ *relay, err error) {
 		return nil, err
 	}
 	r.engine, r.sts, r.daneScope = parts.engine, parts.sts, parts.daneScope
+	signer, err := newSigner(cfg, logger)
+	if err != nil {
+		return nil, err
+	}
 
 	var schedule []time.Duration
 	for _, d := range cfg.Delivery.RetrySchedule {
 		schedule = append(schedule, d.Duration)
 	}
 	r.queue, err = queue.New(r.db, queue.Options{
-		Deliverer:         r.engine,
+		Deliverer:         signer.Wrap(r.engine),
 		Workers:           cfg.Delivery.Workers,
 		MaxConnsPerDomain: cfg.Delivery.MaxConnsPerDomain,
 		RetrySchedule:     schedule,

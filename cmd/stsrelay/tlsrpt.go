@@ -4,8 +4,11 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 
+	"github.com/stsrelay/stsrelay/config"
+	"github.com/stsrelay/stsrelay/dkimsign"
 	"github.com/stsrelay/stsrelay/policy"
 	"github.com/stsrelay/stsrelay/queue"
 	"github.com/stsrelay/stsrelay/resolve"
@@ -48,6 +51,26 @@ func (r *relay) newReporter(res *resolve.Resolver) error {
 	}
 	r.tlsrpt = rep
 	return nil
+}
+
+// newSigner loads the [[dkim]] keys with sign_relayed; nil when there are
+// none.
+func newSigner(cfg *config.Config, logger *slog.Logger) (*dkimsign.Signer, error) {
+	var keys []dkimsign.Key
+	for i, k := range cfg.DKIM {
+		if !k.SignRelayed {
+			continue
+		}
+		signer, err := tlsrpt.LoadDKIMKey(k.KeyFile)
+		if err != nil {
+			return nil, fmt.Errorf("dkim[%d].key_file: %w", i, err)
+		}
+		keys = append(keys, dkimsign.Key{Domain: k.Domain, Selector: k.Selector, Signer: signer})
+	}
+	if len(keys) == 0 {
+		return nil, nil
+	}
+	return dkimsign.New(keys, logger)
 }
 
 // Enqueue hands report mail to the queue (tlsrpt.Enqueuer).

@@ -1,0 +1,11 @@
+package dkimsign
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promauto"
+)
+
+var metricSigned = promauto.NewCounterVec(prometheus.CounterOpts{
+	Name: "stsrelay_dkim_relayed_total",
+	Help: "Delivery attempts of relayed mail that a sign_relayed key applied to, by result: signed, failed (sent unsigned).",
+}, []string{"result"})

@@ -1,0 +1,259 @@
+package dkimsign
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/mail"
+	"strings"
+
+	"github.com/emersion/go-msgauth/dkim"
+
+	"github.com/stsrelay/stsrelay/queue"
+)
+
+// Key is one [[dkim]] entry with sign_relayed: a private key published at
+// Selector._domainkey.Domain.
+type Key struct {
+	Domain   string // lower-case, no trailing dot
+	Selector string
+	Signer   crypto.Signer // RSA (rsa-sha256) or Ed25519 (ed25519-sha256, RFC 8463)
+}
+
+// maxHeaderBytes bounds the header section read to find From: and
+// existing signatures; smtpin refuses larger ones at submission.
+const maxHeaderBytes = 512 << 10
+
+// headerKeys are the fields the signature covers (RFC 6376 §5.4.1). From
+// is listed twice: the second, absent instance signs its absence, so that
+// no second From: can be added on the way (oversigning, RFC 6376 §8.15).
+var headerKeys = []string{"From", "From", "To", "Cc", "Subject", "Date", "Message-ID", "MIME-Version",
+	"Content-Type", "Content-Transfer-Encoding", "Reply-To", "In-Reply-To", "References"}
+
+// Signer signs relayed mail. The zero value and nil sign nothing.
+type Signer struct {
+	keys []Key
+	log  *slog.Logger
+}
+
+// New returns a Signer for keys; at most one key per domain (config
+// validates that).
+func New(keys []Key, logger *slog.Logger) (*Signer, error) {
+	if logger == nil {
+		logger = slog.New(slog.DiscardHandler)
+	}
+	seen := map[string]bool{}
+	for i, k := range keys {
+		d := strings.ToLower(strings.TrimSuffix(k.Domain, "."))
+		if d == "" || k.Selector == "" || k.Signer == nil {
+			return nil, fmt.Errorf("dkimsign: key %d lacks a domain, selector or private key", i)
+		}
+		if seen[d] {
+			return nil, fmt.Errorf("dkimsign: two keys sign relayed mail for %s", d)
+		}
+		seen[d] = true
+		keys[i].Domain = d
+	}
+	return &Signer{keys: keys, log: logger}, nil
+}
+
+// Wrap returns a Deliverer that signs what it hands to d.
+func (s *Signer) Wrap(d queue.Deliverer) queue.Deliverer {
+	if s == nil || len(s.keys) == 0 {
+		return d
+	}
+	return deliverer{s: s, next: d}
+}
+
+type deliverer struct {
+	s    *Signer
+	next queue.Deliverer
+}
+
+func (w deliverer) Deliver(ctx context.Context, job *queue.Job) []queue.Status {
+	if job.Open != nil && job.Envelope.From != "" && !job.Envelope.TLSReport {
+		j := *job
+		open := job.Open
+		j.Open = func() (io.ReadCloser, error) { return w.s.open(&j, open) }
+		job = &j
+	}
+	return w.next.Deliver(ctx, job)
+}
+
+// open opens the stored message and, when a key applies, puts a
+// signature in front of it. It returns an error only when the stored
+// message cannot be read.
+func (s *Signer) open(job *queue.Job, open func() (io.ReadCloser, error)) (io.ReadCloser, error) {
+	body, err := open()
+	if err != nil {
+		return nil, err
+	}
+	key, why := s.pick(body)
+	if key == nil {
+		s.log.Debug("dkimsign: not signed", "id", job.ID, "reason", why)
+		return reopen(body, open)
+	}
+	sig, err := s.sign(key, body, open)
+	if err != nil {
+		metricSigned.WithLabelValues("failed").Inc()
+		s.log.Warn("dkimsign: signing failed, the message goes out unsigned", "id", job.ID,
+			"key", key.Selector+"._domainkey."+key.Domain, "err", err)
+		return open()
+	}
+	metricSigned.WithLabelValues("signed").Inc()
+	rc, err := open()
+	if err != nil {
+		return nil, err
+	}
+	return readCloser{io.MultiReader(strings.NewReader(sig), rc), rc}, nil
+}
+
+// reopen closes a partly read message and opens it afresh.
+func reopen(rc io.ReadCloser, open func() (io.ReadCloser, error)) (io.ReadCloser, error) {
+	rc.Close()
+	return open()
+}
+
+type readCloser struct {
+	io.Reader
+	io.Closer
+}
+
+// sign streams the whole message through the DKIM signer and returns the
+// DKIM-Signature field, CRLF included. body is closed.
+func (s *Signer) sign(key *Key, body io.ReadCloser, open func() (io.ReadCloser, error)) (string, error) {
+	body.Close()
+	rc, err := open()
+	if err != nil {
+		return "", err
+	}
+	defer rc.Close()
+	signer, err := dkim.NewSigner(&dkim.SignOptions{
+		Domain:                 key.Domain,
+		Selector:               key.Selector,
+		Signer:                 key.Signer,
+		HeaderCanonicalization: dkim.CanonicalizationRelaxed,
+		BodyCanonicalization:   dkim.CanonicalizationRelaxed,
+		HeaderKeys:             headerKeys,
+		// go-msgauth never sets l=: a body length limit would let anyone
+		// append to a signed message (RFC 6376 §8.2).
+	})
+	if err != nil {
+		return "", err
+	}
+	if _, err := io.Copy(signer, rc); err != nil {
+		signer.Close()
+		return "", err
+	}
+	if err := signer.Close(); err != nil {
+		return "", err
+	}
+	return signer.Signature(), nil
+}
+
+// pick reads the header section of the message and returns the key that
+// should sign it, or nil and why not.
+func (s *Signer) pick(r io.Reader) (*Key, string) {
+	hdr, err := readHeader(r)
+	if err != nil {
+		return nil, err.Error()
+	}
+	m, err := mail.ReadMessage(bytes.NewReader(hdr))
+	if err != nil {
+		return nil, "unparsable header: " + err.Error()
+	}
+	froms := m.Header["From"]
+	if len(froms) != 1 {
+		return nil, fmt.Sprintf("%d From: fields", len(froms))
+	}
+	addrs, err := mail.ParseAddressList(froms[0])
+	if err != nil {
+		return nil, "unparsable From: " + err.Error()
+	}
+	if len(addrs) != 1 {
+		return nil, fmt.Sprintf("From: names %d addresses", len(addrs))
+	}
+	at := strings.LastIndexByte(addrs[0].Address, '@')
+	if at < 0 {
+		return nil, "From: address has no domain"
+	}
+	domain := strings.ToLower(strings.TrimSuffix(addrs[0].Address[at+1:], "."))
+	key := s.keyFor(domain)
+	if key == nil {
+		return nil, "no key for " + domain
+	}
+	for _, v := range m.Header["Dkim-Signature"] {
+		d, sel := sigTags(v)
+		if strings.EqualFold(d, key.Domain) && strings.EqualFold(sel, key.Selector) {
+			return nil, "already signed by " + key.Selector + "._domainkey." + key.Domain
+		}
+	}
+	return key, ""
+}
+
+// keyFor returns the key of domain or of its closest parent.
+func (s *Signer) keyFor(domain string) *Key {
+	var best *Key
+	for i := range s.keys {
+		k := &s.keys[i]
+		if (domain == k.Domain || strings.HasSuffix(domain, "."+k.Domain)) && (best == nil || len(k.Domain) > len(best.Domain)) {
+			best = k
+		}
+	}
+	return best
+}
+
+// sigTags returns the d= and s= tags of a DKIM-Signature field body
+// (RFC 6376 §3.5; whitespace may appear anywhere in a tag list, §3.2).
+func sigTags(v string) (d, s string) {
+	for _, tag := range strings.Split(v, ";") {
+		name, val, ok := strings.Cut(tag, "=")
+		if !ok {
+			continue
+		}
+		val = strings.Join(strings.Fields(val), "")
+		switch strings.TrimSpace(name) {
+		case "d":
+			d = strings.TrimSuffix(val, ".")
+		case "s":
+			s = val
+		}
+	}
+	return d, s
+}
+
+var errHeaderTooLarge = errors.New("header section too large")
+
+// readHeader returns the header section and the empty line after it,
+// reading at most maxHeaderBytes.
+func readHeader(r io.Reader) ([]byte, error) {
+	br := bufio.NewReader(io.LimitReader(r, maxHeaderBytes))
+	var buf bytes.Buffer
+	partial := false // the last piece read did not end a line
+	for {
+		line, err := br.ReadSlice('\n')
+		buf.Write(line)
+		switch {
+		case errors.Is(err, bufio.ErrBufferFull):
+			partial = true
+			continue
+		case err == io.EOF:
+			if buf.Len() >= maxHeaderBytes {
+				return nil, errHeaderTooLarge
+			}
+			buf.WriteString("\r\n") // a message of header fields only
+			return buf.Bytes(), nil
+		case err != nil:
+			return nil, fmt.Errorf("reading the header: %w", err)
+		}
+		if !partial && (string(line) == "\r\n" || string(line) == "\n") {
+			return buf.Bytes(), nil
+		}
+		partial = false
+	}
+}

@@ -1,0 +1,164 @@
+package dkimsign
+
+import (
+	"bytes"
+	"context"
+	"crypto"
+	"crypto/ed25519"
+	"crypto/rand"
+	"encoding/base64"
+	"errors"
+	"io"
+	"log/slog"
+	"strings"
+	"testing"
+
+	"github.com/emersion/go-msgauth/dkim"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/stsrelay/stsrelay/queue"
+)
+
+// reader is the Deliverer behind the signer: it reads what delivery would
+// send.
+type reader struct{ got string }
+
+func (r *reader) Deliver(_ context.Context, job *queue.Job) []queue.Status {
+	rc, err := job.Open()
+	if err != nil {
+		return []queue.Status{{Code: 451, Text: err.Error()}}
+	}
+	defer rc.Close()
+	b, _ := io.ReadAll(rc)
+	r.got = string(b)
+	return []queue.Status{{Code: 250}}
+}
+
+func job(from, msg string) *queue.Job {
+	return &queue.Job{ID: "q1", Envelope: queue.Envelope{From: from},
+		Open: func() (io.ReadCloser, error) { return io.NopCloser(strings.NewReader(msg)), nil }}
+}
+
+func deliver(t *testing.T, s *Signer, j *queue.Job) string {
+	t.Helper()
+	r := &reader{}
+	if st := s.Wrap(r).Deliver(context.Background(), j); st[0].Code != 250 {
+		t.Fatalf("status %+v", st)
+	}
+	return r.got
+}
+
+func edKey(t *testing.T, domain, selector string) (Key, func(string) ([]string, error)) {
+	pub, priv, _ := ed25519.GenerateKey(rand.Reader)
+	txt := "v=DKIM1; k=ed25519; p=" + b64(pub)
+	return Key{Domain: domain, Selector: selector, Signer: priv}, func(name string) ([]string, error) {
+		if name == selector+"._domainkey."+domain {
+			return []string{txt}, nil
+		}
+		return nil, errors.New("no such record: " + name)
+	}
+}
+
+const msg = "From: <a@example.com>\r\nTo: <b@example.net>\r\nSubject: hi\r\n\r\nbody\r\n"
+
+func TestSignsAndVerifies(t *testing.T) {
+	k, lookup := edKey(t, "example.com", "s1")
+	s, err := New([]Key{k}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := deliver(t, s, job("a@example.com", msg))
+	vs, err := dkim.VerifyWithOptions(strings.NewReader(got), &dkim.VerifyOptions{LookupTXT: lookup})
+	if err != nil || len(vs) != 1 || vs[0].Err != nil {
+		t.Fatalf("verify: %v %+v\n%s", err, vs, got)
+	}
+	if !strings.HasSuffix(got, msg) {
+		t.Errorf("the message changed:\n%s", got)
+	}
+	h := strings.SplitN(got, "\r\n\r\n", 2)[0]
+	if !strings.Contains(strings.ReplaceAll(h, "\r\n ", ""), "h=From:From:To:Cc:Subject:") {
+		t.Errorf("From is not oversigned:\n%s", h)
+	}
+}
+
+func TestLeavesAlone(t *testing.T) {
+	k, _ := edKey(t, "example.com", "s1")
+	s, _ := New([]Key{k}, nil)
+	presigned := "DKIM-Signature: v=1; a=ed25519-sha256; d=Example.COM;\r\n s = s1 ; b=abc; bh=def; h=from\r\n" + msg
+	for name, j := range map[string]*queue.Job{
+		"null sender":         job("", msg),
+		"tls report":          {ID: "q", Envelope: queue.Envelope{From: "r@example.com", TLSReport: true}, Open: job("", msg).Open},
+		"other domain":        job("a@example.com", strings.Replace(msg, "a@example.com", "a@example.community", 1)),
+		"no From":             job("a@example.com", "Subject: x\r\n\r\nbody\r\n"),
+		"two From fields":     job("a@example.com", "From: a@example.com\r\n"+msg),
+		"two From addresses":  job("a@example.com", strings.Replace(msg, "<a@example.com>", "<a@example.com>, <c@example.com>", 1)),
+		"unparsable From":     job("a@example.com", strings.Replace(msg, "<a@example.com>", "<<a@@example.com", 1)),
+		"already signed":      job("a@example.com", presigned),
+		"header section only": job("a@example.com", "To: x@example.net\r\n"),
+	} {
+		want := ""
+		if j.Open != nil {
+			rc, _ := j.Open()
+			b, _ := io.ReadAll(rc)
+			want = string(b)
+		}
+		if got := deliver(t, s, j); got != want {
+			t.Errorf("%s: changed to\n%s", name, got)
+		}
+	}
+}
+
+// failing is a key whose every signature fails, like an HSM that went
+// away.
+type failing struct{ crypto.Signer }
+
+func (failing) Sign(io.Reader, []byte, crypto.SignerOpts) ([]byte, error) {
+	return nil, errors.New("key unavailable")
+}
+
+func TestFailingKeySendsUnsigned(t *testing.T) {
+	k, _ := edKey(t, "example.com", "s1")
+	k.Signer = failing{k.Signer}
+	var logs bytes.Buffer
+	s, _ := New([]Key{k}, slog.New(slog.NewTextHandler(&logs, nil)))
+	before := testutil.ToFloat64(metricSigned.WithLabelValues("failed"))
+	if got := deliver(t, s, job("a@example.com", msg)); got != msg {
+		t.Errorf("sent\n%s\nwant the message unchanged", got)
+	}
+	if testutil.ToFloat64(metricSigned.WithLabelValues("failed")) != before+1 {
+		t.Error("the failure was not counted")
+	}
+	if !strings.Contains(logs.String(), "level=WARN") || !strings.Contains(logs.String(), "key unavailable") {
+		t.Errorf("log: %s", logs.String())
+	}
+}
+
+func TestClosestKeyWins(t *testing.T) {
+	parent, _ := edKey(t, "example.com", "p")
+	child, _ := edKey(t, "mail.example.com", "c")
+	s, err := New([]Key{parent, child}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for from, want := range map[string]string{"a@mail.example.com": "c", "a@x.mail.example.com": "c", "a@example.com": "p", "a@other.example.com": "p"} {
+		if k := s.keyFor(from[2:]); k == nil || k.Selector != want {
+			t.Errorf("%s: key %+v, want selector %s", from, k, want)
+		}
+	}
+	if _, err := New([]Key{parent, parent}, nil); err == nil {
+		t.Error("two keys for one domain were accepted")
+	}
+}
+
+func TestReadHeaderIsBounded(t *testing.T) {
+	long := "From: <a@example.com>\r\nX: " + strings.Repeat("y", maxHeaderBytes) + "\r\n\r\nbody\r\n"
+	if _, err := readHeader(strings.NewReader(long)); !errors.Is(err, errHeaderTooLarge) {
+		t.Errorf("err = %v, want errHeaderTooLarge", err)
+	}
+	h, err := readHeader(strings.NewReader(msg))
+	if err != nil || string(h) != strings.SplitN(msg, "\r\n\r\n", 2)[0]+"\r\n\r\n" {
+		t.Errorf("header %q, %v", h, err)
+	}
+}
+
+func b64(b []byte) string { return base64.StdEncoding.EncodeToString(b) }
