@@ -9,6 +9,7 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/rsa"
+	"crypto/tls"
 	"crypto/x509"
 	"encoding/base64"
 	"encoding/json"
@@ -16,6 +17,9 @@ import (
 	"io"
 	"mime"
 	"mime/multipart"
+	"net"
+	"net/http"
+	"net/http/httptest"
 	"net/mail"
 	"os"
 	"path/filepath"
@@ -187,4 +191,98 @@ func TestTLSRPTCommandsSayWhenReportingIsOff(t *testing.T) {
 	if code == 0 || !strings.Contains(errOut, "YYYY-MM-DD") {
 		t.Errorf("bad -day: %d %q", code, errOut)
 	}
+}
+
+// TestEndToEndTLSRPTSendForcePostsToHTTPS proves the https report path
+// through the binary: the rua found in DNS, the POST over TLS to a server
+// the relay trusts through SSL_CERT_FILE, the gzip JSON naming the domain.
+func TestEndToEndTLSRPTSendForcePostsToHTTPS(t *testing.T) {
+	requireRoot(t)
+	dir := t.TempDir()
+	ca := testpki.NewCA(t)
+
+	type post struct {
+		contentType string
+		body        []byte
+	}
+	posts := make(chan post, 4)
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(io.LimitReader(r.Body, 1<<20))
+		if r.Method != http.MethodPost || r.URL.Path != "/tlsrpt" {
+			http.Error(w, "wrong method or path", http.StatusBadRequest)
+			return
+		}
+		posts <- post{r.Header.Get("Content-Type"), b}
+		w.WriteHeader(http.StatusCreated)
+	}))
+	srv.TLS = &tls.Config{Certificates: []tls.Certificate{ca.Issue(t, "reports.example.org")}}
+	srv.StartTLS()
+	t.Cleanup(srv.Close)
+	_, port, _ := net.SplitHostPort(srv.Listener.Addr().String())
+	rua := "https://reports.example.org:" + port + "/tlsrpt"
+
+	dns := dnstest.New(t,
+		"example.net. 60 IN MX 10 mx.example.net.",
+		"mx.example.net. 60 IN A 127.0.0.19",
+		`_smtp._tls.example.net. 60 IN TXT "v=TLSRPTv1; rua=`+rua+`"`,
+		"reports.example.org. 60 IN A 127.0.0.1",
+	)
+	mxCert := ca.Issue(t, "mx.example.net")
+	mx := startSink(t, "127.0.0.19", &mxCert)
+	config := writeConfig(t, dir, configParts{resolver: dns.Addr, tail: `
+[delivery]
+retry_schedule = ["1h"]
+connect_timeout = "5s"
+ip_version = "4"
+[tlsrpt]
+enabled = true
+organization_name = "Example Relay Operator"
+contact_info = "tlsrpt@example.com"
+`})
+	env := []string{"SSL_CERT_FILE=" + ca.WriteCAFile(t, dir), "SSL_CERT_DIR="}
+	d := startDaemon(t, config, env...)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("relay log:\n%s", d.output())
+		}
+	})
+	submit(t, d.submissionAddr(), "app@example.com", "user@example.net", "Subject: x\r\n\r\nx\r\n")
+	mx.wait(t, 30*time.Second)
+
+	today := time.Now().UTC().Format("2006-01-02")
+	code, out, errOut := stsrelayEnv(t, env, "", "tlsrpt", "send", "-config", config, "-day", today, "-force")
+	if code != 0 || !strings.Contains(out, "example.net: sent to "+rua) {
+		t.Fatalf("tlsrpt send -force: %d\n%s%s", code, out, errOut)
+	}
+	var p post
+	select {
+	case p = <-posts:
+	case <-time.After(30 * time.Second):
+		t.Fatal("no report was posted")
+	}
+	if p.contentType != "application/tlsrpt+gzip" {
+		t.Errorf("Content-Type %q", p.contentType)
+	}
+	zr, err := gzip.NewReader(bytes.NewReader(p.body))
+	if err != nil {
+		t.Fatalf("the report is not gzip: %v", err)
+	}
+	var rep struct {
+		Org      string `json:"organization-name"`
+		Policies []struct {
+			Policy struct {
+				Domain string `json:"policy-domain"`
+			} `json:"policy"`
+			Summary struct {
+				OK int `json:"total-successful-session-count"`
+			} `json:"summary"`
+		} `json:"policies"`
+	}
+	if err := json.NewDecoder(zr).Decode(&rep); err != nil {
+		t.Fatal(err)
+	}
+	if rep.Org != "Example Relay Operator" || len(rep.Policies) != 1 || rep.Policies[0].Policy.Domain != "example.net" || rep.Policies[0].Summary.OK != 1 {
+		t.Errorf("report: %+v", rep)
+	}
+	d.stop(syscall.SIGTERM)
 }
