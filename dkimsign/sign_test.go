@@ -9,9 +9,9 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
-	"runtime"
 	"io"
 	"log/slog"
+	"runtime"
 	"strings"
 	"testing"
 
@@ -211,7 +211,9 @@ func TestLargeMessageInBoundedMemory(t *testing.T) {
 		peak = max(peak, ms.HeapInuse)
 	}
 	j := &queue.Job{ID: "big", Envelope: queue.Envelope{From: "a@example.com"},
-		Open: func() (io.ReadCloser, error) { return io.NopCloser(&bigMessage{head: head, n: size, sample: sample}), nil }}
+		Open: func() (io.ReadCloser, error) {
+			return io.NopCloser(&bigMessage{head: head, n: size, sample: sample}), nil
+		}}
 	d := DelivererFunc(func(_ context.Context, job *queue.Job) []queue.Status {
 		rc, err := job.Open()
 		if err != nil {
