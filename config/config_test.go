@@ -268,6 +268,36 @@ func TestLoadResolvesPathsAgainstTheConfigFolder(t *testing.T) {
 	}
 }
 
+func TestDKIMSignRelayed(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "c.toml")
+	// One sign_relayed key per domain; a parent and its subdomain may each
+	// have one (the closest wins), and other keys of the domain may not.
+	os.WriteFile(p, []byte(`hostname = "a.example"
+[[dkim]]
+domain = "example.com"
+selector = "s1"
+key_file = "a.pem"
+sign_relayed = true
+[[dkim]]
+domain = "mail.example.com"
+selector = "s1"
+key_file = "b.pem"
+sign_relayed = true
+[[dkim]]
+domain = "example.com"
+selector = "reports"
+key_file = "c.pem"
+`), 0o600)
+	cfg, err := Load(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(cfg.DKIM) != 3 || !cfg.DKIM[0].SignRelayed || !cfg.DKIM[1].SignRelayed || cfg.DKIM[2].SignRelayed {
+		t.Errorf("dkim = %+v", cfg.DKIM)
+	}
+}
+
 func TestParseSize(t *testing.T) {
 	for in, want := range map[string]int64{"0": 0, "100": 100, "100B": 100, "1KB": 1024, "2 MB": 2 << 20, "1GiB": 1 << 30, "35mb": 35 << 20} {
 		if got, err := ParseSize(in); err != nil || got != want {

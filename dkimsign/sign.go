@@ -10,6 +10,7 @@ import (
 	"io"
 	"log/slog"
 	"net/mail"
+	"slices"
 	"strings"
 
 	"github.com/emersion/go-msgauth/dkim"
@@ -47,6 +48,7 @@ func New(keys []Key, logger *slog.Logger) (*Signer, error) {
 	if logger == nil {
 		logger = slog.New(slog.DiscardHandler)
 	}
+	keys = slices.Clone(keys)
 	seen := map[string]bool{}
 	for i, k := range keys {
 		d := strings.ToLower(strings.TrimSuffix(k.Domain, "."))
