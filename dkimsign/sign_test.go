@@ -69,7 +69,11 @@ func TestSignsAndVerifies(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	before := testutil.ToFloat64(metricSigned.WithLabelValues("signed"))
 	got := deliver(t, s, job("a@example.com", msg))
+	if testutil.ToFloat64(metricSigned.WithLabelValues("signed")) != before+1 {
+		t.Error("the signature was not counted")
+	}
 	vs, err := dkim.VerifyWithOptions(strings.NewReader(got), &dkim.VerifyOptions{LookupTXT: lookup})
 	if err != nil || len(vs) != 1 || vs[0].Err != nil {
 		t.Fatalf("verify: %v %+v\n%s", err, vs, got)
