@@ -101,6 +101,9 @@ type Queue struct {
 	totals   [3]int         // pending recipients in the index: queued, deferred, held
 	sched    scheduler
 	kick     chan struct{}
+	// First copies held in memory (entry.fresh), and their bounds.
+	firstBytes, firstMaxBytes int64
+	firstCount, firstMaxCount int
 
 	closeOnce sync.Once
 	// loaded is what load found, logged when Run starts: a start that
@@ -171,6 +174,9 @@ func New(db *bbolt.DB, opts Options) (*Queue, error) {
 		bodyRefs: make(map[string]int),
 		sched:    newScheduler(),
 		kick:     make(chan struct{}, 1),
+
+		firstMaxBytes: firstCopyMaxBytes,
+		firstMaxCount: firstCopyMaxCount,
 	}
 	q.reader = &Reader{db: db, spool: sp, now: opts.Now}
 	err = db.Update(func(tx *bbolt.Tx) error {
@@ -266,7 +272,7 @@ func (q *Queue) Enqueue(ctx context.Context, env Envelope, body io.Reader) (id s
 				m.ID = newID(m.Arrived)
 			}
 			return putMessage(tx, m)
-		}, func() { q.indexPut(m) }, head, func(file string, off int64) { m.BodyFile, m.BodyOff = file, off })
+		}, func() { q.indexPutFirst(m, head) }, head, func(file string, off int64) { m.BodyFile, m.BodyOff = file, off })
 		if err != nil {
 			return "", fmt.Errorf("message not queued: %w", err)
 		}
