@@ -78,6 +78,10 @@ var DefaultOptions = Options{
 // batch file; larger ones get a file of their own.
 const inlineMax = 256 << 10
 
+// headPool holds the buffers Enqueue reads the start of a body into, to
+// tell a small body from a large one before it knows the size.
+var headPool = sync.Pool{New: func() any { b := make([]byte, inlineMax+1); return &b }}
+
 // ErrTooBig is returned by Enqueue for a body over Options.MaxMessageSize.
 var ErrTooBig = errors.New("message exceeds the queue's size limit")
 
@@ -261,11 +265,18 @@ func (q *Queue) Enqueue(ctx context.Context, env Envelope, body io.Reader) (id s
 	// one fsync for the whole batch. A large one gets a file of its own,
 	// streamed to disk rather than held in memory.
 	src := &readErr{r: body}
-	head, _ := io.ReadAll(io.LimitReader(src, min(inlineMax, q.opts.MaxMessageSize)+1))
-	if src.err != nil { // the only error ReadAll can meet here
+	scratch := headPool.Get().(*[]byte)
+	defer headPool.Put(scratch)
+	head := (*scratch)[:min(inlineMax, q.opts.MaxMessageSize)+1]
+	n, _ := io.ReadFull(src, head)
+	head = head[:n]
+	if src.err != nil { // EOF and a short body are not errors here
 		return "", fmt.Errorf("message not queued: reading the message: %w", src.err)
 	}
 	if int64(len(head)) <= min(inlineMax, q.opts.MaxMessageSize) {
+		// The body outlives the call (the batch file write, the first
+		// attempt): it gets its own slice of exactly its size.
+		head = bytes.Clone(head)
 		m.ID, m.Size = newID(m.Arrived), int64(len(head))
 		err = q.commit.doWithBody(func(tx *bbolt.Tx) error {
 			for tx.Bucket(bucketMessages).Get([]byte(m.ID)) != nil {
