@@ -14,7 +14,7 @@
 // Right after its commit, a message with a small body is also kept in
 // memory for its first attempt at each destination domain, so that
 // delivery starts without a database read or a spool open. The copies are
-// bounded (32 MiB of bodies and 8192 messages in all; a message beyond
+// bounded (16 MiB of bodies and 4096 messages in all; a message beyond
 // that is read from disk) and valid only while the record is the one
 // Enqueue wrote: the next commit that touches the message (an outcome or
 // an operator's hold, release, bounce or delete) drops it. Retries, large
