@@ -11,6 +11,16 @@
 // syncs for the whole batch. A batch file is removed when the last of its
 // messages leaves the queue.
 //
+// Right after its commit, a message with a small body is also kept in
+// memory for its first attempt at each destination domain, so that
+// delivery starts without a database read or a spool open. The copies are
+// bounded (16 MiB of bodies and 4096 messages in all; a message beyond
+// that is read from disk) and valid only while the record is the one
+// Enqueue wrote: the next commit that touches the message (an outcome or
+// an operator's hold, release, bounce or delete) drops it. Retries, large
+// bodies and everything after a restart read the disk, which stays the
+// truth for every outcome.
+//
 // Why not bodies in bbolt: it was built and measured on the development VM
 // (ext4, 2 vCPU). It enqueued about as fast, but bbolt reads through mmap
 // and the kernel maps the body pages around every record page it touches,

@@ -28,6 +28,10 @@ var (
 		Name: "stsrelay_queue_deliveries_total",
 		Help: "Delivery attempt outcomes per recipient: delivered, deferred, failed, expired.",
 	}, []string{"outcome"})
+	metricFirstFromMemory = promauto.NewCounter(prometheus.CounterOpts{
+		Name: "stsrelay_queue_first_attempts_from_memory_total",
+		Help: "Delivery attempts that took the message from memory right after its commit instead of reading the queue.",
+	})
 	metricCommits = promauto.NewCounter(prometheus.CounterOpts{
 		Name: "stsrelay_queue_commits_total",
 		Help: "Group commits (each one synced to disk) of the queue database.",

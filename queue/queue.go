@@ -78,6 +78,10 @@ var DefaultOptions = Options{
 // batch file; larger ones get a file of their own.
 const inlineMax = 256 << 10
 
+// headPool holds the buffers Enqueue reads the start of a body into, to
+// tell a small body from a large one before it knows the size.
+var headPool = sync.Pool{New: func() any { b := make([]byte, inlineMax+1); return &b }}
+
 // ErrTooBig is returned by Enqueue for a body over Options.MaxMessageSize.
 var ErrTooBig = errors.New("message exceeds the queue's size limit")
 
@@ -101,6 +105,9 @@ type Queue struct {
 	totals   [3]int         // pending recipients in the index: queued, deferred, held
 	sched    scheduler
 	kick     chan struct{}
+	// First copies held in memory (entry.fresh), and their bounds.
+	firstBytes, firstMaxBytes int64
+	firstCount, firstMaxCount int
 
 	closeOnce sync.Once
 	// loaded is what load found, logged when Run starts: a start that
@@ -171,6 +178,9 @@ func New(db *bbolt.DB, opts Options) (*Queue, error) {
 		bodyRefs: make(map[string]int),
 		sched:    newScheduler(),
 		kick:     make(chan struct{}, 1),
+
+		firstMaxBytes: firstCopyMaxBytes,
+		firstMaxCount: firstCopyMaxCount,
 	}
 	q.reader = &Reader{db: db, spool: sp, now: opts.Now}
 	err = db.Update(func(tx *bbolt.Tx) error {
@@ -255,18 +265,25 @@ func (q *Queue) Enqueue(ctx context.Context, env Envelope, body io.Reader) (id s
 	// one fsync for the whole batch. A large one gets a file of its own,
 	// streamed to disk rather than held in memory.
 	src := &readErr{r: body}
-	head, _ := io.ReadAll(io.LimitReader(src, min(inlineMax, q.opts.MaxMessageSize)+1))
-	if src.err != nil { // the only error ReadAll can meet here
+	scratch := headPool.Get().(*[]byte)
+	defer headPool.Put(scratch)
+	head := (*scratch)[:min(inlineMax, q.opts.MaxMessageSize)+1]
+	n, _ := io.ReadFull(src, head)
+	head = head[:n]
+	if src.err != nil { // EOF and a short body are not errors here
 		return "", fmt.Errorf("message not queued: reading the message: %w", src.err)
 	}
 	if int64(len(head)) <= min(inlineMax, q.opts.MaxMessageSize) {
+		// The body outlives the call (the batch file write, the first
+		// attempt): it gets its own slice of exactly its size.
+		head = bytes.Clone(head)
 		m.ID, m.Size = newID(m.Arrived), int64(len(head))
 		err = q.commit.doWithBody(func(tx *bbolt.Tx) error {
 			for tx.Bucket(bucketMessages).Get([]byte(m.ID)) != nil {
 				m.ID = newID(m.Arrived)
 			}
 			return putMessage(tx, m)
-		}, func() { q.indexPut(m) }, head, func(file string, off int64) { m.BodyFile, m.BodyOff = file, off })
+		}, func() { q.indexPutFirst(m, head) }, head, func(file string, off int64) { m.BodyFile, m.BodyOff = file, off })
 		if err != nil {
 			return "", fmt.Errorf("message not queued: %w", err)
 		}

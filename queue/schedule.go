@@ -1,6 +1,7 @@
 package queue
 
 import (
+	"bytes"
 	"container/heap"
 	"context"
 	"io"
@@ -18,7 +19,32 @@ type entry struct {
 	bodyFile string   // shared batch file, "" for a file of its own
 	counts   [3]int32 // pending recipients: queued, deferred, held
 	slots    []*slot
+	// fresh is the message as Enqueue committed it, with its small body,
+	// kept for the first attempt at each of its domains (see firstCopy).
+	fresh *firstCopy
 }
+
+// firstCopy is a just-committed message and its body in memory. It is
+// valid only while the record on disk is the one Enqueue wrote: the next
+// commit that touches the message (an outcome, an operator's hold,
+// release, bounce or delete) drops it, and the attempt after that reads
+// the disk as always.
+type firstCopy struct {
+	m     *message // never modified once committed
+	body  []byte
+	slots int // first attempts still to take it
+}
+
+// Bounds of the memory that first attempts may take from: small bodies
+// just committed wait here for a worker. A message that does not fit is
+// read from disk as always. The copies fill up only when delivery lags
+// far behind acceptance, when a disk read no longer matters; the bound
+// keeps that case well inside the 150 MB a queue of 100,000 messages may
+// use (a full set of 4 KiB copies adds about 20 MB).
+const (
+	firstCopyMaxBytes = 16 << 20
+	firstCopyMaxCount = 4096
+)
 
 // slot is one (message, destination domain) pair: the unit of scheduling.
 type slot struct {
@@ -101,10 +127,17 @@ func (q *Queue) limitLocked(domain string, now time.Time) int {
 
 // indexPut records the state of m after a committed write. It runs on
 // the committer goroutine (or at load), so updates arrive in commit order.
-func (q *Queue) indexPut(m *message) {
+func (q *Queue) indexPut(m *message) { q.indexPutFirst(m, nil) }
+
+// indexPutFirst is indexPut for a message Enqueue just committed with its
+// small body, which first attempts may then take from memory.
+func (q *Queue) indexPutFirst(m *message, body []byte) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	e := q.index[m.ID]
+	if e != nil {
+		q.dropFirstLocked(e) // the record changed: the disk has the truth
+	}
 	if m.done() {
 		if e != nil {
 			q.indexRemoveLocked(e)
@@ -145,6 +178,11 @@ func (q *Queue) indexPut(m *message) {
 			due[r.Domain] = r.NextAttempt
 		}
 	}
+	if body != nil && q.firstBytes+int64(len(body)) <= q.firstMaxBytes && q.firstCount < q.firstMaxCount {
+		e.fresh = &firstCopy{m: m, body: body, slots: len(due)}
+		q.firstBytes += int64(len(body))
+		q.firstCount++
+	}
 	for domain, t := range due {
 		var s *slot
 		for _, x := range e.slots {
@@ -165,6 +203,7 @@ func (q *Queue) indexPut(m *message) {
 // indexRemoveLocked forgets a message whose record is gone and removes its
 // body file, or its share of a batch file.
 func (q *Queue) indexRemoveLocked(e *entry) {
+	q.dropFirstLocked(e)
 	for _, s := range e.slots {
 		s.gone = true
 	}
@@ -182,6 +221,29 @@ func (q *Queue) indexRemoveLocked(e *entry) {
 		delete(q.bodyRefs, e.bodyFile)
 		q.spool.remove(e.bodyFile)
 	}
+}
+
+// dropFirstLocked forgets e's in-memory first copy, if any.
+func (q *Queue) dropFirstLocked(e *entry) {
+	if e.fresh == nil {
+		return
+	}
+	q.firstBytes -= int64(len(e.fresh.body))
+	q.firstCount--
+	e.fresh = nil
+}
+
+// takeFirstLocked returns e's first copy for one first attempt, or nil
+// when the attempt must read the disk.
+func (q *Queue) takeFirstLocked(e *entry) *firstCopy {
+	f := e.fresh
+	if f == nil {
+		return nil
+	}
+	if f.slots--; f.slots <= 0 {
+		q.dropFirstLocked(e)
+	}
+	return f
 }
 
 // pushLocked arms s's timer, unless it is running or already waiting.
@@ -362,48 +424,69 @@ func (q *Queue) finish(s *slot, retryAt time.Time) {
 // with the earliest later attempt at the domain (zero: none).
 func (q *Queue) loadJob(s *slot) (job *Job, idx []int, nextDue time.Time, err error) {
 	now := q.opts.Now()
+	q.mu.Lock()
+	f := q.takeFirstLocked(s.e)
+	q.mu.Unlock()
+	if f != nil {
+		// The record on disk is still the one f holds: no commit touched
+		// the message since Enqueue, or f would be gone.
+		job, idx, nextDue = q.jobFor(s, f.m, now, func() (io.ReadCloser, error) {
+			return io.NopCloser(bytes.NewReader(f.body)), nil
+		})
+		if job != nil {
+			metricFirstFromMemory.Inc()
+		}
+		return job, idx, nextDue, nil
+	}
 	err = q.db.View(func(tx *bbolt.Tx) error {
 		m, err := getMessage(tx, s.e.id)
 		if err != nil || m == nil {
 			return err
 		}
-		minAttempts := -1
-		var rcpts []RecipientParams
-		for i := range m.Recipients {
-			r := &m.Recipients[i]
-			if r.Domain != s.domain || !r.pending() {
-				continue
-			}
-			if r.NextAttempt.After(now) {
-				if nextDue.IsZero() || r.NextAttempt.Before(nextDue) {
-					nextDue = r.NextAttempt
-				}
-				continue
-			}
-			idx = append(idx, i)
-			rcpts = append(rcpts, r.RecipientParams)
-			if minAttempts < 0 || r.Attempts < minAttempts {
-				minAttempts = r.Attempts
-			}
-		}
-		if len(idx) == 0 {
-			return nil
-		}
 		loc := locOf(m)
-		env := m.Envelope
-		env.Recipients = rcpts
-		job = &Job{
-			ID:         m.ID,
-			Domain:     s.domain,
-			Envelope:   env,
-			Recipients: rcpts,
-			Size:       m.Size,
-			Arrived:    m.Arrived,
-			Attempt:    minAttempts + 1,
-			Open:       func() (io.ReadCloser, error) { return q.spool.open(loc) },
-			Throttle:   func(limit int, d time.Duration) { q.throttle(s.domain, limit, d) },
-		}
+		job, idx, nextDue = q.jobFor(s, m, now, func() (io.ReadCloser, error) { return q.spool.open(loc) })
 		return nil
 	})
 	return job, idx, nextDue, err
+}
+
+// jobFor builds the job of the recipients of m at s's domain that are due
+// now; nil when none is, with the earliest later attempt there.
+func (q *Queue) jobFor(s *slot, m *message, now time.Time, open func() (io.ReadCloser, error)) (job *Job, idx []int, nextDue time.Time) {
+	minAttempts := -1
+	var rcpts []RecipientParams
+	for i := range m.Recipients {
+		r := &m.Recipients[i]
+		if r.Domain != s.domain || !r.pending() {
+			continue
+		}
+		if r.NextAttempt.After(now) {
+			if nextDue.IsZero() || r.NextAttempt.Before(nextDue) {
+				nextDue = r.NextAttempt
+			}
+			continue
+		}
+		idx = append(idx, i)
+		rcpts = append(rcpts, r.RecipientParams)
+		if minAttempts < 0 || r.Attempts < minAttempts {
+			minAttempts = r.Attempts
+		}
+	}
+	if len(idx) == 0 {
+		return nil, nil, nextDue
+	}
+	env := m.Envelope
+	env.Recipients = rcpts
+	job = &Job{
+		ID:         m.ID,
+		Domain:     s.domain,
+		Envelope:   env,
+		Recipients: rcpts,
+		Size:       m.Size,
+		Arrived:    m.Arrived,
+		Attempt:    minAttempts + 1,
+		Open:       open,
+		Throttle:   func(limit int, d time.Duration) { q.throttle(s.domain, limit, d) },
+	}
+	return job, idx, nextDue
 }

@@ -90,7 +90,7 @@ func checkDomain(d string) error {
 		}
 		return nil
 	}
-	for _, label := range strings.Split(d, ".") {
+	for label := range strings.SplitSeq(d, ".") { // no slice: runs per RCPT
 		if label == "" {
 			return fmt.Errorf("empty label in domain %q", d)
 		}

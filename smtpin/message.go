@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/emersion/go-smtp"
@@ -28,6 +29,10 @@ const maxHeaderBytes = 256 << 10
 // DKIM signature): the client can encode it, a relay cannot.
 const maxTextLine = 1000
 
+// readerPool holds the readers of message text, one per message in
+// progress.
+var readerPool = sync.Pool{New: func() any { return bufio.NewReaderSize(nil, 8192) }}
+
 // Errors found in the message text.
 var (
 	errBareLF         = errors.New("bare LF")
@@ -44,7 +49,11 @@ func (s *session) receive(tx transaction, r io.Reader) error {
 	start := time.Now()
 	env := tx.env
 	body := &bodyReader{r: r, maxLine: s.maxTextLine(), max: s.srv.opts.MaxMessageSize}
-	br := bufio.NewReaderSize(body, max(8192, body.maxLine+1))
+	// maxTextLine is at most 1000, so one size of reader serves every
+	// session; Enqueue has read all it wants before receive returns.
+	br := readerPool.Get().(*bufio.Reader)
+	br.Reset(body)
+	defer func() { br.Reset(nil); readerPool.Put(br) }()
 	hdr, err := readHeader(br, maxHeaderBytes)
 	if err != nil {
 		return s.dataError(env, body, err)
@@ -344,6 +353,7 @@ func isFieldName(b []byte) bool {
 // and the message's Message-ID, its own or the one added.
 func (s *session) traceHeaders(helo string, env queue.Envelope, hdr *header, now time.Time) (string, string) {
 	var b strings.Builder
+	b.Grow(512) // the whole header in one allocation
 	host := s.srv.opts.Hostname
 
 	// RFC 3848 and RFC 6531 §3.7.3: with-protocol names.

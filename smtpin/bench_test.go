@@ -1,0 +1,103 @@
+package smtpin
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"io"
+	"log/slog"
+	"net/netip"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/emersion/go-smtp"
+
+	"github.com/stsrelay/stsrelay/internal/testpki"
+	"github.com/stsrelay/stsrelay/queue"
+)
+
+// holdDeliverer never delivers: the benchmark measures acceptance only.
+type holdDeliverer struct{}
+
+func (holdDeliverer) Deliver(ctx context.Context, job *queue.Job) []queue.Status {
+	<-ctx.Done()
+	return nil
+}
+
+// BenchmarkAccept sends 4 KiB messages over one loopback session from a
+// trusted network into a real queue (not running deliveries): the accept
+// path from MAIL FROM to the 250 after the commit.
+//
+//	go test -run '^$' -bench Accept -benchmem -memprofile mem.out ./smtpin/
+func BenchmarkAccept(b *testing.B) {
+	dir := b.TempDir()
+	db, err := queue.OpenDB(filepath.Join(dir, "stsrelay.db"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer db.Close()
+	discard := slog.New(slog.NewTextHandler(io.Discard, nil))
+	q, err := queue.New(db, queue.Options{Deliverer: holdDeliverer{}, Hostname: "relay.test", Logger: discard})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer q.Close()
+	ca := testpki.NewCA(b)
+	cert := ca.Issue(b, "localhost", "127.0.0.1")
+	srv, err := New(Options{
+		Hostname:        "relay.test",
+		Listen:          "127.0.0.1:0",
+		GetCertificate:  func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return &cert, nil },
+		TrustedNetworks: []netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")},
+		Logger:          discard,
+	}, q)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := srv.Listen(); err != nil {
+		b.Fatal(err)
+	}
+	go srv.Serve()
+	defer func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		srv.Shutdown(ctx)
+	}()
+	c, err := smtp.Dial(srv.Addr().String())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Hello("client.test"); err != nil {
+		b.Fatal(err)
+	}
+	var msg bytes.Buffer
+	msg.WriteString("From: app@example.com\r\nTo: rcpt@example.org\r\nSubject: benchmark\r\nMessage-ID: <bench@example.com>\r\nDate: Sat, 5 Dec 2026 12:00:00 +0000\r\n\r\n")
+	line := strings.Repeat("x", 76) + "\r\n"
+	for msg.Len() < 4096 {
+		msg.WriteString(line)
+	}
+	b.SetBytes(int64(msg.Len()))
+	b.ReportAllocs()
+	b.ResetTimer()
+	for range b.N {
+		if err := c.Mail("app@example.com", nil); err != nil {
+			b.Fatal(err)
+		}
+		if err := c.Rcpt("rcpt@example.org", nil); err != nil {
+			b.Fatal(err)
+		}
+		w, err := c.Data()
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := w.Write(msg.Bytes()); err != nil {
+			b.Fatal(err)
+		}
+		if err := w.Close(); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
