@@ -98,8 +98,10 @@ func (x *txn) pipelined(group []string, body io.Reader) []queue.Status {
 
 	// The body, dot-stuffed as go-smtp's DATA writer does (the same
 	// net/textproto DotWriter), and the final dot.
-	bw := bufio.NewWriter(s.replay)
-	dw := textproto.NewWriter(bw).DotWriter()
+	if s.bw == nil {
+		s.bw = bufio.NewWriter(s.replay)
+	}
+	dw := textproto.NewWriter(s.bw).DotWriter()
 	if st := x.copyBody(dw, body); st != nil {
 		return st
 	}
@@ -123,9 +125,14 @@ type replyReader struct {
 	tp *textproto.Reader
 }
 
+// replies is the session's replyReader, made at its first pipelined
+// transaction and kept for the next.
 func (s *session) replies() *replyReader {
-	br := bufio.NewReader(s.replay)
-	return &replyReader{s: s, br: br, tp: textproto.NewReader(br)}
+	if s.rd == nil {
+		br := bufio.NewReader(s.replay)
+		s.rd = &replyReader{s: s, br: br, tp: textproto.NewReader(br)}
+	}
+	return s.rd
 }
 
 // read reads one reply, each within its own byte budget as in lockStep.
@@ -149,6 +156,7 @@ func (r *replyReader) release() {
 	if n := r.br.Buffered(); n > 0 {
 		rest, _ := r.br.Peek(n)
 		r.s.replay.pending = append(append([]byte(nil), rest...), r.s.replay.pending...)
+		r.br.Discard(n)
 	}
 }
 
