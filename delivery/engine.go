@@ -465,8 +465,9 @@ func (e *Engine) transact(ctx context.Context, s *session, job *queue.Job, body 
 	if ok, _ := s.client.Extension("PIPELINING"); ok {
 		// RFC 2920: one round trip for the envelope instead of one per
 		// command. A command go-smtp would refuse to write (a line break
-		// in an address) takes the lock-step path, which says why.
-		if group, err := envelopeCommands(s.client.Extension, env.From, mo, job.Recipients); err == nil {
+		// in an address) takes the lock-step path, which says why; so
+		// does a group too large to be written without reading.
+		if group, err := envelopeCommands(s.client.Extension, env.From, mo, job.Recipients); err == nil && groupFits(group) {
 			return x.pipelined(group, body), nil
 		}
 	}

@@ -186,6 +186,20 @@ func toSMTPError(te *textproto.Error) *smtp.SMTPError {
 	return se
 }
 
+// maxGroupBytes bounds a pipelined group. Writes block here, and RFC 2920
+// §3.1 asks a client without non-blocking I/O to keep each group within the
+// TCP window, lest both sides wait on a full buffer; a group of some 200
+// recipients fits any window seen today.
+const maxGroupBytes = 16 << 10
+
+func groupFits(group []string) bool {
+	n := 0
+	for _, l := range group {
+		n += len(l) + 2
+	}
+	return n <= maxGroupBytes
+}
+
 // envelopeCommands are the MAIL, RCPT and DATA lines of one transaction,
 // with exactly the parameters go-smtp's Client.Mail and Client.Rcpt
 // (v0.25.1) write for the same options and EHLO keywords; it fails where

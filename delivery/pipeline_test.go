@@ -451,3 +451,26 @@ func TestEnvelopeCommandsMatchGoSMTP(t *testing.T) {
 		conn.Close()
 	}
 }
+
+// RFC 2920 §3.1: a group that might not fit the TCP window is not
+// pipelined (groupFits); such a transaction still goes through, in
+// lock-step.
+func TestTooLargeAGroupIsStillDelivered(t *testing.T) {
+	v, _ := oneMX(t)
+	mx := &scriptMX{ehlo: []string{"PIPELINING", "8BITMIME"}}
+	v.route("127.0.0.2", newScriptMX(t, mx))
+	var rcpts []string
+	for i := range 400 {
+		rcpts = append(rcpts, fmt.Sprintf("recipient-with-a-long-local-part-%03d@example.test", i))
+	}
+	for _, st := range deliver(t, v.engine(), testJob("example.test", rcpts...)) {
+		wantStatus(t, st, 250, "2.0.0")
+	}
+	group, err := envelopeCommands(func(string) (bool, string) { return true, "" }, "s@x", &smtp.MailOptions{}, testJob("example.test", rcpts...).Recipients)
+	if err != nil || groupFits(group) {
+		t.Errorf("a group of %d recipients fits (err %v); the test needs a larger one", len(rcpts), err)
+	}
+	if len(mx.commands()) < len(rcpts)+3 {
+		t.Errorf("%d commands for %d recipients", len(mx.commands()), len(rcpts))
+	}
+}
