@@ -22,6 +22,12 @@
 // VerifyConnection on resumed handshakes too), so resumption saves
 // handshake work and never a check (docs/DESIGN.md, "TLS session
 // resumption").
+//
+// A remote that offers PIPELINING gets MAIL, every RCPT and DATA in one
+// write, and the replies are read afterwards in order (RFC 2920 §3.1); the
+// body follows only a 354, and a 354 with every recipient refused gets the
+// lone ".". Other remotes get one command per round trip. Both paths give
+// the same per-recipient statuses.
 package delivery
 
 import (

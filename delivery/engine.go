@@ -414,7 +414,6 @@ func (e *Engine) transact(ctx context.Context, s *session, job *queue.Job, body 
 		}
 	}()
 	env := job.Envelope
-	t := e.opts.Timeouts
 	s.throttled = ""
 
 	needUTF8 := env.SMTPUTF8 || !isASCII(env.From)
@@ -449,29 +448,6 @@ func (e *Engine) transact(ctx context.Context, s *session, job *queue.Job, body 
 	}
 	dsn, _ := s.client.Extension("DSN")
 
-	out := make([]queue.Status, len(job.Recipients))
-	// abort gives st to every recipient the remote has not answered for
-	// good: a 421 or a lost connection defers the whole transaction.
-	abort := func(st queue.Status) []queue.Status {
-		for i := range out {
-			if out[i].Code == 0 || out[i].Delivered() {
-				out[i] = st
-			}
-		}
-		return out
-	}
-	fail := func(step string, err error) []queue.Status {
-		var se *smtp.SMTPError
-		if errors.As(err, &se) && se.Code == 421 {
-			s.broken = true
-		}
-		st := s.commandFailure(ctx, step, err, false).status
-		if tooManyConnections(st.Code, st.Text, false) {
-			s.throttled = st.Text
-		}
-		return abort(st)
-	}
-
 	// go-smtp adds BODY=8BITMIME whenever the remote offers it, which
 	// RFC 6152 allows for 7-bit content too.
 	mo := &smtp.MailOptions{Size: job.Size, RequireTLS: env.RequireTLS, UTF8: needUTF8, EnvelopeID: env.EnvID}
@@ -484,77 +460,152 @@ func (e *Engine) transact(ctx context.Context, s *session, job *queue.Job, body 
 	if !isPrintableASCII(mo.EnvelopeID) {
 		mo.EnvelopeID = ""
 	}
+	x := &txn{ctx: ctx, s: s, job: job, dsn: dsn, out: make([]queue.Status, len(job.Recipients))}
+	s.messages++
+	if ok, _ := s.client.Extension("PIPELINING"); ok {
+		// RFC 2920: one round trip for the envelope instead of one per
+		// command. A command go-smtp would refuse to write (a line break
+		// in an address) takes the lock-step path, which says why; so
+		// does a group too large to be written without reading.
+		if group, err := envelopeCommands(s.client.Extension, env.From, mo, job.Recipients); err == nil && groupFits(group) {
+			return x.pipelined(group, body), nil
+		}
+	}
+	return x.lockStep(mo, body), nil
+}
+
+// txn is one mail transaction's outcome, recipient by recipient, shared
+// by the lock-step and the pipelined path so both map replies alike.
+type txn struct {
+	ctx context.Context
+	s   *session
+	job *queue.Job
+	dsn bool // the remote offers DSN
+	out []queue.Status
+	// accepted are the recipients the remote took with RCPT; their 250
+	// in out is provisional until the end of DATA.
+	accepted []int
+}
+
+// abort gives st to every recipient the remote has not answered for
+// good: a 421 or a lost connection defers the whole transaction.
+func (x *txn) abort(st queue.Status) []queue.Status {
+	for i := range x.out {
+		if x.out[i].Code == 0 || x.out[i].Delivered() {
+			x.out[i] = st
+		}
+	}
+	return x.out
+}
+
+// fail ends the transaction with the error of step.
+func (x *txn) fail(step string, err error) []queue.Status {
+	s := x.s
+	var se *smtp.SMTPError
+	if errors.As(err, &se) && se.Code == 421 {
+		s.broken = true
+	}
+	st := s.commandFailure(x.ctx, step, err, false).status
+	if tooManyConnections(st.Code, st.Text, false) {
+		s.throttled = st.Text
+	}
+	return x.abort(st)
+}
+
+// rcpt records the reply to the RCPT of recipient i. It returns false
+// when the reply ends the transaction (421, or no reply at all).
+func (x *txn) rcpt(i int, err error) bool {
+	if err == nil {
+		x.accepted = append(x.accepted, i)
+		x.out[i] = queue.Status{Code: 250} // provisional, until the end of DATA
+		return true
+	}
+	var se *smtp.SMTPError
+	if !errors.As(err, &se) || se.Code == 421 {
+		return false
+	}
+	x.out[i] = smtpErrorStatus(x.s.label, se)
+	if tooManyConnections(x.out[i].Code, x.out[i].Text, false) {
+		x.s.throttled = x.out[i].Text
+	}
+	return true
+}
+
+// copyBody sends the message to w, a dot-stuffing writer. It returns nil
+// when all of it went out, else the statuses: the connection is closed,
+// as only the missing final dot makes the remote drop the message.
+func (x *txn) copyBody(w io.Writer, body io.Reader) []queue.Status {
+	src := &readTracker{r: body}
+	_, err := io.Copy(&deadlineWriter{w: w, s: x.s, d: x.s.e.opts.Timeouts.DataBlock}, src)
+	if err == nil {
+		return nil
+	}
+	x.s.broken = true
+	x.s.close()
+	if src.err != nil {
+		return x.abort(queue.Status{Code: 451, Enhanced: "4.3.0", Text: "reading the queued message: " + src.err.Error()})
+	}
+	return x.abort(transportFailure(x.ctx, x.s.label, "while sending the message", err).status)
+}
+
+// delivered gives the final reply to every accepted recipient.
+func (x *txn) delivered(reply string) []queue.Status {
+	ok := replyStatus(x.s.label, 250, reply)
+	for _, i := range x.accepted {
+		x.out[i] = ok
+		// RFC 3461 §4.1, §5.2.1: once NOTIFY went to a DSN-capable next
+		// hop, the success notice is that hop's to send, not ours. A
+		// remote without DSN cannot honour NOTIFY, so SUCCESS gets a
+		// "relayed" DSN from us (§5.2.2).
+		n := x.job.Recipients[i].Notify
+		passed := x.dsn && validNotify(n) != nil
+		x.out[i].Relayed = !passed && hasNotify(n, "SUCCESS")
+	}
+	return x.out
+}
+
+// lockStep sends MAIL, each RCPT and DATA one at a time, waiting for each
+// reply: for remotes that do not offer PIPELINING.
+func (x *txn) lockStep(mo *smtp.MailOptions, body io.Reader) []queue.Status {
+	s, t, env := x.s, x.s.e.opts.Timeouts, x.job.Envelope
 	s.conn.allow(maxReplyBytes)
 	s.client.CommandTimeout = t.Mail
-	s.messages++
 	if err := s.client.Mail(env.From, mo); err != nil {
 		// A reply to MAIL applies to every recipient of the transaction.
-		return fail("after MAIL", err), nil
+		return x.fail("after MAIL", err)
 	}
-
-	var accepted []int
-	for i, r := range job.Recipients {
+	for i, r := range x.job.Recipients {
 		s.conn.allow(maxReplyBytes)
 		s.client.CommandTimeout = t.Rcpt
-		err := s.client.Rcpt(r.Addr, rcptOptions(r))
-		if err == nil {
-			accepted = append(accepted, i)
-			out[i] = queue.Status{Code: 250} // provisional, until the end of DATA
-			continue
-		}
-		var se *smtp.SMTPError
-		if !errors.As(err, &se) || se.Code == 421 {
-			return fail("after RCPT", err), nil
-		}
-		out[i] = smtpErrorStatus(s.label, se)
-		if tooManyConnections(out[i].Code, out[i].Text, false) {
-			s.throttled = out[i].Text
+		if err := s.client.Rcpt(r.Addr, rcptOptions(r)); !x.rcpt(i, err) {
+			return x.fail("after RCPT", err)
 		}
 	}
-	if len(accepted) == 0 {
+	if len(x.accepted) == 0 {
 		s.conn.allow(maxReplyBytes)
 		s.client.CommandTimeout = t.Command
 		if err := s.client.Reset(); err != nil {
 			s.broken = true
 		}
-		return out, nil
+		return x.out
 	}
 
 	s.conn.allow(maxReplyBytes)
 	s.client.CommandTimeout = t.DataInit
 	w, err := s.client.Data()
 	if err != nil {
-		return fail("after DATA", err), nil
+		return x.fail("after DATA", err)
 	}
-	src := &readTracker{r: body}
-	_, err = io.Copy(&deadlineWriter{w: w, s: s, d: t.DataBlock}, src)
-	if err != nil {
-		// Closing without the final dot makes the remote drop the message.
-		s.broken = true
-		s.close()
-		if src.err != nil {
-			return abort(queue.Status{Code: 451, Enhanced: "4.3.0", Text: "reading the queued message: " + src.err.Error()}), nil
-		}
-		return abort(transportFailure(ctx, s.label, "while sending the message", err).status), nil
+	if st := x.copyBody(w, body); st != nil {
+		return st
 	}
 	s.conn.allow(maxReplyBytes)
 	s.client.SubmissionTimeout = t.DataFinal
 	resp, err := w.CloseWithResponse()
 	if err != nil {
-		return fail("after end of data", err), nil
+		return x.fail("after end of data", err)
 	}
-	ok := replyStatus(s.label, 250, resp.StatusText)
-	for _, i := range accepted {
-		out[i] = ok
-		// RFC 3461 §4.1, §5.2.1: once NOTIFY went to a DSN-capable next
-		// hop, the success notice is that hop's to send, not ours. A
-		// remote without DSN cannot honour NOTIFY, so SUCCESS gets a
-		// "relayed" DSN from us (§5.2.2).
-		n := job.Recipients[i].Notify
-		passed := dsn && validNotify(n) != nil
-		out[i].Relayed = !passed && hasNotify(n, "SUCCESS")
-	}
-	return out, nil
+	return x.delivered(resp.StatusText)
 }
 
 // reset readies an idle session for the next message (RSET).

@@ -90,10 +90,14 @@ type session struct {
 
 	conn   *boundedConn
 	client *smtp.Client
-	replay *replayConn          // what client reads from
-	helo   string               // host name from the greeting (TLSRPT receiving-mx-helo)
-	tls    *tls.ConnectionState // nil in plaintext
-	tlsc   *tls.Conn
+	replay *replayConn // what client reads from
+	// rd and bw read replies and write the body on the pipelined path
+	// (RFC 2920), which goes around client.
+	rd   *replyReader
+	bw   *bufio.Writer
+	helo string               // host name from the greeting (TLSRPT receiving-mx-helo)
+	tls  *tls.ConnectionState // nil in plaintext
+	tlsc *tls.Conn
 	// pkixMX caches authenticatedMX.
 	pkixMX *bool
 	// tlsProblem is a verification failure tolerated because the policy

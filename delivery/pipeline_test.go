@@ -1,0 +1,476 @@
+package delivery
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"net"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/emersion/go-smtp"
+
+	"github.com/stsrelay/stsrelay/policy"
+	"github.com/stsrelay/stsrelay/queue"
+)
+
+// groupMX is a raw SMTP server that offers PIPELINING and answers nothing
+// of a transaction until it has read the whole group, MAIL to DATA
+// (RFC 2920 §3.1): a client that waits for the reply to MAIL waits in
+// vain and times out.
+type groupMX struct {
+	rcpt map[string]string // reply to RCPT by address; "250 ok" otherwise
+	data string            // reply to DATA; "354 go ahead" if empty
+	// after421 keeps the connection open after a 421, answering 250 to
+	// everything, so a client that reused it would be seen doing so.
+	after421 bool
+
+	mu     sync.Mutex
+	conns  int
+	groups [][]string
+	bodies []string // as received, dot-stuffing and final dot included
+}
+
+func (m *groupMX) serve(c net.Conn) {
+	m.mu.Lock()
+	m.conns++
+	m.mu.Unlock()
+	r := bufio.NewReader(c)
+	say := func(s string) { io.WriteString(c, s+"\r\n") }
+	line := func() (string, bool) {
+		l, err := r.ReadString('\n')
+		return strings.TrimSuffix(l, "\r\n"), err == nil
+	}
+	say("220 mx.test ESMTP")
+	broken := false
+	for {
+		l, ok := line()
+		if !ok {
+			return
+		}
+		verb := strings.ToUpper(strings.SplitN(l, " ", 2)[0])
+		switch {
+		case broken:
+			say("250 ok")
+		case verb == "EHLO":
+			say("250-mx.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 1000000")
+		case verb == "MAIL":
+			group := []string{l}
+			for !strings.EqualFold(l, "DATA") {
+				if l, ok = line(); !ok {
+					return
+				}
+				group = append(group, l)
+			}
+			m.mu.Lock()
+			m.groups = append(m.groups, group)
+			m.mu.Unlock()
+			replies := []string{"250 2.1.0 ok"}
+			for _, g := range group[1 : len(group)-1] {
+				to := strings.TrimSuffix(strings.TrimPrefix(g, "RCPT TO:<"), ">")
+				rep, ok := m.rcpt[to]
+				if !ok {
+					rep = "250 2.1.5 ok"
+				}
+				replies = append(replies, rep)
+			}
+			data := m.data
+			if data == "" {
+				data = "354 go ahead"
+			}
+			replies = append(replies, data)
+			for _, rep := range replies {
+				say(rep)
+				if strings.HasPrefix(rep, "421") {
+					if !m.after421 {
+						return
+					}
+					broken = true
+					break
+				}
+			}
+			if broken || !strings.HasPrefix(data, "354") {
+				continue
+			}
+			var b strings.Builder
+			for {
+				l, err := r.ReadString('\n')
+				if err != nil {
+					return
+				}
+				b.WriteString(l)
+				if l == ".\r\n" {
+					break
+				}
+			}
+			m.mu.Lock()
+			m.bodies = append(m.bodies, b.String())
+			m.mu.Unlock()
+			if b.String() == ".\r\n" {
+				say("554 5.5.1 no valid recipients")
+			} else {
+				say("250 2.0.0 queued")
+			}
+		case verb == "QUIT":
+			say("221 bye")
+			return
+		default:
+			say("250 ok")
+		}
+	}
+}
+
+func (m *groupMX) state() (int, [][]string, []string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.conns, slices.Clone(m.groups), slices.Clone(m.bodies)
+}
+
+// RFC 2920 §3.1: MAIL, every RCPT and DATA go out before the first reply
+// is read; each recipient gets its own reply's status, and the body goes
+// dot-stuffed. The connection then carries a second message.
+func TestPipeliningSendsTheGroupBeforeReadingReplies(t *testing.T) {
+	v, _ := oneMX(t)
+	mx := &groupMX{rcpt: map[string]string{
+		"gone@example.test":  "550 5.1.1 no such user",
+		"later@example.test": "450 4.2.1 mailbox busy",
+	}}
+	v.route("127.0.0.2", rawServer(t, mx.serve))
+	e := v.engine(func(o *Options) { o.IdleTimeout = 5 * time.Second })
+	job := testJob("example.test", "a@example.test", "gone@example.test", "later@example.test", "b@example.test")
+	for range 2 {
+		st := deliver(t, e, job)
+		wantStatus(t, st[0], 250, "2.0.0", "queued")
+		wantStatus(t, st[1], 550, "5.1.1", "no such user")
+		wantStatus(t, st[2], 450, "4.2.1", "mailbox busy")
+		wantStatus(t, st[3], 250, "2.0.0", "queued")
+	}
+	conns, groups, bodies := mx.state()
+	if conns != 1 {
+		t.Errorf("%d connections, want 1 carrying both messages", conns)
+	}
+	want := []string{"MAIL FROM:<sender@sender.test> BODY=8BITMIME SIZE=" + fmt.Sprint(job.Size),
+		"RCPT TO:<a@example.test>", "RCPT TO:<gone@example.test>", "RCPT TO:<later@example.test>",
+		"RCPT TO:<b@example.test>", "DATA"}
+	if len(groups) != 2 || !slices.Equal(groups[0], want) || !slices.Equal(groups[1], want) {
+		t.Errorf("groups %q, want twice %q", groups, want)
+	}
+	wantBody := strings.Replace(testBody, "\r\n.leading", "\r\n..leading", 1) + ".\r\n"
+	if len(bodies) != 2 || bodies[0] != wantBody {
+		t.Errorf("bodies %q, want %q (dot-stuffed)", bodies, wantBody)
+	}
+}
+
+// RFC 2920 §3.1: when every RCPT was refused but DATA still got 354, the
+// client sends the lone "."; nothing is delivered.
+func TestPipeliningAllRecipientsRefusedSendsLoneDot(t *testing.T) {
+	v, _ := oneMX(t)
+	mx := &groupMX{rcpt: map[string]string{
+		"a@example.test": "550 5.1.1 no such user",
+		"b@example.test": "451 4.3.0 try later",
+	}}
+	v.route("127.0.0.2", rawServer(t, mx.serve))
+	st := deliver(t, v.engine(), testJob("example.test", "a@example.test", "b@example.test"))
+	wantStatus(t, st[0], 550, "5.1.1", "no such user")
+	wantStatus(t, st[1], 451, "4.3.0", "try later")
+	if _, _, bodies := mx.state(); !slices.Equal(bodies, []string{".\r\n"}) {
+		t.Errorf("after the 354 the server read %q, want the lone dot", bodies)
+	}
+}
+
+// A refused DATA (a server that follows RFC 2920's advice for a group
+// without recipients) gets no body and no dot.
+func TestPipeliningRefusedDataSendsNoBody(t *testing.T) {
+	v, _ := oneMX(t)
+	mx := &groupMX{data: "554 5.5.1 no valid recipients",
+		rcpt: map[string]string{"a@example.test": "550 5.1.1 no such user"}}
+	v.route("127.0.0.2", rawServer(t, mx.serve))
+	st := deliver(t, v.engine(), testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 550, "5.1.1", "no such user")
+
+	mx2 := &groupMX{data: mx.data}
+	v.route("127.0.0.2", rawServer(t, mx2.serve))
+	st = deliver(t, v.engine(), testJob("example.test", "a@example.test", "b@example.test"))
+	for _, s := range st {
+		wantStatus(t, s, 554, "5.5.1", "no valid recipients")
+	}
+	for _, m := range []*groupMX{mx, mx2} {
+		if _, _, bodies := m.state(); len(bodies) != 0 {
+			t.Errorf("the server read %q after a refused DATA", bodies)
+		}
+	}
+}
+
+// A 421 in the middle of the group ends the transaction: every recipient
+// not refused for good is deferred with it, the body never goes, and the
+// connection is not used again.
+func TestPipelining421InTheGroup(t *testing.T) {
+	v, _ := oneMX(t)
+	mx := &groupMX{after421: true, rcpt: map[string]string{
+		"gone@example.test": "550 5.1.1 no such user",
+		"b@example.test":    "421 4.4.2 mx.test closing",
+	}}
+	v.route("127.0.0.2", rawServer(t, mx.serve))
+	e := v.engine(func(o *Options) { o.IdleTimeout = 5 * time.Second })
+	job := testJob("example.test", "a@example.test", "gone@example.test", "b@example.test", "c@example.test")
+	for range 2 {
+		st := deliver(t, e, job)
+		wantStatus(t, st[0], 421, "4.4.2", "closing")
+		wantStatus(t, st[1], 550, "5.1.1", "no such user")
+		wantStatus(t, st[2], 421, "4.4.2", "closing")
+		wantStatus(t, st[3], 421, "4.4.2", "closing")
+	}
+	conns, _, bodies := mx.state()
+	if conns != 2 {
+		t.Errorf("%d connections for two attempts, want 2: one that answered 421 was reused", conns)
+	}
+	if len(bodies) != 0 {
+		t.Errorf("the body went after a 421: %q", bodies)
+	}
+}
+
+// Without PIPELINING the client sends one command per round trip: the
+// server here notes any command that arrives before it answered the one
+// before.
+func TestNoPipeliningIsLockStep(t *testing.T) {
+	v, _ := oneMX(t)
+	var mu sync.Mutex
+	var early, cmds []string
+	v.route("127.0.0.2", rawServer(t, func(c net.Conn) {
+		r := bufio.NewReader(c)
+		say := func(s string) { io.WriteString(c, s+"\r\n") }
+		say("220 mx.test ESMTP")
+		for {
+			l, err := r.ReadString('\n')
+			if err != nil {
+				return
+			}
+			l = strings.TrimSuffix(l, "\r\n")
+			// Anything already sent, or sent within a moment, is a command
+			// that did not wait for this reply. (The moment can only miss
+			// a pipelining client, never fail a lock-step one.)
+			c.SetReadDeadline(time.Now().Add(20 * time.Millisecond))
+			if _, err := r.Peek(1); err == nil {
+				mu.Lock()
+				early = append(early, l)
+				mu.Unlock()
+			}
+			c.SetReadDeadline(time.Time{})
+			mu.Lock()
+			cmds = append(cmds, l)
+			mu.Unlock()
+			switch verb := strings.ToUpper(strings.SplitN(l, " ", 2)[0]); {
+			case verb == "EHLO":
+				say("250-mx.test\r\n250-8BITMIME\r\n250 SIZE 1000000")
+			case l == "RCPT TO:<gone@example.test>":
+				say("550 5.1.1 no such user")
+			case verb == "DATA":
+				say("354 go ahead")
+				for {
+					l, err := r.ReadString('\n')
+					if err != nil {
+						return
+					}
+					if l == ".\r\n" {
+						break
+					}
+				}
+				say("250 2.0.0 queued")
+			case verb == "QUIT":
+				say("221 bye")
+				return
+			default:
+				say("250 ok")
+			}
+		}
+	}))
+	st := deliver(t, v.engine(), testJob("example.test", "a@example.test", "gone@example.test", "b@example.test"))
+	wantStatus(t, st[0], 250, "2.0.0", "queued")
+	wantStatus(t, st[1], 550, "5.1.1")
+	wantStatus(t, st[2], 250, "2.0.0", "queued")
+	mu.Lock()
+	defer mu.Unlock()
+	if len(early) > 0 {
+		t.Errorf("commands sent before the reply to %q, to a server without PIPELINING", early)
+	}
+	if !slices.Contains(cmds, "RCPT TO:<b@example.test>") {
+		t.Errorf("commands %q", cmds)
+	}
+}
+
+// The pipelined path writes exactly the lines go-smtp's Mail and Rcpt
+// write on the lock-step path: SIZE, BODY, SMTPUTF8, REQUIRETLS, RET,
+// ENVID, NOTIFY, ORCPT.
+func TestPipelinedCommandsMatchLockStep(t *testing.T) {
+	job := func() *queue.Job {
+		j := testJob("example.test", "jöran@example.test", "b@example.test", "c@example.test")
+		j.Envelope.SMTPUTF8, j.Envelope.Body8Bit = true, true
+		j.Envelope.Ret, j.Envelope.EnvID = "FULL", "id+1 =x"
+		j.Recipients[0].Notify = []string{"SUCCESS", "FAILURE"}
+		j.Recipients[0].ORcpt = "utf-8;jöran@example.test"
+		j.Recipients[1].Notify = []string{"NEVER"}
+		j.Recipients[1].ORcpt = "rfc822;b+x=y@example.test"
+		return j
+	}
+	sent := func(ehlo []string) ([]string, []string) {
+		v, _ := oneMX(t)
+		mx := &scriptMX{ehlo: ehlo}
+		v.route("127.0.0.2", newScriptMX(t, mx))
+		for _, st := range deliver(t, v.engine(), job()) {
+			wantStatus(t, st, 250, "2.0.0")
+		}
+		cmds := mx.commands()
+		mx.mu.Lock()
+		defer mx.mu.Unlock()
+		return cmds, slices.Clone(mx.data)
+	}
+	base := []string{"8BITMIME", "SMTPUTF8", "DSN", "SIZE 1000000"}
+	lock, lockData := sent(base)
+	piped, pipedData := sent(append([]string{"PIPELINING"}, base...))
+	if !slices.Equal(lock, piped) || !slices.Equal(lockData, pipedData) {
+		t.Errorf("lock-step sent\n%q\npipelined sent\n%q", lock, piped)
+	}
+	if !slices.Contains(piped, "MAIL FROM:<sender@sender.test> BODY=8BITMIME SIZE="+fmt.Sprint(job().Size)+" SMTPUTF8 RET=FULL ENVID=id+2B1+20+3Dx") ||
+		!slices.Contains(piped, "RCPT TO:<b@example.test> NOTIFY=NEVER ORCPT=RFC822;b+2Bx+3Dy@example.test") {
+		t.Errorf("pipelined commands %q lack the expected parameters", piped)
+	}
+
+	// REQUIRETLS is offered, and PIPELINING taken, only after STARTTLS.
+	tlsSent := func(ehloTLS []string) []string {
+		v, _ := oneMX(t)
+		cert := v.ca.Issue(t, "mx1.example.test")
+		mx := &scriptMX{ehlo: []string{"8BITMIME"}, ehloTLS: ehloTLS, cert: &cert}
+		v.route("127.0.0.2", newScriptMX(t, mx))
+		e := v.engine(func(o *Options) { o.Policy = everyMX(policy.Requirement{MXValidated: true}) })
+		wantStatus(t, deliver(t, e, requireTLSJob())[0], 250, "2.0.0")
+		return mx.commands()
+	}
+	lock = tlsSent([]string{"8BITMIME", "REQUIRETLS", "DSN"})
+	piped = tlsSent([]string{"PIPELINING", "8BITMIME", "REQUIRETLS", "DSN"})
+	if !slices.Equal(lock, piped) || !slices.ContainsFunc(piped, func(c string) bool { return strings.HasSuffix(c, " REQUIRETLS") }) {
+		t.Errorf("lock-step sent\n%q\npipelined sent\n%q", lock, piped)
+	}
+}
+
+// envelopeCommands writes what go-smtp's Client writes, and refuses what
+// it refuses (the engine then takes the lock-step path).
+func TestEnvelopeCommandsMatchGoSMTP(t *testing.T) {
+	auth := "a+b@x"
+	mails := []*smtp.MailOptions{
+		{},
+		{Size: 1234, RequireTLS: true, UTF8: true, Return: smtp.DSNReturnHeaders, EnvelopeID: "E 1+2=3", Auth: &auth},
+		{Return: "BOGUS"},
+		{EnvelopeID: "bad\x01"},
+	}
+	rcpts := []*smtp.RcptOptions{
+		{},
+		{Notify: []smtp.DSNNotify{smtp.DSNNotifySuccess, smtp.DSNNotifyDelayed}, OriginalRecipientType: smtp.DSNAddressTypeRFC822, OriginalRecipient: "x+y@z"},
+		{OriginalRecipientType: smtp.DSNAddressTypeUTF8, OriginalRecipient: "jö ran@z"},
+		{Notify: []smtp.DSNNotify{smtp.DSNNotifySuccess, smtp.DSNNotifySuccess}},
+		{Notify: []smtp.DSNNotify{smtp.DSNNotifyNever, smtp.DSNNotifyFailure}},
+		{OriginalRecipientType: smtp.DSNAddressTypeRFC822, OriginalRecipient: "jö@z"},
+	}
+	for _, ehlo := range [][]string{
+		{"8BITMIME", "SIZE", "REQUIRETLS", "SMTPUTF8", "DSN", "AUTH PLAIN"},
+		{"SIZE 10", "DSN"},
+		{},
+	} {
+		has := func(k string) bool {
+			return slices.ContainsFunc(ehlo, func(e string) bool { return strings.SplitN(e, " ", 2)[0] == k })
+		}
+		var mu sync.Mutex
+		var got []string
+		addr := rawServer(t, func(c net.Conn) {
+			r := bufio.NewReader(c)
+			io.WriteString(c, "220 mx.test\r\n")
+			for {
+				l, err := r.ReadString('\n')
+				if err != nil {
+					return
+				}
+				l = strings.TrimSuffix(l, "\r\n")
+				if strings.HasPrefix(l, "EHLO") {
+					io.WriteString(c, "250-mx.test\r\n")
+					for _, e := range ehlo {
+						io.WriteString(c, "250-"+e+"\r\n")
+					}
+					io.WriteString(c, "250 HELP\r\n")
+					continue
+				}
+				mu.Lock()
+				got = append(got, l)
+				mu.Unlock()
+				io.WriteString(c, "250 ok\r\n")
+			}
+		})
+		conn, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := smtp.NewClient(conn)
+		c.CommandTimeout = 5 * time.Second
+		if err := c.Hello("relay.test"); err != nil {
+			t.Fatal(err)
+		}
+		last := func() string {
+			c.Noop() // a round trip: the line before it has been read
+			mu.Lock()
+			defer mu.Unlock()
+			return got[len(got)-2]
+		}
+		for i, mo := range mails {
+			want, ourErr := mailCommand(has, "s@x", mo)
+			gerr := c.Mail("s@x", mo)
+			switch {
+			case (ourErr == nil) != (gerr == nil):
+				t.Errorf("ehlo %q mail %d: go-smtp error %v, ours %v", ehlo, i, gerr, ourErr)
+			case gerr == nil:
+				if l := last(); l != want {
+					t.Errorf("ehlo %q mail %d: go-smtp wrote %q, we %q", ehlo, i, l, want)
+				}
+			}
+		}
+		for i, ro := range rcpts {
+			want, ourErr := rcptCommand(has, "r@x", ro)
+			gerr := c.Rcpt("r@x", ro)
+			switch {
+			case (ourErr == nil) != (gerr == nil):
+				t.Errorf("ehlo %q rcpt %d: go-smtp error %v, ours %v", ehlo, i, gerr, ourErr)
+			case gerr == nil:
+				if l := last(); l != want {
+					t.Errorf("ehlo %q rcpt %d: go-smtp wrote %q, we %q", ehlo, i, l, want)
+				}
+			}
+		}
+		if _, err := mailCommand(has, "s@x\r\nRSET", &smtp.MailOptions{}); err == nil {
+			t.Error("a line break in MAIL FROM was not refused")
+		}
+		conn.Close()
+	}
+}
+
+// RFC 2920 §3.1: a group that might not fit the TCP window is not
+// pipelined (groupFits); such a transaction still goes through, in
+// lock-step.
+func TestTooLargeAGroupIsStillDelivered(t *testing.T) {
+	v, _ := oneMX(t)
+	mx := &scriptMX{ehlo: []string{"PIPELINING", "8BITMIME"}}
+	v.route("127.0.0.2", newScriptMX(t, mx))
+	var rcpts []string
+	for i := range 400 {
+		rcpts = append(rcpts, fmt.Sprintf("recipient-with-a-long-local-part-%03d@example.test", i))
+	}
+	for _, st := range deliver(t, v.engine(), testJob("example.test", rcpts...)) {
+		wantStatus(t, st, 250, "2.0.0")
+	}
+	group, err := envelopeCommands(func(string) (bool, string) { return true, "" }, "s@x", &smtp.MailOptions{}, testJob("example.test", rcpts...).Recipients)
+	if err != nil || groupFits(group) {
+		t.Errorf("a group of %d recipients fits (err %v); the test needs a larger one", len(rcpts), err)
+	}
+	if len(mx.commands()) < len(rcpts)+3 {
+		t.Errorf("%d commands for %d recipients", len(mx.commands()), len(rcpts))
+	}
+}
