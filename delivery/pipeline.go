@@ -81,10 +81,8 @@ func (x *txn) pipelined(group []string, body io.Reader) []queue.Status {
 		return x.fail("after DATA", dataErr)
 	case dataErr != nil && mailErr == nil:
 		// As in lockStep, a transaction without recipients ends with RSET.
-		s.conn.SetDeadline(time.Now().Add(t.Command))
-		if _, err := io.WriteString(s.replay, "RSET\r\n"); err != nil {
-			s.broken = true
-		} else if _, err := rd.read(250); err != nil {
+		rd.release()
+		if s.rset() != nil {
 			s.broken = true
 		}
 	}

@@ -30,6 +30,7 @@ type groupMX struct {
 
 	mu     sync.Mutex
 	conns  int
+	verbs  []string // every command but those after MAIL in a group, in order
 	groups [][]string
 	bodies []string // as received, dot-stuffing and final dot included
 }
@@ -52,6 +53,9 @@ func (m *groupMX) serve(c net.Conn) {
 			return
 		}
 		verb := strings.ToUpper(strings.SplitN(l, " ", 2)[0])
+		m.mu.Lock()
+		m.verbs = append(m.verbs, verb)
+		m.mu.Unlock()
 		switch {
 		case broken:
 			say("250 ok")
@@ -151,6 +155,15 @@ func TestPipeliningSendsTheGroupBeforeReadingReplies(t *testing.T) {
 	conns, groups, bodies := mx.state()
 	if conns != 1 {
 		t.Errorf("%d connections, want 1 carrying both messages", conns)
+	}
+	// Between the two messages one RSET, and no second EHLO: RSET keeps
+	// the EHLO state (RFC 5321 §4.1.1.5).
+	mx.mu.Lock()
+	verbs := slices.Clone(mx.verbs)
+	mx.mu.Unlock()
+	first := slices.Index(verbs, "MAIL")
+	if between := verbs[first+1:]; first < 0 || len(between) < 2 || !slices.Equal(between[:2], []string{"RSET", "MAIL"}) {
+		t.Errorf("commands %q: want only RSET between the two messages", verbs)
 	}
 	want := []string{"MAIL FROM:<sender@sender.test> BODY=8BITMIME SIZE=" + fmt.Sprint(job.Size),
 		"RCPT TO:<a@example.test>", "RCPT TO:<gone@example.test>", "RCPT TO:<later@example.test>",
