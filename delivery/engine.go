@@ -182,7 +182,9 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 	env := job.Envelope
 	var fails []*hostFailure
 	budget := maxAddrAttempts
-	for i, h := range p.hops {
+	stale := 0
+	for i := 0; i < len(p.hops); i++ {
+		h := p.hops[i]
 		if h.unusable != nil {
 			fails = append(fails, h.unusable)
 			continue
@@ -229,6 +231,14 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 		statuses, f := e.transact(ctx, s, job, body)
 		if s.throttled != "" {
 			e.throttle(h, job, s.throttled)
+		}
+		if f != nil && f.stale && stale < maxStaleRetries {
+			// Nothing of the message went out: the same host again, on
+			// another idle connection or a new one.
+			e.release(s)
+			stale++
+			i--
+			continue
 		}
 		if f != nil {
 			// The host lacks what this message needs; another may have it.
@@ -359,6 +369,14 @@ func (e *Engine) connect(ctx context.Context, nh NextHop, h hop, req policy.Requ
 		}
 		key := keyFor(nh, h.mx, req, withTLS)
 		for s := e.takeIdle(key); s != nil; s = e.takeIdle(key) {
+			if ok, _ := s.client.Extension("PIPELINING"); ok {
+				// RFC 2920 §3.1: RSET may lead a command group, so the
+				// check that the connection is still alive costs no
+				// round trip of its own (transact; a stale one is
+				// retried on another connection).
+				s.reused, s.probe = true, true
+				return s, nil
+			}
 			if s.reset(ctx) {
 				s.reused = true
 				return s, nil
@@ -461,18 +479,39 @@ func (e *Engine) transact(ctx context.Context, s *session, job *queue.Job, body 
 		mo.EnvelopeID = ""
 	}
 	x := &txn{ctx: ctx, s: s, job: job, dsn: dsn, out: make([]queue.Status, len(job.Recipients))}
-	s.messages++
+	var out []queue.Status
 	if ok, _ := s.client.Extension("PIPELINING"); ok {
 		// RFC 2920: one round trip for the envelope instead of one per
 		// command. A command go-smtp would refuse to write (a line break
 		// in an address) takes the lock-step path, which says why; so
 		// does a group too large to be written without reading.
 		if group, err := envelopeCommands(s.client.Extension, env.From, mo, job.Recipients); err == nil && groupFits(group) {
-			return x.pipelined(group, body), nil
+			out = x.pipelined(group, body)
 		}
 	}
-	return x.lockStep(mo, body), nil
+	if out == nil && !x.stale {
+		if s.probe {
+			s.probe = false
+			if s.rset() != nil {
+				x.stale = true
+			}
+		}
+		if !x.stale {
+			out = x.lockStep(mo, body)
+		}
+	}
+	if x.stale {
+		s.broken = true
+		return nil, &hostFailure{host: s.label, kind: failTransport, stale: true,
+			status: queue.Status{Code: 451, Enhanced: "4.4.2", Text: s.label + ": an idle connection did not answer RSET"}}
+	}
+	s.messages++
+	return out, nil
 }
+
+// maxStaleRetries bounds how many idle connections one attempt tries
+// after one turned out stale, before it counts as a failed host.
+const maxStaleRetries = 3
 
 // txn is one mail transaction's outcome, recipient by recipient, shared
 // by the lock-step and the pipelined path so both map replies alike.
@@ -485,6 +524,9 @@ type txn struct {
 	// accepted are the recipients the remote took with RCPT; their 250
 	// in out is provisional until the end of DATA.
 	accepted []int
+	// stale says the RSET that led the group found the connection
+	// closed or unwilling; nothing else of the group counts.
+	stale bool
 }
 
 // abort gives st to every recipient the remote has not answered for

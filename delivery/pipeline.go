@@ -25,17 +25,38 @@ func (x *txn) pipelined(group []string, body io.Reader) []queue.Status {
 	// RFC 5321 §4.5.3.2 gives each command its own timeout; for a group,
 	// one deadline for all its replies, the sum of theirs (RFC 2920 §3.1
 	// leaves the client to wait for the group).
-	s.conn.SetDeadline(time.Now().Add(t.Mail + time.Duration(n)*t.Rcpt + t.DataInit))
+	deadline := t.Mail + time.Duration(n)*t.Rcpt + t.DataInit
+	probe := s.probe
+	s.probe = false
+	if probe {
+		// A connection from the idle cache: RSET leads the group.
+		group = append([]string{"RSET"}, group...)
+		deadline += t.Command
+	}
+	s.conn.SetDeadline(time.Now().Add(deadline))
 	defer func() {
 		if s.conn != nil { // copyBody closes it when the body fails
 			s.conn.SetDeadline(time.Time{})
 		}
 	}()
 	if _, err := io.WriteString(s.replay, strings.Join(group, "\r\n")+"\r\n"); err != nil {
+		if probe {
+			x.stale = true
+			return nil
+		}
 		return x.fail("after MAIL", err)
 	}
 	rd := s.replies()
 	defer rd.release()
+	if probe {
+		if _, err := rd.read(250); err != nil {
+			// Closed while idle, or a 421: the message goes on another
+			// connection. Whatever the remote makes of the rest of the
+			// group, no body follows, so it delivers nothing.
+			x.stale = true
+			return nil
+		}
+	}
 
 	// fatal is a reply that ends the session: 421, or none at all.
 	fatal := func(err error) bool {
@@ -97,7 +118,8 @@ func (x *txn) pipelined(group []string, body io.Reader) []queue.Status {
 	// The body, dot-stuffed as go-smtp's DATA writer does (the same
 	// net/textproto DotWriter), and the final dot.
 	if s.bw == nil {
-		s.bw = bufio.NewWriter(s.replay)
+		// A TLS record's worth: a small message goes out in one write.
+		s.bw = bufio.NewWriterSize(s.replay, 16<<10)
 	}
 	dw := textproto.NewWriter(s.bw).DotWriter()
 	if st := x.copyBody(dw, body); st != nil {

@@ -27,9 +27,16 @@ type groupMX struct {
 	// after421 keeps the connection open after a 421, answering 250 to
 	// everything, so a client that reused it would be seen doing so.
 	after421 bool
+	// hangUpAfter closes each connection, silently, once it has carried
+	// that many messages (0: never); rset421 answers RSET with 421.
+	hangUpAfter int
+	rset421     bool
 
 	mu     sync.Mutex
 	conns  int
+	// rsetLed counts RSETs that arrived with the rest of their group
+	// already behind them (RFC 2920: RSET leading the group).
+	rsetLed int
 	verbs  []string // every command but those after MAIL in a group, in order
 	groups [][]string
 	bodies []string // as received, dot-stuffing and final dot included
@@ -47,6 +54,7 @@ func (m *groupMX) serve(c net.Conn) {
 	}
 	say("220 mx.test ESMTP")
 	broken := false
+	messages := 0
 	for {
 		l, ok := line()
 		if !ok {
@@ -58,6 +66,14 @@ func (m *groupMX) serve(c net.Conn) {
 		m.mu.Unlock()
 		switch {
 		case broken:
+			say("250 ok")
+		case verb == "RSET" && m.rset421:
+			say("421 4.3.2 shutting down")
+			return
+		case verb == "RSET" && r.Buffered() > 0:
+			m.mu.Lock()
+			m.rsetLed++
+			m.mu.Unlock()
 			say("250 ok")
 		case verb == "EHLO":
 			say("250-mx.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 1000000")
@@ -118,6 +134,9 @@ func (m *groupMX) serve(c net.Conn) {
 			} else {
 				say("250 2.0.0 queued")
 			}
+			if messages++; m.hangUpAfter > 0 && messages >= m.hangUpAfter {
+				return
+			}
 		case verb == "QUIT":
 			say("221 bye")
 			return
@@ -170,6 +189,9 @@ func TestPipeliningSendsTheGroupBeforeReadingReplies(t *testing.T) {
 		"RCPT TO:<b@example.test>", "DATA"}
 	if len(groups) != 2 || !slices.Equal(groups[0], want) || !slices.Equal(groups[1], want) {
 		t.Errorf("groups %q, want twice %q", groups, want)
+	}
+	if mx.rsetLed != 1 {
+		t.Errorf("%d RSETs led a group, want the second message's", mx.rsetLed)
 	}
 	wantBody := strings.Replace(testBody, "\r\n.leading", "\r\n..leading", 1) + ".\r\n"
 	if len(bodies) != 2 || bodies[0] != wantBody {
@@ -485,5 +507,34 @@ func TestTooLargeAGroupIsStillDelivered(t *testing.T) {
 	}
 	if len(mx.commands()) < len(rcpts)+3 {
 		t.Errorf("%d commands for %d recipients", len(mx.commands()), len(rcpts))
+	}
+}
+
+// An idle connection the remote closed, or one that answers the RSET
+// leading the group with 421, costs the message nothing: it goes out on a
+// new connection in the same attempt.
+func TestStaleIdleConnectionIsReplacedWithinTheAttempt(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		mx   *groupMX
+	}{
+		{"closed while idle", &groupMX{hangUpAfter: 1}},
+		{"421 to RSET", &groupMX{rset421: true}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			v, _ := oneMX(t)
+			v.route("127.0.0.2", rawServer(t, tc.mx.serve))
+			e := v.engine(func(o *Options) { o.IdleTimeout = 5 * time.Second })
+			for n := range 3 {
+				st := deliver(t, e, testJob("example.test", "a@example.test"))
+				wantStatus(t, st[0], 250, "2.0.0", "queued")
+				if t.Failed() {
+					t.Fatalf("message %d not delivered", n+1)
+				}
+			}
+			if conns, _, bodies := tc.mx.state(); conns != 3 || len(bodies) != 3 {
+				t.Errorf("%d connections, %d messages; want 3 of each (one per message)", conns, len(bodies))
+			}
+		})
 	}
 }

@@ -64,6 +64,10 @@ type hostFailure struct {
 	nextHost bool
 	// throttle says the host answered "too many connections".
 	throttle bool
+	// stale says a connection taken from the idle cache turned out
+	// closed or unwilling at its first RSET: nothing of the message went
+	// out, and the host is tried again on another connection.
+	stale bool
 	// stop says no other host is to be tried in this attempt: the upstream
 	// refused the route's password, which the next host would get too.
 	stop bool
@@ -114,6 +118,9 @@ type session struct {
 	idleTimer *time.Timer
 	opened    time.Time
 	reused    bool // taken from the idle cache
+	// probe says the session came from the idle cache and has not yet
+	// shown it is alive: its next command group starts with RSET.
+	probe bool
 }
 
 // connKey identifies connections that may carry each other's messages:
