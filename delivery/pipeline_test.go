@@ -32,14 +32,14 @@ type groupMX struct {
 	hangUpAfter int
 	rset421     bool
 
-	mu     sync.Mutex
-	conns  int
+	mu    sync.Mutex
+	conns int
 	// rsetLed counts RSETs that arrived with the rest of their group
 	// already behind them (RFC 2920: RSET leading the group).
 	rsetLed int
-	verbs  []string // every command but those after MAIL in a group, in order
-	groups [][]string
-	bodies []string // as received, dot-stuffing and final dot included
+	verbs   []string // every command but those after MAIL in a group, in order
+	groups  [][]string
+	bodies  []string // as received, dot-stuffing and final dot included
 }
 
 func (m *groupMX) serve(c net.Conn) {
