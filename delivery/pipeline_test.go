@@ -190,8 +190,11 @@ func TestPipeliningSendsTheGroupBeforeReadingReplies(t *testing.T) {
 	if len(groups) != 2 || !slices.Equal(groups[0], want) || !slices.Equal(groups[1], want) {
 		t.Errorf("groups %q, want twice %q", groups, want)
 	}
-	if mx.rsetLed != 1 {
-		t.Errorf("%d RSETs led a group, want the second message's", mx.rsetLed)
+	mx.mu.Lock()
+	led := mx.rsetLed
+	mx.mu.Unlock()
+	if led != 1 {
+		t.Errorf("%d RSETs led a group, want the second message's", led)
 	}
 	wantBody := strings.Replace(testBody, "\r\n.leading", "\r\n..leading", 1) + ".\r\n"
 	if len(bodies) != 2 || bodies[0] != wantBody {
