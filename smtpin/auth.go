@@ -1,7 +1,9 @@
 package smtpin
 
 import (
+	"crypto/hmac"
 	"crypto/rand"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -26,7 +28,8 @@ type User struct {
 
 // PasswordCost is the bcrypt cost HashPassword uses: bcrypt.DefaultCost.
 // Submission passwords are machine credentials checked on every connection
-// of applications that often connect once per message; they should be long
+// of applications that often connect once per message (a password that
+// passed is then remembered for a while, see userDB); they should be long
 // and random, which protects them better than a higher cost would.
 const PasswordCost = bcrypt.DefaultCost
 
@@ -45,19 +48,45 @@ func HashPassword(password []byte) (string, error) {
 	return string(h), nil
 }
 
-// userDB is the user table in force; SetUsers swaps it whole.
+// userDB is the user table in force; SetUsers swaps it whole, which also
+// empties its cache of verified passwords.
 type userDB struct {
 	users map[string]*User
 	// dummyHash is checked for unknown names, so that the reply takes as
 	// long as for a known name with a wrong password.
 	dummyHash []byte
+
+	// Applications often connect once per message, and a bcrypt check
+	// costs tens of milliseconds of CPU: the relay would spend more on
+	// AUTH than on the mail. So a password that passed bcrypt is
+	// remembered for verifiedTTL as an HMAC under a key of this table's
+	// own, never as itself; only a configured name's last good password,
+	// so the cache is as large as the user list at most. A wrong
+	// password still costs a full bcrypt check (and counts toward the
+	// lockout), and unknown names are never cached.
+	compare  func(hash, password []byte) error
+	now      func() time.Time
+	cacheKey [32]byte
+	mu       sync.Mutex
+	verified map[string]verifiedPassword
+}
+
+// verifiedTTL is how long a password that passed bcrypt is taken on its
+// HMAC alone.
+const verifiedTTL = 15 * time.Minute
+
+type verifiedPassword struct {
+	mac   [sha256.Size]byte
+	until time.Time
 }
 
 // SetUsers replaces the users (on SIGHUP). On error the old users stay.
 // Sessions already authenticated keep the rights they logged in with.
 func (s *Server) SetUsers(users []User) error {
-	db := &userDB{users: make(map[string]*User, len(users))}
-	cost := 0 // the highest cost in use, so that the dummy check takes as long
+	db := &userDB{users: make(map[string]*User, len(users)), compare: bcrypt.CompareHashAndPassword,
+		now: time.Now, verified: make(map[string]verifiedPassword)}
+	rand.Read(db.cacheKey[:]) // crypto/rand.Read never fails (Go 1.24+)
+	cost := 0                 // the highest cost in use, so that the dummy check takes as long
 	for i := range users {
 		u := users[i]
 		if u.Name == "" {
@@ -104,13 +133,26 @@ func (s *Server) SetUsers(users []User) error {
 func (db *userDB) authenticate(name, password string) (*User, bool) {
 	u := db.users[name]
 	hash := db.dummyHash
+	var mac [sha256.Size]byte
 	if u != nil {
 		hash = []byte(u.PasswordHash)
+		h := hmac.New(sha256.New, db.cacheKey[:])
+		h.Write([]byte(password))
+		h.Sum(mac[:0])
+		db.mu.Lock()
+		v, ok := db.verified[name]
+		db.mu.Unlock()
+		if ok && db.now().Before(v.until) && hmac.Equal(v.mac[:], mac[:]) {
+			return u, true
+		}
 	}
-	err := bcrypt.CompareHashAndPassword(hash, []byte(password))
+	err := db.compare(hash, []byte(password))
 	if u == nil || err != nil {
 		return nil, false
 	}
+	db.mu.Lock()
+	db.verified[name] = verifiedPassword{mac: mac, until: db.now().Add(verifiedTTL)}
+	db.mu.Unlock()
 	return u, true
 }
 

@@ -201,6 +201,46 @@ func TestUnknownUserTakesAsLongAsWrongPassword(t *testing.T) {
 	}
 }
 
+// A password that passed bcrypt is taken on its HMAC for a while; a wrong
+// one, an expired entry and a reload of the users all cost bcrypt again.
+func TestVerifiedPasswordSkipsBcryptUntilItExpires(t *testing.T) {
+	h, _ := bcrypt.GenerateFromPassword([]byte("pw"), 4)
+	s := &Server{}
+	users := []User{{Name: "app", PasswordHash: string(h)}}
+	if err := s.SetUsers(users); err != nil {
+		t.Fatal(err)
+	}
+	db := s.users.Load()
+	compares := 0
+	db.compare = func(hash, pw []byte) error { compares++; return bcrypt.CompareHashAndPassword(hash, pw) }
+	clock := time.Date(2026, 12, 5, 12, 0, 0, 0, time.UTC)
+	db.now = func() time.Time { return clock }
+	check := func(step, pw string, wantOK bool, wantCompares int) {
+		t.Helper()
+		if _, ok := db.authenticate("app", pw); ok != wantOK || compares != wantCompares {
+			t.Errorf("%s: ok=%v after %d bcrypt checks, want ok=%v after %d", step, ok, compares, wantOK, wantCompares)
+		}
+	}
+	check("first", "pw", true, 1)
+	check("again", "pw", true, 1)
+	check("wrong password", "pW", false, 2)
+	check("right again", "pw", true, 2)
+	clock = clock.Add(verifiedTTL)
+	check("expired", "pw", true, 3)
+	if len(db.verified) != 1 {
+		t.Errorf("%d cache entries for one user", len(db.verified))
+	}
+	if _, ok := db.authenticate("nobody", "pw"); ok || len(db.verified) != 1 {
+		t.Error("an unknown name was cached or accepted")
+	}
+	if err := s.SetUsers(users); err != nil {
+		t.Fatal(err)
+	}
+	if len(s.users.Load().verified) != 0 {
+		t.Error("a reload kept the verified passwords")
+	}
+}
+
 func TestAuthLimiterBlocksAUserAfterItsBurstAndTheClientAfterMore(t *testing.T) {
 	l := newAuthLimiter(DefaultAuthFailures, DefaultAuthFailuresPerIP, DefaultAuthFailuresPer)
 	k := clientKey(netip.MustParseAddr("192.0.2.7"))
