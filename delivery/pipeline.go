@@ -115,13 +115,13 @@ func (x *txn) pipelined(group []string, body io.Reader) []queue.Status {
 		return x.out
 	}
 
-	// The body, dot-stuffed as go-smtp's DATA writer does (the same
-	// net/textproto DotWriter), and the final dot.
+	// The body, dot-stuffed byte for byte as go-smtp's DATA writer does
+	// (dotWriter), and the final dot.
 	if s.bw == nil {
 		// A TLS record's worth: a small message goes out in one write.
 		s.bw = bufio.NewWriterSize(s.replay, 16<<10)
 	}
-	dw := textproto.NewWriter(s.bw).DotWriter()
+	dw := newDotWriter(s.bw)
 	if st := x.copyBody(dw, body); st != nil {
 		return st
 	}
