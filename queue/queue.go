@@ -223,6 +223,7 @@ func (q *Queue) load() error {
 	if err != nil {
 		return fmt.Errorf("queue: reading %s: %w", q.db.Path(), err)
 	}
+	releaseMapping(q.db) // no transaction is open yet: New has not returned
 	orphans, err := q.spool.sweep(stored)
 	if err != nil {
 		return fmt.Errorf("queue: %w", err)
