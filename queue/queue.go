@@ -204,7 +204,13 @@ func (q *Queue) load() error {
 	var damaged int
 	stored := make(map[string]bool)
 	err := q.db.View(func(tx *bbolt.Tx) error {
+		n := 0
 		return tx.Bucket(bucketMessages).ForEach(func(k, v []byte) error {
+			if n++; n%8192 == 0 {
+				// Now and then, not only at the end, so the scan's peak
+				// stays small too (releaseMapping loses nothing).
+				releaseMapping(q.db)
+			}
 			stored[string(k)] = true
 			m, err := decodeMessage(v)
 			if m != nil && m.BodyFile != "" {
@@ -223,7 +229,7 @@ func (q *Queue) load() error {
 	if err != nil {
 		return fmt.Errorf("queue: reading %s: %w", q.db.Path(), err)
 	}
-	releaseMapping(q.db) // no transaction is open yet: New has not returned
+	releaseMapping(q.db)
 	orphans, err := q.spool.sweep(stored)
 	if err != nil {
 		return fmt.Errorf("queue: %w", err)
