@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/emersion/go-smtp"
@@ -578,7 +579,11 @@ func (x *txn) rcpt(i int, err error) bool {
 // as only the missing final dot makes the remote drop the message.
 func (x *txn) copyBody(w io.Writer, body io.Reader) []queue.Status {
 	src := &readTracker{r: body}
-	_, err := io.Copy(&deadlineWriter{w: w, s: x.s, d: x.s.e.opts.Timeouts.DataBlock}, src)
+	// io.Copy would allocate 32 KiB per message: neither side is a
+	// ReaderFrom or WriterTo.
+	buf := copyBufs.Get().(*[]byte)
+	_, err := io.CopyBuffer(&deadlineWriter{w: w, s: x.s, d: x.s.e.opts.Timeouts.DataBlock}, src, *buf)
+	copyBufs.Put(buf)
 	if err == nil {
 		return nil
 	}
@@ -589,6 +594,9 @@ func (x *txn) copyBody(w io.Writer, body io.Reader) []queue.Status {
 	}
 	return x.abort(transportFailure(x.ctx, x.s.label, "while sending the message", err).status)
 }
+
+// copyBufs hold the buffers copyBody sends a message through.
+var copyBufs = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
 
 // delivered gives the final reply to every accepted recipient.
 func (x *txn) delivered(reply string) []queue.Status {
