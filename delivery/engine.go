@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -737,12 +738,19 @@ func rcptOptions(r queue.RecipientParams) *smtp.RcptOptions {
 }
 
 // validNotify converts NOTIFY values, or returns nil for a set that RFC
-// 3461 §4.1 does not allow (NEVER with others, unknown words).
+// 3461 §4.1 does not allow (NEVER with others, a value twice, unknown
+// words).
 func validNotify(vals []string) []smtp.DSNNotify {
 	var out []smtp.DSNNotify
 	never := false
 	for _, v := range vals {
-		switch n := smtp.DSNNotify(strings.ToUpper(v)); n {
+		n := smtp.DSNNotify(strings.ToUpper(v))
+		if slices.Contains(out, n) {
+			// RFC 3461 §4.1 lists each value once; go-smtp would refuse
+			// to write the command, and the message would never leave.
+			return nil
+		}
+		switch n {
 		case smtp.DSNNotifyNever:
 			never = true
 			out = append(out, n)

@@ -541,3 +541,23 @@ func TestStaleIdleConnectionIsReplacedWithinTheAttempt(t *testing.T) {
 		})
 	}
 }
+
+// A NOTIFY list that is not what RFC 3461 §4.1 allows is not passed on
+// (the message still goes, without it), never written as go-smtp would
+// refuse to write it.
+func TestValidNotify(t *testing.T) {
+	for _, tc := range []struct {
+		in   []string
+		want int // values passed on; 0: none
+	}{
+		{[]string{"SUCCESS", "failure"}, 2},
+		{[]string{"NEVER"}, 1},
+		{[]string{"SUCCESS", "SUCCESS"}, 0},
+		{[]string{"NEVER", "FAILURE"}, 0},
+		{[]string{"SOMETIMES"}, 0},
+	} {
+		if got := validNotify(tc.in); len(got) != tc.want {
+			t.Errorf("validNotify(%q) = %q, want %d values", tc.in, got, tc.want)
+		}
+	}
+}
