@@ -375,6 +375,12 @@ func TestHostileSessionsLeaveOnlyAcceptedMessagesInRealQueue(t *testing.T) {
 			d.nc.Close()
 			return ""
 		},
+		func() string { // inside the LAST chunk, short of its size
+			d := begin()
+			d.write("BDAT 100 LAST\r\nSubject: cut short\r\n\r\n")
+			d.nc.Close()
+			return ""
+		},
 		func() string {
 			d := begin()
 			d.write("BDAT " + itoa(len(good)) + " LAST\r\n" + good)
