@@ -109,6 +109,7 @@ type Delivery struct {
 	DelayNoticeAfter  Duration   `toml:"delay_notice_after"`
 	ConnectTimeout    Duration   `toml:"connect_timeout"`
 	IPVersion         string     `toml:"ip_version"` // both | 4 | 6
+	Chunking          bool       `toml:"chunking"`   // BDAT (RFC 3030) where offered; false: DATA always
 	Policies          []Policy   `toml:"policy"`
 	Routes            []Route    `toml:"route"`
 	Limits            []Limits   `toml:"limits"`
@@ -255,6 +256,7 @@ func Default() *Config {
 			DelayNoticeAfter:  Duration{q.DelayNoticeAfter},
 			ConnectTimeout:    Duration{delivery.DefaultConnectTimeout},
 			IPVersion:         "both",
+			Chunking:          true,
 		},
 		STS:    STS{Enabled: true, FetchTimeout: Duration{sts.DefaultFetchTimeout}},
 		DANE:   DANE{Enabled: true},

@@ -102,6 +102,9 @@ type Options struct {
 	// resumption, one per MX host name; 0 means
 	// DefaultTLSSessionCacheSize, negative turns resumption off.
 	TLSSessionCacheSize int
+	// NoChunking sends every message with DATA, never with BDAT
+	// (RFC 3030), even to remotes that offer CHUNKING and PIPELINING.
+	NoChunking bool
 
 	// Logger gets one line per delivery attempt; nil means slog.Default().
 	Logger *slog.Logger

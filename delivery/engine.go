@@ -488,7 +488,7 @@ func (e *Engine) transact(ctx context.Context, s *session, job *queue.Job, body 
 		// in an address) takes the lock-step path, which says why; so
 		// does a group too large to be written without reading.
 		if group, err := envelopeCommands(s.client.Extension, env.From, mo, job.Recipients); err == nil && groupFits(group) {
-			out = x.pipelined(group, body)
+			out = x.pipelinedOrChunked(group, body)
 		}
 	}
 	if out == nil && !x.stale {

@@ -69,9 +69,12 @@ func TestFaultGreetingDelayedPastTheTimeoutDefers(t *testing.T) {
 	settled(t, base)
 }
 
+// noChunking keeps the engine to DATA, for cases aimed at its steps.
+func noChunking(o *Options) { o.NoChunking = true }
+
 func TestFaultResetDuringDataDefersAndTheRetryDeliversOnce(t *testing.T) {
 	v, mx, p := proxiedMX(t, nil, faultproxy.Rule{When: "DATA\r\n", Conn: 1, Then: faultproxy.ResetAfter(20)})
-	e := v.engine()
+	e := v.engine(noChunking)
 	base := runtime.NumGoroutine()
 	st := deliver(t, e, testJob("example.test", "a@example.test"))
 	wantStatus(t, st[0], 451, "4.4.2", "mx1.example.test[127.0.0.2]: connection lost")
@@ -95,7 +98,7 @@ func TestFaultResetDuringDataDefersAndTheRetryDeliversOnce(t *testing.T) {
 // is the only copy.
 func TestFaultRemoteStallingAfterDataTimesOutAndTheRetryIsNoDuplicate(t *testing.T) {
 	v, mx, _ := proxiedMX(t, nil, faultproxy.Rule{When: "\r\n.\r\n", Conn: 1, Then: faultproxy.Stall()})
-	e := v.engine(func(o *Options) { o.Timeouts.DataFinal = 500 * time.Millisecond })
+	e := v.engine(noChunking, func(o *Options) { o.Timeouts.DataFinal = 500 * time.Millisecond })
 	base := runtime.NumGoroutine()
 	st := deliver(t, e, testJob("example.test", "a@example.test"))
 	wantStatus(t, st[0], 451, "4.4.2", "mx1.example.test[127.0.0.2]: timeout after end of data")
@@ -108,6 +111,42 @@ func TestFaultRemoteStallingAfterDataTimesOutAndTheRetryIsNoDuplicate(t *testing
 	wantStatus(t, st[0], 250, "2.0.0")
 	if m := mx.messages(); len(m) != 1 || m[0].data != testBody {
 		t.Fatalf("remote stored %d messages, want exactly the retry's", len(m))
+	}
+}
+
+// The same two faults on the BDAT path (RFC 3030): a reset in the middle
+// of the chunk, and a remote that stops reading before the chunk's end,
+// so its BDAT never completes. Neither stores anything; the retry is the
+// only copy.
+func TestFaultBrokenBDATDefersAndTheRetryDeliversOnce(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		rule faultproxy.Rule
+		want string
+	}{
+		{"reset", faultproxy.Rule{When: " LAST\r\n", Conn: 1, Then: faultproxy.ResetAfter(20)}, "connection lost"},
+		// Nothing comes back either: the group's one deadline passes.
+		{"stall", faultproxy.Rule{When: "Hello.", Conn: 1, Then: faultproxy.Stall()}, "timeout after MAIL"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			v, mx, p := proxiedMX(t, nil, tc.rule)
+			e := v.engine(timeouts(300 * time.Millisecond))
+			base := runtime.NumGoroutine()
+			st := deliver(t, e, testJob("example.test", "a@example.test"))
+			wantStatus(t, st[0], 451, "4.4.2", "mx1.example.test[127.0.0.2]: "+tc.want)
+			settled(t, base)
+			if n := len(mx.messages()); n != 0 {
+				t.Fatalf("remote stored %d messages from an incomplete BDAT", n)
+			}
+			if len(p.Fired()) != 1 {
+				t.Fatal("the fault never fired: no BDAT went out")
+			}
+			st = deliver(t, e, testJob("example.test", "a@example.test"))
+			wantStatus(t, st[0], 250, "2.0.0")
+			if m := mx.messages(); len(m) != 1 || m[0].data != testBody {
+				t.Fatalf("remote stored %d messages, want exactly the retry's", len(m))
+			}
+		})
 	}
 }
 

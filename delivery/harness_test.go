@@ -10,6 +10,7 @@ import (
 	"net"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -103,7 +104,7 @@ func newMX(t testing.TB, opts ...mxOption) *testMX {
 		t.Fatal(err)
 	}
 	m.Addr = l.Addr().String()
-	go m.srv.Serve(l)
+	go m.srv.Serve(endListener{l})
 	t.Cleanup(func() {
 		// Shutdown, not Close: go-smtp's Close races with a connection
 		// still in its STARTTLS handler (go test -race sees it).
@@ -193,6 +194,9 @@ func (s *mxSession) Data(r io.Reader) error {
 	if rerr != nil {
 		return rerr
 	}
+	if endedEarly(s.c) {
+		return io.ErrUnexpectedEOF
+	}
 	if err != nil {
 		return err
 	}
@@ -201,6 +205,42 @@ func (s *mxSession) Data(r io.Reader) error {
 	s.m.got = append(s.m.got, s.cur)
 	s.m.mu.Unlock()
 	return nil
+}
+
+// endListener's connections note when a read of the client's stream
+// fails. go-smtp (v0.25.1) ends a BDAT message cleanly when the
+// connection closes inside its LAST chunk; the test MX, like smtpin, does
+// not store such a message, as a real MTA would not.
+type endListener struct{ net.Listener }
+
+func (l endListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return &endConn{Conn: c}, nil
+}
+
+type endConn struct {
+	net.Conn
+	ended atomic.Bool
+}
+
+func (c *endConn) Read(b []byte) (int, error) {
+	n, err := c.Conn.Read(b)
+	if err != nil {
+		c.ended.Store(true)
+	}
+	return n, err
+}
+
+func endedEarly(c *smtp.Conn) bool {
+	nc := c.Conn()
+	if tc, ok := nc.(*tls.Conn); ok {
+		nc = tc.NetConn()
+	}
+	ec, ok := nc.(*endConn)
+	return ok && ec.ended.Load()
 }
 
 // rawServer runs handle for every connection to a plain TCP listener, for

@@ -82,13 +82,41 @@ func Test421MidTransactionDefersTheWholeTransaction(t *testing.T) {
 	mx.rcptErr["b@example.test"] = smtpErr(421, smtp.EnhancedCode{4, 3, 2}, "shutting down")
 	mx.rcptErr["c@example.test"] = smtpErr(550, smtp.EnhancedCode{5, 1, 1}, "no such user")
 	job := testJob("example.test", "c@example.test", "a@example.test", "b@example.test", "d@example.test")
-	st := deliver(t, v.engine(), job)
+	st := deliver(t, v.engine(noChunking), job)
 	wantStatus(t, st[0], 550, "5.1.1") // answered for good before the 421
 	for _, s := range st[1:] {
 		wantStatus(t, s, 421, "4.3.2", "shutting down")
 	}
 	if len(mx.messages()) != 0 {
 		t.Error("message sent after a 421")
+	}
+}
+
+// With BDAT the body goes with the envelope, so a remote that answers
+// one RCPT 421 and reads on (go-smtp's server does; RFC 5321 §3.8 says it
+// should close) may deliver to the others, and its replies are taken as
+// they are: delivered where BDAT got 250, deferred where RCPT got 421.
+// Deferring everyone, as on DATA, would send the delivered a second copy.
+// The connection is not used again.
+func Test421MidTransactionWithBDATTakesEveryReply(t *testing.T) {
+	v, mx := oneMX(t)
+	mx.rcptErr["b@example.test"] = smtpErr(421, smtp.EnhancedCode{4, 3, 2}, "shutting down")
+	mx.rcptErr["c@example.test"] = smtpErr(550, smtp.EnhancedCode{5, 1, 1}, "no such user")
+	job := testJob("example.test", "c@example.test", "a@example.test", "b@example.test", "d@example.test")
+	e := v.engine(func(o *Options) { o.IdleTimeout = 5 * time.Second })
+	st := deliver(t, e, job)
+	wantStatus(t, st[0], 550, "5.1.1")
+	wantStatus(t, st[1], 250, "2.0.0")
+	wantStatus(t, st[2], 421, "4.3.2", "shutting down")
+	wantStatus(t, st[3], 250, "2.0.0")
+	if m := mx.messages(); len(m) != 1 || !slices.Equal(m[0].rcpts, []string{"a@example.test", "d@example.test"}) {
+		t.Fatalf("remote stored %+v, want one message to a and d", m)
+	}
+	delete(mx.rcptErr, "b@example.test")
+	st = deliver(t, e, testJob("example.test", "b@example.test"))
+	wantStatus(t, st[0], 250, "2.0.0")
+	if n := mx.sessionCount(); n != 2 {
+		t.Fatalf("%d connections, want 2: the one that said 421 was used again", n)
 	}
 }
 
@@ -606,7 +634,19 @@ func TestSilentRemotesTimeOut(t *testing.T) {
 			// go-smtp's server offers PIPELINING: the replies of the group
 			// share one deadline, the sum of the commands' timeouts.
 			o.Timeouts.Mail, o.Timeouts.Rcpt, o.Timeouts.DataInit = 100*time.Millisecond, 100*time.Millisecond, 100*time.Millisecond
+			o.NoChunking = true
 		}, "timeout after RCPT"},
+		{"slow RCPT, BDAT", func(_ *testEnv, mx *testMX) {
+			mx.rcptHook = func(*smtp.Conn, string) { time.Sleep(time.Second) }
+		}, func(o *Options) {
+			// The body went with the envelope: its timeouts add to the
+			// group's deadline.
+			o.Timeouts.Mail, o.Timeouts.Rcpt = 100*time.Millisecond, 100*time.Millisecond
+			o.Timeouts.DataBlock, o.Timeouts.DataFinal = 100*time.Millisecond, 100*time.Millisecond
+		}, "timeout after RCPT"},
+		{"slow final reply, DATA", func(_ *testEnv, mx *testMX) {
+			mx.dataHook = func(*smtp.Conn) { time.Sleep(time.Second) }
+		}, func(o *Options) { o.Timeouts.DataFinal, o.NoChunking = 200*time.Millisecond, true }, "timeout after end of data"},
 		{"slow final reply", func(_ *testEnv, mx *testMX) {
 			mx.dataHook = func(*smtp.Conn) { time.Sleep(time.Second) }
 		}, func(o *Options) { o.Timeouts.DataFinal = 200 * time.Millisecond }, "timeout after end of data"},

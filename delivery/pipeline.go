@@ -117,11 +117,7 @@ func (x *txn) pipelined(group []string, body io.Reader) []queue.Status {
 
 	// The body, dot-stuffed byte for byte as go-smtp's DATA writer does
 	// (dotWriter), and the final dot.
-	if s.bw == nil {
-		// A TLS record's worth: a small message goes out in one write.
-		s.bw = bufio.NewWriterSize(s.replay, 16<<10)
-	}
-	dw := newDotWriter(s.bw)
+	dw := newDotWriter(s.bodyWriter())
 	if st := x.copyBody(dw, body); st != nil {
 		return st
 	}

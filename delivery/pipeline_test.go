@@ -31,6 +31,10 @@ type groupMX struct {
 	// that many messages (0: never); rset421 answers RSET with 421.
 	hangUpAfter int
 	rset421     bool
+	// chunking offers CHUNKING: a group then ends with BDAT, whose reply
+	// is data's ("250 2.0.0 queued" if empty), and whose chunk follows at
+	// once. Only "BDAT n LAST" is understood.
+	chunking bool
 
 	mu    sync.Mutex
 	conns int
@@ -75,8 +79,17 @@ func (m *groupMX) serve(c net.Conn) {
 			m.rsetLed++
 			m.mu.Unlock()
 			say("250 ok")
+		case verb == "EHLO" && m.chunking:
+			say("250-mx.test\r\n250-PIPELINING\r\n250-CHUNKING\r\n250-8BITMIME\r\n250 SIZE 1000000")
 		case verb == "EHLO":
 			say("250-mx.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 1000000")
+		case verb == "MAIL" && m.chunking:
+			if !m.chunked(l, r, say) {
+				return
+			}
+			if messages++; m.hangUpAfter > 0 && messages >= m.hangUpAfter {
+				return
+			}
 		case verb == "MAIL":
 			group := []string{l}
 			for !strings.EqualFold(l, "DATA") {
@@ -144,6 +157,68 @@ func (m *groupMX) serve(c net.Conn) {
 			say("250 ok")
 		}
 	}
+}
+
+// chunked reads a group that ends with "BDAT n LAST" (or DATA, which
+// gets 503: a client must not fall back to it unasked), then the chunk,
+// and only then answers every command in order. It returns false when
+// the connection is done.
+func (m *groupMX) chunked(l string, r *bufio.Reader, say func(string)) bool {
+	group := []string{l}
+	var size int
+	for {
+		var err error
+		if l, err = r.ReadString('\n'); err != nil {
+			return false
+		}
+		l = strings.TrimSuffix(l, "\r\n")
+		group = append(group, l)
+		if strings.EqualFold(l, "DATA") {
+			break
+		}
+		if n, err := fmt.Sscanf(l, "BDAT %d LAST", &size); err == nil && n == 1 {
+			break
+		}
+	}
+	m.mu.Lock()
+	m.groups = append(m.groups, group)
+	m.mu.Unlock()
+	body := make([]byte, size)
+	if _, err := io.ReadFull(r, body); err != nil {
+		return false
+	}
+	accepted := 0
+	replies := []string{"250 2.1.0 ok"}
+	for _, g := range group[1 : len(group)-1] {
+		to := strings.TrimSuffix(strings.TrimPrefix(g, "RCPT TO:<"), ">")
+		rep, ok := m.rcpt[to]
+		if !ok {
+			rep = "250 2.1.5 ok"
+		}
+		if strings.HasPrefix(rep, "2") {
+			accepted++
+		}
+		replies = append(replies, rep)
+	}
+	data := m.data
+	switch {
+	case strings.EqualFold(l, "DATA"):
+		data = "503 5.5.1 DATA after BDAT was offered"
+	case accepted == 0:
+		data = "554 5.5.1 no valid recipients"
+	case data == "":
+		data = "250 2.0.0 queued"
+		m.mu.Lock()
+		m.bodies = append(m.bodies, string(body))
+		m.mu.Unlock()
+	}
+	for _, rep := range append(replies, data) {
+		say(rep)
+		if strings.HasPrefix(rep, "421") {
+			return false
+		}
+	}
+	return true
 }
 
 func (m *groupMX) state() (int, [][]string, []string) {

@@ -109,6 +109,7 @@ func buildDelivery(cfg *config.Config, res *resolve.Resolver, db *bbolt.DB, rec 
 		IPVersion:         ipVersion(cfg.Delivery.IPVersion),
 		ConnectTimeout:    cfg.Delivery.ConnectTimeout.Duration,
 		MaxConnsPerDomain: cfg.Delivery.MaxConnsPerDomain,
+		NoChunking:        !cfg.Delivery.Chunking,
 		Logger:            logger,
 	})
 	if err != nil {
