@@ -253,6 +253,7 @@ showq     unix  n       -       n       -       -       showq
 error     unix  -       -       n       -       -       error
 retry     unix  -       -       n       -       -       error
 discard   unix  -       -       n       -       -       discard
+virtual   unix  -       n       n       -       -       virtual
 anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
@@ -413,4 +414,75 @@ resolver = %q
 		}
 		d.stop(syscall.SIGTERM)
 	})
+}
+
+// stsrelay delivering to a real Postfix MX, which offers PIPELINING and
+// CHUNKING: the message goes as one BDAT with its envelope (RFC 3030),
+// the recipient Postfix does not know is refused on its own, and the
+// mailbox gets the message as submitted, dots at line starts included.
+func TestStsrelayDeliversToPostfixByBDAT(t *testing.T) {
+	requireRootTo(t, "run Postfix")
+	mail := t.TempDir()
+	openToOthers(t, mail)
+	if err := os.Chown(mail, 65534, 65534); err != nil { // nobody, who owns the mailboxes
+		t.Fatal(err)
+	}
+	p := startPostfix(t, []string{
+		"virtual_mailbox_domains = example.net",
+		"virtual_mailbox_base = " + mail,
+		"virtual_mailbox_maps = inline:{ bob@example.net=bob/ }",
+		"virtual_minimum_uid = 100",
+		"virtual_uid_maps = static:65534",
+		"virtual_gid_maps = static:65534",
+	}, nil)
+
+	dir := t.TempDir()
+	addr := freePort(t)
+	config := filepath.Join(dir, "config.toml")
+	os.WriteFile(config, []byte(fmt.Sprintf(`hostname = "relay.test"
+state_dir = "state"
+[submission]
+listen = %q
+trusted_networks = ["127.0.0.0/8"]
+[dns]
+resolver = %q
+[[delivery.route]]
+domains = ["example.net"]
+nexthop = "[127.0.0.1]:%s"
+`, addr, dnstest.New(t).Addr, p.port)), 0o600)
+	d := startDaemon(t, config)
+	d.submissionAddr()
+
+	body := "Subject: to a Postfix MX\r\n\r\nfirst line\r\n.leading dot\r\n..two dots\r\n.\r\nlast line\r\n"
+	c, err := smtp.Dial(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.SendMail("app@relay.test", []string{"bob@example.net", "nobody@example.net"}, strings.NewReader(body)); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+
+	var got []byte
+	waitUntil(t, d, "the message in bob's mailbox", func() bool {
+		files, _ := filepath.Glob(filepath.Join(mail, "bob", "new", "*"))
+		if len(files) == 1 {
+			got, _ = os.ReadFile(files[0])
+		}
+		return len(files) == 1
+	})
+	// Postfix stores lines with LF ends.
+	want := strings.ReplaceAll(body[strings.Index(body, "\r\n\r\n")+4:], "\r\n", "\n")
+	if !strings.HasSuffix(string(got), "\n\n"+want) || !strings.Contains(string(got), "by relay.test (stsrelay)") {
+		t.Errorf("bob's mailbox holds:\n%s\nwant the body as submitted:\n%s", got, want)
+	}
+	d.waitFor(`outcome=partial delivered=1 deferred=0 failed=1 .*550 5\.1\.1 .*<nobody@example.net>: Recipient address rejected`)
+	// Postfix counts the commands of each session when it ends.
+	waitUntil(t, d, "Postfix's count of the session's commands", func() bool {
+		return strings.Contains(p.log(), "bdat=1")
+	})
+	if log := p.log(); strings.Contains(log, "data=") {
+		t.Errorf("stsrelay sent DATA to a Postfix offering CHUNKING:\n%s", log)
+	}
+	d.stop(syscall.SIGTERM)
 }
