@@ -636,3 +636,63 @@ func TestValidNotify(t *testing.T) {
 		}
 	}
 }
+
+// A remote without STARTTLS, or one that refuses it, keeps the state of
+// our first EHLO: the session says EHLO once, not again through go-smtp.
+func TestPlaintextSessionSaysEHLOOnce(t *testing.T) {
+	for _, refuse := range []bool{false, true} {
+		v, _ := oneMX(t)
+		var mu sync.Mutex
+		var verbs []string
+		v.route("127.0.0.2", rawServer(t, func(c net.Conn) {
+			r := bufio.NewReader(c)
+			say := func(s string) { io.WriteString(c, s+"\r\n") }
+			say("220 mx.test ESMTP")
+			for {
+				l, err := r.ReadString('\n')
+				if err != nil {
+					return
+				}
+				verb := strings.ToUpper(strings.Fields(l + " x")[0])
+				mu.Lock()
+				verbs = append(verbs, verb)
+				mu.Unlock()
+				switch verb {
+				case "EHLO":
+					if refuse {
+						say("250-mx.test\r\n250-starttls\r\n250 size 1000000")
+					} else {
+						say("250-mx.test\r\n250 size 1000000")
+					}
+				case "STARTTLS":
+					say("454 4.7.0 TLS not available")
+				case "DATA":
+					say("354 go ahead")
+					for {
+						if l, err := r.ReadString('\n'); err != nil || l == ".\r\n" {
+							break
+						}
+					}
+					say("250 2.0.0 queued")
+				case "QUIT":
+					say("221 bye")
+					return
+				default:
+					say("250 ok")
+				}
+			}
+		}))
+		st := deliver(t, v.engine(), testJob("example.test", "a@example.test"))
+		wantStatus(t, st[0], 250, "2.0.0")
+		mu.Lock()
+		got := slices.Clone(verbs)
+		mu.Unlock()
+		want := []string{"EHLO", "MAIL", "RCPT", "DATA"}
+		if refuse {
+			want = []string{"EHLO", "STARTTLS", "MAIL", "RCPT", "DATA"}
+		}
+		if len(got) < len(want) || !slices.Equal(got[:len(want)], want) {
+			t.Errorf("STARTTLS refused %v: commands %q, want %q first", refuse, got, want)
+		}
+	}
+}

@@ -2,6 +2,7 @@ package delivery
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -169,6 +170,21 @@ type replayConn struct {
 	net.Conn
 	pending []byte
 	ehlo    ehloUpper
+	// skipEHLO drops go-smtp's EHLO, whose reply pending already holds:
+	// the one we sent on this plaintext connection before STARTTLS was
+	// found missing or refused. The server's state is that of our EHLO
+	// (RFC 3207 §4: only a completed handshake resets it).
+	skipEHLO bool
+}
+
+func (c *replayConn) Write(p []byte) (int, error) {
+	if c.skipEHLO {
+		c.skipEHLO = false
+		if bytes.HasPrefix(p, []byte("EHLO ")) && bytes.HasSuffix(p, []byte("\r\n")) && bytes.Count(p, []byte("\n")) == 1 {
+			return len(p), nil
+		}
+	}
+	return c.Conn.Write(p)
 }
 
 func (c *replayConn) Read(p []byte) (int, error) {
@@ -329,8 +345,9 @@ func (e *Engine) open(ctx context.Context, nh NextHop, h hop, addr netip.Addr, r
 	wantTLS := req.WantTLS() && !plaintext && s.tls == nil
 	mustTLS := req.MustTLS() || requireTLS
 	var ext map[string]string
+	var ehloReply string // our EHLO's 250 reply, as received
 	if wantTLS {
-		ext, err = s.ehlo(tp)
+		ext, ehloReply, err = s.ehlo(tp)
 		if err != nil {
 			return fail(transportFailure(ctx, label, "EHLO", err))
 		}
@@ -380,6 +397,10 @@ func (e *Engine) open(ctx context.Context, nh NextHop, h hop, addr netip.Addr, r
 		conn = tc
 	}
 	pending := []byte("220 " + greeting + "\r\n")
+	skipEHLO := s.tls == nil && ehloReply != ""
+	if skipEHLO {
+		pending = append(pending, ehloReply...)
+	}
 	if s.tls == nil || nh.ImplicitTLS {
 		// What tp read ahead belongs to the stream go-smtp goes on with
 		// (after STARTTLS it was plaintext, and there is none: see above).
@@ -388,7 +409,7 @@ func (e *Engine) open(ctx context.Context, nh NextHop, h hop, addr netip.Addr, r
 			pending = append(pending, rest...)
 		}
 	}
-	s.replay = &replayConn{Conn: conn, pending: pending}
+	s.replay = &replayConn{Conn: conn, pending: pending, skipEHLO: skipEHLO}
 	s.client = smtp.NewClient(s.replay)
 	s.client.CommandTimeout = e.opts.Timeouts.Command
 	s.conn.allow(maxReplyBytes)
@@ -498,27 +519,37 @@ func (s *session) tlsConn() (*tls.Conn, bool) {
 }
 
 // ehlo sends our EHLO on the plaintext connection and returns the
-// extensions offered. A server that rejects EHLO offers none.
-func (s *session) ehlo(tp *textproto.Reader) (map[string]string, error) {
+// extensions offered and the 250 reply (written out again), for go-smtp
+// should the session stay in plaintext. A server that rejects EHLO offers
+// none.
+func (s *session) ehlo(tp *textproto.Reader) (map[string]string, string, error) {
 	s.conn.allow(maxReplyBytes)
 	s.conn.SetDeadline(time.Now().Add(s.e.opts.Timeouts.Command))
 	if err := writeLine(s.conn, "EHLO "+s.e.hostname); err != nil {
-		return nil, err
+		return nil, "", err
 	}
 	code, msg, err := tp.ReadResponse(0)
 	if err != nil {
-		return nil, err
+		return nil, "", err
 	}
 	ext := make(map[string]string)
 	if code != 250 {
-		return ext, nil
+		return ext, "", nil
 	}
 	lines := strings.Split(msg, "\n")
 	for _, l := range lines[1:] {
 		k, v, _ := strings.Cut(l, " ")
 		ext[strings.ToUpper(k)] = v
 	}
-	return ext, nil
+	var reply strings.Builder
+	for i, l := range lines {
+		sep := "-"
+		if i == len(lines)-1 {
+			sep = " "
+		}
+		reply.WriteString("250" + sep + l + "\r\n")
+	}
+	return ext, reply.String(), nil
 }
 
 // startTLS runs the handshake after a 220 to STARTTLS and checks the
