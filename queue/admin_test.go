@@ -162,7 +162,7 @@ func TestOrphanBodyFromACrashIsRemovedAtStart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	bf, _, err := tq.spool.writeBatch([][]byte{[]byte(testBody)})
+	bf, _, _, err := tq.spool.writeBatch([][]byte{[]byte(testBody)})
 	if err != nil {
 		t.Fatal(err)
 	}
