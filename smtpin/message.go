@@ -185,29 +185,9 @@ func (b *bodyReader) Read(p []byte) (int, error) {
 		return n, nil
 	}
 	n, err := b.r.Read(p)
-	for _, c := range p[:n] {
-		if b.last == '\r' && c != '\n' {
-			b.err = errBareCR
-			return 0, b.err
-		}
-		if c == '\n' && b.last != '\r' {
-			b.err = errBareLF
-			return 0, b.err
-		}
-		if c == 0 {
-			b.err = errNUL
-			return 0, b.err
-		}
-		b.lineLen++
-		if b.lineLen > b.maxLine {
-			b.err = errLineTooLong
-			return 0, b.err
-		}
-		if c == '\n' {
-			b.lines++
-			b.lineLen = 0
-		}
-		b.last = c
+	if e := b.check(p[:n]); e != nil {
+		b.err = e
+		return 0, e
 	}
 	b.n += int64(n)
 	if b.n > b.max {
@@ -235,6 +215,79 @@ func (b *bodyReader) Read(p []byte) (int, error) {
 		return 0, err
 	}
 	return n, nil
+}
+
+// check runs the checks over the next bytes of the message and advances
+// lines, lineLen and last. It scans a line at a time with bytes.IndexByte
+// rather than a byte at a time; the result is what a byte-wise check gives
+// (bodyReaderRef in the tests is that check, FuzzBodyReaderMatchesReference
+// compares them): the error at the earliest byte, and at one byte the
+// first of bare CR, bare LF, NUL, line too long. lines is not advanced past
+// the line that holds the error, which the reply names.
+func (b *bodyReader) check(s []byte) error {
+	nul := bytes.IndexByte(s, 0) // -1 or the first NUL: most chunks have none
+	for i := 0; i < len(s); {
+		if b.last == '\r' {
+			// A CR that ended the previous chunk.
+			if s[i] != '\n' {
+				return errBareCR
+			}
+			if b.lineLen+1 > b.maxLine {
+				return errLineTooLong
+			}
+			b.lines++
+			b.lineLen, b.last = 0, '\n'
+			i++
+			continue
+		}
+		// seg is the rest of the line up to its LF (excluded) or to the end
+		// of s. Positions below are in seg; position len(seg) is the LF.
+		seg := s[i:]
+		lf := bytes.IndexByte(seg, '\n')
+		if lf >= 0 {
+			seg = seg[:lf]
+		}
+		end := len(seg) // positions < end are looked at
+		if lf >= 0 {
+			end++
+		}
+		// The earliest error; at one position the one found first here
+		// wins, so they are looked for in order of precedence.
+		at, err := end, error(nil)
+		if cr := bytes.IndexByte(seg, '\r'); cr >= 0 && cr+1 < len(seg) {
+			at, err = cr+1, errBareCR // the byte after a CR is not LF
+		}
+		if lf >= 0 && len(seg) < at {
+			prev := b.last
+			if len(seg) > 0 {
+				prev = seg[len(seg)-1]
+			}
+			if prev != '\r' {
+				at, err = len(seg), errBareLF
+			}
+		}
+		if nul >= i && nul-i < at {
+			at, err = nul-i, errNUL
+		}
+		if long := max(b.maxLine-b.lineLen, 0); long < at {
+			err = errLineTooLong // the byte at which lineLen passes maxLine
+		}
+		if err != nil {
+			return err
+		}
+		if lf >= 0 {
+			b.lines++
+			b.lineLen, b.last = 0, '\n'
+			i += lf + 1
+			continue
+		}
+		if len(seg) > 0 {
+			b.lineLen += len(seg)
+			b.last = seg[len(seg)-1]
+		}
+		i = len(s)
+	}
+	return nil
 }
 
 // countingReader counts the bytes read through it.
