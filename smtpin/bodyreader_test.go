@@ -183,3 +183,29 @@ func max16(a, b uint16) uint16 {
 	}
 	return b
 }
+
+// BenchmarkBodyReaderByteWise is BenchmarkBodyReader on the reference, to
+// compare the two in one run.
+func BenchmarkBodyReaderByteWise(b *testing.B) {
+	for _, bs := range benchSizes {
+		b.Run(bs.name, func(b *testing.B) {
+			msg := benchMessage(bs.size)
+			buf := make([]byte, 8192)
+			src := bytes.NewReader(msg)
+			b.SetBytes(int64(len(msg)))
+			b.ReportAllocs()
+			for b.Loop() {
+				src.Reset(msg)
+				body := bodyReaderRef{bodyReader{r: src, maxLine: maxTextLine, max: 1 << 30}}
+				for {
+					if _, err := body.Read(buf); err != nil {
+						if err != io.EOF {
+							b.Fatal(err)
+						}
+						break
+					}
+				}
+			}
+		})
+	}
+}

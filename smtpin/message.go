@@ -3,11 +3,13 @@ package smtpin
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"crypto/rand"
 	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"strings"
 	"sync"
@@ -48,7 +50,12 @@ var (
 func (s *session) receive(tx transaction, r io.Reader) error {
 	start := time.Now()
 	env := tx.env
-	body := &bodyReader{r: r, maxLine: s.maxTextLine(), max: s.srv.opts.MaxMessageSize}
+	// The readers of one message, in one allocation.
+	rd := &struct {
+		body bodyReader
+		msg  messageReader
+	}{body: bodyReader{r: r, maxLine: s.maxTextLine(), max: s.srv.opts.MaxMessageSize}}
+	body := &rd.body
 	// maxTextLine is at most 1000, so one size of reader serves every
 	// session; Enqueue has read all it wants before receive returns.
 	br := readerPool.Get().(*bufio.Reader)
@@ -65,7 +72,8 @@ func (s *session) receive(tx transaction, r io.Reader) error {
 	}
 	trace, msgID := s.traceHeaders(tx.helo, env, &hdr, time.Now())
 	env.MessageID = msgID
-	msg := &countingReader{r: io.MultiReader(strings.NewReader(trace), bytes.NewReader(hdr.raw), br)}
+	msg := &rd.msg
+	*msg = messageReader{trace: trace, raw: hdr.raw, rest: br}
 
 	if !s.srv.enqueueBegin() {
 		return s.rejectAs(env.User, "shutdown", &smtp.SMTPError{Code: 421, EnhancedCode: smtp.EnhancedCode{4, 3, 2},
@@ -100,9 +108,13 @@ func (s *session) receive(tx transaction, r io.Reader) error {
 	}
 	// The one line per submission. size is what was stored, our Received
 	// header included, as the queue shows it.
-	s.log.Info("smtpin: accepted", "id", id, "message_id", msgID, "from", env.From, "rcpts", len(env.Recipients),
-		"size", msg.n, "user", env.User, "tls", tlsInfo, "requiretls", env.RequireTLS,
-		"notlspolicy", env.NoTLSPolicy, "duration", time.Since(start).Round(time.Millisecond))
+	// LogAttrs: the same record as Info with key-value pairs, without
+	// boxing each value in an interface.
+	s.log.LogAttrs(context.Background(), slog.LevelInfo, "smtpin: accepted", slog.String("id", id),
+		slog.String("message_id", msgID), slog.String("from", env.From), slog.Int("rcpts", len(env.Recipients)),
+		slog.Int64("size", msg.n), slog.String("user", env.User), slog.String("tls", tlsInfo),
+		slog.Bool("requiretls", env.RequireTLS), slog.Bool("notlspolicy", env.NoTLSPolicy),
+		slog.Duration("duration", time.Since(start).Round(time.Millisecond)))
 	// go-smtp sends an SMTPError as the reply, even a 250.
 	return &smtp.SMTPError{Code: 250, EnhancedCode: smtp.EnhancedCode{2, 0, 0}, Message: "Ok: queued as " + id}
 }
@@ -291,16 +303,32 @@ func (b *bodyReader) check(s []byte) error {
 	return nil
 }
 
-// countingReader counts the bytes read through it.
-type countingReader struct {
-	r io.Reader
-	n int64
+// messageReader is what Enqueue reads: our trace header, the header
+// section as read, then the rest of the message; it counts the bytes.
+// (io.MultiReader of a strings.Reader and a bytes.Reader, in one value.)
+type messageReader struct {
+	trace string
+	raw   []byte
+	rest  io.Reader
+	n     int64
 }
 
-func (c *countingReader) Read(p []byte) (int, error) {
-	n, err := c.r.Read(p)
-	c.n += int64(n)
-	return n, err
+func (m *messageReader) Read(p []byte) (int, error) {
+	var n int
+	switch {
+	case len(m.trace) > 0:
+		n = copy(p, m.trace)
+		m.trace = m.trace[n:]
+	case len(m.raw) > 0:
+		n = copy(p, m.raw)
+		m.raw = m.raw[n:]
+	default:
+		n, err := m.rest.Read(p)
+		m.n += int64(n)
+		return n, err
+	}
+	m.n += int64(n)
+	return n, nil
 }
 
 // maxMessageIDLen bounds the Message-ID kept for logs and the queue; RFC
