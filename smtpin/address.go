@@ -53,10 +53,10 @@ func parseMailbox(addr string, smtputf8 bool) (string, error) {
 	if err := checkDomain(domain); err != nil {
 		return "", err
 	}
+	out := addr // local@domain, as it came: no new string per address
 	if !isDotString(local) {
-		local = quoteLocal(local)
+		out = quoteLocal(local) + "@" + domain
 	}
-	out := local + "@" + domain
 	if len(out) > 254 { // RFC 5321 §4.5.3.1.3: 256 for the path, with < >
 		return "", errors.New("address longer than 254 octets")
 	}
