@@ -53,10 +53,10 @@ func parseMailbox(addr string, smtputf8 bool) (string, error) {
 	if err := checkDomain(domain); err != nil {
 		return "", err
 	}
+	out := addr // local@domain, as it came: no new string per address
 	if !isDotString(local) {
-		local = quoteLocal(local)
+		out = quoteLocal(local) + "@" + domain
 	}
-	out := local + "@" + domain
 	if len(out) > 254 { // RFC 5321 §4.5.3.1.3: 256 for the path, with < >
 		return "", errors.New("address longer than 254 octets")
 	}
@@ -112,21 +112,38 @@ func checkDomain(d string) error {
 }
 
 // isDotString reports whether s is an RFC 5321 Dot-string (UTF-8 counts
-// as atext, RFC 6531 §3.3).
+// as atext, RFC 6531 §3.3): atoms of atext joined by single dots.
 func isDotString(s string) bool {
-	for _, atom := range strings.Split(s, ".") {
-		if atom == "" {
-			return false
-		}
-		for _, r := range atom {
-			if r < 0x80 && !strings.ContainsRune("!#$%&'*+-/=?^_`{|}~", r) &&
-				!('a' <= r && r <= 'z' || 'A' <= r && r <= 'Z' || '0' <= r && r <= '9') {
+	atom := 0 // length of the atom so far
+	for i := 0; i < len(s); i++ {
+		switch c := s[i]; {
+		case c == '.':
+			if atom == 0 {
 				return false
 			}
+			atom = 0
+		case c >= 0x80 || atext[c]:
+			atom++
+		default:
+			return false
 		}
 	}
-	return true
+	return atom > 0
 }
+
+// atext marks the ASCII characters of RFC 5322 §3.2.3 atext.
+var atext = func() (t [128]bool) {
+	for c := 'a'; c <= 'z'; c++ {
+		t[c], t[c-'a'+'A'] = true, true
+	}
+	for c := '0'; c <= '9'; c++ {
+		t[c] = true
+	}
+	for _, c := range "!#$%&'*+-/=?^_`{|}~" {
+		t[c] = true
+	}
+	return t
+}()
 
 // quoteLocal makes an RFC 5321 Quoted-string.
 func quoteLocal(s string) string {

@@ -3,11 +3,13 @@ package smtpin
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"crypto/rand"
 	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"strings"
 	"sync"
@@ -48,7 +50,12 @@ var (
 func (s *session) receive(tx transaction, r io.Reader) error {
 	start := time.Now()
 	env := tx.env
-	body := &bodyReader{r: r, maxLine: s.maxTextLine(), max: s.srv.opts.MaxMessageSize}
+	// The readers of one message, in one allocation.
+	rd := &struct {
+		body bodyReader
+		msg  messageReader
+	}{body: bodyReader{r: r, maxLine: s.maxTextLine(), max: s.srv.opts.MaxMessageSize}}
+	body := &rd.body
 	// maxTextLine is at most 1000, so one size of reader serves every
 	// session; Enqueue has read all it wants before receive returns.
 	br := readerPool.Get().(*bufio.Reader)
@@ -58,13 +65,15 @@ func (s *session) receive(tx transaction, r io.Reader) error {
 	if err != nil {
 		return s.dataError(env, body, err)
 	}
+	defer hdr.release() // after Enqueue, which reads hdr.raw, has returned
 	// RFC 8689 §5: the header is ignored when REQUIRETLS was given.
 	if hdr.tlsRequiredNo && !env.RequireTLS {
 		env.NoTLSPolicy = true
 	}
-	trace, msgID := s.traceHeaders(tx.helo, env, hdr, time.Now())
+	trace, msgID := s.traceHeaders(tx.helo, env, &hdr, time.Now())
 	env.MessageID = msgID
-	msg := &countingReader{r: io.MultiReader(strings.NewReader(trace), bytes.NewReader(hdr.raw), br)}
+	msg := &rd.msg
+	*msg = messageReader{trace: trace, raw: hdr.raw, rest: br}
 
 	if !s.srv.enqueueBegin() {
 		return s.rejectAs(env.User, "shutdown", &smtp.SMTPError{Code: 421, EnhancedCode: smtp.EnhancedCode{4, 3, 2},
@@ -99,9 +108,13 @@ func (s *session) receive(tx transaction, r io.Reader) error {
 	}
 	// The one line per submission. size is what was stored, our Received
 	// header included, as the queue shows it.
-	s.log.Info("smtpin: accepted", "id", id, "message_id", msgID, "from", env.From, "rcpts", len(env.Recipients),
-		"size", msg.n, "user", env.User, "tls", tlsInfo, "requiretls", env.RequireTLS,
-		"notlspolicy", env.NoTLSPolicy, "duration", time.Since(start).Round(time.Millisecond))
+	// LogAttrs: the same record as Info with key-value pairs, without
+	// boxing each value in an interface.
+	s.log.LogAttrs(context.Background(), slog.LevelInfo, "smtpin: accepted", slog.String("id", id),
+		slog.String("message_id", msgID), slog.String("from", env.From), slog.Int("rcpts", len(env.Recipients)),
+		slog.Int64("size", msg.n), slog.String("user", env.User), slog.String("tls", tlsInfo),
+		slog.Bool("requiretls", env.RequireTLS), slog.Bool("notlspolicy", env.NoTLSPolicy),
+		slog.Duration("duration", time.Since(start).Round(time.Millisecond)))
 	// go-smtp sends an SMTPError as the reply, even a 250.
 	return &smtp.SMTPError{Code: 250, EnhancedCode: smtp.EnhancedCode{2, 0, 0}, Message: "Ok: queued as " + id}
 }
@@ -185,29 +198,9 @@ func (b *bodyReader) Read(p []byte) (int, error) {
 		return n, nil
 	}
 	n, err := b.r.Read(p)
-	for _, c := range p[:n] {
-		if b.last == '\r' && c != '\n' {
-			b.err = errBareCR
-			return 0, b.err
-		}
-		if c == '\n' && b.last != '\r' {
-			b.err = errBareLF
-			return 0, b.err
-		}
-		if c == 0 {
-			b.err = errNUL
-			return 0, b.err
-		}
-		b.lineLen++
-		if b.lineLen > b.maxLine {
-			b.err = errLineTooLong
-			return 0, b.err
-		}
-		if c == '\n' {
-			b.lines++
-			b.lineLen = 0
-		}
-		b.last = c
+	if e := b.check(p[:n]); e != nil {
+		b.err = e
+		return 0, e
 	}
 	b.n += int64(n)
 	if b.n > b.max {
@@ -237,16 +230,105 @@ func (b *bodyReader) Read(p []byte) (int, error) {
 	return n, nil
 }
 
-// countingReader counts the bytes read through it.
-type countingReader struct {
-	r io.Reader
-	n int64
+// check runs the checks over the next bytes of the message and advances
+// lines, lineLen and last. It scans a line at a time with bytes.IndexByte
+// rather than a byte at a time; the result is what a byte-wise check gives
+// (bodyReaderRef in the tests is that check, FuzzBodyReaderMatchesReference
+// compares them): the error at the earliest byte, and at one byte the
+// first of bare CR, bare LF, NUL, line too long. lines is not advanced past
+// the line that holds the error, which the reply names.
+func (b *bodyReader) check(s []byte) error {
+	nul := bytes.IndexByte(s, 0) // -1 or the first NUL: most chunks have none
+	for i := 0; i < len(s); {
+		if b.last == '\r' {
+			// A CR that ended the previous chunk.
+			if s[i] != '\n' {
+				return errBareCR
+			}
+			if b.lineLen+1 > b.maxLine {
+				return errLineTooLong
+			}
+			b.lines++
+			b.lineLen, b.last = 0, '\n'
+			i++
+			continue
+		}
+		// seg is the rest of the line up to its LF (excluded) or to the end
+		// of s. Positions below are in seg; position len(seg) is the LF.
+		seg := s[i:]
+		lf := bytes.IndexByte(seg, '\n')
+		if lf >= 0 {
+			seg = seg[:lf]
+		}
+		end := len(seg) // positions < end are looked at
+		if lf >= 0 {
+			end++
+		}
+		// The earliest error; at one position the one found first here
+		// wins, so they are looked for in order of precedence.
+		at, err := end, error(nil)
+		if cr := bytes.IndexByte(seg, '\r'); cr >= 0 && cr+1 < len(seg) {
+			at, err = cr+1, errBareCR // the byte after a CR is not LF
+		}
+		if lf >= 0 && len(seg) < at {
+			prev := b.last
+			if len(seg) > 0 {
+				prev = seg[len(seg)-1]
+			}
+			if prev != '\r' {
+				at, err = len(seg), errBareLF
+			}
+		}
+		if nul >= i && nul-i < at {
+			at, err = nul-i, errNUL
+		}
+		if long := max(b.maxLine-b.lineLen, 0); long < at {
+			err = errLineTooLong // the byte at which lineLen passes maxLine
+		}
+		if err != nil {
+			return err
+		}
+		if lf >= 0 {
+			b.lines++
+			b.lineLen, b.last = 0, '\n'
+			i += lf + 1
+			continue
+		}
+		if len(seg) > 0 {
+			b.lineLen += len(seg)
+			b.last = seg[len(seg)-1]
+		}
+		i = len(s)
+	}
+	return nil
 }
 
-func (c *countingReader) Read(p []byte) (int, error) {
-	n, err := c.r.Read(p)
-	c.n += int64(n)
-	return n, err
+// messageReader is what Enqueue reads: our trace header, the header
+// section as read, then the rest of the message; it counts the bytes.
+// (io.MultiReader of a strings.Reader and a bytes.Reader, in one value.)
+type messageReader struct {
+	trace string
+	raw   []byte
+	rest  io.Reader
+	n     int64
+}
+
+func (m *messageReader) Read(p []byte) (int, error) {
+	var n int
+	switch {
+	case len(m.trace) > 0:
+		n = copy(p, m.trace)
+		m.trace = m.trace[n:]
+	case len(m.raw) > 0:
+		n = copy(p, m.raw)
+		m.raw = m.raw[n:]
+	default:
+		n, err := m.rest.Read(p)
+		m.n += int64(n)
+		return n, err
+	}
+	m.n += int64(n)
+	return n, nil
 }
 
 // maxMessageIDLen bounds the Message-ID kept for logs and the queue; RFC
@@ -255,35 +337,83 @@ const maxMessageIDLen = 998
 
 // header is what the submission's header section says, as far as we care.
 type header struct {
-	raw           []byte // the bytes read, passed on unchanged
+	raw           []byte  // the bytes read, passed on unchanged
+	pooled        *[]byte // the rawPool buffer raw lives in, for release
 	hasMessageID  bool
 	messageID     string // the first Message-ID field's body, unfolded
 	hasDate       bool
 	tlsRequiredNo bool // "TLS-Required: No" (RFC 8689 §5)
 }
 
+// rawPool holds the buffers of header sections. A buffer goes back when
+// the message has been read: receive passes raw to Enqueue, which reads
+// all it wants before it returns (Enqueuer), and releases it only then.
+var rawPool = sync.Pool{New: func() any { b := make([]byte, 0, 4096); return &b }}
+
+// maxPooledRaw bounds the buffers kept in rawPool: a rare large header
+// section does not stay in memory.
+const maxPooledRaw = 64 << 10
+
+// release gives raw back to rawPool; h.raw must no longer be read.
+func (h *header) release() {
+	if h.pooled != nil && cap(h.raw) <= maxPooledRaw {
+		*h.pooled = h.raw[:0]
+		rawPool.Put(h.pooled)
+	}
+	h.raw, h.pooled = nil, nil
+}
+
+// field is a header field readHeader looks at.
+type field uint8
+
+const (
+	fieldOther field = iota
+	fieldMessageID
+	fieldDate
+	fieldTLSRequired
+)
+
+// fieldOf names a field without making a string of its name.
+func fieldOf(name []byte) field {
+	switch {
+	case bytes.EqualFold(name, []byte("Message-ID")):
+		return fieldMessageID
+	case bytes.EqualFold(name, []byte("Date")):
+		return fieldDate
+	case bytes.EqualFold(name, []byte("TLS-Required")):
+		return fieldTLSRequired
+	}
+	return fieldOther
+}
+
 // readHeader reads the header section (RFC 5322 §2.2), up to limit bytes.
 // It ends at the empty line, or at the first line that is not a header
-// field, which then belongs to the body (as Postfix treats it).
-func readHeader(br *bufio.Reader, limit int) (*header, error) {
-	h := &header{}
-	var name string // the field being read, across folded lines
-	var value []byte
+// field, which then belongs to the body (as Postfix treats it). The caller
+// releases the header when raw has been read.
+func readHeader(br *bufio.Reader, limit int) (header, error) {
+	bp := rawPool.Get().(*[]byte)
+	h := header{raw: (*bp)[:0], pooled: bp}
+	var name field // the field being read, across folded lines
+	// The body of a field we keep (Message-ID, TLS-Required), copied out
+	// of br's buffer, which the next line overwrites.
+	var valueBuf [128]byte
+	value := valueBuf[:0]
+	keep := false
 	finish := func() {
-		switch {
-		case strings.EqualFold(name, "Message-ID"):
+		switch name {
+		case fieldMessageID:
 			if !h.hasMessageID {
 				h.messageID = messageID(value)
 			}
 			h.hasMessageID = true
-		case strings.EqualFold(name, "Date"):
+		case fieldDate:
 			h.hasDate = true
-		case strings.EqualFold(name, "TLS-Required"):
-			if strings.EqualFold(string(bytes.TrimSpace(value)), "No") {
+		case fieldTLSRequired:
+			if bytes.EqualFold(bytes.TrimSpace(value), []byte("No")) {
 				h.tlsRequiredNo = true
 			}
 		}
-		name, value = "", nil
+		name, value, keep = fieldOther, value[:0], false
 	}
 	for {
 		line, err := br.ReadSlice('\n')
@@ -291,10 +421,12 @@ func readHeader(br *bufio.Reader, limit int) (*header, error) {
 			err = errLineTooLong // bodyReader stops long lines first; belt and braces
 		}
 		if err != nil && err != io.EOF {
-			return nil, err
+			h.release()
+			return header{}, err
 		}
 		if len(h.raw)+len(line) > limit {
-			return nil, errHeaderTooLarge
+			h.release()
+			return header{}, errHeaderTooLarge
 		}
 		h.raw = append(h.raw, line...)
 		content := bytes.TrimSuffix(line, []byte("\r\n"))
@@ -303,14 +435,20 @@ func readHeader(br *bufio.Reader, limit int) (*header, error) {
 			finish() // end of data, or the empty line before the body
 			return h, nil
 		case content[0] == ' ' || content[0] == '\t':
-			value = append(value, content...) // folded (RFC 5322 §2.2.3)
+			if keep {
+				value = append(value, content...) // folded (RFC 5322 §2.2.3)
+			}
 		default:
 			finish()
 			n, v, ok := bytes.Cut(content, []byte(":"))
 			if !ok || !isFieldName(n) {
 				return h, nil // not a header field: the body has begun
 			}
-			name, value = string(n), append([]byte(nil), v...)
+			name = fieldOf(n)
+			keep = name == fieldMessageID && !h.hasMessageID || name == fieldTLSRequired
+			if keep {
+				value = append(value, v...)
+			}
 		}
 		if err == io.EOF {
 			finish()
@@ -320,8 +458,53 @@ func readHeader(br *bufio.Reader, limit int) (*header, error) {
 }
 
 // messageID cleans a Message-ID field body for logs: unfolded, printable
-// ASCII only, bounded.
+// ASCII only, bounded. Words are joined by one space; a character outside
+// printable ASCII becomes '?'.
 func messageID(v []byte) string {
+	for _, c := range v {
+		if c >= 0x80 {
+			return messageIDUTF8(v)
+		}
+	}
+	// ASCII: the words are what strings.Fields finds, split at ASCII space.
+	var b strings.Builder
+	b.Grow(min(len(v), maxMessageIDLen))
+	for len(v) > 0 && b.Len() < maxMessageIDLen {
+		i := 0
+		for i < len(v) && asciiSpace[v[i]] {
+			i++
+		}
+		if i == len(v) {
+			break
+		}
+		j := i
+		for j < len(v) && !asciiSpace[v[j]] {
+			j++
+		}
+		if b.Len() > 0 {
+			b.WriteByte(' ')
+		}
+		for _, c := range v[i:j] {
+			if b.Len() == maxMessageIDLen {
+				break
+			}
+			if c < 0x20 || c > 0x7e {
+				c = '?'
+			}
+			b.WriteByte(c)
+		}
+		v = v[j:]
+	}
+	return b.String()
+}
+
+// asciiSpace is the ASCII white space of unicode.IsSpace.
+var asciiSpace = [256]bool{'\t': true, '\n': true, '\v': true, '\f': true, '\r': true, ' ': true}
+
+// messageIDUTF8 is messageID for a body with bytes outside ASCII: Unicode
+// white space separates words too, and a multi-byte character becomes one
+// '?'.
+func messageIDUTF8(v []byte) string {
 	id := strings.Join(strings.Fields(string(v)), " ")
 	id = strings.Map(func(r rune) rune {
 		if r < 0x20 || r > 0x7e {
@@ -352,39 +535,62 @@ func isFieldName(b []byte) bool {
 // does for submission, a Message-ID and Date when the message has none;
 // and the message's Message-ID, its own or the one added.
 func (s *session) traceHeaders(helo string, env queue.Envelope, hdr *header, now time.Time) (string, string) {
-	var b strings.Builder
-	b.Grow(512) // the whole header in one allocation
+	// Appended to a buffer on the stack: one allocation, the string.
+	b := make([]byte, 0, 512)
 	host := s.srv.opts.Hostname
 
-	// RFC 3848 and RFC 6531 §3.7.3: with-protocol names.
-	proto := "ESMTP"
-	if env.SMTPUTF8 {
-		proto = "UTF8SMTP"
+	b = append(b, "Received: from "...)
+	b = append(b, sanitizeHelo(helo)...)
+	b = append(b, " (["...)
+	if s.client.IsValid() {
+		b = s.client.AppendTo(b)
+	} else {
+		b = append(b, s.client.String()...)
 	}
+	b = append(b, "])\r\n"...)
 	if s.tls != nil {
-		proto += "S"
-	}
-	if env.User != "" {
-		proto += "A"
-	}
-	fmt.Fprintf(&b, "Received: from %s ([%s])\r\n", sanitizeHelo(helo), s.client)
-	if s.tls != nil {
-		fmt.Fprintf(&b, "\t(using %s with cipher %s)\r\n",
-			tlsVersion(s.tls.Version), tls.CipherSuiteName(s.tls.CipherSuite))
+		b = append(b, "\t(using "...)
+		b = appendTLSVersion(b, s.tls.Version)
+		b = append(b, " with cipher "...)
+		b = append(b, tls.CipherSuiteName(s.tls.CipherSuite)...)
+		b = append(b, ")\r\n"...)
 	}
 	if env.User != "" && s.srv.opts.ShowAuthUser {
-		fmt.Fprintf(&b, "\t(authenticated user %s)\r\n", sanitizeComment(env.User))
+		b = append(b, "\t(authenticated user "...)
+		b = append(b, sanitizeComment(env.User)...)
+		b = append(b, ")\r\n"...)
 	}
-	fmt.Fprintf(&b, "\tby %s (stsrelay) with %s;\r\n\t%s\r\n", host, proto, now.Format(time.RFC1123Z))
+	b = append(b, "\tby "...)
+	b = append(b, host...)
+	b = append(b, " (stsrelay) with "...)
+	// RFC 3848 and RFC 6531 §3.7.3: with-protocol names.
+	if env.SMTPUTF8 {
+		b = append(b, "UTF8SMTP"...)
+	} else {
+		b = append(b, "ESMTP"...)
+	}
+	if s.tls != nil {
+		b = append(b, 'S')
+	}
+	if env.User != "" {
+		b = append(b, 'A')
+	}
+	b = append(b, ";\r\n\t"...)
+	b = now.AppendFormat(b, time.RFC1123Z)
+	b = append(b, "\r\n"...)
 	msgID := hdr.messageID
 	if !hdr.hasMessageID {
-		msgID = fmt.Sprintf("<%s@%s>", rand.Text(), host)
-		fmt.Fprintf(&b, "Message-ID: %s\r\n", msgID)
+		msgID = "<" + rand.Text() + "@" + host + ">"
+		b = append(b, "Message-ID: "...)
+		b = append(b, msgID...)
+		b = append(b, "\r\n"...)
 	}
 	if !hdr.hasDate {
-		fmt.Fprintf(&b, "Date: %s\r\n", now.Format(time.RFC1123Z))
+		b = append(b, "Date: "...)
+		b = now.AppendFormat(b, time.RFC1123Z)
+		b = append(b, "\r\n"...)
 	}
-	return b.String(), msgID
+	return string(b), msgID
 }
 
 // sanitizeHelo keeps the client's HELO name from breaking the header:
@@ -417,4 +623,13 @@ func sanitizeComment(s string) string {
 // tlsVersion names a TLS version the way Postfix's Received does: "TLSv1.3".
 func tlsVersion(v uint16) string {
 	return strings.Replace(tls.VersionName(v), "TLS ", "TLSv", 1)
+}
+
+// appendTLSVersion appends tlsVersion(v) without making the string.
+func appendTLSVersion(b []byte, v uint16) []byte {
+	name := tls.VersionName(v)
+	if i := strings.Index(name, "TLS "); i >= 0 {
+		return append(append(append(b, name[:i]...), "TLSv"...), name[i+4:]...)
+	}
+	return append(b, name...)
 }

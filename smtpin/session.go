@@ -33,16 +33,17 @@ func (b backend) NewSession(sc *smtp.Conn) (smtp.Session, error) {
 		return nil, errClosing
 	}
 	sess := &session{
-		srv:     s,
-		sc:      sc,
-		conn:    c,
-		client:  c.ip,
-		trusted: s.isTrusted(c.ip),
+		srv:       s,
+		sc:        sc,
+		conn:      c,
+		client:    c.ip,
+		clientStr: c.ip.String(),
+		trusted:   s.isTrusted(c.ip),
 	}
 	if st, ok := sc.TLSConnectionState(); ok {
 		sess.tls = &st
 	}
-	sess.log = s.log.With("client", c.ip.String(), "conn", c.id)
+	sess.log = s.log.With("client", sess.clientStr, "conn", c.id)
 	return sess, nil
 }
 
@@ -59,13 +60,14 @@ func (s *Server) isTrusted(ip netip.Addr) bool {
 // Data for BDAT in another goroutine while it keeps reading commands, so
 // the transaction state is guarded by mu.
 type session struct {
-	srv     *Server
-	sc      *smtp.Conn
-	conn    *conn
-	client  netip.Addr
-	trusted bool
-	tls     *tls.ConnectionState // nil on a plaintext connection
-	log     *slog.Logger
+	srv       *Server
+	sc        *smtp.Conn
+	conn      *conn
+	client    netip.Addr
+	clientStr string // client.String(), made once per session
+	trusted   bool
+	tls       *tls.ConnectionState // nil on a plaintext connection
+	log       *slog.Logger
 
 	mu   sync.Mutex
 	user *User // nil until AUTH succeeds
@@ -253,7 +255,7 @@ func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 
 	env := queue.Envelope{
 		From:       from,
-		ClientAddr: s.client.String(),
+		ClientAddr: s.clientStr,
 		Body8Bit:   opts.Body == smtp.Body8BitMIME,
 		SMTPUTF8:   opts.UTF8,
 		RequireTLS: opts.RequireTLS,
