@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -68,12 +69,14 @@ type cacheKey struct {
 
 type cacheEntry struct {
 	msg     *dns.Msg
+	own     []dns.RR // see ownRecords
 	expires time.Time
 }
 
 type call struct {
 	done chan struct{}
 	msg  *dns.Msg
+	own  []dns.RR
 	err  error
 }
 
@@ -168,25 +171,40 @@ func IsNotFound(err error) bool {
 // Lookup asks for name's records of qtype, following CNAMEs. A name that
 // exists without such records (NODATA) is a Result with no Records.
 func (r *Resolver) Lookup(ctx context.Context, name string, qtype uint16) (*Result, error) {
+	res := new(Result)
+	if err := r.lookup(ctx, name, qtype, res); err != nil {
+		return nil, err
+	}
+	return res, nil
+}
+
+// lookup is Lookup filling in res, which the callers that keep no Result
+// can have on their stack: a cached answer then costs no allocation.
+func (r *Resolver) lookup(ctx context.Context, name string, qtype uint16, res *Result) error {
 	name = dns.CanonicalName(name)
 	if _, ok := dns.IsDomainName(name); !ok {
-		return nil, &Error{Name: name, Type: dns.TypeToString[qtype], Rcode: -1, Err: errors.New("not a domain name")}
+		return &Error{Name: name, Type: dns.TypeToString[qtype], Rcode: -1, Err: errors.New("not a domain name")}
 	}
-	res := &Result{Name: name, Final: name, Secure: true}
-	seen := map[string]bool{name: true}
+	*res = Result{Name: name, Final: name, Secure: true}
 	cur := name
 	for {
-		msg, err := r.query(ctx, cur, qtype)
+		msg, own, err := r.query(ctx, cur, qtype)
 		if err != nil {
-			return nil, err
+			return err
 		}
 		res.Secure = res.Secure && msg.AuthenticatedData
 		switch msg.Rcode {
 		case dns.RcodeSuccess:
 		case dns.RcodeNameError:
-			return nil, &Error{Name: name, Type: dns.TypeToString[qtype], Rcode: msg.Rcode, NotFound: true}
+			return &Error{Name: name, Type: dns.TypeToString[qtype], Rcode: msg.Rcode, NotFound: true}
 		default:
-			return nil, &Error{Name: name, Type: dns.TypeToString[qtype], Rcode: msg.Rcode}
+			return &Error{Name: name, Type: dns.TypeToString[qtype], Rcode: msg.Rcode}
+		}
+		if len(own) > 0 {
+			// The records sit at the name asked for: what the walk below
+			// would collect, found once per answer rather than per lookup.
+			res.Records = own
+			return nil
 		}
 		// Walk the chain inside this answer: resolvers usually return the
 		// aliases and the final records together. Records of owners off
@@ -205,13 +223,12 @@ func (r *Resolver) Lookup(ctx context.Context, name string, qtype uint16) (*Resu
 				}
 			}
 			if len(res.Records) > 0 || target == "" || qtype == dns.TypeCNAME {
-				return res, nil
+				return nil
 			}
-			if seen[target] || len(res.CNAMEs) >= maxCNAMEs {
-				return nil, &Error{Name: name, Type: dns.TypeToString[qtype], Rcode: -1,
+			if target == name || slices.Contains(res.CNAMEs, target) || len(res.CNAMEs) >= maxCNAMEs {
+				return &Error{Name: name, Type: dns.TypeToString[qtype], Rcode: -1,
 					Err: fmt.Errorf("%w at %s", ErrCNAMEChain, strings.TrimSuffix(target, "."))}
 			}
-			seen[target] = true
 			res.CNAMEs = append(res.CNAMEs, target)
 			res.Final, cur = target, target
 			if !hasOwner(msg, target) {
@@ -231,14 +248,27 @@ func hasOwner(msg *dns.Msg, name string) bool {
 	return false
 }
 
-// query returns the response for one question, from the cache when fresh.
-// Concurrent identical queries share one exchange.
-func (r *Resolver) query(ctx context.Context, name string, qtype uint16) (*dns.Msg, error) {
+// ownRecords returns the answer records of msg that are of qtype and owned
+// by name, the question, with no room to append: they are shared by every
+// Result made from msg.
+func ownRecords(msg *dns.Msg, name string, qtype uint16) []dns.RR {
+	var own []dns.RR
+	for _, rr := range msg.Answer {
+		if h := rr.Header(); h.Rrtype == qtype && strings.EqualFold(h.Name, name) {
+			own = append(own, rr)
+		}
+	}
+	return slices.Clip(own)
+}
+
+// query returns the response for one question, from the cache when fresh,
+// with its ownRecords. Concurrent identical queries share one exchange.
+func (r *Resolver) query(ctx context.Context, name string, qtype uint16) (*dns.Msg, []dns.RR, error) {
 	key := cacheKey{name, qtype}
 	r.mu.Lock()
 	if e, ok := r.cache[key]; ok && r.now().Before(e.expires) {
 		r.mu.Unlock()
-		return e.msg, nil
+		return e.msg, e.own, nil
 	}
 	c, ok := r.inflight[key]
 	if !ok {
@@ -251,15 +281,18 @@ func (r *Resolver) query(ctx context.Context, name string, qtype uint16) (*dns.M
 	r.mu.Unlock()
 	select {
 	case <-c.done:
-		return c.msg, c.err
+		return c.msg, c.own, c.err
 	case <-ctx.Done():
-		return nil, &Error{Name: name, Type: dns.TypeToString[qtype], Rcode: -1, Err: ctx.Err()}
+		return nil, nil, &Error{Name: name, Type: dns.TypeToString[qtype], Rcode: -1, Err: ctx.Err()}
 	}
 }
 
 // share runs the exchange for c, caches a usable answer and wakes the waiters.
 func (r *Resolver) share(ctx context.Context, key cacheKey, c *call) {
 	c.msg, c.err = r.exchange(ctx, key.name, key.qtype)
+	if c.err == nil {
+		c.own = ownRecords(c.msg, key.name, key.qtype)
+	}
 	r.mu.Lock()
 	delete(r.inflight, key)
 	if c.err == nil && r.maxCache > 0 {
@@ -267,7 +300,7 @@ func (r *Resolver) share(ctx context.Context, key cacheKey, c *call) {
 			if len(r.cache) >= r.maxCache {
 				r.evictLocked()
 			}
-			r.cache[key] = &cacheEntry{msg: c.msg, expires: r.now().Add(ttl)}
+			r.cache[key] = &cacheEntry{msg: c.msg, own: c.own, expires: r.now().Add(ttl)}
 		}
 	}
 	r.mu.Unlock()
@@ -365,11 +398,14 @@ func simplify(err error) error {
 // MX returns the MX records of domain, unsorted, and whether the answer was
 // DNSSEC-secure. A domain without MX records returns none and no error.
 func (r *Resolver) MX(ctx context.Context, domain string) ([]*dns.MX, bool, error) {
-	res, err := r.Lookup(ctx, domain, dns.TypeMX)
-	if err != nil {
+	var res Result
+	if err := r.lookup(ctx, domain, dns.TypeMX, &res); err != nil {
 		return nil, false, err
 	}
 	var mxs []*dns.MX
+	if len(res.Records) > 0 {
+		mxs = make([]*dns.MX, 0, len(res.Records))
+	}
 	for _, rr := range res.Records {
 		mxs = append(mxs, rr.(*dns.MX))
 	}
@@ -384,6 +420,9 @@ func (r *Resolver) TXT(ctx context.Context, name string) ([]string, *Result, err
 		return nil, nil, err
 	}
 	var txts []string
+	if len(res.Records) > 0 {
+		txts = make([]string, 0, len(res.Records))
+	}
 	for _, rr := range res.Records {
 		txts = append(txts, strings.Join(rr.(*dns.TXT).Txt, ""))
 	}
@@ -425,10 +464,13 @@ const (
 // answers with addresses.
 func (r *Resolver) Addrs(ctx context.Context, host string, version IPVersion) ([]netip.Addr, *Result, error) {
 	var (
-		addrs  []netip.Addr
-		chain  *Result
-		errs   []error
-		secure = true
+		addrs   []netip.Addr
+		chain   *Result
+		errs    []error
+		secure  = true
+		results [2]Result
+		ok      [2]bool
+		n       int
 	)
 	types := []uint16{dns.TypeAAAA, dns.TypeA}
 	switch version {
@@ -437,17 +479,27 @@ func (r *Resolver) Addrs(ctx context.Context, host string, version IPVersion) ([
 	case IPv6:
 		types = types[:1]
 	}
-	for _, t := range types {
-		res, err := r.Lookup(ctx, host, t)
-		if err != nil {
+	for i, t := range types {
+		res := &results[i]
+		if err := r.lookup(ctx, host, t, res); err != nil {
 			errs = append(errs, err)
 			continue
 		}
+		ok[i] = true
 		secure = secure && res.Secure
 		if chain == nil || t == dns.TypeA {
 			chain = res
 		}
-		for _, rr := range res.Records {
+		n += len(res.Records)
+	}
+	if n > 0 {
+		addrs = make([]netip.Addr, 0, n)
+	}
+	for i := range results {
+		if !ok[i] {
+			continue
+		}
+		for _, rr := range results[i].Records {
 			switch v := rr.(type) {
 			case *dns.A:
 				if a, ok := netip.AddrFromSlice(v.A.To4()); ok {
@@ -474,6 +526,7 @@ func (r *Resolver) Addrs(ctx context.Context, host string, version IPVersion) ([
 		}
 	}
 	// A failed family leaves the security of the whole answer unknown.
-	chain.Secure = secure && len(errs) == 0
-	return addrs, chain, nil
+	out := *chain
+	out.Secure = secure && len(errs) == 0
+	return addrs, &out, nil
 }
