@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"slices"
 	"strings"
@@ -184,6 +185,61 @@ func TestCacheHonoursTTL(t *testing.T) {
 	r.MX(t.Context(), "example.com")
 	if n := s.Queries("example.com", dns.TypeMX); n != 2 {
 		t.Errorf("%d queries after the TTL, want 2", n)
+	}
+}
+
+func TestCachedRecordsChangeWhenTheTTLRunsOut(t *testing.T) {
+	s := dnstest.New(t, "mx.example.com. 60 IN A 192.0.2.1")
+	r := newResolver(t, s)
+	now := time.Now()
+	r.now = func() time.Time { return now }
+	addrs := func() []netip.Addr {
+		t.Helper()
+		got, _, err := r.Addrs(t.Context(), "mx.example.com", IPv4)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return got
+	}
+	if got := addrs(); !slices.Equal(got, []netip.Addr{netip.MustParseAddr("192.0.2.1")}) {
+		t.Fatalf("addrs %v, want 192.0.2.1", got)
+	}
+	s.Remove("mx.example.com.", dns.TypeA)
+	s.Add(t, "mx.example.com. 60 IN A 192.0.2.2")
+	if got := addrs(); !slices.Equal(got, []netip.Addr{netip.MustParseAddr("192.0.2.1")}) {
+		t.Errorf("addrs within the TTL %v, want the cached 192.0.2.1", got)
+	}
+	now = now.Add(61 * time.Second)
+	if got := addrs(); !slices.Equal(got, []netip.Addr{netip.MustParseAddr("192.0.2.2")}) {
+		t.Errorf("addrs after the TTL %v, want the new 192.0.2.2", got)
+	}
+}
+
+func TestAppendingToResultRecordsLeavesOtherResultsAlone(t *testing.T) {
+	s := dnstest.New(t,
+		"mx.example.com. 300 IN A 192.0.2.1",
+		"mx.example.com. 300 IN A 192.0.2.2",
+		"mx.example.com. 300 IN A 192.0.2.3")
+	r := newResolver(t, s)
+	lookup := func() *Result {
+		t.Helper()
+		res, err := r.Lookup(t.Context(), "mx.example.com", dns.TypeA)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return res
+	}
+	extra := func(ip string) dns.RR {
+		return &dns.A{Hdr: dns.RR_Header{Name: "mx.example.com.", Rrtype: dns.TypeA, Class: dns.ClassINET}, A: net.ParseIP(ip)}
+	}
+	a, b := lookup(), lookup()
+	a.Records = append(a.Records, extra("198.51.100.1"))
+	b.Records = append(b.Records, extra("198.51.100.2"))
+	if got := a.Records[3].(*dns.A).A.String(); got != "198.51.100.1" {
+		t.Errorf("a caller's appended record became %s through another's append, want 198.51.100.1", got)
+	}
+	if n := len(lookup().Records); n != 3 {
+		t.Errorf("%d cached records after callers appended, want 3", n)
 	}
 }
 
