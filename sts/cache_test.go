@@ -52,6 +52,44 @@ func TestNewIDTriggersRefetch(t *testing.T) {
 	}
 }
 
+// The Manager keeps the parse of the last TXT record it saw: every change
+// of the record's text must be parsed afresh, whatever came before.
+func TestChangedTXTRecordIsParsedAgain(t *testing.T) {
+	e := newEnv(t)
+	h := e.ValidHost("example.com", "id1", enforcePolicy)
+	m := e.Manager(nil)
+	setTXT := func(txts ...string) {
+		e.DNS.Remove("_mta-sts.example.com.", 0)
+		for _, txt := range txts {
+			e.DNS.Add(t, fmt.Sprintf("_mta-sts.example.com. 300 IN TXT %q", txt))
+		}
+	}
+	step := func(what, wantID string, wantFetches int32) {
+		t.Helper()
+		for range 3 {
+			if cp := mustPolicy(t, m, "example.com"); cp.ID != wantID {
+				t.Fatalf("%s: policy id %q, want %q", what, cp.ID, wantID)
+			}
+		}
+		if n := h.requests.Load(); n != wantFetches {
+			t.Fatalf("%s: %d fetches, want %d", what, n, wantFetches)
+		}
+	}
+	step("first record", "id1", 1)
+	e.SetID("example.com", "id2")
+	step("new id", "id2", 2)
+	e.SetID("example.com", "id1")
+	step("old id back", "id1", 3)
+	setTXT("v=STSv1; id=id1; ext=x")
+	step("same id, another text", "id1", 3)
+	setTXT("v=STSv1; id=id1!")
+	step("invalid record, cached policy", "id1", 3)
+	setTXT("v=STSv1; id=id1", "v=STSv1; id=id4")
+	step("two records, cached policy", "id1", 3)
+	setTXT("v=STSv1; id=id3")
+	step("valid again with a new id", "id3", 4)
+}
+
 func TestExpiredPolicyIsFetchedAgainEvenWithSameID(t *testing.T) {
 	e := newEnv(t)
 	h := e.ValidHost("example.com", "id1", "version: STSv1\nmode: enforce\nmx: mx.example.com\nmax_age: 3600\n")
@@ -453,5 +491,17 @@ func TestSlowPolicyHostDefersItsDomainWithoutHoldingOthers(t *testing.T) {
 	}
 	if n := slow.requests.Load(); n != 1 {
 		t.Errorf("%d fetches of slow.example, want the one that was waited for", n)
+	}
+}
+
+func TestNoPolicyErrorWrapsItsCause(t *testing.T) {
+	e := newEnv(t)
+	m := e.Manager(nil)
+	_, err := m.Policy(ctx, "example.com")
+	if !errors.Is(err, sts.ErrNoPolicy) || !errors.Is(err, sts.ErrNoRecord) {
+		t.Fatalf("err = %v, want ErrNoPolicy wrapping ErrNoRecord", err)
+	}
+	if want := sts.ErrNoPolicy.Error() + ": " + sts.ErrNoRecord.Error(); err.Error() != want {
+		t.Errorf("err = %q, want %q", err, want)
 	}
 }

@@ -95,6 +95,10 @@ func (c *CachedPolicy) Expired(now time.Time) bool { return !now.Before(c.Expire
 type entry struct {
 	policy   *CachedPolicy
 	lastUsed time.Time // in memory only between fetches, to spare bbolt a write per delivery
+	// txt and rec are the last TXT record seen for the domain and its
+	// parse, so that an unchanged record is not parsed on every delivery.
+	txt string
+	rec *Record
 }
 
 type failure struct {
@@ -187,8 +191,10 @@ func policyDomain(domain string) (string, error) {
 	if strings.HasPrefix(d, "[") {
 		return "", ErrAddressLiteral
 	}
-	if _, err := netip.ParseAddr(d); err == nil {
-		return "", ErrAddressLiteral
+	if mayBeAddr(d) {
+		if _, err := netip.ParseAddr(d); err == nil {
+			return "", ErrAddressLiteral
+		}
 	}
 	n, err := normalizeHost(d)
 	if err != nil {
@@ -197,7 +203,30 @@ func policyDomain(domain string) (string, error) {
 	return n, nil
 }
 
-func noPolicy(cause error) error { return fmt.Errorf("%w: %w", ErrNoPolicy, cause) }
+// mayBeAddr reports whether s could parse as an IP address: an IPv6
+// address has a colon, an IPv4 one only digits and dots. It spares a domain
+// name the error value netip.ParseAddr makes for it.
+func mayBeAddr(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c == ':' {
+			return true
+		} else if c != '.' && (c < '0' || c > '9') {
+			return false
+		}
+	}
+	return true
+}
+
+// noPolicy wraps cause in ErrNoPolicy, as fmt.Errorf("%w: %w") would, but
+// makes its text only when read: delivery to a domain without MTA-STS asks
+// for it on every attempt and only tests it with errors.Is.
+func noPolicy(cause error) error { return &noPolicyError{cause} }
+
+type noPolicyError struct{ cause error }
+
+func (e *noPolicyError) Error() string        { return ErrNoPolicy.Error() + ": " + e.cause.Error() }
+func (e *noPolicyError) Is(target error) bool { return target == ErrNoPolicy }
+func (e *noPolicyError) Unwrap() error        { return e.cause }
 
 // Policy returns the policy in force for domain. When none applies it
 // returns an error wrapping ErrNoPolicy and the reason; the caller then
@@ -218,30 +247,43 @@ func (m *Manager) policy(ctx context.Context, domain string, wait time.Duration)
 	if err != nil {
 		return nil, noPolicy(err)
 	}
-	rec, _, lerr := LookupRecord(ctx, m.resolver, d)
+	txt, lerr := lookupRecordText(ctx, m.resolver, d)
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
 	now := m.now()
 	m.mu.Lock()
 	var cached *CachedPolicy
-	if e := m.entries[d]; e != nil {
+	var rec *Record
+	e := m.entries[d]
+	if e != nil {
 		e.lastUsed = now
 		if !e.policy.Expired(now) {
 			cached = e.policy
 		}
+		if lerr == nil && e.rec != nil && e.txt == txt {
+			rec = e.rec
+		}
 	}
 	m.mu.Unlock()
+	if lerr == nil && rec == nil {
+		rec, lerr = ParseRecord(txt)
+		if lerr == nil && e != nil {
+			m.mu.Lock()
+			e.txt, e.rec = txt, rec
+			m.mu.Unlock()
+		}
+	}
 
 	if lerr != nil {
 		// RFC 8461 §5.1: a missing, invalid or unreachable TXT record
 		// does not end an unexpired cached policy; the policy is valid
 		// for max_age whatever DNS says meanwhile.
 		if cached != nil {
-			cacheLookups.WithLabelValues("hit").Inc()
+			cacheHits.Inc()
 			return cached, nil
 		}
-		cacheLookups.WithLabelValues("miss").Inc()
+		cacheMisses.Inc()
 		if !isRecordError(lerr) {
 			m.log.Info("sts: TXT lookup failed, no cached policy", "domain", d, "err", lerr)
 		}
@@ -250,12 +292,12 @@ func (m *Manager) policy(ctx context.Context, domain string, wait time.Duration)
 	// RFC 8461 §3.3: a cached policy whose id matches the TXT record is
 	// current; no fetch.
 	if cached != nil && cached.ID == rec.ID {
-		cacheLookups.WithLabelValues("hit").Inc()
+		cacheHits.Inc()
 		return cached, nil
 	}
 	// RFC 8461 §3.3, §5.1: a different id (or no unexpired policy) means
 	// fetch the policy.
-	cacheLookups.WithLabelValues("miss").Inc()
+	cacheMisses.Inc()
 	p, ferr := m.refresh(ctx, d, rec.ID, false, wait)
 	if ferr == nil {
 		return p, nil

@@ -19,3 +19,9 @@ var (
 		Help: "Delivery attempts by the MTA-STS mode that decided their requirements (enforce, testing, none, no-policy).",
 	}, []string{"mode"})
 )
+
+// The labels counted on every delivery, resolved once.
+var (
+	cacheHits   = cacheLookups.WithLabelValues("hit")
+	cacheMisses = cacheLookups.WithLabelValues("miss")
+)

@@ -139,7 +139,7 @@ type Discovery struct {
 // one record is invalid, and a *resolve.Error for a temporary DNS failure.
 // The Discovery is returned whenever DNS answered.
 func LookupRecord(ctx context.Context, r *resolve.Resolver, domain string) (*Record, *Discovery, error) {
-	name := "_mta-sts." + strings.TrimSuffix(domain, ".") + "."
+	name := recordName(domain)
 	txts, res, err := r.TXT(ctx, name)
 	if err != nil {
 		if resolve.IsNotFound(err) {
@@ -171,9 +171,47 @@ func LookupRecord(ctx context.Context, r *resolve.Resolver, domain string) (*Rec
 	return rec, d, nil
 }
 
+// recordName is where domain's MTA-STS TXT record is (RFC 8461 §3.1).
+func recordName(domain string) string {
+	return "_mta-sts." + strings.TrimSuffix(domain, ".") + "."
+}
+
+// lookupRecordText is LookupRecord without the Discovery and the parsing:
+// the one v=STSv1 record's text, or the error LookupRecord would return
+// before parsing. Delivery asks on every attempt, and the answer rarely
+// changes, so parsing is left to the caller's cache (Manager.record).
+func lookupRecordText(ctx context.Context, r *resolve.Resolver, domain string) (string, error) {
+	txts, _, err := r.TXT(ctx, recordName(domain))
+	if err != nil {
+		if resolve.IsNotFound(err) {
+			return "", ErrNoRecord
+		}
+		return "", err
+	}
+	found, n := "", 0
+	for _, t := range txts {
+		// RFC 8461 §3.1: records not beginning with v=STSv1 are discarded.
+		if IsRecord(t) {
+			found = t
+			n++
+		}
+	}
+	switch n {
+	case 0:
+		return "", ErrNoRecord
+	case 1:
+		return found, nil
+	}
+	// RFC 8461 §3.1: more than one record means no policy.
+	return "", ErrMultipleRecords
+}
+
 // isRecordError reports whether err says the DNS answered but gave no
 // usable record, as opposed to a DNS failure.
 func isRecordError(err error) bool {
+	if errors.Is(err, ErrNoRecord) || errors.Is(err, ErrMultipleRecords) {
+		return true
+	}
 	var re *RecordError
-	return errors.Is(err, ErrNoRecord) || errors.Is(err, ErrMultipleRecords) || errors.As(err, &re)
+	return errors.As(err, &re)
 }
