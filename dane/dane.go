@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"log/slog"
 	"slices"
+	"strconv"
 	"strings"
 
 	"github.com/miekg/dns"
@@ -62,15 +63,21 @@ func (s *Source) Requirements(ctx context.Context, domain string, mxs []policy.M
 	if !s.Applies(domain) {
 		return out, nil
 	}
+	// The steps of a lookup are for check and this debug line; most
+	// destinations have no DANE, and delivery asks on every attempt.
+	debug := s.log.Enabled(ctx, slog.LevelDebug)
 	for i, mx := range mxs {
-		h := s.Lookup(ctx, domain, mx)
+		h := Host{explain: debug}
+		s.lookup(ctx, domain, mx, &h)
 		if err := ctx.Err(); err != nil {
 			// Interrupted: the attempt ends anyway, and a host must not
 			// look as if its zone failed.
 			return nil, err
 		}
 		out[i] = h.Requirement
-		s.log.Debug("DANE lookup", "domain", domain, "mx", mx.Name, "base", h.Base, "policy", h.Requirement.Label(), "note", h.Note)
+		if debug {
+			s.log.Debug("DANE lookup", "domain", domain, "mx", mx.Name, "base", h.Base, "policy", h.Requirement.Label(), "note", h.Note)
+		}
 	}
 	return out, nil
 }
@@ -99,6 +106,10 @@ type Host struct {
 	Requirement policy.Requirement
 	// Note says in one line why DANE does not apply, or what it demands.
 	Note string
+
+	// explain says Steps and Note are wanted (Lookup); Requirements
+	// leaves them out unless it logs them.
+	explain bool
 }
 
 // Step is one DNS answer.
@@ -115,31 +126,42 @@ func (h *Host) owner(base string) string {
 	if port == 0 {
 		port = 25
 	}
-	return fmt.Sprintf("_%d._tcp.%s", port, base)
+	return "_" + strconv.Itoa(int(port)) + "._tcp." + base
 }
 
 func (h *Host) step(query string, secure bool, answer string) {
-	h.Steps = append(h.Steps, Step{Query: query, Secure: secure, Answer: answer})
+	if h.explain {
+		h.Steps = append(h.Steps, Step{Query: query, Secure: secure, Answer: answer})
+	}
 }
 
 // Lookup finds what DANE demands of mx, a host of domain whose MX and
 // address lookups delivery has made (A/AAAA come before TLSA, §2.2.2).
 func (s *Source) Lookup(ctx context.Context, domain string, mx policy.MX) *Host {
-	h := &Host{MX: mx}
+	h := &Host{explain: true}
+	s.lookup(ctx, domain, mx, h)
+	return h
+}
+
+// lookup is Lookup into h, whose explain field is set.
+func (s *Source) lookup(ctx context.Context, domain string, mx policy.MX, h *Host) {
+	h.MX = mx
 	domain = strings.TrimSuffix(strings.ToLower(domain), ".")
-	h.step("MX "+domain, mx.MXSecure, "")
-	addr := "A/AAAA " + mx.Name
-	if len(mx.CNAMEs) > 0 {
-		addr += " via CNAME " + strings.Join(mx.CNAMEs, " → ")
+	if h.explain {
+		h.step("MX "+domain, mx.MXSecure, "")
+		addr := "A/AAAA " + mx.Name
+		if len(mx.CNAMEs) > 0 {
+			addr += " via CNAME " + strings.Join(mx.CNAMEs, " → ")
+		}
+		h.step(addr, mx.AddrSecure, "")
 	}
-	h.step(addr, mx.AddrSecure, "")
 
 	if !mx.MXSecure {
 		// RFC 7672 §2.2.1 allows DANE even then; we do not: whoever can
 		// forge the MX RRset chooses the host, and its TLSA records with
 		// it, so DANE would prove nothing about the domain's choice.
 		h.Note = "MX records not DNSSEC-validated: DANE does not apply (RFC 7672 §2.2.1)"
-		return h
+		return
 	}
 	switch {
 	case mx.AddrSecure && len(mx.CNAMEs) > 0:
@@ -159,17 +181,17 @@ func (s *Source) Lookup(ctx context.Context, domain string, mx policy.MX) *Host 
 		if err != nil {
 			h.step("CNAME "+mx.Name, false, answerOf(err))
 			h.Note = "CNAME lookup failed (" + answerOf(err) + "): DANE does not apply"
-			return h
+			return
 		}
 		h.step("CNAME "+mx.Name, res.Secure, records(len(res.Records)))
 		if !res.Secure || len(res.Records) == 0 {
 			h.Note = "CNAME of the MX host not DNSSEC-validated: DANE does not apply (RFC 7672 §2.2.2)"
-			return h
+			return
 		}
 		h.Candidates = []string{mx.Name}
 	default:
 		h.Note = "addresses of the MX host not DNSSEC-validated: DANE does not apply (RFC 7672 §2.2.2)"
-		return h
+		return
 	}
 
 	for _, base := range h.Candidates {
@@ -194,7 +216,7 @@ func (s *Source) Lookup(ctx context.Context, domain string, mx policy.MX) *Host 
 				MXValidated: true,
 			}
 			h.Note = h.Requirement.Skip
-			return h
+			return
 		}
 		h.step("TLSA "+owner, res.Secure, records(len(rrs)))
 		if !res.Secure || len(rrs) == 0 {
@@ -203,10 +225,11 @@ func (s *Source) Lookup(ctx context.Context, domain string, mx policy.MX) *Host 
 		h.Base = base
 		h.Records = Records(rrs)
 		h.Requirement, h.Note = requirement(domain, mx, base, h.Records)
-		return h
+		return
 	}
-	h.Note = "no DNSSEC-validated TLSA records at " + strings.Join(h.Candidates, " or ") + ": DANE does not apply"
-	return h
+	if h.explain {
+		h.Note = "no DNSSEC-validated TLSA records at " + strings.Join(h.Candidates, " or ") + ": DANE does not apply"
+	}
 }
 
 // requirement is what a secure TLSA RRset at base demands (RFC 7672 §2.2).

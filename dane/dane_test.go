@@ -3,6 +3,7 @@ package dane
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"slices"
 	"strings"
 	"testing"
@@ -451,5 +452,41 @@ func TestTLSAOwnerFollowsThePort(t *testing.T) {
 	wantDANE(t, h, "mx.example.test")
 	if h.Requirement.Policy.Strings[0] != "3 1 1 "+hashA || z.tlsaQueries("mx.example.test") != 0 {
 		t.Errorf("records %q, want those at _587._tcp", h.Requirement.Policy.Strings)
+	}
+}
+
+// Requirements leaves out the steps of a lookup unless it logs them; what
+// it decides must not depend on that.
+func TestRequirementsDecideAsLookupWithOrWithoutDebugLog(t *testing.T) {
+	z := newZone(t,
+		"mx.example.test. 300 IN A 127.0.0.2",
+		"_25._tcp.mx.example.test. 300 IN TLSA 3 1 1 "+hashA,
+		"plain.example.test. 300 IN A 127.0.0.3")
+	z.dns.Secure("mx.example.test", "_25._tcp.mx.example.test", "plain.example.test", "_25._tcp.plain.example.test")
+	mxs := []policy.MX{z.mx("mx.example.test", true), z.mx("mx.example.test", false), z.mx("plain.example.test", true)}
+	var logged strings.Builder
+	debug, err := New(Options{Resolver: z.res, Logger: slog.New(slog.NewTextHandler(&logged, &slog.HandlerOptions{Level: slog.LevelDebug}))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, src := range []*Source{z.src, debug} {
+		reqs, err := src.Requirements(t.Context(), "example.test", mxs)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i, mx := range mxs {
+			want := z.src.Lookup(t.Context(), "example.test", mx).Requirement
+			got := reqs[i]
+			if got.Label() != want.Label() || got.Security != want.Security || got.ServerName != want.ServerName ||
+				!slices.Equal(got.Names, want.Names) || got.Skip != want.Skip || (got.DANE == nil) != (want.DANE == nil) {
+				t.Errorf("host %d: Requirements gave %+v, Lookup %+v", i, got, want)
+			}
+		}
+	}
+	for _, note := range []string{"TLS authenticated by DANE required", "MX records not DNSSEC-validated",
+		"no DNSSEC-validated TLSA records at plain.example.test"} {
+		if !strings.Contains(logged.String(), note) {
+			t.Errorf("debug log lacks %q:\n%s", note, logged.String())
+		}
 	}
 }

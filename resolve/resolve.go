@@ -164,6 +164,9 @@ var ErrCNAMEChain = errors.New("CNAME chain too long or looping")
 
 // IsNotFound reports whether err says the name does not exist.
 func IsNotFound(err error) bool {
+	if err == nil {
+		return false
+	}
 	var e *Error
 	return errors.As(err, &e) && e.NotFound
 }
