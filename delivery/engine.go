@@ -35,6 +35,8 @@ type attempt struct {
 	tlsProblem string
 	// state is the session's TLS, nil in plaintext.
 	state *tls.ConnectionState
+	// certName is the name the certificate matched at the handshake.
+	certName string
 	// skipped says why hosts before the one used (or all of them) were
 	// not used: the route's "record why".
 	skipped []string
@@ -132,21 +134,14 @@ func (e *Engine) Deliver(ctx context.Context, job *queue.Job) []queue.Status {
 }
 
 // verifiedName is the name the certificate of a verified session matched,
-// "" when the session's certificate was not verified.
+// "" when the session's certificate was not verified. The handshake found
+// it (authenticate); a reused connection was opened under the same
+// requirement (connKey), so its name holds for every message it carries.
 func verifiedName(at *attempt) string {
 	if at.req.Security != policy.SecurityVerify || at.req.Skip != "" || at.tlsProblem != "" || len(at.state.PeerCertificates) == 0 {
 		return ""
 	}
-	names := at.req.Names
-	if len(names) == 0 {
-		names = []string{at.mx}
-	}
-	for _, n := range names {
-		if at.state.PeerCertificates[0].VerifyHostname(strings.TrimSuffix(n, ".")) == nil {
-			return n
-		}
-	}
-	return ""
+	return at.certName
 }
 
 func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []queue.Status {
@@ -229,7 +224,7 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 		if s.tls != nil {
 			at.tls = tlsVersionName(s.tls.Version)
 		}
-		at.tlsProblem, at.state = s.tlsProblem, s.tls
+		at.tlsProblem, at.state, at.certName = s.tlsProblem, s.tls, s.certName
 		statuses, f := e.transact(ctx, s, job, body)
 		if s.throttled != "" {
 			e.throttle(h, job, s.throttled)

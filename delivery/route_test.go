@@ -5,6 +5,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/miekg/dns"
 
@@ -370,6 +371,39 @@ func TestLogLineStatesOutcomePolicyHostAndDuration(t *testing.T) {
 		"ip=127.0.0.2", "tls=TLSv1.3", `tls_auth="verified TLS, MTA-STS enforce"`, "cert_name=mx1.example.test", "took="} {
 		if !strings.Contains(logs, want) {
 			t.Errorf("log line lacks %q:\n%s", want, logs)
+		}
+	}
+}
+
+// The name the certificate matched is found at the handshake; a reused
+// connection carries it to the log line of each of its messages.
+func TestLogLineNamesTheMatchedCertificateNameOnEveryMessageOfAConnection(t *testing.T) {
+	v := newEnv(t,
+		"example.test. 300 IN MX 10 mx1.example.test.",
+		"mx1.example.test. 300 IN A 127.0.0.2")
+	mx := newMX(t, withTLS(v.ca.Issue(t, "mail.provider.test")))
+	v.route("127.0.0.2", mx.Addr)
+	e := v.engine(func(o *Options) {
+		o.Policy = everyMX(policy.Requirement{Security: policy.SecurityVerify, Policy: testSTS,
+			Names: []string{"mx1.example.test", "mail.provider.test", "other.provider.test"}})
+		o.IdleTimeout = 10 * time.Second
+	})
+	for range 3 {
+		wantStatus(t, deliver(t, e, testJob("example.test", "a@example.test"))[0], 250, "2.0.0")
+	}
+	lines := strings.Split(strings.TrimSpace(v.logs.String()), "\n")
+	var attempts []string
+	for _, l := range lines {
+		if strings.Contains(l, "delivery attempt") {
+			attempts = append(attempts, l)
+		}
+	}
+	if len(attempts) != 3 {
+		t.Fatalf("%d attempt lines, want 3:\n%s", len(attempts), v.logs.String())
+	}
+	for i, l := range attempts {
+		if !strings.Contains(l, "cert_name=mail.provider.test") || strings.Contains(l, "reused=true") != (i > 0) {
+			t.Errorf("attempt %d: want cert_name=mail.provider.test and reused=%v:\n%s", i+1, i > 0, l)
 		}
 	}
 }

@@ -108,6 +108,10 @@ type session struct {
 	// tlsProblem is a verification failure tolerated because the policy
 	// is in testing mode.
 	tlsProblem string
+	// certName is the name of req.Names the certificate matched at the
+	// handshake under SecurityVerify, for the log line of every message
+	// the connection carries.
+	certName string
 	// broken says the connection must not be used again.
 	broken bool
 	// messages counts the transactions started, for
@@ -668,7 +672,9 @@ func (e *Engine) authenticate(s *session, req policy.Requirement, cs tls.Connect
 		if f := e.verifyChain(cs); f != nil {
 			return f
 		}
-		return matchName(cs, names)
+		name, f := matchName(cs, names)
+		s.certName = name
+		return f
 	case policy.SecurityDANE:
 		if req.DANE == nil {
 			return &policy.Failure{Result: policy.ResultDANERequired, Reason: "DANE required but no usable TLSA records"}
@@ -690,7 +696,8 @@ func (s *session) authenticatedMX() bool {
 		return true // startTLS let the session through only if TLSA matched
 	}
 	if s.pkixMX == nil {
-		ok := s.e.verifyChain(*s.tls) == nil && matchName(*s.tls, []string{s.mx.Name}) == nil
+		_, f := matchName(*s.tls, []string{s.mx.Name})
+		ok := f == nil && s.e.verifyChain(*s.tls) == nil
 		s.pkixMX = &ok
 	}
 	return *s.pkixMX
@@ -729,18 +736,19 @@ func (e *Engine) verifyChain(cs tls.ConnectionState) *policy.Failure {
 
 // matchName checks that the peer's certificate has a SAN dNSName matching
 // one of names (RFC 8461 §4.2: no CN fallback; a wildcard is the whole
-// left-most label, as x509.Certificate.VerifyHostname does).
-func matchName(cs tls.ConnectionState, names []string) *policy.Failure {
+// left-most label, as x509.Certificate.VerifyHostname does), and returns
+// the first name that matched.
+func matchName(cs tls.ConnectionState, names []string) (string, *policy.Failure) {
 	certs := cs.PeerCertificates
 	if len(certs) == 0 {
-		return &policy.Failure{Result: policy.ResultCertificateNotTrusted, Reason: "certificate not trusted: no certificate"}
+		return "", &policy.Failure{Result: policy.ResultCertificateNotTrusted, Reason: "certificate not trusted: no certificate"}
 	}
 	for _, n := range names {
 		if certs[0].VerifyHostname(strings.TrimSuffix(n, ".")) == nil {
-			return nil
+			return n, nil
 		}
 	}
-	return &policy.Failure{Result: policy.ResultCertificateHostMismatch, Reason: "certificate name mismatch"}
+	return "", &policy.Failure{Result: policy.ResultCertificateHostMismatch, Reason: "certificate name mismatch"}
 }
 
 // record gives one TLS session attempt to the Recorder (RFC 8460 §4.3).
