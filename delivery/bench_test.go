@@ -102,3 +102,17 @@ func BenchmarkTLSResumption(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkReplyStatus is the Status made of a remote's reply to every
+// delivered message, and its log form.
+//
+//	go test -run '^$' -bench BenchmarkReplyStatus -benchmem ./delivery/
+func BenchmarkReplyStatus(b *testing.B) {
+	b.ReportAllocs()
+	for b.Loop() {
+		st := replyStatus("mx1.example.test[127.0.0.2]", 250, "2.0.0 OK: queued as 4ZK3f21Xyz")
+		if st.String() == "" {
+			b.Fatal("empty status")
+		}
+	}
+}

@@ -19,6 +19,9 @@ func FuzzReplyStatus(f *testing.F) {
 				t.Errorf("status text %q is not one short line of UTF-8", st.Text)
 			}
 		}
+		if got, want := replyStatus("mx[192.0.2.1]", code, msg), fmtReplyStatus("mx[192.0.2.1]", code, msg); got != want {
+			t.Errorf("replyStatus(%d, %q) = %+v, want %+v as fmt makes it", code, msg, got, want)
+		}
 		if st := failureStatus("mx", code, msg); st.Code < 400 || st.Code > 599 {
 			t.Errorf("failureStatus(%d) = %d, want a 4xx or 5xx", code, st.Code)
 		}

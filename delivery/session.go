@@ -845,34 +845,57 @@ func failureStatus(label string, code int, msg string) queue.Status {
 // words: "mx.example.com[192.0.2.1]: 451 4.7.1 greylisted, try later",
 // and the reply as received for a DSN's Diagnostic-Code.
 // A reply without an enhanced code gets the generic class code (RFC 3463 §3.1).
+//
+// It runs for every delivered message, so it is built without fmt.
 func replyStatus(label string, code int, msg string) queue.Status {
-	enh, text := splitEnhanced(code, msg)
+	line := oneLine(msg)
+	enh, text := splitEnhanced(code, line)
 	if enh == "" {
-		enh = fmt.Sprintf("%d.0.0", code/100)
+		enh = classCode(code)
 	}
-	return queue.Status{Code: code, Enhanced: enh, RemoteMTA: hostOf(label), Reply: replyText(code, msg),
-		Text: truncate(fmt.Sprintf("%s: %d %s %s", label, code, enh, text))}
+	var buf [20]byte
+	c := strconv.AppendInt(buf[:0], int64(code), 10)
+	return queue.Status{Code: code, Enhanced: enh, RemoteMTA: hostOf(label), Reply: truncate(string(c) + " " + line),
+		Text: truncate(label + ": " + string(c) + " " + enh + " " + text)}
 }
 
-// splitEnhanced separates an RFC 2034 enhanced code from a reply's text.
-func splitEnhanced(code int, msg string) (string, string) {
-	msg = oneLine(msg)
-	first, rest, _ := strings.Cut(msg, " ")
-	parts := strings.Split(first, ".")
-	if len(parts) != 3 || parts[0] != strconv.Itoa(code/100) {
-		return "", msg
+// classCode is the enhanced code of a reply that has none: its class
+// alone (RFC 3463 §3.1).
+func classCode(code int) string {
+	switch code / 100 {
+	case 2:
+		return "2.0.0"
+	case 4:
+		return "4.0.0"
+	case 5:
+		return "5.0.0"
 	}
-	for _, p := range parts[1:] {
+	return strconv.Itoa(code/100) + ".0.0"
+}
+
+// splitEnhanced separates an RFC 2034 enhanced code from a reply's text,
+// line, which oneLine has made one line.
+func splitEnhanced(code int, line string) (string, string) {
+	first, rest, _ := strings.Cut(line, " ")
+	class, subject, ok1 := strings.Cut(first, ".")
+	subject, detail, ok2 := strings.Cut(subject, ".")
+	if !ok1 || !ok2 || strings.Contains(detail, ".") || class != strconv.Itoa(code/100) {
+		return "", line
+	}
+	for _, p := range [2]string{subject, detail} {
 		if n, err := strconv.Atoi(p); err != nil || n < 0 || n > 999 {
-			return "", msg
+			return "", line
 		}
 	}
 	// RFC 2034 repeats the code on every line; drop the repeats.
-	return first, strings.ReplaceAll(rest, " "+first+" ", " ")
+	if strings.Contains(rest, first) {
+		rest = strings.ReplaceAll(rest, " "+first+" ", " ")
+	}
+	return first, rest
 }
 
 func replyText(code int, msg string) string {
-	return truncate(fmt.Sprintf("%d %s", code, oneLine(msg)))
+	return truncate(strconv.Itoa(code) + " " + oneLine(msg))
 }
 
 // commandFailure classifies an error from a go-smtp Client call. A reply
@@ -909,6 +932,9 @@ func firstLine(msg string) string {
 // oneLine makes remote text safe for one log line: line breaks become
 // spaces, other control characters go, and the length is bounded.
 func oneLine(s string) string {
+	if isOneLine(s) {
+		return s
+	}
 	var b strings.Builder
 	for _, r := range s {
 		switch {
@@ -923,6 +949,26 @@ func oneLine(s string) string {
 		}
 	}
 	return truncate(strings.Join(strings.Fields(b.String()), " "))
+}
+
+// isOneLine reports whether oneLine would return s unchanged: short
+// printable ASCII, single spaces between words, none at the ends. Most
+// replies are, and then need no copy.
+func isOneLine(s string) bool {
+	if len(s) > maxTextLen {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		switch c := s[i]; {
+		case c == ' ':
+			if i == 0 || i == len(s)-1 || s[i-1] == ' ' {
+				return false
+			}
+		case c < 0x21 || c > 0x7e:
+			return false
+		}
+	}
+	return true
 }
 
 func truncate(s string) string {
