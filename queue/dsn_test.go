@@ -113,3 +113,19 @@ func TestDSNTruncationNeverCutsAUTF8Character(t *testing.T) {
 		t.Errorf("Diagnostic-Code %q, want it cut after a whole character", d)
 	}
 }
+
+func TestStatusStringIsCodeEnhancedAndText(t *testing.T) {
+	for _, tc := range []struct {
+		st   Status
+		want string
+	}{
+		{Status{Code: 250, Enhanced: "2.0.0", Text: "mx[192.0.2.1]: 250 2.0.0 OK"}, "250 2.0.0 mx[192.0.2.1]: 250 2.0.0 OK"},
+		{Status{Code: 451, Text: "no enhanced code"}, "451 no enhanced code"},
+		{Status{}, "0 "},
+		{Status{Code: -1, Enhanced: "4.4.2"}, "-1 4.4.2 "},
+	} {
+		if got := tc.st.String(); got != tc.want {
+			t.Errorf("%+v.String() = %q, want %q", tc.st, got, tc.want)
+		}
+	}
+}

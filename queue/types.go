@@ -2,8 +2,8 @@ package queue
 
 import (
 	"context"
-	"fmt"
 	"io"
+	"strconv"
 	"time"
 )
 
@@ -81,10 +81,13 @@ func (s Status) Delivered() bool { return s.Code >= 200 && s.Code < 300 }
 func (s Status) Permanent() bool { return s.Code >= 500 }
 
 func (s Status) String() string {
+	// Logged for every recipient of every attempt: one allocation, no fmt.
+	var buf [20]byte
+	code := strconv.AppendInt(buf[:0], int64(s.Code), 10)
 	if s.Enhanced == "" {
-		return fmt.Sprintf("%d %s", s.Code, s.Text)
+		return string(code) + " " + s.Text
 	}
-	return fmt.Sprintf("%d %s %s", s.Code, s.Enhanced, s.Text)
+	return string(code) + " " + s.Enhanced + " " + s.Text
 }
 
 // Job is one delivery attempt: the due recipients of one message at one
