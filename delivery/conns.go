@@ -69,12 +69,19 @@ func (e *Engine) release(s *session) {
 		return
 	}
 	e.idle[s.key] = append(e.idle[s.key], s)
-	s.idleTimer = time.AfterFunc(e.opts.IdleTimeout, func() {
-		if e.removeIdle(s) {
-			s.quitQuietly()
-			e.releaseSlot(s.shapeKey)
-		}
-	})
+	if s.idleTimer != nil {
+		// The timer of the connection's last idle spell, stopped when it
+		// was taken: the same function, rescheduled, spares a timer and
+		// a closure per message.
+		s.idleTimer.Reset(e.opts.IdleTimeout)
+	} else {
+		s.idleTimer = time.AfterFunc(e.opts.IdleTimeout, func() {
+			if e.removeIdle(s) {
+				s.quitQuietly()
+				e.releaseSlot(s.shapeKey)
+			}
+		})
+	}
 	// A delivery waiting for a slot of this destination may be for another
 	// route or domain on the same hosts, which cannot reuse this connection:
 	// wake it to close the connection now, not when the idle timer fires.
