@@ -3,6 +3,7 @@ package policy_test
 import (
 	"context"
 	"errors"
+	"strconv"
 	"testing"
 
 	"github.com/stsrelay/stsrelay/policy"
@@ -144,5 +145,22 @@ func TestChainStopsAtTheFirstErrorAndChecksCounts(t *testing.T) {
 	}
 	if _, err := policy.Chain(fixed{{}, {}}).Requirements(t.Context(), "example.test", mxs); err == nil {
 		t.Error("a source answering for two hosts when asked about one was accepted")
+	}
+}
+
+func TestRequirementKeyLayout(t *testing.T) {
+	id := policy.NewIdentity(policy.TypeSTS, "example.com", []string{"mode: enforce"}, nil)
+	for _, tc := range []struct {
+		req  policy.Requirement
+		want string
+	}{
+		{policy.Requirement{}, "0|||falsefalsefalse|"},
+		{policy.Requirement{Security: policy.SecurityVerify, ServerName: "mx.example.com", Names: []string{"mx.example.com", "mx.provider.net"},
+			Testing: true, MXValidated: true, Skip: "x", Policy: id},
+			strconv.Itoa(int(policy.SecurityVerify)) + "|mx.example.com|mx.example.com,mx.provider.net|truetruetrue|" + id.Key()},
+	} {
+		if got := tc.req.Key(); got != tc.want {
+			t.Errorf("Key() = %q, want %q", got, tc.want)
+		}
 	}
 }

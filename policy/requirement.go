@@ -175,12 +175,24 @@ func (r Requirement) Label() string {
 // Key is equal for requirements that a connection may serve
 // interchangeably: same policy, same demands.
 func (r Requirement) Key() string {
+	// Built for every delivery attempt: one allocation, sized up front.
+	sec := strconv.Itoa(int(r.Security))
+	n := len(sec) + len(r.ServerName) + len(r.Policy.Key()) + 3 + 3*len("false") + 1
+	for _, name := range r.Names {
+		n += len(name) + 1
+	}
 	var b strings.Builder
-	b.WriteString(strconv.Itoa(int(r.Security)))
+	b.Grow(n)
+	b.WriteString(sec)
 	b.WriteByte('|')
 	b.WriteString(r.ServerName)
 	b.WriteByte('|')
-	b.WriteString(strings.Join(r.Names, ","))
+	for i, name := range r.Names {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		b.WriteString(name)
+	}
 	b.WriteByte('|')
 	b.WriteString(strconv.FormatBool(r.Testing))
 	b.WriteString(strconv.FormatBool(r.MXValidated))
