@@ -1,7 +1,9 @@
 package queue
 
 import (
+	"context"
 	"fmt"
+	"log/slog"
 	"math/rand/v2"
 	"slices"
 	"strings"
@@ -207,6 +209,9 @@ func days(d time.Duration) string {
 // logOutcome writes one line per outcome and status among the recipients
 // of a delivery.
 func (q *Queue) logOutcome(job *Job, m *message, idx []int, statuses []Status, outcomes []string) {
+	if !slices.Contains(outcomes, outcomeExpired) && !q.log.Enabled(context.Background(), slog.LevelDebug) {
+		return // only debug lines to write, and no one to read them
+	}
 	type group struct {
 		outcome, status string
 		rcpts           []string
