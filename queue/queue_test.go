@@ -3,6 +3,7 @@ package queue
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
@@ -663,5 +664,44 @@ func TestThrottleEnds(t *testing.T) {
 	tq.mu.Unlock()
 	if limited != 1 || after != 5 {
 		t.Errorf("limit %d while throttled, %d after; want 1 and 5", limited, after)
+	}
+}
+
+// lockedBuffer is a log destination that tests read while the queue writes.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+func (l *lockedBuffer) String() string { l.mu.Lock(); defer l.mu.Unlock(); return l.b.String() }
+
+// The per-recipient lines are debug, except giving up, which is logged
+// whatever the level.
+func TestOutcomeLinesFollowTheLogLevel(t *testing.T) {
+	for _, level := range []slog.Level{slog.LevelDebug, slog.LevelInfo} {
+		var logs lockedBuffer
+		tq := newTestQueue(t, newScripted(all(defer451)), Options{MaxQueueTime: 50 * time.Hour, RetrySchedule: []time.Duration{48 * time.Hour},
+			Logger: slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: level}))})
+		tq.enqueue(t, env("alice@example.com", "bob@example.org"))
+		tq.run(t)
+		tq.waitJobs(t, 1)
+		tq.settle(t)
+		tq.clock.Advance(53 * time.Hour)
+		tq.wake()
+		tq.waitJobs(t, 1)
+		tq.settle(t)
+		got := logs.String()
+		if want := level == slog.LevelDebug; strings.Contains(got, `msg="recipients updated"`) != want ||
+			want && !strings.Contains(got, "recipients=bob@example.org outcome=deferred") {
+			t.Errorf("level %v: recipients updated lines %v, want %v:\n%s", level, !want, want, got)
+		}
+		if !strings.Contains(got, `msg="gave up: delivery time expired"`) || !strings.Contains(got, "recipients=bob@example.org outcome=expired") {
+			t.Errorf("level %v: no gave up line for bob:\n%s", level, got)
+		}
 	}
 }
