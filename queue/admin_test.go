@@ -126,6 +126,7 @@ func TestAdminDeleteAndBounce(t *testing.T) {
 	if _, err := tq.Show(gone); !errors.Is(err, ErrNotFound) {
 		t.Errorf("deleted message still there: %v", err)
 	}
+	tq.spool.idle() // files go in the background
 	if _, err := tq.spool.read(goneLoc, 10); err == nil {
 		t.Error("deleted message's body file is still there")
 	}
