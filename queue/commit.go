@@ -113,36 +113,8 @@ func (c *committer) close() {
 	<-c.done
 }
 
-// synced is a batch whose bodies are on disk, for the database commit.
-type synced struct {
-	batch     []*commitReq
-	batchFile string
-}
-
-// run gathers batches and syncs their bodies, while a second goroutine
-// commits the previous batch's records: the two halves of a commit
-// overlap, so a batch waits for about the longer of them, not their sum.
-// Records still commit only after their own bodies are on disk, and in
-// the order of the batches.
 func (c *committer) run() {
 	defer close(c.done)
-	bodiesSynced := make(chan synced, 1)
-	recordsDone := make(chan struct{})
-	go func() {
-		defer close(recordsDone)
-		for b := range bodiesSynced {
-			c.commitRecords(b.batch, b.batchFile)
-		}
-	}()
-	defer func() {
-		close(bodiesSynced)
-		<-recordsDone
-	}()
-	commit := func(batch []*commitReq) {
-		if batch, batchFile := c.syncFiles(batch); len(batch) > 0 {
-			bodiesSynced <- synced{batch, batchFile}
-		}
-	}
 	for {
 		var batch []*commitReq
 		select {
@@ -153,7 +125,7 @@ func (c *committer) run() {
 			for {
 				select {
 				case r := <-c.reqs:
-					commit([]*commitReq{r})
+					c.commit([]*commitReq{r})
 				default:
 					return
 				}
@@ -170,13 +142,15 @@ func (c *committer) run() {
 				break gather
 			}
 		}
-		commit(batch)
+		c.commit(batch)
 	}
 }
 
-// commitRecords runs the batch's writes in one transaction and answers
-// each request once it is on disk.
-func (c *committer) commitRecords(batch []*commitReq, batchFile string) {
+func (c *committer) commit(batch []*commitReq) {
+	batch, batchFile := c.syncFiles(batch)
+	if len(batch) == 0 {
+		return
+	}
 	for len(batch) > 0 {
 		failed, ferr := -1, error(nil)
 		err := c.db.Update(func(tx *bbolt.Tx) error {
