@@ -126,7 +126,6 @@ func TestAdminDeleteAndBounce(t *testing.T) {
 	if _, err := tq.Show(gone); !errors.Is(err, ErrNotFound) {
 		t.Errorf("deleted message still there: %v", err)
 	}
-	tq.spool.idle() // files go in the background
 	if _, err := tq.spool.read(goneLoc, 10); err == nil {
 		t.Error("deleted message's body file is still there")
 	}
@@ -163,7 +162,7 @@ func TestOrphanBodyFromACrashIsRemovedAtStart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	bf, _, _, err := tq.spool.writeBatch([][]byte{[]byte(testBody)})
+	bf, _, err := tq.spool.writeBatch([][]byte{[]byte(testBody)})
 	if err != nil {
 		t.Fatal(err)
 	}

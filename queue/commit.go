@@ -38,8 +38,6 @@ type committer struct {
 	quit    chan struct{}
 	done    chan struct{}
 	commits atomic.Int64
-	// dirSyncs counts the commits that synced the spool directory.
-	dirSyncs atomic.Int64
 }
 
 type commitReq struct {
@@ -199,10 +197,9 @@ func (c *committer) syncFiles(batch []*commitReq) (kept []*commitReq, batchFile 
 	}
 	var bf *os.File
 	var bfErr error
-	newName := false // a name not yet synced into the directory
 	if len(bodies) > 0 {
 		var offs []int64
-		bf, offs, newName, bfErr = c.spool.writeBatch(bodies)
+		bf, offs, bfErr = c.spool.writeBatch(bodies)
 		if bfErr == nil {
 			name := filepath.Base(bf.Name())
 			k := 0
@@ -221,7 +218,6 @@ func (c *committer) syncFiles(batch []*commitReq) (kept []*commitReq, batchFile 
 		switch {
 		case r.file != nil:
 			files++
-			newName = true
 			wg.Go(func() {
 				if err := r.file.Sync(); err != nil {
 					errs[i] = fmt.Errorf("spool file %s: %w", r.file.Name(), plainErr(err))
@@ -243,11 +239,7 @@ func (c *committer) syncFiles(batch []*commitReq) (kept []*commitReq, batchFile 
 		return batch, ""
 	}
 	wg.Wait()
-	var dirErr error
-	if newName {
-		c.dirSyncs.Add(1)
-		dirErr = c.spool.syncDir()
-	}
+	dirErr := c.spool.syncDir()
 	kept = batch[:0]
 	for i, r := range batch {
 		switch {

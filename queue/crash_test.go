@@ -233,7 +233,7 @@ func crashChild(t *testing.T, dir, mode string) {
 		}
 		// Batch files go with their last message; orphans from the kills
 		// were swept at start.
-		if left, _ := q.spool.bodyFiles(); len(left) != 0 {
+		if left, _ := os.ReadDir(q.spool.dir); len(left) != 0 {
 			t.Fatalf("queue drained but %d spool files left", len(left))
 		}
 		return

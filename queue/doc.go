@@ -6,12 +6,10 @@
 // Envelopes and per-recipient state live in bbolt (the file main opens
 // with OpenDB); bodies live in spool files in Options.Dir. One group
 // commit writes the small bodies (up to 256 KiB) of everyone waiting into
-// one batch file (created ahead, its name already synced into the
-// directory), syncs it and any large bodies' own files (and then the
-// directory), then commits all their records in one bbolt transaction:
-// three syncs for the whole batch, the records' half overlapping the next
-// batch's bodies. A batch file is removed, in the background, when the
-// last of its messages leaves the queue.
+// one new batch file, syncs it, any large bodies' own files and the spool
+// directory, then commits all their records in one bbolt transaction: four
+// syncs for the whole batch. A batch file is removed when the last of its
+// messages leaves the queue.
 //
 // Right after its commit, a message with a small body is also kept in
 // memory for its first attempt at each destination domain, so that

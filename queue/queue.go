@@ -195,7 +195,6 @@ func New(db *bbolt.DB, opts Options) (*Queue, error) {
 		sp.close()
 		return nil, err
 	}
-	sp.start(q.log)
 	q.commit = newCommitter(db, sp)
 	return q, nil
 }

@@ -88,7 +88,7 @@ func TestEnqueueFailsClearlyWhenTheDatabaseCannotCommit(t *testing.T) {
 	if err == nil || !strings.HasPrefix(err.Error(), "message not queued") {
 		t.Fatalf("err = %v, want a 'message not queued' error", err)
 	}
-	if left, _ := tq.spool.bodyFiles(); len(left) != 0 {
+	if left, _ := os.ReadDir(tq.spool.dir); len(left) != 0 {
 		t.Errorf("refused message left spool files: %v", left)
 	}
 }
@@ -122,7 +122,7 @@ func TestRecipientsAtOneDomainShareOneDelivery(t *testing.T) {
 	if _, err := tq.Show(id); !errors.Is(err, ErrNotFound) {
 		t.Errorf("delivered message still in the queue: %v", err)
 	}
-	if left, _ := tq.spool.bodyFiles(); len(left) != 0 {
+	if left, _ := os.ReadDir(tq.spool.dir); len(left) != 0 {
 		t.Errorf("spool files left after delivery: %v", left)
 	}
 }
@@ -592,7 +592,7 @@ func TestMixedOutcomesInOneTransactionAreRecordedPerRecipient(t *testing.T) {
 		t.Errorf("message still queued after its last recipient was delivered: %v", err)
 	}
 	// Only the bounce for c is left in the spool.
-	if left, _ := tq.spool.bodyFiles(); len(left) != 1 {
+	if left, _ := os.ReadDir(tq.spool.dir); len(left) != 1 {
 		t.Errorf("spool holds %v, want only the bounce's body", left)
 	}
 }
