@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"syscall"
 	"time"
 
 	"github.com/stsrelay/stsrelay/bench/internal/load"
@@ -96,10 +97,17 @@ func (b *bench) scenario(ctx context.Context, sc *scenario) (*report, error) {
 	}
 	rep := &report{sc: sc}
 	for i := range b.reps {
-		for _, sys := range sc.systems {
+		// Each repetition starts one system further on, so that no system
+		// always follows the same one; and every run starts after a sync,
+		// so that none pays for the writeback the one before it left
+		// (Postfix's queue files, for one).
+		n := len(sc.systems)
+		order := append(slices.Clone(sc.systems[i%n:]), sc.systems[:i%n]...)
+		for _, sys := range order {
 			if ctx.Err() != nil {
 				return nil, ctx.Err()
 			}
+			syscall.Sync()
 			r := b.runOnce(ctx, sc, w, sys, i, snapshots[sys], runOptions{})
 			rep.runs = append(rep.runs, r)
 		}
