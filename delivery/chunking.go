@@ -5,8 +5,6 @@ import (
 	"bytes"
 	"errors"
 	"io"
-	"net"
-	"os"
 	"strconv"
 	"sync"
 	"time"
@@ -256,10 +254,4 @@ func (s *session) bodyWriter() *bufio.Writer {
 		s.bw = bufio.NewWriterSize(s.replay, 16<<10)
 	}
 	return s.bw
-}
-
-// isTimeout says err is a deadline that passed.
-func isTimeout(err error) bool {
-	var ne net.Error
-	return errors.Is(err, os.ErrDeadlineExceeded) || errors.As(err, &ne) && ne.Timeout()
 }

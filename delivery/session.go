@@ -794,11 +794,16 @@ func requireTLSFailure(label, reason string) *hostFailure {
 		status: queue.Status{Code: 550, Enhanced: "5.7.30", Text: fmt.Sprintf("%s: %s (message requires TLS, RFC 8689)", label, reason)}}
 }
 
+// isTimeout says err is a deadline that passed.
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.Is(err, os.ErrDeadlineExceeded) || errors.As(err, &ne) && ne.Timeout()
+}
+
 // transportFailure describes a connection that failed during step.
 func transportFailure(ctx context.Context, label, step string, err error) *hostFailure {
 	f := &hostFailure{host: label, kind: failTransport}
 	st := queue.Status{Code: 451, Enhanced: "4.4.2"}
-	var ne net.Error
 	var pe textproto.ProtocolError
 	switch {
 	case ctx.Err() != nil:
@@ -807,7 +812,7 @@ func transportFailure(ctx context.Context, label, step string, err error) *hostF
 		st.Enhanced, st.Text = "4.4.1", label+": connection refused"
 	case errors.Is(err, syscall.EHOSTUNREACH), errors.Is(err, syscall.ENETUNREACH):
 		st.Enhanced, st.Text = "4.4.1", label+": host unreachable"
-	case errors.Is(err, os.ErrDeadlineExceeded), errors.As(err, &ne) && ne.Timeout():
+	case isTimeout(err):
 		if step == "connecting" {
 			st.Enhanced, st.Text = "4.4.1", label+": connection timed out"
 		} else {
