@@ -301,6 +301,11 @@ func (q *Queue) Delete(id string) error {
 		defer q.mu.Unlock()
 		if e := q.index[id]; e != nil {
 			q.indexRemoveLocked(e)
+			if e.bodyFile != "" {
+				// An operator who deletes a message expects its text gone
+				// from the disk now, not when its segment fills.
+				q.spool.flush(e.bodyFile)
+			}
 		} else {
 			q.spool.remove(id) // a damaged record was never indexed
 		}

@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -16,8 +15,7 @@ import (
 var ErrClosed = errors.New("queue is closed")
 
 // maxBatch and maxBatchBytes bound one group commit, so one transaction
-// stays small and one batch file does not grow large (it stays on disk
-// until the last of its messages leaves the queue).
+// and one append to the spool stay small.
 const (
 	maxBatch      = 512
 	maxBatchBytes = 8 << 20
@@ -51,10 +49,11 @@ type commitReq struct {
 	// file, if set, is a new body file: it and the spool directory are
 	// synced before the commit, so the body is as durable as its record.
 	file *os.File
-	// body, if set, is a small body to store in the batch file shared by
-	// the group commit; place learns where it went before fn runs.
+	// body, if set, is a small body to append to the spool's current
+	// segment; place learns where it went before fn runs.
 	body  []byte
 	place func(file string, off int64)
+	off   int64 // where body went in the segment
 	err   chan error
 }
 
@@ -82,7 +81,8 @@ func (c *committer) doWithFile(fn func(tx *bbolt.Tx) error, after func(), f *os.
 	return c.submit(&commitReq{fn: fn, after: after, file: f, err: make(chan error, 1)})
 }
 
-// doWithBody is do for a write whose small body goes into the batch file.
+// doWithBody is do for a write whose small body goes into the spool's
+// current segment.
 func (c *committer) doWithBody(fn func(tx *bbolt.Tx) error, after func(), body []byte, place func(string, int64)) error {
 	return c.submit(&commitReq{fn: fn, after: after, body: body, place: place, err: make(chan error, 1)})
 }
@@ -145,7 +145,7 @@ func (c *committer) run() {
 }
 
 func (c *committer) commit(batch []*commitReq) {
-	batch, batchFile := c.syncFiles(batch)
+	batch, seg := c.syncFiles(batch)
 	if len(batch) == 0 {
 		return
 	}
@@ -162,6 +162,7 @@ func (c *committer) commit(batch []*commitReq) {
 		})
 		if failed >= 0 {
 			// One request's own error: drop it, redo the rest.
+			c.discard(seg, batch[failed])
 			batch[failed].err <- ferr
 			batch = slices.Delete(batch, failed, failed+1)
 			continue
@@ -169,11 +170,11 @@ func (c *committer) commit(batch []*commitReq) {
 		if err == nil {
 			c.commits.Add(1)
 			metricCommits.Inc()
-		} else if batchFile != "" {
-			os.Remove(batchFile) // no record refers to it (a full disk, say)
 		}
 		for _, r := range batch {
-			if err == nil && r.after != nil {
+			if err != nil {
+				c.discard(seg, r) // no record refers to it (a full disk, say)
+			} else if r.after != nil {
 				r.after()
 			}
 			r.err <- err
@@ -182,12 +183,20 @@ func (c *committer) commit(batch []*commitReq) {
 	}
 }
 
-// syncFiles writes the small bodies of batch into one new batch file,
-// then syncs it and the other new body files all at once (the file system
-// can commit them in one journal transaction), then the spool directory.
-// It answers the requests whose body could not be stored and returns the
-// rest.
-func (c *committer) syncFiles(batch []*commitReq) (kept []*commitReq, batchFile string) {
+// discard frees the segment stretch of a request whose record was not
+// committed.
+func (c *committer) discard(seg *segment, r *commitReq) {
+	if r.body != nil && seg != nil {
+		c.spool.discard(seg.name, r.off, int64(len(r.body)))
+	}
+}
+
+// syncFiles appends the small bodies of batch to the current segment, then
+// syncs it and the other new body files all at once (the file system can
+// commit them in one journal transaction), then the spool directory when
+// it has a new name. It answers the requests whose body could not be
+// stored and returns the rest.
+func (c *committer) syncFiles(batch []*commitReq) (kept []*commitReq, seg *segment) {
 	errs := make([]error, len(batch))
 	var bodies [][]byte
 	for _, r := range batch {
@@ -195,70 +204,62 @@ func (c *committer) syncFiles(batch []*commitReq) (kept []*commitReq, batchFile 
 			bodies = append(bodies, r.body)
 		}
 	}
-	var bf *os.File
-	var bfErr error
+	var segErr error
+	newNames := false
 	if len(bodies) > 0 {
 		var offs []int64
-		bf, offs, bfErr = c.spool.writeBatch(bodies)
-		if bfErr == nil {
-			name := filepath.Base(bf.Name())
+		seg, offs, newNames, segErr = c.spool.appendBatch(bodies)
+		if segErr == nil {
 			k := 0
 			for _, r := range batch {
 				if r.body != nil {
-					r.place(name, offs[k])
+					r.off = offs[k]
+					r.place(seg.name, r.off)
 					k++
 				}
 			}
-			defer bf.Close()
 		}
 	}
 	var wg sync.WaitGroup
-	files := 0
 	for i, r := range batch {
 		switch {
 		case r.file != nil:
-			files++
+			newNames = true
 			wg.Go(func() {
 				if err := r.file.Sync(); err != nil {
 					errs[i] = fmt.Errorf("spool file %s: %w", r.file.Name(), plainErr(err))
 				}
 			})
 		case r.body != nil:
-			errs[i] = bfErr
+			errs[i] = segErr
 		}
 	}
-	if bf != nil {
-		files++
-		wg.Go(func() {
-			if err := bf.Sync(); err != nil {
-				bfErr = fmt.Errorf("spool file %s: %w", bf.Name(), plainErr(err))
-			}
-		})
-	}
-	if files == 0 && len(bodies) == 0 {
-		return batch, ""
+	if seg != nil {
+		wg.Go(func() { segErr = c.spool.syncSegment(seg) })
 	}
 	wg.Wait()
-	dirErr := c.spool.syncDir()
+	var dirErr error
+	if newNames {
+		if dirErr = c.spool.syncDir(); dirErr != nil && seg != nil {
+			// Its name may not be on disk, and later batches would not
+			// sync the directory again.
+			c.spool.spoil(seg)
+		}
+	}
 	kept = batch[:0]
 	for i, r := range batch {
 		switch {
 		case errs[i] != nil:
 			r.err <- errs[i]
-		case r.body != nil && bfErr != nil:
-			r.err <- bfErr
+		case r.body != nil && segErr != nil:
+			c.discard(seg, r)
+			r.err <- segErr
 		case dirErr != nil:
+			c.discard(seg, r)
 			r.err <- dirErr
 		default:
 			kept = append(kept, r)
 		}
 	}
-	if bf == nil {
-		return kept, ""
-	}
-	if len(kept) == 0 || bfErr != nil || dirErr != nil {
-		os.Remove(bf.Name())
-		return kept, ""
-	}
-	return kept, bf.Name()
+	return kept, seg
 }

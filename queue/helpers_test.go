@@ -10,6 +10,7 @@ import (
 	"mime/multipart"
 	"net/mail"
 	"net/textproto"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -313,4 +314,28 @@ func parseDSN(t *testing.T, raw []byte) *report {
 			rep.content = string(data)
 		}
 	}
+}
+
+// spoolBodyBytes counts the bytes of message bodies the spool still holds:
+// every byte of a body's own file, and the nonzero bytes of segments, whose
+// freed stretches read as zeros (test bodies hold no NUL bytes).
+func spoolBodyBytes(t *testing.T, dir string) int64 {
+	t.Helper()
+	names, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n int64
+	for _, e := range names {
+		b, err := os.ReadFile(filepath.Join(dir, e.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.HasPrefix(e.Name(), batchPrefix) {
+			n += int64(len(b))
+			continue
+		}
+		n += int64(len(b) - bytes.Count(b, []byte{0}))
+	}
+	return n
 }

@@ -99,12 +99,11 @@ type Queue struct {
 	spool  *spool
 	reader *Reader
 
-	mu       sync.Mutex
-	index    map[string]*entry
-	bodyRefs map[string]int // batch file → messages in the index using it
-	totals   [3]int         // pending recipients in the index: queued, deferred, held
-	sched    scheduler
-	kick     chan struct{}
+	mu     sync.Mutex
+	index  map[string]*entry
+	totals [3]int // pending recipients in the index: queued, deferred, held
+	sched  scheduler
+	kick   chan struct{}
 	// First copies held in memory (entry.fresh), and their bounds.
 	firstBytes, firstMaxBytes int64
 	firstCount, firstMaxCount int
@@ -170,14 +169,13 @@ func New(db *bbolt.DB, opts Options) (*Queue, error) {
 		return nil, fmt.Errorf("queue: %w", err)
 	}
 	q := &Queue{
-		spool:    sp,
-		db:       db,
-		opts:     opts,
-		log:      opts.Logger,
-		index:    make(map[string]*entry),
-		bodyRefs: make(map[string]int),
-		sched:    newScheduler(),
-		kick:     make(chan struct{}, 1),
+		spool: sp,
+		db:    db,
+		opts:  opts,
+		log:   opts.Logger,
+		index: make(map[string]*entry),
+		sched: newScheduler(),
+		kick:  make(chan struct{}, 1),
 
 		firstMaxBytes: firstCopyMaxBytes,
 		firstMaxCount: firstCopyMaxCount,

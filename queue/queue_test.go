@@ -88,8 +88,8 @@ func TestEnqueueFailsClearlyWhenTheDatabaseCannotCommit(t *testing.T) {
 	if err == nil || !strings.HasPrefix(err.Error(), "message not queued") {
 		t.Fatalf("err = %v, want a 'message not queued' error", err)
 	}
-	if left, _ := os.ReadDir(tq.spool.dir); len(left) != 0 {
-		t.Errorf("refused message left spool files: %v", left)
+	if n := spoolBodyBytes(t, tq.spool.dir); n != 0 {
+		t.Errorf("refused message left %d bytes in the spool", n)
 	}
 }
 
@@ -122,8 +122,8 @@ func TestRecipientsAtOneDomainShareOneDelivery(t *testing.T) {
 	if _, err := tq.Show(id); !errors.Is(err, ErrNotFound) {
 		t.Errorf("delivered message still in the queue: %v", err)
 	}
-	if left, _ := os.ReadDir(tq.spool.dir); len(left) != 0 {
-		t.Errorf("spool files left after delivery: %v", left)
+	if n := spoolBodyBytes(t, tq.spool.dir); n != 0 {
+		t.Errorf("spool holds %d bytes of bodies after delivery", n)
 	}
 }
 
@@ -592,8 +592,12 @@ func TestMixedOutcomesInOneTransactionAreRecordedPerRecipient(t *testing.T) {
 		t.Errorf("message still queued after its last recipient was delivered: %v", err)
 	}
 	// Only the bounce for c is left in the spool.
-	if left, _ := os.ReadDir(tq.spool.dir); len(left) != 1 {
-		t.Errorf("spool holds %v, want only the bounce's body", left)
+	dsns := tq.dsnsTo(t, "alice@example.com")
+	if len(dsns) != 1 {
+		t.Fatalf("%d bounces queued, want 1", len(dsns))
+	}
+	if n := spoolBodyBytes(t, tq.spool.dir); n != dsns[0].Size {
+		t.Errorf("spool holds %d bytes of bodies, want only the bounce's %d", n, dsns[0].Size)
 	}
 }
 

@@ -16,7 +16,9 @@ import (
 type entry struct {
 	id       string
 	arrived  time.Time
-	bodyFile string   // shared batch file, "" for a file of its own
+	bodyFile string // the spool segment holding the body, "" for a file of its own
+	bodyOff  int64  // where in bodyFile
+	size     int64
 	counts   [3]int32 // pending recipients: queued, deferred, held
 	slots    []*slot
 	// fresh is the message as Enqueue committed it, with its small body,
@@ -141,16 +143,18 @@ func (q *Queue) indexPutFirst(m *message, body []byte) {
 	if m.done() {
 		if e != nil {
 			q.indexRemoveLocked(e)
+		} else if m.BodyFile != "" { // done on its first write (a DSN to <> say)
+			q.spool.discard(m.BodyFile, m.BodyOff, m.Size)
 		} else {
-			q.spool.remove(m.ID) // done on its first write (a DSN to <> say)
+			q.spool.remove(m.ID)
 		}
 		return
 	}
 	if e == nil {
-		e = &entry{id: m.ID, arrived: m.Arrived, bodyFile: m.BodyFile}
+		e = &entry{id: m.ID, arrived: m.Arrived, bodyFile: m.BodyFile, bodyOff: m.BodyOff, size: m.Size}
 		q.index[m.ID] = e
 		if m.BodyFile != "" {
-			q.bodyRefs[m.BodyFile]++
+			q.spool.retain(m.BodyFile)
 		}
 		if len(q.index) == 1 {
 			metricOldest.Set(max(q.opts.Now().Sub(e.arrived).Seconds(), 0))
@@ -201,7 +205,7 @@ func (q *Queue) indexPutFirst(m *message, body []byte) {
 }
 
 // indexRemoveLocked forgets a message whose record is gone and removes its
-// body file, or its share of a batch file.
+// body file, or frees its stretch of a segment.
 func (q *Queue) indexRemoveLocked(e *entry) {
 	q.dropFirstLocked(e)
 	for _, s := range e.slots {
@@ -217,10 +221,7 @@ func (q *Queue) indexRemoveLocked(e *entry) {
 		q.spool.remove(e.id)
 		return
 	}
-	if q.bodyRefs[e.bodyFile]--; q.bodyRefs[e.bodyFile] <= 0 {
-		delete(q.bodyRefs, e.bodyFile)
-		q.spool.remove(e.bodyFile)
-	}
+	q.spool.release(e.bodyFile, e.bodyOff, e.size)
 }
 
 // dropFirstLocked forgets e's in-memory first copy, if any.

@@ -1,6 +1,7 @@
 package queue
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"io"
@@ -8,18 +9,27 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
+	"sync"
 	"time"
 )
 
-// spool holds message bodies beside the database: small ones in batch
-// files shared by the messages of one group commit, large ones in a file
-// named by their queue id. The committer syncs new files and the directory
-// before it commits their records, so a committed record always has its
-// body. A crash can leave a file no record refers to; load removes those.
+// spool holds message bodies beside the database: small ones appended to a
+// segment file shared by many group commits, large ones in a file named by
+// their queue id. The committer syncs what it wrote (and the directory,
+// for a new file) before it commits the records, so a committed record
+// always has its body. A crash can leave a file no record refers to, or
+// bytes at a segment's end that none does; load removes the files.
 type spool struct {
 	dir string
 	d   *os.File // the directory, for fsync
+
+	mu      sync.Mutex
+	cur     *segment            // the segment the committer appends to
+	segs    map[string]*segment // cur and every segment a message refers to
+	noPunch bool                // the file system cannot punch holes
+	segMax  int64               // segmentMax; smaller in tests
 }
 
 func openSpool(dir string) (*spool, error) {
@@ -30,10 +40,18 @@ func openSpool(dir string) (*spool, error) {
 	if err != nil {
 		return nil, fmt.Errorf("cannot open spool directory %s: %w", dir, plainErr(err))
 	}
-	return &spool{dir: dir, d: d}, nil
+	return &spool{dir: dir, d: d, segs: make(map[string]*segment), segMax: segmentMax}, nil
 }
 
-func (s *spool) close() error { return s.d.Close() }
+func (s *spool) close() error {
+	s.mu.Lock()
+	if s.cur != nil {
+		s.retireLocked(s.cur)
+		s.cur = nil
+	}
+	s.mu.Unlock()
+	return s.d.Close()
+}
 
 func (s *spool) path(id string) string { return filepath.Join(s.dir, id) }
 
@@ -148,34 +166,256 @@ func (s *spool) read(l bodyLoc, limit int64) ([]byte, error) {
 	return io.ReadAll(io.LimitReader(f, limit))
 }
 
-// batchPrefix starts the names of files shared by the small bodies of one
-// group commit.
+// batchPrefix starts the names of segment files, which hold the small
+// bodies of many group commits one after another.
 const batchPrefix = "b-"
 
-// writeBatch writes bodies one after another into a new batch file and
-// returns it open and not yet synced, with each body's offset.
-func (s *spool) writeBatch(bodies [][]byte) (f *os.File, offs []int64, err error) {
-	for {
-		f, err = os.OpenFile(s.path(batchPrefix+newID(time.Now())), os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
-		if !errors.Is(err, fs.ErrExist) {
-			break
+// segmentMax is the size at which the committer starts a new segment. It
+// bounds the file, not the disk space: the stretches of messages that have
+// left are punched out (see release), and a segment is removed once no
+// message refers to it.
+const segmentMax = 64 << 20
+
+// punchEvery is how much of the current segment may have left before its
+// space is given back (see freeLocked).
+const punchEvery = 1 << 20
+
+// segment is a file of small bodies. Only the committer appends to the
+// current one; records name it with an offset, so a body never moves.
+type segment struct {
+	name string
+	f    *os.File // open for appending while current, nil once retired
+	// size is where the next batch goes: everything before it is written,
+	// but only the stretches whose records committed are referred to.
+	size      int64
+	refs      int    // messages in the index whose body is here
+	dead      []span // stretches no record refers to any more, not yet punched
+	deadBytes int64  // their length
+	// retire makes the committer start a new segment at its next batch:
+	// this one is full, or a write or sync of it failed and its state on
+	// disk is unknown.
+	retire bool
+}
+
+type span struct{ off, len int64 }
+
+// appendBatch writes bodies one after another at the end of the current
+// segment, starting a new one first when needed, and returns the segment
+// with each body's offset. Nothing is synced: the committer syncs the
+// segment (and, when fresh, the directory) before it commits the records.
+// Only the committer calls it.
+func (s *spool) appendBatch(bodies [][]byte) (seg *segment, offs []int64, fresh bool, err error) {
+	s.mu.Lock()
+	seg = s.cur
+	if seg == nil || seg.retire || seg.size >= s.segMax {
+		if seg != nil {
+			s.retireLocked(seg)
 		}
+		s.cur = nil
+		s.mu.Unlock()
+		seg, err = s.newSegment()
+		if err != nil {
+			return nil, nil, false, err
+		}
+		fresh = true
+		s.mu.Lock()
+		s.cur = seg
+		s.segs[seg.name] = seg
 	}
-	if err != nil {
-		return nil, nil, fmt.Errorf("spool file: %w", plainErr(err))
-	}
-	var off int64
+	start := seg.size
+	s.mu.Unlock()
+
+	off := start
 	for _, b := range bodies {
 		offs = append(offs, off)
 		off += int64(len(b))
 	}
 	bufs := net.Buffers(bodies)
-	if _, err := bufs.WriteTo(f); err != nil {
-		f.Close()
-		os.Remove(f.Name())
-		return nil, nil, fmt.Errorf("spool file: %w", plainErr(err))
+	_, werr := bufs.WriteTo(seg.f)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	seg.size = off
+	if werr != nil {
+		// Part of the batch may be on disk, at offsets the file position
+		// no longer matches: never append to this segment again.
+		seg.retire = true
+		seg.dead = append(seg.dead, span{start, off - start})
+		return nil, nil, fresh, fmt.Errorf("spool file %s: %w", seg.f.Name(), plainErr(werr))
 	}
-	return f, offs, nil
+	return seg, offs, fresh, nil
+}
+
+func (s *spool) newSegment() (*segment, error) {
+	for {
+		name := batchPrefix + newID(time.Now())
+		f, err := os.OpenFile(s.path(name), os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
+		if errors.Is(err, fs.ErrExist) {
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("spool file: %w", plainErr(err))
+		}
+		return &segment{name: name, f: f}, nil
+	}
+}
+
+// syncSegment makes a batch appended to seg durable. A failure retires the
+// segment: after a failed fsync the kernel may have dropped the pages, so
+// nothing more is written to it.
+func (s *spool) syncSegment(seg *segment) error {
+	if err := fdatasync(seg.f); err != nil {
+		s.spoil(seg)
+		return fmt.Errorf("spool file %s: %w", seg.f.Name(), plainErr(err))
+	}
+	return nil
+}
+
+// spoil makes the committer leave seg for a new segment at its next batch.
+func (s *spool) spoil(seg *segment) {
+	s.mu.Lock()
+	seg.retire = true
+	s.mu.Unlock()
+}
+
+// retain counts a message in the index whose body is in the segment name
+// (at load, a segment of an earlier run).
+func (s *spool) retain(name string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	seg := s.segs[name]
+	if seg == nil {
+		seg = &segment{name: name}
+		s.segs[name] = seg
+	}
+	seg.refs++
+}
+
+// release forgets a counted message's body: the segment goes when nothing
+// refers to it any more, and otherwise the body's stretch is freed.
+func (s *spool) release(name string, off, size int64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	seg := s.segs[name]
+	if seg == nil {
+		return
+	}
+	seg.refs--
+	s.freeLocked(seg, span{off, size})
+}
+
+// discard frees the stretch of a body whose record was never counted: its
+// commit failed, or the message was done on its first write.
+func (s *spool) discard(name string, off, size int64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if seg := s.segs[name]; seg != nil {
+		s.freeLocked(seg, span{off, size})
+	}
+}
+
+func (s *spool) freeLocked(seg *segment, sp span) {
+	if seg.f == nil {
+		// Retired: a message that waited (a retry, a hold) has left.
+		if seg.refs <= 0 {
+			delete(s.segs, seg.name)
+			s.remove(seg.name)
+			return
+		}
+		s.punchFile(seg.name, []span{sp})
+		return
+	}
+	seg.dead = appendSpan(seg.dead, sp)
+	seg.deadBytes += sp.len
+	if seg.refs <= 0 || seg.deadBytes >= punchEvery {
+		// Everything committed to the current segment has left (the usual
+		// state of a relay that keeps up), or enough has: give the space
+		// back in one go rather than a system call per message.
+		s.punchLocked(seg)
+	}
+}
+
+// flush frees the stretches of name that have left, now.
+func (s *spool) flush(name string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if seg := s.segs[name]; seg != nil && seg.f != nil {
+		s.punchLocked(seg)
+	}
+}
+
+// retireLocked closes a segment the committer no longer appends to.
+func (s *spool) retireLocked(seg *segment) {
+	if seg.refs <= 0 {
+		seg.f.Close()
+		delete(s.segs, seg.name)
+		s.remove(seg.name)
+		return
+	}
+	s.punchLocked(seg)
+	seg.f.Close()
+	seg.f = nil
+}
+
+// punchLocked frees the dead stretches of an open segment.
+func (s *spool) punchLocked(seg *segment) {
+	if len(seg.dead) == 0 {
+		return
+	}
+	spans := mergeSpans(seg.dead)
+	seg.dead, seg.deadBytes = seg.dead[:0], 0
+	if s.noPunch {
+		return
+	}
+	for _, sp := range spans {
+		if err := punchHole(seg.f, sp.off, sp.len); err != nil {
+			// Not supported here (or failing): the space comes back when
+			// the segment is removed.
+			s.noPunch = true
+			return
+		}
+	}
+}
+
+// punchFile frees stretches of a retired segment.
+func (s *spool) punchFile(name string, spans []span) {
+	if s.noPunch {
+		return
+	}
+	f, err := os.OpenFile(s.path(name), os.O_WRONLY, 0)
+	if err != nil {
+		return
+	}
+	defer f.Close()
+	for _, sp := range spans {
+		if punchHole(f, sp.off, sp.len) != nil {
+			s.noPunch = true
+			return
+		}
+	}
+}
+
+// appendSpan adds sp to spans, joining it to the last one when they touch:
+// messages mostly leave in the order they came, so the list stays short.
+func appendSpan(spans []span, sp span) []span {
+	if n := len(spans); n > 0 && spans[n-1].off+spans[n-1].len == sp.off {
+		spans[n-1].len += sp.len
+		return spans
+	}
+	return append(spans, sp)
+}
+
+// mergeSpans sorts spans and joins those that touch or overlap.
+func mergeSpans(spans []span) []span {
+	slices.SortFunc(spans, func(a, b span) int { return cmp.Compare(a.off, b.off) })
+	out := spans[:0]
+	for _, sp := range spans {
+		if n := len(out); n > 0 && out[n-1].off+out[n-1].len >= sp.off {
+			out[n-1].len = max(out[n-1].len, sp.off+sp.len-out[n-1].off)
+			continue
+		}
+		out = append(out, sp)
+	}
+	return out
 }
 
 // remove deletes a body file whose records are gone. A failure leaves a
