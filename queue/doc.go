@@ -5,11 +5,12 @@
 //
 // Envelopes and per-recipient state live in bbolt (the file main opens
 // with OpenDB); bodies live in spool files in Options.Dir. One group
-// commit writes the small bodies (up to 256 KiB) of everyone waiting into
-// one new batch file, syncs it, any large bodies' own files and the spool
-// directory, then commits all their records in one bbolt transaction: four
-// syncs for the whole batch. A batch file is removed when the last of its
-// messages leaves the queue.
+// commit appends the small bodies (up to 256 KiB) of everyone waiting to
+// the current segment file and syncs it (with any large bodies' own files,
+// and the spool directory when a file is new), then commits all their
+// records in one bbolt transaction: three syncs for the whole batch. The
+// space of messages that have left is punched out of their segment; a
+// segment is removed with its last message once a newer one is current.
 //
 // Right after its commit, a message with a small body is also kept in
 // memory for its first attempt at each destination domain, so that
@@ -28,9 +29,10 @@
 // resident. With spool files the database holds compact records (48 MB
 // for 100,000 messages) and the process stays under 100 MB. Why not one
 // file per body: each needs its own fsync, and 32 concurrent writers then
-// reached only 3-5x the single-writer rate; with batch files they reach
-// 6-10x. A body file also streams to the network without holding a bbolt
-// transaction open, which would stall bbolt's remapping and every commit.
+// reached only 3-5x the single-writer rate; with a file shared by the
+// batch they reach 6-10x. A body file also streams to the network without
+// holding a bbolt transaction open, which would stall bbolt's remapping
+// and every commit.
 //
 // The start-up scan reads every record through bbolt's mmap; it releases
 // the mapping as it goes (madvise, the pages stay in the page cache), so

@@ -74,8 +74,8 @@ var DefaultOptions = Options{
 	ShutdownGrace:    10 * time.Second,
 }
 
-// inlineMax is the largest body that goes into a group commit's shared
-// batch file; larger ones get a file of their own.
+// inlineMax is the largest body that a group commit appends to the shared
+// segment; larger ones get a file of their own.
 const inlineMax = 256 << 10
 
 // headPool holds the buffers Enqueue reads the start of a body into, to
@@ -266,8 +266,8 @@ func (q *Queue) Enqueue(ctx context.Context, env Envelope, body io.Reader) (id s
 	if err != nil {
 		return "", fmt.Errorf("message not queued: %w", err)
 	}
-	// A small body rides in the group commit's batch file: one file and
-	// one fsync for the whole batch. A large one gets a file of its own,
+	// A small body rides in the group commit's append to the current
+	// segment: one write and one fsync for the whole batch. A large one gets a file of its own,
 	// streamed to disk rather than held in memory.
 	src := &readErr{r: body}
 	scratch := headPool.Get().(*[]byte)
@@ -279,7 +279,7 @@ func (q *Queue) Enqueue(ctx context.Context, env Envelope, body io.Reader) (id s
 		return "", fmt.Errorf("message not queued: reading the message: %w", src.err)
 	}
 	if int64(len(head)) <= min(inlineMax, q.opts.MaxMessageSize) {
-		// The body outlives the call (the batch file write, the first
+		// The body outlives the call (the segment write, the first
 		// attempt): it gets its own slice of exactly its size.
 		head = bytes.Clone(head)
 		m.ID, m.Size = newID(m.Arrived), int64(len(head))

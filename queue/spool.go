@@ -127,7 +127,7 @@ func (s *spool) syncDir() error {
 	return nil
 }
 
-// bodyLoc is where a body is: its own file, or a stretch of a batch file.
+// bodyLoc is where a body is: its own file, or a stretch of a segment.
 type bodyLoc struct {
 	id, file  string // file "" means the file named id
 	off, size int64
