@@ -246,7 +246,8 @@ func TestTooManyConnectionsLowersConcurrencyAndTellsTheQueue(t *testing.T) {
 	// The refusals came with the two accepted sessions open: the limit
 	// falls to what the provider takes. The signals are computed in order
 	// but may reach the queue out of it (each after the engine's lock), so
-	// the lowest, not the last, is the limit reached.
+	// the lowest, not the last, is the limit reached; the queue keeps the
+	// lowest in force (queue.TestThrottleKeepsTheLowerOfSignalsArrivingOutOfOrder).
 	limit := func(sig string) int {
 		n, _ := strconv.Atoi(strings.Fields(sig)[0])
 		return n

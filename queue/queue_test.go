@@ -671,6 +671,39 @@ func TestThrottleEnds(t *testing.T) {
 	}
 }
 
+// The Deliverer computes its throttle signals in order but may hand them
+// over out of it (each after its own lock), so a signal that raises the
+// limit can arrive after one that lowered it further. The lower limit
+// holds until its own expiry; the raised one then holds until its own.
+func TestThrottleKeepsTheLowerOfSignalsArrivingOutOfOrder(t *testing.T) {
+	tq := newTestQueue(t, newScripted(all(ok250)), Options{MaxConnsPerDomain: 5})
+	// limits is domain's limit now and at each of the next two hours.
+	limits := func(domain string) []int {
+		var got []int
+		for range 3 {
+			tq.mu.Lock()
+			got = append(got, tq.limitLocked(domain, tq.clock.Now()))
+			tq.mu.Unlock()
+			tq.clock.Advance(time.Hour)
+		}
+		return got
+	}
+	tq.throttle("busy.test", 1, time.Hour)   // computed last, arrives first
+	tq.throttle("busy.test", 2, 2*time.Hour) // computed first, arrives last
+	tq.throttle("busy.test", 3, time.Hour)   // covered by both: changes nothing
+	if got := limits("busy.test"); !slices.Equal(got, []int{1, 2, 5}) {
+		t.Errorf("limits %v over three hours, want [1 2 5]: the lower until its expiry, then the longer", got)
+	}
+
+	// A lower limit for a shorter while, arriving last, does not cut short
+	// the higher one already in force.
+	tq.throttle("other.test", 3, 2*time.Hour)
+	tq.throttle("other.test", 1, time.Hour)
+	if got := limits("other.test"); !slices.Equal(got, []int{1, 3, 5}) {
+		t.Errorf("limits %v over three hours, want [1 3 5]", got)
+	}
+}
+
 // lockedBuffer is a log destination that tests read while the queue writes.
 type lockedBuffer struct {
 	mu sync.Mutex

@@ -5,6 +5,7 @@ import (
 	"container/heap"
 	"context"
 	"io"
+	"slices"
 	"sync"
 	"time"
 
@@ -86,8 +87,9 @@ type scheduler struct {
 	active  map[string]int // domain → deliveries in flight
 	running int
 	// throttled lowers a domain's limit of deliveries in flight for a
-	// while, when its servers asked us to slow down (Job.Throttle).
-	throttled map[string]throttle
+	// while, when its servers asked us to slow down (Job.Throttle): the
+	// lowest of the signals still in force, none covered by another.
+	throttled map[string][]throttle
 }
 
 type throttle struct {
@@ -96,35 +98,61 @@ type throttle struct {
 }
 
 func newScheduler() scheduler {
-	return scheduler{ready: make(map[string][]*slot), active: make(map[string]int), throttled: make(map[string]throttle)}
+	return scheduler{ready: make(map[string][]*slot), active: make(map[string]int), throttled: make(map[string][]throttle)}
 }
 
 // throttle lowers domain's deliveries in flight to limit (at least one,
 // so the domain keeps moving and its finishing delivery wakes the next)
-// until d has passed; a later signal replaces an earlier one.
+// until d has passed.
+//
+// Signals combine rather than replace: the limit is the lowest of those
+// still in force. The Deliverer computes its signals in order but hands
+// them over after its own lock, so a higher limit computed earlier may
+// arrive after a lower one; replacing would allow one delivery more than
+// the destination takes. A higher limit that lasts longer is kept too,
+// for after the lower one ends. Each kept signal is lower or lasts longer
+// than every other, so with limits capped at MaxConnsPerDomain a domain
+// has at most that many of them.
 func (q *Queue) throttle(domain string, limit int, d time.Duration) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	now := q.opts.Now()
-	for k, t := range q.sched.throttled {
-		if !now.Before(t.until) {
-			delete(q.sched.throttled, k) // few entries: only destinations that complained
+	for k := range q.sched.throttled {
+		q.liveThrottlesLocked(k, now) // few entries: only destinations that complained
+	}
+	t := throttle{limit: min(max(1, limit), q.opts.MaxConnsPerDomain), until: now.Add(d)}
+	ts := q.sched.throttled[domain]
+	for _, o := range ts {
+		if o.limit <= t.limit && !o.until.Before(t.until) {
+			return // as low and as long already
 		}
 	}
-	q.sched.throttled[domain] = throttle{limit: max(1, limit), until: now.Add(d)}
+	ts = slices.DeleteFunc(ts, func(o throttle) bool { return o.limit >= t.limit && !o.until.After(t.until) })
+	q.sched.throttled[domain] = append(ts, t)
+}
+
+// liveThrottlesLocked drops domain's throttles that have ended by now and
+// returns the others.
+func (q *Queue) liveThrottlesLocked(domain string, now time.Time) []throttle {
+	ts := slices.DeleteFunc(q.sched.throttled[domain], func(t throttle) bool { return !now.Before(t.until) })
+	if len(ts) == 0 {
+		delete(q.sched.throttled, domain)
+		return nil
+	}
+	q.sched.throttled[domain] = ts
+	return ts
 }
 
 // limitLocked is how many deliveries to domain may run at once now.
 func (q *Queue) limitLocked(domain string, now time.Time) int {
-	t, ok := q.sched.throttled[domain]
-	if !ok {
-		return q.opts.MaxConnsPerDomain
+	n := q.opts.MaxConnsPerDomain
+	if _, ok := q.sched.throttled[domain]; !ok {
+		return n
 	}
-	if !now.Before(t.until) {
-		delete(q.sched.throttled, domain)
-		return q.opts.MaxConnsPerDomain
+	for _, t := range q.liveThrottlesLocked(domain, now) {
+		n = min(n, t.limit)
 	}
-	return min(t.limit, q.opts.MaxConnsPerDomain)
+	return n
 }
 
 // indexPut records the state of m after a committed write. It runs on

@@ -106,7 +106,9 @@ type Job struct {
 	// destination asked us to slow down (a 421 greeting, "too many
 	// connections"): for the next d, at most limit deliveries to Domain
 	// run at once, so the domain's other messages wait in the queue
-	// instead of in workers. Nil is allowed: there is no one to tell.
+	// instead of in workers. Signals may arrive out of the order they were
+	// computed in; the lowest limit still in force applies, so a later
+	// higher one does not undo it. Nil is allowed: there is no one to tell.
 	Throttle func(limit int, d time.Duration)
 }
 
