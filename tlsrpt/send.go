@@ -263,9 +263,12 @@ func newHTTPClient(opts *Options) *http.Client {
 			}
 			return nil, errors.Join(errs...)
 		},
-		TLSClientConfig:        &tls.Config{RootCAs: opts.RootCAs, MinVersion: tls.VersionTLS12},
+		TLSClientConfig: &tls.Config{RootCAs: opts.RootCAs, MinVersion: tls.VersionTLS12},
+		// Dials go on detached from the request, so they need a bound of
+		// their own. No ResponseHeaderTimeout: post's context already
+		// bounds the wait, and a second timer of the same length only
+		// races it, naming one timeout two ways.
 		TLSHandshakeTimeout:    opts.HTTPTimeout,
-		ResponseHeaderTimeout:  opts.HTTPTimeout,
 		DisableKeepAlives:      true,
 		MaxResponseHeaderBytes: 16 << 10,
 	}
