@@ -357,20 +357,12 @@ func (s *session) data(r io.Reader) error {
 }
 
 // cutShort turns the end of a message into io.ErrUnexpectedEOF when the
-// client's stream had ended first. go-smtp (v0.25.1, v0.26.0) ends a BDAT
-// message cleanly when the stream ends inside its LAST chunk, short of the
+// client's stream had ended first. go-smtp (v0.25.1) ends a BDAT message
+// cleanly when the connection closes inside its LAST chunk, short of the
 // size the chunk announced; stored, that half message would go out, and
 // the client, which never saw our 250, would send it again. A complete
 // chunk is read without reading past it, so the stream's end is never
 // seen before a message that really ended.
-//
-// Inside TLS the client's end can be a close_notify alert: crypto/tls
-// reports it as the end of the stream without our socket seeing one, so
-// a BDAT message's end also asks the socket whether the client has closed
-// (a TLS client's close sends the alert and then the FIN). A client that
-// closes right after a whole LAST chunk, without waiting for our reply, is
-// refused alike: it cannot know the message was taken. A DATA message
-// ends at its dot, which the client sent, so it needs no such question.
 type cutShort struct {
 	r io.Reader
 	c *conn
@@ -378,17 +370,10 @@ type cutShort struct {
 
 func (s *cutShort) Read(p []byte) (int, error) {
 	n, err := s.r.Read(p)
-	if err == io.EOF && (s.c.readFailed.Load() || s.chunked() && peerClosed(s.c.Conn)) {
+	if err == io.EOF && s.c.readFailed.Load() {
 		err = io.ErrUnexpectedEOF
 	}
 	return n, err
-}
-
-// chunked reports a BDAT message: go-smtp hands those over through a pipe,
-// DATA through its dot reader.
-func (s *cutShort) chunked() bool {
-	_, ok := s.r.(*io.PipeReader)
-	return ok
 }
 
 // printable makes a client's address safe to echo in a reply and a log
