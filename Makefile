@@ -11,11 +11,12 @@ build:
 run:
 	$(GO) run ./cmd/stsrelay serve -config config.toml.example
 
-# The whole test suite, with the race detector; then the tests of a
+# The whole test suite, with the race detector, and that of the patched
+# go-smtp the build uses (third_party/go-smtp); then the tests of a
 # 100,000-message queue (memory, paging through the daemon), which -race
 # would distort or slow down, on their own.
 test:
-	$(GO) test -race -timeout 20m ./...
+	$(GO) test -race -timeout 20m ./... github.com/emersion/go-smtp
 	$(GO) test -count=1 -timeout 20m -run 'Of100000' -v ./queue/ ./cmd/stsrelay/
 
 bench:

@@ -28,3 +28,6 @@ require (
 	golang.org/x/text v0.43.0 // indirect
 	google.golang.org/protobuf v1.36.12 // indirect
 )
+
+// go-smtp v0.25.1 with two fixes of ours (third_party/go-smtp/README.md).
+replace github.com/emersion/go-smtp => ./third_party/go-smtp

@@ -124,9 +124,6 @@ type conn struct {
 	inData  atomic.Bool
 	expired atomic.Bool // a read timed out during DATA: end the session now
 	cut     atomic.Bool // being cut off: no more reads, no more commands
-	// readFailed says a read of the client's stream failed, its end
-	// included: a message go-smtp ends after this may be cut short.
-	readFailed atomic.Bool
 
 	mu          sync.Mutex // orders deadline updates against wake; guards what follows
 	greeted     bool       // the greeting has been written
@@ -174,9 +171,6 @@ func (c *conn) Read(b []byte) (int, error) {
 		return 0, err
 	}
 	n, err := c.Conn.Read(b)
-	if err != nil {
-		c.readFailed.Store(true)
-	}
 	c.mu.Lock()
 	c.unanswered += int64(n)
 	if err != nil && c.draining {

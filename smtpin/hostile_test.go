@@ -312,7 +312,8 @@ func TestHostileSessionsLeaveOnlyAcceptedMessagesInRealQueue(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { q.Close() })
-	cert := testpki.NewCA(t).Issue(t, "localhost", "127.0.0.1")
+	ca := testpki.NewCA(t)
+	cert := ca.Issue(t, "localhost", "127.0.0.1")
 	opts := Options{
 		Hostname: "relay.test", Listen: "127.0.0.1:0",
 		GetCertificate:  func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return &cert, nil },
@@ -377,6 +378,19 @@ func TestHostileSessionsLeaveOnlyAcceptedMessagesInRealQueue(t *testing.T) {
 		},
 		func() string { // inside the LAST chunk, short of its size
 			d := begin()
+			d.write("BDAT 100 LAST\r\nSubject: cut short\r\n\r\n")
+			d.nc.Close()
+			return ""
+		},
+		func() string { // inside the LAST chunk over TLS, ended by close_notify
+			d := dial(t, srv.Addr())
+			clients = append(clients, d)
+			d.cmd("EHLO client.test", "250")
+			d.cmd("STARTTLS", "220")
+			d.starttls(&tls.Config{RootCAs: ca.Pool, ServerName: "localhost"})
+			d.cmd("EHLO client.test", "250")
+			d.cmd("MAIL FROM:<a@example.com>", "250")
+			d.cmd("RCPT TO:<b@example.org>", "250")
 			d.write("BDAT 100 LAST\r\nSubject: cut short\r\n\r\n")
 			d.nc.Close()
 			return ""

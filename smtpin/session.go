@@ -353,27 +353,7 @@ func (s *session) data(r io.Reader) error {
 
 	s.conn.inData.Store(true)
 	defer s.conn.inData.Store(false)
-	return s.receive(tx, &cutShort{r: r, c: s.conn})
-}
-
-// cutShort turns the end of a message into io.ErrUnexpectedEOF when the
-// client's stream had ended first. go-smtp (v0.25.1) ends a BDAT message
-// cleanly when the connection closes inside its LAST chunk, short of the
-// size the chunk announced; stored, that half message would go out, and
-// the client, which never saw our 250, would send it again. A complete
-// chunk is read without reading past it, so the stream's end is never
-// seen before a message that really ended.
-type cutShort struct {
-	r io.Reader
-	c *conn
-}
-
-func (s *cutShort) Read(p []byte) (int, error) {
-	n, err := s.r.Read(p)
-	if err == io.EOF && s.c.readFailed.Load() {
-		err = io.ErrUnexpectedEOF
-	}
-	return n, err
+	return s.receive(tx, r)
 }
 
 // printable makes a client's address safe to echo in a reply and a log

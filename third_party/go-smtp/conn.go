@@ -1080,7 +1080,13 @@ func (c *Conn) handleBdat(arg string) {
 	}()
 
 	chunk := io.LimitReader(c.text.R, int64(size))
-	_, err = io.Copy(c.bdatPipe, chunk)
+	copied, err := io.Copy(c.bdatPipe, chunk)
+	if err == nil && copied < int64(size) {
+		// stsrelay: the stream ended inside the chunk (a TCP close, or a
+		// TLS close_notify, which crypto/tls reports as io.EOF): the message
+		// is cut short and must not be handed on as complete.
+		err = io.ErrUnexpectedEOF
+	}
 	if err != nil {
 		// Backend might return an error early using CloseWithError without consuming
 		// the whole chunk.

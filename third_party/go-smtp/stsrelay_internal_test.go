@@ -1,0 +1,159 @@
+package smtp
+
+// Tests of stsrelay's changes to this copy of go-smtp (README.md).
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"io"
+	"math/rand"
+	"strings"
+	"testing"
+)
+
+// referenceRead is dataReader.Read as go-smtp v0.25.1 has it: byte by byte.
+func referenceRead(r *dataReader, b []byte) (n int, err error) {
+	if r.limited {
+		if r.n <= 0 {
+			return 0, ErrDataTooLarge
+		}
+		if int64(len(b)) > r.n {
+			b = b[0:r.n]
+		}
+	}
+	const (
+		stateBeginLine = iota
+		stateDot
+		stateDotCR
+		stateCR
+		stateData
+		stateEOF
+	)
+	for n < len(b) && r.state != stateEOF {
+		var c byte
+		c, err = r.r.ReadByte()
+		if err != nil {
+			if err == io.EOF {
+				err = io.ErrUnexpectedEOF
+			}
+			break
+		}
+		switch r.state {
+		case stateBeginLine:
+			if c == '.' {
+				r.state = stateDot
+				continue
+			}
+			if c == '\r' {
+				r.state = stateCR
+				break
+			}
+			r.state = stateData
+		case stateDot:
+			if c == '\r' {
+				r.state = stateDotCR
+				continue
+			}
+			r.state = stateData
+		case stateDotCR:
+			if c == '\n' {
+				r.state = stateEOF
+				continue
+			}
+			r.state = stateData
+		case stateCR:
+			if c == '\n' {
+				r.state = stateBeginLine
+				break
+			}
+			r.state = stateData
+		case stateData:
+			if c == '\r' {
+				r.state = stateCR
+			}
+		}
+		b[n] = c
+		n++
+	}
+	if err == nil && r.state == stateEOF {
+		err = io.EOF
+	}
+	if r.limited {
+		r.n -= int64(n)
+	}
+	return
+}
+
+// drain reads r to its end with reads of the sizes sizes gives, and
+// returns what it read, the error that ended it and what is left unread.
+func drain(read func([]byte) (int, error), sizes *rand.Rand, rest *bufio.Reader) (string, error, string) {
+	var out []byte
+	for {
+		b := make([]byte, 1+sizes.Intn(64))
+		n, err := read(b)
+		out = append(out, b[:n]...)
+		if err != nil {
+			left, _ := io.ReadAll(rest)
+			return string(out), err, string(left)
+		}
+		if n == 0 {
+			left, _ := io.ReadAll(rest)
+			return string(out), errors.New("no progress"), string(left)
+		}
+	}
+}
+
+// The reader that copies runs gives what the byte-by-byte one gives, for
+// any input, any read and buffer sizes, and any size limit, and leaves the
+// same bytes in the stream.
+func TestDataReaderMatchesByteByByteReader(t *testing.T) {
+	alphabet := []byte(".\r\nab")
+	rng := rand.New(rand.NewSource(1))
+	for i := 0; i < 30000; i++ {
+		in := make([]byte, rng.Intn(200))
+		for j := range in {
+			in[j] = alphabet[rng.Intn(len(alphabet))]
+		}
+		if rng.Intn(2) == 0 {
+			in = append(in, ".\r\nQUIT\r\n"...)
+		}
+		bufSize := 16 + rng.Intn(64)
+		limit := int64(0)
+		if rng.Intn(4) == 0 {
+			limit = int64(rng.Intn(150))
+		}
+		seed := rng.Int63()
+
+		fast := &dataReader{r: bufio.NewReaderSize(bytes.NewReader(in), bufSize), limited: limit > 0, n: limit}
+		slow := &dataReader{r: bufio.NewReaderSize(bytes.NewReader(in), bufSize), limited: limit > 0, n: limit}
+		gotOut, gotErr, gotRest := drain(fast.Read, rand.New(rand.NewSource(seed)), fast.r)
+		wantOut, wantErr, wantRest := drain(func(b []byte) (int, error) { return referenceRead(slow, b) }, rand.New(rand.NewSource(seed)), slow.r)
+		if gotOut != wantOut || gotErr != wantErr || gotRest != wantRest {
+			t.Fatalf("input %q (buffer %d, limit %d):\n got %q, %v, rest %q\nwant %q, %v, rest %q",
+				in, bufSize, limit, gotOut, gotErr, gotRest, wantOut, wantErr, wantRest)
+		}
+	}
+}
+
+func BenchmarkDataReader(b *testing.B) {
+	line := strings.Repeat("x", 76) + "\r\n"
+	msg := []byte(strings.Repeat(line, 100<<10/len(line)) + ".\r\n")
+	buf := make([]byte, 32<<10)
+	for _, bc := range []struct {
+		name string
+		read func(*dataReader, []byte) (int, error)
+	}{{"runs", (*dataReader).Read}, {"byte-by-byte", referenceRead}} {
+		b.Run(bc.name, func(b *testing.B) {
+			b.SetBytes(int64(len(msg)))
+			for i := 0; i < b.N; i++ {
+				r := &dataReader{r: bufio.NewReader(bytes.NewReader(msg))}
+				for {
+					if _, err := bc.read(r, buf); err != nil {
+						break
+					}
+				}
+			}
+		})
+	}
+}
