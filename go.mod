@@ -29,5 +29,5 @@ require (
 	google.golang.org/protobuf v1.36.12 // indirect
 )
 
-// go-smtp v0.25.1 with two fixes of ours (third_party/go-smtp/README.md).
+// go-smtp v0.25.1 with three changes of ours (third_party/go-smtp/README.md).
 replace github.com/emersion/go-smtp => ./third_party/go-smtp

@@ -74,7 +74,8 @@
 // (third_party/go-smtp): a connection that ends inside a BDAT chunk, by
 // TCP or by a TLS close_notify, aborts the message instead of ending it
 // short but "complete" (TestHostileSessionsLeaveOnlyAcceptedMessagesInRealQueue);
-// and DATA is read in runs up to the next CR, not byte by byte.
+// and DATA is read, and its line lengths measured, in runs rather than
+// byte by byte.
 //
 // Left as go-smtp has them: undecodable AUTH base64 is answered 454 4.7.0
 // (RFC 4954 §4 says 501); the EHLO name and an unknown verb are echoed in

@@ -157,3 +157,57 @@ func BenchmarkDataReader(b *testing.B) {
 		})
 	}
 }
+
+// referenceLineLimitRead is lineLimitReader.Read as go-smtp v0.25.1 has it.
+func referenceLineLimitRead(r *lineLimitReader, b []byte) (int, error) {
+	if r.curLineLength > r.LineLimit && r.LineLimit > 0 {
+		return 0, ErrTooLongLine
+	}
+	n, err := r.R.Read(b)
+	if err != nil {
+		return n, err
+	}
+	if r.LineLimit == 0 {
+		return n, nil
+	}
+	for _, chr := range b[:n] {
+		if chr == '\n' {
+			r.curLineLength = 0
+		}
+		r.curLineLength++
+		if r.curLineLength > r.LineLimit {
+			return 0, ErrTooLongLine
+		}
+	}
+	return n, nil
+}
+
+// The line limit measured in runs gives what the byte-by-byte one gives:
+// the same bytes, the same error at the same read, for any input, read
+// sizes and limit.
+func TestLineLimitReaderMatchesByteByByteReader(t *testing.T) {
+	alphabet := []byte("\r\nab")
+	rng := rand.New(rand.NewSource(2))
+	for i := 0; i < 30000; i++ {
+		in := make([]byte, rng.Intn(300))
+		for j := range in {
+			in[j] = alphabet[rng.Intn(len(alphabet))]
+		}
+		limit := rng.Intn(40)
+		seed := rng.Int63()
+		fast := &lineLimitReader{R: bytes.NewReader(in), LineLimit: limit}
+		slow := &lineLimitReader{R: bytes.NewReader(in), LineLimit: limit}
+		gotOut, gotErr, _ := drain(fast.Read, rand.New(rand.NewSource(seed)), bufio.NewReader(fast.R))
+		wantOut, wantErr, _ := drain(func(b []byte) (int, error) { return referenceLineLimitRead(slow, b) },
+			rand.New(rand.NewSource(seed)), bufio.NewReader(slow.R))
+		if gotOut != wantOut || gotErr != wantErr {
+			t.Fatalf("input %q (limit %d):\n got %q, %v\nwant %q, %v", in, limit, gotOut, gotErr, wantOut, wantErr)
+		}
+		// And the next read after the error, as go-smtp would try it.
+		if gotErr == ErrTooLongLine {
+			if _, err := fast.Read(make([]byte, 8)); err != ErrTooLongLine {
+				t.Fatalf("input %q (limit %d): read after the error: %v", in, limit, err)
+			}
+		}
+	}
+}
