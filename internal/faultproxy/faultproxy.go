@@ -57,7 +57,8 @@ func Reset() Action { return Action{kind: actReset, after: -1} }
 
 // Stall forwards nothing from When on, in either direction, and keeps both
 // connections open until the client closes its own: a peer that stopped
-// answering. The server never sees When.
+// answering. The server never sees When, and its answers to what came
+// in the same read as When are held back too.
 func Stall() Action { return Action{kind: actStall} }
 
 // Reply sends s to the client instead of forwarding When, then closes
@@ -262,6 +263,12 @@ func (l *link) clientToServer(rules []Rule) {
 				seen = keepTail(append(seen, chunk...), rules)
 				break
 			}
+			if r.Then.kind == actStall {
+				// Before the bytes ahead of When go on: the server's
+				// answers to them must not race through either, or where
+				// the client sees the silence begin would be luck.
+				l.setStalled()
+			}
 			// start < 0: the match began in an earlier read, forwarded
 			// already.
 			l.server.Write(chunk[:max(start, 0)])
@@ -347,10 +354,14 @@ func (l *link) reset() {
 
 // stall stops all forwarding and waits for the client to close.
 func (l *link) stall() {
+	l.setStalled()
+	io.Copy(io.Discard, l.client)
+}
+
+func (l *link) setStalled() {
 	l.mu.Lock()
 	l.stalled = true
 	l.mu.Unlock()
-	io.Copy(io.Discard, l.client)
 }
 
 // firstMatch finds the rule whose When, in seen+chunk, ends first within
