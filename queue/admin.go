@@ -196,7 +196,7 @@ func (q *Queue) apply(ids []string, act action, sel *Selector) (changed, error) 
 		res, touched = changed{}, touched[:0]
 		now := q.opts.Now()
 		for _, id := range ids {
-			m, err := getMessage(tx, id)
+			m, err := q.recs.get(tx, id)
 			if err != nil || m == nil {
 				continue // gone, or damaged: only a delete by id removes that
 			}
@@ -224,9 +224,9 @@ func (q *Queue) apply(ids []string, act action, sel *Selector) (changed, error) 
 				}
 			}
 			if m.done() {
-				err = deleteMessage(tx, m.ID)
+				err = q.recs.delete(tx, m.ID)
 			} else {
-				err = putMessage(tx, m)
+				err = q.recs.put(tx, m)
 			}
 			if err != nil {
 				return err
@@ -295,7 +295,7 @@ func (q *Queue) Delete(id string) error {
 		if tx.Bucket(bucketMessages).Get([]byte(id)) == nil {
 			return fmt.Errorf("%s: %w", id, ErrNotFound)
 		}
-		return deleteMessage(tx, id)
+		return q.recs.delete(tx, id)
 	}, func() {
 		q.mu.Lock()
 		defer q.mu.Unlock()

@@ -136,30 +136,21 @@ func (m *message) done() bool {
 	return true
 }
 
+// getMessage reads the record of id from tx, nil if there is none. It
+// decodes every time: the queue's own reads and writes go through
+// Queue.recs, which keeps the latest records decoded.
 func getMessage(tx *bbolt.Tx, id string) (*message, error) {
 	v := tx.Bucket(bucketMessages).Get([]byte(id))
 	if v == nil {
 		return nil, nil
 	}
+	return decodeRecord(id, v)
+}
+
+func decodeRecord(id string, v []byte) (*message, error) {
 	m, err := decodeMessage(v)
 	if err != nil {
 		return nil, fmt.Errorf("message %s: damaged record: %v", id, err)
 	}
 	return m, nil
-}
-
-func putMessage(tx *bbolt.Tx, m *message) error {
-	v, err := encodeMessage(m)
-	if err != nil {
-		return err
-	}
-	b := tx.Bucket(bucketMessages)
-	b.FillPercent = 0.9 // ids grow with time: mostly appends, so pack pages
-	return b.Put([]byte(m.ID), v)
-}
-
-// deleteMessage removes a message's record; the caller removes its body
-// file once the commit is on disk.
-func deleteMessage(tx *bbolt.Tx, id string) error {
-	return tx.Bucket(bucketMessages).Delete([]byte(id))
 }

@@ -63,7 +63,7 @@ func (q *Queue) makeDSN(tx *bbolt.Tx, orig *message, rcpts []dsnRecipient, now t
 	if err := q.spool.syncDir(); err != nil {
 		return nil, err
 	}
-	if err := putMessage(tx, m); err != nil {
+	if err := q.recs.put(tx, m); err != nil {
 		return nil, err
 	}
 	return m, nil

@@ -47,7 +47,7 @@ func (q *Queue) applyOutcome(job *Job, idx []int, statuses []Status) error {
 	)
 	err := q.commit.do(func(tx *bbolt.Tx) error {
 		var err error
-		m, err = getMessage(tx, job.ID)
+		m, err = q.recs.get(tx, job.ID)
 		if err != nil || m == nil {
 			return err // deleted while in flight: nothing to record
 		}
@@ -78,9 +78,9 @@ func (q *Queue) applyOutcome(job *Job, idx []int, statuses []Status) error {
 			}
 		}
 		if m.done() {
-			return deleteMessage(tx, m.ID)
+			return q.recs.delete(tx, m.ID)
 		}
-		return putMessage(tx, m)
+		return q.recs.put(tx, m)
 	}, func() {
 		if m != nil {
 			q.indexPut(m)

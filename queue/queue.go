@@ -98,6 +98,7 @@ type Queue struct {
 	commit *committer
 	spool  *spool
 	reader *Reader
+	recs   *records
 
 	mu     sync.Mutex
 	index  map[string]*entry
@@ -169,6 +170,7 @@ func New(db *bbolt.DB, opts Options) (*Queue, error) {
 		return nil, fmt.Errorf("queue: %w", err)
 	}
 	q := &Queue{
+		recs:  newRecords(recordCacheMax),
 		spool: sp,
 		db:    db,
 		opts:  opts,
@@ -287,7 +289,7 @@ func (q *Queue) Enqueue(ctx context.Context, env Envelope, body io.Reader) (id s
 			for tx.Bucket(bucketMessages).Get([]byte(m.ID)) != nil {
 				m.ID = newID(m.Arrived)
 			}
-			return putMessage(tx, m)
+			return q.recs.put(tx, m)
 		}, func() { q.indexPutFirst(m, head) }, head, func(file string, off int64) { m.BodyFile, m.BodyOff = file, off })
 		if err != nil {
 			return "", fmt.Errorf("message not queued: %w", err)
@@ -301,7 +303,7 @@ func (q *Queue) Enqueue(ctx context.Context, env Envelope, body io.Reader) (id s
 		return "", fmt.Errorf("message not queued: %w", err)
 	}
 	m.ID, m.Size = id, size
-	err = q.commit.doWithFile(func(tx *bbolt.Tx) error { return putMessage(tx, m) }, func() { q.indexPut(m) }, f)
+	err = q.commit.doWithFile(func(tx *bbolt.Tx) error { return q.recs.put(tx, m) }, func() { q.indexPut(m) }, f)
 	if cerr := f.Close(); err == nil && cerr != nil {
 		// Synced and committed; a close error cannot lose the body.
 		q.log.Warn("queue: closing spool file", "id", id, "err", cerr)

@@ -468,7 +468,7 @@ func (q *Queue) loadJob(s *slot) (job *Job, idx []int, nextDue time.Time, err er
 		return job, idx, nextDue, nil
 	}
 	err = q.db.View(func(tx *bbolt.Tx) error {
-		m, err := getMessage(tx, s.e.id)
+		m, err := q.recs.get(tx, s.e.id)
 		if err != nil || m == nil {
 			return err
 		}
