@@ -20,7 +20,9 @@
 // Enqueue wrote: the next commit that touches the message (an outcome or
 // an operator's hold, release, bounce or delete) drops it. Retries, large
 // bodies and everything after a restart read the disk, which stays the
-// truth for every outcome.
+// truth for every outcome. The queue's own reads and writes of records go
+// through records, which keeps the latest ones decoded and serves one only
+// when the bytes in the transaction are the ones it was made from.
 //
 // Why not bodies in bbolt: it was built and measured on the development VM
 // (ext4, 2 vCPU). It enqueued about as fast, but bbolt reads through mmap

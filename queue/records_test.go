@@ -220,3 +220,45 @@ func TestRecordCacheServesOnlyWhatTheTransactionHolds(t *testing.T) {
 		t.Fatalf("%d entries after reads, bound 4", len(c.entries))
 	}
 }
+
+// BenchmarkRecordGet reads the record of a message with five recipients
+// that have each had an attempt, as a delivery's outcome does: decoded
+// from its JSON, and from the cache.
+//
+//	go test -run '^$' -bench RecordGet -benchmem ./queue/
+func BenchmarkRecordGet(b *testing.B) {
+	db, err := OpenDB(filepath.Join(b.TempDir(), "stsrelay.db"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer db.Close()
+	m := testRecord("m1")
+	r := m.Recipients[0]
+	r.Attempts, r.State, r.LastAttempt, r.LastMX = 1, StateDeferred, time.Now(), "mx1.example.org"
+	r.Last = Status{Code: 451, Enhanced: "4.4.2", Text: "mx1.example.org[192.0.2.1]: 451 4.4.2 try again later", RemoteMTA: "mx1.example.org", Reply: "451 4.4.2 try again later"}
+	m.Recipients = []recipient{r, r, r, r, r}
+	c := newRecords(recordCacheMax)
+	if err := db.Update(func(tx *bbolt.Tx) error {
+		if _, err := tx.CreateBucketIfNotExists(bucketMessages); err != nil {
+			return err
+		}
+		return c.put(tx, m)
+	}); err != nil {
+		b.Fatal(err)
+	}
+	for _, from := range []string{"json", "cache"} {
+		b.Run("from="+from, func(b *testing.B) {
+			db.View(func(tx *bbolt.Tx) error {
+				b.ReportAllocs()
+				for b.Loop() {
+					if from == "json" {
+						getMessage(tx, "m1")
+					} else {
+						c.get(tx, "m1")
+					}
+				}
+				return nil
+			})
+		})
+	}
+}
