@@ -198,8 +198,10 @@ func (c *conn) Write(p []byte) (int, error) {
 		c.cutLocked("TLS handshake after STARTTLS failed")
 		out = fmt.Appendf(nil, "421 4.7.0 %s TLS handshake failed, closing connection\r\n", c.srv.opts.Hostname)
 	}
-	// The greeting is the only other 220 go-smtp sends.
-	if !c.implicitTLS && c.greeted && !c.startingTLS && bytes.HasPrefix(p, []byte("220 ")) {
+	// The greeting is the only other 220 go-smtp sends. The 220 comes last
+	// in its write: replies held for a pipelined group (RSET before
+	// STARTTLS, say) go out ahead of it.
+	if !c.implicitTLS && c.greeted && !c.startingTLS && bytes.HasPrefix(lastLine(p), []byte("220 ")) {
 		c.startingTLS = true
 	}
 	c.greeted = true
@@ -247,6 +249,16 @@ func (c *conn) beginDrain() {
 	c.draining = true
 	c.drainBy = time.Now().Add(c.srv.opts.DataTimeout)
 	c.mu.Unlock()
+}
+
+// lastLine returns the last CRLF-ended line of p (all of p if it has one
+// line).
+func lastLine(p []byte) []byte {
+	p = bytes.TrimSuffix(p, []byte("\r\n"))
+	if i := bytes.LastIndex(p, []byte("\r\n")); i >= 0 {
+		return p[i+2:]
+	}
+	return p
 }
 
 // isTLSRecord reports whether p starts with a TLS record header: a content

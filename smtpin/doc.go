@@ -70,12 +70,13 @@
 //     is refused at MAIL (TestMessageOfExactlyMaxSizeAccepted).
 //   - go-smtp caps nothing in all: MaxConns does (TestTotalConnectionsCapped).
 //
-// Two more are fixed in go-smtp itself, in the copy the build uses
+// More are fixed in go-smtp itself, in the copy the build uses
 // (third_party/go-smtp): a connection that ends inside a BDAT chunk, by
 // TCP or by a TLS close_notify, aborts the message instead of ending it
 // short but "complete" (TestHostileSessionsLeaveOnlyAcceptedMessagesInRealQueue);
-// and DATA is read, and its line lengths measured, in runs rather than
-// byte by byte.
+// DATA is read, and its line lengths measured, in runs rather than byte
+// by byte; and a reply goes out in one write, the replies to a pipelined
+// group of MAIL and RCPT commands together (RFC 2920 §3.2 (10)).
 //
 // Left as go-smtp has them: undecodable AUTH base64 is answered 454 4.7.0
 // (RFC 4954 §4 says 501); the EHLO name and an unknown verb are echoed in

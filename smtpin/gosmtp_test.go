@@ -110,6 +110,20 @@ func TestFailedSTARTTLSHandshakeEndsSession(t *testing.T) {
 			t.Fatal("connection still open after the failed handshake")
 		}
 	})
+	t.Run("STARTTLS at the end of a pipelined group", func(t *testing.T) {
+		// The RSET's reply is held for the group and goes out in the
+		// same write as the 220.
+		d := dial(t, e.srv.Addr())
+		d.cmd("EHLO client.test", "250")
+		d.write("RSET\r\nSTARTTLS\r\n")
+		d.expect("250 2.0.0")
+		d.expect("220 2.0.0")
+		d.write("EHLO evil.test\r\nMAIL FROM:<a@example.com>\r\n")
+		d.expect("421 4.7.0")
+		if !d.closed() {
+			t.Fatal("connection still open after the failed handshake")
+		}
+	})
 	if n := len(e.q.stored()); n != 0 {
 		t.Fatalf("queue holds %d messages", n)
 	}

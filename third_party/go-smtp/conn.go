@@ -1,6 +1,7 @@
 package smtp
 
 import (
+	"bytes"
 	"crypto/tls"
 	"encoding/base64"
 	"errors"
@@ -44,6 +45,10 @@ type Conn struct {
 	fromReceived bool
 	recipients   []string
 	didAuth      bool
+
+	// stsrelay: the command being handled may have its reply held back
+	// until the end of a pipelined group (see writeResponse).
+	groupable bool
 }
 
 func newConn(c net.Conn, s *Server) *Conn {
@@ -91,6 +96,7 @@ func (c *Conn) handle(cmd string, arg string) {
 	// If panic happens during command handling - send 421 response
 	// and close connection.
 	defer func() {
+		c.groupable = false // stsrelay: only while its own command runs
 		if err := recover(); err != nil {
 			c.writeResponse(421, EnhancedCode{4, 0, 0}, "Internal server error")
 			c.Close()
@@ -106,6 +112,9 @@ func (c *Conn) handle(cmd string, arg string) {
 	}
 
 	cmd = strings.ToUpper(cmd)
+	// stsrelay: RFC 2920 §3.2 (10) names these as the commands whose
+	// replies a server should send as a unit.
+	c.groupable = cmd == "RSET" || cmd == "MAIL" || cmd == "RCPT"
 	switch cmd {
 	case "SEND", "SOML", "SAML", "EXPN", "HELP", "TURN":
 		// These commands are not implemented in any state
@@ -134,6 +143,9 @@ func (c *Conn) handle(cmd string, arg string) {
 		c.reset()
 		c.writeResponse(250, EnhancedCode{2, 0, 0}, "Session reset")
 	case "BDAT":
+		// stsrelay: the group's replies go now, not after the message has
+		// been taken in and stored.
+		c.text.W.Flush()
 		c.handleBdat(arg)
 	case "DATA":
 		c.handleData(arg)
@@ -1310,15 +1322,37 @@ func (c *Conn) writeResponse(code int, enhCode EnhancedCode, text ...string) {
 	// transform each single line with \n, into separate lines
 	text = strings.Split(strings.Join(text, "\n"), "\n")
 
+	// stsrelay: the lines of a reply go out in one write, not one each (an
+	// EHLO reply was a dozen packets); with GroupPipelinedReplies a success
+	// reply to RSET, MAIL or RCPT waits while the client's next command is
+	// already here in full. A held reply goes out with the next one: every
+	// command gets one, and an error reply is never held, so one that ends
+	// the session cannot strand it.
+	w := c.text.W
 	lastLineIndex := len(text) - 1
 	for i := 0; i < lastLineIndex; i++ {
-		c.text.PrintfLine("%d-%v", code, text[i])
+		fmt.Fprintf(w, "%d-%v\r\n", code, text[i])
 	}
 	if enhCode == NoEnhancedCode {
-		c.text.PrintfLine("%d %v", code, text[lastLineIndex])
+		fmt.Fprintf(w, "%d %v\r\n", code, text[lastLineIndex])
 	} else {
-		c.text.PrintfLine("%d %v.%v.%v %v", code, enhCode[0], enhCode[1], enhCode[2], text[lastLineIndex])
+		fmt.Fprintf(w, "%d %v.%v.%v %v\r\n", code, enhCode[0], enhCode[1], enhCode[2], text[lastLineIndex])
 	}
+	if c.server.GroupPipelinedReplies && c.groupable && code < 400 && c.commandWaiting() {
+		return
+	}
+	w.Flush()
+}
+
+// commandWaiting reports whether a whole command line is buffered, so
+// that handling it cannot block on the client. stsrelay:
+func (c *Conn) commandWaiting() bool {
+	n := c.text.R.Buffered()
+	if n == 0 {
+		return false
+	}
+	b, _ := c.text.R.Peek(n)
+	return bytes.IndexByte(b, '\n') >= 0
 }
 
 func (c *Conn) writeError(code int, enhCode EnhancedCode, err error) {

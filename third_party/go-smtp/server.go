@@ -41,6 +41,13 @@ type Server struct {
 	ReadTimeout       time.Duration
 	WriteTimeout      time.Duration
 
+	// GroupPipelinedReplies holds a success reply to RSET, MAIL or RCPT
+	// while the client's next command is already buffered in full, so the
+	// replies to a pipelined group go out together (RFC 2920 §3.2 (10)).
+	// A client that times each reply separately then sees a slow RCPT as
+	// a slow MAIL, hence off by default. stsrelay:
+	GroupPipelinedReplies bool
+
 	// Advertise SMTPUTF8 (RFC 6531) capability.
 	// Should be used only if backend supports it.
 	EnableSMTPUTF8 bool

@@ -61,6 +61,127 @@ func TestServerBdatCutShortIsNotAMessage(t *testing.T) {
 	}
 }
 
+// The server's writes, which the client cannot see: TCP may join or
+// split them.
+type writeLog struct {
+	net.Listener
+	writes chan string
+}
+
+func (l writeLog) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return loggedConn{c, l.writes}, nil
+}
+
+type loggedConn struct {
+	net.Conn
+	writes chan string
+}
+
+func (c loggedConn) Write(p []byte) (int, error) {
+	c.writes <- string(p) // before the bytes go: a client that has them sees the entry
+	return c.Conn.Write(p)
+}
+
+// A reply goes out in one write; with GroupPipelinedReplies the success
+// replies to a pipelined group of RSET, MAIL and RCPT go out with the
+// reply that ends the group (RFC 2920 §3.2 (10)), or ahead of a BDAT; a
+// reply is never held for a command that has not fully arrived, nor when
+// it is an error.
+func TestServerSendsRepliesToAPipelinedGroupTogether(t *testing.T) {
+	for _, group := range []bool{false, true} {
+		t.Run(map[bool]string{false: "default", true: "grouped"}[group], func(t *testing.T) {
+			testReplyWrites(t, group)
+		})
+	}
+}
+
+func testReplyWrites(t *testing.T, group bool) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	writes := make(chan string, 100)
+	s := smtp.NewServer(new(backend))
+	s.Domain = "localhost"
+	s.GroupPipelinedReplies = group
+	go s.Serve(writeLog{l, writes})
+	defer s.Close()
+	c, err := net.Dial("tcp", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	r := bufio.NewReader(c)
+	// replies reads n replies and returns the server's writes that carried them.
+	replies := func(n int) []string {
+		t.Helper()
+		for n > 0 {
+			line, err := r.ReadString('\n')
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(line) > 3 && line[3] == ' ' {
+				n--
+			}
+		}
+		var got []string
+		for len(writes) > 0 {
+			got = append(got, <-writes)
+		}
+		return got
+	}
+	// step sends send and wants n replies: in the writes want with
+	// GroupPipelinedReplies, else one write each.
+	step := func(send string, n int, want ...string) {
+		t.Helper()
+		io.WriteString(c, send)
+		got := replies(n)
+		if !group {
+			var each []string
+			for _, w := range want {
+				for _, line := range strings.SplitAfter(w, "\r\n") {
+					if line != "" {
+						each = append(each, line)
+					}
+				}
+			}
+			want = each
+		}
+		if len(got) != len(want) {
+			t.Fatalf("after %q: %d writes %q, want %d", send, len(got), got, len(want))
+		}
+		for i := range got {
+			if !strings.HasPrefix(got[i], want[i]) {
+				t.Fatalf("after %q: write %d is %q, want it to start %q", send, i, got[i], want[i])
+			}
+		}
+	}
+	step("", 1, "220 ")
+	if io.WriteString(c, "EHLO localhost\r\n"); len(replies(1)) != 1 {
+		t.Fatal("the EHLO reply came in more than one write")
+	}
+	step("MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nRCPT TO:<c@example.org>\r\nDATA\r\n", 4,
+		"250 2.0.0 Roger, accepting mail from <a@example.com>\r\n250 2.0.0 I'll make sure <b@example.org> gets this\r\n250 2.0.0 I'll make sure <c@example.org> gets this\r\n354 ")
+	step("Subject: x\r\n\r\nhi\r\n.\r\n", 1, "250 ")
+	// A BDAT's reply waits for the message to be stored: the group's go first.
+	step("MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nBDAT 16 LAST\r\nSubject: x\r\n\r\nhi", 3,
+		"250 2.0.0 Roger, accepting mail from <a@example.com>\r\n250 2.0.0 I'll make sure <b@example.org> gets this\r\n", "250 ")
+	// The next command is not all here: the client may be waiting for
+	// this reply before it sends the rest.
+	step("RSET\r\nNOOP", 1, "250 2.0.0 Session reset\r\n")
+	step("\r\n", 1, "250 ")
+	// An error goes at once, with any replies held before it.
+	step("RSET\r\nRCPT TO:<b@example.org>\r\nNOOP\r\n", 3, "250 2.0.0 Session reset\r\n5", "250 ")
+	// Commands sent one at a time get one write each.
+	step("MAIL FROM:<a@example.com>\r\n", 1, "250 ")
+	step("RCPT TO:<b@example.org>\r\n", 1, "250 ")
+}
+
 // startTLS upgrades a test connection: STARTTLS, the handshake, EHLO.
 func startTLS(t *testing.T, c net.Conn, scanner *bufio.Scanner) (net.Conn, *bufio.Scanner) {
 	t.Helper()
