@@ -169,11 +169,9 @@ func (c *boundedConn) Read(p []byte) (int, error) {
 
 // replayConn hands go-smtp's Client the greeting we already read: it
 // insists on reading one itself, and on STARTTLS with its own EHLO name.
-// It also upper-cases the keywords of the EHLO reply go-smtp reads.
 type replayConn struct {
 	net.Conn
 	pending []byte
-	ehlo    ehloUpper
 	// skipEHLO drops go-smtp's EHLO, whose reply pending already holds:
 	// the one we sent on this plaintext connection before STARTTLS was
 	// found missing or refused. The server's state is that of our EHLO
@@ -195,74 +193,9 @@ func (c *replayConn) Read(p []byte) (int, error) {
 	if len(c.pending) > 0 {
 		n := copy(p, c.pending)
 		c.pending = c.pending[n:]
-		c.ehlo.filter(p[:n])
 		return n, nil
 	}
-	n, err := c.Conn.Read(p)
-	c.ehlo.filter(p[:n])
-	return n, err
-}
-
-// hello says EHLO through go-smtp, which then sees the keywords of the
-// reply upper-cased.
-func (s *session) hello() error {
-	s.replay.ehlo.arm()
-	err := s.client.Hello(s.e.hostname)
-	s.replay.ehlo.armed = false
-	return err
-}
-
-// ehloUpper upper-cases the extension keywords of the next 250 reply that
-// passes through it, in place.
-//
-// RFC 5321 §2.4: EHLO keywords are case-insensitive, and a server may
-// send "250-smtputf8". go-smtp (v0.25.1, still in v0.26.0) keeps them as
-// sent in Client.ehlo and upper-cases only the name asked for in
-// Client.Extension; Client.Mail and Client.Rcpt read the same map, so
-// SMTPUTF8, REQUIRETLS, DSN, SIZE and 8BITMIME offered in lower case would
-// be missed. The upstream fix is one line in Client.ehlo:
-// ext[strings.ToUpper(args[0])] = …; once go-smtp has it, remove this
-// filter and session.hello.
-type ehloUpper struct {
-	armed bool
-	line  int  // line of the reply being read, from 0
-	col   int  // bytes of that line seen
-	skip  bool // the reply is not a 250: pass it through
-	last  bool // this line is the reply's last ("250 " rather than "250-")
-	word  bool // inside the keyword
-}
-
-func (u *ehloUpper) arm() { *u = ehloUpper{armed: true} }
-
-func (u *ehloUpper) filter(p []byte) {
-	for i := range p {
-		if !u.armed {
-			return
-		}
-		c := p[i]
-		switch {
-		case c == '\n':
-			if u.last {
-				if !u.skip {
-					u.armed = false // the EHLO reply is over
-				}
-				u.line, u.skip = -1, false
-			}
-			u.line++
-			u.col, u.last, u.word = 0, false, false
-			continue
-		case u.col < 3 && u.line == 0:
-			u.skip = u.skip || c != "250"[u.col]
-		case u.col == 3:
-			u.last = c != '-'
-			u.word = u.line > 0 && !u.skip
-		case u.word && c == ' ', u.word && c == '\r':
-			u.word = false
-		case u.word && 'a' <= c && c <= 'z':
-			p[i] = c - 'a' + 'A'
-		}
-		u.col++
-	}
+	return c.Conn.Read(p)
 }
 
 // dialResult is the outcome of one connection attempt to one address.
@@ -394,8 +327,10 @@ func (e *Engine) open(ctx context.Context, nh NextHop, h hop, addr netip.Addr, r
 		}
 	}
 
-	// Hand the connection to go-smtp with the greeting it expects; it says
-	// EHLO itself (again, in plaintext: harmless, RFC 5321 §4.1.4).
+	// Hand the connection to go-smtp with the greeting it expects. After
+	// TLS it says EHLO itself (RFC 3207 §4.2); in plaintext its EHLO gets
+	// the reply to ours (skipEHLO), and goes out only when ours was not
+	// sent or not answered 250.
 	var conn net.Conn = s.conn
 	if tc, ok := s.tlsConn(); ok {
 		conn = tc
@@ -417,7 +352,7 @@ func (e *Engine) open(ctx context.Context, nh NextHop, h hop, addr netip.Addr, r
 	s.client = smtp.NewClient(s.replay)
 	s.client.CommandTimeout = e.opts.Timeouts.Command
 	s.conn.allow(maxReplyBytes)
-	if err := s.hello(); err != nil {
+	if err := s.client.Hello(s.e.hostname); err != nil {
 		f := s.commandFailure(ctx, "EHLO", err, true)
 		f.throttle = tooManyConnections(f.status.Code, f.status.Text, false)
 		return fail(f)

@@ -291,10 +291,13 @@ func (c *Client) ehlo() error {
 		extList = extList[1:]
 		for _, line := range extList {
 			args := strings.SplitN(line, " ", 2)
+			// stsrelay: EHLO keywords are case-insensitive (RFC 5321
+			// §2.4); Mail, Rcpt and Extension look them up in upper case.
+			keyword := strings.ToUpper(args[0])
 			if len(args) > 1 {
-				ext[args[0]] = args[1]
+				ext[keyword] = args[1]
 			} else {
-				ext[args[0]] = ""
+				ext[keyword] = ""
 			}
 		}
 	}

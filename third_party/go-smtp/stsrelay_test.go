@@ -14,6 +14,7 @@ import (
 	"math/big"
 	"net"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -220,4 +221,82 @@ func selfSigned(t *testing.T) *tls.Config {
 		t.Fatal(err)
 	}
 	return &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}}}
+}
+
+// A server that offers its EHLO keywords in lower case (RFC 5321 §2.4:
+// they are case-insensitive) gets the MAIL and RCPT parameters of
+// SMTPUTF8, 8BITMIME, SIZE and DSN, as one offering them in upper case
+// does.
+func TestClientEhloKeywordsAreCaseInsensitive(t *testing.T) {
+	addr, commands := scriptedServer(t, "250-mx.test\r\n250-8bitmime\r\n250-Smtputf8\r\n250-dsn\r\n250 size 1000000\r\n")
+	c, err := smtp.Dial(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Mail("jöran@example.org", &smtp.MailOptions{UTF8: true, Size: 10, Return: smtp.DSNReturnHeaders}); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Rcpt("root@example.org", &smtp.RcptOptions{Notify: []smtp.DSNNotify{smtp.DSNNotifySuccess}}); err != nil {
+		t.Fatal(err)
+	}
+	if size, ok := c.MaxMessageSize(); !ok || size != 1000000 {
+		t.Errorf("MaxMessageSize() = %d, %v; want 1000000, true", size, ok)
+	}
+	c.Quit()
+	want := []string{
+		"EHLO localhost",
+		"MAIL FROM:<jöran@example.org> BODY=8BITMIME SIZE=10 SMTPUTF8 RET=HDRS",
+		"RCPT TO:<root@example.org> NOTIFY=SUCCESS",
+		"QUIT",
+	}
+	if got := commands(); strings.Join(got, "\n") != strings.Join(want, "\n") {
+		t.Errorf("sent %q\nwant %q", got, want)
+	}
+}
+
+// scriptedServer is an SMTP server on loopback for one connection: it
+// greets, answers EHLO with ehloReply (lines with their CRLFs), everything
+// else with 250 (221 to QUIT), and keeps the command lines it was sent.
+func scriptedServer(t *testing.T, ehloReply string) (addr string, commands func() []string) {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	var mu sync.Mutex
+	var cmds []string
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		c, err := l.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		io.WriteString(c, "220 mx.test ESMTP\r\n")
+		r := bufio.NewScanner(c)
+		for r.Scan() {
+			mu.Lock()
+			cmds = append(cmds, r.Text())
+			mu.Unlock()
+			switch verb := strings.ToUpper(strings.SplitN(r.Text(), " ", 2)[0]); verb {
+			case "EHLO":
+				io.WriteString(c, ehloReply)
+			case "QUIT":
+				io.WriteString(c, "221 bye\r\n")
+				return
+			default:
+				io.WriteString(c, "250 ok\r\n")
+			}
+		}
+	}()
+	return l.Addr().String(), func() []string {
+		<-done
+		mu.Lock()
+		defer mu.Unlock()
+		return append([]string(nil), cmds...)
+	}
 }
