@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
 	"github.com/stsrelay/stsrelay/internal/testpki"
 	"github.com/stsrelay/stsrelay/queue"
 )
@@ -296,6 +298,45 @@ func TestConnectionFloodFromOneIPLeavesOthersServed(t *testing.T) {
 		t.Fatalf("greetings %v: want at least 5 served, the rest 421 4.7.0", greetings)
 	}
 	wantQueued(t, e, 1)
+}
+
+// Commands pipelined after go-smtp's "Too many errors" (or after QUIT)
+// are not run: the session ends there, and no panic is recovered and
+// counted. go-smtp v0.25.1 ran them against the session it had closed
+// and panicked (fixed in third_party/go-smtp).
+func TestCommandsAfterTooManyErrorsNotRun(t *testing.T) {
+	e := start(t, func(o *Options) { o.TrustedNetworks = []netip.Prefix{mustPrefix(t, "127.0.0.1/32")} })
+	before := testutil.ToFloat64(metricPanics)
+	transaction := "MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n" + testMessage + ".\r\n"
+	for _, closing := range []string{strings.Repeat("XYZZ\r\n", 4), "QUIT\r\n"} {
+		d := dial(t, e.srv.Addr())
+		d.cmd("EHLO client.test", "250")
+		d.write(closing + transaction)
+		if closing == "QUIT\r\n" {
+			d.expect("221 ")
+		} else {
+			for range 4 {
+				d.expect("500 5.5.2")
+			}
+			d.expect("500 5.5.1 Too many errors")
+		}
+		d.nc.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if rest, err := io.ReadAll(d.r); len(rest) > 0 || err != nil {
+			t.Errorf("after %q: %q, %v; want the end of the stream", closing, rest, err)
+		}
+	}
+	served(t, e)
+	// go-smtp's Shutdown waits for every session's goroutine to return, so
+	// a panic in one would be counted by now.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := e.srv.smtp.Shutdown(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if n := testutil.ToFloat64(metricPanics) - before; n != 0 {
+		t.Errorf("%v panics recovered", n)
+	}
+	wantQueued(t, e, 1) // served's
 }
 
 // Nothing half-queued: hostile sessions against the real queue leave

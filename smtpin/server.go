@@ -459,10 +459,11 @@ func (s *Server) enqueueCount() int {
 
 // slogPrinter gives go-smtp's internal log to slog. Most of it is failed
 // TLS handshakes and dropped connections, which scanners cause all day;
-// panics it recovered from are errors. A client can provoke one in
-// go-smtp v0.25.1 (commands pipelined after "Too many errors" meet its
-// closed session), so their stack traces are rate-limited: a flood of
-// them must not become a flood of log.
+// panics it recovered from are errors. None is known that a client can
+// provoke (the one go-smtp v0.25.1 had, commands pipelined after "Too
+// many errors", is fixed in third_party/go-smtp), but should one turn up
+// their stack traces are rate-limited: a flood of them must not become a
+// flood of log.
 type slogPrinter struct {
 	log        *slog.Logger
 	panics     *rate.Limiter

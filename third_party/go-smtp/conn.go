@@ -35,6 +35,7 @@ type Conn struct {
 	session    Session
 	locker     sync.Mutex
 	binarymime bool
+	closed     bool // stsrelay: Close was called
 
 	lineLimitReader *lineLimitReader
 	bdatPipe        *io.PipeWriter
@@ -181,6 +182,7 @@ func (c *Conn) setSession(session Session) {
 func (c *Conn) Close() error {
 	c.locker.Lock()
 	defer c.locker.Unlock()
+	c.closed = true
 
 	if c.bdatPipe != nil {
 		c.bdatPipe.CloseWithError(ErrDataReset)
@@ -193,6 +195,12 @@ func (c *Conn) Close() error {
 	}
 
 	return c.conn.Close()
+}
+
+func (c *Conn) isClosed() bool {
+	c.locker.Lock()
+	defer c.locker.Unlock()
+	return c.closed
 }
 
 // TLSConnectionState returns the connection's TLS connection state.

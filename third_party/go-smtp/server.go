@@ -183,6 +183,12 @@ func (s *Server) handleConn(c *Conn) error {
 	c.greet()
 
 	for {
+		// stsrelay: after "Too many errors", QUIT or a recovered panic
+		// the session is closed; commands the client pipelined behind
+		// them are still buffered, and would meet the nil session.
+		if c.isClosed() {
+			return nil
+		}
 		line, err := c.readLine()
 		if err == nil {
 			cmd, arg, err := parseCmd(line)

@@ -4,6 +4,8 @@ package smtp_test
 
 import (
 	"bufio"
+	"bytes"
+	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -11,6 +13,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"io"
+	"log"
 	"math/big"
 	"net"
 	"strings"
@@ -298,5 +301,45 @@ func scriptedServer(t *testing.T, ehloReply string) (addr string, commands func(
 		mu.Lock()
 		defer mu.Unlock()
 		return append([]string(nil), cmds...)
+	}
+}
+
+// Commands pipelined after the reply that closes the session, "Too many
+// errors" or QUIT's, are not run: the connection ends there, and nothing
+// meets the closed session (which panicked, recovered, in v0.25.1).
+func TestServerRunsNothingAfterClosing(t *testing.T) {
+	for name, closing := range map[string]string{
+		"too many errors": strings.Repeat("FOO\r\n", 4),
+		"QUIT":            "QUIT\r\n",
+	} {
+		t.Run(name, func(t *testing.T) {
+			var logged bytes.Buffer
+			be, s, c, scanner, _ := testServerEhlo(t, func(s *smtp.Server) { s.ErrorLog = log.New(&logged, "", 0) })
+			defer c.Close()
+			io.WriteString(c, closing+"MAIL FROM:<root@nsa.gov>\r\nRCPT TO:<root@gchq.gov.uk>\r\nDATA\r\n")
+			var replies []string
+			c.SetDeadline(time.Now().Add(5 * time.Second))
+			for scanner.Scan() {
+				replies = append(replies, scanner.Text())
+			}
+			if err := scanner.Err(); err != nil {
+				t.Fatalf("the server did not close the connection: %v; replies %q", err, replies)
+			}
+			last := replies[len(replies)-1]
+			if !strings.HasPrefix(last, "500 5.5.1 Too many errors") && !strings.HasPrefix(last, "221 ") {
+				t.Errorf("replies %q go on after the closing one", replies)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			if err := s.Shutdown(ctx); err != nil {
+				t.Fatal(err)
+			}
+			if logged.Len() > 0 {
+				t.Errorf("the server logged:\n%s", logged.String())
+			}
+			if len(be.messages)+len(be.anonmsgs) != 0 {
+				t.Error("a message was stored")
+			}
+		})
 	}
 }
