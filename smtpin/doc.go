@@ -85,8 +85,9 @@
 //     had closed, and panicked (TestCommandsAfterTooManyErrorsNotRun).
 //     Panics go-smtp recovers from are still counted and their stack
 //     traces rate-limited in the log, should another turn up.
+//   - Undecodable AUTH base64 is answered 501 5.5.2 (RFC 4954 §4), not
+//     454 4.7.0 (TestAuthWithGarbageBase64).
 //
-// Left as go-smtp has them: undecodable AUTH base64 is answered 454 4.7.0
-// (RFC 4954 §4 says 501); and the EHLO name and an unknown verb are echoed
+// Left as go-smtp has them: the EHLO name and an unknown verb are echoed
 // in replies as sent, a bare CR included.
 package smtpin

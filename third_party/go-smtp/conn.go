@@ -864,7 +864,8 @@ func (c *Conn) handleAuth(arg string) {
 		var err error
 		ir, err = decodeSASLResponse(parts[1])
 		if err != nil {
-			c.writeResponse(454, EnhancedCode{4, 7, 0}, "Invalid base64 data")
+			// stsrelay: RFC 4954 §4 wants 501 5.5.2, not v0.25.1's 454 4.7.0.
+			c.writeResponse(501, EnhancedCode{5, 5, 2}, "Cannot decode response")
 			return
 		}
 	}
@@ -906,7 +907,8 @@ func (c *Conn) handleAuth(arg string) {
 
 		response, err = decodeSASLResponse(encoded)
 		if err != nil {
-			c.writeResponse(454, EnhancedCode{4, 7, 0}, "Invalid base64 data")
+			// stsrelay: RFC 4954 §4, as for the initial response.
+			c.writeResponse(501, EnhancedCode{5, 5, 2}, "Cannot decode response")
 			return
 		}
 	}

@@ -343,3 +343,26 @@ func TestServerRunsNothingAfterClosing(t *testing.T) {
 		})
 	}
 }
+
+// A response that is not base64, as the initial response or after a
+// challenge, is refused with 501 5.5.2 (RFC 4954 §4), and ends the
+// attempt; a good one still works after.
+func TestServerAuthUndecodableResponseIs501(t *testing.T) {
+	_, s, c, scanner, _ := testServerEhlo(t)
+	defer s.Close()
+	defer c.Close()
+	for _, lines := range [][]string{{"AUTH PLAIN !!!"}, {"AUTH PLAIN", "%%%"}} {
+		for _, l := range lines {
+			io.WriteString(c, l+"\r\n")
+			scanner.Scan()
+		}
+		if got := scanner.Text(); !strings.HasPrefix(got, "501 5.5.2 ") {
+			t.Errorf("%q: %q, want 501 5.5.2", lines, got)
+		}
+	}
+	io.WriteString(c, "AUTH PLAIN AHVzZXJuYW1lAHBhc3N3b3Jk\r\n")
+	scanner.Scan()
+	if got := scanner.Text(); !strings.HasPrefix(got, "235 ") {
+		t.Errorf("AUTH after: %q", got)
+	}
+}
