@@ -59,7 +59,9 @@ func (h errorLog) take() []string {
 	return m
 }
 
-var replyLine = regexp.MustCompile(`^[2-5][0-9][0-9][ -][^\n]*\r\n$`)
+// replyLine is one line of a reply: no CR but its end, no other control
+// character (RFC 5321 §4.2), even where the client's own text is echoed.
+var replyLine = regexp.MustCompile(`^[2-5][0-9][0-9][ -][^\x00-\x1f\x7f]*\r\n$`)
 
 // FuzzSession sends arbitrary bytes as a client's side of a session to a
 // real server on loopback, then half-closes, and checks what comes back:
@@ -77,6 +79,7 @@ func FuzzSession(f *testing.F) {
 		"HELO a\r\nMAIL FROM:<>\r\nRCPT TO:<\"q u\"@[127.0.0.1]>\r\nDATA\r\n..\r\n.\r\n",
 		"EHLO a\r\nBDAT 4000000000\r\nxyz",
 		"EHLO a\r\nXYZZ\r\nXYZZ\r\nXYZZ\r\nXYZZ\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\n",
+		"EHLO a\rb\x01\r\nX\rY\x00\r\nHELO \xff\x7f\r\n",
 		"\x16\x03\x01\x00\x05hello",
 	} {
 		f.Add([]byte(seed))

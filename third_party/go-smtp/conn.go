@@ -158,7 +158,8 @@ func (c *Conn) handle(cmd string, arg string) {
 	case "STARTTLS":
 		c.handleStartTLS()
 	default:
-		msg := fmt.Sprintf("Syntax errors, %v command unrecognized", cmd)
+		// stsrelay: the verb is echoed with echoSafe.
+		msg := fmt.Sprintf("Syntax errors, %v command unrecognized", echoSafe(cmd))
 		c.protocolError(500, EnhancedCode{5, 5, 2}, msg)
 	}
 }
@@ -265,8 +266,16 @@ func (c *Conn) handleGreet(enhanced bool, arg string) {
 		c.setSession(sess)
 	}
 
+	// stsrelay: the name is echoed with echoSafe, cut at the 255 octets
+	// of a domain (RFC 5321 §4.5.3.1.2) so that the reply line stays
+	// within 512 (§4.5.3.1.5); c.helo keeps it as sent.
+	echo := domain
+	if len(echo) > 255 {
+		echo = echo[:255]
+	}
+	echo = echoSafe(echo)
 	if !enhanced {
-		c.writeResponse(250, EnhancedCode{2, 0, 0}, fmt.Sprintf("Hello %s", domain))
+		c.writeResponse(250, EnhancedCode{2, 0, 0}, fmt.Sprintf("Hello %s", echo))
 		return
 	}
 
@@ -329,7 +338,7 @@ func (c *Conn) handleGreet(enhanced bool, arg string) {
 		}
 	}
 
-	args := []string{"Hello " + domain}
+	args := []string{"Hello " + echo}
 	args = append(args, caps...)
 	c.writeResponse(250, NoEnhancedCode, args...)
 }
@@ -1363,6 +1372,20 @@ func (c *Conn) commandWaiting() bool {
 	}
 	b, _ := c.text.R.Peek(n)
 	return bytes.IndexByte(b, '\n') >= 0
+}
+
+// echoSafe makes text the client sent fit to be echoed in a reply line
+// (stsrelay): RFC 5321 §4.2 allows only SP, HT and printable US-ASCII
+// there, so a bare CR, which would end the line early, any other control
+// character and any non-ASCII character (or byte of invalid UTF-8)
+// become '?'.
+func echoSafe(s string) string {
+	return strings.Map(func(r rune) rune {
+		if r < ' ' || r > '~' {
+			return '?'
+		}
+		return r
+	}, s)
 }
 
 func (c *Conn) writeError(code int, enhCode EnhancedCode, err error) {

@@ -366,3 +366,36 @@ func TestServerAuthUndecodableResponseIs501(t *testing.T) {
 		t.Errorf("AUTH after: %q", got)
 	}
 }
+
+// What the server echoes from the client, the EHLO or HELO name and an
+// unknown verb, keeps the reply line a reply line (RFC 5321 §4.2): a bare
+// CR, other control characters and 8-bit bytes become '?', and a long
+// name is cut at 255 octets.
+func TestServerEchoesOnlyPrintableText(t *testing.T) {
+	_, s, c, _ := testServerGreeted(t)
+	defer s.Close()
+	defer c.Close()
+	r := bufio.NewReader(c)
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	for _, tc := range []struct{ cmd, want string }{
+		{"EHLO a\rb\x01c\xffd\x7fe", "250-Hello a?b?c?d?e\r\n"},
+		{"HELO a\rb", "250 2.0.0 Hello a?b\r\n"},
+		{"EHLO " + strings.Repeat("x", 600), "250-Hello " + strings.Repeat("x", 255) + "\r\n"},
+		{"X\rYZ", "500 5.5.2 Syntax errors, X?YZ command unrecognized\r\n"},
+		{"\xe9\x00ZZ", "500 5.5.2 Syntax errors, ??ZZ command unrecognized\r\n"},
+	} {
+		io.WriteString(c, tc.cmd+"\r\n")
+		got, err := r.ReadString('\n')
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got != tc.want {
+			t.Errorf("%q: %q, want %q", tc.cmd, got, tc.want)
+		}
+		for strings.HasPrefix(got, "250-") { // the rest of EHLO's reply
+			if got, err = r.ReadString('\n'); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+}
