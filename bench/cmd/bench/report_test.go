@@ -146,3 +146,18 @@ func TestBaselineFlags(t *testing.T) {
 		t.Errorf("userArgs = %q, want a baseline of the user's own kept", got)
 	}
 }
+
+func TestCPUTicksCountWork(t *testing.T) {
+	busy0, total0 := cpuTicks()
+	if total0 == 0 || busy0 > total0 {
+		t.Fatalf("cpuTicks = %d busy of %d", busy0, total0)
+	}
+	// Half a second of one core's work shows up in the busy ticks (100 a
+	// second per core).
+	for end := time.Now().Add(500 * time.Millisecond); time.Now().Before(end); {
+	}
+	busy, total := cpuTicks()
+	if busy-busy0 < 20 || total <= total0 {
+		t.Fatalf("after half a second of work: %d busy ticks of %d", busy-busy0, total-total0)
+	}
+}

@@ -9,6 +9,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -98,9 +100,10 @@ func (b *bench) scenario(ctx context.Context, sc *scenario) (*report, error) {
 	rep := &report{sc: sc}
 	for i := range b.reps {
 		// Each repetition starts one system further on, so that no system
-		// always follows the same one; and every run starts after a sync,
-		// so that none pays for the writeback the one before it left
-		// (Postfix's queue files, for one).
+		// always follows the same one; and every run starts after a sync
+		// and on idle cores, so that none pays for the writeback or the
+		// winding down the one before it left (Postfix's queue files and
+		// exiting processes, for one).
 		n := len(sc.systems)
 		order := append(slices.Clone(sc.systems[i%n:]), sc.systems[:i%n]...)
 		for _, sys := range order {
@@ -108,6 +111,9 @@ func (b *bench) scenario(ctx context.Context, sc *scenario) (*report, error) {
 				return nil, ctx.Err()
 			}
 			syscall.Sync()
+			if waited, idle := settle(30 * time.Second); !idle {
+				b.logf("   the cores were still busy after %s; running anyway", waited.Round(time.Second))
+			}
 			r := b.runOnce(ctx, sc, w, sys, i, snapshots[sys], runOptions{})
 			rep.runs = append(rep.runs, r)
 		}
@@ -446,6 +452,47 @@ func fetch(url, file string) error {
 		return err
 	}
 	return f.Close()
+}
+
+// settle waits, at most max, until the cores were at least 90% idle over
+// half a second, and says how long it waited and whether they were.
+func settle(max time.Duration) (time.Duration, bool) {
+	start := time.Now()
+	busy0, total0 := cpuTicks()
+	for time.Since(start) < max {
+		time.Sleep(500 * time.Millisecond)
+		busy, total := cpuTicks()
+		if total > total0 && float64(busy-busy0) <= 0.1*float64(total-total0) {
+			return time.Since(start), true
+		}
+		busy0, total0 = busy, total
+	}
+	return time.Since(start), false
+}
+
+// cpuTicks returns the busy and total ticks of all cores since boot, from
+// the first line of /proc/stat (idle and iowait count as idle).
+func cpuTicks() (busy, total uint64) {
+	b, _ := os.ReadFile("/proc/stat")
+	line, _, _ := strings.Cut(string(b), "\n")
+	fields := strings.Fields(line)
+	if len(fields) < 2 || fields[0] != "cpu" {
+		return 0, 0 // no /proc: settle waits its maximum
+	}
+	for i, f := range fields[1:] {
+		v, _ := strconv.ParseUint(f, 10, 64)
+		if i == 7 { // steal: another guest's, not ours to wait for
+			continue
+		}
+		if i >= 8 { // guest time is already in user time
+			break
+		}
+		total += v
+		if i != 3 && i != 4 { // idle, iowait
+			busy += v
+		}
+	}
+	return busy, total
 }
 
 // load1 is the machine's one-minute load average: how busy the others
