@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
-	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -230,8 +229,8 @@ func (s *spool) appendBatch(bodies [][]byte) (seg *segment, offs []int64, fresh 
 		offs = append(offs, off)
 		off += int64(len(b))
 	}
-	bufs := net.Buffers(bodies)
-	_, werr := bufs.WriteTo(seg.f)
+	// writeBuffers consumes its argument; bodies stay as they were.
+	werr := writeBuffers(seg.f, slices.Clone(bodies))
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	seg.size = off

@@ -11,3 +11,13 @@ import (
 func punchHole(*os.File, int64, int64) error { return errors.ErrUnsupported }
 
 func fdatasync(f *os.File) error { return f.Sync() }
+
+// writeBuffers appends bufs to f, one write each.
+func writeBuffers(f *os.File, bufs [][]byte) error {
+	for _, b := range bufs {
+		if _, err := f.Write(b); err != nil {
+			return err
+		}
+	}
+	return nil
+}
