@@ -28,6 +28,7 @@ import (
 	"github.com/stsrelay/stsrelay/admin"
 	"github.com/stsrelay/stsrelay/config"
 	"github.com/stsrelay/stsrelay/delivery"
+	"github.com/stsrelay/stsrelay/internal/logwriter"
 	"github.com/stsrelay/stsrelay/queue"
 	"github.com/stsrelay/stsrelay/resolve"
 	"github.com/stsrelay/stsrelay/routing"
@@ -62,6 +63,13 @@ password files) from the configuration file; other changes need a restart.`, std
 	if err != nil {
 		return fail(stderr, "%v", err)
 	}
+	// From here on the log is written through a logwriter: the goroutines
+	// that log do not each wait for write(2). Everything else this command
+	// writes to stderr goes the same way, so lines keep their order, and
+	// the deferred Close writes what is left before the process exits.
+	lw := logwriter.New(stderr, 0)
+	defer lw.Close()
+	stderr = lw
 	logger := newLogger(cfg.Log, stderr)
 	// Signals are caught before start: a SIGHUP from a log rotation during
 	// start-up must not kill the process (its default action).
