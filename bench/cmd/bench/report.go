@@ -35,6 +35,7 @@ var figures = []figure{
 	{"end-to-end msg/s", func(r *runResult) float64 { return r.E2ERate }, 0, true},
 	{"acceptance msg/s", func(r *runResult) float64 { return r.AcceptRate }, 0, true},
 	{"acceptance p50 ms", func(r *runResult) float64 { return r.P50ms }, 1, true},
+	{"acceptance p90 ms", func(r *runResult) float64 { return r.P90ms }, 1, true},
 	{"acceptance p99 ms", func(r *runResult) float64 { return r.P99ms }, 1, true},
 	{"acceptance max ms", func(r *runResult) float64 { return r.Maxms }, 0, true},
 	{"CPU ms/msg (process tree)", func(r *runResult) float64 { return r.CPUms }, 2, true},

@@ -40,6 +40,7 @@ type runResult struct {
 	E2ERate    float64 `json:"e2e_msgs_per_s"`
 	AcceptRate float64 `json:"accept_msgs_per_s"`
 	P50ms      float64 `json:"accept_p50_ms"`
+	P90ms      float64 `json:"accept_p90_ms"`
 	P99ms      float64 `json:"accept_p99_ms"`
 	Maxms      float64 `json:"accept_max_ms"`
 	CPUms      float64 `json:"cpu_ms_per_msg"`
@@ -247,6 +248,7 @@ func (b *bench) runOnce(ctx context.Context, sc *scenario, w *world.World, sysNa
 	}
 	r.AcceptRate = res.Rate()
 	r.P50ms = ms(res.Percentile(50))
+	r.P90ms = ms(res.Percentile(90))
 	r.P99ms = ms(res.Percentile(99))
 	r.Maxms = ms(res.Percentile(100))
 	if res.Accepted > 0 {
