@@ -8,13 +8,11 @@ import (
 	"fmt"
 	"io"
 	"mime"
-	"net"
 	"net/http"
 	"strconv"
 	"time"
 
 	"github.com/stsrelay/stsrelay/policy"
-	"github.com/stsrelay/stsrelay/resolve"
 )
 
 const (
@@ -63,51 +61,10 @@ func PolicyURL(domain string) string {
 // the configured resolver, like every other lookup of stsrelay, so the
 // policy host may be a CNAME (hosted MTA-STS services need that).
 func newHTTPClient(opts *Options, timeout time.Duration) *http.Client {
-	dial := opts.DialContext
-	if dial == nil {
-		d := &net.Dialer{}
-		dial = d.DialContext
-	}
-	res := opts.Resolver
 	t := &http.Transport{
 		// No proxy from the environment: only an explicitly configured one.
-		Proxy: opts.Proxy,
-		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			deadline := time.Now().Add(timeout)
-			host, port, err := net.SplitHostPort(addr)
-			if err != nil {
-				return nil, err
-			}
-			addrs, _, err := res.Addrs(ctx, host, resolve.IPBoth)
-			if err != nil {
-				return nil, err
-			}
-			if len(addrs) == 0 {
-				return nil, fmt.Errorf("%s has no addresses", host)
-			}
-			var errs []error
-			for i, a := range addrs {
-				// Share the time left among the addresses left, so an
-				// unreachable IPv6 address cannot use up the whole fetch.
-				// net/http may hand the dial a context without the
-				// request's deadline, so count from the fetch timeout.
-				left := time.Until(deadline)
-				if dl, ok := ctx.Deadline(); ok {
-					left = min(left, time.Until(dl))
-				}
-				actx, cancel := context.WithTimeout(ctx, left/time.Duration(len(addrs)-i))
-				c, err := dial(actx, network, net.JoinHostPort(a.String(), port))
-				cancel()
-				if err == nil {
-					return c, nil
-				}
-				errs = append(errs, err)
-				if ctx.Err() != nil {
-					break
-				}
-			}
-			return nil, errors.Join(errs...)
-		},
+		Proxy:       opts.Proxy,
+		DialContext: opts.Resolver.Dialer(opts.DialContext, timeout),
 		TLSClientConfig: &tls.Config{
 			// RFC 8461 §3.3: the certificate must be valid for the
 			// policy host and chain to a trusted root; nil RootCAs

@@ -17,7 +17,6 @@ import (
 	"io"
 	"mime"
 	"mime/multipart"
-	"net"
 	"net/http"
 	"net/textproto"
 	"os"
@@ -27,7 +26,6 @@ import (
 	"github.com/emersion/go-msgauth/dkim"
 
 	"github.com/stsrelay/stsrelay/queue"
-	"github.com/stsrelay/stsrelay/resolve"
 )
 
 // DKIMKey is one [[dkim]] entry: a private key published at
@@ -231,38 +229,10 @@ func oneLine(s string) string {
 // configured resolver, TLS 1.2+, no redirects, no proxy, no cookies, and
 // bounded headers; the caller bounds each request's time.
 func newHTTPClient(opts *Options) *http.Client {
-	dial := opts.DialContext
-	if dial == nil {
-		d := &net.Dialer{}
-		dial = d.DialContext
-	}
-	res := opts.Resolver
 	tr := &http.Transport{
-		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			host, port, err := net.SplitHostPort(addr)
-			if err != nil {
-				return nil, err
-			}
-			addrs, _, err := res.Addrs(ctx, host, resolve.IPBoth)
-			if err != nil {
-				return nil, err
-			}
-			if len(addrs) == 0 {
-				return nil, fmt.Errorf("%s has no addresses", host)
-			}
-			var errs []error
-			for _, a := range addrs {
-				c, err := dial(ctx, network, net.JoinHostPort(a.String(), port))
-				if err == nil {
-					return c, nil
-				}
-				errs = append(errs, err)
-				if ctx.Err() != nil {
-					break
-				}
-			}
-			return nil, errors.Join(errs...)
-		},
+		// An endpoint's addresses are tried in turn, each with a share of
+		// the time: an unreachable IPv6 address leaves time for IPv4.
+		DialContext:     opts.Resolver.Dialer(opts.DialContext, opts.HTTPTimeout),
 		TLSClientConfig: &tls.Config{RootCAs: opts.RootCAs, MinVersion: tls.VersionTLS12},
 		// Dials go on detached from the request, so they need a bound of
 		// their own. No ResponseHeaderTimeout: post's context already

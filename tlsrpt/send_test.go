@@ -7,6 +7,7 @@ import (
 	"io"
 	"mime"
 	"mime/multipart"
+	"net"
 	"net/http"
 	"net/mail"
 	"regexp"
@@ -121,6 +122,32 @@ func TestReportCountsAsDeliveredOnceOneRUAAcceptsIt(t *testing.T) {
 	e.rep.runOnce(context.Background())
 	if bad.requests() != 1 || good.requests() != 1 {
 		t.Errorf("requests: bad %d, good %d; want one each, no retry after delivery", bad.requests(), good.requests())
+	}
+}
+
+// TestEndpointWhoseIPv6AddressHangsGetsTheReportOverIPv4: the addresses
+// are tried IPv6 first, each with a share of HTTPTimeout, so one that
+// never answers leaves time for the next.
+func TestEndpointWhoseIPv6AddressHangsGetsTheReportOverIPv4(t *testing.T) {
+	const hangingIP = "fd00::dead"
+	e := newEnv(t, func(o *Options) {
+		o.HTTPTimeout = 2 * time.Second
+		o.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+			if host, _, _ := net.SplitHostPort(addr); host == hangingIP {
+				<-ctx.Done()
+				return nil, ctx.Err()
+			}
+			var d net.Dialer
+			return d.DialContext(ctx, network, addr)
+		}
+	})
+	ep := e.endpoint("reports.example.org", func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(http.StatusOK) })
+	e.dns.Add(t, "reports.example.org. 60 IN AAAA "+hangingIP)
+	e.dns.Add(t, `_smtp._tls.example.net. 60 IN TXT "v=TLSRPTv1; rua=`+ep.url+`"`)
+	e.rep.Record(result("example.net", nil, 1, policy.ResultSuccess, "mx.example.net", ""))
+	r := resultFor(t, e.send("2026-03-01", false), "example.net")
+	if r.State != stateSent || ep.requests() != 1 {
+		t.Fatalf("%+v after %d requests, want the report sent over IPv4", r, ep.requests())
 	}
 }
 
