@@ -25,10 +25,21 @@ type spool struct {
 	d   *os.File // the directory, for fsync
 
 	mu      sync.Mutex
-	cur     *segment            // the segment the committer appends to
-	segs    map[string]*segment // cur and every segment a message refers to
-	noPunch bool                // the file system cannot punch holes
-	segMax  int64               // segmentMax; smaller in tests
+	cur     *segment                             // the segment the committer appends to
+	segs    map[string]*segment                  // cur and every segment a message refers to
+	noPunch bool                                 // the file system cannot punch holes
+	segMax  int64                                // segmentMax; smaller in tests
+	punch   func(f *os.File, off, n int64) error // punchHole; tests hold it up
+
+	// The space of messages that left is punched out by reclaim, off the
+	// committer: fallocate(2) takes half a millisecond and more, and the
+	// committer frees space with the queue's index locked.
+	toPunch    map[string][]span // by segment name, for reclaim
+	punching   bool              // reclaim is at work on what it took
+	punched    sync.Cond         // on mu: toPunch is empty and reclaim idle
+	punchWake  chan struct{}     // one token: toPunch has work
+	punchQuit  chan struct{}
+	punchEnded chan struct{}
 }
 
 func openSpool(dir string) (*spool, error) {
@@ -39,7 +50,11 @@ func openSpool(dir string) (*spool, error) {
 	if err != nil {
 		return nil, fmt.Errorf("cannot open spool directory %s: %w", dir, plainErr(err))
 	}
-	return &spool{dir: dir, d: d, segs: make(map[string]*segment), segMax: segmentMax}, nil
+	s := &spool{dir: dir, d: d, segs: make(map[string]*segment), segMax: segmentMax, punch: punchHole,
+		punchWake: make(chan struct{}, 1), punchQuit: make(chan struct{}), punchEnded: make(chan struct{})}
+	s.punched.L = &s.mu
+	go s.reclaim()
+	return s, nil
 }
 
 func (s *spool) close() error {
@@ -49,6 +64,8 @@ func (s *spool) close() error {
 		s.cur = nil
 	}
 	s.mu.Unlock()
+	close(s.punchQuit)
+	<-s.punchEnded
 	return s.d.Close()
 }
 
@@ -320,7 +337,7 @@ func (s *spool) freeLocked(seg *segment, sp span) {
 			s.remove(seg.name)
 			return
 		}
-		s.punchFile(seg.name, []span{sp})
+		s.punchLaterLocked(seg.name, []span{sp})
 		return
 	}
 	seg.dead = appendSpan(seg.dead, sp)
@@ -329,7 +346,65 @@ func (s *spool) freeLocked(seg *segment, sp span) {
 		// Everything committed to the current segment has left (the usual
 		// state of a relay that keeps up), or enough has: give the space
 		// back in one go rather than a system call per message.
-		s.punchLocked(seg)
+		s.punchLaterLocked(seg.name, seg.dead)
+		seg.dead, seg.deadBytes = nil, 0
+	}
+}
+
+// punchLaterLocked hands stretches of the segment name to reclaim.
+func (s *spool) punchLaterLocked(name string, spans []span) {
+	if s.noPunch {
+		return
+	}
+	if s.toPunch == nil {
+		s.toPunch = make(map[string][]span)
+	}
+	s.toPunch[name] = append(s.toPunch[name], spans...)
+	select {
+	case s.punchWake <- struct{}{}:
+	default: // reclaim has a token already
+	}
+}
+
+// reclaim punches out what punchLaterLocked handed over, until close;
+// then it does what is left and returns. It opens each segment by name: a
+// segment may be retired (its file closed) or removed meanwhile, and a
+// dead stretch is never written again, so punching it late is safe.
+func (s *spool) reclaim() {
+	defer close(s.punchEnded)
+	for {
+		quit := false
+		select {
+		case <-s.punchWake:
+		case <-s.punchQuit:
+			quit = true
+		}
+		s.mu.Lock()
+		work := s.toPunch
+		s.toPunch, s.punching = nil, true
+		s.mu.Unlock()
+		for name, spans := range work {
+			s.punchFile(name, mergeSpans(spans))
+		}
+		s.mu.Lock()
+		s.punching = false
+		if len(s.toPunch) == 0 {
+			s.punched.Broadcast()
+		}
+		more := len(s.toPunch) > 0
+		s.mu.Unlock()
+		if quit && !more {
+			return
+		}
+	}
+}
+
+// waitPunched returns once reclaim has punched everything handed to it.
+func (s *spool) waitPunched() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for len(s.toPunch) > 0 || s.punching {
+		s.punched.Wait()
 	}
 }
 
@@ -366,7 +441,7 @@ func (s *spool) punchLocked(seg *segment) {
 		return
 	}
 	for _, sp := range spans {
-		if err := punchHole(seg.f, sp.off, sp.len); err != nil {
+		if err := s.punch(seg.f, sp.off, sp.len); err != nil {
 			// Not supported here (or failing): the space comes back when
 			// the segment is removed.
 			s.noPunch = true
@@ -375,19 +450,21 @@ func (s *spool) punchLocked(seg *segment) {
 	}
 }
 
-// punchFile frees stretches of a retired segment.
+// punchFile frees stretches of the segment name, by name: reclaim calls it
+// without the lock. A segment removed meanwhile has nothing left to free.
 func (s *spool) punchFile(name string, spans []span) {
-	if s.noPunch {
-		return
-	}
 	f, err := os.OpenFile(s.path(name), os.O_WRONLY, 0)
 	if err != nil {
 		return
 	}
 	defer f.Close()
 	for _, sp := range spans {
-		if punchHole(f, sp.off, sp.len) != nil {
+		if s.punch(f, sp.off, sp.len) != nil {
+			// Not supported here (or failing): the space comes back when
+			// the segment is removed.
+			s.mu.Lock()
 			s.noPunch = true
+			s.mu.Unlock()
 			return
 		}
 	}

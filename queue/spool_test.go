@@ -114,6 +114,7 @@ func TestSegmentSpaceOfDeliveredMessagesIsGivenBack(t *testing.T) {
 	}
 	tq.waitJobs(t, n)
 	tq.settle(t)
+	tq.spool.waitPunched()
 
 	// Up to punchEvery of what has left waits for the next punch; each
 	// waiting body can keep the partial blocks at its two ends.
@@ -130,6 +131,7 @@ func TestSegmentSpaceOfDeliveredMessagesIsGivenBack(t *testing.T) {
 	tq.spool.retireLocked(tq.spool.cur)
 	tq.spool.cur = nil
 	tq.spool.mu.Unlock()
+	tq.spool.waitPunched()
 	if got := spoolBodyBytes(t, tq.spool.dir); got != liveBytes {
 		t.Errorf("retired segment holds %d bytes of bodies, want the %d of the waiting messages", got, liveBytes)
 	}
@@ -220,4 +222,49 @@ func TestMergeSpans(t *testing.T) {
 	if got := appendSpan(appendSpan(nil, span{0, 10}), span{10, 5}); fmt.Sprint(got) != "[{0 15}]" {
 		t.Errorf("appendSpan of touching spans = %v", got)
 	}
+}
+
+// TestAHangingPunchDoesNotHoldUpTheQueue: giving space back takes
+// fallocate(2) calls of half a millisecond and more, which reclaim makes
+// off the committer and without the spool's lock. While one hangs,
+// messages are still accepted, delivered and let go.
+func TestAHangingPunchDoesNotHoldUpTheQueue(t *testing.T) {
+	tq := newTestQueue(t, newScripted(all(ok250)), Options{})
+	entered, release := make(chan struct{}, 1), make(chan struct{})
+	tq.spool.mu.Lock()
+	tq.spool.punch = func(f *os.File, off, n int64) error {
+		select {
+		case entered <- struct{}{}:
+		default:
+		}
+		<-release
+		return punchHole(f, off, n)
+	}
+	tq.spool.mu.Unlock()
+	defer close(release)
+	tq.run(t)
+
+	tq.enqueueBody(t, env("alice@example.com", "bob@example.org"), numbered(0, 4096))
+	tq.waitJobs(t, 1)
+	select {
+	case <-entered: // the message left; punching its space hangs
+	case <-time.After(10 * time.Second):
+		t.Fatal("the space of a delivered message was not given back")
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := 1; i <= 20; i++ {
+			if _, err := tq.Enqueue(context.Background(), env("alice@example.com", "bob@example.org"), strings.NewReader(numbered(i, 4096))); err != nil {
+				t.Error(err)
+				return
+			}
+		}
+	}()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the queue stood still while a punch hung")
+	}
+	tq.waitJobs(t, 20)
 }
