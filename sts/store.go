@@ -61,7 +61,12 @@ func storePolicy(db *bbolt.DB, cp *CachedPolicy, lastUsed time.Time) error {
 	if err != nil {
 		return err
 	}
-	return db.Update(func(tx *bbolt.Tx) error {
+	// Batch, not Update: at a cold start policies arrive for every
+	// domain at once, and each write transaction holds the database's
+	// one writer for two fsyncs while the queue's commits wait. Stores
+	// that arrive within a few milliseconds share one transaction. The
+	// function may run twice; a Put is the same either way.
+	return db.Batch(func(tx *bbolt.Tx) error {
 		b, err := tx.CreateBucketIfNotExists(bucketPolicies)
 		if err != nil {
 			return err
