@@ -27,7 +27,13 @@ const iovMax = 1024
 // writev of its own, so net.Buffers would write them one by one).
 func writeBuffers(f *os.File, bufs [][]byte) error {
 	fd := int(f.Fd())
-	for len(bufs) > 0 {
+	for {
+		for len(bufs) > 0 && len(bufs[0]) == 0 {
+			bufs = bufs[1:]
+		}
+		if len(bufs) == 0 {
+			return nil
+		}
 		iov := bufs[:min(len(bufs), iovMax)]
 		n, err := unix.Writev(fd, iov)
 		if err == unix.EINTR {
@@ -48,9 +54,5 @@ func writeBuffers(f *os.File, bufs [][]byte) error {
 			n -= len(bufs[0])
 			bufs = bufs[1:]
 		}
-		for len(bufs) > 0 && len(bufs[0]) == 0 {
-			bufs = bufs[1:]
-		}
 	}
-	return nil
 }

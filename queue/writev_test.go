@@ -2,6 +2,7 @@ package queue
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -44,6 +45,37 @@ func TestWriteBuffersAppendsEveryBufferInOrder(t *testing.T) {
 	}
 	if !bytes.Equal(bytes.Join(bufs, nil), orig) {
 		t.Error("writeBuffers changed the bytes its caller passed")
+	}
+}
+
+// TestWriteBuffersOfNothingSucceeds: a batch of empty bodies writes
+// nothing, and that is not a short write.
+func TestWriteBuffersOfNothingSucceeds(t *testing.T) {
+	f, err := os.Create(filepath.Join(t.TempDir(), "seg"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	for _, bufs := range [][][]byte{nil, {{}}, {nil, {}, nil}} {
+		if err := writeBuffers(f, bufs); err != nil {
+			t.Errorf("writeBuffers(%q) = %v", bufs, err)
+		}
+	}
+	if fi, err := f.Stat(); err != nil || fi.Size() != 0 {
+		t.Errorf("the file has %d bytes (%v), want none", fi.Size(), err)
+	}
+}
+
+// TestEmptyBodyIsQueued: the queue's API takes an empty message (smtpin
+// never sends one: its Received header comes first).
+func TestEmptyBodyIsQueued(t *testing.T) {
+	tq := newTestQueue(t, newScripted(all(ok250)), Options{})
+	id, err := tq.Enqueue(context.Background(), env("alice@example.com", "bob@example.org"), strings.NewReader(""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := tq.body(t, tq.stored(t, id)); len(got) != 0 {
+		t.Errorf("body read back as %q, want nothing", got)
 	}
 }
 
