@@ -88,6 +88,7 @@ func TestEnqueueFailsClearlyWhenTheDatabaseCannotCommit(t *testing.T) {
 	if err == nil || !strings.HasPrefix(err.Error(), "message not queued") {
 		t.Fatalf("err = %v, want a 'message not queued' error", err)
 	}
+	tq.spool.waitPunched() // the space of a refused body is given back off the committer
 	if n := spoolBodyBytes(t, tq.spool.dir); n != 0 {
 		t.Errorf("refused message left %d bytes in the spool", n)
 	}
@@ -122,6 +123,7 @@ func TestRecipientsAtOneDomainShareOneDelivery(t *testing.T) {
 	if _, err := tq.Show(id); !errors.Is(err, ErrNotFound) {
 		t.Errorf("delivered message still in the queue: %v", err)
 	}
+	tq.spool.waitPunched()
 	if n := spoolBodyBytes(t, tq.spool.dir); n != 0 {
 		t.Errorf("spool holds %d bytes of bodies after delivery", n)
 	}
@@ -596,6 +598,7 @@ func TestMixedOutcomesInOneTransactionAreRecordedPerRecipient(t *testing.T) {
 	if len(dsns) != 1 {
 		t.Fatalf("%d bounces queued, want 1", len(dsns))
 	}
+	tq.spool.waitPunched()
 	if n := spoolBodyBytes(t, tq.spool.dir); n != dsns[0].Size {
 		t.Errorf("spool holds %d bytes of bodies, want only the bounce's %d", n, dsns[0].Size)
 	}
