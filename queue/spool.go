@@ -346,8 +346,7 @@ func (s *spool) freeLocked(seg *segment, sp span) {
 		// Everything committed to the current segment has left (the usual
 		// state of a relay that keeps up), or enough has: give the space
 		// back in one go rather than a system call per message.
-		s.punchLaterLocked(seg.name, seg.dead)
-		seg.dead, seg.deadBytes = nil, 0
+		s.punchDeadLocked(seg)
 	}
 }
 
@@ -408,12 +407,13 @@ func (s *spool) waitPunched() {
 	}
 }
 
-// flush frees the stretches of name that have left, now.
+// flush frees the stretches of name that have left, without waiting for
+// more to gather.
 func (s *spool) flush(name string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if seg := s.segs[name]; seg != nil && seg.f != nil {
-		s.punchLocked(seg)
+		s.punchDeadLocked(seg)
 	}
 }
 
@@ -425,29 +425,18 @@ func (s *spool) retireLocked(seg *segment) {
 		s.remove(seg.name)
 		return
 	}
-	s.punchLocked(seg)
+	s.punchDeadLocked(seg)
 	seg.f.Close()
 	seg.f = nil
 }
 
-// punchLocked frees the dead stretches of an open segment.
-func (s *spool) punchLocked(seg *segment) {
+// punchDeadLocked hands the dead stretches of an open segment to reclaim.
+func (s *spool) punchDeadLocked(seg *segment) {
 	if len(seg.dead) == 0 {
 		return
 	}
-	spans := mergeSpans(seg.dead)
-	seg.dead, seg.deadBytes = seg.dead[:0], 0
-	if s.noPunch {
-		return
-	}
-	for _, sp := range spans {
-		if err := s.punch(seg.f, sp.off, sp.len); err != nil {
-			// Not supported here (or failing): the space comes back when
-			// the segment is removed.
-			s.noPunch = true
-			return
-		}
-	}
+	s.punchLaterLocked(seg.name, seg.dead)
+	seg.dead, seg.deadBytes = nil, 0
 }
 
 // punchFile frees stretches of the segment name, by name: reclaim calls it
