@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -55,6 +56,12 @@ type runResult struct {
 	// the resolver); exited children count under their parent.
 	CPUShare map[string]float64 `json:"cpu_share,omitempty"`
 	Load1    float64            `json:"loadavg_1m_at_start"`
+	// HarnessCPUms is this driver's own CPU per message over the same
+	// window (the load generator, the DNS and policy servers, the sink):
+	// on a small machine they share the cores with the relay. CoresBusy
+	// is how many cores the whole machine kept busy meanwhile.
+	HarnessCPUms float64 `json:"harness_cpu_ms_per_msg"`
+	CoresBusy    float64 `json:"cores_busy"`
 }
 
 func (b *bench) newSystem(name string) system {
@@ -194,6 +201,8 @@ func (b *bench) runOnce(ctx context.Context, sc *scenario, w *world.World, sysNa
 	pids := s.pids()
 	cpu0 := proc.CPU(pids...)
 	byName0 := proc.CPUByName(pids...)
+	self0 := selfCPU()
+	busy0, total0 := cpuTicks()
 	r.Load1 = load1()
 	sampler := proc.Sample(200*time.Millisecond, pids...)
 	if o.onStart != nil {
@@ -214,6 +223,10 @@ func (b *bench) runOnce(ctx context.Context, sc *scenario, w *world.World, sysNa
 	count, werr := w.Sink.Wait(waitCtx)
 	cancel()
 	cpu := proc.CPU(pids...) - cpu0
+	self := selfCPU() - self0
+	if busy, total := cpuTicks(); total > total0 {
+		r.CoresBusy = float64(runtime.NumCPU()) * float64(busy-busy0) / float64(total-total0)
+	}
 	if cpu > 0 {
 		r.CPUShare = make(map[string]float64)
 		for name, t := range proc.CPUByName(pids...) {
@@ -253,6 +266,7 @@ func (b *bench) runOnce(ctx context.Context, sc *scenario, w *world.World, sysNa
 	r.Maxms = ms(res.Percentile(100))
 	if res.Accepted > 0 {
 		r.CPUms = ms(cpu) / float64(res.Accepted)
+		r.HarnessCPUms = ms(self) / float64(res.Accepted)
 	}
 	r.RSSMB, r.PSSMB = float64(mem.RSS)/(1<<20), float64(mem.PSS)/(1<<20)
 	r.RampUps = rampUp(count.Arrivals, res.Start)
@@ -266,8 +280,8 @@ func (b *bench) runOnce(ctx context.Context, sc *scenario, w *world.World, sysNa
 	if r.Err != "" {
 		status = r.Err
 	}
-	b.logf("   %-14s #%d  e2e %7.1f msg/s  accept %7.1f msg/s  p99 %6.1f ms  cpu %5.2f ms/msg  rss %5.0f MB  pss %5.0f MB  %s",
-		sysName, rep+1, r.E2ERate, r.AcceptRate, r.P99ms, r.CPUms, r.RSSMB, r.PSSMB, status)
+	b.logf("   %-14s #%d  e2e %7.1f msg/s  accept %7.1f msg/s  p99 %6.1f ms  cpu %5.2f ms/msg (harness %4.2f, cores busy %3.1f)  rss %5.0f MB  pss %5.0f MB  %s",
+		sysName, rep+1, r.E2ERate, r.AcceptRate, r.P99ms, r.CPUms, r.HarnessCPUms, r.CoresBusy, r.RSSMB, r.PSSMB, status)
 	return r
 }
 
@@ -470,6 +484,16 @@ func settle(max time.Duration) (time.Duration, bool) {
 		busy0, total0 = busy, total
 	}
 	return time.Since(start), false
+}
+
+// selfCPU is the user and system time of this process alone, its
+// children (the relays) not included.
+func selfCPU() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 // cpuTicks returns the busy and total ticks of all cores since boot, from
