@@ -25,14 +25,14 @@ func readPassword(stdin io.Reader, stderr io.Writer) (string, error) {
 		return readLine(stdin)
 	}
 	fd := int(f.Fd())
-	old, err := unix.IoctlGetTermios(fd, unix.TCGETS)
+	old, err := unix.IoctlGetTermios(fd, getTermios)
 	if err != nil {
 		return readLine(stdin) // not a terminal: a pipe or a file
 	}
 	quiet := *old
 	quiet.Lflag &^= unix.ECHO
 	quiet.Lflag |= unix.ICANON | unix.ISIG
-	if err := unix.IoctlSetTermios(fd, unix.TCSETS, &quiet); err != nil {
+	if err := unix.IoctlSetTermios(fd, setTermios, &quiet); err != nil {
 		return "", fmt.Errorf("turning off echo: %w", err)
 	}
 	// Ctrl-C must not leave the terminal without echo.
@@ -42,12 +42,12 @@ func readPassword(stdin io.Reader, stderr io.Writer) (string, error) {
 	defer func() {
 		signal.Stop(sig)
 		close(done)
-		unix.IoctlSetTermios(fd, unix.TCSETS, old)
+		unix.IoctlSetTermios(fd, setTermios, old)
 	}()
 	go func() {
 		select {
 		case <-sig:
-			unix.IoctlSetTermios(fd, unix.TCSETS, old)
+			unix.IoctlSetTermios(fd, setTermios, old)
 			fmt.Fprintln(stderr)
 			os.Exit(130)
 		case <-done:

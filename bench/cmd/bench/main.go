@@ -1,3 +1,5 @@
+//go:build linux
+
 // Command bench is the end-to-end benchmark of stsrelay against Postfix
 // with postfix-mta-sts-resolver. bench/run builds it and runs it as root
 // in a private mount namespace; see BENCHMARKS.md.
