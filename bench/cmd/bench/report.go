@@ -39,6 +39,7 @@ var figures = []figure{
 	{"acceptance p50 ms", func(r *runResult) float64 { return r.P50ms }, 1, true},
 	{"acceptance p90 ms", func(r *runResult) float64 { return r.P90ms }, 1, true},
 	{"acceptance p99 ms", func(r *runResult) float64 { return r.P99ms }, 1, true},
+	{"acceptance p99 after the first 2 s ms", func(r *runResult) float64 { return r.P99Steadyms }, 1, true},
 	{"acceptance max ms", func(r *runResult) float64 { return r.Maxms }, 0, true},
 	{"CPU ms/msg (process tree)", func(r *runResult) float64 { return r.CPUms }, 2, true},
 	{"peak RSS MB (sum)", func(r *runResult) float64 { return r.RSSMB }, 0, true},
@@ -356,7 +357,13 @@ func targets(reports []*report) []target {
 	ratio("end-to-end ≥ 10× Postfix reuse, MTA-STS enforce, 4 KiB", "4k-enforce", sysStsrelay, sysPostfixReuse, 10)
 	ratio("end-to-end ≥ 5× Postfix reuse, 100 KiB × 5 recipients", "100k-enforce", sysStsrelay, sysPostfixReuse, 5)
 	if v, ok := val("4k-enforce", sysStsrelay, func(r *runResult) float64 { return r.P99ms }); ok {
-		out = append(out, target{"acceptance p99 ≤ 15 ms, 20 sessions", fmt.Sprintf("%.1f ms", v), v <= 15})
+		// The target is the whole run's; what it is once the cold start is
+		// behind is said beside it.
+		m := fmt.Sprintf("%.1f ms", v)
+		if s, ok := val("4k-enforce", sysStsrelay, func(r *runResult) float64 { return r.P99Steadyms }); ok && s > 0 {
+			m += fmt.Sprintf(" (%.1f ms after the first 2 s)", s)
+		}
+		out = append(out, target{"acceptance p99 ≤ 15 ms, 20 sessions", m, v <= 15})
 	}
 	if v, ok := val("4k-enforce", sysStsrelay, func(r *runResult) float64 { return r.CPUms }); ok {
 		out = append(out, target{"CPU ≤ 0.5 ms per message end to end", fmt.Sprintf("%.2f ms", v), v <= 0.5})

@@ -42,6 +42,9 @@ type Options struct {
 	RunID                string        // goes into Message-IDs, to tell runs apart
 	Timeout              time.Duration // per SMTP command; default 2 minutes
 	MaxConsecutiveErrors int           // a session gives up after this many; default 20
+	// Warmup: messages begun this long after the start also go into
+	// Result.Steady, the latencies once a cold start is behind.
+	Warmup time.Duration
 }
 
 // Result is what one load measured.
@@ -56,6 +59,9 @@ type Result struct {
 	// after DATA on a kept connection; from connect to that 250 when every
 	// message has its own connection.
 	Latencies []time.Duration
+	// Steady is the sorted latencies of the messages begun Options.Warmup
+	// or later after Start (none when Warmup is 0).
+	Steady []time.Duration
 }
 
 // Rate is accepted messages per second from Start to End.
@@ -68,12 +74,17 @@ func (r *Result) Rate() float64 {
 }
 
 // Percentile returns the p-th percentile (0..100) of the latencies.
-func (r *Result) Percentile(p float64) time.Duration {
-	if len(r.Latencies) == 0 {
+func (r *Result) Percentile(p float64) time.Duration { return percentile(r.Latencies, p) }
+
+// SteadyPercentile is Percentile of Steady.
+func (r *Result) SteadyPercentile(p float64) time.Duration { return percentile(r.Steady, p) }
+
+func percentile(sorted []time.Duration, p float64) time.Duration {
+	if len(sorted) == 0 {
 		return 0
 	}
-	i := int(float64(len(r.Latencies)-1)*p/100 + 0.5)
-	return r.Latencies[i]
+	i := int(float64(len(sorted)-1)*p/100 + 0.5)
+	return sorted[i]
 }
 
 // Run submits the messages and returns when every session is done.
@@ -96,8 +107,8 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	if o.From == "" {
 		o.From = "app@bench.example"
 	}
-	g := &generator{o: o, filler: filler(o.Size)}
 	res := &Result{Start: time.Now()}
+	g := &generator{o: o, filler: filler(o.Size), steadyFrom: res.Start.Add(o.Warmup)}
 	var (
 		wg   sync.WaitGroup
 		mu   sync.Mutex
@@ -114,6 +125,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 			res.Recipients += s.recipients
 			res.Failed += s.failed
 			res.Latencies = append(res.Latencies, s.latencies...)
+			res.Steady = append(res.Steady, s.steady...)
 			if s.lastAck.After(res.End) {
 				res.End = s.lastAck
 			}
@@ -124,17 +136,19 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	}
 	wg.Wait()
 	slices.Sort(res.Latencies)
+	slices.Sort(res.Steady)
 	return res, ctx.Err()
 }
 
 type generator struct {
-	o      Options
-	filler []byte // body lines, cut to size after the headers
+	o          Options
+	filler     []byte    // body lines, cut to size after the headers
+	steadyFrom time.Time // messages begun from here on are in Steady too
 }
 
 type sessionResult struct {
 	accepted, recipients, failed int
-	latencies                    []time.Duration
+	latencies, steady            []time.Duration
 	lastAck                      time.Time
 	firstErr                     error
 }
@@ -186,6 +200,9 @@ func (g *generator) session(ctx context.Context, next *atomic.Int64) *sessionRes
 		s.accepted++
 		s.recipients += len(rcpts)
 		s.latencies = append(s.latencies, now.Sub(start))
+		if g.o.Warmup > 0 && !start.Before(g.steadyFrom) {
+			s.steady = append(s.steady, now.Sub(start))
+		}
 		s.lastAck = now
 		if g.o.ConnPerMessage {
 			c.Quit()

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/emersion/go-sasl"
 	"github.com/emersion/go-smtp"
@@ -23,6 +24,8 @@ type server struct {
 	msgs  []msg
 	conns int
 	auths int
+	// stall holds up the answer to the first DATA this long.
+	stall time.Duration
 }
 
 type msg struct {
@@ -106,8 +109,48 @@ func (s *session) Data(r io.Reader) error {
 	s.m.data = b
 	s.k.mu.Lock()
 	s.k.msgs = append(s.k.msgs, s.m)
+	first := len(s.k.msgs) == 1
 	s.k.mu.Unlock()
+	if first {
+		time.Sleep(s.k.stall)
+	}
 	return nil
+}
+
+// A slow start (the first message waits a second) is in Latencies and not
+// in Steady, which holds the messages begun after the warm-up.
+func TestSteadyLeavesOutTheWarmup(t *testing.T) {
+	addr, k := startServer(t, nil)
+	k.stall = time.Second
+	res, err := Run(context.Background(), Options{
+		Addr: addr, Messages: 10, Size: 1024, Recipients: 1,
+		Domains: []string{"a.example"}, Sessions: 1, RunID: "t", Warmup: 500 * time.Millisecond,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Accepted != 10 || len(res.Latencies) != 10 {
+		t.Fatalf("%d accepted, %d latencies; want 10", res.Accepted, len(res.Latencies))
+	}
+	if got := res.Percentile(100); got < time.Second {
+		t.Errorf("slowest latency %v, want the first message's stall of 1s", got)
+	}
+	if len(res.Steady) != 9 {
+		t.Fatalf("%d steady latencies, want the 9 messages begun after the stall", len(res.Steady))
+	}
+	if got := res.SteadyPercentile(100); got >= time.Second {
+		t.Errorf("slowest steady latency %v: the stalled first message is in it", got)
+	}
+	noWarmup, err := Run(context.Background(), Options{
+		Addr: addr, Messages: 3, Size: 1024, Recipients: 1,
+		Domains: []string{"a.example"}, Sessions: 1, RunID: "u",
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(noWarmup.Steady) != 0 || noWarmup.SteadyPercentile(99) != 0 {
+		t.Errorf("Steady = %v without a Warmup, want none", noWarmup.Steady)
+	}
 }
 
 func TestRunSubmitsEveryMessageWithItsRecipientsAndSize(t *testing.T) {
