@@ -131,7 +131,12 @@ func FuzzSession(f *testing.F) {
 		return netip.AddrFrom4([4]byte{127, byte(net), byte(n >> 8), byte(n)}).String()
 	}
 
+	// The input before this one, in this worker: a goroutine of its
+	// session (a BDAT chunk's, say) can outlive the connection and log
+	// during this one.
+	var prev []byte
 	f.Fuzz(func(t *testing.T, script []byte) {
+		defer func() { prev = bytes.Clone(script) }()
 		// Half the inputs come from a trusted address, so that the fuzzer
 		// reaches DATA without having to find the password.
 		from := source(len(script) > 0 && script[0]&1 == 1)
@@ -169,12 +174,6 @@ func FuzzSession(f *testing.F) {
 		if stored < queued || clean && stored != queued {
 			t.Fatalf("%d messages stored, %d answered as queued:\n%s", stored, queued, out)
 		}
-		// No panic, not even one go-smtp recovers from: v0.25.1 ran
-		// commands pipelined after "Too many errors" against the session
-		// it had closed (fixed in third_party/go-smtp).
-		for _, msg := range errs.take() {
-			t.Fatalf("the server logged an error: %v", msg)
-		}
 		// The server still serves.
 		dl := net.Dialer{Timeout: 5 * time.Second, LocalAddr: &net.TCPAddr{IP: net.ParseIP(source(false))}}
 		nc, err := dl.Dial("tcp", addr)
@@ -192,6 +191,15 @@ func FuzzSession(f *testing.F) {
 			if err != nil {
 				t.Fatalf("server does not answer NOOP after the session: %q, %v", got, err)
 			}
+		}
+		// No panic, not even one go-smtp recovers from: v0.25.1 ran
+		// commands pipelined after "Too many errors" against the session
+		// it had closed, and a BDAT chunk's goroutine against a session
+		// closed before it ran (both fixed in third_party/go-smtp).
+		// Checked after the NOOP, whose round trip gives such goroutines
+		// time to end.
+		for _, msg := range errs.take() {
+			t.Fatalf("the server logged an error: %v\n(it may come from the input before, %q)", msg, prev)
 		}
 	})
 }

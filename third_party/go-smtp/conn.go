@@ -1085,13 +1085,24 @@ func (c *Conn) handleBdat(arg string) {
 				}
 			}()
 
+			// The connection may have closed, and Close dropped the
+			// session, before this goroutine ran: a client that sent
+			// BDAT and left before any byte of the chunk. Then there is
+			// nobody to hand the chunk to (stsrelay; v0.25.1 panicked).
+			session := c.Session()
+			if session == nil {
+				c.dataResult <- ErrDataReset
+				r.CloseWithError(ErrDataReset)
+				return
+			}
+
 			var err error
 			if !c.server.LMTP {
-				err = c.Session().Data(r)
+				err = session.Data(r)
 			} else {
-				lmtpSession, ok := c.Session().(LMTPSession)
+				lmtpSession, ok := session.(LMTPSession)
 				if !ok {
-					err = c.Session().Data(r)
+					err = session.Data(r)
 					for _, rcpt := range c.recipients {
 						c.bdatStatus.SetStatus(rcpt, err)
 					}

@@ -16,6 +16,7 @@ import (
 	"log"
 	"math/big"
 	"net"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -397,5 +398,65 @@ func TestServerEchoesOnlyPrintableText(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
+	}
+}
+
+// lockedWriter is an io.Writer for a server's ErrorLog, which goroutines
+// of many connections write to.
+type lockedWriter struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (w *lockedWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.b.Write(p)
+}
+
+func (w *lockedWriter) String() string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.b.String()
+}
+
+// A client that sends a BDAT command and leaves before any byte of its
+// chunk has arrived can close the connection, and with it the session,
+// before the goroutine that hands the chunk to Session.Data has run. That goroutine
+// found no session and panicked (recovered, and logged) in v0.25.1.
+func TestServerBdatGoroutineOutlivesTheSession(t *testing.T) {
+	base := runtime.NumGoroutine()
+	var logged lockedWriter
+	_, s, c, _, _ := testServerEhlo(t, func(s *smtp.Server) { s.ErrorLog = log.New(&logged, "", 0) })
+	addr := c.RemoteAddr().String()
+	c.Close()
+	for i := 0; i < 300; i++ {
+		nc, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// All at once, then the end of the stream, with no byte of the
+		// chunk: the server reads BDAT, starts the chunk's goroutine, finds
+		// nothing to hand it (so nothing waits for it) and closes, all
+		// before that goroutine may have run.
+		io.WriteString(nc, "EHLO localhost\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nBDAT 100 LAST\r\n")
+		nc.(*net.TCPConn).CloseWrite()
+		nc.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.Copy(io.Discard, nc); err != nil {
+			t.Fatalf("reading replies: %v", err)
+		}
+		nc.Close()
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := s.Shutdown(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// The chunk goroutines are the server's too: wait for them to end.
+	for deadline := time.Now().Add(5 * time.Second); runtime.NumGoroutine() > base && time.Now().Before(deadline); {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got := logged.String(); got != "" {
+		t.Errorf("the server logged:\n%.2000s", got)
 	}
 }
