@@ -7,19 +7,20 @@ import (
 	"net"
 )
 
-// controlUnix runs fn on the file descriptor of a unix socket connection.
-func controlUnix(c net.Conn, fn func(fd int) error) error {
+// peerUID returns the user id of the process at the other end of a unix
+// socket connection, as the kernel recorded it at connect.
+func peerUID(c net.Conn) (int, error) {
 	uc, ok := c.(*net.UnixConn)
 	if !ok {
-		return fmt.Errorf("not a unix socket connection: %T", c)
+		return -1, fmt.Errorf("not a unix socket connection: %T", c)
 	}
 	raw, err := uc.SyscallConn()
 	if err != nil {
-		return err
+		return -1, err
 	}
-	var fnErr error
-	if err := raw.Control(func(fd uintptr) { fnErr = fn(int(fd)) }); err != nil {
-		return err
+	uid, credErr := -1, error(nil)
+	if err := raw.Control(func(fd uintptr) { uid, credErr = socketPeerUID(int(fd)) }); err != nil {
+		return -1, err
 	}
-	return fnErr
+	return uid, credErr
 }

@@ -4,22 +4,15 @@ package admin
 
 import (
 	"fmt"
-	"net"
 
 	"golang.org/x/sys/unix"
 )
 
-// peerUID returns the user id of the process at the other end of a unix
-// socket connection (LOCAL_PEERCRED, as the kernel recorded it at connect).
-func peerUID(c net.Conn) (int, error) {
-	var uid int
-	err := controlUnix(c, func(fd int) error {
-		cred, err := unix.GetsockoptXucred(fd, unix.SOL_LOCAL, unix.LOCAL_PEERCRED)
-		if err != nil {
-			return fmt.Errorf("LOCAL_PEERCRED: %w", err)
-		}
-		uid = int(cred.Uid)
-		return nil
-	})
-	return uid, err
+// socketPeerUID is the peer's uid of the unix socket fd (LOCAL_PEERCRED).
+func socketPeerUID(fd int) (int, error) {
+	cred, err := unix.GetsockoptXucred(fd, unix.SOL_LOCAL, unix.LOCAL_PEERCRED)
+	if err != nil {
+		return -1, fmt.Errorf("LOCAL_PEERCRED: %w", err)
+	}
+	return int(cred.Uid), nil
 }
