@@ -24,10 +24,10 @@ import (
 
 // memoryInterval is how often the relay's memory is sampled. A sample
 // of Postfix's tree (about 90 processes: a walk of /proc and each one's
-// smaps_rollup) takes some 20 ms of CPU on the cores Postfix runs on, so
-// 5 a second would tax the system measured by a tenth of a core. Postfix
-// runs last minutes, so a sample a second still sees its plateau, and
-// stsrelay's peak RSS comes from its own VmHWM.
+// smaps_rollup) takes 20 ms of CPU and more on the cores Postfix runs
+// on: at five a second Postfix with reuse ran 10–20% slower than at one
+// (BENCHMARKS.md). Postfix runs last minutes, so a sample a second still
+// sees its plateau, and stsrelay's peak RSS comes from its own VmHWM.
 const memoryInterval = time.Second
 
 // warmup is how far into a run a message must begin to count in the
