@@ -291,6 +291,7 @@ func (q *Queue) Bounce(id string) (int, error) { return q.change("bounce", id) }
 // Delete removes id from the queue without notifying anyone. It also
 // removes a damaged record, which no other command can read.
 func (q *Queue) Delete(id string) error {
+	var ticket uint64
 	err := q.commit.do(func(tx *bbolt.Tx) error {
 		if tx.Bucket(bucketMessages).Get([]byte(id)) == nil {
 			return fmt.Errorf("%s: %w", id, ErrNotFound)
@@ -303,13 +304,17 @@ func (q *Queue) Delete(id string) error {
 			q.indexRemoveLocked(e)
 			if e.bodyFile != "" {
 				// An operator who deletes a message expects its text gone
-				// from the disk now, not when its segment fills.
-				q.spool.flush(e.bodyFile)
+				// from the disk when the command returns, not when its
+				// segment fills.
+				ticket = q.spool.flush(e.bodyFile)
 			}
 		} else {
 			q.spool.remove(id) // a damaged record was never indexed
 		}
 	})
+	if err == nil {
+		q.spool.waitFor(ticket)
+	}
 	return err
 }
 

@@ -36,7 +36,9 @@ type spool struct {
 	// committer frees space with the queue's index locked.
 	toPunch    map[string][]span // by segment name, for reclaim
 	punching   bool              // reclaim is at work on what it took
-	punched    sync.Cond         // on mu: toPunch is empty and reclaim idle
+	handed     uint64            // stretches handed to reclaim so far
+	done       uint64            // of those, how many reclaim has punched
+	punched    sync.Cond         // on mu: done moved, or reclaim went idle
 	punchWake  chan struct{}     // one token: toPunch has work
 	punchQuit  chan struct{}
 	punchEnded chan struct{}
@@ -359,6 +361,7 @@ func (s *spool) punchLaterLocked(name string, spans []span) {
 		s.toPunch = make(map[string][]span)
 	}
 	s.toPunch[name] = append(s.toPunch[name], spans...)
+	s.handed += uint64(len(spans))
 	select {
 	case s.punchWake <- struct{}{}:
 	default: // reclaim has a token already
@@ -379,17 +382,15 @@ func (s *spool) reclaim() {
 			quit = true
 		}
 		s.mu.Lock()
-		work := s.toPunch
+		work, taken := s.toPunch, s.handed
 		s.toPunch, s.punching = nil, true
 		s.mu.Unlock()
 		for name, spans := range work {
 			s.punchFile(name, mergeSpans(spans))
 		}
 		s.mu.Lock()
-		s.punching = false
-		if len(s.toPunch) == 0 {
-			s.punched.Broadcast()
-		}
+		s.punching, s.done = false, taken
+		s.punched.Broadcast()
 		more := len(s.toPunch) > 0
 		s.mu.Unlock()
 		if quit && !more {
@@ -407,13 +408,26 @@ func (s *spool) waitPunched() {
 	}
 }
 
-// flush frees the stretches of name that have left, without waiting for
-// more to gather.
-func (s *spool) flush(name string) {
+// flush hands reclaim the stretches of name that have left, without
+// waiting for more to gather. Once reclaim has punched the ticket it
+// returns, they are gone from the disk (see waitFor).
+func (s *spool) flush(name string) (ticket uint64) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if seg := s.segs[name]; seg != nil && seg.f != nil {
 		s.punchDeadLocked(seg)
+	}
+	return s.handed
+}
+
+// waitFor returns once reclaim has punched every stretch handed to it up
+// to ticket. Unlike waitPunched it ends under a steady stream of new work,
+// and at once where holes cannot be punched.
+func (s *spool) waitFor(ticket uint64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for s.done < ticket && !s.noPunch {
+		s.punched.Wait()
 	}
 }
 
