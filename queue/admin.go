@@ -187,11 +187,15 @@ type changed struct {
 	orig                 []string // the message each DSN is about
 }
 
-// apply runs act on the messages ids in one commit, with the DSNs it
-// calls for. A message that is gone meanwhile is skipped.
-func (q *Queue) apply(ids []string, act action, sel *Selector) (changed, error) {
+// apply runs the action named name on the messages ids in one commit,
+// with the DSNs it calls for. A message that is gone meanwhile is
+// skipped. A delete returns once the text of the messages it finished is
+// off the disk, as Delete does.
+func (q *Queue) apply(ids []string, name string, sel *Selector) (changed, error) {
+	act := actions[name]
 	var res changed
 	var touched []*message
+	var ticket uint64
 	err := q.commit.do(func(tx *bbolt.Tx) error {
 		res, touched = changed{}, touched[:0]
 		now := q.opts.Now()
@@ -237,6 +241,9 @@ func (q *Queue) apply(ids []string, act action, sel *Selector) (changed, error) 
 	}, func() {
 		for _, m := range touched {
 			q.indexPut(m)
+			if name == "delete" && m.done() && m.BodyFile != "" {
+				ticket = q.spool.flush(m.BodyFile)
+			}
 		}
 		for _, d := range res.dsns {
 			q.indexPut(d)
@@ -245,6 +252,7 @@ func (q *Queue) apply(ids []string, act action, sel *Selector) (changed, error) 
 	if err != nil {
 		return changed{}, err
 	}
+	q.spool.waitFor(ticket)
 	for i, d := range res.dsns {
 		metricEnqueued.Inc()
 		q.log.Info("queued DSN", "id", d.ID, "orig_id", res.orig[i], "to", d.Recipients[0].Addr)
@@ -265,7 +273,7 @@ func (q *Queue) change(name, id string) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	res, err := q.apply([]string{id}, actions[name], nil)
+	res, err := q.apply([]string{id}, name, nil)
 	n := res.recipients
 	if name == "bounce" {
 		metricDeliveries.WithLabelValues(outcomeFailed).Add(float64(n))
@@ -417,7 +425,7 @@ func (q *Queue) Select(name string, sel Selector, confirm bool) (BulkResult, err
 	}
 	var total BulkResult
 	for chunk := range slices.Chunk(ids, bulkChunk) {
-		res, err := q.apply(chunk, act, &sel)
+		res, err := q.apply(chunk, name, &sel)
 		total.Messages += res.messages
 		total.Recipients += res.recipients
 		if err != nil {

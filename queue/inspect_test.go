@@ -1,9 +1,11 @@
 package queue
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -143,13 +145,25 @@ func TestSelectCombinesFiltersAndCountsWhatItTouched(t *testing.T) {
 	if tq.stateOf(t, a) == "gone" || tq.stateOf(t, c) == "gone" {
 		t.Fatal("an unconfirmed delete deleted")
 	}
-	// A domain deletes those recipients only; a message goes with its last one.
+	// A domain deletes those recipients only; a message goes with its
+	// last one, and its text is off the disk when the command returns,
+	// even with a slow fallocate.
+	cLoc := locOf(tq.stored(t, c))
+	tq.spool.mu.Lock()
+	tq.spool.punch = func(f *os.File, off, n int64) error {
+		time.Sleep(100 * time.Millisecond)
+		return punchHole(f, off, n)
+	}
+	tq.spool.mu.Unlock()
 	res, err = tq.Select("delete", Selector{Domain: "other.test"}, true)
 	if err != nil || res != (BulkResult{Messages: 2, Recipients: 2}) {
 		t.Fatalf("delete -domain -yes: %+v, %v", res, err)
 	}
 	if s := tq.stateOf(t, a) + " " + tq.stateOf(t, c); s != "queued,failed gone" {
 		t.Fatalf("after delete -domain other.test: %s", s)
+	}
+	if b, err := tq.spool.read(cLoc, -1); err == nil && len(bytes.Trim(b, "\x00")) > 0 {
+		t.Error("deleted message's body is still in the spool")
 	}
 	if n := len(tq.dsnsTo(t, "alice@example.com")); n != 0 {
 		t.Errorf("delete sent %d DSNs", n)
