@@ -52,6 +52,22 @@ type Arrival struct {
 }
 
 func startSink(addrs []string, certs *certStore) (*Sink, error) {
+	var ls []net.Listener
+	for _, a := range addrs {
+		l, err := net.Listen("tcp", a)
+		if err != nil {
+			for _, l := range ls {
+				l.Close()
+			}
+			return nil, err
+		}
+		ls = append(ls, l)
+	}
+	return serveSink(ls, certs), nil
+}
+
+// serveSink runs the sink on listeners already bound.
+func serveSink(ls []net.Listener, certs *certStore) *Sink {
 	k := &Sink{done: make(chan struct{})}
 	s := smtp.NewServer(smtp.BackendFunc(func(c *smtp.Conn) (smtp.Session, error) {
 		_, isTLS := c.TLSConnectionState()
@@ -63,6 +79,10 @@ func startSink(addrs []string, certs *certStore) (*Sink, error) {
 	s.ReadTimeout = 2 * time.Minute
 	s.WriteTimeout = 2 * time.Minute
 	s.ErrorLog = log.New(io.Discard, "", 0)
+	// Replies to a pipelined MAIL and RCPTs go out with the reply that
+	// ends the group (RFC 2920 §3.2), as Postfix's smtpd and most MX
+	// hosts send them, not one write each.
+	s.GroupPipelinedReplies = true
 	s.TLSConfig = &tls.Config{
 		GetCertificate: certs.get,
 		MinVersion:     tls.VersionTLS12,
@@ -75,22 +95,11 @@ func startSink(addrs []string, certs *certStore) (*Sink, error) {
 		},
 	}
 	k.srv = s
-	var ls []net.Listener
-	for _, a := range addrs {
-		l, err := net.Listen("tcp", a)
-		if err != nil {
-			for _, l := range ls {
-				l.Close()
-			}
-			return nil, err
-		}
-		ls = append(ls, l)
-		k.addrs = append(k.addrs, l.Addr().String())
-	}
 	for _, l := range ls {
+		k.addrs = append(k.addrs, l.Addr().String())
 		go s.Serve(countingListener{l, &k.conns})
 	}
-	return k, nil
+	return k
 }
 
 // Reset zeroes the counts and arms Wait for want recipients (0: call

@@ -1,12 +1,15 @@
 package world
 
 import (
+	"bufio"
 	"context"
 	"crypto/tls"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -152,4 +155,75 @@ func TestSinkCountsWhatArrivesAndWakesTheWaiter(t *testing.T) {
 	if c.First.After(c.Last) {
 		t.Errorf("first arrival %v after last %v", c.First, c.Last)
 	}
+}
+
+// The sink answers a pipelined group in one write, as Postfix does: a
+// relay reading it sees all the replies in one read.
+func TestSinkGroupsRepliesToPipelinedCommands(t *testing.T) {
+	ca, err := NewCA()
+	if err != nil {
+		t.Fatal(err)
+	}
+	certs, err := newCertStore(ca, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var writes atomic.Int64
+	k := serveSink([]net.Listener{writeCounter{l, &writes}}, certs)
+	defer k.close()
+	conn, err := net.Dial("tcp", k.addrs[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	r := bufio.NewReader(conn)
+	readReply := func() {
+		t.Helper()
+		for {
+			line, err := r.ReadString('\n')
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(line) < 4 || line[3] != '-' {
+				return
+			}
+		}
+	}
+	readReply() // banner
+	fmt.Fprintf(conn, "EHLO client.test\r\n")
+	readReply()
+	before := writes.Load()
+	fmt.Fprintf(conn, "MAIL FROM:<a@bench.example>\r\nRCPT TO:<u1@enforce001.example>\r\nNOOP\r\n")
+	for range 3 {
+		readReply()
+	}
+	if n := writes.Load() - before; n != 1 {
+		t.Errorf("the sink answered a pipelined MAIL, RCPT, NOOP in %d writes, want 1", n)
+	}
+}
+
+// writeCounter counts the writes on the connections it accepts.
+type writeCounter struct {
+	net.Listener
+	n *atomic.Int64
+}
+
+func (l writeCounter) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	return countedConn{c, l.n}, err
+}
+
+type countedConn struct {
+	net.Conn
+	n *atomic.Int64
+}
+
+func (c countedConn) Write(b []byte) (int, error) {
+	c.n.Add(1)
+	return c.Conn.Write(b)
 }
