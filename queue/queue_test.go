@@ -1,14 +1,11 @@
 package queue
 
 import (
-	"bytes"
 	"context"
 	"errors"
-	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -497,66 +494,6 @@ func TestWorkersLimitDeliveriesInFlight(t *testing.T) {
 	}
 	close(release)
 	<-started
-}
-
-// Deliveries run on long-lived workers, started only when more are in
-// flight than there are workers: one after another, forty deliveries run
-// on one goroutine, and a burst of them on no more than Workers.
-func TestDeliveriesRunOnReusedWorkers(t *testing.T) {
-	var mu sync.Mutex
-	ran := map[string]int{} // goroutine → deliveries
-	release := make(chan struct{})
-	d := newScripted(func(job *Job) []Status {
-		buf := make([]byte, 64)
-		g := string(bytes.Fields(buf[:runtime.Stack(buf, false)])[1])
-		mu.Lock()
-		ran[g]++
-		mu.Unlock()
-		if strings.HasPrefix(job.Domain, "burst") {
-			<-release
-		}
-		return []Status{ok250}
-	})
-	tq := newTestQueue(t, d, Options{Workers: 4, MaxConnsPerDomain: 5})
-	tq.run(t)
-	for i := range 40 {
-		tq.enqueue(t, env("a@example.com", fmt.Sprintf("x@d%d.test", i)))
-		tq.waitJobs(t, 1)
-		tq.settle(t)
-	}
-	mu.Lock()
-	if len(ran) != 1 {
-		t.Errorf("40 deliveries one after another ran on %d goroutines, want 1", len(ran))
-	}
-	mu.Unlock()
-
-	for i := range 10 {
-		tq.enqueue(t, env("a@example.com", fmt.Sprintf("x@burst%d.test", i)))
-	}
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
-		tq.mu.Lock()
-		n := tq.sched.running
-		tq.mu.Unlock()
-		if n == 4 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%d deliveries in flight after 10s, want 4", n)
-		}
-	}
-	close(release)
-	tq.waitJobs(t, 10)
-	tq.settle(t)
-	mu.Lock()
-	defer mu.Unlock()
-	if len(ran) != 4 {
-		t.Errorf("50 deliveries with Workers=4 ran on %d goroutines, want 4", len(ran))
-	}
-	tq.mu.Lock()
-	defer tq.mu.Unlock()
-	if tq.sched.workers != 4 {
-		t.Errorf("%d workers started, want 4", tq.sched.workers)
-	}
 }
 
 func TestDeliveryInterruptedByShutdownIsDueAtNextStart(t *testing.T) {

@@ -86,11 +86,6 @@ type scheduler struct {
 	next    int
 	active  map[string]int // domain → deliveries in flight
 	running int
-	// workers is how many delivery goroutines Run has started; they
-	// take slots from jobs until Run returns. Never fewer than running,
-	// so a slot sent is always taken and the send never blocks.
-	workers int
-	jobs    chan *slot
 	// throttled lowers a domain's limit of deliveries in flight for a
 	// while, when its servers asked us to slow down (Job.Throttle): the
 	// lowest of the signals still in force, none covered by another.
@@ -295,12 +290,6 @@ func (q *Queue) Run(ctx context.Context) error {
 	q.log.Info("queue loaded", q.loaded...)
 	jobCtx, cancelJobs := context.WithCancel(context.WithoutCancel(ctx))
 	defer cancelJobs()
-	// Deliveries run on long-lived workers, not a goroutine each: an
-	// attempt runs deep (TLS, the SMTP client, the resolver), and a fresh
-	// goroutine would grow its stack by copying on every one of them.
-	q.mu.Lock()
-	q.sched.jobs, q.sched.workers = make(chan *slot, q.opts.Workers), 0
-	q.mu.Unlock()
 	var wg sync.WaitGroup
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
@@ -312,9 +301,6 @@ func (q *Queue) Run(ctx context.Context) error {
 		timer.Reset(wait)
 		select {
 		case <-ctx.Done():
-			// Only this goroutine sends jobs: the workers finish what was
-			// sent and return.
-			close(q.sched.jobs)
 			done := make(chan struct{})
 			go func() { wg.Wait(); close(done) }()
 			grace := time.NewTimer(q.opts.ShutdownGrace)
@@ -363,17 +349,11 @@ func (q *Queue) dispatch(ctx context.Context, wg *sync.WaitGroup) time.Duration 
 		s.ready, s.inflight = false, true
 		sc.running++
 		sc.active[s.domain]++
-		if sc.workers < sc.running {
-			// Started when first needed: a queue that never has many
-			// deliveries in flight never has many idle goroutines.
-			sc.workers++
-			wg.Go(func() {
-				for s := range sc.jobs {
-					q.work(ctx, s)
-				}
-			})
-		}
-		sc.jobs <- s
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			q.work(ctx, s)
+		}()
 	}
 	if len(sc.timers) == 0 {
 		return time.Hour
