@@ -69,6 +69,22 @@ type userDB struct {
 	cacheKey [32]byte
 	mu       sync.Mutex
 	verified map[string]verifiedPassword
+	// checking holds the bcrypt checks in progress, by name and HMAC:
+	// an application that opens its pool of connections at once sends
+	// the same password on each, and they wait for one check rather than
+	// running twenty side by side. Only identical attempts share one, so
+	// an attempt learns nothing its own password did not tell it.
+	checking map[checkKey]*pendingCheck
+}
+
+type checkKey struct {
+	name string
+	mac  [sha256.Size]byte
+}
+
+type pendingCheck struct {
+	done chan struct{}
+	ok   bool // set before done is closed
 }
 
 // verifiedTTL is how long a password that passed bcrypt is taken on its
@@ -84,7 +100,7 @@ type verifiedPassword struct {
 // Sessions already authenticated keep the rights they logged in with.
 func (s *Server) SetUsers(users []User) error {
 	db := &userDB{users: make(map[string]*User, len(users)), compare: bcrypt.CompareHashAndPassword,
-		now: time.Now, verified: make(map[string]verifiedPassword)}
+		now: time.Now, verified: make(map[string]verifiedPassword), checking: make(map[checkKey]*pendingCheck)}
 	rand.Read(db.cacheKey[:]) // crypto/rand.Read never fails (Go 1.24+)
 	cost := 0                 // the highest cost in use, so that the dummy check takes as long
 	for i := range users {
@@ -132,27 +148,44 @@ func (s *Server) SetUsers(users []User) error {
 // unknown name, so that timing does not tell which names exist.
 func (db *userDB) authenticate(name, password string) (*User, bool) {
 	u := db.users[name]
-	hash := db.dummyHash
-	var mac [sha256.Size]byte
-	if u != nil {
-		hash = []byte(u.PasswordHash)
-		h := hmac.New(sha256.New, db.cacheKey[:])
-		h.Write([]byte(password))
-		h.Sum(mac[:0])
-		db.mu.Lock()
-		v, ok := db.verified[name]
-		db.mu.Unlock()
-		if ok && db.now().Before(v.until) && hmac.Equal(v.mac[:], mac[:]) {
-			return u, true
-		}
-	}
-	err := db.compare(hash, []byte(password))
-	if u == nil || err != nil {
+	if u == nil {
+		db.compare(db.dummyHash, []byte(password))
 		return nil, false
 	}
+	var mac [sha256.Size]byte
+	h := hmac.New(sha256.New, db.cacheKey[:])
+	h.Write([]byte(password))
+	h.Sum(mac[:0])
+	k := checkKey{name: name, mac: mac}
 	db.mu.Lock()
-	db.verified[name] = verifiedPassword{mac: mac, until: db.now().Add(verifiedTTL)}
+	v, ok := db.verified[name]
+	if ok && db.now().Before(v.until) && hmac.Equal(v.mac[:], mac[:]) {
+		db.mu.Unlock()
+		return u, true
+	}
+	if p := db.checking[k]; p != nil {
+		db.mu.Unlock()
+		<-p.done
+		if !p.ok {
+			return nil, false
+		}
+		return u, true
+	}
+	p := &pendingCheck{done: make(chan struct{})}
+	db.checking[k] = p
 	db.mu.Unlock()
+
+	p.ok = db.compare([]byte(u.PasswordHash), []byte(password)) == nil
+	db.mu.Lock()
+	delete(db.checking, k)
+	if p.ok {
+		db.verified[name] = verifiedPassword{mac: mac, until: db.now().Add(verifiedTTL)}
+	}
+	db.mu.Unlock()
+	close(p.done)
+	if !p.ok {
+		return nil, false
+	}
 	return u, true
 }
 

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/netip"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -280,5 +281,59 @@ func TestAuthLimiterBlocksAUserAfterItsBurstAndTheClientAfterMore(t *testing.T) 
 	l.failed(clientKey(netip.MustParseAddr("198.51.100.1")), "u")
 	if len(l.m) != 2 {
 		t.Errorf("limiter remembers %d keys after forgetting idle ones, want 2", len(l.m))
+	}
+}
+
+// A pool of connections opened at once sends one password on each: they
+// wait for one bcrypt check, and only identical attempts share it.
+func TestConcurrentIdenticalAuthsShareOneBcryptCheck(t *testing.T) {
+	h, _ := bcrypt.GenerateFromPassword([]byte("pw"), 4)
+	s := &Server{}
+	if err := s.SetUsers([]User{{Name: "app", PasswordHash: string(h)}}); err != nil {
+		t.Fatal(err)
+	}
+	db := s.users.Load()
+	var mu sync.Mutex
+	compares := map[string]int{}
+	release := make(chan struct{})
+	db.compare = func(hash, pw []byte) error {
+		mu.Lock()
+		compares[string(pw)]++
+		mu.Unlock()
+		<-release
+		return bcrypt.CompareHashAndPassword(hash, pw)
+	}
+	type attempt struct {
+		pw string
+		ok bool
+	}
+	results := make(chan attempt)
+	for i := range 30 {
+		pw := "pw"
+		if i%3 == 0 {
+			pw = "wrong"
+		}
+		go func() {
+			_, ok := db.authenticate("app", pw)
+			results <- attempt{pw, ok}
+		}()
+	}
+	// Let the attempts pile up on the first checks (without sharing, each
+	// would be in its own by now), then let the checks finish.
+	time.Sleep(200 * time.Millisecond)
+	close(release)
+	for range 30 {
+		r := <-results
+		if r.ok != (r.pw == "pw") {
+			t.Errorf("password %q: ok=%v", r.pw, r.ok)
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if compares["pw"] != 1 || compares["wrong"] != 1 {
+		t.Errorf("bcrypt checks: %v, want one for each password", compares)
+	}
+	if len(db.checking) != 0 {
+		t.Errorf("%d checks left in progress", len(db.checking))
 	}
 }
