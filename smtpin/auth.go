@@ -73,7 +73,9 @@ type userDB struct {
 	// an application that opens its pool of connections at once sends
 	// the same password on each, and they wait for one check rather than
 	// running twenty side by side. Only identical attempts share one, so
-	// an attempt learns nothing its own password did not tell it.
+	// an attempt learns nothing its own password did not tell it, and an
+	// unknown name's attempts share the dummy check alike, so that a
+	// burst takes as long for it as for a configured name.
 	checking map[checkKey]*pendingCheck
 }
 
@@ -145,12 +147,14 @@ func (s *Server) SetUsers(users []User) error {
 }
 
 // authenticate checks a name and password. It runs bcrypt even for an
-// unknown name, so that timing does not tell which names exist.
+// unknown name, so that timing does not tell which names exist, and
+// shares a check in progress the same way for known and unknown names:
+// a burst of identical attempts costs one check either way.
 func (db *userDB) authenticate(name, password string) (*User, bool) {
 	u := db.users[name]
-	if u == nil {
-		db.compare(db.dummyHash, []byte(password))
-		return nil, false
+	hash := db.dummyHash
+	if u != nil {
+		hash = []byte(u.PasswordHash)
 	}
 	var mac [sha256.Size]byte
 	h := hmac.New(sha256.New, db.cacheKey[:])
@@ -158,31 +162,28 @@ func (db *userDB) authenticate(name, password string) (*User, bool) {
 	h.Sum(mac[:0])
 	k := checkKey{name: name, mac: mac}
 	db.mu.Lock()
-	v, ok := db.verified[name]
+	v, ok := db.verified[name] // only configured names are ever there
 	if ok && db.now().Before(v.until) && hmac.Equal(v.mac[:], mac[:]) {
 		db.mu.Unlock()
 		return u, true
 	}
-	if p := db.checking[k]; p != nil {
+	p := db.checking[k]
+	if p == nil {
+		p = &pendingCheck{done: make(chan struct{})}
+		db.checking[k] = p
+		db.mu.Unlock()
+		p.ok = db.compare(hash, []byte(password)) == nil && u != nil
+		db.mu.Lock()
+		delete(db.checking, k)
+		if p.ok {
+			db.verified[name] = verifiedPassword{mac: mac, until: db.now().Add(verifiedTTL)}
+		}
+		db.mu.Unlock()
+		close(p.done)
+	} else {
 		db.mu.Unlock()
 		<-p.done
-		if !p.ok {
-			return nil, false
-		}
-		return u, true
 	}
-	p := &pendingCheck{done: make(chan struct{})}
-	db.checking[k] = p
-	db.mu.Unlock()
-
-	p.ok = db.compare([]byte(u.PasswordHash), []byte(password)) == nil
-	db.mu.Lock()
-	delete(db.checking, k)
-	if p.ok {
-		db.verified[name] = verifiedPassword{mac: mac, until: db.now().Add(verifiedTTL)}
-	}
-	db.mu.Unlock()
-	close(p.done)
 	if !p.ok {
 		return nil, false
 	}

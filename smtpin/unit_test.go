@@ -308,13 +308,18 @@ func TestConcurrentIdenticalAuthsShareOneBcryptCheck(t *testing.T) {
 		ok bool
 	}
 	results := make(chan attempt)
-	for i := range 30 {
-		pw := "pw"
-		if i%3 == 0 {
+	for i := range 40 {
+		name, pw := "app", "pw"
+		switch {
+		case i%4 == 0:
 			pw = "wrong"
+		case i%4 == 1:
+			// An unknown name shares its check too: otherwise a burst
+			// would take longer for it than for a known one.
+			name, pw = "nobody", "guess"
 		}
 		go func() {
-			_, ok := db.authenticate("app", pw)
+			_, ok := db.authenticate(name, pw)
 			results <- attempt{pw, ok}
 		}()
 	}
@@ -322,7 +327,7 @@ func TestConcurrentIdenticalAuthsShareOneBcryptCheck(t *testing.T) {
 	// would be in its own by now), then let the checks finish.
 	time.Sleep(200 * time.Millisecond)
 	close(release)
-	for range 30 {
+	for range 40 {
 		r := <-results
 		if r.ok != (r.pw == "pw") {
 			t.Errorf("password %q: ok=%v", r.pw, r.ok)
@@ -330,8 +335,8 @@ func TestConcurrentIdenticalAuthsShareOneBcryptCheck(t *testing.T) {
 	}
 	mu.Lock()
 	defer mu.Unlock()
-	if compares["pw"] != 1 || compares["wrong"] != 1 {
-		t.Errorf("bcrypt checks: %v, want one for each password", compares)
+	if compares["pw"] != 1 || compares["wrong"] != 1 || compares["guess"] != 1 {
+		t.Errorf("bcrypt checks: %v, want one for each name and password", compares)
 	}
 	if len(db.checking) != 0 {
 		t.Errorf("%d checks left in progress", len(db.checking))
