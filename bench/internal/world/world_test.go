@@ -66,14 +66,7 @@ func TestDNSAnswersLikeACachingResolver(t *testing.T) {
 }
 
 func TestPolicyHostServesEachDomainItsEnforcePolicy(t *testing.T) {
-	ca, err := NewCA()
-	if err != nil {
-		t.Fatal(err)
-	}
-	certs, err := newCertStore(ca, 2)
-	if err != nil {
-		t.Fatal(err)
-	}
+	ca, certs := testCerts(t, 2)
 	p, err := startPolicy("127.0.0.1:0", certs, 2)
 	if err != nil {
 		t.Fatal(err)
@@ -105,14 +98,7 @@ func TestPolicyHostServesEachDomainItsEnforcePolicy(t *testing.T) {
 }
 
 func TestSinkCountsWhatArrivesAndWakesTheWaiter(t *testing.T) {
-	ca, err := NewCA()
-	if err != nil {
-		t.Fatal(err)
-	}
-	certs, err := newCertStore(ca, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
+	ca, certs := testCerts(t, 1)
 	k, err := startSink([]string{"127.0.0.1:0"}, certs)
 	if err != nil {
 		t.Fatal(err)
@@ -160,14 +146,7 @@ func TestSinkCountsWhatArrivesAndWakesTheWaiter(t *testing.T) {
 // The sink answers a pipelined group in one write, as Postfix does: a
 // relay reading it sees all the replies in one read.
 func TestSinkGroupsRepliesToPipelinedCommands(t *testing.T) {
-	ca, err := NewCA()
-	if err != nil {
-		t.Fatal(err)
-	}
-	certs, err := newCertStore(ca, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, certs := testCerts(t, 1)
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -226,4 +205,18 @@ type countedConn struct {
 func (c countedConn) Write(b []byte) (int, error) {
 	c.n.Add(1)
 	return c.Conn.Write(b)
+}
+
+// testCerts makes a CA and the certificates of the first n domains.
+func testCerts(t *testing.T, n int) (*CA, *certStore) {
+	t.Helper()
+	ca, err := NewCA()
+	if err != nil {
+		t.Fatal(err)
+	}
+	certs, err := newCertStore(ca, n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ca, certs
 }
