@@ -238,6 +238,15 @@ func (q *Queue) load() error {
 	return nil
 }
 
+// Update runs fn in the queue's next group commit and returns once that
+// commit is on disk. It is for the other buckets of the same database (the
+// MTA-STS cache, TLSRPT results): bbolt has one writer, and a transaction
+// of their own would hold it, with two fsyncs, while acceptances wait
+// behind it. fn may run more than once (when another write of the batch
+// fails), so it must not have effects outside tx; an error from fn fails
+// this Update alone. After Close, Update returns ErrClosed.
+func (q *Queue) Update(fn func(tx *bbolt.Tx) error) error { return q.commit.do(fn, nil) }
+
 // Close stops accepting writes and waits for pending ones. Call it after
 // Run has returned.
 func (q *Queue) Close() error {

@@ -3,6 +3,7 @@ package queue
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -743,5 +744,73 @@ func TestOutcomeLinesFollowTheLogLevel(t *testing.T) {
 		if !strings.Contains(got, `msg="gave up: delivery time expired"`) || !strings.Contains(got, "recipients=bob@example.org outcome=expired") {
 			t.Errorf("level %v: no gave up line for bob:\n%s", level, got)
 		}
+	}
+}
+
+// TestUpdateSharesTheGroupCommit: the other buckets of the database (the
+// MTA-STS cache, TLSRPT) write through the queue's group commit, so a
+// burst of them shares fsyncs instead of holding bbolt's writer in turn.
+func TestUpdateSharesTheGroupCommit(t *testing.T) {
+	tq := newTestQueue(t, newScripted(all(ok250)), Options{})
+	bucket := []byte("other.part")
+	const n = 50
+	lastTx := func() (id int) {
+		tq.db.View(func(tx *bbolt.Tx) error { id = tx.ID(); return nil })
+		return id
+	}
+	before := lastTx()
+	start := make(chan struct{})
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() {
+			<-start
+			err := tq.Update(func(tx *bbolt.Tx) error {
+				b, err := tx.CreateBucketIfNotExists(bucket)
+				if err != nil {
+					return err
+				}
+				return b.Put(fmt.Appendf(nil, "k%02d", i), []byte("v"))
+			})
+			if err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	close(start)
+	wg.Wait()
+	if txs := lastTx() - before; txs > n/5 {
+		t.Errorf("%d concurrent writes took %d write transactions, want at most %d", n, txs, n/5)
+	}
+	tq.db.View(func(tx *bbolt.Tx) error {
+		if b := tx.Bucket(bucket); b == nil || b.Stats().KeyN != n {
+			t.Errorf("the bucket has not got the %d keys written", n)
+		}
+		return nil
+	})
+
+	// A write that fails is its own: nothing of it is kept, and the queue
+	// goes on.
+	errRefused := errors.New("refused")
+	err := tq.Update(func(tx *bbolt.Tx) error {
+		if err := tx.Bucket(bucket).Put([]byte("half"), []byte("v")); err != nil {
+			return err
+		}
+		return errRefused
+	})
+	if !errors.Is(err, errRefused) {
+		t.Fatalf("Update = %v, want its function's error", err)
+	}
+	tq.db.View(func(tx *bbolt.Tx) error {
+		if tx.Bucket(bucket).Get([]byte("half")) != nil {
+			t.Error("a failed Update left its write behind")
+		}
+		return nil
+	})
+	if _, err := tq.Enqueue(context.Background(), env("alice@example.com", "bob@example.org"), strings.NewReader(testBody)); err != nil {
+		t.Fatalf("Enqueue after a failed Update: %v", err)
+	}
+	tq.Close()
+	if err := tq.Update(func(*bbolt.Tx) error { return nil }); !errors.Is(err, ErrClosed) {
+		t.Errorf("Update after Close = %v, want ErrClosed", err)
 	}
 }
