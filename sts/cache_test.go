@@ -7,8 +7,11 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"go.etcd.io/bbolt"
 
 	"github.com/stsrelay/stsrelay/internal/dnstest"
 	"github.com/stsrelay/stsrelay/policy"
@@ -23,6 +26,7 @@ func mustPolicy(t *testing.T, m *sts.Manager, domain string) *sts.CachedPolicy {
 	if err != nil {
 		t.Fatalf("Policy(%s): %v", domain, err)
 	}
+	m.WaitWrites() // the tests look at the database next
 	return cp
 }
 
@@ -503,5 +507,52 @@ func TestNoPolicyErrorWrapsItsCause(t *testing.T) {
 	}
 	if want := sts.ErrNoPolicy.Error() + ": " + sts.ErrNoRecord.Error(); err.Error() != want {
 		t.Errorf("err = %q, want %q", err, want)
+	}
+}
+
+// TestDeliveryDoesNotWaitForThePolicyWrite: a fetched policy is applied
+// from memory at once; it is written through Options.Update (the queue's
+// group commit in the daemon) after, and WaitWrites waits for that.
+func TestDeliveryDoesNotWaitForThePolicyWrite(t *testing.T) {
+	e := newEnv(t)
+	e.ValidHost("example.com", "id1", enforcePolicy)
+	path := dbPath(t)
+	db := openDB(t, path)
+	release := make(chan struct{})
+	var writes atomic.Int32
+	m := e.Manager(func(o *sts.Options) {
+		o.DB = db
+		o.Update = func(fn func(*bbolt.Tx) error) error {
+			writes.Add(1)
+			<-release // a disk that is slow today
+			return db.Update(fn)
+		}
+	})
+	c, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	cp, err := m.Policy(c, "example.com")
+	if err != nil || cp.Policy.Mode != sts.ModeEnforce {
+		t.Fatalf("Policy = %+v, %v; want the enforce policy while its write waits", cp, err)
+	}
+	waited := make(chan struct{})
+	go func() { m.WaitWrites(); close(waited) }()
+	select {
+	case <-waited:
+		t.Fatal("WaitWrites returned while the policy's write was held up")
+	case <-time.After(50 * time.Millisecond):
+	}
+	close(release)
+	<-waited
+	if n := writes.Load(); n != 1 {
+		t.Fatalf("%d writes through Options.Update, want 1", n)
+	}
+	db.Close()
+
+	// The write landed: a restarted manager has the policy without a fetch.
+	db = openDB(t, path)
+	defer db.Close()
+	m = e.Manager(func(o *sts.Options) { o.DB = db })
+	if cp, err := m.Cached("example.com"); err != nil || cp.ID != "id1" {
+		t.Fatalf("after restart: %+v, %v; want the written policy", cp, err)
 	}
 }

@@ -43,6 +43,14 @@ type Options struct {
 	// DB persists the cache, in bucket "sts.policies", so a restart keeps
 	// policies. nil keeps the cache in memory only (stsrelay check).
 	DB *bbolt.DB
+	// Update, when set, runs the cache's writes to DB; nil means DB.Batch,
+	// so that writes arriving together share a transaction. The daemon
+	// passes the queue's group commit
+	// (queue.(*Queue).Update): at a cold start a policy arrives for every
+	// domain at once, and transactions of their own would hold bbolt's one
+	// writer while the queue's commits, and the clients waiting on them,
+	// queue behind.
+	Update func(fn func(tx *bbolt.Tx) error) error
 	// RootCAs verify policy hosts; nil means the system roots (which Go
 	// reads from SSL_CERT_FILE / SSL_CERT_DIR when set).
 	RootCAs *x509.CertPool
@@ -120,6 +128,7 @@ type call struct {
 type Manager struct {
 	resolver         *resolve.Resolver
 	db               *bbolt.DB
+	update           func(fn func(tx *bbolt.Tx) error) error // writes to db
 	http             *http.Client
 	fetchTimeout     time.Duration
 	fetchWait        time.Duration
@@ -133,6 +142,8 @@ type Manager struct {
 	entries  map[string]*entry  // the cache, mirrored in db
 	failures map[string]failure // by domain: the last failed fetch
 	inflight map[string]*call   // by domain: the fetch under way
+	writing  int                // cache writes under way (see WaitWrites)
+	written  sync.Cond          // on mu: writing went to 0
 }
 
 // New returns a Manager and loads the persisted cache from opts.DB.
@@ -143,6 +154,7 @@ func New(opts Options) (*Manager, error) {
 	m := &Manager{
 		resolver:         opts.Resolver,
 		db:               opts.DB,
+		update:           opts.Update,
 		fetchTimeout:     opts.FetchTimeout,
 		fetchWait:        opts.FetchWait,
 		matchCNAMETarget: opts.MatchCNAMETarget,
@@ -170,6 +182,10 @@ func New(opts Options) (*Manager, error) {
 		m.refreshInterval = defaultRefreshInterval
 	}
 	m.http = newHTTPClient(&opts, m.fetchTimeout)
+	m.written.L = &m.mu
+	if m.db != nil && m.update == nil {
+		m.update = m.db.Batch
+	}
 	if m.db != nil {
 		entries, bad, err := loadAll(m.db)
 		if err != nil {
@@ -389,20 +405,40 @@ func (m *Manager) fetchAndStore(ctx context.Context, domain, id string, c *call)
 	cp := newCachedPolicy(domain, id, p, now, now.Add(p.MaxAge))
 	m.log.Info("sts: policy fetched", "domain", domain, "id", id, "mode", p.Mode,
 		"max_age", p.MaxAge, "duration", now.Sub(start))
-	if m.db != nil {
-		// RFC 8461 §5.1: the new policy (mode none included) replaces
-		// the old one. A failed write keeps the policy in memory.
-		if err := storePolicy(m.db, cp, now); err != nil {
-			m.log.Error("sts: storing policy", "domain", domain, "err", err)
-		}
-	}
+	// RFC 8461 §5.1: the new policy (mode none included) replaces the
+	// old one. Deliveries go on with it from memory while it is written.
 	m.mu.Lock()
 	m.entries[domain] = &entry{policy: cp, lastUsed: now}
 	delete(m.failures, domain)
-	delete(m.inflight, domain)
+	m.writing++
 	m.mu.Unlock()
 	c.policy = cp
 	close(c.done)
+	if m.db != nil {
+		// A failed write keeps the policy in memory.
+		if err := storePolicy(m.update, cp, now); err != nil {
+			m.log.Error("sts: storing policy", "domain", domain, "err", err)
+		}
+	}
+	// Until here, a later fetch of the domain joins this one, so that two
+	// writes of its policy cannot land out of order.
+	m.mu.Lock()
+	delete(m.inflight, domain)
+	if m.writing--; m.writing == 0 {
+		m.written.Broadcast()
+	}
+	m.mu.Unlock()
+}
+
+// WaitWrites returns once the cache writes under way have ended. A fetched
+// policy is written after the deliveries waiting for it went on; the
+// daemon calls this before it closes the database.
+func (m *Manager) WaitWrites() {
+	m.mu.Lock()
+	for m.writing > 0 {
+		m.written.Wait()
+	}
+	m.mu.Unlock()
 }
 
 // Refresh looks up the TXT record and fetches the policy now, ignoring the
@@ -459,7 +495,7 @@ func (m *Manager) Purge(domain string) error {
 	delete(m.failures, d)
 	m.mu.Unlock()
 	if m.db != nil {
-		if err := deletePolicy(m.db, d); err != nil {
+		if err := deletePolicy(m.update, d); err != nil {
 			return fmt.Errorf("sts: purging %s: %w", d, err)
 		}
 	}
@@ -511,7 +547,7 @@ func (m *Manager) refreshDue(ctx context.Context) {
 		delete(m.entries, d)
 		m.mu.Unlock()
 		if m.db != nil {
-			if err := deletePolicy(m.db, d); err != nil {
+			if err := deletePolicy(m.update, d); err != nil {
 				m.log.Error("sts: dropping expired policy", "domain", d, "err", err)
 			}
 		}

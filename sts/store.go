@@ -53,7 +53,7 @@ func loadAll(db *bbolt.DB) (map[string]*entry, []error, error) {
 	return entries, bad, err
 }
 
-func storePolicy(db *bbolt.DB, cp *CachedPolicy, lastUsed time.Time) error {
+func storePolicy(update func(func(*bbolt.Tx) error) error, cp *CachedPolicy, lastUsed time.Time) error {
 	v, err := json.Marshal(storedPolicy{
 		ID: cp.ID, Policy: cp.Policy.String(),
 		Fetched: cp.Fetched.UTC(), Expires: cp.Expires.UTC(), LastUsed: lastUsed.UTC(),
@@ -61,12 +61,9 @@ func storePolicy(db *bbolt.DB, cp *CachedPolicy, lastUsed time.Time) error {
 	if err != nil {
 		return err
 	}
-	// Batch, not Update: at a cold start policies arrive for every
-	// domain at once, and each write transaction holds the database's
-	// one writer for two fsyncs while the queue's commits wait. Stores
-	// that arrive within a few milliseconds share one transaction. The
-	// function may run twice; a Put is the same either way.
-	return db.Batch(func(tx *bbolt.Tx) error {
+	// The function may run twice (see Options.Update); a Put is the same
+	// either way.
+	return update(func(tx *bbolt.Tx) error {
 		b, err := tx.CreateBucketIfNotExists(bucketPolicies)
 		if err != nil {
 			return err
@@ -75,8 +72,8 @@ func storePolicy(db *bbolt.DB, cp *CachedPolicy, lastUsed time.Time) error {
 	})
 }
 
-func deletePolicy(db *bbolt.DB, domain string) error {
-	return db.Update(func(tx *bbolt.Tx) error {
+func deletePolicy(update func(func(*bbolt.Tx) error) error, domain string) error {
+	return update(func(tx *bbolt.Tx) error {
 		b := tx.Bucket(bucketPolicies)
 		if b == nil {
 			return nil

@@ -10,7 +10,8 @@ import (
 	"go.etcd.io/bbolt"
 )
 
-// TestConcurrentPolicyStoresShareTransactions: at a cold start a relay
+// TestConcurrentPolicyStoresShareTransactions: without Options.Update (the
+// daemon passes the queue's group commit), at a cold start a relay
 // fetches a policy for every domain it delivers to at once, and each
 // write transaction holds the database's one writer (and the queue's
 // commits behind it) for two fsyncs. Stores that arrive together are
@@ -38,7 +39,7 @@ func TestConcurrentPolicyStoresShareTransactions(t *testing.T) {
 		wg.Go(func() {
 			<-start
 			cp := newCachedPolicy(fmt.Sprintf("d%d.example", i), "id1", p, now, now.Add(p.MaxAge))
-			if err := storePolicy(db, cp, now); err != nil {
+			if err := storePolicy(db.Batch, cp, now); err != nil {
 				t.Error(err)
 			}
 		})
