@@ -148,7 +148,7 @@ func newEnv(t *testing.T, mod func(*Options), records ...string) *env {
 	done := make(chan struct{})
 	go func() { e.q.Run(ctx); close(done) }()
 	e.opts = Options{
-		DB: e.db, Resolver: e.res, Queue: e.q,
+		DB: e.db, Update: e.q.Update, Resolver: e.res, Queue: e.q, // as the daemon wires it
 		OrganizationName: "Example Relay Operator",
 		ContactInfo:      "tlsrpt@example.com",
 		Sender:           "tlsrpt-noreply@example.com",

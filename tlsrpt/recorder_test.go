@@ -1,6 +1,7 @@
 package tlsrpt
 
 import (
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -71,5 +72,27 @@ func TestOldResultsAndReportsAreForgotten(t *testing.T) {
 	e.db.View(func(tx *bbolt.Tx) error { n = len(allReports(tx)); return nil })
 	if n != 0 {
 		t.Errorf("%d report records kept past %v", n, keepReports)
+	}
+}
+
+// TestWritesGoThroughOptionsUpdate: the daemon hands tlsrpt the queue's
+// group commit, so its writes share the queue's fsyncs.
+func TestWritesGoThroughOptionsUpdate(t *testing.T) {
+	var writes atomic.Int32
+	e := newEnv(t, func(o *Options) {
+		update := o.Update
+		o.Update = func(fn func(*bbolt.Tx) error) error {
+			writes.Add(1)
+			return update(fn)
+		}
+	})
+	e.rep.Record(result("example.net", stsID, 1, policy.ResultSuccess, "mx1.example.net", ""))
+	e.rep.Flush()
+	if n := writes.Load(); n != 1 {
+		t.Fatalf("%d writes through Options.Update, want 1", n)
+	}
+	list, err := e.rep.List()
+	if err != nil || len(list) != 1 || len(list[0].Policies) != 1 || list[0].Policies[0].Successful != 1 {
+		t.Fatalf("stored: %+v, %v; want the one success", list, err)
 	}
 }

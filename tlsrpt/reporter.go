@@ -55,6 +55,11 @@ type Enqueuer interface {
 type Options struct {
 	// DB is the database the queue opened; tlsrpt keeps its own buckets.
 	DB *bbolt.DB
+	// Update, when set, runs tlsrpt's writes to DB; nil means DB.Update.
+	// The daemon passes the queue's group commit (queue.(*Queue).Update),
+	// so that the writes share the queue's fsyncs instead of holding
+	// bbolt's one writer while acceptances wait.
+	Update func(fn func(tx *bbolt.Tx) error) error
 	// Resolver finds TLSRPT records and the addresses of https endpoints.
 	Resolver *resolve.Resolver
 	// Queue sends mailto: reports; nil makes them fail.
@@ -115,6 +120,9 @@ type Reporter struct {
 func New(opts Options) (*Reporter, error) {
 	if opts.DB == nil || opts.Resolver == nil {
 		return nil, errors.New("tlsrpt: Options.DB and Options.Resolver are required")
+	}
+	if opts.Update == nil {
+		opts.Update = opts.DB.Update
 	}
 	if opts.OrganizationName == "" {
 		return nil, errors.New("tlsrpt: an organization name is required (tlsrpt.organization_name)")
@@ -224,7 +232,7 @@ func (t *Reporter) writer() {
 		if n == 0 {
 			return
 		}
-		if err := storeBatch(t.opts.DB, b); err != nil {
+		if err := storeBatch(t.opts.Update, b); err != nil {
 			metricDropped.Add(float64(n))
 			t.log.Error("tlsrpt: session results lost: cannot store them", "results", n, "err", err)
 		}

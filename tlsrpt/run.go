@@ -83,7 +83,7 @@ func (t *Reporter) runOnce(ctx context.Context) time.Time {
 	if at := t.deliverDue(ctx, now); !at.IsZero() && at.Before(next) {
 		next = at
 	}
-	if err := prune(t.opts.DB, now); err != nil {
+	if err := prune(t.opts.Update, now); err != nil {
 		t.log.Warn("tlsrpt: forgetting old results", "err", err)
 	}
 	return next
@@ -301,7 +301,7 @@ func (t *Reporter) resend(ctx context.Context, rep *storedReport, aggs []*aggreg
 }
 
 func (t *Reporter) save(rep *storedReport) {
-	if err := putReport(t.opts.DB, rep); err != nil {
+	if err := putReport(t.opts.Update, rep); err != nil {
 		t.log.Error("tlsrpt: cannot store report state", "domain", rep.Domain, "day", rep.Day, "err", err)
 	}
 }

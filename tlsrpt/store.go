@@ -100,9 +100,13 @@ func (b batch) add(day string, key []byte, a *aggregate) {
 	m[string(key)] = a
 }
 
-// storeBatch merges b into the stored aggregates in one transaction.
-func storeBatch(db *bbolt.DB, b batch) error {
-	return db.Update(func(tx *bbolt.Tx) error {
+// update runs a write transaction: Options.Update.
+type update = func(fn func(tx *bbolt.Tx) error) error
+
+// storeBatch merges b into the stored aggregates in one transaction. It
+// reads b and changes only tx, so it may run twice (Options.Update).
+func storeBatch(update update, b batch) error {
+	return update(func(tx *bbolt.Tx) error {
 		root, err := tx.CreateBucketIfNotExists(bucketResults)
 		if err != nil {
 			return err
@@ -184,12 +188,12 @@ func getReport(tx *bbolt.Tx, key []byte) *storedReport {
 	return &r
 }
 
-func putReport(db *bbolt.DB, r *storedReport) error {
+func putReport(update update, r *storedReport) error {
 	v, err := json.Marshal(r)
 	if err != nil {
 		return err
 	}
-	return db.Update(func(tx *bbolt.Tx) error {
+	return update(func(tx *bbolt.Tx) error {
 		b, err := tx.CreateBucketIfNotExists(bucketReports)
 		if err != nil {
 			return err
@@ -214,10 +218,10 @@ func allReports(tx *bbolt.Tx) []*storedReport {
 }
 
 // prune forgets results and reports past their retention.
-func prune(db *bbolt.DB, now time.Time) error {
+func prune(update update, now time.Time) error {
 	resultsBefore := now.UTC().Add(-keepResults).Format(dayFormat)
 	reportsBefore := now.UTC().Add(-keepReports).Format(dayFormat)
-	return db.Update(func(tx *bbolt.Tx) error {
+	return update(func(tx *bbolt.Tx) error {
 		for _, d := range days(tx) {
 			if d < resultsBefore {
 				if err := tx.Bucket(bucketResults).DeleteBucket([]byte(d)); err != nil {
