@@ -96,7 +96,7 @@ one at the default path, built-in defaults (/etc/resolv.conf) are used.`, stderr
 		fail(stderr, "check: %v", err)
 		return checkError
 	}
-	parts, err := buildDelivery(cfg, res, nil, nil, slog.New(slog.DiscardHandler))
+	parts, err := buildDelivery(cfg, res, nil, nil, nil, slog.New(slog.DiscardHandler))
 	if err != nil {
 		fail(stderr, "check: %v", err)
 		return checkError

@@ -46,7 +46,7 @@ func newResolver(cfg *config.Config) (*resolve.Resolver, error) {
 // 8461 §2; docs/DESIGN.md, "Security policy precedence"), and the engine. db persists the MTA-STS
 // cache; nil keeps it in memory (check). rec receives session results for
 // TLS reports; nil records nothing (check, or tlsrpt.enabled = false).
-func buildDelivery(cfg *config.Config, res *resolve.Resolver, db *bbolt.DB, rec policy.Recorder, logger *slog.Logger) (*deliveryParts, error) {
+func buildDelivery(cfg *config.Config, res *resolve.Resolver, db *bbolt.DB, update func(func(*bbolt.Tx) error) error, rec policy.Recorder, logger *slog.Logger) (*deliveryParts, error) {
 	p := &deliveryParts{daneScope: &atomic.Pointer[routing.Table[bool]]{}}
 	var sources []policy.PolicySource
 
@@ -81,6 +81,7 @@ func buildDelivery(cfg *config.Config, res *resolve.Resolver, db *bbolt.DB, rec 
 		m, err := sts.New(sts.Options{
 			Resolver:         res,
 			DB:               db,
+			Update:           update,
 			FetchTimeout:     cfg.STS.FetchTimeout.Duration,
 			FetchWait:        wait,
 			MatchCNAMETarget: cfg.STS.MatchCNAMETarget,

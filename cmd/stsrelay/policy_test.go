@@ -61,7 +61,7 @@ func TestDANEScopeFollowsThePolicyEntries(t *testing.T) {
 	}
 	cfg := config.Default()
 	cfg.Hostname = "relay.test"
-	p, err := buildDelivery(cfg, res, nil, nil, nil)
+	p, err := buildDelivery(cfg, res, nil, nil, nil, nil)
 	if err != nil || !p.dane.Applies("any.example") {
 		t.Fatalf("default: %v; DANE applies to any.example: %v", err, p.dane.Applies("any.example"))
 	}
@@ -73,7 +73,7 @@ func TestDANEScopeFollowsThePolicyEntries(t *testing.T) {
 		{Domains: []string{"x.partner.example"}, TLS: "may"},
 		{Domains: []string{"other.example"}, TLS: "dane"},
 	}
-	p, err = buildDelivery(cfg, res, nil, nil, nil)
+	p, err = buildDelivery(cfg, res, nil, nil, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -148,6 +148,7 @@ type relay struct {
 	cfg     *config.Config
 	logger  *slog.Logger
 	db      *bbolt.DB
+	writes  *sharedWrites
 	queue   *queue.Queue
 	engine  *delivery.Engine
 	sts     *sts.Manager
@@ -179,6 +180,24 @@ func (r *relay) warn(msg string, attrs ...any) {
 	r.warnings = append(r.warnings, warning{msg, attrs})
 }
 
+// sharedWrites runs the writes of the MTA-STS cache and of TLSRPT to the
+// database the queue owns. Once the queue is up they go through its group
+// commit (queue.(*Queue).Update) and share its fsyncs; before it is up, and
+// after it has closed, straight to bbolt.
+type sharedWrites struct {
+	db *bbolt.DB
+	q  atomic.Pointer[queue.Queue]
+}
+
+func (w *sharedWrites) update(fn func(tx *bbolt.Tx) error) error {
+	if q := w.q.Load(); q != nil {
+		if err := q.Update(fn); !errors.Is(err, queue.ErrClosed) {
+			return err
+		}
+	}
+	return w.db.Update(fn)
+}
+
 // start builds and starts every part. Anything that can fail for the
 // operator's reasons (state_dir, ports, certificates) fails here, before
 // systemd is told we are ready.
@@ -195,6 +214,7 @@ func start(cfg *config.Config, logger *slog.Logger) (_ *relay, err error) {
 	if r.db, err = queue.OpenDB(filepath.Join(cfg.StateDir, "stsrelay.db")); err != nil {
 		return nil, err
 	}
+	r.writes = &sharedWrites{db: r.db}
 
 	res, err := newResolver(cfg)
 	if err != nil {
@@ -207,7 +227,7 @@ func start(cfg *config.Config, logger *slog.Logger) (_ *relay, err error) {
 	if err := r.newReporter(res); err != nil {
 		return nil, err
 	}
-	parts, err := buildDelivery(cfg, res, r.db, r.recorder(), logger)
+	parts, err := buildDelivery(cfg, res, r.db, r.writes.update, r.recorder(), logger)
 	if err != nil {
 		return nil, err
 	}
@@ -236,6 +256,7 @@ func start(cfg *config.Config, logger *slog.Logger) (_ *relay, err error) {
 	if err != nil {
 		return nil, err
 	}
+	r.writes.q.Store(r.queue)
 
 	opts := smtpin.Options{
 		Hostname:                 cfg.Hostname,
@@ -391,6 +412,9 @@ func (r *relay) closeParts() {
 	}
 	if r.engine != nil {
 		r.engine.Close()
+	}
+	if r.sts != nil {
+		r.sts.WaitWrites() // fetches finish after their deliveries
 	}
 	if r.tlsrpt != nil {
 		r.tlsrpt.Close() // stores buffered results while the database is open

@@ -32,6 +32,7 @@ func (r *relay) newReporter(res *resolve.Resolver) error {
 	}
 	rep, err := tlsrpt.New(tlsrpt.Options{
 		DB:               r.db,
+		Update:           r.writes.update,
 		Resolver:         res,
 		Queue:            r, // the queue is made later; see Enqueue
 		OrganizationName: c.OrganizationName,
