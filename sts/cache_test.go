@@ -556,3 +556,51 @@ func TestDeliveryDoesNotWaitForThePolicyWrite(t *testing.T) {
 		t.Fatalf("after restart: %+v, %v; want the written policy", cp, err)
 	}
 }
+
+// A purge while the fetched policy is still being written must not be
+// undone by that write landing after it.
+func TestPurgeWaitsForThePolicyWrite(t *testing.T) {
+	e := newEnv(t)
+	e.ValidHost("example.com", "id1", enforcePolicy)
+	path := dbPath(t)
+	db := openDB(t, path)
+	release := make(chan struct{})
+	var held atomic.Bool
+	m := e.Manager(func(o *sts.Options) {
+		o.DB = db
+		o.Update = func(fn func(*bbolt.Tx) error) error {
+			if held.CompareAndSwap(false, true) {
+				<-release // the policy's write, held up
+			}
+			return db.Update(fn)
+		}
+	})
+	c, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if _, err := m.Policy(c, "example.com"); err != nil {
+		t.Fatal(err)
+	}
+	purged := make(chan error, 1)
+	go func() { purged <- m.Purge("example.com") }()
+	select {
+	case err := <-purged:
+		t.Fatalf("Purge returned (%v) while the policy's write was held up; that write would land after the deletion", err)
+	case <-time.After(50 * time.Millisecond):
+	}
+	close(release)
+	if err := <-purged; err != nil {
+		t.Fatalf("Purge = %v, want nil", err)
+	}
+	m.WaitWrites()
+	if _, err := m.Cached("example.com"); !errors.Is(err, sts.ErrNotCached) {
+		t.Fatalf("Cached after Purge = %v, want ErrNotCached", err)
+	}
+	db.Close()
+
+	db = openDB(t, path)
+	defer db.Close()
+	m = e.Manager(func(o *sts.Options) { o.DB = db })
+	if cp, err := m.Cached("example.com"); !errors.Is(err, sts.ErrNotCached) {
+		t.Fatalf("after restart: %+v, %v; want the purged policy gone", cp, err)
+	}
+}

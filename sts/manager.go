@@ -45,11 +45,10 @@ type Options struct {
 	DB *bbolt.DB
 	// Update, when set, runs the cache's writes to DB; nil means DB.Batch,
 	// so that writes arriving together share a transaction. The daemon
-	// passes the queue's group commit
-	// (queue.(*Queue).Update): at a cold start a policy arrives for every
-	// domain at once, and transactions of their own would hold bbolt's one
-	// writer while the queue's commits, and the clients waiting on them,
-	// queue behind.
+	// passes the queue's group commit (queue.(*Queue).Update): at a cold
+	// start a policy arrives for every domain at once, and transactions of
+	// their own would hold bbolt's one writer while the queue's commits,
+	// and the clients waiting on them, queue behind.
 	Update func(fn func(tx *bbolt.Tx) error) error
 	// RootCAs verify policy hosts; nil means the system roots (which Go
 	// reads from SSL_CERT_FILE / SSL_CERT_DIR when set).
@@ -120,6 +119,7 @@ type call struct {
 	done    chan struct{}
 	policy  *CachedPolicy
 	err     error
+	writing bool // on Manager.mu: the fetched policy is being written
 }
 
 // Manager discovers, fetches, caches and refreshes MTA-STS policies, and
@@ -143,7 +143,7 @@ type Manager struct {
 	failures map[string]failure // by domain: the last failed fetch
 	inflight map[string]*call   // by domain: the fetch under way
 	writing  int                // cache writes under way (see WaitWrites)
-	written  sync.Cond          // on mu: writing went to 0
+	written  sync.Cond          // on mu: a write ended
 }
 
 // New returns a Manager and loads the persisted cache from opts.DB.
@@ -411,6 +411,7 @@ func (m *Manager) fetchAndStore(ctx context.Context, domain, id string, c *call)
 	m.entries[domain] = &entry{policy: cp, lastUsed: now}
 	delete(m.failures, domain)
 	m.writing++
+	c.writing = true
 	m.mu.Unlock()
 	c.policy = cp
 	close(c.done)
@@ -424,9 +425,8 @@ func (m *Manager) fetchAndStore(ctx context.Context, domain, id string, c *call)
 	// writes of its policy cannot land out of order.
 	m.mu.Lock()
 	delete(m.inflight, domain)
-	if m.writing--; m.writing == 0 {
-		m.written.Broadcast()
-	}
+	m.writing--
+	m.written.Broadcast() // WaitWrites, and forget waiting for this domain
 	m.mu.Unlock()
 }
 
@@ -490,19 +490,34 @@ func (m *Manager) Purge(domain string) error {
 		return err
 	}
 	m.mu.Lock()
-	_, ok := m.entries[d]
-	delete(m.entries, d)
 	delete(m.failures, d)
 	m.mu.Unlock()
-	if m.db != nil {
-		if err := deletePolicy(m.update, d); err != nil {
-			return fmt.Errorf("sts: purging %s: %w", d, err)
-		}
+	ok, err := m.forget(d)
+	if err != nil {
+		return fmt.Errorf("sts: purging %s: %w", d, err)
 	}
 	if !ok {
 		return ErrNotCached
 	}
 	return nil
+}
+
+// forget drops the cached policy of d, in memory and in the database, and
+// reports whether there was one. A write of d's policy under way ends
+// first: the deletion could otherwise reach the disk before it, and the
+// policy come back at the next start.
+func (m *Manager) forget(d string) (bool, error) {
+	m.mu.Lock()
+	for c := m.inflight[d]; c != nil && c.writing; c = m.inflight[d] {
+		m.written.Wait()
+	}
+	_, ok := m.entries[d]
+	delete(m.entries, d)
+	m.mu.Unlock()
+	if m.db == nil {
+		return ok, nil
+	}
+	return ok, deletePolicy(m.update, d)
 }
 
 // Run refreshes policies in the background until ctx is done: a policy of a
@@ -543,13 +558,8 @@ func (m *Manager) refreshDue(ctx context.Context) {
 	}
 	m.mu.Unlock()
 	for _, d := range drop {
-		m.mu.Lock()
-		delete(m.entries, d)
-		m.mu.Unlock()
-		if m.db != nil {
-			if err := deletePolicy(m.update, d); err != nil {
-				m.log.Error("sts: dropping expired policy", "domain", d, "err", err)
-			}
+		if _, err := m.forget(d); err != nil {
+			m.log.Error("sts: dropping expired policy", "domain", d, "err", err)
 		}
 	}
 	for _, d := range due {
