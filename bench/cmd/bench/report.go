@@ -31,22 +31,25 @@ type figure struct {
 	get   func(*runResult) float64
 	prec  int
 	ratio bool // print the stsrelay/Postfix ratio
+	// unset: 0 means not measured, printed as a dash (a run that ended
+	// within its first 2 s has no p99 after them)
+	unset bool
 }
 
 var figures = []figure{
-	{"end-to-end msg/s", func(r *runResult) float64 { return r.E2ERate }, 0, true},
-	{"acceptance msg/s", func(r *runResult) float64 { return r.AcceptRate }, 0, true},
-	{"acceptance p50 ms", func(r *runResult) float64 { return r.P50ms }, 1, true},
-	{"acceptance p90 ms", func(r *runResult) float64 { return r.P90ms }, 1, true},
-	{"acceptance p99 ms", func(r *runResult) float64 { return r.P99ms }, 1, true},
-	{"acceptance p99 after the first 2 s ms", func(r *runResult) float64 { return r.P99Steadyms }, 1, true},
-	{"acceptance max ms", func(r *runResult) float64 { return r.Maxms }, 0, true},
-	{"CPU ms/msg (process tree)", func(r *runResult) float64 { return r.CPUms }, 2, true},
-	{"peak RSS MB (sum)", func(r *runResult) float64 { return r.RSSMB }, 0, true},
-	{"peak PSS MB", func(r *runResult) float64 { return r.PSSMB }, 0, true},
-	{"ramp-up to 90% rate s", func(r *runResult) float64 { return r.RampUps }, 1, false},
-	{"sink connections/transaction", func(r *runResult) float64 { return r.SinkConnsPerTx }, 3, false},
-	{"TLS handshakes resumed %", func(r *runResult) float64 { return 100 * r.ResumedShare }, 0, false},
+	{"end-to-end msg/s", func(r *runResult) float64 { return r.E2ERate }, 0, true, false},
+	{"acceptance msg/s", func(r *runResult) float64 { return r.AcceptRate }, 0, true, false},
+	{"acceptance p50 ms", func(r *runResult) float64 { return r.P50ms }, 1, true, false},
+	{"acceptance p90 ms", func(r *runResult) float64 { return r.P90ms }, 1, true, false},
+	{"acceptance p99 ms", func(r *runResult) float64 { return r.P99ms }, 1, true, false},
+	{"acceptance p99 after the first 2 s ms", func(r *runResult) float64 { return r.P99Steadyms }, 1, true, true},
+	{"acceptance max ms", func(r *runResult) float64 { return r.Maxms }, 0, true, false},
+	{"CPU ms/msg (process tree)", func(r *runResult) float64 { return r.CPUms }, 2, true, false},
+	{"peak RSS MB (sum)", func(r *runResult) float64 { return r.RSSMB }, 0, true, false},
+	{"peak PSS MB", func(r *runResult) float64 { return r.PSSMB }, 0, true, false},
+	{"ramp-up to 90% rate s", func(r *runResult) float64 { return r.RampUps }, 1, false, false},
+	{"sink connections/transaction", func(r *runResult) float64 { return r.SinkConnsPerTx }, 3, false, false},
+	{"TLS handshakes resumed %", func(r *runResult) float64 { return 100 * r.ResumedShare }, 0, false, false},
 }
 
 // ok returns the runs of sys that completed.
@@ -66,6 +69,19 @@ func (rep *report) median(sys string, get func(*runResult) float64) float64 {
 		v = append(v, get(r))
 	}
 	return median(v)
+}
+
+// measured wraps get for a figure whose 0 means not measured: the median
+// of the runs that measured it, whatever the others read.
+func measured(runs []*runResult, get func(*runResult) float64) func(*runResult) float64 {
+	var v []float64
+	for _, r := range runs {
+		if x := get(r); x != 0 {
+			v = append(v, x)
+		}
+	}
+	m := median(v)
+	return func(*runResult) float64 { return m }
 }
 
 func median(v []float64) float64 {
@@ -107,8 +123,17 @@ func (rep *report) table() [][]string {
 				row = append(row, "failed")
 				continue
 			}
-			vals[s] = rep.median(s, f.get)
-			row = append(row, fmt.Sprintf("%.*f", f.prec, vals[s]))
+			get := f.get
+			if f.unset {
+				get = measured(rep.ok(s), f.get)
+			}
+			v := rep.median(s, get)
+			if f.unset && v == 0 {
+				row = append(row, "–")
+				continue
+			}
+			vals[s] = v
+			row = append(row, fmt.Sprintf("%.*f", f.prec, v))
 		}
 		if slices.Contains(sc.systems, sysStsrelay) {
 			for _, o := range others {

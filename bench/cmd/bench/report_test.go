@@ -163,3 +163,23 @@ func TestCPUTicksCountWork(t *testing.T) {
 		t.Fatalf("after half a second of work: %d busy ticks of %d", busy-busy0, total-total0)
 	}
 }
+
+// A run that ended within its first 2 s has no p99 after them: the table
+// shows a dash, not 0.0, and the runs that measured it make the median.
+func TestUnmeasuredFiguresAreDashes(t *testing.T) {
+	sc := &scenario{name: "x", messages: 10, size: 4096, rcpts: 1, domains: 1, sessions: 1, kind: world.Enforce,
+		systems: []string{sysStsrelay, sysPostfixReuse}}
+	rep := &report{sc: sc, runs: []*runResult{
+		{System: sysStsrelay}, {System: sysStsrelay},
+		{System: sysPostfixReuse, P99Steadyms: 30}, {System: sysPostfixReuse}, {System: sysPostfixReuse, P99Steadyms: 50},
+	}}
+	var row []string
+	for _, r := range rep.table() {
+		if r[0] == "acceptance p99 after the first 2 s ms" {
+			row = r
+		}
+	}
+	if want := []string{"acceptance p99 after the first 2 s ms", "–", "40.0", ""}; !slices.Equal(row, want) {
+		t.Fatalf("row = %q, want %q", row, want)
+	}
+}
