@@ -604,3 +604,45 @@ func TestPurgeWaitsForThePolicyWrite(t *testing.T) {
 		t.Fatalf("after restart: %+v, %v; want the purged policy gone", cp, err)
 	}
 }
+
+// A new policy id while the last policy is still being written starts a
+// fetch of its own (joining the finished one would serve the old policy),
+// and the two writes land in the order of the fetches.
+func TestNewIDWhileThePolicyIsWritten(t *testing.T) {
+	e := newEnv(t)
+	h := e.ValidHost("example.com", "id1", enforcePolicy)
+	path := dbPath(t)
+	db := openDB(t, path)
+	release := make(chan struct{})
+	var held atomic.Bool
+	m := e.Manager(func(o *sts.Options) {
+		o.DB = db
+		o.Update = func(fn func(*bbolt.Tx) error) error {
+			if held.CompareAndSwap(false, true) {
+				<-release // the first policy's write, held up
+			}
+			return db.Update(fn)
+		}
+	})
+	c, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if cp, err := m.Policy(c, "example.com"); err != nil || cp.ID != "id1" {
+		t.Fatalf("Policy = %+v, %v; want id1", cp, err)
+	}
+	h.Set("version: STSv1\nmode: testing\nmx: mx.example.com\nmax_age: 86400\n")
+	e.SetID("example.com", "id2")
+	cp, err := m.Policy(c, "example.com")
+	if err != nil || cp.ID != "id2" || cp.Policy.Mode != sts.ModeTesting {
+		t.Fatalf("Policy after the id changed = %+v, %v; want id2 in testing mode while id1 is still being written", cp, err)
+	}
+	close(release)
+	m.WaitWrites()
+	db.Close()
+
+	db = openDB(t, path)
+	defer db.Close()
+	m = e.Manager(func(o *sts.Options) { o.DB = db })
+	if cp, err := m.Cached("example.com"); err != nil || cp.ID != "id2" {
+		t.Fatalf("after restart: %+v, %v; want id2, written last", cp, err)
+	}
+}

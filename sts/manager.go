@@ -119,7 +119,7 @@ type call struct {
 	done    chan struct{}
 	policy  *CachedPolicy
 	err     error
-	writing bool // on Manager.mu: the fetched policy is being written
+	stored  chan struct{} // closed when the fetched policy's write ended
 }
 
 // Manager discovers, fetches, caches and refreshes MTA-STS policies, and
@@ -142,6 +142,7 @@ type Manager struct {
 	entries  map[string]*entry  // the cache, mirrored in db
 	failures map[string]failure // by domain: the last failed fetch
 	inflight map[string]*call   // by domain: the fetch under way
+	writes   map[string]*call   // by domain: the latest fetch whose write is under way
 	writing  int                // cache writes under way (see WaitWrites)
 	written  sync.Cond          // on mu: a write ended
 }
@@ -165,6 +166,7 @@ func New(opts Options) (*Manager, error) {
 		entries:          make(map[string]*entry),
 		failures:         make(map[string]failure),
 		inflight:         make(map[string]*call),
+		writes:           make(map[string]*call),
 	}
 	if m.fetchTimeout <= 0 {
 		m.fetchTimeout = DefaultFetchTimeout
@@ -410,22 +412,32 @@ func (m *Manager) fetchAndStore(ctx context.Context, domain, id string, c *call)
 	m.mu.Lock()
 	m.entries[domain] = &entry{policy: cp, lastUsed: now}
 	delete(m.failures, domain)
+	delete(m.inflight, domain)
+	prev := m.writes[domain]
+	c.stored = make(chan struct{})
+	m.writes[domain] = c
 	m.writing++
-	c.writing = true
 	m.mu.Unlock()
 	c.policy = cp
 	close(c.done)
 	if m.db != nil {
+		if prev != nil {
+			// A new id can start the next fetch while this domain's last
+			// policy is still being written: the writes land in the order
+			// of the fetches.
+			<-prev.stored
+		}
 		// A failed write keeps the policy in memory.
 		if err := storePolicy(m.update, cp, now); err != nil {
 			m.log.Error("sts: storing policy", "domain", domain, "err", err)
 		}
 	}
-	// Until here, a later fetch of the domain joins this one, so that two
-	// writes of its policy cannot land out of order.
 	m.mu.Lock()
-	delete(m.inflight, domain)
+	if m.writes[domain] == c {
+		delete(m.writes, domain)
+	}
 	m.writing--
+	close(c.stored)
 	m.written.Broadcast() // WaitWrites, and forget waiting for this domain
 	m.mu.Unlock()
 }
@@ -508,7 +520,7 @@ func (m *Manager) Purge(domain string) error {
 // policy come back at the next start.
 func (m *Manager) forget(d string) (bool, error) {
 	m.mu.Lock()
-	for c := m.inflight[d]; c != nil && c.writing; c = m.inflight[d] {
+	for m.writes[d] != nil {
 		m.written.Wait()
 	}
 	_, ok := m.entries[d]
