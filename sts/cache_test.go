@@ -564,17 +564,7 @@ func TestPurgeWaitsForThePolicyWrite(t *testing.T) {
 	e.ValidHost("example.com", "id1", enforcePolicy)
 	path := dbPath(t)
 	db := openDB(t, path)
-	release := make(chan struct{})
-	var held atomic.Bool
-	m := e.Manager(func(o *sts.Options) {
-		o.DB = db
-		o.Update = func(fn func(*bbolt.Tx) error) error {
-			if held.CompareAndSwap(false, true) {
-				<-release // the policy's write, held up
-			}
-			return db.Update(fn)
-		}
-	})
+	m, release := managerWithHeldWrite(e, db)
 	c, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	if _, err := m.Policy(c, "example.com"); err != nil {
@@ -613,17 +603,7 @@ func TestNewIDWhileThePolicyIsWritten(t *testing.T) {
 	h := e.ValidHost("example.com", "id1", enforcePolicy)
 	path := dbPath(t)
 	db := openDB(t, path)
-	release := make(chan struct{})
-	var held atomic.Bool
-	m := e.Manager(func(o *sts.Options) {
-		o.DB = db
-		o.Update = func(fn func(*bbolt.Tx) error) error {
-			if held.CompareAndSwap(false, true) {
-				<-release // the first policy's write, held up
-			}
-			return db.Update(fn)
-		}
-	})
+	m, release := managerWithHeldWrite(e, db)
 	c, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	if cp, err := m.Policy(c, "example.com"); err != nil || cp.ID != "id1" {
@@ -645,4 +625,21 @@ func TestNewIDWhileThePolicyIsWritten(t *testing.T) {
 	if cp, err := m.Cached("example.com"); err != nil || cp.ID != "id2" {
 		t.Fatalf("after restart: %+v, %v; want id2, written last", cp, err)
 	}
+}
+
+// managerWithHeldWrite returns a Manager on db whose first cache write
+// waits until release is closed, as on a slow disk; the others go through.
+func managerWithHeldWrite(e *env, db *bbolt.DB) (m *sts.Manager, release chan struct{}) {
+	release = make(chan struct{})
+	var held atomic.Bool
+	m = e.Manager(func(o *sts.Options) {
+		o.DB = db
+		o.Update = func(fn func(*bbolt.Tx) error) error {
+			if held.CompareAndSwap(false, true) {
+				<-release
+			}
+			return db.Update(fn)
+		}
+	})
+	return m, release
 }

@@ -71,17 +71,16 @@ func (rep *report) median(sys string, get func(*runResult) float64) float64 {
 	return median(v)
 }
 
-// measured wraps get for a figure whose 0 means not measured: the median
-// of the runs that measured it, whatever the others read.
-func measured(runs []*runResult, get func(*runResult) float64) func(*runResult) float64 {
+// measuredMedian is median for a figure whose 0 means not measured: the
+// median of the runs that measured it, 0 if none did.
+func (rep *report) measuredMedian(sys string, get func(*runResult) float64) float64 {
 	var v []float64
-	for _, r := range runs {
+	for _, r := range rep.ok(sys) {
 		if x := get(r); x != 0 {
 			v = append(v, x)
 		}
 	}
-	m := median(v)
-	return func(*runResult) float64 { return m }
+	return median(v)
 }
 
 func median(v []float64) float64 {
@@ -123,14 +122,12 @@ func (rep *report) table() [][]string {
 				row = append(row, "failed")
 				continue
 			}
-			get := f.get
+			v := rep.median(s, f.get)
 			if f.unset {
-				get = measured(rep.ok(s), f.get)
-			}
-			v := rep.median(s, get)
-			if f.unset && v == 0 {
-				row = append(row, "–")
-				continue
+				if v = rep.measuredMedian(s, f.get); v == 0 {
+					row = append(row, "–")
+					continue
+				}
 			}
 			vals[s] = v
 			row = append(row, fmt.Sprintf("%.*f", f.prec, v))
