@@ -643,3 +643,48 @@ func managerWithHeldWrite(e *env, db *bbolt.DB) (m *sts.Manager, release chan st
 	})
 	return m, release
 }
+
+// The background pass drops an idle domain's expired policy only if it is
+// still the one cached: a delivery that fetched a fresh policy while the
+// drop waited keeps it, in memory and on disk.
+func TestExpiredDropKeepsAPolicyFetchedMeanwhile(t *testing.T) {
+	e := newEnv(t)
+	e.ValidHost("example.com", "id1", "version: STSv1\nmode: enforce\nmx: mx.example.com\nmax_age: 86400\n")
+	path := dbPath(t)
+	db := openDB(t, path)
+	m, release := managerWithHeldWrite(e, db)
+	c, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if _, err := m.Policy(c, "example.com"); err != nil { // its write is held up
+		t.Fatal(err)
+	}
+	e.Clock.Advance(8 * 24 * time.Hour)
+	passed := make(chan struct{})
+	go func() {
+		m.RefreshDue(c) // chooses id1, expired and idle, and waits for its write
+		close(passed)
+	}()
+	select {
+	case <-passed:
+		t.Fatal("the background pass dropped a policy whose write was held up")
+	case <-time.After(50 * time.Millisecond):
+	}
+	e.SetID("example.com", "id2")
+	if cp, err := m.Policy(c, "example.com"); err != nil || cp.ID != "id2" {
+		t.Fatalf("Policy = %+v, %v; want id2 fetched", cp, err)
+	}
+	close(release)
+	<-passed
+	m.WaitWrites()
+	if cp, err := m.Cached("example.com"); err != nil || cp.ID != "id2" {
+		t.Fatalf("Cached after the pass = %+v, %v; want the fresh id2 kept", cp, err)
+	}
+	db.Close()
+
+	db = openDB(t, path)
+	defer db.Close()
+	m = e.Manager(func(o *sts.Options) { o.DB = db })
+	if cp, err := m.Cached("example.com"); err != nil || cp.ID != "id2" {
+		t.Fatalf("after restart: %+v, %v; want id2", cp, err)
+	}
+}

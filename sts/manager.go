@@ -119,7 +119,7 @@ type call struct {
 	done    chan struct{}
 	policy  *CachedPolicy
 	err     error
-	stored  chan struct{} // closed when the fetched policy's write ended
+	stored  chan struct{} // closed when the write of the entry ended
 }
 
 // Manager discovers, fetches, caches and refreshes MTA-STS policies, and
@@ -142,7 +142,7 @@ type Manager struct {
 	entries  map[string]*entry  // the cache, mirrored in db
 	failures map[string]failure // by domain: the last failed fetch
 	inflight map[string]*call   // by domain: the fetch under way
-	writes   map[string]*call   // by domain: the latest fetch whose write is under way
+	writes   map[string]*call   // by domain: the latest write of its entry under way (a fetch's or a deletion)
 	writing  int                // cache writes under way (see WaitWrites)
 	written  sync.Cond          // on mu: a write ended
 }
@@ -413,10 +413,8 @@ func (m *Manager) fetchAndStore(ctx context.Context, domain, id string, c *call)
 	m.entries[domain] = &entry{policy: cp, lastUsed: now}
 	delete(m.failures, domain)
 	delete(m.inflight, domain)
-	prev := m.writes[domain]
 	c.stored = make(chan struct{})
-	m.writes[domain] = c
-	m.writing++
+	prev := m.beginWriteLocked(domain, c)
 	m.mu.Unlock()
 	c.policy = cp
 	close(c.done)
@@ -432,6 +430,22 @@ func (m *Manager) fetchAndStore(ctx context.Context, domain, id string, c *call)
 			m.log.Error("sts: storing policy", "domain", domain, "err", err)
 		}
 	}
+	m.endWrite(domain, c)
+}
+
+// beginWriteLocked makes c the latest write of domain's cache entry and
+// returns the one before it, still under way or nil. Each write waits for
+// the one before, so a domain's writes reach the disk in the order its
+// entry changed in memory.
+func (m *Manager) beginWriteLocked(domain string, c *call) (prev *call) {
+	prev = m.writes[domain]
+	m.writes[domain] = c
+	m.writing++
+	return prev
+}
+
+// endWrite ends c, a write of domain's entry begun by beginWriteLocked.
+func (m *Manager) endWrite(domain string, c *call) {
 	m.mu.Lock()
 	if m.writes[domain] == c {
 		delete(m.writes, domain)
@@ -504,7 +518,7 @@ func (m *Manager) Purge(domain string) error {
 	m.mu.Lock()
 	delete(m.failures, d)
 	m.mu.Unlock()
-	ok, err := m.forget(d)
+	ok, err := m.forget(d, nil)
 	if err != nil {
 		return fmt.Errorf("sts: purging %s: %w", d, err)
 	}
@@ -515,21 +529,32 @@ func (m *Manager) Purge(domain string) error {
 }
 
 // forget drops the cached policy of d, in memory and in the database, and
-// reports whether there was one. A write of d's policy under way ends
-// first: the deletion could otherwise reach the disk before it, and the
-// policy come back at the next start.
-func (m *Manager) forget(d string) (bool, error) {
+// reports whether there was one. With only set, it drops d's policy only
+// if that entry is still the one cached: a fetch may have replaced it
+// since the caller chose it. A write of d's policy under way ends first,
+// or the deletion could reach the disk before it and the policy come
+// back at the next start; a write begun after the deletion waits for it.
+func (m *Manager) forget(d string, only *entry) (bool, error) {
 	m.mu.Lock()
 	for m.writes[d] != nil {
 		m.written.Wait()
 	}
-	_, ok := m.entries[d]
+	e, ok := m.entries[d]
+	if only != nil && e != only {
+		m.mu.Unlock()
+		return false, nil
+	}
 	delete(m.entries, d)
-	m.mu.Unlock()
 	if m.db == nil {
+		m.mu.Unlock()
 		return ok, nil
 	}
-	return ok, deletePolicy(m.update, d)
+	c := &call{stored: make(chan struct{})}
+	m.beginWriteLocked(d, c) // nothing before it: the loop above waited
+	m.mu.Unlock()
+	err := deletePolicy(m.update, d)
+	m.endWrite(d, c)
+	return ok, err
 }
 
 // Run refreshes policies in the background until ctx is done: a policy of a
@@ -552,7 +577,8 @@ func (m *Manager) Run(ctx context.Context) {
 // refreshDue is one pass of Run.
 func (m *Manager) refreshDue(ctx context.Context) {
 	now := m.now()
-	var due, drop []string
+	var due []string
+	drop := make(map[string]*entry)
 	m.mu.Lock()
 	for d, f := range m.failures {
 		if !now.Before(f.until) {
@@ -565,12 +591,14 @@ func (m *Manager) refreshDue(ctx context.Context) {
 		case active && now.Sub(e.policy.Fetched) >= min(refreshAge, e.policy.Policy.MaxAge/2):
 			due = append(due, d)
 		case !active && e.policy.Expired(now):
-			drop = append(drop, d)
+			drop[d] = e
 		}
 	}
 	m.mu.Unlock()
-	for _, d := range drop {
-		if _, err := m.forget(d); err != nil {
+	for d, e := range drop {
+		// Only the entry chosen: a delivery may have fetched a fresh
+		// policy since.
+		if _, err := m.forget(d, e); err != nil {
 			m.log.Error("sts: dropping expired policy", "domain", d, "err", err)
 		}
 	}
