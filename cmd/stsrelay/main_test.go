@@ -336,7 +336,23 @@ func TestServeTellsSystemdWhenReady(t *testing.T) {
 		t.Fatalf("ready but not listening: %v", err)
 	}
 	c.Close()
+
+	// A reload is bracketed by RELOADING=1, with the monotonic time that
+	// systemd 253+ matches the next READY=1 by, and READY=1.
+	d.cmd.Process.Signal(syscall.SIGHUP)
+	for _, want := range []string{`^RELOADING=1\nMONOTONIC_USEC=\d+$`, `^READY=1$`} {
+		n, err := conn.Read(buf)
+		if err != nil {
+			t.Fatalf("no sd_notify message after SIGHUP: %v\n%s", err, d.output())
+		}
+		if !regexp.MustCompile(want).Match(buf[:n]) {
+			t.Fatalf("sd_notify sent %q after SIGHUP, want %s", buf[:n], want)
+		}
+	}
 	d.stop(syscall.SIGTERM)
+	if n, err := conn.Read(buf); err != nil || string(buf[:n]) != "STOPPING=1" {
+		t.Fatalf("sd_notify at SIGTERM: %q, %v; want STOPPING=1", buf[:n], err)
+	}
 }
 
 func TestServeReloadsUsersOnSIGHUP(t *testing.T) {

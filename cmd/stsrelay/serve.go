@@ -21,7 +21,6 @@ import (
 	"syscall"
 	"time"
 
-	sdnotify "github.com/coreos/go-systemd/v22/daemon"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"go.etcd.io/bbolt"
 
@@ -29,6 +28,7 @@ import (
 	"github.com/stsrelay/stsrelay/config"
 	"github.com/stsrelay/stsrelay/delivery"
 	"github.com/stsrelay/stsrelay/internal/logwriter"
+	"github.com/stsrelay/stsrelay/internal/sdnotify"
 	"github.com/stsrelay/stsrelay/queue"
 	"github.com/stsrelay/stsrelay/resolve"
 	"github.com/stsrelay/stsrelay/routing"
@@ -88,7 +88,7 @@ password files) from the configuration file; other changes need a restart.`, std
 	for _, w := range r.warnings {
 		logger.Warn(w.msg, w.attrs...)
 	}
-	sdnotify.SdNotify(false, sdnotify.SdNotifyReady)
+	notify(logger, sdnotify.Ready)
 	logger.Info("stsrelay started", "version", versionLine(), "hostname", cfg.Hostname,
 		"submission", addrString(r.smtp.Addr()), "submission_tls", addrString(r.smtp.TLSAddr()),
 		"state_dir", cfg.StateDir)
@@ -97,9 +97,9 @@ wait:
 	for {
 		select {
 		case <-hup:
-			sdnotify.SdNotify(false, sdnotify.SdNotifyReloading)
+			notify(logger, sdnotify.Reloading)
 			r.reload(*configPath)
-			sdnotify.SdNotify(false, sdnotify.SdNotifyReady)
+			notify(logger, sdnotify.Ready)
 		case err := <-r.failed:
 			logger.Error("stopping after a fatal error", "err", err)
 			r.shutdown()
@@ -108,11 +108,20 @@ wait:
 			break wait
 		}
 	}
-	sdnotify.SdNotify(false, sdnotify.SdNotifyStopping)
+	notify(logger, sdnotify.Stopping)
 	logger.Info("stopping: no new submissions; finishing what is in flight", "grace", shutdownGrace)
 	r.shutdown()
 	logger.Info("stopped")
 	return 0
+}
+
+// notify tells systemd the daemon's state; a failure is logged, since
+// systemd then waits for a message that never comes (and stops a start
+// that never says READY=1 after TimeoutStartSec).
+func notify(logger *slog.Logger, state func() error) {
+	if err := state(); err != nil {
+		logger.Warn("telling systemd the daemon's state failed", "err", err)
+	}
 }
 
 // addrString prints a listener address, "off" for none.
