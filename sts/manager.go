@@ -413,7 +413,6 @@ func (m *Manager) fetchAndStore(ctx context.Context, domain, id string, c *call)
 	m.entries[domain] = &entry{policy: cp, lastUsed: now}
 	delete(m.failures, domain)
 	delete(m.inflight, domain)
-	c.stored = make(chan struct{})
 	prev := m.beginWriteLocked(domain, c)
 	m.mu.Unlock()
 	c.policy = cp
@@ -438,6 +437,7 @@ func (m *Manager) fetchAndStore(ctx context.Context, domain, id string, c *call)
 // the one before, so a domain's writes reach the disk in the order its
 // entry changed in memory.
 func (m *Manager) beginWriteLocked(domain string, c *call) (prev *call) {
+	c.stored = make(chan struct{})
 	prev = m.writes[domain]
 	m.writes[domain] = c
 	m.writing++
@@ -549,7 +549,7 @@ func (m *Manager) forget(d string, only *entry) (bool, error) {
 		m.mu.Unlock()
 		return ok, nil
 	}
-	c := &call{stored: make(chan struct{})}
+	c := new(call)
 	m.beginWriteLocked(d, c) // nothing before it: the loop above waited
 	m.mu.Unlock()
 	err := deletePolicy(m.update, d)
