@@ -134,6 +134,13 @@ func TestDANEAgainstARealValidatingResolver(t *testing.T) {
 		"mx.bad.dane.test. 60 IN A 127.0.0.1",
 		"_25._tcp.mx.bad.dane.test. 60 IN TLSA " + wrong,
 
+		// A signed host whose AAAA answer is forged: the validator says
+		// SERVFAIL to it, and its validated A record stays under DANE.
+		"aaaa.dane.test. 60 IN MX 10 mx.aaaa.dane.test.",
+		"mx.aaaa.dane.test. 60 IN A 127.0.0.1",
+		"mx.aaaa.dane.test. 60 IN AAAA 2001:db8::1111",
+		"_25._tcp.mx.aaaa.dane.test. 60 IN TLSA " + wrong,
+
 		"bogus.dane.test. 60 IN MX 10 mx.bogus.dane.test.",
 		"mx.bogus.dane.test. 60 IN A 127.0.0.1",
 		"_25._tcp.mx.bogus.dane.test. 60 IN TLSA " + signedAs,
@@ -155,6 +162,7 @@ func TestDANEAgainstARealValidatingResolver(t *testing.T) {
 		"mx.insecure.dane.test. 60 IN A 127.0.0.1",
 		"_25._tcp.mx.insecure.dane.test. 60 IN TLSA " + wrong,
 	}}}, func(zone string) string {
+		zone = strings.ReplaceAll(zone, "2001:db8::1111", "2001:db8::2222")
 		return strings.ReplaceAll(zone, strings.Repeat("11", 32), strings.Repeat("22", 32))
 	})
 	defer func() {
@@ -216,6 +224,8 @@ func TestDANEAgainstARealValidatingResolver(t *testing.T) {
 		// Mismatching TLSA in the unsigned zone: not DANE, opportunistic.
 		{"insecure.dane.test", 250, "2.0.0", ""},
 		{"bad.dane.test", 451, "4.7.5", "mx.bad.dane.test[127.0.0.1]: TLSA records did not match the certificate (DANE)"},
+		// A forged AAAA must not turn DANE off for the host's A record.
+		{"aaaa.dane.test", 451, "4.7.5", "mx.aaaa.dane.test[127.0.0.1]: TLSA records did not match the certificate (DANE)"},
 		// Bogus TLSA: the validator answers SERVFAIL; the host is not used.
 		{"bogus.dane.test", 451, "4.7.5", "mx.bogus.dane.test: TLSA lookup for _25._tcp.mx.bogus.dane.test failed: SERVFAIL (DANE)"},
 	} {

@@ -10,6 +10,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"net/netip"
 	"slices"
@@ -299,7 +300,7 @@ func (r *Resolver) share(ctx context.Context, key cacheKey, c *call) {
 	r.mu.Lock()
 	delete(r.inflight, key)
 	if c.err == nil && r.maxCache > 0 {
-		if ttl := cacheTTL(c.msg); ttl > 0 {
+		if ttl := cacheTTL(c.msg, key.qtype); ttl > 0 {
 			if len(r.cache) >= r.maxCache {
 				r.evictLocked()
 			}
@@ -328,32 +329,44 @@ func (r *Resolver) evictLocked() {
 	}
 }
 
-// cacheTTL is how long msg may be cached: the smallest answer TTL, or for a
-// negative answer the SOA minimum (RFC 2308 §5). Failures are not cached.
-func cacheTTL(msg *dns.Msg) time.Duration {
+// cacheTTL is how long msg, the answer to a query for qtype, may be cached:
+// the smallest answer TTL; for a negative answer (NXDOMAIN, or no records
+// of qtype), also after CNAMEs, no longer than its SOA allows (RFC 2308
+// §3, §5). Failures are not cached.
+func cacheTTL(msg *dns.Msg, qtype uint16) time.Duration {
 	switch msg.Rcode {
 	case dns.RcodeSuccess, dns.RcodeNameError:
 	default:
 		return 0
 	}
-	if len(msg.Answer) == 0 {
-		for _, rr := range msg.Ns {
-			if soa, ok := rr.(*dns.SOA); ok {
-				ttl := min(soa.Hdr.Ttl, soa.Minttl)
-				return min(time.Duration(ttl)*time.Second, negativeTTL)
-			}
+	ttl, found := uint32(math.MaxUint32), false
+	for _, rr := range msg.Answer {
+		h := rr.Header()
+		ttl = min(ttl, h.Ttl)
+		found = found || h.Rrtype == qtype
+	}
+	if found && msg.Rcode == dns.RcodeSuccess {
+		return min(time.Duration(ttl)*time.Second, maxTTL)
+	}
+	for _, rr := range msg.Ns {
+		if soa, ok := rr.(*dns.SOA); ok {
+			ttl = min(ttl, soa.Hdr.Ttl, soa.Minttl)
+			return min(time.Duration(ttl)*time.Second, negativeTTL)
 		}
-		return 0
 	}
-	ttl := msg.Answer[0].Header().Ttl
-	for _, rr := range msg.Answer[1:] {
-		ttl = min(ttl, rr.Header().Ttl)
+	if msg.Rcode == dns.RcodeSuccess && len(msg.Answer) > 0 {
+		// An answer that stops at an alias, without an SOA: the lookup
+		// asks for the target next, so only the aliases are kept.
+		return min(time.Duration(ttl)*time.Second, maxTTL)
 	}
-	return min(time.Duration(ttl)*time.Second, maxTTL)
+	return 0 // a negative answer without an SOA says nothing of how long
 }
 
 // exchange sends the question to each server in turn until one answers
-// with something other than SERVFAIL or REFUSED.
+// with something other than SERVFAIL or REFUSED. After a SERVFAIL only a
+// validated answer (AD) is taken: a validating resolver answers SERVFAIL
+// to bogus data, and a later resolver that does not validate may hand on
+// the very forgery the first one refused, which would read as insecure.
 func (r *Resolver) exchange(ctx context.Context, name string, qtype uint16) (*dns.Msg, error) {
 	q := new(dns.Msg)
 	q.SetQuestion(name, qtype)
@@ -377,8 +390,18 @@ func (r *Resolver) exchange(ctx context.Context, name string, qtype uint16) (*dn
 			last = err
 			continue
 		}
-		if resp.Rcode == dns.RcodeServerFailure || resp.Rcode == dns.RcodeRefused {
-			lastMsg = resp
+		switch {
+		case resp.Rcode == dns.RcodeServerFailure:
+			if lastMsg == nil || lastMsg.Rcode != dns.RcodeServerFailure {
+				lastMsg = resp
+			}
+			continue
+		case resp.Rcode == dns.RcodeRefused:
+			if lastMsg == nil {
+				lastMsg = resp
+			}
+			continue
+		case lastMsg != nil && lastMsg.Rcode == dns.RcodeServerFailure && !resp.AuthenticatedData:
 			continue
 		}
 		return resp, nil
@@ -463,8 +486,8 @@ const (
 // Addrs returns host's addresses, IPv6 first as RFC 6724 prefers (unless
 // version restricts them), following CNAMEs. The Result is that of the
 // A lookup (or AAAA when only IPv6 is wanted): it carries the CNAME chain
-// and DNSSEC status. One family failing is not an error when the other
-// answers with addresses.
+// and the DNSSEC status of the addresses returned. One family failing is
+// not an error when the other answers with addresses.
 func (r *Resolver) Addrs(ctx context.Context, host string, version IPVersion) ([]netip.Addr, *Result, error) {
 	var (
 		addrs   []netip.Addr
@@ -528,8 +551,11 @@ func (r *Resolver) Addrs(ctx context.Context, host string, version IPVersion) ([
 			}
 		}
 	}
-	// A failed family leaves the security of the whole answer unknown.
+	// Secure speaks of the addresses returned. A family that failed is
+	// left out, not counted as insecure: a bogus answer from a validating
+	// resolver is a SERVFAIL, and reading it as "insecure" would let
+	// whoever forged it turn DANE off (RFC 7672 §2.1.1, §2.2.2).
 	out := *chain
-	out.Secure = secure && len(errs) == 0
+	out.Secure = secure
 	return addrs, &out, nil
 }

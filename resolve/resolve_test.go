@@ -331,7 +331,11 @@ func TestAddrsOrderAndFamilies(t *testing.T) {
 	}
 }
 
-func TestAddrsOneFamilyFailingIsNotAnErrorButIsNotSecure(t *testing.T) {
+func TestAddrsOneFamilyFailingIsNotAnError(t *testing.T) {
+	// The AAAA lookup fails (a validating resolver's SERVFAIL, which is
+	// what a forged answer becomes); the A answer is validated. The
+	// addresses returned are secure: counting the failure as "insecure"
+	// would let the forger turn DANE off.
 	s := dnstest.New(t, "mx.example.com. 300 IN A 192.0.2.1")
 	s.Secure("mx.example.com")
 	s.SetFault("mx.example.com", dns.TypeAAAA, dnstest.FaultServfail)
@@ -339,12 +343,18 @@ func TestAddrsOneFamilyFailingIsNotAnErrorButIsNotSecure(t *testing.T) {
 	if err != nil || !slices.Equal(addrs, []netip.Addr{netip.MustParseAddr("192.0.2.1")}) {
 		t.Fatalf("Addrs = %v, %v; want the IPv4 address", addrs, err)
 	}
-	if res.Secure {
-		t.Error("result secure although the AAAA lookup failed")
+	if !res.Secure {
+		t.Error("validated IPv4 addresses reported insecure because the AAAA lookup failed")
 	}
 	s.SetFault("mx.example.com", dns.TypeA, dnstest.FaultServfail)
 	if _, _, err := newResolver(t, s).Addrs(t.Context(), "mx.example.com", IPBoth); err == nil {
 		t.Error("no error although both families failed")
+	}
+	// An insecure zone stays insecure with one family failing.
+	u := dnstest.New(t, "mx.example.net. 300 IN A 192.0.2.2")
+	u.SetFault("mx.example.net", dns.TypeAAAA, dnstest.FaultServfail)
+	if _, res, err := newResolver(t, u).Addrs(t.Context(), "mx.example.net", IPBoth); err != nil || res.Secure {
+		t.Errorf("unsigned zone: %+v, %v; want its address, not secure", res, err)
 	}
 }
 
@@ -371,9 +381,50 @@ func TestNextServerAskedAfterServfail(t *testing.T) {
 	bad := dnstest.New(t)
 	bad.SetFault("example.com", 0, dnstest.FaultServfail)
 	good := dnstest.New(t, "example.com. 300 IN MX 10 mx.example.com.")
-	mxs, _, err := newResolver(t, bad, good).MX(t.Context(), "example.com")
-	if err != nil || len(mxs) != 1 {
-		t.Errorf("MX = %v, %v; want the second server's answer", mxs, err)
+	good.Secure("example.com")
+	mxs, secure, err := newResolver(t, bad, good).MX(t.Context(), "example.com")
+	if err != nil || len(mxs) != 1 || !secure {
+		t.Errorf("MX = %v, %v, %v; want the second server's validated answer", mxs, secure, err)
+	}
+}
+
+func TestUnvalidatedAnswerDoesNotOverrideServfail(t *testing.T) {
+	// A validating resolver says SERVFAIL to a forged TLSA RRset; a second
+	// resolver that does not validate hands the forgery on without AD.
+	// Taken, it would read as "insecure, DANE does not apply".
+	records := []string{"_25._tcp.mx.example.com. 300 IN TLSA 3 1 1 " + strings.Repeat("aa", 32)}
+	validating := dnstest.New(t, records...)
+	validating.SetFault("_25._tcp.mx.example.com", dns.TypeTLSA, dnstest.FaultServfail)
+	plain := dnstest.New(t, records...)
+	_, _, err := newResolver(t, validating, plain).TLSA(t.Context(), "_25._tcp.mx.example.com")
+	var e *Error
+	if !errors.As(err, &e) || e.Rcode != dns.RcodeServerFailure {
+		t.Errorf("TLSA lookup: %v; want the first server's SERVFAIL", err)
+	}
+	// REFUSED says nothing of the data: the next server's answer stands.
+	refusing := dnstest.New(t)
+	refusing.SetFault("_25._tcp.mx.example.com", 0, dnstest.FaultRefused)
+	if rrs, _, err := newResolver(t, refusing, plain).TLSA(t.Context(), "_25._tcp.mx.example.com"); err != nil || len(rrs) != 1 {
+		t.Errorf("after REFUSED: %v, %v; want the next server's answer", rrs, err)
+	}
+}
+
+func TestNegativeAnswerBehindCNAMEIsCachedAsNegative(t *testing.T) {
+	// RFC 2308 §3, §5: NXDOMAIN after a CNAME is a negative answer, cached
+	// no longer than its SOA allows, not for the alias's day-long TTL.
+	s := dnstest.New(t,
+		"_25._tcp.mx.example.com. 86400 IN CNAME _25._tcp.mx.provider.net.",
+		"mx.provider.net. 300 IN A 192.0.2.1")
+	r := newResolver(t, s)
+	now := time.Now()
+	r.now = func() time.Time { return now }
+	if _, _, err := r.TLSA(t.Context(), "_25._tcp.mx.example.com"); !IsNotFound(err) {
+		t.Fatalf("first lookup: %v, want NXDOMAIN", err)
+	}
+	s.Add(t, "_25._tcp.mx.provider.net. 300 IN TLSA 3 1 1 "+strings.Repeat("aa", 32))
+	now = now.Add(negativeTTL + time.Second)
+	if rrs, _, err := r.TLSA(t.Context(), "_25._tcp.mx.example.com"); err != nil || len(rrs) != 1 {
+		t.Errorf("after the negative TTL: %d records, %v; want the record published since", len(rrs), err)
 	}
 }
 
