@@ -797,11 +797,17 @@ func (c *Config) validateTables(data []byte) error {
 		if r.Nexthop == "" {
 			return bad(key+".nexthop", "must be set (use [host]:port, name:port or name)")
 		}
-		if _, err := routing.ParseNexthop(r.Nexthop); err != nil {
+		hop, err := routing.ParseNexthop(r.Nexthop)
+		if err != nil {
 			return bad(key+".nexthop", "%v", err)
 		}
 		if r.TLS != "" && !slices.Contains(RouteTLS, r.TLS) {
 			return bad(key+".tls", "%q is not a TLS level (use %s)", r.TLS, strings.Join(RouteTLS, ", "))
+		}
+		if r.TLS == "dane-only" && hop.Addr.IsValid() {
+			// RFC 7672 §2.2: TLSA records hang off a host name; an
+			// address has none, so every message would wait to expire.
+			return bad(key+".tls", `"dane-only" needs a host name nexthop: an address has no TLSA records`)
 		}
 		if (r.AuthUsername == "") != (r.AuthPasswordFile == "") {
 			return bad(key+".auth_username", "auth_username and auth_password_file go together (the password is never written in this file)")

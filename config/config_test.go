@@ -403,6 +403,7 @@ func TestRejectsBadRoutesAndLimits(t *testing.T) {
 		{"username without file", route("auth_username = \"u\"\n"), "line 4: delivery.route[0].auth_username: auth_username and auth_password_file go together"},
 		{"auth in the clear", route("auth_username = \"u\"\nauth_password_file = \"/p\"\ntls = \"none\"\n"), "line 6: delivery.route[0].tls: \"none\" with credentials"},
 		{"implicit tls none", route("implicit_tls = true\ntls = \"none\"\n"), "delivery.route[0].tls: \"none\" contradicts implicit_tls"},
+		{"dane-only to an address", route("tls = \"dane-only\"\n"), `line 4: delivery.route[0].tls: "dane-only" needs a host name nexthop`},
 		{"bad rate", route("rate = \"lots\"\n"), `line 4: delivery.route[0].rate: "lots" is not a rate`},
 		{"negative connections", route("max_connections = -1\n"), "line 4: delivery.route[0].max_connections: must not be negative"},
 		{"overlapping routes", route("") + "[[delivery.route]]\ndomains = [\"a.example\", \"*\"]\nnexthop = \"b.example\"\n",
