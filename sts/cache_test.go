@@ -498,6 +498,95 @@ func TestSlowPolicyHostDefersItsDomainWithoutHoldingOthers(t *testing.T) {
 	}
 }
 
+// RFC 8461 §5.1: a published policy that cannot be fetched, with none
+// cached, means delivering as if the domain had no MTA-STS. Only the first
+// fetch of a policy id is waited for with a deferral; once it has failed,
+// each later attempt goes ahead while the fetch is tried again, rather than
+// deferring every retry until the message expires.
+func TestPolicyHostThatNeverAnswersDefersOnlyTheFirstAttempt(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		setup func(e *env)
+	}{
+		{"address drops packets", func(e *env) {
+			e.DNS.Add(t, "mta-sts.example.com. 300 IN AAAA "+blackholeIP)
+		}},
+		{"TLS handshake stalls", func(e *env) { e.StallingHost("example.com") }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t)
+			e.SetID("example.com", "id1")
+			tc.setup(e)
+			m := e.Manager(func(o *sts.Options) { o.FetchTimeout, o.FetchWait = 200*time.Millisecond, 50*time.Millisecond })
+			mxs := []policy.MX{mx("mx.example.com")}
+
+			_, err := m.Requirements(ctx, "example.com", mxs)
+			var pe *policy.Error
+			if !errors.As(err, &pe) || pe.Code != 451 || pe.Enhanced != "4.4.3" {
+				t.Fatalf("first attempt: %v; want 451 4.4.3 while the first fetch runs", err)
+			}
+			e.Rec.Wait(t, 1) // the fetch fails at its timeout
+			for attempt := 2; attempt <= 4; attempt++ {
+				e.Clock.Advance(30 * time.Minute) // the queue's next retry, after the backoff
+				reqs, err := m.Requirements(ctx, "example.com", mxs)
+				if err != nil || reqs[0].Security != policy.SecurityMay || reqs[0].Policy != nil {
+					t.Fatalf("attempt %d: %+v, %v; want delivery as without MTA-STS", attempt, reqs, err)
+				}
+				// The fetch was tried again, and its failure reported
+				// (RFC 8461 §6).
+				e.Rec.Wait(t, attempt)
+			}
+			want := strings.TrimSuffix(strings.Repeat(string(sts.ResultFetchError)+",", 4), ",")
+			if got := e.Rec.ResultTypes(); got != want {
+				t.Errorf("recorded %s, want %s", got, want)
+			}
+			// A new id's first fetch is waited for again, and the
+			// deferral says how the last one ended.
+			e.SetID("example.com", "id2")
+			_, err = m.Requirements(ctx, "example.com", mxs)
+			if !errors.As(err, &pe) || pe.Code != 451 || !strings.Contains(pe.Text, "policy id id1 failed") {
+				t.Fatalf("first attempt under a new id: %v; want 451 naming the failed fetch of id1", err)
+			}
+		})
+	}
+}
+
+// Failed fetches are remembered until a fetch succeeds, for a bounded
+// number of domains: beyond it the oldest is forgotten, and that domain's
+// next fetch is waited for as a first one.
+func TestRememberedFetchFailuresAreBounded(t *testing.T) {
+	e := newEnv(t)
+	domains := []string{"a.example", "b.example", "c.example"}
+	for _, d := range domains {
+		e.SetID(d, "id1")
+		e.DNS.Add(t, "mta-sts."+d+". 300 IN AAAA "+blackholeIP)
+	}
+	m := e.Manager(func(o *sts.Options) { o.FetchTimeout, o.FetchWait = 200*time.Millisecond, 20*time.Millisecond })
+	m.SetMaxFailures(2)
+	deferred := func(d string) bool {
+		t.Helper()
+		_, err := m.Requirements(ctx, d, []policy.MX{mx("mx." + d)})
+		var pe *policy.Error
+		if err != nil && !errors.As(err, &pe) {
+			t.Fatal(err)
+		}
+		return err != nil
+	}
+	for i, d := range domains {
+		if !deferred(d) {
+			t.Fatalf("%s: the first fetch was not waited for", d)
+		}
+		e.Rec.Wait(t, i+1)
+	}
+	e.Clock.Advance(time.Hour)
+	if !deferred("a.example") {
+		t.Error("a.example, the oldest of three failures with room for two, is still remembered")
+	}
+	if deferred("c.example") {
+		t.Error("c.example, the latest failure, was forgotten")
+	}
+}
+
 func TestNoPolicyErrorWrapsItsCause(t *testing.T) {
 	e := newEnv(t)
 	m := e.Manager(nil)

@@ -21,6 +21,13 @@
 //     it; the next one fetches again.
 //   - Policy fetch failures are recorded for TLSRPT once per fetch, not per
 //     delivery; the 5-minute backoff (§3.3) is kept per domain and id.
+//   - A delivery waits up to FetchWait for a fetch. If it is the first
+//     fetch of the policy id, the delivery is then deferred: the policy may
+//     arrive a moment later. If a fetch of that id has failed before, the
+//     delivery goes on as without MTA-STS (§5.1), so a policy host that
+//     never answers does not hold its domain's mail until it expires. The
+//     last failed fetch is remembered per domain until one succeeds, for
+//     at most 10,000 domains (the oldest is forgotten).
 //   - The background refresh fetches the policy of each domain that had
 //     mail in the last 7 days once it is a day old (or half its max_age),
 //     so max_age keeps moving forward while mail flows (§10.2).
@@ -49,9 +56,9 @@ var (
 	// ErrAddressLiteral means the next hop is an address literal, which has
 	// no policy domain (RFC 8461 §3.4).
 	ErrAddressLiteral = errors.New("address literal has no MTA-STS policy")
-	// ErrFetchPending means the policy is being fetched and the fetch took
-	// longer than a delivery waits (Options.FetchWait). Delivery defers
-	// rather than go ahead without the policy; the fetch goes on.
+	// ErrFetchPending means the first fetch of a policy id took longer
+	// than a delivery waits (Options.FetchWait). Delivery defers rather
+	// than go ahead without the policy; the fetch goes on.
 	ErrFetchPending = errors.New("policy fetch still running")
 	// ErrNotCached is returned by the admin API for a domain without a
 	// cached policy.

@@ -9,6 +9,9 @@ import (
 // RefreshDue runs one pass of the background refresh, for tests.
 func (m *Manager) RefreshDue(ctx context.Context) { m.refreshDue(ctx) }
 
+// SetMaxFailures sets how many domains' failed fetches m remembers, for tests.
+func (m *Manager) SetMaxFailures(n int) { m.maxFailures = n }
+
 // Counters reads the package's metrics, for tests: fetches by result,
 // cache lookups by result and decisions by mode.
 func Counters(metric, label string) float64 {

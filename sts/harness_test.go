@@ -256,6 +256,50 @@ func (r *recorder) Results() []policy.SessionResult {
 	return append([]policy.SessionResult(nil), r.results...)
 }
 
+// Wait waits, a bounded time, until n results have been recorded: a
+// failed policy fetch records one as it ends.
+func (r *recorder) Wait(t *testing.T, n int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for len(r.Results()) < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d results recorded after 10s, want %d", len(r.Results()), n)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// StallingHost publishes mta-sts.<domain> at an address that accepts TCP
+// connections and then sends nothing, so a TLS handshake never ends.
+func (e *env) StallingHost(domain string) {
+	e.t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(func() { ln.Close() })
+	go func() {
+		var conns []net.Conn
+		defer func() {
+			for _, c := range conns {
+				c.Close()
+			}
+		}()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			conns = append(conns, c)
+		}
+	}()
+	ip := e.newIP()
+	e.mu.Lock()
+	e.hosts[ip] = ln.Addr().String()
+	e.mu.Unlock()
+	e.DNS.Add(e.t, fmt.Sprintf("mta-sts.%s. 300 IN A %s", domain, ip))
+}
+
 // resultTypes lists the ResultType of every recorded result.
 func (r *recorder) ResultTypes() string {
 	var types []string

@@ -1,6 +1,7 @@
 package sts
 
 import (
+	"container/list"
 	"context"
 	"crypto/x509"
 	"errors"
@@ -25,6 +26,10 @@ const (
 	// FetchBackoff is how long a failed fetch of one policy id keeps us
 	// from fetching it again (RFC 8461 §3.3: "at least 5 minutes").
 	FetchBackoff = 5 * time.Minute
+	// defaultMaxFailures bounds how many domains' failed fetches are
+	// remembered; beyond it the oldest is forgotten, and that domain's
+	// next fetch counts as a first one again.
+	defaultMaxFailures = 10000
 	// refreshAge is how old a policy may get before the background refresh
 	// fetches it again; RFC 8461 §10.2 suggests about daily. Policies with
 	// a shorter max_age are refreshed at half their life.
@@ -62,8 +67,10 @@ type Options struct {
 	// FetchTimeout bounds one policy fetch; 0 means DefaultFetchTimeout.
 	FetchTimeout time.Duration
 	// FetchWait bounds how long Requirements waits for a fetch, counted
-	// from its start, when no cached policy applies meanwhile; then it
-	// defers the delivery. 0 means DefaultFetchWait.
+	// from its start, when no cached policy applies meanwhile. Then it
+	// defers the delivery if this is the first fetch of the policy id, and
+	// goes on without MTA-STS if one has failed before. 0 means
+	// DefaultFetchWait.
 	FetchWait time.Duration
 	// MatchCNAMETarget also accepts an MX host whose final CNAME target
 	// matches the policy (docs/DESIGN.md, "MX names and CNAMEs";
@@ -108,10 +115,14 @@ type entry struct {
 	rec *Record
 }
 
+// failure is a domain's last failed fetch, remembered until a fetch
+// succeeds.
 type failure struct {
 	id    string
-	until time.Time
+	at    time.Time
+	until time.Time // no fetch of id before then (RFC 8461 §3.3)
 	err   error
+	elem  *list.Element // in Manager.failOrder
 }
 
 type call struct {
@@ -140,11 +151,15 @@ type Manager struct {
 
 	mu       sync.Mutex
 	entries  map[string]*entry  // the cache, mirrored in db
-	failures map[string]failure // by domain: the last failed fetch
+	failures map[string]failure // by domain: the last failed fetch, until one succeeds
 	inflight map[string]*call   // by domain: the fetch under way
 	writes   map[string]*call   // by domain: the latest write of its entry under way (a fetch's or a deletion)
 	writing  int                // cache writes under way (see WaitWrites)
 	written  sync.Cond          // on mu: a write ended
+	// failOrder holds the domains in failures, the least recently failed
+	// first, so that the oldest is forgotten beyond maxFailures.
+	failOrder   *list.List
+	maxFailures int
 }
 
 // New returns a Manager and loads the persisted cache from opts.DB.
@@ -165,6 +180,8 @@ func New(opts Options) (*Manager, error) {
 		refreshInterval:  opts.RefreshInterval,
 		entries:          make(map[string]*entry),
 		failures:         make(map[string]failure),
+		failOrder:        list.New(),
+		maxFailures:      defaultMaxFailures,
 		inflight:         make(map[string]*call),
 		writes:           make(map[string]*call),
 	}
@@ -326,15 +343,16 @@ func (m *Manager) policy(ctx context.Context, domain string, wait time.Duration)
 	// RFC 8461 §5.1: if the new policy cannot be fetched, the cached one
 	// stays in force until it expires.
 	if cached != nil {
-		if !errors.Is(ferr, ErrFetchBackoff) && !errors.Is(ferr, ErrFetchPending) { // said once per failed fetch, not per delivery
+		if fe := (*FetchError)(nil); errors.As(ferr, &fe) { // said once per failed fetch, not per delivery
 			m.log.Warn("sts: policy fetch failed; applying the cached policy", "domain", d,
 				"cached_id", cached.ID, "new_id", rec.ID, "expires", cached.Expires, "err", ferr)
 		}
 		return cached, nil
 	}
 	if errors.Is(ferr, ErrFetchPending) {
-		// Not "no policy": going ahead now could be the downgrade the
-		// policy exists to prevent.
+		// Not "no policy": the first fetch of this id may yet bring the
+		// policy, and going ahead now could be the downgrade it exists
+		// to prevent.
 		return nil, ferr
 	}
 	return nil, noPolicy(ferr)
@@ -343,15 +361,17 @@ func (m *Manager) policy(ctx context.Context, domain string, wait time.Duration)
 // refresh fetches the policy of domain for TXT id and stores it. Callers
 // that arrive while a fetch of the same domain runs share its result. Unless
 // force is set, a failed fetch of the same id is not repeated for
-// FetchBackoff (RFC 8461 §3.3). A wait above 0 returns ErrFetchPending
-// once the fetch has run that long; it goes on for later callers.
+// FetchBackoff (RFC 8461 §3.3). A wait above 0 ends the wait once the fetch
+// has run that long, with ErrFetchPending if no fetch of id has failed
+// before; the fetch goes on for later callers.
 func (m *Manager) refresh(ctx context.Context, domain, id string, force bool, wait time.Duration) (*CachedPolicy, error) {
 	m.mu.Lock()
+	last, failed := m.failures[domain]
 	c, running := m.inflight[domain]
 	if !running {
-		if f, ok := m.failures[domain]; ok && !force && f.id == id && m.now().Before(f.until) {
+		if failed && !force && last.id == id && m.now().Before(last.until) {
 			m.mu.Unlock()
-			return nil, fmt.Errorf("%w (until %s): %w", ErrFetchBackoff, f.until.UTC().Format(time.TimeOnly), f.err)
+			return nil, fmt.Errorf("%w (until %s): %w", ErrFetchBackoff, last.until.UTC().Format(time.TimeOnly), last.err)
 		}
 		c = &call{started: time.Now(), done: make(chan struct{})}
 		m.inflight[domain] = c
@@ -372,7 +392,47 @@ func (m *Manager) refresh(ctx context.Context, domain, id string, force bool, wa
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	case <-waited:
-		return nil, fmt.Errorf("%w: mta-sts.%s has not answered in %s", ErrFetchPending, domain, wait)
+	}
+	slow := fmt.Sprintf("mta-sts.%s has not answered in %s", domain, wait)
+	if !failed {
+		return nil, fmt.Errorf("%w: %s", ErrFetchPending, slow)
+	}
+	lastErr := fmt.Sprintf("the fetch of policy id %s failed at %s: %v", last.id, last.at.UTC().Format(time.RFC3339), last.err)
+	if last.id != id {
+		return nil, fmt.Errorf("%w: %s; %s", ErrFetchPending, slow, lastErr)
+	}
+	// RFC 8461 §5.1: with no policy fetched and none cached, deliver as
+	// without MTA-STS. Deferring is for an id's first fetch, whose policy
+	// may arrive a second later; after a failure it would defer every
+	// retry of a dead policy host until the message expired.
+	return nil, fmt.Errorf("%w: %s; %s", errRefetchPending, slow, lastErr)
+}
+
+// errRefetchPending means a fetch of a policy that failed before is slow
+// again; the caller goes on without the policy meanwhile.
+var errRefetchPending = errors.New("policy fetch failed before and is being tried again")
+
+// failedLocked remembers domain's failed fetch f until a fetch succeeds;
+// beyond maxFailures domains, the oldest is forgotten.
+func (m *Manager) failedLocked(domain string, f failure) {
+	if old, ok := m.failures[domain]; ok {
+		f.elem = old.elem
+		m.failOrder.MoveToBack(f.elem)
+	} else {
+		f.elem = m.failOrder.PushBack(domain)
+		if m.failOrder.Len() > m.maxFailures {
+			oldest := m.failOrder.Remove(m.failOrder.Front()).(string)
+			delete(m.failures, oldest)
+		}
+	}
+	m.failures[domain] = f
+}
+
+// forgetFailureLocked forgets domain's failed fetch, if any.
+func (m *Manager) forgetFailureLocked(domain string) {
+	if f, ok := m.failures[domain]; ok {
+		m.failOrder.Remove(f.elem)
+		delete(m.failures, domain)
 	}
 }
 
@@ -396,7 +456,7 @@ func (m *Manager) fetchAndStore(ctx context.Context, domain, id string, c *call)
 			})
 		}
 		m.mu.Lock()
-		m.failures[domain] = failure{id: id, until: now.Add(FetchBackoff), err: err}
+		m.failedLocked(domain, failure{id: id, at: now, until: now.Add(FetchBackoff), err: err})
 		delete(m.inflight, domain)
 		m.mu.Unlock()
 		c.err = fe
@@ -411,7 +471,7 @@ func (m *Manager) fetchAndStore(ctx context.Context, domain, id string, c *call)
 	// old one. Deliveries go on with it from memory while it is written.
 	m.mu.Lock()
 	m.entries[domain] = &entry{policy: cp, lastUsed: now}
-	delete(m.failures, domain)
+	m.forgetFailureLocked(domain)
 	delete(m.inflight, domain)
 	prev := m.beginWriteLocked(domain, c)
 	m.mu.Unlock()
@@ -508,15 +568,15 @@ func (m *Manager) List() []*CachedPolicy {
 	return list
 }
 
-// Purge forgets the cached policy of domain, in memory and on disk, and any
-// fetch backoff. The next delivery discovers the policy afresh.
+// Purge forgets the cached policy of domain, in memory and on disk, and its
+// last failed fetch. The next delivery discovers the policy afresh.
 func (m *Manager) Purge(domain string) error {
 	d, err := policyDomain(domain)
 	if err != nil {
 		return err
 	}
 	m.mu.Lock()
-	delete(m.failures, d)
+	m.forgetFailureLocked(d)
 	m.mu.Unlock()
 	ok, err := m.forget(d, nil)
 	if err != nil {
@@ -580,11 +640,6 @@ func (m *Manager) refreshDue(ctx context.Context) {
 	var due []string
 	drop := make(map[string]*entry)
 	m.mu.Lock()
-	for d, f := range m.failures {
-		if !now.Before(f.until) {
-			delete(m.failures, d) // the backoff is over; keep the map small
-		}
-	}
 	for d, e := range m.entries {
 		active := now.Sub(e.lastUsed) < activeWindow
 		switch {

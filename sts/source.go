@@ -30,11 +30,14 @@ var _ policy.PolicySource = (*Manager)(nil)
 // many attempts, each of which checked for a new policy.
 //
 // A domain without a usable policy gets opportunistic requirements. When
-// its policy is being fetched and the policy host is slow (RFC 8461 §3.3
-// gives it a minute), the delivery is deferred with a *policy.Error after
+// the first fetch of its policy id is slow (RFC 8461 §3.3 gives the policy
+// host a minute), the delivery is deferred with a *policy.Error after
 // FetchWait rather than holding its worker or going ahead without the
 // policy; the fetch goes on, and a later attempt finds the policy cached.
-// Otherwise the only error is a cancelled ctx.
+// Once a fetch of that id has failed, a slow fetch is not deferred for:
+// with no policy fetched and none cached, the delivery goes ahead as
+// without MTA-STS (§5.1), as it would otherwise be deferred until it
+// expired. Otherwise the only error is a cancelled ctx.
 func (m *Manager) Requirements(ctx context.Context, domain string, mxs []policy.MX) ([]policy.Requirement, error) {
 	cp, err := m.policy(ctx, domain, m.fetchWait)
 	if errors.Is(err, ErrFetchPending) {
