@@ -587,6 +587,20 @@ func TestRememberedFetchFailuresAreBounded(t *testing.T) {
 	}
 }
 
+// stsrelay check waits for the whole fetch (FetchWait of FetchTimeout), as
+// it makes no later attempt: it gets the fetch's outcome, never a deferral
+// from its wait ending just before the fetch's own timeout.
+func TestWaitForTheWholeFetchGetsItsOutcome(t *testing.T) {
+	e := newEnv(t)
+	e.SetID("example.com", "id1")
+	e.DNS.Add(t, "mta-sts.example.com. 300 IN AAAA "+blackholeIP)
+	m := e.Manager(func(o *sts.Options) { o.FetchTimeout, o.FetchWait = 200*time.Millisecond, 200*time.Millisecond })
+	reqs, err := m.Requirements(ctx, "example.com", []policy.MX{mx("mx.example.com")})
+	if err != nil || reqs[0].Security != policy.SecurityMay {
+		t.Fatalf("%+v, %v; want no policy once the fetch failed", reqs, err)
+	}
+}
+
 func TestNoPolicyErrorWrapsItsCause(t *testing.T) {
 	e := newEnv(t)
 	m := e.Manager(nil)

@@ -70,7 +70,7 @@ type Options struct {
 	// from its start, when no cached policy applies meanwhile. Then it
 	// defers the delivery if this is the first fetch of the policy id, and
 	// goes on without MTA-STS if one has failed before. 0 means
-	// DefaultFetchWait.
+	// DefaultFetchWait; FetchTimeout or more waits for the fetch's end.
 	FetchWait time.Duration
 	// MatchCNAMETarget also accepts an MX host whose final CNAME target
 	// matches the policy (docs/DESIGN.md, "MX names and CNAMEs";
@@ -361,9 +361,9 @@ func (m *Manager) policy(ctx context.Context, domain string, wait time.Duration)
 // refresh fetches the policy of domain for TXT id and stores it. Callers
 // that arrive while a fetch of the same domain runs share its result. Unless
 // force is set, a failed fetch of the same id is not repeated for
-// FetchBackoff (RFC 8461 §3.3). A wait above 0 ends the wait once the fetch
-// has run that long, with ErrFetchPending if no fetch of id has failed
-// before; the fetch goes on for later callers.
+// FetchBackoff (RFC 8461 §3.3). A wait above 0 and below the fetch timeout
+// ends the wait once the fetch has run that long, with ErrFetchPending if
+// no fetch of id has failed before; the fetch goes on for later callers.
 func (m *Manager) refresh(ctx context.Context, domain, id string, force bool, wait time.Duration) (*CachedPolicy, error) {
 	m.mu.Lock()
 	last, failed := m.failures[domain]
@@ -381,7 +381,7 @@ func (m *Manager) refresh(ctx context.Context, domain, id string, force bool, wa
 	}
 	m.mu.Unlock()
 	var waited <-chan time.Time
-	if wait > 0 {
+	if wait > 0 && wait < m.fetchTimeout {
 		t := time.NewTimer(time.Until(c.started.Add(wait)))
 		defer t.Stop()
 		waited = t.C

@@ -12,6 +12,7 @@ package main
 import (
 	"encoding/json"
 	"flag"
+	"net"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -317,6 +318,39 @@ func TestCheckAdvisesTheDomainOwner(t *testing.T) {
 		if !strings.Contains(out, want) {
 			t.Errorf("advice lacks %q:\n%s", want, out)
 		}
+	}
+}
+
+// A policy host that accepts connections and never answers: check waits
+// for the whole fetch, as it makes no later attempt, and says what
+// delivery does once the fetch failed (RFC 8461 §5.1), never a deferral.
+func TestCheckPolicyHostThatNeverAnswers(t *testing.T) {
+	w := newCheckWorld(t, "[sts]\nfetch_timeout = \"1s\"\n", stsZone("stalled.example", "127.0.0.32", "127.0.0.33")...)
+	startSink(t, "127.0.0.32", nil)
+	ln, err := net.Listen("tcp", "127.0.0.33:443")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		var conns []net.Conn // held open, silent
+		defer func() {
+			for _, c := range conns {
+				c.Close()
+			}
+		}()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			conns = append(conns, c)
+		}
+	}()
+	code, out := w.check("-no-connect", "stalled.example")
+	if code == 2 || strings.Contains(out, "4.4.3") || !strings.Contains(out, "[sts-policy-fetch-error]") ||
+		!strings.Contains(out, "Senders without a cached policy deliver without MTA-STS") {
+		t.Errorf("exit %d; want the fetch failure and delivery without MTA-STS, not a deferral:\n%s", code, out)
 	}
 }
 
