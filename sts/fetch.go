@@ -7,9 +7,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"mime"
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/stsrelay/stsrelay/policy"
@@ -125,11 +125,15 @@ func (m *Manager) fetch(ctx context.Context, domain string) (*Policy, error) {
 		}
 		return nil, fmt.Errorf("HTTP status %d, want 200", resp.StatusCode)
 	}
-	// RFC 8461 §3.2: the media type is text/plain; parameters such as
-	// charset are allowed.
+	// RFC 8461 §3.2: the media type is text/plain and "additional
+	// Content-Type parameters are ignored", malformed ones included
+	// (mime.ParseMediaType fails on "text/plain; utf-8" or two charsets).
 	ct := resp.Header.Get("Content-Type")
-	if mt, _, err := mime.ParseMediaType(ct); err != nil || mt != "text/plain" {
-		return nil, fmt.Errorf("%w: Content-Type %.100q, want text/plain", errInvalid, ct)
+	if mt, _, _ := strings.Cut(ct, ";"); !strings.EqualFold(strings.TrimSpace(mt), "text/plain") {
+		if ct == "" {
+			return nil, fmt.Errorf("%w: no Content-Type, want text/plain", errInvalid)
+		}
+		return nil, fmt.Errorf("%w: Content-Type %q is not text/plain", errInvalid, truncate(ct))
 	}
 	// RFC 8461 §3.3: the body is bounded; read one byte more to tell.
 	body, err := io.ReadAll(io.LimitReader(resp.Body, MaxPolicySize+1))

@@ -55,6 +55,31 @@ func TestFetchAcceptsTextPlainWithCharset(t *testing.T) {
 	}
 }
 
+// RFC 8461 §3.2: the media type is text/plain and further Content-Type
+// parameters are ignored, so a malformed one must not make the policy
+// invalid, which would deliver as if the domain had no MTA-STS.
+func TestFetchIgnoresMalformedContentTypeParameters(t *testing.T) {
+	for _, ct := range []string{
+		"text/plain; utf-8",
+		"text/plain;; charset=utf-8",
+		"text/plain; charset=",
+		"text/plain; charset=utf-8; charset=us-ascii",
+		"Text/Plain ; charset=\"utf-8",
+	} {
+		t.Run(ct, func(t *testing.T) {
+			e := newEnv(t)
+			h := e.ValidHost("example.com", "id1", enforcePolicy)
+			h.mu.Lock()
+			h.contentType = ct
+			h.mu.Unlock()
+			cp, err := e.Manager(nil).Policy(ctx, "example.com")
+			if err != nil || cp.Policy.Mode != sts.ModeEnforce {
+				t.Fatalf("Content-Type %q: %+v, %v; want the enforce policy", ct, cp, err)
+			}
+		})
+	}
+}
+
 func TestFetchDoesNotFollowRedirects(t *testing.T) {
 	e := newEnv(t)
 	h := e.ValidHost("example.com", "id1", enforcePolicy)
@@ -88,7 +113,12 @@ func TestFetchRejectsStatusOtherThan200(t *testing.T) {
 }
 
 func TestFetchRejectsWrongMediaType(t *testing.T) {
-	for _, ct := range []string{"text/html; charset=utf-8", "application/octet-stream", ""} {
+	for ct, says := range map[string]string{
+		"text/html; charset=utf-8": `Content-Type "text/html; charset=utf-8" is not text/plain`,
+		"application/octet-stream": `Content-Type "application/octet-stream" is not text/plain`,
+		"text/plainly":             `Content-Type "text/plainly" is not text/plain`,
+		"":                         "no Content-Type",
+	} {
 		e := newEnv(t)
 		h := e.ValidHost("example.com", "id1", enforcePolicy)
 		h.contentType = ct
@@ -98,7 +128,11 @@ func TestFetchRejectsWrongMediaType(t *testing.T) {
 				w.Write([]byte(enforcePolicy))
 			}
 		}
-		wantResult(t, fetchFails(t, e, nil), sts.ResultPolicyInvalid)
+		fe := fetchFails(t, e, nil)
+		wantResult(t, fe, sts.ResultPolicyInvalid)
+		if !strings.Contains(fe.Error(), says) {
+			t.Errorf("error %q does not say %q", fe, says)
+		}
 	}
 }
 
