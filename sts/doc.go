@@ -11,8 +11,8 @@
 // Where RFC 8461 leaves a choice, this package decides so (each decision is
 // tested):
 //   - max_age above 31557600 is capped at 31557600, not rejected (Parse).
-//   - Blank lines in a policy are ignored; a repeated non-mx key: the first
-//     one wins; keys are case-sensitive.
+//   - Blank lines in a policy, empty or of spaces and tabs, are ignored; a
+//     repeated non-mx key: the first one wins; keys are case-sensitive.
 //   - A TXT record counts as MTA-STS when it starts with "v=STSv1" followed
 //     by ";", a blank or nothing; one with two id fields is invalid.
 //   - A DNS failure for the TXT record with no unexpired cached policy means

@@ -62,8 +62,10 @@ func (e *PolicyError) Error() string {
 // policy, because rejecting would discard a policy whose owner asked for
 // more protection, not less, and leave the domain unprotected.
 //
-// Blank lines are tolerated (many published policies end in one), though
-// the ABNF does not allow them.
+// Blank lines, empty or of spaces and tabs only, are tolerated (many
+// published policies end in one), though the ABNF allows neither. A field
+// must still start its line: RFC 8461 §3.2 dropped leading *WSP, which
+// RFC 5322 parsers would take for a folded line.
 func Parse(body []byte) (*Policy, error) {
 	p := &Policy{}
 	seen := map[string]bool{}
@@ -72,7 +74,7 @@ func Parse(body []byte) (*Policy, error) {
 	for i, line := range lines {
 		n := i + 1
 		line = strings.TrimSuffix(line, "\r")
-		if line == "" {
+		if strings.Trim(line, " \t") == "" {
 			continue
 		}
 		// RFC 8461 §3.2: field ":" *WSP value, trailing *WSP allowed.

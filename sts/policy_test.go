@@ -97,6 +97,7 @@ func TestParseRejectsInvalidPolicies(t *testing.T) {
 		"empty mx":            strings.Replace(ok, "mx.example.com", "", 1),
 		"line without colon":  ok + "garbage\n",
 		"space before colon":  strings.Replace(ok, "mode:", "mode :", 1),
+		"space before key":    strings.Replace(ok, "mode:", " mode:", 1),
 		"control character":   strings.Replace(ok, "enforce", "enf\x00orce", 1),
 		"empty":               "",
 		"html error page":     "<html><body>Not here</body></html>\n",
@@ -195,6 +196,15 @@ func FuzzParse(f *testing.F) {
 func TestParseIgnoresBlankLines(t *testing.T) {
 	p := mustParse(t, "version: STSv1\n\nmode: enforce\r\n\r\nmx: mx.example.com\nmax_age: 60\n\n")
 	if p.Mode != ModeEnforce || len(p.MX) != 1 {
+		t.Fatalf("got %+v", p)
+	}
+}
+
+// A line of only blanks is no more allowed by the ABNF than an empty one,
+// and looks the same to whoever wrote the policy: it is skipped alike.
+func TestParseIgnoresWhitespaceOnlyLines(t *testing.T) {
+	p := mustParse(t, "version: STSv1\n \nmode: enforce\r\n\t\r\nmx: mx.example.com\nmax_age: 60\n \t \n")
+	if p.Mode != ModeEnforce || len(p.MX) != 1 || p.MaxAge != time.Minute {
 		t.Fatalf("got %+v", p)
 	}
 }
