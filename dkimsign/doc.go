@@ -15,6 +15,12 @@
 // valid on its own), and buys a key change that takes effect for mail
 // already queued, and a queue and smtpin that know nothing of DKIM.
 //
+// Mail from a submission login is signed only when the login may use its
+// From: address as MAIL FROM (Options.SenderAllowed, smtpin's rule):
+// otherwise any login could get a domain's signature, and DMARC pass, by
+// writing that domain in From:. Such mail goes out unsigned, with a
+// warning; its envelope sender was allowed.
+//
 // A message is left as it is when its From: names no single address (none,
 // several, or unparsable), when it already carries a DKIM-Signature with
 // the same d= and s=, when it has the null reverse-path (the relay's own

@@ -36,19 +36,34 @@ const maxHeaderBytes = 512 << 10
 var headerKeys = []string{"From", "From", "To", "Cc", "Subject", "Date", "Message-ID", "MIME-Version",
 	"Content-Type", "Content-Transfer-Encoding", "Reply-To", "In-Reply-To", "References"}
 
-// Signer signs relayed mail. The zero value and nil sign nothing.
-type Signer struct {
-	keys []Key
-	log  *slog.Logger
+// Options configures a Signer.
+type Options struct {
+	// Keys sign by From: domain; at most one per domain (config validates
+	// that).
+	Keys []Key
+	// SenderAllowed reports whether the login user may use address as its
+	// sender: smtpin's rule for MAIL FROM, as it stands now. Mail from a
+	// login (Envelope.User) is signed only when its From: passes, so that
+	// a login cannot get a domain's signature, and DMARC pass, for an
+	// address it may not send as. Nil: mail from logins is not signed.
+	SenderAllowed func(user, address string) bool
+	Logger        *slog.Logger
 }
 
-// New returns a Signer for keys; at most one key per domain (config
-// validates that).
-func New(keys []Key, logger *slog.Logger) (*Signer, error) {
+// Signer signs relayed mail. The zero value and nil sign nothing.
+type Signer struct {
+	keys          []Key
+	senderAllowed func(user, address string) bool
+	log           *slog.Logger
+}
+
+// New returns a Signer for opts.Keys.
+func New(opts Options) (*Signer, error) {
+	logger := opts.Logger
 	if logger == nil {
 		logger = slog.New(slog.DiscardHandler)
 	}
-	keys = slices.Clone(keys)
+	keys := slices.Clone(opts.Keys)
 	seen := map[string]bool{}
 	for i, k := range keys {
 		d := strings.ToLower(strings.TrimSuffix(k.Domain, "."))
@@ -61,7 +76,11 @@ func New(keys []Key, logger *slog.Logger) (*Signer, error) {
 		seen[d] = true
 		keys[i].Domain = d
 	}
-	return &Signer{keys: keys, log: logger}, nil
+	allowed := opts.SenderAllowed
+	if allowed == nil {
+		allowed = func(string, string) bool { return false }
+	}
+	return &Signer{keys: keys, senderAllowed: allowed, log: logger}, nil
 }
 
 // Wrap returns a Deliverer that signs what it hands to d.
@@ -95,9 +114,16 @@ func (s *Signer) open(job *queue.Job, open func() (io.ReadCloser, error)) (io.Re
 	if err != nil {
 		return nil, err
 	}
-	key, why := s.pick(body)
+	key, from, why := s.pick(body)
 	if key == nil {
 		s.log.Debug("dkimsign: not signed", "id", job.ID, "reason", why)
+		return reopen(body, open)
+	}
+	// Trusted networks ("") may send as anyone, as MAIL FROM shows.
+	if user := job.Envelope.User; user != "" && !s.senderAllowed(user, from) {
+		metricSigned.WithLabelValues("not_allowed").Inc()
+		s.log.Warn("dkimsign: not signed: the login may not use the From: address (allowed_senders)", "id", job.ID,
+			"user", user, "header_from", from, "key", key.Selector+"._domainkey."+key.Domain)
 		return reopen(body, open)
 	}
 	sig, err := s.sign(key, body, open)
@@ -159,43 +185,43 @@ func (s *Signer) sign(key *Key, body io.ReadCloser, open func() (io.ReadCloser, 
 }
 
 // pick reads the header section of the message and returns the key that
-// should sign it, or nil and why not.
-func (s *Signer) pick(r io.Reader) (*Key, string) {
+// should sign it with the From: address, or nil and why not.
+func (s *Signer) pick(r io.Reader) (key *Key, from, why string) {
 	hdr, err := readHeader(r)
 	if err != nil {
-		return nil, err.Error()
+		return nil, "", err.Error()
 	}
 	m, err := mail.ReadMessage(bytes.NewReader(hdr))
 	if err != nil {
-		return nil, "unparsable header: " + err.Error()
+		return nil, "", "unparsable header: " + err.Error()
 	}
 	froms := m.Header["From"]
 	if len(froms) != 1 {
-		return nil, fmt.Sprintf("%d From: fields", len(froms))
+		return nil, "", fmt.Sprintf("%d From: fields", len(froms))
 	}
 	addrs, err := mail.ParseAddressList(froms[0])
 	if err != nil {
-		return nil, "unparsable From: " + err.Error()
+		return nil, "", "unparsable From: " + err.Error()
 	}
 	if len(addrs) != 1 {
-		return nil, fmt.Sprintf("From: names %d addresses", len(addrs))
+		return nil, "", fmt.Sprintf("From: names %d addresses", len(addrs))
 	}
-	at := strings.LastIndexByte(addrs[0].Address, '@')
+	from = addrs[0].Address
+	at := strings.LastIndexByte(from, '@')
 	if at < 0 {
-		return nil, "From: address has no domain"
+		return nil, "", "From: address has no domain"
 	}
-	domain := strings.ToLower(strings.TrimSuffix(addrs[0].Address[at+1:], "."))
-	key := s.keyFor(domain)
-	if key == nil {
-		return nil, "no key for " + domain
+	domain := strings.ToLower(strings.TrimSuffix(from[at+1:], "."))
+	if key = s.keyFor(domain); key == nil {
+		return nil, "", "no key for " + domain
 	}
 	for _, v := range m.Header["Dkim-Signature"] {
 		d, sel := sigTags(v)
 		if strings.EqualFold(d, key.Domain) && strings.EqualFold(sel, key.Selector) {
-			return nil, "already signed by " + key.Selector + "._domainkey." + key.Domain
+			return nil, "", "already signed by " + key.Selector + "._domainkey." + key.Domain
 		}
 	}
-	return key, ""
+	return key, from, ""
 }
 
 // keyFor returns the key of domain or of its closest parent.

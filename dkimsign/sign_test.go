@@ -65,7 +65,7 @@ const msg = "From: <a@example.com>\r\nTo: <b@example.net>\r\nSubject: hi\r\n\r\n
 
 func TestSignsAndVerifies(t *testing.T) {
 	k, lookup := edKey(t, "example.com", "s1")
-	s, err := New([]Key{k}, nil)
+	s, err := New(Options{Keys: []Key{k}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -89,7 +89,7 @@ func TestSignsAndVerifies(t *testing.T) {
 
 func TestLeavesAlone(t *testing.T) {
 	k, _ := edKey(t, "example.com", "s1")
-	s, _ := New([]Key{k}, nil)
+	s, _ := New(Options{Keys: []Key{k}})
 	presigned := "DKIM-Signature: v=1; a=ed25519-sha256; d=Example.COM;\r\n s = s1 ; b=abc; bh=def; h=from\r\n" + msg
 	for name, j := range map[string]*queue.Job{
 		"null sender":         job("", msg),
@@ -114,6 +114,53 @@ func TestLeavesAlone(t *testing.T) {
 	}
 }
 
+func TestSignsOnlyFromAddressesTheLoginMayUse(t *testing.T) {
+	k, lookup := edKey(t, "example.com", "s1")
+	var logs bytes.Buffer
+	var asked []string
+	s, _ := New(Options{Keys: []Key{k}, Logger: slog.New(slog.NewTextHandler(&logs, nil)),
+		SenderAllowed: func(user, address string) bool {
+			asked = append(asked, user+" "+address)
+			return user == "ceo" && address == "ceo@example.com"
+		}})
+	spoof := "From: CEO <ceo@example.com>\r\nTo: <b@example.net>\r\nSubject: wire\r\n\r\nbody\r\n"
+	asLogin := func(user string) *queue.Job {
+		j := job("webapp@app.test", spoof)
+		j.Envelope.User = user
+		return j
+	}
+	before := testutil.ToFloat64(metricSigned.WithLabelValues("not_allowed"))
+	if got := deliver(t, s, asLogin("webapp")); got != spoof {
+		t.Errorf("signed for a login not allowed to send as ceo@example.com:\n%s", got)
+	}
+	if testutil.ToFloat64(metricSigned.WithLabelValues("not_allowed")) != before+1 {
+		t.Error("the refusal was not counted")
+	}
+	if l := logs.String(); !strings.Contains(l, "level=WARN") || !strings.Contains(l, "user=webapp") || !strings.Contains(l, "header_from=ceo@example.com") {
+		t.Errorf("log: %s", l)
+	}
+	if len(asked) != 1 || asked[0] != "webapp ceo@example.com" {
+		t.Errorf("SenderAllowed asked %q, want the login and the From: address", asked)
+	}
+
+	verified := func(msg string) bool {
+		vs, err := dkim.VerifyWithOptions(strings.NewReader(msg), &dkim.VerifyOptions{LookupTXT: lookup})
+		return err == nil && len(vs) == 1 && vs[0].Err == nil
+	}
+	if got := deliver(t, s, asLogin("ceo")); !verified(got) {
+		t.Errorf("not signed for a login allowed to send as ceo@example.com:\n%s", got)
+	}
+	// A trusted network has no login and may send as anyone.
+	if got := deliver(t, s, asLogin("")); !verified(got) {
+		t.Errorf("not signed for a trusted network:\n%s", got)
+	}
+	// Without the rule to check against, no login's mail is signed.
+	s, _ = New(Options{Keys: []Key{k}})
+	if got := deliver(t, s, asLogin("ceo")); got != spoof {
+		t.Errorf("signed a login's mail without SenderAllowed:\n%s", got)
+	}
+}
+
 // failing is a key whose every signature fails, like an HSM that went
 // away.
 type failing struct{ crypto.Signer }
@@ -126,7 +173,7 @@ func TestFailingKeySendsUnsigned(t *testing.T) {
 	k, _ := edKey(t, "example.com", "s1")
 	k.Signer = failing{k.Signer}
 	var logs bytes.Buffer
-	s, _ := New([]Key{k}, slog.New(slog.NewTextHandler(&logs, nil)))
+	s, _ := New(Options{Keys: []Key{k}, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
 	before := testutil.ToFloat64(metricSigned.WithLabelValues("failed"))
 	if got := deliver(t, s, job("a@example.com", msg)); got != msg {
 		t.Errorf("sent\n%s\nwant the message unchanged", got)
@@ -142,7 +189,7 @@ func TestFailingKeySendsUnsigned(t *testing.T) {
 func TestClosestKeyWins(t *testing.T) {
 	parent, _ := edKey(t, "example.com", "p")
 	child, _ := edKey(t, "mail.example.com", "c")
-	s, err := New([]Key{parent, child}, nil)
+	s, err := New(Options{Keys: []Key{parent, child}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -151,7 +198,7 @@ func TestClosestKeyWins(t *testing.T) {
 			t.Errorf("%s: key %+v, want selector %s", from, k, want)
 		}
 	}
-	if _, err := New([]Key{parent, parent}, nil); err == nil {
+	if _, err := New(Options{Keys: []Key{parent, parent}}); err == nil {
 		t.Error("two keys for one domain were accepted")
 	}
 }
@@ -205,7 +252,7 @@ func (b *bigMessage) Read(p []byte) (int, error) {
 // memory, by design, not the time taken.
 func TestLargeMessageInBoundedMemory(t *testing.T) {
 	k, lookup := edKey(t, "example.com", "s1")
-	s, _ := New([]Key{k}, nil)
+	s, _ := New(Options{Keys: []Key{k}})
 	const size = 32 << 20
 	head := "From: <a@example.com>\r\nSubject: big\r\n\r\n"
 	var peak uint64

@@ -204,6 +204,19 @@ func checkSenderPattern(p string) error {
 	return nil
 }
 
+// SenderAllowed reports whether the login user may use address as its
+// sender under the users now in force (SIGHUP included): the rule MAIL
+// FROM is held to, for whoever checks the message's other addresses, as
+// dkimsign does From:. A login no longer configured may use none.
+func (s *Server) SenderAllowed(user, address string) bool {
+	u := s.users.Load().users[user]
+	if u == nil {
+		return false
+	}
+	addr, err := parseMailbox(address, true)
+	return err == nil && u.mayUseSender(addr)
+}
+
 // mayUseSender reports whether u may use from as MAIL FROM.
 func (u *User) mayUseSender(from string) bool {
 	if len(u.AllowedSenders) == 0 || slices.Contains(u.AllowedSenders, "*") {

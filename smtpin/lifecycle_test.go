@@ -241,6 +241,36 @@ func TestSetUsersReplacesUsersAndKeepsOldOnError(t *testing.T) {
 	}
 }
 
+func TestSenderAllowedFollowsTheUsersInForce(t *testing.T) {
+	srv, err := New(Options{Hostname: "relay.test", Listen: "127.0.0.1:0",
+		Users: []User{{Name: "webapp", PasswordHash: userHash(t), AllowedSenders: []string{"*@app.test"}}}}, &memQueue{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for addr, want := range map[string]bool{
+		"noreply@app.test":  true,
+		"NoReply@APP.test":  true,
+		`"a b"@app.test`:    true,
+		"ceo@example.com":   false,
+		"ceo@sub.app.test":  false,
+		"not an address":    false,
+		"ceo@app.test@evil": false,
+	} {
+		if got := srv.SenderAllowed("webapp", addr); got != want {
+			t.Errorf("SenderAllowed(webapp, %q) = %v, want %v", addr, got, want)
+		}
+	}
+	if srv.SenderAllowed("nobody", "noreply@app.test") {
+		t.Error("an unknown login may use a sender")
+	}
+	if err := srv.SetUsers([]User{{Name: "webapp", PasswordHash: userHash(t), AllowedSenders: []string{"ceo@example.com"}}}); err != nil {
+		t.Fatal(err)
+	}
+	if !srv.SenderAllowed("webapp", "ceo@example.com") || srv.SenderAllowed("webapp", "noreply@app.test") {
+		t.Error("SenderAllowed did not follow SetUsers")
+	}
+}
+
 func TestHashPasswordMakesBcryptHash(t *testing.T) {
 	h, err := HashPassword([]byte("s3cret-s3cret"))
 	if err != nil {

@@ -23,6 +23,9 @@ import (
 	"time"
 
 	"github.com/emersion/go-msgauth/dkim"
+	"github.com/emersion/go-sasl"
+	"github.com/emersion/go-smtp"
+	"golang.org/x/crypto/bcrypt"
 
 	"github.com/stsrelay/stsrelay/internal/dnstest"
 	"github.com/stsrelay/stsrelay/resolve"
@@ -214,4 +217,81 @@ sign_relayed = true
 		last := strings.TrimSpace(out)
 		assertOneLine(t, last[strings.LastIndex(last, "\n")+1:])
 	}
+}
+
+// TestEndToEndSignsOnlyFromAddressesTheLoginMayUse: a login limited by
+// allowed_senders cannot get the relay's signature for another domain by
+// writing it in From: (DMARC would pass on it); its mail goes out
+// unsigned. A trusted network still gets From: signed, and a SIGHUP that
+// widens the login's rights applies to signing at once.
+func TestEndToEndSignsOnlyFromAddressesTheLoginMayUse(t *testing.T) {
+	w := newDKIMWorld(t)
+	k := startSinkAt(t, "127.0.0.1:0", nil)
+	hash, err := bcrypt.GenerateFromPassword([]byte("webapp-pw"), bcrypt.MinCost)
+	if err != nil {
+		t.Fatal(err)
+	}
+	parts := func(allowed string) configParts {
+		return configParts{resolver: w.dns.Addr,
+			submission: fmt.Sprintf("[[submission.users]]\nname = \"webapp\"\npassword_hash = %q\nallowed_senders = [%s]\n", hash, allowed),
+			tail: sinkRoute(k) + `
+[[dkim]]
+domain = "example.com"
+selector = "s1"
+key_file = "rsa.pem"
+sign_relayed = true
+`}
+	}
+	config := writeConfig(t, w.dir, parts(`"*@app.test"`))
+	d := startDaemon(t, config)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("relay log:\n%s", d.output())
+		}
+	})
+	addr := d.submissionAddr()
+	login := func() *smtp.Client {
+		t.Helper()
+		c, err := smtp.Dial(addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		if err := c.Auth(sasl.NewPlainClient("", "webapp", "webapp-pw")); err != nil {
+			t.Fatalf("AUTH: %v", err)
+		}
+		return c
+	}
+	ceo := dkimMessage("CEO <ceo@example.com>", "", "Please wire the money.\r\n")
+
+	err = login().SendMail("ceo@example.com", []string{"user@example.net"}, strings.NewReader(ceo))
+	if e, ok := err.(*smtp.SMTPError); !ok || e.Code != 553 {
+		t.Fatalf("MAIL FROM outside allowed_senders: %v, want 553", err)
+	}
+
+	if err := login().SendMail("webapp@app.test", []string{"user@example.net"}, strings.NewReader(ceo)); err != nil {
+		t.Fatal(err)
+	}
+	msg := k.wait(t, 30*time.Second).Data
+	if got := w.verify(msg); len(got) != 0 {
+		t.Fatalf("signed by %v for a login not allowed to send as example.com:\n%s", got, msg)
+	}
+	d.waitFor(`dkimsign: not signed.*user=webapp.*ceo@example.com`)
+
+	// A trusted network, without AUTH, signs as before.
+	submit(t, addr, "app@example.com", "user@example.net", ceo)
+	if got := w.verify(k.wait(t, 30*time.Second).Data); len(got) != 1 || got[0] != "example.com" {
+		t.Fatalf("trusted network: valid signatures from %v, want example.com", got)
+	}
+
+	writeConfig(t, w.dir, parts(`"*@app.test", "ceo@example.com"`))
+	d.cmd.Process.Signal(syscall.SIGHUP)
+	d.waitFor(`reload: users loaded`)
+	if err := login().SendMail("webapp@app.test", []string{"user@example.net"}, strings.NewReader(ceo)); err != nil {
+		t.Fatal(err)
+	}
+	if got := w.verify(k.wait(t, 30*time.Second).Data); len(got) != 1 || got[0] != "example.com" {
+		t.Fatalf("after the reload allowed ceo@example.com: valid signatures from %v, want example.com", got)
+	}
+	d.stop(syscall.SIGTERM)
 }

@@ -241,7 +241,8 @@ func start(cfg *config.Config, logger *slog.Logger) (_ *relay, err error) {
 		return nil, err
 	}
 	r.engine, r.sts, r.daneScope = parts.engine, parts.sts, parts.daneScope
-	signer, err := newSigner(cfg, logger)
+	// r.smtp is made below, before the queue runs and calls this.
+	signer, err := newSigner(cfg, logger, func(user, address string) bool { return r.smtp.SenderAllowed(user, address) })
 	if err != nil {
 		return nil, err
 	}

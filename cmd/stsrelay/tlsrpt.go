@@ -55,8 +55,8 @@ func (r *relay) newReporter(res *resolve.Resolver) error {
 }
 
 // newSigner loads the [[dkim]] keys with sign_relayed; nil when there are
-// none.
-func newSigner(cfg *config.Config, logger *slog.Logger) (*dkimsign.Signer, error) {
+// none. senderAllowed is submission's rule for a login's senders.
+func newSigner(cfg *config.Config, logger *slog.Logger, senderAllowed func(user, address string) bool) (*dkimsign.Signer, error) {
 	var keys []dkimsign.Key
 	for i, k := range cfg.DKIM {
 		if !k.SignRelayed {
@@ -71,7 +71,7 @@ func newSigner(cfg *config.Config, logger *slog.Logger) (*dkimsign.Signer, error
 	if len(keys) == 0 {
 		return nil, nil
 	}
-	return dkimsign.New(keys, logger)
+	return dkimsign.New(dkimsign.Options{Keys: keys, SenderAllowed: senderAllowed, Logger: logger})
 }
 
 // Enqueue hands report mail to the queue (tlsrpt.Enqueuer).
