@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"mime"
 	"net/mail"
 	"slices"
 	"strings"
@@ -199,7 +200,7 @@ func (s *Signer) pick(r io.Reader) (key *Key, from, why string) {
 	if len(froms) != 1 {
 		return nil, "", fmt.Sprintf("%d From: fields", len(froms))
 	}
-	addrs, err := mail.ParseAddressList(froms[0])
+	addrs, err := fromParser.ParseList(froms[0])
 	if err != nil {
 		return nil, "", "unparsable From: " + err.Error()
 	}
@@ -223,6 +224,14 @@ func (s *Signer) pick(r io.Reader) (key *Key, from, why string) {
 	}
 	return key, from, ""
 }
+
+// fromParser reads From: for its address alone. net/mail decodes only
+// utf-8, iso-8859-1 and us-ascii encoded-words (RFC 2047) and fails on
+// any other charset; the display name's bytes are passed through instead,
+// since no display name changes which key signs.
+var fromParser = mail.AddressParser{WordDecoder: &mime.WordDecoder{
+	CharsetReader: func(_ string, input io.Reader) (io.Reader, error) { return input, nil },
+}}
 
 // keyFor returns the key of domain or of its closest parent.
 func (s *Signer) keyFor(domain string) *Key {

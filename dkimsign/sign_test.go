@@ -161,6 +161,29 @@ func TestSignsOnlyFromAddressesTheLoginMayUse(t *testing.T) {
 	}
 }
 
+// TestSignsFromWithEncodedWordsInAnyCharset: only the address picks the
+// key, so a display name in a charset Go cannot decode must not leave
+// the message unsigned (and failing DMARC).
+func TestSignsFromWithEncodedWordsInAnyCharset(t *testing.T) {
+	k, lookup := edKey(t, "example.com", "s1")
+	s, _ := New(Options{Keys: []Key{k}})
+	for _, from := range []string{
+		"=?windows-1252?Q?Jos=E9_Garc=EDa?= <a@example.com>",
+		"=?ISO-2022-JP?B?GyRCOzNFRBsoQg==?= <a@example.com>",
+		"=?koi8-r?B?5M3J1NLJyg==?= <a@example.com>",
+		"=?GB2312?B?1tDOxA==?= <a@example.com>",
+		"=?utf-8?Q?Jos=C3=A9?= <a@example.com>",
+		"a@example.com (=?windows-1251?B?wuvg5Ojs6PA=?=)",
+	} {
+		m := strings.Replace(msg, "<a@example.com>", from, 1)
+		got := deliver(t, s, job("a@example.com", m))
+		vs, err := dkim.VerifyWithOptions(strings.NewReader(got), &dkim.VerifyOptions{LookupTXT: lookup})
+		if err != nil || len(vs) != 1 || vs[0].Err != nil || vs[0].Domain != "example.com" {
+			t.Errorf("From: %s: verify %v %+v\n%s", from, err, vs, got)
+		}
+	}
+}
+
 // failing is a key whose every signature fails, like an HSM that went
 // away.
 type failing struct{ crypto.Signer }
