@@ -19,6 +19,6 @@
 //     session is counted, or not, by the message it was opened for; a
 //     connection delivery reuses for the next message is not counted again.
 //   - A report counts as delivered once one of its rua URIs accepted it
-//     (mailto: committed to the queue; https: 200 or 201). Until then it is
+//     (mailto: committed to the queue; https: any 2xx). Until then it is
 //     retried with backoff for 24 hours from its first attempt (§5.5).
 package tlsrpt

@@ -213,7 +213,8 @@ func (t *Reporter) post(ctx context.Context, rep *storedReport, url string) erro
 	defer resp.Body.Close()
 	reply, _ := io.ReadAll(io.LimitReader(resp.Body, maxReplyBody))
 	switch {
-	case resp.StatusCode == http.StatusOK || resp.StatusCode == http.StatusCreated:
+	case resp.StatusCode >= 200 && resp.StatusCode < 300:
+		// RFC 8460 §5.4: a "successful" response; 202 and 204 are that too.
 		return nil
 	case resp.StatusCode >= 300 && resp.StatusCode < 400:
 		return fmt.Errorf("HTTP %s: redirect to %q not followed", resp.Status, truncate(resp.Header.Get("Location"), 100))

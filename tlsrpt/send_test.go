@@ -125,6 +125,35 @@ func TestReportCountsAsDeliveredOnceOneRUAAcceptsIt(t *testing.T) {
 	}
 }
 
+// TestHTTPSEndpointAnswering202Or204HasTheReport: RFC 8460 §5.4 asks for
+// a successful response, and every 2xx is one; a collector that queues
+// the upload answers 202 and must not get it again for a day.
+func TestHTTPSEndpointAnswering202Or204HasTheReport(t *testing.T) {
+	e := newEnv(t, nil)
+	eps := map[string]*endpoint{
+		"a.example": e.endpoint("accepted.example.org", func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(http.StatusAccepted) }),
+		"b.example": e.endpoint("nocontent.example.org", func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(http.StatusNoContent) }),
+	}
+	for dom, ep := range eps {
+		e.dns.Add(t, `_smtp._tls.`+dom+`. 60 IN TXT "v=TLSRPTv1; rua=`+ep.url+`"`)
+		e.rep.Record(result(dom, nil, 1, policy.ResultSuccess, "mx."+dom, ""))
+	}
+	res := e.send("2026-03-01", false)
+	e.clock.Advance(25 * time.Hour)
+	e.rep.runOnce(context.Background())
+	for dom, ep := range eps {
+		if r := resultFor(t, res, dom); r.State != stateSent || len(r.SentTo) != 1 || r.SentTo[0] != ep.url {
+			t.Errorf("%s: %+v, want sent to %s", dom, r, ep.url)
+		}
+		if n := ep.requests(); n != 1 {
+			t.Errorf("%s: %d requests, want 1", dom, n)
+		}
+	}
+	if strings.Contains(e.logs.String(), "given up") {
+		t.Errorf("a delivered report was given up:\n%s", e.logs.String())
+	}
+}
+
 // TestEndpointWhoseIPv6AddressHangsGetsTheReportOverIPv4: the addresses
 // are tried IPv6 first, each with a share of HTTPTimeout, so one that
 // never answers leaves time for the next.
