@@ -342,7 +342,7 @@ func (s *Selector) check() error {
 		return errors.New("nothing selected: give all, or a domain, sender or status")
 	}
 	if s.Domain != "" {
-		d, err := recipientDomain("x@" + s.Domain)
+		d, err := RecipientDomain("x@" + s.Domain)
 		if err != nil {
 			return fmt.Errorf("domain %q is not a domain name", s.Domain)
 		}

@@ -45,7 +45,7 @@ func (q *Queue) makeDSN(tx *bbolt.Tx, orig *message, rcpts []dsnRecipient, now t
 		Body8Bit:   !isASCII(string(body)),   // RFC 6152: so that no 7-bit host gets it
 		RequireTLS: orig.Envelope.RequireTLS, // RFC 8689 §5: bounces keep REQUIRETLS
 	}
-	d, err := recipientDomain(orig.Envelope.From)
+	d, err := RecipientDomain(orig.Envelope.From)
 	if err != nil {
 		return nil, nil // a sender we cannot route to gets no DSN
 	}

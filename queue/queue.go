@@ -340,7 +340,7 @@ func (q *Queue) newMessage(env Envelope) (*message, error) {
 	m := &message{Envelope: env, Arrived: now}
 	m.Envelope.Recipients = nil // kept per recipient below
 	for _, rp := range env.Recipients {
-		d, err := recipientDomain(rp.Addr)
+		d, err := RecipientDomain(rp.Addr)
 		if err != nil {
 			return nil, err
 		}
@@ -349,8 +349,9 @@ func (q *Queue) newMessage(env Envelope) (*message, error) {
 	return m, nil
 }
 
-// recipientDomain returns the lower-case A-label domain of addr.
-func recipientDomain(addr string) (string, error) {
+// RecipientDomain returns the lower-case A-label domain of addr, by which
+// the queue schedules it; an error is why Enqueue refuses addr.
+func RecipientDomain(addr string) (string, error) {
 	at := strings.LastIndexByte(addr, '@')
 	if at < 0 || at == len(addr)-1 {
 		return "", fmt.Errorf("recipient %q has no domain", addr)

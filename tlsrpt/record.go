@@ -8,6 +8,7 @@ import (
 	"net/url"
 	"strings"
 
+	"github.com/stsrelay/stsrelay/queue"
 	"github.com/stsrelay/stsrelay/resolve"
 )
 
@@ -154,7 +155,15 @@ func parseURI(s string) (Endpoint, error) {
 			ep.Err = fmt.Errorf("mailto address %q is not an email address", truncate(raw, 60))
 			return ep, nil
 		}
-		ep.Mailbox = addr
+		// The queue's own check: an address it refuses would fail the one
+		// message that carries the report to every mailto: endpoint.
+		domain, err := queue.RecipientDomain(addr)
+		if err != nil {
+			ep.Err = fmt.Errorf("mailto address %q: domain is not a host name", truncate(raw, 60))
+			return ep, nil
+		}
+		// The A-label, so that the report needs no SMTPUTF8 for the domain.
+		ep.Mailbox = addr[:strings.LastIndexByte(addr, '@')+1] + domain
 	case "https":
 		if u.Host == "" || u.User != nil {
 			ep.Err = errors.New("https URI without a host, or with credentials")

@@ -24,6 +24,8 @@ func TestParseRecordAcceptsWhatRFC8460Allows(t *testing.T) {
 		{"v=TLSRPTv1 ; rua=mailto:a@example.com;ext.x-1=value", []string{"a@example.com"}},
 		{"v=TLSRPTv1; rua=mailto:tls%2Brpt@example.com?subject=x", []string{"tls+rpt@example.com"}},
 		{"v=TLSRPTv1; rua=MAILTO:a@example.com,HTTPS://r.example.com/", []string{"a@example.com", "https://r.example.com/"}},
+		// The domain as the queue routes it: an A-label, no SMTPUTF8 needed.
+		{"v=TLSRPTv1; rua=mailto:tlsrpt@B%C3%BCcher.example", []string{"tlsrpt@xn--bcher-kva.example"}},
 	} {
 		r, err := ParseRecord(tc.txt)
 		if err != nil {
@@ -66,14 +68,16 @@ func TestParseRecordRejectsMalformedRecords(t *testing.T) {
 }
 
 func TestRUAThatIsNeitherMailtoNorHTTPSIsKeptButNotUsed(t *testing.T) {
-	r, err := ParseRecord("v=TLSRPTv1; rua=http://r.example.com/,ftp://x.example/,mailto:not-an-address,mailto:ok@example.com")
+	// "!10m" is DMARC's size limit, not RFC 8460's: the queue would refuse
+	// that domain.
+	r, err := ParseRecord("v=TLSRPTv1; rua=http://r.example.com/,ftp://x.example/,mailto:not-an-address,mailto:a@r.example.net!10m,mailto:ok@example.com")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(r.RUA) != 4 {
-		t.Fatalf("%d URIs, want 4", len(r.RUA))
+	if len(r.RUA) != 5 {
+		t.Fatalf("%d URIs, want 5", len(r.RUA))
 	}
-	for _, e := range r.RUA[:3] {
+	for _, e := range r.RUA[:4] {
 		if e.Err == nil {
 			t.Errorf("%s: usable, want an error", e.URI)
 		}

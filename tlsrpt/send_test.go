@@ -292,6 +292,26 @@ func containsFold(list []string, s string) bool {
 	return false
 }
 
+// TestMailtoWithABadDomainDoesNotKeepTheReportFromTheOthers: a DMARC-style
+// size suffix ("!10m") is no part of RFC 8460 §3 and leaves a domain the
+// queue refuses; the report still goes to the rua's good address.
+func TestMailtoWithABadDomainDoesNotKeepTheReportFromTheOthers(t *testing.T) {
+	e := newEnv(t, nil)
+	e.dns.Add(t, `_smtp._tls.example.net. 60 IN TXT "v=TLSRPTv1; rua=mailto:tlsrpt@example.net,mailto:tlsrpt@reports.example.net!10m"`)
+	e.rep.Record(result("example.net", nil, 1, policy.ResultSuccess, "mx.example.net", ""))
+	r := resultFor(t, e.send("2026-03-01", false), "example.net")
+	if r.State != stateSent || len(r.SentTo) != 1 || r.SentTo[0] != "mailto:tlsrpt@example.net" {
+		t.Fatalf("%+v, want sent to mailto:tlsrpt@example.net", r)
+	}
+	d := e.sink.wait(t)
+	if len(d.job.Recipients) != 1 || d.job.Recipients[0].Addr != "tlsrpt@example.net" {
+		t.Errorf("queued for %+v, want tlsrpt@example.net alone", d.job.Recipients)
+	}
+	if !regexp.MustCompile(`rua not used.*reports\.example\.net!10m`).MatchString(e.logs.String()) {
+		t.Errorf("the unusable rua was not logged:\n%s", e.logs.String())
+	}
+}
+
 func TestMailtoWithoutADKIMKeyFailsClearlyAndQueuesNothing(t *testing.T) {
 	e := newEnv(t, func(o *Options) { o.Sender = "reports@unsigned.example" })
 	e.dns.Add(t, `_smtp._tls.example.net. 60 IN TXT "v=TLSRPTv1; rua=mailto:tlsrpt@example.net"`)
