@@ -10,7 +10,6 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -127,8 +126,10 @@ func New(opts Options) (*Reporter, error) {
 	if opts.OrganizationName == "" {
 		return nil, errors.New("tlsrpt: an organization name is required (tlsrpt.organization_name)")
 	}
-	_, submitter, ok := strings.Cut(opts.ContactInfo, "@")
-	if !ok || !validMailbox(opts.ContactInfo) {
+	// The submitter goes into the Subject, Message-ID and filename of
+	// report mail, which must stay ASCII: an IDN is taken as its A-label.
+	submitter, err := queue.RecipientDomain(opts.ContactInfo)
+	if err != nil || !validMailbox(opts.ContactInfo) {
 		return nil, fmt.Errorf("tlsrpt: contact info %q is not an email address (tlsrpt.contact_info)", opts.ContactInfo)
 	}
 	if opts.Sender == "" {
@@ -158,7 +159,7 @@ func New(opts Options) (*Reporter, error) {
 	t := &Reporter{
 		opts:      opts,
 		log:       opts.Logger,
-		submitter: strings.ToLower(submitter),
+		submitter: submitter,
 		delay:     minDelay + rand.N(max(opts.MaxDelay-minDelay, time.Second)),
 		results:   make(chan policy.SessionResult, opts.Buffer),
 		flushes:   make(chan chan struct{}),
@@ -167,7 +168,7 @@ func New(opts Options) (*Reporter, error) {
 		madeDays:  make(map[string]bool),
 	}
 	t.http = newHTTPClient(&opts)
-	err := opts.DB.Update(func(tx *bbolt.Tx) error {
+	err = opts.DB.Update(func(tx *bbolt.Tx) error {
 		for _, b := range [][]byte{bucketResults, bucketReports} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err

@@ -17,6 +17,7 @@ import (
 	"io"
 	"mime"
 	"mime/multipart"
+	"mime/quotedprintable"
 	"net/http"
 	"net/textproto"
 	"os"
@@ -104,10 +105,14 @@ func (t *Reporter) message(rep *storedReport, to []string, now time.Time) ([]byt
 	var body bytes.Buffer
 	mw := multipart.NewWriter(&body)
 	h := textproto.MIMEHeader{}
-	h.Set("Content-Type", "text/plain; charset=us-ascii")
-	h.Set("Content-Transfer-Encoding", "7bit")
+	// organization_name is free text: UTF-8, quoted-printable, so that the
+	// message stays 7-bit and needs no BODY=8BITMIME (RFC 6152).
+	h.Set("Content-Type", "text/plain; charset=utf-8")
+	h.Set("Content-Transfer-Encoding", "quoted-printable")
 	pw, _ := mw.CreatePart(h)
-	io.WriteString(pw, crlf(t.humanText(rep)))
+	qp := quotedprintable.NewWriter(pw)
+	io.WriteString(qp, crlf(t.humanText(rep)))
+	qp.Close()
 	h = textproto.MIMEHeader{}
 	h.Set("Content-Type", "application/tlsrpt+gzip")
 	h.Set("Content-Transfer-Encoding", "base64")

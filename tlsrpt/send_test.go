@@ -283,6 +283,56 @@ func TestMailtoReportIsAnRFC8460MessageSignedAndQueuedAsTLSReport(t *testing.T) 
 	}
 }
 
+// TestMailtoReportIsSevenBitCleanWithANonASCIIOrganization: the report is
+// queued without BODY=8BITMIME, so organization_name (free text) and an
+// IDN contact_info domain must reach it encoded.
+func TestMailtoReportIsSevenBitCleanWithANonASCIIOrganization(t *testing.T) {
+	e := newEnv(t, func(o *Options) {
+		o.OrganizationName = "Société Générale"
+		o.ContactInfo = "tlsrpt@société.example"
+	})
+	e.dns.Add(t, `_smtp._tls.example.net. 60 IN TXT "v=TLSRPTv1; rua=mailto:tlsrpt@reports.example.net"`)
+	e.rep.Record(result("example.net", nil, 1, policy.ResultSuccess, "mx.example.net", ""))
+	if r := resultFor(t, e.send("2026-03-01", false), "example.net"); r.State != stateSent {
+		t.Fatalf("%+v", r)
+	}
+	d := e.sink.wait(t)
+	if d.job.Envelope.Body8Bit || d.job.Envelope.SMTPUTF8 {
+		t.Errorf("queued with Body8Bit=%v SMTPUTF8=%v, want a 7-bit message", d.job.Envelope.Body8Bit, d.job.Envelope.SMTPUTF8)
+	}
+	for i, c := range d.body {
+		if c >= 0x80 {
+			t.Fatalf("byte %#x at %d in a 7-bit message:\n%s", c, i, d.body)
+		}
+	}
+	msg, err := mail.ReadMessage(bytes.NewReader(d.body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s := msg.Header.Get("Subject"); !strings.Contains(s, "Submitter: xn--socit-esab.example ") {
+		t.Errorf("Subject %q, want the submitter's A-label", s)
+	}
+	_, params, _ := mime.ParseMediaType(msg.Header.Get("Content-Type"))
+	human, err := multipart.NewReader(msg.Body, params["boundary"]).NextPart()
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, cs, _ := mime.ParseMediaType(human.Header.Get("Content-Type"))
+	text, _ := io.ReadAll(human) // quoted-printable, decoded by the reader
+	if cs["charset"] != "utf-8" || !strings.Contains(string(text), "(Société Générale)") {
+		t.Errorf("human-readable part, charset %q:\n%s", cs["charset"], text)
+	}
+	vs, err := dkim.VerifyWithOptions(bytes.NewReader(d.body), &dkim.VerifyOptions{
+		LookupTXT: func(name string) ([]string, error) {
+			txts, _, err := e.res.TXT(context.Background(), name)
+			return txts, err
+		},
+	})
+	if err != nil || len(vs) != 1 || vs[0].Err != nil {
+		t.Errorf("DKIM: %v %+v", err, vs)
+	}
+}
+
 func containsFold(list []string, s string) bool {
 	for _, x := range list {
 		if strings.EqualFold(x, s) {
