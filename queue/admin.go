@@ -313,7 +313,8 @@ func (q *Queue) Delete(id string) error {
 			if e.bodyFile != "" {
 				// An operator who deletes a message expects its text gone
 				// from the disk when the command returns, not when its
-				// segment fills.
+				// segment fills. A delivery still reading it frees it as
+				// it closes it (closeBody); the delete does not wait.
 				ticket = q.spool.flush(e.bodyFile)
 			}
 		} else {

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -186,5 +188,116 @@ func TestOrphanBodyFromACrashIsRemovedAtStart(t *testing.T) {
 	}
 	if b, err := tq.spool.read(locOf(tq.stored(t, kept)), -1); err != nil || string(b) != testBody {
 		t.Errorf("queued message's body: %v", err)
+	}
+}
+
+// slowRemote defers a message's first attempt, so that the retry reads
+// the spool, and holds the retry's transfer half-way until goOn.
+type slowRemote struct {
+	attempts      int
+	started, goOn chan struct{}
+	got           chan string
+	reopen        chan error // the error of a second Open after goOn, as dkimsign opens twice
+}
+
+func newSlowRemote() *slowRemote {
+	return &slowRemote{started: make(chan struct{}), goOn: make(chan struct{}), got: make(chan string, 1), reopen: make(chan error, 1)}
+}
+
+func (s *slowRemote) Deliver(ctx context.Context, job *Job) []Status {
+	if job.Domain == senderDomain { // a bounce's DSN
+		return all(defer451)(job)
+	}
+	if s.attempts++; s.attempts == 1 {
+		return all(defer451)(job)
+	}
+	rc, err := job.Open()
+	if err != nil {
+		s.got <- "open: " + err.Error()
+		return all(defer451)(job)
+	}
+	head := make([]byte, 16)
+	io.ReadFull(rc, head)
+	close(s.started)
+	<-s.goOn
+	rest, err := io.ReadAll(rc)
+	rc.Close()
+	if err != nil {
+		s.got <- "read: " + err.Error()
+	} else {
+		s.got <- string(head) + string(rest)
+	}
+	rc2, err := job.Open()
+	if err == nil {
+		b, _ := io.ReadAll(rc2)
+		rc2.Close()
+		err = fmt.Errorf("reopened and read %q", b)
+	}
+	s.reopen <- err
+	return all(ok250)(job)
+}
+
+// retryUnderSlowRemote queues a message whose retry, read from the spool,
+// is half sent when it returns.
+func retryUnderSlowRemote(t *testing.T) (*testQueue, *slowRemote, string) {
+	t.Helper()
+	s := newSlowRemote()
+	tq := newTestQueue(t, nil, Options{RetrySchedule: []time.Duration{time.Minute}})
+	tq.Queue.opts.Deliverer = s
+	id := tq.enqueue(t, env("alice@example.com", "bob@example.org"))
+	tq.run(t)
+	for tq.stored(t, id).Recipients[0].Attempts == 0 {
+		time.Sleep(5 * time.Millisecond)
+	}
+	tq.clock.Advance(2 * time.Minute)
+	tq.wake()
+	select {
+	case <-s.started:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the retry did not start")
+	}
+	return tq, s, id
+}
+
+// A delivery that is reading a message when an operator deletes or
+// bounces it sends the message whole, as one reading a body file of its
+// own or the first attempt's copy in memory does; a later Open fails.
+// The space is given back once the reader is done.
+func TestDeleteOrBounceDuringDeliverySendsTheIntactMessage(t *testing.T) {
+	for _, action := range []string{"delete", "bounce"} {
+		t.Run(action, func(t *testing.T) {
+			tq, s, id := retryUnderSlowRemote(t)
+			loc := locOf(tq.stored(t, id))
+			done := make(chan error, 1)
+			go func() {
+				if action == "delete" {
+					done <- tq.Delete(id)
+				} else {
+					_, err := tq.Bounce(id)
+					done <- err
+				}
+			}()
+			select {
+			case err := <-done:
+				if err != nil {
+					t.Fatal(err)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatalf("%s waited for the delivery reading the message", action)
+			}
+			close(s.goOn)
+			if sent := <-s.got; sent != testBody {
+				t.Errorf("the remote got %q, want the message as queued", sent)
+			}
+			if err := <-s.reopen; err == nil || !strings.Contains(err.Error(), "no longer in the queue") {
+				t.Errorf("opening the message again after the %s: %v; want an error", action, err)
+			}
+			tq.settle(t)
+			tq.spool.flush(loc.file)
+			tq.spool.waitPunched()
+			if b, err := tq.spool.read(loc, -1); err == nil && len(bytes.Trim(b, "\x00")) > 0 {
+				t.Errorf("the %sd message's text is still in the spool once the delivery is done", action)
+			}
+		})
 	}
 }

@@ -13,6 +13,17 @@ func punchHole(f *os.File, off, n int64) error {
 	return unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
 }
 
+// hasData reports whether f may hold data in [off, off+n), that is, the
+// stretch is not all hole (lseek(2) SEEK_DATA). When it cannot tell, it
+// says yes.
+func hasData(f *os.File, off, n int64) bool {
+	d, err := unix.Seek(int(f.Fd()), off, unix.SEEK_DATA)
+	if err == unix.ENXIO {
+		return false // nothing but a hole from off to the end
+	}
+	return err != nil || d < off+n
+}
+
 // fdatasync flushes f's data and the metadata needed to read it back (its
 // size, after an append), not its timestamps.
 func fdatasync(f *os.File) error {

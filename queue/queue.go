@@ -234,6 +234,15 @@ func (q *Queue) load() error {
 	if err != nil {
 		return fmt.Errorf("queue: %w", err)
 	}
+	if damaged == 0 { // a damaged record may refer to any stretch
+		live := make(map[string][]span)
+		for _, e := range q.index {
+			if e.bodyFile != "" {
+				live[e.bodyFile] = append(live[e.bodyFile], span{e.bodyOff, e.size})
+			}
+		}
+		q.spool.reclaimGaps(live)
+	}
 	q.loaded = []any{"messages", len(q.index), "damaged", damaged, "orphan_bodies_removed", orphans}
 	return nil
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"container/heap"
 	"context"
+	"fmt"
 	"io"
 	"slices"
 	"sync"
@@ -25,6 +26,11 @@ type entry struct {
 	// fresh is the message as Enqueue committed it, with its small body,
 	// kept for the first attempt at each of its domains (see firstCopy).
 	fresh *firstCopy
+	// readers counts the bodies openBody handed out and not yet closed;
+	// left is set when the message leaves the index. The body is freed
+	// when both hold: a punched stretch reads as zeros (see openBody).
+	readers int32
+	left    bool
 }
 
 // firstCopy is a just-committed message and its body in memory. It is
@@ -245,11 +251,72 @@ func (q *Queue) indexRemoveLocked(e *entry) {
 		metricOldest.Set(0)
 	}
 	metricMessages.Set(float64(len(q.index)))
+	e.left = true
+	if e.readers == 0 {
+		q.freeBodyLocked(e)
+	}
+}
+
+// freeBodyLocked removes the body file of e, or frees its stretch of a
+// segment, once e has left and no reader has its body open.
+func (q *Queue) freeBodyLocked(e *entry) {
 	if e.bodyFile == "" {
 		q.spool.remove(e.id)
 		return
 	}
 	q.spool.release(e.bodyFile, e.bodyOff, e.size)
+}
+
+// openBody opens the stored body of e for a delivery attempt (Job.Open).
+// Once the message has left the queue (delivered, deleted, bounced) it
+// fails, and while the body is open its space is not freed even if the
+// message leaves meanwhile: punched out, a stretch of a segment reads as
+// zeros, and a remote would take those for the message. So a delivery
+// that has started sends the message whole, as it does from a body file
+// of its own (removed, still open) or from the first attempt's copy.
+func (q *Queue) openBody(e *entry) (io.ReadCloser, error) {
+	q.mu.Lock()
+	if e.left {
+		q.mu.Unlock()
+		return nil, fmt.Errorf("message %s is no longer in the queue", e.id)
+	}
+	e.readers++
+	q.mu.Unlock()
+	rc, err := q.spool.open(bodyLoc{id: e.id, file: e.bodyFile, off: e.bodyOff, size: e.size})
+	if err != nil {
+		q.closeBody(e)
+		return nil, err
+	}
+	return &openedBody{ReadCloser: rc, closed: func() { q.closeBody(e) }}, nil
+}
+
+// closeBody counts a reader of e's body closed, and frees the body when
+// it was the last one of a message that has left. Such a late free is
+// rare (an operator's delete or bounce during a delivery), so its
+// stretch is handed to reclaim at once rather than with the next MiB.
+func (q *Queue) closeBody(e *entry) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if e.readers--; e.readers > 0 || !e.left {
+		return
+	}
+	q.freeBodyLocked(e)
+	if e.bodyFile != "" {
+		q.spool.flush(e.bodyFile)
+	}
+}
+
+// openedBody is a body from openBody; Close tells the queue once.
+type openedBody struct {
+	io.ReadCloser
+	once   sync.Once
+	closed func()
+}
+
+func (b *openedBody) Close() error {
+	err := b.ReadCloser.Close()
+	b.once.Do(b.closed)
+	return err
 }
 
 // dropFirstLocked forgets e's in-memory first copy, if any.
@@ -472,8 +539,7 @@ func (q *Queue) loadJob(s *slot) (job *Job, idx []int, nextDue time.Time, err er
 		if err != nil || m == nil {
 			return err
 		}
-		loc := locOf(m)
-		job, idx, nextDue = q.jobFor(s, m, now, func() (io.ReadCloser, error) { return q.spool.open(loc) })
+		job, idx, nextDue = q.jobFor(s, m, now, func() (io.ReadCloser, error) { return q.openBody(s.e) })
 		return nil
 	})
 	return job, idx, nextDue, err

@@ -453,8 +453,42 @@ func (s *spool) punchDeadLocked(seg *segment) {
 	seg.dead, seg.deadBytes = nil, 0
 }
 
+// reclaimGaps hands reclaim every stretch of the segments of an earlier
+// run that no record refers to, given the stretches that records do
+// refer to (live, by segment). A crash can leave such stretches: a
+// message that left before its stretch was punched (less than
+// punchEvery had gathered, or a delivery was still reading it), or a
+// batch written but never committed. Nothing appends to these segments
+// any more, so what no record refers to now never will be.
+func (s *spool) reclaimGaps(live map[string][]span) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for name, spans := range live {
+		fi, err := os.Stat(s.path(name))
+		if err != nil {
+			continue
+		}
+		var gaps []span
+		at := int64(0)
+		for _, sp := range mergeSpans(spans) {
+			if sp.off > at {
+				gaps = append(gaps, span{at, sp.off - at})
+			}
+			at = max(at, sp.off+sp.len)
+		}
+		if fi.Size() > at {
+			gaps = append(gaps, span{at, fi.Size() - at})
+		}
+		if len(gaps) > 0 {
+			s.punchLaterLocked(name, gaps)
+		}
+	}
+}
+
 // punchFile frees stretches of the segment name, by name: reclaim calls it
-// without the lock. A segment removed meanwhile has nothing left to free.
+// without the lock. A segment removed meanwhile has nothing left to free,
+// and a stretch that is a hole already (punched before a restart) is
+// skipped, at the cost of a seek.
 func (s *spool) punchFile(name string, spans []span) {
 	f, err := os.OpenFile(s.path(name), os.O_WRONLY, 0)
 	if err != nil {
@@ -462,6 +496,9 @@ func (s *spool) punchFile(name string, spans []span) {
 	}
 	defer f.Close()
 	for _, sp := range spans {
+		if !hasData(f, sp.off, sp.len) {
+			continue
+		}
 		if s.punch(f, sp.off, sp.len) != nil {
 			// Not supported here (or failing): the space comes back when
 			// the segment is removed.
