@@ -33,12 +33,25 @@ func (q *Queue) backoff(attempts int) time.Duration {
 }
 
 // applyOutcome records the statuses of one delivery, in one commit with
-// the DSNs they cause, then updates the index.
-func (q *Queue) applyOutcome(job *Job, idx []int, statuses []Status) error {
+// the DSNs they cause, then updates the index. stopped says that a stop
+// cut the delivery off.
+func (q *Queue) applyOutcome(job *Job, idx []int, statuses []Status, stopped bool) error {
 	if len(statuses) != len(idx) {
 		q.log.Error("queue: deliverer returned the wrong number of statuses; deferring all", "id", job.ID, "domain", job.Domain, "want", len(idx), "got", len(statuses))
 		st := Status{Code: 451, Enhanced: "4.3.0", Text: fmt.Sprintf("internal error: deliverer returned %d statuses for %d recipients", len(statuses), len(idx))}
 		statuses = slices.Repeat([]Status{st}, len(idx))
+	}
+	if stopped {
+		// A deferral the stop caused says nothing about the destination:
+		// those recipients stay as they were, due at the next start, with
+		// no attempt counted, no step of the schedule, no delay notice and
+		// no expiry (docs/DESIGN.md, Durability). One cut off after the
+		// final dot may get the message twice, as after a crash.
+		idx, statuses = settled(idx, statuses)
+		if len(idx) == 0 {
+			q.log.Debug("recipients left due: delivery cut off by the stop", "id", job.ID, "domain", job.Domain)
+			return nil
+		}
 	}
 	var (
 		m        *message
@@ -107,6 +120,20 @@ func (q *Queue) applyOutcome(job *Job, idx []int, statuses []Status) error {
 		q.log.Info("queued DSN", "id", dsn.ID, "orig_id", m.ID, "to", m.Envelope.From)
 	}
 	return nil
+}
+
+// settled returns the recipients (by index into the record) and statuses
+// of a delivery that are delivered or permanently failed.
+func settled(idx []int, statuses []Status) ([]int, []Status) {
+	var keptIdx []int
+	var kept []Status
+	for k, st := range statuses {
+		if st.Delivered() || st.Permanent() {
+			keptIdx = append(keptIdx, idx[k])
+			kept = append(kept, st)
+		}
+	}
+	return keptIdx, kept
 }
 
 // applyStatus moves r according to st and returns the outcome name ("" when

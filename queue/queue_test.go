@@ -527,10 +527,54 @@ func TestDeliveryInterruptedByShutdownIsDueAtNextStart(t *testing.T) {
 
 	d2 := newScripted(all(ok250))
 	tq2 := openTestQueue(t, path, d2, Options{})
-	tq2.clock.Advance(time.Hour) // past the deferral's retry
+	if r := tq2.stored(t, id).Recipients[0]; r.State != StateQueued || r.Attempts != 0 || r.NextAttempt.After(tq2.clock.Now()) {
+		t.Errorf("after the stop: %s, %d attempts, next attempt %v; want queued, no attempt counted, due now", r.State, r.Attempts, r.NextAttempt)
+	}
 	tq2.run(t)
 	if j := tq2.waitJobs(t, 1)[0]; j.ID != id {
 		t.Errorf("delivered %s, want %s", j.ID, id)
+	}
+}
+
+// cutOff answers bob at once and holds carol's transfer until the stop
+// cancels it, as delivery reports an interrupted attempt.
+type cutOff struct{ started chan struct{} }
+
+func (c cutOff) Deliver(ctx context.Context, job *Job) []Status {
+	close(c.started)
+	<-ctx.Done()
+	return []Status{ok250, {Code: 451, Enhanced: "4.4.2", Text: "mx.example.org[192.0.2.1]: delivery interrupted after DATA (context canceled)"}}
+}
+
+// A deferral that a stop caused says nothing about the destination: the
+// recipient is due at the next start, with no attempt counted, no step
+// of the schedule, no delay notice and no expiry. What the attempt did
+// settle is recorded.
+func TestDeliveryCutOffByAStopIsDueAtTheNextStart(t *testing.T) {
+	c := cutOff{started: make(chan struct{})}
+	tq := newTestQueue(t, nil, Options{ShutdownGrace: 10 * time.Millisecond, RetrySchedule: []time.Duration{4 * time.Hour},
+		MaxQueueTime: time.Hour, DelayNoticeAfter: time.Minute})
+	tq.Queue.opts.Deliverer = c
+	id := tq.enqueue(t, env("alice@example.com", "bob@example.org", "carol@example.org"))
+	tq.clock.Advance(2 * time.Hour) // past the delay notice and the expiry
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error)
+	go func() { done <- tq.Run(ctx) }()
+	<-c.started
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	m := tq.stored(t, id)
+	if r := m.Recipients[0]; r.State != StateDelivered {
+		t.Errorf("bob, delivered before the stop: %s", r.State)
+	}
+	if r := m.Recipients[1]; r.State != StateQueued || r.Attempts != 0 || r.NextAttempt.After(tq.clock.Now()) {
+		t.Errorf("carol, cut off by the stop: %s, %d attempts, next attempt in %v; want queued, no attempt counted, due at the next start",
+			r.State, r.Attempts, r.NextAttempt.Sub(tq.clock.Now()).Round(time.Minute))
+	}
+	if n := len(tq.dsnsTo(t, "alice@example.com")); n != 0 {
+		t.Errorf("%d DSNs for a delivery the stop cut off", n)
 	}
 }
 

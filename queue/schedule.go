@@ -493,7 +493,8 @@ func (q *Queue) work(ctx context.Context, s *slot) {
 		return
 	}
 	statuses := q.opts.Deliverer.Deliver(ctx, job)
-	if err := q.applyOutcome(job, idx, statuses); err != nil {
+	// Run cancels ctx only at a stop, once the grace is over.
+	if err := q.applyOutcome(job, idx, statuses, ctx.Err() != nil); err != nil {
 		// Nothing was recorded; try again later rather than in a loop.
 		q.log.Error("queue: cannot record delivery outcome; will retry", "id", job.ID, "domain", job.Domain, "err", err)
 		retryAt = q.opts.Now().Add(time.Minute)
