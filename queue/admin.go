@@ -43,6 +43,9 @@ type RecipientInfo struct {
 	LastEnhanced string     `json:"last_enhanced_code"`
 	LastText     string     `json:"last_text"`
 	LastMX       string     `json:"last_mx"` // "" when no MX host was reached
+	// NoticeOwed is the Action of a DSN owed to the sender about this
+	// recipient and not queued yet (its body could not be written).
+	NoticeOwed string `json:"notice_owed,omitempty"`
 }
 
 // ActionResult is the reply to an admin action.
@@ -62,6 +65,7 @@ func info(m *message) MessageInfo {
 		ri := RecipientInfo{
 			Address: r.Addr, State: r.State, Attempts: r.Attempts,
 			LastCode: r.Last.Code, LastEnhanced: r.Last.Enhanced, LastText: r.Last.Text, LastMX: r.LastMX,
+			NoticeOwed: r.NoticeOwed,
 		}
 		if r.pending() {
 			ri.NextAttempt = &r.NextAttempt
@@ -85,8 +89,9 @@ func (q *Queue) Message(id string) (io.ReadCloser, error) { return q.reader.Mess
 func (q *Queue) Summary() (*Summary, error) { return q.reader.Summary() }
 
 // An action changes the recipients of a message that pick selects and
-// returns how many it changed, with the DSN notices that calls for.
-type action func(m *message, pick func(*recipient) bool, now time.Time) (int, []dsnRecipient)
+// returns how many it changed. The DSNs it calls for are marked owed
+// (recipient.NoticeOwed) for apply to queue.
+type action func(m *message, pick func(*recipient) bool, now time.Time) int
 
 // actions are the changing queue commands, by name.
 var actions = map[string]action{
@@ -100,7 +105,7 @@ var actions = map[string]action{
 // retryRecipients makes the picked queued and deferred recipients due now.
 // The attempt the schedule had planned is kept in ResumeAt: if the retry
 // fails, the schedule goes on from there (applyStatus).
-func retryRecipients(m *message, pick func(*recipient) bool, now time.Time) (int, []dsnRecipient) {
+func retryRecipients(m *message, pick func(*recipient) bool, now time.Time) int {
 	n := 0
 	for i := range m.Recipients {
 		r := &m.Recipients[i]
@@ -113,10 +118,10 @@ func retryRecipients(m *message, pick func(*recipient) bool, now time.Time) (int
 		r.NextAttempt = now
 		n++
 	}
-	return n, nil
+	return n
 }
 
-func holdRecipients(m *message, pick func(*recipient) bool, _ time.Time) (int, []dsnRecipient) {
+func holdRecipients(m *message, pick func(*recipient) bool, _ time.Time) int {
 	n := 0
 	for i := range m.Recipients {
 		if r := &m.Recipients[i]; r.pending() && pick(r) {
@@ -124,10 +129,10 @@ func holdRecipients(m *message, pick func(*recipient) bool, _ time.Time) (int, [
 			n++
 		}
 	}
-	return n, nil
+	return n
 }
 
-func releaseRecipients(m *message, pick func(*recipient) bool, now time.Time) (int, []dsnRecipient) {
+func releaseRecipients(m *message, pick func(*recipient) bool, now time.Time) int {
 	n := 0
 	for i := range m.Recipients {
 		if r := &m.Recipients[i]; r.State == StateHeld && pick(r) {
@@ -139,14 +144,14 @@ func releaseRecipients(m *message, pick func(*recipient) bool, now time.Time) (i
 			n++
 		}
 	}
-	return n, nil
+	return n
 }
 
 // bounceRecipients fails the picked recipients that are not final yet and
-// notifies the sender, as NOTIFY allows.
-func bounceRecipients(m *message, pick func(*recipient) bool, _ time.Time) (int, []dsnRecipient) {
+// owes the sender a DSN about them, as NOTIFY allows.
+func bounceRecipients(m *message, pick func(*recipient) bool, _ time.Time) int {
 	n := 0
-	var notices []dsnRecipient
+	notify := canNotify(m)
 	for i := range m.Recipients {
 		r := &m.Recipients[i]
 		if r.State.Final() || !pick(r) {
@@ -155,16 +160,18 @@ func bounceRecipients(m *message, pick func(*recipient) bool, _ time.Time) (int,
 		r.State = StateFailed
 		r.Last = Status{Code: 554, Enhanced: "5.0.0", Text: "bounced by the mail system administrator"}
 		n++
-		if a := noticeFor(r, outcomeFailed, r.Last); a != "" {
-			notices = append(notices, dsnRecipient{recipient: *r, Action: a})
+		if a := noticeFor(r, outcomeFailed, r.Last); a != "" && notify {
+			r.NoticeOwed = a
+		} else if r.NoticeOwed == "delayed" {
+			r.NoticeOwed = ""
 		}
 	}
-	return n, notices
+	return n
 }
 
 // deleteRecipients drops the picked recipients without notifying anyone;
 // a message goes with its last waiting recipient.
-func deleteRecipients(m *message, pick func(*recipient) bool, _ time.Time) (int, []dsnRecipient) {
+func deleteRecipients(m *message, pick func(*recipient) bool, _ time.Time) int {
 	n := 0
 	for i := range m.Recipients {
 		r := &m.Recipients[i]
@@ -173,9 +180,10 @@ func deleteRecipients(m *message, pick func(*recipient) bool, _ time.Time) (int,
 		}
 		r.State = StateFailed
 		r.Last = Status{Code: 554, Enhanced: "5.0.0", Text: "deleted by the mail system administrator"}
+		r.NoticeOwed = "" // a delay notice still owed, say
 		n++
 	}
-	return n, nil
+	return n
 }
 
 func everyone(*recipient) bool { return true }
@@ -183,14 +191,13 @@ func everyone(*recipient) bool { return true }
 // changed is what one commit of an action did.
 type changed struct {
 	messages, recipients int
-	dsns                 []*message
-	orig                 []string // the message each DSN is about
 }
 
-// apply runs the action named name on the messages ids in one commit,
-// with the DSNs it calls for. A message that is gone meanwhile is
-// skipped. A delete returns once the text of the messages it finished is
-// off the disk, as Delete does.
+// apply runs the action named name on the messages ids in one commit, then
+// queues the DSNs it calls for (sendNotices: a DSN that cannot be written
+// stays owed and does not undo the action). A message that is gone
+// meanwhile is skipped. A delete returns once the text of the messages it
+// finished is off the disk, as Delete does.
 func (q *Queue) apply(ids []string, name string, sel *Selector) (changed, error) {
 	act := actions[name]
 	var res changed
@@ -211,22 +218,12 @@ func (q *Queue) apply(ids []string, name string, sel *Selector) (changed, error)
 				}
 				pick = sel.picker(now)
 			}
-			n, notices := act(m, pick, now)
+			n := act(m, pick, now)
 			if n == 0 {
 				continue
 			}
 			res.messages++
 			res.recipients += n
-			if len(notices) > 0 && m.Envelope.From != "" { // never bounce a bounce
-				dsn, err := q.makeDSN(tx, m, notices, now)
-				if err != nil {
-					return err
-				}
-				if dsn != nil {
-					res.dsns = append(res.dsns, dsn)
-					res.orig = append(res.orig, m.ID)
-				}
-			}
 			if m.done() {
 				err = q.recs.delete(tx, m.ID)
 			} else {
@@ -245,17 +242,19 @@ func (q *Queue) apply(ids []string, name string, sel *Selector) (changed, error)
 				ticket = q.spool.flush(m.BodyFile)
 			}
 		}
-		for _, d := range res.dsns {
-			q.indexPut(d)
-		}
 	})
 	if err != nil {
 		return changed{}, err
 	}
 	q.spool.waitFor(ticket)
-	for i, d := range res.dsns {
-		metricEnqueued.Inc()
-		q.log.Info("queued DSN", "id", d.ID, "orig_id", res.orig[i], "to", d.Recipients[0].Addr)
+	var owing []string
+	for _, m := range touched {
+		if m.owesNotice() {
+			owing = append(owing, m.ID)
+		}
+	}
+	if len(owing) > 0 {
+		q.sendNotices(owing)
 	}
 	q.wake()
 	return res, nil
@@ -413,7 +412,7 @@ func (q *Queue) Select(name string, sel Selector, confirm bool) (BulkResult, err
 	pick := sel.picker(now)
 	err := q.reader.each(func(m *message) {
 		if sel.matchSender(m) {
-			if n, _ := act(m, pick, now); n > 0 {
+			if act(m, pick, now) > 0 {
 				ids = append(ids, m.ID)
 			}
 		}

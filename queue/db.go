@@ -123,17 +123,34 @@ type recipient struct {
 	// Skipped counts the failed manual retries, which do not advance the
 	// retry schedule.
 	Skipped int
+	// NoticeOwed is the Action of a DSN owed to the sender about this
+	// recipient (failed, delayed, relayed) and not queued yet: its body
+	// could not be written, or the process stopped first. The message
+	// stays in the queue until it is.
+	NoticeOwed string
 }
 
 func (r *recipient) pending() bool { return r.State == StateQueued || r.State == StateDeferred }
 
+// done reports whether nothing is left to do for m: every recipient is
+// final and no DSN is owed about any of them.
 func (m *message) done() bool {
 	for i := range m.Recipients {
-		if !m.Recipients[i].State.Final() {
+		if r := &m.Recipients[i]; !r.State.Final() || r.NoticeOwed != "" {
 			return false
 		}
 	}
 	return true
+}
+
+// owesNotice reports whether a DSN is owed about any recipient of m.
+func (m *message) owesNotice() bool {
+	for i := range m.Recipients {
+		if m.Recipients[i].NoticeOwed != "" {
+			return true
+		}
+	}
+	return false
 }
 
 // getMessage reads the record of id from tx, nil if there is none. It

@@ -3,9 +3,12 @@ package queue
 import (
 	"bytes"
 	"crypto/rand"
+	"errors"
 	"fmt"
+	"io"
 	"mime/multipart"
 	"net/textproto"
+	"slices"
 	"strings"
 	"time"
 	"unicode/utf8"
@@ -26,52 +29,231 @@ const maxHeaderBytes = 256 << 10
 // (RFC 3464 wants numeric time zones in its date fields).
 const rfc5322Date = "Mon, 02 Jan 2006 15:04:05 -0700"
 
-// makeDSN builds a delivery status notification (RFC 3464) about orig for
-// rcpts and stores it in tx as a new message from the null sender to the
-// original envelope sender (RFC 5321 §4.5.5), so it travels this same queue.
-func (q *Queue) makeDSN(tx *bbolt.Tx, orig *message, rcpts []dsnRecipient, now time.Time) (*message, error) {
+// canNotify reports whether the sender of m can get a DSN: never one
+// about a DSN (RFC 5321 §4.5.5), nor one to a sender we cannot route to.
+func canNotify(m *message) bool {
+	if m.Envelope.From == "" {
+		return false
+	}
+	_, err := RecipientDomain(m.Envelope.From)
+	return err == nil
+}
+
+// noticeRetry is how long a DSN that could not be written waits before
+// the next try.
+const noticeRetry = time.Minute
+
+// owedDSN is a DSN written to the spool and not yet committed: its record,
+// and the marks (recipient index, Action) of the original it clears.
+type owedDSN struct {
+	orig, to string // the original's id and sender
+	dsn      *message
+	marks    map[int]string
+}
+
+// sendNotices queues the DSNs owed about the messages ids: one per
+// message, about each recipient marked NoticeOwed. An outcome commits its
+// recipients' states with the marks first and calls this after: a DSN
+// that cannot be written (a full disk) must not undo a delivery, or the
+// delivered recipients would get the message again at the retry.
+//
+// Each DSN body is written and synced to a file of its own, and the
+// directory synced, before the commit that adds its record and clears the
+// marks, so a committed DSN has its body and a crash before the commit
+// leaves only an orphan file for the next start to remove. Nothing is
+// written inside the transaction, which may run more than once; a file
+// whose record does not commit is removed. A DSN that cannot be written
+// keeps its marks, and Run tries again every noticeRetry.
+func (q *Queue) sendNotices(ids []string) {
+	q.noticeMu.Lock()
+	defer q.noticeMu.Unlock()
+	now := q.opts.Now()
+	var owed []*owedDSN
+	for _, id := range ids {
+		var m *message
+		err := q.db.View(func(tx *bbolt.Tx) error {
+			var err error
+			m, err = q.recs.get(tx, id)
+			return err
+		})
+		if err != nil || m == nil || !m.owesNotice() {
+			continue // gone, or sent meanwhile; a damaged record is logged at load
+		}
+		o := &owedDSN{orig: id, to: m.Envelope.From, marks: make(map[int]string)}
+		var rcpts []dsnRecipient
+		for i, r := range m.Recipients {
+			if r.NoticeOwed != "" {
+				o.marks[i] = r.NoticeOwed
+				rcpts = append(rcpts, dsnRecipient{recipient: r, Action: r.NoticeOwed})
+			}
+		}
+		if o.dsn, err = q.writeDSN(m, rcpts, now); err != nil {
+			q.noticeFailed(id, m.Envelope.From, err)
+			continue
+		}
+		owed = append(owed, o)
+	}
+	if len(owed) == 0 {
+		return
+	}
+	var committed []*owedDSN
+	var origs []*message
+	err := q.spool.syncDir()
+	if err == nil {
+		err = q.commit.do(func(tx *bbolt.Tx) error {
+			committed, origs = committed[:0], origs[:0]
+			for _, o := range owed {
+				m, err := q.recs.get(tx, o.orig)
+				if err != nil || m == nil || !o.covers(m) {
+					continue // deleted, or changed meanwhile: its marks stay for the next pass
+				}
+				for i := range o.marks {
+					m.Recipients[i].NoticeOwed = ""
+				}
+				if err := q.recs.put(tx, o.dsn); err != nil {
+					return err
+				}
+				if m.done() {
+					err = q.recs.delete(tx, m.ID)
+				} else {
+					err = q.recs.put(tx, m)
+				}
+				if err != nil {
+					return err
+				}
+				committed, origs = append(committed, o), append(origs, m)
+			}
+			return nil
+		}, func() {
+			for i, o := range committed {
+				q.indexPut(origs[i])
+				q.indexPut(o.dsn)
+			}
+		})
+	}
+	if err != nil {
+		committed = nil
+	}
+	for _, o := range owed {
+		if !slices.Contains(committed, o) {
+			q.spool.remove(o.dsn.ID) // no record refers to it
+		}
+	}
+	for _, o := range committed {
+		metricEnqueued.Inc()
+		q.log.Info("queued DSN", "id", o.dsn.ID, "orig_id", o.orig, "to", o.to)
+	}
+	if err != nil && !errors.Is(err, ErrClosed) {
+		for _, o := range owed {
+			q.noticeFailed(o.orig, o.to, err)
+		}
+	}
+	if len(committed) > 0 {
+		q.wake()
+	}
+}
+
+// covers reports whether m still owes exactly the notices o was written for.
+func (o *owedDSN) covers(m *message) bool {
+	for i, a := range o.marks {
+		if i >= len(m.Recipients) || m.Recipients[i].NoticeOwed != a {
+			return false
+		}
+	}
+	return true
+}
+
+// noticeFailed logs that the DSN about the message id to its sender to
+// could not be queued, once per message: while the disk stays full, every
+// pass fails again.
+func (q *Queue) noticeFailed(id, to string, err error) {
+	q.mu.Lock()
+	logged, owed := q.owed[id]
+	if owed {
+		q.owed[id] = true
+	}
+	q.mu.Unlock()
+	if logged || !owed {
+		q.log.Debug("queue: DSN still cannot be written", "id", id, "err", err)
+		return
+	}
+	q.log.Error("queue: cannot write a DSN; the recipients' outcome is recorded, the notice stays owed and is retried every minute",
+		"id", id, "to", to, "spool", q.opts.Dir, "err", err)
+}
+
+// writeDSN builds a delivery status notification (RFC 3464) about orig for
+// rcpts, from the null sender to the original envelope sender (RFC 5321
+// §4.5.5), so that it travels this same queue, and writes its body to a
+// spool file of its own, synced. The caller commits its record or removes
+// the file.
+func (q *Queue) writeDSN(orig *message, rcpts []dsnRecipient, now time.Time) (*message, error) {
+	d, err := RecipientDomain(orig.Envelope.From)
+	if err != nil {
+		return nil, err // canNotify kept such a sender from being marked
+	}
+	limit := int64(maxHeaderBytes)
+	if returnsFull(orig, rcpts) {
+		limit = -1
+	}
+	original, err := q.readBody(orig.ID, limit)
+	if err != nil {
+		return nil, err
+	}
 	var rnd [8]byte
 	_, _ = rand.Read(rnd[:])
 	msgID := fmt.Sprintf("<%x.dsn@%s>", rnd, q.opts.Hostname)
-	body, err := q.dsnBody(orig, rcpts, msgID, now)
+	body, err := q.dsnBody(orig, rcpts, msgID, now, original)
 	if err != nil {
 		return nil, err
 	}
-	env := Envelope{
-		From:       "",
-		MessageID:  msgID,
-		Recipients: nil,
-		SMTPUTF8:   orig.Envelope.SMTPUTF8,
-		Body8Bit:   !isASCII(string(body)),   // RFC 6152: so that no 7-bit host gets it
-		RequireTLS: orig.Envelope.RequireTLS, // RFC 8689 §5: bounces keep REQUIRETLS
-	}
-	d, err := RecipientDomain(orig.Envelope.From)
-	if err != nil {
-		return nil, nil // a sender we cannot route to gets no DSN
-	}
 	m := &message{
-		Envelope:   env,
+		Envelope: Envelope{
+			From:       "",
+			MessageID:  msgID,
+			SMTPUTF8:   orig.Envelope.SMTPUTF8,
+			Body8Bit:   !isASCII(string(body)),   // RFC 6152: so that no 7-bit host gets it
+			RequireTLS: orig.Envelope.RequireTLS, // RFC 8689 §5: bounces keep REQUIRETLS
+		},
 		Arrived:    now,
 		Recipients: []recipient{{RecipientParams: RecipientParams{Addr: orig.Envelope.From}, Domain: d, State: StateQueued, NextAttempt: now}},
 	}
-	// The body file must be durable before the record commits. If this
-	// transaction is then not committed, the file is an orphan that the
-	// next start removes.
 	if m.ID, m.Size, err = q.spool.write(now, bytes.NewReader(body), int64(len(body))); err != nil {
-		return nil, err
-	}
-	if err := q.spool.syncDir(); err != nil {
-		return nil, err
-	}
-	if err := q.recs.put(tx, m); err != nil {
 		return nil, err
 	}
 	return m, nil
 }
 
-// dsnBody writes the multipart/report message, with the whole original
-// message (RET=FULL, failures only) or its headers.
-func (q *Queue) dsnBody(orig *message, rcpts []dsnRecipient, msgID string, now time.Time) ([]byte, error) {
+// readBody returns up to limit bytes (all if limit < 0) of the body of
+// the queued message id, through openBody: never a stretch freed
+// meanwhile.
+func (q *Queue) readBody(id string, limit int64) ([]byte, error) {
+	q.mu.Lock()
+	e := q.index[id]
+	q.mu.Unlock()
+	if e == nil {
+		return nil, fmt.Errorf("message %s is no longer in the queue", id)
+	}
+	rc, err := q.openBody(e)
+	if err != nil {
+		return nil, err
+	}
+	defer rc.Close()
+	if limit < 0 {
+		return io.ReadAll(rc)
+	}
+	return io.ReadAll(io.LimitReader(rc, limit))
+}
+
+// returnsFull reports whether a DSN about rcpts returns the whole message.
+// RFC 3461 §4.3: RET=FULL asks for it, and only in failure DSNs. Without
+// RET stsrelay returns headers only, and always for REQUIRETLS messages
+// (RFC 8689 §5).
+func returnsFull(orig *message, rcpts []dsnRecipient) bool {
+	return worstAction(rcpts) == "failed" && strings.EqualFold(orig.Envelope.Ret, "FULL") && !orig.Envelope.RequireTLS
+}
+
+// worstAction is the Action that decides a DSN's subject and wording.
+func worstAction(rcpts []dsnRecipient) string {
 	worst := "delivered"
 	for _, r := range rcpts {
 		switch {
@@ -81,20 +263,17 @@ func (q *Queue) dsnBody(orig *message, rcpts []dsnRecipient, msgID string, now t
 			worst = "delayed"
 		}
 	}
-	// RFC 3461 §4.3: RET=FULL asks for the whole message, and only in
-	// failure DSNs. Without RET stsrelay returns headers only, and always
-	// for REQUIRETLS messages (RFC 8689 §5).
-	full := worst == "failed" && strings.EqualFold(orig.Envelope.Ret, "FULL") && !orig.Envelope.RequireTLS
-	var original []byte
-	var err error
-	if full {
-		original, err = q.spool.read(locOf(orig), -1)
-	} else {
-		original, err = q.spool.read(locOf(orig), maxHeaderBytes)
-		original = headerSection(original)
-	}
-	if err != nil {
-		return nil, err
+	return worst
+}
+
+// dsnBody writes the multipart/report message, with original: the whole
+// message when returnsFull, else its header section (original may be the
+// whole message or its first maxHeaderBytes).
+func (q *Queue) dsnBody(orig *message, rcpts []dsnRecipient, msgID string, now time.Time, original []byte) ([]byte, error) {
+	worst := worstAction(rcpts)
+	full := returnsFull(orig, rcpts)
+	if !full {
+		original = headerSection(original[:min(len(original), maxHeaderBytes)])
 	}
 
 	host := q.opts.Hostname

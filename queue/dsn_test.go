@@ -1,6 +1,10 @@
 package queue
 
 import (
+	"errors"
+	"log/slog"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -127,5 +131,135 @@ func TestStatusStringIsCodeEnhancedAndText(t *testing.T) {
 		if got := tc.st.String(); got != tc.want {
 			t.Errorf("%+v.String() = %q, want %q", tc.st, got, tc.want)
 		}
+	}
+}
+
+// bobOKCarolFails accepts bob and refuses carol for good.
+func bobOKCarolFails(job *Job) []Status {
+	out := make([]Status, len(job.Recipients))
+	for i, r := range job.Recipients {
+		out[i] = ok250
+		if strings.HasPrefix(r.Addr, "carol@") {
+			out[i] = fail550
+		}
+	}
+	return out
+}
+
+// fullSpool is a queue whose spool is a small tmpfs, full once a message
+// to bob and carol is queued; its database lives elsewhere and commits.
+// It needs root (mountTmpfs).
+func fullSpool(t *testing.T, logs *lockedBuffer) (tq *testQueue, id string, free func()) {
+	t.Helper()
+	spool := mountTmpfs(t, 256<<10)
+	tq = openTestQueue(t, filepath.Join(t.TempDir(), "stsrelay.db"), newScripted(bobOKCarolFails),
+		Options{Dir: spool, RetrySchedule: []time.Duration{time.Minute}, Logger: slog.New(slog.NewTextHandler(logs, nil))})
+	id = tq.enqueue(t, env("alice@example.com", "bob@example.org", "carol@example.org"))
+	free = fillUp(t, spool)
+	tq.run(t)
+	tq.waitJobs(t, 1)
+	tq.settle(t)
+	return tq, id, free
+}
+
+// ROOT ONLY: mounts a tmpfs. A DSN that cannot be written (the spool's
+// file system is full) leaves the notice owed on the record: the
+// outcome stands, and bob, who has the message, does not get it again.
+func TestDSNThatCannotBeWrittenNeverResendsToDeliveredRecipients(t *testing.T) {
+	var logs lockedBuffer
+	tq, id, _ := fullSpool(t, &logs)
+	for range 3 {
+		tq.clock.Advance(2 * time.Minute)
+		tq.wake()
+		time.Sleep(50 * time.Millisecond)
+		tq.settle(t)
+	}
+	if n := len(tq.d.seen); n != 0 {
+		t.Errorf("the message went out %d more times", n)
+	}
+	m := tq.stored(t, id)
+	if bob, carol := m.Recipients[0], m.Recipients[1]; bob.State != StateDelivered || carol.State != StateFailed || carol.NoticeOwed != "failed" {
+		t.Errorf("bob %s, carol %s with notice owed %q; want delivered, and failed with a failure notice owed", bob.State, carol.State, carol.NoticeOwed)
+	}
+	if n := len(tq.dsnsTo(t, "alice@example.com")); n != 0 {
+		t.Errorf("%d DSNs queued on a full disk", n)
+	}
+	if n := strings.Count(logs.String(), "cannot write a DSN"); n != 1 {
+		t.Errorf("%d log lines about the DSN over three passes, want 1:\n%s", n, logs.String())
+	}
+}
+
+// ROOT ONLY: mounts a tmpfs. Once space returns, the owed DSN is queued,
+// the original leaves the queue, and no file is left behind.
+func TestOwedDSNIsQueuedOnceSpaceReturns(t *testing.T) {
+	var logs lockedBuffer
+	tq, id, free := fullSpool(t, &logs)
+	free()
+	tq.clock.Advance(2 * time.Minute)
+	tq.wake()
+	deadline := time.Now().Add(10 * time.Second)
+	var dsns []*message
+	for len(dsns) == 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+		dsns = tq.dsnsTo(t, "alice@example.com")
+	}
+	if len(dsns) != 1 {
+		t.Fatalf("%d DSNs once space returned, want 1:\n%s", len(dsns), logs.String())
+	}
+	rep := parseDSN(t, tq.body(t, dsns[0]))
+	if len(rep.recipients) != 1 || rep.recipients[0].Get("Final-Recipient") != "rfc822; carol@example.org" || rep.recipients[0].Get("Action") != "failed" {
+		t.Errorf("DSN recipients %v, want carol failed", rep.recipients)
+	}
+	if _, err := tq.Show(id); !errors.Is(err, ErrNotFound) {
+		t.Errorf("the original is still queued once its DSN is: %v", err)
+	}
+	tq.settle(t)
+	if n := len(tq.d.seen); n != 0 {
+		t.Errorf("the message went out %d more times", n)
+	}
+	names, _ := os.ReadDir(tq.spool.dir)
+	for _, e := range names {
+		if !strings.HasPrefix(e.Name(), batchPrefix) && e.Name() != dsns[0].ID {
+			t.Errorf("spool file %s left behind", e.Name())
+		}
+	}
+}
+
+// ROOT ONLY: mounts a tmpfs. An operator's bounce on a full disk stands:
+// the recipients fail and the DSN is owed, and queued at the next start
+// once there is space again.
+func TestBounceOnAFullDiskStandsAndItsDSNFollowsAfterARestart(t *testing.T) {
+	spool := mountTmpfs(t, 256<<10)
+	path := filepath.Join(t.TempDir(), "stsrelay.db")
+	tq := openTestQueue(t, path, newScripted(all(defer451)), Options{Dir: spool})
+	id := tq.enqueue(t, env("alice@example.com", "bob@example.org", "carol@example.org"))
+	free := fillUp(t, spool)
+	if n, err := tq.Bounce(id); n != 2 || err != nil {
+		t.Fatalf("bounce on a full disk: %d recipients, %v; want 2, no error", n, err)
+	}
+	for _, r := range tq.stored(t, id).Recipients {
+		if r.State != StateFailed || r.NoticeOwed != "failed" {
+			t.Errorf("%s after the bounce: %s, notice owed %q; want failed, with its notice owed", r.Addr, r.State, r.NoticeOwed)
+		}
+	}
+	tq.Close()
+	tq.db.Close()
+	free()
+
+	tq = openTestQueue(t, path, newScripted(all(defer451)), Options{Dir: spool})
+	tq.run(t)
+	deadline := time.Now().Add(10 * time.Second)
+	for len(tq.dsnsTo(t, "alice@example.com")) == 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	dsns := tq.dsnsTo(t, "alice@example.com")
+	if len(dsns) != 1 {
+		t.Fatalf("%d DSNs after the restart, want 1", len(dsns))
+	}
+	if rep := parseDSN(t, tq.body(t, dsns[0])); len(rep.recipients) != 2 {
+		t.Errorf("the DSN names %d recipients, want bob and carol", len(rep.recipients))
+	}
+	if _, err := tq.Show(id); !errors.Is(err, ErrNotFound) {
+		t.Errorf("the bounced message is still queued once its DSN is: %v", err)
 	}
 }

@@ -32,8 +32,8 @@ func (q *Queue) backoff(attempts int) time.Duration {
 	return d
 }
 
-// applyOutcome records the statuses of one delivery, in one commit with
-// the DSNs they cause, then updates the index. stopped says that a stop
+// applyOutcome records the statuses of one delivery, with the DSNs they
+// call for marked owed, then queues those DSNs. stopped says that a stop
 // cut the delivery off.
 func (q *Queue) applyOutcome(job *Job, idx []int, statuses []Status, stopped bool) error {
 	if len(statuses) != len(idx) {
@@ -55,7 +55,6 @@ func (q *Queue) applyOutcome(job *Job, idx []int, statuses []Status, stopped boo
 	}
 	var (
 		m        *message
-		dsn      *message
 		outcomes []string
 	)
 	err := q.commit.do(func(tx *bbolt.Tx) error {
@@ -66,7 +65,6 @@ func (q *Queue) applyOutcome(job *Job, idx []int, statuses []Status, stopped boo
 		}
 		now := q.opts.Now()
 		outcomes = make([]string, len(idx))
-		var notices []dsnRecipient
 		for k, i := range idx {
 			if i >= len(m.Recipients) {
 				continue
@@ -79,17 +77,15 @@ func (q *Queue) applyOutcome(job *Job, idx []int, statuses []Status, stopped boo
 				a = "delayed"
 				r.DelayNotified = true // once per recipient
 			}
-			if a != "" {
-				notices = append(notices, dsnRecipient{recipient: *r, Action: a})
+			switch {
+			case a != "" && canNotify(m):
+				r.NoticeOwed = a // a failure outdates a delay notice still owed
+			case r.NoticeOwed == "delayed" && r.State.Final():
+				r.NoticeOwed = "" // "still trying" no longer holds
 			}
 		}
-		dsn = nil
-		if len(notices) > 0 && m.Envelope.From != "" { // never bounce a bounce (RFC 5321 §4.5.5)
-			dsn, err = q.makeDSN(tx, m, notices, now)
-			if err != nil {
-				return err
-			}
-		}
+		// The DSNs are written after this commit (sendNotices): a body
+		// that cannot be written must not undo the outcome.
 		if m.done() {
 			return q.recs.delete(tx, m.ID)
 		}
@@ -97,9 +93,6 @@ func (q *Queue) applyOutcome(job *Job, idx []int, statuses []Status, stopped boo
 	}, func() {
 		if m != nil {
 			q.indexPut(m)
-		}
-		if dsn != nil {
-			q.indexPut(dsn)
 		}
 	})
 	if err != nil {
@@ -114,10 +107,8 @@ func (q *Queue) applyOutcome(job *Job, idx []int, statuses []Status, stopped boo
 		}
 	}
 	q.logOutcome(job, m, idx, statuses, outcomes)
-	if dsn != nil {
-		metricEnqueued.Inc()
-		q.wake()
-		q.log.Info("queued DSN", "id", dsn.ID, "orig_id", m.ID, "to", m.Envelope.From)
+	if m.owesNotice() {
+		q.sendNotices([]string{m.ID})
 	}
 	return nil
 }

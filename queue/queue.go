@@ -108,6 +108,14 @@ type Queue struct {
 	// First copies held in memory (entry.fresh), and their bounds.
 	firstBytes, firstMaxBytes int64
 	firstCount, firstMaxCount int
+	// owed holds the ids of the messages that owe a DSN (NoticeOwed), as
+	// the index follows the records; true once a failure to write it was
+	// logged. Run tries them again every noticeRetry (noticeNext), one try
+	// at a time (noticing).
+	owed       map[string]bool
+	noticeNext time.Time
+	noticing   bool
+	noticeMu   sync.Mutex // one sendNotices at a time: a DSN's marks are cleared once
 
 	closeOnce sync.Once
 	// loaded is what load found, logged when Run starts: a start that
@@ -176,6 +184,7 @@ func New(db *bbolt.DB, opts Options) (*Queue, error) {
 		opts:  opts,
 		log:   opts.Logger,
 		index: make(map[string]*entry),
+		owed:  make(map[string]bool),
 		sched: newScheduler(),
 		kick:  make(chan struct{}, 1),
 

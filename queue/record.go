@@ -50,6 +50,7 @@ type storedRecipient struct {
 	DelayNotified bool     `json:"dn,omitempty"`
 	ResumeAt      int64    `json:"ra,omitempty"`
 	Skipped       int      `json:"sk,omitempty"`
+	NoticeOwed    string   `json:"no,omitempty"`
 }
 
 func unixNano(t time.Time) int64 {
@@ -80,7 +81,7 @@ func encodeMessage(m *message) ([]byte, error) {
 			Attempts: r.Attempts, NextAttempt: unixNano(r.NextAttempt), LastAttempt: unixNano(r.LastAttempt),
 			Code: r.Last.Code, Enhanced: r.Last.Enhanced, Text: r.Last.Text, RemoteMTA: r.Last.RemoteMTA,
 			Reply: r.Last.Reply, Relayed: r.Last.Relayed, LastMX: r.LastMX, DelayNotified: r.DelayNotified,
-			ResumeAt: unixNano(r.ResumeAt), Skipped: r.Skipped,
+			ResumeAt: unixNano(r.ResumeAt), Skipped: r.Skipped, NoticeOwed: r.NoticeOwed,
 		}
 	}
 	return json.Marshal(&s)
@@ -114,7 +115,7 @@ func decodeMessage(v []byte) (*message, error) {
 			NextAttempt: fromUnixNano(r.NextAttempt), LastAttempt: fromUnixNano(r.LastAttempt),
 			Last:   Status{Code: r.Code, Enhanced: r.Enhanced, Text: r.Text, RemoteMTA: r.RemoteMTA, Reply: r.Reply, Relayed: r.Relayed},
 			LastMX: r.LastMX, DelayNotified: r.DelayNotified,
-			ResumeAt: fromUnixNano(r.ResumeAt), Skipped: r.Skipped,
+			ResumeAt: fromUnixNano(r.ResumeAt), Skipped: r.Skipped, NoticeOwed: r.NoticeOwed,
 		}
 	}
 	return m, nil

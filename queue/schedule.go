@@ -184,6 +184,13 @@ func (q *Queue) indexPutFirst(m *message, body []byte) {
 		}
 		return
 	}
+	if _, ok := q.owed[m.ID]; ok != m.owesNotice() {
+		if ok {
+			delete(q.owed, m.ID)
+		} else {
+			q.owed[m.ID] = false
+		}
+	}
 	if e == nil {
 		e = &entry{id: m.ID, arrived: m.Arrived, bodyFile: m.BodyFile, bodyOff: m.BodyOff, size: m.Size}
 		q.index[m.ID] = e
@@ -247,6 +254,7 @@ func (q *Queue) indexRemoveLocked(e *entry) {
 	}
 	q.countLocked(e, -1)
 	delete(q.index, e.id)
+	delete(q.owed, e.id)
 	if len(q.index) == 0 {
 		metricOldest.Set(0)
 	}
@@ -422,10 +430,35 @@ func (q *Queue) dispatch(ctx context.Context, wg *sync.WaitGroup) time.Duration 
 			q.work(ctx, s)
 		}()
 	}
-	if len(sc.timers) == 0 {
-		return time.Hour
+	wait := time.Hour
+	if len(q.owed) > 0 && !q.noticing {
+		if now.Before(q.noticeNext) {
+			wait = q.noticeNext.Sub(now)
+		} else {
+			q.noticePassLocked(wg)
+		}
 	}
-	return max(sc.timers[0].due.Sub(now), time.Millisecond)
+	if len(sc.timers) == 0 {
+		return wait
+	}
+	return max(min(sc.timers[0].due.Sub(now), wait), time.Millisecond)
+}
+
+// noticePassLocked tries again to queue the DSNs that are owed (after a
+// full disk, say, or a stop), off the scheduler's goroutine.
+func (q *Queue) noticePassLocked(wg *sync.WaitGroup) {
+	ids := make([]string, 0, len(q.owed))
+	for id := range q.owed {
+		ids = append(ids, id)
+	}
+	q.noticing = true
+	wg.Go(func() {
+		q.sendNotices(ids)
+		q.mu.Lock()
+		q.noticing, q.noticeNext = false, q.opts.Now().Add(noticeRetry)
+		q.mu.Unlock()
+		q.wake()
+	})
 }
 
 // nextReadyLocked picks the next ready slot round-robin over domains,

@@ -565,6 +565,9 @@ func recipientLine(r queue.RecipientInfo) string {
 	if r.NextAttempt != nil {
 		fmt.Fprintf(&b, ", next %s", r.NextAttempt.Local().Format(time.DateTime))
 	}
+	if r.NoticeOwed != "" {
+		fmt.Fprintf(&b, ", %s DSN not yet queued", r.NoticeOwed)
+	}
 	if r.LastCode != 0 {
 		fmt.Fprintf(&b, "\n        %d", r.LastCode)
 		if r.LastEnhanced != "" {
