@@ -95,8 +95,8 @@ type Options struct {
 	// DefaultMaxConnsPerDomain. Deliver waits for a free slot, or for ctx.
 	MaxConnsPerDomain int
 	// ThrottleFor is how long a destination that answered "too many
-	// connections" (a 421 greeting) keeps its lowered concurrency; 0
-	// means 5 minutes.
+	// connections" (a 421 greeting or reply to EHLO) keeps its lowered
+	// concurrency; 0 means 5 minutes.
 	ThrottleFor time.Duration
 	// TLSSessionCacheSize bounds the TLS sessions remembered for
 	// resumption, one per MX host name; 0 means

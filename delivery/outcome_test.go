@@ -177,6 +177,97 @@ func TestGreetingRefusalTriesTheNextMX(t *testing.T) {
 	}
 }
 
+// RFC 5321 §4.1.1.1: a 4xx or 5xx to EHLO, other than "not recognized",
+// refuses the session as a refused greeting does: the remote's words in
+// the status, a 421 lowers concurrency, and the TLS report learns
+// nothing, since the host never said whether it offers STARTTLS.
+func TestEHLORefusalDefersWithTheRemotesReply(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		policy policy.PolicySource
+	}{
+		{"opportunistic", nil},
+		{"MTA-STS enforce", everyMX(policy.Requirement{Security: policy.SecurityVerify, Policy: testSTS})},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			v, _ := oneMX(t)
+			mx := &scriptMX{replies: map[string]string{"EHLO": "421 4.7.0 mx.test too many connections from your IP, try later"}}
+			v.route("127.0.0.2", newScriptMX(t, mx))
+			e := v.engine(func(o *Options) { o.Policy = tc.policy })
+			var th throttles
+			st := deliver(t, e, th.job("example.test", "a@example.test"))
+			wantStatus(t, st[0], 421, "4.7.0", "mx1.example.test[127.0.0.2]: 421 4.7.0 mx.test too many connections from your IP")
+			if res := v.rec.results(); len(res) != 0 {
+				t.Errorf("TLS report results %+v for a host that refused the session before STARTTLS", res)
+			}
+			if len(th.got) != 1 {
+				t.Errorf("queue told %q, want one throttle signal for the 421", th.got)
+			}
+			if got := mx.verbs(); !slices.Equal(got, []string{"EHLO"}) {
+				t.Errorf("commands %q, want EHLO alone", got)
+			}
+		})
+	}
+}
+
+// The host answered: its other address is not tried, the next host is.
+func TestEHLORefusalTriesTheNextMX(t *testing.T) {
+	for _, refusal := range []string{"421 4.3.2 too busy", "554 5.7.1 no service for you"} {
+		t.Run(refusal[:3], func(t *testing.T) {
+			v := newEnv(t,
+				"example.test. 300 IN MX 10 mx1.example.test.",
+				"example.test. 300 IN MX 20 mx2.example.test.",
+				"mx1.example.test. 300 IN A 127.0.0.2",
+				"mx1.example.test. 300 IN A 127.0.0.4",
+				"mx2.example.test. 300 IN A 127.0.0.3")
+			mx1 := &scriptMX{replies: map[string]string{"EHLO": refusal}}
+			mx2 := newMX(t)
+			addr := newScriptMX(t, mx1)
+			v.route("127.0.0.2", addr)
+			v.route("127.0.0.4", addr)
+			v.route("127.0.0.3", mx2.Addr)
+			st := deliver(t, v.engine(), testJob("example.test", "a@example.test"))
+			wantStatus(t, st[0], 250, "2.0.0", "mx2.example.test")
+			if got := mx1.verbs(); !slices.Equal(got, []string{"EHLO"}) {
+				t.Errorf("mx1 got %q, want one EHLO", got)
+			}
+		})
+	}
+}
+
+// RFC 5321 §3.2: a server that does not know EHLO gets HELO, once; HELO
+// has no STARTTLS, which a policy that requires TLS does not accept.
+func TestServerWithoutEHLOGetsHELO(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		policy policy.PolicySource
+		want   []string
+	}{
+		{"opportunistic", nil, []string{"EHLO", "HELO", "MAIL", "RCPT", "DATA", "QUIT"}},
+		{"MTA-STS enforce", everyMX(policy.Requirement{Security: policy.SecurityVerify, Policy: testSTS}), []string{"EHLO"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			v, _ := oneMX(t)
+			mx := &scriptMX{replies: map[string]string{"EHLO": "502 5.5.2 command not recognized", "HELO": "250 mx.test"}}
+			v.route("127.0.0.2", newScriptMX(t, mx))
+			e := v.engine(func(o *Options) { o.Policy = tc.policy })
+			st := deliver(t, e, testJob("example.test", "a@example.test"))
+			res := v.rec.results()
+			if len(res) != 1 || res[0].Result != policy.ResultSTARTTLSNotSupported {
+				t.Errorf("TLS report results %+v, want one starttls-not-supported", res)
+			}
+			if tc.policy == nil {
+				wantStatus(t, st[0], 250, "2.0.0")
+			} else {
+				wantStatus(t, st[0], 451, "4.4.8", "mx1.example.test: STARTTLS not offered (EHLO not supported: 502 5.5.2 command not recognized)")
+			}
+			if got := mx.verbs(); !slices.Equal(got, tc.want) {
+				t.Errorf("commands %q, want %q", got, tc.want)
+			}
+		})
+	}
+}
+
 func TestConnectionIsReusedForTheNextMessageToTheDomain(t *testing.T) {
 	v, mx := oneMX(t, withTLS(mustCert(t)))
 	e := v.engine(func(o *Options) { o.IdleTimeout = 5 * time.Second })

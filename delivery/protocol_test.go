@@ -20,14 +20,23 @@ import (
 // scriptMX is an SMTP server on loopback that answers EHLO with exactly
 // the lines a test gives (lower-case keywords, no 8BITMIME), as some real
 // servers do and go-smtp's server cannot, and keeps every command line.
+// It answers each command as it comes, so pipelined groups too.
 type scriptMX struct {
 	ehlo    []string         // EHLO keywords before STARTTLS, as sent
 	ehloTLS []string         // and after it
 	cert    *tls.Certificate // offers STARTTLS when set
+	// replies replaces the reply to a verb ("." for the final dot's,
+	// "greeting" for the greeting), lines separated by CRLF, as sent. A
+	// reply starting with 421 ends the session.
+	replies map[string]string
+	// rcptMax refuses the RCPTs of a transaction past that many with
+	// 452 4.5.3 (0: no limit).
+	rcptMax int
 
-	mu   sync.Mutex
-	cmds []string
-	data []string
+	mu    sync.Mutex
+	cmds  []string
+	data  []string
+	rcpts [][]string // the recipients of each message taken
 }
 
 func newScriptMX(t *testing.T, m *scriptMX) string {
@@ -44,6 +53,22 @@ func (m *scriptMX) commands() []string {
 	return append([]string(nil), m.cmds...)
 }
 
+// verbs are the commands' verbs, in order.
+func (m *scriptMX) verbs() []string {
+	var out []string
+	for _, c := range m.commands() {
+		out = append(out, strings.ToUpper(strings.SplitN(c, " ", 2)[0]))
+	}
+	return out
+}
+
+// messages are the recipients of each message taken.
+func (m *scriptMX) messages() [][]string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return slices.Clone(m.rcpts)
+}
+
 // command returns the first command line starting with verb, or "".
 func (m *scriptMX) command(verb string) string {
 	for _, c := range m.commands() {
@@ -54,20 +79,38 @@ func (m *scriptMX) command(verb string) string {
 	return ""
 }
 
+// multiline is a reply of code with each text as a line.
+func multiline(code string, texts ...string) string {
+	var b strings.Builder
+	for i, l := range texts {
+		sep := "-"
+		if i == len(texts)-1 {
+			sep = " "
+		}
+		if i > 0 {
+			b.WriteString("\r\n")
+		}
+		b.WriteString(code + sep + l)
+	}
+	return b.String()
+}
+
 func (m *scriptMX) serve(c net.Conn) {
 	var conn io.ReadWriter = c
 	r := bufio.NewReader(conn)
-	reply := func(lines ...string) {
-		for i, l := range lines {
-			sep := "-"
-			if i == len(lines)-1 {
-				sep = " "
-			}
-			io.WriteString(conn, l[:3]+sep+l[3:]+"\r\n")
+	// reply sends the reply set for key, else def; false: the session ends.
+	reply := func(key, def string) bool {
+		if rep, ok := m.replies[key]; ok {
+			def = rep
 		}
+		io.WriteString(conn, def+"\r\n")
+		return !strings.HasPrefix(def, "421")
 	}
-	reply("220mx.test ESMTP")
+	if !reply("greeting", "220 mx.test ESMTP") {
+		return
+	}
 	inTLS := false
+	var rcpts []string
 	for {
 		line, err := r.ReadString('\n')
 		if err != nil {
@@ -78,28 +121,37 @@ func (m *scriptMX) serve(c net.Conn) {
 		m.cmds = append(m.cmds, line)
 		m.mu.Unlock()
 		verb := strings.ToUpper(strings.SplitN(line, " ", 2)[0])
+		ok := true
 		switch {
 		case verb == "EHLO":
 			keys := m.ehlo
 			if inTLS {
 				keys = m.ehloTLS
 			}
-			lines := []string{"250mx.test"}
-			for _, k := range keys {
-				lines = append(lines, "250"+k)
-			}
-			reply(lines...)
+			ok = reply(verb, multiline("250", append([]string{"mx.test"}, keys...)...))
 		case verb == "STARTTLS" && m.cert != nil && !inTLS:
-			reply("220ready")
+			reply(verb, "220 ready")
 			tc := tls.Server(c, &tls.Config{Certificates: []tls.Certificate{*m.cert}})
 			if tc.Handshake() != nil {
 				return
 			}
 			conn, r, inTLS = tc, bufio.NewReader(tc), true
-		case verb == "MAIL", verb == "RCPT", verb == "RSET", verb == "NOOP":
-			reply("250ok")
+		case verb == "MAIL", verb == "RSET":
+			rcpts = nil
+			ok = reply(verb, "250 ok")
+		case verb == "RCPT" && m.rcptMax > 0 && len(rcpts) >= m.rcptMax:
+			ok = reply("", "452 4.5.3 too many recipients")
+		case verb == "RCPT":
+			_, to, _ := strings.Cut(line, "<")
+			to, _, _ = strings.Cut(to, ">")
+			rcpts = append(rcpts, to)
+			ok = reply(verb, "250 ok")
+		case verb == "DATA" && len(rcpts) == 0:
+			ok = reply("", "554 5.5.1 no valid recipients")
 		case verb == "DATA":
-			reply("354go ahead")
+			if !reply(verb, "354 go ahead") {
+				return
+			}
 			var b strings.Builder
 			for {
 				l, err := r.ReadString('\n')
@@ -111,15 +163,24 @@ func (m *scriptMX) serve(c net.Conn) {
 				}
 				b.WriteString(l)
 			}
-			m.mu.Lock()
-			m.data = append(m.data, b.String())
-			m.mu.Unlock()
-			reply("2502.0.0 queued")
+			if rep := m.replies["."]; rep == "" || rep[0] == '2' {
+				m.mu.Lock()
+				m.data = append(m.data, b.String())
+				m.rcpts = append(m.rcpts, rcpts)
+				m.mu.Unlock()
+			}
+			rcpts = nil
+			ok = reply(".", "250 2.0.0 queued")
 		case verb == "QUIT":
-			reply("221bye")
+			reply(verb, "221 bye")
 			return
+		case verb == "NOOP":
+			ok = reply(verb, "250 ok")
 		default:
-			reply("5025.5.1 unknown command")
+			ok = reply(verb, "502 5.5.1 unknown command")
+		}
+		if !ok {
+			return
 		}
 	}
 }

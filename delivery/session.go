@@ -282,17 +282,34 @@ func (e *Engine) open(ctx context.Context, nh NextHop, h hop, addr netip.Addr, r
 	wantTLS := req.WantTLS() && !plaintext && s.tls == nil
 	mustTLS := req.MustTLS() || requireTLS
 	var ext map[string]string
-	var ehloReply string // our EHLO's 250 reply, as received
+	var ehloReply string // the reply to our EHLO, as received
+	noSTARTTLS := "STARTTLS not offered"
 	if wantTLS {
-		ext, ehloReply, err = s.ehlo(tp)
-		if err != nil {
+		code, msg, err := s.ehlo(tp)
+		switch {
+		case err != nil:
 			return fail(transportFailure(ctx, label, "EHLO", err))
+		case code == 250:
+			ext = ehloKeywords(msg)
+		case code == 500 || code == 502:
+			// RFC 5321 §3.2: a server that does not know EHLO gets HELO
+			// (go-smtp's, on this reply replayed), and HELO has no STARTTLS.
+			noSTARTTLS += " (EHLO not supported: " + replyText(code, msg) + ")"
+		default:
+			// A refusal of the session, as a refused greeting is: the
+			// host never said whether it offers STARTTLS, so nothing
+			// goes into a TLS report.
+			f := replyFailure(label, code, msg)
+			f.nextHost = true
+			f.throttle = tooManyConnections(code, msg, true)
+			return fail(f)
 		}
+		ehloReply = replyLines(code, msg)
 	}
 	if _, ok := ext["STARTTLS"]; wantTLS && !ok {
-		s.record(req, policy.ResultSTARTTLSNotSupported, "STARTTLS not offered")
+		s.record(req, policy.ResultSTARTTLSNotSupported, noSTARTTLS)
 		if mustTLS {
-			return fail(e.policyFailure(label, mx, req, requireTLS, "STARTTLS not offered"))
+			return fail(e.policyFailure(label, mx, req, requireTLS, noSTARTTLS))
 		}
 		wantTLS = false
 	}
@@ -330,7 +347,7 @@ func (e *Engine) open(ctx context.Context, nh NextHop, h hop, addr netip.Addr, r
 	// Hand the connection to go-smtp with the greeting it expects. After
 	// TLS it says EHLO itself (RFC 3207 §4.2); in plaintext its EHLO gets
 	// the reply to ours (skipEHLO), and goes out only when ours was not
-	// sent or not answered 250.
+	// sent.
 	var conn net.Conn = s.conn
 	if tc, ok := s.tlsConn(); ok {
 		conn = tc
@@ -353,8 +370,10 @@ func (e *Engine) open(ctx context.Context, nh NextHop, h hop, addr netip.Addr, r
 	s.client.CommandTimeout = e.opts.Timeouts.Command
 	s.conn.allow(maxReplyBytes)
 	if err := s.client.Hello(s.e.hostname); err != nil {
+		// Refused as the EHLO before STARTTLS is (go-smtp tried HELO
+		// after 500 or 502).
 		f := s.commandFailure(ctx, "EHLO", err, true)
-		f.throttle = tooManyConnections(f.status.Code, f.status.Text, false)
+		f.throttle = tooManyConnections(f.status.Code, f.status.Text, true)
 		return fail(f)
 	}
 	if nh.auth != nil {
@@ -435,12 +454,13 @@ func scrub(text string, c *Credentials) string {
 }
 
 // tooManyConnections reports whether a reply says the remote wants fewer
-// connections from us: a 421 greeting, or a 4xx that says so.
-func tooManyConnections(code int, text string, greeting bool) bool {
+// connections from us: a 421 that refuses the session (to the greeting or
+// EHLO: opening is set), or a 4xx that says so.
+func tooManyConnections(code int, text string, opening bool) bool {
 	if code < 400 || code > 499 {
 		return false
 	}
-	if greeting && code == 421 {
+	if opening && code == 421 {
 		return true
 	}
 	t := strings.ToLower(text)
@@ -457,38 +477,40 @@ func (s *session) tlsConn() (*tls.Conn, bool) {
 	return s.tlsc, s.tlsc != nil
 }
 
-// ehlo sends our EHLO on the plaintext connection and returns the
-// extensions offered and the 250 reply (written out again), for go-smtp
-// should the session stay in plaintext. A server that rejects EHLO offers
-// none.
-func (s *session) ehlo(tp *textproto.Reader) (map[string]string, string, error) {
+// ehlo sends our EHLO on the plaintext connection and returns the reply.
+func (s *session) ehlo(tp *textproto.Reader) (int, string, error) {
 	s.conn.allow(maxReplyBytes)
 	s.conn.SetDeadline(time.Now().Add(s.e.opts.Timeouts.Command))
 	if err := writeLine(s.conn, "EHLO "+s.e.hostname); err != nil {
-		return nil, "", err
+		return 0, "", err
 	}
-	code, msg, err := tp.ReadResponse(0)
-	if err != nil {
-		return nil, "", err
-	}
+	return tp.ReadResponse(0)
+}
+
+// ehloKeywords are the extensions a 250 reply to EHLO offers, by keyword
+// in upper case (RFC 5321 §2.4).
+func ehloKeywords(msg string) map[string]string {
 	ext := make(map[string]string)
-	if code != 250 {
-		return ext, "", nil
-	}
 	lines := strings.Split(msg, "\n")
 	for _, l := range lines[1:] {
 		k, v, _ := strings.Cut(l, " ")
 		ext[strings.ToUpper(k)] = v
 	}
-	var reply strings.Builder
+	return ext
+}
+
+// replyLines writes a reply out again as it came, for go-smtp to read.
+func replyLines(code int, msg string) string {
+	var b strings.Builder
+	lines := strings.Split(msg, "\n")
 	for i, l := range lines {
 		sep := "-"
 		if i == len(lines)-1 {
 			sep = " "
 		}
-		reply.WriteString("250" + sep + l + "\r\n")
+		b.WriteString(strconv.Itoa(code) + sep + l + "\r\n")
 	}
-	return ext, reply.String(), nil
+	return b.String()
 }
 
 // startTLS runs the handshake after a 220 to STARTTLS and checks the
