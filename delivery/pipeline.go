@@ -155,7 +155,7 @@ func (s *session) replies() *replyReader {
 // A code other than expect is an *smtp.SMTPError, as from go-smtp.
 func (r *replyReader) read(expect int) (string, error) {
 	r.s.conn.allow(maxReplyBytes)
-	_, msg, err := r.tp.ReadResponse(expect)
+	_, msg, err := readReply(r.tp, expect)
 	var te *textproto.Error
 	if errors.As(err, &te) {
 		return msg, toSMTPError(te)

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/emersion/go-smtp"
 
@@ -338,5 +339,50 @@ func TestUnusualAddressesAreDeliveredUnchanged(t *testing.T) {
 	}
 	if want := []string{`RCPT TO:<"a@b"@example.test>`, "RCPT TO:<user@[ipv6:2001:db8::1]>"}; !slices.Equal(rcpts, want) {
 		t.Errorf("sent %q, want %q", rcpts, want)
+	}
+}
+
+// RFC 5321 §4.2: "Reply-code [ SP textstring ] CRLF". A remote that
+// answers with bare codes (a multiline EHLO reply ending in one too) has
+// taken the message at its bare 250: one copy, delivered, on every path
+// that reads replies.
+func TestRepliesWithoutTextAreWholeReplies(t *testing.T) {
+	for _, tc := range []struct {
+		name, ehlo string
+		tls        bool
+	}{
+		{"lock-step", "250-mx.test\r\n250-\r\n250-8BITMIME\r\n250", false},
+		{"pipelining", "250-mx.test\r\n250-\r\n250-PIPELINING\r\n250", false},
+		{"STARTTLS", "250-mx.test\r\n250-\r\n250-STARTTLS\r\n250", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			v, _ := oneMX(t)
+			mx := &scriptMX{replies: map[string]string{
+				"greeting": "220", "EHLO": tc.ehlo, "STARTTLS": "220", "MAIL": "250", "RCPT": "250 ",
+				"DATA": "354", ".": "250", "RSET": "250", "QUIT": "221",
+			}}
+			if tc.tls {
+				cert := mustCert(t)
+				mx.cert = &cert
+			}
+			v.route("127.0.0.2", newScriptMX(t, mx))
+			e := v.engine(func(o *Options) { o.IdleTimeout = 5 * time.Second })
+			for range 2 {
+				st := deliver(t, e, testJob("example.test", "a@example.test"))
+				if want := "mx1.example.test[127.0.0.2]: 250 2.0.0"; !st[0].Delivered() || st[0].Text != want || st[0].Reply != "250" {
+					t.Fatalf("status %q, reply %q; want %q, reply \"250\"", st[0].String(), st[0].Reply, want)
+				}
+			}
+			if n := len(mx.messages()); n != 2 {
+				t.Errorf("the remote took %d messages, want 2", n)
+			}
+			ehlos := 1 // a second one after STARTTLS
+			if tc.tls {
+				ehlos = 2
+			}
+			if got := mx.verbs(); !slices.Contains(got, "RSET") || strings.Count(strings.Join(got, " "), "EHLO") != ehlos {
+				t.Errorf("commands %q, want the second message on the same connection, after RSET", got)
+			}
+		})
 	}
 }

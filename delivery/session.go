@@ -264,7 +264,7 @@ func (e *Engine) open(ctx context.Context, nh NextHop, h hop, addr netip.Addr, r
 	// Greeting (RFC 5321 §4.5.3.2.1: 5 minutes).
 	s.conn.allow(maxReplyBytes)
 	s.conn.SetDeadline(time.Now().Add(e.opts.Timeouts.Greeting))
-	code, msg, err := tp.ReadResponse(0)
+	code, msg, err := readReply(tp, 0)
 	if err != nil {
 		return fail(transportFailure(ctx, label, "waiting for the greeting", err))
 	}
@@ -319,7 +319,7 @@ func (e *Engine) open(ctx context.Context, nh NextHop, h hop, addr netip.Addr, r
 		if err := writeLine(s.conn, "STARTTLS"); err != nil {
 			return fail(transportFailure(ctx, label, "STARTTLS", err))
 		}
-		code, msg, err := tp.ReadResponse(0)
+		code, msg, err := readReply(tp, 0)
 		if err != nil {
 			return fail(transportFailure(ctx, label, "STARTTLS", err))
 		}
@@ -484,7 +484,7 @@ func (s *session) ehlo(tp *textproto.Reader) (int, string, error) {
 	if err := writeLine(s.conn, "EHLO "+s.e.hostname); err != nil {
 		return 0, "", err
 	}
-	return tp.ReadResponse(0)
+	return readReply(tp, 0)
 }
 
 // ehloKeywords are the extensions a 250 reply to EHLO offers, by keyword
@@ -816,9 +816,16 @@ func replyStatus(label string, code int, msg string) queue.Status {
 		enh = classCode(code)
 	}
 	var buf [20]byte
-	c := strconv.AppendInt(buf[:0], int64(code), 10)
-	return queue.Status{Code: code, Enhanced: enh, RemoteMTA: hostOf(label), Reply: truncate(string(c) + " " + line),
-		Text: truncate(label + ": " + string(c) + " " + enh + " " + text)}
+	c := string(strconv.AppendInt(buf[:0], int64(code), 10))
+	reply, full := c, label+": "+c+" "+enh
+	if line != "" {
+		// RFC 5321 §4.2: the text is optional.
+		reply += " " + line
+	}
+	if text != "" {
+		full += " " + text
+	}
+	return queue.Status{Code: code, Enhanced: enh, RemoteMTA: hostOf(label), Reply: truncate(reply), Text: truncate(full)}
 }
 
 // classCode is the enhanced code of a reply that has none: its class

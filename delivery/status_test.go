@@ -1,7 +1,9 @@
 package delivery
 
 import (
+	"bufio"
 	"fmt"
+	"net/textproto"
 	"strconv"
 	"strings"
 	"testing"
@@ -25,9 +27,10 @@ func fmtReplyStatus(label string, code int, msg string) statusT {
 	if enh == "" {
 		enh = fmt.Sprintf("%d.0.0", code/100)
 	}
+	// A reply without text (RFC 5321 §4.2) leaves no space at the end.
 	return statusT{Code: code, Enhanced: enh, RemoteMTA: hostOf(label),
-		Reply: truncate(fmt.Sprintf("%d %s", code, fmtOneLine(msg))),
-		Text:  truncate(fmt.Sprintf("%s: %d %s %s", label, code, enh, text))}
+		Reply: truncate(strings.TrimSuffix(fmt.Sprintf("%d %s", code, fmtOneLine(msg)), " ")),
+		Text:  truncate(strings.TrimSuffix(fmt.Sprintf("%s: %d %s %s", label, code, enh, text), " "))}
 }
 
 // fmtOneLine is oneLine without its shortcut for text that is already
@@ -57,6 +60,7 @@ func TestReplyStatusKeepsItsWords(t *testing.T) {
 		{250, "2.0.0 OK: queued as 4ZK3f21Xyz"},
 		{250, "OK"},
 		{250, ""},
+		{250, "2.0.0"},
 		{451, "4.7.1 greylisted, try later"},
 		{550, "5.1.1 no such user\r\n5.1.1 really 5.1.1 no"},
 		{550, "5.1.1 5.1.1 5.1.1 x"},
@@ -81,6 +85,47 @@ func TestReplyStatusKeepsItsWords(t *testing.T) {
 		}
 		if got, want := oneLine(tc.msg), fmtOneLine(tc.msg); got != want {
 			t.Errorf("oneLine(%q) = %q, want %q", tc.msg, got, want)
+		}
+	}
+}
+
+// readReply answers as textproto.Reader.ReadResponse wherever that reads
+// a whole reply, and takes a bare code as a reply without text (RFC 5321
+// §4.2), also as the last line of a multiline reply.
+func TestReadReplyMatchesTextprotoAndTakesBareCodes(t *testing.T) {
+	reader := func(in string) *textproto.Reader {
+		return textproto.NewReader(bufio.NewReader(strings.NewReader(in + "999 next\r\n")))
+	}
+	for _, in := range []string{
+		"250 ok\r\n", "250 \r\n", "250-mx.test\r\n250-\r\n250 SIZE 10\r\n", "550 5.1.1 no such user\r\n",
+		"451-4.3.0 one\r\n451 4.3.0 two\r\n", "250-a\r\nstray text\r\n250 b\r\n", "250-a\r\n251 other\r\n250 b\r\n",
+		"25\r\n", "abc ok\r\n", "250x\r\n", "",
+	} {
+		for _, expect := range []int{0, 2, 25, 250} {
+			c1, m1, e1 := reader(in).ReadResponse(expect)
+			c2, m2, e2 := readReply(reader(in), expect)
+			if c1 != c2 || m1 != m2 || fmt.Sprint(e1) != fmt.Sprint(e2) {
+				t.Errorf("%q (expect %d): readReply %d %q %v, textproto %d %q %v", in, expect, c2, m2, e2, c1, m1, e1)
+			}
+		}
+	}
+	for _, tc := range []struct {
+		in, msg string
+		code    int
+	}{
+		{"250\r\n", "", 250},
+		{"250\n", "", 250},
+		{"250-mx.test\r\n250\r\n", "mx.test\n", 250},
+		{"250-\r\n250\r\n", "\n", 250},
+		{"550\r\n", "", 550},
+	} {
+		r := reader(tc.in)
+		code, msg, err := readReply(r, 0)
+		if code != tc.code || msg != tc.msg || err != nil {
+			t.Errorf("%q: %d %q %v, want %d %q", tc.in, code, msg, err, tc.code, tc.msg)
+		}
+		if next, _ := r.ReadLine(); next != "999 next" {
+			t.Errorf("%q: the next reply starts %q", tc.in, next)
 		}
 	}
 }

@@ -6,8 +6,10 @@ import (
 	"bufio"
 	"bytes"
 	"errors"
+	"fmt"
 	"io"
 	"math/rand"
+	"net/textproto"
 	"strings"
 	"testing"
 )
@@ -208,6 +210,52 @@ func TestLineLimitReaderMatchesByteByByteReader(t *testing.T) {
 			if _, err := fast.Read(make([]byte, 8)); err != ErrTooLongLine {
 				t.Fatalf("input %q (limit %d): read after the error: %v", in, limit, err)
 			}
+		}
+	}
+}
+
+// readReply answers as textproto.Reader.ReadResponse wherever that reads
+// a whole reply, and takes a bare code as a reply without text.
+func TestReadReplyMatchesTextprotoAndTakesBareCodes(t *testing.T) {
+	same := []string{
+		"250 ok\r\n",
+		"250 \r\n",
+		"250-mx.test\r\n250-\r\n250 SIZE 10\r\n",
+		"550 5.1.1 no such user\r\n",
+		"451-4.3.0 one\r\n451 4.3.0 two\r\n",
+		"250-a\r\nstray text\r\n250 b\r\n",
+		"250-a\r\n251 other code\r\n250 b\r\n",
+		"25\r\n",
+		"abc ok\r\n",
+		"250x\r\n",
+		"",
+	}
+	for _, in := range same {
+		for _, expect := range []int{0, 2, 25, 250} {
+			c1, m1, e1 := textproto.NewReader(bufio.NewReader(strings.NewReader(in + "999 next\r\n"))).ReadResponse(expect)
+			c2, m2, e2 := readReply(textproto.NewReader(bufio.NewReader(strings.NewReader(in+"999 next\r\n"))), expect)
+			if c1 != c2 || m1 != m2 || fmt.Sprint(e1) != fmt.Sprint(e2) {
+				t.Errorf("%q (expect %d): readReply %d %q %v, textproto %d %q %v", in, expect, c2, m2, e2, c1, m1, e1)
+			}
+		}
+	}
+	for _, tc := range []struct {
+		in, msg string
+		code    int
+	}{
+		{"250\r\n", "", 250},
+		{"250\n", "", 250},
+		{"250-mx.test\r\n250\r\n", "mx.test\n", 250},
+		{"250-\r\n250\r\n", "\n", 250},
+		{"550\r\n", "", 550},
+	} {
+		r := textproto.NewReader(bufio.NewReader(strings.NewReader(tc.in + "999 next\r\n")))
+		code, msg, err := readReply(r, 0)
+		if code != tc.code || msg != tc.msg || err != nil {
+			t.Errorf("%q: %d %q %v, want %d %q", tc.in, code, msg, err, tc.code, tc.msg)
+		}
+		if next, _ := r.ReadLine(); next != "999 next" {
+			t.Errorf("%q: the next reply starts %q", tc.in, next)
 		}
 	}
 }

@@ -12,6 +12,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"errors"
 	"io"
 	"log"
 	"math/big"
@@ -458,5 +459,85 @@ func TestServerBdatGoroutineOutlivesTheSession(t *testing.T) {
 	}
 	if got := logged.String(); got != "" {
 		t.Errorf("the server logged:\n%.2000s", got)
+	}
+}
+
+// RFC 5321 §4.2: a reply's text is optional ("Reply-code [ SP textstring ]
+// CRLF"). A bare code is a whole reply, also as the last line of a
+// multiline one, and so is a code with an empty text.
+func TestClientTakesRepliesWithoutText(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	replies := map[string]string{
+		"EHLO": "250-mx.test\r\n250-\r\n250-8BITMIME\r\n250\r\n",
+		"MAIL": "250\r\n",
+		"RCPT": "250 \r\n",
+		"DATA": "354\r\n",
+		".":    "250\r\n",
+		"RSET": "250\r\n",
+		"QUIT": "221\r\n",
+	}
+	go func() {
+		c, err := l.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		io.WriteString(c, "220\r\n")
+		r := bufio.NewScanner(c)
+		for r.Scan() {
+			verb := strings.ToUpper(strings.SplitN(r.Text(), " ", 2)[0])
+			if verb == "RCPT" && strings.Contains(r.Text(), "nobody") {
+				io.WriteString(c, "550\r\n")
+				continue
+			}
+			if verb == "DATA" {
+				io.WriteString(c, replies[verb])
+				for r.Scan() && r.Text() != "." {
+				}
+				verb = "."
+			}
+			io.WriteString(c, replies[verb])
+		}
+	}()
+	c, err := smtp.Dial(l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Hello("client.test"); err != nil {
+		t.Fatalf("EHLO: %v", err)
+	}
+	if ok, _ := c.Extension("8BITMIME"); !ok {
+		t.Error("8BITMIME, offered before the bare last line, not seen")
+	}
+	if err := c.Mail("root@example.org", nil); err != nil {
+		t.Fatalf("MAIL: %v", err)
+	}
+	if err := c.Rcpt("root@example.org", nil); err != nil {
+		t.Fatalf("RCPT: %v", err)
+	}
+	var se *smtp.SMTPError
+	if err := c.Rcpt("nobody@example.org", nil); !errors.As(err, &se) || se.Code != 550 {
+		t.Fatalf("RCPT refused with a bare 550: %v, want an SMTPError with code 550", err)
+	}
+	w, err := c.Data()
+	if err != nil {
+		t.Fatalf("DATA: %v", err)
+	}
+	io.WriteString(w, "Subject: bare\r\n\r\nhello\r\n")
+	resp, err := w.CloseWithResponse()
+	if err != nil {
+		t.Fatalf("end of data: %v", err)
+	}
+	if resp.StatusText != "" {
+		t.Errorf("status text %q, want none", resp.StatusText)
+	}
+	if err := c.Quit(); err != nil {
+		t.Errorf("QUIT: %v", err)
 	}
 }
