@@ -170,10 +170,11 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 	if job.Open == nil {
 		return all(queue.Status{Code: 451, Enhanced: "4.3.0", Text: "queue job " + job.ID + " has no message to open"})
 	}
-	body, err := job.Open()
+	rc, err := job.Open()
 	if err != nil {
 		return all(queue.Status{Code: 451, Enhanced: "4.3.0", Text: "reading the queued message: " + err.Error()})
 	}
+	body := &message{open: job.Open, rc: rc}
 	defer body.Close()
 
 	env := job.Envelope
@@ -225,6 +226,11 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 			at.tls = tlsVersionName(s.tls.Version)
 		}
 		at.tlsProblem, at.state, at.certName = s.tlsProblem, s.tls, s.certName
+		if err := body.rewind(); err != nil {
+			e.release(s)
+			at.skipped = texts(fails)
+			return all(queue.Status{Code: 451, Enhanced: "4.3.0", Text: "reading the queued message: " + err.Error()})
+		}
 		statuses, f := e.transact(ctx, s, job, body)
 		if s.throttled != "" {
 			e.throttle(h, job, s.throttled)
@@ -250,6 +256,38 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 	at.skipped = texts(fails)
 	return all(aggregate(domain, fails))
 }
+
+// message is the queued message as each transaction reads it: from its
+// first byte. One that went nowhere may have read it (BDAT reads it
+// before the group goes out, and the group met a stale connection); the
+// next opens it again (Job.Open may be called again).
+type message struct {
+	open func() (io.ReadCloser, error)
+	rc   io.ReadCloser
+	read bool
+}
+
+func (m *message) Read(p []byte) (int, error) {
+	m.read = true
+	return m.rc.Read(p)
+}
+
+// rewind makes the next Read start at the first byte.
+func (m *message) rewind() error {
+	if !m.read {
+		return nil
+	}
+	m.rc.Close()
+	rc, err := m.open()
+	if err != nil {
+		m.rc = io.NopCloser(strings.NewReader(""))
+		return err
+	}
+	m.rc, m.read = rc, false
+	return nil
+}
+
+func (m *message) Close() error { return m.rc.Close() }
 
 // requirements asks the policy.PolicySource about the usable hosts of nh,
 // for its policy domain (RFC 8461 §3.4: a smart host's own domain), and

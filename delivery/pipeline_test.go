@@ -589,8 +589,9 @@ func TestTooLargeAGroupIsStillDelivered(t *testing.T) {
 }
 
 // An idle connection the remote closed, or one that answers the RSET
-// leading the group with 421, costs the message nothing: it goes out on a
-// new connection in the same attempt.
+// leading the group with 421, costs the message nothing: it goes out,
+// whole, on a new connection in the same attempt. With BDAT the message
+// was read before the group went out, and is read again from its start.
 func TestStaleIdleConnectionIsReplacedWithinTheAttempt(t *testing.T) {
 	for _, tc := range []struct {
 		name string
@@ -598,6 +599,8 @@ func TestStaleIdleConnectionIsReplacedWithinTheAttempt(t *testing.T) {
 	}{
 		{"closed while idle", &groupMX{hangUpAfter: 1}},
 		{"421 to RSET", &groupMX{rset421: true}},
+		{"closed while idle, BDAT", &groupMX{hangUpAfter: 1, chunking: true}},
+		{"421 to RSET, BDAT", &groupMX{rset421: true, chunking: true}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			v, _ := oneMX(t)
@@ -610,8 +613,14 @@ func TestStaleIdleConnectionIsReplacedWithinTheAttempt(t *testing.T) {
 					t.Fatalf("message %d not delivered", n+1)
 				}
 			}
-			if conns, _, bodies := tc.mx.state(); conns != 3 || len(bodies) != 3 {
+			conns, _, bodies := tc.mx.state()
+			if conns != 3 || len(bodies) != 3 {
 				t.Errorf("%d connections, %d messages; want 3 of each (one per message)", conns, len(bodies))
+			}
+			for i, b := range bodies {
+				if !strings.Contains(b, "Subject: test\r\n\r\nHello.\r\n") {
+					t.Errorf("message %d arrived as %q", i+1, b)
+				}
 			}
 		})
 	}
