@@ -96,7 +96,7 @@ func (x *txn) pipelinedOrChunked(group []string, body io.Reader) []queue.Status 
 	switch {
 	case err != nil:
 		// Nothing has been sent: the connection stays good.
-		return x.abort(queue.Status{Code: 451, Enhanced: "4.3.0", Text: "reading the queued message: " + err.Error()})
+		return x.abort(queue.Status{Code: 451, Enhanced: "4.3.0", Text: "reading the queued message: " + err.Error()}, true)
 	case !whole:
 		// Larger than its stored size said (a DKIM signature added, say).
 		return x.pipelined(group, io.MultiReader(bytes.NewReader(text), body))
@@ -150,6 +150,7 @@ func (x *txn) chunked(group []string, text []byte) []queue.Status {
 		}
 		return x.fail("after MAIL", err)
 	}
+	x.sent = true
 	rd := s.replies()
 	defer rd.release()
 

@@ -10,8 +10,11 @@
 // returns to its sender: 8-bit content to hosts without 8BITMIME with
 // 550 5.6.3 (RFC 6152 §3 allows returning instead of converting to 7-bit
 // MIME), a message needing SMTPUTF8 with 5.6.7 (RFC 6531 §3.4), a
-// REQUIRETLS one with 5.7.30 (RFC 8689). EHLO keywords are matched
-// without regard to case (RFC 5321 §2.4). When the next hop supports DSN,
+// REQUIRETLS one with 5.7.30 (RFC 8689). Recipients a host defers (4xx)
+// go to the next MX host in the same attempt, unless the connection
+// failed once the whole message was out (docs/DESIGN.md, "Refusals and
+// the next host"). EHLO keywords are matched without regard to case
+// (RFC 5321 §2.4). When the next hop supports DSN,
 // NOTIFY goes on with the message and that hop sends any success notice;
 // a Status is marked Relayed only when NOTIFY=SUCCESS could not go on
 // (RFC 3461 §5.2.1, §5.2.2).

@@ -37,9 +37,12 @@ type attempt struct {
 	state *tls.ConnectionState
 	// certName is the name the certificate matched at the handshake.
 	certName string
-	// skipped says why hosts before the one used (or all of them) were
-	// not used: the route's "record why".
+	// skipped says why hosts other than the one used (or all of them)
+	// were not used: the route's "record why".
 	skipped []string
+	// earlier says what each host that answered before the one used
+	// deferred, whose recipients went on to the next host.
+	earlier []string
 }
 
 // Deliver attempts job and returns one Status per recipient, in order
@@ -122,6 +125,9 @@ func (e *Engine) Deliver(ctx context.Context, job *queue.Job) []queue.Status {
 	if at.tlsProblem != "" {
 		attrs = append(attrs, slog.String("tls_problem", at.tlsProblem))
 	}
+	if len(at.earlier) > 0 {
+		attrs = append(attrs, slog.String("earlier_hosts", strings.Join(at.earlier, "; ")))
+	}
 	if len(at.skipped) > 0 {
 		attrs = append(attrs, slog.String("hosts_not_used", strings.Join(at.skipped, "; ")))
 	}
@@ -181,6 +187,19 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 	var fails []*hostFailure
 	budget := maxAddrAttempts
 	stale := 0
+	// out is what the hosts that answered said, recipient by recipient.
+	// A recipient a host deferred goes to the next host of the plan in
+	// the same attempt, as Postfix does with a soft error from a host that
+	// is not the last: a primary that answers 452 for days must not keep
+	// the mail from a healthy backup until it expires. todo are the
+	// recipients for the next host, idx their places in job.
+	var out []queue.Status
+	todo, idx := job, make([]int, len(job.Recipients))
+	for k := range idx {
+		idx[k] = k
+	}
+	var answered attempt // at as it was when out last changed
+	var deferral string  // what the host that last answered deferred
 	for i := 0; i < len(p.hops); i++ {
 		h := p.hops[i]
 		if h.unusable != nil {
@@ -221,17 +240,24 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 			}
 			continue
 		}
-		at.ip, at.reused = s.addr.String(), s.reused
+		at.ip, at.reused, at.tls = s.addr.String(), s.reused, ""
 		if s.tls != nil {
 			at.tls = tlsVersionName(s.tls.Version)
 		}
 		at.tlsProblem, at.state, at.certName = s.tlsProblem, s.tls, s.certName
 		if err := body.rewind(); err != nil {
 			e.release(s)
-			at.skipped = texts(fails)
-			return all(queue.Status{Code: 451, Enhanced: "4.3.0", Text: "reading the queued message: " + err.Error()})
+			st := queue.Status{Code: 451, Enhanced: "4.3.0", Text: "reading the queued message: " + err.Error()}
+			if out == nil {
+				at.skipped = texts(fails)
+				return all(st)
+			}
+			for _, k := range idx {
+				out[k] = st
+			}
+			break
 		}
-		statuses, f := e.transact(ctx, s, job, body)
+		statuses, final, f := e.transact(ctx, s, todo, body)
 		if s.throttled != "" {
 			e.throttle(h, job, s.throttled)
 		}
@@ -250,11 +276,54 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 			continue
 		}
 		e.release(s)
-		at.skipped = texts(fails)
-		return statuses
+		if out == nil {
+			out = make([]queue.Status, len(job.Recipients))
+		}
+		for j, k := range idx {
+			out[k] = statuses[j]
+		}
+		earlier := answered.earlier
+		if deferral != "" {
+			earlier = append(earlier, deferral)
+		}
+		answered = *at
+		answered.earlier = earlier
+		var next []int
+		deferral = ""
+		for j, k := range idx {
+			// A 4xx reply means the host did not take the message
+			// (RFC 5321 §4.2.1); one that is final stands.
+			if st := statuses[j]; !st.Delivered() && !st.Permanent() && !final[j] {
+				if deferral == "" {
+					deferral = st.Text
+				}
+				next = append(next, k)
+			}
+		}
+		if len(next) == 0 {
+			break
+		}
+		deferral = fmt.Sprintf("%s (%d of %d recipients)", deferral, len(next), len(idx))
+		todo, idx = recipients(job, next), next
+	}
+	if out != nil {
+		skipped := texts(fails)
+		*at = answered
+		at.skipped = skipped
+		return out
 	}
 	at.skipped = texts(fails)
 	return all(aggregate(domain, fails))
+}
+
+// recipients is job for the recipients at idx alone.
+func recipients(job *queue.Job, idx []int) *queue.Job {
+	j := *job
+	j.Recipients = make([]queue.RecipientParams, len(idx))
+	for n, k := range idx {
+		j.Recipients[n] = job.Recipients[k]
+	}
+	return &j
 }
 
 // message is the queued message as each transaction reads it: from its
@@ -456,9 +525,10 @@ func (e *Engine) connect(ctx context.Context, nh NextHop, h hop, req policy.Requ
 }
 
 // transact sends the message over s: MAIL, RCPT for each recipient, DATA.
-// It returns the per-recipient statuses, or a hostFailure when the host
-// cannot take this message at all (before MAIL), so the next may.
-func (e *Engine) transact(ctx context.Context, s *session, job *queue.Job, body io.Reader) ([]queue.Status, *hostFailure) {
+// It returns the per-recipient statuses and which of them are final (see
+// txn.final), or a hostFailure when the host cannot take this message at
+// all (before MAIL), so the next may.
+func (e *Engine) transact(ctx context.Context, s *session, job *queue.Job, body io.Reader) ([]queue.Status, []bool, *hostFailure) {
 	raw := s.conn.Conn
 	stop := context.AfterFunc(ctx, func() { raw.Close() })
 	defer func() {
@@ -478,16 +548,16 @@ func (e *Engine) transact(ctx context.Context, s *session, job *queue.Job, body 
 		// offered after STARTTLS.
 		switch ok, _ := s.client.Extension("REQUIRETLS"); {
 		case s.tls == nil:
-			return nil, requireTLSFailure(s.label, "no TLS")
+			return nil, nil, requireTLSFailure(s.label, "no TLS")
 		case !s.authenticatedMX():
-			return nil, requireTLSFailure(s.label, "certificate not valid for the MX host name")
+			return nil, nil, requireTLSFailure(s.label, "certificate not valid for the MX host name")
 		case !ok:
-			return nil, requireTLSFailure(s.label, "REQUIRETLS not supported")
+			return nil, nil, requireTLSFailure(s.label, "REQUIRETLS not supported")
 		}
 	}
 	if ok, _ := s.client.Extension("SMTPUTF8"); needUTF8 && !ok {
 		// RFC 6531 §3.4: such a message cannot be downgraded here.
-		return nil, &hostFailure{host: s.label, kind: failUTF8, nextHost: true, status: queue.Status{
+		return nil, nil, &hostFailure{host: s.label, kind: failUTF8, nextHost: true, status: queue.Status{
 			Code: 550, Enhanced: "5.6.7", RemoteMTA: s.mx.Name,
 			Text: s.label + ": SMTPUTF8 not supported, and this message needs it (RFC 6531)"}}
 	}
@@ -495,7 +565,7 @@ func (e *Engine) transact(ctx context.Context, s *session, job *queue.Job, body 
 		// RFC 6152 §3: 8-bit data must not go to a server without
 		// 8BITMIME. stsrelay does not rewrite messages (package doc): the
 		// next host may take it, else the message returns with 5.6.3.
-		return nil, &hostFailure{host: s.label, kind: failEightBit, nextHost: true, status: queue.Status{
+		return nil, nil, &hostFailure{host: s.label, kind: failEightBit, nextHost: true, status: queue.Status{
 			Code: 550, Enhanced: "5.6.3",
 			Text: s.label + ": 8BITMIME not supported, and this message has 8-bit content (RFC 6152)"}}
 	}
@@ -513,7 +583,7 @@ func (e *Engine) transact(ctx context.Context, s *session, job *queue.Job, body 
 	if !isPrintableASCII(mo.EnvelopeID) {
 		mo.EnvelopeID = ""
 	}
-	x := &txn{ctx: ctx, s: s, job: job, dsn: dsn, out: make([]queue.Status, len(job.Recipients))}
+	x := &txn{ctx: ctx, s: s, job: job, dsn: dsn, out: make([]queue.Status, len(job.Recipients)), final: make([]bool, len(job.Recipients))}
 	var out []queue.Status
 	if ok, _ := s.client.Extension("PIPELINING"); ok {
 		// RFC 2920: one round trip for the envelope instead of one per
@@ -537,11 +607,11 @@ func (e *Engine) transact(ctx context.Context, s *session, job *queue.Job, body 
 	}
 	if x.stale {
 		s.broken = true
-		return nil, &hostFailure{host: s.label, kind: failTransport, stale: true,
+		return nil, nil, &hostFailure{host: s.label, kind: failTransport, stale: true,
 			status: queue.Status{Code: 451, Enhanced: "4.4.2", Text: s.label + ": an idle connection did not answer RSET"}}
 	}
 	s.messages++
-	return out, nil
+	return out, x.final, nil
 }
 
 // maxStaleRetries bounds how many idle connections one attempt tries
@@ -562,14 +632,23 @@ type txn struct {
 	// stale says the RSET that led the group found the connection
 	// closed or unwilling; nothing else of the group counts.
 	stale bool
+	// sent says the whole message is out, the final dot or the BDAT
+	// chunk: a reply lost from here leaves the outcome unknown.
+	sent bool
+	// final marks the statuses no other host may change in this attempt:
+	// the connection failed once the message was sent, so the remote may
+	// have taken it (another host would make a second copy), or the
+	// queued message could not be read.
+	final []bool
 }
 
 // abort gives st to every recipient the remote has not answered for
-// good: a 421 or a lost connection defers the whole transaction.
-func (x *txn) abort(st queue.Status) []queue.Status {
+// good: a 421 or a lost connection defers the whole transaction. final
+// marks them final.
+func (x *txn) abort(st queue.Status, final bool) []queue.Status {
 	for i := range x.out {
 		if x.out[i].Code == 0 || x.out[i].Delivered() {
-			x.out[i] = st
+			x.out[i], x.final[i] = st, final
 		}
 	}
 	return x.out
@@ -579,14 +658,17 @@ func (x *txn) abort(st queue.Status) []queue.Status {
 func (x *txn) fail(step string, err error) []queue.Status {
 	s := x.s
 	var se *smtp.SMTPError
-	if errors.As(err, &se) && se.Code == 421 {
+	reply := errors.As(err, &se)
+	if reply && se.Code == 421 {
 		s.broken = true
 	}
 	st := s.commandFailure(x.ctx, step, err, false).status
 	if tooManyConnections(st.Code, st.Text, false) {
 		s.throttled = st.Text
 	}
-	return x.abort(st)
+	// A reply after the message says what became of it (RFC 5321 §4.2.5);
+	// without one the remote may have taken it (RFC 1047).
+	return x.abort(st, x.sent && !reply)
 }
 
 // rcpt records the reply to the RCPT of recipient i. It returns false
@@ -624,9 +706,9 @@ func (x *txn) copyBody(w io.Writer, body io.Reader) []queue.Status {
 	x.s.broken = true
 	x.s.close()
 	if src.err != nil {
-		return x.abort(queue.Status{Code: 451, Enhanced: "4.3.0", Text: "reading the queued message: " + src.err.Error()})
+		return x.abort(queue.Status{Code: 451, Enhanced: "4.3.0", Text: "reading the queued message: " + src.err.Error()}, true)
 	}
-	return x.abort(transportFailure(x.ctx, x.s.label, "while sending the message", err).status)
+	return x.abort(transportFailure(x.ctx, x.s.label, "while sending the message", err).status, false)
 }
 
 // copyBufs hold the buffers copyBody sends a message through.
@@ -683,6 +765,9 @@ func (x *txn) lockStep(mo *smtp.MailOptions, body io.Reader) []queue.Status {
 	}
 	s.conn.allow(maxReplyBytes)
 	s.client.SubmissionTimeout = t.DataFinal
+	// The final dot goes with the wait for its reply: from here a failure
+	// may come after the remote took the message.
+	x.sent = true
 	resp, err := w.CloseWithResponse()
 	if err != nil {
 		return x.fail("after end of data", err)

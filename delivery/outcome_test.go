@@ -61,6 +61,168 @@ func TestRcpt5xxDoesNotTryTheNextMX(t *testing.T) {
 	}
 }
 
+// twoMX is example.test with a primary and a backup MX, both test
+// servers.
+func twoMX(t *testing.T, opts ...mxOption) (*testEnv, *testMX, *testMX) {
+	t.Helper()
+	v := newEnv(t,
+		"example.test. 300 IN MX 10 mx1.example.test.",
+		"example.test. 300 IN MX 20 mx2.example.test.",
+		"mx1.example.test. 300 IN A 127.0.0.2",
+		"mx2.example.test. 300 IN A 127.0.0.3")
+	mx1, mx2 := newMX(t, opts...), newMX(t, opts...)
+	v.route("127.0.0.2", mx1.Addr)
+	v.route("127.0.0.3", mx2.Addr)
+	return v, mx1, mx2
+}
+
+// A 4xx reply means the host did not take the message (RFC 5321 §4.2.1),
+// whatever step it came at: the recipient goes to the next MX host in the
+// same attempt, as Postfix does. A primary with a full disk for days must
+// not keep the mail from a healthy backup until it expires.
+func TestTemporaryFailureAtPrimaryTriesTheBackupMX(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		set  func(m *testMX)
+		said string
+	}{
+		{"MAIL 452", func(m *testMX) {
+			m.mailErr = smtpErr(452, smtp.EnhancedCode{4, 3, 1}, "insufficient system storage")
+		}, "452 4.3.1 insufficient system storage"},
+		{"MAIL 421", func(m *testMX) {
+			m.mailErr = smtpErr(421, smtp.EnhancedCode{4, 3, 2}, "shutting down")
+		}, "421 4.3.2 shutting down"},
+		{"RCPT 451", func(m *testMX) {
+			m.rcptErr["a@example.test"] = smtpErr(451, smtp.EnhancedCode{4, 3, 0}, "temporary local problem")
+		}, "451 4.3.0 temporary local problem"},
+		{"end of data 451", func(m *testMX) {
+			m.dataErr = smtpErr(451, smtp.EnhancedCode{4, 3, 0}, "queue file write error")
+		}, "451 4.3.0 queue file write error"},
+		{"connection lost at RCPT", func(m *testMX) {
+			m.rcptHook = func(c *smtp.Conn, _ string) { c.Conn().Close() }
+		}, "connection lost after RCPT"},
+	} {
+		for _, chunking := range []bool{true, false} {
+			if chunking && strings.HasPrefix(tc.name, "connection lost") {
+				continue // BDAT sent the message with RCPT (TestLostReplyAfterTheMessageDoesNotTryTheBackupMX)
+			}
+			name := tc.name + ", DATA"
+			if chunking {
+				name = tc.name + ", BDAT"
+			}
+			t.Run(name, func(t *testing.T) {
+				v, mx1, mx2 := twoMX(t)
+				tc.set(mx1)
+				e := v.engine(func(o *Options) { o.NoChunking = !chunking })
+				st := deliver(t, e, testJob("example.test", "a@example.test"))
+				wantStatus(t, st[0], 250, "2.0.0", "mx2.example.test[127.0.0.3]")
+				if len(mx1.messages()) != 0 || len(mx2.messages()) != 1 {
+					t.Errorf("primary took %d, backup %d messages; want 0 and 1", len(mx1.messages()), len(mx2.messages()))
+				}
+				want := `earlier_hosts="mx1.example.test[127.0.0.2]: ` + tc.said
+				if logs := v.logs.String(); !strings.Contains(logs, want) || !strings.Contains(logs, "mx=mx2.example.test") {
+					t.Errorf("log line does not say the primary deferred (%s), then mx2:\n%s", want, logs)
+				}
+			})
+		}
+	}
+}
+
+// Only the recipients the primary deferred go to the backup; what it
+// delivered or refused for good stands.
+func TestBackupMXGetsOnlyTheRecipientsThePrimaryDeferred(t *testing.T) {
+	v, mx1, mx2 := twoMX(t)
+	mx1.rcptErr["grey@example.test"] = smtpErr(451, smtp.EnhancedCode{4, 7, 1}, "greylisted, try later")
+	mx1.rcptErr["gone@example.test"] = smtpErr(550, smtp.EnhancedCode{5, 1, 1}, "no such user")
+	st := deliver(t, v.engine(), testJob("example.test", "ok@example.test", "grey@example.test", "gone@example.test"))
+	wantStatus(t, st[0], 250, "2.0.0", "mx1.example.test[127.0.0.2]")
+	wantStatus(t, st[1], 250, "2.0.0", "mx2.example.test[127.0.0.3]")
+	wantStatus(t, st[2], 550, "5.1.1", "mx1.example.test[127.0.0.2]: 550 5.1.1 no such user")
+	if m := mx1.messages(); len(m) != 1 || !slices.Equal(m[0].rcpts, []string{"ok@example.test"}) {
+		t.Errorf("primary took %+v, want one message to ok@", m)
+	}
+	if m := mx2.messages(); len(m) != 1 || !slices.Equal(m[0].rcpts, []string{"grey@example.test"}) {
+		t.Errorf("backup took %+v, want one message to grey@", m)
+	}
+	if want := `earlier_hosts="mx1.example.test[127.0.0.2]: 451 4.7.1 greylisted, try later (1 of 3 recipients)"`; !strings.Contains(v.logs.String(), want) {
+		t.Errorf("log does not contain %s:\n%s", want, v.logs.String())
+	}
+}
+
+// When every host defers, the recipient's status is what the last one
+// said, and the log names the others.
+func TestEveryMXDeferringLeavesTheLastOnesReply(t *testing.T) {
+	v, mx1, mx2 := twoMX(t)
+	mx1.mailErr = smtpErr(452, smtp.EnhancedCode{4, 3, 1}, "insufficient system storage")
+	mx2.rcptErr["a@example.test"] = smtpErr(451, smtp.EnhancedCode{4, 7, 1}, "greylisted, try later")
+	st := deliver(t, v.engine(), testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 451, "4.7.1", "mx2.example.test[127.0.0.3]: 451 4.7.1 greylisted, try later")
+	logs := v.logs.String()
+	for _, want := range []string{`earlier_hosts="mx1.example.test[127.0.0.2]: 452 4.3.1 insufficient system storage (1 of 1 recipients)"`, "mx=mx2.example.test", "ip=127.0.0.3"} {
+		if !strings.Contains(logs, want) {
+			t.Errorf("log does not contain %s:\n%s", want, logs)
+		}
+	}
+}
+
+// The connection lost once the message was out may have followed its
+// storing: the recipients wait for the next attempt at the same host
+// rather than go to another as a second copy. With BDAT the message goes
+// with the envelope, so that is any lost reply.
+func TestLostReplyAfterTheMessageDoesNotTryTheBackupMX(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		chunking bool
+		set      func(m *testMX)
+		want     string
+	}{
+		{"DATA", false, func(m *testMX) { m.dataHook = func(c *smtp.Conn) { c.Conn().Close() } }, "connection lost after end of data"},
+		{"BDAT", true, func(m *testMX) { m.dataHook = func(c *smtp.Conn) { c.Conn().Close() } }, "connection lost after end of data"},
+		{"BDAT, lost at RCPT", true, func(m *testMX) {
+			m.rcptHook = func(c *smtp.Conn, _ string) { c.Conn().Close() }
+		}, "connection lost after RCPT"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			v, mx1, mx2 := twoMX(t)
+			tc.set(mx1)
+			st := deliver(t, v.engine(func(o *Options) { o.NoChunking = !tc.chunking }), testJob("example.test", "a@example.test"))
+			wantStatus(t, st[0], 451, "4.4.2", "mx1.example.test[127.0.0.2]: "+tc.want)
+			if n := mx2.sessionCount(); n != 0 {
+				t.Error("the backup was tried after the primary may have taken the message")
+			}
+		})
+	}
+}
+
+// Each host's requirement holds for the recipients it is offered: a
+// backup that fails MTA-STS gets nothing, and the primary's reply stands.
+func TestDeferredRecipientsMeetTheBackupsOwnRequirement(t *testing.T) {
+	v := newEnv(t,
+		"example.test. 300 IN MX 10 mx1.example.test.",
+		"example.test. 300 IN MX 20 mx2.example.test.",
+		"mx1.example.test. 300 IN A 127.0.0.2",
+		"mx2.example.test. 300 IN A 127.0.0.3")
+	mx1 := newMX(t, withTLS(v.ca.Issue(t, "mx1.example.test")))
+	mx2 := newMX(t) // no STARTTLS
+	v.route("127.0.0.2", mx1.Addr)
+	v.route("127.0.0.3", mx2.Addr)
+	mx1.mailErr = smtpErr(452, smtp.EnhancedCode{4, 3, 1}, "insufficient system storage")
+	e := v.engine(func(o *Options) {
+		o.Policy = everyMX(policy.Requirement{Security: policy.SecurityVerify, Policy: testSTS})
+	})
+	st := deliver(t, e, testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 452, "4.3.1", "mx1.example.test[127.0.0.2]: 452 4.3.1 insufficient system storage")
+	if mx2.sessionCount() != 1 || len(mx2.messages()) != 0 {
+		t.Errorf("backup: %d sessions, %d messages; want it reached and given nothing", mx2.sessionCount(), len(mx2.messages()))
+	}
+	logs := v.logs.String()
+	for _, want := range []string{"mx=mx1.example.test", `hosts_not_used="mx2.example.test[127.0.0.3]: STARTTLS not offered (MTA-STS)"`} {
+		if !strings.Contains(logs, want) {
+			t.Errorf("log does not contain %s:\n%s", want, logs)
+		}
+	}
+}
+
 func TestMail5xxFailsEveryRecipient(t *testing.T) {
 	v, mx := oneMX(t)
 	mx.mailErr = smtpErr(550, smtp.EnhancedCode{5, 7, 1}, "sender rejected")

@@ -125,6 +125,7 @@ func (x *txn) pipelined(group []string, body io.Reader) []queue.Status {
 	if err := dw.Close(); err != nil {
 		return x.fail("after end of data", err)
 	}
+	x.sent = true
 	s.conn.SetDeadline(time.Now().Add(t.DataFinal))
 	reply, err := rd.read(250)
 	if err != nil {
