@@ -7,7 +7,9 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -245,18 +247,6 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 			at.tls = tlsVersionName(s.tls.Version)
 		}
 		at.tlsProblem, at.state, at.certName = s.tlsProblem, s.tls, s.certName
-		if err := body.rewind(); err != nil {
-			e.release(s)
-			st := queue.Status{Code: 451, Enhanced: "4.3.0", Text: "reading the queued message: " + err.Error()}
-			if out == nil {
-				at.skipped = texts(fails)
-				return all(st)
-			}
-			for _, k := range idx {
-				out[k] = st
-			}
-			break
-		}
 		statuses, final, f := e.transact(ctx, s, todo, body)
 		if s.throttled != "" {
 			e.throttle(h, job, s.throttled)
@@ -524,11 +514,12 @@ func (e *Engine) connect(ctx context.Context, nh NextHop, h hop, req policy.Requ
 	return nil, fails
 }
 
-// transact sends the message over s: MAIL, RCPT for each recipient, DATA.
-// It returns the per-recipient statuses and which of them are final (see
+// transact sends the message over s: MAIL, RCPT for each recipient, DATA,
+// in as many transactions as the remote's recipient limit asks for. It
+// returns the per-recipient statuses and which of them are final (see
 // txn.final), or a hostFailure when the host cannot take this message at
 // all (before MAIL), so the next may.
-func (e *Engine) transact(ctx context.Context, s *session, job *queue.Job, body io.Reader) ([]queue.Status, []bool, *hostFailure) {
+func (e *Engine) transact(ctx context.Context, s *session, job *queue.Job, body *message) ([]queue.Status, []bool, *hostFailure) {
 	raw := s.conn.Conn
 	stop := context.AfterFunc(ctx, func() { raw.Close() })
 	defer func() {
@@ -583,35 +574,125 @@ func (e *Engine) transact(ctx context.Context, s *session, job *queue.Job, body 
 	if !isPrintableASCII(mo.EnvelopeID) {
 		mo.EnvelopeID = ""
 	}
-	x := &txn{ctx: ctx, s: s, job: job, dsn: dsn, out: make([]queue.Status, len(job.Recipients)), final: make([]bool, len(job.Recipients))}
-	var out []queue.Status
+
+	// One transaction, or more: RFC 9422 §4.2 has the client send at most
+	// RCPTMAX recipients in each, and after a 452 at the remote's
+	// recipient limit the rest go in another (RFC 5321 §4.5.3.1.10),
+	// on this connection rather than on the retry schedule.
+	n := len(job.Recipients)
+	out, final := make([]queue.Status, n), make([]bool, n)
+	todo := make([]int, n)
+	for i := range todo {
+		todo[i] = i
+	}
+	limit := rcptMax(s.client)
+	for first := true; len(todo) > 0; first = false {
+		batch := todo
+		if limit > 0 && len(batch) > limit {
+			batch = batch[:limit]
+		}
+		if !first {
+			// RSET leaves no doubt about where the last transaction ended.
+			if err := s.rset(); err != nil {
+				s.broken = true
+				st := s.commandFailure(ctx, "after RSET", err, false).status
+				for _, k := range todo {
+					out[k] = st
+				}
+				break
+			}
+		}
+		if err := body.rewind(); err != nil {
+			st := queue.Status{Code: 451, Enhanced: "4.3.0", Text: "reading the queued message: " + err.Error()}
+			for _, k := range todo {
+				out[k], final[k] = st, true
+			}
+			break
+		}
+		x := &txn{ctx: ctx, s: s, job: recipients(job, batch), dsn: dsn,
+			out: make([]queue.Status, len(batch)), final: make([]bool, len(batch))}
+		x.run(mo, body)
+		if x.stale {
+			// Only the first transaction leads with RSET (connect).
+			s.broken = true
+			return nil, nil, &hostFailure{host: s.label, kind: failTransport, stale: true,
+				status: queue.Status{Code: 451, Enhanced: "4.4.2", Text: s.label + ": an idle connection did not answer RSET"}}
+		}
+		var again []int
+		for j, k := range batch {
+			out[k], final[k] = x.out[j], x.final[j]
+			if x.out[j].Delivered() {
+				// The remote took some before its limit, so another
+				// transaction takes some more of the rest.
+				again = x.overLimit
+			}
+		}
+		rest := todo[len(batch):]
+		if x.ended != nil || s.broken || s.conn == nil || ctx.Err() != nil {
+			// What ended this transaction ends the session's part in the
+			// message: the recipients not yet sent get its status, as
+			// they would have in one transaction; those over the limit
+			// keep their 452.
+			st := x.ended
+			if st == nil {
+				st = &transportFailure(ctx, s.label, "before these recipients were sent", net.ErrClosed).status
+			}
+			for _, k := range rest {
+				out[k] = *st
+			}
+			break
+		}
+		todo = make([]int, 0, len(again)+len(rest))
+		for _, j := range again {
+			todo = append(todo, batch[j])
+		}
+		todo = append(todo, rest...)
+	}
+	s.messages++
+	return out, final, nil
+}
+
+// run is one mail transaction, pipelined or lock-step.
+func (x *txn) run(mo *smtp.MailOptions, body io.Reader) {
+	s := x.s
 	if ok, _ := s.client.Extension("PIPELINING"); ok {
 		// RFC 2920: one round trip for the envelope instead of one per
 		// command. A command go-smtp would refuse to write (a line break
 		// in an address) takes the lock-step path, which says why; so
 		// does a group too large to be written without reading.
-		if group, err := envelopeCommands(s.client.Extension, env.From, mo, job.Recipients); err == nil && groupFits(group) {
-			out = x.pipelinedOrChunked(group, body)
-		}
-	}
-	if out == nil && !x.stale {
-		if s.probe {
-			s.probe = false
-			if s.rset() != nil {
-				x.stale = true
+		if group, err := envelopeCommands(s.client.Extension, x.job.Envelope.From, mo, x.job.Recipients); err == nil && groupFits(group) {
+			if x.pipelinedOrChunked(group, body) != nil || x.stale {
+				return
 			}
 		}
-		if !x.stale {
-			out = x.lockStep(mo, body)
+	}
+	if s.probe {
+		s.probe = false
+		if s.rset() != nil {
+			x.stale = true
+			return
 		}
 	}
-	if x.stale {
-		s.broken = true
-		return nil, nil, &hostFailure{host: s.label, kind: failTransport, stale: true,
-			status: queue.Status{Code: 451, Enhanced: "4.4.2", Text: s.label + ": an idle connection did not answer RSET"}}
+	x.lockStep(mo, body)
+}
+
+// rcptMax is the remote's RCPTMAX (RFC 9422 §4.2), 0 when it has none.
+// Limits it does not know or that are malformed are ignored (§3.7).
+func rcptMax(c *smtp.Client) int {
+	ok, params := c.Extension("LIMITS")
+	if !ok {
+		return 0
 	}
-	s.messages++
-	return out, x.final, nil
+	for _, p := range strings.Fields(params) {
+		name, value, _ := strings.Cut(p, "=")
+		if !strings.EqualFold(name, "RCPTMAX") || len(value) > 6 || strings.Trim(value, "0123456789") != "" {
+			continue
+		}
+		if n, err := strconv.Atoi(value); err == nil && n > 0 {
+			return n
+		}
+	}
+	return 0
 }
 
 // maxStaleRetries bounds how many idle connections one attempt tries
@@ -640,12 +721,19 @@ type txn struct {
 	// have taken it (another host would make a second copy), or the
 	// queued message could not be read.
 	final []bool
+	// ended is the status that ended the transaction for every recipient
+	// the remote had not answered for good (abort).
+	ended *queue.Status
+	// overLimit are the recipients refused at the remote's recipient
+	// limit (RFC 5321 §4.5.3.1.10).
+	overLimit []int
 }
 
 // abort gives st to every recipient the remote has not answered for
 // good: a 421 or a lost connection defers the whole transaction. final
 // marks them final.
 func (x *txn) abort(st queue.Status, final bool) []queue.Status {
+	x.ended = &st
 	for i := range x.out {
 		if x.out[i].Code == 0 || x.out[i].Delivered() {
 			x.out[i], x.final[i] = st, final
@@ -687,7 +775,17 @@ func (x *txn) rcpt(i int, err error) bool {
 	if tooManyConnections(x.out[i].Code, x.out[i].Text, false) {
 		x.s.throttled = x.out[i].Text
 	}
+	// RFC 5321 §4.5.3.1.10: 452 at the recipient limit; RFC 3463 X.5.3,
+	// too many recipients.
+	if se.EnhancedCode == (smtp.EnhancedCode{4, 5, 3}) || se.Code == 452 && !hasEnhanced(se) {
+		x.overLimit = append(x.overLimit, i)
+	}
 	return true
+}
+
+// hasEnhanced says the reply carried an enhanced status code (RFC 3463).
+func hasEnhanced(se *smtp.SMTPError) bool {
+	return se.EnhancedCode != (smtp.EnhancedCode{}) && se.EnhancedCode != smtp.NoEnhancedCode && se.EnhancedCode[0] > 0
 }
 
 // copyBody sends the message to w, a dot-stuffing writer. It returns nil

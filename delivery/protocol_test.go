@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"crypto/tls"
+	"fmt"
 	"io"
 	"net"
 	"slices"
@@ -149,6 +150,9 @@ func (m *scriptMX) serve(c net.Conn) {
 			ok = reply(verb, "250 ok")
 		case verb == "DATA" && len(rcpts) == 0:
 			ok = reply("", "554 5.5.1 no valid recipients")
+		case verb == "DATA" && m.replies["DATA"] != "" && !strings.HasPrefix(m.replies["DATA"], "354"):
+			rcpts = nil
+			ok = reply(verb, "")
 		case verb == "DATA":
 			if !reply(verb, "354 go ahead") {
 				return
@@ -384,5 +388,103 @@ func TestRepliesWithoutTextAreWholeReplies(t *testing.T) {
 				t.Errorf("commands %q, want the second message on the same connection, after RSET", got)
 			}
 		})
+	}
+}
+
+// RFC 5321 §4.5.3.1.10: a remote at its recipient limit answers 452, and
+// the client sends the rest in another transaction; on the same
+// connection, not hours later on the retry schedule.
+func TestRecipientLimitSendsTheRestInAnotherTransaction(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		ehlo []string
+	}{
+		{"lock-step", []string{"8BITMIME"}},
+		{"pipelining", []string{"PIPELINING", "8BITMIME"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			v, _ := oneMX(t)
+			mx := &scriptMX{ehlo: tc.ehlo, rcptMax: 2}
+			v.route("127.0.0.2", newScriptMX(t, mx))
+			job := testJob("example.test", "a@example.test", "b@example.test", "c@example.test", "d@example.test", "e@example.test")
+			st := deliver(t, v.engine(), job)
+			for i, s := range st {
+				if !s.Delivered() {
+					t.Errorf("recipient %d: %s", i, s.String())
+				}
+			}
+			want := [][]string{{"a@example.test", "b@example.test"}, {"c@example.test", "d@example.test"}, {"e@example.test"}}
+			if got := mx.messages(); !slices.EqualFunc(got, want, slices.Equal) {
+				t.Errorf("transactions %q, want %q", got, want)
+			}
+			if got := strings.Join(mx.verbs(), " "); strings.Count(got, "EHLO") != 1 || strings.Count(got, "RSET") != 2 {
+				t.Errorf("commands %s, want one connection, RSET before each new transaction", got)
+			}
+		})
+	}
+}
+
+// A remote that takes none at its limit makes no progress: the
+// recipients wait for the retry schedule (or the next MX host), after one
+// transaction.
+func TestRecipientLimitWithNothingTakenDefers(t *testing.T) {
+	v, _ := oneMX(t)
+	mx := &scriptMX{ehlo: []string{"PIPELINING"}, replies: map[string]string{"RCPT": "452 4.5.3 too many recipients"}}
+	v.route("127.0.0.2", newScriptMX(t, mx))
+	st := deliver(t, v.engine(), testJob("example.test", "a@example.test", "b@example.test"))
+	for _, s := range st {
+		wantStatus(t, s, 452, "4.5.3", "too many recipients")
+	}
+	if got := strings.Join(mx.verbs(), " "); strings.Count(got, "MAIL") != 1 {
+		t.Errorf("commands %s, want one transaction", got)
+	}
+}
+
+// RFC 9422 §4.2: a remote that says LIMITS RCPTMAX=n gets at most n
+// recipients per transaction, so none is refused for the limit. go-smtp's
+// server says it for its MaxRecipients.
+func TestRCPTMAXSplitsTheRecipientsIntoTransactions(t *testing.T) {
+	t.Run("LIMITS", func(t *testing.T) {
+		v, _ := oneMX(t)
+		mx := &scriptMX{ehlo: []string{"PIPELINING", "LIMITS MAILMAX=1000 rcptmax=2 RCPTDOMAINMAX=1"}, rcptMax: 2}
+		v.route("127.0.0.2", newScriptMX(t, mx))
+		job := testJob("example.test", "a@example.test", "b@example.test", "c@example.test", "d@example.test", "e@example.test")
+		for i, s := range deliver(t, v.engine(), job) {
+			if !s.Delivered() {
+				t.Errorf("recipient %d: %s", i, s.String())
+			}
+		}
+		if got := strings.Join(mx.verbs(), " "); strings.Count(got, "RCPT") != 5 || strings.Count(got, "MAIL") != 3 {
+			t.Errorf("commands %s, want 5 RCPT in 3 transactions", got)
+		}
+	})
+	for _, chunking := range []bool{true, false} {
+		t.Run(fmt.Sprintf("go-smtp, BDAT %v", chunking), func(t *testing.T) {
+			v, mx := oneMX(t, func(s *smtpServer) { s.MaxRecipients = 2 })
+			job := testJob("example.test", "a@example.test", "b@example.test", "c@example.test", "d@example.test", "e@example.test")
+			for i, s := range deliver(t, v.engine(func(o *Options) { o.NoChunking = !chunking }), job) {
+				if !s.Delivered() {
+					t.Errorf("recipient %d: %s", i, s.String())
+				}
+			}
+			if m := mx.messages(); len(m) != 3 || mx.sessionCount() != 1 {
+				t.Errorf("%d transactions over %d connections, want 3 over 1", len(m), mx.sessionCount())
+			}
+		})
+	}
+}
+
+// What refuses a transaction as a whole refuses it for the recipients
+// not yet sent, as in one transaction: they are not sent in another.
+func TestTransactionRefusalAppliesToTheRecipientsNotYetSent(t *testing.T) {
+	v, _ := oneMX(t)
+	mx := &scriptMX{ehlo: []string{"PIPELINING", "LIMITS RCPTMAX=2"}, replies: map[string]string{"DATA": "451 4.3.0 try again later"}}
+	v.route("127.0.0.2", newScriptMX(t, mx))
+	st := deliver(t, v.engine(), testJob("example.test", "a@example.test", "b@example.test", "c@example.test"))
+	for _, s := range st {
+		wantStatus(t, s, 451, "4.3.0", "try again later")
+	}
+	if got := strings.Join(mx.verbs(), " "); strings.Count(got, "MAIL") != 1 {
+		t.Errorf("commands %s, want one transaction", got)
 	}
 }

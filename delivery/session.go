@@ -882,7 +882,7 @@ func (s *session) commandFailure(ctx context.Context, step string, err error, ne
 
 func smtpErrorStatus(label string, se *smtp.SMTPError) queue.Status {
 	msg := se.Message
-	if se.EnhancedCode != (smtp.EnhancedCode{}) && se.EnhancedCode != smtp.NoEnhancedCode && se.EnhancedCode[0] > 0 {
+	if hasEnhanced(se) {
 		msg = fmt.Sprintf("%d.%d.%d %s", se.EnhancedCode[0], se.EnhancedCode[1], se.EnhancedCode[2], msg)
 	}
 	return failureStatus(label, se.Code, msg)
