@@ -775,9 +775,14 @@ func (x *txn) rcpt(i int, err error) bool {
 	if tooManyConnections(x.out[i].Code, x.out[i].Text, false) {
 		x.s.throttled = x.out[i].Text
 	}
-	// RFC 5321 §4.5.3.1.10: 452 at the recipient limit; RFC 3463 X.5.3,
+	// RFC 5321 §4.5.3.1.10: 452 at the recipient limit, or 552 from older
+	// servers, which the client SHOULD take as temporary; RFC 3463 X.5.3,
 	// too many recipients.
-	if se.EnhancedCode == (smtp.EnhancedCode{4, 5, 3}) || se.Code == 452 && !hasEnhanced(se) {
+	limit552 := se.Code == 552 && se.EnhancedCode == smtp.EnhancedCode{5, 5, 3}
+	if limit552 {
+		x.out[i].Code, x.out[i].Enhanced = 452, "4.5.3"
+	}
+	if limit552 || se.EnhancedCode == (smtp.EnhancedCode{4, 5, 3}) || se.Code == 452 && !hasEnhanced(se) {
 		x.overLimit = append(x.overLimit, i)
 	}
 	return true

@@ -32,8 +32,9 @@ type scriptMX struct {
 	// reply starting with 421 ends the session.
 	replies map[string]string
 	// rcptMax refuses the RCPTs of a transaction past that many with
-	// 452 4.5.3 (0: no limit).
-	rcptMax int
+	// limitReply, 452 4.5.3 when empty (0: no limit).
+	rcptMax    int
+	limitReply string
 
 	mu    sync.Mutex
 	cmds  []string
@@ -142,7 +143,11 @@ func (m *scriptMX) serve(c net.Conn) {
 			rcpts = nil
 			ok = reply(verb, "250 ok")
 		case verb == "RCPT" && m.rcptMax > 0 && len(rcpts) >= m.rcptMax:
-			ok = reply("", "452 4.5.3 too many recipients")
+			limit := m.limitReply
+			if limit == "" {
+				limit = "452 4.5.3 too many recipients"
+			}
+			ok = reply("", limit)
 		case verb == "RCPT":
 			_, to, _ := strings.Cut(line, "<")
 			to, _, _ = strings.Cut(to, ">")
@@ -421,6 +426,30 @@ func TestRecipientLimitSendsTheRestInAnotherTransaction(t *testing.T) {
 				t.Errorf("commands %s, want one connection, RSET before each new transaction", got)
 			}
 		})
+	}
+}
+
+// RFC 5321 §4.5.3.1.10: some servers answer 552 at their recipient limit,
+// which the client SHOULD take as temporary: the rest go in another
+// transaction, never into a bounce.
+func TestRecipientLimitAnswered552IsTemporary(t *testing.T) {
+	v, _ := oneMX(t)
+	mx := &scriptMX{ehlo: []string{"PIPELINING"}, rcptMax: 2, limitReply: "552 5.5.3 too many recipients"}
+	v.route("127.0.0.2", newScriptMX(t, mx))
+	job := testJob("example.test", "a@example.test", "b@example.test", "c@example.test")
+	for i, s := range deliver(t, v.engine(), job) {
+		if !s.Delivered() {
+			t.Errorf("recipient %d: %s", i, s.String())
+		}
+	}
+	want := [][]string{{"a@example.test", "b@example.test"}, {"c@example.test"}}
+	if got := mx.messages(); !slices.EqualFunc(got, want, slices.Equal) {
+		t.Errorf("transactions %q, want %q", got, want)
+	}
+	mx = &scriptMX{ehlo: []string{"PIPELINING"}, replies: map[string]string{"RCPT": "552 5.5.3 too many recipients"}}
+	v.route("127.0.0.2", newScriptMX(t, mx))
+	for _, s := range deliver(t, v.engine(), testJob("example.test", "a@example.test")) {
+		wantStatus(t, s, 452, "4.5.3", "552 5.5.3 too many recipients")
 	}
 }
 
