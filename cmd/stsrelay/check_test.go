@@ -443,3 +443,37 @@ func TestCheckShowsDANE(t *testing.T) {
 		t.Error("delivered without TLS")
 	}
 }
+
+// Without -sender, check plans for ordinary mail, as delivery routes it
+// for any sender; -sender '<>' plans for bounces, as routes and
+// `queue -sender` spell the null sender.
+func TestCheckPlansForAnySenderUnlessTheNullSenderIsAsked(t *testing.T) {
+	w := newCheckWorld(t, `[[delivery.route]]
+domains = ["*"]
+senders = ["<>"]
+nexthop = "[127.0.0.43]:25"
+tls = "may"
+`, "plain.example. 60 IN MX 10 mx.plain.example.", "mx.plain.example. 60 IN A 127.0.0.44")
+
+	for _, tc := range []struct {
+		name   string
+		args   []string
+		bounce bool
+	}{
+		{"no sender", nil, false},
+		{"an address", []string{"-sender", "app@sender.test"}, false},
+		{"the null sender", []string{"-sender", "<>"}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			code, out := w.check(append(tc.args, "-no-connect", "plain.example")...)
+			if code != 0 {
+				t.Errorf("exit %d, want 0:\n%s", code, out)
+			}
+			routed := strings.Contains(out, "delivery.route[0]: next hop [127.0.0.43]")
+			mx := strings.Contains(out, "MX 10 mx.plain.example")
+			if routed != tc.bounce || mx == tc.bounce {
+				t.Errorf("bounce route shown %v, MX shown %v; want the bounce route only for <>:\n%s", routed, mx, out)
+			}
+		})
+	}
+}

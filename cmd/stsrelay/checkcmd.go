@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -46,6 +45,10 @@ TLSA records, the domain's MTA-STS policy, live or as the running relay
 caches it), then connects to each host on port 25 as delivery would (EHLO,
 STARTTLS, certificate checks) and stops before MAIL. No mail is sent.
 
+Routes may depend on the sender. Without -sender, check plans for mail
+from any sender that no sender-dependent route picks out; -sender '<>'
+plans for bounces, the null sender.
+
 For DANE it shows per host the DNSSEC status of each DNS answer, the TLSA
 records with their usability, the TLSA base domain used, and whether the
 server's certificate matches the records.
@@ -64,7 +67,7 @@ one at the default path, built-in defaults (/etc/resolv.conf) are used.`, stderr
 	cfgPath := configFlag(fs)
 	asJSON := fs.Bool("json", false, "print the result as JSON (see README: 'stsrelay check -json')")
 	noConnect := fs.Bool("no-connect", false, "plan only: do not connect to the MX hosts")
-	sender := fs.String("sender", "", "envelope sender `address`, for sender-dependent routes")
+	sender := fs.String("sender", "", "envelope sender `address` to plan for, <> for bounces (default: any sender)")
 	if code := parseFlags(fs, args); code >= 0 {
 		return code
 	}
@@ -82,9 +85,7 @@ one at the default path, built-in defaults (/etc/resolv.conf) are used.`, stderr
 
 	cfg, err := loadConfig(*cfgPath)
 	if err != nil {
-		explicit := false
-		fs.Visit(func(f *flag.Flag) { explicit = explicit || f.Name == "config" })
-		if _, serr := os.Stat(*cfgPath); explicit || !errors.Is(serr, os.ErrNotExist) {
+		if _, serr := os.Stat(*cfgPath); flagSet(fs, "config") || !errors.Is(serr, os.ErrNotExist) {
 			fail(stderr, "check: %v", err)
 			return checkError
 		}
@@ -105,15 +106,25 @@ one at the default path, built-in defaults (/etc/resolv.conf) are used.`, stderr
 
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
+	plan := func(connect bool) *delivery.Report {
+		if !flagSet(fs, "sender") {
+			// Ordinary mail: the route every sender gets unless a
+			// sender-dependent route picks it out.
+			return parts.engine.Check(ctx, domain, connect)
+		}
+		// "<>" is the null sender of bounces, as routes and queue -sender
+		// write it; CheckFrom takes it as "".
+		return parts.engine.CheckFrom(ctx, domain, strings.Trim(strings.TrimSpace(*sender), "<>"), connect)
+	}
 	c := &checkResult{Domain: domain}
 	// A route to a smart host makes the host's domain the policy domain
 	// (RFC 8461 §3.4): learn it from the route, then take the running
 	// relay's cached policy for it before planning for real.
-	c.PolicyDomain = parts.engine.CheckFrom(ctx, domain, *sender, false).NextHop.PolicyDomain
+	c.PolicyDomain = plan(false).NextHop.PolicyDomain
 	if parts.sts != nil && c.PolicyDomain != "" {
 		c.primeFromDaemon(ctx, cfg, parts.sts)
 	}
-	c.report = parts.engine.CheckFrom(ctx, domain, *sender, !*noConnect)
+	c.report = plan(!*noConnect)
 	if parts.dane != nil && c.PolicyDomain != "" && parts.dane.Applies(c.PolicyDomain) {
 		c.daneDetails(ctx, parts.dane, time.Now())
 	}

@@ -109,6 +109,14 @@ func parseFlags(fs *flag.FlagSet, args []string) int {
 	return -1
 }
 
+// flagSet reports whether the command line set the flag name, which tells
+// an unset flag from one set to its default.
+func flagSet(fs *flag.FlagSet, name string) bool {
+	set := false
+	fs.Visit(func(f *flag.Flag) { set = set || f.Name == name })
+	return set
+}
+
 // configFlag adds -config to fs.
 func configFlag(fs *flag.FlagSet) *string {
 	return fs.String("config", defaultConfigPath, "configuration `file`")
