@@ -12,6 +12,7 @@ package main
 import (
 	"encoding/json"
 	"flag"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -20,6 +21,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/emersion/go-smtp"
 
 	"github.com/stsrelay/stsrelay/internal/dnstest"
 	"github.com/stsrelay/stsrelay/internal/testpki"
@@ -475,5 +478,52 @@ tls = "may"
 				t.Errorf("bounce route shown %v, MX shown %v; want the bounce route only for <>:\n%s", routed, mx, out)
 			}
 		})
+	}
+}
+
+// What a remote controls (certificate names, the greeting, reply text)
+// reaches an operator's terminal escaped: an MX host cannot retitle,
+// clear or recolour it, nor forge a line of the report.
+func TestCheckEscapesControlCharactersFromTheNetwork(t *testing.T) {
+	w := newCheckWorld(t, "",
+		"esc.example. 60 IN MX 10 mx1.esc.example.",
+		"esc.example. 60 IN MX 20 mx2.esc.example.",
+		"mx1.esc.example. 60 IN A 127.0.0.45",
+		"mx2.esc.example. 60 IN A 127.0.0.46")
+	cert := w.ca.IssueWith(t, testpki.Options{SelfSigned: true, CommonName: "issuer\x1b[31m\u009b2J"},
+		"mx1.esc.example", "\x1b]0;owned\x07\x1b[2J", "x\n      verdict: forged")
+	startSink(t, "127.0.0.45", &cert, func(s *smtp.Server) { s.Domain = "sink\u009b2J.test" })
+	ln, err := net.Listen("tcp", "127.0.0.46:25")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			io.WriteString(c, "554 5.7.1 go away\u009b2J\x1b]0;x\x07\r\n")
+			c.Close()
+		}
+	}()
+
+	for _, args := range [][]string{{"esc.example"}, {"-json", "esc.example"}} {
+		_, out := w.check(args...)
+		if i := strings.IndexFunc(out, func(r rune) bool {
+			return r != '\n' && (r < 0x20 || r == 0x7f || r >= 0x80 && r < 0xa0)
+		}); i >= 0 {
+			t.Errorf("check %v printed a control character at byte %d:\n%q", args, i, out)
+		}
+		if strings.Contains(out, "\n      verdict: forged") {
+			t.Errorf("check %v printed a line break from a certificate:\n%s", args, out)
+		}
+	}
+	_, out := w.check("esc.example")
+	for _, want := range []string{`\x1b]0;owned\a\x1b[2J`, `issuer\x1b[31m\u009b2J`, `sink\u009b2J.test`, `go away\u009b2J`} {
+		if !strings.Contains(out, want) {
+			t.Errorf("check does not show %s escaped:\n%s", want, out)
+		}
 	}
 }

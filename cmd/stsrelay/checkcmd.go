@@ -10,8 +10,10 @@ import (
 	"net/url"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"golang.org/x/net/idna"
 
@@ -335,7 +337,7 @@ func daneAdvice(h *dane.Host, live *dane.Verification) []string {
 
 // writeDANE prints what DANE found for one host.
 func writeDANE(w io.Writer, h *dane.Host, live *dane.Verification) {
-	fmt.Fprintf(w, "      DANE: %s\n", h.Note)
+	say(w, "      DANE: %s\n", h.Note)
 	var steps []string
 	for _, st := range h.Steps {
 		sec := "insecure"
@@ -347,13 +349,13 @@ func writeDANE(w io.Writer, h *dane.Host, live *dane.Verification) {
 		}
 		steps = append(steps, st.Query+" ("+sec+")")
 	}
-	fmt.Fprintf(w, "        DNSSEC: %s\n", strings.Join(steps, "; "))
+	say(w, "        DNSSEC: %s\n", strings.Join(steps, "; "))
 	if len(h.Candidates) > 0 {
 		base := h.Base
 		if base == "" {
 			base = "none"
 		}
-		fmt.Fprintf(w, "        TLSA base domain: %s (tried in order: %s)\n", base, strings.Join(h.Candidates, ", "))
+		say(w, "        TLSA base domain: %s (tried in order: %s)\n", base, strings.Join(h.Candidates, ", "))
 	}
 	for i, r := range h.Records {
 		use := "usable"
@@ -367,14 +369,14 @@ func writeDANE(w io.Writer, h *dane.Host, live *dane.Verification) {
 				use += fmt.Sprintf("; matches certificate %d of the server's chain", live.Matches[i]+1)
 			}
 		}
-		fmt.Fprintf(w, "        TLSA %s: %s\n", shortRecord(r), use)
+		say(w, "        TLSA %s: %s\n", shortRecord(r), use)
 	}
 	switch {
 	case live == nil:
 	case live.Failure != nil:
-		fmt.Fprintf(w, "        live certificate: FAILS the TLSA records: %s\n", live.Failure.Reason)
+		say(w, "        live certificate: FAILS the TLSA records: %s\n", live.Failure.Reason)
 	case h.Requirement.DANE != nil:
-		fmt.Fprintf(w, "        live certificate: authenticated by the TLSA records\n")
+		say(w, "        live certificate: authenticated by the TLSA records\n")
 	}
 }
 
@@ -448,27 +450,27 @@ func requirementWords(req policy.Requirement, mx string) string {
 // write prints the result for a person.
 func (c *checkResult) write(w io.Writer) {
 	r := c.report
-	fmt.Fprintf(w, "Delivery check of %s (no mail is sent)\n", c.Domain)
+	say(w, "Delivery check of %s (no mail is sent)\n", c.Domain)
 
 	if i := c.inspection; i != nil {
-		fmt.Fprintf(w, "\nMTA-STS:\n")
+		say(w, "\nMTA-STS:\n")
 		if d := i.Discovery; d != nil {
 			for _, cn := range d.CNAMEs {
-				fmt.Fprintf(w, "  _mta-sts.%s: CNAME to %s\n", i.Domain, strings.TrimSuffix(cn, "."))
+				say(w, "  _mta-sts.%s: CNAME to %s\n", i.Domain, strings.TrimSuffix(cn, "."))
 			}
 			for _, t := range d.STS {
-				fmt.Fprintf(w, "  TXT %q\n", t)
+				say(w, "  TXT %s\n", strconv.Quote(t))
 			}
 		}
 		switch {
 		case i.Record != nil:
-			fmt.Fprintf(w, "  record OK: policy id %s\n", i.Record.ID)
+			say(w, "  record OK: policy id %s\n", i.Record.ID)
 		case i.Published():
-			fmt.Fprintf(w, "  PROBLEM: %v\n", i.RecordErr)
+			say(w, "  PROBLEM: %v\n", i.RecordErr)
 		case errors.Is(i.RecordErr, sts.ErrNoRecord):
-			fmt.Fprintf(w, "  none: %s does not publish MTA-STS\n", i.Domain)
+			say(w, "  none: %s does not publish MTA-STS\n", i.Domain)
 		default:
-			fmt.Fprintf(w, "  unknown: %v\n", i.RecordErr)
+			say(w, "  unknown: %v\n", i.RecordErr)
 		}
 		if i.FetchErr != nil {
 			kind := ""
@@ -476,10 +478,10 @@ func (c *checkResult) write(w io.Writer) {
 			if errors.As(i.FetchErr, &fe) {
 				kind = " [" + string(fe.ResultType) + "]"
 			}
-			fmt.Fprintf(w, "  PROBLEM%s: %v\n", kind, i.FetchErr)
+			say(w, "  PROBLEM%s: %v\n", kind, i.FetchErr)
 		}
 		if a := i.Applied; a != nil {
-			fmt.Fprintf(w, "  policy in force: id %s, mode %s, max_age %s, mx %s, expires %s\n", a.ID, a.Policy.Mode,
+			say(w, "  policy in force: id %s, mode %s, max_age %s, mx %s, expires %s\n", a.ID, a.Policy.Mode,
 				a.Policy.MaxAge, strings.Join(a.Policy.MX, " "), a.Expires.UTC().Format(time.RFC3339))
 		}
 		switch {
@@ -489,26 +491,26 @@ func (c *checkResult) write(w io.Writer) {
 			if c.daemon.Expired {
 				state = "EXPIRED"
 			}
-			fmt.Fprintf(w, "  cached by the running relay: id %s, mode %s, fetched %s (%s)\n", c.daemon.ID, c.daemon.Mode,
+			say(w, "  cached by the running relay: id %s, mode %s, fetched %s (%s)\n", c.daemon.ID, c.daemon.Mode,
 				c.daemon.Fetched.UTC().Format(time.RFC3339), state)
 		case c.daemonNote != "":
-			fmt.Fprintf(w, "  cached by the running relay: %s\n", c.daemonNote)
+			say(w, "  cached by the running relay: %s\n", c.daemonNote)
 		}
 	}
 
-	fmt.Fprintf(w, "\nRoute:\n")
+	say(w, "\nRoute:\n")
 	if nh := r.NextHop; nh.Route != "" {
-		fmt.Fprintf(w, "  %s: next hop %s", nh.Route, nh.String())
+		say(w, "  %s: next hop %s", nh.Route, nh.String())
 		if nh.ImplicitTLS {
 			fmt.Fprint(w, " (implicit TLS)")
 		}
 		if nh.PolicyDomain != "" {
-			fmt.Fprintf(w, ", policy domain %s", nh.PolicyDomain)
+			say(w, ", policy domain %s", nh.PolicyDomain)
 		} else {
 			fmt.Fprint(w, ", no policy domain (an address)")
 		}
 		if l := nh.TLSLevel(); l != "" {
-			fmt.Fprintf(w, ", tls %s", l)
+			say(w, ", tls %s", l)
 		}
 		if nh.HasAuth() {
 			fmt.Fprint(w, ", with AUTH")
@@ -517,14 +519,14 @@ func (c *checkResult) write(w io.Writer) {
 	}
 	switch {
 	case r.Status != nil:
-		fmt.Fprintf(w, "  %s\n", r.Status)
+		say(w, "  %s\n", r.Status)
 	case r.Implicit:
-		fmt.Fprintf(w, "  no MX records: mail goes to %s itself (implicit MX, RFC 5321 §5.1)\n", c.Domain)
+		say(w, "  no MX records: mail goes to %s itself (implicit MX, RFC 5321 §5.1)\n", c.Domain)
 	}
 	for i, h := range r.Hosts {
-		fmt.Fprintf(w, "  MX %d %s", h.MX.Preference, h.MX.Name)
+		say(w, "  MX %d %s", h.MX.Preference, h.MX.Name)
 		if len(h.MX.CNAMEs) > 0 {
-			fmt.Fprintf(w, " (CNAME: %s)", strings.Join(append([]string{h.MX.Name}, h.MX.CNAMEs...), " -> "))
+			say(w, " (CNAME: %s)", strings.Join(append([]string{h.MX.Name}, h.MX.CNAMEs...), " -> "))
 		}
 		fmt.Fprintln(w)
 		if len(h.Addrs) > 0 {
@@ -532,39 +534,79 @@ func (c *checkResult) write(w io.Writer) {
 			for _, a := range h.Addrs {
 				as = append(as, a.String())
 			}
-			fmt.Fprintf(w, "      addresses: %s\n", strings.Join(as, " "))
+			say(w, "      addresses: %s\n", strings.Join(as, " "))
 		}
-		fmt.Fprintf(w, "      requires: %s\n", requirementWords(h.Requirement, h.MX.Name))
+		say(w, "      requires: %s\n", requirementWords(h.Requirement, h.MX.Name))
 		for _, f := range h.Failures {
-			fmt.Fprintf(w, "      tried: %s\n", f)
+			say(w, "      tried: %s\n", f)
 		}
 		if s := h.Session; s != nil {
-			fmt.Fprintf(w, "      connected: %s, greeting %s, offers %s\n", s.Addr, s.Greeting, strings.Join(s.Extensions, " "))
+			say(w, "      connected: %s, greeting %s, offers %s\n", s.Addr, s.Greeting, strings.Join(s.Extensions, " "))
 			if s.TLS != nil {
-				fmt.Fprintf(w, "      TLS: %s, %s\n", tls.VersionName(s.TLS.Version), tls.CipherSuiteName(s.TLS.CipherSuite))
+				say(w, "      TLS: %s, %s\n", tls.VersionName(s.TLS.Version), tls.CipherSuiteName(s.TLS.CipherSuite))
 			}
 			if cert := s.Certificate(); cert != nil {
-				fmt.Fprintf(w, "      certificate: %s, issued by %s, expires %s\n", strings.Join(cert.DNSNames, " "),
+				say(w, "      certificate: %s, issued by %s, expires %s\n", strings.Join(cert.DNSNames, " "),
 					cert.Issuer.CommonName, cert.NotAfter.UTC().Format(time.RFC3339))
 			}
 		} else if len(h.PeerCertificates) > 0 {
 			cert := h.PeerCertificates[0]
-			fmt.Fprintf(w, "      certificate (refused): %s, issued by %s, expires %s\n", strings.Join(cert.DNSNames, " "),
+			say(w, "      certificate (refused): %s, issued by %s, expires %s\n", strings.Join(cert.DNSNames, " "),
 				cert.Issuer.CommonName, cert.NotAfter.UTC().Format(time.RFC3339))
 		}
 		if i < len(c.dane) && c.dane[i] != nil {
 			writeDANE(w, c.dane[i], c.daneLive[i])
 		}
-		fmt.Fprintf(w, "      verdict: %s\n", c.verdicts[i])
+		say(w, "      verdict: %s\n", c.verdicts[i])
 	}
 
 	if len(c.advice) > 0 {
-		fmt.Fprintf(w, "\nAdvice for the domain owner:\n")
+		say(w, "\nAdvice for the domain owner:\n")
 		for _, a := range c.advice {
-			fmt.Fprintf(w, "  - %s\n", a)
+			say(w, "  - %s\n", a)
 		}
 	}
-	fmt.Fprintf(w, "\nOutcome: %s\n", outcomeWords(r))
+	say(w, "\nOutcome: %s\n", outcomeWords(r))
+}
+
+// say prints part of the report. Its arguments are mostly what the
+// network sent (certificate names, greetings, replies, DNS names, errors
+// that quote them): each is escaped, so that none can drive the reader's
+// terminal or break a line of the report.
+func say(w io.Writer, format string, args ...any) {
+	for i, a := range args {
+		switch v := a.(type) {
+		case string:
+			args[i] = printable(v)
+		case error:
+			args[i] = printable(v.Error())
+		case fmt.Stringer:
+			args[i] = printable(v.String())
+		}
+	}
+	fmt.Fprintf(w, format, args...)
+}
+
+// printable writes invalid UTF-8 and every rune Go does not count as
+// printable (C0 controls, line ends among them, DEL, C1, bidi overrides)
+// as Go escapes: a certificate's SAN may hold ESC and BEL, and a greeting
+// or reply the C1 CSI, which delivery's own cleaning keeps.
+func printable(s string) string {
+	var b strings.Builder
+	for len(s) > 0 {
+		r, n := utf8.DecodeRuneInString(s)
+		switch {
+		case r == utf8.RuneError && n == 1:
+			fmt.Fprintf(&b, `\x%02x`, s[0])
+		case !strconv.IsPrint(r):
+			q := strconv.QuoteRune(r)
+			b.WriteString(q[1 : len(q)-1])
+		default:
+			b.WriteString(s[:n])
+		}
+		s = s[n:]
+	}
+	return b.String()
 }
 
 // outcomeWords is the last line: what a message would get now.

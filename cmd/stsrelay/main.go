@@ -5,6 +5,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -14,8 +15,11 @@ import (
 	"io/fs"
 	"os"
 	"runtime/debug"
+	"strconv"
 	"strings"
 	"time"
+	"unicode/utf16"
+	"unicode/utf8"
 
 	"github.com/stsrelay/stsrelay/admin"
 	"github.com/stsrelay/stsrelay/config"
@@ -186,12 +190,44 @@ func runGroup(group, help string, args []string, stderr io.Writer, commands map[
 
 // printJSON prints v as indented JSON.
 func printJSON(stdout, stderr io.Writer, v any) int {
-	enc := json.NewEncoder(stdout)
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
 	enc.SetIndent("", "  ")
 	if err := enc.Encode(v); err != nil {
 		return fail(stderr, "%v", err)
 	}
+	if _, err := stdout.Write(escapeUnprintable(buf.Bytes())); err != nil {
+		return fail(stderr, "%v", err)
+	}
 	return 0
+}
+
+// escapeUnprintable writes the runes of encoded JSON that are not
+// printable as \u escapes. encoding/json escapes C0 controls but lets DEL,
+// C1 and others a terminal may act on through, and much of what is
+// printed (replies, certificate names) comes from the network. Escaped, a
+// string decodes to the same text; outside strings the encoder writes
+// ASCII. Most output needs nothing, and is returned as it is.
+func escapeUnprintable(js []byte) []byte {
+	var out []byte
+	done := 0 // js[:done] is in out
+	for i := 0; i < len(js); {
+		r, n := utf8.DecodeRune(js[i:])
+		if r >= 0x7f && !strconv.IsPrint(r) {
+			out = append(out, js[done:i]...)
+			if r1, r2 := utf16.EncodeRune(r); r1 != utf8.RuneError {
+				out = fmt.Appendf(out, `\u%04x\u%04x`, r1, r2)
+			} else {
+				out = fmt.Appendf(out, `\u%04x`, r)
+			}
+			done = i + n
+		}
+		i += n
+	}
+	if out == nil {
+		return js
+	}
+	return append(out, js[done:]...)
 }
 
 // fail prints one line for the user and returns the exit code 1.
