@@ -88,7 +88,7 @@ type NextHop struct {
 	auth *Credentials
 	// local is the route's own TLS level, applied as a [[delivery.policy]]
 	// entry would be; nil leaves the [[delivery.policy]] table and DNS.
-	local   *policy.Security
+	local   *localLevel
 	shaping Shaping
 	shaped  bool // the route set limits of its own
 }
@@ -104,13 +104,13 @@ func (n NextHop) String() string {
 	return routing.Nexthop{Host: n.Host, Port: n.Port, MX: n.MX}.String()
 }
 
-// TLSLevel is the route's own TLS level, "" when it leaves it to
-// [[delivery.policy]] and DNS.
+// TLSLevel is the route's own TLS level as the configuration writes it,
+// "" when it leaves it to [[delivery.policy]] and DNS.
 func (n NextHop) TLSLevel() string {
 	if n.local == nil {
 		return ""
 	}
-	return n.local.String()
+	return levelName(n.local.Security)
 }
 
 // dest identifies the connections that may carry this next hop's mail:
@@ -139,7 +139,7 @@ func (n NextHop) metricName() string {
 // tables are the per-destination tables; SetRoutes swaps them whole.
 type tables struct {
 	routes    *routing.Table[*compiledRoute]
-	overrides *routing.Table[policy.Local]
+	overrides *routing.Table[localLevel]
 	byDomain  *routing.Table[Shaping]
 	byMX      *routing.Table[mxLimit]
 }
@@ -148,7 +148,7 @@ type compiledRoute struct {
 	name        string
 	nh          routing.Nexthop
 	implicitTLS bool
-	local       *policy.Security
+	local       *localLevel
 	auth        *Credentials
 	shaping     Shaping
 }
@@ -161,8 +161,8 @@ type mxLimit struct {
 // compileTables checks and compiles the three tables.
 func compileTables(overrides []Override, routes []Route, limits []Limit) (*tables, error) {
 	t := &tables{}
-	var oe []routing.Entry[policy.Local]
-	for _, o := range overrides {
+	var oe []routing.Entry[localLevel]
+	for i, o := range overrides {
 		if len(o.Domains) == 0 {
 			return nil, errors.New("delivery: a policy override has an empty domain")
 		}
@@ -173,7 +173,17 @@ func compileTables(overrides []Override, routes []Route, limits []Limit) (*table
 		if o.TLS < policy.SecurityMay || o.TLS > policy.SecurityDANE {
 			return nil, fmt.Errorf("delivery: policy override for %s: unknown tls level %d", o.Domains[0], o.TLS)
 		}
-		oe = append(oe, routing.Entry[policy.Local]{Domains: pats, Value: policy.Local{Security: o.TLS, Published: o.Published}})
+		name := o.Name
+		if name == "" {
+			name = fmt.Sprintf("policy %d", i)
+		}
+		level := levelName(o.TLS)
+		if o.Published {
+			level = "dane"
+		}
+		oe = append(oe, routing.Entry[localLevel]{Domains: pats, Value: localLevel{
+			Local:   policy.Local{Security: o.TLS, Published: o.Published},
+			setting: fmt.Sprintf("%s tls = %q", name, level)}})
 	}
 	var err error
 	if t.overrides, err = routing.NewTable(oe); err != nil {
@@ -207,23 +217,23 @@ func compileTables(overrides []Override, routes []Route, limits []Limit) (*table
 		case "", "dane":
 			// Postfix's "dane" is opportunistic DANE: what DNS publishes.
 			if r.Auth != nil && level == "" {
-				v := policy.SecurityVerify
-				cr.local = &v
+				cr.local = &localLevel{Local: policy.Local{Security: policy.SecurityVerify},
+					setting: name + ` has credentials, so tls = "verify"`}
 			}
 		default:
 			sec, err := policy.ParseSecurity(level)
 			if err != nil {
 				return nil, fmt.Errorf("delivery: %s: %w", name, err)
 			}
-			cr.local = &sec
+			cr.local = &localLevel{Local: policy.Local{Security: sec}, setting: fmt.Sprintf("%s tls = %q", name, level)}
 		}
 		if r.Auth != nil && (r.Auth.Username == "" || r.Auth.Password == "") {
 			return nil, fmt.Errorf("delivery: %s: credentials need a username and a password", name)
 		}
-		if r.Auth != nil && cr.local != nil && *cr.local == policy.SecurityNone {
+		if r.Auth != nil && cr.local != nil && cr.local.Security == policy.SecurityNone {
 			return nil, fmt.Errorf("delivery: %s: tls none with credentials would send the password in the clear", name)
 		}
-		if r.ImplicitTLS && cr.local != nil && *cr.local == policy.SecurityNone {
+		if r.ImplicitTLS && cr.local != nil && cr.local.Security == policy.SecurityNone {
 			return nil, fmt.Errorf("delivery: %s: tls none contradicts implicit TLS", name)
 		}
 		if err := checkShaping(r.Shaping); err != nil {

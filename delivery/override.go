@@ -14,6 +14,8 @@ import (
 // weakens a DANE requirement or an MTA-STS enforce requirement: for those
 // hosts only "none" (an explicit opt-out) or "dane-only" (stronger) apply.
 type Override struct {
+	// Name names the entry in `stsrelay check`: "delivery.policy[0]".
+	Name    string
 	Domains []string
 	// TLS is SecurityMay, SecurityNone, SecurityEncrypt, SecurityVerify
 	// (PKIX, the MX host name as reference identifier) or SecurityDANE
@@ -25,6 +27,25 @@ type Override struct {
 	// look up TLSA records for these domains (cmd/stsrelay makes sure of
 	// it when [dane] is off).
 	Published bool
+}
+
+// localLevel is the level a [[delivery.policy]] entry or a route's own
+// tls sets.
+type localLevel struct {
+	policy.Local
+	// setting is where the configuration sets the level, as it writes it:
+	// `delivery.policy[1] tls = "dane-only"`. It is the policy string of
+	// the requirements the level makes, and check shows it.
+	setting string
+}
+
+// levelName is a level as the configuration writes it: SecurityDANE is
+// "dane-only", since "dane" there leaves the domain to DNS.
+func levelName(sec policy.Security) string {
+	if sec == policy.SecurityDANE {
+		return "dane-only"
+	}
+	return sec.String()
 }
 
 // override is a local TLS level ready to apply, with its policy identity.
@@ -42,16 +63,16 @@ func (e *Engine) localOverride(nh NextHop) (override, bool) {
 	if domain == "" {
 		domain = nh.Domain
 	}
-	if nh.local != nil {
-		return override{sec: *nh.local, id: policy.NewIdentity(policy.TypeLocal, domain,
-			[]string{"route: " + nh.Route, "tls: " + nh.local.String()}, nil)}, true
-	}
-	l, _, ok := e.tables.Load().overrides.Lookup(domain, "")
-	if !ok {
-		return override{}, false
+	l := nh.local
+	if l == nil {
+		entry, _, ok := e.tables.Load().overrides.Lookup(domain, "")
+		if !ok {
+			return override{}, false
+		}
+		l = &entry
 	}
 	return override{sec: l.Security, published: l.Published,
-		id: policy.NewIdentity(policy.TypeLocal, domain, []string{"tls: " + l.Security.String()}, nil)}, true
+		id: policy.NewIdentity(policy.TypeLocal, domain, []string{l.setting}, nil)}, true
 }
 
 // apply returns the requirement for mx once the local override has been

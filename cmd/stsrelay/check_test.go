@@ -527,3 +527,43 @@ func TestCheckEscapesControlCharactersFromTheNetwork(t *testing.T) {
 		}
 	}
 }
+
+// A local level is credited to the entry or route that sets it, with its
+// value as the configuration writes it: "dane-only" is not "dane", which
+// there means something weaker.
+func TestCheckNamesTheLocalSettingThatApplies(t *testing.T) {
+	w := newCheckWorld(t, `[[delivery.policy]]
+domain = "other.example"
+tls = "verify"
+
+[[delivery.policy]]
+domain = "strict.example"
+tls = "dane-only"
+
+[[delivery.route]]
+domains = [".routed.example"]
+nexthop = "[127.0.0.47]:25"
+tls = "encrypt"
+
+[[delivery.route]]
+domains = ["daneroute.example"]
+nexthop = "[mx.strict.example]:25"
+tls = "dane-only"
+`, "strict.example. 60 IN MX 10 mx.strict.example.", "mx.strict.example. 60 IN A 127.0.0.48")
+
+	for domain, want := range map[string][]string{
+		"strict.example":      {`(delivery.policy[1] tls = "dane-only")`},
+		"mail.routed.example": {`(delivery.route[0] tls = "encrypt")`, ", tls encrypt\n"},
+		"daneroute.example":   {`(delivery.route[1] tls = "dane-only")`, ", tls dane-only\n"},
+	} {
+		_, out := w.check("-no-connect", domain)
+		for _, s := range want {
+			if !strings.Contains(out, s) {
+				t.Errorf("check %s lacks %q:\n%s", domain, s, out)
+			}
+		}
+		if strings.Contains(out, "[[delivery.policy]]") {
+			t.Errorf("check %s credits a [[delivery.policy]] entry in general:\n%s", domain, out)
+		}
+	}
+}

@@ -437,7 +437,9 @@ func requirementWords(req policy.Requirement, mx string) string {
 	case policy.TypeTLSA:
 		what += fmt.Sprintf(" (DANE, TLSA base domain %s)", req.ServerName)
 	case policy.TypeLocal:
-		what += fmt.Sprintf(" (local [[delivery.policy]] tls = %q)", req.Security.String())
+		// The setting that applies, as the configuration writes it:
+		// (delivery.policy[1] tls = "dane-only").
+		what += " (" + strings.Join(req.Policy.Strings, "; ") + ")"
 	default:
 		what += " (no policy published)"
 	}

@@ -19,7 +19,8 @@ func deliveryTables(d config.Delivery) ([]delivery.Override, []delivery.Route, [
 		if err != nil {
 			return nil, nil, nil, fmt.Errorf("delivery.policy[%d]: %w", i, err)
 		}
-		overrides = append(overrides, delivery.Override{Domains: p.Domains, TLS: l.Security, Published: l.Published})
+		overrides = append(overrides, delivery.Override{Name: fmt.Sprintf("delivery.policy[%d]", i),
+			Domains: p.Domains, TLS: l.Security, Published: l.Published})
 	}
 	var routes []delivery.Route
 	for i, r := range d.Routes {
