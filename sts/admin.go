@@ -135,3 +135,15 @@ func writeError(w http.ResponseWriter, domain string, err error) {
 		admin.WriteError(w, http.StatusBadRequest, oneLine(err.Error()))
 	}
 }
+
+// RegisterDisabled answers the routes of RegisterAdmin with one line that
+// says MTA-STS is off, for a daemon running without it.
+func RegisterDisabled(mux *http.ServeMux) {
+	off := func(w http.ResponseWriter, _ *http.Request) {
+		admin.WriteError(w, http.StatusConflict, "MTA-STS is off in the running relay (sts.enabled = false)")
+	}
+	mux.HandleFunc("GET /sts", off)
+	mux.HandleFunc("GET /sts/{domain}", off)
+	mux.HandleFunc("POST /sts/{domain}/refresh", off)
+	mux.HandleFunc("DELETE /sts/{domain}", off)
+}

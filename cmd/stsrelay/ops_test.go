@@ -303,6 +303,26 @@ func TestStartWarnsAboutWhatIsNotEnforced(t *testing.T) {
 	d.stop(syscall.SIGTERM)
 }
 
+// A relay running without MTA-STS says so, naming the key, to every sts
+// command, rather than a bare 404.
+func TestSTSCommandsSayWhenMTASTSIsOff(t *testing.T) {
+	config := writeConfig(t, t.TempDir(), configParts{tail: "[sts]\nenabled = false\n"})
+	d := startDaemon(t, config)
+	d.submissionAddr()
+	defer d.stop(syscall.SIGTERM)
+	for _, cmd := range []string{"list", "show", "refresh", "purge"} {
+		args := []string{"sts", cmd, "-config", config}
+		if cmd != "list" {
+			args = append(args, "example.org")
+		}
+		code, _, errOut := stsrelay(t, "", args...)
+		if code == 0 || !strings.Contains(errOut, "sts.enabled = false") {
+			t.Errorf("sts %s with MTA-STS off: exit %d, %q", cmd, code, errOut)
+		}
+		assertOneLine(t, errOut)
+	}
+}
+
 func TestHelpClaimsWhatIsBuilt(t *testing.T) {
 	_, out, _ := stsrelay(t, "", "help")
 	if !strings.Contains(out, "enforces MTA-STS and DANE and sends TLS reports") {

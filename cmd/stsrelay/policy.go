@@ -189,10 +189,12 @@ func remoteResolvers(servers []string) []string {
 	return out
 }
 
-func (r *relay) registerAdmin(mux *http.ServeMux) {
-	if r.sts != nil {
-		r.sts.RegisterAdmin(mux)
+func (r *relay) registerSTS(mux *http.ServeMux) {
+	if r.sts == nil {
+		sts.RegisterDisabled(mux)
+		return
 	}
+	r.sts.RegisterAdmin(mux)
 }
 
 // startPolicy runs the background refresh of cached policies until ctx ends.

@@ -305,7 +305,7 @@ func start(cfg *config.Config, logger *slog.Logger) (_ *relay, err error) {
 	// use fails the start with nothing running.
 	mux := http.NewServeMux()
 	r.queue.RegisterAdmin(mux)
-	r.registerAdmin(mux)
+	r.registerSTS(mux)
 	r.registerTLSRPT(mux)
 	if r.control, err = admin.Listen(admin.SocketPath(cfg.StateDir), mux, logger); err != nil {
 		return nil, err
