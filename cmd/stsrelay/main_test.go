@@ -440,6 +440,12 @@ func TestServeFailsInOneLine(t *testing.T) {
 			os.WriteFile(p, bytes.Replace(text, []byte("127.0.0.1:0"), []byte(busy.Addr().String()), 1), 0o600)
 			return p
 		}, "address already in use"},
+		{"metrics port in use, with a start warning due", func(dir string) string {
+			// TLS reporting without a [[dkim]] key is worth a warning, but
+			// only once the start has succeeded.
+			return writeConfig(t, dir, configParts{tail: "[metrics]\nlisten = \"" + busy.Addr().String() + "\"\n" +
+				"[tlsrpt]\nenabled = true\norganization_name = \"Example\"\ncontact_info = \"tlsrpt@example.com\"\n"})
+		}, "metrics.listen"},
 		{"state_dir is a file", func(dir string) string {
 			p := writeConfig(t, dir, configParts{})
 			os.WriteFile(filepath.Join(dir, "state"), []byte("x"), 0o600)

@@ -47,7 +47,7 @@ func (r *relay) newReporter(res *resolve.Resolver) error {
 		return err
 	}
 	if !rep.CanSign() {
-		r.logger.Warn("tlsrpt: no [[dkim]] key for the report sender's domain: reports cannot go to mailto: addresses (RFC 8460 §3 makes receivers ignore unsigned ones)",
+		r.warn("tlsrpt: no [[dkim]] key for the report sender's domain: reports cannot go to mailto: addresses (RFC 8460 §3 makes receivers ignore unsigned ones)",
 			"report_sender", rep.Sender())
 	}
 	r.tlsrpt = rep
