@@ -148,6 +148,8 @@ type Manager struct {
 	log              *slog.Logger
 	now              func() time.Time
 	refreshInterval  time.Duration
+	// skipped are the stored policies New could not read; Run logs them.
+	skipped []error
 
 	mu       sync.Mutex
 	entries  map[string]*entry  // the cache, mirrored in db
@@ -162,7 +164,8 @@ type Manager struct {
 	maxFailures int
 }
 
-// New returns a Manager and loads the persisted cache from opts.DB.
+// New returns a Manager and loads the persisted cache from opts.DB; Run
+// logs the stored policies that could not be read.
 func New(opts Options) (*Manager, error) {
 	if opts.Resolver == nil {
 		return nil, errors.New("sts: Options.Resolver is required")
@@ -210,10 +213,7 @@ func New(opts Options) (*Manager, error) {
 		if err != nil {
 			return nil, fmt.Errorf("sts: loading cached policies: %w", err)
 		}
-		for _, e := range bad {
-			m.log.Warn("sts: skipping stored policy", "err", e)
-		}
-		m.entries = entries
+		m.entries, m.skipped = entries, bad
 	}
 	return m, nil
 }
@@ -622,6 +622,12 @@ func (m *Manager) forget(d string, only *entry) (bool, error) {
 // old (or half its max_age, if shorter), so it never expires while in use
 // (RFC 8461 §10.2). Expired policies of idle domains are dropped.
 func (m *Manager) Run(ctx context.Context) {
+	// Said here rather than in New, which runs while the daemon may still
+	// fail to start: a failed start says one line and nothing before it
+	// (docs/DESIGN.md, "Start-up").
+	for _, err := range m.skipped {
+		m.log.Warn("sts: skipping stored policy", "err", err)
+	}
 	t := time.NewTicker(m.refreshInterval)
 	defer t.Stop()
 	for {

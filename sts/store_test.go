@@ -1,13 +1,19 @@
 package sts
 
 import (
+	"bytes"
+	"context"
 	"fmt"
+	"log/slog"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"go.etcd.io/bbolt"
+
+	"github.com/stsrelay/stsrelay/resolve"
 )
 
 // TestConcurrentPolicyStoresShareTransactions: without Options.Update (the
@@ -55,5 +61,44 @@ func TestConcurrentPolicyStoresShareTransactions(t *testing.T) {
 	}
 	if e := entries["d7.example"]; e == nil || e.policy.ID != "id1" || !e.policy.Expires.Equal(now.Add(p.MaxAge)) {
 		t.Errorf("d7.example read back as %+v", e)
+	}
+}
+
+// A stored policy that no longer reads is skipped and logged by Run, not
+// by New: New runs while the daemon may still fail to start, and a failed
+// start says one line and nothing before it.
+func TestUnreadableStoredPolicyIsLoggedOnceRunning(t *testing.T) {
+	db, err := bbolt.Open(filepath.Join(t.TempDir(), "stsrelay.db"), 0o600, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	err = db.Update(func(tx *bbolt.Tx) error {
+		b, err := tx.CreateBucketIfNotExists(bucketPolicies)
+		if err != nil {
+			return err
+		}
+		return b.Put([]byte("bad.example"), []byte("{not json"))
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := resolve.New(resolve.Config{Servers: []string{"127.0.0.1:1"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var log bytes.Buffer
+	m, err := New(Options{Resolver: res, DB: db, Logger: slog.New(slog.NewTextHandler(&log, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if log.Len() != 0 {
+		t.Errorf("New logged:\n%s", log.String())
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	m.Run(ctx)
+	if out := log.String(); !strings.Contains(out, "sts: skipping stored policy") || !strings.Contains(out, "bad.example") {
+		t.Errorf("Run did not log the unreadable policy:\n%s", out)
 	}
 }
