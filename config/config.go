@@ -19,10 +19,12 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/BurntSushi/toml"
 
+	"github.com/stsrelay/stsrelay/admin"
 	"github.com/stsrelay/stsrelay/delivery"
 	"github.com/stsrelay/stsrelay/queue"
 	"github.com/stsrelay/stsrelay/resolve"
@@ -295,6 +297,13 @@ func Load(path string) (*Config, error) {
 		if *f != "" && !filepath.IsAbs(*f) {
 			*f = filepath.Join(dir, *f)
 		}
+	}
+	// bind(2) refuses a unix socket path that does not fit sun_path with
+	// its NUL (108 bytes on Linux, 104 on the BSDs) with a bare EINVAL.
+	sock := filepath.Join(cfg.StateDir, admin.SocketName)
+	if limit := len(syscall.RawSockaddrUnix{}.Path) - 1; len(sock) > limit {
+		return nil, fmt.Errorf("config %s: %w", path, keyError(data, "state_dir", fmt.Sprintf(
+			"the control socket %s would be %d bytes, too long for a unix socket (at most %d); choose a shorter path", sock, len(sock), limit)))
 	}
 	if err := cfg.readPasswords(data); err != nil {
 		return nil, fmt.Errorf("config %s: %w", path, err)

@@ -3,13 +3,16 @@ package config
 import (
 	"encoding/json"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"reflect"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
+	"github.com/stsrelay/stsrelay/admin"
 	"github.com/stsrelay/stsrelay/delivery"
 	"github.com/stsrelay/stsrelay/queue"
 	"github.com/stsrelay/stsrelay/resolve"
@@ -265,6 +268,36 @@ func TestLoadResolvesPathsAgainstTheConfigFolder(t *testing.T) {
 	}
 	if len(cfg.DKIM) != 1 || cfg.DKIM[0].KeyFile != filepath.Join(dir, "dkim/s1.pem") {
 		t.Errorf("dkim = %+v, want key_file relative to the config folder", cfg.DKIM)
+	}
+}
+
+// The control socket must fit a unix socket address: the longest
+// state_dir that does is taken and can be listened on, one byte more is
+// refused at load, naming state_dir, rather than by bind(2) with EINVAL.
+func TestLoadRefusesAStateDirTooLongForTheControlSocket(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "c.toml")
+	fits := len(syscall.RawSockaddrUnix{}.Path) - 1 - len("/"+admin.SocketName)
+	for _, extra := range []int{0, 1} {
+		stateDir := dir + "/" + strings.Repeat("s", fits+extra-len(dir)-1)
+		os.WriteFile(p, []byte("hostname = \"a.example\"\nstate_dir = \""+stateDir+"\"\n"), 0o600)
+		cfg, err := Load(p)
+		if extra == 0 {
+			if err != nil {
+				t.Fatalf("state_dir of %d bytes: %v", len(stateDir), err)
+			}
+			os.MkdirAll(cfg.StateDir, 0o700)
+			ln, err := net.Listen("unix", filepath.Join(cfg.StateDir, admin.SocketName))
+			if err != nil {
+				t.Fatalf("the longest state_dir taken cannot hold the socket: %v", err)
+			}
+			ln.Close()
+			continue
+		}
+		if err == nil || !strings.Contains(err.Error(), "line 2: state_dir: the control socket") ||
+			!strings.Contains(err.Error(), "too long for a unix socket") {
+			t.Errorf("state_dir of %d bytes: %v", len(stateDir), err)
+		}
 	}
 }
 

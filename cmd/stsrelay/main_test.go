@@ -451,6 +451,12 @@ func TestServeFailsInOneLine(t *testing.T) {
 			os.WriteFile(filepath.Join(dir, "state"), []byte("x"), 0o600)
 			return p
 		}, "state_dir " + "PLACEHOLDER"},
+		{"state_dir too long for the control socket", func(dir string) string {
+			p := writeConfig(t, dir, configParts{})
+			text, _ := os.ReadFile(p)
+			os.WriteFile(p, bytes.Replace(text, []byte(`state_dir = "state"`), []byte(`state_dir = "`+strings.Repeat("s", 110)+`"`), 1), 0o600)
+			return p
+		}, "state_dir: the control socket "},
 		{"foreign database", func(dir string) string {
 			p := writeConfig(t, dir, configParts{})
 			os.MkdirAll(filepath.Join(dir, "state"), 0o700)
