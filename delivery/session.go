@@ -18,6 +18,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/emersion/go-sasl"
 	"github.com/emersion/go-smtp"
@@ -909,7 +911,10 @@ func oneLine(s string) string {
 		switch {
 		case r == '\n' || r == '\r' || r == '\t':
 			b.WriteByte(' ')
-		case r < 0x20 || r == 0x7f || r == 0xfffd:
+		case unicode.IsControl(r) || unicode.Is(unicode.Bidi_Control, r) || r == utf8.RuneError:
+			// C0, DEL and C1 (a CSI is 0x9b) would reach a terminal
+			// through the log and the queue commands; bidi controls
+			// would reorder what the operator reads.
 		default:
 			b.WriteRune(r)
 		}

@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"unicode"
 )
 
 // fmtReplyStatus is replyStatus as it was written with fmt and
@@ -41,7 +42,7 @@ func fmtOneLine(s string) string {
 		switch {
 		case r == '\n' || r == '\r' || r == '\t':
 			b.WriteByte(' ')
-		case r < 0x20 || r == 0x7f || r == 0xfffd:
+		case unicode.IsControl(r) || unicode.Is(unicode.Bidi_Control, r) || r == 0xfffd:
 		default:
 			b.WriteRune(r)
 		}
@@ -50,6 +51,22 @@ func fmtOneLine(s string) string {
 		}
 	}
 	return truncate(strings.Join(strings.Fields(b.String()), " "))
+}
+
+// A remote's text reaches the log, queue list and queue show: no control
+// character from it may reach an operator's terminal.
+func TestOneLineDropsControlCharacters(t *testing.T) {
+	for in, want := range map[string]string{
+		"4.7.1 \x1b[2Jcleared":             "4.7.1 [2Jcleared",
+		"4.7.1 \u009b2Jcsi":                "4.7.1 2Jcsi",
+		"4.7.1 \u202eevil\u202c text":      "4.7.1 evil text",
+		"4.7.1 bell\x07 and\x00nul\x7fdel": "4.7.1 bell andnuldel",
+		"5.7.1 caf\u00e9":                  "5.7.1 caf\u00e9",
+	} {
+		if got := oneLine(in); got != want {
+			t.Errorf("oneLine(%q) = %q, want %q", in, got, want)
+		}
+	}
 }
 
 func TestReplyStatusKeepsItsWords(t *testing.T) {

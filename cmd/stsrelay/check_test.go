@@ -521,7 +521,9 @@ func TestCheckEscapesControlCharactersFromTheNetwork(t *testing.T) {
 		}
 	}
 	_, out := w.check("esc.example")
-	for _, want := range []string{`\x1b]0;owned\a\x1b[2J`, `issuer\x1b[31m\u009b2J`, `sink\u009b2J.test`, `go away\u009b2J`} {
+	// Certificate fields are shown escaped; the greeting and reply texts
+	// come through delivery, which drops control characters.
+	for _, want := range []string{`\x1b]0;owned\a\x1b[2J`, `issuer\x1b[31m\u009b2J`, `sink2J.test`, `go away2J]0;x`} {
 		if !strings.Contains(out, want) {
 			t.Errorf("check does not show %s escaped:\n%s", want, out)
 		}

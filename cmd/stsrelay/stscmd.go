@@ -133,6 +133,6 @@ func printPolicyInfo(w io.Writer, p *sts.PolicyInfo) {
 		fmt.Fprintf(w, "last used: %s\n", p.LastUsed.UTC().Format(time.RFC3339))
 	}
 	if p.LastError != "" {
-		fmt.Fprintf(w, "last fetch failed: %s\n", p.LastError)
+		say(w, "last fetch failed: %s\n", p.LastError)
 	}
 }

@@ -90,11 +90,11 @@ func reportState(reports []tlsrpt.ReportInfo) string {
 		case "sent":
 			return "sent " + r.Sent.UTC().Format(time.RFC3339) + " to " + strings.Join(r.SentTo, ",")
 		case "pending":
-			return fmt.Sprintf("pending, next attempt %s: %s", r.Next.UTC().Format(time.RFC3339), r.LastError)
+			return fmt.Sprintf("pending, next attempt %s: %s", r.Next.UTC().Format(time.RFC3339), printable(r.LastError))
 		case "no-record":
 			return "none: the domain publishes no TLSRPT record"
 		default:
-			return r.State + ": " + r.LastError
+			return r.State + ": " + printable(r.LastError)
 		}
 	}
 	return "-"
@@ -151,12 +151,12 @@ reporting setup end to end.`, stderr)
 		case r.State == "sent":
 			fmt.Fprintf(stdout, "%s: sent to %s (report-id %s)\n", r.Domain, strings.Join(r.SentTo, ", "), r.ReportID)
 		case r.State == "no-record":
-			fmt.Fprintf(stdout, "%s: not sent: %s\n", r.Domain, r.Error)
+			say(stdout, "%s: not sent: %s\n", r.Domain, r.Error)
 		case r.State == "pending":
-			fmt.Fprintf(stdout, "%s: not delivered yet, will retry: %s\n", r.Domain, r.Error)
+			say(stdout, "%s: not delivered yet, will retry: %s\n", r.Domain, r.Error)
 			code = 1
 		default:
-			fmt.Fprintf(stdout, "%s: %s: %s\n", r.Domain, r.State, r.Error)
+			say(stdout, "%s: %s: %s\n", r.Domain, r.State, r.Error)
 			code = 1
 		}
 	}
