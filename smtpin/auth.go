@@ -13,7 +13,6 @@ import (
 	"time"
 
 	"golang.org/x/crypto/bcrypt"
-	"golang.org/x/time/rate"
 )
 
 // User may submit mail after SASL PLAIN or LOGIN.
@@ -244,13 +243,18 @@ func (u *User) mayUseSender(from string) bool {
 // wrong password on a shared host so locks out only its own name; the
 // client as a whole has a higher allowance, ipBurst, against guessing
 // across many names.
+//
+// A key holds one time, when its allowance is full again: each failure
+// moves it one every later (a token bucket kept as a time, as GCRA does).
+// Forgetting a key is then a comparison, not a computation per key.
 type authLimiter struct {
 	mu      sync.Mutex
-	m       map[authKey]*rate.Limiter
+	m       map[authKey]time.Time
 	burst   int
 	ipBurst int
 	every   time.Duration
 	now     func() time.Time
+	scanned int // keys looked at by prune, which tests hold to a bound
 }
 
 // authKey is a client, with a user name or "" for the client as a whole.
@@ -259,16 +263,20 @@ type authKey struct {
 	user   string
 }
 
-// authLimiterSize is how many keys are remembered before those whose
-// allowance is full again are forgotten.
-const authLimiterSize = 10000
+// A new key when authLimiterSize are held makes prune cut the table to
+// authLimiterKeep: every key looked at there pays for the thousands of
+// failures recorded before the next cut, not for one.
+const (
+	authLimiterSize = 10000
+	authLimiterKeep = authLimiterSize * 3 / 4
+)
 
 // maxUserKey bounds the user name kept in a key: names are the client's
 // to choose.
 const maxUserKey = 256
 
 func newAuthLimiter(burst, ipBurst int, every time.Duration) *authLimiter {
-	return &authLimiter{m: make(map[authKey]*rate.Limiter), burst: burst, ipBurst: max(ipBurst, burst), every: every, now: time.Now}
+	return &authLimiter{m: make(map[authKey]time.Time), burst: burst, ipBurst: max(ipBurst, burst), every: every, now: time.Now}
 }
 
 func userKey(client netip.Prefix, user string) authKey {
@@ -284,41 +292,69 @@ func (l *authLimiter) blocked(client netip.Prefix, user string) string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	now := l.now()
-	if lim := l.m[authKey{client: client}]; lim != nil && lim.TokensAt(now) < 1 {
+	if l.usedUp(authKey{client: client}, l.ipBurst, now) {
 		return "client"
 	}
-	if lim := l.m[userKey(client, user)]; lim != nil && lim.TokensAt(now) < 1 {
+	if l.usedUp(userKey(client, user), l.burst, now) {
 		return "user"
 	}
 	return ""
+}
+
+// usedUp reports whether k has less than one failure left: its allowance
+// is full again more than burst-1 intervals from now.
+func (l *authLimiter) usedUp(k authKey, burst int, now time.Time) bool {
+	full, ok := l.m[k]
+	return ok && full.Sub(now) > time.Duration(burst-1)*l.every
 }
 
 // failed records a failed attempt by client for user.
 func (l *authLimiter) failed(client netip.Prefix, user string) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	for _, k := range []authKey{{client: client}, userKey(client, user)} {
-		lim := l.m[k]
-		if lim == nil {
-			if len(l.m) >= authLimiterSize {
-				l.forgetIdle()
-			}
-			burst := l.burst
-			if k.user == "" {
-				burst = l.ipBurst
-			}
-			lim = rate.NewLimiter(rate.Every(l.every), burst)
-			l.m[k] = lim
-		}
-		lim.AllowN(l.now(), 1)
-	}
+	now := l.now()
+	l.use(authKey{client: client}, l.ipBurst, now)
+	l.use(userKey(client, user), l.burst, now)
 }
 
-// forgetIdle drops keys whose allowance is full again: remembering them
-// changes nothing.
-func (l *authLimiter) forgetIdle() {
-	for k, lim := range l.m {
-		if lim.TokensAt(l.now()) >= float64(lim.Burst()) {
+// use takes one failure from k's allowance, if one is left.
+func (l *authLimiter) use(k authKey, burst int, now time.Time) {
+	full, ok := l.m[k]
+	if !ok && len(l.m) >= authLimiterSize {
+		l.prune(now)
+	}
+	if l.usedUp(k, burst, now) {
+		return // the lockout is at most a full burst long
+	}
+	if full.Before(now) {
+		full = now
+	}
+	l.m[k] = full.Add(l.every)
+}
+
+// prune forgets the keys whose allowance is full again: remembering them
+// changes nothing. When a spray from more clients than the table holds
+// leaves more than authLimiterKeep, it forgets those nearest to full too
+// (ties alike), so that memory stays bounded; a client that used up its
+// allowance lately is among the last to go.
+func (l *authLimiter) prune(now time.Time) {
+	l.scanned += len(l.m)
+	fulls := make([]time.Time, 0, len(l.m))
+	for k, full := range l.m {
+		if !full.After(now) {
+			delete(l.m, k)
+			continue
+		}
+		fulls = append(fulls, full)
+	}
+	if len(l.m) <= authLimiterKeep {
+		return
+	}
+	l.scanned += len(l.m)
+	slices.SortFunc(fulls, time.Time.Compare)
+	cut := fulls[len(fulls)-authLimiterKeep-1]
+	for k, full := range l.m {
+		if !full.After(cut) {
 			delete(l.m, k)
 		}
 	}

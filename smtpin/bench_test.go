@@ -173,3 +173,19 @@ func BenchmarkReceive(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkAuthFailureUnderSpray: one failed AUTH recorded while the
+// limiter is full of clients that failed once each, the state a password
+// spray from many addresses keeps it in.
+func BenchmarkAuthFailureUnderSpray(b *testing.B) {
+	l := newAuthLimiter(DefaultAuthFailures, DefaultAuthFailuresPerIP, DefaultAuthFailuresPer)
+	i := 0
+	for ; len(l.m) < authLimiterSize-1; i++ {
+		l.failed(sprayClient(i), "admin")
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		l.failed(sprayClient(i), "admin")
+		i++
+	}
+}

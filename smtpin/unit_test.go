@@ -270,17 +270,66 @@ func TestAuthLimiterBlocksAUserAfterItsBurstAndTheClientAfterMore(t *testing.T) 
 		t.Fatalf("after %d failures over many names: blocked %q, want client", DefaultAuthFailuresPerIP, b)
 	}
 
-	// The table stays bounded: keys whose allowance is full again are
-	// forgotten when it fills up.
+	// Keys whose allowance is full again are forgotten when the table
+	// fills up.
 	clock := time.Now()
 	l.now = func() time.Time { return clock }
-	for i := range authLimiterSize / 2 {
-		l.failed(clientKey(netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)})), "u")
+	for i := 0; len(l.m) < authLimiterSize-1; i++ { // one short of a cut
+		l.failed(sprayClient(i), "u")
 	}
 	clock = clock.Add(DefaultAuthFailuresPerIP * DefaultAuthFailuresPer)
 	l.failed(clientKey(netip.MustParseAddr("198.51.100.1")), "u")
 	if len(l.m) != 2 {
 		t.Errorf("limiter remembers %d keys after forgetting idle ones, want 2", len(l.m))
+	}
+}
+
+// sprayClient is the i-th of many client addresses.
+func sprayClient(i int) netip.Prefix {
+	return clientKey(netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)}))
+}
+
+// A password spray from more clients than the limiter remembers costs each
+// failure a few keys looked at, not the whole table under the lock every
+// AUTH takes; the table stays bounded, and a client that used up its
+// allowance stays blocked through the spray.
+func TestAuthLimiterSprayCostsFewKeysPerFailureAndStaysBounded(t *testing.T) {
+	l := newAuthLimiter(DefaultAuthFailures, DefaultAuthFailuresPerIP, DefaultAuthFailuresPer)
+	clock := time.Now()
+	l.now = func() time.Time { return clock } // no allowance refills during the spray
+	guesser := clientKey(netip.MustParseAddr("192.0.2.7"))
+	for i := range DefaultAuthFailuresPerIP {
+		l.failed(guesser, fmt.Sprintf("guess%d", i))
+	}
+	i := 0
+	for ; len(l.m) < authLimiterSize-1; i++ { // one short of a cut
+		l.failed(sprayClient(i), "admin")
+		clock = clock.Add(time.Millisecond)
+	}
+	l.scanned = 0
+	const spray = 3 * authLimiterSize
+	for range spray {
+		l.failed(sprayClient(i), "admin")
+		i++
+		clock = clock.Add(time.Millisecond)
+		if len(l.m) > authLimiterSize {
+			t.Fatalf("the limiter holds %d keys, more than its %d", len(l.m), authLimiterSize)
+		}
+	}
+	// Two keys per failure; a cut looks at a full table at most twice
+	// and comes once per authLimiterSize-authLimiterKeep new keys.
+	bound := 2 * 2 * authLimiterSize / (authLimiterSize - authLimiterKeep)
+	if per := l.scanned / spray; per > bound {
+		t.Errorf("each failure looked at %d keys on average (%d in all), want at most %d", per, l.scanned, bound)
+	}
+	if b := l.blocked(guesser, "admin"); b != "client" {
+		t.Errorf("after the spray the guessing client is blocked %q, want client", b)
+	}
+	if b := l.blocked(sprayClient(i-1), "admin"); b != "" {
+		t.Errorf("the spray's last client blocked %q after one failure", b)
+	}
+	if _, ok := l.m[userKey(sprayClient(i-1), "admin")]; !ok {
+		t.Error("the latest failure was forgotten")
 	}
 }
 
