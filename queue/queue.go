@@ -276,12 +276,21 @@ func (q *Queue) Close() error {
 	return err
 }
 
+// Body8BitReporter is a message body that learns, as it is read, whether
+// it holds 8-bit octets; smtpin's does. The envelope goes to Enqueue before
+// the body has arrived, so Enqueue asks once it has read the body to its
+// end.
+type Body8BitReporter interface {
+	Body8Bit() bool
+}
+
 // Enqueue stores a message for delivery and returns its queue id once the
 // message is committed and synced to disk. body is the whole message with
-// CRLF line ends. When Enqueue returns an error, nothing was stored and the
-// message must not be acknowledged (smtpin answers 451 4.3.0, or 452 4.3.1
-// for ErrNoSpace). Enqueue logs nothing: the caller's line is the one line
-// per submission.
+// CRLF line ends; when it is a Body8BitReporter that found 8-bit octets,
+// the message is stored with Body8Bit set, whatever env says. When Enqueue
+// returns an error, nothing was stored and the message must not be
+// acknowledged (smtpin answers 451 4.3.0, or 452 4.3.1 for ErrNoSpace).
+// Enqueue logs nothing: the caller's line is the one line per submission.
 func (q *Queue) Enqueue(ctx context.Context, env Envelope, body io.Reader) (id string, err error) {
 	defer func() {
 		if isNoSpace(err) {
@@ -308,6 +317,7 @@ func (q *Queue) Enqueue(ctx context.Context, env Envelope, body io.Reader) (id s
 		return "", fmt.Errorf("message not queued: reading the message: %w", src.err)
 	}
 	if int64(len(head)) <= min(inlineMax, q.opts.MaxMessageSize) {
+		m.Envelope.Body8Bit = m.Envelope.Body8Bit || has8Bit(body) // read to its end
 		// The body outlives the call (the segment write, the first
 		// attempt): it gets its own slice of exactly its size.
 		head = bytes.Clone(head)
@@ -330,6 +340,7 @@ func (q *Queue) Enqueue(ctx context.Context, env Envelope, body io.Reader) (id s
 		return "", fmt.Errorf("message not queued: %w", err)
 	}
 	m.ID, m.Size = id, size
+	m.Envelope.Body8Bit = m.Envelope.Body8Bit || has8Bit(body)
 	err = q.commit.doWithFile(func(tx *bbolt.Tx) error { return q.recs.put(tx, m) }, func() { q.indexPut(m) }, f)
 	if cerr := f.Close(); err == nil && cerr != nil {
 		// Synced and committed; a close error cannot lose the body.
@@ -342,6 +353,14 @@ func (q *Queue) Enqueue(ctx context.Context, env Envelope, body io.Reader) (id s
 	metricEnqueued.Inc()
 	q.wake()
 	return m.ID, nil
+}
+
+// has8Bit reports a body, read to its end, that found 8-bit octets in
+// itself. RFC 6152 §3: such a message must not go to a server without
+// 8BITMIME, and many clients send it without BODY=8BITMIME.
+func has8Bit(body io.Reader) bool {
+	r, ok := body.(Body8BitReporter)
+	return ok && r.Body8Bit()
 }
 
 // isNoSpace reports a write refused for lack of space: ENOSPC from a spool

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -52,6 +53,66 @@ func TestEnqueuedMessageSurvivesReopen(t *testing.T) {
 	for _, r := range m.Recipients {
 		if r.State != StateQueued {
 			t.Errorf("%s: state %s, want queued", r.Addr, r.State)
+		}
+	}
+}
+
+// eightBitBody is a body that reports, as smtpin's does, whether it held
+// 8-bit octets.
+type eightBitBody struct {
+	*strings.Reader
+	has bool
+}
+
+func (b eightBitBody) Body8Bit() bool { return b.has }
+
+// A body that reports 8-bit octets is stored with Body8Bit set, whatever
+// the envelope said (RFC 6152 §3), in the record on disk and for the first
+// attempt, which starts from memory; a body that reports none, or cannot
+// tell, leaves the flag as declared.
+func TestEnqueueMarksA8BitBodyFromItsReport(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "stsrelay.db")
+	d := newScripted(all(defer451))
+	tq := openTestQueue(t, path, d, Options{})
+	large := testBody + strings.Repeat("0123456789abcdef", 20000) // spooled in a file of its own
+	cases := []struct {
+		name     string
+		declared bool
+		body     io.Reader
+		want     bool
+	}{
+		{"inline", false, eightBitBody{strings.NewReader(testBody), true}, true},
+		{"spooled", false, eightBitBody{strings.NewReader(large), true}, true},
+		{"7-bit", false, eightBitBody{strings.NewReader(testBody), false}, false},
+		{"declared", true, eightBitBody{strings.NewReader(testBody), false}, true},
+		{"no report", false, strings.NewReader(testBody), false},
+	}
+	ids := map[string]string{}
+	for _, c := range cases {
+		e := env("alice@example.com", c.name+"@example.org")
+		e.Body8Bit = c.declared
+		id, err := tq.Enqueue(context.Background(), e, c.body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids[c.name] = id
+	}
+	tq.run(t)
+	for _, j := range tq.waitJobs(t, len(cases)) {
+		for _, c := range cases {
+			if j.ID == ids[c.name] && j.Envelope.Body8Bit != c.want {
+				t.Errorf("%s: first attempt has Body8Bit=%v, want %v", c.name, j.Envelope.Body8Bit, c.want)
+			}
+		}
+	}
+	tq.settle(t)
+	tq.Close()
+	tq.db.Close()
+
+	tq = openTestQueue(t, path, d, Options{})
+	for _, c := range cases {
+		if m := tq.stored(t, ids[c.name]); m.Envelope.Body8Bit != c.want {
+			t.Errorf("%s: stored with Body8Bit=%v, want %v", c.name, m.Envelope.Body8Bit, c.want)
 		}
 	}
 }

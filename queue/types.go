@@ -18,7 +18,7 @@ type Envelope struct {
 	// brackets included, so that logs can be searched by it.
 	MessageID string
 
-	Body8Bit   bool   // BODY=8BITMIME (RFC 6152)
+	Body8Bit   bool   // BODY=8BITMIME (RFC 6152), or 8-bit octets found by Enqueue
 	SMTPUTF8   bool   // SMTPUTF8 (RFC 6531)
 	RequireTLS bool   // MAIL FROM … REQUIRETLS (RFC 8689)
 	Ret        string // DSN RET: "FULL", "HDRS" or "" (RFC 3461 §4.3)

@@ -209,3 +209,23 @@ func BenchmarkBodyReaderByteWise(b *testing.B) {
 		})
 	}
 }
+
+// has8Bit finds one octet above 127 at any place, in runs of any length
+// (the word-wise loops and the tail), and none in ASCII up to 0x7f.
+func TestHas8BitFindsAnyHighOctet(t *testing.T) {
+	for n := range 300 {
+		ascii := bytes.Repeat([]byte{0x7f}, n)
+		if has8Bit(ascii) {
+			t.Fatalf("%d ASCII octets reported 8-bit", n)
+		}
+		for i := range n {
+			for _, c := range []byte{0x80, 0xc3, 0xff} {
+				s := bytes.Clone(ascii)
+				s[i] = c
+				if !has8Bit(s) {
+					t.Fatalf("octet %#x at %d of %d not found", c, i, n)
+				}
+			}
+		}
+	}
+}

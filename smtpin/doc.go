@@ -49,6 +49,8 @@
 //   - A message the queue could not store gets 451 4.3.0; when its file
 //     system is full (queue.ErrNoSpace), 452 4.3.1 (RFC 3463 X.3.1), which
 //     tells the client the condition will pass.
+//   - A message with any octet above 127 is stored as 8-bit, whatever its
+//     BODY= said (RFC 6152 §3; many clients do not declare it).
 //   - ENVID and ORCPT reach queue.Envelope decoded (xtext removed); a
 //     relay passing them on must encode them again (RFC 3461 §4).
 //

@@ -48,6 +48,9 @@ func (q *memQueue) Enqueue(ctx context.Context, env queue.Envelope, body io.Read
 	if err != nil {
 		return "", fmt.Errorf("read message: %w", err)
 	}
+	if r, ok := body.(queue.Body8BitReporter); ok && r.Body8Bit() {
+		env.Body8Bit = true // as queue.Enqueue does
+	}
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if q.hang {

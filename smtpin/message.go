@@ -6,6 +6,7 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/tls"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -50,11 +51,9 @@ var (
 func (s *session) receive(tx transaction, r io.Reader) error {
 	start := time.Now()
 	env := tx.env
-	// The readers of one message, in one allocation.
-	rd := &struct {
-		body bodyReader
-		msg  messageReader
-	}{body: bodyReader{r: r, maxLine: s.maxTextLine(), max: s.srv.opts.MaxMessageSize}}
+	// A message declared BODY=8BITMIME is 8-bit already: its octets need
+	// no looking at for that.
+	rd := &submission{body: bodyReader{r: r, maxLine: s.maxTextLine(), max: s.srv.opts.MaxMessageSize, eightBit: env.Body8Bit}}
 	body := &rd.body
 	// maxTextLine is at most 1000, so one size of reader serves every
 	// session; Enqueue has read all it wants before receive returns.
@@ -79,7 +78,7 @@ func (s *session) receive(tx transaction, r io.Reader) error {
 		return s.rejectAs(env.User, "shutdown", &smtp.SMTPError{Code: 421, EnhancedCode: smtp.EnhancedCode{4, 3, 2},
 			Message: "Shutting down, try again later"})
 	}
-	id, err := s.srv.q.Enqueue(s.srv.baseCtx, env, msg)
+	id, err := s.srv.q.Enqueue(s.srv.baseCtx, env, rd)
 	s.srv.enqueueEnd()
 	if err != nil {
 		if body.err != nil {
@@ -176,13 +175,14 @@ type bodyReader struct {
 	maxLine int
 	max     int64
 
-	n       int64 // bytes read from the client
-	lines   int   // complete lines read
-	lineLen int
-	last    byte
-	eof     bool
-	tail    string // "\r\n" still to add at the end
-	err     error
+	n        int64 // bytes read from the client
+	lines    int   // complete lines read
+	lineLen  int
+	last     byte
+	eightBit bool // an octet above 127 was read, or BODY=8BITMIME said there would be
+	eof      bool
+	tail     string // "\r\n" still to add at the end
+	err      error
 }
 
 func (b *bodyReader) Read(p []byte) (int, error) {
@@ -201,6 +201,9 @@ func (b *bodyReader) Read(p []byte) (int, error) {
 	if e := b.check(p[:n]); e != nil {
 		b.err = e
 		return 0, e
+	}
+	if !b.eightBit {
+		b.eightBit = has8Bit(p[:n])
 	}
 	b.n += int64(n)
 	if b.n > b.max {
@@ -303,6 +306,29 @@ func (b *bodyReader) check(s []byte) error {
 	return nil
 }
 
+// has8Bit reports whether an octet of s is above 127. Every message
+// passes here whole, so it ORs eight octets at a time, 128 per round into
+// four words that do not wait on each other, and tests the high bits once
+// at the end.
+func has8Bit(s []byte) bool {
+	le := binary.LittleEndian
+	var a, b, c, d uint64
+	for ; len(s) >= 128; s = s[128:] {
+		w := s[:128]
+		a |= le.Uint64(w[0:8]) | le.Uint64(w[8:16]) | le.Uint64(w[16:24]) | le.Uint64(w[24:32])
+		b |= le.Uint64(w[32:40]) | le.Uint64(w[40:48]) | le.Uint64(w[48:56]) | le.Uint64(w[56:64])
+		c |= le.Uint64(w[64:72]) | le.Uint64(w[72:80]) | le.Uint64(w[80:88]) | le.Uint64(w[88:96])
+		d |= le.Uint64(w[96:104]) | le.Uint64(w[104:112]) | le.Uint64(w[112:120]) | le.Uint64(w[120:128])
+	}
+	for ; len(s) >= 8; s = s[8:] {
+		a |= le.Uint64(s)
+	}
+	for _, x := range s {
+		a |= uint64(x)
+	}
+	return (a|b|c|d)&0x8080808080808080 != 0
+}
+
 // messageReader is what Enqueue reads: our trace header, the header
 // section as read, then the rest of the message; it counts the bytes.
 // (io.MultiReader of a strings.Reader and a bytes.Reader, in one value.)
@@ -312,6 +338,21 @@ type messageReader struct {
 	rest  io.Reader
 	n     int64
 }
+
+// submission is the readers of one message, in one allocation; Enqueue
+// reads msg through it.
+type submission struct {
+	body bodyReader
+	msg  messageReader
+}
+
+func (sub *submission) Read(p []byte) (int, error) { return sub.msg.Read(p) }
+
+// Body8Bit reports whether the client's text held 8-bit octets, once it
+// has been read to its end (queue.Body8BitReporter): RFC 6152 §3 keeps
+// such a message from servers without 8BITMIME, and many clients send it
+// without BODY=8BITMIME. Our own header lines are ASCII.
+func (sub *submission) Body8Bit() bool { return sub.body.eightBit }
 
 func (m *messageReader) Read(p []byte) (int, error) {
 	var n int

@@ -25,7 +25,7 @@ type Enqueuer interface {
 	// Enqueue stores env and body (the full message, CRLF line ends) durably
 	// and returns its queue id. When it returns an error nothing is stored.
 	// It reads body only until it returns: the buffers behind body are
-	// used again for the next message.
+	// used again for the next message. body is a queue.Body8BitReporter.
 	Enqueue(ctx context.Context, env queue.Envelope, body io.Reader) (id string, err error)
 }
 

@@ -578,6 +578,45 @@ func TestDSNAndRequireTLSCarriedToQueue(t *testing.T) {
 	}
 }
 
+// RFC 6152 §3: 8-bit text must not go to a server without 8BITMIME. Many
+// clients send it without BODY=8BITMIME, or even with BODY=7BIT, so the
+// message is marked 8-bit by what it holds, by DATA and by BDAT; a
+// declared BODY=8BITMIME is kept as it is.
+func Test8BitBodyIsMarked8BitWhateverBodyDeclared(t *testing.T) {
+	const text8 = "From: app@example.com\r\nSubject: test\r\nContent-Type: text/plain; charset=utf-8\r\n" +
+		"Content-Transfer-Encoding: 8bit\r\n\r\nGr\xc3\xbc\xc3\x9fe aus K\xc3\xb6ln\r\n"
+	for _, c := range []struct {
+		name, mail, text string
+		bdat, want       bool
+	}{
+		{"undeclared", "MAIL FROM:<app@example.com>", text8, false, true},
+		{"BODY=7BIT", "MAIL FROM:<app@example.com> BODY=7BIT", text8, false, true},
+		{"undeclared BDAT", "MAIL FROM:<app@example.com>", text8, true, true},
+		{"8-bit header", "MAIL FROM:<app@example.com>", "Subject: K\xc3\xb6ln\r\n\r\nx\r\n", false, true},
+		{"7-bit", "MAIL FROM:<app@example.com>", testMessage, false, false},
+		{"7-bit BDAT", "MAIL FROM:<app@example.com>", testMessage, true, false},
+		{"BODY=8BITMIME 7-bit", "MAIL FROM:<app@example.com> BODY=8BITMIME", testMessage, false, true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			e := start(t, func(o *Options) { o.TrustedNetworks = []netip.Prefix{mustPrefix(t, "127.0.0.0/8")} })
+			d := dial(t, e.srv.Addr())
+			d.cmd("EHLO client.test", "250")
+			d.cmd(c.mail, "250")
+			d.cmd("RCPT TO:<someone@example.org>", "250")
+			if c.bdat {
+				d.write("BDAT " + itoa(len(c.text)) + " LAST\r\n" + c.text)
+			} else {
+				d.cmd("DATA", "354")
+				d.write(c.text + ".\r\n")
+			}
+			d.expect("250 ")
+			if m := e.q.only(t); m.env.Body8Bit != c.want {
+				t.Errorf("stored with Body8Bit=%v, want %v", m.env.Body8Bit, c.want)
+			}
+		})
+	}
+}
+
 func TestTLSRequiredNoHeaderSetsNoTLSPolicy(t *testing.T) {
 	e := start(t, nil)
 	c := e.client(t, true)
