@@ -78,6 +78,9 @@
 //   - A connection that ends inside a BDAT chunk, by TCP or by a TLS
 //     close_notify, aborts the message instead of ending it short but
 //     "complete" (TestHostileSessionsLeaveOnlyAcceptedMessagesInRealQueue).
+//   - A read that times out or fails inside a BDAT chunk gets 421 4.4.2
+//     and the connection closes, as in DATA; v0.25.1 answered 554 with the
+//     socket error and read on (TestStalledBDATChunkTimesOutLikeData).
 //   - DATA is read, and its line lengths measured, in runs rather than
 //     byte by byte.
 //   - A reply goes out in one write, the replies to a pipelined group of

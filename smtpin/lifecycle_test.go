@@ -158,6 +158,33 @@ func TestStalledDataTimesOut(t *testing.T) {
 	}
 }
 
+// A client that stalls inside a BDAT chunk is treated as one that stalls
+// in DATA: 421 4.4.2, never a permanent 5xx for a network failure, and the
+// connection closes, since the rest of the chunk may still come and must
+// not be read as commands.
+func TestStalledBDATChunkTimesOutLikeData(t *testing.T) {
+	e := start(t, func(o *Options) {
+		o.CommandTimeout = 10 * time.Second
+		o.DataTimeout = 300 * time.Millisecond
+		o.TrustedNetworks = append(o.TrustedNetworks, mustPrefix(t, "127.0.0.1/32"))
+	})
+	d := dial(t, e.srv.Addr())
+	d.cmd("EHLO client.test", "250")
+	d.cmd("MAIL FROM:<a@example.com>", "250")
+	d.cmd("RCPT TO:<b@example.org>", "250")
+	msg := "Subject: slow\r\n\r\nfirst line\r\n"
+	rest := "RSET\r\nMAIL FROM:<c@example.com>\r\nRCPT TO:<d@example.org>\r\nDATA\r\n"
+	d.write("BDAT " + itoa(len(msg)+len(rest)) + " LAST\r\n" + msg)
+	d.expect("421 4.4.2")
+	d.nc.Write([]byte(rest)) // too late: the chunk's text, which must not run as commands
+	if !d.closed() {
+		t.Fatal("connection still open after the data timeout")
+	}
+	if n := len(e.q.stored()); n != 0 {
+		t.Fatalf("queue holds %d messages", n)
+	}
+}
+
 func TestShutdownEndsIdleSessionsAndLetsTransfersFinish(t *testing.T) {
 	e := start(t, func(o *Options) { o.TrustedNetworks = append(o.TrustedNetworks, mustPrefix(t, "127.0.0.1/32")) })
 	idle := dial(t, e.srv.Addr())

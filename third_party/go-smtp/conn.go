@@ -1121,13 +1121,33 @@ func (c *Conn) handleBdat(arg string) {
 		c.lineLimitReader.LineLimit = c.server.MaxLineLength
 	}()
 
-	chunk := io.LimitReader(c.text.R, int64(size))
+	chunk := &readErrReader{r: io.LimitReader(c.text.R, int64(size))}
 	copied, err := io.Copy(c.bdatPipe, chunk)
+	readErr := chunk.err
 	if err == nil && copied < int64(size) {
 		// stsrelay: the stream ended inside the chunk (a TCP close, or a
 		// TLS close_notify, which crypto/tls reports as io.EOF): the message
-		// is cut short and must not be handed on as complete.
-		err = io.ErrUnexpectedEOF
+		// is cut short and must not be handed on as complete. The backend
+		// hears ErrDataReset, as when the connection closes between chunks.
+		readErr = ErrDataReset
+	}
+	if readErr != nil {
+		// stsrelay: reading the chunk failed (a timeout, a reset, the end
+		// of the stream). Where the client is in its chunk is unknown, so
+		// nothing more can be read as commands: the backend learns why,
+		// the client gets 421 and the connection closes, as after a
+		// timeout in DATA. v0.25.1 answered 554 with the socket error,
+		// a permanent failure for a network one, and read on.
+		c.bdatPipe.CloseWithError(readErr)
+		<-c.dataResult
+		msg := "Error while receiving the message"
+		var netErr net.Error
+		if errors.As(readErr, &netErr) && netErr.Timeout() {
+			msg = "Timeout while receiving the message"
+		}
+		c.writeResponse(421, EnhancedCode{4, 4, 2}, msg)
+		c.Close()
+		return
 	}
 	if err != nil {
 		// Backend might return an error early using CloseWithError without consuming
@@ -1170,6 +1190,21 @@ func (c *Conn) handleBdat(arg string) {
 	} else {
 		c.writeResponse(250, EnhancedCode{2, 0, 0}, "Continue")
 	}
+}
+
+// readErrReader keeps the error of its reads, which io.Copy does not tell
+// apart from those of its writes (stsrelay).
+type readErrReader struct {
+	r   io.Reader
+	err error // the first read error other than io.EOF
+}
+
+func (r *readErrReader) Read(p []byte) (int, error) {
+	n, err := r.r.Read(p)
+	if err != nil && err != io.EOF && r.err == nil {
+		r.err = err
+	}
+	return n, err
 }
 
 // ErrDataReset is returned by Reader pased to Data function if client does not

@@ -541,3 +541,38 @@ func TestClientTakesRepliesWithoutText(t *testing.T) {
 		t.Errorf("QUIT: %v", err)
 	}
 }
+
+// A read that fails inside a BDAT chunk, here the read timeout, is a
+// network failure, not the message's: 421 4.4.2 rather than v0.25.1's 554
+// with the socket error, the backend's Data learns the cause, and the
+// connection closes, since the rest of the chunk could still come and be
+// read as commands.
+func TestServerBdatChunkReadFailureIs421AndCloses(t *testing.T) {
+	be, s, c, scanner, _ := testServerEhlo(t, func(s *smtp.Server) { s.ReadTimeout = 200 * time.Millisecond })
+	defer s.Close()
+	defer c.Close()
+	be.dataErrors = make(chan error, 1)
+	for _, cmd := range []string{"MAIL FROM:<root@nsa.gov>", "RCPT TO:<root@gchq.gov.uk>"} {
+		io.WriteString(c, cmd+"\r\n")
+		scanner.Scan()
+		if !strings.HasPrefix(scanner.Text(), "250 ") {
+			t.Fatalf("%s: %s", cmd, scanner.Text())
+		}
+	}
+	io.WriteString(c, "BDAT 100 LAST\r\nSubject: stalled\r\n\r\n")
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	if !scanner.Scan() || !strings.HasPrefix(scanner.Text(), "421 4.4.2 ") {
+		t.Fatalf("stalled chunk answered %q (%v), want 421 4.4.2", scanner.Text(), scanner.Err())
+	}
+	var netErr net.Error
+	if err := <-be.dataErrors; !errors.As(err, &netErr) || !netErr.Timeout() {
+		t.Errorf("Data got %v, want the read timeout", err)
+	}
+	io.WriteString(c, "QUIT\r\n")
+	if scanner.Scan() {
+		t.Errorf("the connection stays open: %q", scanner.Text())
+	}
+	if len(be.messages)+len(be.anonmsgs) != 0 {
+		t.Error("a message was stored")
+	}
+}
