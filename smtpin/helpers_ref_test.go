@@ -61,6 +61,7 @@ func readHeaderRef(br *bufio.Reader, limit int) (*header, error) {
 		default:
 			finish()
 			n, v, ok := bytes.Cut(content, []byte(":"))
+			n = bytes.TrimRight(n, " \t")
 			if !ok || !isFieldName(n) {
 				return h, nil
 			}
@@ -146,6 +147,7 @@ func FuzzTextHelpersMatchReference(f *testing.F) {
 		"Message-Id: <a@b>\r\nDate: x\r\n\r\nbody\r\n", "TLS-Required:\r\n\tNO\r\n\r\n",
 		"message-id: <a>\r\n (c)\r\nMESSAGE-ID: <b>\r\nX: y\r\n\r\n", " folded first\r\nDate: y\r\n",
 		"Subject: x\r\nDate: y", "Message-ID:\r\n <" + strings.Repeat("y", 200) + ">\r\n\r\n",
+		"Subject : x\r\nMessage-ID \t: <a@b>\r\n\r\n", " : x\r\n\r\n",
 	} {
 		f.Add([]byte(seed), uint16(tls.VersionTLS13))
 	}

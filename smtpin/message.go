@@ -482,6 +482,12 @@ func readHeader(br *bufio.Reader, limit int) (header, error) {
 		default:
 			finish()
 			n, v, ok := bytes.Cut(content, []byte(":"))
+			// RFC 5322 §4.5.3: obs-optional allows white space between
+			// the name and the colon ("Subject : x"), and a receiver must
+			// take it as a field; else a Message-ID below would be missed.
+			for len(n) > 0 && (n[len(n)-1] == ' ' || n[len(n)-1] == '\t') {
+				n = n[:len(n)-1]
+			}
 			if !ok || !isFieldName(n) {
 				return h, nil // not a header field: the body has begun
 			}

@@ -659,6 +659,32 @@ func TestExistingMessageIDAndDateKept(t *testing.T) {
 	}
 }
 
+// RFC 5322 §4.5.3 (obs-optional): a field name may be followed by white
+// space before its colon, and a receiver must accept it. Such a field is
+// a header field, not the start of the body: the message's own Message-ID
+// and Date further down are found, none is added, and the envelope (and
+// so the log line) carries the message's own Message-ID.
+func TestObsoleteHeaderSyntaxKeepsTheMessagesOwnMessageIDAndDate(t *testing.T) {
+	for _, msg := range []string{
+		"Subject : hello\r\nFrom: app@example.com\r\nMessage-ID: <own@example.com>\r\nDate: Mon, 23 Nov 2026 10:00:00 +0000\r\n\r\nx\r\n",
+		"From: app@example.com\r\nMessage-ID\t : <own@example.com>\r\nDate : Mon, 23 Nov 2026 10:00:00 +0000\r\n\r\nx\r\n",
+	} {
+		e := start(t, func(o *Options) { o.TrustedNetworks = []netip.Prefix{mustPrefix(t, "127.0.0.1/32")} })
+		c := e.client(t, false)
+		if _, err := send(t, c, "app@example.com", []string{"a@example.org"}, msg); err != nil {
+			t.Fatal(err)
+		}
+		m := e.q.only(t)
+		lower := strings.ToLower(m.body)
+		if strings.Count(lower, "\nmessage-id") != 1 || strings.Count(lower, "\ndate") != 1 {
+			t.Errorf("%q stored with a Message-ID or Date added:\n%s", msg, m.body)
+		}
+		if m.env.MessageID != "<own@example.com>" {
+			t.Errorf("%q: envelope Message-ID %q, want the message's own", msg, m.env.MessageID)
+		}
+	}
+}
+
 func TestHeaderSectionLargerThanLimitRejected(t *testing.T) {
 	e := start(t, func(o *Options) { o.TrustedNetworks = []netip.Prefix{mustPrefix(t, "127.0.0.1/32")} })
 	c := e.client(t, false)

@@ -105,6 +105,9 @@ func TestReadHeaderFindsFieldsAndStopsAtBody(t *testing.T) {
 		{name: "no header section", msg: "just text\r\nDate: y\r\n", rawLen: 11},
 		{name: "no empty line", msg: "Subject: x\r\nDate: y\r\n", date: true, rawLen: -1},
 		{name: "empty", msg: "", rawLen: 0},
+		// RFC 5322 §4.5.3: obs-optional allows white space before the colon.
+		{name: "space before colon", msg: "Subject : x\r\nMessage-ID \t: <a@b>\r\nDate\t: y\r\n\r\nbody\r\n",
+			msgID: true, date: true, rawLen: 46},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			h, err := readHeader(bufio.NewReader(strings.NewReader(tc.msg)), 1000)
