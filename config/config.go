@@ -74,6 +74,7 @@ type Submission struct {
 	TrustedNetworks []Network  `toml:"trusted_networks"`
 	MaxMessageSize  Size       `toml:"max_message_size"`
 	MaxRecipients   int        `toml:"max_recipients"`
+	MaxHops         int        `toml:"max_hops"` // Received fields a message may carry; more is a mail loop
 	MaxConnsPerIP   int        `toml:"max_connections_per_ip"`
 	MaxConns        int        `toml:"max_connections"` // in all; trusted_networks are still let in
 	CommandTimeout  Duration   `toml:"command_timeout"`
@@ -239,6 +240,7 @@ func Default() *Config {
 			Listen:         "127.0.0.1:587",
 			MaxMessageSize: smtpin.DefaultMaxMessageSize,
 			MaxRecipients:  smtpin.DefaultMaxRecipients,
+			MaxHops:        smtpin.DefaultMaxHops,
 			MaxConnsPerIP:  smtpin.DefaultMaxConnsPerIP,
 			MaxConns:       smtpin.DefaultMaxConns,
 			CommandTimeout: Duration{smtpin.DefaultCommandTimeout},
@@ -614,6 +616,9 @@ func (c *Config) validate(data []byte) error {
 	}
 	if s.MaxRecipients <= 0 {
 		return bad("submission.max_recipients", "must be positive, got %d", s.MaxRecipients)
+	}
+	if s.MaxHops <= 0 {
+		return bad("submission.max_hops", "must be positive, got %d (RFC 5321 §6.3 suggests at least 100)", s.MaxHops)
 	}
 	if s.MaxConnsPerIP <= 0 {
 		return bad("submission.max_connections_per_ip", "must be positive, got %d (trusted_networks are not limited)", s.MaxConnsPerIP)

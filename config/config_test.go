@@ -52,6 +52,7 @@ func TestExampleLoadsAndMatchesDefaults(t *testing.T) {
 		{"submission.auth_limit", cfg.Submission.AuthRate, def.Submission.AuthRate},
 		{"submission.command_timeout", cfg.Submission.CommandTimeout, def.Submission.CommandTimeout},
 		{"submission.max_connections", cfg.Submission.MaxConns, def.Submission.MaxConns},
+		{"submission.max_hops", cfg.Submission.MaxHops, def.Submission.MaxHops},
 		{"submission.max_connections_per_ip", cfg.Submission.MaxConnsPerIP, def.Submission.MaxConnsPerIP},
 	} {
 		if !reflect.DeepEqual(c.got, c.want) {
@@ -173,6 +174,8 @@ func TestRejectsBadInput(t *testing.T) {
 		{"cert without key", "[submission]\ntls_cert = \"c.pem\"\n", "tls_cert and tls_key go together"},
 		{"implicit TLS without cert", "[submission]\nlisten_tls = \":465\"\n", "line 2: submission.listen_tls: implicit TLS needs"},
 		{"zero recipients", "[submission]\nmax_recipients = 0\n", "line 2: submission.max_recipients: must be positive"},
+		{"zero hops", "[submission]\nmax_hops = 0\n", "line 2: submission.max_hops: must be positive"},
+		{"negative hops", "[submission]\nmax_hops = -5\n", "line 2: submission.max_hops: must be positive"},
 		{"negative conns", "[submission]\nmax_connections_per_ip = -1\n", "submission.max_connections_per_ip"},
 		{"zero conns", "[submission]\nmax_connections_per_ip = 0\n", "line 2: submission.max_connections_per_ip: must be positive"},
 		{"key in another case", "[delivery]\nworkers = 3\nWorkers = 5\n", "line 3: delivery.Workers: unknown key (keys are case-sensitive: delivery.workers)"},
@@ -506,6 +509,7 @@ func TestDefaultsAreThePackagesDefaults(t *testing.T) {
 		{"delivery.connect_timeout", d.Delivery.ConnectTimeout.Duration, delivery.DefaultConnectTimeout},
 		{"submission.max_message_size", int64(d.Submission.MaxMessageSize), int64(smtpin.DefaultMaxMessageSize)},
 		{"submission.max_recipients", d.Submission.MaxRecipients, smtpin.DefaultMaxRecipients},
+		{"submission.max_hops", d.Submission.MaxHops, smtpin.DefaultMaxHops},
 		{"submission.max_connections_per_ip", d.Submission.MaxConnsPerIP, smtpin.DefaultMaxConnsPerIP},
 		{"submission.max_connections", d.Submission.MaxConns, smtpin.DefaultMaxConns},
 		{"submission.command_timeout", d.Submission.CommandTimeout.Duration, smtpin.DefaultCommandTimeout},

@@ -50,7 +50,7 @@ func FuzzParse(f *testing.F) {
 			t.Fatalf("accepted configuration fails validation: %v", err)
 		}
 		s := cfg.Submission
-		if s.MaxMessageSize <= 0 || s.MaxRecipients <= 0 || s.MaxConnsPerIP <= 0 || s.MaxConns < s.MaxConnsPerIP ||
+		if s.MaxMessageSize <= 0 || s.MaxRecipients <= 0 || s.MaxHops <= 0 || s.MaxConnsPerIP <= 0 || s.MaxConns < s.MaxConnsPerIP ||
 			s.CommandTimeout.Duration <= 0 || s.DataTimeout.Duration <= 0 || s.AuthRate.Failures <= 0 || s.AuthRate.Per.Duration <= 0 {
 			t.Fatalf("unusable submission limits accepted: %+v", s)
 		}

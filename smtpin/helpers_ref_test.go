@@ -66,6 +66,9 @@ func readHeaderRef(br *bufio.Reader, limit int) (*header, error) {
 				return h, nil
 			}
 			name, value = string(n), append([]byte(nil), v...)
+			if strings.EqualFold(name, "Received") {
+				h.received++
+			}
 		}
 		if err == io.EOF {
 			finish()
@@ -148,6 +151,7 @@ func FuzzTextHelpersMatchReference(f *testing.F) {
 		"message-id: <a>\r\n (c)\r\nMESSAGE-ID: <b>\r\nX: y\r\n\r\n", " folded first\r\nDate: y\r\n",
 		"Subject: x\r\nDate: y", "Message-ID:\r\n <" + strings.Repeat("y", 200) + ">\r\n\r\n",
 		"Subject : x\r\nMessage-ID \t: <a@b>\r\n\r\n", " : x\r\n\r\n",
+		"Received: a\r\n\tb\r\nreceived : c\r\nX-Received: d\r\nReceived: e\r\n\r\nReceived: f\r\n",
 	} {
 		f.Add([]byte(seed), uint16(tls.VersionTLS13))
 	}
@@ -158,7 +162,8 @@ func FuzzTextHelpersMatchReference(f *testing.F) {
 		got, gerr := readHeader(bufio.NewReaderSize(bytes.NewReader(v), 64), limit)
 		want, werr := readHeaderRef(bufio.NewReaderSize(bytes.NewReader(v), 64), limit)
 		if gerr != werr || (werr == nil && (!bytes.Equal(got.raw, want.raw) || got.hasMessageID != want.hasMessageID ||
-			got.messageID != want.messageID || got.hasDate != want.hasDate || got.tlsRequiredNo != want.tlsRequiredNo)) {
+			got.messageID != want.messageID || got.hasDate != want.hasDate || got.tlsRequiredNo != want.tlsRequiredNo ||
+			got.received != want.received)) {
 			t.Errorf("readHeader(%q) = %+v, %v; reference %+v, %v", v, got, gerr, want, werr)
 		}
 		got.release()

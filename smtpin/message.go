@@ -22,7 +22,7 @@ import (
 )
 
 // maxHeaderBytes bounds the header section read into memory to find
-// Message-ID, Date and TLS-Required.
+// Message-ID, Date and TLS-Required and to count Received.
 const maxHeaderBytes = 256 << 10
 
 // maxTextLine is the longest message line, CRLF included (RFC 5321
@@ -65,6 +65,12 @@ func (s *session) receive(tx transaction, r io.Reader) error {
 		return s.dataError(env, body, err)
 	}
 	defer hdr.release() // after Enqueue, which reads hdr.raw, has returned
+	if hdr.received > s.srv.opts.MaxHops {
+		// RFC 5321 §6.3: counting Received fields finds a loop of relays;
+		// RFC 3463 X.4.6: routing loop detected.
+		return s.rejectAs(env.User, "loop", &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 4, 6},
+			Message: fmt.Sprintf("Too many hops: %d Received fields, more than %d (mail loop)", hdr.received, s.srv.opts.MaxHops)})
+	}
 	// RFC 8689 §5: the header is ignored when REQUIRETLS was given.
 	if hdr.tlsRequiredNo && !env.RequireTLS {
 		env.NoTLSPolicy = true
@@ -384,6 +390,7 @@ type header struct {
 	messageID     string // the first Message-ID field's body, unfolded
 	hasDate       bool
 	tlsRequiredNo bool // "TLS-Required: No" (RFC 8689 §5)
+	received      int  // Received fields: hops so far (RFC 5321 §6.3)
 }
 
 // rawPool holds the buffers of header sections. A buffer goes back when
@@ -412,6 +419,7 @@ const (
 	fieldMessageID
 	fieldDate
 	fieldTLSRequired
+	fieldReceived
 )
 
 // fieldOf names a field without making a string of its name.
@@ -423,6 +431,8 @@ func fieldOf(name []byte) field {
 		return fieldDate
 	case bytes.EqualFold(name, []byte("TLS-Required")):
 		return fieldTLSRequired
+	case bytes.EqualFold(name, []byte("Received")):
+		return fieldReceived
 	}
 	return fieldOther
 }
@@ -492,6 +502,9 @@ func readHeader(br *bufio.Reader, limit int) (header, error) {
 				return h, nil // not a header field: the body has begun
 			}
 			name = fieldOf(n)
+			if name == fieldReceived {
+				h.received++
+			}
 			keep = name == fieldMessageID && !h.hasMessageID || name == fieldTLSRequired
 			if keep {
 				value = append(value, v...)

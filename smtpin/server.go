@@ -67,6 +67,9 @@ type Options struct {
 	// limit. A message of exactly this size is accepted.
 	MaxMessageSize int64
 	MaxRecipients  int // per message; more is 452 4.5.3
+	// MaxHops is how many Received fields a message may carry; more is a
+	// mail loop (RFC 5321 §6.3), refused with 554 5.4.6.
+	MaxHops int
 	// MaxLineLength in bytes with CRLF, for commands: RFC 5321
 	// §4.5.3.1.6 says 512, but SMTPUTF8 and AUTH lines run longer.
 	// Message lines are held to RFC 5321's 1000 (or this, if smaller).
@@ -91,6 +94,7 @@ type Options struct {
 const (
 	DefaultMaxMessageSize    = 35 << 20
 	DefaultMaxRecipients     = 1000
+	DefaultMaxHops           = 100 // RFC 5321 §6.3: "normally at least 100"
 	DefaultMaxLineLength     = 2000
 	DefaultMaxConnsPerIP     = 20
 	DefaultAuthFailures      = 5
@@ -165,6 +169,9 @@ func New(opts Options, q Enqueuer) (*Server, error) {
 	}
 	if opts.MaxLineLength <= 0 {
 		opts.MaxLineLength = DefaultMaxLineLength
+	}
+	if opts.MaxHops <= 0 {
+		opts.MaxHops = DefaultMaxHops
 	}
 	if opts.MaxConnsPerIP <= 0 {
 		opts.MaxConnsPerIP = DefaultMaxConnsPerIP

@@ -685,6 +685,64 @@ func TestObsoleteHeaderSyntaxKeepsTheMessagesOwnMessageIDAndDate(t *testing.T) {
 	}
 }
 
+// RFC 5321 §6.3: a message with more Received fields than MaxHops (100 by
+// default, the least the RFC suggests) has gone round a loop of relays,
+// and is refused with 554 5.4.6 (RFC 3463: routing loop detected) rather
+// than relayed once more; fewer pass, by DATA and by BDAT.
+func TestMailLoopRefusedByCountingReceivedFields(t *testing.T) {
+	received := func(n int) string {
+		var b strings.Builder
+		for i := range n {
+			fmt.Fprintf(&b, "Received: from relay%d.example.net (relay%d.example.net [192.0.2.%d])\r\n\tby relay.example.org; Mon, 23 Nov 2026 10:00:00 +0000\r\n", i, i, i%250)
+		}
+		return b.String()
+	}
+	for _, c := range []struct {
+		name  string
+		hops  int
+		opts  func(*Options)
+		bdat  bool
+		reply string
+	}{
+		{"150 hops", 150, nil, false, "554 5.4.6"},
+		{"150 hops BDAT", 150, nil, true, "554 5.4.6"},
+		{"101 hops", DefaultMaxHops + 1, nil, false, "554 5.4.6"},
+		{"100 hops", DefaultMaxHops, nil, false, "250 "},
+		{"20 hops", 20, nil, false, "250 "},
+		{"20 hops, limit 10", 20, func(o *Options) { o.MaxHops = 10 }, false, "554 5.4.6"},
+		{"10 hops, limit 10", 10, func(o *Options) { o.MaxHops = 10 }, true, "250 "},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			e := start(t, func(o *Options) {
+				o.TrustedNetworks = []netip.Prefix{mustPrefix(t, "127.0.0.1/32")}
+				if c.opts != nil {
+					c.opts(o)
+				}
+			})
+			d := dial(t, e.srv.Addr())
+			d.cmd("EHLO client.test", "250")
+			d.cmd("MAIL FROM:<a@example.com>", "250")
+			d.cmd("RCPT TO:<b@example.org>", "250")
+			msg := received(c.hops) + testMessage
+			if c.bdat {
+				d.write("BDAT " + itoa(len(msg)) + " LAST\r\n" + msg)
+			} else {
+				d.cmd("DATA", "354")
+				d.write(msg + ".\r\n")
+			}
+			d.expect(c.reply)
+			want := 0
+			if c.reply == "250 " {
+				want = 1
+			}
+			if n := len(e.q.stored()); n != want {
+				t.Fatalf("queue holds %d messages, want %d", n, want)
+			}
+			d.cmd("NOOP", "250") // the session goes on
+		})
+	}
+}
+
 func TestHeaderSectionLargerThanLimitRejected(t *testing.T) {
 	e := start(t, func(o *Options) { o.TrustedNetworks = []netip.Prefix{mustPrefix(t, "127.0.0.1/32")} })
 	c := e.client(t, false)

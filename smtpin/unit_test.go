@@ -124,7 +124,12 @@ func TestReadHeaderFindsFieldsAndStopsAtBody(t *testing.T) {
 			}
 		})
 	}
-	_, err := readHeader(bufio.NewReader(strings.NewReader(strings.Repeat("X-A: b\r\n", 200))), 1000)
+	h, err := readHeader(bufio.NewReader(strings.NewReader(
+		"Received: a\r\n\tb\r\nreceived : c\r\nX-Received: d\r\nReceived: e\r\n\r\nReceived: f\r\n")), 1000)
+	if err != nil || h.received != 3 {
+		t.Errorf("counted %d Received fields (%v), want 3: folded lines, X-Received and the body's do not count", h.received, err)
+	}
+	_, err = readHeader(bufio.NewReader(strings.NewReader(strings.Repeat("X-A: b\r\n", 200))), 1000)
 	if !errors.Is(err, errHeaderTooLarge) {
 		t.Errorf("header of 1600 bytes with limit 1000: %v", err)
 	}

@@ -279,6 +279,7 @@ func start(cfg *config.Config, logger *slog.Logger) (_ *relay, err error) {
 		ShowAuthUser:             cfg.Submission.ShowAuthUser,
 		MaxMessageSize:           int64(cfg.Submission.MaxMessageSize),
 		MaxRecipients:            cfg.Submission.MaxRecipients,
+		MaxHops:                  cfg.Submission.MaxHops,
 		MaxConnsPerIP:            cfg.Submission.MaxConnsPerIP,
 		MaxConns:                 cfg.Submission.MaxConns,
 		CommandTimeout:           cfg.Submission.CommandTimeout.Duration,
