@@ -92,6 +92,8 @@
 //     traces rate-limited in the log, should another turn up.
 //   - Undecodable AUTH base64 is answered 501 5.5.2 (RFC 4954 §4), not
 //     454 4.7.0 (TestAuthWithGarbageBase64).
+//   - AUTH during a mail transaction is refused with 503 5.5.1 (RFC 4954
+//     §4); v0.25.1 took it after MAIL (TestAuthDuringMailTransactionRefused).
 //   - The EHLO name and an unknown verb are echoed in replies with a bare
 //     CR, other control characters and non-ASCII as '?', and the name
 //     cut at 255 octets; v0.25.1 echoed them as sent (FuzzSession checks

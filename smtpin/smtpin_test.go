@@ -155,6 +155,30 @@ func TestAuthWithoutTLSAllowedFromTrustedNetwork(t *testing.T) {
 	d.cmd(authPlainLine(testUser, testPassword), "235 2.0.0")
 }
 
+// RFC 4954 §4: AUTH is not permitted during a mail transaction, which
+// MAIL starts and RSET or the end of the message ends (a BDAT chunk that
+// is not the last leaves it open). The sender was checked at MAIL without
+// the rights AUTH would bring.
+func TestAuthDuringMailTransactionRefused(t *testing.T) {
+	e := start(t, func(o *Options) { o.TrustedNetworks = []netip.Prefix{mustPrefix(t, "127.0.0.1/32")} })
+	d := dial(t, e.srv.Addr())
+	d.cmd("EHLO client.test", "250")
+	d.cmd("MAIL FROM:<anyone@example.com>", "250")
+	d.cmd(authPlainLine(testUser, testPassword), "503 5.5.1")
+	d.cmd("RCPT TO:<b@example.org>", "250")
+	d.write("BDAT 12\r\nSubject: x\r\n")
+	d.expect("250")
+	d.cmd(authPlainLine(testUser, testPassword), "503 5.5.1")
+	d.write("BDAT 5 LAST\r\n\r\nx\r\n")
+	d.expect("250")
+	d.cmd("MAIL FROM:<anyone@example.com>", "250")
+	d.cmd("RSET", "250")
+	d.cmd(authPlainLine(testUser, testPassword), "235")
+	if m := e.q.only(t); m.env.User != "" {
+		t.Errorf("message stored as user %q, after a refused AUTH", m.env.User)
+	}
+}
+
 func TestAuthFailsWithWrongPasswordOrUnknownUser(t *testing.T) {
 	var logBuf syncBuffer
 	e := start(t, func(o *Options) { o.Logger = slog.New(slog.NewTextHandler(&logBuf, nil)) })

@@ -853,6 +853,12 @@ func (c *Conn) handleAuth(arg string) {
 		c.writeResponse(503, EnhancedCode{5, 5, 1}, "Already authenticated")
 		return
 	}
+	if c.fromReceived {
+		// stsrelay: RFC 4954 §4, "The AUTH command is not permitted during
+		// a mail transaction"; v0.25.1 took it.
+		c.writeResponse(503, EnhancedCode{5, 5, 1}, "AUTH not permitted during a mail transaction")
+		return
+	}
 
 	parts := strings.Fields(arg)
 	if len(parts) == 0 {

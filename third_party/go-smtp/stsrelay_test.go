@@ -369,6 +369,28 @@ func TestServerAuthUndecodableResponseIs501(t *testing.T) {
 	}
 }
 
+// AUTH inside a mail transaction, after MAIL and before the message's end,
+// is refused with 503 5.5.1 (RFC 4954 §4); after RSET it works.
+func TestServerAuthDuringMailTransactionIs503(t *testing.T) {
+	_, s, c, scanner, _ := testServerEhlo(t)
+	defer s.Close()
+	defer c.Close()
+	for _, step := range []struct{ line, want string }{
+		{"MAIL FROM:<root@nsa.gov>", "250 "},
+		{"AUTH PLAIN AHVzZXJuYW1lAHBhc3N3b3Jk", "503 5.5.1 "},
+		{"RCPT TO:<root@gchq.gov.uk>", "250 "},
+		{"AUTH PLAIN", "503 5.5.1 "},
+		{"RSET", "250 "},
+		{"AUTH PLAIN AHVzZXJuYW1lAHBhc3N3b3Jk", "235 "},
+	} {
+		io.WriteString(c, step.line+"\r\n")
+		scanner.Scan()
+		if got := scanner.Text(); !strings.HasPrefix(got, step.want) {
+			t.Fatalf("%s: %q, want %s", step.line, got, step.want)
+		}
+	}
+}
+
 // What the server echoes from the client, the EHLO or HELO name and an
 // unknown verb, keeps the reply line a reply line (RFC 5321 §4.2): a bare
 // CR, other control characters and 8-bit bytes become '?', and a long
