@@ -110,6 +110,7 @@ type Delivery struct {
 	RetrySchedule     []Duration `toml:"retry_schedule"`
 	MaxQueueTime      Duration   `toml:"max_queue_time"`
 	DelayNoticeAfter  Duration   `toml:"delay_notice_after"`
+	BounceSizeLimit   Size       `toml:"bounce_size_limit"`
 	ConnectTimeout    Duration   `toml:"connect_timeout"`
 	IPVersion         string     `toml:"ip_version"` // both | 4 | 6
 	Chunking          bool       `toml:"chunking"`   // BDAT (RFC 3030) where offered; false: DATA always
@@ -258,6 +259,7 @@ func Default() *Config {
 			RetrySchedule:     schedule,
 			MaxQueueTime:      Duration{q.MaxQueueTime},
 			DelayNoticeAfter:  Duration{q.DelayNoticeAfter},
+			BounceSizeLimit:   Size(q.BounceSizeLimit),
 			ConnectTimeout:    Duration{delivery.DefaultConnectTimeout},
 			IPVersion:         "both",
 			Chunking:          true,
@@ -690,6 +692,9 @@ func (c *Config) validate(data []byte) error {
 	}
 	if d.DelayNoticeAfter.Duration < 0 {
 		return bad("delivery.delay_notice_after", "must be 0 (never) or positive")
+	}
+	if d.BounceSizeLimit <= 0 {
+		return bad("delivery.bounce_size_limit", "must be positive (use e.g. 10MB)")
 	}
 	if d.ConnectTimeout.Duration <= 0 {
 		return bad("delivery.connect_timeout", "must be positive (use e.g. 30s)")

@@ -506,6 +506,7 @@ func TestDefaultsAreThePackagesDefaults(t *testing.T) {
 		{"delivery.retry_schedule", schedule, q.RetrySchedule},
 		{"delivery.max_queue_time", d.Delivery.MaxQueueTime.Duration, q.MaxQueueTime},
 		{"delivery.delay_notice_after", d.Delivery.DelayNoticeAfter.Duration, q.DelayNoticeAfter},
+		{"delivery.bounce_size_limit", int64(d.Delivery.BounceSizeLimit), q.BounceSizeLimit},
 		{"delivery.connect_timeout", d.Delivery.ConnectTimeout.Duration, delivery.DefaultConnectTimeout},
 		{"submission.max_message_size", int64(d.Submission.MaxMessageSize), int64(smtpin.DefaultMaxMessageSize)},
 		{"submission.max_recipients", d.Submission.MaxRecipients, smtpin.DefaultMaxRecipients},

@@ -192,7 +192,7 @@ func (q *Queue) writeDSN(orig *message, rcpts []dsnRecipient, now time.Time) (*m
 		return nil, err // canNotify kept such a sender from being marked
 	}
 	limit := int64(maxHeaderBytes)
-	if returnsFull(orig, rcpts) {
+	if q.returnsFull(orig, rcpts) {
 		limit = -1
 	}
 	original, err := q.readBody(orig.ID, limit)
@@ -247,8 +247,15 @@ func (q *Queue) readBody(id string, limit int64) ([]byte, error) {
 // returnsFull reports whether a DSN about rcpts returns the whole message.
 // RFC 3461 §4.3: RET=FULL asks for it, and only in failure DSNs. Without
 // RET stsrelay returns headers only, and always for REQUIRETLS messages
-// (RFC 8689 §5).
-func returnsFull(orig *message, rcpts []dsnRecipient) bool {
+// (RFC 8689 §5); so it does for a message above BounceSizeLimit, which
+// the sender's MX might refuse, notice and all.
+func (q *Queue) returnsFull(orig *message, rcpts []dsnRecipient) bool {
+	return q.fullAsked(orig, rcpts) && orig.Size <= q.opts.BounceSizeLimit
+}
+
+// fullAsked reports whether the sender asked for the whole message back
+// and may have it.
+func (q *Queue) fullAsked(orig *message, rcpts []dsnRecipient) bool {
 	return worstAction(rcpts) == "failed" && strings.EqualFold(orig.Envelope.Ret, "FULL") && !orig.Envelope.RequireTLS
 }
 
@@ -271,7 +278,7 @@ func worstAction(rcpts []dsnRecipient) string {
 // whole message or its first maxHeaderBytes).
 func (q *Queue) dsnBody(orig *message, rcpts []dsnRecipient, msgID string, now time.Time, original []byte) ([]byte, error) {
 	worst := worstAction(rcpts)
-	full := returnsFull(orig, rcpts)
+	full := q.returnsFull(orig, rcpts)
 	if !full {
 		original = headerSection(original[:min(len(original), maxHeaderBytes)])
 	}
@@ -324,7 +331,12 @@ func (q *Queue) dsnBody(orig *message, rcpts []dsnRecipient, msgID string, now t
 	fmt.Fprintf(&w, "This is the mail system at host %s.\r\n\r\n", host)
 	switch worst {
 	case "failed":
-		fmt.Fprintf(&w, "Your message could not be delivered to one or more recipients.\r\nIt is attached below.\r\n\r\n")
+		fmt.Fprintf(&w, "Your message could not be delivered to one or more recipients.\r\n")
+		if !full && q.fullAsked(orig, rcpts) {
+			fmt.Fprintf(&w, "It is larger than %d bytes, so only its header section is attached.\r\n\r\n", q.opts.BounceSizeLimit)
+		} else {
+			fmt.Fprintf(&w, "It is attached below.\r\n\r\n")
+		}
 	case "delayed":
 		fmt.Fprintf(&w, "Your message could not be delivered yet. The mail system will keep\r\ntrying until %s; you do not need to resend it.\r\n\r\n",
 			orig.Arrived.Add(q.opts.MaxQueueTime).Format(rfc5322Date))

@@ -46,6 +46,11 @@ type Options struct {
 	// DSN (delivery.delay_notice_after). 0 means never, as in the
 	// configuration; DefaultOptions has the usual value.
 	DelayNoticeAfter time.Duration
+	// BounceSizeLimit is the largest message a failure DSN returns whole
+	// when the sender asked for it (RET=FULL, RFC 3461 §4.3); a larger one
+	// gets its header section, as without RET, so that the notice is not
+	// itself refused for its size (delivery.bounce_size_limit).
+	BounceSizeLimit int64
 	// Hostname is this MTA's name: Reporting-MTA and postmaster@Hostname in
 	// DSNs. Default os.Hostname().
 	Hostname string
@@ -70,6 +75,7 @@ var DefaultOptions = Options{
 	RetrySchedule:    []time.Duration{5 * time.Minute, 10 * time.Minute, 30 * time.Minute, time.Hour, 2 * time.Hour, 4 * time.Hour},
 	MaxQueueTime:     120 * time.Hour, // RFC 5321 §4.5.4.1: 4-5 days
 	DelayNoticeAfter: 4 * time.Hour,
+	BounceSizeLimit:  10 << 20,
 	MaxMessageSize:   64 << 20,
 	ShutdownGrace:    10 * time.Second,
 }
@@ -150,6 +156,9 @@ func New(db *bbolt.DB, opts Options) (*Queue, error) {
 	}
 	if opts.DelayNoticeAfter < 0 {
 		return nil, fmt.Errorf("queue: DelayNoticeAfter %v is negative (0 means never)", opts.DelayNoticeAfter)
+	}
+	if opts.BounceSizeLimit <= 0 {
+		opts.BounceSizeLimit = def.BounceSizeLimit
 	}
 	if opts.Hostname == "" {
 		h, err := os.Hostname()

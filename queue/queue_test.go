@@ -332,6 +332,30 @@ func TestBounceWithRetFullReturnsWholeMessage(t *testing.T) {
 	}
 }
 
+// A message above BounceSizeLimit comes back as its header section even
+// with RET=FULL: a notice the sender's MX refuses for its size would be
+// lost. The human-readable part says why.
+func TestBounceWithRetFullAboveTheLimitReturnsHeaders(t *testing.T) {
+	tq := newTestQueue(t, newScripted(all(fail550)), Options{BounceSizeLimit: int64(len(testBody)) - 1})
+	e := env("alice@example.com", "bob@example.org")
+	e.Ret = "FULL"
+	tq.enqueue(t, e)
+	tq.run(t)
+	tq.waitJobs(t, 1)
+	tq.settle(t)
+	dsns := tq.dsnsTo(t, "alice@example.com")
+	if len(dsns) != 1 {
+		t.Fatalf("%d DSNs, want 1", len(dsns))
+	}
+	rep := parseDSN(t, tq.body(t, dsns[0]))
+	if rep.contentType != "text/rfc822-headers" || strings.Contains(rep.content, "See you at noon") {
+		t.Errorf("returned %s %q, want the header section only", rep.contentType, rep.content)
+	}
+	if want := fmt.Sprintf("larger than %d bytes, so only its header section is attached", len(testBody)-1); !strings.Contains(rep.text, want) {
+		t.Errorf("human part %q does not say %q", rep.text, want)
+	}
+}
+
 func TestRequireTLSBounceCarriesFlagAndHeadersOnly(t *testing.T) {
 	tq := newTestQueue(t, newScripted(all(fail550)), Options{})
 	e := env("alice@example.com", "bob@example.org")

@@ -258,6 +258,7 @@ func start(cfg *config.Config, logger *slog.Logger) (_ *relay, err error) {
 		RetrySchedule:     schedule,
 		MaxQueueTime:      cfg.Delivery.MaxQueueTime.Duration,
 		DelayNoticeAfter:  cfg.Delivery.DelayNoticeAfter.Duration,
+		BounceSizeLimit:   int64(cfg.Delivery.BounceSizeLimit),
 		Hostname:          cfg.Hostname,
 		MaxMessageSize:    int64(cfg.Submission.MaxMessageSize) + 64<<10, // room for our Received header
 		ShutdownGrace:     shutdownGrace - shutdownRecord,
