@@ -127,7 +127,20 @@ type Queue struct {
 	// loaded is what load found, logged when Run starts: a start that
 	// fails later (a port in use) then ends in one line, not a summary.
 	loaded []any
+	// damaged are the first records load could not decode, logged by Run
+	// for the same reason.
+	damaged []damagedRecord
 }
+
+// damagedRecord is a message record that does not decode.
+type damagedRecord struct {
+	id  string
+	err error
+}
+
+// maxDamagedLogged bounds the damaged records named in the log one by
+// one; the summary line counts them all.
+const maxDamagedLogged = 100
 
 // New opens the queue stored in db, creating its buckets, and loads what
 // is pending. Whatever was in flight when the process last stopped is due
@@ -236,7 +249,9 @@ func (q *Queue) load() error {
 			}
 			if err != nil {
 				// Leave it in place for an operator; it cannot be scheduled.
-				q.log.Error("queue: damaged message record, not scheduled", "id", string(k), "err", err)
+				if len(q.damaged) < maxDamagedLogged {
+					q.damaged = append(q.damaged, damagedRecord{string(k), err})
+				}
 				damaged++
 				return nil
 			}

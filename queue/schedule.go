@@ -362,6 +362,10 @@ func (q *Queue) pushLocked(s *slot) {
 // deliveries Options.ShutdownGrace to finish, cancels the rest (they stay
 // queued and are due again at the next start) and returns.
 func (q *Queue) Run(ctx context.Context) error {
+	for _, d := range q.damaged {
+		q.log.Error("queue: damaged message record, not scheduled", "id", d.id, "err", d.err)
+	}
+	q.damaged = nil
 	q.log.Info("queue loaded", q.loaded...)
 	jobCtx, cancelJobs := context.WithCancel(context.WithoutCancel(ctx))
 	defer cancelJobs()
