@@ -3,7 +3,9 @@ package sts
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/stsrelay/stsrelay/admin"
@@ -20,13 +22,15 @@ type PolicyInfo struct {
 	Expires  time.Time `json:"expires"`
 	Expired  bool      `json:"expired"`
 	LastUsed time.Time `json:"last_used"`
-	// LastError is the last failed fetch, while its 5-minute backoff runs.
+	// LastError is the last failed fetch, until a fetch succeeds.
 	LastError string `json:"last_error,omitempty"`
 	// Policy is the policy file as cached.
 	Policy string `json:"policy"`
 }
 
-// Info returns what the cache knows about domain, or ErrNotCached.
+// Info returns what the cache knows about domain, or ErrNotCached, which
+// then says how the last fetch failed, if one did: during an outage of a
+// policy host, that is why its domain's mail goes without MTA-STS.
 func (m *Manager) Info(domain string) (*PolicyInfo, error) {
 	d, err := policyDomain(domain)
 	if err != nil {
@@ -36,6 +40,10 @@ func (m *Manager) Info(domain string) (*PolicyInfo, error) {
 	defer m.mu.Unlock()
 	e := m.entries[d]
 	if e == nil {
+		if f, ok := m.failures[d]; ok {
+			return nil, fmt.Errorf("%w; the fetch of policy id %s failed at %s: %s", ErrNotCached, f.id,
+				f.at.UTC().Format(time.RFC3339), oneLine(f.err.Error()))
+		}
 		return nil, ErrNotCached
 	}
 	return m.infoLocked(e), nil
@@ -67,8 +75,8 @@ func (m *Manager) infoLocked(e *entry) *PolicyInfo {
 	if info.MX == nil {
 		info.MX = []string{}
 	}
-	if f, ok := m.failures[cp.Domain]; ok && now.Before(f.until) {
-		info.LastError = oneLine(f.err.Error())
+	if f, ok := m.failures[cp.Domain]; ok {
+		info.LastError = f.at.UTC().Format(time.RFC3339) + ": " + oneLine(f.err.Error())
 	}
 	return info
 }
@@ -126,7 +134,11 @@ func writeError(w http.ResponseWriter, domain string, err error) {
 	var re *RecordError
 	switch {
 	case errors.Is(err, ErrNotCached):
-		admin.WriteError(w, http.StatusNotFound, "no cached MTA-STS policy for "+domain)
+		msg := "no cached MTA-STS policy for " + domain
+		if _, why, ok := strings.Cut(err.Error(), "; "); ok {
+			msg += "; " + why
+		}
+		admin.WriteError(w, http.StatusNotFound, msg)
 	case errors.Is(err, ErrNoRecord), errors.Is(err, ErrMultipleRecords), errors.As(err, &re):
 		admin.WriteError(w, http.StatusNotFound, domain+": "+err.Error())
 	case errors.As(err, &fe):

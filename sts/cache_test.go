@@ -540,6 +540,11 @@ func TestPolicyHostThatNeverAnswersDefersOnlyTheFirstAttempt(t *testing.T) {
 			if got := e.Rec.ResultTypes(); got != want {
 				t.Errorf("recorded %s, want %s", got, want)
 			}
+			// An operator asking about the domain learns why its mail
+			// goes without MTA-STS.
+			if _, err := m.Info("example.com"); !errors.Is(err, sts.ErrNotCached) || !strings.Contains(err.Error(), "the fetch of policy id id1 failed at") {
+				t.Errorf("Info: %v; want ErrNotCached saying how the last fetch failed", err)
+			}
 			// A new id's first fetch is waited for again, and the
 			// deferral says how the last one ended.
 			e.SetID("example.com", "id2")

@@ -185,6 +185,9 @@ func (c *checkResult) primeFromDaemon(ctx context.Context, cfg *config.Config, m
 		return
 	case err != nil && strings.Contains(err.Error(), "no cached"):
 		c.daemonNote = "none"
+		if _, why, ok := strings.Cut(err.Error(), "; "); ok {
+			c.daemonNote += "; " + why // how its last fetch failed
+		}
 		return
 	case err != nil:
 		c.daemonNote = err.Error()
