@@ -21,6 +21,7 @@ import (
 	"net/http"
 	"net/textproto"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
@@ -190,6 +191,10 @@ func (t *Reporter) sendMail(ctx context.Context, rep *storedReport, to []string)
 	for _, a := range to {
 		env.Recipients = append(env.Recipients, queue.RecipientParams{Addr: a})
 	}
+	// An address with a UTF-8 local part (domains are A-labels) needs
+	// SMTPUTF8 (RFC 6531 §3.4), and puts UTF-8 in From: or To: (RFC 6532).
+	env.Body8Bit = !ascii(string(msg))
+	env.SMTPUTF8 = !ascii(t.opts.Sender) || slices.ContainsFunc(to, func(a string) bool { return !ascii(a) })
 	id, err := t.opts.Queue.Enqueue(ctx, env, bytes.NewReader(msg))
 	if err != nil {
 		return err
@@ -259,4 +264,14 @@ func newUID() string {
 	var b [8]byte
 	rand.Read(b[:])
 	return hex.EncodeToString(b[:])
+}
+
+// ascii reports whether s is 7-bit.
+func ascii(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] >= 0x80 {
+			return false
+		}
+	}
+	return true
 }

@@ -286,6 +286,22 @@ func TestMailtoReportIsAnRFC8460MessageSignedAndQueuedAsTLSReport(t *testing.T) 
 // TestMailtoReportIsSevenBitCleanWithANonASCIIOrganization: the report is
 // queued without BODY=8BITMIME, so organization_name (free text) and an
 // IDN contact_info domain must reach it encoded.
+// A report sender with a UTF-8 local part makes the report an SMTPUTF8
+// message (RFC 6531 §3.4): queued without the flag, it would go to hosts
+// that cannot take it, with UTF-8 in its From: (RFC 6532).
+func TestReportFromAUTF8SenderIsSMTPUTF8(t *testing.T) {
+	e := newEnv(t, func(o *Options) { o.Sender = "rapports-tls-\u00e9t\u00e9@example.com" })
+	e.dns.Add(t, `_smtp._tls.example.net. 60 IN TXT "v=TLSRPTv1; rua=mailto:tlsrpt@reports.example.net"`)
+	e.rep.Record(result("example.net", nil, 1, policy.ResultSuccess, "mx.example.net", ""))
+	if r := resultFor(t, e.send("2026-03-01", false), "example.net"); r.State != stateSent {
+		t.Fatalf("%+v", r)
+	}
+	d := e.sink.wait(t)
+	if !d.job.Envelope.SMTPUTF8 || !d.job.Envelope.Body8Bit {
+		t.Errorf("queued with SMTPUTF8=%v Body8Bit=%v, want both", d.job.Envelope.SMTPUTF8, d.job.Envelope.Body8Bit)
+	}
+}
+
 func TestMailtoReportIsSevenBitCleanWithANonASCIIOrganization(t *testing.T) {
 	e := newEnv(t, func(o *Options) {
 		o.OrganizationName = "Société Générale"
