@@ -224,12 +224,7 @@ func (q *Queue) apply(ids []string, name string, sel *Selector) (changed, error)
 			}
 			res.messages++
 			res.recipients += n
-			if m.done() {
-				err = q.recs.delete(tx, m.ID)
-			} else {
-				err = q.recs.put(tx, m)
-			}
-			if err != nil {
+			if err := q.recs.save(tx, m); err != nil {
 				return err
 			}
 			touched = append(touched, m)

@@ -113,12 +113,7 @@ func (q *Queue) sendNotices(ids []string) {
 				if err := q.recs.put(tx, o.dsn); err != nil {
 					return err
 				}
-				if m.done() {
-					err = q.recs.delete(tx, m.ID)
-				} else {
-					err = q.recs.put(tx, m)
-				}
-				if err != nil {
+				if err := q.recs.save(tx, m); err != nil {
 					return err
 				}
 				committed, origs = append(committed, o), append(origs, m)

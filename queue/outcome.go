@@ -86,10 +86,7 @@ func (q *Queue) applyOutcome(job *Job, idx []int, statuses []Status, stopped boo
 		}
 		// The DSNs are written after this commit (sendNotices): a body
 		// that cannot be written must not undo the outcome.
-		if m.done() {
-			return q.recs.delete(tx, m.ID)
-		}
-		return q.recs.put(tx, m)
+		return q.recs.save(tx, m)
 	}, func() {
 		if m != nil {
 			q.indexPut(m)

@@ -86,6 +86,15 @@ func (c *records) put(tx *bbolt.Tx, m *message) error {
 	return nil
 }
 
+// save stores m in tx, or deletes its record when m is done: every
+// recipient final and no notice owed.
+func (c *records) save(tx *bbolt.Tx, m *message) error {
+	if m.done() {
+		return c.delete(tx, m.ID)
+	}
+	return c.put(tx, m)
+}
+
 // delete removes the record of id from tx; the caller removes its body
 // once the commit is on disk.
 func (c *records) delete(tx *bbolt.Tx, id string) error {
