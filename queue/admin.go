@@ -79,11 +79,42 @@ func info(m *message) MessageInfo {
 // (Reader.List).
 func (q *Queue) List(after string, limit int) (*Page, error) { return q.reader.List(after, limit) }
 
-// Show returns one message with its header section (up to 64 KiB).
-func (q *Queue) Show(id string) (*MessageInfo, error) { return q.reader.Show(id) }
+// Show returns one message with its header section (up to 64 KiB). The
+// body is held as a delivery holds it (holdBody): a delete meanwhile must
+// not punch its stretch out under the read, which would show zeros.
+func (q *Queue) Show(id string) (*MessageInfo, error) {
+	e, err := q.indexed(id)
+	if err != nil {
+		return nil, err
+	}
+	if err := q.holdBody(e); err != nil {
+		return nil, err
+	}
+	defer q.closeBody(e)
+	return q.reader.Show(id)
+}
 
 // Message opens the stored message id (Reader.Message).
-func (q *Queue) Message(id string) (io.ReadCloser, error) { return q.reader.Message(id) }
+// It is an open reader of the body, as a delivery's is (openBody): a
+// delete meanwhile must not punch the stretch out under it, or queue show
+// would print zeros.
+func (q *Queue) Message(id string) (io.ReadCloser, error) {
+	e, err := q.indexed(id)
+	if err != nil {
+		return nil, err
+	}
+	return q.openBody(e)
+}
+
+// indexed returns the index entry of the message id.
+func (q *Queue) indexed(id string) (*entry, error) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if e := q.index[id]; e != nil {
+		return e, nil
+	}
+	return nil, fmt.Errorf("%s: %w", id, ErrNotFound)
+}
 
 // Summary counts the waiting recipients by domain and age (Reader.Summary).
 func (q *Queue) Summary() (*Summary, error) { return q.reader.Summary() }

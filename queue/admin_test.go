@@ -259,6 +259,38 @@ func retryUnderSlowRemote(t *testing.T) (*testQueue, *slowRemote, string) {
 	return tq, s, id
 }
 
+// queue show reads a message as a delivery does: a delete meanwhile does
+// not punch its text out under the read, and a later read says it left.
+func TestMessageBeingShownSurvivesADelete(t *testing.T) {
+	tq := newTestQueue(t, newScripted(all(defer451)), Options{})
+	id := tq.enqueue(t, env("alice@example.com", "bob@example.org"))
+	loc := locOf(tq.stored(t, id))
+	rc, err := tq.Message(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rc.Close()
+	head := make([]byte, 16)
+	if _, err := io.ReadFull(rc, head); err != nil {
+		t.Fatal(err)
+	}
+	if err := tq.Delete(id); err != nil {
+		t.Fatal(err)
+	}
+	tq.spool.flush(loc.file)
+	tq.spool.waitPunched()
+	rest, err := io.ReadAll(rc)
+	if got := string(head) + string(rest); err != nil || got != testBody {
+		t.Errorf("read %q, %v across a delete; want the message as queued", got, err)
+	}
+	if _, err := tq.Message(id); !errors.Is(err, ErrNotFound) {
+		t.Errorf("Message after the delete: %v, want ErrNotFound", err)
+	}
+	if _, err := tq.Show(id); !errors.Is(err, ErrNotFound) {
+		t.Errorf("Show after the delete: %v, want ErrNotFound", err)
+	}
+}
+
 // A delivery that is reading a message when an operator deletes or
 // bounces it sends the message whole, as one reading a body file of its
 // own or the first attempt's copy in memory does; a later Open fails.

@@ -283,19 +283,27 @@ func (q *Queue) freeBodyLocked(e *entry) {
 // that has started sends the message whole, as it does from a body file
 // of its own (removed, still open) or from the first attempt's copy.
 func (q *Queue) openBody(e *entry) (io.ReadCloser, error) {
-	q.mu.Lock()
-	if e.left {
-		q.mu.Unlock()
-		return nil, fmt.Errorf("message %s is no longer in the queue", e.id)
+	if err := q.holdBody(e); err != nil {
+		return nil, err
 	}
-	e.readers++
-	q.mu.Unlock()
 	rc, err := q.spool.open(bodyLoc{id: e.id, file: e.bodyFile, off: e.bodyOff, size: e.size})
 	if err != nil {
 		q.closeBody(e)
 		return nil, err
 	}
 	return &openedBody{ReadCloser: rc, closed: func() { q.closeBody(e) }}, nil
+}
+
+// holdBody counts a reader of e's body, which closeBody ends, or fails
+// once the message has left the queue.
+func (q *Queue) holdBody(e *entry) error {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if e.left {
+		return fmt.Errorf("message %s is no longer in the queue", e.id)
+	}
+	e.readers++
+	return nil
 }
 
 // closeBody counts a reader of e's body closed, and frees the body when
