@@ -735,6 +735,116 @@ func TestNewIDWhileThePolicyIsWritten(t *testing.T) {
 	}
 }
 
+const (
+	policyForA = "version: STSv1\nmode: enforce\nmx: mx-a.example.com\nmax_age: 604800\n"
+	policyForB = "version: STSv1\nmode: enforce\nmx: mx-b.example.com\nmax_age: 86400\n"
+)
+
+// fetchUnderID starts a delivery's lookup of example.com's policy and
+// returns what it gets.
+func fetchUnderID(m *sts.Manager) <-chan *sts.CachedPolicy {
+	got := make(chan *sts.CachedPolicy, 1)
+	go func() {
+		c, cancel := context.WithTimeout(ctx, 10*time.Second)
+		defer cancel()
+		cp, _ := m.Policy(c, "example.com")
+		got <- cp
+	}()
+	return got
+}
+
+// RFC 8461 §3.3: a new policy id means fetch the policy anew. A delivery
+// that sees the new id while the fetch for the old one still runs does not
+// take that fetch's policy (asked for before the change): it gets one
+// fetched after the new id was seen. The older fetch, ending later, does
+// not replace it, in memory or on disk.
+func TestNewIDDuringTheOldIDsFetchIsFetchedAnew(t *testing.T) {
+	e := newEnv(t)
+	h := e.ValidHost("example.com", "idA", "")
+	arrived, release := h.HoldFirstRequest(t, policyForA, servePolicy(policyForB))
+	path := dbPath(t)
+	db := openDB(t, path)
+	m := e.Manager(func(o *sts.Options) { o.DB, o.FetchWait = db, 2*time.Second })
+
+	first := fetchUnderID(m)
+	<-arrived // the fetch for idA is held
+	e.SetID("example.com", "idB")
+	reqs, err := m.Requirements(ctx, "example.com", []policy.MX{mx("mx-b.example.com")})
+	if err != nil || reqs[0].Security != policy.SecurityVerify || reqs[0].Skip != "" {
+		t.Fatalf("delivery under idB while the fetch for idA is held: %+v, %v; want mx-b.example.com verified under idB's policy", reqs, err)
+	}
+	if n := h.requests.Load(); n != 2 {
+		t.Fatalf("%d requests to the policy host, want a second one for idB", n)
+	}
+
+	release()
+	if cp := <-first; cp == nil || cp.ID != "idA" || !cp.Policy.Match("mx-a.example.com") {
+		t.Fatalf("the delivery under idA got %+v; want the policy its fetch brought", cp)
+	}
+	m.WaitWrites()
+	wantB := func(when string, m *sts.Manager) {
+		t.Helper()
+		cp, err := m.Cached("example.com")
+		if err != nil || cp.ID != "idB" || !cp.Policy.Match("mx-b.example.com") || cp.Policy.Match("mx-a.example.com") || cp.Policy.MaxAge != 24*time.Hour {
+			t.Fatalf("%s: cached %+v, %v; want idB's policy", when, cp, err)
+		}
+	}
+	wantB("after the fetch for idA ended", m)
+	reqs, err = m.Requirements(ctx, "example.com", []policy.MX{mx("mx-b.example.com")})
+	if err != nil || reqs[0].Security != policy.SecurityVerify || reqs[0].Skip != "" {
+		t.Fatalf("delivery under idB after the fetch for idA ended: %+v, %v", reqs, err)
+	}
+	if n := h.requests.Load(); n != 2 {
+		t.Fatalf("%d requests to the policy host, want no more once idB's policy is cached", n)
+	}
+	db.Close()
+
+	db = openDB(t, path)
+	defer db.Close()
+	wantB("after restart", e.Manager(func(o *sts.Options) { o.DB = db }))
+}
+
+// A fetch for the old id that ends after the new id's fetch failed is
+// cached, the only policy fetched, in force until the new id's can be
+// fetched (RFC 8461 §5.1); the failure stays the new id's, and so does its
+// backoff.
+func TestOldIDsFetchEndingAfterTheNewIDsFailedKeepsTheBackoff(t *testing.T) {
+	e := newEnv(t)
+	h := e.ValidHost("example.com", "idA", "")
+	arrived, release := h.HoldFirstRequest(t, policyForA, func(w http.ResponseWriter, _ *http.Request) {
+		http.Error(w, "down", http.StatusServiceUnavailable)
+	})
+	m := e.Manager(func(o *sts.Options) { o.FetchWait = 2 * time.Second })
+
+	first := fetchUnderID(m)
+	<-arrived
+	e.SetID("example.com", "idB")
+	reqs, err := m.Requirements(ctx, "example.com", []policy.MX{mx("mx-b.example.com")})
+	if err != nil || reqs[0].Security != policy.SecurityMay || reqs[0].Policy != nil {
+		t.Fatalf("delivery under idB whose fetch failed: %+v, %v; want delivery as without MTA-STS", reqs, err)
+	}
+	if n := h.requests.Load(); n != 2 {
+		t.Fatalf("%d requests to the policy host, want a second one for idB", n)
+	}
+
+	release()
+	if cp := <-first; cp == nil || cp.ID != "idA" {
+		t.Fatalf("the delivery under idA got %+v; want the policy its fetch brought", cp)
+	}
+	m.WaitWrites()
+	e.Clock.Advance(sts.FetchBackoff / 2)
+	cp, err := m.Policy(ctx, "example.com")
+	if err != nil || cp.ID != "idA" || !cp.Policy.Match("mx-a.example.com") {
+		t.Fatalf("Policy under idB within its backoff = %+v, %v; want idA's policy, cached", cp, err)
+	}
+	if n := h.requests.Load(); n != 2 {
+		t.Fatalf("%d requests to the policy host; idB's failed fetch is not repeated within %s", n, sts.FetchBackoff)
+	}
+	if info, err := m.Info("example.com"); err != nil || !strings.Contains(info.LastError, "503") {
+		t.Fatalf("Info = %+v, %v; want idB's failed fetch", info, err)
+	}
+}
+
 // managerWithHeldWrite returns a Manager on db whose first cache write
 // waits until release is closed, as on a slow disk; the others go through.
 func managerWithHeldWrite(e *env, db *bbolt.DB) (m *sts.Manager, release chan struct{}) {

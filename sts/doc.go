@@ -26,8 +26,15 @@
 //     arrive a moment later. If a fetch of that id has failed before, the
 //     delivery goes on as without MTA-STS (§5.1), so a policy host that
 //     never answers does not hold its domain's mail until it expires. The
-//     last failed fetch is remembered per domain until one succeeds, for
-//     at most 10,000 domains (the oldest is forgotten).
+//     last failed fetch is remembered per domain until one begun after it
+//     succeeds, for at most 10,000 domains (the oldest is forgotten).
+//   - Deliveries that see the same policy id share one fetch. One that sees
+//     a new id while the old id's fetch runs starts a fetch of its own
+//     rather than wait for that one, which may take its whole minute (§3.3:
+//     a new id means fetch anew). Of fetches that overlap, the policy of
+//     the one begun last is cached; an older one that ends later is given
+//     to the deliveries that waited for it and dropped, unless nothing
+//     begun after it brought a policy.
 //   - The background refresh fetches the policy of each domain that had
 //     mail in the last 7 days once it is a day old (or half its max_age),
 //     so max_age keeps moving forward while mail flows (§10.2).

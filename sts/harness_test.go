@@ -317,3 +317,34 @@ func (e *env) newIP() string {
 	e.nextIP++
 	return ip
 }
+
+// HoldFirstRequest makes h answer its first request with first, but only
+// once release is called (arrived is closed as the request comes in), and
+// the requests after it with then. The test's end releases it too.
+func (h *policyHost) HoldFirstRequest(t *testing.T, first string, then http.HandlerFunc) (arrived chan struct{}, release func()) {
+	arrived, held := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	release = func() { once.Do(func() { close(held) }) }
+	t.Cleanup(release)
+	var n atomic.Int32
+	h.mu.Lock()
+	h.handler = func(w http.ResponseWriter, r *http.Request) {
+		if n.Add(1) > 1 {
+			then(w, r)
+			return
+		}
+		close(arrived)
+		<-held
+		servePolicy(first)(w, r)
+	}
+	h.mu.Unlock()
+	return arrived, release
+}
+
+// servePolicy answers a request with body as a policy.
+func servePolicy(body string) http.HandlerFunc {
+	return func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "text/plain")
+		fmt.Fprint(w, body)
+	}
+}

@@ -107,7 +107,10 @@ func newCachedPolicy(domain, id string, p *Policy, fetched, expires time.Time) *
 func (c *CachedPolicy) Expired(now time.Time) bool { return !now.Before(c.Expires) }
 
 type entry struct {
-	policy   *CachedPolicy
+	policy *CachedPolicy
+	// seq is the number of the fetch that brought policy; 0 for a policy
+	// loaded from the database or primed.
+	seq      uint64
 	lastUsed time.Time // in memory only between fetches, to spare bbolt a write per delivery
 	// txt and rec are the last TXT record seen for the domain and its
 	// parse, so that an unchanged record is not parsed on every delivery.
@@ -115,17 +118,25 @@ type entry struct {
 	rec *Record
 }
 
-// failure is a domain's last failed fetch, remembered until a fetch
-// succeeds.
+// failure is a domain's last failed fetch, remembered until a fetch begun
+// after it succeeds.
 type failure struct {
 	id    string
 	at    time.Time
 	until time.Time // no fetch of id before then (RFC 8461 §3.3)
 	err   error
+	seq   uint64        // the number of the failed fetch
 	elem  *list.Element // in Manager.failOrder
 }
 
+// fetchKey names a fetch under way: deliveries share a fetch only when
+// they saw the same policy id.
+type fetchKey struct{ domain, id string }
+
 type call struct {
+	// seq numbers the fetch in the order fetches began, so that the
+	// cache keeps the policy of the fetch begun last.
+	seq     uint64
 	started time.Time // wall clock, for FetchWait
 	done    chan struct{}
 	policy  *CachedPolicy
@@ -153,8 +164,9 @@ type Manager struct {
 
 	mu       sync.Mutex
 	entries  map[string]*entry  // the cache, mirrored in db
-	failures map[string]failure // by domain: the last failed fetch, until one succeeds
-	inflight map[string]*call   // by domain: the fetch under way
+	failures map[string]failure // by domain: the last failed fetch, until one begun after it succeeds
+	inflight map[fetchKey]*call // by domain and policy id: the fetch under way
+	fetches  uint64             // fetches begun; the last one's seq
 	writes   map[string]*call   // by domain: the latest write of its entry under way (a fetch's or a deletion)
 	writing  int                // cache writes under way (see WaitWrites)
 	written  sync.Cond          // on mu: a write ended
@@ -185,7 +197,7 @@ func New(opts Options) (*Manager, error) {
 		failures:         make(map[string]failure),
 		failOrder:        list.New(),
 		maxFailures:      defaultMaxFailures,
-		inflight:         make(map[string]*call),
+		inflight:         make(map[fetchKey]*call),
 		writes:           make(map[string]*call),
 	}
 	if m.fetchTimeout <= 0 {
@@ -359,7 +371,9 @@ func (m *Manager) policy(ctx context.Context, domain string, wait time.Duration)
 }
 
 // refresh fetches the policy of domain for TXT id and stores it. Callers
-// that arrive while a fetch of the same domain runs share its result. Unless
+// that arrive while a fetch of the same domain and id runs share its
+// result; a caller with another id starts a fetch of its own. Of fetches
+// that overlap, the cache keeps the policy of the one begun last. Unless
 // force is set, a failed fetch of the same id is not repeated for
 // FetchBackoff (RFC 8461 §3.3). A wait above 0 and below the fetch timeout
 // ends the wait once the fetch has run that long, with ErrFetchPending if
@@ -367,14 +381,19 @@ func (m *Manager) policy(ctx context.Context, domain string, wait time.Duration)
 func (m *Manager) refresh(ctx context.Context, domain, id string, force bool, wait time.Duration) (*CachedPolicy, error) {
 	m.mu.Lock()
 	last, failed := m.failures[domain]
-	c, running := m.inflight[domain]
+	key := fetchKey{domain, id}
+	c, running := m.inflight[key]
 	if !running {
 		if failed && !force && last.id == id && m.now().Before(last.until) {
 			m.mu.Unlock()
 			return nil, fmt.Errorf("%w (until %s): %w", ErrFetchBackoff, last.until.UTC().Format(time.TimeOnly), last.err)
 		}
-		c = &call{started: time.Now(), done: make(chan struct{})}
-		m.inflight[domain] = c
+		// RFC 8461 §3.3: a new id means fetch the policy anew. A fetch
+		// for another id may be running: it began before this id was
+		// seen, and may bring the policy this id replaces.
+		m.fetches++
+		c = &call{seq: m.fetches, started: time.Now(), done: make(chan struct{})}
+		m.inflight[key] = c
 		// The fetch outlives a cancelled caller, since others may be
 		// waiting for it; FetchTimeout bounds it.
 		go m.fetchAndStore(context.WithoutCancel(ctx), domain, id, c)
@@ -428,6 +447,16 @@ func (m *Manager) failedLocked(domain string, f failure) {
 	m.failures[domain] = f
 }
 
+// laterOutcomeLocked reports whether a fetch of domain begun after fetch
+// seq has ended already, with a policy or a failure.
+func (m *Manager) laterOutcomeLocked(domain string, seq uint64) bool {
+	if e := m.entries[domain]; e != nil && e.seq > seq {
+		return true
+	}
+	f, ok := m.failures[domain]
+	return ok && f.seq > seq
+}
+
 // forgetFailureLocked forgets domain's failed fetch, if any.
 func (m *Manager) forgetFailureLocked(domain string) {
 	if f, ok := m.failures[domain]; ok {
@@ -456,8 +485,12 @@ func (m *Manager) fetchAndStore(ctx context.Context, domain, id string, c *call)
 			})
 		}
 		m.mu.Lock()
-		m.failedLocked(domain, failure{id: id, at: now, until: now.Add(FetchBackoff), err: err})
-		delete(m.inflight, domain)
+		// The outcome of a fetch begun later, for another id, is the
+		// one that counts.
+		if !m.laterOutcomeLocked(domain, c.seq) {
+			m.failedLocked(domain, failure{id: id, at: now, until: now.Add(FetchBackoff), err: err, seq: c.seq})
+		}
+		delete(m.inflight, fetchKey{domain, id})
 		m.mu.Unlock()
 		c.err = fe
 		close(c.done)
@@ -467,15 +500,27 @@ func (m *Manager) fetchAndStore(ctx context.Context, domain, id string, c *call)
 	cp := newCachedPolicy(domain, id, p, now, now.Add(p.MaxAge))
 	m.log.Info("sts: policy fetched", "domain", domain, "id", id, "mode", p.Mode,
 		"max_age", p.MaxAge, "duration", now.Sub(start))
+	m.mu.Lock()
+	delete(m.inflight, fetchKey{domain, id})
+	c.policy = cp
+	if e := m.entries[domain]; e != nil && e.seq > c.seq {
+		// A fetch begun later, for another id, has cached its policy:
+		// this one serves the deliveries that waited for it and is
+		// dropped, in memory and on disk.
+		cachedID := e.policy.ID
+		m.mu.Unlock()
+		m.log.Info("sts: policy fetched for an older id not cached", "domain", domain, "id", id, "cached_id", cachedID)
+		close(c.done)
+		return
+	}
 	// RFC 8461 §5.1: the new policy (mode none included) replaces the
 	// old one. Deliveries go on with it from memory while it is written.
-	m.mu.Lock()
-	m.entries[domain] = &entry{policy: cp, lastUsed: now}
-	m.forgetFailureLocked(domain)
-	delete(m.inflight, domain)
+	m.entries[domain] = &entry{policy: cp, seq: c.seq, lastUsed: now}
+	if f, ok := m.failures[domain]; ok && f.seq < c.seq {
+		m.forgetFailureLocked(domain)
+	}
 	prev := m.beginWriteLocked(domain, c)
 	m.mu.Unlock()
-	c.policy = cp
 	close(c.done)
 	if m.db != nil {
 		if prev != nil {
