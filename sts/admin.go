@@ -5,27 +5,61 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/url"
+	"sort"
 	"strings"
 	"time"
 
 	"github.com/stsrelay/stsrelay/admin"
+	"github.com/stsrelay/stsrelay/policy"
 )
 
-// PolicyInfo is a cached policy as the control socket and the CLI show it.
+// PolicyInfo is a cached policy as the control socket and the CLI show it,
+// or, in the list, a domain without one whose last fetch failed: then
+// NotCached is set, and only Domain, LastError and LastFailure are (a
+// cached policy always has the fields left out of its JSON when zero).
 type PolicyInfo struct {
 	Domain   string    `json:"domain"`
-	ID       string    `json:"id"`
-	Mode     Mode      `json:"mode"`
-	MX       []string  `json:"mx"`
+	ID       string    `json:"id,omitzero"`
+	Mode     Mode      `json:"mode,omitzero"`
+	MX       []string  `json:"mx,omitzero"`
 	MaxAge   int64     `json:"max_age"` // seconds
-	Fetched  time.Time `json:"fetched"`
-	Expires  time.Time `json:"expires"`
+	Fetched  time.Time `json:"fetched,omitzero"`
+	Expires  time.Time `json:"expires,omitzero"`
 	Expired  bool      `json:"expired"`
-	LastUsed time.Time `json:"last_used"`
-	// LastError is the last failed fetch, until a fetch succeeds.
+	LastUsed time.Time `json:"last_used,omitzero"`
+	// LastError is the last failed fetch, until one begun after it
+	// succeeds: when, and the error in one line.
 	LastError string `json:"last_error,omitempty"`
 	// Policy is the policy file as cached.
-	Policy string `json:"policy"`
+	Policy string `json:"policy,omitzero"`
+	// NotCached marks a domain listed only for its failed fetch.
+	NotCached bool `json:"not_cached,omitempty"`
+	// LastFailure is LastError in parts.
+	LastFailure *FetchFailure `json:"last_failure,omitempty"`
+}
+
+// FetchFailure is a failed policy fetch as the control socket shows it.
+type FetchFailure struct {
+	ID     string            `json:"id"` // the policy id whose fetch failed
+	At     time.Time         `json:"at"`
+	Result policy.ResultType `json:"result"` // as TLS reports name it (RFC 8460 §4.3.2)
+	// Reason is the error in one line, without the policy URL that
+	// comes before an error of the connection: it is the domain's.
+	Reason string `json:"reason"`
+}
+
+func (f failure) info() *FetchFailure {
+	err := f.err
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		err = ue.Err
+	}
+	return &FetchFailure{ID: f.id, At: f.at.UTC(), Result: classify(f.err), Reason: oneLine(err.Error())}
+}
+
+func (f failure) lastError() string {
+	return f.at.UTC().Format(time.RFC3339) + ": " + oneLine(f.err.Error())
 }
 
 // Info returns what the cache knows about domain, or ErrNotCached, which
@@ -49,17 +83,22 @@ func (m *Manager) Info(domain string) (*PolicyInfo, error) {
 	return m.infoLocked(e), nil
 }
 
-// Infos returns every cached policy, sorted by domain.
+// Infos returns every cached policy, and every domain without one whose
+// last fetch failed (NotCached), sorted by domain: during an outage of
+// policy hosts, the domains whose mail goes without MTA-STS.
 func (m *Manager) Infos() []*PolicyInfo {
-	list := m.List()
-	out := make([]*PolicyInfo, 0, len(list))
 	m.mu.Lock()
-	defer m.mu.Unlock()
-	for _, cp := range list {
-		if e := m.entries[cp.Domain]; e != nil {
-			out = append(out, m.infoLocked(e))
+	out := make([]*PolicyInfo, 0, len(m.entries)+len(m.failures))
+	for _, e := range m.entries {
+		out = append(out, m.infoLocked(e))
+	}
+	for d, f := range m.failures {
+		if m.entries[d] == nil {
+			out = append(out, &PolicyInfo{Domain: d, NotCached: true, LastError: f.lastError(), LastFailure: f.info()})
 		}
 	}
+	m.mu.Unlock()
+	sort.Slice(out, func(i, j int) bool { return out[i].Domain < out[j].Domain })
 	return out
 }
 
@@ -76,14 +115,15 @@ func (m *Manager) infoLocked(e *entry) *PolicyInfo {
 		info.MX = []string{}
 	}
 	if f, ok := m.failures[cp.Domain]; ok {
-		info.LastError = f.at.UTC().Format(time.RFC3339) + ": " + oneLine(f.err.Error())
+		info.LastError, info.LastFailure = f.lastError(), f.info()
 	}
 	return info
 }
 
 // RegisterAdmin adds the MTA-STS routes to the control socket's mux:
 //
-//	GET    /sts                  every cached policy ([]PolicyInfo)
+//	GET    /sts                  every cached policy, and every domain
+//	                             whose fetch failed without one ([]PolicyInfo)
 //	GET    /sts/{domain}         one cached policy (PolicyInfo)
 //	POST   /sts/{domain}/refresh fetch the policy now, ignoring the backoff
 //	DELETE /sts/{domain}         forget the cached policy

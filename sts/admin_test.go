@@ -1,8 +1,10 @@
 package sts_test
 
 import (
+	"errors"
 	"net/http"
 	"path/filepath"
+	"sort"
 	"strings"
 	"testing"
 
@@ -69,4 +71,85 @@ func TestAdminRefreshReportsFetchFailure(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "certificate") {
 		t.Fatalf("err = %v, want the certificate failure", err)
 	}
+}
+
+// During an outage of policy hosts the list shows, besides the cached
+// policies, the domains that have none because their fetch failed, and
+// for a cached policy that its last refresh failed: which id, when, why.
+// A cached policy's JSON keeps its fields; one that is fetched again
+// loses its failure.
+func TestAdminListShowsDomainsWhosePolicyCannotBeFetched(t *testing.T) {
+	e := newEnv(t)
+	down := e.ValidHost("down.example", "id1", enforcePolicy)
+	e.Refuse(down, true)
+	stale := e.ValidHost("example.com", "id1", enforcePolicy)
+	m := e.Manager(nil)
+	c := controlSocket(t, m)
+	mustPolicy(t, m, "example.com")
+	stale.SetStatus(http.StatusServiceUnavailable)
+	e.SetID("example.com", "id2")
+	if _, err := m.Policy(ctx, "down.example"); !errors.Is(err, sts.ErrNoPolicy) {
+		t.Fatalf("down.example: %v, want no policy while its host refuses", err)
+	}
+	if cp := mustPolicy(t, m, "example.com"); cp.ID != "id1" {
+		t.Fatalf("example.com: %+v, want the cached id1 while id2 cannot be fetched", cp)
+	}
+
+	var list []sts.PolicyInfo
+	if err := c.Call(ctx, "GET", "/sts", nil, &list); err != nil || len(list) != 2 {
+		t.Fatalf("list: %+v, %v; want two domains", list, err)
+	}
+	d, s := list[0], list[1]
+	if f := d.LastFailure; d.Domain != "down.example" || !d.NotCached || d.ID != "" || d.Mode != "" || f == nil ||
+		f.ID != "id1" || !f.At.Equal(e.Clock.Now()) || f.Result != sts.ResultFetchError ||
+		!strings.Contains(f.Reason, "connection refused") || strings.Contains(f.Reason, "https://") ||
+		!strings.HasPrefix(d.LastError, "2026-01-02T03:04:05Z: ") {
+		t.Errorf("down.example: %+v, failure %+v; want not cached, its fetch of id1 refused", d, f)
+	}
+	if f := s.LastFailure; s.Domain != "example.com" || s.NotCached || s.ID != "id1" || s.Mode != sts.ModeEnforce || f == nil ||
+		f.ID != "id2" || !strings.Contains(f.Reason, "HTTP status 503") || s.LastError == "" {
+		t.Errorf("example.com: %+v, failure %+v; want id1 cached, the refresh to id2 failed", s, f)
+	}
+
+	// The JSON of a domain without a policy has none of a policy's
+	// fields; a cached policy's has them all, as before.
+	var raw []map[string]any
+	if err := c.Call(ctx, "GET", "/sts", nil, &raw); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := keys(raw[0]), "domain expired last_error last_failure max_age not_cached"; got != want {
+		t.Errorf("keys of a domain without a policy: %s, want %s", got, want)
+	}
+	if got, want := keys(raw[1]), "domain expired expires fetched id last_error last_failure last_used max_age mode mx policy"; got != want {
+		t.Errorf("keys of a cached policy: %s, want %s", got, want)
+	}
+
+	// The host is back: after a fetch, the domain is listed with its
+	// policy and without the failure.
+	e.Refuse(down, false)
+	e.Clock.Advance(sts.FetchBackoff)
+	mustPolicy(t, m, "down.example")
+	list, raw = nil, nil // Unmarshal would keep fields the new reply leaves out
+	if err := c.Call(ctx, "GET", "/sts", nil, &list); err != nil || len(list) != 2 {
+		t.Fatalf("list: %+v, %v", list, err)
+	}
+	if d := list[0]; d.Domain != "down.example" || d.NotCached || d.ID != "id1" || d.Mode != sts.ModeEnforce ||
+		d.LastFailure != nil || d.LastError != "" {
+		t.Errorf("down.example after its policy was fetched: %+v, want cached without a failure", d)
+	}
+	if err := c.Call(ctx, "GET", "/sts", nil, &raw); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := keys(raw[0]), "domain expired expires fetched id last_used max_age mode mx policy"; got != want {
+		t.Errorf("keys of a cached policy without a failure: %s, want %s", got, want)
+	}
+}
+
+func keys(m map[string]any) string {
+	var ks []string
+	for k := range m {
+		ks = append(ks, k)
+	}
+	sort.Strings(ks)
+	return strings.Join(ks, " ")
 }

@@ -55,6 +55,7 @@ func (c *clock) Advance(d time.Duration) {
 // policyHost is a real HTTPS server on loopback that plays mta-sts.<domain>.
 type policyHost struct {
 	srv      *httptest.Server
+	ip       string // the address DNS gives mta-sts.<domain>
 	requests atomic.Int32
 
 	mu          sync.Mutex
@@ -181,6 +182,7 @@ func (e *env) PolicyHostTLS(domain, id, body string, cfg *tls.Config) *policyHos
 	e.t.Cleanup(srv.Close)
 	h.srv = srv
 	ip := e.newIP()
+	h.ip = ip
 	e.mu.Lock()
 	e.hosts[ip] = srv.Listener.Addr().String()
 	e.mu.Unlock()
@@ -189,6 +191,24 @@ func (e *env) PolicyHostTLS(domain, id, body string, cfg *tls.Config) *policyHos
 		e.SetID(domain, id)
 	}
 	return h
+}
+
+// Refuse makes connections to h's address refused, as when the policy
+// host is down, or with refuse false answered by h again.
+func (e *env) Refuse(h *policyHost, refuse bool) {
+	e.t.Helper()
+	addr := h.srv.Listener.Addr().String()
+	if refuse {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			e.t.Fatal(err)
+		}
+		addr = ln.Addr().String()
+		ln.Close() // nothing listens there now
+	}
+	e.mu.Lock()
+	e.hosts[h.ip] = addr
+	e.mu.Unlock()
 }
 
 // ValidHost is PolicyHost with a certificate for mta-sts.<domain>.
