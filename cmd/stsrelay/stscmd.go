@@ -60,7 +60,7 @@ List prints the MTA-STS policies cached by the running relay, one per line.`, st
 	}
 	var list []sts.PolicyInfo
 	if err := controlCall(*cfgPath, "GET", "/sts", &list); err != nil {
-		return fail(stderr, "sts list: %v", err)
+		return fail(stderr, "sts list: %s", printable(err.Error()))
 	}
 	if *asJSON {
 		return printJSON(stdout, stderr, list)
@@ -98,7 +98,7 @@ func runSTSDomain(name, method, suffix string, args []string, stdout, stderr io.
 	if method == "DELETE" {
 		var out map[string]string
 		if err := controlCall(*cfgPath, method, path, &out); err != nil {
-			return fail(stderr, "sts %s: %v", name, err)
+			return fail(stderr, "sts %s: %s", name, printable(err.Error()))
 		}
 		if *asJSON {
 			return printJSON(stdout, stderr, out)
@@ -107,8 +107,10 @@ func runSTSDomain(name, method, suffix string, args []string, stdout, stderr io.
 		return 0
 	}
 	var info sts.PolicyInfo
+	// The error may say how the last fetch failed, in the policy host's
+	// words.
 	if err := controlCall(*cfgPath, method, path, &info); err != nil {
-		return fail(stderr, "sts %s: %v", name, err)
+		return fail(stderr, "sts %s: %s", name, printable(err.Error()))
 	}
 	if *asJSON {
 		return printJSON(stdout, stderr, info)
