@@ -373,6 +373,97 @@ func TestEndToEndSTSCommandsShowRefreshAndPurgeTheCache(t *testing.T) {
 	}
 }
 
+// During an outage the postmaster runs sts list first: it shows the
+// domains that have no policy because their policy host is down, with the
+// failed id, when and why, escaped where the policy host chose the words;
+// once the host is back and the policy fetched, the domain is listed as a
+// cached policy and the failure is gone.
+func TestEndToEndSTSListShowsDomainsWhosePolicyCannotBeFetched(t *testing.T) {
+	e := newE2E(t,
+		"_mta-sts.down.example. 60 IN TXT \"v=STSv1; id=20261201\"",
+		"mta-sts.down.example. 60 IN A 127.0.0.37", // nothing listens yet
+		"_mta-sts.hostile.example. 60 IN TXT \"v=STSv1; id=20261202\"",
+		"mta-sts.hostile.example. 60 IN A 127.0.0.38",
+	)
+	// The certificate names are the policy host's, and end up in the error.
+	stopHostile := policyServer(t, "127.0.0.38", e.ca.Issue(t, "\x1b]0;owned\x07\x1b[2J", "x\n  forged line"), stsPolicy)
+	sts := func(args ...string) (int, string, string) {
+		all := append([]string{"sts", args[0], "-config", e.config}, args[1:]...)
+		return stsrelayEnv(t, e.env, "", all...)
+	}
+	code, out, _ := sts("list")
+	if code != 0 || out != "no cached MTA-STS policies\n" {
+		t.Fatalf("sts list before any fetch: %d %q", code, out)
+	}
+	for _, d := range []string{"down.example", "hostile.example"} {
+		code, _, errOut := sts("refresh", d)
+		if code == 0 {
+			t.Fatalf("sts refresh %s succeeded", d)
+		}
+		assertOneLine(t, errOut)
+		if strings.ContainsAny(errOut, "\x1b\x07") {
+			t.Errorf("sts refresh %s printed a control character: %q", d, errOut)
+		}
+	}
+	code, out, errOut := sts("show", "hostile.example")
+	if code == 0 || !strings.Contains(errOut, "no cached MTA-STS policy for hostile.example; the fetch of policy id 20261202 failed") ||
+		!strings.Contains(errOut, `\x1b]0;owned\a\x1b[2J`) || strings.ContainsAny(errOut, "\x1b\x07") {
+		t.Errorf("sts show hostile.example: %d %q %q; want its failed fetch, escaped", code, out, errOut)
+	}
+
+	code, out, _ = sts("list")
+	lines := strings.Split(strings.TrimSuffix(out, "\n"), "\n")
+	if code != 0 || len(lines) != 3 || !strings.HasPrefix(lines[0], "DOMAIN") || !strings.HasSuffix(lines[0], "MX  LAST FETCH FAILED") {
+		t.Fatalf("sts list during the outage: %d\n%s", code, out)
+	}
+	if f := strings.Fields(lines[1]); len(f) < 9 || f[0] != "down.example" || strings.Join(f[1:5], " ") != "- - - -" || f[5] != "20261201" ||
+		f[6] != "at" || !strings.Contains(lines[1], "connection refused") || strings.Contains(lines[1], "https://") {
+		t.Errorf("down.example in the list: %q; want no policy, the fetch of 20261201 refused", lines[1])
+	}
+	if !strings.HasPrefix(lines[2], "hostile.example") || !strings.Contains(lines[2], "20261202 at ") ||
+		!strings.Contains(lines[2], `certificate is valid for \x1b]0;owned\a\x1b[2J, x forged line, not mta-sts.hostile.example`) {
+		t.Errorf("hostile.example in the list: %q; want its failure with the certificate names escaped", lines[2])
+	}
+	if strings.ContainsAny(out, "\x1b\x07\t") {
+		t.Errorf("sts list printed a control character:\n%q", out)
+	}
+	var list []map[string]any
+	code, out, _ = sts("list", "-json")
+	if err := json.Unmarshal([]byte(out), &list); code != 0 || err != nil || len(list) != 2 {
+		t.Fatalf("sts list -json: %d %v\n%s", code, err, out)
+	}
+	if f, _ := list[0]["last_failure"].(map[string]any); list[0]["domain"] != "down.example" || list[0]["not_cached"] != true ||
+		f["id"] != "20261201" || f["result"] != "sts-policy-fetch-error" || list[0]["mode"] != nil {
+		t.Errorf("down.example in sts list -json: %v", list[0])
+	}
+
+	// The policy host comes up: the domain is a cached policy, no more
+	// failure, and the failure column stays for the domain still failing.
+	policyServer(t, "127.0.0.37", e.ca.Issue(t, "mta-sts.down.example"),
+		"version: STSv1\nmode: testing\nmx: mx.down.example\nmax_age: 86400\n")
+	if code, _, errOut := sts("refresh", "down.example"); code != 0 {
+		t.Fatalf("sts refresh down.example once its host is up: %s", errOut)
+	}
+	code, out, _ = sts("list")
+	lines = strings.Split(strings.TrimSuffix(out, "\n"), "\n")
+	if f := strings.Fields(lines[1]); code != 0 || len(lines) != 3 || len(f) != 5 || f[0] != "down.example" || f[1] != "testing" ||
+		f[2] != "20261201" || f[4] != "mx.down.example" || lines[1] != strings.TrimRight(lines[1], " ") {
+		t.Errorf("down.example after its policy was fetched: %d\n%s", code, out)
+	}
+	stopHostile()
+	policyServer(t, "127.0.0.38", e.ca.Issue(t, "mta-sts.hostile.example"), "version: STSv1\nmode: none\nmax_age: 86400\n")
+	if code, _, errOut := sts("refresh", "hostile.example"); code != 0 {
+		t.Fatalf("sts refresh hostile.example with a good certificate: %s", errOut)
+	}
+	// With no failure left, the list reads as it did before failures
+	// were listed.
+	code, out, _ = sts("list")
+	if lines := strings.Split(out, "\n"); code != 0 || len(lines) != 4 || strings.TrimRight(lines[0], " ") != "DOMAIN           MODE     ID        EXPIRES               MX" ||
+		!strings.HasPrefix(lines[2], "hostile.example  none     20261202  ") {
+		t.Errorf("sts list with every fetch done: %d\n%s", code, out)
+	}
+}
+
 func TestEndToEndCachedPolicyOutlivesPolicyHostOutageAndRestart(t *testing.T) {
 	e := newE2E(t, stsRecords("127.0.0.11", "127.0.0.12")...)
 	good := e.ca.Issue(t, "mx.example.net")

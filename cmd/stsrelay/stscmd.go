@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"net/url"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -17,7 +18,7 @@ its control socket. It never opens the database itself.
 
 The commands are:
 
-	list     list the cached policies
+	list     list the cached policies and the domains whose fetch failed
 	show     show the cached policy of a domain
 	refresh  fetch the policy of a domain now, ignoring the cache
 	purge    forget the cached policy of a domain
@@ -49,7 +50,11 @@ Purging an enforce policy drops its protection until then.`)
 
 func runSTSList(args []string, stdout, stderr io.Writer) int {
 	fs := newFlagSet("sts list", "sts list [-config file] [-json]", `
-List prints the MTA-STS policies cached by the running relay, one per line.`, stderr)
+List prints the MTA-STS policies cached by the running relay, one per line,
+and the domains without one whose last policy fetch failed: their mail goes
+as without MTA-STS. When a fetch has failed, a last column says which policy
+id, when and why; a cached policy on the same line stays in force until it
+expires.`, stderr)
 	cfgPath := configFlag(fs)
 	asJSON := fs.Bool("json", false, "print JSON")
 	if code := parseFlags(fs, args); code >= 0 {
@@ -69,17 +74,47 @@ List prints the MTA-STS policies cached by the running relay, one per line.`, st
 		fmt.Fprintln(stdout, "no cached MTA-STS policies")
 		return 0
 	}
-	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "DOMAIN\tMODE\tID\tEXPIRES\tMX")
+	// The column of failures only when there is one: the list of a relay
+	// whose fetches all worked reads as it always has.
+	failed := slices.ContainsFunc(list, func(p sts.PolicyInfo) bool { return p.LastError != "" })
+	var table strings.Builder
+	tw := tabwriter.NewWriter(&table, 0, 4, 2, ' ', 0)
+	header := "DOMAIN\tMODE\tID\tEXPIRES\tMX"
+	if failed {
+		header += "\tLAST FETCH FAILED"
+	}
+	fmt.Fprintln(tw, header)
 	for _, p := range list {
-		expires := p.Expires.UTC().Format(time.RFC3339)
-		if p.Expired {
-			expires += " (expired)"
+		mode, id, expires, mx := "-", "-", "-", "-"
+		if !p.NotCached {
+			mode, id, mx = string(p.Mode), p.ID, strings.Join(p.MX, " ")
+			expires = p.Expires.UTC().Format(time.RFC3339)
+			if p.Expired {
+				expires += " (expired)"
+			}
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", p.Domain, p.Mode, p.ID, expires, strings.Join(p.MX, " "))
+		say(tw, "%s\t%s\t%s\t%s\t%s", p.Domain, mode, id, expires, mx)
+		if failed {
+			say(tw, "\t%s", lastFailure(&p))
+		}
+		fmt.Fprintln(tw)
 	}
 	tw.Flush()
+	// A row without a failure ends in an empty column, and tabwriter pads
+	// the one before it.
+	for line := range strings.Lines(table.String()) {
+		fmt.Fprintln(stdout, strings.TrimRight(line, " \n"))
+	}
 	return 0
+}
+
+// lastFailure says in a line which policy id of p's domain failed to be
+// fetched, when and why; "" when none did.
+func lastFailure(p *sts.PolicyInfo) string {
+	if f := p.LastFailure; f != nil {
+		return f.ID + " at " + f.At.UTC().Format(time.RFC3339) + ": " + f.Reason
+	}
+	return p.LastError // from a relay that says no more
 }
 
 // runSTSDomain runs show, refresh and purge: one call about one domain.
