@@ -230,9 +230,12 @@ func escapeUnprintable(js []byte) []byte {
 	return append(out, js[done:]...)
 }
 
-// fail prints one line for the user and returns the exit code 1.
+// fail prints one line for the user and returns the exit code 1. Its
+// arguments are escaped as say does: an error can carry text from the
+// network (a TLSRPT endpoint's reply, a certificate name) or a line break
+// that would split the one line in two.
 func fail(stderr io.Writer, format string, args ...any) int {
-	fmt.Fprintf(stderr, "stsrelay: "+format+"\n", args...)
+	say(stderr, "stsrelay: "+format+"\n", args...)
 	return 1
 }
 
