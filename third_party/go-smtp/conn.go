@@ -317,8 +317,13 @@ func (c *Conn) handleGreet(enhanced bool, arg string) {
 	} else {
 		caps = append(caps, "SIZE")
 	}
+	// stsrelay: Server.Limits go in the one LIMITS keyword, after RCPTMAX.
+	limits := c.server.Limits
 	if c.server.MaxRecipients > 0 {
-		caps = append(caps, fmt.Sprintf("LIMITS RCPTMAX=%v", c.server.MaxRecipients))
+		limits = append([]string{fmt.Sprintf("RCPTMAX=%v", c.server.MaxRecipients)}, limits...)
+	}
+	if len(limits) > 0 {
+		caps = append(caps, "LIMITS "+strings.Join(limits, " "))
 	}
 	if c.server.EnableRRVS {
 		caps = append(caps, "RRVS")

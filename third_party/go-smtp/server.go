@@ -48,6 +48,12 @@ type Server struct {
 	// a slow MAIL, hence off by default. stsrelay:
 	GroupPipelinedReplies bool
 
+	// Limits are further parameters of the LIMITS keyword (RFC 9422),
+	// advertised after RCPTMAX each as written, such as "MAILMAX=10". The
+	// server does not enforce them: they let tests show a client limits,
+	// malformed ones too. stsrelay:
+	Limits []string
+
 	// Advertise SMTPUTF8 (RFC 6531) capability.
 	// Should be used only if backend supports it.
 	EnableSMTPUTF8 bool

@@ -598,3 +598,35 @@ func TestServerBdatChunkReadFailureIs421AndCloses(t *testing.T) {
 		t.Error("a message was stored")
 	}
 }
+
+// Server.Limits joins RCPTMAX in the one LIMITS keyword of the EHLO reply,
+// each parameter as written, a malformed one too: tests of clients need
+// remotes that say MAILMAX (RFC 9422 §4.1), well or badly.
+func TestServerAdvertisesLimits(t *testing.T) {
+	for _, tc := range []struct {
+		rcptMax int
+		limits  []string
+		want    string
+	}{
+		{0, nil, ""},
+		{2, nil, "LIMITS RCPTMAX=2"},
+		{0, []string{"MAILMAX=3"}, "LIMITS MAILMAX=3"},
+		{2, []string{"MAILMAX=3", "MAILMAX=abc"}, "LIMITS RCPTMAX=2 MAILMAX=3 MAILMAX=abc"},
+	} {
+		_, s, c, _, caps := testServerEhlo(t, func(s *smtp.Server) {
+			s.MaxRecipients = tc.rcptMax
+			s.Limits = tc.limits
+		})
+		var got []string
+		for line := range caps {
+			if strings.HasPrefix(line, "LIMITS") {
+				got = append(got, line)
+			}
+		}
+		c.Close()
+		s.Close()
+		if tc.want == "" && len(got) != 0 || tc.want != "" && (len(got) != 1 || got[0] != tc.want) {
+			t.Errorf("RCPTMAX %d, Limits %q: EHLO says %q, want %q", tc.rcptMax, tc.limits, got, tc.want)
+		}
+	}
+}
