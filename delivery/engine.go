@@ -9,7 +9,6 @@ import (
 	"log/slog"
 	"net"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -585,7 +584,7 @@ func (e *Engine) transact(ctx context.Context, s *session, job *queue.Job, body 
 	for i := range todo {
 		todo[i] = i
 	}
-	limit := rcptMax(s.client)
+	limit := s.limits.rcptMax
 	for first := true; len(todo) > 0; first = false {
 		batch := todo
 		if limit > 0 && len(batch) > limit {
@@ -674,25 +673,6 @@ func (x *txn) run(mo *smtp.MailOptions, body io.Reader) {
 		}
 	}
 	x.lockStep(mo, body)
-}
-
-// rcptMax is the remote's RCPTMAX (RFC 9422 §4.2), 0 when it has none.
-// Limits it does not know or that are malformed are ignored (§3.7).
-func rcptMax(c *smtp.Client) int {
-	ok, params := c.Extension("LIMITS")
-	if !ok {
-		return 0
-	}
-	for _, p := range strings.Fields(params) {
-		name, value, _ := strings.Cut(p, "=")
-		if !strings.EqualFold(name, "RCPTMAX") || len(value) > 6 || strings.Trim(value, "0123456789") != "" {
-			continue
-		}
-		if n, err := strconv.Atoi(value); err == nil && n > 0 {
-			return n
-		}
-	}
-	return 0
 }
 
 // maxStaleRetries bounds how many idle connections one attempt tries

@@ -114,6 +114,8 @@ type session struct {
 	// handshake under SecurityVerify, for the log line of every message
 	// the connection carries.
 	certName string
+	// limits are the remote's LIMITS (RFC 9422), from the EHLO that counts.
+	limits limits
 	// broken says the connection must not be used again.
 	broken bool
 	// messages counts the transactions started, for
@@ -383,6 +385,9 @@ func (e *Engine) open(ctx context.Context, nh NextHop, h hop, addr netip.Addr, r
 			s.quitQuietly()
 			return dialResult{fail: f}
 		}
+	}
+	if ok, params := s.client.Extension("LIMITS"); ok {
+		s.limits = parseLimits(params)
 	}
 	s.key = keyFor(nh, mx, req, s.tls != nil)
 	return dialResult{s: s}
