@@ -159,7 +159,7 @@ type Limits struct {
 // fields keep the defaults.
 type Shaping struct {
 	MaxConnections     int  `toml:"max_connections"`             // default: max_connections_per_domain
-	MaxMessagesPerConn int  `toml:"max_messages_per_connection"` // default: no limit
+	MaxMessagesPerConn int  `toml:"max_messages_per_connection"` // mail transactions; default: no limit
 	Rate               Rate `toml:"rate"`                        // "600/m"; default: no limit
 }
 

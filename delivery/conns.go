@@ -53,9 +53,10 @@ func (e *Engine) removeIdle(s *session) bool {
 
 // release ends the use of s by one delivery: it waits in the idle cache
 // for the next message to the same destination, or is closed when it is
-// broken or has carried its destination's max_messages_per_connection.
+// broken or has carried as many transactions as it may (transactionLimit).
 func (e *Engine) release(s *session) {
-	spent := s.shaping.MaxMessagesPerConn > 0 && s.messages >= s.shaping.MaxMessagesPerConn
+	most := s.transactionLimit()
+	spent := most > 0 && s.messages >= most
 	if s.broken || s.conn == nil || e.opts.IdleTimeout < 0 || spent {
 		s.quitQuietly()
 		e.releaseSlot(s.shapeKey)

@@ -201,7 +201,32 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 	}
 	var answered attempt // at as it was when out last changed
 	var deferral string  // what the host that last answered deferred
+	given := 0           // how many recipients that host was given
+	// onward gives next, recipients the host that last answered deferred,
+	// to the host after it; false when there are none.
+	onward := func(next []int) bool {
+		if len(next) == 0 {
+			return false
+		}
+		slices.Sort(next)
+		deferral = fmt.Sprintf("%s (%d of %d recipients)", out[next[0]].Text, len(next), given)
+		todo, idx = recipients(job, next), next
+		return true
+	}
+	// A session that reached its transaction limit (transactionLimit)
+	// with recipients not yet sent leaves them to a new session with the
+	// same host: resume is that host's
+	// place in p.hops (-1: none), held what it deferred meanwhile, which
+	// goes on to the next host with whatever the new session defers.
+	resume := -1
+	var held []int
 	for i := 0; i < len(p.hops); i++ {
+		if resume >= 0 && i != resume {
+			// The host got no new session: what it was to take goes on
+			// with what it deferred.
+			onward(append(held, idx...))
+			resume, held = -1, nil
+		}
 		h := p.hops[i]
 		if h.unusable != nil {
 			fails = append(fails, h.unusable)
@@ -217,9 +242,12 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 		if budget <= 0 {
 			continue
 		}
-		if err := e.waitRate(ctx, h); err != nil {
-			fails = append(fails, transportFailure(ctx, h.mx.Name, "waiting for the destination's rate limit", err))
-			break
+		if i != resume {
+			// A new session for the rest of a message is no new message.
+			if err := e.waitRate(ctx, h); err != nil {
+				fails = append(fails, transportFailure(ctx, h.mx.Name, "waiting for the destination's rate limit", err))
+				break
+			}
 		}
 		s, fs := e.connect(ctx, nh, h, req, env.RequireTLS, &budget)
 		fails = append(fails, fs...)
@@ -246,7 +274,7 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 			at.tls = tlsVersionName(s.tls.Version)
 		}
 		at.tlsProblem, at.state, at.certName = s.tlsProblem, s.tls, s.certName
-		statuses, final, f := e.transact(ctx, s, todo, body)
+		statuses, final, unsent, f := e.transact(ctx, s, todo, body)
 		if s.throttled != "" {
 			e.throttle(h, job, s.throttled)
 		}
@@ -272,28 +300,46 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 			out[k] = statuses[j]
 		}
 		earlier := answered.earlier
-		if deferral != "" {
-			earlier = append(earlier, deferral)
+		if i != resume {
+			// A host's first session: the host before it deferred what
+			// came here.
+			if deferral != "" {
+				earlier = append(earlier, deferral)
+			}
+			deferral, given = "", len(idx)
 		}
 		answered = *at
 		answered.earlier = earlier
-		var next []int
-		deferral = ""
+		var rest []int
+		var left []bool // left[j]: recipient j is in rest
+		if len(unsent) > 0 {
+			left = make([]bool, len(idx))
+			for _, j := range unsent {
+				left[j] = true
+				rest = append(rest, idx[j])
+			}
+		}
+		next := held
 		for j, k := range idx {
 			// A 4xx reply means the host did not take the message
 			// (RFC 5321 §4.2.1); one that is final stands.
-			if st := statuses[j]; !st.Delivered() && !st.Permanent() && !final[j] {
-				if deferral == "" {
-					deferral = st.Text
-				}
+			if st := statuses[j]; (left == nil || !left[j]) && !st.Delivered() && !st.Permanent() && !final[j] {
 				next = append(next, k)
 			}
 		}
-		if len(next) == 0 {
+		resume, held = -1, nil
+		if len(rest) > 0 && len(rest) < len(idx) {
+			// The session carried some and no more may go on it: the
+			// rest go in a new session with this host, taken from the
+			// idle cache or opened (and counted in budget).
+			resume, held = i, next
+			todo, idx = recipients(job, rest), rest
+			i--
+			continue
+		}
+		if !onward(append(next, rest...)) {
 			break
 		}
-		deferral = fmt.Sprintf("%s (%d of %d recipients)", deferral, len(next), len(idx))
-		todo, idx = recipients(job, next), next
 	}
 	if out != nil {
 		skipped := texts(fails)
@@ -517,8 +563,10 @@ func (e *Engine) connect(ctx context.Context, nh NextHop, h hop, req policy.Requ
 // in as many transactions as the remote's recipient limit asks for. It
 // returns the per-recipient statuses and which of them are final (see
 // txn.final), or a hostFailure when the host cannot take this message at
-// all (before MAIL), so the next may.
-func (e *Engine) transact(ctx context.Context, s *session, job *queue.Job, body *message) ([]queue.Status, []bool, *hostFailure) {
+// all (before MAIL), so the next may. unsent are the recipients (their
+// places in job) that no transaction carried because the session reached
+// its transaction limit: they are for a new session.
+func (e *Engine) transact(ctx context.Context, s *session, job *queue.Job, body *message) (statuses []queue.Status, final []bool, unsent []int, f *hostFailure) {
 	raw := s.conn.Conn
 	stop := context.AfterFunc(ctx, func() { raw.Close() })
 	defer func() {
@@ -538,16 +586,16 @@ func (e *Engine) transact(ctx context.Context, s *session, job *queue.Job, body 
 		// offered after STARTTLS.
 		switch ok, _ := s.client.Extension("REQUIRETLS"); {
 		case s.tls == nil:
-			return nil, nil, requireTLSFailure(s.label, "no TLS")
+			return nil, nil, nil, requireTLSFailure(s.label, "no TLS")
 		case !s.authenticatedMX():
-			return nil, nil, requireTLSFailure(s.label, "certificate not valid for the MX host name")
+			return nil, nil, nil, requireTLSFailure(s.label, "certificate not valid for the MX host name")
 		case !ok:
-			return nil, nil, requireTLSFailure(s.label, "REQUIRETLS not supported")
+			return nil, nil, nil, requireTLSFailure(s.label, "REQUIRETLS not supported")
 		}
 	}
 	if ok, _ := s.client.Extension("SMTPUTF8"); needUTF8 && !ok {
 		// RFC 6531 §3.4: such a message cannot be downgraded here.
-		return nil, nil, &hostFailure{host: s.label, kind: failUTF8, nextHost: true, status: queue.Status{
+		return nil, nil, nil, &hostFailure{host: s.label, kind: failUTF8, nextHost: true, status: queue.Status{
 			Code: 550, Enhanced: "5.6.7", RemoteMTA: s.mx.Name,
 			Text: s.label + ": SMTPUTF8 not supported, and this message needs it (RFC 6531)"}}
 	}
@@ -555,7 +603,7 @@ func (e *Engine) transact(ctx context.Context, s *session, job *queue.Job, body 
 		// RFC 6152 §3: 8-bit data must not go to a server without
 		// 8BITMIME. stsrelay does not rewrite messages (package doc): the
 		// next host may take it, else the message returns with 5.6.3.
-		return nil, nil, &hostFailure{host: s.label, kind: failEightBit, nextHost: true, status: queue.Status{
+		return nil, nil, nil, &hostFailure{host: s.label, kind: failEightBit, nextHost: true, status: queue.Status{
 			Code: 550, Enhanced: "5.6.3",
 			Text: s.label + ": 8BITMIME not supported, and this message has 8-bit content (RFC 6152)"}}
 	}
@@ -577,15 +625,29 @@ func (e *Engine) transact(ctx context.Context, s *session, job *queue.Job, body 
 	// One transaction, or more: RFC 9422 §4.2 has the client send at most
 	// RCPTMAX recipients in each, and after a 452 at the remote's
 	// recipient limit the rest go in another (RFC 5321 §4.5.3.1.10),
-	// on this connection rather than on the retry schedule.
+	// on this connection rather than on the retry schedule, as long as
+	// the session may carry another transaction.
 	n := len(job.Recipients)
-	out, final := make([]queue.Status, n), make([]bool, n)
+	out := make([]queue.Status, n)
+	final = make([]bool, n)
 	todo := make([]int, n)
 	for i := range todo {
 		todo[i] = i
 	}
 	limit := s.limits.rcptMax
 	for first := true; len(todo) > 0; first = false {
+		if most := s.transactionLimit(); most > 0 && s.messages >= most {
+			// No MAIL beyond the limit: the rest go in a new session
+			// (deliver). RFC 3463 X.5.3 is this very case, "the
+			// remainder of the recipients to be delivered on a
+			// subsequent delivery attempt".
+			st := queue.Status{Code: 452, Enhanced: "4.5.3", Text: s.label + ": " + s.transactionLimitText() + " was reached; the rest go in a new session"}
+			for _, k := range todo {
+				out[k] = st
+			}
+			unsent = slices.Clone(todo) // todo stays on the stack
+			break
+		}
 		batch := todo
 		if limit > 0 && len(batch) > limit {
 			batch = batch[:limit]
@@ -610,11 +672,13 @@ func (e *Engine) transact(ctx context.Context, s *session, job *queue.Job, body 
 		}
 		x := &txn{ctx: ctx, s: s, job: recipients(job, batch), dsn: dsn,
 			out: make([]queue.Status, len(batch)), final: make([]bool, len(batch))}
+		// Every MAIL counts, whatever its reply.
+		s.messages++
 		x.run(mo, body)
 		if x.stale {
 			// Only the first transaction leads with RSET (connect).
 			s.broken = true
-			return nil, nil, &hostFailure{host: s.label, kind: failTransport, stale: true,
+			return nil, nil, nil, &hostFailure{host: s.label, kind: failTransport, stale: true,
 				status: queue.Status{Code: 451, Enhanced: "4.4.2", Text: s.label + ": an idle connection did not answer RSET"}}
 		}
 		var again []int
@@ -647,8 +711,7 @@ func (e *Engine) transact(ctx context.Context, s *session, job *queue.Job, body 
 		}
 		todo = append(todo, rest...)
 	}
-	s.messages++
-	return out, final, nil
+	return out, final, unsent, nil
 }
 
 // run is one mail transaction, pipelined or lock-step.

@@ -43,7 +43,8 @@ type testMX struct {
 	mu         sync.Mutex
 	got        []received
 	conns      map[*smtp.Conn]bool
-	serverName []string // SNI of each TLS handshake
+	mails      map[*smtp.Conn]int // MAIL commands per connection, refused ones too
+	serverName []string           // SNI of each TLS handshake
 	// unwrapped counts the session tickets clients offered that this
 	// server accepted for resumption.
 	unwrapped int
@@ -68,7 +69,7 @@ func withTLS(cert tls.Certificate) mxOption {
 
 func newMX(t testing.TB, opts ...mxOption) *testMX {
 	t.Helper()
-	m := &testMX{rcptErr: map[string]error{}, conns: map[*smtp.Conn]bool{}}
+	m := &testMX{rcptErr: map[string]error{}, conns: map[*smtp.Conn]bool{}, mails: map[*smtp.Conn]int{}}
 	m.srv = smtp.NewServer(smtp.BackendFunc(func(c *smtp.Conn) (smtp.Session, error) {
 		m.mu.Lock()
 		m.conns[c] = true
@@ -135,6 +136,17 @@ func (m *testMX) sessionCount() int {
 	return len(m.conns)
 }
 
+// mostMails is the most MAIL commands one connection carried.
+func (m *testMX) mostMails() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	most := 0
+	for _, n := range m.mails {
+		most = max(most, n)
+	}
+	return most
+}
+
 type mxSession struct {
 	m   *testMX
 	c   *smtp.Conn
@@ -147,6 +159,7 @@ func (s *mxSession) Logout() error { return nil }
 func (s *mxSession) Mail(from string, opts *smtp.MailOptions) error {
 	s.m.mu.Lock()
 	err := s.m.mailErr
+	s.m.mails[s.c]++
 	s.m.mu.Unlock()
 	if err != nil {
 		return err

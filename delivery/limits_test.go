@@ -1,6 +1,109 @@
 package delivery
 
-import "testing"
+import (
+	"fmt"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/emersion/go-smtp"
+)
+
+// fiveRecipients is a job for a@ to e@example.test.
+func fiveRecipients() []string {
+	return []string{"a@example.test", "b@example.test", "c@example.test", "d@example.test", "e@example.test"}
+}
+
+// The new sessions a split job opens count toward the connections one
+// attempt may open (maxAddrAttempts); the recipients left when they run
+// out wait with a status that says why, whichever limit ended the last
+// session.
+func TestTransactionLimitDefersWhatTheAttemptsSessionsCannotCarry(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		limits []string
+		shape  Shaping
+		want   string
+	}{
+		{"max_messages_per_connection", nil, Shaping{MaxMessagesPerConn: 2},
+			"mx1.example.test[127.0.0.2]: max_messages_per_connection of 2 transactions was reached; the rest go in a new session"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			v, mx := oneMX(t, func(s *smtpServer) {
+				s.MaxRecipients = 1
+				s.Limits = tc.limits
+			})
+			e := v.engine(func(o *Options) {
+				if tc.shape != (Shaping{}) {
+					o.Limits = []Limit{{Domains: []string{"example.test"}, Shaping: tc.shape}}
+				}
+			})
+			var rcpts []string
+			for i := range 2*maxAddrAttempts + 5 {
+				rcpts = append(rcpts, fmt.Sprintf("r%02d@example.test", i))
+			}
+			st := deliver(t, e, testJob("example.test", rcpts...))
+			for i, s := range st {
+				if i < 2*maxAddrAttempts {
+					if !s.Delivered() {
+						t.Errorf("recipient %d: %s", i, s.String())
+					}
+					continue
+				}
+				wantStatus(t, s, 452, "4.5.3", tc.want)
+			}
+			if n := mx.mostMails(); n > 2 {
+				t.Errorf("a session carried %d MAIL commands, want at most 2", n)
+			}
+			if n, m := mx.sessionCount(), len(mx.messages()); n != maxAddrAttempts || m != 2*maxAddrAttempts {
+				t.Errorf("%d transactions over %d sessions, want %d over %d", m, n, 2*maxAddrAttempts, maxAddrAttempts)
+			}
+		})
+	}
+}
+
+// max_messages_per_connection counts transactions, not jobs: a job split
+// into three takes three of them.
+func TestMaxMessagesPerConnectionCountsTransactions(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		perConn int
+		limits  []string
+	}{
+		{"max_messages_per_connection 2", 2, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			v, mx := oneMX(t, func(s *smtpServer) {
+				s.MaxRecipients = 2
+				s.Limits = tc.limits
+			})
+			e := v.engine(func(o *Options) {
+				o.IdleTimeout = time.Minute
+				o.Limits = []Limit{{Domains: []string{"example.test"}, Shaping: Shaping{MaxMessagesPerConn: tc.perConn}}}
+			})
+			// Two transactions on the first session, one on the second;
+			// the next message is the second's second, the last opens a
+			// third.
+			for i, st := range deliver(t, e, testJob("example.test", fiveRecipients()...)) {
+				if !st.Delivered() {
+					t.Errorf("recipient %d: %s", i, st.String())
+				}
+			}
+			for _, r := range []string{"f@example.test", "g@example.test"} {
+				if st := deliver(t, e, testJob("example.test", r)); !st[0].Delivered() {
+					t.Errorf("%s: %s", r, st[0].String())
+				}
+			}
+			if n := mx.mostMails(); n != 2 {
+				t.Errorf("at most %d MAIL commands on a session, want 2", n)
+			}
+			if n, m := mx.sessionCount(), len(mx.messages()); n != 3 || m != 5 {
+				t.Errorf("%d transactions over %d sessions, want 5 over 3", m, n)
+			}
+		})
+	}
+}
 
 // RFC 9422 §3.7: limits not known, and known ones with a malformed value,
 // are ignored; names are read in any case.
@@ -20,4 +123,74 @@ func TestParseLimitsIgnoresWhatItCannotRead(t *testing.T) {
 			t.Errorf("parseLimits(%q) = %+v, want %+v", tc.params, got, tc.want)
 		}
 	}
+}
+
+// While a new session with the same host takes the recipients a session
+// could not carry, what the host deferred waits, then goes to the next
+// host with whatever the new session defers; when the host gives no new
+// session, the rest go there too.
+func TestTransactionLimitKeepsTheNextHostForWhatTheHostDeferred(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		again    bool // mx1 takes a new connection
+		mx1, mx2 [][]string
+		deferred string
+		eBy      string // who delivered e@
+	}{
+		{"new session", true,
+			[][]string{{"a@example.test", "b@example.test"}, {"d@example.test"}, {"e@example.test"}},
+			[][]string{{"c@example.test"}},
+			"(1 of 5 recipients)", "mx1.example.test[127.0.0.2]"},
+		{"no new session", false,
+			[][]string{{"a@example.test", "b@example.test"}, {"d@example.test"}},
+			[][]string{{"c@example.test", "e@example.test"}},
+			"(2 of 5 recipients)", "mx2.example.test[127.0.0.3]"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			v, mx1, mx2 := twoMX(t, func(s *smtpServer) { s.MaxRecipients = 2 })
+			mx1.rcptErr["c@example.test"] = smtpErr(451, smtp.EnhancedCode{4, 7, 1}, "greylisted, try later")
+			if !tc.again {
+				// Once its first session has carried two messages, mx1
+				// refuses connections.
+				mx1.dataHook = func(*smtp.Conn) {
+					if len(mx1.messages()) == 1 {
+						v.route("127.0.0.2", v.closed)
+					}
+				}
+			}
+			e := v.engine(func(o *Options) {
+				o.Limits = []Limit{{Domains: []string{"example.test"}, Shaping: Shaping{MaxMessagesPerConn: 2}}}
+			})
+			st := deliver(t, e, testJob("example.test", fiveRecipients()...))
+			for i, s := range st {
+				if !s.Delivered() {
+					t.Errorf("recipient %d: %s", i, s.String())
+				}
+			}
+			wantStatus(t, st[2], 250, "2.0.0", "mx2.example.test[127.0.0.3]")
+			wantStatus(t, st[4], 250, "2.0.0", tc.eBy)
+			if got := transactions(mx1); !slices.EqualFunc(got, tc.mx1, slices.Equal) {
+				t.Errorf("mx1 took %q, want %q", got, tc.mx1)
+			}
+			if got := transactions(mx2); !slices.EqualFunc(got, tc.mx2, slices.Equal) {
+				t.Errorf("mx2 took %q, want %q", got, tc.mx2)
+			}
+			if n := mx1.mostMails(); n > 2 {
+				t.Errorf("a session with mx1 carried %d MAIL commands, want at most 2", n)
+			}
+			want := `earlier_hosts="mx1.example.test[127.0.0.2]: 451 4.7.1 greylisted, try later ` + tc.deferred + `"`
+			if logs := v.logs.String(); !strings.Contains(logs, want) || !strings.Contains(logs, "mx=mx2.example.test") {
+				t.Errorf("log line does not say mx1 deferred (%s), then mx2:\n%s", want, logs)
+			}
+		})
+	}
+}
+
+// transactions are the recipients of each message mx took, in order.
+func transactions(mx *testMX) [][]string {
+	var out [][]string
+	for _, m := range mx.messages() {
+		out = append(out, m.rcpts)
+	}
+	return out
 }

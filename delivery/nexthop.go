@@ -47,7 +47,9 @@ func (c Credentials) LogValue() slog.Value { return slog.StringValue("[redacted]
 // Shaping limits the traffic to one destination; zero fields keep the
 // defaults (Options.MaxConnsPerDomain connections, no other limit).
 type Shaping struct {
-	MaxConnections     int
+	MaxConnections int
+	// MaxMessagesPerConn counts mail transactions (MAIL commands): a
+	// message sent in several counts once for each.
 	MaxMessagesPerConn int
 	// Rate is messages per second, evenly spaced (a burst of one); 0 is
 	// no limit.

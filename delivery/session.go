@@ -118,8 +118,8 @@ type session struct {
 	limits limits
 	// broken says the connection must not be used again.
 	broken bool
-	// messages counts the transactions started, for
-	// max_messages_per_connection.
+	// messages counts the transactions started (MAIL commands sent),
+	// for transactionLimit.
 	messages int
 	// throttled says the remote answered "too many connections".
 	throttled string
@@ -130,6 +130,18 @@ type session struct {
 	// probe says the session came from the idle cache and has not yet
 	// shown it is alive: its next command group starts with RSET.
 	probe bool
+}
+
+// transactionLimit is how many mail transactions s may carry, 0 for no
+// limit: the destination's max_messages_per_connection.
+func (s *session) transactionLimit() int {
+	return s.shaping.MaxMessagesPerConn
+}
+
+// transactionLimitText names the limit transactionLimit returns, for a
+// status.
+func (s *session) transactionLimitText() string {
+	return fmt.Sprintf("max_messages_per_connection of %d transactions", s.shaping.MaxMessagesPerConn)
 }
 
 // connKey identifies connections that may carry each other's messages:
