@@ -55,7 +55,7 @@ func (e *Engine) removeIdle(s *session) bool {
 // for the next message to the same destination, or is closed when it is
 // broken or has carried as many transactions as it may (transactionLimit).
 func (e *Engine) release(s *session) {
-	most := s.transactionLimit()
+	most, _ := s.transactionLimit()
 	spent := most > 0 && s.messages >= most
 	if s.broken || s.conn == nil || e.opts.IdleTimeout < 0 || spent {
 		s.quitQuietly()

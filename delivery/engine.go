@@ -636,12 +636,16 @@ func (e *Engine) transact(ctx context.Context, s *session, job *queue.Job, body 
 	}
 	limit := s.limits.rcptMax
 	for first := true; len(todo) > 0; first = false {
-		if most := s.transactionLimit(); most > 0 && s.messages >= most {
+		if most, mailMax := s.transactionLimit(); most > 0 && s.messages >= most {
 			// No MAIL beyond the limit: the rest go in a new session
 			// (deliver). RFC 3463 X.5.3 is this very case, "the
 			// remainder of the recipients to be delivered on a
 			// subsequent delivery attempt".
-			st := queue.Status{Code: 452, Enhanced: "4.5.3", Text: s.label + ": " + s.transactionLimitText() + " was reached; the rest go in a new session"}
+			what := fmt.Sprintf("max_messages_per_connection of %d transactions", most)
+			if mailMax {
+				what = fmt.Sprintf("the remote's MAILMAX of %d transactions per session", most)
+			}
+			st := queue.Status{Code: 452, Enhanced: "4.5.3", Text: s.label + ": " + what + " was reached; the rest go in a new session"}
 			for _, k := range todo {
 				out[k] = st
 			}
@@ -672,7 +676,8 @@ func (e *Engine) transact(ctx context.Context, s *session, job *queue.Job, body 
 		}
 		x := &txn{ctx: ctx, s: s, job: recipients(job, batch), dsn: dsn,
 			out: make([]queue.Status, len(batch)), final: make([]bool, len(batch))}
-		// Every MAIL counts, whatever its reply.
+		// Every MAIL counts, whatever its reply: MAILMAX (RFC 9422
+		// §4.1) limits the MAIL commands of a session.
 		s.messages++
 		x.run(mo, body)
 		if x.stale {

@@ -9,6 +9,7 @@ import (
 // once per session from the EHLO reply that counts (after STARTTLS);
 // 0 is no limit.
 type limits struct {
+	mailMax int // transactions per session (§4.1)
 	rcptMax int // recipients per transaction (§4.2)
 }
 
@@ -23,7 +24,10 @@ func parseLimits(params string) limits {
 		if !ok {
 			continue
 		}
-		if strings.EqualFold(name, "RCPTMAX") && l.rcptMax == 0 {
+		switch {
+		case strings.EqualFold(name, "MAILMAX") && l.mailMax == 0:
+			l.mailMax = n
+		case strings.EqualFold(name, "RCPTMAX") && l.rcptMax == 0:
 			l.rcptMax = n
 		}
 	}

@@ -8,11 +8,89 @@ import (
 	"time"
 
 	"github.com/emersion/go-smtp"
+
+	"github.com/stsrelay/stsrelay/internal/testpki"
 )
 
 // fiveRecipients is a job for a@ to e@example.test.
 func fiveRecipients() []string {
 	return []string{"a@example.test", "b@example.test", "c@example.test", "d@example.test", "e@example.test"}
+}
+
+// RFC 9422 §4.1: a remote that says LIMITS MAILMAX=n takes at most n
+// transactions per session. The session that has carried them is closed,
+// not cached, and the next message opens another.
+func TestMAILMAXClosesTheSessionAfterItsTransactions(t *testing.T) {
+	for _, withSTARTTLS := range []bool{false, true} {
+		t.Run(fmt.Sprintf("STARTTLS %v", withSTARTTLS), func(t *testing.T) {
+			opts := []mxOption{func(s *smtpServer) { s.Limits = []string{"MAILMAX=2"} }}
+			if withSTARTTLS {
+				opts = append(opts, withTLS(testpki.NewCA(t).Issue(t, "mx1.example.test")))
+			}
+			v, mx := oneMX(t, opts...)
+			e := v.engine(func(o *Options) { o.IdleTimeout = time.Minute })
+			for i := range 5 {
+				if st := deliver(t, e, testJob("example.test", fmt.Sprintf("r%d@example.test", i))); !st[0].Delivered() {
+					t.Fatalf("message %d: %s", i, st[0].String())
+				}
+			}
+			m := mx.messages()
+			if len(m) != 5 || m[0].tls != withSTARTTLS {
+				t.Errorf("%d messages received (TLS %v), want 5", len(m), len(m) > 0 && m[0].tls)
+			}
+			if n := mx.mostMails(); n > 2 {
+				t.Errorf("a session carried %d MAIL commands, want at most MAILMAX=2", n)
+			}
+			if n := mx.sessionCount(); n != 3 {
+				t.Errorf("%d sessions for 5 messages at 2 per session, want 3", n)
+			}
+		})
+	}
+}
+
+// The EHLO after STARTTLS is the one that counts (RFC 3207 §4.2): its
+// MAILMAX applies, not the one said before.
+func TestMAILMAXIsReadFromTheEHLOAfterSTARTTLS(t *testing.T) {
+	v, _ := oneMX(t)
+	cert := v.ca.Issue(t, "mx1.example.test")
+	mx := &scriptMX{ehlo: []string{"PIPELINING", "LIMITS MAILMAX=1"}, ehloTLS: []string{"PIPELINING", "LIMITS MAILMAX=3"}, cert: &cert}
+	v.route("127.0.0.2", newScriptMX(t, mx))
+	e := v.engine(func(o *Options) { o.IdleTimeout = time.Minute })
+	for i := range 5 {
+		if st := deliver(t, e, testJob("example.test", fmt.Sprintf("r%d@example.test", i))); !st[0].Delivered() {
+			t.Fatalf("message %d: %s", i, st[0].String())
+		}
+	}
+	verbs := strings.Join(mx.verbs(), " ")
+	if n := strings.Count(verbs, "STARTTLS"); n != 2 || len(mx.messages()) != 5 {
+		t.Errorf("%d messages over %d sessions, want 5 over 2 (MAILMAX=3): %s", len(mx.messages()), n, verbs)
+	}
+}
+
+// A job split into transactions (RCPTMAX) that reaches MAILMAX sends no
+// further MAIL on that session: the recipients not yet sent go in a new
+// session to the same host, within the same attempt.
+func TestMAILMAXSplitJobGoesOnInANewSession(t *testing.T) {
+	v, mx := oneMX(t, func(s *smtpServer) {
+		s.MaxRecipients = 2 // LIMITS RCPTMAX=2
+		s.Limits = []string{"MAILMAX=2"}
+	})
+	e := v.engine()
+	for i, st := range deliver(t, e, testJob("example.test", fiveRecipients()...)) {
+		if !st.Delivered() {
+			t.Errorf("recipient %d: %s", i, st.String())
+		}
+	}
+	want := [][]string{{"a@example.test", "b@example.test"}, {"c@example.test", "d@example.test"}, {"e@example.test"}}
+	if got := transactions(mx); !slices.EqualFunc(got, want, slices.Equal) {
+		t.Errorf("transactions %q, want %q", got, want)
+	}
+	if n := mx.mostMails(); n > 2 {
+		t.Errorf("a session carried %d MAIL commands, want at most MAILMAX=2", n)
+	}
+	if n := mx.sessionCount(); n != 2 {
+		t.Errorf("%d sessions, want 2", n)
+	}
 }
 
 // The new sessions a split job opens count toward the connections one
@@ -26,6 +104,8 @@ func TestTransactionLimitDefersWhatTheAttemptsSessionsCannotCarry(t *testing.T) 
 		shape  Shaping
 		want   string
 	}{
+		{"MAILMAX", []string{"MAILMAX=2"}, Shaping{},
+			"mx1.example.test[127.0.0.2]: the remote's MAILMAX of 2 transactions per session was reached; the rest go in a new session"},
 		{"max_messages_per_connection", nil, Shaping{MaxMessagesPerConn: 2},
 			"mx1.example.test[127.0.0.2]: max_messages_per_connection of 2 transactions was reached; the rest go in a new session"},
 	} {
@@ -64,7 +144,8 @@ func TestTransactionLimitDefersWhatTheAttemptsSessionsCannotCarry(t *testing.T) 
 }
 
 // max_messages_per_connection counts transactions, not jobs: a job split
-// into three takes three of them.
+// into three takes three of them, and the smaller of it and the remote's
+// MAILMAX applies.
 func TestMaxMessagesPerConnectionCountsTransactions(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
@@ -72,6 +153,8 @@ func TestMaxMessagesPerConnectionCountsTransactions(t *testing.T) {
 		limits  []string
 	}{
 		{"max_messages_per_connection 2", 2, nil},
+		{"max_messages_per_connection 2, MAILMAX 3", 2, []string{"MAILMAX=3"}},
+		{"max_messages_per_connection 3, MAILMAX 2", 3, []string{"MAILMAX=2"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			v, mx := oneMX(t, func(s *smtpServer) {
@@ -105,6 +188,38 @@ func TestMaxMessagesPerConnectionCountsTransactions(t *testing.T) {
 	}
 }
 
+// RFC 9422 §3.7: a LIMITS parameter that is malformed is ignored, and the
+// remote gets as many transactions per session as one without it. A
+// well-formed one is read whatever its case.
+func TestMalformedMAILMAXIsIgnored(t *testing.T) {
+	for _, tc := range []struct {
+		param    string
+		sessions int
+	}{
+		{"MAILMAX=abc", 1},
+		{"MAILMAX=0", 1},
+		{"MAILMAX=99999999", 1},
+		{"MAILMAX=-1", 1},
+		{"MAILMAX=", 1},
+		{"MAILMAX", 1},
+		{"MAILMAX=2x", 1},
+		{"mailmax=2", 3}, // well-formed
+	} {
+		t.Run(tc.param, func(t *testing.T) {
+			v, mx := oneMX(t, func(s *smtpServer) { s.Limits = []string{tc.param} })
+			e := v.engine(func(o *Options) { o.IdleTimeout = time.Minute })
+			for i := range 5 {
+				if st := deliver(t, e, testJob("example.test", fmt.Sprintf("r%d@example.test", i))); !st[0].Delivered() {
+					t.Fatalf("message %d: %s", i, st[0].String())
+				}
+			}
+			if n := mx.sessionCount(); n != tc.sessions {
+				t.Errorf("%d sessions for 5 messages, want %d", n, tc.sessions)
+			}
+		})
+	}
+}
+
 // RFC 9422 §3.7: limits not known, and known ones with a malformed value,
 // are ignored; names are read in any case.
 func TestParseLimitsIgnoresWhatItCannotRead(t *testing.T) {
@@ -118,6 +233,10 @@ func TestParseLimitsIgnoresWhatItCannotRead(t *testing.T) {
 		{"RCPTMAX=999999", limits{rcptMax: 999999}},
 		{"RCPTMAX=abc RCPTMAX=0 RCPTMAX=9999999 RCPTMAX=-1 RCPTMAX= RCPTMAX RCPTMAX=2x", limits{}},
 		{"RCPTMAX=abc RCPTMAX=3 RCPTMAX=4", limits{rcptMax: 3}},
+		{"MAILMAX=1000 rcptmax=2 RCPTDOMAINMAX=1", limits{mailMax: 1000, rcptMax: 2}},
+		{"mailmax=2", limits{mailMax: 2}},
+		{"MAILMAX=abc MAILMAX=0 MAILMAX=99999999 MAILMAX=-1 MAILMAX= MAILMAX MAILMAX=2x", limits{}},
+		{"MAILMAX=99999999 RCPTMAX=2", limits{rcptMax: 2}},
 	} {
 		if got := parseLimits(tc.params); got != tc.want {
 			t.Errorf("parseLimits(%q) = %+v, want %+v", tc.params, got, tc.want)

@@ -133,15 +133,15 @@ type session struct {
 }
 
 // transactionLimit is how many mail transactions s may carry, 0 for no
-// limit: the destination's max_messages_per_connection.
-func (s *session) transactionLimit() int {
-	return s.shaping.MaxMessagesPerConn
-}
-
-// transactionLimitText names the limit transactionLimit returns, for a
-// status.
-func (s *session) transactionLimitText() string {
-	return fmt.Sprintf("max_messages_per_connection of %d transactions", s.shaping.MaxMessagesPerConn)
+// limit: the smaller of the remote's MAILMAX (RFC 9422 §4.1) and the
+// destination's max_messages_per_connection; mailMax says it is the
+// remote's.
+func (s *session) transactionLimit() (n int, mailMax bool) {
+	n = s.shaping.MaxMessagesPerConn
+	if m := s.limits.mailMax; m > 0 && (n <= 0 || m <= n) {
+		return m, true
+	}
+	return n, false
 }
 
 // connKey identifies connections that may carry each other's messages:
