@@ -33,23 +33,26 @@ func (q *Queue) backoff(attempts int) time.Duration {
 }
 
 // applyOutcome records the statuses of one delivery, with the DSNs they
-// call for marked owed, then queues those DSNs. stopped says that a stop
-// cut the delivery off.
-func (q *Queue) applyOutcome(job *Job, idx []int, statuses []Status, stopped bool) error {
+// call for marked owed, then queues those DSNs. cut is why a stop or an
+// operator's command cut the delivery off (the cause of its context),
+// nil when nothing did.
+func (q *Queue) applyOutcome(job *Job, idx []int, statuses []Status, cut error) error {
 	if len(statuses) != len(idx) {
 		q.log.Error("queue: deliverer returned the wrong number of statuses; deferring all", "id", job.ID, "domain", job.Domain, "want", len(idx), "got", len(statuses))
 		st := Status{Code: 451, Enhanced: "4.3.0", Text: fmt.Sprintf("internal error: deliverer returned %d statuses for %d recipients", len(statuses), len(idx))}
 		statuses = slices.Repeat([]Status{st}, len(idx))
 	}
-	if stopped {
-		// A deferral the stop caused says nothing about the destination:
-		// those recipients stay as they were, due at the next start, with
-		// no attempt counted, no step of the schedule, no delay notice and
-		// no expiry (docs/DESIGN.md, Durability). One cut off after the
-		// final dot may get the message twice, as after a crash.
+	if cut != nil {
+		// A deferral that a stop or an operator's command caused says
+		// nothing about the destination: those recipients stay as they
+		// were (due at the next start, or at once; held or failed by the
+		// command), with no attempt counted, no step of the schedule, no
+		// delay notice and no expiry (docs/DESIGN.md, Durability and The
+		// queue commands). One cut off after the final dot may get the
+		// message twice, as after a crash.
 		idx, statuses = settled(idx, statuses)
 		if len(idx) == 0 {
-			q.log.Debug("recipients left due: delivery cut off by the stop", "id", job.ID, "domain", job.Domain)
+			q.log.Debug("recipients left as they were: delivery cut off", "id", job.ID, "domain", job.Domain, "cause", cut)
 			return nil
 		}
 	}

@@ -63,6 +63,12 @@ type slot struct {
 	inflight bool      // a delivery is running; never two at once
 	ready    bool      // due and waiting for a worker or a domain slot
 	gone     bool      // the message left the queue
+	// cancel cuts off the delivery in flight (an operator's bounce, delete
+	// or hold of its recipients, see carriers); nil when none runs.
+	cancel context.CancelCauseFunc
+	// carrying are the recipients (indexes into the record) of the
+	// delivery in flight, nil until it has read them.
+	carrying []int
 }
 
 type timed struct {
@@ -436,10 +442,13 @@ func (q *Queue) dispatch(ctx context.Context, wg *sync.WaitGroup) time.Duration 
 		s.ready, s.inflight = false, true
 		sc.running++
 		sc.active[s.domain]++
+		attempt, cancel := context.WithCancelCause(ctx)
+		s.cancel = cancel
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			q.work(ctx, s)
+			defer cancel(nil)
+			q.work(attempt, s)
 		}()
 	}
 	wait := time.Hour
@@ -514,7 +523,9 @@ func (q *Queue) nextReadyLocked() *slot {
 	return nil
 }
 
-// work runs one delivery of s and records the outcome.
+// work runs one delivery of s and records the outcome. ctx is the
+// attempt's own: Run cancels it at a stop once the grace is over, and an
+// operator's bounce, delete or hold of its recipients cuts it off.
 func (q *Queue) work(ctx context.Context, s *slot) {
 	retryAt := time.Time{}
 	defer func() { q.finish(s, retryAt) }()
@@ -537,9 +548,11 @@ func (q *Queue) work(ctx context.Context, s *slot) {
 		q.mu.Unlock()
 		return
 	}
+	q.mu.Lock()
+	s.carrying = idx
+	q.mu.Unlock()
 	statuses := q.opts.Deliverer.Deliver(ctx, job)
-	// Run cancels ctx only at a stop, once the grace is over.
-	if err := q.applyOutcome(job, idx, statuses, ctx.Err() != nil); err != nil {
+	if err := q.applyOutcome(job, idx, statuses, context.Cause(ctx)); err != nil {
 		// Nothing was recorded; try again later rather than in a loop.
 		q.log.Error("queue: cannot record delivery outcome; will retry", "id", job.ID, "domain", job.Domain, "err", err)
 		retryAt = q.opts.Now().Add(time.Minute)
@@ -548,7 +561,7 @@ func (q *Queue) work(ctx context.Context, s *slot) {
 
 func (q *Queue) finish(s *slot, retryAt time.Time) {
 	q.mu.Lock()
-	s.inflight = false
+	s.inflight, s.cancel, s.carrying = false, nil, nil
 	q.sched.running--
 	if q.sched.active[s.domain]--; q.sched.active[s.domain] <= 0 {
 		delete(q.sched.active, s.domain)
