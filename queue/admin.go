@@ -1,6 +1,7 @@
 package queue
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -219,6 +220,46 @@ func deleteRecipients(m *message, pick func(*recipient) bool, _ time.Time) int {
 
 func everyone(*recipient) bool { return true }
 
+// cutCauses say why an operator's command cut off the deliveries in
+// flight of the recipients it took away; the cause of such a delivery's
+// context, its status text and log line carry it. A retry or a release
+// takes no one away.
+var cutCauses = map[string]error{
+	"bounce": errors.New("bounced by the mail system administrator"),
+	"delete": errors.New("deleted by the mail system administrator"),
+	"hold":   errors.New("held by the mail system administrator"),
+}
+
+// carriers returns the cancel functions of the deliveries of m in flight
+// that carry one of the recipients gone (indexes into m's record), which
+// an operator's command took away: a postmaster who bounces, deletes or
+// holds a message expects the transfer to stop. A delivery that has not
+// read its recipients yet may have read them before the command's commit,
+// so it counts when one of them is at its domain. The outcome of a
+// delivery cut off so is recorded as that of one cut off by a stop
+// (applyOutcome).
+func (q *Queue) carriers(m *message, gone []int) []context.CancelCauseFunc {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	e := q.index[m.ID]
+	if e == nil {
+		return nil
+	}
+	var cut []context.CancelCauseFunc
+	for _, s := range e.slots {
+		if s.cancel == nil {
+			continue
+		}
+		for _, i := range gone {
+			if slices.Contains(s.carrying, i) || s.carrying == nil && m.Recipients[i].Domain == s.domain {
+				cut = append(cut, s.cancel)
+				break
+			}
+		}
+	}
+	return cut
+}
+
 // changed is what one commit of an action did.
 type changed struct {
 	messages, recipients int
@@ -227,15 +268,19 @@ type changed struct {
 // apply runs the action named name on the messages ids in one commit, then
 // queues the DSNs it calls for (sendNotices: a DSN that cannot be written
 // stays owed and does not undo the action). A message that is gone
-// meanwhile is skipped. A delete returns once the text of the messages it
-// finished is off the disk, as Delete does.
+// meanwhile is skipped. Once committed, a bounce, delete or hold cuts off
+// the deliveries in flight of the recipients it failed or held (carriers).
+// A delete returns once the text of the messages it finished is off the
+// disk, as Delete does.
 func (q *Queue) apply(ids []string, name string, sel *Selector) (changed, error) {
 	act := actions[name]
+	cause := cutCauses[name]
 	var res changed
 	var touched []*message
+	var gone [][]int // of each touched message, the recipients no longer pending
 	var ticket uint64
 	err := q.commit.do(func(tx *bbolt.Tx) error {
-		res, touched = changed{}, touched[:0]
+		res, touched, gone = changed{}, touched[:0], gone[:0]
 		now := q.opts.Now()
 		for _, id := range ids {
 			m, err := q.recs.get(tx, id)
@@ -249,6 +294,13 @@ func (q *Queue) apply(ids []string, name string, sel *Selector) (changed, error)
 				}
 				pick = sel.picker(now)
 			}
+			var was []bool
+			if cause != nil {
+				was = make([]bool, len(m.Recipients))
+				for i := range m.Recipients {
+					was[i] = m.Recipients[i].pending()
+				}
+			}
 			n := act(m, pick, now)
 			if n == 0 {
 				continue
@@ -258,14 +310,31 @@ func (q *Queue) apply(ids []string, name string, sel *Selector) (changed, error)
 			if err := q.recs.save(tx, m); err != nil {
 				return err
 			}
-			touched = append(touched, m)
+			var g []int
+			for i := range was {
+				if was[i] && !m.Recipients[i].pending() {
+					g = append(g, i)
+				}
+			}
+			touched, gone = append(touched, m), append(gone, g)
 		}
 		return nil
 	}, func() {
-		for _, m := range touched {
+		for k, m := range touched {
+			var cut []context.CancelCauseFunc
+			if len(gone[k]) > 0 {
+				cut = q.carriers(m, gone[k])
+			}
 			q.indexPut(m)
 			if name == "delete" && m.done() && m.BodyFile != "" {
 				ticket = q.spool.flush(m.BodyFile)
+			}
+			// Only once the index follows the record: the slot of a
+			// delivery cut off is due again at once, and its next attempt
+			// must not take the first copy in memory, which still has
+			// the recipients the command took away.
+			for _, cancel := range cut {
+				cancel(cause)
 			}
 		}
 	})
@@ -311,18 +380,20 @@ func (q *Queue) change(name, id string) (int, error) {
 // happened.
 func (q *Queue) Retry(id string) (int, error) { return q.change("retry", id) }
 
-// Hold stops delivery of the pending recipients of id until Release.
+// Hold stops delivery of the pending recipients of id until Release,
+// cutting off the deliveries in flight.
 func (q *Queue) Hold(id string) (int, error) { return q.change("hold", id) }
 
 // Release makes the held recipients of id due now.
 func (q *Queue) Release(id string) (int, error) { return q.change("release", id) }
 
 // Bounce fails every recipient of id not yet delivered and sends the
-// sender a DSN, as NOTIFY allows.
+// sender a DSN, as NOTIFY allows. Deliveries in flight are cut off.
 func (q *Queue) Bounce(id string) (int, error) { return q.change("bounce", id) }
 
-// Delete removes id from the queue without notifying anyone. It also
-// removes a damaged record, which no other command can read.
+// Delete removes id from the queue without notifying anyone, and cuts
+// off its deliveries in flight. It also removes a damaged record, which
+// no other command can read.
 func (q *Queue) Delete(id string) error {
 	var ticket uint64
 	err := q.commit.do(func(tx *bbolt.Tx) error {
@@ -334,6 +405,11 @@ func (q *Queue) Delete(id string) error {
 		q.mu.Lock()
 		defer q.mu.Unlock()
 		if e := q.index[id]; e != nil {
+			for _, s := range e.slots {
+				if s.cancel != nil {
+					s.cancel(cutCauses["delete"])
+				}
+			}
 			q.indexRemoveLocked(e)
 			if e.bodyFile != "" {
 				// An operator who deletes a message expects its text gone
