@@ -163,8 +163,8 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 		}
 		return out
 	}
-	if err := ctx.Err(); err != nil {
-		return all(queue.Status{Code: 451, Enhanced: "4.4.2", Text: "delivery interrupted before it started: " + err.Error()})
+	if ctx.Err() != nil {
+		return all(queue.Status{Code: 451, Enhanced: "4.4.2", Text: "delivery interrupted before it started: " + context.Cause(ctx).Error()})
 	}
 
 	nh := e.nexthop(domain, job.Envelope.From)

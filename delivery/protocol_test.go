@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -307,6 +308,45 @@ func TestCancelledHandshakeIsNotRecorded(t *testing.T) {
 			t.Errorf("recorded %s (%s) for a handshake cut off by cancellation", r.Result, r.Detail)
 		}
 	}
+}
+
+// An attempt cut off with a cause (an operator's bounce, say) closes the
+// connection of a transfer stalled in DATA, and its status and log line
+// say why; one cut off before it started says so too.
+func TestCutOffTransferSaysWhy(t *testing.T) {
+	v, _ := oneMX(t)
+	inData := make(chan struct{})
+	closed := make(chan struct{})
+	v.route("127.0.0.2", rawServer(t, func(c net.Conn) {
+		r := bufio.NewReader(c)
+		io.WriteString(c, "220 mx.test ESMTP\r\n")
+		r.ReadString('\n') // EHLO
+		io.WriteString(c, "250-mx.test\r\n250 PIPELINING\r\n")
+		for _, reply := range []string{"250 ok\r\n", "250 ok\r\n", "354 go ahead\r\n"} { // MAIL, RCPT, DATA
+			r.ReadString('\n')
+			io.WriteString(c, reply)
+		}
+		close(inData) // and never answer the final dot
+		io.Copy(io.Discard, r)
+		close(closed)
+	}))
+	e := v.engine()
+	bounced := errors.New("bounced by the mail system administrator")
+	ctx, cancel := context.WithCancelCause(context.Background())
+	go func() { <-inData; cancel(bounced) }()
+	st := e.Deliver(ctx, testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 451, "4.4.2", "delivery interrupted", "(bounced by the mail system administrator)")
+	select {
+	case <-closed: // EOF, or a reset: the message was still unread
+	case <-time.After(10 * time.Second):
+		t.Fatal("the connection stayed open after the cut")
+	}
+	if logs := v.logs.String(); !strings.Contains(logs, "bounced by the mail system administrator") {
+		t.Errorf("the attempt's log line does not say why it was cut off:\n%s", logs)
+	}
+
+	st = e.Deliver(ctx, testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 451, "4.4.2", "delivery interrupted before it started: bounced by the mail system administrator")
 }
 
 // A DSN's Diagnostic-Code carries the remote's reply as received (RFC 3464
