@@ -63,13 +63,19 @@ type owedDSN struct {
 // leaves only an orphan file for the next start to remove. Nothing is
 // written inside the transaction, which may run more than once; a file
 // whose record does not commit is removed. A DSN that cannot be written
-// keeps its marks, and Run tries again every noticeRetry.
+// keeps its marks, and Run tries again every noticeRetry. Once a stop's
+// grace is over, no more DSNs are written: they keep their marks too, and
+// the next start writes them.
 func (q *Queue) sendNotices(ids []string) {
 	q.noticeMu.Lock()
 	defer q.noticeMu.Unlock()
 	now := q.opts.Now()
 	var owed []*owedDSN
-	for _, id := range ids {
+	for k, id := range ids {
+		if q.graceOver.Load() {
+			q.log.Info("queue: stopping with DSNs still to write; they stay owed and the next start queues them", "messages", len(ids)-k)
+			break
+		}
 		var m *message
 		err := q.db.View(func(tx *bbolt.Tx) error {
 			var err error

@@ -1,15 +1,19 @@
 package queue
 
 import (
+	"context"
 	"errors"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 	"unicode/utf8"
+
+	"go.etcd.io/bbolt"
 )
 
 // RFC 3464 §2.3.5: Remote-MTA names the host that gave the reported
@@ -261,5 +265,76 @@ func TestBounceOnAFullDiskStandsAndItsDSNFollowsAfterARestart(t *testing.T) {
 	}
 	if _, err := tq.Show(id); !errors.Is(err, ErrNotFound) {
 		t.Errorf("the bounced message is still queued once its DSN is: %v", err)
+	}
+}
+
+// A stop does not wait for every DSN owed: after a long full disk there
+// may be thousands, and writing them all would run far past the grace.
+// The ones not written when the grace ends stay owed, on disk, and the
+// next start queues them.
+func TestDSNsStillOwedWhenAStopsGraceEndsAreQueuedAtTheNextStart(t *testing.T) {
+	const n = 50
+	path := filepath.Join(t.TempDir(), "stsrelay.db")
+	tq := openTestQueue(t, path, newScripted(all(defer451)), Options{ShutdownGrace: 50 * time.Millisecond})
+	var ids []string
+	for range n {
+		ids = append(ids, tq.enqueue(t, env("alice@example.com", "bob@example.org")))
+	}
+	// The disk is full: the bounce stands, and its DSNs are owed.
+	tq.spool.mu.Lock()
+	tq.spool.fsync = func(*os.File) error { return syscall.ENOSPC }
+	tq.spool.mu.Unlock()
+	if res, err := tq.Select("bounce", Selector{All: true}, true); err != nil || res.Messages != n {
+		t.Fatalf("bounce -all: %+v, %v", res, err)
+	}
+	// Space returns, on a slow disk: each DSN takes a while to write, and
+	// all of them would take 20 seconds.
+	writing := make(chan struct{}, n)
+	tq.spool.mu.Lock()
+	tq.spool.fsync = func(f *os.File) error {
+		writing <- struct{}{}
+		time.Sleep(400 * time.Millisecond)
+		return f.Sync()
+	}
+	tq.spool.mu.Unlock()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- tq.Run(ctx) }()
+	select {
+	case <-writing:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the owed DSNs were not tried")
+	}
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Run went on writing DSNs long after the stop's grace")
+	}
+	tq.Close()
+	tq.db.Close()
+
+	tq = openTestQueue(t, path, newScripted(all(defer451)), Options{})
+	written, owing := len(tq.dsnsTo(t, "alice@example.com")), 0
+	tq.db.View(func(tx *bbolt.Tx) error {
+		for _, id := range ids {
+			if m, err := getMessage(tx, id); err == nil && m != nil && m.owesNotice() {
+				owing++ // a message whose DSN was queued has left
+			}
+		}
+		return nil
+	})
+	if written+owing != n || owing < n/2 {
+		t.Fatalf("after the stop: %d DSNs queued, %d still owed; want all %d accounted for, most still owed", written, owing, n)
+	}
+	tq.run(t)
+	eventually(t, "the owed DSNs", func() bool { return len(tq.dsnsTo(t, "alice@example.com")) == n })
+	for _, id := range ids {
+		if _, err := tq.Show(id); !errors.Is(err, ErrNotFound) {
+			t.Errorf("%s is still queued once its DSN is: %v", id, err)
+		}
 	}
 }

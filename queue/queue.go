@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -122,6 +123,10 @@ type Queue struct {
 	noticeNext time.Time
 	noticing   bool
 	noticeMu   sync.Mutex // one sendNotices at a time: a DSN's marks are cleared once
+	// graceOver is set once a stop's grace has run out: the DSNs not
+	// written by then stay owed (the marks are on disk) for the next
+	// start, so that many owed after a full disk cannot hold the stop up.
+	graceOver atomic.Bool
 
 	closeOnce sync.Once
 	// loaded is what load found, logged when Run starts: a start that

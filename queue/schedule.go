@@ -373,8 +373,10 @@ func (q *Queue) pushLocked(s *slot) {
 }
 
 // Run delivers due messages until ctx is done. It then gives in-flight
-// deliveries Options.ShutdownGrace to finish, cancels the rest (they stay
-// queued and are due again at the next start) and returns.
+// deliveries and DSN writes Options.ShutdownGrace to finish, cancels the
+// deliveries still running (they stay queued and are due again at the
+// next start), leaves the DSNs not yet written owed for the next start,
+// and returns.
 func (q *Queue) Run(ctx context.Context) error {
 	for _, d := range q.damaged {
 		q.log.Error("queue: damaged message record, not scheduled", "id", d.id, "err", d.err)
@@ -402,6 +404,7 @@ func (q *Queue) Run(ctx context.Context) error {
 			case <-done:
 			case <-grace.C:
 				q.log.Warn("queue: cancelling deliveries still running at shutdown")
+				q.graceOver.Store(true)
 				cancelJobs()
 				<-done
 			}

@@ -30,6 +30,7 @@ type spool struct {
 	noPunch bool                                 // the file system cannot punch holes
 	segMax  int64                                // segmentMax; smaller in tests
 	punch   func(f *os.File, off, n int64) error // punchHole; tests hold it up
+	fsync   func(f *os.File) error               // f.Sync in write; tests hold it up or fail it
 
 	// The space of messages that left is punched out by reclaim, off the
 	// committer: fallocate(2) takes half a millisecond and more, and the
@@ -53,7 +54,7 @@ func openSpool(dir string) (*spool, error) {
 		return nil, fmt.Errorf("cannot open spool directory %s: %w", dir, plainErr(err))
 	}
 	s := &spool{dir: dir, d: d, segs: make(map[string]*segment), segMax: segmentMax, punch: punchHole,
-		punchWake: make(chan struct{}, 1), punchQuit: make(chan struct{}), punchEnded: make(chan struct{})}
+		fsync: (*os.File).Sync, punchWake: make(chan struct{}, 1), punchQuit: make(chan struct{}), punchEnded: make(chan struct{})}
 	s.punched.L = &s.mu
 	go s.reclaim()
 	return s, nil
@@ -80,7 +81,10 @@ func (s *spool) write(now time.Time, body io.Reader, limit int64) (id string, si
 	if err != nil {
 		return "", 0, err
 	}
-	err = f.Sync()
+	s.mu.Lock()
+	fsync := s.fsync
+	s.mu.Unlock()
+	err = fsync(f)
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}
