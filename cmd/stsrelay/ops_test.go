@@ -8,6 +8,7 @@ package main
 import (
 	"encoding/json"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -18,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/emersion/go-smtp"
 	"golang.org/x/crypto/bcrypt"
 	"golang.org/x/sys/unix"
 
@@ -193,6 +195,72 @@ func TestAFailedManualRetryKeepsTheRetrySchedule(t *testing.T) {
 	if want := strings.Replace(planned, "1 attempts", "2 attempts", 1); got != want {
 		t.Fatalf("after a failed manual retry: %s; want the planned attempt kept: %s", got, want)
 	}
+	d.stop(syscall.SIGTERM)
+}
+
+// stallingSession is a sink's session that stops reading in DATA until
+// the test lets it go on, as a slow or hostile server does; it then
+// reads the rest and says whether the message arrived whole.
+type stallingSession struct {
+	inData chan struct{}
+	goOn   chan struct{}
+	read   chan error // what reading the rest of the message ended with
+}
+
+func (s *stallingSession) Reset()                               {}
+func (s *stallingSession) Logout() error                        { return nil }
+func (s *stallingSession) Mail(string, *smtp.MailOptions) error { return nil }
+func (s *stallingSession) Rcpt(string, *smtp.RcptOptions) error { return nil }
+func (s *stallingSession) Data(r io.Reader) error {
+	close(s.inData)
+	<-s.goOn
+	_, err := io.Copy(io.Discard, r)
+	s.read <- err
+	return err
+}
+
+// An operator's bounce stops a transfer under way: the relay closes the
+// connection, and the remote never gets the final dot of a message whose
+// sender was told it failed.
+func TestBounceClosesTheTransferInFlight(t *testing.T) {
+	ss := &stallingSession{inData: make(chan struct{}), goOn: make(chan struct{}), read: make(chan error, 1)}
+	k := startSinkAt(t, "127.0.0.1:0", nil, func(s *smtp.Server) {
+		s.Backend = smtp.BackendFunc(func(*smtp.Conn) (smtp.Session, error) { return ss, nil })
+	})
+	config := writeConfig(t, t.TempDir(), configParts{tail: "[delivery]\nretry_schedule = [\"1h\"]\n\n" + sinkRoute(k)})
+	d := startDaemon(t, config)
+	// Far more than the socket buffers on both sides hold (a receive
+	// buffer grows only as its reader reads): the relay is still sending
+	// when it is cut off.
+	line := strings.Repeat("x", 76) + "\r\n"
+	submit(t, d.submissionAddr(), "app@example.com", "user@example.net", "Subject: a long one\r\n\r\n"+strings.Repeat(line, (16<<20)/len(line)))
+	select {
+	case <-ss.inData:
+	case <-time.After(30 * time.Second):
+		t.Fatalf("the transfer did not reach DATA; log:\n%s", d.output())
+	}
+
+	code, out, errOut := queueCmd(t, config, "list", "-json")
+	var msgs []struct {
+		ID string `json:"id"`
+	}
+	if code != 0 || json.Unmarshal([]byte(out), &msgs) != nil || len(msgs) != 1 {
+		t.Fatalf("queue list -json: exit %d, %s%s", code, out, errOut)
+	}
+	if code, _, errOut := queueCmd(t, config, "bounce", msgs[0].ID); code != 0 {
+		t.Fatalf("queue bounce: %s", errOut)
+	}
+	close(ss.goOn)
+	select {
+	case err := <-ss.read:
+		if err == nil {
+			t.Fatal("the remote got the whole message after the operator bounced it")
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the connection stayed open after the bounce")
+	}
+	d.waitFor(`delivery attempt.*outcome=deferred.*delivery interrupted.*bounced by the mail system administrator`)
+	d.waitFor(`queued DSN.*orig_id=` + msgs[0].ID)
 	d.stop(syscall.SIGTERM)
 }
 
