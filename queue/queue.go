@@ -97,6 +97,10 @@ var ErrTooBig = errors.New("message exceeds the queue's size limit")
 // again once space returns will work (smtpin answers 452 4.3.1).
 var ErrNoSpace = errors.New("the queue's file system is full")
 
+// ErrStopping is the cause of the deliveries a stop cuts off once its
+// grace is over; their recipients are due again at the next start.
+var ErrStopping = errors.New("stsrelay is stopping; due again at the next start")
+
 // Queue is the durable queue and its delivery scheduler.
 type Queue struct {
 	db     *bbolt.DB

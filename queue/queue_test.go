@@ -622,13 +622,17 @@ func TestDeliveryInterruptedByShutdownIsDueAtNextStart(t *testing.T) {
 }
 
 // cutOff answers bob at once and holds carol's transfer until the stop
-// cancels it, as delivery reports an interrupted attempt.
-type cutOff struct{ started chan struct{} }
+// cancels it, as delivery reports an interrupted attempt, with the cause.
+type cutOff struct {
+	started chan struct{}
+	cause   chan error
+}
 
 func (c cutOff) Deliver(ctx context.Context, job *Job) []Status {
 	close(c.started)
 	<-ctx.Done()
-	return []Status{ok250, {Code: 451, Enhanced: "4.4.2", Text: "mx.example.org[192.0.2.1]: delivery interrupted after DATA (context canceled)"}}
+	c.cause <- context.Cause(ctx)
+	return []Status{ok250, {Code: 451, Enhanced: "4.4.2", Text: "mx.example.org[192.0.2.1]: delivery interrupted after DATA (" + context.Cause(ctx).Error() + ")"}}
 }
 
 // A deferral that a stop caused says nothing about the destination: the
@@ -636,7 +640,7 @@ func (c cutOff) Deliver(ctx context.Context, job *Job) []Status {
 // of the schedule, no delay notice and no expiry. What the attempt did
 // settle is recorded.
 func TestDeliveryCutOffByAStopIsDueAtTheNextStart(t *testing.T) {
-	c := cutOff{started: make(chan struct{})}
+	c := cutOff{started: make(chan struct{}), cause: make(chan error, 1)}
 	tq := newTestQueue(t, nil, Options{ShutdownGrace: 10 * time.Millisecond, RetrySchedule: []time.Duration{4 * time.Hour},
 		MaxQueueTime: time.Hour, DelayNoticeAfter: time.Minute})
 	tq.Queue.opts.Deliverer = c
@@ -649,6 +653,10 @@ func TestDeliveryCutOffByAStopIsDueAtTheNextStart(t *testing.T) {
 	cancel()
 	if err := <-done; err != nil {
 		t.Fatal(err)
+	}
+	// The delivery's log line says why it was cut off.
+	if cause := <-c.cause; !errors.Is(cause, ErrStopping) {
+		t.Errorf("the cut-off delivery's cause: %v, want ErrStopping", cause)
 	}
 	m := tq.stored(t, id)
 	if r := m.Recipients[0]; r.State != StateDelivered {

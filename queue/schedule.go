@@ -383,8 +383,8 @@ func (q *Queue) Run(ctx context.Context) error {
 	}
 	q.damaged = nil
 	q.log.Info("queue loaded", q.loaded...)
-	jobCtx, cancelJobs := context.WithCancel(context.WithoutCancel(ctx))
-	defer cancelJobs()
+	jobCtx, cancelJobs := context.WithCancelCause(context.WithoutCancel(ctx))
+	defer cancelJobs(nil)
 	var wg sync.WaitGroup
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
@@ -405,7 +405,7 @@ func (q *Queue) Run(ctx context.Context) error {
 			case <-grace.C:
 				q.log.Warn("queue: cancelling deliveries still running at shutdown")
 				q.graceOver.Store(true)
-				cancelJobs()
+				cancelJobs(ErrStopping)
 				<-done
 			}
 			q.updateGauges()
