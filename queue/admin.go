@@ -230,7 +230,7 @@ var cutCauses = map[string]error{
 	"hold":   errors.New("held by the mail system administrator"),
 }
 
-// carriers returns the cancel functions of the deliveries of m in flight
+// carriersLocked returns the cancel functions of the deliveries of m in flight
 // that carry one of the recipients gone (indexes into m's record), which
 // an operator's command took away: a postmaster who bounces, deletes or
 // holds a message expects the transfer to stop. A delivery that has not
@@ -238,9 +238,7 @@ var cutCauses = map[string]error{
 // so it counts when one of them is at its domain. The outcome of a
 // delivery cut off so is recorded as that of one cut off by a stop
 // (applyOutcome).
-func (q *Queue) carriers(m *message, gone []int) []context.CancelCauseFunc {
-	q.mu.Lock()
-	defer q.mu.Unlock()
+func (q *Queue) carriersLocked(m *message, gone []int) []context.CancelCauseFunc {
 	e := q.index[m.ID]
 	if e == nil {
 		return nil
@@ -269,7 +267,7 @@ type changed struct {
 // queues the DSNs it calls for (sendNotices: a DSN that cannot be written
 // stays owed and does not undo the action). A message that is gone
 // meanwhile is skipped. Once committed, a bounce, delete or hold cuts off
-// the deliveries in flight of the recipients it failed or held (carriers).
+// the deliveries in flight of the recipients it failed or held (carriersLocked).
 // A delete returns once the text of the messages it finished is off the
 // disk, as Delete does.
 func (q *Queue) apply(ids []string, name string, sel *Selector) (changed, error) {
@@ -321,11 +319,17 @@ func (q *Queue) apply(ids []string, name string, sel *Selector) (changed, error)
 		return nil
 	}, func() {
 		for k, m := range touched {
+			// One hold of q.mu for both: a delivery dispatched between
+			// them would take the first copy in memory, which still has
+			// the recipients the command took away, and would be cut off
+			// by no one.
 			var cut []context.CancelCauseFunc
+			q.mu.Lock()
 			if len(gone[k]) > 0 {
-				cut = q.carriers(m, gone[k])
+				cut = q.carriersLocked(m, gone[k])
 			}
-			q.indexPut(m)
+			q.indexPutLocked(m, nil)
+			q.mu.Unlock()
 			if name == "delete" && m.done() && m.BodyFile != "" {
 				ticket = q.spool.flush(m.BodyFile)
 			}

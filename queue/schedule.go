@@ -64,7 +64,7 @@ type slot struct {
 	ready    bool      // due and waiting for a worker or a domain slot
 	gone     bool      // the message left the queue
 	// cancel cuts off the delivery in flight (an operator's bounce, delete
-	// or hold of its recipients, see carriers); nil when none runs.
+	// or hold of its recipients, see carriersLocked); nil when none runs.
 	cancel context.CancelCauseFunc
 	// carrying are the recipients (indexes into the record) of the
 	// delivery in flight, nil until it has read them.
@@ -176,6 +176,11 @@ func (q *Queue) indexPut(m *message) { q.indexPutFirst(m, nil) }
 func (q *Queue) indexPutFirst(m *message, body []byte) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
+	q.indexPutLocked(m, body)
+}
+
+// indexPutLocked is indexPutFirst with q.mu held.
+func (q *Queue) indexPutLocked(m *message, body []byte) {
 	e := q.index[m.ID]
 	if e != nil {
 		q.dropFirstLocked(e) // the record changed: the disk has the truth
