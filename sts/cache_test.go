@@ -906,3 +906,174 @@ func TestExpiredDropKeepsAPolicyFetchedMeanwhile(t *testing.T) {
 		t.Fatalf("after restart: %+v, %v; want id2", cp, err)
 	}
 }
+
+// A purge forgets the fetches under way with the cached policy. Here the
+// fetch for idA, begun first, is held; the delivery under idB fetches and
+// caches idB's policy; the domain is purged; then the fetch for idA ends.
+// It serves the delivery that waited for it, but its policy, superseded by
+// idB's, is not cached, in memory or on disk: were it, a failed fetch of
+// idB's policy would leave idA's in force (RFC 8461 §5.1), refusing mx-b.
+func TestPurgeDuringAnOlderFetchDoesNotBringBackItsPolicy(t *testing.T) {
+	e := newEnv(t)
+	h := e.ValidHost("example.com", "idA", "")
+	var after atomic.Int32
+	arrived, release := h.HoldFirstRequest(t, policyForA, func(w http.ResponseWriter, r *http.Request) {
+		if after.Add(1) == 1 {
+			servePolicy(policyForB)(w, r) // idB's fetch
+			return
+		}
+		http.Error(w, "down", http.StatusServiceUnavailable)
+	})
+	path := dbPath(t)
+	db := openDB(t, path)
+	m := e.Manager(func(o *sts.Options) { o.DB, o.FetchWait = db, 2*time.Second })
+
+	first := fetchUnderID(m)
+	<-arrived // the fetch for idA is held
+	e.SetID("example.com", "idB")
+	if cp := mustPolicy(t, m, "example.com"); cp.ID != "idB" {
+		t.Fatalf("under idB: %+v, want idB's policy", cp)
+	}
+	if err := m.Purge("example.com"); err != nil {
+		t.Fatalf("Purge = %v", err)
+	}
+
+	release()
+	if cp := <-first; cp == nil || cp.ID != "idA" || !cp.Policy.Match("mx-a.example.com") {
+		t.Fatalf("the delivery under idA got %+v; want the policy its fetch brought", cp)
+	}
+	m.WaitWrites()
+	if cp, err := m.Cached("example.com"); !errors.Is(err, sts.ErrNotCached) {
+		t.Fatalf("after the fetch for idA, begun before the purge, ended: cached %+v, %v; want nothing", cp, err)
+	}
+	if n := m.DomainsFetching(); n != 0 {
+		t.Errorf("%d domains with fetch records once no fetch is under way, want 0", n)
+	}
+
+	// idB's policy host fails now: with no policy cached, the delivery
+	// goes as without MTA-STS (RFC 8461 §5.1).
+	reqs, err := m.Requirements(ctx, "example.com", []policy.MX{mx("mx-b.example.com")})
+	if err != nil || reqs[0].Skip != "" || reqs[0].Policy != nil {
+		t.Fatalf("delivery under idB, whose fetch fails: %+v, %v; want mx-b.example.com usable, not refused by idA's superseded policy", reqs, err)
+	}
+	if n := h.requests.Load(); n != 3 {
+		t.Fatalf("%d requests to the policy host, want a third one for idB after the purge", n)
+	}
+	db.Close()
+
+	db = openDB(t, path)
+	defer db.Close()
+	if cp, err := e.Manager(func(o *sts.Options) { o.DB = db }).Cached("example.com"); !errors.Is(err, sts.ErrNotCached) {
+		t.Fatalf("after restart: cached %+v, %v; want the purged domain without a policy", cp, err)
+	}
+}
+
+// A fetch under way when the domain is purged that then fails leaves no
+// failure behind: the purge forgot the domain's failed fetch, and with it
+// the backoff; one begun before the purge does not bring them back.
+func TestPurgeDuringAFetchThatFailsForgetsTheFailure(t *testing.T) {
+	e := newEnv(t)
+	h := e.ValidHost("example.com", "idA", "")
+	arrived, release := h.HoldFirstRequest(t, "not a policy", servePolicy(policyForA))
+	m := e.Manager(nil)
+
+	first := fetchUnderID(m)
+	<-arrived
+	if err := m.Purge("example.com"); !errors.Is(err, sts.ErrNotCached) {
+		t.Fatalf("Purge = %v, want ErrNotCached", err)
+	}
+	release()
+	if cp := <-first; cp != nil {
+		t.Fatalf("the delivery whose fetch failed got %+v", cp)
+	}
+	e.Rec.Wait(t, 1) // the failure is reported all the same
+	if _, err := m.Info("example.com"); !errors.Is(err, sts.ErrNotCached) || strings.Contains(err.Error(), "failed") {
+		t.Fatalf("Info = %v; want nothing known of the domain", err)
+	}
+	if list := m.Infos(); len(list) != 0 {
+		t.Fatalf("Infos = %+v, want nothing", list)
+	}
+	if cp := mustPolicy(t, m, "example.com"); cp.ID != "idA" {
+		t.Fatalf("Policy = %+v, want idA's, fetched at once", cp)
+	}
+	if n := h.requests.Load(); n != 2 {
+		t.Fatalf("%d requests to the policy host, want a second one without backoff", n)
+	}
+}
+
+// After a purge, a refresh (or a delivery) does not join a fetch begun
+// before it, whose policy would not be cached: it fetches the policy
+// afresh, and the cache keeps that.
+func TestRefreshAfterPurgeFetchesAfresh(t *testing.T) {
+	e := newEnv(t)
+	h := e.ValidHost("example.com", "idA", "")
+	arrived, release := h.HoldFirstRequest(t, policyForA, servePolicy(policyForB))
+	m := e.Manager(nil)
+
+	first := fetchUnderID(m)
+	<-arrived
+	if err := m.Purge("example.com"); !errors.Is(err, sts.ErrNotCached) {
+		t.Fatalf("Purge = %v, want ErrNotCached", err)
+	}
+	c, cancel := context.WithTimeout(ctx, 3*time.Second)
+	defer cancel()
+	cp, err := m.Refresh(c, "example.com")
+	if err != nil || !cp.Policy.Match("mx-b.example.com") {
+		t.Fatalf("Refresh after the purge, with the fetch begun before it held: %+v, %v; want the policy fetched anew", cp, err)
+	}
+	if got, err := m.Cached("example.com"); err != nil || got != cp {
+		t.Fatalf("Cached = %+v, %v; want the refreshed policy", got, err)
+	}
+
+	release()
+	if cp := <-first; cp == nil || !cp.Policy.Match("mx-a.example.com") {
+		t.Fatalf("the delivery under idA got %+v; want the policy its fetch brought", cp)
+	}
+	m.WaitWrites()
+	if got, err := m.Cached("example.com"); err != nil || got != cp {
+		t.Fatalf("Cached after the older fetch ended = %+v, %v; want the refreshed policy kept", got, err)
+	}
+	if n := m.DomainsFetching(); n != 0 {
+		t.Errorf("%d domains with fetch records once no fetch is under way, want 0", n)
+	}
+}
+
+// The background pass that drops an idle domain's expired policy does not
+// forget that the fetches begun before the one that brought it were
+// superseded: one that ends after the drop is not cached either.
+func TestExpiredDropDuringAnOlderFetchDoesNotBringBackItsPolicy(t *testing.T) {
+	e := newEnv(t)
+	h := e.ValidHost("example.com", "idA", "")
+	arrived, release := h.HoldFirstRequest(t, policyForA, servePolicy(policyForB))
+	path := dbPath(t)
+	db := openDB(t, path)
+	m := e.Manager(func(o *sts.Options) { o.DB, o.FetchWait = db, 2*time.Second })
+
+	first := fetchUnderID(m)
+	<-arrived
+	e.SetID("example.com", "idB")
+	if cp := mustPolicy(t, m, "example.com"); cp.ID != "idB" {
+		t.Fatalf("under idB: %+v, want idB's policy", cp)
+	}
+	e.Clock.Advance(8 * 24 * time.Hour) // idB's policy expired, the domain idle
+	m.RefreshDue(ctx)
+	if _, err := m.Cached("example.com"); !errors.Is(err, sts.ErrNotCached) {
+		t.Fatalf("Cached after the pass = %v, want idB's expired policy dropped", err)
+	}
+
+	release()
+	if cp := <-first; cp == nil || cp.ID != "idA" {
+		t.Fatalf("the delivery under idA got %+v; want the policy its fetch brought", cp)
+	}
+	m.WaitWrites()
+	if cp, err := m.Cached("example.com"); !errors.Is(err, sts.ErrNotCached) {
+		t.Fatalf("after the fetch for idA ended: cached %+v, %v; want nothing", cp, err)
+	}
+	db.Close()
+
+	db = openDB(t, path)
+	defer db.Close()
+	if cp, err := e.Manager(func(o *sts.Options) { o.DB = db }).Cached("example.com"); !errors.Is(err, sts.ErrNotCached) {
+		t.Fatalf("after restart: cached %+v, %v; want nothing", cp, err)
+	}
+}

@@ -26,3 +26,11 @@ func Counters(metric, label string) float64 {
 	}
 	return m.GetCounter().GetValue()
 }
+
+// DomainsFetching reports how many domains m keeps fetch records for, for
+// tests: only those with a fetch under way.
+func (m *Manager) DomainsFetching() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return len(m.fetching)
+}

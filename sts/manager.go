@@ -133,6 +133,18 @@ type failure struct {
 // they saw the same policy id.
 type fetchKey struct{ domain, id string }
 
+// fetching is what the Manager keeps of a domain's fetches under way, from
+// the first one's start to the last one's end.
+type fetching struct {
+	n int // fetches of the domain under way
+	// floor is the last fetch that forgetting the domain's entry left
+	// behind: a purge leaves every fetch under way, the drop of an expired
+	// policy the fetches begun before the one that brought it. A fetch
+	// numbered up to floor serves the callers that joined it, and is
+	// neither cached, nor remembered as failed, nor joined any more.
+	floor uint64
+}
+
 type call struct {
 	// seq numbers the fetch in the order fetches began, so that the
 	// cache keeps the policy of the fetch begun last.
@@ -163,13 +175,14 @@ type Manager struct {
 	skipped []error
 
 	mu       sync.Mutex
-	entries  map[string]*entry  // the cache, mirrored in db
-	failures map[string]failure // by domain: the last failed fetch, until one begun after it succeeds
-	inflight map[fetchKey]*call // by domain and policy id: the fetch under way
-	fetches  uint64             // fetches begun; the last one's seq
-	writes   map[string]*call   // by domain: the latest write of its entry under way (a fetch's or a deletion)
-	writing  int                // cache writes under way (see WaitWrites)
-	written  sync.Cond          // on mu: a write ended
+	entries  map[string]*entry   // the cache, mirrored in db
+	failures map[string]failure  // by domain: the last failed fetch, until one begun after it succeeds
+	inflight map[fetchKey]*call  // by domain and policy id: the fetch under way
+	fetching map[string]fetching // by domain, while it has fetches under way
+	fetches  uint64              // fetches begun; the last one's seq
+	writes   map[string]*call    // by domain: the latest write of its entry under way (a fetch's or a deletion)
+	writing  int                 // cache writes under way (see WaitWrites)
+	written  sync.Cond           // on mu: a write ended
 	// failOrder holds the domains in failures, the least recently failed
 	// first, so that the oldest is forgotten beyond maxFailures.
 	failOrder   *list.List
@@ -198,6 +211,7 @@ func New(opts Options) (*Manager, error) {
 		failOrder:        list.New(),
 		maxFailures:      defaultMaxFailures,
 		inflight:         make(map[fetchKey]*call),
+		fetching:         make(map[string]fetching),
 		writes:           make(map[string]*call),
 	}
 	if m.fetchTimeout <= 0 {
@@ -383,6 +397,13 @@ func (m *Manager) refresh(ctx context.Context, domain, id string, force bool, wa
 	last, failed := m.failures[domain]
 	key := fetchKey{domain, id}
 	c, running := m.inflight[key]
+	if running && c.seq <= m.fetching[domain].floor {
+		// The domain was purged since this fetch began (or its
+		// policy dropped, fetched after it began): the fetch serves
+		// only the callers that joined it, and this one fetches the
+		// policy afresh.
+		running = false
+	}
 	if !running {
 		if failed && !force && last.id == id && m.now().Before(last.until) {
 			m.mu.Unlock()
@@ -394,6 +415,9 @@ func (m *Manager) refresh(ctx context.Context, domain, id string, force bool, wa
 		m.fetches++
 		c = &call{seq: m.fetches, started: time.Now(), done: make(chan struct{})}
 		m.inflight[key] = c
+		f := m.fetching[domain]
+		f.n++
+		m.fetching[domain] = f
 		// The fetch outlives a cancelled caller, since others may be
 		// waiting for it; FetchTimeout bounds it.
 		go m.fetchAndStore(context.WithoutCancel(ctx), domain, id, c)
@@ -465,6 +489,32 @@ func (m *Manager) forgetFailureLocked(domain string) {
 	}
 }
 
+// endFetchLocked ends fetch c of domain for id and reports whether
+// forgetting the domain's entry left it behind (fetching.floor): then what
+// it brings serves its callers only.
+func (m *Manager) endFetchLocked(domain, id string, c *call) (forgotten bool) {
+	if key := (fetchKey{domain, id}); m.inflight[key] == c {
+		delete(m.inflight, key)
+	}
+	f := m.fetching[domain]
+	forgotten = c.seq <= f.floor
+	if f.n--; f.n == 0 {
+		delete(m.fetching, domain) // and its floor: every fetch after this one is numbered above it
+	} else {
+		m.fetching[domain] = f
+	}
+	return forgotten
+}
+
+// leaveBehindLocked makes the fetches of domain under way numbered up to
+// seq serve their callers only (fetching.floor).
+func (m *Manager) leaveBehindLocked(domain string, seq uint64) {
+	if f, ok := m.fetching[domain]; ok && seq > f.floor {
+		f.floor = seq
+		m.fetching[domain] = f
+	}
+}
+
 func (m *Manager) fetchAndStore(ctx context.Context, domain, id string, c *call) {
 	start := m.now()
 	ctx, cancel := context.WithTimeout(ctx, m.fetchTimeout)
@@ -486,11 +536,10 @@ func (m *Manager) fetchAndStore(ctx context.Context, domain, id string, c *call)
 		}
 		m.mu.Lock()
 		// The outcome of a fetch begun later, for another id, is the
-		// one that counts.
-		if !m.laterOutcomeLocked(domain, c.seq) {
+		// one that counts; nor is this one's if a purge forgot it.
+		if forgotten := m.endFetchLocked(domain, id, c); !forgotten && !m.laterOutcomeLocked(domain, c.seq) {
 			m.failedLocked(domain, failure{id: id, at: now, until: now.Add(FetchBackoff), err: err, seq: c.seq})
 		}
-		delete(m.inflight, fetchKey{domain, id})
 		m.mu.Unlock()
 		c.err = fe
 		close(c.done)
@@ -501,8 +550,17 @@ func (m *Manager) fetchAndStore(ctx context.Context, domain, id string, c *call)
 	m.log.Info("sts: policy fetched", "domain", domain, "id", id, "mode", p.Mode,
 		"max_age", p.MaxAge, "duration", now.Sub(start))
 	m.mu.Lock()
-	delete(m.inflight, fetchKey{domain, id})
+	forgotten := m.endFetchLocked(domain, id, c)
 	c.policy = cp
+	if forgotten {
+		// The domain's entry was purged, or dropped expired with a
+		// policy fetched after this one began, while this fetch ran:
+		// caching its policy would bring back what was forgotten.
+		m.mu.Unlock()
+		m.log.Info("sts: policy fetched before the domain's cache entry was forgotten not cached", "domain", domain, "id", id)
+		close(c.done)
+		return
+	}
 	if e := m.entries[domain]; e != nil && e.seq > c.seq {
 		// A fetch begun later, for another id, has cached its policy:
 		// this one serves the deliveries that waited for it and is
@@ -613,16 +671,15 @@ func (m *Manager) List() []*CachedPolicy {
 	return list
 }
 
-// Purge forgets the cached policy of domain, in memory and on disk, and its
-// last failed fetch. The next delivery discovers the policy afresh.
+// Purge forgets the cached policy of domain, in memory and on disk, its
+// last failed fetch, and its fetches under way: they serve the deliveries
+// that waited for them, but their policy is not cached nor their failure
+// remembered. The next delivery discovers the policy afresh.
 func (m *Manager) Purge(domain string) error {
 	d, err := policyDomain(domain)
 	if err != nil {
 		return err
 	}
-	m.mu.Lock()
-	m.forgetFailureLocked(d)
-	m.mu.Unlock()
 	ok, err := m.forget(d, nil)
 	if err != nil {
 		return fmt.Errorf("sts: purging %s: %w", d, err)
@@ -634,11 +691,13 @@ func (m *Manager) Purge(domain string) error {
 }
 
 // forget drops the cached policy of d, in memory and in the database, and
-// reports whether there was one. With only set, it drops d's policy only
-// if that entry is still the one cached: a fetch may have replaced it
-// since the caller chose it. A write of d's policy under way ends first,
-// or the deletion could reach the disk before it and the policy come
-// back at the next start; a write begun after the deletion waits for it.
+// reports whether there was one. With only nil (a purge), it also forgets
+// d's last failed fetch and leaves behind d's fetches under way. With only
+// set, it drops d's policy only if that entry is still the one cached: a
+// fetch may have replaced it since the caller chose it. A write of d's
+// policy under way ends first, or the deletion could reach the disk
+// before it and the policy come back at the next start; a write begun
+// after the deletion waits for it.
 func (m *Manager) forget(d string, only *entry) (bool, error) {
 	m.mu.Lock()
 	for m.writes[d] != nil {
@@ -650,6 +709,14 @@ func (m *Manager) forget(d string, only *entry) (bool, error) {
 		return false, nil
 	}
 	delete(m.entries, d)
+	if only == nil {
+		m.forgetFailureLocked(d)
+		m.leaveBehindLocked(d, m.fetches)
+	} else {
+		// The entry said that the fetches begun before its own were
+		// superseded; they still are.
+		m.leaveBehindLocked(d, only.seq)
+	}
 	if m.db == nil {
 		m.mu.Unlock()
 		return ok, nil
