@@ -2,10 +2,12 @@ package sts
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
 	"net/url"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -16,8 +18,9 @@ import (
 
 // PolicyInfo is a cached policy as the control socket and the CLI show it,
 // or, in the list, a domain without one whose last fetch failed: then
-// NotCached is set, and only Domain, LastError and LastFailure are (a
-// cached policy always has the fields left out of its JSON when zero).
+// NotCached is set, and only Domain, LastError and LastFailure are, the
+// only fields of its JSON (a cached policy always has the fields left out
+// of its JSON when zero).
 type PolicyInfo struct {
 	Domain   string    `json:"domain"`
 	ID       string    `json:"id,omitzero"`
@@ -37,6 +40,22 @@ type PolicyInfo struct {
 	NotCached bool `json:"not_cached,omitempty"`
 	// LastFailure is LastError in parts.
 	LastFailure *FetchFailure `json:"last_failure,omitempty"`
+}
+
+// MarshalJSON leaves expired and max_age out of a domain without a cached
+// policy, as the other fields of a policy are: a reader that does not know
+// not_cached would take "expired": false for a policy in force.
+func (p PolicyInfo) MarshalJSON() ([]byte, error) {
+	type plain PolicyInfo
+	if !p.NotCached {
+		return json.Marshal(plain(p))
+	}
+	return json.Marshal(struct {
+		Domain      string        `json:"domain"`
+		LastError   string        `json:"last_error,omitempty"`
+		NotCached   bool          `json:"not_cached"`
+		LastFailure *FetchFailure `json:"last_failure,omitempty"`
+	}{p.Domain, p.LastError, p.NotCached, p.LastFailure})
 }
 
 // FetchFailure is a failed policy fetch as the control socket shows it.
@@ -122,14 +141,21 @@ func (m *Manager) infoLocked(e *entry) *PolicyInfo {
 
 // RegisterAdmin adds the MTA-STS routes to the control socket's mux:
 //
-//	GET    /sts                  every cached policy, and every domain
-//	                             whose fetch failed without one ([]PolicyInfo)
+//	GET    /sts                  every cached policy ([]PolicyInfo); with
+//	                             ?not_cached=1 also every domain whose
+//	                             fetch failed without one (NotCached)
 //	GET    /sts/{domain}         one cached policy (PolicyInfo)
 //	POST   /sts/{domain}/refresh fetch the policy now, ignoring the backoff
 //	DELETE /sts/{domain}         forget the cached policy
 func (m *Manager) RegisterAdmin(mux *http.ServeMux) {
 	mux.HandleFunc("GET /sts", func(w http.ResponseWriter, r *http.Request) {
-		admin.WriteJSON(w, http.StatusOK, m.Infos())
+		list := m.Infos()
+		if r.URL.Query().Get("not_cached") == "" {
+			// Only to a client that asks: one older than NotCached
+			// would list such a domain as a policy in force.
+			list = slices.DeleteFunc(list, func(p *PolicyInfo) bool { return p.NotCached })
+		}
+		admin.WriteJSON(w, http.StatusOK, list)
 	})
 	mux.HandleFunc("GET /sts/{domain}", func(w http.ResponseWriter, r *http.Request) {
 		info, err := m.Info(r.PathValue("domain"))

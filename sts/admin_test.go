@@ -7,6 +7,7 @@ import (
 	"sort"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stsrelay/stsrelay/admin"
 	"github.com/stsrelay/stsrelay/sts"
@@ -96,7 +97,7 @@ func TestAdminListShowsDomainsWhosePolicyCannotBeFetched(t *testing.T) {
 	}
 
 	var list []sts.PolicyInfo
-	if err := c.Call(ctx, "GET", "/sts", nil, &list); err != nil || len(list) != 2 {
+	if err := c.Call(ctx, "GET", "/sts?not_cached=1", nil, &list); err != nil || len(list) != 2 {
 		t.Fatalf("list: %+v, %v; want two domains", list, err)
 	}
 	d, s := list[0], list[1]
@@ -112,16 +113,30 @@ func TestAdminListShowsDomainsWhosePolicyCannotBeFetched(t *testing.T) {
 	}
 
 	// The JSON of a domain without a policy has none of a policy's
-	// fields; a cached policy's has them all, as before.
+	// fields, not even "expired": false; a cached policy's has them all,
+	// as before.
 	var raw []map[string]any
-	if err := c.Call(ctx, "GET", "/sts", nil, &raw); err != nil {
+	if err := c.Call(ctx, "GET", "/sts?not_cached=1", nil, &raw); err != nil {
 		t.Fatal(err)
 	}
-	if got, want := keys(raw[0]), "domain expired last_error last_failure max_age not_cached"; got != want {
+	if got, want := keys(raw[0]), "domain last_error last_failure not_cached"; got != want {
 		t.Errorf("keys of a domain without a policy: %s, want %s", got, want)
 	}
 	if got, want := keys(raw[1]), "domain expired expires fetched id last_error last_failure last_used max_age mode mx policy"; got != want {
 		t.Errorf("keys of a cached policy: %s, want %s", got, want)
+	}
+
+	// A client that does not ask for the domains without a policy, as
+	// one written before they were listed, gets the cached policies
+	// only: it would read any other element as a policy in force.
+	var old []struct {
+		Domain  string    `json:"domain"`
+		ID      string    `json:"id"`
+		Expires time.Time `json:"expires"`
+		Expired bool      `json:"expired"`
+	}
+	if err := c.Call(ctx, "GET", "/sts", nil, &old); err != nil || len(old) != 1 || old[0].Domain != "example.com" || old[0].ID != "id1" {
+		t.Errorf("list without not_cached: %+v, %v; want example.com's cached policy only", old, err)
 	}
 
 	// The host is back: after a fetch, the domain is listed with its
@@ -130,7 +145,7 @@ func TestAdminListShowsDomainsWhosePolicyCannotBeFetched(t *testing.T) {
 	e.Clock.Advance(sts.FetchBackoff)
 	mustPolicy(t, m, "down.example")
 	list, raw = nil, nil // Unmarshal would keep fields the new reply leaves out
-	if err := c.Call(ctx, "GET", "/sts", nil, &list); err != nil || len(list) != 2 {
+	if err := c.Call(ctx, "GET", "/sts?not_cached=1", nil, &list); err != nil || len(list) != 2 {
 		t.Fatalf("list: %+v, %v", list, err)
 	}
 	if d := list[0]; d.Domain != "down.example" || d.NotCached || d.ID != "id1" || d.Mode != sts.ModeEnforce ||

@@ -64,7 +64,9 @@ expires.`, stderr)
 		return usageError(fs, stderr, "unexpected argument %q (list takes no domain; use show)", fs.Arg(0))
 	}
 	var list []sts.PolicyInfo
-	if err := controlCall(*cfgPath, "GET", "/sts", &list); err != nil {
+	// A relay that predates not_cached ignores the parameter and lists
+	// its cached policies only.
+	if err := controlCall(*cfgPath, "GET", "/sts?not_cached=1", &list); err != nil {
 		return fail(stderr, "sts list: %s", printable(err.Error()))
 	}
 	if *asJSON {
