@@ -13,10 +13,14 @@ import (
 	"github.com/stsrelay/stsrelay/queue"
 )
 
-// takeIdle removes and returns an idle session for key, or nil.
-func (e *Engine) takeIdle(key connKey) *session {
+// takeIdle removes and returns an idle session for key, or nil. A
+// delivery cut off (ctx done) gets none: the session stays for others.
+func (e *Engine) takeIdle(ctx context.Context, key connKey) *session {
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	if ctx.Err() != nil {
+		return nil
+	}
 	list := e.idle[key]
 	if len(list) == 0 {
 		return nil

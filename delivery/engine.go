@@ -221,6 +221,22 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 	resume := -1
 	var held []int
 	for i := 0; i < len(p.hops); i++ {
+		if ctx.Err() != nil {
+			// Cut off (a stop, or an operator's bounce, delete or hold): no
+			// new session, with this host or the next. What the hosts
+			// answered stands; the recipients a new session with the same
+			// host was to carry get the cut's status.
+			cause := context.Cause(ctx)
+			if resume == i {
+				st := transportFailure(ctx, p.hops[i].mx.Name, "before a new session", cause).status
+				for _, k := range idx {
+					out[k] = st
+				}
+			} else {
+				fails = append(fails, transportFailure(ctx, p.hops[i].mx.Name, "before connecting", cause))
+			}
+			break
+		}
 		if resume >= 0 && i != resume {
 			// The host got no new session: what it was to take goes on
 			// with what it deferred.
@@ -507,7 +523,7 @@ func (e *Engine) connect(ctx context.Context, nh NextHop, h hop, req policy.Requ
 			break
 		}
 		key := keyFor(nh, h.mx, req, withTLS)
-		for s := e.takeIdle(key); s != nil; s = e.takeIdle(key) {
+		for s := e.takeIdle(ctx, key); s != nil; s = e.takeIdle(ctx, key) {
 			if ok, _ := s.client.Extension("PIPELINING"); ok {
 				// RFC 2920 §3.1: RSET may lead a command group, so the
 				// check that the connection is still alive costs no
@@ -527,6 +543,11 @@ func (e *Engine) connect(ctx context.Context, nh NextHop, h hop, req policy.Requ
 	var fails []*hostFailure
 	for _, addr := range h.addrs {
 		if *budget <= 0 {
+			break
+		}
+		if ctx.Err() != nil {
+			// Cut off: no new connection either.
+			fails = append(fails, transportFailure(ctx, h.mx.Name, "connecting", context.Cause(ctx)))
 			break
 		}
 		*budget--
@@ -567,6 +588,10 @@ func (e *Engine) connect(ctx context.Context, nh NextHop, h hop, req policy.Requ
 // places in job) that no transaction carried because the session reached
 // its transaction limit: they are for a new session.
 func (e *Engine) transact(ctx context.Context, s *session, job *queue.Job, body *message) (statuses []queue.Status, final []bool, unsent []int, f *hostFailure) {
+	if ctx.Err() != nil {
+		// Cut off since connect: the session goes back unused (release).
+		return nil, nil, nil, transportFailure(ctx, s.label, "before MAIL", context.Cause(ctx))
+	}
 	raw := s.conn.Conn
 	stop := context.AfterFunc(ctx, func() { raw.Close() })
 	defer func() {

@@ -1,0 +1,269 @@
+package delivery
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"io"
+	"net"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// An attempt the queue cuts off (a stop, or an operator's bounce, delete
+// or hold cancels its context) records no deferral (queue.applyOutcome),
+// so whatever it still sends is a copy the queue does not know of: after
+// the cut it opens no session, new or idle, to the same host or the next.
+
+var errBounced = errors.New("bounced by the mail system administrator")
+
+// lineProxy forwards each connection to upstream, calling seen with every
+// line the client sends before passing it on.
+func lineProxy(t *testing.T, upstream string, seen func(line string)) string {
+	return rawServer(t, func(c net.Conn) {
+		up, err := net.Dial("tcp", upstream)
+		if err != nil {
+			return
+		}
+		defer up.Close()
+		go io.Copy(c, up)
+		r := bufio.NewReader(c)
+		for {
+			line, err := r.ReadString('\n')
+			if err != nil {
+				return
+			}
+			seen(line)
+			io.WriteString(up, line)
+		}
+	})
+}
+
+// dialsAfter wraps the test dialer: it lists the addresses dialled once
+// ctx is done.
+type dialsAfter struct {
+	v   *testEnv
+	ctx context.Context
+	mu  sync.Mutex
+	got []string
+}
+
+func (d *dialsAfter) dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	if d.ctx.Err() != nil {
+		d.mu.Lock()
+		d.got = append(d.got, addr)
+		d.mu.Unlock()
+	}
+	return d.v.dial(ctx, network, addr)
+}
+
+func (d *dialsAfter) list() []string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return slices.Clone(d.got)
+}
+
+// idleSessions counts the connections in e's idle cache.
+func idleSessions(e *Engine) int {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	n := 0
+	for _, l := range e.idle {
+		n += len(l)
+	}
+	return n
+}
+
+// A session that reached MAILMAX leaves the rest to a new session; cut off
+// as the first says QUIT, the attempt opens none, and the rest say why.
+func TestCutOffAttemptOpensNoNewSessionForTheRest(t *testing.T) {
+	v, mx := oneMX(t, func(s *smtpServer) {
+		s.MaxRecipients = 1
+		s.Limits = []string{"MAILMAX=1"}
+	})
+	ctx, cancel := context.WithCancelCause(context.Background())
+	defer cancel(nil)
+	var once sync.Once
+	v.route("127.0.0.2", lineProxy(t, mx.Addr, func(line string) {
+		if strings.HasPrefix(line, "QUIT") {
+			// QUIT waits for its reply, so the cut comes before the
+			// attempt goes on.
+			once.Do(func() { cancel(errBounced) })
+		}
+	}))
+	d := &dialsAfter{v: v, ctx: ctx}
+	e := v.engine(func(o *Options) { o.DialContext = d.dial })
+	st := e.Deliver(ctx, testJob("example.test", "a@example.test", "b@example.test"))
+	wantStatus(t, st[0], 250, "2.0.0")
+	wantStatus(t, st[1], 451, "4.4.2", "mx1.example.test: delivery interrupted before a new session (bounced by the mail system administrator)")
+	if got := d.list(); len(got) > 0 {
+		t.Errorf("dialled %q after the cut", got)
+	}
+	if got := transactions(mx); !slices.EqualFunc(got, [][]string{{"a@example.test"}}, slices.Equal) {
+		t.Errorf("mx took %q, want a@ alone", got)
+	}
+}
+
+// The same with an idle connection to the host in the cache, left by
+// another message while the first session said QUIT: the cut-off attempt
+// does not take it, and it stays for others.
+func TestCutOffAttemptTakesNoIdleConnectionForTheRest(t *testing.T) {
+	v, mx := oneMX(t, func(s *smtpServer) {
+		s.MaxRecipients = 1
+		s.Limits = []string{"MAILMAX=2"}
+	})
+	e := v.engine(func(o *Options) { o.IdleTimeout = time.Minute })
+	ctx, cancel := context.WithCancelCause(context.Background())
+	defer cancel(nil)
+	var mu sync.Mutex
+	var afterCut []string
+	var once sync.Once
+	v.route("127.0.0.2", lineProxy(t, mx.Addr, func(line string) {
+		if ctx.Err() != nil {
+			mu.Lock()
+			afterCut = append(afterCut, strings.TrimSpace(line))
+			mu.Unlock()
+		}
+		if strings.HasPrefix(line, "QUIT") {
+			once.Do(func() {
+				other, stop := context.WithTimeout(context.Background(), 10*time.Second)
+				defer stop()
+				if st := e.Deliver(other, testJob("example.test", "y@example.test")); !st[0].Delivered() {
+					t.Errorf("the other message: %s", st[0].String())
+				}
+				cancel(errBounced)
+			})
+		}
+	}))
+	// An idle connection with one transaction of MAILMAX's two left: the
+	// attempt's first session.
+	wantStatus(t, deliver(t, e, testJob("example.test", "p@example.test"))[0], 250, "2.0.0")
+	st := e.Deliver(ctx, testJob("example.test", "a@example.test", "b@example.test"))
+	wantStatus(t, st[0], 250, "2.0.0")
+	wantStatus(t, st[1], 451, "4.4.2", "delivery interrupted before a new session (bounced by the mail system administrator)")
+	if n := idleSessions(e); n != 1 {
+		t.Errorf("%d idle connections after the cut-off attempt, want 1 (the other message's)", n)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(afterCut) > 0 {
+		t.Errorf("commands sent after the cut: %q", afterCut)
+	}
+	for _, m := range mx.messages() {
+		if slices.Contains(m.rcpts, "b@example.test") {
+			t.Errorf("b@ got the message after the cut")
+		}
+	}
+}
+
+// Cut off while the primary reads the envelope, the attempt does not take
+// the recipient to the backup, neither on an idle connection nor on a new
+// one, whether or not the destination's rate limit makes it wait.
+func TestCutOffAttemptGoesToNoOtherHost(t *testing.T) {
+	for _, rate := range []float64{0, 1000} {
+		name := "no rate limit"
+		if rate > 0 {
+			name = "rate limit"
+		}
+		t.Run(name, func(t *testing.T) {
+			v, _, mx2 := twoMX(t)
+			ctx, cancel := context.WithCancelCause(context.Background())
+			defer cancel(nil)
+			d := &dialsAfter{v: v, ctx: ctx}
+			e := v.engine(func(o *Options) {
+				o.IdleTimeout = time.Minute
+				o.DialContext = d.dial
+				if rate > 0 {
+					o.Limits = []Limit{{Domains: []string{"example.test"}, Shaping: Shaping{Rate: 1000}}}
+				}
+			})
+			// An idle connection to mx2, left while mx1 hung up at once.
+			v.route("127.0.0.2", rawServer(t, func(net.Conn) {}))
+			wantStatus(t, deliver(t, e, testJob("example.test", "p@example.test"))[0], 250, "2.0.0", "mx2.example.test")
+			// mx1 reads the envelope; the operator bounces the message
+			// before it answers.
+			v.route("127.0.0.2", rawServer(t, func(c net.Conn) {
+				r := bufio.NewReader(c)
+				io.WriteString(c, "220 mx1.test ESMTP\r\n")
+				r.ReadString('\n') // EHLO
+				io.WriteString(c, "250-mx1.test\r\n250 PIPELINING\r\n")
+				for {
+					line, err := r.ReadString('\n')
+					if err != nil {
+						return
+					}
+					if strings.HasPrefix(line, "DATA") {
+						cancel(errBounced)
+					}
+				}
+			}))
+			st := e.Deliver(ctx, testJob("example.test", "b@example.test"))
+			wantStatus(t, st[0], 451, "4.4.2", "mx1.example.test[127.0.0.2]: delivery interrupted after MAIL (bounced by the mail system administrator)")
+			if n := idleSessions(e); n != 1 {
+				t.Errorf("%d idle connections after the cut-off attempt, want mx2's", n)
+			}
+			if got := d.list(); len(got) > 0 {
+				t.Errorf("dialled %q after the cut", got)
+			}
+			for _, m := range mx2.messages() {
+				if slices.Contains(m.rcpts, "b@example.test") {
+					t.Errorf("b@ got the message at mx2 after the cut")
+				}
+			}
+			want := `hosts_not_used="mx2.example.test: delivery interrupted `
+			if logs := v.logs.String(); !strings.Contains(logs, want) {
+				t.Errorf("the log line does not say why mx2 was not used (%s):\n%s", want, logs)
+			}
+		})
+	}
+}
+
+// connect itself, once ctx is done, dials nothing and takes no idle
+// connection: it stays in the cache for other deliveries.
+func TestConnectWhenCutOffDialsNoneAndLeavesTheIdleConnection(t *testing.T) {
+	for _, idle := range []bool{true, false} {
+		name := "no idle connection"
+		if idle {
+			name = "an idle connection"
+		}
+		t.Run(name, func(t *testing.T) {
+			v, _ := oneMX(t)
+			ctx, cancel := context.WithCancelCause(context.Background())
+			d := &dialsAfter{v: v, ctx: ctx}
+			e := v.engine(func(o *Options) {
+				o.DialContext = d.dial
+				if idle {
+					o.IdleTimeout = time.Minute
+				}
+			})
+			job := testJob("example.test", "a@example.test")
+			wantStatus(t, deliver(t, e, job)[0], 250, "2.0.0")
+			nh := e.nexthop("example.test", job.Envelope.From)
+			p := e.plan(context.Background(), nh)
+			if p.status != nil || len(p.hops) != 1 {
+				t.Fatalf("plan: %+v", p)
+			}
+			cancel(errBounced)
+			budget := maxAddrAttempts
+			s, fs := e.connect(ctx, nh, p.hops[0], effective(p.reqs[0], job.Envelope), false, &budget)
+			if s != nil {
+				t.Fatalf("connect handed over a session (reused %v) after the cut", s.reused)
+			}
+			if len(fs) != 1 || !strings.Contains(fs[0].status.Text, "delivery interrupted connecting (bounced by the mail system administrator)") {
+				t.Errorf("failures %+v, want one that names the cut", fs)
+			}
+			if budget != maxAddrAttempts {
+				t.Errorf("%d connections left of the attempt's %d, want none spent", budget, maxAddrAttempts)
+			}
+			if got := d.list(); len(got) > 0 {
+				t.Errorf("dialled %q after the cut", got)
+			}
+			if n, want := idleSessions(e), map[bool]int{true: 1, false: 0}[idle]; n != want {
+				t.Errorf("%d idle connections, want %d", n, want)
+			}
+		})
+	}
+}
