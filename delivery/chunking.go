@@ -145,6 +145,10 @@ func (x *txn) chunked(group []string, text []byte) []queue.Status {
 		// delivers nothing.
 		s.broken = true
 		if probe {
+			if x.ctx.Err() != nil {
+				// The cut closed it: the attempt ends here.
+				return x.fail("after RSET", err)
+			}
 			x.stale = true
 			return nil
 		}
@@ -174,8 +178,10 @@ func (x *txn) chunked(group []string, text []byte) []queue.Status {
 	if probe {
 		if _, err := rd.read(250); err != nil {
 			if _, ok := refused(err); !ok {
-				if isTimeout(err) {
+				if isTimeout(err) || x.ctx.Err() != nil {
 					// Whether it read on is unknown: no second copy now.
+					// A reply lost to the cut's own close says no more
+					// than a timeout: the message is out.
 					return lost("after RSET", err)
 				}
 				// Gone while idle: nothing of the group was read.
@@ -187,8 +193,9 @@ func (x *txn) chunked(group []string, text []byte) []queue.Status {
 	_, mailErr := rd.read(250)
 	if mailErr != nil {
 		if _, ok := refused(mailErr); !ok {
-			if probe && closing != nil {
+			if probe && closing != nil && x.ctx.Err() == nil {
 				// RSET got 421 and the remote closed: it read no further.
+				// (A read the cut's own close failed says no such thing.)
 				x.stale = true
 				return nil
 			}

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -21,22 +22,38 @@ import (
 var errBounced = errors.New("bounced by the mail system administrator")
 
 // lineProxy forwards each connection to upstream, calling seen with every
-// line the client sends before passing it on.
-func lineProxy(t *testing.T, upstream string, seen func(line string)) string {
+// line the client sends before passing it on. Once seen returns true, the
+// connection's replies no longer reach the client: it waits for them
+// until the cut closes its end.
+func lineProxy(t *testing.T, upstream string, seen func(line string) (mute bool)) string {
 	return rawServer(t, func(c net.Conn) {
 		up, err := net.Dial("tcp", upstream)
 		if err != nil {
 			return
 		}
 		defer up.Close()
-		go io.Copy(c, up)
+		var muted atomic.Bool
+		go func() {
+			buf := make([]byte, 4096)
+			for {
+				n, err := up.Read(buf)
+				if n > 0 && !muted.Load() {
+					c.Write(buf[:n])
+				}
+				if err != nil {
+					return
+				}
+			}
+		}()
 		r := bufio.NewReader(c)
 		for {
 			line, err := r.ReadString('\n')
 			if err != nil {
 				return
 			}
-			seen(line)
+			if seen(line) {
+				muted.Store(true)
+			}
 			io.WriteString(up, line)
 		}
 	})
@@ -87,12 +104,13 @@ func TestCutOffAttemptOpensNoNewSessionForTheRest(t *testing.T) {
 	ctx, cancel := context.WithCancelCause(context.Background())
 	defer cancel(nil)
 	var once sync.Once
-	v.route("127.0.0.2", lineProxy(t, mx.Addr, func(line string) {
+	v.route("127.0.0.2", lineProxy(t, mx.Addr, func(line string) bool {
 		if strings.HasPrefix(line, "QUIT") {
 			// QUIT waits for its reply, so the cut comes before the
 			// attempt goes on.
 			once.Do(func() { cancel(errBounced) })
 		}
+		return false
 	}))
 	d := &dialsAfter{v: v, ctx: ctx}
 	e := v.engine(func(o *Options) { o.DialContext = d.dial })
@@ -121,7 +139,7 @@ func TestCutOffAttemptTakesNoIdleConnectionForTheRest(t *testing.T) {
 	var mu sync.Mutex
 	var afterCut []string
 	var once sync.Once
-	v.route("127.0.0.2", lineProxy(t, mx.Addr, func(line string) {
+	v.route("127.0.0.2", lineProxy(t, mx.Addr, func(line string) bool {
 		if ctx.Err() != nil {
 			mu.Lock()
 			afterCut = append(afterCut, strings.TrimSpace(line))
@@ -137,6 +155,7 @@ func TestCutOffAttemptTakesNoIdleConnectionForTheRest(t *testing.T) {
 				cancel(errBounced)
 			})
 		}
+		return false
 	}))
 	// An idle connection with one transaction of MAILMAX's two left: the
 	// attempt's first session.
@@ -263,6 +282,72 @@ func TestConnectWhenCutOffDialsNoneAndLeavesTheIdleConnection(t *testing.T) {
 			}
 			if n, want := idleSessions(e), map[bool]int{true: 1, false: 0}[idle]; n != want {
 				t.Errorf("%d idle connections, want %d", n, want)
+			}
+		})
+	}
+}
+
+// On a connection from the idle cache, RSET leads the group. Its reply
+// lost to the cut's own close is no sign of a connection the remote
+// dropped while idle: the group went out (over BDAT with the whole
+// message, which the remote may store), so the recipient is cut off
+// there and then, not sent again on another connection or to the next
+// host.
+func TestRSETReplyLostToTheCutIsNoStaleConnection(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		opt    func(*Options)
+		copies int // what mx1 stores of b@'s message
+	}{
+		{"BDAT", func(*Options) {}, 1},
+		{"DATA", noChunking, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			v, mx1, mx2 := twoMX(t)
+			ctx, cancel := context.WithCancelCause(context.Background())
+			defer cancel(nil)
+			v.route("127.0.0.2", lineProxy(t, mx1.Addr, func(line string) bool {
+				if !strings.HasPrefix(line, "RSET") {
+					return false
+				}
+				// The cut comes before the remote has read RSET, and the
+				// group's replies never reach the engine.
+				cancel(errBounced)
+				return true
+			}))
+			d := &dialsAfter{v: v, ctx: ctx}
+			e := v.engine(tc.opt, func(o *Options) {
+				o.IdleTimeout = time.Minute
+				o.DialContext = d.dial
+			})
+			wantStatus(t, deliver(t, e, testJob("example.test", "p@example.test"))[0], 250, "2.0.0", "mx1.example.test")
+			st := e.Deliver(ctx, testJob("example.test", "b@example.test"))
+			wantStatus(t, st[0], 451, "4.4.2", "mx1.example.test[127.0.0.2]: delivery interrupted after RSET (bounced by the mail system administrator)")
+			if got := d.list(); len(got) > 0 {
+				t.Errorf("dialled %q after the cut", got)
+			}
+			if n := len(mx2.messages()); n != 0 {
+				t.Errorf("mx2 got %d messages", n)
+			}
+			copies := func() int {
+				n := 0
+				for _, m := range mx1.messages() {
+					if slices.Contains(m.rcpts, "b@example.test") {
+						n++
+					}
+				}
+				return n
+			}
+			if tc.copies > 0 {
+				// The remote read the whole group and stores the message:
+				// the copy the cut came too late to stop.
+				waitFor(t, "mx1 to store b@'s message", func() bool { return copies() >= tc.copies })
+			}
+			if n := copies(); n != tc.copies {
+				t.Errorf("mx1 stored %d copies for b@, want %d", n, tc.copies)
+			}
+			if logs := v.logs.String(); !strings.Contains(logs, "reused=true") {
+				t.Errorf("the log line does not describe the reused connection:\n%s", logs)
 			}
 		})
 	}

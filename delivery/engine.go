@@ -760,7 +760,12 @@ func (x *txn) run(mo *smtp.MailOptions, body io.Reader) {
 	}
 	if s.probe {
 		s.probe = false
-		if s.rset() != nil {
+		if err := s.rset(); err != nil {
+			if x.ctx.Err() != nil {
+				// The cut closed it: the attempt ends here.
+				x.fail("after RSET", err)
+				return
+			}
 			x.stale = true
 			return
 		}

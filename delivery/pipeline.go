@@ -41,6 +41,10 @@ func (x *txn) pipelined(group []string, body io.Reader) []queue.Status {
 	}()
 	if _, err := io.WriteString(s.replay, strings.Join(group, "\r\n")+"\r\n"); err != nil {
 		if probe {
+			if x.ctx.Err() != nil {
+				// The cut closed it: the attempt ends here.
+				return x.fail("after RSET", err)
+			}
 			x.stale = true
 			return nil
 		}
@@ -50,9 +54,15 @@ func (x *txn) pipelined(group []string, body io.Reader) []queue.Status {
 	defer rd.release()
 	if probe {
 		if _, err := rd.read(250); err != nil {
+			// Whatever the remote makes of the rest of the group, no
+			// body follows, so it delivers nothing.
+			if x.ctx.Err() != nil {
+				// Lost to the cut's own close, not to an idle
+				// connection gone stale: the attempt ends here.
+				return x.fail("after RSET", err)
+			}
 			// Closed while idle, or a 421: the message goes on another
-			// connection. Whatever the remote makes of the rest of the
-			// group, no body follows, so it delivers nothing.
+			// connection.
 			x.stale = true
 			return nil
 		}
