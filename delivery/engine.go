@@ -220,6 +220,17 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 	// goes on to the next host with whatever the new session defers.
 	resume := -1
 	var held []int
+	// usableAfter is how many hosts after hops[i] may be dialled: the
+	// attempt keeps a connection for each.
+	usableAfter := func(i int) int {
+		n := 0
+		for j := i + 1; j < len(p.hops); j++ {
+			if p.hops[j].unusable == nil && e.precheck(p.hops[j].mx, effective(p.reqs[j], env), env.RequireTLS) == nil {
+				n++
+			}
+		}
+		return n
+	}
 	for i := 0; i < len(p.hops); i++ {
 		if ctx.Err() != nil {
 			// Cut off (a stop, or an operator's bounce, delete or hold): no
@@ -344,10 +355,13 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 			}
 		}
 		resume, held = -1, nil
-		if len(rest) > 0 && len(rest) < len(idx) {
+		if len(rest) > 0 && len(rest) < len(idx) && budget > usableAfter(i) {
 			// The session carried some and no more may go on it: the
 			// rest go in a new session with this host, taken from the
-			// idle cache or opened (and counted in budget).
+			// idle cache or opened (and counted in budget). Not with
+			// the connections the hosts after it need: a host whose
+			// sessions carry one transaction each would spend them all,
+			// and what it deferred would never reach the next.
 			resume, held = i, next
 			todo, idx = recipients(job, rest), rest
 			i--

@@ -305,6 +305,57 @@ func TestTransactionLimitKeepsTheNextHostForWhatTheHostDeferred(t *testing.T) {
 	}
 }
 
+// New sessions with a host that reached its transaction limit leave one
+// of the attempt's connections for each host after it: with a session per
+// transaction and more recipients than the attempt has connections, what
+// the primary deferred still reaches the backup, with the rest the
+// primary's sessions could not carry.
+func TestTransactionLimitKeepsAConnectionForTheNextHost(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		limits []string
+		shape  Shaping
+	}{
+		{"max_messages_per_connection", nil, Shaping{MaxMessagesPerConn: 1}},
+		{"MAILMAX", []string{"MAILMAX=1"}, Shaping{}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			v, mx1, mx2 := twoMX(t, func(s *smtpServer) {
+				s.MaxRecipients = 1
+				s.Limits = tc.limits
+			})
+			mx1.rcptErr["a@example.test"] = smtpErr(451, smtp.EnhancedCode{4, 7, 1}, "greylisted, try later")
+			e := v.engine(func(o *Options) {
+				if tc.shape != (Shaping{}) {
+					o.Limits = []Limit{{Domains: []string{"example.test"}, Shaping: tc.shape}}
+				}
+			})
+			rcpts := []string{"a@example.test"}
+			for i := range maxAddrAttempts + 2 {
+				rcpts = append(rcpts, fmt.Sprintf("r%02d@example.test", i))
+			}
+			st := deliver(t, e, testJob("example.test", rcpts...))
+			// mx1: a@ deferred, then one recipient in each of 8 more
+			// sessions; mx2, with the last connection: a@ first.
+			wantStatus(t, st[0], 250, "2.0.0", "mx2.example.test[127.0.0.3]")
+			for i, s := range st[1:] {
+				switch {
+				case i < maxAddrAttempts-2:
+					wantStatus(t, s, 250, "2.0.0", "mx1.example.test[127.0.0.2]")
+				default:
+					wantStatus(t, s, 452, "4.5.3", "mx2.example.test[127.0.0.3]: ", "was reached; the rest go in a new session")
+				}
+			}
+			if n1, n2 := mx1.sessionCount(), mx2.sessionCount(); n1 != maxAddrAttempts-1 || n2 != 1 {
+				t.Errorf("%d sessions with mx1 and %d with mx2, want %d and 1", n1, n2, maxAddrAttempts-1)
+			}
+			if got := transactions(mx2); !slices.EqualFunc(got, [][]string{{"a@example.test"}}, slices.Equal) {
+				t.Errorf("mx2 took %q, want a@ alone", got)
+			}
+		})
+	}
+}
+
 // transactions are the recipients of each message mx took, in order.
 func transactions(mx *testMX) [][]string {
 	var out [][]string
