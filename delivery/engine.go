@@ -42,7 +42,8 @@ type attempt struct {
 	// were not used: the route's "record why".
 	skipped []string
 	// earlier says what each host that answered before the one used
-	// deferred, whose recipients went on to the next host.
+	// deferred, or could not carry, whose recipients went on to the next
+	// host.
 	earlier []string
 }
 
@@ -200,16 +201,26 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 		idx[k] = k
 	}
 	var answered attempt // at as it was when out last changed
-	var deferral string  // what the host that last answered deferred
+	var deferral string  // what the host that last answered deferred, or did not send
 	given := 0           // how many recipients that host was given
-	// onward gives next, recipients the host that last answered deferred,
-	// to the host after it; false when there are none.
-	onward := func(next []int) bool {
-		if len(next) == 0 {
+	// onward gives the recipients the host that last answered deferred,
+	// and those its sessions could not carry (unsent), to the host after
+	// it; false when there are none.
+	onward := func(deferred, unsent []int) bool {
+		var says []string
+		if len(deferred) > 0 {
+			slices.Sort(deferred)
+			says = append(says, fmt.Sprintf("%s (%d of %d recipients)", out[deferred[0]].Text, len(deferred), given))
+		}
+		if len(unsent) > 0 {
+			says = append(says, fmt.Sprintf("%s (%d of %d recipients not sent)", out[unsent[0]].Text, len(unsent), given))
+		}
+		if len(says) == 0 {
 			return false
 		}
+		next := slices.Concat(deferred, unsent)
 		slices.Sort(next)
-		deferral = fmt.Sprintf("%s (%d of %d recipients)", out[next[0]].Text, len(next), given)
+		deferral = strings.Join(says, "; ")
 		todo, idx = recipients(job, next), next
 		return true
 	}
@@ -220,6 +231,12 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 	// goes on to the next host with whatever the new session defers.
 	resume := -1
 	var held []int
+	// noSession gives the recipients a new session was to carry st.
+	noSession := func(st queue.Status) {
+		for _, k := range idx {
+			out[k] = st
+		}
+	}
 	// usableAfter is how many hosts after hops[i] may be dialled: the
 	// attempt keeps a connection for each.
 	usableAfter := func(i int) int {
@@ -239,10 +256,7 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 			// host was to carry get the cut's status.
 			cause := context.Cause(ctx)
 			if resume == i {
-				st := transportFailure(ctx, p.hops[i].mx.Name, "before a new session", cause).status
-				for _, k := range idx {
-					out[k] = st
-				}
+				noSession(transportFailure(ctx, p.hops[i].mx.Name, "before a new session", cause).status)
 			} else {
 				fails = append(fails, transportFailure(ctx, p.hops[i].mx.Name, "before connecting", cause))
 			}
@@ -251,7 +265,7 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 		if resume >= 0 && i != resume {
 			// The host got no new session: what it was to take goes on
 			// with what it deferred.
-			onward(append(held, idx...))
+			onward(held, idx)
 			resume, held = -1, nil
 		}
 		h := p.hops[i]
@@ -278,6 +292,11 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 		}
 		s, fs := e.connect(ctx, nh, h, req, env.RequireTLS, &budget)
 		fails = append(fails, fs...)
+		if s == nil && i == resume && len(fs) > 0 {
+			// The rest say why they got no new session, not only that
+			// the last one reached its limit.
+			noSession(aggregate(domain, fs))
+		}
 		stop := false
 		for _, f := range fs {
 			if f.throttle {
@@ -316,6 +335,9 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 		if f != nil {
 			// The host lacks what this message needs; another may have it.
 			fails = append(fails, f)
+			if i == resume {
+				noSession(f.status)
+			}
 			e.release(s)
 			continue
 		}
@@ -367,7 +389,7 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 			i--
 			continue
 		}
-		if !onward(append(next, rest...)) {
+		if !onward(next, rest) {
 			break
 		}
 	}

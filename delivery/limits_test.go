@@ -2,6 +2,7 @@ package delivery
 
 import (
 	"fmt"
+	"net"
 	"slices"
 	"strings"
 	"testing"
@@ -263,7 +264,8 @@ func TestTransactionLimitKeepsTheNextHostForWhatTheHostDeferred(t *testing.T) {
 		{"no new session", false,
 			[][]string{{"a@example.test", "b@example.test"}, {"d@example.test"}},
 			[][]string{{"c@example.test", "e@example.test"}},
-			"(2 of 5 recipients)", "mx2.example.test[127.0.0.3]"},
+			"(1 of 5 recipients); mx1.example.test[127.0.0.2]: connection refused (1 of 5 recipients not sent)",
+			"mx2.example.test[127.0.0.3]"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			v, mx1, mx2 := twoMX(t, func(s *smtpServer) { s.MaxRecipients = 2 })
@@ -300,6 +302,55 @@ func TestTransactionLimitKeepsTheNextHostForWhatTheHostDeferred(t *testing.T) {
 			want := `earlier_hosts="mx1.example.test[127.0.0.2]: 451 4.7.1 greylisted, try later ` + tc.deferred + `"`
 			if logs := v.logs.String(); !strings.Contains(logs, want) || !strings.Contains(logs, "mx=mx2.example.test") {
 				t.Errorf("log line does not say mx1 deferred (%s), then mx2:\n%s", want, logs)
+			}
+		})
+	}
+}
+
+// When the new session for the rest cannot be had, they say why, for the
+// retry schedule, and the next host's log line says they went on unsent,
+// not that the host deferred them.
+func TestRestWithoutANewSessionSaysWhy(t *testing.T) {
+	for _, next := range []bool{false, true} {
+		name := "no next host"
+		if next {
+			name = "next host"
+		}
+		t.Run(name, func(t *testing.T) {
+			var v *testEnv
+			var mx1 *testMX
+			opt := func(s *smtpServer) { s.MaxRecipients = 2 }
+			if next {
+				v, mx1, _ = twoMX(t, opt)
+			} else {
+				v, mx1 = oneMX(t, opt)
+			}
+			// Once its first session has carried two messages, mx1 hangs
+			// up on new connections.
+			hangUp := rawServer(t, func(net.Conn) {})
+			mx1.dataHook = func(*smtp.Conn) {
+				if len(mx1.messages()) == 1 {
+					v.route("127.0.0.2", hangUp)
+				}
+			}
+			e := v.engine(func(o *Options) {
+				o.Limits = []Limit{{Domains: []string{"example.test"}, Shaping: Shaping{MaxMessagesPerConn: 2}}}
+			})
+			st := deliver(t, e, testJob("example.test", fiveRecipients()...))
+			for i, s := range st[:4] {
+				if !s.Delivered() {
+					t.Errorf("recipient %d: %s", i, s.String())
+				}
+			}
+			logs := v.logs.String()
+			if !next {
+				wantStatus(t, st[4], 451, "4.4.2", "mx1.example.test[127.0.0.2]: connection lost waiting for the greeting")
+				return
+			}
+			wantStatus(t, st[4], 250, "2.0.0", "mx2.example.test[127.0.0.3]")
+			want := `earlier_hosts="mx1.example.test[127.0.0.2]: connection lost waiting for the greeting (1 of 5 recipients not sent)"`
+			if !strings.Contains(logs, want) {
+				t.Errorf("log line does not say the rest went on unsent (%s):\n%s", want, logs)
 			}
 		})
 	}
