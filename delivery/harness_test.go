@@ -8,9 +8,11 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -306,13 +308,29 @@ func newEnv(t testing.TB, records ...string) *testEnv {
 		routes:    map[string]string{},
 		blackhole: map[string]bool{},
 	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	v.closed = refusingAddr(t)
+	return v
+}
+
+// refusingAddr returns a loopback TCP address that refuses connections
+// for the whole test: a socket bound there that never listens keeps the
+// port from every listener, where a port merely freed could be handed to
+// the next test's server and a "refused" connection reach it.
+func refusingAddr(t testing.TB) string {
+	t.Helper()
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	v.closed = l.Addr().String()
-	l.Close()
-	return v
+	t.Cleanup(func() { syscall.Close(fd) })
+	if err := syscall.Bind(fd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		t.Fatal(err)
+	}
+	sa, err := syscall.Getsockname(fd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return net.JoinHostPort("127.0.0.1", strconv.Itoa(sa.(*syscall.SockaddrInet4).Port))
 }
 
 // route makes connections to ip (port 25) reach addr.
@@ -507,3 +525,17 @@ var (
 	testTLSA  = policy.NewIdentity(policy.TypeTLSA, "example.test", []string{"3 1 1 00"}, nil)
 	testLocal = policy.NewIdentity(policy.TypeLocal, "example.test", nil, nil)
 )
+
+// The harness's refused address stays refused: a listener cannot take its
+// port.
+func TestRefusingAddrRefusesAndKeepsItsPort(t *testing.T) {
+	addr := refusingAddr(t)
+	if c, err := net.Dial("tcp", addr); err == nil {
+		c.Close()
+		t.Fatalf("dial %s: connected, want refused", addr)
+	}
+	if l, err := net.Listen("tcp", addr); err == nil {
+		l.Close()
+		t.Fatalf("listen on %s: the port was free to take", addr)
+	}
+}
