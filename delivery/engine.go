@@ -290,7 +290,18 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 				break
 			}
 		}
-		s, fs := e.connect(ctx, nh, h, req, env.RequireTLS, &budget)
+		spend, kept := &budget, 0
+		if i == resume {
+			// A new session, on whichever of the host's addresses, spends
+			// none of the connections kept for the hosts after it.
+			kept = usableAfter(i)
+			rest := budget - kept
+			spend = &rest
+		}
+		s, fs := e.connect(ctx, nh, h, req, env.RequireTLS, spend)
+		if i == resume {
+			budget = *spend + kept
+		}
 		fails = append(fails, fs...)
 		if s == nil && i == resume && len(fs) > 0 {
 			// The rest say why they got no new session, not only that

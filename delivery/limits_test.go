@@ -415,3 +415,36 @@ func transactions(mx *testMX) [][]string {
 	}
 	return out
 }
+
+// A new session for the rest spends only what the hosts after it do not
+// need: with the first of the primary's two addresses down, each new
+// session costs two connections, and the last one kept for the backup
+// must not go on the primary's second address.
+func TestNewSessionForTheRestLeavesTheBackupItsConnection(t *testing.T) {
+	v := newEnv(t,
+		"example.test. 300 IN MX 10 mx1.example.test.",
+		"example.test. 300 IN MX 20 mx2.example.test.",
+		"mx1.example.test. 300 IN A 127.0.0.4", // down: refused
+		"mx1.example.test. 300 IN A 127.0.0.2",
+		"mx2.example.test. 300 IN A 127.0.0.3")
+	opt := func(s *smtpServer) { s.MaxRecipients = 1 }
+	mx1, mx2 := newMX(t, opt), newMX(t, opt)
+	v.route("127.0.0.2", mx1.Addr)
+	v.route("127.0.0.3", mx2.Addr)
+	mx1.rcptErr["a@example.test"] = smtpErr(451, smtp.EnhancedCode{4, 7, 1}, "greylisted, try later")
+	e := v.engine(func(o *Options) {
+		o.Limits = []Limit{{Domains: []string{"example.test"}, Shaping: Shaping{MaxMessagesPerConn: 1}}}
+	})
+	rcpts := []string{"a@example.test"}
+	for i := range maxAddrAttempts {
+		rcpts = append(rcpts, fmt.Sprintf("r%02d@example.test", i))
+	}
+	st := deliver(t, e, testJob("example.test", rcpts...))
+	wantStatus(t, st[0], 250, "2.0.0", "mx2.example.test[127.0.0.3]")
+	if n := mx2.sessionCount(); n != 1 {
+		t.Errorf("%d sessions with mx2, want 1 (the connection kept for it)", n)
+	}
+	if logs := v.logs.String(); !strings.Contains(logs, "mx=mx2.example.test") {
+		t.Errorf("the log line does not name mx2 as the host used:\n%s", logs)
+	}
+}
