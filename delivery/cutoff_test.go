@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"slices"
@@ -350,5 +351,164 @@ func TestRSETReplyLostToTheCutIsNoStaleConnection(t *testing.T) {
 				t.Errorf("the log line does not describe the reused connection:\n%s", logs)
 			}
 		})
+	}
+}
+
+// cutKey holds, in the context of a delivery, the function that cuts it
+// off (cutAfterReply).
+type cutKey struct{}
+
+// cutAfterReply makes its cut, once set, when the engine has read the
+// last line of a 250 reply: for the attempt that opens it, the reply to
+// EHLO, the last read of opening a session.
+type cutAfterReply struct {
+	net.Conn
+	cut    func()
+	seen   strings.Builder
+	done   bool // the cut was made
+	once   sync.Once
+	closed chan struct{}
+}
+
+func (c *cutAfterReply) Read(b []byte) (int, error) {
+	n, err := c.Conn.Read(b)
+	c.seen.Write(b[:n])
+	if c.cut != nil && !c.done && strings.Contains(c.seen.String(), "250 ") {
+		c.done = true
+		c.cut()
+	}
+	return n, err
+}
+
+func (c *cutAfterReply) Close() error {
+	c.once.Do(func() { close(c.closed) })
+	return c.Conn.Close()
+}
+
+// cutDialer wraps every connection of the test dialer in cutAfterReply,
+// with the cut of the attempt's context, if it has one.
+func cutDialer(v *testEnv) func(context.Context, string, string) (net.Conn, error) {
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := v.dial(ctx, network, addr)
+		if err != nil {
+			return nil, err
+		}
+		cut, _ := ctx.Value(cutKey{}).(func())
+		return &cutAfterReply{Conn: c, cut: cut, closed: make(chan struct{})}, nil
+	}
+}
+
+// cachedCut counts the sessions in e's idle cache whose connection a cut
+// has closed, and those it holds.
+func cachedCut(t *testing.T, e *Engine) (cut, cached int) {
+	t.Helper()
+	e.mu.Lock()
+	var all []*session
+	for _, l := range e.idle {
+		all = append(all, l...)
+	}
+	e.mu.Unlock()
+	for _, s := range all {
+		if c, ok := s.conn.Conn.(*cutAfterReply); ok && c.done {
+			// The cut was made during the session's own reads: its
+			// AfterFunc has closed the connection, or is about to.
+			select {
+			case <-c.closed:
+			case <-time.After(5 * time.Second):
+				t.Fatalf("a connection cut off was not closed")
+			}
+			cut++
+		}
+	}
+	return cut, len(all)
+}
+
+// A cut that comes after a new session's last read, before it is handed
+// over, closes its connection: the session must not go to the idle cache
+// as though unused, where the next message would find it dead, as many
+// times as it may retry a stale connection, and be deferred.
+func TestCutWhileOpeningLeavesNoClosedConnectionInTheCache(t *testing.T) {
+	v, mx := oneMX(t)
+	e := v.engine(func(o *Options) {
+		o.IdleTimeout = time.Minute
+		o.DialContext = cutDialer(v)
+	})
+	var wg, ready sync.WaitGroup
+	ready.Add(maxStaleRetries + 1)
+	for i := range maxStaleRetries + 1 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ctx, cancel := context.WithCancelCause(context.Background())
+			defer cancel(nil)
+			ctx = context.WithValue(ctx, cutKey{}, func() {
+				ready.Done() // all have dialled before any is cut
+				ready.Wait()
+				cancel(errBounced)
+			})
+			st := e.Deliver(ctx, testJob("example.test", fmt.Sprintf("cut%d@example.test", i)))
+			wantStatus(t, st[0], 451, "4.4.2", "mx1.example.test[127.0.0.2]: delivery interrupted", "(bounced by the mail system administrator)")
+		}()
+	}
+	wg.Wait()
+	if cut, cached := cachedCut(t, e); cut > 0 {
+		t.Errorf("the idle cache holds %d sessions whose connection the cut closed (of %d)", cut, cached)
+	}
+	// Each connection's slot was given back, once.
+	e.mu.Lock()
+	open := 0
+	for _, d := range e.dests {
+		open += d.open
+	}
+	e.mu.Unlock()
+	if _, cached := cachedCut(t, e); open != cached {
+		t.Errorf("%d connections counted open, with %d in the idle cache and none busy", open, cached)
+	}
+	st := deliver(t, e, testJob("example.test", "b@example.test"))
+	wantStatus(t, st[0], 250, "2.0.0")
+	if n := len(mx.messages()); n != 1 {
+		t.Errorf("mx got %d messages, want 1", n)
+	}
+}
+
+// The same for an idle connection to a remote without PIPELINING, which
+// RSET checks before it is handed over: a cut after the reply has closed
+// it, and it must not go back to the cache.
+func TestCutAfterTheIdleConnectionsRSETLeavesItOutOfTheCache(t *testing.T) {
+	v := newEnv(t,
+		"example.test. 300 IN MX 10 mx1.example.test.",
+		"mx1.example.test. 300 IN A 127.0.0.2")
+	mx := &scriptMX{ehlo: []string{"8BITMIME"}}
+	v.route("127.0.0.2", newScriptMX(t, mx))
+	e := v.engine(func(o *Options) {
+		o.IdleTimeout = time.Minute
+		o.DialContext = cutDialer(v)
+	})
+	wantStatus(t, deliver(t, e, testJob("example.test", "p@example.test"))[0], 250, "2.0.0")
+	e.mu.Lock()
+	var idle []*session
+	for _, l := range e.idle {
+		idle = append(idle, l...)
+	}
+	e.mu.Unlock()
+	if len(idle) != 1 {
+		t.Fatalf("%d idle connections, want 1", len(idle))
+	}
+	ctx, cancel := context.WithCancelCause(context.Background())
+	defer cancel(nil)
+	c := idle[0].conn.Conn.(*cutAfterReply)
+	c.seen.Reset()
+	c.cut = func() { cancel(errBounced) } // on the reply to RSET
+	st := e.Deliver(ctx, testJob("example.test", "b@example.test"))
+	wantStatus(t, st[0], 451, "4.4.2", "delivery interrupted", "(bounced by the mail system administrator)")
+	if !c.done {
+		t.Fatalf("no cut made: commands %q", mx.commands())
+	}
+	if cut, cached := cachedCut(t, e); cut > 0 {
+		t.Errorf("the idle cache holds %d sessions whose connection the cut closed (of %d)", cut, cached)
+	}
+	wantStatus(t, deliver(t, e, testJob("example.test", "c@example.test"))[0], 250, "2.0.0")
+	if got := mx.messages(); len(got) != 2 {
+		t.Errorf("mx took %q, want p@'s and c@'s messages", got)
 	}
 }

@@ -1011,8 +1011,9 @@ func (s *session) reset(ctx context.Context) bool {
 	}
 	raw := s.conn.Conn
 	stop := context.AfterFunc(ctx, func() { raw.Close() })
-	defer stop()
-	return s.rset() == nil
+	ok := s.rset() == nil
+	// A cut after the reply has closed the connection all the same.
+	return stop() && ok
 }
 
 // rset says RSET and reads its reply on the stream go-smtp's Client

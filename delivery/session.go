@@ -402,6 +402,11 @@ func (e *Engine) open(ctx context.Context, nh NextHop, h hop, addr netip.Addr, r
 		s.limits = parseLimits(params)
 	}
 	s.key = keyFor(nh, mx, req, s.tls != nil)
+	if !stop() {
+		// Cut off after the last read: the connection is closed, or about
+		// to be, and must not reach the idle cache as an unused session.
+		return fail(transportFailure(ctx, label, "connecting", context.Cause(ctx)))
+	}
 	return dialResult{s: s}
 }
 
