@@ -237,6 +237,20 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 			out[k] = st
 		}
 	}
+	// refused are the recipients whose new session failed, the status
+	// that failure gave them, and where it starts in fails: unless a
+	// later host answers for them, they end with what every host from
+	// that one on said (aggregate).
+	type refusal struct {
+		idx  []int
+		st   queue.Status
+		mark int
+	}
+	var refused []refusal
+	sessionFailed := func(st queue.Status, mark int) {
+		noSession(st)
+		refused = append(refused, refusal{idx: slices.Clone(idx), st: st, mark: mark})
+	}
 	// usableAfter is how many hosts after hops[i] may be dialled: the
 	// attempt keeps a connection for each.
 	usableAfter := func(i int) int {
@@ -302,11 +316,12 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 		if i == resume {
 			budget = *spend + kept
 		}
+		mark := len(fails)
 		fails = append(fails, fs...)
 		if s == nil && i == resume && len(fs) > 0 {
 			// The rest say why they got no new session, not only that
 			// the last one reached its limit.
-			noSession(aggregate(domain, fs))
+			sessionFailed(aggregate(domain, fs), mark)
 		}
 		stop := false
 		for _, f := range fs {
@@ -347,7 +362,7 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 			// The host lacks what this message needs; another may have it.
 			fails = append(fails, f)
 			if i == resume {
-				noSession(f.status)
+				sessionFailed(f.status, len(fails)-1)
 			}
 			e.release(s)
 			continue
@@ -405,6 +420,18 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 		}
 	}
 	if out != nil {
+		for _, r := range refused {
+			// No later host answered for them: what this host said
+			// alone may be a 5xx (a 554 greeting) where a fresh attempt
+			// to the same hosts would defer, because a later one was
+			// merely unreachable.
+			st := aggregate(domain, fails[r.mark:])
+			for _, k := range r.idx {
+				if out[k] == r.st {
+					out[k] = st
+				}
+			}
+		}
 		skipped := texts(fails)
 		*at = answered
 		at.skipped = skipped

@@ -2,6 +2,7 @@ package delivery
 
 import (
 	"fmt"
+	"io"
 	"net"
 	"slices"
 	"strings"
@@ -446,5 +447,56 @@ func TestNewSessionForTheRestLeavesTheBackupItsConnection(t *testing.T) {
 	}
 	if logs := v.logs.String(); !strings.Contains(logs, "mx=mx2.example.test") {
 		t.Errorf("the log line does not name mx2 as the host used:\n%s", logs)
+	}
+}
+
+// The rest of a split message whose new session the host refuses for
+// good (a 554 greeting; SMTPUTF8 gone, which the message needs) while
+// the backup is unreachable are deferred, as a fresh attempt to the same
+// two hosts would be: a refusal by one host with another merely
+// unreachable is no bounce.
+func TestRestRefusedANewSessionDeferWhileTheBackupIsDown(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		later func(t *testing.T) string // what mx1 is once it has taken a message
+		says  string
+	}{
+		{"554 greeting", func(t *testing.T) string {
+			return rawServer(t, func(c net.Conn) { io.WriteString(c, "554 5.7.1 no service for you right now\r\n") })
+		}, "mx1.example.test[127.0.0.2]: 554 5.7.1 no service for you right now"},
+		{"no SMTPUTF8", func(t *testing.T) string { return newMX(t).Addr },
+			"mx1.example.test[127.0.0.2]: SMTPUTF8 not supported"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			v, mx1, _ := twoMX(t, func(s *smtpServer) {
+				s.MaxRecipients = 2
+				s.EnableSMTPUTF8 = true
+			})
+			later := tc.later(t)
+			mx1.dataHook = func(*smtp.Conn) {
+				if len(mx1.messages()) == 1 {
+					v.route("127.0.0.2", later)
+				}
+			}
+			v.route("127.0.0.3", v.closed) // the backup is down
+			e := v.engine(func(o *Options) {
+				o.Limits = []Limit{{Domains: []string{"example.test"}, Shaping: Shaping{MaxMessagesPerConn: 2}}}
+			})
+			job := testJob("example.test", fiveRecipients()...)
+			job.Envelope.SMTPUTF8 = true
+			st := deliver(t, e, job)
+			for i, s := range st[:4] {
+				if !s.Delivered() {
+					t.Errorf("recipient %d: %s", i, s.String())
+				}
+			}
+			job = testJob("example.test", "f@example.test")
+			job.Envelope.SMTPUTF8 = true
+			fresh := deliver(t, e, job)[0]
+			wantStatus(t, fresh, 451, "4.4.1", tc.says, "mx2.example.test[127.0.0.3]: connection refused")
+			if st[4] != fresh {
+				t.Errorf("e@: %s\nwant what a fresh attempt says: %s", st[4].String(), fresh.String())
+			}
+		})
 	}
 }
