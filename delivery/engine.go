@@ -295,6 +295,11 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 			continue
 		}
 		if budget <= 0 {
+			// Named, so the log shows it was never tried, and what the
+			// others said is not taken for its answer (aggregate).
+			fails = append(fails, &hostFailure{host: h.mx.Name, kind: failTransport, status: queue.Status{
+				Code: 451, Enhanced: "4.4.0",
+				Text: fmt.Sprintf("%s: not tried, no connection left in this attempt (at most %d)", h.mx.Name, maxAddrAttempts)}})
 			continue
 		}
 		if i != resume {
@@ -304,18 +309,13 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 				break
 			}
 		}
-		spend, kept := &budget, 0
-		if i == resume {
-			// A new session, on whichever of the host's addresses, spends
-			// none of the connections kept for the hosts after it.
-			kept = usableAfter(i)
-			rest := budget - kept
-			spend = &rest
-		}
-		s, fs := e.connect(ctx, nh, h, req, env.RequireTLS, spend)
-		if i == resume {
-			budget = *spend + kept
-		}
+		// A host, in its first session or a new one, dials none of the
+		// connections kept for the hosts after it, one each; the last
+		// may use all that is left, and every host gets one.
+		spare := max(budget-usableAfter(i), 1)
+		unspent := spare
+		s, fs := e.connect(ctx, nh, h, req, env.RequireTLS, &unspent)
+		budget -= spare - unspent
 		mark := len(fails)
 		fails = append(fails, fs...)
 		if s == nil && i == resume && len(fs) > 0 {

@@ -369,6 +369,42 @@ func (v *testEnv) dial(ctx context.Context, network, address string) (net.Conn, 
 	return d.DialContext(ctx, network, target)
 }
 
+// dialCounter counts the connections an engine opens, per MX address.
+type dialCounter struct {
+	v  *testEnv
+	mu sync.Mutex
+	n  map[string]int // MX address -> connections
+}
+
+func (d *dialCounter) dial(ctx context.Context, network, address string) (net.Conn, error) {
+	host, _, _ := net.SplitHostPort(address)
+	d.mu.Lock()
+	if d.n == nil {
+		d.n = map[string]int{}
+	}
+	d.n[host]++
+	d.mu.Unlock()
+	return d.v.dial(ctx, network, address)
+}
+
+// count is how many connections went to ip.
+func (d *dialCounter) count(ip string) int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.n[ip]
+}
+
+// total is how many connections were opened.
+func (d *dialCounter) total() int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	n := 0
+	for _, c := range d.n {
+		n += c
+	}
+	return n
+}
+
 func (v *testEnv) resolver() *resolve.Resolver {
 	r, err := resolve.New(resolve.Config{Servers: []string{v.dns.Addr}, Timeout: 500 * time.Millisecond})
 	if err != nil {
@@ -452,6 +488,17 @@ func wantStatus(t testing.TB, st queue.Status, code int, enhanced string, parts 
 			t.Errorf("status text %q does not contain %q", st.Text, p)
 		}
 	}
+}
+
+// attemptLines are the log's "delivery attempt" lines, in order.
+func attemptLines(v *testEnv) []string {
+	var out []string
+	for _, l := range strings.Split(v.logs.String(), "\n") {
+		if strings.Contains(l, "delivery attempt") {
+			out = append(out, l)
+		}
+	}
+	return out
 }
 
 // recorder keeps every policy.SessionResult.

@@ -500,3 +500,65 @@ func TestRestRefusedANewSessionDeferWhileTheBackupIsDown(t *testing.T) {
 		})
 	}
 }
+
+// The connection kept for the host after the next is not spent by the
+// next: a primary whose sessions carry one transaction each leaves two,
+// one for each later host, and the second host, both of its addresses
+// down, may try only one of them, so a recipient the primary greylisted
+// still reaches the third.
+func TestNextHostLeavesTheConnectionKeptForTheOneAfterIt(t *testing.T) {
+	v := newEnv(t,
+		"example.test. 300 IN MX 10 mx1.example.test.",
+		"example.test. 300 IN MX 20 mx2.example.test.",
+		"example.test. 300 IN MX 30 mx3.example.test.",
+		"mx1.example.test. 300 IN A 127.0.0.2",
+		"mx2.example.test. 300 IN A 127.0.0.5", // down: refused
+		"mx2.example.test. 300 IN A 127.0.0.6", // down: refused
+		"mx3.example.test. 300 IN A 127.0.0.3")
+	mx1 := newMX(t, func(s *smtpServer) {
+		s.MaxRecipients = 1
+		s.Limits = []string{"MAILMAX=1"}
+	})
+	mx3 := newMX(t)
+	v.route("127.0.0.2", mx1.Addr)
+	v.route("127.0.0.3", mx3.Addr)
+	mx1.rcptErr["a@example.test"] = smtpErr(451, smtp.EnhancedCode{4, 7, 1}, "greylisted, try later")
+	d := &dialCounter{v: v}
+	e := v.engine(func(o *Options) { o.DialContext = d.dial })
+	fresh := deliver(t, e, testJob("example.test", "a@example.test"))
+	wantStatus(t, fresh[0], 250, "2.0.0", "mx3.example.test[127.0.0.3]")
+	if n := d.count("127.0.0.5") + d.count("127.0.0.6"); n != 2 {
+		t.Errorf("alone, a@ went to %d of mx2's addresses, want both", n)
+	}
+
+	before, mx2Before := d.total(), d.count("127.0.0.5")+d.count("127.0.0.6")
+	rcpts := []string{"a@example.test"}
+	for i := range maxAddrAttempts {
+		rcpts = append(rcpts, fmt.Sprintf("r%02d@example.test", i))
+	}
+	st := deliver(t, e, testJob("example.test", rcpts...))
+	// mx1: a@ deferred, then one recipient in each of 7 more sessions;
+	// mx2: one connection; mx3, with the last: a@ and the rest.
+	wantStatus(t, st[0], 250, "2.0.0", "mx3.example.test[127.0.0.3]")
+	for i, s := range st[1:] {
+		if i < maxAddrAttempts-3 {
+			wantStatus(t, s, 250, "2.0.0", "mx1.example.test[127.0.0.2]")
+		} else {
+			wantStatus(t, s, 250, "2.0.0", "mx3.example.test[127.0.0.3]")
+		}
+	}
+	if n := d.total() - before; n != maxAddrAttempts {
+		t.Errorf("%d connections, want the attempt's %d", n, maxAddrAttempts)
+	}
+	if n := d.count("127.0.0.5") + d.count("127.0.0.6") - mx2Before; n != 1 {
+		t.Errorf("%d connections to mx2, want 1: the other is kept for mx3", n)
+	}
+	if n := mx3.sessionCount(); n != 2 {
+		t.Errorf("%d sessions with mx3 over both attempts, want 2", n)
+	}
+	lines := attemptLines(v)
+	if len(lines) != 2 || !strings.Contains(lines[1], "mx=mx3.example.test") ||
+		!strings.Contains(lines[1], `hosts_not_used="mx2.example.test[127.0.0.`) {
+		t.Errorf("the log line does not name mx3 as the host used and mx2 as not used:\n%s", v.logs.String())
+	}
+}

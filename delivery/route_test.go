@@ -2,6 +2,7 @@ package delivery
 
 import (
 	"context"
+	"fmt"
 	"slices"
 	"strings"
 	"testing"
@@ -431,4 +432,75 @@ func TestAddressLiteralIsDeliveredWithoutDNSOrPolicy(t *testing.T) {
 	wantStatus(t, st[0], 451, "4.4.1", "[ipv6:::1]: connection refused")
 	st = deliver(t, e, testJob("[not-an-ip]", "a@[not-an-ip]"))
 	wantStatus(t, st[0], 550, "5.1.2", "not a valid address literal")
+}
+
+// The attempt's connections (maxAddrAttempts) are shared by its hosts: a
+// host tries at most what the hosts after it do not need, one each, so
+// a primary with many addresses down leaves the backup its connection;
+// the last host may use all that is left.
+func TestEveryHostLeavesAConnectionForEachHostAfterIt(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		backup   bool // mx2, healthy, after mx1
+		mx1Dials int
+	}{
+		{"backup", true, maxAddrAttempts - 1},
+		{"no backup", false, maxAddrAttempts},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			records := []string{"example.test. 300 IN MX 10 mx1.example.test."}
+			for i := range maxAddrAttempts + 2 {
+				// All down: refused.
+				records = append(records, fmt.Sprintf("mx1.example.test. 300 IN A 127.0.1.%d", i+1))
+			}
+			if tc.backup {
+				records = append(records, "example.test. 300 IN MX 20 mx2.example.test.", "mx2.example.test. 300 IN A 127.0.0.3")
+			}
+			v := newEnv(t, records...)
+			mx2 := newMX(t)
+			v.route("127.0.0.3", mx2.Addr)
+			d := &dialCounter{v: v}
+			e := v.engine(func(o *Options) { o.DialContext = d.dial })
+			st := deliver(t, e, testJob("example.test", "a@example.test"))
+			if tc.backup {
+				wantStatus(t, st[0], 250, "2.0.0", "mx2.example.test[127.0.0.3]")
+			} else {
+				wantStatus(t, st[0], 451, "4.4.1", "mx1.example.test[127.0.1.", ": connection refused")
+			}
+			if n := d.total() - d.count("127.0.0.3"); n != tc.mx1Dials {
+				t.Errorf("%d connections to mx1's addresses, want %d", n, tc.mx1Dials)
+			}
+			if n := d.total(); n > maxAddrAttempts {
+				t.Errorf("%d connections in one attempt, want at most %d", n, maxAddrAttempts)
+			}
+		})
+	}
+}
+
+// A host the attempt has no connection left for is named, with why, in
+// the log line and in the status: it was not tried, so what the others
+// said is no answer for it.
+func TestHostWithoutAConnectionLeftIsNamed(t *testing.T) {
+	var records []string
+	for i := range maxAddrAttempts + 1 {
+		// All down: refused.
+		records = append(records,
+			fmt.Sprintf("example.test. 300 IN MX %d mx%02d.example.test.", 10*(i+1), i+1),
+			fmt.Sprintf("mx%02d.example.test. 300 IN A 127.0.1.%d", i+1, i+1))
+	}
+	v := newEnv(t, records...)
+	d := &dialCounter{v: v}
+	e := v.engine(func(o *Options) { o.DialContext = d.dial })
+	st := deliver(t, e, testJob("example.test", "a@example.test"))
+	last := fmt.Sprintf("mx%02d.example.test", maxAddrAttempts+1)
+	wantStatus(t, st[0], 451, "4.4.1", "mx01.example.test[127.0.1.1]: connection refused",
+		last+": not tried, no connection left in this attempt")
+	if n := d.total(); n != maxAddrAttempts {
+		t.Errorf("%d connections, want %d", n, maxAddrAttempts)
+	}
+	lines := attemptLines(v)
+	if len(lines) != 1 || !strings.Contains(lines[0], "hosts_not_used=") ||
+		!strings.Contains(lines[0], last+": not tried, no connection left in this attempt") {
+		t.Errorf("the log line does not name %s as not tried:\n%s", last, v.logs.String())
+	}
 }
