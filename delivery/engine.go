@@ -237,19 +237,27 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 			out[k] = st
 		}
 	}
-	// refused are the recipients whose new session failed, the status
-	// that failure gave them, and where it starts in fails: unless a
-	// later host answers for them, they end with what every host from
-	// that one on said (aggregate).
-	type refusal struct {
-		idx  []int
-		st   queue.Status
-		mark int
+	// A recipient's status is what the last host that answered for it
+	// said: spoke[k], nil before one has. A new session that fails
+	// answers for none of the recipients it was to carry; they get its
+	// status, refusal[k], and since[k] is where in fails the failures
+	// they went on from begin (-1: none since a host last answered for
+	// them). Unless a later host answers for them, they end with spoke[k]
+	// or, without one, with what every host from there on said
+	// (aggregate), as a fresh attempt to those hosts would.
+	n := len(job.Recipients)
+	spoke, refusal, since := make([]*queue.Status, n), make([]queue.Status, n), make([]int, n)
+	for k := range since {
+		since[k] = -1
 	}
-	var refused []refusal
 	sessionFailed := func(st queue.Status, mark int) {
 		noSession(st)
-		refused = append(refused, refusal{idx: slices.Clone(idx), st: st, mark: mark})
+		for _, k := range idx {
+			refusal[k] = st
+			if since[k] < 0 {
+				since[k] = mark
+			}
+		}
 	}
 	// usableAfter is how many hosts after hops[i] may be dialled: the
 	// attempt keeps a connection for each.
@@ -394,6 +402,11 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 				rest = append(rest, idx[j])
 			}
 		}
+		for j, k := range idx {
+			if left == nil || !left[j] {
+				spoke[k], since[k] = &statuses[j], -1
+			}
+		}
 		next := held
 		for j, k := range idx {
 			// A 4xx reply means the host did not take the message
@@ -420,16 +433,19 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 		}
 	}
 	if out != nil {
-		for _, r := range refused {
-			// No later host answered for them: what this host said
-			// alone may be a 5xx (a 554 greeting) where a fresh attempt
-			// to the same hosts would defer, because a later one was
-			// merely unreachable.
-			st := aggregate(domain, fails[r.mark:])
-			for _, k := range r.idx {
-				if out[k] == r.st {
-					out[k] = st
-				}
+		for k, from := range since {
+			if from < 0 || out[k] != refusal[k] {
+				// A host answered for it since, or the cut's status
+				// stands.
+				continue
+			}
+			// What the refusal said alone may be a 5xx (a 554 greeting)
+			// where a fresh attempt to the same hosts would defer,
+			// because another was merely unreachable.
+			if spoke[k] != nil {
+				out[k] = *spoke[k]
+			} else {
+				out[k] = aggregate(domain, fails[from:])
 			}
 		}
 		skipped := texts(fails)

@@ -562,3 +562,67 @@ func TestNextHostLeavesTheConnectionKeptForTheOneAfterIt(t *testing.T) {
 		t.Errorf("the log line does not name mx3 as the host used and mx2 as not used:\n%s", v.logs.String())
 	}
 }
+
+// The rest of a split message that two hosts in turn refused a new
+// session (the primary unreachable, then the backup with a 554 greeting)
+// are deferred, as a fresh attempt to the same two hosts would be: the
+// second refusal does not forget the first host.
+func TestRestRefusedTwiceRemembersTheUnreachableFirstHost(t *testing.T) {
+	v, mx1, mx2 := twoMX(t, func(s *smtpServer) { s.MaxRecipients = 1 })
+	refuse554 := rawServer(t, func(c net.Conn) { io.WriteString(c, "554 5.7.1 no service for you right now\r\n") })
+	mx1.dataHook = func(*smtp.Conn) {
+		if len(mx1.messages()) == 0 {
+			v.route("127.0.0.2", v.closed)
+		}
+	}
+	mx2.dataHook = func(*smtp.Conn) {
+		if len(mx2.messages()) == 0 {
+			v.route("127.0.0.3", refuse554)
+		}
+	}
+	e := v.engine(func(o *Options) {
+		o.Limits = []Limit{{Domains: []string{"example.test"}, Shaping: Shaping{MaxMessagesPerConn: 1}}}
+	})
+	st := deliver(t, e, testJob("example.test", "a@example.test", "b@example.test", "c@example.test"))
+	wantStatus(t, st[0], 250, "2.0.0", "mx1.example.test[127.0.0.2]")
+	wantStatus(t, st[1], 250, "2.0.0", "mx2.example.test[127.0.0.3]")
+	fresh := deliver(t, e, testJob("example.test", "f@example.test"))[0]
+	wantStatus(t, fresh, 451, "4.4.1", "mx1.example.test[127.0.0.2]: connection refused",
+		"mx2.example.test[127.0.0.3]: 554 5.7.1 no service for you right now")
+	if st[2] != fresh {
+		t.Errorf("c@: %s\nwant what a fresh attempt says: %s", st[2].String(), fresh.String())
+	}
+}
+
+// A recipient the primary deferred keeps what it said when the backup,
+// which has taken part of the message, refuses a new session for good:
+// the refusal answers for no recipient, and the greylisting is what the
+// last host that answered for it said.
+func TestRefusedNewSessionLeavesTheEarlierHostsDeferral(t *testing.T) {
+	v := newEnv(t,
+		"example.test. 300 IN MX 10 mx1.example.test.",
+		"example.test. 300 IN MX 20 mx2.example.test.",
+		"mx1.example.test. 300 IN A 127.0.0.2",
+		"mx2.example.test. 300 IN A 127.0.0.3")
+	mx1 := newMX(t)
+	mx2 := newMX(t, func(s *smtpServer) {
+		s.MaxRecipients = 1
+		s.Limits = []string{"MAILMAX=1"}
+	})
+	v.route("127.0.0.2", mx1.Addr)
+	v.route("127.0.0.3", mx2.Addr)
+	grey := smtpErr(451, smtp.EnhancedCode{4, 7, 1}, "greylisted, try later")
+	mx1.rcptErr["b@example.test"] = grey
+	mx1.rcptErr["c@example.test"] = grey
+	refuse554 := rawServer(t, func(c net.Conn) { io.WriteString(c, "554 5.7.1 no service for you right now\r\n") })
+	mx2.dataHook = func(*smtp.Conn) {
+		if len(mx2.messages()) == 0 {
+			v.route("127.0.0.3", refuse554)
+		}
+	}
+	e := v.engine()
+	st := deliver(t, e, testJob("example.test", "a@example.test", "b@example.test", "c@example.test"))
+	wantStatus(t, st[0], 250, "2.0.0", "mx1.example.test[127.0.0.2]")
+	wantStatus(t, st[1], 250, "2.0.0", "mx2.example.test[127.0.0.3]")
+	wantStatus(t, st[2], 451, "4.7.1", "mx1.example.test[127.0.0.2]: 451 4.7.1 greylisted, try later")
+}
