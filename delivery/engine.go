@@ -45,6 +45,10 @@ type attempt struct {
 	// deferred, or could not carry, whose recipients went on to the next
 	// host.
 	earlier []string
+	// renewed says why new sessions with a host that had answered failed,
+	// when recipients they were to carry ended without a later host's
+	// answer.
+	renewed []string
 }
 
 // Deliver attempts job and returns one Status per recipient, in order
@@ -132,6 +136,9 @@ func (e *Engine) Deliver(ctx context.Context, job *queue.Job) []queue.Status {
 	}
 	if len(at.skipped) > 0 {
 		attrs = append(attrs, slog.String("hosts_not_used", strings.Join(at.skipped, "; ")))
+	}
+	if len(at.renewed) > 0 {
+		attrs = append(attrs, slog.String("new_session_failed", strings.Join(at.renewed, "; ")))
 	}
 	if at.nh.Route != "" {
 		// Where the route sent it; never its credentials.
@@ -250,6 +257,9 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 	for k := range since {
 		since[k] = -1
 	}
+	// again are the failures of new sessions: the host was used, so
+	// they are not for hosts_not_used.
+	again := map[*hostFailure]bool{}
 	sessionFailed := func(st queue.Status, mark int) {
 		noSession(st)
 		for _, k := range idx {
@@ -326,10 +336,15 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 		budget -= spare - unspent
 		mark := len(fails)
 		fails = append(fails, fs...)
-		if s == nil && i == resume && len(fs) > 0 {
-			// The rest say why they got no new session, not only that
-			// the last one reached its limit.
-			sessionFailed(aggregate(domain, fs), mark)
+		if i == resume {
+			for _, f := range fs {
+				again[f] = true
+			}
+			if s == nil && len(fs) > 0 {
+				// The rest say why they got no new session, not only
+				// that the last one reached its limit.
+				sessionFailed(aggregate(domain, fs), mark)
+			}
 		}
 		stop := false
 		for _, f := range fs {
@@ -370,6 +385,7 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 			// The host lacks what this message needs; another may have it.
 			fails = append(fails, f)
 			if i == resume {
+				again[f] = true
 				sessionFailed(f.status, len(fails)-1)
 			}
 			e.release(s)
@@ -433,12 +449,14 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 		}
 	}
 	if out != nil {
+		first := len(fails) // where the failures the rest end on begin
 		for k, from := range since {
 			if from < 0 || out[k] != refusal[k] {
 				// A host answered for it since, or the cut's status
 				// stands.
 				continue
 			}
+			first = min(first, from)
 			// What the refusal said alone may be a 5xx (a 554 greeting)
 			// where a fresh attempt to the same hosts would defer,
 			// because another was merely unreachable.
@@ -448,9 +466,20 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 				out[k] = aggregate(domain, fails[from:])
 			}
 		}
-		skipped := texts(fails)
+		// A new session's failure is in earlier_hosts when a later host
+		// answered for its recipients, in new_session_failed when they
+		// end on it.
+		var skipped, renewed []*hostFailure
+		for j, f := range fails {
+			switch {
+			case !again[f]:
+				skipped = append(skipped, f)
+			case j >= first:
+				renewed = append(renewed, f)
+			}
+		}
 		*at = answered
-		at.skipped = skipped
+		at.skipped, at.renewed = texts(skipped), texts(renewed)
 		return out
 	}
 	at.skipped = texts(fails)

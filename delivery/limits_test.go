@@ -563,6 +563,35 @@ func TestNextHostLeavesTheConnectionKeptForTheOneAfterIt(t *testing.T) {
 	}
 }
 
+// A new session with a host that has delivered some of the message, and
+// then refuses the connection, does not make the log line say the host
+// was not used: the next host's earlier_hosts says the rest went on
+// unsent, and why.
+func TestRefusedNewSessionIsNotAHostNotUsed(t *testing.T) {
+	v, mx1, _ := twoMX(t, func(s *smtpServer) { s.MaxRecipients = 2 })
+	mx1.dataHook = func(*smtp.Conn) {
+		if len(mx1.messages()) == 1 {
+			v.route("127.0.0.2", v.closed)
+		}
+	}
+	e := v.engine(func(o *Options) {
+		o.Limits = []Limit{{Domains: []string{"example.test"}, Shaping: Shaping{MaxMessagesPerConn: 2}}}
+	})
+	st := deliver(t, e, testJob("example.test", fiveRecipients()...))
+	for _, s := range st[:4] {
+		wantStatus(t, s, 250, "2.0.0", "mx1.example.test[127.0.0.2]")
+	}
+	wantStatus(t, st[4], 250, "2.0.0", "mx2.example.test[127.0.0.3]")
+	logs := v.logs.String()
+	if strings.Contains(logs, "hosts_not_used=") {
+		t.Errorf("hosts_not_used in the log, where mx1 delivered 4 of the 5 recipients and mx2 the last:\n%s", logs)
+	}
+	want := `earlier_hosts="mx1.example.test[127.0.0.2]: connection refused (1 of 5 recipients not sent)"`
+	if !strings.Contains(logs, want) {
+		t.Errorf("the log line does not say the rest went on unsent (%s):\n%s", want, logs)
+	}
+}
+
 // The rest of a split message that two hosts in turn refused a new
 // session (the primary unreachable, then the backup with a 554 greeting)
 // are deferred, as a fresh attempt to the same two hosts would be: the
@@ -591,6 +620,14 @@ func TestRestRefusedTwiceRemembersTheUnreachableFirstHost(t *testing.T) {
 		"mx2.example.test[127.0.0.3]: 554 5.7.1 no service for you right now")
 	if st[2] != fresh {
 		t.Errorf("c@: %s\nwant what a fresh attempt says: %s", st[2].String(), fresh.String())
+	}
+	lines := attemptLines(v)
+	if len(lines) != 2 {
+		t.Fatalf("%d attempt lines, want 2:\n%s", len(lines), v.logs.String())
+	}
+	want := `new_session_failed="mx1.example.test[127.0.0.2]: connection refused; mx2.example.test[127.0.0.3]: 554 5.7.1 no service for you right now"`
+	if !strings.Contains(lines[0], want) || strings.Contains(lines[0], "hosts_not_used=") {
+		t.Errorf("the log line does not say both new sessions failed (%s), or names a host that delivered as not used:\n%s", want, lines[0])
 	}
 }
 
@@ -625,4 +662,9 @@ func TestRefusedNewSessionLeavesTheEarlierHostsDeferral(t *testing.T) {
 	wantStatus(t, st[0], 250, "2.0.0", "mx1.example.test[127.0.0.2]")
 	wantStatus(t, st[1], 250, "2.0.0", "mx2.example.test[127.0.0.3]")
 	wantStatus(t, st[2], 451, "4.7.1", "mx1.example.test[127.0.0.2]: 451 4.7.1 greylisted, try later")
+	logs := v.logs.String()
+	want := `new_session_failed="mx2.example.test[127.0.0.3]: 554 5.7.1 no service for you right now"`
+	if !strings.Contains(logs, want) || strings.Contains(logs, "hosts_not_used=") {
+		t.Errorf("the log line does not say the new session failed (%s), or names a host that delivered as not used:\n%s", want, logs)
+	}
 }
