@@ -330,9 +330,19 @@ func (k failKind) String() string {
 
 // aggregate is the status every recipient gets when no host took the
 // message (docs/DESIGN.md, "What deferrals say").
-func aggregate(domain string, fails []*hostFailure) queue.Status {
+func aggregate(nh NextHop, fails []*hostFailure) queue.Status {
+	// The hosts the statuses speak of: the recipient domain's MX hosts,
+	// or a route's next hop, whose host failed and not the domain's.
+	hosts, host := fmt.Sprintf("MX hosts of '%s'", nh.Domain), fmt.Sprintf("MX host of '%s'", nh.Domain)
+	if nh.Route != "" {
+		hosts = fmt.Sprintf("hosts of %s's nexthop %s", nh.Route, nh.String())
+		host = fmt.Sprintf("host of %s's nexthop %s", nh.Route, nh.String())
+	}
 	if len(fails) == 0 {
-		return queue.Status{Code: 451, Enhanced: "4.4.4", Text: fmt.Sprintf("no usable MX host for %s", domain)}
+		if nh.Route != "" {
+			return queue.Status{Code: 451, Enhanced: "4.4.4", Text: "no usable " + host}
+		}
+		return queue.Status{Code: 451, Enhanced: "4.4.4", Text: fmt.Sprintf("no usable MX host for %s", nh.Domain)}
 	}
 	count := map[failKind]int{}
 	for _, f := range fails {
@@ -350,7 +360,7 @@ func aggregate(domain string, fails []*hostFailure) queue.Status {
 		// No RFC code for MTA-STS; 4.4.8 is what a large provider uses
 		// (docs/DESIGN.md). RFC 8461 §5: never a permanent failure.
 		return queue.Status{Code: 451, Enhanced: "4.4.8", Text: truncateList(
-			fmt.Sprintf("MX hosts of '%s' failed MTA-STS validation: ", domain), reasons(fails))}
+			hosts+" failed MTA-STS validation: ", reasons(fails))}
 	case only(failSTS, failDANE, failLocal):
 		return queue.Status{Code: 451, Enhanced: "4.7.5", Text: truncateList("", texts(fails))}
 	case only(failRequireTLS, failUTF8, failEightBit):
@@ -361,13 +371,13 @@ func aggregate(domain string, fails []*hostFailure) queue.Status {
 		st.RemoteMTA, st.Reply = "", ""
 		if count[failRequireTLS] > 0 {
 			st.Code, st.Enhanced = 550, "5.7.30"
-			st.Text = truncateList(fmt.Sprintf("message requires TLS (REQUIRETLS) but no MX host of '%s' qualifies: ", domain), texts(fails))
+			st.Text = truncateList("message requires TLS (REQUIRETLS) but no "+host+" qualifies: ", texts(fails))
 		} else if count[failUTF8] > 0 {
 			st.Code, st.Enhanced = 550, "5.6.7"
-			st.Text = truncateList(fmt.Sprintf("no MX host of '%s' supports SMTPUTF8, which this message needs: ", domain), texts(fails))
+			st.Text = truncateList("no "+host+" supports SMTPUTF8, which this message needs: ", texts(fails))
 		} else {
 			st.Code, st.Enhanced = 550, "5.6.3"
-			st.Text = truncateList(fmt.Sprintf("no MX host of '%s' supports 8BITMIME, which this message needs: ", domain), texts(fails))
+			st.Text = truncateList("no "+host+" supports 8BITMIME, which this message needs: ", texts(fails))
 		}
 		return st
 	}

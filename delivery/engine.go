@@ -343,7 +343,7 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 			if s == nil && len(fs) > 0 {
 				// The rest say why they got no new session, not only
 				// that the last one reached its limit.
-				sessionFailed(aggregate(domain, fs), mark)
+				sessionFailed(aggregate(nh, fs), mark)
 			}
 		}
 		stop := false
@@ -463,7 +463,10 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 			if spoke[k] != nil {
 				out[k] = *spoke[k]
 			} else {
-				out[k] = aggregate(domain, fails[from:])
+				// No host ever answered for it: every failure, those
+				// of the hosts before the refused session too, is what
+				// a fresh attempt would meet.
+				out[k] = aggregate(nh, fails)
 			}
 		}
 		// A new session's failure is in earlier_hosts when a later host
@@ -483,7 +486,7 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 		return out
 	}
 	at.skipped = texts(fails)
-	return all(aggregate(domain, fails))
+	return all(aggregate(nh, fails))
 }
 
 // recipients is job for the recipients at idx alone.

@@ -1,6 +1,7 @@
 package delivery
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"net"
@@ -12,6 +13,7 @@ import (
 	"github.com/emersion/go-smtp"
 
 	"github.com/stsrelay/stsrelay/internal/testpki"
+	"github.com/stsrelay/stsrelay/policy"
 )
 
 // fiveRecipients is a job for a@ to e@example.test.
@@ -666,5 +668,85 @@ func TestRefusedNewSessionLeavesTheEarlierHostsDeferral(t *testing.T) {
 	want := `new_session_failed="mx2.example.test[127.0.0.3]: 554 5.7.1 no service for you right now"`
 	if !strings.Contains(logs, want) || strings.Contains(logs, "hosts_not_used=") {
 		t.Errorf("the log line does not say the new session failed (%s), or names a host that delivered as not used:\n%s", want, logs)
+	}
+}
+
+// The rest of a split message that no host ever answered for end with what
+// a fresh attempt to the same hosts would say: a backup that refuses the
+// new session with a 554 while the primary is down, or excluded by the
+// MTA-STS policy, defers them with the primary named, as it would a new
+// message; it does not bounce them.
+func TestRestRefusedByTheBackupWhileThePrimaryIsOutDefer(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		primary string // in the fresh attempt's status
+	}{
+		{"primary down", "mx1.example.test[127.0.0.2]: connection refused"},
+		{"primary excluded by the policy", "mx1.example.test: not listed in the MTA-STS policy"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			v := newEnv(t,
+				"example.test. 300 IN MX 10 mx1.example.test.",
+				"example.test. 300 IN MX 20 mx2.example.test.",
+				"mx1.example.test. 300 IN A 127.0.0.2",
+				"mx2.example.test. 300 IN A 127.0.0.3")
+			mx2 := newMX(t, withTLS(v.ca.Issue(t, "mx2.example.test")), func(s *smtpServer) { s.MaxRecipients = 2 })
+			v.route("127.0.0.3", mx2.Addr)
+			refuse554 := rawServer(t, func(c net.Conn) { io.WriteString(c, "554 5.7.1 no service for you right now\r\n") })
+			mx2.dataHook = func(*smtp.Conn) {
+				if len(mx2.messages()) == 1 {
+					v.route("127.0.0.3", refuse554)
+				}
+			}
+			opts := []func(*Options){func(o *Options) {
+				o.Limits = []Limit{{Domains: []string{"example.test"}, Shaping: Shaping{MaxMessagesPerConn: 2}}}
+			}}
+			if tc.name == "primary excluded by the policy" {
+				mx1 := newMX(t)
+				v.route("127.0.0.2", mx1.Addr)
+				opts = append(opts, func(o *Options) {
+					o.Policy = policyFunc(func(_ context.Context, _ string, mxs []policy.MX) ([]policy.Requirement, error) {
+						out := make([]policy.Requirement, len(mxs))
+						for i, mx := range mxs {
+							out[i] = policy.Requirement{Security: policy.SecurityVerify, Policy: testSTS, Names: []string{mx.Name}}
+							if mx.Name == "mx1.example.test" {
+								out[i].Skip = "not listed in the MTA-STS policy"
+							}
+						}
+						return out, nil
+					})
+				})
+			} else {
+				v.route("127.0.0.2", v.closed)
+			}
+			e := v.engine(opts...)
+			st := deliver(t, e, testJob("example.test", fiveRecipients()...))
+			for _, s := range st[:4] {
+				wantStatus(t, s, 250, "2.0.0", "mx2.example.test[127.0.0.3]")
+			}
+			fresh := deliver(t, e, testJob("example.test", "f@example.test"))[0]
+			if fresh.Permanent() || !strings.Contains(fresh.Text, tc.primary) {
+				t.Fatalf("fresh attempt: %s; want a deferral naming %q", fresh, tc.primary)
+			}
+			if st[4] != fresh {
+				t.Errorf("e@, refused a new session by the backup:\n  %s\nwant what a fresh attempt says:\n  %s", st[4], fresh)
+			}
+		})
+	}
+}
+
+// A route's failures name its next hop, the host that failed, not the
+// recipient domain's MX hosts, which it never met.
+func TestRouteStatusNamesItsNexthop(t *testing.T) {
+	v := newEnv(t, "relay.test. 300 IN A 127.0.0.1")
+	up := newMX(t)
+	_, port, _ := net.SplitHostPort(up.Addr)
+	e := v.engine(withRoutes(Route{Domains: []string{"*"}, Nexthop: "[relay.test]:" + port}))
+	job := testJob("gmail.test", "a@gmail.test")
+	job.Envelope.SMTPUTF8 = true
+	st := deliver(t, e, job)
+	want := "no host of delivery.route[0]'s nexthop [relay.test]:" + port + " supports SMTPUTF8, which this message needs: "
+	if st[0].Code != 550 || st[0].Enhanced != "5.6.7" || !strings.HasPrefix(st[0].Text, want) {
+		t.Errorf("status %s\nwant 550 5.6.7 %s…", st[0], want)
 	}
 }

@@ -173,7 +173,7 @@ func (e *Engine) CheckFrom(ctx context.Context, domain, sender string, connect b
 		r.Hosts = append(r.Hosts, hr)
 	}
 	if r.Via == "" && !pending {
-		r.Outcome = aggregate(domain, fails)
+		r.Outcome = aggregate(p.nh, fails)
 	}
 	return r
 }
