@@ -190,7 +190,7 @@ func bounceRecipients(m *message, pick func(*recipient) bool, _ time.Time) int {
 			continue
 		}
 		r.State = StateFailed
-		r.Last = Status{Code: 554, Enhanced: "5.0.0", Text: "bounced by the mail system administrator"}
+		r.Last = Status{Code: 554, Enhanced: "5.0.0", Text: cutCauses["bounce"].Error()}
 		n++
 		if a := noticeFor(r, outcomeFailed, r.Last); a != "" && notify {
 			r.NoticeOwed = a
@@ -211,7 +211,7 @@ func deleteRecipients(m *message, pick func(*recipient) bool, _ time.Time) int {
 			continue
 		}
 		r.State = StateFailed
-		r.Last = Status{Code: 554, Enhanced: "5.0.0", Text: "deleted by the mail system administrator"}
+		r.Last = Status{Code: 554, Enhanced: "5.0.0", Text: cutCauses["delete"].Error()}
 		r.NoticeOwed = "" // a delay notice still owed, say
 		n++
 	}
@@ -220,10 +220,10 @@ func deleteRecipients(m *message, pick func(*recipient) bool, _ time.Time) int {
 
 func everyone(*recipient) bool { return true }
 
-// cutCauses say why an operator's command cut off the deliveries in
-// flight of the recipients it took away; the cause of such a delivery's
-// context, its status text and log line carry it. A retry or a release
-// takes no one away.
+// cutCauses say why an operator's command took recipients away: the
+// status of a bounced or deleted recipient, and the cause of the
+// deliveries in flight it cuts off (their status text and log line carry
+// it). A retry or a release takes no one away.
 var cutCauses = map[string]error{
 	"bounce": errors.New("bounced by the mail system administrator"),
 	"delete": errors.New("deleted by the mail system administrator"),
