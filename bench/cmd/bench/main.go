@@ -47,7 +47,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	keep := fs.Bool("keep", false, "keep every run's state directory")
 	list := fs.Bool("list", false, "list the scenarios and exit")
 	messages := fs.Int("messages", 0, "override every scenario's message count (a smoke test)")
-	profileAll := fs.Bool("profile", false, "take pprof profiles of stsrelay in every scenario, not only the main one")
+	profileAll := fs.Bool("profile", false, "take pprof profiles of every stsrelay system in every scenario, not only of stsrelay in the main one")
 	baseline := fs.String("baseline", "", "another stsrelay binary to run as system stsrelay-baseline next to stsrelay in every scenario that has it, for before/after ratios")
 	baselineRev := fs.String("baseline-rev", "", "the git revision -baseline was built from, for the report (bench/run -baseline-rev REV builds it and sets both)")
 	if err := fs.Parse(args); err != nil {
@@ -56,7 +56,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	all := scenarios(*quick)
 	if *profileAll {
 		for _, sc := range all {
-			sc.profile = true
+			sc.profile, sc.profileAll = true, true
 		}
 	}
 	if *messages > 0 {

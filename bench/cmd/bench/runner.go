@@ -143,9 +143,16 @@ func (b *bench) scenario(ctx context.Context, sc *scenario) (*report, error) {
 			rep.runs = append(rep.runs, r)
 		}
 	}
-	if sc.profile && slices.Contains(sc.systems, sysStsrelay) {
-		if err := b.profile(ctx, sc, w, rep, snapshots[sysStsrelay]); err != nil {
-			b.logf("   profile: %v", err)
+	if sc.profile {
+		// Every stsrelay of the scenario, so that what a lever or a full
+		// queue costs can be read off two profiles of the same load.
+		for _, sys := range sc.systems {
+			if sys != sysStsrelay && !(sc.profileAll && isStsrelay(sys)) {
+				continue
+			}
+			if err := b.profile(ctx, sc, w, rep, sys, snapshots[sys]); err != nil {
+				b.logf("   profile of %s: %v", sys, err)
+			}
 		}
 	}
 	if !b.keep {
@@ -403,17 +410,22 @@ func copyState(snapshot, dir string, names []string) error {
 	return nil
 }
 
-// profile runs stsrelay once more with its pprof endpoint on, takes a CPU
-// profile over most of the run and the allocation profile after it.
-func (b *bench) profile(ctx context.Context, sc *scenario, w *world.World, rep *report, snapshot string) error {
+// profile runs sys once more with its pprof endpoint on, takes a CPU
+// profile over most of the run and the allocation profile after it. The
+// profiles of stsrelay go to profiles/SCENARIO, those of the scenario's
+// other stsrelay systems to profiles/SCENARIO/SYSTEM.
+func (b *bench) profile(ctx context.Context, sc *scenario, w *world.World, rep *report, sys, snapshot string) error {
 	est := 10.0
-	if m := rep.median(sysStsrelay, func(r *runResult) float64 { return r.E2ERate }); m > 0 {
+	if m := rep.median(sys, func(r *runResult) float64 { return r.E2ERate }); m > 0 {
 		est = float64(sc.messages) / m
 	}
 	// Most of the run, never its idle end: the estimate comes from the
 	// runs before, and the machine is shared.
 	seconds := max(1, min(30, int(est*0.6)))
 	profDir := filepath.Join(b.work, "profiles", sc.name)
+	if sys != sysStsrelay {
+		profDir = filepath.Join(profDir, sys)
+	}
 	if err := os.MkdirAll(profDir, 0o755); err != nil {
 		return err
 	}
@@ -444,15 +456,17 @@ func (b *bench) profile(ctx context.Context, sc *scenario, w *world.World, rep *
 			allocErr = fmt.Errorf("allocation profile: %w", err)
 		}
 	}
-	r := b.runOnce(ctx, sc, w, sysStsrelay, 0, snapshot, o)
+	r := b.runOnce(ctx, sc, w, sys, 0, snapshot, o)
 	if r.Err != "" {
 		return fmt.Errorf("%s", r.Err)
 	}
 	if allocErr != nil {
 		return allocErr
 	}
-	rep.profileDir, rep.profileSeconds, rep.profileRun = profDir, seconds, r
-	summary := fmt.Sprintf(`stsrelay profiles, scenario %s (%s)
+	if sys == sysStsrelay {
+		rep.profileDir, rep.profileSeconds, rep.profileRun = profDir, seconds, r
+	}
+	summary := fmt.Sprintf(`%s profiles, scenario %s (%s)
 run: %.0f msg/s end to end, %.2f ms CPU per message (process)
 cpu.pprof: the first %d s of the load, in which the sink received %d recipients
 allocs.pprof: every allocation since start (the whole run, start-up included), %d messages accepted
@@ -460,11 +474,11 @@ allocs.pprof: every allocation since start (the whole run, start-up included), %
   go tool pprof -top -cum %s/bin/stsrelay cpu.pprof
   go tool pprof -top -sample_index=alloc_space %s/bin/stsrelay allocs.pprof
   go tool pprof -http=127.0.0.1:8080 %s/bin/stsrelay cpu.pprof
-`, sc.name, sc.title(), r.E2ERate, r.CPUms, seconds, inWin, r.Accepted, b.work, b.work, b.work)
+`, systemTitles[sys], sc.name, sc.title(), r.E2ERate, r.CPUms, seconds, inWin, r.Accepted, b.work, b.work, b.work)
 	if err := os.WriteFile(filepath.Join(profDir, "README"), []byte(summary), 0o644); err != nil {
 		return err
 	}
-	b.logf("   profiles of stsrelay (CPU over the first %ds, allocations over the run) in %s", seconds, profDir)
+	b.logf("   profiles of %s (CPU over the first %ds, allocations over the run) in %s", sys, seconds, profDir)
 	return nil
 }
 

@@ -50,6 +50,7 @@ type scenario struct {
 	deferred       int // messages to a dead MX queued before the run
 	systems        []string
 	profile        bool // take pprof profiles of stsrelay in an extra run
+	profileAll     bool // and of the scenario's other stsrelay systems
 }
 
 func (s *scenario) title() string {
