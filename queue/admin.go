@@ -244,7 +244,7 @@ func (q *Queue) carriersLocked(m *message, gone []int) []context.CancelCauseFunc
 		return nil
 	}
 	var cut []context.CancelCauseFunc
-	for _, s := range e.slots {
+	for s := range e.slots {
 		if s.cancel == nil {
 			continue
 		}
@@ -409,7 +409,7 @@ func (q *Queue) Delete(id string) error {
 		q.mu.Lock()
 		defer q.mu.Unlock()
 		if e := q.index[id]; e != nil {
-			for _, s := range e.slots {
+			for s := range e.slots {
 				if s.cancel != nil {
 					s.cancel(cutCauses["delete"])
 				}

@@ -243,6 +243,18 @@ func New(db *bbolt.DB, opts Options) (*Queue, error) {
 func (q *Queue) load() error {
 	var damaged int
 	stored := make(map[string]bool)
+	// Each record decodes a copy of its segment's name and of its
+	// domains, which the index would keep: one copy each instead, for a
+	// queue of 100,000 messages that is 200,000 strings fewer to hold and
+	// for the garbage collector to mark.
+	names := make(map[string]string)
+	intern := func(s string) string {
+		if c, ok := names[s]; ok {
+			return c
+		}
+		names[s] = s
+		return s
+	}
 	err := q.db.View(func(tx *bbolt.Tx) error {
 		n := 0
 		return tx.Bucket(bucketMessages).ForEach(func(k, v []byte) error {
@@ -263,6 +275,10 @@ func (q *Queue) load() error {
 				}
 				damaged++
 				return nil
+			}
+			m.BodyFile = intern(m.BodyFile)
+			for i := range m.Recipients {
+				m.Recipients[i].Domain = intern(m.Recipients[i].Domain)
 			}
 			q.indexPut(m)
 			return nil

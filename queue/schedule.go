@@ -22,7 +22,13 @@ type entry struct {
 	bodyOff  int64  // where in bodyFile
 	size     int64
 	counts   [3]int32 // pending recipients: queued, deferred, held
-	slots    []*slot
+	// slot0 is the first destination domain's slot, in the entry's own
+	// allocation, and more holds the others (see slots). Most messages go
+	// to one domain, and every pointer in the index is one more for the
+	// garbage collector to follow on every cycle, 100,000 times over with
+	// a queue of 100,000 deferred messages.
+	slot0 slot
+	more  []*slot
 	// fresh is the message as Enqueue committed it, with its small body,
 	// kept for the first attempt at each of its domains (see firstCopy).
 	fresh *firstCopy
@@ -31,6 +37,18 @@ type entry struct {
 	// when both hold: a punched stretch reads as zeros (see openBody).
 	readers int32
 	left    bool
+}
+
+// slots yields e's slots, one per destination domain.
+func (e *entry) slots(yield func(*slot) bool) {
+	if e.slot0.e == nil || !yield(&e.slot0) {
+		return
+	}
+	for _, s := range e.more {
+		if !yield(s) {
+			return
+		}
+	}
 }
 
 // firstCopy is a just-committed message and its body in memory. It is
@@ -71,15 +89,18 @@ type slot struct {
 	carrying []int
 }
 
+// timed is a slot's due time in the heap, in Unix nanoseconds: a
+// time.Time would add a pointer (its Location) per queued message for the
+// garbage collector to follow.
 type timed struct {
-	due time.Time
+	due int64
 	s   *slot
 }
 
 type timerHeap []timed
 
 func (h timerHeap) Len() int           { return len(h) }
-func (h timerHeap) Less(i, j int) bool { return h[i].due.Before(h[j].due) }
+func (h timerHeap) Less(i, j int) bool { return h[i].due < h[j].due }
 func (h timerHeap) Swap(i, j int)      { h[i], h[j] = h[j], h[i] }
 func (h *timerHeap) Push(x any)        { *h = append(*h, x.(timed)) }
 func (h *timerHeap) Pop() any {
@@ -215,7 +236,14 @@ func (q *Queue) indexPutLocked(m *message, body []byte) {
 	defer q.countLocked(e, 1)
 	q.countLocked(e, -1)
 	e.counts = [3]int32{}
-	due := make(map[string]time.Time, len(e.slots)+1)
+	// Each domain's earliest next attempt of a pending recipient; zero
+	// when none is pending. A message has few domains: a slice, not a map.
+	type domainDue struct {
+		domain string
+		due    time.Time
+	}
+	var buf [4]domainDue
+	due := buf[:0]
 	for i := range m.Recipients {
 		r := &m.Recipients[i]
 		switch r.State {
@@ -226,12 +254,15 @@ func (q *Queue) indexPutLocked(m *message, body []byte) {
 		case StateHeld:
 			e.counts[2]++
 		}
-		d, seen := due[r.Domain]
-		if !seen {
-			due[r.Domain] = time.Time{}
+		j := 0
+		for j < len(due) && due[j].domain != r.Domain {
+			j++
 		}
-		if r.pending() && (d.IsZero() || r.NextAttempt.Before(d)) {
-			due[r.Domain] = r.NextAttempt
+		if j == len(due) {
+			due = append(due, domainDue{domain: r.Domain})
+		}
+		if d := &due[j]; r.pending() && (d.due.IsZero() || r.NextAttempt.Before(d.due)) {
+			d.due = r.NextAttempt
 		}
 	}
 	if body != nil && q.firstBytes+int64(len(body)) <= q.firstMaxBytes && q.firstCount < q.firstMaxCount {
@@ -239,19 +270,24 @@ func (q *Queue) indexPutLocked(m *message, body []byte) {
 		q.firstBytes += int64(len(body))
 		q.firstCount++
 	}
-	for domain, t := range due {
+	for _, d := range due {
 		var s *slot
-		for _, x := range e.slots {
-			if x.domain == domain {
+		for x := range e.slots {
+			if x.domain == d.domain {
 				s = x
 				break
 			}
 		}
 		if s == nil {
-			s = &slot{e: e, domain: domain}
-			e.slots = append(e.slots, s)
+			if e.slot0.e == nil {
+				e.slot0 = slot{e: e, domain: d.domain}
+				s = &e.slot0
+			} else {
+				s = &slot{e: e, domain: d.domain}
+				e.more = append(e.more, s)
+			}
 		}
-		s.due = t
+		s.due = d.due
 		q.pushLocked(s)
 	}
 }
@@ -260,7 +296,7 @@ func (q *Queue) indexPutLocked(m *message, body []byte) {
 // body file, or frees its stretch of a segment.
 func (q *Queue) indexRemoveLocked(e *entry) {
 	q.dropFirstLocked(e)
-	for _, s := range e.slots {
+	for s := range e.slots {
 		s.gone = true
 	}
 	q.countLocked(e, -1)
@@ -374,7 +410,7 @@ func (q *Queue) pushLocked(s *slot) {
 	if s.gone || s.inflight || s.ready || s.due.IsZero() {
 		return
 	}
-	heap.Push(&q.sched.timers, timed{due: s.due, s: s})
+	heap.Push(&q.sched.timers, timed{due: s.due.UnixNano(), s: s})
 }
 
 // Run delivers due messages until ctx is done. It then gives in-flight
@@ -430,10 +466,10 @@ func (q *Queue) dispatch(ctx context.Context, wg *sync.WaitGroup) time.Duration 
 	defer q.mu.Unlock()
 	now := q.opts.Now()
 	sc := &q.sched
-	for len(sc.timers) > 0 && !sc.timers[0].due.After(now) {
+	for len(sc.timers) > 0 && sc.timers[0].due <= now.UnixNano() {
 		t := heap.Pop(&sc.timers).(timed)
 		s := t.s
-		if s.gone || s.inflight || s.ready || !t.due.Equal(s.due) {
+		if s.gone || s.inflight || s.ready || t.due != s.due.UnixNano() {
 			continue // stale
 		}
 		s.ready = true
@@ -470,7 +506,7 @@ func (q *Queue) dispatch(ctx context.Context, wg *sync.WaitGroup) time.Duration 
 	if len(sc.timers) == 0 {
 		return wait
 	}
-	return max(min(sc.timers[0].due.Sub(now), wait), time.Millisecond)
+	return max(min(time.Duration(sc.timers[0].due-now.UnixNano()), wait), time.Millisecond)
 }
 
 // noticePassLocked tries again to queue the DSNs that are owed (after a
