@@ -133,6 +133,15 @@ func (e *Engine) hops(ctx context.Context, nh NextHop) (_ []hop, implicit bool, 
 	// load spreads as the domain intended.
 	rand.Shuffle(len(mxs), func(i, j int) { mxs[i], mxs[j] = mxs[j], mxs[i] })
 	slices.SortStableFunc(mxs, func(a, b policy.MX) int { return cmp.Compare(a.Preference, b.Preference) })
+	// A host listed twice (at two preferences, or twice at one) is one
+	// host: tried once, at its best preference. Dialling a host that is
+	// down a second time only spends the attempt's connections.
+	seen := make(map[string]bool, len(mxs))
+	mxs = slices.DeleteFunc(mxs, func(m policy.MX) bool {
+		dup := seen[m.Name]
+		seen[m.Name] = true
+		return dup
+	})
 
 	// RFC 5321 §5.1: when we are among the MX hosts, only hosts with a
 	// better preference than ours may be used, or mail loops.

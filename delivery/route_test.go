@@ -3,8 +3,11 @@ package delivery
 import (
 	"context"
 	"fmt"
+	"io"
+	"net"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -77,6 +80,30 @@ func TestAllMXRefusingDefersWithEveryHostNamed(t *testing.T) {
 		"mx1.example.test[127.0.0.2]: connection refused", "mx2.example.test[127.0.0.3]: connection refused")
 	if st[0].RemoteMTA != "" {
 		t.Errorf("RemoteMTA = %q for a failure without a reply", st[0].RemoteMTA)
+	}
+}
+
+// A host listed twice among the MX records is one host: tried once, at
+// its best preference, before the next one.
+func TestHostListedTwiceAmongTheMXIsTriedOnce(t *testing.T) {
+	v := newEnv(t,
+		"example.test. 300 IN MX 10 mx1.example.test.",
+		"example.test. 300 IN MX 20 MX1.example.test.",
+		"example.test. 300 IN MX 30 mx2.example.test.",
+		"mx1.example.test. 300 IN A 127.0.0.2",
+		"mx2.example.test. 300 IN A 127.0.0.3")
+	var sessions atomic.Int32
+	busy := rawServer(t, func(c net.Conn) {
+		sessions.Add(1)
+		io.WriteString(c, "421 4.3.2 too busy\r\n")
+	})
+	mx2 := newMX(t)
+	v.route("127.0.0.2", busy)
+	v.route("127.0.0.3", mx2.Addr)
+	st := deliver(t, v.engine(), testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 250, "2.0.0", "mx2.example.test")
+	if n := sessions.Load(); n != 1 {
+		t.Errorf("mx1 got %d sessions, want 1", n)
 	}
 }
 
