@@ -709,6 +709,9 @@ func (c *Config) validate(data []byte) error {
 	if c.STS.FetchTimeout.Duration <= 0 {
 		return bad("sts.fetch_timeout", "must be positive (use e.g. 1m)")
 	}
+	if c.STS.FetchTimeout.Duration > sts.MaxFetchTimeout {
+		return bad("sts.fetch_timeout", "%s is too long: at most %s (RFC 8461 §3.3 suggests 1m)", c.STS.FetchTimeout.Duration, sts.MaxFetchTimeout)
+	}
 	if c.TLSRPT.Enabled {
 		if c.TLSRPT.OrganizationName == "" {
 			return bad("tlsrpt.organization_name", "must be set when tlsrpt.enabled is true")

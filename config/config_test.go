@@ -200,6 +200,7 @@ func TestRejectsBadInput(t *testing.T) {
 		{"bad policy domain", "[[delivery.policy]]\ndomain = \"a b\"\ntls = \"may\"\n", "line 2: delivery.policy[0].domain"},
 		{"duplicate policy", "[[delivery.policy]]\ndomain = \"a.example\"\ntls = \"may\"\n[[delivery.policy]]\ndomain = \"A.example\"\ntls = \"none\"\n", "line 5: delivery.policy[1].domain: overlaps delivery.policy[0] (line 2): both match domain a.example"},
 		{"zero fetch timeout", "[sts]\nfetch_timeout = \"0s\"\n", "sts.fetch_timeout"},
+		{"fetch timeout past its bound", "[sts]\nfetch_timeout = \"10m\"\n", "line 2: sts.fetch_timeout: 10m0s is too long: at most 2m0s"},
 		{"tlsrpt without organization", "[tlsrpt]\nenabled = true\n", "tlsrpt.organization_name: must be set"},
 		{"tlsrpt without contact", "[tlsrpt]\nenabled = true\norganization_name = \"Example\"\n", "tlsrpt.contact_info: must be set"},
 		{"tlsrpt contact not an address", "[tlsrpt]\nenabled = true\norganization_name = \"Example\"\ncontact_info = \"https://example.com/contact\"\n", "line 4: tlsrpt.contact_info: \"https://example.com/contact\" is not an email address"},

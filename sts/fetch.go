@@ -24,6 +24,11 @@ const (
 	// conforms, and giving up on it earlier would deliver without its
 	// policy.
 	DefaultFetchTimeout = time.Minute
+	// MaxFetchTimeout bounds sts.fetch_timeout: twice the minute of RFC
+	// 8461 §3.3. A policy host slower than that is down for any purpose,
+	// and the CLI's calls to the daemon (an sts refresh waits for a
+	// fetch) must end too.
+	MaxFetchTimeout = 2 * time.Minute
 	// DefaultFetchWait is how long a delivery waits for a fetch before it
 	// defers; the fetch goes on in the background up to FetchTimeout, so
 	// a slow policy host does not hold a delivery worker for a minute.

@@ -64,7 +64,8 @@ type Options struct {
 	// Proxy, when set, is the HTTP proxy for policy fetches; the
 	// environment's proxy variables are never used.
 	Proxy func(*http.Request) (*url.URL, error)
-	// FetchTimeout bounds one policy fetch; 0 means DefaultFetchTimeout.
+	// FetchTimeout bounds one policy fetch; 0 means DefaultFetchTimeout,
+	// and it is at most MaxFetchTimeout.
 	FetchTimeout time.Duration
 	// FetchWait bounds how long Requirements waits for a fetch, counted
 	// from its start, when no cached policy applies meanwhile. Then it
@@ -217,6 +218,7 @@ func New(opts Options) (*Manager, error) {
 	if m.fetchTimeout <= 0 {
 		m.fetchTimeout = DefaultFetchTimeout
 	}
+	m.fetchTimeout = min(m.fetchTimeout, MaxFetchTimeout)
 	if m.fetchWait <= 0 {
 		m.fetchWait = DefaultFetchWait
 	}

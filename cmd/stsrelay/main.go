@@ -24,6 +24,7 @@ import (
 	"github.com/stsrelay/stsrelay/admin"
 	"github.com/stsrelay/stsrelay/config"
 	"github.com/stsrelay/stsrelay/smtpin"
+	"github.com/stsrelay/stsrelay/sts"
 )
 
 // version is set at build time with -ldflags "-X main.version=…".
@@ -147,8 +148,9 @@ func controlClient(configPath string) (*admin.Client, error) {
 }
 
 // controlTimeout bounds one call to the daemon; an sts refresh includes a
-// policy fetch, which may take sts.fetch_timeout (default one minute).
-const controlTimeout = 2 * time.Minute
+// policy fetch, which may take sts.fetch_timeout (at most
+// sts.MaxFetchTimeout), and the daemon gives it 10 seconds more.
+const controlTimeout = sts.MaxFetchTimeout + 30*time.Second
 
 // controlCall makes one call to the daemon of the configuration at
 // configPath and decodes its reply into out.
