@@ -439,7 +439,7 @@ func TestEndToEndSTSListShowsDomainsWhosePolicyCannotBeFetched(t *testing.T) {
 
 	// The policy host comes up: the domain is a cached policy, no more
 	// failure, and the failure column stays for the domain still failing.
-	policyServer(t, "127.0.0.37", e.ca.Issue(t, "mta-sts.down.example"),
+	stopDown := policyServer(t, "127.0.0.37", e.ca.Issue(t, "mta-sts.down.example"),
 		"version: STSv1\nmode: testing\nmx: mx.down.example\nmax_age: 86400\n")
 	if code, _, errOut := sts("refresh", "down.example"); code != 0 {
 		t.Fatalf("sts refresh down.example once its host is up: %s", errOut)
@@ -461,6 +461,17 @@ func TestEndToEndSTSListShowsDomainsWhosePolicyCannotBeFetched(t *testing.T) {
 	if lines := strings.Split(out, "\n"); code != 0 || len(lines) != 4 || strings.TrimRight(lines[0], " ") != "DOMAIN           MODE     ID        EXPIRES               MX" ||
 		!strings.HasPrefix(lines[2], "hostile.example  none     20261202  ") {
 		t.Errorf("sts list with every fetch done: %d\n%s", code, out)
+	}
+
+	// The host of a cached policy goes down: show says which id failed.
+	stopDown()
+	if code, _, _ := sts("refresh", "down.example"); code == 0 {
+		t.Fatal("sts refresh down.example succeeded with its policy host down")
+	}
+	code, out, _ = sts("show", "down.example")
+	if code != 0 || !strings.Contains(out, "id:        20261201\n") || !strings.Contains(out, "\nlast fetch failed: 20261201 at ") ||
+		!strings.Contains(out, "connection refused") {
+		t.Errorf("sts show down.example after a failed refresh: %d\n%s", code, out)
 	}
 }
 

@@ -171,7 +171,8 @@ func printPolicyInfo(w io.Writer, p *sts.PolicyInfo) {
 	if !p.LastUsed.IsZero() {
 		fmt.Fprintf(w, "last used: %s\n", p.LastUsed.UTC().Format(time.RFC3339))
 	}
-	if p.LastError != "" {
-		say(w, "last fetch failed: %s\n", p.LastError)
+	if f := lastFailure(p); f != "" {
+		// The id that failed may be newer than the cached one.
+		say(w, "last fetch failed: %s\n", f)
 	}
 }
