@@ -137,7 +137,7 @@ func (b *bench) scenario(ctx context.Context, sc *scenario) (*report, error) {
 			}
 			syscall.Sync()
 			if waited, idle := settle(30 * time.Second); !idle {
-				b.logf("   the cores were still busy after %s; running anyway", waited.Round(time.Second))
+				b.logf("   the cores or the disk were still busy after %s; running anyway", waited.Round(time.Second))
 			}
 			r := b.runOnce(ctx, sc, w, sys, i, snapshots[sys], runOptions{})
 			rep.runs = append(rep.runs, r)
@@ -504,19 +504,54 @@ func fetch(url, file string) error {
 }
 
 // settle waits, at most max, until the cores were at least 90% idle over
-// half a second, and says how long it waited and whether they were.
+// half a second and so were the disks, and says how long it waited and
+// whether they were. The disks count because I/O wait is idle time to
+// the cores: after a run that wrote many files (Postfix's queue), the
+// writeback and the file system's journal go on after the sync, and the
+// next system's fsyncs would wait behind them.
 func settle(max time.Duration) (time.Duration, bool) {
+	const window = 500 * time.Millisecond
 	start := time.Now()
 	busy0, total0 := cpuTicks()
+	io0 := diskTicks()
 	for time.Since(start) < max {
-		time.Sleep(500 * time.Millisecond)
+		time.Sleep(window)
 		busy, total := cpuTicks()
-		if total > total0 && float64(busy-busy0) <= 0.1*float64(total-total0) {
+		io := diskTicks()
+		cpuIdle := total > total0 && float64(busy-busy0) <= 0.1*float64(total-total0)
+		diskIdle := true
+		for dev, ms := range io {
+			if d := time.Duration(ms-io0[dev]) * time.Millisecond; d > window/10 {
+				diskIdle = false
+			}
+		}
+		if cpuIdle && diskIdle {
 			return time.Since(start), true
 		}
-		busy0, total0 = busy, total
+		busy0, total0, io0 = busy, total, io
 	}
 	return time.Since(start), false
+}
+
+// diskTicks returns, for each disk, the milliseconds it has spent doing
+// I/O since boot (the tenth statistic of /proc/diskstats, io_ticks).
+// Partitions and virtual devices are left out: a disk's own count covers
+// its partitions.
+func diskTicks() map[string]uint64 {
+	b, _ := os.ReadFile("/proc/diskstats")
+	out := make(map[string]uint64)
+	for line := range strings.Lines(string(b)) {
+		f := strings.Fields(line)
+		if len(f) < 13 || strings.HasPrefix(f[2], "loop") || strings.HasPrefix(f[2], "ram") {
+			continue
+		}
+		if _, err := os.Stat("/sys/block/" + f[2] + "/device"); err != nil {
+			continue // a partition, or a device mapper or md volume
+		}
+		v, _ := strconv.ParseUint(f[12], 10, 64)
+		out[f[2]] = v
+	}
+	return out
 }
 
 // selfCPU is the user and system time of this process alone, its
