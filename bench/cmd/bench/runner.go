@@ -11,7 +11,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
-	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -124,14 +123,10 @@ func (b *bench) scenario(ctx context.Context, sc *scenario) (*report, error) {
 	}
 	rep := &report{sc: sc}
 	for i := range b.reps {
-		// Each repetition starts one system further on, so that no system
-		// always follows the same one; and every run starts after a sync
-		// and on idle cores, so that none pays for the writeback or the
-		// winding down the one before it left (Postfix's queue files and
-		// exiting processes, for one).
-		n := len(sc.systems)
-		order := append(slices.Clone(sc.systems[i%n:]), sc.systems[:i%n]...)
-		for _, sys := range order {
+		// Every run starts after a sync and on idle cores, so that none
+		// pays for the writeback or the winding down the one before it
+		// left (Postfix's queue files and exiting processes, for one).
+		for _, sys := range runOrder(sc.systems, i) {
 			if ctx.Err() != nil {
 				return nil, ctx.Err()
 			}

@@ -34,6 +34,50 @@ var systemTitles = map[string]string{
 // isStsrelay reports whether a system runs stsrelay.
 func isStsrelay(sys string) bool { return strings.HasPrefix(sys, sysStsrelay) }
 
+// runOrder is the order of the systems in repetition rep. The stsrelay
+// variants run back to back, first one then the other, because the
+// figures between them (the cost of MTA-STS, of a full queue, of a
+// lever against its baseline) are ratios of a few percent, and a 2-core
+// machine drifts by more than that over the minute or more a Postfix run
+// takes: a variant run after Postfix and another run before it do not
+// see the same machine. The block and the Postfix systems take turns,
+// each repetition starting one further on (A B C, B C A, C A B), and the
+// variants within the block too, so that no system always follows the
+// same one.
+func runOrder(systems []string, rep int) []string {
+	var block []string
+	units := [][]string{}
+	for _, sys := range systems {
+		if !isStsrelay(sys) {
+			units = append(units, []string{sys})
+			continue
+		}
+		if block == nil {
+			units = append(units, nil) // the block's place, filled below
+		}
+		block = append(block, sys)
+	}
+	for i, u := range units {
+		if u == nil {
+			units[i] = rotate(block, rep)
+		}
+	}
+	var order []string
+	for _, u := range rotate(units, rep) {
+		order = append(order, u...)
+	}
+	return order
+}
+
+// rotate returns s starting at its (n mod len(s))th element.
+func rotate[T any](s []T, n int) []T {
+	if len(s) == 0 {
+		return nil
+	}
+	n %= len(s)
+	return append(slices.Clone(s[n:]), s[:n]...)
+}
+
 // scenario is one load, run against each of its systems in turn.
 type scenario struct {
 	name     string
