@@ -1,8 +1,6 @@
 package queue
 
 import (
-	"time"
-
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promauto"
 )
@@ -56,15 +54,15 @@ func (q *Queue) countLocked(e *entry, sign int) {
 func (q *Queue) updateGauges() {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	var oldest time.Time
+	var oldest int64 // Unix nanoseconds; 0: none
 	for _, e := range q.index {
-		if oldest.IsZero() || e.arrived.Before(oldest) {
+		if e.arrived != 0 && (oldest == 0 || e.arrived < oldest) {
 			oldest = e.arrived
 		}
 	}
 	age := 0.0
-	if !oldest.IsZero() {
-		age = max(q.opts.Now().Sub(oldest).Seconds(), 0)
+	if oldest != 0 {
+		age = max(q.opts.Now().Sub(fromUnixNano(oldest)).Seconds(), 0)
 	}
 	metricOldest.Set(age)
 	metricMessages.Set(float64(len(q.index)))

@@ -17,7 +17,7 @@ import (
 // it and to count it in metrics, a few hundred bytes per message.
 type entry struct {
 	id       string
-	arrived  time.Time
+	arrived  int64  // Unix nanoseconds (see timed)
 	bodyFile string // the spool segment holding the body, "" for a file of its own
 	bodyOff  int64  // where in bodyFile
 	size     int64
@@ -77,10 +77,10 @@ const (
 type slot struct {
 	e        *entry
 	domain   string
-	due      time.Time // earliest next attempt of a pending recipient; zero: none
-	inflight bool      // a delivery is running; never two at once
-	ready    bool      // due and waiting for a worker or a domain slot
-	gone     bool      // the message left the queue
+	due      int64 // earliest next attempt of a pending recipient (Unix ns, see timed); 0: none
+	inflight bool  // a delivery is running; never two at once
+	ready    bool  // due and waiting for a worker or a domain slot
+	gone     bool  // the message left the queue
 	// cancel cuts off the delivery in flight (an operator's bounce, delete
 	// or hold of its recipients, see carriersLocked); nil when none runs.
 	cancel context.CancelCauseFunc
@@ -89,9 +89,9 @@ type slot struct {
 	carrying []int
 }
 
-// timed is a slot's due time in the heap, in Unix nanoseconds: a
-// time.Time would add a pointer (its Location) per queued message for the
-// garbage collector to follow.
+// timed is a slot's due time in the heap. The index keeps times in Unix
+// nanoseconds: a time.Time would add a pointer (its Location) per queued
+// message for the garbage collector to follow on every cycle.
 type timed struct {
 	due int64
 	s   *slot
@@ -224,13 +224,13 @@ func (q *Queue) indexPutLocked(m *message, body []byte) {
 		}
 	}
 	if e == nil {
-		e = &entry{id: m.ID, arrived: m.Arrived, bodyFile: m.BodyFile, bodyOff: m.BodyOff, size: m.Size}
+		e = &entry{id: m.ID, arrived: unixNano(m.Arrived), bodyFile: m.BodyFile, bodyOff: m.BodyOff, size: m.Size}
 		q.index[m.ID] = e
 		if m.BodyFile != "" {
 			q.spool.retain(m.BodyFile)
 		}
 		if len(q.index) == 1 {
-			metricOldest.Set(max(q.opts.Now().Sub(e.arrived).Seconds(), 0))
+			metricOldest.Set(max(q.opts.Now().Sub(fromUnixNano(e.arrived)).Seconds(), 0))
 		}
 	}
 	defer q.countLocked(e, 1)
@@ -287,7 +287,7 @@ func (q *Queue) indexPutLocked(m *message, body []byte) {
 				e.more = append(e.more, s)
 			}
 		}
-		s.due = d.due
+		s.due = unixNano(d.due)
 		q.pushLocked(s)
 	}
 }
@@ -407,10 +407,10 @@ func (q *Queue) takeFirstLocked(e *entry) *firstCopy {
 
 // pushLocked arms s's timer, unless it is running or already waiting.
 func (q *Queue) pushLocked(s *slot) {
-	if s.gone || s.inflight || s.ready || s.due.IsZero() {
+	if s.gone || s.inflight || s.ready || s.due == 0 {
 		return
 	}
-	heap.Push(&q.sched.timers, timed{due: s.due.UnixNano(), s: s})
+	heap.Push(&q.sched.timers, timed{due: s.due, s: s})
 }
 
 // Run delivers due messages until ctx is done. It then gives in-flight
@@ -469,7 +469,7 @@ func (q *Queue) dispatch(ctx context.Context, wg *sync.WaitGroup) time.Duration 
 	for len(sc.timers) > 0 && sc.timers[0].due <= now.UnixNano() {
 		t := heap.Pop(&sc.timers).(timed)
 		s := t.s
-		if s.gone || s.inflight || s.ready || t.due != s.due.UnixNano() {
+		if s.gone || s.inflight || s.ready || t.due != s.due {
 			continue // stale
 		}
 		s.ready = true
@@ -586,8 +586,8 @@ func (q *Queue) work(ctx context.Context, s *slot) {
 		// Nothing due after all (an operator held it, say). Unless a commit
 		// rescheduled the slot meanwhile, wait for what the record says.
 		q.mu.Lock()
-		if s.due.Equal(startDue) {
-			s.due = nextDue
+		if s.due == startDue {
+			s.due = unixNano(nextDue)
 		}
 		q.mu.Unlock()
 		return
@@ -611,7 +611,7 @@ func (q *Queue) finish(s *slot, retryAt time.Time) {
 		delete(q.sched.active, s.domain)
 	}
 	if !retryAt.IsZero() {
-		s.due = retryAt
+		s.due = unixNano(retryAt)
 	}
 	q.pushLocked(s)
 	q.mu.Unlock()
