@@ -111,7 +111,7 @@ func (q *Queue) Message(id string) (io.ReadCloser, error) {
 func (q *Queue) indexed(id string) (*entry, error) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	if e := q.index[id]; e != nil {
+	if e := q.entryLocked(id); e != nil {
 		return e, nil
 	}
 	return nil, fmt.Errorf("%s: %w", id, ErrNotFound)
@@ -239,7 +239,7 @@ var cutCauses = map[string]error{
 // delivery cut off so is recorded as that of one cut off by a stop
 // (applyOutcome).
 func (q *Queue) carriersLocked(m *message, gone []int) []context.CancelCauseFunc {
-	e := q.index[m.ID]
+	e := q.entryLocked(m.ID)
 	if e == nil {
 		return nil
 	}
@@ -408,7 +408,7 @@ func (q *Queue) Delete(id string) error {
 	}, func() {
 		q.mu.Lock()
 		defer q.mu.Unlock()
-		if e := q.index[id]; e != nil {
+		if e := q.entryLocked(id); e != nil {
 			for s := range e.slots {
 				if s.cancel != nil {
 					s.cancel(cutCauses["delete"])

@@ -229,7 +229,7 @@ func (q *Queue) writeDSN(orig *message, rcpts []dsnRecipient, now time.Time) (*m
 // meanwhile.
 func (q *Queue) readBody(id string, limit int64) ([]byte, error) {
 	q.mu.Lock()
-	e := q.index[id]
+	e := q.entryLocked(id)
 	q.mu.Unlock()
 	if e == nil {
 		return nil, fmt.Errorf("message %s is no longer in the queue", id)

@@ -1,6 +1,7 @@
 package queue
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -874,6 +875,49 @@ func TestDamagedRecordIsLoggedWhenTheQueueRuns(t *testing.T) {
 	l := logs.String()
 	if !strings.Contains(l, "damaged message record, not scheduled") || !strings.Contains(l, "id="+id) || !strings.Contains(l, "damaged=1") {
 		t.Errorf("Run's log does not name the damaged record %s:\n%s", id, l)
+	}
+}
+
+// The index is keyed by queue ids: a record that is not under one, or not
+// under its own, is reported as damaged and left for an operator rather
+// than scheduled under a wrong name.
+func TestRecordUnderNoQueueIDIsReportedDamaged(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "stsrelay.db")
+	tq := openTestQueue(t, path, nil, Options{})
+	id := tq.enqueue(t, env("alice@example.com", "bob@example.org"))
+	if err := tq.db.Update(func(tx *bbolt.Tx) error {
+		b := tx.Bucket(bucketMessages)
+		v := b.Get([]byte(id))
+		short := bytes.Replace(v, []byte(`"id":"`+id+`"`), []byte(`"id":"short"`), 1)
+		if bytes.Equal(short, v) {
+			t.Fatalf("record %s does not hold its id as expected: %s", id, v)
+		}
+		if err := b.Put([]byte("short"), short); err != nil {
+			return err
+		}
+		return b.Put([]byte(strings.Repeat("0", idLen)), slices.Clone(v))
+	}); err != nil {
+		t.Fatal(err)
+	}
+	tq.Close()
+	tq.db.Close()
+
+	var logs lockedBuffer
+	d := newScripted(all(ok250))
+	tq = openTestQueue(t, path, d, Options{Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	tq.run(t)
+	if job := <-d.seen; job.ID != id {
+		t.Errorf("delivered %s, want the one message indexed, %s", job.ID, id)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for !strings.Contains(logs.String(), "queue loaded") && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	l := logs.String()
+	for _, want := range []string{"damaged=2", "messages=1", "id=short", "id=" + strings.Repeat("0", idLen), "not a queue id", "holds the id"} {
+		if !strings.Contains(l, want) {
+			t.Errorf("the log lacks %q:\n%s", want, l)
+		}
 	}
 }
 

@@ -16,7 +16,7 @@ import (
 // entry is the in-memory summary of one stored message: enough to schedule
 // it and to count it in metrics, a few hundred bytes per message.
 type entry struct {
-	id       string
+	id       key
 	arrived  int64  // Unix nanoseconds (see timed)
 	bodyFile string // the spool segment holding the body, "" for a file of its own
 	bodyOff  int64  // where in bodyFile
@@ -202,7 +202,14 @@ func (q *Queue) indexPutFirst(m *message, body []byte) {
 
 // indexPutLocked is indexPutFirst with q.mu held.
 func (q *Queue) indexPutLocked(m *message, body []byte) {
-	e := q.index[m.ID]
+	k, ok := keyOf(m.ID)
+	if !ok {
+		// Not reached: newID makes ids, and load refuses a record whose
+		// id is not one, which the next start reports as damaged.
+		q.log.Error("queue: not scheduling a message whose id is no queue id; restart to have it reported", "id", m.ID)
+		return
+	}
+	e := q.index[k]
 	if e != nil {
 		q.dropFirstLocked(e) // the record changed: the disk has the truth
 	}
@@ -224,8 +231,8 @@ func (q *Queue) indexPutLocked(m *message, body []byte) {
 		}
 	}
 	if e == nil {
-		e = &entry{id: m.ID, arrived: unixNano(m.Arrived), bodyFile: m.BodyFile, bodyOff: m.BodyOff, size: m.Size}
-		q.index[m.ID] = e
+		e = &entry{id: k, arrived: unixNano(m.Arrived), bodyFile: m.BodyFile, bodyOff: m.BodyOff, size: m.Size}
+		q.index[k] = e
 		if m.BodyFile != "" {
 			q.spool.retain(m.BodyFile)
 		}
@@ -301,7 +308,7 @@ func (q *Queue) indexRemoveLocked(e *entry) {
 	}
 	q.countLocked(e, -1)
 	delete(q.index, e.id)
-	delete(q.owed, e.id)
+	delete(q.owed, string(e.id[:]))
 	if len(q.index) == 0 {
 		metricOldest.Set(0)
 	}
@@ -316,7 +323,7 @@ func (q *Queue) indexRemoveLocked(e *entry) {
 // segment, once e has left and no reader has its body open.
 func (q *Queue) freeBodyLocked(e *entry) {
 	if e.bodyFile == "" {
-		q.spool.remove(e.id)
+		q.spool.remove(e.id.String())
 		return
 	}
 	q.spool.release(e.bodyFile, e.bodyOff, e.size)
@@ -333,7 +340,7 @@ func (q *Queue) openBody(e *entry) (io.ReadCloser, error) {
 	if err := q.holdBody(e); err != nil {
 		return nil, err
 	}
-	rc, err := q.spool.open(bodyLoc{id: e.id, file: e.bodyFile, off: e.bodyOff, size: e.size})
+	rc, err := q.spool.open(bodyLoc{id: e.id.String(), file: e.bodyFile, off: e.bodyOff, size: e.size})
 	if err != nil {
 		q.closeBody(e)
 		return nil, err
@@ -578,7 +585,7 @@ func (q *Queue) work(ctx context.Context, s *slot) {
 	q.mu.Unlock()
 	job, idx, nextDue, err := q.loadJob(s)
 	if err != nil {
-		q.log.Error("queue: cannot load message for delivery", "id", s.e.id, "domain", s.domain, "err", err)
+		q.log.Error("queue: cannot load message for delivery", "id", s.e.id.String(), "domain", s.domain, "err", err)
 		retryAt = q.opts.Now().Add(time.Minute)
 		return
 	}
@@ -638,7 +645,7 @@ func (q *Queue) loadJob(s *slot) (job *Job, idx []int, nextDue time.Time, err er
 		return job, idx, nextDue, nil
 	}
 	err = q.db.View(func(tx *bbolt.Tx) error {
-		m, err := q.recs.get(tx, s.e.id)
+		m, err := q.recs.get(tx, s.e.id.String())
 		if err != nil || m == nil {
 			return err
 		}
