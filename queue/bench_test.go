@@ -190,20 +190,8 @@ func BenchmarkEnqueueAndFirstDeliveryBehindBacklog(b *testing.B) {
 					b.Fatal(err)
 				}
 			}
-			db, err := OpenDB(filepath.Join(dir, "stsrelay.db"))
-			if err != nil {
-				b.Fatal(err)
-			}
-			defer db.Close()
 			d := deferringDeliverer{drainDeliverer{done: make(chan struct{}, 1024)}}
-			q, err := New(db, Options{Deliverer: d, Hostname: "relay.test", Logger: logger})
-			if err != nil {
-				b.Fatal(err)
-			}
-			defer q.Close()
-			if got := len(q.index); got != deferred {
-				b.Fatalf("the queue holds %d messages, want %d", got, deferred)
-			}
+			q := openBacklog(b, dir, deferred, d, logger)
 			measureFirstDeliveries(b, q, d.done)
 		})
 	}
@@ -225,19 +213,7 @@ func BenchmarkGCCycleWithBacklog(b *testing.B) {
 			if deferred > 0 {
 				fillBacklog(b, dir, deferred, logger)
 			}
-			db, err := OpenDB(filepath.Join(dir, "stsrelay.db"))
-			if err != nil {
-				b.Fatal(err)
-			}
-			defer db.Close()
-			q, err := New(db, Options{Deliverer: drainDeliverer{done: make(chan struct{}, 1)}, Hostname: "relay.test", Logger: logger})
-			if err != nil {
-				b.Fatal(err)
-			}
-			defer q.Close()
-			if got := len(q.index); got != deferred {
-				b.Fatalf("the queue holds %d messages, want %d", got, deferred)
-			}
+			q := openBacklog(b, dir, deferred, drainDeliverer{done: make(chan struct{}, 1)}, logger)
 			runtime.GC()
 			b.ResetTimer()
 			gc0 := gcCPU()
@@ -248,6 +224,25 @@ func BenchmarkGCCycleWithBacklog(b *testing.B) {
 			runtime.KeepAlive(q)
 		})
 	}
+}
+
+// openBacklog opens the queue in dir, closed when b ends, and checks that
+// it holds the deferred messages a fill left there.
+func openBacklog(b *testing.B, dir string, deferred int, d Deliverer, logger *slog.Logger) *Queue {
+	db, err := OpenDB(filepath.Join(dir, "stsrelay.db"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { db.Close() })
+	q, err := New(db, Options{Deliverer: d, Hostname: "relay.test", Logger: logger})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { q.Close() })
+	if got := len(q.index); got != deferred {
+		b.Fatalf("the queue holds %d messages, want %d", got, deferred)
+	}
+	return q
 }
 
 // gcCPU is the CPU time the garbage collector has used, as the runtime

@@ -268,10 +268,12 @@ func (q *Queue) load() error {
 			if m != nil && m.BodyFile != "" {
 				stored[m.BodyFile] = true
 			}
-			if _, ok := keyOf(string(k)); ok && err == nil && m.ID != string(k) {
-				err = fmt.Errorf("the record of %s holds the id %q", k, m.ID)
-			} else if !ok && err == nil {
-				err = fmt.Errorf("%q is not a queue id (%d characters)", k, idLen)
+			if err == nil {
+				if _, ok := keyOf(string(k)); !ok {
+					err = fmt.Errorf("%q is not a queue id (%d characters)", k, idLen)
+				} else if m.ID != string(k) {
+					err = fmt.Errorf("the record of %s holds the id %q", k, m.ID)
+				}
 			}
 			if err != nil {
 				// Leave it in place for an operator; it cannot be scheduled.

@@ -45,22 +45,22 @@ func isStsrelay(sys string) bool { return strings.HasPrefix(sys, sysStsrelay) }
 // variants within the block too, so that no system always follows the
 // same one.
 func runOrder(systems []string, rep int) []string {
+	var units [][]string
 	var block []string
-	units := [][]string{}
+	blockAt := -1
 	for _, sys := range systems {
 		if !isStsrelay(sys) {
 			units = append(units, []string{sys})
 			continue
 		}
-		if block == nil {
-			units = append(units, nil) // the block's place, filled below
+		if blockAt < 0 {
+			blockAt = len(units)
+			units = append(units, nil)
 		}
 		block = append(block, sys)
 	}
-	for i, u := range units {
-		if u == nil {
-			units[i] = rotate(block, rep)
-		}
+	if blockAt >= 0 {
+		units[blockAt] = rotate(block, rep)
 	}
 	var order []string
 	for _, u := range rotate(units, rep) {
