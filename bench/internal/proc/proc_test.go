@@ -47,3 +47,30 @@ func TestCPUKeepsTheTimeOfReapedChildren(t *testing.T) {
 		t.Fatalf("CPU went from %v to %v after a child burned CPU and was reaped", before, after)
 	}
 }
+
+func TestCallsCountReadsWritesAndFaultsOfReapedChildren(t *testing.T) {
+	before := ReadCalls(os.Getpid())
+	// dd with one-byte blocks: 2,000 reads and 2,000 writes of its own,
+	// in our counts once it is reaped.
+	if out, err := exec.Command("dd", "if=/dev/zero", "of=/dev/null", "bs=1", "count=2000").CombinedOutput(); err != nil {
+		t.Fatalf("dd: %v: %s", err, out)
+	}
+	// And faults of our own: 4 MiB touched for the first time.
+	mem := make([]byte, 4<<20)
+	for i := 0; i < len(mem); i += 4096 {
+		mem[i] = 1
+	}
+	after := ReadCalls(os.Getpid())
+	if d := after.Reads - before.Reads; d < 2000 {
+		t.Errorf("reads grew by %d, want at least dd's 2,000", d)
+	}
+	if d := after.Writes - before.Writes; d < 2000 {
+		t.Errorf("writes grew by %d, want at least dd's 2,000", d)
+	}
+	if d := after.Faults - before.Faults; d < 100 {
+		t.Errorf("page faults grew by %d after touching 1,024 new pages", d)
+	}
+	if mem[0] != 1 {
+		t.Fatal("unreachable: keeps mem alive")
+	}
+}
