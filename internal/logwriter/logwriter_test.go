@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -119,6 +120,39 @@ func TestLinesGatherWhileAWriteIsInFlight(t *testing.T) {
 	}
 	if all != want.String() {
 		t.Errorf("wrote %q, want %q", all, want.String())
+	}
+}
+
+// TestReadyLoggersShareAWrite: the lines of goroutines ready to run when
+// the writer wakes join its write. On one P the writer would otherwise
+// run right after the first of them (a woken goroutine runs next) and
+// write its line alone, then the next one's, and so on.
+func TestReadyLoggersShareAWrite(t *testing.T) {
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
+	var mu sync.Mutex
+	var writes []string
+	lw := New(writerFunc(func(p []byte) (int, error) {
+		mu.Lock()
+		writes = append(writes, string(p))
+		mu.Unlock()
+		return len(p), nil
+	}), 0)
+	const loggers = 50
+	var wg sync.WaitGroup
+	for i := range loggers {
+		wg.Go(func() { fmt.Fprintf(lw, "logger %d\n", i) })
+	}
+	wg.Wait()
+	if err := lw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if n := strings.Count(strings.Join(writes, ""), "\n"); n != loggers {
+		t.Fatalf("%d lines written, want %d", n, loggers)
+	}
+	if len(writes) > 3 {
+		t.Errorf("%d goroutines ready at once took %d writes, want at most 3", loggers, len(writes))
 	}
 }
 
