@@ -61,11 +61,11 @@ type runResult struct {
 	P99Steadyms float64 `json:"accept_p99_after_warmup_ms"`
 	Maxms       float64 `json:"accept_max_ms"`
 	CPUms       float64 `json:"cpu_ms_per_msg"`
-	// ReadsPerMsg, WritesPerMsg and FaultsPerMsg are the relay tree's
-	// read-like and write-like system calls and page faults per message
-	// accepted (proc.Calls): what the code asks of the kernel, which moves
-	// far less than CPU time with the machine's speed (reads that find
-	// nothing yet still depend on timing).
+	// ReadsPerMsg, WritesPerMsg and FaultsPerMsg are the read-like and
+	// write-like system calls and the page faults of the system's process
+	// tree per message accepted (proc.Calls): what the code asks of the
+	// kernel, which moves far less than CPU time with the machine's speed
+	// (reads that find nothing yet still depend on timing).
 	ReadsPerMsg  float64 `json:"reads_per_msg"`
 	WritesPerMsg float64 `json:"writes_per_msg"`
 	FaultsPerMsg float64 `json:"page_faults_per_msg"`
