@@ -63,7 +63,7 @@ type runResult struct {
 	CPUms       float64 `json:"cpu_ms_per_msg"`
 	// ReadsPerMsg, WritesPerMsg and FaultsPerMsg are the read-like and
 	// write-like system calls and the page faults of the system's process
-	// tree per message accepted (proc.Calls): what the code asks of the
+	// tree per message accepted (proc.Usage): what the code asks of the
 	// kernel, which moves far less than CPU time with the machine's speed
 	// (reads that find nothing yet still depend on timing).
 	ReadsPerMsg  float64 `json:"reads_per_msg"`
@@ -227,9 +227,7 @@ func (b *bench) runOnce(ctx context.Context, sc *scenario, w *world.World, sysNa
 
 	w.Sink.Reset(0)
 	pids := s.pids()
-	cpu0 := proc.CPU(pids...)
-	calls0 := proc.ReadCalls(pids...)
-	byName0 := proc.CPUByName(pids...)
+	use0 := proc.ReadUsage(pids...)
 	self0 := selfCPU()
 	busy0, total0 := cpuTicks()
 	r.Load1 = load1()
@@ -251,16 +249,16 @@ func (b *bench) runOnce(ctx context.Context, sc *scenario, w *world.World, sysNa
 	waitCtx, cancel := context.WithTimeout(ctx, 20*time.Minute)
 	count, werr := w.Sink.Wait(waitCtx)
 	cancel()
-	cpu := proc.CPU(pids...) - cpu0
-	calls := proc.ReadCalls(pids...)
+	use := proc.ReadUsage(pids...)
+	cpu := use.CPU - use0.CPU
 	self := selfCPU() - self0
 	if busy, total := cpuTicks(); total > total0 {
 		r.CoresBusy = float64(runtime.NumCPU()) * float64(busy-busy0) / float64(total-total0)
 	}
 	if cpu > 0 {
 		r.CPUShare = make(map[string]float64)
-		for name, t := range proc.CPUByName(pids...) {
-			if d := t - byName0[name]; d > 0 {
+		for name, t := range use.ByName {
+			if d := t - use0.ByName[name]; d > 0 {
 				r.CPUShare[name] = float64(d) / float64(cpu)
 			}
 		}
@@ -299,9 +297,9 @@ func (b *bench) runOnce(ctx context.Context, sc *scenario, w *world.World, sysNa
 		r.CPUms = ms(cpu) / float64(res.Accepted)
 		r.HarnessCPUms = ms(self) / float64(res.Accepted)
 		n := float64(res.Accepted)
-		r.ReadsPerMsg = float64(calls.Reads-calls0.Reads) / n
-		r.WritesPerMsg = float64(calls.Writes-calls0.Writes) / n
-		r.FaultsPerMsg = float64(calls.Faults-calls0.Faults) / n
+		r.ReadsPerMsg = float64(use.Reads-use0.Reads) / n
+		r.WritesPerMsg = float64(use.Writes-use0.Writes) / n
+		r.FaultsPerMsg = float64(use.Faults-use0.Faults) / n
 	}
 	r.RSSMB, r.PSSMB = float64(mem.RSS)/(1<<20), float64(mem.PSS)/(1<<20)
 	r.RampUps = rampUp(count.Arrivals, res.Start)

@@ -96,49 +96,33 @@ func Tree(roots ...int) []int {
 	return out
 }
 
-// CPU returns the CPU time used so far by the tree under roots, children
-// that have exited included (their time is in their parent's cutime and
-// cstime once reaped, so the sum only grows).
-func CPU(roots ...int) time.Duration {
-	var total time.Duration
-	for _, pid := range Tree(roots...) {
-		if s, err := readStat(pid); err == nil {
-			total += s.cpu
-		}
-	}
-	return total
-}
+// Usage is what a tree has used so far. Children that have exited count
+// in their parent once reaped (its cutime and cstime, its io and fault
+// counts), so every figure only grows.
+type Usage struct {
+	CPU    time.Duration
+	ByName map[string]time.Duration // CPU by command name; exited children under their parent's
 
-// CPUByName splits the tree's CPU time by command name. Children
-// that have exited count under their parent's name.
-func CPUByName(roots ...int) map[string]time.Duration {
-	out := make(map[string]time.Duration)
-	for _, pid := range Tree(roots...) {
-		if s, err := readStat(pid); err == nil {
-			out[s.comm] += s.cpu
-		}
-	}
-	return out
-}
-
-// Calls counts what a tree asked of the kernel: read-like and write-like
-// system calls (read, readv, pread and their write twins, on files and
-// sockets alike: /proc/PID/io's syscr and syscw, those that failed with
-// EAGAIN included) and page faults. Like CPU time, a reaped child's counts
-// are in its parent's, so the sums only grow. They move far less than CPU
-// time with the machine's speed, which makes them comparable between runs
-// on a noisy machine.
-type Calls struct {
+	// Reads and Writes count read-like and write-like system calls (read,
+	// readv, pread and their write twins, on files and sockets alike:
+	// /proc/PID/io's syscr and syscw, those that failed with EAGAIN
+	// included); Faults, minor and major page faults. They move far less
+	// than CPU time with the machine's speed, which makes them comparable
+	// between runs on a noisy machine.
 	Reads, Writes, Faults int64
 }
 
-// ReadCalls sums Calls over the tree under roots.
-func ReadCalls(roots ...int) Calls {
-	var c Calls
+// ReadUsage sums Usage over the tree under roots.
+func ReadUsage(roots ...int) Usage {
+	u := Usage{ByName: make(map[string]time.Duration)}
 	for _, pid := range Tree(roots...) {
-		if s, err := readStat(pid); err == nil {
-			c.Faults += s.faults
+		s, err := readStat(pid)
+		if err != nil {
+			continue // gone since the walk
 		}
+		u.CPU += s.cpu
+		u.ByName[s.comm] += s.cpu
+		u.Faults += s.faults
 		b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/io")
 		if err != nil {
 			continue
@@ -148,13 +132,13 @@ func ReadCalls(roots ...int) Calls {
 			n, _ := strconv.ParseInt(strings.TrimSpace(val), 10, 64)
 			switch key {
 			case "syscr":
-				c.Reads += n
+				u.Reads += n
 			case "syscw":
-				c.Writes += n
+				u.Writes += n
 			}
 		}
 	}
-	return c
+	return u
 }
 
 // Memory is resident memory of a tree at one moment, in bytes.

@@ -28,29 +28,29 @@ func TestTreeFindsChildrenAndMemoryIsRead(t *testing.T) {
 	if hw := HighWater(os.Getpid()); hw <= 0 {
 		t.Fatalf("VmHWM = %d", hw)
 	}
-	if byName := CPUByName(cmd.Process.Pid); len(byName) != 1 {
-		t.Fatalf("CPUByName(sleep) = %v", byName)
+	if byName := ReadUsage(cmd.Process.Pid).ByName; len(byName) != 1 {
+		t.Fatalf("CPU by name of sleep = %v", byName)
 	} else if _, ok := byName["sleep"]; !ok {
-		t.Fatalf("CPUByName(sleep) = %v, want the key sleep", byName)
+		t.Fatalf("CPU by name of sleep = %v, want the key sleep", byName)
 	}
 }
 
 func TestCPUKeepsTheTimeOfReapedChildren(t *testing.T) {
-	before := CPU(os.Getpid())
+	before := ReadUsage(os.Getpid()).CPU
 	// A child that burns CPU and exits: once reaped, its time is in our
 	// cstime/cutime, so the tree's total must not drop.
 	burn := exec.Command("sh", "-c", "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done")
 	if err := burn.Run(); err != nil {
 		t.Fatal(err)
 	}
-	after := CPU(os.Getpid())
+	after := ReadUsage(os.Getpid()).CPU
 	if after <= before {
 		t.Fatalf("CPU went from %v to %v after a child burned CPU and was reaped", before, after)
 	}
 }
 
-func TestCallsCountReadsWritesAndFaultsOfReapedChildren(t *testing.T) {
-	before := ReadCalls(os.Getpid())
+func TestUsageCountsReadsWritesAndFaultsOfReapedChildren(t *testing.T) {
+	before := ReadUsage(os.Getpid())
 	// dd with one-byte blocks: 2,000 reads and 2,000 writes of its own,
 	// in our counts once it is reaped.
 	if out, err := exec.Command("dd", "if=/dev/zero", "of=/dev/null", "bs=1", "count=2000").CombinedOutput(); err != nil {
@@ -66,7 +66,7 @@ func TestCallsCountReadsWritesAndFaultsOfReapedChildren(t *testing.T) {
 	for i := 0; i < len(mem); i += 4096 {
 		mem[i] = 1
 	}
-	after := ReadCalls(os.Getpid())
+	after := ReadUsage(os.Getpid())
 	if d := after.Reads - before.Reads; d < 2000 {
 		t.Errorf("reads grew by %d, want at least dd's 2,000", d)
 	}
