@@ -485,7 +485,10 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 		at.skipped, at.renewed = texts(skipped), texts(renewed)
 		return out
 	}
-	at.skipped = texts(fails)
+	// No host answered: the log line names none (mx=, ip= and tls= speak
+	// of the host used), rather than the last one considered, which may
+	// never have been dialled; hosts_not_used says what each one did.
+	*at = attempt{nh: at.nh, req: at.req, skipped: texts(fails)}
 	return all(aggregate(nh, fails))
 }
 

@@ -1020,3 +1020,38 @@ func TestTLSRequiredNoSessionsAreLeftOutOfReports(t *testing.T) {
 		t.Errorf("an ordinary message's session is left out of reports: %+v", got[len(got)-1])
 	}
 }
+
+// When no host answers for the message, the log line names no host as
+// the one used: not the backup that refused the connection, nor the
+// primary whose TLS session could not carry the message. What each did
+// is in hosts_not_used.
+func TestLogNamesNoHostWhenNoneAnswered(t *testing.T) {
+	v := newEnv(t,
+		"example.test. 300 IN MX 10 mx1.example.test.",
+		"example.test. 300 IN MX 20 mx2.example.test.",
+		"mx1.example.test. 300 IN A 127.0.0.2",
+		"mx2.example.test. 300 IN A 127.0.0.3")
+	mx1 := newMX(t, withTLS(v.ca.Issue(t, "mx1.example.test"))) // no SMTPUTF8
+	v.route("127.0.0.2", mx1.Addr)
+	v.route("127.0.0.3", v.closed)
+	e := v.engine(func(o *Options) {
+		o.Policy = everyMX(policy.Requirement{Security: policy.SecurityVerify, Policy: testSTS})
+	})
+	job := testJob("example.test", "a@example.test")
+	job.Envelope.SMTPUTF8 = true
+	st := deliver(t, e, job)
+	wantStatus(t, st[0], 451, "4.4.1", "mx1.example.test[127.0.0.2]: SMTPUTF8 not supported", "mx2.example.test[127.0.0.3]: connection refused")
+	lines := attemptLines(v)
+	if len(lines) != 1 {
+		t.Fatalf("%d attempt lines, want 1:\n%s", len(lines), v.logs.String())
+	}
+	for _, want := range []string{`mx="" ip="" policy=mta-sts/verify tls=none`,
+		`hosts_not_used="mx1.example.test[127.0.0.2]: SMTPUTF8 not supported, and this message needs it (RFC 6531); mx2.example.test[127.0.0.3]: connection refused"`} {
+		if !strings.Contains(lines[0], want) {
+			t.Errorf("the attempt's line lacks %s:\n%s", want, lines[0])
+		}
+	}
+	if strings.Contains(lines[0], "tls_auth=") || strings.Contains(lines[0], "cert_name=") {
+		t.Errorf("the attempt's line speaks of a TLS session that carried nothing:\n%s", lines[0])
+	}
+}
