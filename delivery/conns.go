@@ -61,7 +61,7 @@ func (e *Engine) removeIdle(s *session) bool {
 func (e *Engine) release(s *session) {
 	most, _ := s.transactionLimit()
 	spent := most > 0 && s.messages >= most
-	if s.broken || s.conn == nil || e.opts.IdleTimeout < 0 || spent {
+	if s.broken || s.refusesRecipients || s.conn == nil || e.opts.IdleTimeout < 0 || spent {
 		s.quitQuietly()
 		e.releaseSlot(s.shapeKey)
 		return

@@ -836,16 +836,31 @@ func (e *Engine) transact(ctx context.Context, s *session, job *queue.Job, body 
 			return nil, nil, nil, &hostFailure{host: s.label, kind: failTransport, stale: true,
 				status: queue.Status{Code: 451, Enhanced: "4.4.2", Text: s.label + ": an idle connection did not answer RSET"}}
 		}
-		var again []int
+		took := false
 		for j, k := range batch {
 			out[k], final[k] = x.out[j], x.final[j]
-			if x.out[j].Delivered() {
-				// The remote took some before its limit, so another
-				// transaction takes some more of the rest.
-				again = x.overLimit
-			}
+			took = took || x.out[j].Delivered()
+		}
+		var again []int
+		if took {
+			// The remote took some before its limit, so another
+			// transaction takes some more of the rest.
+			again = x.overLimit
 		}
 		rest := todo[len(batch):]
+		if !took && slices.Contains(x.overLimit, 0) {
+			// The remote refused the first recipient at its limit: it
+			// counts more than this transaction (a session's or a
+			// day's recipients), and no transaction of this session
+			// takes any. The rest get its reply, as they would have
+			// in one transaction, and go on to the next host or the
+			// retry schedule; the connection is not kept.
+			s.refusesRecipients = true
+			for _, k := range rest {
+				out[k] = x.out[0]
+			}
+			break
+		}
 		if x.ended != nil || s.broken || s.conn == nil || ctx.Err() != nil {
 			// What ended this transaction ends the session's part in the
 			// message: the recipients not yet sent get its status, as

@@ -750,3 +750,34 @@ func TestRouteStatusNamesItsNexthop(t *testing.T) {
 		t.Errorf("status %s\nwant 550 5.6.7 %s…", st[0], want)
 	}
 }
+
+// A remote that refuses a transaction's first recipient at its
+// recipient limit counts more than the transaction: no further
+// transaction of the session is started for the rest, which get its
+// reply, and the connection is not kept for the next message.
+func TestFirstRecipientOverTheLimitEndsTheSessionsPart(t *testing.T) {
+	v, mx := oneMX(t, func(s *smtpServer) { s.MaxRecipients = 2 }) // LIMITS RCPTMAX=2
+	over := smtpErr(452, smtp.EnhancedCode{4, 5, 3}, "too many recipients from you today")
+	for _, r := range fiveRecipients() {
+		mx.rcptErr[r] = over
+	}
+	e := v.engine(func(o *Options) { o.IdleTimeout = time.Minute })
+	for i, st := range deliver(t, e, testJob("example.test", fiveRecipients()...)) {
+		wantStatus(t, st, 452, "4.5.3", "mx1.example.test[127.0.0.2]: 452 4.5.3 too many recipients from you today")
+		if st.Permanent() {
+			t.Errorf("recipient %d: %s, want it deferred", i, st.String())
+		}
+	}
+	if n := mx.mostMails(); n != 1 {
+		t.Errorf("the session carried %d MAIL commands, want 1: the rest went on after the remote refused the first recipient at its limit", n)
+	}
+	// The next message gets a new session, not the one that takes no
+	// more recipients.
+	delete(mx.rcptErr, "a@example.test")
+	if st := deliver(t, e, testJob("example.test", "a@example.test")); !st[0].Delivered() {
+		t.Fatalf("next message: %s", st[0].String())
+	}
+	if n := mx.sessionCount(); n != 2 {
+		t.Errorf("%d sessions, want 2: the refusing one was kept", n)
+	}
+}

@@ -118,6 +118,10 @@ type session struct {
 	limits limits
 	// broken says the connection must not be used again.
 	broken bool
+	// refusesRecipients says the remote refused a transaction's first
+	// recipient at its recipient limit: the session takes no more, and
+	// is not kept for the next message.
+	refusesRecipients bool
 	// messages counts the transactions started (MAIL commands sent),
 	// for transactionLimit.
 	messages int
