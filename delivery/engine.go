@@ -196,6 +196,7 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 	var fails []*hostFailure
 	budget := maxAddrAttempts
 	stale := 0
+	rated := -1 // the host whose rate limit the message has passed
 	// out is what the hosts that answered said, recipient by recipient.
 	// A recipient a host deferred goes to the next host of the plan in
 	// the same attempt, as Postfix does with a soft error from a host that
@@ -320,12 +321,15 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 				Text: fmt.Sprintf("%s: not tried, no connection left in this attempt (at most %d)", h.mx.Name, maxAddrAttempts)}})
 			continue
 		}
-		if i != resume {
-			// A new session for the rest of a message is no new message.
+		if i != rated {
+			// A message takes one token of the destination's rate
+			// however many sessions it needs with the host: a new one
+			// for the rest of it, or another after a stale idle one.
 			if err := e.waitRate(ctx, h); err != nil {
 				fails = append(fails, transportFailure(ctx, h.mx.Name, "waiting for the destination's rate limit", err))
 				break
 			}
+			rated = i
 		}
 		// A host, in its first session or a new one, dials none of the
 		// connections kept for the hosts after it, one each; the last

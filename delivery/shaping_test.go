@@ -175,6 +175,30 @@ func TestRateLimitMakesTheNextMessageWait(t *testing.T) {
 	}
 }
 
+// A message takes one token of its destination's rate: the connection
+// that replaces a stale idle one, in the same attempt, waits for no
+// second token.
+func TestStaleIdleConnectionTakesNoSecondRateToken(t *testing.T) {
+	v, _ := oneMX(t)
+	mx := &groupMX{hangUpAfter: 1}
+	v.route("127.0.0.2", rawServer(t, mx.serve))
+	const every = 1500 * time.Millisecond
+	e := v.engine(func(o *Options) {
+		o.IdleTimeout = time.Minute
+		o.Limits = []Limit{{Domains: []string{"example.test"}, Shaping: Shaping{Rate: rate.Every(every)}}}
+	})
+	wantStatus(t, deliver(t, e, testJob("example.test", "a@example.test"))[0], 250, "2.0.0", "queued")
+	time.Sleep(every) // the one token is back; the idle connection is closed
+	// A second token would come only after the deadline, and the limiter
+	// says so at once.
+	ctx, cancel := context.WithTimeout(context.Background(), every/2)
+	defer cancel()
+	wantStatus(t, e.Deliver(ctx, testJob("example.test", "b@example.test"))[0], 250, "2.0.0", "queued")
+	if conns, _, bodies := mx.state(); conns != 2 || len(bodies) != 2 {
+		t.Errorf("%d connections, %d messages; want 2 of each", conns, len(bodies))
+	}
+}
+
 // throttles records Job.Throttle signals.
 type throttles struct {
 	mu  sync.Mutex
