@@ -85,9 +85,18 @@ var DefaultOptions = Options{
 // segment; larger ones get a file of their own.
 const inlineMax = 256 << 10
 
-// headPool holds the buffers Enqueue reads the start of a body into, to
-// tell a small body from a large one before it knows the size.
-var headPool = sync.Pool{New: func() any { b := make([]byte, inlineMax+1); return &b }}
+// Enqueue reads the start of a body into a buffer to tell a small body
+// from a large one before it knows the size. It holds that buffer while
+// the client sends the message, so it starts with a short one
+// (smallHeads) and takes one of inlineMax+1 (headPool) only for a body
+// that fills it: a thousand sessions in DATA with messages of a few KiB
+// hold 16 MiB, not 256.
+const smallHead = 16 << 10
+
+var (
+	smallHeads = sync.Pool{New: func() any { b := make([]byte, smallHead); return &b }}
+	headPool   = sync.Pool{New: func() any { b := make([]byte, inlineMax+1); return &b }}
+)
 
 // ErrTooBig is returned by Enqueue for a body over Options.MaxMessageSize.
 var ErrTooBig = errors.New("message exceeds the queue's size limit")
@@ -364,15 +373,23 @@ func (q *Queue) Enqueue(ctx context.Context, env Envelope, body io.Reader) (id s
 	// segment: one write and one fsync for the whole batch. A large one gets a file of its own,
 	// streamed to disk rather than held in memory.
 	src := &readErr{r: body}
-	scratch := headPool.Get().(*[]byte)
-	defer headPool.Put(scratch)
-	head := (*scratch)[:min(inlineMax, q.opts.MaxMessageSize)+1]
-	n, _ := io.ReadFull(src, head)
+	limit := int(min(inlineMax, q.opts.MaxMessageSize)) + 1
+	small := smallHeads.Get().(*[]byte)
+	defer smallHeads.Put(small)
+	head := (*small)[:min(limit, smallHead)]
+	n, _ := io.ReadFull(src, head) // EOF and a short body are not errors here
 	head = head[:n]
-	if src.err != nil { // EOF and a short body are not errors here
+	if n == smallHead && n < limit && src.err == nil {
+		big := headPool.Get().(*[]byte)
+		defer headPool.Put(big)
+		copy(*big, head)
+		more, _ := io.ReadFull(src, (*big)[n:limit])
+		head = (*big)[:n+more]
+	}
+	if src.err != nil {
 		return "", fmt.Errorf("message not queued: reading the message: %w", src.err)
 	}
-	if int64(len(head)) <= min(inlineMax, q.opts.MaxMessageSize) {
+	if len(head) < limit {
 		m.Envelope.Body8Bit = m.Envelope.Body8Bit || has8Bit(body) // read to its end
 		// The body outlives the call (the segment write, the first
 		// attempt): it gets its own slice of exactly its size.
