@@ -220,11 +220,10 @@ func (c *committer) syncFiles(batch []*commitReq) (kept []*commitReq, seg *segme
 			}
 		}
 	}
-	// The syncs run side by side, each on a goroutine of its own, but
-	// the last one on this goroutine: a batch of small bodies has only the
-	// segment's, and a goroutine started for it would cost the commit two
-	// more waits for a processor, which behind busy goroutines (the
-	// handshakes of a cold start) are the commit's longest.
+	// The syncs run side by side, the last on this goroutine: a batch of
+	// small bodies has only the segment's, and a goroutine of its own
+	// would only add a hand-over to the commit, and one more wait for a
+	// processor behind busy goroutines (the handshakes of a cold start).
 	var syncs []func()
 	for i, r := range batch {
 		switch {

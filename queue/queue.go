@@ -90,7 +90,7 @@ const inlineMax = 256 << 10
 // the client sends the message, so it starts with a short one
 // (smallHeads) and takes one of inlineMax+1 (headPool) only for a body
 // that fills it: a thousand sessions in DATA with messages of a few KiB
-// hold 16 MiB, not 256.
+// hold 16 MiB of buffers, not 256 MiB.
 const smallHead = 16 << 10
 
 var (
