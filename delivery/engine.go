@@ -852,25 +852,22 @@ func (e *Engine) transact(ctx context.Context, s *session, job *queue.Job, body 
 			again = x.overLimit
 		}
 		rest := todo[len(batch):]
+		ended := x.ended
 		if !took && slices.Contains(x.overLimit, 0) {
 			// The remote refused the first recipient at its limit: it
 			// counts more than this transaction (a session's or a
 			// day's recipients), and no transaction of this session
-			// takes any. The rest get its reply, as they would have
-			// in one transaction, and go on to the next host or the
-			// retry schedule; the connection is not kept.
+			// takes any. That ends the session's part as below, and
+			// the connection is not kept.
 			s.refusesRecipients = true
-			for _, k := range rest {
-				out[k] = x.out[0]
-			}
-			break
+			ended = &x.out[0]
 		}
-		if x.ended != nil || s.broken || s.conn == nil || ctx.Err() != nil {
+		if ended != nil || s.broken || s.conn == nil || ctx.Err() != nil {
 			// What ended this transaction ends the session's part in the
 			// message: the recipients not yet sent get its status, as
 			// they would have in one transaction; those over the limit
 			// keep their 452.
-			st := x.ended
+			st := ended
 			if st == nil {
 				st = &transportFailure(ctx, s.label, "before these recipients were sent", net.ErrClosed).status
 			}
