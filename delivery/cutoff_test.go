@@ -267,7 +267,7 @@ func TestConnectWhenCutOffDialsNoneAndLeavesTheIdleConnection(t *testing.T) {
 				t.Fatalf("plan: %+v", p)
 			}
 			cancel(errBounced)
-			budget := maxAddrAttempts
+			budget := MaxConnectionsPerAttempt
 			s, fs := e.connect(ctx, nh, p.hops[0], effective(p.reqs[0], job.Envelope), false, &budget)
 			if s != nil {
 				t.Fatalf("connect handed over a session (reused %v) after the cut", s.reused)
@@ -275,8 +275,8 @@ func TestConnectWhenCutOffDialsNoneAndLeavesTheIdleConnection(t *testing.T) {
 			if len(fs) != 1 || !strings.Contains(fs[0].status.Text, "delivery interrupted connecting (bounced by the mail system administrator)") {
 				t.Errorf("failures %+v, want one that names the cut", fs)
 			}
-			if budget != maxAddrAttempts {
-				t.Errorf("%d connections left of the attempt's %d, want none spent", budget, maxAddrAttempts)
+			if budget != MaxConnectionsPerAttempt {
+				t.Errorf("%d connections left of the attempt's %d, want none spent", budget, MaxConnectionsPerAttempt)
 			}
 			if got := d.list(); len(got) > 0 {
 				t.Errorf("dialled %q after the cut", got)

@@ -20,9 +20,37 @@ import (
 	"github.com/stsrelay/stsrelay/resolve"
 )
 
-// maxAddrAttempts bounds the connections one attempt opens, over all MX
-// hosts; RFC 5321 §5.1 asks for at least two addresses, Postfix uses 5.
-const maxAddrAttempts = 10
+// MaxConnectionsPerAttempt bounds the connections one delivery attempt
+// opens, over all MX hosts; RFC 5321 §5.1 asks for at least two
+// addresses, Postfix uses 5.
+const MaxConnectionsPerAttempt = 10
+
+// share is how many connections a host may open in an attempt that has
+// left of them, with after usable hosts behind it: none of those kept
+// for the later hosts, one each; the last may use all that is left, and
+// every host gets one (a host without any left is notTried).
+func share(left, after int) int { return max(left-after, 1) }
+
+// notTried is the failure of a host the attempt had no connection left
+// for. Named, so the log shows it was never tried, and what the others
+// said is not taken for its answer (aggregate).
+func notTried(host string) *hostFailure {
+	return &hostFailure{host: host, kind: failTransport, status: queue.Status{
+		Code: 451, Enhanced: "4.4.0",
+		Text: fmt.Sprintf("%s: not tried, no connection left in this attempt (at most %d)", host, MaxConnectionsPerAttempt)}}
+}
+
+// usableAfter is how many hosts after p.hops[i] an attempt for env may
+// dial: it keeps a connection for each (share).
+func (e *Engine) usableAfter(p *plan, i int, env queue.Envelope) int {
+	n := 0
+	for j := i + 1; j < len(p.hops); j++ {
+		if p.hops[j].unusable == nil && e.precheck(p.hops[j].mx, effective(p.reqs[j], env), env.RequireTLS) == nil {
+			n++
+		}
+	}
+	return n
+}
 
 // attempt is what one Deliver call learns, for its log line.
 type attempt struct {
@@ -194,7 +222,7 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 
 	env := job.Envelope
 	var fails []*hostFailure
-	budget := maxAddrAttempts
+	budget := MaxConnectionsPerAttempt
 	stale := 0
 	rated := -1 // the host whose rate limit the message has passed
 	// out is what the hosts that answered said, recipient by recipient.
@@ -270,17 +298,7 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 			}
 		}
 	}
-	// usableAfter is how many hosts after hops[i] may be dialled: the
-	// attempt keeps a connection for each.
-	usableAfter := func(i int) int {
-		n := 0
-		for j := i + 1; j < len(p.hops); j++ {
-			if p.hops[j].unusable == nil && e.precheck(p.hops[j].mx, effective(p.reqs[j], env), env.RequireTLS) == nil {
-				n++
-			}
-		}
-		return n
-	}
+	usableAfter := func(i int) int { return e.usableAfter(&p, i, env) }
 	for i := 0; i < len(p.hops); i++ {
 		if ctx.Err() != nil {
 			// Cut off (a stop, or an operator's bounce, delete or hold): no
@@ -314,11 +332,7 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 			continue
 		}
 		if budget <= 0 {
-			// Named, so the log shows it was never tried, and what the
-			// others said is not taken for its answer (aggregate).
-			fails = append(fails, &hostFailure{host: h.mx.Name, kind: failTransport, status: queue.Status{
-				Code: 451, Enhanced: "4.4.0",
-				Text: fmt.Sprintf("%s: not tried, no connection left in this attempt (at most %d)", h.mx.Name, maxAddrAttempts)}})
+			fails = append(fails, notTried(h.mx.Name))
 			continue
 		}
 		if i != rated {
@@ -331,13 +345,15 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 			}
 			rated = i
 		}
-		// A host, in its first session or a new one, dials none of the
-		// connections kept for the hosts after it, one each; the last
-		// may use all that is left, and every host gets one.
-		spare := max(budget-usableAfter(i), 1)
+		spare := share(budget, usableAfter(i))
 		unspent := spare
 		s, fs := e.connect(ctx, nh, h, req, env.RequireTLS, &unspent)
 		budget -= spare - unspent
+		if s != nil {
+			// The host answered: its addresses that did not are no
+			// answer for the message (check shows them).
+			fs = nil
+		}
 		mark := len(fails)
 		fails = append(fails, fs...)
 		if i == resume {
@@ -643,7 +659,8 @@ func (e *Engine) recordPrecheck(domain string, mx policy.MX, req policy.Requirem
 }
 
 // connect returns a ready session to one of h's addresses: an idle one
-// when there is one, else a new connection.
+// when there is one, else a new connection. The failures are those of
+// the addresses dialed before it, or of all that were.
 func (e *Engine) connect(ctx context.Context, nh NextHop, h hop, req policy.Requirement, requireTLS bool, budget *int) (*session, []*hostFailure) {
 	// An idle connection serves only if it is what a new one would be:
 	// one that ended in plaintext never carries a message that needs TLS.
@@ -697,7 +714,7 @@ func (e *Engine) connect(ctx context.Context, nh NextHop, h hop, req policy.Requ
 			} else {
 				metricSessions.WithLabelValues("no").Inc()
 			}
-			return r.s, nil
+			return r.s, fails
 		}
 		e.releaseSlot(h.key)
 		fails = append(fails, r.fail)

@@ -98,7 +98,7 @@ func TestMAILMAXSplitJobGoesOnInANewSession(t *testing.T) {
 }
 
 // The new sessions a split job opens count toward the connections one
-// attempt may open (maxAddrAttempts); the recipients left when they run
+// attempt may open (MaxConnectionsPerAttempt); the recipients left when they run
 // out wait with a status that says why, whichever limit ended the last
 // session.
 func TestTransactionLimitDefersWhatTheAttemptsSessionsCannotCarry(t *testing.T) {
@@ -124,12 +124,12 @@ func TestTransactionLimitDefersWhatTheAttemptsSessionsCannotCarry(t *testing.T) 
 				}
 			})
 			var rcpts []string
-			for i := range 2*maxAddrAttempts + 5 {
+			for i := range 2*MaxConnectionsPerAttempt + 5 {
 				rcpts = append(rcpts, fmt.Sprintf("r%02d@example.test", i))
 			}
 			st := deliver(t, e, testJob("example.test", rcpts...))
 			for i, s := range st {
-				if i < 2*maxAddrAttempts {
+				if i < 2*MaxConnectionsPerAttempt {
 					if !s.Delivered() {
 						t.Errorf("recipient %d: %s", i, s.String())
 					}
@@ -140,8 +140,8 @@ func TestTransactionLimitDefersWhatTheAttemptsSessionsCannotCarry(t *testing.T) 
 			if n := mx.mostMails(); n > 2 {
 				t.Errorf("a session carried %d MAIL commands, want at most 2", n)
 			}
-			if n, m := mx.sessionCount(), len(mx.messages()); n != maxAddrAttempts || m != 2*maxAddrAttempts {
-				t.Errorf("%d transactions over %d sessions, want %d over %d", m, n, 2*maxAddrAttempts, maxAddrAttempts)
+			if n, m := mx.sessionCount(), len(mx.messages()); n != MaxConnectionsPerAttempt || m != 2*MaxConnectionsPerAttempt {
+				t.Errorf("%d transactions over %d sessions, want %d over %d", m, n, 2*MaxConnectionsPerAttempt, MaxConnectionsPerAttempt)
 			}
 		})
 	}
@@ -385,7 +385,7 @@ func TestTransactionLimitKeepsAConnectionForTheNextHost(t *testing.T) {
 				}
 			})
 			rcpts := []string{"a@example.test"}
-			for i := range maxAddrAttempts + 2 {
+			for i := range MaxConnectionsPerAttempt + 2 {
 				rcpts = append(rcpts, fmt.Sprintf("r%02d@example.test", i))
 			}
 			st := deliver(t, e, testJob("example.test", rcpts...))
@@ -394,14 +394,14 @@ func TestTransactionLimitKeepsAConnectionForTheNextHost(t *testing.T) {
 			wantStatus(t, st[0], 250, "2.0.0", "mx2.example.test[127.0.0.3]")
 			for i, s := range st[1:] {
 				switch {
-				case i < maxAddrAttempts-2:
+				case i < MaxConnectionsPerAttempt-2:
 					wantStatus(t, s, 250, "2.0.0", "mx1.example.test[127.0.0.2]")
 				default:
 					wantStatus(t, s, 452, "4.5.3", "mx2.example.test[127.0.0.3]: ", "was reached; the rest go in a new session")
 				}
 			}
-			if n1, n2 := mx1.sessionCount(), mx2.sessionCount(); n1 != maxAddrAttempts-1 || n2 != 1 {
-				t.Errorf("%d sessions with mx1 and %d with mx2, want %d and 1", n1, n2, maxAddrAttempts-1)
+			if n1, n2 := mx1.sessionCount(), mx2.sessionCount(); n1 != MaxConnectionsPerAttempt-1 || n2 != 1 {
+				t.Errorf("%d sessions with mx1 and %d with mx2, want %d and 1", n1, n2, MaxConnectionsPerAttempt-1)
 			}
 			if got := transactions(mx2); !slices.EqualFunc(got, [][]string{{"a@example.test"}}, slices.Equal) {
 				t.Errorf("mx2 took %q, want a@ alone", got)
@@ -439,7 +439,7 @@ func TestNewSessionForTheRestLeavesTheBackupItsConnection(t *testing.T) {
 		o.Limits = []Limit{{Domains: []string{"example.test"}, Shaping: Shaping{MaxMessagesPerConn: 1}}}
 	})
 	rcpts := []string{"a@example.test"}
-	for i := range maxAddrAttempts {
+	for i := range MaxConnectionsPerAttempt {
 		rcpts = append(rcpts, fmt.Sprintf("r%02d@example.test", i))
 	}
 	st := deliver(t, e, testJob("example.test", rcpts...))
@@ -535,7 +535,7 @@ func TestNextHostLeavesTheConnectionKeptForTheOneAfterIt(t *testing.T) {
 
 	before, mx2Before := d.total(), d.count("127.0.0.5")+d.count("127.0.0.6")
 	rcpts := []string{"a@example.test"}
-	for i := range maxAddrAttempts {
+	for i := range MaxConnectionsPerAttempt {
 		rcpts = append(rcpts, fmt.Sprintf("r%02d@example.test", i))
 	}
 	st := deliver(t, e, testJob("example.test", rcpts...))
@@ -543,14 +543,14 @@ func TestNextHostLeavesTheConnectionKeptForTheOneAfterIt(t *testing.T) {
 	// mx2: one connection; mx3, with the last: a@ and the rest.
 	wantStatus(t, st[0], 250, "2.0.0", "mx3.example.test[127.0.0.3]")
 	for i, s := range st[1:] {
-		if i < maxAddrAttempts-3 {
+		if i < MaxConnectionsPerAttempt-3 {
 			wantStatus(t, s, 250, "2.0.0", "mx1.example.test[127.0.0.2]")
 		} else {
 			wantStatus(t, s, 250, "2.0.0", "mx3.example.test[127.0.0.3]")
 		}
 	}
-	if n := d.total() - before; n != maxAddrAttempts {
-		t.Errorf("%d connections, want the attempt's %d", n, maxAddrAttempts)
+	if n := d.total() - before; n != MaxConnectionsPerAttempt {
+		t.Errorf("%d connections, want the attempt's %d", n, MaxConnectionsPerAttempt)
 	}
 	if n := d.count("127.0.0.5") + d.count("127.0.0.6") - mx2Before; n != 1 {
 		t.Errorf("%d connections to mx2, want 1: the other is kept for mx3", n)

@@ -81,6 +81,19 @@ type HostReport struct {
 	// Probed says this host was dialed; delivery stops at the first host
 	// that takes the message, Check dials every host.
 	Probed bool
+	// Reach is how many of this host's addresses one delivery attempt
+	// would dial at most, when Probed: the attempt shares its
+	// MaxConnectionsPerAttempt between the hosts and keeps one for each
+	// usable host after this one, where Check dials each host in full.
+	// It is counted as delivery would on getting here, every host before
+	// it having failed; 0 when they would have used every connection.
+	Reach int
+}
+
+// Reached says a delivery attempt would get as far as Session: the
+// addresses that failed before it are fewer than Reach.
+func (h HostReport) Reached() bool {
+	return h.Session != nil && len(h.Failures) < h.Reach
 }
 
 // SessionReport is a connection brought to the point where MAIL would be
@@ -124,7 +137,10 @@ func (e *Engine) CheckFrom(ctx context.Context, domain, sender string, connect b
 		return r
 	}
 	var fails []*hostFailure
-	budget := maxAddrAttempts
+	// left are the connections a delivery attempt would still have
+	// (Deliver): a check dials every host in full, to show them all, and
+	// counts for Outcome only the dials delivery would make.
+	left := MaxConnectionsPerAttempt
 	pending := false
 	for i, h := range p.hops {
 		hr := HostReport{MX: h.mx, Addrs: h.addrs, Requirement: p.reqs[i]}
@@ -139,12 +155,14 @@ func (e *Engine) CheckFrom(ctx context.Context, domain, sender string, connect b
 			pending = true
 		default:
 			hr.Probed = true
-			// Every host gets its own budget: a check wants to see them all.
-			budget = maxAddrAttempts
+			if left > 0 {
+				hr.Reach = share(left, e.usableAfter(&p, i, queue.Envelope{}))
+			}
 			// A check shows the certificate each address sends today:
 			// with resumption the second address of a host (sessions are
 			// kept per name) would show the first one's.
 			h.fresh = true
+			budget := MaxConnectionsPerAttempt
 			s, fs := e.connect(ctx, p.nh, h, p.reqs[i], false, &budget)
 			for _, f := range fs {
 				hr.Failures = append(hr.Failures, f.status)
@@ -152,17 +170,30 @@ func (e *Engine) CheckFrom(ctx context.Context, domain, sender string, connect b
 					hr.PeerCertificates = f.peerCerts
 				}
 			}
-			if s == nil {
-				if r.Via == "" {
-					fails = append(fails, fs...)
+			// The hosts after this one see the connections delivery would
+			// have left on reaching them: this host failing at every
+			// address it may dial, or at the ones that did fail.
+			if s != nil {
+				left -= min(len(h.addrs), hr.Reach)
+				hr.Session = s.report()
+				if s.tls != nil {
+					hr.PeerCertificates = s.tls.PeerCertificates
 				}
-				break
-			}
-			hr.Session = s.report()
-			if s.tls != nil {
-				hr.PeerCertificates = s.tls.PeerCertificates
+			} else {
+				left -= min(MaxConnectionsPerAttempt-budget, hr.Reach)
 			}
 			if r.Via == "" {
+				switch {
+				case hr.Reach == 0:
+					fails = append(fails, notTried(h.mx.Name))
+				case !hr.Reached():
+					fails = append(fails, fs[:min(len(fs), hr.Reach)]...)
+				}
+			}
+			if s == nil {
+				break
+			}
+			if r.Via == "" && hr.Reached() {
 				r.Via = s.label
 				r.Outcome = queue.Status{Code: 250, Enhanced: "2.0.0",
 					Text: "would deliver to " + s.label + " (" + hr.Session.Protection + ")"}

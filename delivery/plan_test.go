@@ -2,6 +2,7 @@ package delivery
 
 import (
 	"crypto/tls"
+	"fmt"
 	"testing"
 
 	"github.com/miekg/dns"
@@ -143,5 +144,69 @@ func TestCheckDescribesTheSession(t *testing.T) {
 	}
 	if res := v.rec.results(); len(res) != 1 || res[0].Result != policy.ResultSuccess {
 		t.Errorf("session results = %+v; the probe's TLS session is recorded like any other", res)
+	}
+}
+
+// Check dials every address of every host, but its outcome counts the
+// connections as a delivery attempt does (at most
+// MaxConnectionsPerAttempt, one kept for each later host): a working
+// address that delivery would not reach is not where check says the mail
+// goes.
+func TestCheckCountsConnectionsAsDeliveryDoes(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		records func() []string
+		working string // the one address that answers
+		// verdicts of the host with the working address, and its reach
+		verdict string
+		reach   int
+	}{
+		{name: "a working address behind the ones delivery dials",
+			records: func() []string {
+				// mx1: nine addresses refused, then the working one; mx2
+				// refused. Delivery gives mx1 nine, keeping one for mx2.
+				r := []string{"example.test. 300 IN MX 10 mx1.example.test.", "example.test. 300 IN MX 20 mx2.example.test.",
+					"mx2.example.test. 300 IN A 127.0.0.3"}
+				for i := range MaxConnectionsPerAttempt {
+					r = append(r, fmt.Sprintf("mx1.example.test. 300 IN A 127.0.1.%d", i+1))
+				}
+				return r
+			},
+			working: "127.0.1.10", verdict: "mx1.example.test", reach: MaxConnectionsPerAttempt - 1},
+		{name: "a working host that delivery would not try",
+			records: func() []string {
+				var r []string
+				for i := range MaxConnectionsPerAttempt + 1 {
+					r = append(r,
+						fmt.Sprintf("example.test. 300 IN MX %d mx%02d.example.test.", 10*(i+1), i+1),
+						fmt.Sprintf("mx%02d.example.test. 300 IN A 127.0.1.%d", i+1, i+1))
+				}
+				return r
+			},
+			working: "127.0.1.11", verdict: "mx11.example.test", reach: 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			v := newEnv(t, tc.records()...)
+			mx := newMX(t)
+			v.route(tc.working, mx.Addr)
+			r := v.engine().Check(t.Context(), "example.test", true)
+			st := deliver(t, v.engine(), testJob("example.test", "a@example.test"))[0]
+			wantStatus(t, st, 451, "4.4.1")
+			if r.Outcome != st || r.Via != "" {
+				t.Fatalf("check says %q (via %q), delivery got %q", r.Outcome, r.Via, st)
+			}
+			var host *HostReport
+			for i := range r.Hosts {
+				if r.Hosts[i].MX.Name == tc.verdict {
+					host = &r.Hosts[i]
+				}
+			}
+			if host == nil || host.Session == nil || host.Session.Addr.String() != tc.working {
+				t.Fatalf("check did not show the session at %s: %+v", tc.working, host)
+			}
+			if host.Reach != tc.reach || host.Reached() {
+				t.Errorf("%s: reach %d, reached %v; want %d, not reached", tc.verdict, host.Reach, host.Reached(), tc.reach)
+			}
+		})
 	}
 }

@@ -461,7 +461,7 @@ func TestAddressLiteralIsDeliveredWithoutDNSOrPolicy(t *testing.T) {
 	wantStatus(t, st[0], 550, "5.1.2", "not a valid address literal")
 }
 
-// The attempt's connections (maxAddrAttempts) are shared by its hosts: a
+// The attempt's connections (MaxConnectionsPerAttempt) are shared by its hosts: a
 // host tries at most what the hosts after it do not need, one each, so
 // a primary with many addresses down leaves the backup its connection;
 // the last host may use all that is left.
@@ -471,12 +471,12 @@ func TestEveryHostLeavesAConnectionForEachHostAfterIt(t *testing.T) {
 		backup   bool // mx2, healthy, after mx1
 		mx1Dials int
 	}{
-		{"backup", true, maxAddrAttempts - 1},
-		{"no backup", false, maxAddrAttempts},
+		{"backup", true, MaxConnectionsPerAttempt - 1},
+		{"no backup", false, MaxConnectionsPerAttempt},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			records := []string{"example.test. 300 IN MX 10 mx1.example.test."}
-			for i := range maxAddrAttempts + 2 {
+			for i := range MaxConnectionsPerAttempt + 2 {
 				// All down: refused.
 				records = append(records, fmt.Sprintf("mx1.example.test. 300 IN A 127.0.1.%d", i+1))
 			}
@@ -497,8 +497,8 @@ func TestEveryHostLeavesAConnectionForEachHostAfterIt(t *testing.T) {
 			if n := d.total() - d.count("127.0.0.3"); n != tc.mx1Dials {
 				t.Errorf("%d connections to mx1's addresses, want %d", n, tc.mx1Dials)
 			}
-			if n := d.total(); n > maxAddrAttempts {
-				t.Errorf("%d connections in one attempt, want at most %d", n, maxAddrAttempts)
+			if n := d.total(); n > MaxConnectionsPerAttempt {
+				t.Errorf("%d connections in one attempt, want at most %d", n, MaxConnectionsPerAttempt)
 			}
 		})
 	}
@@ -509,7 +509,7 @@ func TestEveryHostLeavesAConnectionForEachHostAfterIt(t *testing.T) {
 // said is no answer for it.
 func TestHostWithoutAConnectionLeftIsNamed(t *testing.T) {
 	var records []string
-	for i := range maxAddrAttempts + 1 {
+	for i := range MaxConnectionsPerAttempt + 1 {
 		// All down: refused.
 		records = append(records,
 			fmt.Sprintf("example.test. 300 IN MX %d mx%02d.example.test.", 10*(i+1), i+1),
@@ -519,11 +519,11 @@ func TestHostWithoutAConnectionLeftIsNamed(t *testing.T) {
 	d := &dialCounter{v: v}
 	e := v.engine(func(o *Options) { o.DialContext = d.dial })
 	st := deliver(t, e, testJob("example.test", "a@example.test"))
-	last := fmt.Sprintf("mx%02d.example.test", maxAddrAttempts+1)
+	last := fmt.Sprintf("mx%02d.example.test", MaxConnectionsPerAttempt+1)
 	wantStatus(t, st[0], 451, "4.4.1", "mx01.example.test[127.0.1.1]: connection refused",
 		last+": not tried, no connection left in this attempt")
-	if n := d.total(); n != maxAddrAttempts {
-		t.Errorf("%d connections, want %d", n, maxAddrAttempts)
+	if n := d.total(); n != MaxConnectionsPerAttempt {
+		t.Errorf("%d connections, want %d", n, MaxConnectionsPerAttempt)
 	}
 	lines := attemptLines(v)
 	if len(lines) != 1 || !strings.Contains(lines[0], "hosts_not_used=") ||

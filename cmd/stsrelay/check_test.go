@@ -12,6 +12,7 @@ package main
 import (
 	"encoding/json"
 	"flag"
+	"fmt"
 	"io"
 	"net"
 	"os"
@@ -24,8 +25,10 @@ import (
 
 	"github.com/emersion/go-smtp"
 
+	"github.com/stsrelay/stsrelay/delivery"
 	"github.com/stsrelay/stsrelay/internal/dnstest"
 	"github.com/stsrelay/stsrelay/internal/testpki"
+	"github.com/stsrelay/stsrelay/queue"
 )
 
 var update = flag.Bool("update", false, "rewrite the golden files of check")
@@ -566,6 +569,37 @@ tls = "dane-only"
 		}
 		if strings.Contains(out, "[[delivery.policy]]") {
 			t.Errorf("check %s credits a [[delivery.policy]] entry in general:\n%s", domain, out)
+		}
+	}
+}
+
+// A host's verdict counts only the addresses one delivery attempt would
+// dial (delivery.HostReport.Reach), though check dials them all.
+func TestHostVerdictCountsTheAttemptsConnections(t *testing.T) {
+	refused := func(n int) []queue.Status {
+		var fs []queue.Status
+		for i := range n {
+			fs = append(fs, queue.Status{Code: 451, Enhanced: "4.4.1", Text: fmt.Sprintf("mx1.example[192.0.2.%d]: connection refused", i+1)})
+		}
+		return fs
+	}
+	session := &delivery.SessionReport{Protection: "plaintext, STARTTLS not available"}
+	for _, tc := range []struct {
+		name string
+		h    delivery.HostReport
+		want string
+	}{
+		{"session within reach", delivery.HostReport{Probed: true, Reach: 9, Failures: refused(8), Session: session},
+			"would deliver (plaintext, STARTTLS not available)"},
+		{"session beyond reach", delivery.HostReport{Probed: true, Reach: 9, Failures: refused(9), Session: session},
+			"would defer: a delivery attempt dials at most 9 of this host's addresses, and the first 9 failed (the session shown is at address 10)"},
+		{"failures beyond reach", delivery.HostReport{Probed: true, Reach: 2, Failures: refused(3)},
+			"would defer: 451 4.4.1 mx1.example[192.0.2.2]: connection refused"},
+		{"no connection left", delivery.HostReport{Probed: true, Reach: 0, Session: session},
+			fmt.Sprintf("would not try this host: the hosts before it use every connection of a delivery attempt (at most %d)", delivery.MaxConnectionsPerAttempt)},
+	} {
+		if got := hostVerdict(tc.h, true); got != tc.want {
+			t.Errorf("%s: verdict %q, want %q", tc.name, got, tc.want)
 		}
 	}
 }

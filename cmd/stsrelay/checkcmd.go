@@ -396,10 +396,16 @@ func hostVerdict(h delivery.HostReport, connected bool) string {
 	switch {
 	case h.NotUsed != nil:
 		return "would not use this host: " + h.NotUsed.String()
+	case h.Probed && h.Reach == 0:
+		return fmt.Sprintf("would not try this host: the hosts before it use every connection of a delivery attempt (at most %d)", delivery.MaxConnectionsPerAttempt)
+	case h.Session != nil && !h.Reached():
+		return fmt.Sprintf("would defer: a delivery attempt dials at most %d of this host's addresses, and the first %d failed (the session shown is at address %d)",
+			h.Reach, h.Reach, len(h.Failures)+1)
 	case h.Session != nil:
 		return "would deliver (" + h.Session.Protection + ")"
 	case h.Probed && len(h.Failures) > 0:
-		st := h.Failures[len(h.Failures)-1]
+		// The last address a delivery attempt would dial.
+		st := h.Failures[min(len(h.Failures), h.Reach)-1]
 		if st.Permanent() {
 			return "would fail: " + st.String()
 		}
@@ -647,6 +653,7 @@ type checkHost struct {
 	Requirement checkReq      `json:"requirement"`
 	NotUsed     *statusJSON   `json:"not_used"`
 	Probed      bool          `json:"probed"`
+	Reach       int           `json:"reach"`
 	Failures    []statusJSON  `json:"failures"`
 	Session     *checkSession `json:"session"`
 	Verdict     string        `json:"verdict"`
@@ -788,7 +795,7 @@ func (c *checkResult) json() checkJSON {
 	for i, h := range r.Hosts {
 		req := h.Requirement
 		ch := checkHost{MX: h.MX.Name, Preference: h.MX.Preference, CNAMEs: append([]string{}, h.MX.CNAMEs...),
-			Final: h.MX.Final, Addresses: []string{}, NotUsed: statusOf(h.NotUsed), Probed: h.Probed,
+			Final: h.MX.Final, Addresses: []string{}, NotUsed: statusOf(h.NotUsed), Probed: h.Probed, Reach: h.Reach,
 			Failures: []statusJSON{}, Verdict: c.verdicts[i],
 			Requirement: checkReq{TLS: req.Security.String(), Policy: string(req.Source()), PolicyDomain: req.Domain(),
 				Testing: req.Testing, Names: req.Names, ServerName: req.ServerName, Skip: req.Skip,
