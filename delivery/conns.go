@@ -382,18 +382,27 @@ func aggregate(nh NextHop, fails []*hostFailure) queue.Status {
 		return st
 	}
 	// Mixed reasons: the best host's temporary failure decides the code, so
-	// a host that was merely unreachable never turns into a bounce.
-	st := fails[0].status
+	// a host that was merely unreachable never turns into a bounce. An
+	// address of a host that then refused on another one is not such a
+	// host (spokenFor).
+	var st *queue.Status
 	for _, f := range fails {
-		if !f.status.Permanent() {
-			st = f.status
+		if st == nil && !f.spokenFor {
+			st = &f.status
+		}
+		if !f.status.Permanent() && !f.spokenFor {
+			st = &f.status
 			break
 		}
 	}
-	if len(fails) > 1 {
-		st.Text = truncateList("", texts(fails))
+	if st == nil {
+		st = &fails[0].status
 	}
-	return st
+	out := *st
+	if len(fails) > 1 {
+		out.Text = truncateList("", texts(fails))
+	}
+	return out
 }
 
 // reasons lists "mx1.example.com: certificate name mismatch" once per host.

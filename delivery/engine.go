@@ -719,6 +719,15 @@ func (e *Engine) connect(ctx context.Context, nh NextHop, h hop, req policy.Requ
 		e.releaseSlot(h.key)
 		fails = append(fails, r.fail)
 		metricHostFailures.WithLabelValues(r.fail.kind.String()).Inc()
+		if r.fail.nextHost && r.fail.kind == failTransport && r.fail.status.Reply != "" {
+			// The host refused the session in its own words (greeting
+			// or EHLO). The addresses that did not answer before it
+			// say nothing about the host: what it said decides, as it
+			// does when the refusing address comes first.
+			for _, f := range fails[:len(fails)-1] {
+				f.spokenFor = f.kind == failTransport && f.status.Reply == ""
+			}
+		}
 		if r.fail.nextHost || ctx.Err() != nil {
 			break
 		}

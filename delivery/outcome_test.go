@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"slices"
@@ -336,6 +337,43 @@ func TestGreetingRefusalTriesTheNextMX(t *testing.T) {
 			st := deliver(t, v.engine(), testJob("example.test", "a@example.test"))
 			wantStatus(t, st[0], 250, "2.0.0", "mx2.example.test")
 		})
+	}
+}
+
+// A host that refuses the session for good on one address and cannot be
+// reached on another gets the same outcome whichever address DNS lists
+// first: its own refusal, a bounce when it is the only host, a deferral
+// when another host was merely unreachable. Check says the same.
+func TestHostsRefusalDecidesWhicheverAddressSaysIt(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		backup   bool // mx2, unreachable
+		code     int
+		enhanced string
+	}{
+		{"one host", false, 554, "5.7.1"},
+		{"a backup unreachable", true, 451, "4.4.1"},
+	} {
+		for _, refusingFirst := range []bool{true, false} {
+			t.Run(fmt.Sprintf("%s/refusing address first %v", tc.name, refusingFirst), func(t *testing.T) {
+				records := []string{"example.test. 300 IN MX 10 mx1.example.test.",
+					"mx1.example.test. 300 IN A 127.0.0.2", "mx1.example.test. 300 IN A 127.0.0.4"}
+				if tc.backup {
+					records = append(records, "example.test. 300 IN MX 20 mx2.example.test.", "mx2.example.test. 300 IN A 127.0.0.3")
+				}
+				v := newEnv(t, records...)
+				refusing := "127.0.0.4"
+				if refusingFirst {
+					refusing = "127.0.0.2"
+				}
+				v.route(refusing, rawServer(t, func(c net.Conn) { io.WriteString(c, "554 5.7.1 no service for you\r\n") }))
+				st := deliver(t, v.engine(), testJob("example.test", "a@example.test"))[0]
+				wantStatus(t, st, tc.code, tc.enhanced, "mx1.example.test["+refusing+"]: 554 5.7.1 no service for you")
+				if r := v.engine().Check(t.Context(), "example.test", true); r.Outcome.Code != st.Code || r.Outcome.Enhanced != st.Enhanced {
+					t.Errorf("check says %q, delivery got %q", r.Outcome, st)
+				}
+			})
+		}
 	}
 }
 

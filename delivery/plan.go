@@ -187,7 +187,14 @@ func (e *Engine) CheckFrom(ctx context.Context, domain, sender string, connect b
 				case hr.Reach == 0:
 					fails = append(fails, notTried(h.mx.Name))
 				case !hr.Reached():
-					fails = append(fails, fs[:min(len(fs), hr.Reach)]...)
+					if len(fs) > hr.Reach {
+						fs = fs[:hr.Reach]
+						for _, f := range fs {
+							// What spoke for them is beyond reach.
+							f.spokenFor = false
+						}
+					}
+					fails = append(fails, fs...)
 				}
 			}
 			if s == nil {

@@ -65,6 +65,10 @@ type hostFailure struct {
 	// nextHost says the other addresses of this host are not worth
 	// trying (the host itself answered).
 	nextHost bool
+	// spokenFor says another address of the same host then refused the
+	// session itself: this address's silence is no answer for the host
+	// (aggregate), whichever address DNS listed first.
+	spokenFor bool
 	// throttle says the host answered "too many connections".
 	throttle bool
 	// stale says a connection taken from the idle cache turned out
