@@ -18,8 +18,9 @@ var errNeedsSMTPUTF8 = errors.New("non-ASCII address needs the SMTPUTF8 paramete
 func parseMailbox(addr string, smtputf8 bool) (string, error) {
 	// A domain never holds an '@', so the last one ends the local part:
 	// <"a@b"@example.org> is valid (RFC 5321 §4.1.2), and go-smtp hands
-	// it over as a@b@example.org. Without the quotes, an '@' that begins
-	// or ends the local part is taken for the typo it almost always is.
+	// it over as a@b@example.org (it refuses the unquoted <a@b@example.org>).
+	// An '@' that begins or ends the local part is taken for the typo it
+	// almost always is.
 	i := strings.LastIndexByte(addr, '@')
 	if i < 0 {
 		return "", errors.New("no @domain")

@@ -85,6 +85,10 @@
 //     byte by byte.
 //   - A reply goes out in one write, the replies to a pipelined group of
 //     MAIL and RCPT commands together (RFC 2920 §3.2 (10)).
+//   - <a@b@example.org>, an '@' in a local part without quotes, is a
+//     syntax error (501): go-smtp drops the quotes of <"a@b"@example.org>,
+//     and smtpin would store the one it took for the other, quoted
+//     (TestUnquotedAtSignInTheLocalPartRefused).
 //   - Commands pipelined after "Too many errors" (or QUIT) are not run:
 //     the connection ends there. v0.25.1 ran them against the session it
 //     had closed, and panicked (TestCommandsAfterTooManyErrorsNotRun).

@@ -853,6 +853,25 @@ func TestQuotedLocalPartAndIPv6LiteralAccepted(t *testing.T) {
 	}
 }
 
+// A local part with an '@' must be quoted: <victim@evil.example@example.com>
+// is refused, not stored as "victim@evil.example"@example.com, an address
+// the client never sent (and that an AllowedSenders pattern on
+// example.com would let through).
+func TestUnquotedAtSignInTheLocalPartRefused(t *testing.T) {
+	e := start(t, nil)
+	d := authedDialogue(t, e)
+	d.cmd("MAIL FROM:<victim@evil.example@example.com>", "501")
+	d.cmd("MAIL FROM:<app@example.com>", "250")
+	d.cmd("RCPT TO:<user@evil.example@example.org>", "501")
+	d.cmd(`RCPT TO:<"user@evil.example"@example.org>`, "250")
+	d.cmd("DATA", "354")
+	d.write(testMessage + ".\r\n")
+	d.expect("250")
+	if got := e.q.only(t).env.Recipients; len(got) != 1 || got[0].Addr != `"user@evil.example"@example.org` {
+		t.Fatalf("stored %+v", got)
+	}
+}
+
 // RFC 5321 §4.5.3.1.6: a message line holds at most 998 octets before its
 // CRLF. stsrelay refuses a longer one at submission, by DATA and by BDAT,
 // with the default options; a line of exactly 998 octets passes.

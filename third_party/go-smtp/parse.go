@@ -192,6 +192,12 @@ func (p *parser) parseMailbox() (string, error) {
 		if ch == ' ' || ch == '\t' || ch == '>' {
 			break
 		}
+		if ch == '@' {
+			// stsrelay: a domain holds no '@' (RFC 5321 §4.1.2). v0.25.1
+			// took <a@b@c> whole, which a caller cannot tell from
+			// <"a@b"@c>, whose quotes this parser drops.
+			return "", fmt.Errorf("'@' in domain")
+		}
 		p.readByte()
 		sb.WriteByte(ch)
 	}

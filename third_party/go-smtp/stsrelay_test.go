@@ -630,3 +630,23 @@ func TestServerAdvertisesLimits(t *testing.T) {
 		}
 	}
 }
+
+// An unquoted local part ends at the first '@', and a domain holds none
+// (RFC 5321 §4.1.2): <a@b@c> is a syntax error, <"a@b"@c> is not.
+func TestServerRefusesAnAtSignInTheDomain(t *testing.T) {
+	_, s, c, scanner, _ := testServerEhlo(t)
+	defer s.Close()
+	defer c.Close()
+	for _, step := range []struct{ line, want string }{
+		{"MAIL FROM:<victim@evil.example@example.com>", "501 "},
+		{"MAIL FROM:<root@nsa.gov>", "250 "},
+		{"RCPT TO:<user@evil.example@example.org>", "501 "},
+		{`RCPT TO:<"a@b"@example.org>`, "250 "},
+	} {
+		io.WriteString(c, step.line+"\r\n")
+		scanner.Scan()
+		if got := scanner.Text(); !strings.HasPrefix(got, step.want) {
+			t.Errorf("%s: %q, want %s", step.line, got, step.want)
+		}
+	}
+}
