@@ -253,7 +253,7 @@ func TestRefusedBDATChunkDiscardIsBounded(t *testing.T) {
 	d.cmd("EHLO client.test", "250")
 	d.write("BDAT 4000000000 LAST\r\n")
 	sent := flood(d.nc, strings.Repeat("MAIL FROM:<a@example.com>\r\n", 1000))
-	d.expect("502 5.5.1")
+	d.expect("503 5.5.1")
 	if !d.closed() {
 		t.Fatal("the server discards a 4 GB chunk")
 	}

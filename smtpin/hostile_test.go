@@ -214,7 +214,7 @@ func TestAuthWithGarbageBase64(t *testing.T) {
 func TestSTARTTLSTwiceRefused(t *testing.T) {
 	e := start(t, nil)
 	d := authedDialogue(t, e)
-	d.cmd("STARTTLS", "502 5.5.1")
+	d.cmd("STARTTLS", "503 5.5.1")
 	d.cmd("MAIL FROM:<app@example.com>", "250")
 	// On the implicit TLS port as well.
 	nc, err := tls.Dial("tcp", e.srv.TLSAddr().String(), e.clientTLS())
@@ -225,7 +225,7 @@ func TestSTARTTLSTwiceRefused(t *testing.T) {
 	d2 := &dialogue{t: t, nc: nc, r: bufio.NewReader(nc)}
 	d2.expect("220 ")
 	d2.cmd("EHLO client.test", "250")
-	d2.cmd("STARTTLS", "502 5.5.1")
+	d2.cmd("STARTTLS", "503 5.5.1")
 	d2.cmd("NOOP", "250")
 	served(t, e)
 }
@@ -233,17 +233,17 @@ func TestSTARTTLSTwiceRefused(t *testing.T) {
 func TestDataBeforeRcptRefused(t *testing.T) {
 	e := start(t, func(o *Options) { o.TrustedNetworks = []netip.Prefix{mustPrefix(t, "127.0.0.1/32")} })
 	d := dial(t, e.srv.Addr())
-	d.cmd("DATA", "502 5.5.1") // before EHLO
+	d.cmd("DATA", "503 5.5.1") // before EHLO
 	d.cmd("EHLO client.test", "250")
-	d.cmd("DATA", "502 5.5.1")
+	d.cmd("DATA", "503 5.5.1")
 	d.cmd("MAIL FROM:<a@example.com>", "250")
-	d.cmd("DATA", "502 5.5.1")
+	d.cmd("DATA", "503 5.5.1")
 	d.cmd("RCPT TO:<bad>", "501")
-	d.cmd("DATA", "502 5.5.1")
+	d.cmd("DATA", "503 5.5.1")
 	// The chunk of a refused BDAT is data, never commands: one reply.
 	chunk := "MAIL FROM:<x@example.com>\r\nRCPT TO:<y@example.org>\r\n"
 	d.write("BDAT " + itoa(len(chunk)) + " LAST\r\n" + chunk)
-	d.expect("502 5.5.1")
+	d.expect("503 5.5.1")
 	d.cmd("NOOP", "250")
 	wantQueued(t, e, 0)
 }

@@ -481,9 +481,9 @@ func TestSTARTTLSDiscardsPipelinedCommands(t *testing.T) {
 	d.expect("220")
 	d.starttls(e.clientTLS())
 	// Had the injected MAIL run in the TLS session, RCPT would be accepted.
-	d.cmd("RCPT TO:<victim@example.org>", "502 5.5.1")
+	d.cmd("RCPT TO:<victim@example.org>", "503 5.5.1")
 	d.cmd("EHLO client.test", "250")
-	d.cmd("RCPT TO:<victim@example.org>", "502 5.5.1")
+	d.cmd("RCPT TO:<victim@example.org>", "503 5.5.1")
 }
 
 func TestSmugglingAttemptsRejected(t *testing.T) {

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"io/ioutil"
+	"math"
 	"net"
 	"net/textproto"
 	"regexp"
@@ -156,6 +157,12 @@ func (c *Conn) handle(cmd string, arg string) {
 	case "AUTH":
 		c.handleAuth(arg)
 	case "STARTTLS":
+		if arg != "" {
+			// stsrelay: RFC 3207 §4; v0.25.1 took any line that began
+			// with STARTTLS for the command.
+			c.writeResponse(501, EnhancedCode{5, 5, 4}, "Syntax error (no parameters allowed)")
+			return
+		}
 		c.handleStartTLS()
 	default:
 		// stsrelay: the verb is echoed with echoSafe.
@@ -351,11 +358,11 @@ func (c *Conn) handleGreet(enhanced bool, arg string) {
 // READY state -> waiting for MAIL
 func (c *Conn) handleMail(arg string) {
 	if c.helo == "" {
-		c.writeResponse(502, EnhancedCode{5, 5, 1}, "Please introduce yourself first.")
+		c.badSequence("Please introduce yourself first.")
 		return
 	}
 	if c.bdatPipe != nil {
-		c.writeResponse(502, EnhancedCode{5, 5, 1}, "MAIL not allowed during message transfer")
+		c.badSequence("MAIL not allowed during message transfer")
 		return
 	}
 
@@ -385,7 +392,13 @@ func (c *Conn) handleMail(arg string) {
 	for key, value := range args {
 		switch key {
 		case "SIZE":
-			size, err := strconv.ParseUint(value, 10, 32)
+			// stsrelay: RFC 1870 allows 20 digits; a size over the
+			// limit is a 552, not the 501 that v0.25.1's 32 bits gave
+			// any size from 4 GiB on.
+			size, err := strconv.ParseUint(value, 10, 64)
+			if errors.Is(err, strconv.ErrRange) || size > math.MaxInt64 {
+				size, err = math.MaxInt64, nil
+			}
 			if err != nil {
 				c.writeResponse(501, EnhancedCode{5, 5, 4}, "Unable to parse SIZE as an integer")
 				return
@@ -705,11 +718,11 @@ func isPrintableASCII(val string) bool {
 // MAIL state -> waiting for RCPTs followed by DATA
 func (c *Conn) handleRcpt(arg string) {
 	if !c.fromReceived {
-		c.writeResponse(502, EnhancedCode{5, 5, 1}, "Missing MAIL FROM command.")
+		c.badSequence("Missing MAIL FROM command.")
 		return
 	}
 	if c.bdatPipe != nil {
-		c.writeResponse(502, EnhancedCode{5, 5, 1}, "RCPT not allowed during message transfer")
+		c.badSequence("RCPT not allowed during message transfer")
 		return
 	}
 
@@ -849,9 +862,15 @@ func checkNotifySet(values []DSNNotify) error {
 	return nil
 }
 
+// badSequence answers a command given out of order. stsrelay: 503 (RFC
+// 5321 §4.2.4, §4.3.2), where v0.25.1 said 502, "not implemented".
+func (c *Conn) badSequence(msg string) {
+	c.writeResponse(503, EnhancedCode{5, 5, 1}, msg)
+}
+
 func (c *Conn) handleAuth(arg string) {
 	if c.helo == "" {
-		c.writeResponse(502, EnhancedCode{5, 5, 1}, "Please introduce yourself first.")
+		c.badSequence("Please introduce yourself first.")
 		return
 	}
 	if c.didAuth {
@@ -867,7 +886,8 @@ func (c *Conn) handleAuth(arg string) {
 
 	parts := strings.Fields(arg)
 	if len(parts) == 0 {
-		c.writeResponse(502, EnhancedCode{5, 5, 4}, "Missing parameter")
+		// stsrelay: a syntax error, 501 (RFC 5321 §4.2.4); v0.25.1 said 502.
+		c.writeResponse(501, EnhancedCode{5, 5, 4}, "Missing parameter")
 		return
 	}
 
@@ -960,7 +980,7 @@ func (c *Conn) auth(mech string) (sasl.Server, error) {
 
 func (c *Conn) handleStartTLS() {
 	if _, isTLS := c.TLSConnectionState(); isTLS {
-		c.writeResponse(502, EnhancedCode{5, 5, 1}, "Already running in TLS")
+		c.badSequence("Already running in TLS")
 		return
 	}
 
@@ -1002,16 +1022,16 @@ func (c *Conn) handleData(arg string) {
 		return
 	}
 	if c.bdatPipe != nil {
-		c.writeResponse(502, EnhancedCode{5, 5, 1}, "DATA not allowed during message transfer")
+		c.badSequence("DATA not allowed during message transfer")
 		return
 	}
 	if c.binarymime {
-		c.writeResponse(502, EnhancedCode{5, 5, 1}, "DATA not allowed for BINARYMIME messages")
+		c.badSequence("DATA not allowed for BINARYMIME messages")
 		return
 	}
 
 	if !c.fromReceived || len(c.recipients) == 0 {
-		c.writeResponse(502, EnhancedCode{5, 5, 1}, "Missing RCPT TO command.")
+		c.badSequence("Missing RCPT TO command.")
 		return
 	}
 
@@ -1060,7 +1080,7 @@ func (c *Conn) handleBdat(arg string) {
 	}
 
 	if !c.fromReceived || len(c.recipients) == 0 {
-		c.writeResponse(502, EnhancedCode{5, 5, 1}, "Missing RCPT TO command.")
+		c.badSequence("Missing RCPT TO command.")
 		// The chunk follows the command even when the command is rejected.
 		io.Copy(ioutil.Discard, io.LimitReader(c.text.R, int64(size)))
 		return

@@ -20,8 +20,16 @@ func parseCmd(line string) (cmd string, arg string, err error) {
 
 	l := len(line)
 	switch {
-	case strings.HasPrefix(strings.ToUpper(line), "STARTTLS"):
-		return "STARTTLS", "", nil
+	case len(line) >= 8 && strings.EqualFold(line[:8], "STARTTLS"):
+		// stsrelay: the verb alone, or with what follows a space as its
+		// argument (which handle refuses); "STARTTLSX" is no STARTTLS.
+		switch rest := line[8:]; {
+		case strings.TrimSpace(rest) == "":
+			return "STARTTLS", "", nil
+		case rest[0] == ' ':
+			return "STARTTLS", strings.TrimSpace(rest), nil
+		}
+		return "", "", fmt.Errorf("mangled command: %q", line)
 	case l == 0:
 		return "", "", nil
 	case l < 4:

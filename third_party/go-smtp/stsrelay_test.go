@@ -650,3 +650,38 @@ func TestServerRefusesAnAtSignInTheDomain(t *testing.T) {
 		}
 	}
 }
+
+// Replies of RFC 5321 §4.2.4, RFC 3207 §4 and RFC 1870 where v0.25.1 gave
+// others: 503 for a command out of order (it said 502, "not
+// implemented"), 501 for STARTTLS with a parameter or AUTH without one,
+// no STARTTLS for a line that merely begins with it, and 552 for a SIZE
+// over the limit however many digits it has (from 4 GiB on it said 501).
+func TestServerRepliesBySequenceAndSyntax(t *testing.T) {
+	_, s, c, scanner := testServerGreeted(t, func(s *smtp.Server) { s.MaxMessageBytes = 1 << 20 })
+	defer s.Close()
+	defer c.Close()
+	for _, step := range []struct{ line, want string }{
+		{"MAIL FROM:<root@nsa.gov>", "503 5.5.1 "},
+		{"AUTH PLAIN", "503 5.5.1 "},
+		{"EHLO localhost", "250"},
+		{"STARTTLS now", "501 5.5.4 "},
+		{"STARTTLSX", "501 5.5.2 "},
+		{"AUTH", "501 5.5.4 "},
+		{"RCPT TO:<root@gchq.gov.uk>", "503 5.5.1 "},
+		{"DATA", "503 5.5.1 "},
+		{"MAIL FROM:<root@nsa.gov> SIZE=5000000000", "552 5.3.4 "},
+		{"MAIL FROM:<root@nsa.gov> SIZE=99999999999999999999", "552 5.3.4 "},
+		{"MAIL FROM:<root@nsa.gov> SIZE=12x", "501 5.5.4 "},
+		{"MAIL FROM:<root@nsa.gov> SIZE=1000", "250 "},
+		{"DATA", "503 5.5.1 "},
+	} {
+		io.WriteString(c, step.line+"\r\n")
+		scanner.Scan()
+		for strings.HasPrefix(scanner.Text(), "250-") { // EHLO's reply
+			scanner.Scan()
+		}
+		if got := scanner.Text(); !strings.HasPrefix(got, step.want) {
+			t.Errorf("%s: %q, want %s", step.line, got, step.want)
+		}
+	}
+}
