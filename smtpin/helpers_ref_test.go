@@ -120,7 +120,14 @@ func (s *session) traceHeadersRef(helo string, env queue.Envelope, hdr *header, 
 	if env.User != "" {
 		proto += "A"
 	}
-	fmt.Fprintf(&b, "Received: from %s ([%s])\r\n", sanitizeHelo(helo), s.client)
+	client := s.client.String()
+	if s.client.IsValid() {
+		client = s.client.Unmap().WithZone("").String()
+		if !s.client.Unmap().Is4() {
+			client = "IPv6:" + client
+		}
+	}
+	fmt.Fprintf(&b, "Received: from %s ([%s])\r\n", sanitizeHelo(helo), client)
 	if s.tls != nil {
 		fmt.Fprintf(&b, "\t(using %s with cipher %s)\r\n",
 			tlsVersion(s.tls.Version), tls.CipherSuiteName(s.tls.CipherSuite))
@@ -199,6 +206,7 @@ func TestTraceHeadersMatchReference(t *testing.T) {
 			tls:  &tls.ConnectionState{Version: tls.VersionTLS12, CipherSuite: tls.TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256},
 			helo: "bad helo\r\n", env: queue.Envelope{User: "app", SMTPUTF8: true}, hdr: header{hasDate: true}},
 		{name: "no HELO, no client", hdr: header{hasMessageID: true}},
+		{name: "link-local client", client: netip.MustParseAddr("fe80::1%eth0"), helo: "client.example"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s := &session{srv: &Server{opts: Options{Hostname: "relay.example", ShowAuthUser: tc.show}}, client: tc.client, tls: tc.tls}
@@ -211,5 +219,22 @@ func TestTraceHeadersMatchReference(t *testing.T) {
 				t.Errorf("made-up Message-ID %q", gotID)
 			}
 		})
+	}
+}
+
+// RFC 5321 §4.4: the client in a Received field is an address literal,
+// an IPv6 one tagged (§4.1.3) and without the zone of a link-local one.
+func TestReceivedNamesTheClientByAnAddressLiteral(t *testing.T) {
+	for in, want := range map[string]string{
+		"192.0.2.1":        "Received: from c.example ([192.0.2.1])\r\n",
+		"::ffff:192.0.2.9": "Received: from c.example ([192.0.2.9])\r\n",
+		"2001:db8::1":      "Received: from c.example ([IPv6:2001:db8::1])\r\n",
+		"fe80::1%eth0":     "Received: from c.example ([IPv6:fe80::1])\r\n",
+	} {
+		s := &session{srv: &Server{opts: Options{Hostname: "relay.example"}}, client: netip.MustParseAddr(in)}
+		got, _ := s.traceHeaders("c.example", queue.Envelope{}, &header{hasMessageID: true, hasDate: true}, time.Now())
+		if !strings.HasPrefix(got, want) {
+			t.Errorf("%s: %q, want it to begin %q", in, got, want)
+		}
 	}
 }

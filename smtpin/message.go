@@ -12,6 +12,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"strings"
 	"sync"
 	"time"
@@ -602,11 +603,7 @@ func (s *session) traceHeaders(helo string, env queue.Envelope, hdr *header, now
 	b = append(b, "Received: from "...)
 	b = append(b, sanitizeHelo(helo)...)
 	b = append(b, " (["...)
-	if s.client.IsValid() {
-		b = s.client.AppendTo(b)
-	} else {
-		b = append(b, s.client.String()...)
-	}
+	b = appendAddressLiteral(b, s.client)
 	b = append(b, "])\r\n"...)
 	if s.tls != nil {
 		b = append(b, "\t(using "...)
@@ -651,6 +648,21 @@ func (s *session) traceHeaders(helo string, env queue.Envelope, hdr *header, now
 		b = append(b, "\r\n"...)
 	}
 	return string(b), msgID
+}
+
+// appendAddressLiteral appends the inside of the address literal that
+// names a client in TCP-info (RFC 5321 §4.4, §4.1.3): "192.0.2.1", or
+// "IPv6:2001:db8::1" without a zone; an IPv4 client on a dual-stack
+// socket is IPv4.
+func appendAddressLiteral(b []byte, a netip.Addr) []byte {
+	if !a.IsValid() {
+		return append(b, a.String()...)
+	}
+	a = a.Unmap().WithZone("")
+	if a.Is6() {
+		b = append(b, "IPv6:"...)
+	}
+	return a.AppendTo(b)
 }
 
 // sanitizeHelo keeps the client's HELO name from breaking the header:
