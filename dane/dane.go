@@ -174,13 +174,29 @@ func (s *Source) lookup(ctx context.Context, domain string, mx policy.MX, h *Hos
 		// §2.2.2: when the chain ends insecure, the original name is
 		// still a candidate if the first CNAME is secure. The CNAME
 		// query is answered from the resolver's cache, filled by the
-		// address lookup; if it fails nonetheless, the zone of the
-		// alias may simply be unsigned with broken servers, which must
-		// not stop mail, so DANE does not apply.
+		// address lookup. If it fails nonetheless, the answer to the
+		// address lookup says whether the alias's zone is signed: if
+		// not, its servers may simply be broken, which must not stop
+		// mail, so DANE does not apply; if so, the failure is one in a
+		// signed zone, which must not turn DANE off (§2.1.1).
 		res, err := s.res.Lookup(ctx, mx.Name, dns.TypeCNAME)
+		if err != nil && mx.AliasSigned {
+			h.step("CNAME "+mx.Name, false, answerOf(err))
+			h.Base = mx.Name
+			h.Requirement = policy.Requirement{
+				Security:    policy.SecurityDANE,
+				Policy:      policy.NewIdentity(policy.TypeTLSA, domain, nil, nil),
+				ServerName:  mx.Name,
+				Skip:        fmt.Sprintf("CNAME lookup for %s failed in its signed zone: %s", mx.Name, answerOf(err)),
+				SkipResult:  lookupResult(err),
+				MXValidated: true,
+			}
+			h.Note = h.Requirement.Skip
+			return
+		}
 		if err != nil {
 			h.step("CNAME "+mx.Name, false, answerOf(err))
-			h.Note = "CNAME lookup failed (" + answerOf(err) + "): DANE does not apply"
+			h.Note = "CNAME lookup failed (" + answerOf(err) + ") in an unsigned zone: DANE does not apply"
 			return
 		}
 		h.step("CNAME "+mx.Name, res.Secure, records(len(res.Records)))

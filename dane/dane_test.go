@@ -49,7 +49,8 @@ func (z *zone) mx(name string, mxSecure bool) policy.MX {
 	if err != nil {
 		z.t.Fatal(err)
 	}
-	m := policy.MX{Name: name, Final: strings.TrimSuffix(res.Final, "."), MXSecure: mxSecure, AddrSecure: res.Secure}
+	m := policy.MX{Name: name, Final: strings.TrimSuffix(res.Final, "."), MXSecure: mxSecure, AddrSecure: res.Secure,
+		AliasSigned: res.AliasSigned}
 	for _, c := range res.CNAMEs {
 		m.CNAMEs = append(m.CNAMEs, strings.TrimSuffix(c, "."))
 	}
@@ -240,6 +241,28 @@ func TestCNAMELookupFailureInAnInsecureChainNeverBlocks(t *testing.T) {
 	z.dns.SetFault("mx.example.test", dns.TypeCNAME, dnstest.FaultServfail)
 	h := z.lookup("mx.example.test", true)
 	wantNoDANE(t, h, "CNAME lookup failed (SERVFAIL)")
+}
+
+// The same failure where the address answer shows the alias's zone
+// signed (its CNAME came with an RRSIG) is one in a signed zone (§2.1.1):
+// the host defers rather than lose DANE, which whoever made the query
+// fail would otherwise switch off.
+func TestCNAMELookupFailureInASignedZoneDefers(t *testing.T) {
+	z := newZone(t,
+		"mx.example.test. 300 IN CNAME mx.unsigned.test.",
+		"mx.unsigned.test. 300 IN A 127.0.0.2",
+		"_25._tcp.mx.example.test. 300 IN TLSA 3 1 1 "+hashA)
+	z.dns.Secure("mx.example.test", "_25._tcp.mx.example.test")
+	wantDANE(t, z.lookup("mx.example.test", true), "mx.example.test")
+
+	z = newZoneLike(z)
+	z.dns.SetFault("mx.example.test", dns.TypeCNAME, dnstest.FaultServfail)
+	h := z.lookup("mx.example.test", true)
+	r := h.Requirement
+	if r.Security != policy.SecurityDANE || r.Source() != policy.TypeTLSA ||
+		r.Skip != "CNAME lookup for mx.example.test failed in its signed zone: SERVFAIL" || r.SkipResult != policy.ResultDNSSECInvalid {
+		t.Fatalf("requirement %+v (note %q), want DANE skipped for the failed lookup", r, h.Note)
+	}
 }
 
 // RFC 7672 §2.2.2: the names between the first and the last of a chain

@@ -198,6 +198,7 @@ func (e *Engine) resolveHop(ctx context.Context, mx policy.MX, mxSecure bool) ho
 	// RFC 8689 §4.2.1: an MX name from a DNSSEC-validated answer, reached
 	// through validated aliases, is a validated MX for REQUIRETLS.
 	h.mx.AddrSecure = res.Secure
+	h.mx.AliasSigned = res.AliasSigned
 	h.validated = mxSecure && res.Secure
 	return h
 }

@@ -25,6 +25,11 @@ type MX struct {
 	// there is none) was DNSSEC-validated; AddrSecure says the same of
 	// the address lookup, CNAMEs included (RFC 7672 §2.2.1, §2.2.2).
 	MXSecure, AddrSecure bool
+	// AliasSigned says Name's own CNAME record came with its RRSIG in
+	// the address answer: Name is in a signed zone, whatever the zones
+	// its aliases lead to (DANE: a failed CNAME query there is no sign
+	// of an unsigned zone).
+	AliasSigned bool
 }
 
 // PolicySource decides the TLS requirement of each MX host of a domain.

@@ -132,6 +132,12 @@ type Result struct {
 	// Secure is true when every response used had the AD bit: the whole
 	// chain was validated by the resolver (RFC 4035 §3.2.3).
 	Secure bool
+	// AliasSigned is true when Name's CNAME came with an RRSIG covering
+	// it (queries set DO): Name's zone is signed, even when the chain
+	// goes on into an unsigned one and Secure is false. A validating
+	// resolver answers SERVFAIL, not an unsigned CNAME, when a signed
+	// zone's signature is missing or bogus.
+	AliasSigned bool
 }
 
 // Error is a failed lookup. NotFound (NXDOMAIN) is permanent; anything
@@ -224,6 +230,8 @@ func (r *Resolver) lookup(ctx context.Context, name string, qtype uint16, res *R
 					res.Records = append(res.Records, rr)
 				} else if c, ok := rr.(*dns.CNAME); ok && target == "" {
 					target = dns.CanonicalName(c.Target)
+				} else if sig, ok := rr.(*dns.RRSIG); ok && sig.TypeCovered == dns.TypeCNAME && cur == name {
+					res.AliasSigned = true
 				}
 			}
 			if len(res.Records) > 0 || target == "" || qtype == dns.TypeCNAME {

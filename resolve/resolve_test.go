@@ -299,6 +299,26 @@ func TestADBitMakesResultSecure(t *testing.T) {
 	}
 }
 
+// AliasSigned: the first CNAME of a chain came with its RRSIG, so the
+// zone of the name asked for is signed, though the chain ends in an
+// unsigned one; a later alias's signature does not count.
+func TestAliasSignedSpeaksOfTheFirstCNAMEsZone(t *testing.T) {
+	s := dnstest.New(t,
+		"mx.example.com. 300 IN CNAME mx.provider.net.",
+		"mx.provider.net. 300 IN CNAME lb.provider.net.",
+		"lb.provider.net. 300 IN A 192.0.2.1")
+	s.Secure("mx.provider.net")
+	_, res, err := newResolver(t, s).Addrs(t.Context(), "mx.example.com", IPv4)
+	if err != nil || res.AliasSigned || res.Secure {
+		t.Fatalf("unsigned first alias: %+v, %v; want neither signed nor secure", res, err)
+	}
+	s.Secure("mx.example.com")
+	_, res, err = newResolver(t, s).Addrs(t.Context(), "mx.example.com", IPv4)
+	if err != nil || !res.AliasSigned || res.Secure {
+		t.Fatalf("signed first alias: %+v, %v; want signed, not secure (the chain ends unsigned)", res, err)
+	}
+}
+
 func TestAddrsOrderAndFamilies(t *testing.T) {
 	s := dnstest.New(t,
 		"mx.example.com. 300 IN A 192.0.2.1",
