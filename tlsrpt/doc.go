@@ -21,4 +21,7 @@
 //   - A report counts as delivered once one of its rua URIs accepted it
 //     (mailto: committed to the queue; https: any 2xx). Until then it is
 //     retried with backoff for 24 hours from its first attempt (§5.5).
+//     A TLSRPT record lookup that fails is retried for 24 hours from its
+//     first failure, not from the day's end, so a relay back after a long
+//     stop still tries; one cut off by a stop counts as no attempt.
 package tlsrpt

@@ -112,6 +112,11 @@ type Reporter struct {
 	// control socket's send).
 	work     sync.Mutex
 	madeDays map[string]bool // closed days whose reports are all made; under work
+	// lookupFailing is when the record lookup for a report not yet made
+	// first failed, by report key: the 24 hours of retries count from
+	// there (RFC 8460 §5.5), not from the day's end. Under work; a
+	// restart begins them again.
+	lookupFailing map[string]time.Time
 }
 
 // New checks opts and starts the writer that stores recorded results.
@@ -157,15 +162,16 @@ func New(opts Options) (*Reporter, error) {
 		opts.Now = time.Now
 	}
 	t := &Reporter{
-		opts:      opts,
-		log:       opts.Logger,
-		submitter: submitter,
-		delay:     minDelay + rand.N(max(opts.MaxDelay-minDelay, time.Second)),
-		results:   make(chan policy.SessionResult, opts.Buffer),
-		flushes:   make(chan chan struct{}),
-		stop:      make(chan struct{}),
-		stopped:   make(chan struct{}),
-		madeDays:  make(map[string]bool),
+		opts:          opts,
+		log:           opts.Logger,
+		submitter:     submitter,
+		delay:         minDelay + rand.N(max(opts.MaxDelay-minDelay, time.Second)),
+		results:       make(chan policy.SessionResult, opts.Buffer),
+		flushes:       make(chan chan struct{}),
+		stop:          make(chan struct{}),
+		stopped:       make(chan struct{}),
+		madeDays:      make(map[string]bool),
+		lookupFailing: make(map[string]time.Time),
 	}
 	t.http = newHTTPClient(&opts)
 	err = opts.DB.Update(func(tx *bbolt.Tx) error {

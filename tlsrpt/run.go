@@ -43,7 +43,9 @@ func (t *Reporter) runOnce(ctx context.Context) time.Time {
 	today := now.Format(dayFormat)
 	midnight := startOfDay(now)
 	next := midnight.Add(24*time.Hour + t.delay)
-	if now.Sub(midnight) >= t.delay {
+	if now.Sub(midnight) < t.delay {
+		next = midnight.Add(t.delay) // today's, not tomorrow's
+	} else {
 		t.Flush()
 		var closed []string
 		t.opts.DB.View(func(tx *bbolt.Tx) error {
@@ -87,6 +89,13 @@ func (t *Reporter) runOnce(ctx context.Context) time.Time {
 		t.log.Warn("tlsrpt: forgetting old results", "err", err)
 	}
 	return next
+}
+
+func latest(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
 }
 
 func startOfDay(t time.Time) time.Time {
@@ -220,7 +229,18 @@ func (t *Reporter) makePartial(ctx context.Context, day string, now time.Time) (
 func (t *Reporter) prepare(ctx context.Context, rep *storedReport, aggs []*aggregate) bool {
 	now := t.opts.Now()
 	rec, err := LookupRecord(ctx, t.opts.Resolver, rep.Domain)
+	key := string(rep.key())
+	if err == nil || isNoRecord(err) {
+		delete(t.lookupFailing, key)
+	} else if _, ok := t.lookupFailing[key]; !ok && ctx.Err() == nil && !rep.Partial {
+		t.lookupFailing[key] = now
+	}
 	switch {
+	case err != nil && ctx.Err() != nil:
+		// Cut off (a stop, a control client gone): not the domain's
+		// failure, and not a retry spent.
+		rep.LastError = err.Error()
+		return false
 	case isNoRecord(err):
 		rep.State, rep.LastError, rep.Created = stateNoRecord, err.Error(), now
 		if !errors.Is(err, ErrNoRecord) {
@@ -229,7 +249,8 @@ func (t *Reporter) prepare(ctx context.Context, rep *storedReport, aggs []*aggre
 		metricReports.WithLabelValues(stateNoRecord).Inc()
 		t.save(rep)
 		return false
-	case err != nil && now.Sub(rep.End) >= retryWindow:
+	case err != nil && !rep.Partial && now.Sub(latest(rep.End, t.lookupFailing[key])) >= retryWindow:
+		delete(t.lookupFailing, key)
 		rep.State, rep.LastError, rep.Created = stateFailed, "TLSRPT record lookup: "+err.Error(), now
 		metricReports.WithLabelValues(stateFailed).Inc()
 		t.log.Error("tlsrpt: report given up: the TLSRPT record lookup kept failing", "domain", rep.Domain, "day", rep.Day, "err", err)
@@ -295,9 +316,15 @@ func (t *Reporter) resend(ctx context.Context, rep *storedReport, aggs []*aggreg
 		rep.RUA = append(rep.RUA, e.URI)
 	}
 	now := t.opts.Now()
-	rep.State, rep.Created, rep.Attempts, rep.Next, rep.LastError, rep.SentTo = statePending, now, 0, now, "", nil
+	rep.State, rep.Created, rep.Attempts, rep.Next, rep.LastError = statePending, now, 0, now, ""
+	rep.Sent, rep.SentTo = time.Time{}, nil
+	if len(rep.RUA) == 0 {
+		// As prepare says it: a record with nowhere to send is no
+		// retry for 24 hours.
+		rep.State, rep.Next, rep.LastError = stateFailed, time.Time{}, "no rua URI uses mailto or https"
+	}
 	t.save(rep)
-	return true
+	return rep.State == statePending
 }
 
 func (t *Reporter) save(rep *storedReport) {

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/emersion/go-msgauth/dkim"
+	"github.com/miekg/dns"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/stsrelay/stsrelay/internal/dnstest"
@@ -507,5 +508,83 @@ func TestTLSRPTLookupFailureIsRetriedByTheDailyJob(t *testing.T) {
 	e.rep.runOnce(ctx)
 	if ep.requests() != 1 {
 		t.Fatalf("%d requests once DNS answers, want 1", ep.requests())
+	}
+}
+
+// The 24 hours of retries of a record lookup (RFC 8460 §5.5) count from
+// the first failed lookup, not from the end of the day: a relay that
+// comes back after two days still tries for a day. A lookup cut off by a
+// stop or a control client gone spends none of them.
+func TestRecordLookupRetriesCountFromTheFirstFailure(t *testing.T) {
+	e := newEnv(t, nil)
+	ep := e.endpoint("r.example.org", func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(http.StatusOK) })
+	e.dns.Add(t, `_smtp._tls.example.net. 60 IN TXT "v=TLSRPTv1; rua=`+ep.url+`"`)
+	e.rep.Record(result("example.net", nil, 1, policy.ResultSuccess, "mx.example.net", ""))
+	e.rep.Flush()
+
+	cut, cancel := context.WithCancel(context.Background())
+	cancel()
+	e.clock.Set(day1.Add(50 * time.Hour))
+	if r, err := e.rep.Send(cut, "2026-03-01", false); err != nil || len(r) != 1 || r[0].State != statePending {
+		t.Fatalf("cut-off Send: %+v, %v; want the report still to make", r, err)
+	}
+
+	e.dns.SetFault("_smtp._tls.example.net", 0, dnstest.FaultServfail)
+	ctx := context.Background()
+	for _, after := range []time.Duration{0, 12 * time.Hour, 23 * time.Hour} {
+		e.clock.Set(day1.Add(50*time.Hour + after))
+		e.rep.runOnce(ctx)
+		if list, _ := e.rep.List(); len(list) != 1 || len(list[0].Reports) != 0 {
+			t.Fatalf("%v after the first failure: %+v, want no report yet (not given up)", after, list)
+		}
+	}
+	e.dns.SetFault("_smtp._tls.example.net", 0, dnstest.FaultNone)
+	e.clock.Advance(10 * time.Minute)
+	e.rep.runOnce(ctx)
+	if ep.requests() != 1 {
+		t.Fatalf("%d requests once DNS answers, want 1", ep.requests())
+	}
+
+	// A second domain whose lookup keeps failing is given up 24 hours
+	// after its first failure.
+	e.dns.Add(t, `_smtp._tls.example.org. 60 IN TXT "v=TLSRPTv1; rua=`+ep.url+`"`)
+	e.dns.SetFault("_smtp._tls.example.org", 0, dnstest.FaultServfail)
+	e.rep.Record(result("example.org", nil, 25, policy.ResultSuccess, "mx.example.org", ""))
+	e.rep.Flush()
+	e.clock.Set(day1.Add(100 * time.Hour))
+	first := resultFor(t, e.send("2026-03-02", false), "example.org")
+	e.clock.Advance(25 * time.Hour)
+	last := resultFor(t, e.send("2026-03-02", false), "example.org")
+	if first.State != statePending || last.State != stateFailed || !strings.Contains(last.Error, "SERVFAIL") {
+		t.Errorf("first %+v, 25 hours on %+v; want pending, then failed", first, last)
+	}
+}
+
+// A forced resend to a record that no longer names a usable rua fails
+// as a first send would, instead of staying pending with nothing to try.
+func TestForcedResendWithoutAUsableRUAFails(t *testing.T) {
+	e := newEnv(t, nil)
+	ep := e.endpoint("r.example.org", func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(http.StatusOK) })
+	e.dns.Add(t, `_smtp._tls.example.net. 60 IN TXT "v=TLSRPTv1; rua=`+ep.url+`"`)
+	e.rep.Record(result("example.net", nil, 1, policy.ResultSuccess, "mx.example.net", ""))
+	if r := resultFor(t, e.send("2026-03-01", false), "example.net"); r.State != stateSent {
+		t.Fatalf("first send: %+v", r)
+	}
+	e.dns.Remove("_smtp._tls.example.net", dns.TypeTXT)
+	e.dns.Add(t, `_smtp._tls.example.net. 60 IN TXT "v=TLSRPTv1; rua=ftp://r.example.org/x"`)
+	e.rep.opts.Resolver = testResolver(t, e.dns) // past the cached record
+	r := resultFor(t, e.send("2026-03-01", true), "example.net")
+	if r.State != stateFailed || r.Error != "no rua URI uses mailto or https" || ep.requests() != 1 {
+		t.Errorf("forced resend: %+v, %d requests; want failed for want of a rua", r, ep.requests())
+	}
+}
+
+// Before the day's delay, the daily job looks again when it ends, not a
+// day later.
+func TestDailyJobWakesAtTodaysDelay(t *testing.T) {
+	e := newEnv(t, nil)
+	e.clock.Set(day1.Add(24*time.Hour + 30*time.Second))
+	if next := e.rep.runOnce(context.Background()); !next.Equal(day1.Add(24*time.Hour + time.Minute)) {
+		t.Errorf("next look at %v, want %v", next, day1.Add(24*time.Hour+time.Minute))
 	}
 }
