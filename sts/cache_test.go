@@ -339,6 +339,32 @@ func TestBackgroundRefreshLeavesIdleDomainsToExpire(t *testing.T) {
 	}
 }
 
+// A background refresh is no use of the domain: a domain that got mail
+// once is refreshed while it is active (7 days), then left to expire and
+// dropped, in memory and on disk; before, each refresh counted as use, so
+// it was refreshed every day for ever.
+func TestBackgroundRefreshesDoNotKeepADomainActive(t *testing.T) {
+	e := newEnv(t)
+	h := e.ValidHost("example.com", "id1", "version: STSv1\nmode: enforce\nmx: mx.example.com\nmax_age: 604800\n")
+	db := openDB(t, dbPath(t))
+	defer db.Close()
+	m := e.Manager(func(o *sts.Options) { o.DB = db })
+	mustPolicy(t, m, "example.com")
+	for range 30 {
+		e.Clock.Advance(25 * time.Hour)
+		m.RefreshDue(ctx)
+	}
+	if n := h.requests.Load(); n < 2 || n > 8 {
+		t.Errorf("%d fetches in 31 days for a domain mailed once, want the refreshes of its first 7 days", n)
+	}
+	if _, err := m.Cached("example.com"); !errors.Is(err, sts.ErrNotCached) {
+		t.Errorf("the policy of a domain idle for 30 days is still cached: %v", err)
+	}
+	if len(e.Manager(func(o *sts.Options) { o.DB = db }).List()) != 0 {
+		t.Error("the policy of a domain idle for 30 days is still stored")
+	}
+}
+
 func TestPurgeForgetsPolicyOnDisk(t *testing.T) {
 	e := newEnv(t)
 	h := e.ValidHost("example.com", "id1", enforcePolicy)

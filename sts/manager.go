@@ -575,7 +575,15 @@ func (m *Manager) fetchAndStore(ctx context.Context, domain, id string, c *call)
 	}
 	// RFC 8461 §5.1: the new policy (mode none included) replaces the
 	// old one. Deliveries go on with it from memory while it is written.
-	m.entries[domain] = &entry{policy: cp, seq: c.seq, lastUsed: now}
+	// The domain was last used when a delivery last asked (policy sets
+	// it before any fetch it starts), not now: a background refresh is
+	// no use, or an idle domain would be refreshed every day for ever
+	// and never leave the cache.
+	lastUsed := now
+	if e := m.entries[domain]; e != nil {
+		lastUsed = e.lastUsed
+	}
+	m.entries[domain] = &entry{policy: cp, seq: c.seq, lastUsed: lastUsed}
 	if f, ok := m.failures[domain]; ok && f.seq < c.seq {
 		m.forgetFailureLocked(domain)
 	}
@@ -590,7 +598,7 @@ func (m *Manager) fetchAndStore(ctx context.Context, domain, id string, c *call)
 			<-prev.stored
 		}
 		// A failed write keeps the policy in memory.
-		if err := storePolicy(m.update, cp, now); err != nil {
+		if err := storePolicy(m.update, cp, lastUsed); err != nil {
 			m.log.Error("sts: storing policy", "domain", domain, "err", err)
 		}
 	}
