@@ -216,7 +216,7 @@ func association(c *x509.Certificate, selector, matching uint8) []byte {
 func oneLine(s string) string {
 	s = strings.Join(strings.Fields(s), " ")
 	if len(s) > 200 {
-		s = s[:200] + "…"
+		s = s[:200] + "..." // ASCII: it ends up in statuses and DSNs
 	}
 	return s
 }

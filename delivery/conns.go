@@ -439,7 +439,7 @@ func truncateList(prefix string, items []string) string {
 	if len(s) <= max {
 		return s
 	}
-	return strings.ToValidUTF8(s[:max], "") + "…"
+	return strings.ToValidUTF8(s[:max], "") + ellipsis
 }
 
 // tlsVersionName spells a TLS version as logs and Received headers do

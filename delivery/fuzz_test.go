@@ -15,7 +15,7 @@ func FuzzReplyStatus(f *testing.F) {
 	f.Add(421, "\x00\xff\r\n4.")
 	f.Fuzz(func(t *testing.T, code int, msg string) {
 		for _, st := range []statusT{replyStatus("mx[192.0.2.1]", code, msg), failureStatus("mx[192.0.2.1]", code, msg)} {
-			if strings.ContainsAny(st.Text, "\r\n") || !utf8.ValidString(st.Text) || len(st.Text) > maxTextLen+len("…") {
+			if strings.ContainsAny(st.Text, "\r\n") || !utf8.ValidString(st.Text) || len(st.Text) > maxTextLen+len(ellipsis) {
 				t.Errorf("status text %q is not one short line of UTF-8", st.Text)
 			}
 		}

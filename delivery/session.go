@@ -975,11 +975,16 @@ func isOneLine(s string) bool {
 	return true
 }
 
+// ellipsis marks a text cut short. ASCII: a status text goes into
+// DSNs, where one non-ASCII character of ours would make an ASCII report
+// a UTF-8 one (RFC 6533 types, 8-bit content the sender's MX may refuse).
+const ellipsis = "..."
+
 func truncate(s string) string {
 	if len(s) <= maxTextLen {
 		return s
 	}
-	return strings.ToValidUTF8(s[:maxTextLen], "") + "…"
+	return strings.ToValidUTF8(s[:maxTextLen], "") + ellipsis
 }
 
 func writeLine(c net.Conn, line string) error {

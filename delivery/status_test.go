@@ -146,3 +146,13 @@ func TestReadReplyMatchesTextprotoAndTakesBareCodes(t *testing.T) {
 		}
 	}
 }
+
+// A long ASCII reply cut short stays ASCII: the status goes into DSNs,
+// where one character of ours outside ASCII would make an ASCII report a
+// UTF-8 one.
+func TestLongReplyIsCutWithAnASCIIEllipsis(t *testing.T) {
+	st := replyStatus("mx.example.org[192.0.2.1]", 550, "5.7.1 "+strings.Repeat("policy text ", 100))
+	if !isASCII(st.Text) || !isASCII(st.Reply) || !strings.HasSuffix(st.Reply, ellipsis) || len(st.Reply) > maxTextLen+len(ellipsis) {
+		t.Errorf("reply %q (%d bytes), text %q; want both cut short in ASCII", st.Reply, len(st.Reply), st.Text)
+	}
+}

@@ -209,9 +209,13 @@ func (q *Queue) writeDSN(orig *message, rcpts []dsnRecipient, now time.Time) (*m
 	}
 	m := &message{
 		Envelope: Envelope{
-			From:       "",
-			MessageID:  msgID,
-			SMTPUTF8:   orig.Envelope.SMTPUTF8,
+			From:      "",
+			MessageID: msgID,
+			// RFC 6531 §3.4: only the DSN's own envelope and header
+			// fields need SMTPUTF8; UTF-8 in its global parts (RFC 6533)
+			// is 8-bit body content, for which 8BITMIME suffices, so the
+			// sender's MX need not offer SMTPUTF8 to get the notice.
+			SMTPUTF8:   !isASCII(orig.Envelope.From),
 			Body8Bit:   !isASCII(string(body)),   // RFC 6152: so that no 7-bit host gets it
 			RequireTLS: orig.Envelope.RequireTLS, // RFC 8689 §5: bounces keep REQUIRETLS
 		},
@@ -519,7 +523,9 @@ func oneLine(s string) string {
 		for n > 0 && !utf8.RuneStart(s[n]) {
 			n--
 		}
-		s = s[:n] + "…"
+		// ASCII: an ellipsis of ours must not make an ASCII report a
+		// UTF-8 one (RFC 6533 types, 8-bit content).
+		s = s[:n] + "..."
 	}
 	return s
 }

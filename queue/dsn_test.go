@@ -67,8 +67,8 @@ func TestDSNForUTF8MessageUsesGlobalTypes(t *testing.T) {
 	if len(dsns) != 1 {
 		t.Fatalf("%d DSNs, want 1", len(dsns))
 	}
-	if !dsns[0].Envelope.SMTPUTF8 || !dsns[0].Envelope.Body8Bit {
-		t.Errorf("DSN envelope %+v, want SMTPUTF8 and BODY=8BITMIME", dsns[0].Envelope)
+	if dsns[0].Envelope.SMTPUTF8 || !dsns[0].Envelope.Body8Bit {
+		t.Errorf("DSN envelope %+v, want BODY=8BITMIME and no SMTPUTF8 (its envelope is ASCII)", dsns[0].Envelope)
 	}
 	rep := parseDSN(t, tq.body(t, dsns[0]))
 	if rep.statusType != "message/global-delivery-status" || rep.contentType != "message/global-headers" {
@@ -91,6 +91,48 @@ func TestDSNForUTF8MessageUsesGlobalTypes(t *testing.T) {
 	rep = parseDSN(t, tq2.body(t, tq2.dsnsTo(t, "alice@example.com")[0]))
 	if rep.statusType != "message/delivery-status" || rep.contentType != "text/rfc822-headers" {
 		t.Errorf("ASCII DSN parts %q and %q", rep.statusType, rep.contentType)
+	}
+}
+
+// A DSN to a UTF-8 sender needs SMTPUTF8 for its own envelope (RFC 6531).
+func TestDSNToAUTF8SenderIsSMTPUTF8(t *testing.T) {
+	tq := newTestQueue(t, newScripted(all(fail550)), Options{})
+	e := env("jöran@example.com", "bob@example.org")
+	e.SMTPUTF8 = true
+	tq.enqueue(t, e)
+	tq.run(t)
+	tq.waitJobs(t, 1)
+	tq.settle(t)
+	dsns := tq.dsnsTo(t, "jöran@example.com")
+	if len(dsns) != 1 || !dsns[0].Envelope.SMTPUTF8 {
+		t.Fatalf("DSNs %+v, want one with SMTPUTF8", dsns)
+	}
+}
+
+// A remote's long ASCII reply, cut short, leaves an ASCII report ASCII:
+// the classic types, no 8-bit content (before, the cut's "…" made it a
+// UTF-8 report that a sender's MX without 8BITMIME refused).
+func TestLongASCIIReplyKeepsTheDSNSevenBit(t *testing.T) {
+	long := fail550
+	long.Reply = "550 5.7.1 " + strings.Repeat("policy text ", 120)
+	long.Text = "mx.example.org[192.0.2.1]: " + long.Reply
+	tq := newTestQueue(t, newScripted(all(long)), Options{})
+	tq.enqueue(t, env("alice@example.com", "bob@example.org"))
+	tq.run(t)
+	tq.waitJobs(t, 1)
+	tq.settle(t)
+	dsns := tq.dsnsTo(t, "alice@example.com")
+	if len(dsns) != 1 {
+		t.Fatalf("%d DSNs, want 1", len(dsns))
+	}
+	body := tq.body(t, dsns[0])
+	rep := parseDSN(t, body)
+	if !isASCII(string(body)) || dsns[0].Envelope.Body8Bit || rep.statusType != "message/delivery-status" {
+		t.Errorf("8-bit %v, BODY=8BITMIME %v, part 2 %q; want a 7-bit report of the classic types",
+			!isASCII(string(body)), dsns[0].Envelope.Body8Bit, rep.statusType)
+	}
+	if d := rep.recipients[0].Get("Diagnostic-Code"); !strings.HasSuffix(d, "...") {
+		t.Errorf("Diagnostic-Code %q, want it cut with an ASCII ellipsis", d)
 	}
 }
 
@@ -117,7 +159,7 @@ func TestDSNTruncationNeverCutsAUTF8Character(t *testing.T) {
 	if rep.statusType != "message/global-delivery-status" {
 		t.Errorf("part 2 is %q, want message/global-delivery-status for UTF-8 diagnostic text", rep.statusType)
 	}
-	if d := rep.recipients[0].Get("Diagnostic-Code"); !strings.HasSuffix(d, "é…") {
+	if d := rep.recipients[0].Get("Diagnostic-Code"); !strings.HasSuffix(d, "é...") {
 		t.Errorf("Diagnostic-Code %q, want it cut after a whole character", d)
 	}
 }

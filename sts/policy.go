@@ -298,5 +298,5 @@ func truncate(s string) string {
 	for n > 0 && !utf8.RuneStart(s[n]) {
 		n--
 	}
-	return s[:n] + "…"
+	return s[:n] + "..." // ASCII: it ends up in statuses and DSNs
 }
