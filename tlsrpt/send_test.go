@@ -522,6 +522,9 @@ func TestRecordLookupRetriesCountFromTheFirstFailure(t *testing.T) {
 	e.rep.Record(result("example.net", nil, 1, policy.ResultSuccess, "mx.example.net", ""))
 	e.rep.Flush()
 
+	// Failing from here on, so that a lookup the cut-off one left running
+	// caches no answer.
+	e.dns.SetFault("_smtp._tls.example.net", 0, dnstest.FaultServfail)
 	cut, cancel := context.WithCancel(context.Background())
 	cancel()
 	e.clock.Set(day1.Add(50 * time.Hour))
@@ -529,7 +532,6 @@ func TestRecordLookupRetriesCountFromTheFirstFailure(t *testing.T) {
 		t.Fatalf("cut-off Send: %+v, %v; want the report still to make", r, err)
 	}
 
-	e.dns.SetFault("_smtp._tls.example.net", 0, dnstest.FaultServfail)
 	ctx := context.Background()
 	for _, after := range []time.Duration{0, 12 * time.Hour, 23 * time.Hour} {
 		e.clock.Set(day1.Add(50*time.Hour + after))
