@@ -268,7 +268,7 @@ func TestConnectWhenCutOffDialsNoneAndLeavesTheIdleConnection(t *testing.T) {
 			}
 			cancel(errBounced)
 			budget := MaxConnectionsPerAttempt
-			s, fs := e.connect(ctx, nh, p.hops[0], effective(p.reqs[0], job.Envelope), false, &budget)
+			s, fs := e.connect(ctx, nh, p.hops[0], p.effective(0, job.Envelope), false, &budget)
 			if s != nil {
 				t.Fatalf("connect handed over a session (reused %v) after the cut", s.reused)
 			}

@@ -45,7 +45,7 @@ func notTried(host string) *hostFailure {
 func (e *Engine) usableAfter(p *plan, i int, env queue.Envelope) int {
 	n := 0
 	for j := i + 1; j < len(p.hops); j++ {
-		if p.hops[j].unusable == nil && e.precheck(p.hops[j].mx, effective(p.reqs[j], env), env.RequireTLS) == nil {
+		if p.hops[j].unusable == nil && e.precheck(p.hops[j].mx, p.effective(j, env), env.RequireTLS) == nil {
 			n++
 		}
 	}
@@ -324,7 +324,7 @@ func (e *Engine) deliver(ctx context.Context, job *queue.Job, at *attempt) []que
 			fails = append(fails, h.unusable)
 			continue
 		}
-		req := effective(p.reqs[i], env)
+		req := p.effective(i, env)
 		at.mx, at.req = h.mx.Name, req
 		if f := e.precheck(h.mx, req, env.RequireTLS); f != nil {
 			e.recordPrecheck(nh.PolicyDomain, h.mx, req)
@@ -557,9 +557,9 @@ func (m *message) Close() error { return m.rc.Close() }
 // requirements asks the policy.PolicySource about the usable hosts of nh,
 // for its policy domain (RFC 8461 §3.4: a smart host's own domain), and
 // applies the local override: the route's tls, else [[delivery.policy]].
-func (e *Engine) requirements(ctx context.Context, nh NextHop, hops []hop) ([]policy.Requirement, *queue.Status) {
+func (e *Engine) requirements(ctx context.Context, nh NextHop, hops []hop) (reqs, locals []policy.Requirement, _ *queue.Status) {
 	domain := nh.PolicyDomain
-	reqs := make([]policy.Requirement, len(hops))
+	reqs = make([]policy.Requirement, len(hops))
 	var mxs []policy.MX
 	var idx []int
 	for i, h := range hops {
@@ -575,14 +575,14 @@ func (e *Engine) requirements(ctx context.Context, nh NextHop, hops []hop) ([]po
 			var re *resolve.Error
 			switch {
 			case errors.As(err, &pe):
-				return nil, &queue.Status{Code: pe.Code, Enhanced: pe.Enhanced, Text: pe.Text}
+				return nil, nil, &queue.Status{Code: pe.Code, Enhanced: pe.Enhanced, Text: pe.Text}
 			case errors.As(err, &re):
-				return nil, &queue.Status{Code: 451, Enhanced: "4.4.3", Text: "TLS policy lookup: " + err.Error()}
+				return nil, nil, &queue.Status{Code: 451, Enhanced: "4.4.3", Text: "TLS policy lookup: " + err.Error()}
 			}
-			return nil, &queue.Status{Code: 451, Enhanced: "4.7.0", Text: fmt.Sprintf("TLS policy lookup for %s: %v", domain, err)}
+			return nil, nil, &queue.Status{Code: 451, Enhanced: "4.7.0", Text: fmt.Sprintf("TLS policy lookup for %s: %v", domain, err)}
 		}
 		if len(got) != len(mxs) {
-			return nil, &queue.Status{Code: 451, Enhanced: "4.3.0",
+			return nil, nil, &queue.Status{Code: 451, Enhanced: "4.3.0",
 				Text: fmt.Sprintf("TLS policy lookup for %s: %d requirements for %d MX hosts", domain, len(got), len(mxs))}
 		}
 		for j, i := range idx {
@@ -593,23 +593,17 @@ func (e *Engine) requirements(ctx context.Context, nh NextHop, hops []hop) ([]po
 		reqs[i].MXValidated = reqs[i].MXValidated || h.validated
 	}
 	if o, ok := e.localOverride(nh); ok {
+		if !o.published {
+			locals = make([]policy.Requirement, len(hops))
+		}
 		for i := range reqs {
+			if locals != nil {
+				locals[i] = o.apply(policy.Requirement{MXValidated: reqs[i].MXValidated}, hops[i].mx)
+			}
 			reqs[i] = o.apply(reqs[i], hops[i].mx)
 		}
 	}
-	return reqs, nil
-}
-
-// effective is the requirement one message gets at one host.
-func effective(req policy.Requirement, env queue.Envelope) policy.Requirement {
-	if env.NoTLSPolicy && !env.RequireTLS && req.Source().Published() {
-		// RFC 8689 §5: "TLS-Required: No" means MTA-STS and DANE are not
-		// enforced for this message; STARTTLS is still tried.
-		req.Security, req.Skip, req.Testing = policy.SecurityMay, "", false
-		req.Unreported = true
-	}
-	req.Unreported = req.Unreported || env.TLSReport
-	return req
+	return reqs, locals, nil
 }
 
 // precheck rejects a host before dialing when its requirement already

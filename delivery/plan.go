@@ -16,6 +16,11 @@ type plan struct {
 	nh       NextHop
 	hops     []hop
 	reqs     []policy.Requirement
+	// locals are the operator's level for each host (a route's tls, a
+	// [[delivery.policy]]) as it reads without any published policy;
+	// nil without a local setting, or with one that defers to what is
+	// published. A message that waives published policies keeps it.
+	locals   []policy.Requirement
 	implicit bool
 	// status, when set, is what every recipient gets without a connection.
 	status *queue.Status
@@ -29,8 +34,32 @@ func (e *Engine) plan(ctx context.Context, nh NextHop) plan {
 	if p.status != nil {
 		return p
 	}
-	p.reqs, p.status = e.requirements(ctx, nh, p.hops)
+	p.reqs, p.locals, p.status = e.requirements(ctx, nh, p.hops)
 	return p
+}
+
+// effective is the requirement one message gets at hops[i].
+func (p *plan) effective(i int, env queue.Envelope) policy.Requirement {
+	req := p.reqs[i]
+	if env.NoTLSPolicy && !env.RequireTLS && req.Source().Published() {
+		// RFC 8689 §5: "TLS-Required: No" means the recipient's MTA-STS
+		// and DANE are not enforced for this message; STARTTLS is still
+		// tried. The operator's own level is no recipient policy and
+		// stands: a route's verify guards its password, whatever the
+		// smart host's domain published.
+		switch {
+		case p.locals == nil:
+			req.Security, req.Skip, req.Testing = policy.SecurityMay, "", false
+		case p.locals[i].Security == policy.SecurityDANE:
+			// dane-only: the operator asked for DANE, which the
+			// published TLSA records already give.
+		default:
+			req = p.locals[i]
+		}
+		req.Unreported = true
+	}
+	req.Unreported = req.Unreported || env.TLSReport
+	return req
 }
 
 // anySender matches no sender pattern: Check without a sender shows the

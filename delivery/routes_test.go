@@ -113,6 +113,41 @@ func TestImplicitTLSWithWrongCertificateSendsNoPassword(t *testing.T) {
 	}
 }
 
+// "TLS-Required: No" (RFC 8689 §5) waives the smart host's published
+// MTA-STS for the message, not the route's own verify, which guards its
+// password: an upstream with a certificate for another name gets no
+// AUTH, whether the message waives published policies or not.
+func TestTLSRequiredNoKeepsTheRoutesVerifyForItsPassword(t *testing.T) {
+	for _, good := range []bool{false, true} {
+		t.Run(fmt.Sprintf("certificate valid %v", good), func(t *testing.T) {
+			v := newEnv(t, "smtp.provider.test. 300 IN A 127.0.0.1")
+			name := "attacker.test"
+			if good {
+				name = "smtp.provider.test"
+			}
+			up := newUpstream(t, nil, upSTARTTLS(v.ca.Issue(t, name)), upAuth(testUser, testPass))
+			e := v.engine(withRoutes(Route{Domains: []string{"*"}, Nexthop: "smtp.provider.test:" + strconv.Itoa(up.Port), Auth: creds()}),
+				func(o *Options) {
+					o.Policy = everyMX(policy.Requirement{Security: policy.SecurityVerify, Policy: testSTS, Names: []string{"smtp.provider.test"}})
+				})
+			plain := deliver(t, e, testJob("example.org", "a@example.org"))[0]
+			job := testJob("example.org", "b@example.org")
+			job.Envelope.NoTLSPolicy = true
+			waived := deliver(t, e, job)[0]
+			if good {
+				wantStatus(t, plain, 250, "2.0.0")
+				wantStatus(t, waived, 250, "2.0.0")
+				return
+			}
+			wantStatus(t, plain, 451, "4.4.8", "certificate name mismatch")
+			wantStatus(t, waived, 451, "4.7.5", "certificate name mismatch (TLS required by local policy)")
+			if a := up.authAttempts(); len(a) != 0 {
+				t.Errorf("AUTH attempts %q over a connection whose certificate names %s", a, name)
+			}
+		})
+	}
+}
+
 func TestUpstreamWithoutAUTHGetsNoPassword(t *testing.T) {
 	v := newEnv(t, "smtp.provider.test. 300 IN A 127.0.0.1")
 	up := newUpstream(t, nil, upSTARTTLS(v.ca.Issue(t, "smtp.provider.test")))

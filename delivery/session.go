@@ -432,6 +432,10 @@ func (s *session) login(ctx context.Context, nh NextHop) *hostFailure {
 		return refuse("4.7.10", "no TLS (STARTTLS not offered or failed)")
 	case s.tlsProblem != "":
 		return refuse("4.7.10", "TLS not verified ("+s.tlsProblem+")")
+	case nh.local != nil && !nh.local.Published && nh.local.Security.Authenticates() && !s.req.MustAuthenticate():
+		// The session was held to less than the route's level (plan's
+		// effective keeps it; this is the last line of defence).
+		return refuse("4.7.10", "TLS not authenticated as the route's tls = "+levelName(nh.local.Security)+" requires")
 	}
 	ok, mechs := s.client.Extension("AUTH")
 	if !ok {
