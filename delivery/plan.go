@@ -13,9 +13,9 @@ import (
 // plan is a route with each host's requirement: everything delivery
 // decides before it dials.
 type plan struct {
-	nh       NextHop
-	hops     []hop
-	reqs     []policy.Requirement
+	nh   NextHop
+	hops []hop
+	reqs []policy.Requirement
 	// locals are the operator's level for each host (a route's tls, a
 	// [[delivery.policy]]) as it reads without any published policy;
 	// nil without a local setting, or with one that defers to what is
