@@ -22,6 +22,8 @@ var bucketMessages = []byte("queue.messages")
 // (docs/DESIGN.md, "One process owns the database"). Errors are one line
 // that says what to fix.
 func OpenDB(path string) (*bbolt.DB, error) {
+	_, dirErr := os.Stat(filepath.Dir(path))
+	_, fileErr := os.Stat(path)
 	if dir := filepath.Dir(path); dir != "" {
 		if err := os.MkdirAll(dir, 0o700); err != nil {
 			return nil, fmt.Errorf("cannot create state directory %s: %w", dir, plainErr(err))
@@ -32,6 +34,21 @@ func OpenDB(path string) (*bbolt.DB, error) {
 		FreelistType: bbolt.FreelistMapType, // O(1) page allocation in a large file
 	})
 	if err == nil {
+		// A file (and a state directory) made now: their entries must
+		// outlive a crash with the commits synced into them.
+		var dirs []string
+		if errors.Is(fileErr, fs.ErrNotExist) {
+			dirs = append(dirs, filepath.Dir(path))
+		}
+		if errors.Is(dirErr, fs.ErrNotExist) {
+			dirs = append(dirs, filepath.Dir(filepath.Dir(path)))
+		}
+		for _, dir := range dirs {
+			if err := syncDir(dir); err != nil {
+				db.Close()
+				return nil, fmt.Errorf("cannot sync %s: %w", dir, plainErr(err))
+			}
+		}
 		return db, nil
 	}
 	switch {
@@ -170,4 +187,15 @@ func decodeRecord(id string, v []byte) (*message, error) {
 		return nil, fmt.Errorf("message %s: damaged record: %v", id, err)
 	}
 	return m, nil
+}
+
+// syncDir flushes dir's entries (files and directories made in it) to
+// disk.
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
 }

@@ -197,6 +197,11 @@ func (q *Queue) writeDSN(orig *message, rcpts []dsnRecipient, now time.Time) (*m
 		limit = -1
 	}
 	original, err := q.readBody(orig.ID, limit)
+	if errors.Is(err, errShortBody) {
+		// What is left is returned: the notice matters more than the
+		// copy of the message it carries.
+		err = nil
+	}
 	if err != nil {
 		return nil, err
 	}

@@ -1,6 +1,7 @@
 package queue
 
 import (
+	"errors"
 	"io"
 	"os"
 
@@ -11,6 +12,12 @@ import (
 // any other byte (fallocate(2)); reads of the stretch return zeros.
 func punchHole(f *os.File, off, n int64) error {
 	return unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+}
+
+// cannotPunch reports whether a punchHole error says the file system
+// cannot punch holes at all, rather than that this one failed.
+func cannotPunch(err error) bool {
+	return errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOSYS)
 }
 
 // hasData reports whether f may hold data in [off, off+n), that is, the

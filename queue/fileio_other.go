@@ -10,6 +10,9 @@ import (
 // punchHole is not at hand: a segment's space comes back when it is removed.
 func punchHole(*os.File, int64, int64) error { return errors.ErrUnsupported }
 
+// cannotPunch: no hole is ever punched here.
+func cannotPunch(err error) bool { return errors.Is(err, errors.ErrUnsupported) }
+
 // hasData cannot tell holes here; nothing is punched anyway.
 func hasData(*os.File, int64, int64) bool { return true }
 

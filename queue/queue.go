@@ -304,7 +304,10 @@ func (q *Queue) load() error {
 		return fmt.Errorf("queue: reading %s: %w", q.db.Path(), err)
 	}
 	releaseMapping(q.db)
-	orphans, err := q.spool.sweep(stored)
+	// A damaged record may point into any segment (the same reason as
+	// for reclaimGaps below): while one is there, no segment is an
+	// orphan, or mending the record would find its body gone.
+	orphans, err := q.spool.sweep(stored, damaged > 0)
 	if err != nil {
 		return fmt.Errorf("queue: %w", err)
 	}

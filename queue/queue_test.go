@@ -878,6 +878,51 @@ func TestDamagedRecordIsLoggedWhenTheQueueRuns(t *testing.T) {
 	}
 }
 
+// A record the queue cannot read (damaged, or written by a newer
+// version) may share its segment with others: the start keeps every
+// segment while one is there, so that the mended record finds its body.
+// Before, the segment was swept away as an orphan, body and all.
+func TestDamagedRecordKeepsItsSegment(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "stsrelay.db")
+	tq := openTestQueue(t, path, nil, Options{})
+	id := tq.enqueue(t, env("alice@example.com", "bob@example.org"))
+	var good []byte
+	setRecord := func(v func([]byte) []byte) {
+		t.Helper()
+		if err := tq.db.Update(func(tx *bbolt.Tx) error {
+			b := tx.Bucket(bucketMessages)
+			if good == nil {
+				good = slices.Clone(b.Get([]byte(id)))
+			}
+			return b.Put([]byte(id), v(good))
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	setRecord(func(r []byte) []byte {
+		v2 := bytes.Replace(r, []byte(`"v":1`), []byte(`"v":2`), 1)
+		if bytes.Equal(v2, r) {
+			t.Fatalf("record %s does not say its version as expected: %s", id, r)
+		}
+		return v2
+	})
+	tq.Close()
+	tq.db.Close()
+
+	tq = openTestQueue(t, path, nil, Options{})
+	if tq.entryLocked(id) != nil {
+		t.Fatal("a record of another version was indexed")
+	}
+	setRecord(func(r []byte) []byte { return r })
+	tq.Close()
+	tq.db.Close()
+
+	tq = openTestQueue(t, path, nil, Options{})
+	if got, err := tq.readBody(id, -1); err != nil || len(got) == 0 {
+		t.Fatalf("the mended record's body: %d bytes, %v", len(got), err)
+	}
+}
+
 // The index is keyed by queue ids: a record that is not under one, or not
 // under its own, is reported as damaged and left for an operator rather
 // than scheduled under a wrong name.
@@ -1024,5 +1069,48 @@ func TestUpdateSharesTheGroupCommit(t *testing.T) {
 	tq.Close()
 	if err := tq.Update(func(*bbolt.Tx) error { return nil }); !errors.Is(err, ErrClosed) {
 		t.Errorf("Update after Close = %v, want ErrClosed", err)
+	}
+}
+
+// A body cut short on disk (something outside the queue truncated its
+// segment) fails its reader: delivery defers instead of sending what is
+// left as the whole message, and the message stays queued.
+func TestBodyCutShortOnDiskIsNeverReadAsWhole(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "stsrelay.db")
+	tq := openTestQueue(t, path, nil, Options{})
+	id := tq.enqueue(t, env("alice@example.com", "bob@example.org"))
+	m := tq.stored(t, id)
+	if m.BodyFile == "" {
+		t.Fatal("the test body went to a file of its own, not a segment")
+	}
+	seg := tq.spool.path(m.BodyFile)
+	tq.Close()
+	tq.db.Close()
+	if err := os.Truncate(seg, m.BodyOff+m.Size/2); err != nil {
+		t.Fatal(err)
+	}
+
+	var readErr error
+	d := newScripted(func(job *Job) []Status {
+		rc, err := job.Open()
+		if err == nil {
+			_, err = io.ReadAll(rc)
+			rc.Close()
+		}
+		readErr = err
+		if err != nil {
+			return all(Status{Code: 451, Enhanced: "4.3.0", Text: "reading the queued message: " + err.Error()})(job)
+		}
+		return all(ok250)(job)
+	})
+	tq = openTestQueue(t, path, d, Options{})
+	tq.run(t)
+	<-d.seen
+	tq.settle(t)
+	if readErr == nil || !strings.Contains(readErr.Error(), "bytes missing") {
+		t.Errorf("reading the cut body: %v, want it to fail", readErr)
+	}
+	if tq.stored(t, id).Recipients[0].State == StateDelivered {
+		t.Error("the cut message was recorded delivered")
 	}
 }

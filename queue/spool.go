@@ -46,8 +46,16 @@ type spool struct {
 }
 
 func openSpool(dir string) (*spool, error) {
+	_, statErr := os.Stat(dir)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("cannot create spool directory %s: %w", dir, plainErr(err))
+	}
+	if errors.Is(statErr, fs.ErrNotExist) {
+		// Made now: its entry must outlive a crash with the bodies
+		// synced into it.
+		if err := syncDir(filepath.Dir(dir)); err != nil {
+			return nil, fmt.Errorf("cannot sync the directory of %s: %w", dir, plainErr(err))
+		}
 	}
 	d, err := os.Open(dir)
 	if err != nil {
@@ -166,13 +174,39 @@ func (s *spool) open(l bodyLoc) (io.ReadCloser, error) {
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("message %s is no longer in the queue", l.id)
 	}
-	if err != nil || l.file == "" {
-		return f, err
+	if err != nil {
+		return nil, err
+	}
+	var r io.Reader = f
+	if l.file != "" {
+		r = io.NewSectionReader(f, l.off, l.size)
 	}
 	return struct {
 		io.Reader
 		io.Closer
-	}{io.NewSectionReader(f, l.off, l.size), f}, nil
+	}{&wholeReader{r: r, left: l.size, id: l.id}, f}, nil
+}
+
+// errShortBody is a body shorter than its record says: its file was cut
+// by something outside the queue (a restored backup, a file system
+// fault).
+var errShortBody = errors.New("body shorter than its record says (spool damaged)")
+
+// wholeReader fails where a body ends short of its size instead of
+// ending early, so that a cut message is never sent as a whole one.
+type wholeReader struct {
+	r    io.Reader
+	left int64
+	id   string
+}
+
+func (w *wholeReader) Read(p []byte) (int, error) {
+	n, err := w.r.Read(p)
+	w.left -= int64(n)
+	if err == io.EOF && w.left > 0 {
+		err = fmt.Errorf("message %s: %w, %d bytes missing", w.id, errShortBody, w.left)
+	}
+	return n, err
 }
 
 // read returns up to limit bytes of a body (all of it if limit < 0).
@@ -503,13 +537,17 @@ func (s *spool) punchFile(name string, spans []span) {
 		if !hasData(f, sp.off, sp.len) {
 			continue
 		}
-		if s.punch(f, sp.off, sp.len) != nil {
-			// Not supported here (or failing): the space comes back when
-			// the segment is removed.
-			s.mu.Lock()
-			s.noPunch = true
-			s.mu.Unlock()
-			return
+		if err := s.punch(f, sp.off, sp.len); err != nil {
+			// The space of this stretch comes back when the segment is
+			// removed. Only a file system that cannot punch holes stops
+			// the punching; another failure (ENOSPC when a punch splits
+			// an extent on a full disk, EIO) is this stretch's alone.
+			if cannotPunch(err) {
+				s.mu.Lock()
+				s.noPunch = true
+				s.mu.Unlock()
+				return
+			}
 		}
 	}
 }
@@ -543,8 +581,9 @@ func mergeSpans(spans []span) []span {
 func (s *spool) remove(name string) { os.Remove(s.path(name)) }
 
 // sweep removes body files that no record refers to: bodies written just
-// before a crash, before their record was committed.
-func (s *spool) sweep(keep map[string]bool) (int, error) {
+// before a crash, before their record was committed. With keepSegments
+// it leaves every segment, which a record it could not read may share.
+func (s *spool) sweep(keep map[string]bool, keepSegments bool) (int, error) {
 	names, err := s.d.Readdirnames(-1)
 	if err != nil {
 		return 0, fmt.Errorf("reading spool directory %s: %w", s.dir, err)
@@ -554,7 +593,8 @@ func (s *spool) sweep(keep map[string]bool) (int, error) {
 	}
 	n := 0
 	for _, name := range names {
-		if !keep[name] && (len(name) == idLen || strings.HasPrefix(name, batchPrefix)) {
+		segment := strings.HasPrefix(name, batchPrefix)
+		if !keep[name] && (len(name) == idLen || segment && !keepSegments) {
 			if os.Remove(s.path(name)) == nil {
 				n++
 			}

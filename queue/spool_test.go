@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"testing/iotest"
@@ -389,5 +390,36 @@ func TestSessionsInDATAHoldShortBuffersForSmallMessages(t *testing.T) {
 	t.Logf("%d sessions in DATA hold %d KiB of heap", sessions, held>>10)
 	if held > sessions*(inlineMax/4) {
 		t.Errorf("%d sessions in DATA hold %d KiB of heap, over %d KiB each", sessions, held>>10, (inlineMax/4)>>10)
+	}
+}
+
+// One failed punch (ENOSPC when a punch must split an extent on a full
+// disk, say) costs that stretch until its segment goes, not every punch
+// after it: only a file system that cannot punch turns punching off.
+func TestAFailedPunchDoesNotStopThePunching(t *testing.T) {
+	tq := newTestQueue(t, newScripted(all(ok250)), Options{})
+	var calls atomic.Int32
+	tq.spool.mu.Lock()
+	tq.spool.punch = func(f *os.File, off, n int64) error {
+		if calls.Add(1) == 1 {
+			return syscall.ENOSPC
+		}
+		return punchHole(f, off, n)
+	}
+	tq.spool.mu.Unlock()
+	tq.run(t)
+	for i := range 20 {
+		tq.enqueueBody(t, env("alice@example.com", "bob@example.org"), numbered(i, 4096))
+		tq.waitJobs(t, 1)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for calls.Load() < 2 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	tq.spool.mu.Lock()
+	off := tq.spool.noPunch
+	tq.spool.mu.Unlock()
+	if n := calls.Load(); n < 2 || off {
+		t.Errorf("%d punches after the failed one's, punching off %v; want punching to go on", n-1, off)
 	}
 }
