@@ -357,9 +357,12 @@ func (e *Engine) nexthop(domain, sender string) NextHop {
 // target) matches, else the recipient domain's (routes: the nexthop's)
 // own, with a [[delivery.limits]] domains entry if one matches.
 func (e *Engine) shapingFor(nh NextHop, mx policy.MX) (string, Shaping) {
-	// Keys name destinations, never accounts: they appear in logs.
+	// Keys name destinations, never accounts: they appear in logs. A
+	// route with limits of its own keeps them to itself: another route to
+	// the same next hop (another tenant's) must neither share its rate
+	// and connections nor, sharing the key, replace its limits.
 	if nh.shaped {
-		return "nexthop " + nh.String(), nh.shaping
+		return nh.Route + " nexthop " + nh.String(), nh.shaping
 	}
 	t := e.tables.Load()
 	for _, name := range []string{mx.Name, mx.Final} {

@@ -20,6 +20,7 @@ import (
 	"github.com/emersion/go-sasl"
 	"github.com/emersion/go-smtp"
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/time/rate"
 
 	"github.com/stsrelay/stsrelay/policy"
 	"github.com/stsrelay/stsrelay/queue"
@@ -306,6 +307,34 @@ func TestRoutesMatchExactSubdomainAndStar(t *testing.T) {
 			t.Errorf("%s went elsewhere", tc.domain)
 		}
 	}
+}
+
+// Two tenants' routes to one smart host: the one with limits of its own
+// keeps them, whatever the other route, without limits, sends meanwhile.
+// Before, both shared one key, and each delivery of the unshaped route
+// replaced the other's limits and threw away its rate limiter.
+func TestRoutesToOneNexthopKeepTheirOwnLimits(t *testing.T) {
+	v := newEnv(t)
+	up := sink(t)
+	e := v.engine(withRoutes(
+		Route{Domains: []string{"*"}, Senders: []string{"@a.test"}, Nexthop: up.nexthop(), Shaping: Shaping{Rate: rate.Every(time.Hour)}},
+		Route{Domains: []string{"*"}, Nexthop: up.nexthop()},
+	))
+	from := func(sender string) *queue.Job {
+		job := testJob("example.org", "x@example.org")
+		job.Envelope.From = sender
+		return job
+	}
+	if st := deliver(t, e, from("app@a.test")); !st[0].Delivered() {
+		t.Fatal(st[0])
+	}
+	if st := deliver(t, e, from("app@b.test")); !st[0].Delivered() {
+		t.Fatal(st[0])
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	st := e.Deliver(ctx, from("app@a.test"))
+	wantStatus(t, st[0], 451, "4.4.2", "waiting for the destination's rate limit")
 }
 
 func TestSenderDependentRoutes(t *testing.T) {

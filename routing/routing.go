@@ -100,7 +100,8 @@ func ParseSender(s string) (SenderPattern, error) {
 	if !ok || strings.Contains(domain, "@") || !IsDomain(domain) || strings.ContainsAny(local, " <>") {
 		return SenderPattern{}, fmt.Errorf("%q is not a sender pattern (use user@example.org, @example.org or <>)", s)
 	}
-	return SenderPattern{addr: t, domain: local == ""}, nil
+	// IsDomain takes "example.org." too; senders never end in a dot.
+	return SenderPattern{addr: local + "@" + strings.TrimSuffix(domain, "."), domain: local == ""}, nil
 }
 
 // Match reports whether the envelope sender ("" for <>) matches.

@@ -167,3 +167,23 @@ func TestParseNexthop(t *testing.T) {
 		}
 	}
 }
+
+// A sender pattern written with the domain's trailing dot matches as the
+// same domain does without it (the config takes both), and the two are
+// one pattern when routes are checked for ties.
+func TestSenderPatternWithATrailingDot(t *testing.T) {
+	for _, tc := range []struct {
+		pattern, sender string
+	}{{"@Example.org.", "u@example.org"}, {"user@example.org.", "User@example.org"}} {
+		if p := senders(t, tc.pattern)[0]; !p.Match(tc.sender) {
+			t.Errorf("%s does not match %s", tc.pattern, tc.sender)
+		}
+	}
+	_, err := routing.NewTable([]routing.Entry[string]{
+		{Domains: patterns(t, "*"), Senders: senders(t, "@a.org"), Value: "one"},
+		{Domains: patterns(t, "*"), Senders: senders(t, "@A.org."), Value: "two"},
+	})
+	if err == nil {
+		t.Error("@a.org and @A.org. were taken for different senders")
+	}
+}
