@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"os"
 	"sync/atomic"
 	"time"
 
@@ -165,6 +166,37 @@ func policyWarnings(cfg *config.Config, res *resolve.Resolver) []string {
 	}
 	if !cfg.STS.Enabled {
 		out = append(out, "MTA-STS is disabled (sts.enabled = false): no domain's policy is enforced")
+	}
+	return append(out, routeWarnings(cfg)...)
+}
+
+// routeWarnings names the route settings a postmaster most likely did not
+// mean, which the configuration still allows.
+func routeWarnings(cfg *config.Config) []string {
+	var out []string
+	for i, r := range cfg.Delivery.Routes {
+		key := fmt.Sprintf("delivery.route[%d]", i)
+		if r.AuthUsername != "" {
+			switch r.TLS {
+			case "may", "encrypt", "dane":
+				// "dane" checks a certificate only where TLSA records are.
+				out = append(out, fmt.Sprintf("%s sends its password over TLS whose certificate may go unchecked (tls = %q): "+
+					"anyone on the path can take it; use verify (the default with credentials) or dane-only", key, r.TLS))
+			}
+			if fi, err := os.Stat(r.AuthPasswordFile); err == nil && fi.Mode().Perm()&0o077 != 0 {
+				out = append(out, fmt.Sprintf("%s.auth_password_file %s can be read by other users (mode %04o); chmod 600 it",
+					key, r.AuthPasswordFile, fi.Mode().Perm()))
+			}
+		}
+		hop, err := routing.ParseNexthop(r.Nexthop)
+		switch {
+		case err != nil:
+		case hop.Port == 465 && !r.ImplicitTLS:
+			out = append(out, fmt.Sprintf("%s: port 465 is for TLS from the first byte (RFC 8314); without implicit_tls = true "+
+				"every attempt waits out the greeting timeout", key))
+		case hop.Port == 25 && r.ImplicitTLS:
+			out = append(out, fmt.Sprintf("%s: implicit_tls = true on port 25, where servers speak plaintext first and offer STARTTLS", key))
+		}
 	}
 	return out
 }

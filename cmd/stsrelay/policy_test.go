@@ -1,6 +1,8 @@
 package main
 
 import (
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -91,5 +93,44 @@ func TestDANEScopeFollowsThePolicyEntries(t *testing.T) {
 	p.daneScope.Store(scope)
 	if !p.dane.Applies("any.example") || p.dane.Applies("other.example") {
 		t.Error("a new scope did not take effect")
+	}
+}
+
+// The route settings a postmaster most likely did not mean are named at
+// start: a password over TLS that may go unverified, a password file
+// others can read, port 465 without implicit TLS and implicit TLS on 25.
+func TestRouteWarnings(t *testing.T) {
+	dir := t.TempDir()
+	open, closed := filepath.Join(dir, "open.pass"), filepath.Join(dir, "closed.pass")
+	for file, mode := range map[string]os.FileMode{open: 0o644, closed: 0o600} {
+		if err := os.WriteFile(file, []byte("pw\n"), mode); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chmod(file, mode); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cfg := config.Default()
+	cfg.Delivery.Routes = []config.Route{
+		{Nexthop: "smtp.example.net:587", AuthUsername: "u", AuthPasswordFile: closed},
+		{Nexthop: "smtp.example.net:587", TLS: "encrypt", AuthUsername: "u", AuthPasswordFile: open},
+		{Nexthop: "[smtp.example.net]:465"},
+		{Nexthop: "[smtp.example.net]:465", ImplicitTLS: true},
+		{Nexthop: "mx.example.net", ImplicitTLS: true},
+	}
+	got := routeWarnings(cfg)
+	want := []string{
+		`delivery.route[1] sends its password over TLS whose certificate may go unchecked (tls = "encrypt")`,
+		"delivery.route[1].auth_password_file " + open + " can be read by other users (mode 0644)",
+		"delivery.route[2]: port 465 is for TLS from the first byte",
+		"delivery.route[4]: implicit_tls = true on port 25",
+	}
+	if len(got) != len(want) {
+		t.Fatalf("warnings %q, want %d", got, len(want))
+	}
+	for i := range want {
+		if !strings.HasPrefix(got[i], want[i]) {
+			t.Errorf("warning %d: %q, want it to begin %q", i, got[i], want[i])
+		}
 	}
 }
