@@ -6,9 +6,11 @@ package main
 // through the binary.
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"os"
 	"os/exec"
@@ -24,6 +26,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/stsrelay/stsrelay/internal/dnstest"
+	"github.com/stsrelay/stsrelay/queue"
 )
 
 // queueCmd runs `stsrelay queue <sub> -config config args…`.
@@ -574,6 +577,45 @@ func TestHashPasswordOnATerminalPromptsWithoutEcho(t *testing.T) {
 					t.Errorf("%s shows bcrypt cost %s; hash-password uses 10", doc, x[1])
 				}
 			}
+		}
+	}
+}
+
+// What clients sent (addresses, a Message-ID, header fields) reaches the
+// operator's terminal escaped in queue list and show, text and JSON: an
+// SMTPUTF8 address may hold C1 controls and bidi overrides, a header ESC
+// and BEL.
+func TestQueueListAndShowEscapeWhatClientsSent(t *testing.T) {
+	dir := t.TempDir()
+	config := writeConfig(t, dir, configParts{})
+	db, err := queue.OpenDB(filepath.Join(dir, "state", "stsrelay.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	q, err := queue.New(db, queue.Options{Deliverer: parked{}, Hostname: "relay.test", Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	env := queue.Envelope{From: "evil\u202e@example.com", SMTPUTF8: true,
+		Recipients: []queue.RecipientParams{{Addr: "a\u009b2Jb@example.net"}}}
+	id, err := q.Enqueue(context.Background(), env, strings.NewReader("Message-ID: <x\x1b[2J@y>\r\nSubject: \x1b]0;pwned\x07 \r\n\tfolded\r\n\r\nbody\r\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	q.Close()
+	db.Close()
+
+	raw := regexp.MustCompile("[\x1b\x07\u009b\u202e]")
+	for _, args := range [][]string{{"list"}, {"list", "-json"}, {"show", id}, {"show", "-json", id}} {
+		code, out, errOut := queueCmd(t, config, args[0], args[1:]...)
+		if code != 0 {
+			t.Fatalf("queue %v: exit %d: %s", args, code, errOut)
+		}
+		if m := raw.FindString(out); m != "" {
+			t.Errorf("queue %v printed %q raw:\n%s", args, m, out)
+		}
+		if !strings.Contains(out, "evil") || !strings.Contains(out, "example.net") {
+			t.Errorf("queue %v lost the addresses:\n%s", args, out)
 		}
 	}
 }

@@ -290,12 +290,14 @@ queue a page at a time, so it starts printing at once on a large queue.`, stderr
 					fmt.Fprint(out, ",")
 				}
 				b, _ := json.MarshalIndent(m, "  ", "  ")
-				fmt.Fprintf(out, "\n  %s", b)
+				fmt.Fprintf(out, "\n  %s", escapeUnprintable(b))
 				continue
 			}
-			fmt.Fprintf(out, "%-20s %9d  %s  %s", m.ID, m.Size, m.Created.Local().Format(time.DateTime), sender(m.From))
+			// Addresses and Message-IDs are what clients sent: printed
+			// escaped, as everything from outside is.
+			say(out, "%-20s %9d  %s  %s", m.ID, m.Size, m.Created.Local().Format(time.DateTime), sender(m.From))
 			if m.MessageID != "" {
-				fmt.Fprintf(out, "  %s", m.MessageID)
+				say(out, "  %s", m.MessageID)
 			}
 			fmt.Fprintln(out)
 			for _, r := range m.Recipients {
@@ -377,19 +379,19 @@ does; -headers only its header section.`, stderr)
 	if *asJSON {
 		return printJSON(stdout, stderr, m)
 	}
-	fmt.Fprintf(stdout, "id:         %s\nfrom:       %s\nsize:       %d bytes\ncreated:    %s\n",
+	say(stdout, "id:         %s\nfrom:       %s\nsize:       %d bytes\ncreated:    %s\n",
 		m.ID, sender(m.From), m.Size, m.Created.Local().Format(time.RFC1123Z))
 	if m.MessageID != "" {
-		fmt.Fprintf(stdout, "message-id: %s\n", m.MessageID)
+		say(stdout, "message-id: %s\n", m.MessageID)
 	}
 	if m.User != "" {
-		fmt.Fprintf(stdout, "user:       %s\n", m.User)
+		say(stdout, "user:       %s\n", m.User)
 	}
 	if m.ClientAddr != "" {
-		fmt.Fprintf(stdout, "client:     %s\n", m.ClientAddr)
+		say(stdout, "client:     %s\n", m.ClientAddr)
 	}
 	if m.Ret != "" || m.EnvID != "" {
-		fmt.Fprintf(stdout, "dsn:        RET=%s ENVID=%s\n", m.Ret, m.EnvID)
+		say(stdout, "dsn:        RET=%s ENVID=%s\n", m.Ret, m.EnvID)
 	}
 	if m.RequireTLS {
 		fmt.Fprintln(stdout, "requiretls: yes")
@@ -401,7 +403,9 @@ does; -headers only its header section.`, stderr)
 	if m.Headers != "" {
 		fmt.Fprintln(stdout, "headers:")
 		for _, l := range strings.Split(strings.TrimRight(m.Headers, "\r\n"), "\n") {
-			fmt.Fprintf(stdout, "    %s\n", strings.TrimRight(l, "\r"))
+			// A folded line's tab reads as the space it means; the rest
+			// of what the client wrote is escaped.
+			say(stdout, "    %s\n", strings.ReplaceAll(strings.TrimRight(l, "\r"), "\t", " "))
 		}
 	}
 	return 0
@@ -558,7 +562,7 @@ func sender(from string) string { return "<" + from + ">" }
 // recipientLine is one recipient as list and show print it.
 func recipientLine(r queue.RecipientInfo) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "%s  %s", r.Address, r.State)
+	fmt.Fprintf(&b, "%s  %s", printable(r.Address), r.State)
 	if r.Attempts > 0 {
 		fmt.Fprintf(&b, ", %d attempt(s)", r.Attempts)
 	}
@@ -573,10 +577,10 @@ func recipientLine(r queue.RecipientInfo) string {
 		if r.LastEnhanced != "" {
 			fmt.Fprintf(&b, " %s", r.LastEnhanced)
 		}
-		fmt.Fprintf(&b, " %s", r.LastText)
+		fmt.Fprintf(&b, " %s", printable(r.LastText))
 	}
 	if r.LastMX != "" {
-		fmt.Fprintf(&b, " (last MX %s)", r.LastMX)
+		fmt.Fprintf(&b, " (last MX %s)", printable(r.LastMX))
 	}
 	return b.String()
 }
