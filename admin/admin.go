@@ -182,11 +182,18 @@ func Dial(path string) *Client {
 					var d net.Dialer
 					return d.DialContext(ctx, "unix", path)
 				},
+				// The daemon answers within this; a body Open streams
+				// (a large message into a pager) may take longer, so
+				// the whole exchange is bounded in Call alone.
+				ResponseHeaderTimeout: callTimeout,
 			},
-			Timeout: 5 * time.Minute,
 		},
 	}
 }
+
+// callTimeout bounds a Call, and the wait for the headers of an Open
+// (a variable for the tests).
+var callTimeout = 5 * time.Minute
 
 // SocketPath returns the control socket path for a state directory.
 func SocketPath(stateDir string) string { return filepath.Join(stateDir, SocketName) }
@@ -194,6 +201,8 @@ func SocketPath(stateDir string) string { return filepath.Join(stateDir, SocketN
 // Call sends in (if not nil) as JSON to method and path and decodes the reply
 // into out (if not nil). A daemon's error reply becomes the error's text.
 func (c *Client) Call(ctx context.Context, method, path string, in, out any) error {
+	ctx, cancel := context.WithTimeout(ctx, callTimeout)
+	defer cancel()
 	var body io.Reader
 	if in != nil {
 		b, err := json.Marshal(in)
@@ -214,9 +223,13 @@ func (c *Client) Call(ctx context.Context, method, path string, in, out any) err
 		return err
 	}
 	defer resp.Body.Close()
-	data, err := io.ReadAll(io.LimitReader(resp.Body, maxBody))
+	data, err := io.ReadAll(io.LimitReader(resp.Body, maxBody+1))
 	if err != nil {
 		return fmt.Errorf("control socket %s: reading reply: %w", c.path, err)
+	}
+	if len(data) > maxBody {
+		// Said as such, not as the JSON error a cut reply would give.
+		return fmt.Errorf("control socket %s: reply larger than %d MiB", c.path, maxBody>>20)
 	}
 	if out == nil {
 		return nil

@@ -3,11 +3,14 @@ package admin
 import (
 	"context"
 	"errors"
+	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 func serve(t *testing.T, mux *http.ServeMux) string {
@@ -53,6 +56,51 @@ func TestCallReturnsTheDaemonsErrorText(t *testing.T) {
 	err := Dial(serve(t, mux)).Call(context.Background(), "DELETE", "/queue/abc", nil, nil)
 	if err == nil || err.Error() != "no message with id abc" {
 		t.Fatalf("err = %v, want the daemon's text", err)
+	}
+}
+
+// A reply over the bound is an error that says so, not the JSON error
+// of a cut reply.
+func TestCallSaysWhenTheReplyIsTooLarge(t *testing.T) {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /big", func(w http.ResponseWriter, r *http.Request) {
+		w.Write([]byte(`["`))
+		chunk := []byte(strings.Repeat("x", 1<<20))
+		for range maxBody>>20 + 1 {
+			w.Write(chunk)
+		}
+		w.Write([]byte(`"]`))
+	})
+	var out []string
+	err := Dial(serve(t, mux)).Call(context.Background(), "GET", "/big", nil, &out)
+	if err == nil || !strings.Contains(err.Error(), "reply larger than 64 MiB") {
+		t.Fatalf("err = %v, want the reply named too large", err)
+	}
+}
+
+// A body Open streams may take longer than a Call may (a large message
+// read into a pager); only the wait for its headers is bounded.
+func TestOpenStreamsLongerThanACallMayTake(t *testing.T) {
+	old := callTimeout
+	callTimeout = 200 * time.Millisecond
+	defer func() { callTimeout = old }()
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /body", func(w http.ResponseWriter, r *http.Request) {
+		for i := range 5 {
+			fmt.Fprintf(w, "line %d\n", i)
+			w.(http.Flusher).Flush()
+			time.Sleep(100 * time.Millisecond)
+		}
+	})
+	c := Dial(serve(t, mux))
+	rc, err := c.Open(context.Background(), "/body")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rc.Close()
+	b, err := io.ReadAll(rc)
+	if err != nil || strings.Count(string(b), "line") != 5 {
+		t.Fatalf("read %q, %v; want all 5 lines", b, err)
 	}
 }
 

@@ -35,6 +35,11 @@ func NewReader(db *bbolt.DB, spoolDir string) *Reader {
 const (
 	DefaultPageSize = 1000
 	MaxPageSize     = 10000
+	// maxPageRecipients ends a page early when its messages hold this
+	// many recipients (about 10 MB of JSON): 1,000 messages of 1,000
+	// recipients each, a bulk mailing stuck, would otherwise make a reply
+	// larger than the control socket takes.
+	maxPageRecipients = 20000
 )
 
 // Page is one page of the queue listing, oldest first.
@@ -59,9 +64,10 @@ func (r *Reader) List(after string, limit int) (*Page, error) {
 		}
 		c := b.Cursor()
 		k, v := seekAfter(c, after)
+		recipients := 0
 		for ; k != nil; k, v = c.Next() {
-			if len(p.Messages) == limit {
-				p.Next = p.Messages[limit-1].ID
+			if n := len(p.Messages); n == limit || recipients >= maxPageRecipients {
+				p.Next = p.Messages[n-1].ID
 				return nil
 			}
 			m, err := decodeMessage(v)
@@ -70,6 +76,7 @@ func (r *Reader) List(after string, limit int) (*Page, error) {
 				continue
 			}
 			p.Messages = append(p.Messages, info(m))
+			recipients += len(m.Recipients)
 		}
 		return nil
 	})

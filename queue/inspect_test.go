@@ -47,6 +47,33 @@ func TestListPagesCoverTheQueueOnceInOrder(t *testing.T) {
 	}
 }
 
+// A page ends early once its messages hold maxPageRecipients: a stuck
+// bulk mailing of 1,000 recipients a message would otherwise make a page
+// of 1,000 messages larger than the control socket takes.
+func TestListPagesEndAtARecipientBound(t *testing.T) {
+	tq := newTestQueue(t, newScripted(all(defer451)), Options{})
+	per := maxPageRecipients / 4
+	var ids []string
+	for i := range 6 {
+		e := env("alice@example.com")
+		for j := range per {
+			e.Recipients = append(e.Recipients, RecipientParams{Addr: fmt.Sprintf("r%d.%d@example.org", i, j)})
+		}
+		ids = append(ids, tq.enqueue(t, e))
+		tq.clock.Advance(time.Millisecond)
+	}
+	p, err := tq.List("", DefaultPageSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(p.Messages) != 4 || p.Next != ids[3] {
+		t.Fatalf("first page: %d messages, next %q; want 4 and %s", len(p.Messages), p.Next, ids[3])
+	}
+	if p, _ = tq.List(p.Next, DefaultPageSize); len(p.Messages) != 2 || p.Next != "" {
+		t.Errorf("second page: %d messages, next %q; want the last 2", len(p.Messages), p.Next)
+	}
+}
+
 func TestReaderReadsTheDatabaseOfAStoppedDaemon(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "stsrelay.db")
 	if _, err := OpenReadOnly(path); !errors.Is(err, ErrNoDatabase) {
