@@ -223,6 +223,12 @@ func (x *txn) chunked(group []string, text []byte) []queue.Status {
 	// timeout, as after DATA's final dot.
 	s.conn.SetDeadline(time.Now().Add(t.DataFinal))
 	reply, bdatErr := rd.read(250)
+	if bdatErr == nil && rd.ahead() {
+		// Replies matched to commands by count, and one too many came:
+		// the one read as BDAT's may be another command's, and BDAT's
+		// its refusal. Whether the remote took the message is unknown.
+		return lost("after end of data", errOutOfStep)
+	}
 	if _, ok := refused(bdatErr); bdatErr != nil && !ok {
 		if mailErr != nil {
 			return lost("after MAIL", mailErr)

@@ -322,6 +322,8 @@ func (k failKind) String() string {
 		return "smtputf8"
 	case failEightBit:
 		return "8bitmime"
+	case failSize:
+		return "size"
 	case failAuth:
 		return "auth"
 	}

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -781,6 +782,17 @@ func (e *Engine) transact(ctx context.Context, s *session, job *queue.Job, body 
 			Code: 550, Enhanced: "5.6.3",
 			Text: s.label + ": 8BITMIME not supported, and this message has 8-bit content (RFC 6152)"}}
 	}
+	if ok, limit := s.client.Extension("SIZE"); ok {
+		// RFC 1870 §6.1: a message larger than the fixed limit the
+		// server declared is not sent (its body would cross the wire to
+		// be refused); the next host may take it, else it returns with
+		// 5.3.4. A limit of 0, or none, declares no limit.
+		if n, err := strconv.ParseInt(strings.TrimSpace(limit), 10, 64); err == nil && n > 0 && job.Size > n {
+			return nil, nil, nil, &hostFailure{host: s.label, kind: failSize, nextHost: true, status: queue.Status{
+				Code: 552, Enhanced: "5.3.4", RemoteMTA: s.mx.Name,
+				Text: fmt.Sprintf("%s: message of %d bytes is larger than the host's limit of %d (SIZE, RFC 1870)", s.label, job.Size, n)}}
+		}
+	}
 	dsn, _ := s.client.Extension("DSN")
 
 	// go-smtp adds BODY=8BITMIME whenever the remote offers it, which
@@ -986,7 +998,10 @@ func (x *txn) fail(step string, err error) []queue.Status {
 	s := x.s
 	var se *smtp.SMTPError
 	reply := errors.As(err, &se)
-	if reply && se.Code == 421 {
+	if reply && (se.Code == 421 || se.Code < 400 || se.Code > 599) {
+		// 421 closes; a reply that is no refusal (a 250 to DATA, a 354 to
+		// MAIL) leaves the remote in a state nobody knows, for no next
+		// message to find out.
 		s.broken = true
 	}
 	st := s.commandFailure(x.ctx, step, err, false).status

@@ -311,6 +311,30 @@ func TestDroppedConnectionDefersTheWholeTransaction(t *testing.T) {
 	}
 }
 
+// RFC 1870 §6.1: a message larger than a host's declared SIZE limit is
+// not sent to it; the next host may take it, and when none may it
+// returns with 5.3.4.
+func TestMessageOverTheHostsSizeLimitIsNotSent(t *testing.T) {
+	small := func(s *smtpServer) { s.MaxMessageBytes = int64(len(testBody)) - 1 }
+	v := newEnv(t,
+		"example.test. 300 IN MX 10 mx1.example.test.",
+		"example.test. 300 IN MX 20 mx2.example.test.",
+		"mx1.example.test. 300 IN A 127.0.0.2",
+		"mx2.example.test. 300 IN A 127.0.0.3")
+	mx1, mx2 := newMX(t, small), newMX(t)
+	v.route("127.0.0.2", mx1.Addr)
+	v.route("127.0.0.3", mx2.Addr)
+	st := deliver(t, v.engine(), testJob("example.test", "a@example.test"))
+	wantStatus(t, st[0], 250, "2.0.0", "mx2.example.test")
+	if n := mx1.mostMails(); n != 0 {
+		t.Errorf("mx1, whose limit the message is over, got %d MAIL commands", n)
+	}
+
+	v.route("127.0.0.3", newMX(t, small).Addr)
+	st = deliver(t, v.engine(), testJob("example.test", "b@example.test"))
+	wantStatus(t, st[0], 552, "5.3.4", "is larger than the host's limit")
+}
+
 func TestDataRejectionAppliesToAcceptedRecipients(t *testing.T) {
 	v, mx := oneMX(t)
 	mx.dataErr = smtpErr(554, smtp.EnhancedCode{5, 7, 1}, "spam detected")

@@ -138,6 +138,12 @@ func (x *txn) pipelined(group []string, body io.Reader) []queue.Status {
 	x.sent = true
 	s.conn.SetDeadline(time.Now().Add(t.DataFinal))
 	reply, err := rd.read(250)
+	if err == nil && rd.ahead() {
+		// As in BDAT's group: a reply too many, so this one may be
+		// another command's.
+		s.broken = true
+		err = errOutOfStep
+	}
 	if err != nil {
 		return x.fail("after end of data", err)
 	}
@@ -172,6 +178,23 @@ func (r *replyReader) read(expect int) (string, error) {
 		return msg, toSMTPError(te)
 	}
 	return msg, err
+}
+
+// errOutOfStep is a remote that sent more replies than a pipelined group
+// had commands (RFC 2920 §3.1 matches them one for one).
+var errOutOfStep = errors.New("the server sent more replies than commands; whether it took the message is unknown")
+
+// ahead reports whether the remote has sent more than the replies read:
+// after a transaction's last reply, nothing is due until the next command
+// but a 421, which a server may send as it closes (the session then ends
+// as after any 421, on the next command).
+func (r *replyReader) ahead() bool {
+	n := r.br.Buffered()
+	if n == 0 {
+		return false
+	}
+	b, _ := r.br.Peek(min(n, 3))
+	return !strings.HasPrefix("421", string(b))
 }
 
 // release hands what was read ahead back to go-smtp's Client, which
@@ -371,7 +394,8 @@ func utf8AddrText(s string, unitext bool) string {
 	var b strings.Builder
 	for _, c := range s {
 		switch {
-		case c >= '!' && c <= '~' && c != '+' && c != '=':
+		// QCHAR leaves out '+', '=' and '\', which begins an escape.
+		case c >= '!' && c <= '~' && c != '+' && c != '=' && c != '\\':
 			b.WriteRune(c)
 		case unitext && c > 0x7f:
 			b.WriteRune(c)

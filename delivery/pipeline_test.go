@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -426,6 +427,7 @@ func TestPipelinedCommandsMatchLockStep(t *testing.T) {
 		j.Recipients[0].ORcpt = "utf-8;jöran@example.test"
 		j.Recipients[1].Notify = []string{"NEVER"}
 		j.Recipients[1].ORcpt = "rfc822;b+x=y@example.test"
+		j.Recipients[2].ORcpt = `utf-8;c\x{41}@example.test` // a backslash of its own
 		return j
 	}
 	sent := func(ehlo []string) ([]string, []string) {
@@ -447,7 +449,8 @@ func TestPipelinedCommandsMatchLockStep(t *testing.T) {
 		t.Errorf("lock-step sent\n%q\npipelined sent\n%q", lock, piped)
 	}
 	if !slices.Contains(piped, "MAIL FROM:<sender@sender.test> BODY=8BITMIME SIZE="+fmt.Sprint(job().Size)+" SMTPUTF8 RET=FULL ENVID=id+2B1+20+3Dx") ||
-		!slices.Contains(piped, "RCPT TO:<b@example.test> NOTIFY=NEVER ORCPT=RFC822;b+2Bx+3Dy@example.test") {
+		!slices.Contains(piped, "RCPT TO:<b@example.test> NOTIFY=NEVER ORCPT=RFC822;b+2Bx+3Dy@example.test") ||
+		!slices.Contains(piped, `RCPT TO:<c@example.test> ORCPT=UTF-8;c\x{5C}x{41}@example.test`) {
 		t.Errorf("pipelined commands %q lack the expected parameters", piped)
 	}
 
@@ -703,5 +706,188 @@ func TestPlaintextSessionSaysEHLOOnce(t *testing.T) {
 		if len(got) < len(want) || !slices.Equal(got[:len(want)], want) {
 			t.Errorf("STARTTLS refused %v: commands %q, want %q first", refuse, got, want)
 		}
+	}
+}
+
+// A server that sends one reply too many (two to MAIL) puts every later
+// reply of the group one command off: the reply read as BDAT's or as the
+// final dot's is RCPT's, and the refusal after it the message's. The
+// transaction's outcome is unknown, so the message is deferred, never
+// counted delivered, and the connection not reused. A 421 after the last
+// reply (a server closing) is no such thing.
+func TestOneReplyTooManyIsNeverTakenForDelivery(t *testing.T) {
+	for _, tc := range []struct {
+		name, ehlo, after string
+		delivered         bool
+	}{
+		{"BDAT", "250-mx.test\r\n250-PIPELINING\r\n250 CHUNKING\r\n", "554 5.7.1 refused\r\n", false},
+		{"DATA", "250-mx.test\r\n250 PIPELINING\r\n", "554 5.7.1 refused\r\n", false},
+		{"a 421 after the last reply", "250-mx.test\r\n250 PIPELINING\r\n", "", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			v, _ := oneMX(t)
+			v.route("127.0.0.2", rawServer(t, func(c net.Conn) {
+				r := bufio.NewReader(c)
+				io.WriteString(c, "220 mx.test ESMTP\r\n")
+				for {
+					line, err := r.ReadString('\n')
+					if err != nil {
+						return
+					}
+					switch f := strings.Fields(line); strings.ToUpper(f[0]) {
+					case "EHLO":
+						io.WriteString(c, tc.ehlo)
+					case "MAIL":
+						if tc.delivered {
+							io.WriteString(c, "250 ok\r\n")
+						} else {
+							io.WriteString(c, "250 ok\r\n250 ok again\r\n")
+						}
+					case "DATA":
+						io.WriteString(c, "354 go on\r\n")
+						for l := ""; l != ".\r\n"; {
+							if l, err = r.ReadString('\n'); err != nil {
+								return
+							}
+						}
+						if tc.delivered {
+							io.WriteString(c, "250 queued\r\n421 closing\r\n")
+							return
+						}
+						io.WriteString(c, tc.after)
+					case "BDAT":
+						n, _ := strconv.Atoi(f[1])
+						io.CopyN(io.Discard, r, int64(n))
+						io.WriteString(c, tc.after)
+					case "QUIT":
+						io.WriteString(c, "221 bye\r\n")
+						return
+					default:
+						io.WriteString(c, "250 ok\r\n")
+					}
+				}
+			}))
+			st := deliver(t, v.engine(), testJob("example.test", "a@example.test"))[0]
+			if tc.delivered {
+				wantStatus(t, st, 250, "2.0.0")
+				return
+			}
+			if st.Delivered() || st.Permanent() {
+				t.Fatalf("status %q, want a deferral: the outcome is unknown", st)
+			}
+			if tc.name == "BDAT" && !strings.Contains(st.Text, "more replies than commands") {
+				// (DATA's path sees it at DATA: a 250 where 354 is due.)
+				t.Errorf("status %q does not say why", st)
+			}
+		})
+	}
+}
+
+// QUIT waits no longer than the short QUIT bound, whatever the step
+// before it allowed: go-smtp set QUIT's deadline from the last step's
+// timeout (DATA's, minutes by default), so a remote that never answers
+// QUIT held the worker and the connection slot that long.
+func TestQuitThatIsNeverAnsweredEndsSoon(t *testing.T) {
+	v, _ := oneMX(t)
+	quit := make(chan struct{})
+	v.route("127.0.0.2", rawServer(t, func(c net.Conn) {
+		r := bufio.NewReader(c)
+		io.WriteString(c, "220 mx.test ESMTP\r\n")
+		for {
+			line, err := r.ReadString('\n')
+			if err != nil {
+				return
+			}
+			switch strings.ToUpper(strings.Fields(line)[0]) {
+			case "EHLO":
+				io.WriteString(c, "250 mx.test\r\n")
+			case "DATA":
+				io.WriteString(c, "354 go on\r\n")
+				for l := ""; l != ".\r\n"; {
+					if l, err = r.ReadString('\n'); err != nil {
+						return
+					}
+				}
+				io.WriteString(c, "250 queued\r\n")
+			case "QUIT":
+				close(quit)
+				r.ReadString('\n') // never answered; ends when the client closes
+				return
+			default:
+				io.WriteString(c, "250 ok\r\n")
+			}
+		}
+	}))
+	e := v.engine(func(o *Options) {
+		o.Timeouts.Command, o.Timeouts.DataInit, o.Timeouts.DataFinal = 100*time.Millisecond, time.Minute, time.Minute
+		o.Limits = []Limit{{Domains: []string{"example.test"}, Shaping: Shaping{MaxMessagesPerConn: 1}}}
+	})
+	start := time.Now()
+	wantStatus(t, deliver(t, e, testJob("example.test", "a@example.test"))[0], 250, "2.0.0")
+	<-quit
+	if d := time.Since(start); d > 30*time.Second {
+		t.Errorf("the delivery took %v: QUIT waited for the DATA step's minute", d)
+	}
+}
+
+// A reply that is no refusal where one was due (a 250 to DATA) leaves
+// the remote in a state nobody knows: the connection is not reused.
+func TestConnectionThatRepliedOutOfTurnIsNotReused(t *testing.T) {
+	for _, pipelining := range []bool{false, true} {
+		t.Run(fmt.Sprintf("pipelining %v", pipelining), func(t *testing.T) {
+			v, _ := oneMX(t)
+			var mu sync.Mutex
+			conns := 0
+			v.route("127.0.0.2", rawServer(t, func(c net.Conn) {
+				mu.Lock()
+				conns++
+				first := conns == 1
+				mu.Unlock()
+				r := bufio.NewReader(c)
+				io.WriteString(c, "220 mx.test ESMTP\r\n")
+				for {
+					line, err := r.ReadString('\n')
+					if err != nil {
+						return
+					}
+					switch strings.ToUpper(strings.Fields(line)[0]) {
+					case "EHLO":
+						if pipelining {
+							io.WriteString(c, "250-mx.test\r\n250 PIPELINING\r\n")
+						} else {
+							io.WriteString(c, "250 mx.test\r\n")
+						}
+					case "DATA":
+						if first {
+							io.WriteString(c, "250 what data\r\n")
+							continue
+						}
+						io.WriteString(c, "354 go on\r\n")
+						for l := ""; l != ".\r\n"; {
+							if l, err = r.ReadString('\n'); err != nil {
+								return
+							}
+						}
+						io.WriteString(c, "250 queued\r\n")
+					case "QUIT":
+						io.WriteString(c, "221 bye\r\n")
+						return
+					default:
+						io.WriteString(c, "250 ok\r\n")
+					}
+				}
+			}))
+			e := v.engine(func(o *Options) { o.IdleTimeout = 5 * time.Second }) // connections are kept
+			st := deliver(t, e, testJob("example.test", "a@example.test"))[0]
+			if st.Delivered() || st.Permanent() {
+				t.Fatalf("first message: %q, want a deferral", st)
+			}
+			wantStatus(t, deliver(t, e, testJob("example.test", "b@example.test"))[0], 250, "2.0.0")
+			mu.Lock()
+			defer mu.Unlock()
+			if conns != 2 {
+				t.Errorf("%d connections, want a new one after the reply out of turn", conns)
+			}
+		})
 	}
 }

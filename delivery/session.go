@@ -53,6 +53,7 @@ const (
 	failUTF8                       // the message needs SMTPUTF8, the host lacks it
 	failAuth                       // a route's credentials could not be used or were refused
 	failEightBit                   // the message has 8-bit content, the host lacks 8BITMIME
+	failSize                       // the message is larger than the host's SIZE limit
 )
 
 // hostFailure is why one MX host (or one of its addresses) was not used.
@@ -1003,9 +1004,15 @@ func (s *session) quitQuietly() {
 		return
 	}
 	if !s.broken {
-		s.conn.SetDeadline(time.Now().Add(min(s.e.opts.Timeouts.Command, 5*time.Second)))
+		// A remote that never answers QUIT holds this worker and a
+		// connection slot no longer than this.
+		wait := min(s.e.opts.Timeouts.Command, 5*time.Second)
+		s.conn.SetDeadline(time.Now().Add(wait))
 		s.conn.allow(maxReplyBytes)
 		if s.client != nil {
+			// go-smtp sets each command's deadline from CommandTimeout,
+			// the last step's (up to 5 minutes), over the one above.
+			s.client.CommandTimeout = wait
 			s.client.Quit()
 		} else if s.tlsc != nil {
 			writeLine(s.tlsc, "QUIT")
