@@ -709,6 +709,46 @@ func TestPlaintextSessionSaysEHLOOnce(t *testing.T) {
 	}
 }
 
+// dialogue serves each connection a greeting, then hands each command to
+// answer, which writes the reply and returns false to end the connection.
+func dialogue(t *testing.T, answer func(c net.Conn, r *bufio.Reader, verb string, f []string) bool) string {
+	return rawServer(t, func(c net.Conn) {
+		r := bufio.NewReader(c)
+		io.WriteString(c, "220 mx.test ESMTP\r\n")
+		for {
+			line, err := r.ReadString('\n')
+			f := strings.Fields(line)
+			if err != nil || len(f) == 0 || !answer(c, r, strings.ToUpper(f[0]), f) {
+				return
+			}
+		}
+	})
+}
+
+// otherwise answers what a dialogue leaves: QUIT ends it, anything else
+// is taken.
+func otherwise(c net.Conn, verb string) bool {
+	if verb == "QUIT" {
+		io.WriteString(c, "221 bye\r\n")
+		return false
+	}
+	io.WriteString(c, "250 ok\r\n")
+	return true
+}
+
+// readDot reads a DATA body up to its final dot.
+func readDot(r *bufio.Reader) bool {
+	for {
+		l, err := r.ReadString('\n')
+		if err != nil {
+			return false
+		}
+		if l == ".\r\n" {
+			return true
+		}
+	}
+}
+
 // A server that sends one reply too many (two to MAIL) puts every later
 // reply of the group one command off: the reply read as BDAT's or as the
 // final dot's is RCPT's, and the refusal after it the message's. The
@@ -717,55 +757,43 @@ func TestPlaintextSessionSaysEHLOOnce(t *testing.T) {
 // reply (a server closing) is no such thing.
 func TestOneReplyTooManyIsNeverTakenForDelivery(t *testing.T) {
 	for _, tc := range []struct {
-		name, ehlo, after string
-		delivered         bool
+		name, ehlo string
+		delivered  bool
 	}{
-		{"BDAT", "250-mx.test\r\n250-PIPELINING\r\n250 CHUNKING\r\n", "554 5.7.1 refused\r\n", false},
-		{"DATA", "250-mx.test\r\n250 PIPELINING\r\n", "554 5.7.1 refused\r\n", false},
-		{"a 421 after the last reply", "250-mx.test\r\n250 PIPELINING\r\n", "", true},
+		{"BDAT", "250-mx.test\r\n250-PIPELINING\r\n250 CHUNKING\r\n", false},
+		{"DATA", "250-mx.test\r\n250 PIPELINING\r\n", false},
+		{"a 421 after the last reply", "250-mx.test\r\n250 PIPELINING\r\n", true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			v, _ := oneMX(t)
-			v.route("127.0.0.2", rawServer(t, func(c net.Conn) {
-				r := bufio.NewReader(c)
-				io.WriteString(c, "220 mx.test ESMTP\r\n")
-				for {
-					line, err := r.ReadString('\n')
-					if err != nil {
-						return
-					}
-					switch f := strings.Fields(line); strings.ToUpper(f[0]) {
-					case "EHLO":
-						io.WriteString(c, tc.ehlo)
-					case "MAIL":
-						if tc.delivered {
-							io.WriteString(c, "250 ok\r\n")
-						} else {
-							io.WriteString(c, "250 ok\r\n250 ok again\r\n")
-						}
-					case "DATA":
-						io.WriteString(c, "354 go on\r\n")
-						for l := ""; l != ".\r\n"; {
-							if l, err = r.ReadString('\n'); err != nil {
-								return
-							}
-						}
-						if tc.delivered {
-							io.WriteString(c, "250 queued\r\n421 closing\r\n")
-							return
-						}
-						io.WriteString(c, tc.after)
-					case "BDAT":
-						n, _ := strconv.Atoi(f[1])
-						io.CopyN(io.Discard, r, int64(n))
-						io.WriteString(c, tc.after)
-					case "QUIT":
-						io.WriteString(c, "221 bye\r\n")
-						return
-					default:
+			v.route("127.0.0.2", dialogue(t, func(c net.Conn, r *bufio.Reader, verb string, f []string) bool {
+				switch verb {
+				case "EHLO":
+					io.WriteString(c, tc.ehlo)
+				case "MAIL":
+					if tc.delivered {
 						io.WriteString(c, "250 ok\r\n")
+					} else {
+						io.WriteString(c, "250 ok\r\n250 ok again\r\n")
 					}
+				case "DATA":
+					io.WriteString(c, "354 go on\r\n")
+					if !readDot(r) {
+						return false
+					}
+					if tc.delivered {
+						io.WriteString(c, "250 queued\r\n421 closing\r\n")
+						return false
+					}
+					io.WriteString(c, "554 5.7.1 refused\r\n")
+				case "BDAT":
+					n, _ := strconv.Atoi(f[1])
+					io.CopyN(io.Discard, r, int64(n))
+					io.WriteString(c, "554 5.7.1 refused\r\n")
+				default:
+					return otherwise(c, verb)
 				}
+				return true
 			}))
 			st := deliver(t, v.engine(), testJob("example.test", "a@example.test"))[0]
 			if tc.delivered {
@@ -790,33 +818,22 @@ func TestOneReplyTooManyIsNeverTakenForDelivery(t *testing.T) {
 func TestQuitThatIsNeverAnsweredEndsSoon(t *testing.T) {
 	v, _ := oneMX(t)
 	quit := make(chan struct{})
-	v.route("127.0.0.2", rawServer(t, func(c net.Conn) {
-		r := bufio.NewReader(c)
-		io.WriteString(c, "220 mx.test ESMTP\r\n")
-		for {
-			line, err := r.ReadString('\n')
-			if err != nil {
-				return
+	v.route("127.0.0.2", dialogue(t, func(c net.Conn, r *bufio.Reader, verb string, f []string) bool {
+		switch verb {
+		case "DATA":
+			io.WriteString(c, "354 go on\r\n")
+			if !readDot(r) {
+				return false
 			}
-			switch strings.ToUpper(strings.Fields(line)[0]) {
-			case "EHLO":
-				io.WriteString(c, "250 mx.test\r\n")
-			case "DATA":
-				io.WriteString(c, "354 go on\r\n")
-				for l := ""; l != ".\r\n"; {
-					if l, err = r.ReadString('\n'); err != nil {
-						return
-					}
-				}
-				io.WriteString(c, "250 queued\r\n")
-			case "QUIT":
-				close(quit)
-				r.ReadString('\n') // never answered; ends when the client closes
-				return
-			default:
-				io.WriteString(c, "250 ok\r\n")
-			}
+			io.WriteString(c, "250 queued\r\n")
+		case "QUIT":
+			close(quit)
+			r.ReadString('\n') // never answered; ends when the client closes
+			return false
+		default:
+			return otherwise(c, verb)
 		}
+		return true
 	}))
 	e := v.engine(func(o *Options) {
 		o.Timeouts.Command, o.Timeouts.DataInit, o.Timeouts.DataFinal = 100*time.Millisecond, time.Minute, time.Minute
@@ -838,44 +855,34 @@ func TestConnectionThatRepliedOutOfTurnIsNotReused(t *testing.T) {
 			v, _ := oneMX(t)
 			var mu sync.Mutex
 			conns := 0
-			v.route("127.0.0.2", rawServer(t, func(c net.Conn) {
-				mu.Lock()
-				conns++
-				first := conns == 1
-				mu.Unlock()
-				r := bufio.NewReader(c)
-				io.WriteString(c, "220 mx.test ESMTP\r\n")
-				for {
-					line, err := r.ReadString('\n')
-					if err != nil {
-						return
+			v.route("127.0.0.2", dialogue(t, func(c net.Conn, r *bufio.Reader, verb string, f []string) bool {
+				switch verb {
+				case "EHLO":
+					mu.Lock()
+					conns++
+					mu.Unlock()
+					if pipelining {
+						io.WriteString(c, "250-mx.test\r\n250 PIPELINING\r\n")
+					} else {
+						io.WriteString(c, "250 mx.test\r\n")
 					}
-					switch strings.ToUpper(strings.Fields(line)[0]) {
-					case "EHLO":
-						if pipelining {
-							io.WriteString(c, "250-mx.test\r\n250 PIPELINING\r\n")
-						} else {
-							io.WriteString(c, "250 mx.test\r\n")
-						}
-					case "DATA":
-						if first {
-							io.WriteString(c, "250 what data\r\n")
-							continue
-						}
-						io.WriteString(c, "354 go on\r\n")
-						for l := ""; l != ".\r\n"; {
-							if l, err = r.ReadString('\n'); err != nil {
-								return
-							}
-						}
-						io.WriteString(c, "250 queued\r\n")
-					case "QUIT":
-						io.WriteString(c, "221 bye\r\n")
-						return
-					default:
-						io.WriteString(c, "250 ok\r\n")
+				case "DATA":
+					mu.Lock()
+					first := conns == 1
+					mu.Unlock()
+					if first {
+						io.WriteString(c, "250 what data\r\n")
+						return true
 					}
+					io.WriteString(c, "354 go on\r\n")
+					if !readDot(r) {
+						return false
+					}
+					io.WriteString(c, "250 queued\r\n")
+				default:
+					return otherwise(c, verb)
 				}
+				return true
 			}))
 			e := v.engine(func(o *Options) { o.IdleTimeout = 5 * time.Second }) // connections are kept
 			st := deliver(t, e, testJob("example.test", "a@example.test"))[0]
