@@ -226,6 +226,9 @@ func (r *Resolver) lookup(ctx context.Context, name string, qtype uint16, res *R
 				if !strings.EqualFold(h.Name, cur) {
 					continue
 				}
+				if h.Class != dns.ClassINET {
+					continue // the question is IN; no other class answers it
+				}
 				if h.Rrtype == qtype {
 					res.Records = append(res.Records, rr)
 				} else if c, ok := rr.(*dns.CNAME); ok && target == "" {
@@ -266,7 +269,7 @@ func hasOwner(msg *dns.Msg, name string) bool {
 func ownRecords(msg *dns.Msg, name string, qtype uint16) []dns.RR {
 	var own []dns.RR
 	for _, rr := range msg.Answer {
-		if h := rr.Header(); h.Rrtype == qtype && strings.EqualFold(h.Name, name) {
+		if h := rr.Header(); h.Rrtype == qtype && h.Class == dns.ClassINET && strings.EqualFold(h.Name, name) {
 			own = append(own, rr)
 		}
 	}
@@ -337,6 +340,14 @@ func (r *Resolver) evictLocked() {
 	}
 }
 
+// ttl31 is a TTL as RFC 2181 §8 reads it: one with the top bit set is 0.
+func ttl31(t uint32) uint32 {
+	if t > math.MaxInt32 {
+		return 0
+	}
+	return t
+}
+
 // cacheTTL is how long msg, the answer to a query for qtype, may be cached:
 // the smallest answer TTL; for a negative answer (NXDOMAIN, or no records
 // of qtype), also after CNAMEs, no longer than its SOA allows (RFC 2308
@@ -350,7 +361,7 @@ func cacheTTL(msg *dns.Msg, qtype uint16) time.Duration {
 	ttl, found := uint32(math.MaxUint32), false
 	for _, rr := range msg.Answer {
 		h := rr.Header()
-		ttl = min(ttl, h.Ttl)
+		ttl = min(ttl, ttl31(h.Ttl))
 		found = found || h.Rrtype == qtype
 	}
 	if found && msg.Rcode == dns.RcodeSuccess {
@@ -358,7 +369,7 @@ func cacheTTL(msg *dns.Msg, qtype uint16) time.Duration {
 	}
 	for _, rr := range msg.Ns {
 		if soa, ok := rr.(*dns.SOA); ok {
-			ttl = min(ttl, soa.Hdr.Ttl, soa.Minttl)
+			ttl = min(ttl, ttl31(soa.Hdr.Ttl), ttl31(soa.Minttl))
 			return min(time.Duration(ttl)*time.Second, negativeTTL)
 		}
 	}
@@ -391,8 +402,14 @@ func (r *Resolver) exchange(ctx context.Context, name string, qtype uint16) (*dn
 			return nil, &Error{Name: name, Type: dns.TypeToString[qtype], Rcode: -1, Err: err}
 		}
 		resp, _, err := r.udp.ExchangeContext(ctx, q, server)
-		if err == nil && resp.Truncated {
+		if resp != nil && resp.Truncated {
+			// RFC 7766 §5: TC means ask again over TCP, also when the
+			// cut left a record half there that would not unpack (the
+			// header, with TC, still does).
 			resp, _, err = r.tcp.ExchangeContext(ctx, q, server)
+		}
+		if err == nil {
+			err = answers(resp, q.Question[0])
 		}
 		if err != nil {
 			last = err
@@ -418,6 +435,21 @@ func (r *Resolver) exchange(ctx context.Context, name string, qtype uint16) (*dn
 		return lastMsg, nil
 	}
 	return nil, &Error{Name: name, Type: dns.TypeToString[qtype], Rcode: -1, Err: simplify(last)}
+}
+
+// answers checks that resp is a response to the question asked (RFC 1035
+// §4.1.1, §7.3; RFC 5452 §9.1): miekg/dns matches only the ID, and a
+// query echoed back (it has AD set) would read as a secure empty answer,
+// an NXDOMAIN for another name as a bounce for this one.
+func answers(resp *dns.Msg, q dns.Question) error {
+	if !resp.Response || resp.Opcode != dns.OpcodeQuery || len(resp.Question) != 1 {
+		return errors.New("malformed answer: not a response to a query")
+	}
+	a := resp.Question[0]
+	if a.Qtype != q.Qtype || a.Qclass != q.Qclass || !strings.EqualFold(a.Name, q.Name) {
+		return fmt.Errorf("malformed answer: for %s %s, not the question asked", a.Name, dns.TypeToString[a.Qtype])
+	}
+	return nil
 }
 
 // simplify turns network errors into the words an operator expects.

@@ -541,3 +541,55 @@ func TestLargeTLSARRsetComesOverTCP(t *testing.T) {
 		t.Errorf("%d queries, want 2 (UDP truncated, then TCP)", n)
 	}
 }
+
+// An answer counts only if it answers the question asked (RFC 1035
+// §4.1.1, §7.3; RFC 5452 §9.1): an echoed query, which has AD set, would
+// read as a secure "no TLSA records" and turn DANE off, and an NXDOMAIN
+// for another name as a bounce for this one.
+func TestAnswersToAnotherQuestionAreNoAnswers(t *testing.T) {
+	s := dnstest.New(t, "example.com. 300 IN MX 10 mx.example.com.")
+	s.SetFault("_25._tcp.mx.example.com", dns.TypeTLSA, dnstest.FaultEcho)
+	s.SetFault("example.com", dns.TypeMX, dnstest.FaultWrongQuestion)
+	r := newResolver(t, s)
+	if rrs, res, err := r.TLSA(t.Context(), "_25._tcp.mx.example.com"); err == nil {
+		t.Errorf("an echoed query read as an answer: %d records, %+v", len(rrs), res)
+	}
+	if _, _, err := r.MX(t.Context(), "example.com"); err == nil || IsNotFound(err) {
+		t.Errorf("an NXDOMAIN for another name: %v, want a temporary error", err)
+	}
+}
+
+// Records of a class other than IN answer no question of ours.
+func TestRecordsOfAnotherClassAreIgnored(t *testing.T) {
+	s := dnstest.New(t, "example.com. 300 IN MX 10 mx.example.com.")
+	s.AddRR(&dns.MX{Hdr: dns.RR_Header{Name: "example.com.", Rrtype: dns.TypeMX, Class: dns.ClassCHAOS, Ttl: 300},
+		Preference: 1, Mx: "evil.example."})
+	mxs, _, err := newResolver(t, s).MX(t.Context(), "example.com")
+	if err != nil || len(mxs) != 1 || mxs[0].Mx != "mx.example.com." {
+		t.Errorf("MX = %v, %v; want the IN record alone", mxs, err)
+	}
+}
+
+// TC set on a datagram cut inside a record (a proxy that truncates by
+// bytes) still means asking again over TCP (RFC 7766 §5).
+func TestTruncatedAnswerThatDoesNotUnpackIsAskedOverTCP(t *testing.T) {
+	var records []string
+	for i := range 40 {
+		records = append(records, fmt.Sprintf("big.example.com. 300 IN A 192.0.2.%d", i+1))
+	}
+	s := dnstest.New(t, records...)
+	s.SetFault("big.example.com", dns.TypeA, dnstest.FaultCutTruncate)
+	addrs, _, err := newResolver(t, s).Addrs(t.Context(), "big.example.com", IPv4)
+	if err != nil || len(addrs) != 40 {
+		t.Errorf("Addrs = %d addresses, %v; want all 40 over TCP", len(addrs), err)
+	}
+}
+
+// RFC 2181 §8: a TTL with its top bit set is 0, and is not cached.
+func TestTTLWithTheTopBitSetIsZero(t *testing.T) {
+	m := new(dns.Msg)
+	m.Answer = []dns.RR{&dns.A{Hdr: dns.RR_Header{Name: "x.example.", Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: 0x80000000}}}
+	if d := cacheTTL(m, dns.TypeA); d != 0 {
+		t.Errorf("cached for %v, want not at all", d)
+	}
+}

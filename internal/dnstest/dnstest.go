@@ -31,6 +31,16 @@ const (
 	// FaultWrongIDFirst sends a SERVFAIL with another ID, then the real
 	// answer: a client that ignores the first gets the second.
 	FaultWrongIDFirst
+	// FaultEcho sends the query back as it came (QR clear, AD set, no
+	// records), as a broken middlebox might.
+	FaultEcho
+	// FaultWrongQuestion answers NXDOMAIN, with the right ID, for
+	// another name than the one asked.
+	FaultWrongQuestion
+	// FaultCutTruncate answers over UDP with TC set and the datagram cut
+	// inside a record, as a proxy that truncates by bytes does; over TCP
+	// the whole answer.
+	FaultCutTruncate
 )
 
 // Server is a DNS server on 127.0.0.1, UDP and TCP on the same port.
@@ -221,6 +231,15 @@ func (s *Server) serve(w dns.ResponseWriter, q *dns.Msg, tcp bool) {
 	case FaultGarbage:
 		w.Write([]byte{0xde, 0xad, 0xbe, 0xef})
 		return
+	case FaultEcho:
+		w.WriteMsg(q)
+		return
+	case FaultWrongQuestion:
+		m.SetQuestion("nonexistent.invalid.", dns.TypeA)
+		m.Id, m.Response, m.Rcode = q.Id, true, dns.RcodeNameError
+		m.Ns = []dns.RR{soa("invalid.")}
+		w.WriteMsg(m)
+		return
 	case FaultTruncate:
 		if !tcp {
 			m.Truncated = true
@@ -245,6 +264,14 @@ func (s *Server) serve(w dns.ResponseWriter, q *dns.Msg, tcp bool) {
 		m.SetEdns0(4096, o.Do())
 		m.AuthenticatedData = secure && o.Do()
 		size = int(o.UDPSize())
+	}
+	if fault == FaultCutTruncate && !tcp {
+		m.Truncated = true
+		b, err := m.Pack()
+		if err == nil && len(b) > 40 {
+			w.Write(b[:len(b)-5]) // the last record cut short
+			return
+		}
 	}
 	if !tcp {
 		// As a real server does: what does not fit the client's buffer is
