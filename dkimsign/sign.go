@@ -31,11 +31,14 @@ type Key struct {
 // existing signatures; smtpin refuses larger ones at submission.
 const maxHeaderBytes = 512 << 10
 
-// headerKeys are the fields the signature covers (RFC 6376 §5.4.1). From
-// is listed twice: the second, absent instance signs its absence, so that
-// no second From: can be added on the way (oversigning, RFC 6376 §8.15).
-var headerKeys = []string{"From", "From", "To", "Cc", "Subject", "Date", "Message-ID", "MIME-Version",
-	"Content-Type", "Content-Transfer-Encoding", "Reply-To", "In-Reply-To", "References"}
+// headerKeys are the fields the signature covers (RFC 6376 §5.4.1). The
+// fields a reader sees (From, To, Cc, Subject, Reply-To; each at most once,
+// RFC 5322 §3.6) are listed twice: the second, absent instance signs its
+// absence, so that no second one can be added on the way, above the
+// first, where mail programs show it and verifiers do not look
+// (oversigning, RFC 6376 §5.4.2, §8.15).
+var headerKeys = []string{"From", "From", "To", "To", "Cc", "Cc", "Subject", "Subject", "Date", "Message-ID",
+	"MIME-Version", "Content-Type", "Content-Transfer-Encoding", "Reply-To", "Reply-To", "In-Reply-To", "References"}
 
 // Options configures a Signer.
 type Options struct {
@@ -115,7 +118,7 @@ func (s *Signer) open(job *queue.Job, open func() (io.ReadCloser, error)) (io.Re
 	if err != nil {
 		return nil, err
 	}
-	key, from, why := s.pick(body)
+	key, from, ending, why := s.pick(body)
 	if key == nil {
 		s.log.Debug("dkimsign: not signed", "id", job.ID, "reason", why)
 		return reopen(body, open)
@@ -127,7 +130,7 @@ func (s *Signer) open(job *queue.Job, open func() (io.ReadCloser, error)) (io.Re
 			"user", user, "header_from", from, "key", key.Selector+"._domainkey."+key.Domain)
 		return reopen(body, open)
 	}
-	sig, err := s.sign(key, body, open)
+	sig, err := s.sign(key, body, func() (io.ReadCloser, error) { return withEnding(open, ending) })
 	if err != nil {
 		metricSigned.WithLabelValues("failed").Inc()
 		s.log.Warn("dkimsign: signing failed, the message goes out unsigned", "id", job.ID,
@@ -135,11 +138,23 @@ func (s *Signer) open(job *queue.Job, open func() (io.ReadCloser, error)) (io.Re
 		return open()
 	}
 	metricSigned.WithLabelValues("signed").Inc()
-	rc, err := open()
+	rc, err := withEnding(open, ending)
 	if err != nil {
 		return nil, err
 	}
 	return readCloser{io.MultiReader(strings.NewReader(sig), rc), rc}, nil
+}
+
+// withEnding opens the message with ending after it: the empty line that
+// ends a header section of a message without a body (RFC 5322 §3.5 lets
+// both go), which the signer needs to find the header's end, and which
+// then goes out as signed.
+func withEnding(open func() (io.ReadCloser, error), ending string) (io.ReadCloser, error) {
+	rc, err := open()
+	if err != nil || ending == "" {
+		return rc, err
+	}
+	return readCloser{io.MultiReader(rc, strings.NewReader(ending)), rc}, nil
 }
 
 // reopen closes a partly read message and opens it afresh.
@@ -186,43 +201,47 @@ func (s *Signer) sign(key *Key, body io.ReadCloser, open func() (io.ReadCloser, 
 }
 
 // pick reads the header section of the message and returns the key that
-// should sign it with the From: address, or nil and why not.
-func (s *Signer) pick(r io.Reader) (key *Key, from, why string) {
-	hdr, err := readHeader(r)
+// should sign it with the From: address and what the message lacks at its
+// end ("\r\n" for a message of header fields only), or nil and why not.
+func (s *Signer) pick(r io.Reader) (key *Key, from, ending, why string) {
+	hdr, ended, err := readHeader(r)
 	if err != nil {
-		return nil, "", err.Error()
+		return nil, "", "", err.Error()
+	}
+	if !ended {
+		ending = "\r\n"
 	}
 	m, err := mail.ReadMessage(bytes.NewReader(hdr))
 	if err != nil {
-		return nil, "", "unparsable header: " + err.Error()
+		return nil, "", "", "unparsable header: " + err.Error()
 	}
 	froms := m.Header["From"]
 	if len(froms) != 1 {
-		return nil, "", fmt.Sprintf("%d From: fields", len(froms))
+		return nil, "", "", fmt.Sprintf("%d From: fields", len(froms))
 	}
 	addrs, err := fromParser.ParseList(froms[0])
 	if err != nil {
-		return nil, "", "unparsable From: " + err.Error()
+		return nil, "", "", "unparsable From: " + err.Error()
 	}
 	if len(addrs) != 1 {
-		return nil, "", fmt.Sprintf("From: names %d addresses", len(addrs))
+		return nil, "", "", fmt.Sprintf("From: names %d addresses", len(addrs))
 	}
 	from = addrs[0].Address
 	at := strings.LastIndexByte(from, '@')
 	if at < 0 {
-		return nil, "", "From: address has no domain"
+		return nil, "", "", "From: address has no domain"
 	}
 	domain := strings.ToLower(strings.TrimSuffix(from[at+1:], "."))
 	if key = s.keyFor(domain); key == nil {
-		return nil, "", "no key for " + domain
+		return nil, "", "", "no key for " + domain
 	}
 	for _, v := range m.Header["Dkim-Signature"] {
 		d, sel := sigTags(v)
 		if strings.EqualFold(d, key.Domain) && strings.EqualFold(sel, key.Selector) {
-			return nil, "", "already signed by " + key.Selector + "._domainkey." + key.Domain
+			return nil, "", "", "already signed by " + key.Selector + "._domainkey." + key.Domain
 		}
 	}
-	return key, from, ""
+	return key, from, ending, ""
 }
 
 // fromParser reads From: for its address alone. net/mail decodes only
@@ -267,8 +286,8 @@ func sigTags(v string) (d, s string) {
 var errHeaderTooLarge = errors.New("header section too large")
 
 // readHeader returns the header section and the empty line after it,
-// reading at most maxHeaderBytes.
-func readHeader(r io.Reader) ([]byte, error) {
+// reading at most maxHeaderBytes; ended says the message has that line.
+func readHeader(r io.Reader) (_ []byte, ended bool, _ error) {
 	br := bufio.NewReader(io.LimitReader(r, maxHeaderBytes))
 	var buf bytes.Buffer
 	partial := false // the last piece read did not end a line
@@ -281,15 +300,15 @@ func readHeader(r io.Reader) ([]byte, error) {
 			continue
 		case err == io.EOF:
 			if buf.Len() >= maxHeaderBytes {
-				return nil, errHeaderTooLarge
+				return nil, false, errHeaderTooLarge
 			}
 			buf.WriteString("\r\n") // a message of header fields only
-			return buf.Bytes(), nil
+			return buf.Bytes(), false, nil
 		case err != nil:
-			return nil, fmt.Errorf("reading the header: %w", err)
+			return nil, false, fmt.Errorf("reading the header: %w", err)
 		}
 		if !partial && (string(line) == "\r\n" || string(line) == "\n") {
-			return buf.Bytes(), nil
+			return buf.Bytes(), true, nil
 		}
 		partial = false
 	}

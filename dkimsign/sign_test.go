@@ -82,8 +82,18 @@ func TestSignsAndVerifies(t *testing.T) {
 		t.Errorf("the message changed:\n%s", got)
 	}
 	h := strings.SplitN(got, "\r\n\r\n", 2)[0]
-	if !strings.Contains(strings.ReplaceAll(h, "\r\n ", ""), "h=From:From:To:Cc:Subject:") {
-		t.Errorf("From is not oversigned:\n%s", h)
+	if !strings.Contains(strings.ReplaceAll(h, "\r\n ", ""), "h=From:From:To:To:Cc:Cc:Subject:Subject:") {
+		t.Errorf("From, To, Cc and Subject are not oversigned:\n%s", h)
+	}
+	// A second Subject, To or From added on the way, above the first
+	// where mail programs show it, breaks the signature.
+	sig, rest, _ := strings.Cut(got, "From: ")
+	for _, added := range []string{"Subject: PAY NOW\r\n", "To: <victim@example.org>\r\n", "From: <ceo@example.com>\r\n"} {
+		forged := sig + added + "From: " + rest
+		vs, err := dkim.VerifyWithOptions(strings.NewReader(forged), &dkim.VerifyOptions{LookupTXT: lookup})
+		if err == nil && len(vs) == 1 && vs[0].Err == nil {
+			t.Errorf("the signature still verifies with %q added", added)
+		}
 	}
 }
 
@@ -228,12 +238,32 @@ func TestClosestKeyWins(t *testing.T) {
 
 func TestReadHeaderIsBounded(t *testing.T) {
 	long := "From: <a@example.com>\r\nX: " + strings.Repeat("y", maxHeaderBytes) + "\r\n\r\nbody\r\n"
-	if _, err := readHeader(strings.NewReader(long)); !errors.Is(err, errHeaderTooLarge) {
+	if _, _, err := readHeader(strings.NewReader(long)); !errors.Is(err, errHeaderTooLarge) {
 		t.Errorf("err = %v, want errHeaderTooLarge", err)
 	}
-	h, err := readHeader(strings.NewReader(msg))
-	if err != nil || string(h) != strings.SplitN(msg, "\r\n\r\n", 2)[0]+"\r\n\r\n" {
-		t.Errorf("header %q, %v", h, err)
+	h, ended, err := readHeader(strings.NewReader(msg))
+	if err != nil || !ended || string(h) != strings.SplitN(msg, "\r\n\r\n", 2)[0]+"\r\n\r\n" {
+		t.Errorf("header %q, ended %v, %v", h, ended, err)
+	}
+}
+
+// A message of header fields only (RFC 5322 §3.5: the body and the
+// empty line before it may go) is signed, and goes out with the empty
+// line the signer needs to find the header's end.
+func TestMessageWithoutABodyIsSigned(t *testing.T) {
+	k, lookup := edKey(t, "example.com", "s1")
+	s, err := New(Options{Keys: []Key{k}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	headersOnly := "From: <a@example.com>\r\nSubject: x\r\n"
+	got := deliver(t, s, job("a@example.com", headersOnly))
+	vs, err := dkim.VerifyWithOptions(strings.NewReader(got), &dkim.VerifyOptions{LookupTXT: lookup})
+	if err != nil || len(vs) != 1 || vs[0].Err != nil {
+		t.Fatalf("verify: %v %+v\n%q", err, vs, got)
+	}
+	if !strings.HasSuffix(got, headersOnly+"\r\n") {
+		t.Errorf("sent %q, want the message with the empty line after its header", got)
 	}
 }
 

@@ -183,8 +183,9 @@ func routeWarnings(cfg *config.Config) []string {
 				out = append(out, fmt.Sprintf("%s sends its password over TLS whose certificate may go unchecked (tls = %q): "+
 					"anyone on the path can take it; use verify (the default with credentials) or dane-only", key, r.TLS))
 			}
-			if fi, err := os.Stat(r.AuthPasswordFile); err == nil && fi.Mode().Perm()&0o077 != 0 {
-				out = append(out, fmt.Sprintf("%s.auth_password_file %s can be read by other users (mode %04o); chmod 600 it",
+			// Group stsrelay reading it, mode 0640, is the README's setup.
+			if fi, err := os.Stat(r.AuthPasswordFile); err == nil && fi.Mode().Perm()&0o007 != 0 {
+				out = append(out, fmt.Sprintf("%s.auth_password_file %s can be read by every user (mode %04o); chmod o-rwx it",
 					key, r.AuthPasswordFile, fi.Mode().Perm()))
 			}
 		}

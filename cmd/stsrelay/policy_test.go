@@ -98,11 +98,12 @@ func TestDANEScopeFollowsThePolicyEntries(t *testing.T) {
 
 // The route settings a postmaster most likely did not mean are named at
 // start: a password over TLS that may go unverified, a password file
-// others can read, port 465 without implicit TLS and implicit TLS on 25.
+// every user can read (group stsrelay may: README's mode 0640), port 465
+// without implicit TLS and implicit TLS on 25.
 func TestRouteWarnings(t *testing.T) {
 	dir := t.TempDir()
 	open, closed := filepath.Join(dir, "open.pass"), filepath.Join(dir, "closed.pass")
-	for file, mode := range map[string]os.FileMode{open: 0o644, closed: 0o600} {
+	for file, mode := range map[string]os.FileMode{open: 0o644, closed: 0o640} {
 		if err := os.WriteFile(file, []byte("pw\n"), mode); err != nil {
 			t.Fatal(err)
 		}
@@ -121,7 +122,7 @@ func TestRouteWarnings(t *testing.T) {
 	got := routeWarnings(cfg)
 	want := []string{
 		`delivery.route[1] sends its password over TLS whose certificate may go unchecked (tls = "encrypt")`,
-		"delivery.route[1].auth_password_file " + open + " can be read by other users (mode 0644)",
+		"delivery.route[1].auth_password_file " + open + " can be read by every user (mode 0644)",
 		"delivery.route[2]: port 465 is for TLS from the first byte",
 		"delivery.route[4]: implicit_tls = true on port 25",
 	}
