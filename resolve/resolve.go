@@ -382,7 +382,7 @@ func cacheTTL(msg *dns.Msg, qtype uint16) time.Duration {
 }
 
 // exchange sends the question to each server in turn until one answers
-// with something other than SERVFAIL or REFUSED. After a SERVFAIL only a
+// with something other than SERVFAIL, REFUSED, NOTIMP or FORMERR. After a SERVFAIL only a
 // validated answer (AD) is taken: a validating resolver answers SERVFAIL
 // to bogus data, and a later resolver that does not validate may hand on
 // the very forgery the first one refused, which would read as insecure.
@@ -421,7 +421,8 @@ func (r *Resolver) exchange(ctx context.Context, name string, qtype uint16) (*dn
 				lastMsg = resp
 			}
 			continue
-		case resp.Rcode == dns.RcodeRefused:
+		case resp.Rcode == dns.RcodeRefused, resp.Rcode == dns.RcodeNotImplemented, resp.Rcode == dns.RcodeFormatError:
+			// This server will not answer this; another may.
 			if lastMsg == nil {
 				lastMsg = resp
 			}

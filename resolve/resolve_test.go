@@ -427,6 +427,12 @@ func TestUnvalidatedAnswerDoesNotOverrideServfail(t *testing.T) {
 	if rrs, _, err := newResolver(t, refusing, plain).TLSA(t.Context(), "_25._tcp.mx.example.com"); err != nil || len(rrs) != 1 {
 		t.Errorf("after REFUSED: %v, %v; want the next server's answer", rrs, err)
 	}
+	// Nor does NOTIMP, a server that does not do the query type.
+	notimp := dnstest.New(t)
+	notimp.SetFault("_25._tcp.mx.example.com", 0, dnstest.FaultNotImp)
+	if rrs, _, err := newResolver(t, notimp, plain).TLSA(t.Context(), "_25._tcp.mx.example.com"); err != nil || len(rrs) != 1 {
+		t.Errorf("after NOTIMP: %v, %v; want the next server's answer", rrs, err)
+	}
 }
 
 func TestNegativeAnswerBehindCNAMEIsCachedAsNegative(t *testing.T) {

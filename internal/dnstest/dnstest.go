@@ -41,6 +41,9 @@ const (
 	// inside a record, as a proxy that truncates by bytes does; over TCP
 	// the whole answer.
 	FaultCutTruncate
+	// FaultNotImp answers NOTIMP, as a server that does not do the query
+	// type (an old forwarder and TLSA, say).
+	FaultNotImp
 )
 
 // Server is a DNS server on 127.0.0.1, UDP and TCP on the same port.
@@ -226,6 +229,10 @@ func (s *Server) serve(w dns.ResponseWriter, q *dns.Msg, tcp bool) {
 		return
 	case FaultRefused:
 		m.Rcode = dns.RcodeRefused
+		w.WriteMsg(m)
+		return
+	case FaultNotImp:
+		m.Rcode = dns.RcodeNotImplemented
 		w.WriteMsg(m)
 		return
 	case FaultGarbage:
