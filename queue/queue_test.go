@@ -1114,3 +1114,26 @@ func TestBodyCutShortOnDiskIsNeverReadAsWhole(t *testing.T) {
 		t.Error("the cut message was recorded delivered")
 	}
 }
+
+// A body cut short on disk still gets its sender a DSN when delivery
+// fails for good: the notice returns what is left of the message, rather
+// than stay owed for ever for want of the whole.
+func TestBodyCutShortStillGetsItsDSN(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "stsrelay.db")
+	tq := openTestQueue(t, path, nil, Options{})
+	id := tq.enqueue(t, env("alice@example.com", "bob@example.org"))
+	m := tq.stored(t, id)
+	seg := tq.spool.path(m.BodyFile)
+	tq.Close()
+	tq.db.Close()
+	if err := os.Truncate(seg, m.BodyOff+m.Size/2); err != nil {
+		t.Fatal(err)
+	}
+	tq = openTestQueue(t, path, newScripted(all(fail550)), Options{})
+	tq.run(t)
+	tq.waitJobs(t, 1)
+	tq.settle(t)
+	if dsns := tq.dsnsTo(t, "alice@example.com"); len(dsns) != 1 {
+		t.Fatalf("%d DSNs, want 1", len(dsns))
+	}
+}
