@@ -52,7 +52,7 @@ func (s *Server) admit(nc net.Conn, listenerName string, implicitTLS bool) *conn
 		refusal = "too_many"
 	default:
 		s.perIP[key]++
-		c = &conn{Conn: nc, srv: s, ip: ip, key: key, id: s.connSeq.Add(1), implicitTLS: implicitTLS}
+		c = &conn{Conn: nc, srv: s, ip: ip, key: key, id: s.connSeq.Add(1), implicitTLS: implicitTLS, replied: time.Now()}
 		s.conns[c] = struct{}{}
 	}
 	s.mu.Unlock()
@@ -102,8 +102,13 @@ func (s *Server) logRefusal(refusal string, ip netip.Addr) {
 // net.ErrClosed so that go-smtp ends the session without a word of its own.
 var errCut = fmt.Errorf("smtpin: connection cut off: %w", net.ErrClosed)
 
-// conn is a client connection. Every read gets a fresh deadline: the
-// command timeout, or the data timeout while a message is coming in.
+// conn is a client connection. Outside a message, the client has the
+// command timeout from our last reply (or from its connection) to send
+// what comes next: a command whole (RFC 5321 §4.5.3.2.7), or its half of
+// a TLS handshake. A read that brings a byte does not push that back, so
+// that a client dripping a byte every few minutes cannot hold a slot for
+// days. Inside a message each read gets the data timeout afresh, as in
+// Postfix: a large message over a slow link takes as long as it takes.
 //
 // conn also closes three holes that go-smtp v0.25.1 (and v0.26.0) leaves
 // open, by watching the bytes go past:
@@ -126,6 +131,7 @@ type conn struct {
 	cut     atomic.Bool // being cut off: no more reads, no more commands
 
 	mu          sync.Mutex // orders deadline updates against wake; guards what follows
+	replied     time.Time  // our last write, or the connection's start
 	greeted     bool       // the greeting has been written
 	startingTLS bool       // we answered STARTTLS with 220: only TLS records may follow
 	draining    bool       // go-smtp is reading the rest of a message we rejected
@@ -143,11 +149,10 @@ func (c *conn) Read(b []byte) (int, error) {
 		return 0, errCut
 	}
 	now := time.Now()
-	d := c.srv.opts.CommandTimeout
+	deadline := c.replied.Add(c.srv.opts.CommandTimeout)
 	if c.inData.Load() {
-		d = c.srv.opts.DataTimeout
+		deadline = now.Add(c.srv.opts.DataTimeout)
 	}
-	deadline := now.Add(d)
 	if c.draining && c.drainBy.Before(deadline) {
 		deadline = c.drainBy
 	}
@@ -206,6 +211,7 @@ func (c *conn) Write(p []byte) (int, error) {
 	}
 	c.greeted = true
 	c.unanswered = 0
+	c.replied = time.Now()
 	last := c.cut.Load()
 	if last {
 		// The reply still goes out; then the connection closes, so that

@@ -390,3 +390,50 @@ func TestShutdownWaitsForEnqueueToReturn(t *testing.T) {
 		t.Fatalf("client was told %q", r)
 	}
 }
+
+// dripConn writes what it is given a byte at a time, a pause apart: a
+// client that keeps a connection alive with as little as it can.
+type dripConn struct {
+	net.Conn
+	pause time.Duration
+}
+
+func (d dripConn) Write(p []byte) (int, error) {
+	for i := range p {
+		time.Sleep(d.pause)
+		if _, err := d.Conn.Write(p[i : i+1]); err != nil {
+			return i, err
+		}
+	}
+	return len(p), nil
+}
+
+// A client has the command timeout from our last reply to send its next
+// command whole, and its half of a TLS handshake: a byte now and then
+// does not keep the connection, or its slot, for ever.
+func TestDrippingClientIsCutAtTheCommandTimeout(t *testing.T) {
+	e := start(t, func(o *Options) {
+		o.CommandTimeout = 300 * time.Millisecond
+		o.TrustedNetworks = append(o.TrustedNetworks, mustPrefix(t, "127.0.0.1/32"))
+	})
+	t.Run("a command", func(t *testing.T) {
+		d := dial(t, e.srv.Addr())
+		d.cmd("EHLO client.test", "250")
+		drip := dripConn{d.nc, 50 * time.Millisecond}
+		io.WriteString(drip, "MAIL FROM:<a@example.com>\r\n") // 27 bytes: 1.35 s
+		if !d.closed() {
+			t.Error("the connection is open after a command that took 4 command timeouts")
+		}
+	})
+	t.Run("implicit TLS handshake", func(t *testing.T) {
+		nc, err := net.Dial("tcp", e.srv.TLSAddr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer nc.Close()
+		tc := tls.Client(dripConn{nc, 20 * time.Millisecond}, e.clientTLS()) // a ClientHello of some 300 bytes: 6 s
+		if err := tc.Handshake(); err == nil {
+			t.Error("a handshake dripped over 20 command timeouts completed")
+		}
+	})
+}
