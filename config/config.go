@@ -383,7 +383,13 @@ func parse(data []byte, cfg *Config) (*Config, error) {
 	// winning at random. Keys are spelled as documented, or refused.
 	for _, k := range md.Keys() {
 		if want, ok := spelling(reflect.TypeFor[Config](), k); !ok {
-			return nil, keyError(data, k.String(), fmt.Sprintf("unknown key (keys are case-sensitive: %s)", want))
+			key := k.String()
+			if line := arrayKeyLine(data, key); line > 0 {
+				// A key of an [[array]] table: named with its index.
+				return nil, fmt.Errorf("line %d: %s: unknown key (keys are case-sensitive: %s)",
+					line, indexedKey(data, line, key), indexedKey(data, line, want))
+			}
+			return nil, keyError(data, key, fmt.Sprintf("unknown key (keys are case-sensitive: %s)", want))
 		}
 	}
 	if err := cfg.validate(data); err != nil {
@@ -406,7 +412,9 @@ func spelling(t reflect.Type, key toml.Key) (string, bool) {
 			return "", true // a value's own structure, such as an inline table
 		}
 		found := false
-		for f := range t.Fields() {
+		// Visible fields: an embedded struct's (Shaping in a route) are
+		// keys of the table too.
+		for _, f := range reflect.VisibleFields(t) {
 			tag, _, _ := strings.Cut(f.Tag.Get("toml"), ",")
 			if tag == part {
 				t, found = f.Type, true
@@ -511,6 +519,29 @@ func headerLine(data []byte, name string) int {
 		}
 		h := strings.TrimSpace(strings.Trim(t[:end], "[ "))
 		if strings.ReplaceAll(h, " ", "") == name {
+			return n + 1
+		}
+	}
+	return 0
+}
+
+// arrayKeyLine returns the line where key ("delivery.route.rate") is set
+// in an [[array]] table of its name, or 0.
+func arrayKeyLine(data []byte, key string) int {
+	i := strings.LastIndex(key, ".")
+	if i < 0 {
+		return 0
+	}
+	table, leaf := key[:i], key[i+1:]
+	current := ""
+	for n, l := range strings.Split(string(data), "\n") {
+		t := strings.TrimSpace(l)
+		switch {
+		case strings.HasPrefix(t, "[["):
+			current = strings.TrimSpace(strings.Trim(t[:strings.Index(t+"]]", "]]")], "[ "))
+		case strings.HasPrefix(t, "["):
+			current = ""
+		case current == table && keyIs(t, leaf):
 			return n + 1
 		}
 	}
@@ -791,10 +822,24 @@ func (c *Config) validateTables(data []byte) error {
 		if !slices.Contains(PolicyTLS, p.TLS) {
 			return bad(key+".tls", "%q is not a TLS policy (use %s)", p.TLS, strings.Join(PolicyTLS, ", "))
 		}
-		policies = append(policies, routing.Entry[int]{Domains: pats})
+		policies = append(policies, routing.Entry[int]{Domains: pats, Value: i})
 	}
 	if err := tieError(data, "delivery.policy", func(i int) string { return policyField[i] }, policies); err != nil {
 		return err
+	}
+	// With DANE off, TLSA records are looked up only where a policy entry
+	// says dane or dane-only (the daemon's DANE scope, matched as delivery
+	// matches the entries).
+	policyTable, err := routing.NewTable(policies)
+	if err != nil {
+		return bad("delivery.policy", "%v", err)
+	}
+	daneFor := func(host string) bool {
+		if c.DANE.Enabled {
+			return true
+		}
+		i, _, ok := policyTable.Lookup(host, "")
+		return ok && (d.Policies[i].TLS == "dane" || d.Policies[i].TLS == "dane-only")
 	}
 
 	var routes []routing.Entry[int]
@@ -830,6 +875,12 @@ func (c *Config) validateTables(data []byte) error {
 			// RFC 7672 §2.2: TLSA records hang off a host name; an
 			// address has none, so every message would wait to expire.
 			return bad(key+".tls", `"dane-only" needs a host name nexthop: an address has no TLSA records`)
+		}
+		if (r.TLS == "dane-only" || r.TLS == "dane") && !hop.Addr.IsValid() && !daneFor(hop.Host) {
+			// No TLSA lookup for the nexthop: dane-only would wait for
+			// records nobody looks up until every message expired.
+			return bad(key+".tls", `%q needs TLSA lookups for %s, which dane.enabled = false turns off: enable DANE, or add a [[delivery.policy]] entry for %s with tls = "dane"`,
+				r.TLS, hop.Host, hop.Host)
 		}
 		if (r.AuthUsername == "") != (r.AuthPasswordFile == "") {
 			return bad(key+".auth_username", "auth_username and auth_password_file go together (the password is never written in this file)")
@@ -1061,7 +1112,10 @@ func validSenderPattern(p string) bool {
 		return true
 	}
 	local, domain, ok := strings.Cut(p, "@")
-	return ok && local != "" && !strings.Contains(domain, "@") && routing.IsDomain(domain)
+	// "*" stands only for a whole local part, as submission reads it: a
+	// pattern it would refuse must be refused here, with its key.
+	return ok && local != "" && !strings.Contains(domain, "@") && routing.IsDomain(domain) &&
+		(local == "*" || !strings.Contains(local, "*"))
 }
 
 // Duration is a Go duration in TOML: "30s", "4h".

@@ -180,12 +180,17 @@ func TestRejectsBadInput(t *testing.T) {
 		{"zero conns", "[submission]\nmax_connections_per_ip = 0\n", "line 2: submission.max_connections_per_ip: must be positive"},
 		{"key in another case", "[delivery]\nworkers = 3\nWorkers = 5\n", "line 3: delivery.Workers: unknown key (keys are case-sensitive: delivery.workers)"},
 		{"table in another case", "[Delivery]\nworkers = 3\n", "unknown key (keys are case-sensitive: delivery)"},
+		{"a route's limit in another case", "[[delivery.route]]\ndomains = [\"*\"]\nnexthop = \"a.example\"\nmax_connections = 1\nMAX_CONNECTIONS = 7\n",
+			"line 5: delivery.route[0].MAX_CONNECTIONS: unknown key (keys are case-sensitive: delivery.route[0].max_connections)"},
+		{"a limit's rate in another case", "[[delivery.limits]]\ndomains = [\"a.example\"]\nRate = \"5/s\"\n",
+			"line 3: delivery.limits[0].Rate: unknown key (keys are case-sensitive: delivery.limits[0].rate)"},
 		{"zero total conns", "[submission]\nmax_connections = 0\n", "line 2: submission.max_connections: must be at least max_connections_per_ip (20), got 0"},
 		{"total under per-IP", "[submission]\nmax_connections_per_ip = 50\nmax_connections = 40\n", "line 3: submission.max_connections: must be at least"},
 		{"plaintext password", "[[submission.users]]\nname = \"a\"\npassword_hash = \"hunter2\"\n", "line 3: submission.users[0].password_hash: is not a bcrypt hash"},
 		{"empty user name", "[[submission.users]]\nname = \"\"\npassword_hash = \"" + testHash + "\"\n", "submission.users[0].name: must not be empty"},
 		{"duplicate user", "[[submission.users]]\nname = \"a\"\npassword_hash = \"" + testHash + "\"\n[[submission.users]]\nname = \"a\"\npassword_hash = \"" + testHash + "\"\n", "line 5: submission.users[1].name: user \"a\" is defined twice"},
 		{"bad sender pattern", "[[submission.users]]\nname = \"a\"\npassword_hash = \"" + testHash + "\"\nallowed_senders = [\"example.com\"]\n", "line 4: submission.users[0].allowed_senders"},
+		{"star inside a local part", "[[submission.users]]\nname = \"a\"\npassword_hash = \"" + testHash + "\"\nallowed_senders = [\"no*reply@example.com\"]\n", "line 4: submission.users[0].allowed_senders"},
 		{"bad resolver", "[dns]\nresolver = \"127.0.0.1\"\n", `line 2: dns.resolver: "127.0.0.1" is not host:port`},
 		{"zero dns timeout", "[dns]\ntimeout = \"0s\"\n", "dns.timeout"},
 		{"zero workers", "[delivery]\nworkers = 0\n", "line 2: delivery.workers: must be positive"},
@@ -441,6 +446,8 @@ func TestRejectsBadRoutesAndLimits(t *testing.T) {
 		{"auth in the clear", route("auth_username = \"u\"\nauth_password_file = \"/p\"\ntls = \"none\"\n"), "line 6: delivery.route[0].tls: \"none\" with credentials"},
 		{"implicit tls none", route("implicit_tls = true\ntls = \"none\"\n"), "delivery.route[0].tls: \"none\" contradicts implicit_tls"},
 		{"dane-only to an address", route("tls = \"dane-only\"\n"), `line 4: delivery.route[0].tls: "dane-only" needs a host name nexthop`},
+		{"dane-only with DANE off", "[dane]\nenabled = false\n[[delivery.route]]\ndomains = [\"*\"]\nnexthop = \"smtp.provider.example\"\ntls = \"dane-only\"\n",
+			`line 6: delivery.route[0].tls: "dane-only" needs TLSA lookups for smtp.provider.example, which dane.enabled = false turns off`},
 		{"bad rate", route("rate = \"lots\"\n"), `line 4: delivery.route[0].rate: "lots" is not a rate`},
 		{"negative connections", route("max_connections = -1\n"), "line 4: delivery.route[0].max_connections: must not be negative"},
 		{"overlapping routes", route("") + "[[delivery.route]]\ndomains = [\"a.example\", \"*\"]\nnexthop = \"b.example\"\n",
@@ -557,5 +564,17 @@ func TestHostnameFromSystemWhenLeftOut(t *testing.T) {
 	}
 	if c, err := Parse([]byte("hostname = \"relay.example.com\"\n")); err != nil || c.HostnameFromSystem {
 		t.Errorf("hostname set: %v, HostnameFromSystem %v", err, c.HostnameFromSystem)
+	}
+}
+
+// With DANE off, a route's dane or dane-only is taken when a policy
+// entry for its nexthop turns TLSA lookups on there.
+func TestDANERouteWithDANEOffNeedsAPolicyEntry(t *testing.T) {
+	def := Default()
+	def.Hostname = "relay.example.com"
+	toml := "[dane]\nenabled = false\n[[delivery.policy]]\ndomains = [\".provider.example\"]\ntls = \"dane\"\n" +
+		"[[delivery.route]]\ndomains = [\"*\"]\nnexthop = \"smtp.provider.example\"\ntls = \"dane-only\"\n"
+	if _, err := parse([]byte(toml), def); err != nil {
+		t.Fatalf("refused: %v", err)
 	}
 }
