@@ -126,9 +126,10 @@ type conn struct {
 	id          uint64 // in log lines, to tell one client's sessions apart
 	implicitTLS bool
 
-	inData  atomic.Bool
-	expired atomic.Bool // a read timed out during DATA: end the session now
-	cut     atomic.Bool // being cut off: no more reads, no more commands
+	inData   atomic.Bool
+	expired  atomic.Bool  // a read timed out during DATA: end the session now
+	cut      atomic.Bool  // being cut off: no more reads, no more commands
+	refusals atomic.Int32 // since the last message accepted (session.refused)
 
 	mu          sync.Mutex // orders deadline updates against wake; guards what follows
 	replied     time.Time  // our last write, or the connection's start
@@ -235,6 +236,13 @@ func (c *conn) Write(p []byte) (int, error) {
 		return 0, err
 	}
 	return len(p), nil
+}
+
+// cutOff is cutLocked for a caller that does not hold c.mu.
+func (c *conn) cutOff(why string, attrs ...any) {
+	c.mu.Lock()
+	c.cutLocked(why, attrs...)
+	c.mu.Unlock()
 }
 
 // cutLocked starts cutting the connection off: reads fail from now on,

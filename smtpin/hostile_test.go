@@ -475,3 +475,38 @@ type nobody struct{}
 func (nobody) Deliver(ctx context.Context, job *queue.Job) []queue.Status {
 	return make([]queue.Status, len(job.Recipients))
 }
+
+// A client that only tries what it may not (MAIL without AUTH, AUTH in
+// plaintext) is cut off after maxRefused refusals, with a 421: before, it
+// could go on for ever, a reply and a log line each. A message accepted in
+// between starts the count afresh.
+func TestClientThatOnlyGetsRefusedIsCutOff(t *testing.T) {
+	var logs syncBuffer
+	e := start(t, func(o *Options) { o.Logger = slog.New(slog.NewTextHandler(&logs, nil)) })
+	d := dial(t, e.srv.Addr())
+	d.cmd("EHLO client.test", "250")
+	for i := range maxRefused - 1 {
+		d.cmd([]string{"MAIL FROM:<a@example.com>", "AUTH PLAIN"}[i%2], "5")
+	}
+	d.cmd("MAIL FROM:<a@example.com>", "421 4.7.0")
+	if !d.closed() {
+		t.Fatal("the connection is open after the 421")
+	}
+	if n := strings.Count(logs.String(), "smtpin: rejected"); n >= maxRefused {
+		t.Errorf("%d rejection lines for one client, want fewer than %d", n, maxRefused)
+	}
+
+	trusted := start(t, func(o *Options) { o.TrustedNetworks = []netip.Prefix{mustPrefix(t, "127.0.0.1/32")} })
+	d = dial(t, trusted.srv.Addr())
+	d.cmd("EHLO client.test", "250")
+	for range 3 {
+		for range maxRefused - 1 {
+			d.cmd("MAIL FROM:<bad address>", "5")
+		}
+		d.cmd("MAIL FROM:<a@example.com>", "250")
+		d.cmd("RCPT TO:<b@example.org>", "250")
+		d.cmd("DATA", "354")
+		d.write(testMessage + ".\r\n")
+		d.expect("250")
+	}
+}

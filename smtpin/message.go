@@ -121,6 +121,7 @@ func (s *session) receive(tx transaction, r io.Reader) error {
 		slog.Int64("size", msg.n), slog.String("user", env.User), slog.String("tls", tlsInfo),
 		slog.Bool("requiretls", env.RequireTLS), slog.Bool("notlspolicy", env.NoTLSPolicy),
 		slog.Duration("duration", time.Since(start).Round(time.Millisecond)))
+	s.conn.refusals.Store(0) // a client that gets mail through is no prober
 	// go-smtp sends an SMTPError as the reply, even a 250.
 	return &smtp.SMTPError{Code: 250, EnhancedCode: smtp.EnhancedCode{2, 0, 0}, Message: "Ok: queued as " + id}
 }

@@ -117,8 +117,8 @@ func (s *session) Auth(mech string) (sasl.Server, error) {
 		// crosses the network in the clear: there is no user to name.
 		s.log.Info("smtpin: auth refused: TLS required first", "mechanism", mech)
 		// RFC 4954 §6 and RFC 5248: 538 5.7.11 encryption required.
-		return nil, &smtp.SMTPError{Code: 538, EnhancedCode: smtp.EnhancedCode{5, 7, 11},
-			Message: "Encryption required for requested authentication mechanism: use STARTTLS first"}
+		return nil, s.refused(&smtp.SMTPError{Code: 538, EnhancedCode: smtp.EnhancedCode{5, 7, 11},
+			Message: "Encryption required for requested authentication mechanism: use STARTTLS first"})
 	}
 	if len(s.srv.users.Load().users) == 0 {
 		return nil, smtp.ErrAuthUnsupported
@@ -131,13 +131,13 @@ func (s *session) Auth(mech string) (sasl.Server, error) {
 		case "client":
 			metricAuth.WithLabelValues("rate_limited").Inc()
 			s.log.Warn("smtpin: auth refused: too many failed attempts from this client", "user", s.logUser(name))
-			return &smtp.SMTPError{Code: 454, EnhancedCode: smtp.EnhancedCode{4, 7, 0},
-				Message: "Too many failed authentication attempts from your address, try again later"}
+			return s.refused(&smtp.SMTPError{Code: 454, EnhancedCode: smtp.EnhancedCode{4, 7, 0},
+				Message: "Too many failed authentication attempts from your address, try again later"})
 		case "user":
 			metricAuth.WithLabelValues("rate_limited").Inc()
 			s.log.Warn("smtpin: auth refused: too many failed attempts for this user from this client", "user", s.logUser(name))
-			return &smtp.SMTPError{Code: 454, EnhancedCode: smtp.EnhancedCode{4, 7, 0},
-				Message: "Too many failed authentication attempts for this user, try again later"}
+			return s.refused(&smtp.SMTPError{Code: 454, EnhancedCode: smtp.EnhancedCode{4, 7, 0},
+				Message: "Too many failed authentication attempts for this user, try again later"})
 		}
 		// No proxy authorization: a user acts only as itself.
 		if identity != "" && identity != name {
@@ -173,8 +173,8 @@ func (s *session) authFailed(name, why string) error {
 	s.srv.authLim.failed(clientKey(s.client), name)
 	s.log.Warn("smtpin: auth failed", "user", s.logUser(name), "reason", why)
 	time.Sleep(s.srv.authFailDelay)
-	return &smtp.SMTPError{Code: 535, EnhancedCode: smtp.EnhancedCode{5, 7, 8},
-		Message: "Authentication failed: " + why}
+	return s.refused(&smtp.SMTPError{Code: 535, EnhancedCode: smtp.EnhancedCode{5, 7, 8},
+		Message: "Authentication failed: " + why})
 }
 
 // logUser names the user a client tried, for a log line. A configured
@@ -325,6 +325,26 @@ func (s *session) rejectAs(user, reason string, e *smtp.SMTPError, attrs ...any)
 		attrs = append(attrs, "user", user)
 	}
 	s.log.Info("smtpin: rejected", attrs...)
+	return s.refused(e)
+}
+
+// maxRefused is how many refusals a connection may collect, with no
+// message accepted in between, before it is closed: as Postfix's
+// smtpd_hard_error_limit (20), so that a client that only tries what it
+// may not (MAIL without AUTH, AUTH without TLS, a locked-out password)
+// gets no endless stream of replies, nor the log one line for each.
+const maxRefused = 20
+
+// refused counts e when it refuses for good (5xx), or is a refused AUTH,
+// and at the limit cuts the connection, answering 421 instead.
+func (s *session) refused(e *smtp.SMTPError) error {
+	if e.Code < 500 && e.Code != 454 {
+		return e // a temporary state of ours (452, 451), not the client's error
+	}
+	if n := s.conn.refusals.Add(1); n >= maxRefused {
+		s.conn.cutOff("too many refused commands", "refused", n)
+		return &smtp.SMTPError{Code: 421, EnhancedCode: smtp.EnhancedCode{4, 7, 0}, Message: "Too many errors, closing connection"}
+	}
 	return e
 }
 
