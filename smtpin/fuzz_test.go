@@ -107,7 +107,8 @@ func FuzzSession(f *testing.F) {
 	}
 	srv.authFailDelay = 0
 	// Every recovered panic reaches errs, none is rate-limited away.
-	srv.smtp.ErrorLog = slogPrinter{log: srv.log, panics: rate.NewLimiter(rate.Inf, 0), suppressed: new(atomic.Int64)}
+	srv.smtp.ErrorLog = slogPrinter{log: srv.log, panics: rate.NewLimiter(rate.Inf, 0), suppressed: new(atomic.Int64),
+		others: rate.NewLimiter(rate.Inf, 0), unlogged: new(atomic.Int64)}
 	if err := srv.Listen(); err != nil {
 		f.Fatal(err)
 	}

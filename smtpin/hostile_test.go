@@ -510,3 +510,27 @@ func TestClientThatOnlyGetsRefusedIsCutOff(t *testing.T) {
 		d.expect("250")
 	}
 }
+
+// A scanner's connections to the TLS port, each a failed handshake, make
+// a few log lines, not one each (as refused connections do).
+func TestFailedHandshakesAreLoggedAFewAtATime(t *testing.T) {
+	var logs syncBuffer
+	e := start(t, func(o *Options) { o.Logger = slog.New(slog.NewTextHandler(&logs, nil)) })
+	for range 60 {
+		nc, err := net.Dial("tcp", e.srv.TLSAddr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.WriteString(nc, "GET / HTTP/1.0\r\n\r\n")
+		nc.SetReadDeadline(time.Now().Add(5 * time.Second))
+		io.Copy(io.Discard, nc) // until the server closes it
+		nc.Close()
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for !strings.Contains(logs.String(), "tls:") && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := strings.Count(logs.String(), "tls:"); n == 0 || n > 20 {
+		t.Errorf("%d log lines about failed handshakes for 60 connections, want a few", n)
+	}
+}

@@ -470,15 +470,19 @@ func (s *Server) enqueueCount() int {
 // provoke (the one go-smtp v0.25.1 had, commands pipelined after "Too
 // many errors", is fixed in third_party/go-smtp), but should one turn up
 // their stack traces are rate-limited: a flood of them must not become a
-// flood of log.
+// flood of log. The rest is limited as refused connections are: a scanner
+// opening hundreds of connections to the TLS port gets a few lines.
 type slogPrinter struct {
 	log        *slog.Logger
 	panics     *rate.Limiter
 	suppressed *atomic.Int64
+	others     *rate.Limiter
+	unlogged   *atomic.Int64
 }
 
 func newSlogPrinter(log *slog.Logger) slogPrinter {
-	return slogPrinter{log: log, panics: rate.NewLimiter(rate.Every(time.Minute), 3), suppressed: new(atomic.Int64)}
+	return slogPrinter{log: log, panics: rate.NewLimiter(rate.Every(time.Minute), 3), suppressed: new(atomic.Int64),
+		others: rate.NewLimiter(rate.Every(time.Second), 5), unlogged: new(atomic.Int64)}
 }
 
 func (p slogPrinter) Printf(format string, v ...any) { p.print(fmt.Sprintf(format, v...)) }
@@ -487,7 +491,15 @@ func (p slogPrinter) Println(v ...any) { p.print(fmt.Sprint(v...)) }
 
 func (p slogPrinter) print(msg string) {
 	if !strings.HasPrefix(msg, "panic") {
-		p.log.Info("smtpin: " + msg)
+		if !p.others.Allow() {
+			p.unlogged.Add(1)
+			return
+		}
+		var attrs []any
+		if n := p.unlogged.Swap(0); n > 0 {
+			attrs = append(attrs, "also_unlogged", n)
+		}
+		p.log.Info("smtpin: "+msg, attrs...)
 		return
 	}
 	metricPanics.Inc()
