@@ -402,6 +402,13 @@ func (r *Resolver) exchange(ctx context.Context, name string, qtype uint16) (*dn
 			return nil, &Error{Name: name, Type: dns.TypeToString[qtype], Rcode: -1, Err: err}
 		}
 		resp, _, err := r.udp.ExchangeContext(ctx, q, server)
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() && ctx.Err() == nil {
+			// A datagram lost (either way): once more before the next
+			// server, as resolv.conf's default attempts:2 has it. With a
+			// single nameserver, one lost packet would defer the mail.
+			resp, _, err = r.udp.ExchangeContext(ctx, q, server)
+		}
 		if resp != nil && resp.Truncated {
 			// RFC 7766 §5: TC means ask again over TCP, also when the
 			// cut left a record half there that would not unpack (the

@@ -599,3 +599,14 @@ func TestTTLWithTheTopBitSetIsZero(t *testing.T) {
 		t.Errorf("cached for %v, want not at all", d)
 	}
 }
+
+// A datagram lost once is asked for again before the lookup fails: with
+// a single nameserver, one lost packet would otherwise defer the mail.
+func TestLostDatagramIsAskedForAgain(t *testing.T) {
+	s := dnstest.New(t, "example.com. 300 IN MX 10 mx.example.com.")
+	s.SetFault("example.com", dns.TypeMX, dnstest.FaultDropFirst)
+	mxs, _, err := newResolver(t, s).MX(t.Context(), "example.com")
+	if err != nil || len(mxs) != 1 {
+		t.Errorf("MX = %v, %v; want the answer to the second datagram", mxs, err)
+	}
+}

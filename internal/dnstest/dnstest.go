@@ -44,6 +44,9 @@ const (
 	// FaultNotImp answers NOTIMP, as a server that does not do the query
 	// type (an old forwarder and TLSA, say).
 	FaultNotImp
+	// FaultDropFirst drops the first query, as a lost datagram, and
+	// answers the rest.
+	FaultDropFirst
 )
 
 // Server is a DNS server on 127.0.0.1, UDP and TCP on the same port.
@@ -212,6 +215,13 @@ func (s *Server) serve(w dns.ResponseWriter, q *dns.Msg, tcp bool) {
 	fault := s.faults[faultKey{name, question.Qtype}]
 	if fault == FaultNone {
 		fault = s.faults[faultKey{name, 0}]
+	}
+	if fault == FaultDropFirst {
+		if s.queries[faultKey{name, question.Qtype}] > 1 {
+			fault = FaultNone
+		} else {
+			fault = FaultDrop
+		}
 	}
 	delay := s.delays[name]
 	s.mu.Unlock()
