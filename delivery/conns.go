@@ -387,24 +387,23 @@ func aggregate(nh NextHop, fails []*hostFailure) queue.Status {
 	// a host that was merely unreachable never turns into a bounce. An
 	// address of a host that then refused on another one is not such a
 	// host (spokenFor).
-	var st *queue.Status
-	for _, f := range fails {
-		if st == nil && !f.spokenFor {
-			st = &f.status
+	pick := -1
+	for i, f := range fails {
+		if f.spokenFor {
+			continue
 		}
-		if !f.status.Permanent() && !f.spokenFor {
-			st = &f.status
+		if pick < 0 || !f.status.Permanent() {
+			pick = i
+		}
+		if !f.status.Permanent() {
 			break
 		}
 	}
-	if st == nil {
-		st = &fails[0].status
-	}
-	out := *st
+	st := fails[max(pick, 0)].status
 	if len(fails) > 1 {
-		out.Text = truncateList("", texts(fails))
+		st.Text = truncateList("", texts(fails))
 	}
-	return out
+	return st
 }
 
 // reasons lists "mx1.example.com: certificate name mismatch" once per host.
