@@ -83,14 +83,11 @@ func (s *Server) admit(nc net.Conn, listenerName string, implicitTLS bool) *conn
 // logRefusal logs a refused connection, at most a few lines a second: a
 // flood must not turn into a flood of log lines.
 func (s *Server) logRefusal(refusal string, ip netip.Addr) {
-	if !s.refusalLog.Allow() {
-		s.refusalsUnlogged.Add(1)
+	more, ok := s.refusalLog.allow()
+	if !ok {
 		return
 	}
-	attrs := []any{"client", ip}
-	if n := s.refusalsUnlogged.Swap(0); n > 0 {
-		attrs = append(attrs, "also_refused_unlogged", n)
-	}
+	attrs := append([]any{"client", ip}, more...)
 	if refusal == "server_full" {
 		s.log.Warn("smtpin: connection refused: too many connections in all", append(attrs, "limit", s.opts.MaxConns)...)
 		return

@@ -107,8 +107,7 @@ func FuzzSession(f *testing.F) {
 	}
 	srv.authFailDelay = 0
 	// Every recovered panic reaches errs, none is rate-limited away.
-	srv.smtp.ErrorLog = slogPrinter{log: srv.log, panics: rate.NewLimiter(rate.Inf, 0), suppressed: new(atomic.Int64),
-		others: rate.NewLimiter(rate.Inf, 0), unlogged: new(atomic.Int64)}
+	srv.smtp.ErrorLog = slogPrinter{log: srv.log, panics: newLogLimit(rate.Inf, 0, ""), others: newLogLimit(rate.Inf, 0, "")}
 	if err := srv.Listen(); err != nil {
 		f.Fatal(err)
 	}

@@ -130,8 +130,7 @@ type Server struct {
 	// with room to spare for the rest of a rejected one.
 	maxUnanswered int64
 	// refusalLog rate-limits the log lines of refused connections.
-	refusalLog       *rate.Limiter
-	refusalsUnlogged atomic.Int64
+	refusalLog logLimit
 
 	mu        sync.Mutex
 	plainLn   net.Listener
@@ -210,7 +209,7 @@ func New(opts Options, q Enqueuer) (*Server, error) {
 		authLim:       newAuthLimiter(opts.AuthFailures, opts.AuthFailuresPerIP, opts.AuthFailuresPer),
 		authFailDelay: time.Second,
 		maxUnanswered: 2*opts.MaxMessageSize + 64<<10,
-		refusalLog:    rate.NewLimiter(rate.Every(time.Second), 5),
+		refusalLog:    newLogLimit(rate.Every(time.Second), 5, "also_refused_unlogged"),
 		conns:         make(map[*conn]struct{}),
 		perIP:         make(map[netip.Prefix]int),
 		serveDone:     make(chan struct{}),
@@ -473,16 +472,14 @@ func (s *Server) enqueueCount() int {
 // flood of log. The rest is limited as refused connections are: a scanner
 // opening hundreds of connections to the TLS port gets a few lines.
 type slogPrinter struct {
-	log        *slog.Logger
-	panics     *rate.Limiter
-	suppressed *atomic.Int64
-	others     *rate.Limiter
-	unlogged   *atomic.Int64
+	log    *slog.Logger
+	panics logLimit
+	others logLimit
 }
 
 func newSlogPrinter(log *slog.Logger) slogPrinter {
-	return slogPrinter{log: log, panics: rate.NewLimiter(rate.Every(time.Minute), 3), suppressed: new(atomic.Int64),
-		others: rate.NewLimiter(rate.Every(time.Second), 5), unlogged: new(atomic.Int64)}
+	return slogPrinter{log: log, panics: newLogLimit(rate.Every(time.Minute), 3, "also_recovered_unlogged"),
+		others: newLogLimit(rate.Every(time.Second), 5, "also_unlogged")}
 }
 
 func (p slogPrinter) Printf(format string, v ...any) { p.print(fmt.Sprintf(format, v...)) }
@@ -491,25 +488,37 @@ func (p slogPrinter) Println(v ...any) { p.print(fmt.Sprint(v...)) }
 
 func (p slogPrinter) print(msg string) {
 	if !strings.HasPrefix(msg, "panic") {
-		if !p.others.Allow() {
-			p.unlogged.Add(1)
-			return
+		if attrs, ok := p.others.allow(); ok {
+			p.log.Info("smtpin: "+msg, attrs...)
 		}
-		var attrs []any
-		if n := p.unlogged.Swap(0); n > 0 {
-			attrs = append(attrs, "also_unlogged", n)
-		}
-		p.log.Info("smtpin: "+msg, attrs...)
 		return
 	}
 	metricPanics.Inc()
-	if !p.panics.Allow() {
-		p.suppressed.Add(1)
-		return
+	if attrs, ok := p.panics.allow(); ok {
+		p.log.Error("smtpin: "+msg, attrs...)
 	}
-	var attrs []any
-	if n := p.suppressed.Swap(0); n > 0 {
-		attrs = append(attrs, "also_recovered_unlogged", n)
+}
+
+// logLimit lets a few log lines through and counts the rest, which the
+// next line let through names under key.
+type logLimit struct {
+	lim      *rate.Limiter
+	unlogged *atomic.Int64
+	key      string
+}
+
+func newLogLimit(r rate.Limit, burst int, key string) logLimit {
+	return logLimit{lim: rate.NewLimiter(r, burst), unlogged: new(atomic.Int64), key: key}
+}
+
+// allow says whether a line may go out now, and the attributes it adds.
+func (l logLimit) allow() ([]any, bool) {
+	if !l.lim.Allow() {
+		l.unlogged.Add(1)
+		return nil, false
 	}
-	p.log.Error("smtpin: "+msg, attrs...)
+	if n := l.unlogged.Swap(0); n > 0 {
+		return []any{l.key, n}, true
+	}
+	return nil, true
 }
