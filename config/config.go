@@ -761,7 +761,6 @@ func (c *Config) validate(data []byte) error {
 		return bad("tlsrpt.max_delay", "must be positive and at most 20h (use e.g. 4h)")
 	}
 	keys := map[string]bool{}
-	relayed := map[string]int{} // domain → the entry that signs its relayed mail
 	for i, k := range c.DKIM {
 		key := fmt.Sprintf("dkim[%d]", i)
 		k.Domain = strings.ToLower(strings.TrimSuffix(k.Domain, "."))
@@ -779,12 +778,6 @@ func (c *Config) validate(data []byte) error {
 			return bad(key+".selector", "%s._domainkey.%s is defined twice", k.Selector, k.Domain)
 		}
 		keys[k.Selector+"._domainkey."+k.Domain] = true
-		if k.SignRelayed {
-			if j, ok := relayed[k.Domain]; ok {
-				return bad(key+".sign_relayed", "dkim[%d] already signs relayed mail from %s; at most one key per domain may (set sign_relayed = false on one)", j, k.Domain)
-			}
-			relayed[k.Domain] = i
-		}
 	}
 	return nil
 }

@@ -216,7 +216,6 @@ func TestRejectsBadInput(t *testing.T) {
 		{"dkim bad selector", "[[dkim]]\ndomain = \"example.com\"\nselector = \"s 1\"\nkey_file = \"k.pem\"\n", "line 3: dkim[0].selector"},
 		{"dkim no key", "[[dkim]]\ndomain = \"example.com\"\nselector = \"s1\"\n", "dkim[0].key_file: must be set"},
 		{"dkim twice", "[[dkim]]\ndomain = \"example.com\"\nselector = \"s1\"\nkey_file = \"a.pem\"\n[[dkim]]\ndomain = \"Example.com.\"\nselector = \"s1\"\nkey_file = \"b.pem\"\n", "s1._domainkey.example.com is defined twice"},
-		{"dkim sign_relayed twice", "[[dkim]]\ndomain = \"example.com\"\nselector = \"s1\"\nkey_file = \"a.pem\"\nsign_relayed = true\n[[dkim]]\ndomain = \"example.com\"\nselector = \"s2\"\nkey_file = \"b.pem\"\nsign_relayed = true\n", "line 10: dkim[1].sign_relayed: dkim[0] already signs relayed mail from example.com; at most one key per domain may"},
 		{"dkim sign_relayed not a bool", "[[dkim]]\ndomain = \"example.com\"\nselector = \"s1\"\nkey_file = \"a.pem\"\nsign_relayed = \"yes\"\n", "sign_relayed"},
 		{"dkim unknown key", "[[dkim]]\ndomain = \"example.com\"\nselector = \"s1\"\nkey_file = \"a.pem\"\nsign_all = true\n", "dkim.sign_all: unknown key"},
 		{"auth limit failures", "[submission.auth_limit]\nfailures = 0\n", "line 2: submission.auth_limit.failures: must be positive"},
@@ -576,5 +575,21 @@ func TestDANERouteWithDANEOffNeedsAPolicyEntry(t *testing.T) {
 		"[[delivery.route]]\ndomains = [\"*\"]\nnexthop = \"smtp.provider.example\"\ntls = \"dane-only\"\n"
 	if _, err := parse([]byte(toml), def); err != nil {
 		t.Fatalf("refused: %v", err)
+	}
+}
+
+// Several keys of one domain may sign its relayed mail (an RSA key beside
+// an Ed25519 one); only a key named twice is refused.
+func TestSeveralKeysOfOneDomainSignRelayedMail(t *testing.T) {
+	def := Default()
+	def.Hostname = "relay.example.com"
+	two := "[[dkim]]\ndomain = \"example.com\"\nselector = \"rsa\"\nkey_file = \"a.pem\"\nsign_relayed = true\n" +
+		"[[dkim]]\ndomain = \"example.com\"\nselector = \"ed\"\nkey_file = \"b.pem\"\nsign_relayed = true\n"
+	if _, err := parse([]byte(two), def); err != nil {
+		t.Fatalf("refused: %v", err)
+	}
+	twice := strings.ReplaceAll(two, `"ed"`, `"rsa"`)
+	if _, err := parse([]byte(twice), Default()); err == nil || !strings.Contains(err.Error(), "defined twice") {
+		t.Errorf("one key name twice: %v", err)
 	}
 }

@@ -42,8 +42,9 @@ var headerKeys = []string{"From", "From", "To", "To", "Cc", "Cc", "Subject", "Su
 
 // Options configures a Signer.
 type Options struct {
-	// Keys sign by From: domain; at most one per domain (config validates
-	// that).
+	// Keys sign by From: domain. Every key of the closest domain signs:
+	// an RSA key beside an Ed25519 one, since a receiver that does not
+	// know ed25519-sha256 (RFC 8463) takes that signature for none.
 	Keys []Key
 	// SenderAllowed reports whether the login user may use address as its
 	// sender: smtpin's rule for MAIL FROM, as it stands now. Mail from a
@@ -74,10 +75,11 @@ func New(opts Options) (*Signer, error) {
 		if d == "" || k.Selector == "" || k.Signer == nil {
 			return nil, fmt.Errorf("dkimsign: key %d lacks a domain, selector or private key", i)
 		}
-		if seen[d] {
-			return nil, fmt.Errorf("dkimsign: two keys sign relayed mail for %s", d)
+		name := strings.ToLower(k.Selector) + "._domainkey." + d
+		if seen[name] {
+			return nil, fmt.Errorf("dkimsign: two keys named %s", name)
 		}
-		seen[d] = true
+		seen[name] = true
 		keys[i].Domain = d
 	}
 	allowed := opts.SenderAllowed
@@ -110,16 +112,16 @@ func (w deliverer) Deliver(ctx context.Context, job *queue.Job) []queue.Status {
 	return w.next.Deliver(ctx, job)
 }
 
-// open opens the stored message and, when a key applies, puts a
-// signature in front of it. It returns an error only when the stored
+// open opens the stored message and, when keys apply, puts their
+// signatures in front of it. It returns an error only when the stored
 // message cannot be read.
 func (s *Signer) open(job *queue.Job, open func() (io.ReadCloser, error)) (io.ReadCloser, error) {
 	body, err := open()
 	if err != nil {
 		return nil, err
 	}
-	key, from, ending, why := s.pick(body)
-	if key == nil {
+	keys, from, ending, why := s.pick(body)
+	if len(keys) == 0 {
 		s.log.Debug("dkimsign: not signed", "id", job.ID, "reason", why)
 		return reopen(body, open)
 	}
@@ -127,14 +129,22 @@ func (s *Signer) open(job *queue.Job, open func() (io.ReadCloser, error)) (io.Re
 	if user := job.Envelope.User; user != "" && !s.senderAllowed(user, from) {
 		metricSigned.WithLabelValues("not_allowed").Inc()
 		s.log.Warn("dkimsign: not signed: the login may not use the From: address (allowed_senders)", "id", job.ID,
-			"user", user, "header_from", from, "key", key.Selector+"._domainkey."+key.Domain)
+			"user", user, "header_from", from, "key", keys[0].name())
 		return reopen(body, open)
 	}
-	sig, err := s.sign(key, body, func() (io.ReadCloser, error) { return withEnding(open, ending) })
-	if err != nil {
-		metricSigned.WithLabelValues("failed").Inc()
-		s.log.Warn("dkimsign: signing failed, the message goes out unsigned", "id", job.ID,
-			"key", key.Selector+"._domainkey."+key.Domain, "err", err)
+	body.Close()
+	var sigs strings.Builder
+	for _, key := range keys {
+		sig, err := s.sign(key, func() (io.ReadCloser, error) { return withEnding(open, ending) })
+		if err != nil {
+			metricSigned.WithLabelValues("failed").Inc()
+			s.log.Warn("dkimsign: signing failed, the message goes out without this key's signature", "id", job.ID,
+				"key", key.name(), "err", err)
+			continue
+		}
+		sigs.WriteString(sig)
+	}
+	if sigs.Len() == 0 {
 		return open()
 	}
 	metricSigned.WithLabelValues("signed").Inc()
@@ -142,8 +152,11 @@ func (s *Signer) open(job *queue.Job, open func() (io.ReadCloser, error)) (io.Re
 	if err != nil {
 		return nil, err
 	}
-	return readCloser{io.MultiReader(strings.NewReader(sig), rc), rc}, nil
+	return readCloser{io.MultiReader(strings.NewReader(sigs.String()), rc), rc}, nil
 }
+
+// name is the key's DNS name, as logs give it.
+func (k *Key) name() string { return k.Selector + "._domainkey." + k.Domain }
 
 // withEnding opens the message with ending after it: the empty line that
 // ends a header section of a message without a body (RFC 5322 §3.5 lets
@@ -169,9 +182,8 @@ type readCloser struct {
 }
 
 // sign streams the whole message through the DKIM signer and returns the
-// DKIM-Signature field, CRLF included. body is closed.
-func (s *Signer) sign(key *Key, body io.ReadCloser, open func() (io.ReadCloser, error)) (string, error) {
-	body.Close()
+// DKIM-Signature field, CRLF included.
+func (s *Signer) sign(key *Key, open func() (io.ReadCloser, error)) (string, error) {
 	rc, err := open()
 	if err != nil {
 		return "", err
@@ -200,10 +212,10 @@ func (s *Signer) sign(key *Key, body io.ReadCloser, open func() (io.ReadCloser, 
 	return signer.Signature(), nil
 }
 
-// pick reads the header section of the message and returns the key that
+// pick reads the header section of the message and returns the keys that
 // should sign it with the From: address and what the message lacks at its
-// end ("\r\n" for a message of header fields only), or nil and why not.
-func (s *Signer) pick(r io.Reader) (key *Key, from, ending, why string) {
+// end ("\r\n" for a message of header fields only), or none and why not.
+func (s *Signer) pick(r io.Reader) (keys []*Key, from, ending, why string) {
 	hdr, ended, err := readHeader(r)
 	if err != nil {
 		return nil, "", "", err.Error()
@@ -232,16 +244,23 @@ func (s *Signer) pick(r io.Reader) (key *Key, from, ending, why string) {
 		return nil, "", "", "From: address has no domain"
 	}
 	domain := strings.ToLower(strings.TrimSuffix(from[at+1:], "."))
-	if key = s.keyFor(domain); key == nil {
+	all := s.keysFor(domain)
+	if len(all) == 0 {
 		return nil, "", "", "no key for " + domain
 	}
-	for _, v := range m.Header["Dkim-Signature"] {
-		d, sel := sigTags(v)
-		if strings.EqualFold(d, key.Domain) && strings.EqualFold(sel, key.Selector) {
-			return nil, "", "", "already signed by " + key.Selector + "._domainkey." + key.Domain
+	for _, k := range all {
+		signed := slices.ContainsFunc(m.Header["Dkim-Signature"], func(v string) bool {
+			d, sel := sigTags(v)
+			return strings.EqualFold(d, k.Domain) && strings.EqualFold(sel, k.Selector)
+		})
+		if !signed {
+			keys = append(keys, k)
 		}
 	}
-	return key, from, ending, ""
+	if len(keys) == 0 {
+		return nil, "", "", "already signed by " + all[0].name()
+	}
+	return keys, from, ending, ""
 }
 
 // fromParser reads From: for its address alone. net/mail decodes only
@@ -252,13 +271,20 @@ var fromParser = mail.AddressParser{WordDecoder: &mime.WordDecoder{
 	CharsetReader: func(_ string, input io.Reader) (io.Reader, error) { return input, nil },
 }}
 
-// keyFor returns the key of domain or of its closest parent.
-func (s *Signer) keyFor(domain string) *Key {
-	var best *Key
+// keysFor returns the keys of domain, or of its closest parent that has
+// any.
+func (s *Signer) keysFor(domain string) []*Key {
+	var best []*Key
 	for i := range s.keys {
 		k := &s.keys[i]
-		if (domain == k.Domain || strings.HasSuffix(domain, "."+k.Domain)) && (best == nil || len(k.Domain) > len(best.Domain)) {
-			best = k
+		if domain != k.Domain && !strings.HasSuffix(domain, "."+k.Domain) {
+			continue
+		}
+		switch {
+		case len(best) == 0 || len(k.Domain) > len(best[0].Domain):
+			best = []*Key{k}
+		case k.Domain == best[0].Domain:
+			best = append(best, k)
 		}
 	}
 	return best

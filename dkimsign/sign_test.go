@@ -6,6 +6,8 @@ import (
 	"crypto"
 	"crypto/ed25519"
 	"crypto/rand"
+	"crypto/rsa"
+	"crypto/x509"
 	"encoding/base64"
 	"errors"
 	"fmt"
@@ -227,12 +229,45 @@ func TestClosestKeyWins(t *testing.T) {
 		t.Fatal(err)
 	}
 	for from, want := range map[string]string{"a@mail.example.com": "c", "a@x.mail.example.com": "c", "a@example.com": "p", "a@other.example.com": "p"} {
-		if k := s.keyFor(from[2:]); k == nil || k.Selector != want {
-			t.Errorf("%s: key %+v, want selector %s", from, k, want)
+		if ks := s.keysFor(from[2:]); len(ks) != 1 || ks[0].Selector != want {
+			t.Errorf("%s: keys %+v, want selector %s alone", from, ks, want)
 		}
 	}
 	if _, err := New(Options{Keys: []Key{parent, parent}}); err == nil {
-		t.Error("two keys for one domain were accepted")
+		t.Error("the same key twice was accepted")
+	}
+}
+
+// Every key of the domain signs: an RSA key beside an Ed25519 one, since
+// a receiver that does not know ed25519-sha256 (RFC 8463) takes its
+// signature for none. A key whose signature the message carries already
+// does not sign again.
+func TestEveryKeyOfTheDomainSigns(t *testing.T) {
+	ed, edLookup := edKey(t, "example.com", "ed")
+	rsaPriv, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	der, _ := x509.MarshalPKIXPublicKey(&rsaPriv.PublicKey)
+	rsaTXT := "v=DKIM1; k=rsa; p=" + b64(der)
+	lookup := func(name string) ([]string, error) {
+		if name == "rs._domainkey.example.com" {
+			return []string{rsaTXT}, nil
+		}
+		return edLookup(name)
+	}
+	s, err := New(Options{Keys: []Key{ed, {Domain: "example.com", Selector: "rs", Signer: rsaPriv}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := deliver(t, s, job("a@example.com", msg))
+	vs, err := dkim.VerifyWithOptions(strings.NewReader(got), &dkim.VerifyOptions{LookupTXT: lookup})
+	if err != nil || len(vs) != 2 || vs[0].Err != nil || vs[1].Err != nil {
+		t.Fatalf("verify: %v %+v\n%s", err, vs, got)
+	}
+	again := deliver(t, s, job("a@example.com", got))
+	if n := strings.Count(again, "DKIM-Signature:"); n != 2 {
+		t.Errorf("%d signatures after a second pass, want the 2 already there", n)
 	}
 }
 
