@@ -96,17 +96,27 @@ func TestDSNForUTF8MessageUsesGlobalTypes(t *testing.T) {
 
 // A DSN to a UTF-8 sender needs SMTPUTF8 for its own envelope (RFC 6531).
 func TestDSNToAUTF8SenderIsSMTPUTF8(t *testing.T) {
-	tq := newTestQueue(t, newScripted(all(fail550)), Options{})
 	e := env("jöran@example.com", "bob@example.org")
 	e.SMTPUTF8 = true
+	if dsn, _ := onlyDSN(t, fail550, e); !dsn.Envelope.SMTPUTF8 {
+		t.Fatalf("DSN %+v, want it with SMTPUTF8", dsn)
+	}
+}
+
+// onlyDSN queues a message of e whose delivery gets st, and returns the
+// one DSN its sender gets, with its body.
+func onlyDSN(t *testing.T, st Status, e Envelope) (*message, []byte) {
+	t.Helper()
+	tq := newTestQueue(t, newScripted(all(st)), Options{})
 	tq.enqueue(t, e)
 	tq.run(t)
 	tq.waitJobs(t, 1)
 	tq.settle(t)
-	dsns := tq.dsnsTo(t, "jöran@example.com")
-	if len(dsns) != 1 || !dsns[0].Envelope.SMTPUTF8 {
-		t.Fatalf("DSNs %+v, want one with SMTPUTF8", dsns)
+	dsns := tq.dsnsTo(t, e.From)
+	if len(dsns) != 1 {
+		t.Fatalf("%d DSNs, want 1", len(dsns))
 	}
+	return dsns[0], tq.body(t, dsns[0])
 }
 
 // A remote's long ASCII reply, cut short, leaves an ASCII report ASCII:
@@ -116,20 +126,11 @@ func TestLongASCIIReplyKeepsTheDSNSevenBit(t *testing.T) {
 	long := fail550
 	long.Reply = "550 5.7.1 " + strings.Repeat("policy text ", 120)
 	long.Text = "mx.example.org[192.0.2.1]: " + long.Reply
-	tq := newTestQueue(t, newScripted(all(long)), Options{})
-	tq.enqueue(t, env("alice@example.com", "bob@example.org"))
-	tq.run(t)
-	tq.waitJobs(t, 1)
-	tq.settle(t)
-	dsns := tq.dsnsTo(t, "alice@example.com")
-	if len(dsns) != 1 {
-		t.Fatalf("%d DSNs, want 1", len(dsns))
-	}
-	body := tq.body(t, dsns[0])
+	dsn, body := onlyDSN(t, long, env("alice@example.com", "bob@example.org"))
 	rep := parseDSN(t, body)
-	if !isASCII(string(body)) || dsns[0].Envelope.Body8Bit || rep.statusType != "message/delivery-status" {
+	if !isASCII(string(body)) || dsn.Envelope.Body8Bit || rep.statusType != "message/delivery-status" {
 		t.Errorf("8-bit %v, BODY=8BITMIME %v, part 2 %q; want a 7-bit report of the classic types",
-			!isASCII(string(body)), dsns[0].Envelope.Body8Bit, rep.statusType)
+			!isASCII(string(body)), dsn.Envelope.Body8Bit, rep.statusType)
 	}
 	if d := rep.recipients[0].Get("Diagnostic-Code"); !strings.HasSuffix(d, "...") {
 		t.Errorf("Diagnostic-Code %q, want it cut with an ASCII ellipsis", d)
@@ -142,16 +143,7 @@ func TestDSNTruncationNeverCutsAUTF8Character(t *testing.T) {
 	long := fail550
 	long.Reply = "550 5.1.1 x" + strings.Repeat("é", 600) // an odd number of ASCII bytes before
 	long.Text = "mx.example.org[192.0.2.1]: " + long.Reply
-	tq := newTestQueue(t, newScripted(all(long)), Options{})
-	tq.enqueue(t, env("alice@example.com", "bob@example.org"))
-	tq.run(t)
-	tq.waitJobs(t, 1)
-	tq.settle(t)
-	dsns := tq.dsnsTo(t, "alice@example.com")
-	if len(dsns) != 1 {
-		t.Fatalf("%d DSNs, want 1", len(dsns))
-	}
-	body := tq.body(t, dsns[0])
+	_, body := onlyDSN(t, long, env("alice@example.com", "bob@example.org"))
 	if !utf8.Valid(body) {
 		t.Error("DSN is not valid UTF-8: a character was cut in half")
 	}
