@@ -148,16 +148,25 @@ type Error struct {
 	Rcode    int // DNS response code, -1 when there was no response
 	NotFound bool
 	Err      error
+	// At is the CNAME target the response code speaks of, when Name is an
+	// alias (RFC 6604 §2.1: the code is about the chain's last name): an
+	// MX name in order whose provider's name is gone or whose provider's
+	// servers fail, which the operator should hear named.
+	At string
 }
 
 func (e *Error) Error() string {
-	if e.NotFound {
-		return fmt.Sprintf("%s lookup for %s: NXDOMAIN", e.Type, strings.TrimSuffix(e.Name, "."))
+	what := dns.RcodeToString[e.Rcode]
+	switch {
+	case e.NotFound:
+		what = "NXDOMAIN"
+	case e.Err != nil:
+		what = e.Err.Error()
 	}
-	if e.Err != nil {
-		return fmt.Sprintf("%s lookup for %s: %v", e.Type, strings.TrimSuffix(e.Name, "."), e.Err)
+	if e.At != "" {
+		return fmt.Sprintf("%s lookup for %s: %s at %s, the end of its CNAME chain", e.Type, strings.TrimSuffix(e.Name, "."), what, strings.TrimSuffix(e.At, "."))
 	}
-	return fmt.Sprintf("%s lookup for %s: %s", e.Type, strings.TrimSuffix(e.Name, "."), dns.RcodeToString[e.Rcode])
+	return fmt.Sprintf("%s lookup for %s: %s", e.Type, strings.TrimSuffix(e.Name, "."), what)
 }
 
 func (e *Error) Unwrap() error { return e.Err }
@@ -203,12 +212,12 @@ func (r *Resolver) lookup(ctx context.Context, name string, qtype uint16, res *R
 			return err
 		}
 		res.Secure = res.Secure && msg.AuthenticatedData
-		switch msg.Rcode {
-		case dns.RcodeSuccess:
-		case dns.RcodeNameError:
-			return &Error{Name: name, Type: dns.TypeToString[qtype], Rcode: msg.Rcode, NotFound: true}
-		default:
-			return &Error{Name: name, Type: dns.TypeToString[qtype], Rcode: msg.Rcode}
+		if msg.Rcode != dns.RcodeSuccess {
+			e := &Error{Name: name, Type: dns.TypeToString[qtype], Rcode: msg.Rcode, NotFound: msg.Rcode == dns.RcodeNameError}
+			if end := chainEnd(msg, cur); end != name {
+				e.At = end
+			}
+			return e
 		}
 		if len(own) > 0 {
 			// The records sit at the name asked for: what the walk below
@@ -251,6 +260,25 @@ func (r *Resolver) lookup(ctx context.Context, name string, qtype uint16, res *R
 			}
 		}
 	}
+}
+
+// chainEnd returns the last name of the CNAME chain from name in msg's
+// answer: name itself when the answer holds no alias for it.
+func chainEnd(msg *dns.Msg, name string) string {
+	for range maxCNAMEs {
+		next := ""
+		for _, rr := range msg.Answer {
+			if c, ok := rr.(*dns.CNAME); ok && c.Hdr.Class == dns.ClassINET && strings.EqualFold(c.Hdr.Name, name) {
+				next = dns.CanonicalName(c.Target)
+				break
+			}
+		}
+		if next == "" {
+			break
+		}
+		name = next
+	}
+	return name
 }
 
 // hasOwner reports whether msg has answer records owned by name.

@@ -610,3 +610,22 @@ func TestLostDatagramIsAskedForAgain(t *testing.T) {
 		t.Errorf("MX = %v, %v; want the answer to the second datagram", mxs, err)
 	}
 }
+
+func TestFailureBehindCNAMENamesTheChainsEnd(t *testing.T) {
+	// RFC 6604 §2.1: the response code speaks of the chain's last name.
+	// An operator reading "NXDOMAIN" for an MX name that exists looks in
+	// the wrong zone unless the error names the provider's name.
+	s := dnstest.New(t,
+		"mx.example.com. 300 IN CNAME mx.provider.net.")
+	r := newResolver(t, s)
+
+	_, err := r.Lookup(t.Context(), "mx.example.com", dns.TypeA)
+	if !IsNotFound(err) || !strings.Contains(err.Error(), "A lookup for mx.example.com: NXDOMAIN at mx.provider.net") {
+		t.Errorf("NXDOMAIN behind a CNAME: %v", err)
+	}
+	// Without an alias the error stays as it was.
+	_, err = r.Lookup(t.Context(), "nowhere.example.com", dns.TypeA)
+	if !IsNotFound(err) || err.Error() != "A lookup for nowhere.example.com: NXDOMAIN" {
+		t.Errorf("NXDOMAIN without a CNAME: %v", err)
+	}
+}
