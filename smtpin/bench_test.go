@@ -158,7 +158,7 @@ func BenchmarkReceive(b *testing.B) {
 				b.Fatal(err)
 			}
 			s := &session{srv: srv, client: netip.MustParseAddr("127.0.0.1"), log: discard}
-			tx := transaction{helo: "client.test", env: queue.Envelope{From: "app@example.com", ClientAddr: "127.0.0.1",
+			tx := transaction{helo: "client.test", extended: true, env: queue.Envelope{From: "app@example.com", ClientAddr: "127.0.0.1",
 				Recipients: []queue.RecipientParams{{Addr: "rcpt@example.org"}}}}
 			msg := benchMessage(bs.size)
 			src := bytes.NewReader(msg)

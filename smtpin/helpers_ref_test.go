@@ -107,12 +107,14 @@ func isDotStringRef(s string) bool {
 }
 
 // traceHeadersRef takes the Message-ID to add, which traceHeaders makes up.
-func (s *session) traceHeadersRef(helo string, env queue.Envelope, hdr *header, now time.Time, newID string) (string, string) {
+func (s *session) traceHeadersRef(helo string, extended bool, env queue.Envelope, hdr *header, now time.Time, newID string) (string, string) {
 	var b strings.Builder
 	host := s.srv.opts.Hostname
 	proto := "ESMTP"
 	if env.SMTPUTF8 {
 		proto = "UTF8SMTP"
+	} else if !extended && s.tls == nil && env.User == "" {
+		proto = "SMTP"
 	}
 	if s.tls != nil {
 		proto += "S"
@@ -195,6 +197,7 @@ func TestTraceHeadersMatchReference(t *testing.T) {
 		tls    *tls.ConnectionState
 		show   bool
 		helo   string
+		helo1  bool // HELO, not EHLO
 		env    queue.Envelope
 		hdr    header
 	}{
@@ -207,11 +210,13 @@ func TestTraceHeadersMatchReference(t *testing.T) {
 			helo: "bad helo\r\n", env: queue.Envelope{User: "app", SMTPUTF8: true}, hdr: header{hasDate: true}},
 		{name: "no HELO, no client", hdr: header{hasMessageID: true}},
 		{name: "link-local client", client: netip.MustParseAddr("fe80::1%eth0"), helo: "client.example"},
+		{name: "HELO", client: netip.MustParseAddr("192.0.2.1"), helo: "client.example", helo1: true},
+		{name: "HELO, then AUTH", client: netip.MustParseAddr("192.0.2.1"), helo: "client.example", helo1: true, env: queue.Envelope{User: "app"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s := &session{srv: &Server{opts: Options{Hostname: "relay.example", ShowAuthUser: tc.show}}, client: tc.client, tls: tc.tls}
-			got, gotID := s.traceHeaders(tc.helo, tc.env, &tc.hdr, now)
-			want, wantID := s.traceHeadersRef(tc.helo, tc.env, &tc.hdr, now, gotID)
+			got, gotID := s.traceHeaders(tc.helo, !tc.helo1, tc.env, &tc.hdr, now)
+			want, wantID := s.traceHeadersRef(tc.helo, !tc.helo1, tc.env, &tc.hdr, now, gotID)
 			if got != want || gotID != wantID {
 				t.Errorf("got %q, %q\nwant %q, %q", got, gotID, want, wantID)
 			}
@@ -232,7 +237,7 @@ func TestReceivedNamesTheClientByAnAddressLiteral(t *testing.T) {
 		"fe80::1%eth0":     "Received: from c.example ([IPv6:fe80::1])\r\n",
 	} {
 		s := &session{srv: &Server{opts: Options{Hostname: "relay.example"}}, client: netip.MustParseAddr(in)}
-		got, _ := s.traceHeaders("c.example", queue.Envelope{}, &header{hasMessageID: true, hasDate: true}, time.Now())
+		got, _ := s.traceHeaders("c.example", true, queue.Envelope{}, &header{hasMessageID: true, hasDate: true}, time.Now())
 		if !strings.HasPrefix(got, want) {
 			t.Errorf("%s: %q, want it to begin %q", in, got, want)
 		}

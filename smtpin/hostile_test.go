@@ -211,6 +211,21 @@ func TestAuthWithGarbageBase64(t *testing.T) {
 	wantQueued(t, e, 0)
 }
 
+func TestAuthWithAnUnknownMechanism(t *testing.T) {
+	// RFC 4954 §4, §6: "504 5.5.4 Unrecognized authentication type"
+	// (go-smtp v0.25.1 said 5.7.4, fixed in third_party/go-smtp); not a
+	// failed password, so the client may go on with one we offer.
+	e := start(t, nil)
+	d := dial(t, e.srv.Addr())
+	d.cmd("EHLO client.test", "250")
+	d.cmd("STARTTLS", "220")
+	d.starttls(e.clientTLS())
+	d.cmd("EHLO client.test", "250")
+	d.cmd("AUTH CRAM-MD5", "504 5.5.4")
+	d.cmd("AUTH XOAUTH2 "+b64("user=x\x01auth=Bearer y\x01\x01"), "504 5.5.4")
+	d.cmd(authPlainLine(testUser, testPassword), "235")
+}
+
 func TestSTARTTLSTwiceRefused(t *testing.T) {
 	e := start(t, nil)
 	d := authedDialogue(t, e)

@@ -76,7 +76,7 @@ func (s *session) receive(tx transaction, r io.Reader) error {
 	if hdr.tlsRequiredNo && !env.RequireTLS {
 		env.NoTLSPolicy = true
 	}
-	trace, msgID := s.traceHeaders(tx.helo, env, &hdr, time.Now())
+	trace, msgID := s.traceHeaders(tx.helo, tx.extended, env, &hdr, time.Now())
 	env.MessageID = msgID
 	msg := &rd.msg
 	*msg = messageReader{trace: trace, raw: hdr.raw, rest: br}
@@ -595,8 +595,9 @@ func isFieldName(b []byte) bool {
 
 // traceHeaders returns the Received header (RFC 5321 §4.4) and, as Postfix
 // does for submission, a Message-ID and Date when the message has none;
-// and the message's Message-ID, its own or the one added.
-func (s *session) traceHeaders(helo string, env queue.Envelope, hdr *header, now time.Time) (string, string) {
+// and the message's Message-ID, its own or the one added. extended says
+// the client greeted with EHLO.
+func (s *session) traceHeaders(helo string, extended bool, env queue.Envelope, hdr *header, now time.Time) (string, string) {
 	// Appended to a buffer on the stack: one allocation, the string.
 	b := make([]byte, 0, 512)
 	host := s.srv.opts.Hostname
@@ -621,10 +622,14 @@ func (s *session) traceHeaders(helo string, env queue.Envelope, hdr *header, now
 	b = append(b, "\tby "...)
 	b = append(b, host...)
 	b = append(b, " (stsrelay) with "...)
-	// RFC 3848 and RFC 6531 §3.7.3: with-protocol names.
-	if env.SMTPUTF8 {
+	// RFC 3848 and RFC 6531 §3.7.3: with-protocol names. "SMTP" is a
+	// client that said HELO and used no extension: no STARTTLS, no AUTH.
+	switch {
+	case env.SMTPUTF8:
 		b = append(b, "UTF8SMTP"...)
-	} else {
+	case !extended && s.tls == nil && env.User == "":
+		b = append(b, "SMTP"...)
+	default:
 		b = append(b, "ESMTP"...)
 	}
 	if s.tls != nil {

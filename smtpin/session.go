@@ -76,8 +76,9 @@ type session struct {
 
 // transaction is one MAIL … DATA.
 type transaction struct {
-	env  queue.Envelope
-	helo string // as of MAIL: a client may say EHLO again
+	env      queue.Envelope
+	helo     string // as of MAIL: a client may say EHLO again
+	extended bool   // the greeting was EHLO
 }
 
 var _ smtp.AuthSession = (*session)(nil)
@@ -265,7 +266,7 @@ func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 	if s.user != nil {
 		env.User = s.user.Name
 	}
-	s.tx = &transaction{env: env, helo: s.sc.Hostname()}
+	s.tx = &transaction{env: env, helo: s.sc.Hostname(), extended: s.sc.Extended()}
 	return nil
 }
 

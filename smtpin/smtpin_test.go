@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"reflect"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -298,6 +299,31 @@ func TestTrustedNetworkRelaysWithoutAuth(t *testing.T) {
 	}
 	if !strings.Contains(m.body, "with ESMTP;") {
 		t.Errorf("Received does not say plain ESMTP:\n%s", m.body)
+	}
+}
+
+func TestReceivedSaysSMTPAfterHELO(t *testing.T) {
+	// RFC 3848: "SMTP" for a client that greeted with HELO, "ESMTP" for
+	// EHLO; a later EHLO in the session counts from then on.
+	e := start(t, func(o *Options) { o.TrustedNetworks = []netip.Prefix{mustPrefix(t, "127.0.0.1/32")} })
+	d := dial(t, e.srv.Addr())
+	send := func(greeting string) {
+		t.Helper()
+		d.cmd(greeting+" client.test", "250")
+		d.cmd("MAIL FROM:<app@example.com>", "250")
+		d.cmd("RCPT TO:<a@example.org>", "250")
+		d.cmd("DATA", "354")
+		d.cmd("From: app@example.com\r\nSubject: x\r\n\r\nx\r\n.", "250")
+	}
+	send("HELO")
+	send("EHLO")
+	send("HELO")
+	var with []string
+	for _, m := range e.q.stored() {
+		with = append(with, regexp.MustCompile(`with [A-Z0-9]+;`).FindString(m.body))
+	}
+	if want := []string{"with SMTP;", "with ESMTP;", "with SMTP;"}; !slices.Equal(with, want) {
+		t.Errorf("Received says %q, want %q", with, want)
 	}
 }
 

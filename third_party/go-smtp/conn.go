@@ -48,6 +48,10 @@ type Conn struct {
 	recipients   []string
 	didAuth      bool
 
+	// stsrelay: the client greeted with EHLO or LHLO, not HELO (see
+	// Extended).
+	extended bool
+
 	// stsrelay: the command being handled may have its reply held back
 	// until the end of a pipelined group (see writeResponse).
 	groupable bool
@@ -225,6 +229,15 @@ func (c *Conn) Hostname() string {
 	return c.helo
 }
 
+// Extended reports whether the client's last greeting was EHLO (or LHLO),
+// which asks for the service extensions, rather than HELO (RFC 5321
+// §4.1.1.1): a trace header's protocol name says which (RFC 3848).
+//
+// stsrelay: v0.25.1 kept no record of it.
+func (c *Conn) Extended() bool {
+	return c.extended
+}
+
 func (c *Conn) Conn() net.Conn {
 	return c.conn
 }
@@ -256,6 +269,7 @@ func (c *Conn) handleGreet(enhanced bool, arg string) {
 	// c.helo is populated before NewSession so
 	// NewSession can access it via Conn.Hostname.
 	c.helo = domain
+	c.extended = enhanced
 
 	// RFC 5321: "An EHLO command MAY be issued by a client later in the session"
 	if c.session != nil {
@@ -265,7 +279,7 @@ func (c *Conn) handleGreet(enhanced bool, arg string) {
 	} else {
 		sess, err := c.server.Backend.NewSession(c)
 		if err != nil {
-			c.helo = ""
+			c.helo, c.extended = "", false
 			c.writeError(451, EnhancedCode{4, 0, 0}, err)
 			return
 		}
@@ -1014,6 +1028,7 @@ func (c *Conn) handleStartTLS() {
 		c.setSession(nil)
 	}
 	c.helo = ""
+	c.extended = false
 	c.didAuth = false
 	c.reset()
 }
