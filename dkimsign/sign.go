@@ -120,9 +120,19 @@ func (s *Signer) open(job *queue.Job, open func() (io.ReadCloser, error)) (io.Re
 	if err != nil {
 		return nil, err
 	}
-	keys, from, ending, why := s.pick(body)
+	keys, from, ending, why, malformed := s.pick(body)
 	if len(keys) == 0 {
-		s.log.Debug("dkimsign: not signed", "id", job.ID, "reason", why)
+		if malformed && len(s.keysFor(domainOf(job.Envelope.From))) > 0 {
+			// The sender's domain has a key, so a signature was most
+			// likely expected. Without one From: address there is no
+			// domain to sign for, and From: must be signed (RFC 6376
+			// §5.4, RFC 5322 §3.6: exactly one).
+			metricSigned.WithLabelValues("unsignable").Inc()
+			s.log.Warn("dkimsign: not signed: the message's header section has no single From: address to sign for", "id", job.ID,
+				"mail_from", job.Envelope.From, "reason", why)
+		} else {
+			s.log.Debug("dkimsign: not signed", "id", job.ID, "reason", why)
+		}
 		return reopen(body, open)
 	}
 	// Trusted networks ("") may send as anyone, as MAIL FROM shows.
@@ -214,39 +224,39 @@ func (s *Signer) sign(key *Key, open func() (io.ReadCloser, error)) (string, err
 
 // pick reads the header section of the message and returns the keys that
 // should sign it with the From: address and what the message lacks at its
-// end ("\r\n" for a message of header fields only), or none and why not.
-func (s *Signer) pick(r io.Reader) (keys []*Key, from, ending, why string) {
+// end ("\r\n" for a message of header fields only), or none and why not;
+// malformed says the reason is the message's header, not the keys.
+func (s *Signer) pick(r io.Reader) (keys []*Key, from, ending, why string, malformed bool) {
 	hdr, ended, err := readHeader(r)
 	if err != nil {
-		return nil, "", "", err.Error()
+		return nil, "", "", err.Error(), errors.Is(err, errHeaderTooLarge)
 	}
 	if !ended {
 		ending = "\r\n"
 	}
 	m, err := mail.ReadMessage(bytes.NewReader(hdr))
 	if err != nil {
-		return nil, "", "", "unparsable header: " + err.Error()
+		return nil, "", "", "unparsable header: " + err.Error(), true
 	}
 	froms := m.Header["From"]
 	if len(froms) != 1 {
-		return nil, "", "", fmt.Sprintf("%d From: fields", len(froms))
+		return nil, "", "", fmt.Sprintf("%d From: fields", len(froms)), true
 	}
 	addrs, err := fromParser.ParseList(froms[0])
 	if err != nil {
-		return nil, "", "", "unparsable From: " + err.Error()
+		return nil, "", "", "unparsable From: " + err.Error(), true
 	}
 	if len(addrs) != 1 {
-		return nil, "", "", fmt.Sprintf("From: names %d addresses", len(addrs))
+		return nil, "", "", fmt.Sprintf("From: names %d addresses", len(addrs)), true
 	}
 	from = addrs[0].Address
-	at := strings.LastIndexByte(from, '@')
-	if at < 0 {
-		return nil, "", "", "From: address has no domain"
+	domain := domainOf(from)
+	if domain == "" {
+		return nil, "", "", "From: address has no domain", true
 	}
-	domain := strings.ToLower(strings.TrimSuffix(from[at+1:], "."))
 	all := s.keysFor(domain)
 	if len(all) == 0 {
-		return nil, "", "", "no key for " + domain
+		return nil, "", "", "no key for " + domain, false
 	}
 	for _, k := range all {
 		signed := slices.ContainsFunc(m.Header["Dkim-Signature"], func(v string) bool {
@@ -258,9 +268,9 @@ func (s *Signer) pick(r io.Reader) (keys []*Key, from, ending, why string) {
 		}
 	}
 	if len(keys) == 0 {
-		return nil, "", "", "already signed by " + all[0].name()
+		return nil, "", "", "already signed by " + all[0].name(), false
 	}
-	return keys, from, ending, ""
+	return keys, from, ending, "", false
 }
 
 // fromParser reads From: for its address alone. net/mail decodes only
@@ -270,6 +280,15 @@ func (s *Signer) pick(r io.Reader) (keys []*Key, from, ending, why string) {
 var fromParser = mail.AddressParser{WordDecoder: &mime.WordDecoder{
 	CharsetReader: func(_ string, input io.Reader) (io.Reader, error) { return input, nil },
 }}
+
+// domainOf returns the lower-case domain of addr, "" without one.
+func domainOf(addr string) string {
+	at := strings.LastIndexByte(addr, '@')
+	if at < 0 {
+		return ""
+	}
+	return strings.ToLower(strings.TrimSuffix(addr[at+1:], "."))
+}
 
 // keysFor returns the keys of domain, or of its closest parent that has
 // any.

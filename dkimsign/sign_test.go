@@ -101,27 +101,42 @@ func TestSignsAndVerifies(t *testing.T) {
 
 func TestLeavesAlone(t *testing.T) {
 	k, _ := edKey(t, "example.com", "s1")
-	s, _ := New(Options{Keys: []Key{k}})
+	var logs bytes.Buffer
+	s, _ := New(Options{Keys: []Key{k}, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
 	presigned := "DKIM-Signature: v=1; a=ed25519-sha256; d=Example.COM;\r\n s = s1 ; b=abc; bh=def; h=from\r\n" + msg
-	for name, j := range map[string]*queue.Job{
-		"null sender":         job("", msg),
-		"tls report":          {ID: "q", Envelope: queue.Envelope{From: "r@example.com", TLSReport: true}, Open: job("", msg).Open},
-		"other domain":        job("a@example.com", strings.Replace(msg, "a@example.com", "a@example.community", 1)),
-		"no From":             job("a@example.com", "Subject: x\r\n\r\nbody\r\n"),
-		"two From fields":     job("a@example.com", "From: a@example.com\r\n"+msg),
-		"two From addresses":  job("a@example.com", strings.Replace(msg, "<a@example.com>", "<a@example.com>, <c@example.com>", 1)),
-		"unparsable From":     job("a@example.com", strings.Replace(msg, "<a@example.com>", "<<a@@example.com", 1)),
-		"already signed":      job("a@example.com", presigned),
-		"header section only": job("a@example.com", "To: x@example.net\r\n"),
+	// warn: the message, not the keys, is why, and MAIL FROM's domain has
+	// a key, so the operator hears of it.
+	for name, tc := range map[string]struct {
+		j    *queue.Job
+		warn bool
+	}{
+		"null sender":                 {j: job("", msg)},
+		"tls report":                  {j: &queue.Job{ID: "q", Envelope: queue.Envelope{From: "r@example.com", TLSReport: true}, Open: job("", msg).Open}},
+		"other domain":                {j: job("a@example.com", strings.Replace(msg, "a@example.com", "a@example.community", 1))},
+		"no From":                     {j: job("a@example.com", "Subject: x\r\n\r\nbody\r\n"), warn: true},
+		"no From, other MAIL":         {j: job("a@example.org", "Subject: x\r\n\r\nbody\r\n")},
+		"two From fields":             {j: job("a@example.com", "From: a@example.com\r\n"+msg), warn: true},
+		"two From addresses":          {j: job("a@example.com", strings.Replace(msg, "<a@example.com>", "<a@example.com>, <c@example.com>", 1)), warn: true},
+		"unparsable From":             {j: job("a@example.com", strings.Replace(msg, "<a@example.com>", "<<a@@example.com", 1)), warn: true},
+		"body without the empty line": {j: job("a@example.com", "From: <a@example.com>\r\nSubject: hi\r\nbody\r\n"), warn: true},
+		"already signed":              {j: job("a@example.com", presigned)},
+		"header section only":         {j: job("a@example.com", "To: x@example.net\r\n"), warn: true},
 	} {
+		logs.Reset()
+		before := testutil.ToFloat64(metricSigned.WithLabelValues("unsignable"))
 		want := ""
-		if j.Open != nil {
-			rc, _ := j.Open()
+		if tc.j.Open != nil {
+			rc, _ := tc.j.Open()
 			b, _ := io.ReadAll(rc)
 			want = string(b)
 		}
-		if got := deliver(t, s, j); got != want {
+		if got := deliver(t, s, tc.j); got != want {
 			t.Errorf("%s: changed to\n%s", name, got)
+		}
+		warned := strings.Contains(logs.String(), "level=WARN")
+		counted := testutil.ToFloat64(metricSigned.WithLabelValues("unsignable")) - before
+		if warned != tc.warn || (counted == 1) != tc.warn {
+			t.Errorf("%s: warned %v, counted %v; want %v\n%s", name, warned, counted, tc.warn, logs.String())
 		}
 	}
 }
