@@ -21,8 +21,10 @@ import (
 	"strings"
 	"syscall"
 	"time"
+	"unicode/utf8"
 
 	"github.com/BurntSushi/toml"
+	"golang.org/x/net/idna"
 
 	"github.com/stsrelay/stsrelay/admin"
 	"github.com/stsrelay/stsrelay/delivery"
@@ -1106,7 +1108,15 @@ func validSenderPattern(p string) bool {
 	}
 	local, domain, ok := strings.Cut(p, "@")
 	// "*" stands only for a whole local part, as submission reads it: a
-	// pattern it would refuse must be refused here, with its key.
+	// pattern it would refuse must be refused here, with its key. The
+	// domain may be written in U-labels (submission compares A-labels).
+	if strings.ContainsFunc(domain, func(r rune) bool { return r >= utf8.RuneSelf }) {
+		a, err := idna.Lookup.ToASCII(domain)
+		if err != nil {
+			return false
+		}
+		domain = a
+	}
 	return ok && local != "" && !strings.Contains(domain, "@") && routing.IsDomain(domain) &&
 		(local == "*" || !strings.Contains(local, "*"))
 }

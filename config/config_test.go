@@ -104,7 +104,7 @@ max_message_size = "512KB"
 [[submission.users]]
 name = "app"
 password_hash = "` + testHash + `"
-allowed_senders = ["*@example.com", "bob@example.org"]
+allowed_senders = ["*@example.com", "bob@example.org", "*@bücher.example"]
 [[submission.users]]
 name = "cron"
 password_hash = "` + testHash + `"
@@ -129,7 +129,7 @@ trust_remote_resolver = true
 	if n := cfg.Submission.TrustedNetworks; len(n) != 2 || n[0].String() != "10.1.2.0/24" || n[1].String() != "2001:db8::1/128" {
 		t.Errorf("trusted_networks = %v", n)
 	}
-	if u := cfg.Submission.Users; len(u) != 2 || u[0].AllowedSenders[1] != "bob@example.org" || u[1].Name != "cron" {
+	if u := cfg.Submission.Users; len(u) != 2 || u[0].AllowedSenders[1] != "bob@example.org" || u[0].AllowedSenders[2] != "*@bücher.example" || u[1].Name != "cron" {
 		t.Errorf("users = %+v", u)
 	}
 	if r := cfg.Delivery.RetrySchedule; len(r) != 2 || r[1].Duration != 90*time.Minute {
@@ -190,6 +190,7 @@ func TestRejectsBadInput(t *testing.T) {
 		{"empty user name", "[[submission.users]]\nname = \"\"\npassword_hash = \"" + testHash + "\"\n", "submission.users[0].name: must not be empty"},
 		{"duplicate user", "[[submission.users]]\nname = \"a\"\npassword_hash = \"" + testHash + "\"\n[[submission.users]]\nname = \"a\"\npassword_hash = \"" + testHash + "\"\n", "line 5: submission.users[1].name: user \"a\" is defined twice"},
 		{"bad sender pattern", "[[submission.users]]\nname = \"a\"\npassword_hash = \"" + testHash + "\"\nallowed_senders = [\"example.com\"]\n", "line 4: submission.users[0].allowed_senders"},
+		{"sender pattern's domain no IDNA name", "[[submission.users]]\nname = \"a\"\npassword_hash = \"" + testHash + "\"\nallowed_senders = [\"*@bücher..example\"]\n", "line 4: submission.users[0].allowed_senders"},
 		{"star inside a local part", "[[submission.users]]\nname = \"a\"\npassword_hash = \"" + testHash + "\"\nallowed_senders = [\"no*reply@example.com\"]\n", "line 4: submission.users[0].allowed_senders"},
 		{"bad resolver", "[dns]\nresolver = \"127.0.0.1\"\n", `line 2: dns.resolver: "127.0.0.1" is not host:port`},
 		{"zero dns timeout", "[dns]\ntimeout = \"0s\"\n", "dns.timeout"},

@@ -13,8 +13,10 @@ import (
 	"net/mail"
 	"slices"
 	"strings"
+	"unicode/utf8"
 
 	"github.com/emersion/go-msgauth/dkim"
+	"golang.org/x/net/idna"
 
 	"github.com/stsrelay/stsrelay/queue"
 )
@@ -281,13 +283,23 @@ var fromParser = mail.AddressParser{WordDecoder: &mime.WordDecoder{
 	CharsetReader: func(_ string, input io.Reader) (io.Reader, error) { return input, nil },
 }}
 
-// domainOf returns the lower-case domain of addr, "" without one.
+// domainOf returns the domain of addr in lower-case A-labels, as keys
+// name theirs: "" without one, or when it is no IDNA name. A From: of
+// RFC 6532 mail may hold U-labels.
 func domainOf(addr string) string {
 	at := strings.LastIndexByte(addr, '@')
 	if at < 0 {
 		return ""
 	}
-	return strings.ToLower(strings.TrimSuffix(addr[at+1:], "."))
+	d := strings.ToLower(strings.TrimSuffix(addr[at+1:], "."))
+	if strings.ContainsFunc(d, func(r rune) bool { return r >= utf8.RuneSelf }) {
+		a, err := idna.Lookup.ToASCII(d)
+		if err != nil {
+			return ""
+		}
+		d = a
+	}
+	return d
 }
 
 // keysFor returns the keys of domain, or of its closest parent that has

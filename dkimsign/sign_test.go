@@ -253,6 +253,21 @@ func TestClosestKeyWins(t *testing.T) {
 	}
 }
 
+// A From: in U-labels (RFC 6532 mail) finds the key of its A-labels.
+func TestInternationalisedFromDomainFindsItsKey(t *testing.T) {
+	k, lookup := edKey(t, "xn--bcher-kva.example", "s1")
+	s, err := New(Options{Keys: []Key{k}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := "From: <a@Bücher.example>\r\nTo: <b@example.net>\r\nSubject: hi\r\n\r\nbody\r\n"
+	got := deliver(t, s, job("a@bücher.example", m))
+	vs, err := dkim.VerifyWithOptions(strings.NewReader(got), &dkim.VerifyOptions{LookupTXT: lookup})
+	if err != nil || len(vs) != 1 || vs[0].Err != nil || vs[0].Domain != "xn--bcher-kva.example" {
+		t.Fatalf("verify: %v %+v\n%s", err, vs, got)
+	}
+}
+
 // Every key of the domain signs: an RSA key beside an Ed25519 one, since
 // a receiver that does not know ed25519-sha256 (RFC 8463) takes its
 // signature for none. A key whose signature the message carries already

@@ -362,6 +362,28 @@ func TestAllowedSendersRestrictsMailFrom(t *testing.T) {
 	}
 }
 
+func TestAllowedSendersMatchInternationalisedDomainsEitherWay(t *testing.T) {
+	// RFC 5890 §2.3.2.1: a U-label and its A-label are one name. A
+	// pattern written in either form matches a sender in either, the
+	// UTF-8 one under SMTPUTF8 (RFC 6531).
+	e := start(t, func(o *Options) {
+		o.Users[0].AllowedSenders = []string{"*@Bücher.example", "alerts@xn--caf-dma.example"}
+	})
+	d := authedDialogue(t, e)
+	for _, ok := range []string{"<a@bücher.example> SMTPUTF8", "<a@xn--bcher-kva.example>", "<a@XN--BCHER-KVA.Example>",
+		"<alerts@café.example> SMTPUTF8", "<alerts@xn--caf-dma.example>"} {
+		d.cmd("MAIL FROM:"+ok, "250")
+		d.cmd("RSET", "250")
+	}
+	for _, bad := range []string{"<a@bucher.example>", "<a@xn--bcher-kva.example.com>", "<other@café.example> SMTPUTF8", "<a@xn--zz.example>"} {
+		d.cmd("MAIL FROM:"+bad, "553 5.7.1")
+	}
+	if _, err := New(Options{Hostname: "relay.test", Listen: "127.0.0.1:0", Users: []User{{Name: "u", PasswordHash: userHash(t),
+		AllowedSenders: []string{"*@bücher..example"}}}}, &memQueue{}); err == nil || !strings.Contains(err.Error(), "not a domain name") {
+		t.Errorf("a pattern whose domain is no IDNA name: %v", err)
+	}
+}
+
 func TestMessageLargerThanLimitRejected(t *testing.T) {
 	e := start(t, func(o *Options) { o.MaxMessageSize = 1000 })
 	big := "Subject: big\r\n\r\n" + strings.Repeat(strings.Repeat("x", 98)+"\r\n", 20)
