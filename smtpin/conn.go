@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/tls"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"sync"
@@ -138,6 +139,7 @@ type conn struct {
 	// writesClosed: the last reply of a cut connection is out.
 	writesClosed bool
 	closeOnce    sync.Once
+	lingering    atomic.Bool // lingerClose closes the socket
 }
 
 func (c *conn) Read(b []byte) (int, error) {
@@ -223,7 +225,7 @@ func (c *conn) Write(p []byte) (int, error) {
 	if last {
 		c.Conn.SetWriteDeadline(time.Now().Add(10 * time.Second))
 		_, err := c.Conn.Write(out)
-		c.Conn.Close()
+		c.lingerClose()
 		if err != nil {
 			return 0, err
 		}
@@ -289,6 +291,15 @@ func (c *conn) wake() {
 }
 
 func (c *conn) Close() error {
+	if c.lingering.Load() {
+		return nil // lingerClose's goroutine closes it
+	}
+	c.release()
+	return c.Conn.Close()
+}
+
+// release takes the connection out of the server's counts.
+func (c *conn) release() {
 	c.closeOnce.Do(func() {
 		s := c.srv
 		s.mu.Lock()
@@ -298,7 +309,36 @@ func (c *conn) Close() error {
 		}
 		s.mu.Unlock()
 	})
-	return c.Conn.Close()
+}
+
+// Lingering after the last reply of a cut connection: at most this long,
+// and this many bytes read and dropped.
+const (
+	lingerTime  = 2 * time.Second
+	lingerBytes = 256 << 10
+)
+
+// lingerClose closes a connection whose last reply was just written. A
+// socket closed with unread input resets the connection (RFC 1122
+// §4.2.2.13), and a reset drops whatever of that reply is still unsent
+// or unread at the client: the 421 that says why would be lost exactly
+// when a client pipelined ahead. So the write side is shut first (FIN
+// after the reply) and the input read and dropped, briefly, before the
+// close; the server still counts the connection until then, so that
+// Shutdown waits for it.
+func (c *conn) lingerClose() {
+	cw, ok := c.Conn.(interface{ CloseWrite() error })
+	if !ok || cw.CloseWrite() != nil {
+		c.Conn.Close()
+		return
+	}
+	c.lingering.Store(true)
+	go func() {
+		c.Conn.SetReadDeadline(time.Now().Add(lingerTime))
+		io.CopyN(io.Discard, c.Conn, lingerBytes)
+		c.Conn.Close()
+		c.release()
+	}()
 }
 
 func (s *Server) isDraining() bool { return s.draining.Load() }

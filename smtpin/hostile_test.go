@@ -526,6 +526,34 @@ func TestClientThatOnlyGetsRefusedIsCutOff(t *testing.T) {
 	}
 }
 
+// A client cut off while it still has commands in flight gets the 421
+// and then the end of the stream, not a reset that can take the 421 with
+// it: the relay shuts its side and drops the client's input for a moment
+// before it closes.
+func TestCutOffClientReadsThe421BeforeTheEnd(t *testing.T) {
+	e := start(t, nil)
+	d := dial(t, e.srv.Addr())
+	d.cmd("EHLO client.test", "250")
+	burst := strings.Repeat("MAIL FROM:<a@example.com>\r\n", maxRefused) +
+		strings.Repeat("NOOP "+strings.Repeat("x", 500)+"\r\n", 200) // ~100 KB the relay never reads
+	d.write(burst)
+	d.nc.SetReadDeadline(time.Now().Add(10 * time.Second))
+	got, err := io.ReadAll(d.r)
+	if err != nil {
+		t.Fatalf("after %q: %v, want the end of the stream", lastLineOf(string(got)), err)
+	}
+	if !strings.Contains(string(got), "\r\n421 4.7.0 ") {
+		t.Errorf("no 421 before the end:\n%s", got)
+	}
+	d.nc.Close() // the relay's lingering ends with the client's close
+	waitFor(t, func() bool { return e.srv.connCount() == 0 })
+}
+
+func lastLineOf(s string) string {
+	s = strings.TrimSuffix(s, "\r\n")
+	return s[strings.LastIndex(s, "\n")+1:]
+}
+
 // A scanner's connections to the TLS port, each a failed handshake, make
 // a few log lines, not one each (as refused connections do).
 func TestFailedHandshakesAreLoggedAFewAtATime(t *testing.T) {
