@@ -406,9 +406,18 @@ func TestHelpClaimsWhatIsBuilt(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	readme, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
 	for _, l := range strings.Split(string(unit), "\n") {
 		if strings.HasPrefix(l, "Description=") && !strings.Contains(l, "MTA-STS and DANE enforcing, TLS reporting") {
 			t.Errorf("unit does not say what is built: %s", l)
+		}
+		// What the unit points systemctl help at, the README's install
+		// steps put there.
+		if doc, ok := strings.CutPrefix(l, "Documentation=file://"); ok && !strings.Contains(string(readme), "README.md "+doc) {
+			t.Errorf("the README's install steps do not install %s, which the unit names", doc)
 		}
 	}
 }
