@@ -83,6 +83,7 @@ type Submission struct {
 	DataTimeout     Duration   `toml:"data_timeout"`
 	SessionTickets  bool       `toml:"tls_session_tickets"`
 	ShowAuthUser    bool       `toml:"received_show_user"`
+	Postmaster      string     `toml:"postmaster"` // where RCPT TO:<Postmaster> goes; "" = postmaster@hostname
 	Users           []User     `toml:"users"`
 	AuthRate        AuthLimits `toml:"auth_limit"`
 }
@@ -677,6 +678,9 @@ func (c *Config) validate(data []byte) error {
 		return bad("submission.auth_limit.per", "must be positive (use e.g. 1m)")
 	}
 	seen := map[string]bool{}
+	if s.Postmaster != "" && (!validSenderPattern(s.Postmaster) || strings.Contains(s.Postmaster, "*")) {
+		return bad("submission.postmaster", "%q is not an address (use e.g. ops@example.com)", s.Postmaster)
+	}
 	for i, u := range s.Users {
 		key := fmt.Sprintf("submission.users[%d]", i)
 		if u.Name == "" {

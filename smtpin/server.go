@@ -53,6 +53,11 @@ type Options struct {
 
 	Users        []User
 	ShowAuthUser bool // name the authenticated user in the Received header
+	// Postmaster is where "RCPT TO:<Postmaster>", without a domain, goes
+	// (RFC 5321 §4.5.1: every relay takes it); "" = postmaster@Hostname,
+	// as Postfix's postmaster@$myorigin. Only clients that may relay get
+	// this far.
+	Postmaster string
 	// Failed AUTH attempts per client IP (IPv6: per /64) and user name:
 	// AuthFailures in a burst, then one more per AuthFailuresPer; beyond
 	// that AUTH for that name is answered 454 4.7.0. AuthFailuresPerIP is
@@ -159,6 +164,12 @@ func New(opts Options, q Enqueuer) (*Server, error) {
 	}
 	if opts.ListenTLS != "" && opts.GetCertificate == nil {
 		return nil, fmt.Errorf("submission.listen_tls = %q needs a certificate (tls_cert, tls_key)", opts.ListenTLS)
+	}
+	if opts.Postmaster == "" {
+		opts.Postmaster = "postmaster@" + strings.TrimSuffix(opts.Hostname, ".")
+	}
+	if a, err := parseMailbox(opts.Postmaster, true); err != nil || !strings.Contains(a, "@") {
+		return nil, fmt.Errorf("submission: postmaster %q is not an address: %v", opts.Postmaster, err)
 	}
 	if opts.MaxMessageSize <= 0 {
 		opts.MaxMessageSize = DefaultMaxMessageSize

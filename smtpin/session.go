@@ -282,6 +282,10 @@ func (s *session) Rcpt(to string, opts *smtp.RcptOptions) error {
 	if s.user == nil && !s.trusted {
 		return s.reject("auth_required", 530, smtp.EnhancedCode{5, 7, 0}, "Authentication required")
 	}
+	if strings.EqualFold(to, "postmaster") {
+		// go-smtp hands on "<Postmaster>" without a domain as written.
+		to = s.srv.opts.Postmaster
+	}
 	addr, err := parseMailbox(to, s.tx.env.SMTPUTF8)
 	if err == errNeedsSMTPUTF8 {
 		return s.reject("bad_recipient", 553, smtp.EnhancedCode{5, 6, 7},

@@ -327,6 +327,38 @@ func TestReceivedSaysSMTPAfterHELO(t *testing.T) {
 	}
 }
 
+// RFC 5321 §4.5.1: "RCPT TO:<Postmaster>" without a domain is taken by
+// every relay, for the postmaster of the relay: Options.Postmaster, by
+// default postmaster@Hostname. It is no way around AUTH.
+func TestPostmasterWithoutADomain(t *testing.T) {
+	for _, tc := range []struct{ postmaster, want string }{
+		{"", "postmaster@relay.test"},
+		{"ops@example.com", "ops@example.com"},
+	} {
+		e := start(t, func(o *Options) {
+			o.TrustedNetworks = []netip.Prefix{mustPrefix(t, "127.0.0.1/32")}
+			o.Postmaster = tc.postmaster
+		})
+		d := dial(t, e.srv.Addr())
+		d.cmd("EHLO client.test", "250")
+		d.cmd("MAIL FROM:<app@example.com>", "250")
+		d.cmd("RCPT TO:<Postmaster>", "250")
+		d.cmd("DATA", "354")
+		d.cmd("Subject: x\r\n\r\nx\r\n.", "250")
+		if m := e.q.only(t); len(m.env.Recipients) != 1 || m.env.Recipients[0].Addr != tc.want {
+			t.Errorf("postmaster %q: recipients %+v, want %s", tc.postmaster, m.env.Recipients, tc.want)
+		}
+	}
+	e := start(t, func(o *Options) { o.TrustedNetworks = []netip.Prefix{mustPrefix(t, "192.0.2.0/24")} })
+	d := dial(t, e.srv.Addr())
+	d.cmd("EHLO client.test", "250")
+	d.cmd("MAIL FROM:<app@example.com>", "530 5.7.0")
+	d.cmd("RCPT TO:<postmaster>", "503")
+	if _, err := New(Options{Hostname: "relay.test", Listen: "127.0.0.1:0", Postmaster: "ops"}, &memQueue{}); err == nil {
+		t.Error("a postmaster without a domain was taken")
+	}
+}
+
 func TestOpenRelayAttemptRefused(t *testing.T) {
 	e := start(t, func(o *Options) { o.TrustedNetworks = []netip.Prefix{mustPrefix(t, "192.0.2.0/24")} })
 	for _, withTLS := range []bool{false, true} {

@@ -278,6 +278,7 @@ func start(cfg *config.Config, logger *slog.Logger) (_ *relay, err error) {
 		InsecureAuthFromLoopback: true,
 		Users:                    users(cfg.Submission.Users),
 		ShowAuthUser:             cfg.Submission.ShowAuthUser,
+		Postmaster:               cfg.Submission.Postmaster,
 		MaxMessageSize:           int64(cfg.Submission.MaxMessageSize),
 		MaxRecipients:            cfg.Submission.MaxRecipients,
 		MaxHops:                  cfg.Submission.MaxHops,

@@ -750,10 +750,18 @@ func (c *Conn) handleRcpt(arg string) {
 	}
 
 	p := parser{s: strings.TrimSpace(arg)}
-	recipient, err := p.parsePath()
-	if err != nil {
-		c.writeResponse(501, EnhancedCode{5, 5, 2}, "Was expecting RCPT arg syntax of TO:<address>")
-		return
+	var recipient string
+	if len(p.s) >= len("<postmaster>") && strings.EqualFold(p.s[:len("<postmaster>")], "<postmaster>") {
+		// stsrelay: "<Postmaster>" without a domain is a recipient of its
+		// own (RFC 5321 §4.1.1.3, §4.5.1), given to the session as
+		// written; v0.25.1 answered it 501, a syntax error.
+		recipient, p.s = p.s[1:len("<postmaster>")-1], p.s[len("<postmaster>"):]
+	} else {
+		var err error
+		if recipient, err = p.parsePath(); err != nil {
+			c.writeResponse(501, EnhancedCode{5, 5, 2}, "Was expecting RCPT arg syntax of TO:<address>")
+			return
+		}
 	}
 
 	if c.server.MaxRecipients > 0 && len(c.recipients) >= c.server.MaxRecipients {

@@ -651,6 +651,33 @@ func TestServerRefusesAnAtSignInTheDomain(t *testing.T) {
 	}
 }
 
+// "<Postmaster>" without a domain is a recipient (RFC 5321 §4.1.1.3),
+// handed on as written; only the whole word is.
+func TestServerTakesPostmasterWithoutADomain(t *testing.T) {
+	be, s, c, scanner, _ := testServerEhlo(t)
+	defer s.Close()
+	defer c.Close()
+	for _, step := range []struct{ line, want string }{
+		{"MAIL FROM:<root@nsa.gov>", "250 "},
+		{"RCPT TO:<postmasterx>", "501 "},
+		{"RCPT TO:<postmaster", "501 "},
+		{"RCPT TO:<PostMaster>", "250 "},
+		{"RCPT TO: <postmaster> ", "250 "},
+		{"RCPT TO:<postmaster@example.org>", "250 "},
+		{"DATA", "354 "},
+		{"Subject: x\r\n\r\nx\r\n.", "250 "},
+	} {
+		io.WriteString(c, step.line+"\r\n")
+		scanner.Scan()
+		if got := scanner.Text(); !strings.HasPrefix(got, step.want) {
+			t.Errorf("%s: %q, want %s", step.line, got, step.want)
+		}
+	}
+	if len(be.anonmsgs) != 1 || strings.Join(be.anonmsgs[0].To, " ") != "PostMaster postmaster postmaster@example.org" {
+		t.Errorf("recipients: %+v", be.anonmsgs)
+	}
+}
+
 // Replies of RFC 5321 §4.2.4, RFC 3207 §4 and RFC 1870 where v0.25.1 gave
 // others: 503 for a command out of order (it said 502, "not
 // implemented"), 501 for STARTTLS with a parameter or AUTH without one,
