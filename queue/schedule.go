@@ -113,7 +113,12 @@ func (h *timerHeap) Pop() any {
 // scheduler holds the due times and the ready lists, guarded by Queue.mu.
 // Stale heap items are skipped when popped rather than removed.
 type scheduler struct {
-	timers  timerHeap
+	timers timerHeap
+	// due are slots pushed already due, in order: a new message, due at
+	// once, skips the heap, where it would climb past every deferred
+	// message's timer to the top and then sink back from there, two
+	// passes of cache misses through a heap as large as the backlog.
+	due     []timed
 	ready   map[string][]*slot // domain → due slots waiting for a worker
 	domains []string           // domains with ready slots, served round-robin
 	next    int
@@ -417,6 +422,10 @@ func (q *Queue) pushLocked(s *slot) {
 	if s.gone || s.inflight || s.ready || s.due == 0 {
 		return
 	}
+	if s.due <= q.opts.Now().UnixNano() {
+		q.sched.due = append(q.sched.due, timed{due: s.due, s: s})
+		return
+	}
 	heap.Push(&q.sched.timers, timed{due: s.due, s: s})
 }
 
@@ -473,18 +482,7 @@ func (q *Queue) dispatch(ctx context.Context, wg *sync.WaitGroup) time.Duration 
 	defer q.mu.Unlock()
 	now := q.opts.Now()
 	sc := &q.sched
-	for len(sc.timers) > 0 && sc.timers[0].due <= now.UnixNano() {
-		t := heap.Pop(&sc.timers).(timed)
-		s := t.s
-		if s.gone || s.inflight || s.ready || t.due != s.due {
-			continue // stale
-		}
-		s.ready = true
-		if len(sc.ready[s.domain]) == 0 {
-			sc.domains = append(sc.domains, s.domain)
-		}
-		sc.ready[s.domain] = append(sc.ready[s.domain], s)
-	}
+	q.collectDueLocked(now)
 	for sc.running < q.opts.Workers {
 		s := q.nextReadyLocked()
 		if s == nil {
@@ -514,6 +512,35 @@ func (q *Queue) dispatch(ctx context.Context, wg *sync.WaitGroup) time.Duration 
 		return wait
 	}
 	return max(min(time.Duration(sc.timers[0].due-now.UnixNano()), wait), time.Millisecond)
+}
+
+// collectDueLocked moves the slots due by now to the ready lists: the
+// heap's first, as they were due before anything pushed since.
+func (q *Queue) collectDueLocked(now time.Time) {
+	sc := &q.sched
+	for len(sc.timers) > 0 && sc.timers[0].due <= now.UnixNano() {
+		q.readyLocked(heap.Pop(&sc.timers).(timed))
+	}
+	for i, t := range sc.due {
+		q.readyLocked(t)
+		sc.due[i] = timed{}
+	}
+	sc.due = sc.due[:0]
+}
+
+// readyLocked puts a due slot on its domain's ready list, unless t is
+// stale: the slot is running, waiting already, gone, or due at another
+// time since.
+func (q *Queue) readyLocked(t timed) {
+	sc, s := &q.sched, t.s
+	if s.gone || s.inflight || s.ready || t.due != s.due {
+		return
+	}
+	s.ready = true
+	if len(sc.ready[s.domain]) == 0 {
+		sc.domains = append(sc.domains, s.domain)
+	}
+	sc.ready[s.domain] = append(sc.ready[s.domain], s)
 }
 
 // noticePassLocked tries again to queue the DSNs that are owed (after a
