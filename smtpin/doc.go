@@ -53,6 +53,12 @@
 //     BODY= said (RFC 6152 §3; many clients do not declare it).
 //   - ENVID and ORCPT reach queue.Envelope decoded (xtext removed); a
 //     relay passing them on must encode them again (RFC 3461 §4).
+//   - "RCPT TO:<Postmaster>" without a domain goes to Options.Postmaster
+//     (RFC 5321 §4.5.1), from clients that may relay: it opens no way
+//     around AUTH.
+//   - A connection cut off with a 421 shuts its write side and drops the
+//     client's input for up to two seconds before closing, so that the
+//     reset a close with unread input sends does not take the 421 with it.
 //
 // Gaps of go-smtp v0.25.1 (v0.26.0, the newest release, has them too)
 // closed here, each with a test that fails against go-smtp alone:
