@@ -21,10 +21,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
-	"unicode/utf8"
 
 	"github.com/BurntSushi/toml"
-	"golang.org/x/net/idna"
 
 	"github.com/stsrelay/stsrelay/admin"
 	"github.com/stsrelay/stsrelay/delivery"
@@ -678,8 +676,11 @@ func (c *Config) validate(data []byte) error {
 		return bad("submission.auth_limit.per", "must be positive (use e.g. 1m)")
 	}
 	seen := map[string]bool{}
-	if s.Postmaster != "" && (!validSenderPattern(s.Postmaster) || strings.Contains(s.Postmaster, "*")) {
-		return bad("submission.postmaster", "%q is not an address (use e.g. ops@example.com)", s.Postmaster)
+	if local, _, _ := strings.Cut(s.Postmaster, "@"); s.Postmaster != "" &&
+		(!validSenderPattern(s.Postmaster) || strings.Contains(s.Postmaster, "*") || !isASCII(local)) {
+		// The domain may be in U-labels, the local part not: every client
+		// must reach it, SMTPUTF8 or not.
+		return bad("submission.postmaster", "%q is not an address with an ASCII local part (use e.g. ops@example.com)", s.Postmaster)
 	}
 	for i, u := range s.Users {
 		key := fmt.Sprintf("submission.users[%d]", i)
@@ -1097,6 +1098,15 @@ func keyIs(line, key string) bool {
 	return ok && strings.Trim(strings.TrimSpace(k), `"`) == key
 }
 
+func isASCII(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] >= 0x80 {
+			return false
+		}
+	}
+	return true
+}
+
 func isPort(s string) bool {
 	n, err := strconv.Atoi(s)
 	return err == nil && n >= 0 && n <= 65535
@@ -1114,12 +1124,8 @@ func validSenderPattern(p string) bool {
 	// "*" stands only for a whole local part, as submission reads it: a
 	// pattern it would refuse must be refused here, with its key. The
 	// domain may be written in U-labels (submission compares A-labels).
-	if strings.ContainsFunc(domain, func(r rune) bool { return r >= utf8.RuneSelf }) {
-		a, err := idna.Lookup.ToASCII(domain)
-		if err != nil {
-			return false
-		}
-		domain = a
+	if domain = routing.ALabels(domain); domain == "" {
+		return false
 	}
 	return ok && local != "" && !strings.Contains(domain, "@") && routing.IsDomain(domain) &&
 		(local == "*" || !strings.Contains(local, "*"))

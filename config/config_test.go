@@ -192,6 +192,7 @@ func TestRejectsBadInput(t *testing.T) {
 		{"bad sender pattern", "[[submission.users]]\nname = \"a\"\npassword_hash = \"" + testHash + "\"\nallowed_senders = [\"example.com\"]\n", "line 4: submission.users[0].allowed_senders"},
 		{"sender pattern's domain no IDNA name", "[[submission.users]]\nname = \"a\"\npassword_hash = \"" + testHash + "\"\nallowed_senders = [\"*@bücher..example\"]\n", "line 4: submission.users[0].allowed_senders"},
 		{"postmaster without a domain", "[submission]\npostmaster = \"ops\"\n", "line 2: submission.postmaster"},
+		{"postmaster's local part in UTF-8", "[submission]\npostmaster = \"jörg@example.com\"\n", "line 2: submission.postmaster"},
 		{"star inside a local part", "[[submission.users]]\nname = \"a\"\npassword_hash = \"" + testHash + "\"\nallowed_senders = [\"no*reply@example.com\"]\n", "line 4: submission.users[0].allowed_senders"},
 		{"bad resolver", "[dns]\nresolver = \"127.0.0.1\"\n", `line 2: dns.resolver: "127.0.0.1" is not host:port`},
 		{"zero dns timeout", "[dns]\ntimeout = \"0s\"\n", "dns.timeout"},

@@ -13,12 +13,11 @@ import (
 	"net/mail"
 	"slices"
 	"strings"
-	"unicode/utf8"
 
 	"github.com/emersion/go-msgauth/dkim"
-	"golang.org/x/net/idna"
 
 	"github.com/stsrelay/stsrelay/queue"
+	"github.com/stsrelay/stsrelay/routing"
 )
 
 // Key is one [[dkim]] entry with sign_relayed: a private key published at
@@ -283,23 +282,16 @@ var fromParser = mail.AddressParser{WordDecoder: &mime.WordDecoder{
 	CharsetReader: func(_ string, input io.Reader) (io.Reader, error) { return input, nil },
 }}
 
-// domainOf returns the domain of addr in lower-case A-labels, as keys
-// name theirs: "" without one, or when it is no IDNA name. A From: of
-// RFC 6532 mail may hold U-labels.
+// domainOf returns the domain of addr as keys name theirs, in the one
+// form submission compares allowed_senders in (routing.ALabels): "" without
+// one, or when it is no IDNA name. A From: of RFC 6532 mail may hold
+// U-labels.
 func domainOf(addr string) string {
 	at := strings.LastIndexByte(addr, '@')
 	if at < 0 {
 		return ""
 	}
-	d := strings.ToLower(strings.TrimSuffix(addr[at+1:], "."))
-	if strings.ContainsFunc(d, func(r rune) bool { return r >= utf8.RuneSelf }) {
-		a, err := idna.Lookup.ToASCII(d)
-		if err != nil {
-			return ""
-		}
-		d = a
-	}
-	return d
+	return routing.ALabels(addr[at+1:])
 }
 
 // keysFor returns the keys of domain, or of its closest parent that has

@@ -469,15 +469,17 @@ func RecipientDomain(addr string) (string, error) {
 	if at < 0 || at == len(addr)-1 {
 		return "", fmt.Errorf("recipient %q has no domain", addr)
 	}
-	d := strings.ToLower(strings.TrimSuffix(addr[at+1:], "."))
+	d := strings.TrimSuffix(addr[at+1:], ".")
 	if strings.HasPrefix(d, "[") {
-		return d, nil // address literal (RFC 5321 §4.1.3)
+		return strings.ToLower(d), nil // address literal (RFC 5321 §4.1.3)
 	}
+	// The IDNA lookup mapping folds case itself (UTS #46): lower-casing
+	// first would make "STRAẞE.de" straße.de, not strasse.de.
 	a, err := idna.Lookup.ToASCII(d)
 	if err != nil {
 		return "", fmt.Errorf("recipient %q: invalid domain: %v", addr, err)
 	}
-	return a, nil
+	return strings.ToLower(a), nil
 }
 
 var idEncoding = base32.NewEncoding("0123456789abcdefghijklmnopqrstuv").WithPadding(base32.NoPadding)

@@ -1137,3 +1137,20 @@ func TestBodyCutShortStillGetsItsDSN(t *testing.T) {
 		t.Fatalf("%d DSNs, want 1", len(dsns))
 	}
 }
+
+// A recipient's domain is the one IDNA lookups name (UTS #46 folds case
+// itself): lower-casing first made "STRAẞE.de" straße.de, a domain of
+// its own, where every other reader of the name finds strasse.de.
+func TestRecipientDomainFoldsCaseAsIDNADoes(t *testing.T) {
+	for in, want := range map[string]string{
+		"a@Example.COM.":       "example.com",
+		"a@Bücher.example":     "xn--bcher-kva.example",
+		"a@STRAẞE.de":          "strasse.de",
+		"a@straße.de":          "xn--strae-oqa.de",
+		"a@[IPv6:2001:DB8::1]": "[ipv6:2001:db8::1]",
+	} {
+		if got, err := RecipientDomain(in); err != nil || got != want {
+			t.Errorf("RecipientDomain(%q) = %q, %v; want %q", in, got, err, want)
+		}
+	}
+}

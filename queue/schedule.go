@@ -515,7 +515,9 @@ func (q *Queue) dispatch(ctx context.Context, wg *sync.WaitGroup) time.Duration 
 }
 
 // collectDueLocked moves the slots due by now to the ready lists: the
-// heap's first, as they were due before anything pushed since.
+// heap's in the order of their due times, then the due list's in the
+// order they were pushed (a message's id order at the start, arrival
+// order after).
 func (q *Queue) collectDueLocked(now time.Time) {
 	sc := &q.sched
 	for len(sc.timers) > 0 && sc.timers[0].due <= now.UnixNano() {

@@ -149,7 +149,7 @@ type Error struct {
 	NotFound bool
 	Err      error
 	// At is the CNAME target the response code speaks of, when Name is an
-	// alias (RFC 6604 §2.1: the code is about the chain's last name): an
+	// alias (RFC 6604 §3: the code is about the chain's last name): an
 	// MX name in order whose provider's name is gone or whose provider's
 	// servers fail, which the operator should hear named.
 	At string

@@ -612,7 +612,7 @@ func TestLostDatagramIsAskedForAgain(t *testing.T) {
 }
 
 func TestFailureBehindCNAMENamesTheChainsEnd(t *testing.T) {
-	// RFC 6604 §2.1: the response code speaks of the chain's last name.
+	// RFC 6604 §3: the response code speaks of the chain's last name.
 	// An operator reading "NXDOMAIN" for an MX name that exists looks in
 	// the wrong zone unless the error names the provider's name.
 	s := dnstest.New(t,

@@ -12,6 +12,9 @@ import (
 	"net/netip"
 	"strconv"
 	"strings"
+	"unicode/utf8"
+
+	"golang.org/x/net/idna"
 )
 
 // Pattern matches recipient domains (or host names): "example.org" that
@@ -307,6 +310,31 @@ func (n Nexthop) String() string {
 		return h
 	}
 	return h + ":" + strconv.Itoa(n.Port)
+}
+
+// ALabels returns domain in lower-case A-labels without a final dot, as
+// an IDNA lookup maps it (UTS #46, RFC 5891 §5): "" if it is no IDNA name.
+// "Bücher.example" and "xn--bcher-kva.example" are one domain (RFC 5890
+// §2.3.2.1). The mapping folds case itself, and differently from
+// strings.ToLower: "STRAẞE" is "strasse" to it, "straße" to Go, so every
+// comparison of domains that may hold U-labels must go through this one
+// function. An ASCII name is only lower-cased: IDNA lookups refuse the
+// underscore, which host names in DNS may hold.
+func ALabels(domain string) string {
+	domain = strings.TrimSuffix(domain, ".")
+	for i := 0; i < len(domain); i++ {
+		if domain[i] >= utf8.RuneSelf {
+			if !utf8.ValidString(domain) {
+				return "" // the mapping would make U+FFFD of it, a name of its own
+			}
+			a, err := idna.Lookup.ToASCII(domain)
+			if err != nil {
+				return ""
+			}
+			return a
+		}
+	}
+	return strings.ToLower(domain)
 }
 
 // IsDomain is a light syntax check for a host or domain name: letters,

@@ -187,3 +187,21 @@ func TestSenderPatternWithATrailingDot(t *testing.T) {
 		t.Error("@a.org and @A.org. were taken for different senders")
 	}
 }
+
+func TestALabels(t *testing.T) {
+	for in, want := range map[string]string{
+		"Example.COM.":          "example.com",
+		"host_1.example":        "host_1.example", // IDNA would refuse the underscore
+		"Bücher.Example":        "xn--bcher-kva.example",
+		"xn--bcher-kva.example": "xn--bcher-kva.example",
+		"straße.de":             "xn--strae-oqa.de",
+		"STRAẞE.de":             "strasse.de", // UTS #46 folds ẞ to ss; Go's ToLower to ß
+		"xn--zz.example":        "xn--zz.example",
+		"bü\u00adcher.example":  "xn--bcher-kva.example", // a soft hyphen maps to nothing
+		"\x80.example":          "",
+	} {
+		if got := routing.ALabels(in); got != want {
+			t.Errorf("ALabels(%q) = %q, want %q", in, got, want)
+		}
+	}
+}

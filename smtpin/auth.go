@@ -11,10 +11,10 @@ import (
 	"strings"
 	"sync"
 	"time"
-	"unicode/utf8"
 
 	"golang.org/x/crypto/bcrypt"
-	"golang.org/x/net/idna"
+
+	"github.com/stsrelay/stsrelay/routing"
 )
 
 // User may submit mail after SASL PLAIN or LOGIN.
@@ -127,7 +127,7 @@ func (s *Server) SetUsers(users []User) error {
 		u.AllowedSenders = slices.Clone(u.AllowedSenders)
 		for i, p := range u.AllowedSenders {
 			if local, domain, ok := strings.Cut(p, "@"); ok {
-				u.AllowedSenders[i] = local + "@" + aLabels(domain)
+				u.AllowedSenders[i] = local + "@" + routing.ALabels(domain)
 			}
 		}
 		db.users[u.Name] = &u
@@ -207,28 +207,10 @@ func checkSenderPattern(p string) error {
 	if strings.Contains(local, "*") && local != "*" {
 		return errors.New(`"*" stands only for the whole local part, as in "*@domain"`)
 	}
-	if a := aLabels(domain); a == "" || checkDomain(a) != nil || strings.HasPrefix(a, "[") {
+	if a := routing.ALabels(domain); a == "" || checkDomain(a) != nil || strings.HasPrefix(a, "[") {
 		return fmt.Errorf("%q is not a domain name", domain)
 	}
 	return nil
-}
-
-// aLabels returns domain in lower-case A-labels without a final dot, ""
-// if it is no IDNA name: "Bücher.example" and "xn--bcher-kva.example"
-// are one domain (RFC 5890 §2.3.2.1), so a pattern written either way
-// matches a sender written either way, SMTPUTF8's U-labels included.
-func aLabels(domain string) string {
-	domain = strings.TrimSuffix(domain, ".")
-	for i := 0; i < len(domain); i++ {
-		if domain[i] >= utf8.RuneSelf {
-			a, err := idna.Lookup.ToASCII(domain)
-			if err != nil {
-				return ""
-			}
-			return a
-		}
-	}
-	return strings.ToLower(domain)
 }
 
 // SenderAllowed reports whether the login user may use address as its
@@ -253,7 +235,7 @@ func (u *User) mayUseSender(from string) bool {
 	if at < 0 {
 		return false // the null sender too: it is for bounces, not for users
 	}
-	local, domain := from[:at], aLabels(from[at+1:])
+	local, domain := from[:at], routing.ALabels(from[at+1:])
 	if domain == "" {
 		return false
 	}

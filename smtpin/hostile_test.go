@@ -212,7 +212,7 @@ func TestAuthWithGarbageBase64(t *testing.T) {
 }
 
 func TestAuthWithAnUnknownMechanism(t *testing.T) {
-	// RFC 4954 §4, §6: "504 5.5.4 Unrecognized authentication type"
+	// RFC 4954 §4: an unsupported mechanism gets 504, with 5.5.4
 	// (go-smtp v0.25.1 said 5.7.4, fixed in third_party/go-smtp); not a
 	// failed password, so the client may go on with one we offer.
 	e := start(t, nil)

@@ -18,6 +18,7 @@ import (
 	"golang.org/x/time/rate"
 
 	"github.com/stsrelay/stsrelay/queue"
+	"github.com/stsrelay/stsrelay/routing"
 )
 
 // Enqueuer stores a submitted message. queue.Queue implements it.
@@ -166,10 +167,14 @@ func New(opts Options, q Enqueuer) (*Server, error) {
 		return nil, fmt.Errorf("submission.listen_tls = %q needs a certificate (tls_cert, tls_key)", opts.ListenTLS)
 	}
 	if opts.Postmaster == "" {
-		opts.Postmaster = "postmaster@" + strings.TrimSuffix(opts.Hostname, ".")
+		opts.Postmaster = "postmaster@" + opts.Hostname
 	}
-	if a, err := parseMailbox(opts.Postmaster, true); err != nil || !strings.Contains(a, "@") {
-		return nil, fmt.Errorf("submission: postmaster %q is not an address: %v", opts.Postmaster, err)
+	// In A-labels, so that a client without SMTPUTF8 reaches it too.
+	if local, domain, ok := strings.Cut(opts.Postmaster, "@"); ok && routing.ALabels(domain) != "" {
+		opts.Postmaster = local + "@" + routing.ALabels(domain)
+	}
+	if _, err := parseMailbox(opts.Postmaster, false); err != nil || !strings.Contains(opts.Postmaster, "@") {
+		return nil, fmt.Errorf("submission: postmaster %q is not an ASCII address: %v", opts.Postmaster, err)
 	}
 	if opts.MaxMessageSize <= 0 {
 		opts.MaxMessageSize = DefaultMaxMessageSize

@@ -24,7 +24,7 @@ var (
 	}
 	ErrAuthUnknownMechanism = &SMTPError{
 		Code:         504,
-		EnhancedCode: EnhancedCode{5, 5, 4}, // stsrelay: RFC 4954 §6; v0.25.1 said 5.7.4
+		EnhancedCode: EnhancedCode{5, 5, 4}, // stsrelay: RFC 4954 §4; v0.25.1 said 5.7.4
 		Message:      "Unsupported authentication mechanism",
 	}
 )
