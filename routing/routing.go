@@ -100,16 +100,24 @@ func ParseSender(s string) (SenderPattern, error) {
 		return SenderPattern{addr: t}, nil
 	}
 	local, domain, ok := strings.Cut(t, "@")
+	if ok {
+		// A domain in U-labels is kept as A-labels, as Match reads
+		// senders; ALabels also drops a final dot, which senders lack.
+		domain = ALabels(domain)
+	}
 	if !ok || strings.Contains(domain, "@") || !IsDomain(domain) || strings.ContainsAny(local, " <>") {
 		return SenderPattern{}, fmt.Errorf("%q is not a sender pattern (use user@example.org, @example.org or <>)", s)
 	}
-	// IsDomain takes "example.org." too; senders never end in a dot.
-	return SenderPattern{addr: local + "@" + strings.TrimSuffix(domain, "."), domain: local == ""}, nil
+	return SenderPattern{addr: local + "@" + domain, domain: local == ""}, nil
 }
 
-// Match reports whether the envelope sender ("" for <>) matches.
+// Match reports whether the envelope sender ("" for <>) matches. An
+// SMTPUTF8 sender's domain in U-labels matches a pattern in A-labels.
 func (p SenderPattern) Match(sender string) bool {
 	s := strings.ToLower(sender)
+	if at := strings.LastIndexByte(sender, '@'); at >= 0 && !isASCII(sender[at+1:]) {
+		s = strings.ToLower(sender[:at]) + "@" + ALabels(sender[at+1:])
+	}
 	switch {
 	case p.addr == "<>":
 		return s == ""
@@ -335,6 +343,15 @@ func ALabels(domain string) string {
 		}
 	}
 	return strings.ToLower(domain)
+}
+
+func isASCII(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] >= utf8.RuneSelf {
+			return false
+		}
+	}
+	return true
 }
 
 // IsDomain is a light syntax check for a host or domain name: letters,

@@ -188,6 +188,28 @@ func TestSenderPatternWithATrailingDot(t *testing.T) {
 	}
 }
 
+// A sender-dependent route for an internationalised domain applies to
+// its SMTPUTF8 senders, whose domain comes in U-labels, and may be
+// written in either form.
+func TestSenderPatternMatchesADomainInEitherForm(t *testing.T) {
+	for _, tc := range []struct {
+		pattern, sender string
+		match           bool
+	}{
+		{"@xn--bcher-kva.example", "a@bücher.example", true},
+		{"@Bücher.example", "a@xn--bcher-kva.example", true},
+		{"@bücher.example", "a@BÜCHER.example", true},
+		{"jörg@bücher.example", "Jörg@bücher.example", true},
+		{"@xn--bcher-kva.example", "a@bucher.example", false},
+		{"@strasse.de", "a@STRAẞE.de", true},
+		{"@xn--strae-oqa.de", "a@STRAẞE.de", false},
+	} {
+		if got := senders(t, tc.pattern)[0].Match(tc.sender); got != tc.match {
+			t.Errorf("%s matching %s: %v, want %v", tc.pattern, tc.sender, got, tc.match)
+		}
+	}
+}
+
 func TestALabels(t *testing.T) {
 	for in, want := range map[string]string{
 		"Example.COM.":          "example.com",
