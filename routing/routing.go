@@ -33,21 +33,21 @@ const (
 	patternExact
 )
 
-// ParsePattern parses one domain pattern.
+// ParsePattern parses one domain pattern. A name in U-labels is kept in
+// A-labels, the form recipient domains are matched in.
 func ParsePattern(s string) (Pattern, error) {
-	t := strings.TrimSuffix(strings.ToLower(strings.TrimSpace(s)), ".")
-	switch {
-	case t == "*":
+	t := strings.TrimSuffix(strings.TrimSpace(s), ".")
+	if t == "*" {
 		return Pattern{kind: patternAny}, nil
-	case strings.HasPrefix(t, "."):
-		if !IsDomain(t[1:]) {
-			return Pattern{}, fmt.Errorf("%q is not a domain pattern (use example.org, .example.org or *)", s)
-		}
-		return Pattern{kind: patternSubdomains, name: t[1:]}, nil
-	case IsDomain(t):
-		return Pattern{kind: patternExact, name: t}, nil
 	}
-	return Pattern{}, fmt.Errorf("%q is not a domain pattern (use example.org, .example.org or *)", s)
+	kind := patternExact
+	if rest, ok := strings.CutPrefix(t, "."); ok {
+		kind, t = patternSubdomains, rest
+	}
+	if t = ALabels(t); !IsDomain(t) {
+		return Pattern{}, fmt.Errorf("%q is not a domain pattern (use example.org, .example.org or *)", s)
+	}
+	return Pattern{kind: kind, name: t}, nil
 }
 
 // Match reports whether name (any case, trailing dot allowed) matches.

@@ -210,6 +210,26 @@ func TestSenderPatternMatchesADomainInEitherForm(t *testing.T) {
 	}
 }
 
+// A route written for an internationalised domain in U-labels applies to
+// its recipients, whose domains the queue keeps in A-labels.
+func TestDomainPatternInUnicodeMatchesTheALabels(t *testing.T) {
+	for _, tc := range []struct{ pattern, name string }{
+		{"Bücher.example", "xn--bcher-kva.example"},
+		{".bücher.example", "mx.xn--bcher-kva.example"},
+		{"STRAẞE.de.", "strasse.de"},
+	} {
+		p, err := routing.ParsePattern(tc.pattern)
+		if err != nil || !p.Match(tc.name) {
+			t.Errorf("%s: %v, matches %s: %v", tc.pattern, err, tc.name, err == nil && p.Match(tc.name))
+		}
+	}
+	for _, bad := range []string{"bü cher.example", ".", "..example", "*.example"} {
+		if _, err := routing.ParsePattern(bad); err == nil {
+			t.Errorf("%q taken for a pattern", bad)
+		}
+	}
+}
+
 func TestALabels(t *testing.T) {
 	for in, want := range map[string]string{
 		"Example.COM.":          "example.com",
