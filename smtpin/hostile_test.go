@@ -189,11 +189,7 @@ func TestInvalidUTF8Refused(t *testing.T) {
 
 func TestAuthWithGarbageBase64(t *testing.T) {
 	e := start(t, nil)
-	d := dial(t, e.srv.Addr())
-	d.cmd("EHLO client.test", "250")
-	d.cmd("STARTTLS", "220")
-	d.starttls(e.clientTLS())
-	d.cmd("EHLO client.test", "250")
+	d := tlsDialogue(t, e)
 	// Undecodable base64 ends the attempt with 501 5.5.2 (RFC 4954 §4;
 	// go-smtp v0.25.1 said 454 4.7.0, fixed in third_party/go-smtp), and
 	// nothing is authenticated.
@@ -216,11 +212,7 @@ func TestAuthWithAnUnknownMechanism(t *testing.T) {
 	// (go-smtp v0.25.1 said 5.7.4, fixed in third_party/go-smtp); not a
 	// failed password, so the client may go on with one we offer.
 	e := start(t, nil)
-	d := dial(t, e.srv.Addr())
-	d.cmd("EHLO client.test", "250")
-	d.cmd("STARTTLS", "220")
-	d.starttls(e.clientTLS())
-	d.cmd("EHLO client.test", "250")
+	d := tlsDialogue(t, e)
 	d.cmd("AUTH CRAM-MD5", "504 5.5.4")
 	d.cmd("AUTH XOAUTH2 "+b64("user=x\x01auth=Bearer y\x01\x01"), "504 5.5.4")
 	d.cmd(authPlainLine(testUser, testPassword), "235")

@@ -116,11 +116,7 @@ func (l loginClient) Next(challenge []byte) ([]byte, error) {
 
 func TestAuthLoginWithInitialResponse(t *testing.T) {
 	e := start(t, nil)
-	d := dial(t, e.srv.Addr())
-	d.cmd("EHLO client.test", "250")
-	d.cmd("STARTTLS", "220")
-	d.starttls(e.clientTLS())
-	d.cmd("EHLO client.test", "250")
+	d := tlsDialogue(t, e)
 	d.cmd("AUTH LOGIN "+b64(testUser), "334 "+b64("Password:"))
 	d.cmd(b64(testPassword), "235 2.0.0")
 }
@@ -216,11 +212,7 @@ func nameHash(name string) string {
 
 func TestAuthRateLimitedAfterRepeatedFailures(t *testing.T) {
 	e := start(t, nil)
-	d := dial(t, e.srv.Addr())
-	d.cmd("EHLO client.test", "250")
-	d.cmd("STARTTLS", "220")
-	d.starttls(e.clientTLS())
-	d.cmd("EHLO client.test", "250")
+	d := tlsDialogue(t, e)
 	for range DefaultAuthFailures {
 		d.cmd(authPlainLine(testUser, "guess"), "535 5.7.8")
 	}
@@ -233,11 +225,7 @@ func TestAuthRateLimitedAfterRepeatedFailures(t *testing.T) {
 func TestFailedAuthOfOneUserDoesNotLockOutAnother(t *testing.T) {
 	var logBuf syncBuffer
 	e := start(t, func(o *Options) { o.Logger = slog.New(slog.NewTextHandler(&logBuf, nil)) })
-	d := dial(t, e.srv.Addr())
-	d.cmd("EHLO client.test", "250")
-	d.cmd("STARTTLS", "220")
-	d.starttls(e.clientTLS())
-	d.cmd("EHLO client.test", "250")
+	d := tlsDialogue(t, e)
 	// A misconfigured application on the same host uses up its own tries.
 	for range DefaultAuthFailures {
 		d.cmd(authPlainLine("misconfigured", "old password"), "535 5.7.8")
@@ -456,12 +444,19 @@ func TestMessageLargerThanLimitRejected(t *testing.T) {
 // authedDialogue is a raw session after STARTTLS and AUTH.
 func authedDialogue(t *testing.T, e *testEnv) *dialogue {
 	t.Helper()
+	d := tlsDialogue(t, e)
+	d.cmd(authPlainLine(testUser, testPassword), "235")
+	return d
+}
+
+// tlsDialogue is a dialogue past STARTTLS and the EHLO after it.
+func tlsDialogue(t *testing.T, e *testEnv) *dialogue {
+	t.Helper()
 	d := dial(t, e.srv.Addr())
 	d.cmd("EHLO client.test", "250")
 	d.cmd("STARTTLS", "220")
 	d.starttls(e.clientTLS())
 	d.cmd("EHLO client.test", "250")
-	d.cmd(authPlainLine(testUser, testPassword), "235")
 	return d
 }
 
