@@ -330,19 +330,17 @@ func (n Nexthop) String() string {
 // underscore, which host names in DNS may hold.
 func ALabels(domain string) string {
 	domain = strings.TrimSuffix(domain, ".")
-	for i := 0; i < len(domain); i++ {
-		if domain[i] >= utf8.RuneSelf {
-			if !utf8.ValidString(domain) {
-				return "" // the mapping would make U+FFFD of it, a name of its own
-			}
-			a, err := idna.Lookup.ToASCII(domain)
-			if err != nil {
-				return ""
-			}
-			return a
-		}
+	if isASCII(domain) {
+		return strings.ToLower(domain)
 	}
-	return strings.ToLower(domain)
+	if !utf8.ValidString(domain) {
+		return "" // the mapping would make U+FFFD of it, a name of its own
+	}
+	a, err := idna.Lookup.ToASCII(domain)
+	if err != nil {
+		return ""
+	}
+	return a
 }
 
 func isASCII(s string) bool {
