@@ -13,6 +13,7 @@ import (
 	"net/mail"
 	"slices"
 	"strings"
+	"sync"
 
 	"github.com/emersion/go-msgauth/dkim"
 
@@ -106,22 +107,55 @@ type deliverer struct {
 func (w deliverer) Deliver(ctx context.Context, job *queue.Job) []queue.Status {
 	if job.Open != nil && job.Envelope.From != "" && !job.Envelope.TLSReport {
 		j := *job
-		open := job.Open
-		j.Open = func() (io.ReadCloser, error) { return w.s.open(&j, open) }
+		a := &attempt{open: job.Open}
+		j.Open = func() (io.ReadCloser, error) { return w.s.open(&j, a) }
 		job = &j
 	}
 	return w.next.Deliver(ctx, job)
 }
 
-// open opens the stored message and, when keys apply, puts their
-// signatures in front of it. It returns an error only when the stored
-// message cannot be read.
-func (s *Signer) open(job *queue.Job, open func() (io.ReadCloser, error)) (io.ReadCloser, error) {
-	body, err := open()
+// attempt is one delivery attempt's signing. Delivery opens the message
+// again for each host or transaction; the decision, its log line and
+// count, and the signatures are made at the first open and reused.
+type attempt struct {
+	open func() (io.ReadCloser, error) // the stored message
+
+	mu      sync.Mutex
+	decided bool
+	sigs    string // the signatures to put in front; "" sends it as stored
+	ending  string // what the stored message lacks at its end, when signed
+}
+
+// open opens the stored message with the attempt's signatures in front.
+// It returns an error only when the stored message cannot be read.
+func (s *Signer) open(job *queue.Job, a *attempt) (io.ReadCloser, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if !a.decided {
+		if err := s.decide(job, a); err != nil {
+			return nil, err
+		}
+		a.decided = true
+	}
+	if a.sigs == "" {
+		return a.open()
+	}
+	rc, err := withEnding(a.open, a.ending)
 	if err != nil {
 		return nil, err
 	}
+	return readCloser{io.MultiReader(strings.NewReader(a.sigs), rc), rc}, nil
+}
+
+// decide sets a's signatures when keys apply to the message, and logs and
+// counts what it decided.
+func (s *Signer) decide(job *queue.Job, a *attempt) error {
+	body, err := a.open()
+	if err != nil {
+		return err
+	}
 	keys, from, ending, why, malformed := s.pick(body)
+	body.Close()
 	if len(keys) == 0 {
 		if malformed && len(s.keysFor(domainOf(job.Envelope.From))) > 0 {
 			// The sender's domain has a key, so a signature was most
@@ -134,19 +168,18 @@ func (s *Signer) open(job *queue.Job, open func() (io.ReadCloser, error)) (io.Re
 		} else {
 			s.log.Debug("dkimsign: not signed", "id", job.ID, "reason", why)
 		}
-		return reopen(body, open)
+		return nil
 	}
 	// Trusted networks ("") may send as anyone, as MAIL FROM shows.
 	if user := job.Envelope.User; user != "" && !s.senderAllowed(user, from) {
 		metricSigned.WithLabelValues("not_allowed").Inc()
 		s.log.Warn("dkimsign: not signed: the login may not use the From: address (allowed_senders)", "id", job.ID,
 			"user", user, "header_from", from, "key", keys[0].name())
-		return reopen(body, open)
+		return nil
 	}
-	body.Close()
 	var sigs strings.Builder
 	for _, key := range keys {
-		sig, err := s.sign(key, func() (io.ReadCloser, error) { return withEnding(open, ending) })
+		sig, err := s.sign(key, func() (io.ReadCloser, error) { return withEnding(a.open, ending) })
 		if err != nil {
 			metricSigned.WithLabelValues("failed").Inc()
 			s.log.Warn("dkimsign: signing failed, the message goes out without this key's signature", "id", job.ID,
@@ -155,15 +188,11 @@ func (s *Signer) open(job *queue.Job, open func() (io.ReadCloser, error)) (io.Re
 		}
 		sigs.WriteString(sig)
 	}
-	if sigs.Len() == 0 {
-		return open()
+	if sigs.Len() > 0 {
+		metricSigned.WithLabelValues("signed").Inc()
+		a.sigs, a.ending = sigs.String(), ending
 	}
-	metricSigned.WithLabelValues("signed").Inc()
-	rc, err := withEnding(open, ending)
-	if err != nil {
-		return nil, err
-	}
-	return readCloser{io.MultiReader(strings.NewReader(sigs.String()), rc), rc}, nil
+	return nil
 }
 
 // name is the key's DNS name, as logs give it.
@@ -179,12 +208,6 @@ func withEnding(open func() (io.ReadCloser, error), ending string) (io.ReadClose
 		return rc, err
 	}
 	return readCloser{io.MultiReader(rc, strings.NewReader(ending)), rc}, nil
-}
-
-// reopen closes a partly read message and opens it afresh.
-func reopen(rc io.ReadCloser, open func() (io.ReadCloser, error)) (io.ReadCloser, error) {
-	rc.Close()
-	return open()
 }
 
 type readCloser struct {

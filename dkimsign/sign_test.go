@@ -423,3 +423,52 @@ func TestLargeMessageInBoundedMemory(t *testing.T) {
 type DelivererFunc func(context.Context, *queue.Job) []queue.Status
 
 func (f DelivererFunc) Deliver(ctx context.Context, j *queue.Job) []queue.Status { return f(ctx, j) }
+
+// Delivery opens a message again for each host and transaction of an
+// attempt. The attempt signs once, and logs and counts once, what it
+// decided: the metric counts attempts, as its help says.
+func TestOneDecisionPerAttempt(t *testing.T) {
+	k, lookup := edKey(t, "example.com", "s1")
+	var logs bytes.Buffer
+	s, _ := New(Options{Keys: []Key{k}, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	twice := DelivererFunc(func(_ context.Context, j *queue.Job) []queue.Status {
+		var got []string
+		for range 3 {
+			rc, err := j.Open()
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, _ := io.ReadAll(rc)
+			rc.Close()
+			got = append(got, string(b))
+		}
+		if got[0] != got[1] || got[1] != got[2] {
+			t.Errorf("the opens of one attempt read differently:\n%s", strings.Join(got, "\n--\n"))
+		}
+		if j.ID == "signed" {
+			vs, err := dkim.VerifyWithOptions(strings.NewReader(got[0]), &dkim.VerifyOptions{LookupTXT: lookup})
+			if err != nil || len(vs) != 1 || vs[0].Err != nil {
+				t.Errorf("verify: %v %+v\n%s", err, vs, got[0])
+			}
+		}
+		return []queue.Status{{Code: 250}}
+	})
+	for _, tc := range []struct {
+		id, msg, result string
+	}{
+		{"signed", msg, "signed"},
+		{"unsignable", "Subject: x\r\n\r\nbody\r\n", "unsignable"},
+	} {
+		logs.Reset()
+		before := testutil.ToFloat64(metricSigned.WithLabelValues(tc.result))
+		j := job("a@example.com", tc.msg)
+		j.ID = tc.id
+		s.Wrap(twice).Deliver(context.Background(), j)
+		if n := testutil.ToFloat64(metricSigned.WithLabelValues(tc.result)) - before; n != 1 {
+			t.Errorf("%s: counted %v times in one attempt, want once", tc.id, n)
+		}
+		if n := strings.Count(logs.String(), "level=WARN"); tc.result == "unsignable" && n != 1 {
+			t.Errorf("%s: %d warnings in one attempt, want one:\n%s", tc.id, n, logs.String())
+		}
+	}
+}
