@@ -5,7 +5,9 @@
 // reply into a per-recipient queue.Status (docs/DESIGN.md, "What deferrals say").
 //
 // Messages go out exactly as they were queued; delivery never rewrites
-// them (a rewrite would break DKIM signatures). A message the next hop
+// them (a rewrite would break DKIM signatures), except the queue's own
+// DSNs, which go 7-bit (queue.SevenBitDSN) to a host without 8BITMIME
+// since they cannot return. A message the next hop
 // cannot take as it is goes to the next MX host, and when none can, it
 // returns to its sender: 8-bit content to hosts without 8BITMIME with
 // 550 5.6.3 (RFC 6152 §3 allows returning instead of converting to 7-bit

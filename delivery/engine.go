@@ -1,6 +1,7 @@
 package delivery
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -555,6 +556,38 @@ func (m *message) rewind() error {
 
 func (m *message) Close() error { return m.rc.Close() }
 
+// maxSevenBitDSN bounds the DSN read into memory to be re-encoded; the
+// queue returns messages whole only up to its bounce size limit.
+const maxSevenBitDSN = 64 << 20
+
+// sevenBitDSN returns job and its body re-encoded for a host without
+// 8BITMIME (queue.SevenBitDSN).
+func sevenBitDSN(job *queue.Job, body *message) (*queue.Job, *message, error) {
+	if job.Size > maxSevenBitDSN {
+		return nil, nil, fmt.Errorf("%d bytes, larger than %d", job.Size, maxSevenBitDSN)
+	}
+	if err := body.rewind(); err != nil {
+		return nil, nil, fmt.Errorf("reading it from the queue: %v", err)
+	}
+	dsn, err := io.ReadAll(io.LimitReader(body, maxSevenBitDSN+1))
+	if err != nil {
+		return nil, nil, fmt.Errorf("reading it from the queue: %v", err)
+	}
+	if int64(len(dsn)) > maxSevenBitDSN {
+		return nil, nil, fmt.Errorf("larger than %d bytes", maxSevenBitDSN)
+	}
+	seven, err := queue.SevenBitDSN(dsn)
+	if err != nil {
+		return nil, nil, err
+	}
+	j := *job
+	j.Size = int64(len(seven))
+	j.Envelope.Body8Bit = false
+	open := func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(seven)), nil }
+	rc, _ := open()
+	return &j, &message{open: open, rc: rc}, nil
+}
+
 // requirements asks the policy.PolicySource about the usable hosts of nh,
 // for its policy domain (RFC 8461 §3.4: a smart host's own domain), and
 // applies the local override: the route's tls, else [[delivery.policy]].
@@ -778,9 +811,21 @@ func (e *Engine) transact(ctx context.Context, s *session, job *queue.Job, body 
 		// RFC 6152 §3: 8-bit data must not go to a server without
 		// 8BITMIME. stsrelay does not rewrite messages (package doc): the
 		// next host may take it, else the message returns with 5.6.3.
-		return nil, nil, nil, &hostFailure{host: s.label, kind: failEightBit, nextHost: true, status: queue.Status{
-			Code: 550, Enhanced: "5.6.3",
-			Text: s.label + ": 8BITMIME not supported, and this message has 8-bit content (RFC 6152)"}}
+		// Our own DSNs are the exception: a DSN cannot return, so it goes
+		// re-encoded.
+		why := ""
+		if env.OwnDSN {
+			if j, b, err := sevenBitDSN(job, body); err != nil {
+				why = "; re-encoding this DSN failed: " + err.Error()
+			} else {
+				job, body, env = j, b, j.Envelope
+			}
+		}
+		if env.Body8Bit {
+			return nil, nil, nil, &hostFailure{host: s.label, kind: failEightBit, nextHost: true, status: queue.Status{
+				Code: 550, Enhanced: "5.6.3",
+				Text: s.label + ": 8BITMIME not supported, and this message has 8-bit content (RFC 6152)" + why}}
+		}
 	}
 	if ok, limit := s.client.Extension("SIZE"); ok {
 		// RFC 1870 §6.1: a message larger than the fixed limit the

@@ -18,6 +18,7 @@ import (
 	"github.com/emersion/go-smtp"
 
 	"github.com/stsrelay/stsrelay/policy"
+	"github.com/stsrelay/stsrelay/queue"
 )
 
 // scriptMX is an SMTP server on loopback that answers EHLO with exactly
@@ -278,6 +279,55 @@ func TestEightBitMessageGoesToAnMXWith8BITMIME(t *testing.T) {
 	if m := eight.messages(); len(m) != 1 || m[0].mail.Body != "8BITMIME" {
 		t.Errorf("the 8BITMIME host got %+v, want the message with BODY=8BITMIME", m)
 	}
+}
+
+// ownDSN is a DSN as the queue writes one, returning an 8-bit message
+// whole (RET=FULL).
+const ownDSN = "From: Mail Delivery System <postmaster@relay.test>\r\n" +
+	"To: <sender@sender.test>\r\nSubject: Undelivered Mail Returned to Sender\r\n" +
+	"MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=delivery-status; boundary=\"b1\"\r\n" +
+	"\r\nThis is a MIME-encapsulated message.\r\n" +
+	"--b1\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nYour message could not be delivered.\r\n" +
+	"\r\n--b1\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; relay.test\r\n\r\n" +
+	"Final-Recipient: rfc822; a@example.test\r\nAction: failed\r\nStatus: 5.1.1\r\n" +
+	"\r\n--b1\r\nContent-Transfer-Encoding: 8bit\r\nContent-Type: message/rfc822\r\n\r\n" +
+	"From: sender@sender.test\r\nSubject: Grüße\r\n\r\nGrüße aus Köln\r\n" +
+	"\r\n--b1--\r\n"
+
+// A DSN of our own cannot return to its sender, so to a host without
+// 8BITMIME it goes re-encoded as 7-bit (queue.SevenBitDSN) rather than
+// being refused with 5.6.3 and lost; any other 8-bit message is not
+// ours to rewrite.
+func TestOwnDSNGoesSevenBitToAHostWithout8BITMIME(t *testing.T) {
+	v, _ := oneMX(t)
+	mx := &scriptMX{ehlo: []string{"PIPELINING", "SIZE 1000000"}}
+	v.route("127.0.0.2", newScriptMX(t, mx))
+	e := v.engine()
+	job := testJob("example.test", "a@example.test")
+	job.Envelope = queue.Envelope{From: "", Body8Bit: true, OwnDSN: true}
+	job.Size = int64(len(ownDSN))
+	job.Open = func() (io.ReadCloser, error) { return io.NopCloser(strings.NewReader(ownDSN)), nil }
+	wantStatus(t, deliver(t, e, job)[0], 250, "2.0.0")
+
+	seven, err := queue.SevenBitDSN([]byte(ownDSN))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := mx.command("MAIL"), fmt.Sprintf("MAIL FROM:<> SIZE=%d", len(seven)); got != want {
+		t.Errorf("sent %q, want %q: the re-encoded size and no BODY=8BITMIME", got, want)
+	}
+	mx.mu.Lock()
+	data := slices.Clone(mx.data)
+	mx.mu.Unlock()
+	if len(data) != 1 || data[0] != string(seven) {
+		t.Errorf("the host got %q, want the DSN re-encoded:\n%s", data, seven)
+	}
+
+	// Not a DSN after all: it stays where it is, and says why.
+	job.Open = func() (io.ReadCloser, error) {
+		return io.NopCloser(strings.NewReader("Subject: Grüße\r\n\r\nx\r\n")), nil
+	}
+	wantStatus(t, deliver(t, e, job)[0], 550, "5.6.3", "8BITMIME not supported", "re-encoding this DSN failed: not a DSN")
 }
 
 // A handshake cut off by cancellation (shutdown) is not the server's

@@ -1,12 +1,15 @@
 package queue
 
 import (
+	"bufio"
 	"bytes"
 	"crypto/rand"
 	"errors"
 	"fmt"
 	"io"
+	"mime"
 	"mime/multipart"
+	"mime/quotedprintable"
 	"net/textproto"
 	"slices"
 	"strings"
@@ -223,6 +226,7 @@ func (q *Queue) writeDSN(orig *message, rcpts []dsnRecipient, now time.Time) (*m
 			SMTPUTF8:   !isASCII(orig.Envelope.From),
 			Body8Bit:   !isASCII(string(body)),   // RFC 6152: so that no 7-bit host gets it
 			RequireTLS: orig.Envelope.RequireTLS, // RFC 8689 §5: bounces keep REQUIRETLS
+			OwnDSN:     true,
 		},
 		Arrived:    now,
 		Recipients: []recipient{{RecipientParams: RecipientParams{Addr: orig.Envelope.From}, Domain: d, State: StateQueued, NextAttempt: now}},
@@ -533,4 +537,83 @@ func oneLine(s string) string {
 		s = s[:n] + "..."
 	}
 	return s
+}
+
+// SevenBitDSN re-encodes a DSN this queue wrote (Envelope.OwnDSN) for a
+// host without 8BITMIME, which must get no 8-bit octet (RFC 6152 §3):
+// each 8-bit part in quoted-printable. The returned message becomes
+// message/global, the one message type that may be so encoded (RFC 6532
+// §3.7: message/rfc822 may not, RFC 2046 §5.2.1), so that the sender
+// still gets the whole message asked for with RET=FULL. The other global
+// types allow the encoding too (RFC 6533 §6). Nothing else about the
+// notice changes; it is ours, so no signature breaks.
+func SevenBitDSN(dsn []byte) ([]byte, error) {
+	end := bytes.Index(dsn, []byte("\r\n\r\n"))
+	if end < 0 || !isASCII(string(dsn[:end])) {
+		return nil, errors.New("not a DSN with an ASCII header section")
+	}
+	hdr, err := textproto.NewReader(bufio.NewReader(bytes.NewReader(dsn[:end+4]))).ReadMIMEHeader()
+	if err != nil {
+		return nil, fmt.Errorf("the DSN's header section: %v", err)
+	}
+	mt, params, err := mime.ParseMediaType(hdr.Get("Content-Type"))
+	boundary := params["boundary"]
+	if err != nil || mt != "multipart/report" || boundary == "" {
+		return nil, fmt.Errorf("not a DSN: Content-Type %q", hdr.Get("Content-Type"))
+	}
+	// The header section and the preamble go out as they are.
+	first := bytes.Index(dsn, []byte("\n--"+boundary+"\r\n"))
+	if first < 0 {
+		return nil, errors.New("not a DSN: no body part")
+	}
+	var out bytes.Buffer
+	out.Write(dsn[:first+1])
+	mw := multipart.NewWriter(&out)
+	if err := mw.SetBoundary(boundary); err != nil {
+		return nil, err
+	}
+	mr := multipart.NewReader(bytes.NewReader(dsn[first+1:]), boundary)
+	for {
+		p, err := mr.NextRawPart() // raw: a part's transfer encoding is ours to keep or set
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return nil, fmt.Errorf("a part of the DSN: %v", err)
+		}
+		content, err := io.ReadAll(p)
+		if err != nil {
+			return nil, fmt.Errorf("a part of the DSN: %v", err)
+		}
+		h := p.Header
+		if !isASCII(string(content)) {
+			if ct, _, _ := mime.ParseMediaType(h.Get("Content-Type")); ct == "message/rfc822" {
+				h.Set("Content-Type", "message/global")
+			}
+			h.Set("Content-Transfer-Encoding", "quoted-printable")
+			var qp bytes.Buffer
+			qw := quotedprintable.NewWriter(&qp)
+			if _, err := qw.Write(content); err != nil {
+				return nil, err
+			}
+			if err := qw.Close(); err != nil {
+				return nil, err
+			}
+			content = qp.Bytes()
+		}
+		w, err := mw.CreatePart(h)
+		if err == nil {
+			_, err = w.Write(content)
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+	if err := mw.Close(); err != nil {
+		return nil, err
+	}
+	if !isASCII(out.String()) {
+		return nil, errors.New("8-bit octets outside the DSN's parts")
+	}
+	return out.Bytes(), nil
 }

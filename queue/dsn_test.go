@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -369,6 +370,97 @@ func TestDSNsStillOwedWhenAStopsGraceEndsAreQueuedAtTheNextStart(t *testing.T) {
 	for _, id := range ids {
 		if _, err := tq.Show(id); !errors.Is(err, ErrNotFound) {
 			t.Errorf("%s is still queued once its DSN is: %v", id, err)
+		}
+	}
+}
+
+// A DSN that returns an 8-bit message whole (RET=FULL) needs 8BITMIME at
+// the sender's MX; SevenBitDSN makes the same notice 7-bit for one
+// without it, the message still whole (RFC 6532 §3.7: message/global may
+// be quoted-printable; message/rfc822 may not).
+func TestSevenBitDSNKeepsTheWholeMessage(t *testing.T) {
+	tq := newTestQueue(t, newScripted(all(fail550)), Options{})
+	e := env("alice@example.com", "bob@example.org")
+	e.Ret = "FULL"
+	original := "From: alice@example.com\r\nTo: bob@example.org\r\nSubject: Grüße\r\n\r\n" +
+		"Grüße aus Köln\r\n" + strings.Repeat("é", 450) + "\r\n.leading dot\r\n"
+	tq.enqueueBody(t, e, original)
+	tq.run(t)
+	tq.waitJobs(t, 1)
+	tq.settle(t)
+	dsns := tq.dsnsTo(t, "alice@example.com")
+	if len(dsns) != 1 {
+		t.Fatalf("%d DSNs, want 1", len(dsns))
+	}
+	if env := dsns[0].Envelope; !env.Body8Bit || !env.OwnDSN {
+		t.Fatalf("DSN envelope %+v, want an own DSN with 8-bit content", env)
+	}
+	raw := tq.body(t, dsns[0])
+	eight := parseDSN(t, raw)
+	if eight.contentType != "message/rfc822" || eight.content != original {
+		t.Fatalf("the DSN returns %q as %q, want the whole message as message/rfc822", eight.content, eight.contentType)
+	}
+
+	seven, err := SevenBitDSN(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !isASCII(string(seven)) {
+		t.Error("the re-encoded DSN has 8-bit octets")
+	}
+	for _, l := range strings.Split(string(seven), "\r\n") {
+		if len(l) > 998 { // RFC 5321 §4.5.3.1.6; the 900-octet line of é is 2,700 encoded
+			t.Errorf("line of %d octets: %q", len(l), l)
+		}
+	}
+	got := parseDSN(t, seven) // parts decoded
+	if got.contentType != "message/global" || got.content != original {
+		t.Errorf("returns %q as %q, want the whole message as message/global", got.content, got.contentType)
+	}
+	if got.text != eight.text || got.statusType != eight.statusType || !reflect.DeepEqual(got.recipients, eight.recipients) ||
+		!reflect.DeepEqual(got.header, eight.header) {
+		t.Errorf("the notice changed beyond its encoding:\n%+v\nwas\n%+v", got, eight)
+	}
+}
+
+// A report in UTF-8 (a remote's UTF-8 reply) about an ASCII message gets
+// its text and global status part quoted-printable; the ASCII headers
+// returned stay as they were.
+func TestSevenBitDSNEncodesOnlyThe8BitParts(t *testing.T) {
+	st := fail550
+	st.Reply = "550 5.1.1 Empfänger unbekannt"
+	st.Text = "mx.example.org[192.0.2.1]: " + st.Reply
+	dsn, raw := onlyDSN(t, st, env("alice@example.com", "bob@example.org"))
+	if !dsn.Envelope.Body8Bit {
+		t.Fatal("a DSN with a UTF-8 reply is 7-bit; the test needs an 8-bit one")
+	}
+	seven, err := SevenBitDSN(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !isASCII(string(seven)) {
+		t.Error("the re-encoded DSN has 8-bit octets")
+	}
+	if n := strings.Count(string(seven), "Content-Transfer-Encoding: quoted-printable"); n != 2 {
+		t.Errorf("%d parts quoted-printable, want 2 (the text and the status)", n)
+	}
+	was, got := parseDSN(t, raw), parseDSN(t, seven)
+	if got.contentType != was.contentType || got.content != was.content || got.text != was.text ||
+		got.recipients[0].Get("Diagnostic-Code") != "smtp; "+st.Reply {
+		t.Errorf("re-encoded DSN %+v, want %+v but 7-bit", got, was)
+	}
+}
+
+func TestSevenBitDSNRefusesWhatItDidNotWrite(t *testing.T) {
+	for _, in := range []string{
+		"Subject: hi\r\n\r\nGrüße\r\n",
+		"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\r\nGrüße\r\n--b--\r\n",
+		"Content-Type: multipart/report; boundary=b\r\n\r\nno parts at all\r\n",
+		"Subject: Grüße\r\nContent-Type: multipart/report; boundary=b\r\n\r\n--b\r\n\r\nx\r\n--b--\r\n",
+		"no header section",
+	} {
+		if out, err := SevenBitDSN([]byte(in)); err == nil {
+			t.Errorf("SevenBitDSN(%q) = %q, want an error", in, out)
 		}
 	}
 }

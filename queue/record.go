@@ -22,6 +22,7 @@ type storedMessage struct {
 	RequireTLS  bool              `json:"rtls,omitempty"`
 	NoTLSPolicy bool              `json:"notls,omitempty"`
 	TLSReport   bool              `json:"tlsrpt,omitempty"`
+	OwnDSN      bool              `json:"dsn,omitempty"`
 	Ret         string            `json:"ret,omitempty"`
 	EnvID       string            `json:"envid,omitempty"`
 	Size        int64             `json:"s"`
@@ -71,7 +72,7 @@ func encodeMessage(m *message) ([]byte, error) {
 	e := &m.Envelope
 	s := storedMessage{
 		V: 1, ID: m.ID, From: e.From, User: e.User, ClientAddr: e.ClientAddr, MessageID: e.MessageID,
-		Body8Bit: e.Body8Bit, SMTPUTF8: e.SMTPUTF8, RequireTLS: e.RequireTLS, NoTLSPolicy: e.NoTLSPolicy, TLSReport: e.TLSReport,
+		Body8Bit: e.Body8Bit, SMTPUTF8: e.SMTPUTF8, RequireTLS: e.RequireTLS, NoTLSPolicy: e.NoTLSPolicy, TLSReport: e.TLSReport, OwnDSN: e.OwnDSN,
 		Ret: e.Ret, EnvID: e.EnvID, Size: m.Size, BodyFile: m.BodyFile, BodyOff: m.BodyOff, Arrived: unixNano(m.Arrived),
 		Recipients: make([]storedRecipient, len(m.Recipients)),
 	}
@@ -99,7 +100,7 @@ func decodeMessage(v []byte) (*message, error) {
 		ID: s.ID,
 		Envelope: Envelope{
 			From: s.From, User: s.User, ClientAddr: s.ClientAddr, MessageID: s.MessageID,
-			Body8Bit: s.Body8Bit, SMTPUTF8: s.SMTPUTF8, RequireTLS: s.RequireTLS, NoTLSPolicy: s.NoTLSPolicy, TLSReport: s.TLSReport,
+			Body8Bit: s.Body8Bit, SMTPUTF8: s.SMTPUTF8, RequireTLS: s.RequireTLS, NoTLSPolicy: s.NoTLSPolicy, TLSReport: s.TLSReport, OwnDSN: s.OwnDSN,
 			Ret: s.Ret, EnvID: s.EnvID,
 		},
 		Size:       s.Size,

@@ -30,6 +30,10 @@ type Envelope struct {
 	// TLSReport marks an RFC 8460 report that stsrelay sends itself: its
 	// delivery sessions are not counted in the next report (RFC 8460 §3).
 	TLSReport bool
+	// OwnDSN marks a delivery status notification this queue wrote: the
+	// one message delivery may re-encode (SevenBitDSN), for a host
+	// without 8BITMIME.
+	OwnDSN bool
 }
 
 // RecipientParams is one RCPT TO with its DSN parameters.
