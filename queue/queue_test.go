@@ -26,7 +26,7 @@ func TestEnqueuedMessageSurvivesReopen(t *testing.T) {
 	big := testBody + strings.Repeat("0123456789abcdef", 20000) // larger than any buffer on the way
 	e := env("alice@example.com", "bob@example.org", "carol@Example.NET")
 	e.Ret, e.EnvID, e.RequireTLS = "HDRS", "env-1", true
-	e.NoTLSPolicy, e.TLSReport = true, true
+	e.NoTLSPolicy, e.TLSReport, e.OwnDSN = true, true, true
 	e.Recipients[0].Notify = []string{"SUCCESS", "FAILURE"}
 	id, err := tq.Enqueue(context.Background(), e, strings.NewReader(big))
 	if err != nil {
@@ -45,7 +45,7 @@ func TestEnqueuedMessageSurvivesReopen(t *testing.T) {
 		t.Fatalf("body changed: %d bytes back, %d stored", len(got), len(big))
 	}
 	if m.Envelope.EnvID != "env-1" || m.Envelope.Ret != "HDRS" || !m.Envelope.RequireTLS || m.Envelope.User != "app" ||
-		!m.Envelope.NoTLSPolicy || !m.Envelope.TLSReport {
+		!m.Envelope.NoTLSPolicy || !m.Envelope.TLSReport || !m.Envelope.OwnDSN {
 		t.Errorf("envelope changed: %+v", m.Envelope)
 	}
 	if !slices.Equal(m.Recipients[0].Notify, []string{"SUCCESS", "FAILURE"}) || m.Recipients[1].Domain != "example.net" {
