@@ -9,11 +9,15 @@ package main
 // ROOT ONLY: binding ports 25 and 443 needs root (CI runs as root).
 
 import (
+	"bufio"
 	"crypto/tls"
 	"encoding/json"
 	"io"
+	"mime"
+	"mime/multipart"
 	"net"
 	"net/http"
+	"net/mail"
 	"os"
 	"strings"
 	"sync"
@@ -669,5 +673,133 @@ func TestEndToEndDANEAuthenticatesTheMXOrDefers(t *testing.T) {
 	}
 	if n := k.count(); n != 1 {
 		t.Fatalf("the MX received %d messages, want only the authenticated one", n)
+	}
+}
+
+// sevenBitMX is an SMTP server on ip:25 that offers no extension at all,
+// 8BITMIME included (go-smtp's server always offers it), and sends each
+// message it takes, dots unstuffed, to the channel it returns.
+func sevenBitMX(t *testing.T, ip string) <-chan string {
+	t.Helper()
+	ln, err := net.Listen("tcp", net.JoinHostPort(ip, "25"))
+	if err != nil {
+		t.Fatalf("MX on %s: %v", ip, err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	got := make(chan string, 4)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				r := bufio.NewReader(c)
+				io.WriteString(c, "220 mx.example.com ESMTP\r\n")
+				for {
+					line, err := r.ReadString('\n')
+					if err != nil {
+						return
+					}
+					switch verb := strings.ToUpper(strings.Fields(line + " x")[0]); verb {
+					case "EHLO":
+						io.WriteString(c, "250 mx.example.com\r\n")
+					case "DATA":
+						io.WriteString(c, "354 go ahead\r\n")
+						var b strings.Builder
+						for {
+							l, err := r.ReadString('\n')
+							if err != nil {
+								return
+							}
+							if l == ".\r\n" {
+								break
+							}
+							b.WriteString(strings.TrimPrefix(l, "."))
+						}
+						got <- b.String()
+						io.WriteString(c, "250 2.0.0 queued\r\n")
+					case "QUIT":
+						io.WriteString(c, "221 bye\r\n")
+						return
+					default:
+						io.WriteString(c, "250 ok\r\n")
+					}
+				}
+			}()
+		}
+	}()
+	return got
+}
+
+// The bounce of an 8-bit message returned whole (RET=FULL), to a sender
+// whose MX lacks 8BITMIME: the relay's own DSN goes 7-bit, the message
+// still whole in it, rather than failing with 5.6.3 and, having the null
+// sender, being lost.
+func TestEndToEndBounceOfAn8BitMessageReachesAMXWithout8BITMIME(t *testing.T) {
+	e := newE2E(t,
+		"nomail.example. 60 IN MX 0 .",
+		"example.com. 60 IN MX 10 mx.example.com.",
+		"mx.example.com. 60 IN A 127.0.0.49",
+	)
+	got := sevenBitMX(t, "127.0.0.49")
+	c, err := smtp.Dial(e.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Mail("app@example.com", &smtp.MailOptions{Body: smtp.Body8BitMIME, Return: smtp.DSNReturnFull}); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Rcpt("user@nomail.example", nil); err != nil {
+		t.Fatal(err)
+	}
+	w, err := c.Data()
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.WriteString(w, "From: app@example.com\r\nSubject: Grüße\r\n\r\nGrüße aus Köln\r\n")
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	c.Quit()
+
+	var dsn string
+	select {
+	case dsn = <-got:
+	case <-time.After(30 * time.Second):
+		t.Fatalf("no DSN reached the sender's MX; relay log:\n%s", e.d.output())
+	}
+	for i := 0; i < len(dsn); i++ {
+		if dsn[i] >= 0x80 {
+			t.Fatalf("8-bit octet at %d of the DSN sent to a host without 8BITMIME:\n%s", i, dsn)
+		}
+	}
+	msg, err := mail.ReadMessage(strings.NewReader(dsn))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, params, _ := mime.ParseMediaType(msg.Header.Get("Content-Type"))
+	mr := multipart.NewReader(msg.Body, params["boundary"])
+	var parts []string
+	var returned string
+	for {
+		p, err := mr.NextPart() // quoted-printable decoded
+		if err != nil {
+			break
+		}
+		b, _ := io.ReadAll(p)
+		ct := p.Header.Get("Content-Type")
+		parts = append(parts, ct)
+		if ct == "message/global" {
+			returned = string(b)
+		}
+	}
+	if len(parts) != 3 || !strings.Contains(dsn, "Status: 5.1.10") {
+		t.Fatalf("DSN parts %q; want a failure report:\n%s", parts, dsn)
+	}
+	if !strings.HasSuffix(returned, "Subject: Grüße\r\n\r\nGrüße aus Köln\r\n") || !strings.Contains(returned, "Received: ") {
+		t.Errorf("the message returned, decoded:\n%s\nwant the whole message as queued", returned)
 	}
 }
