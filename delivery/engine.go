@@ -556,9 +556,13 @@ func (m *message) rewind() error {
 
 func (m *message) Close() error { return m.rc.Close() }
 
-// maxSevenBitDSN bounds the DSN read into memory to be re-encoded; the
-// queue returns messages whole only up to its bounce size limit.
+// maxSevenBitDSN bounds the DSN read into memory to be re-encoded (some
+// five times its size while that runs). A DSN returns a message whole
+// only up to delivery.bounce_size_limit, 10 MB unless set higher.
 const maxSevenBitDSN = 64 << 20
+
+// errQueueRead is a queued message that could not be read.
+var errQueueRead = errors.New("reading the queued message")
 
 // sevenBitDSN returns job and its body re-encoded for a host without
 // 8BITMIME (queue.SevenBitDSN).
@@ -567,11 +571,11 @@ func sevenBitDSN(job *queue.Job, body *message) (*queue.Job, *message, error) {
 		return nil, nil, fmt.Errorf("%d bytes, larger than %d", job.Size, maxSevenBitDSN)
 	}
 	if err := body.rewind(); err != nil {
-		return nil, nil, fmt.Errorf("reading it from the queue: %v", err)
+		return nil, nil, fmt.Errorf("%w: %w", errQueueRead, err)
 	}
 	dsn, err := io.ReadAll(io.LimitReader(body, maxSevenBitDSN+1))
 	if err != nil {
-		return nil, nil, fmt.Errorf("reading it from the queue: %v", err)
+		return nil, nil, fmt.Errorf("%w: %w", errQueueRead, err)
 	}
 	if int64(len(dsn)) > maxSevenBitDSN {
 		return nil, nil, fmt.Errorf("larger than %d bytes", maxSevenBitDSN)
@@ -815,9 +819,21 @@ func (e *Engine) transact(ctx context.Context, s *session, job *queue.Job, body 
 		// re-encoded.
 		why := ""
 		if env.OwnDSN {
-			if j, b, err := sevenBitDSN(job, body); err != nil {
+			j, b, err := sevenBitDSN(job, body)
+			switch {
+			case errors.Is(err, errQueueRead):
+				// The disk's trouble, not the DSN's: as when the
+				// message is read to be sent, it waits for a retry.
+				n := len(job.Recipients)
+				statuses, final = make([]queue.Status, n), make([]bool, n)
+				for k := range statuses {
+					statuses[k] = queue.Status{Code: 451, Enhanced: "4.3.0", Text: err.Error()}
+					final[k] = true
+				}
+				return statuses, final, nil, nil
+			case err != nil:
 				why = "; re-encoding this DSN failed: " + err.Error()
-			} else {
+			default:
 				job, body, env = j, b, j.Envelope
 			}
 		}

@@ -12,7 +12,9 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
+	"testing/iotest"
 	"time"
 
 	"github.com/emersion/go-smtp"
@@ -328,6 +330,56 @@ func TestOwnDSNGoesSevenBitToAHostWithout8BITMIME(t *testing.T) {
 		return io.NopCloser(strings.NewReader("Subject: Grüße\r\n\r\nx\r\n")), nil
 	}
 	wantStatus(t, deliver(t, e, job)[0], 550, "5.6.3", "8BITMIME not supported", "re-encoding this DSN failed: not a DSN")
+}
+
+// A DSN that cannot be read to be re-encoded waits for a retry, as any
+// message that cannot be read does; it is not refused, which would lose
+// it. A host with 8BITMIME gets the DSN as it was queued.
+func TestOwnDSNUnreadOrFor8BITMIMEGoesAsQueued(t *testing.T) {
+	v := newEnv(t,
+		"example.test. 300 IN MX 10 mx1.example.test.",
+		"example.test. 300 IN MX 20 mx2.example.test.",
+		"mx1.example.test. 300 IN A 127.0.0.2",
+		"mx2.example.test. 300 IN A 127.0.0.3")
+	seven := &scriptMX{ehlo: []string{"PIPELINING", "SIZE 1000000"}}
+	v.route("127.0.0.2", newScriptMX(t, seven))
+	eight := &scriptMX{ehlo: []string{"PIPELINING", "8BITMIME", "SIZE 1000000"}}
+	v.route("127.0.0.3", newScriptMX(t, eight))
+	e := v.engine()
+	job := testJob("example.test", "a@example.test")
+	job.Envelope = queue.Envelope{From: "", Body8Bit: true, OwnDSN: true}
+	job.Size = int64(len(ownDSN))
+	opens := 0
+	job.Open = func() (io.ReadCloser, error) {
+		opens++
+		if opens == 1 { // the read for re-encoding
+			return io.NopCloser(io.MultiReader(strings.NewReader(ownDSN[:100]), iotest.ErrReader(syscall.EIO))), nil
+		}
+		return io.NopCloser(strings.NewReader(ownDSN)), nil
+	}
+	wantStatus(t, deliver(t, e, job)[0], 451, "4.3.0", "reading the queued message", "input/output error")
+	if c := seven.command("MAIL"); c != "" {
+		t.Errorf("sent %q after the DSN could not be read", c)
+	}
+	if c := eight.command("MAIL"); c != "" {
+		t.Errorf("went on to the next host with %q after the DSN could not be read", c)
+	}
+
+	// mx1 has no 8BITMIME and the re-encoding fails (not a DSN): mx2 gets
+	// it as queued.
+	notDSN := "Subject: Grüße\r\n\r\nx\r\n"
+	job.Size = int64(len(notDSN))
+	job.Open = func() (io.ReadCloser, error) { return io.NopCloser(strings.NewReader(notDSN)), nil }
+	wantStatus(t, deliver(t, e, job)[0], 250, "2.0.0")
+	if got, want := eight.command("MAIL"), fmt.Sprintf("MAIL FROM:<> BODY=8BITMIME SIZE=%d", len(notDSN)); got != want {
+		t.Errorf("sent %q, want %q", got, want)
+	}
+	eight.mu.Lock()
+	data := slices.Clone(eight.data)
+	eight.mu.Unlock()
+	if len(data) != 1 || data[0] != notDSN {
+		t.Errorf("the 8BITMIME host got %q, want the message as queued", data)
+	}
 }
 
 // A handshake cut off by cancellation (shutdown) is not the server's

@@ -154,8 +154,12 @@ func (s *Signer) decide(job *queue.Job, a *attempt) error {
 	if err != nil {
 		return err
 	}
-	keys, from, ending, why, malformed := s.pick(body)
+	rd := &errReader{r: body}
+	keys, from, ending, why, malformed := s.pick(rd)
 	body.Close()
+	if rd.err != nil {
+		return fmt.Errorf("reading the message to sign it: %w", rd.err)
+	}
 	if len(keys) == 0 {
 		if malformed && len(s.keysFor(domainOf(job.Envelope.From))) > 0 {
 			// The sender's domain has a key, so a signature was most
@@ -180,6 +184,11 @@ func (s *Signer) decide(job *queue.Job, a *attempt) error {
 	var sigs strings.Builder
 	for _, key := range keys {
 		sig, err := s.sign(key, func() (io.ReadCloser, error) { return withEnding(a.open, ending) })
+		if errors.Is(err, errUnreadable) {
+			// Not the key's failure: the attempt's open fails, and the
+			// message is tried again later, signed.
+			return err
+		}
 		if err != nil {
 			metricSigned.WithLabelValues("failed").Inc()
 			s.log.Warn("dkimsign: signing failed, the message goes out without this key's signature", "id", job.ID,
@@ -210,6 +219,24 @@ func withEnding(open func() (io.ReadCloser, error), ending string) (io.ReadClose
 	return readCloser{io.MultiReader(rc, strings.NewReader(ending)), rc}, nil
 }
 
+// errUnreadable is a failure to read the stored message, which is no
+// reason to send it unsigned.
+var errUnreadable = errors.New("reading the message to sign it")
+
+// errReader keeps the first error other than EOF that reading r gave.
+type errReader struct {
+	r   io.Reader
+	err error
+}
+
+func (e *errReader) Read(p []byte) (int, error) {
+	n, err := e.r.Read(p)
+	if err != nil && err != io.EOF && e.err == nil {
+		e.err = err
+	}
+	return n, err
+}
+
 type readCloser struct {
 	io.Reader
 	io.Closer
@@ -220,9 +247,10 @@ type readCloser struct {
 func (s *Signer) sign(key *Key, open func() (io.ReadCloser, error)) (string, error) {
 	rc, err := open()
 	if err != nil {
-		return "", err
+		return "", fmt.Errorf("%w: %w", errUnreadable, err)
 	}
 	defer rc.Close()
+	rd := &errReader{r: rc}
 	signer, err := dkim.NewSigner(&dkim.SignOptions{
 		Domain:                 key.Domain,
 		Selector:               key.Selector,
@@ -236,8 +264,11 @@ func (s *Signer) sign(key *Key, open func() (io.ReadCloser, error)) (string, err
 	if err != nil {
 		return "", err
 	}
-	if _, err := io.Copy(signer, rc); err != nil {
+	if _, err := io.Copy(signer, rd); err != nil {
 		signer.Close()
+		if rd.err != nil {
+			return "", fmt.Errorf("%w: %w", errUnreadable, rd.err)
+		}
 		return "", err
 	}
 	if err := signer.Close(); err != nil {

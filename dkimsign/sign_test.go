@@ -15,7 +15,9 @@ import (
 	"log/slog"
 	"runtime"
 	"strings"
+	"syscall"
 	"testing"
+	"testing/iotest"
 
 	"github.com/emersion/go-msgauth/dkim"
 	"github.com/prometheus/client_golang/prometheus/testutil"
@@ -431,7 +433,7 @@ func TestOneDecisionPerAttempt(t *testing.T) {
 	k, lookup := edKey(t, "example.com", "s1")
 	var logs bytes.Buffer
 	s, _ := New(Options{Keys: []Key{k}, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
-	twice := DelivererFunc(func(_ context.Context, j *queue.Job) []queue.Status {
+	thrice := DelivererFunc(func(_ context.Context, j *queue.Job) []queue.Status {
 		var got []string
 		for range 3 {
 			rc, err := j.Open()
@@ -463,12 +465,53 @@ func TestOneDecisionPerAttempt(t *testing.T) {
 		before := testutil.ToFloat64(metricSigned.WithLabelValues(tc.result))
 		j := job("a@example.com", tc.msg)
 		j.ID = tc.id
-		s.Wrap(twice).Deliver(context.Background(), j)
+		s.Wrap(thrice).Deliver(context.Background(), j)
 		if n := testutil.ToFloat64(metricSigned.WithLabelValues(tc.result)) - before; n != 1 {
 			t.Errorf("%s: counted %v times in one attempt, want once", tc.id, n)
 		}
 		if n := strings.Count(logs.String(), "level=WARN"); tc.result == "unsignable" && n != 1 {
 			t.Errorf("%s: %d warnings in one attempt, want one:\n%s", tc.id, n, logs.String())
 		}
+	}
+}
+
+// A stored message that cannot be read (a disk error) is no reason to
+// send it unsigned: the open fails, as delivery's would without keys,
+// and the next open, the disk readable again, signs.
+func TestUnreadableMessageIsNotSentUnsigned(t *testing.T) {
+	k, lookup := edKey(t, "example.com", "s1")
+	s, _ := New(Options{Keys: []Key{k}})
+	for _, at := range []int{10, len(msg) - 3} { // in the header section, in the body
+		failing := true
+		j := job("a@example.com", msg)
+		j.Open = func() (io.ReadCloser, error) {
+			if failing {
+				return io.NopCloser(io.MultiReader(strings.NewReader(msg[:at]), iotest.ErrReader(syscall.EIO))), nil
+			}
+			return io.NopCloser(strings.NewReader(msg)), nil
+		}
+		d := DelivererFunc(func(_ context.Context, j *queue.Job) []queue.Status {
+			rc, err := j.Open()
+			if err == nil {
+				b, _ := io.ReadAll(rc)
+				t.Errorf("failing at %d: opened, and would have sent:\n%s", at, b)
+				return nil
+			}
+			if !errors.Is(err, syscall.EIO) {
+				t.Errorf("failing at %d: %v, want the read error", at, err)
+			}
+			failing = false
+			rc, err = j.Open()
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, _ := io.ReadAll(rc)
+			vs, err := dkim.VerifyWithOptions(bytes.NewReader(b), &dkim.VerifyOptions{LookupTXT: lookup})
+			if err != nil || len(vs) != 1 || vs[0].Err != nil {
+				t.Errorf("failing at %d, then readable: %v %+v\n%s", at, err, vs, b)
+			}
+			return nil
+		})
+		s.Wrap(d).Deliver(context.Background(), j)
 	}
 }

@@ -466,6 +466,16 @@ func utf8AddrUnitext(addr string) string {
 	return b.String()
 }
 
+// asciiBytes is isASCII for a byte slice, without copying it.
+func asciiBytes(b []byte) bool {
+	for _, c := range b {
+		if c >= 0x80 {
+			return false
+		}
+	}
+	return true
+}
+
 func isASCII(s string) bool {
 	for i := 0; i < len(s); i++ {
 		if s[i] >= 0x80 {
@@ -549,7 +559,7 @@ func oneLine(s string) string {
 // notice changes; it is ours, so no signature breaks.
 func SevenBitDSN(dsn []byte) ([]byte, error) {
 	end := bytes.Index(dsn, []byte("\r\n\r\n"))
-	if end < 0 || !isASCII(string(dsn[:end])) {
+	if end < 0 || !asciiBytes(dsn[:end]) {
 		return nil, errors.New("not a DSN with an ASCII header section")
 	}
 	hdr, err := textproto.NewReader(bufio.NewReader(bytes.NewReader(dsn[:end+4]))).ReadMIMEHeader()
@@ -567,12 +577,14 @@ func SevenBitDSN(dsn []byte) ([]byte, error) {
 		return nil, errors.New("not a DSN: no body part")
 	}
 	var out bytes.Buffer
+	out.Grow(len(dsn) + len(dsn)/4)
 	out.Write(dsn[:first+1])
 	mw := multipart.NewWriter(&out)
 	if err := mw.SetBoundary(boundary); err != nil {
 		return nil, err
 	}
 	mr := multipart.NewReader(bytes.NewReader(dsn[first+1:]), boundary)
+	var content bytes.Buffer
 	for {
 		p, err := mr.NextRawPart() // raw: a part's transfer encoding is ours to keep or set
 		if err == io.EOF {
@@ -581,38 +593,50 @@ func SevenBitDSN(dsn []byte) ([]byte, error) {
 		if err != nil {
 			return nil, fmt.Errorf("a part of the DSN: %v", err)
 		}
-		content, err := io.ReadAll(p)
-		if err != nil {
+		content.Reset()
+		if _, err := content.ReadFrom(p); err != nil {
 			return nil, fmt.Errorf("a part of the DSN: %v", err)
 		}
 		h := p.Header
-		if !isASCII(string(content)) {
-			if ct, _, _ := mime.ParseMediaType(h.Get("Content-Type")); ct == "message/rfc822" {
-				h.Set("Content-Type", "message/global")
+		if asciiBytes(content.Bytes()) {
+			w, err := mw.CreatePart(h)
+			if err == nil {
+				_, err = w.Write(content.Bytes())
 			}
-			h.Set("Content-Transfer-Encoding", "quoted-printable")
-			var qp bytes.Buffer
-			qw := quotedprintable.NewWriter(&qp)
-			if _, err := qw.Write(content); err != nil {
+			if err != nil {
 				return nil, err
 			}
-			if err := qw.Close(); err != nil {
-				return nil, err
-			}
-			content = qp.Bytes()
+			continue
 		}
+		ct, _, _ := mime.ParseMediaType(h.Get("Content-Type"))
+		switch {
+		case ct == "message/rfc822":
+			h.Set("Content-Type", "message/global")
+		case strings.HasPrefix(ct, "multipart/"), strings.HasPrefix(ct, "message/") && !strings.HasPrefix(ct, "message/global"):
+			// RFC 2045 §6.4: composite types take no encoding.
+			return nil, fmt.Errorf("an 8-bit %s part cannot be encoded", ct)
+		}
+		if bytes.Contains(content.Bytes(), []byte(boundary)) {
+			// A soft line break could put it at the start of a line.
+			return nil, errors.New("a part holds the DSN's boundary")
+		}
+		h.Set("Content-Transfer-Encoding", "quoted-printable")
 		w, err := mw.CreatePart(h)
-		if err == nil {
-			_, err = w.Write(content)
-		}
 		if err != nil {
+			return nil, err
+		}
+		qw := quotedprintable.NewWriter(w)
+		if _, err := qw.Write(content.Bytes()); err != nil {
+			return nil, err
+		}
+		if err := qw.Close(); err != nil {
 			return nil, err
 		}
 	}
 	if err := mw.Close(); err != nil {
 		return nil, err
 	}
-	if !isASCII(out.String()) {
+	if !asciiBytes(out.Bytes()) {
 		return nil, errors.New("8-bit octets outside the DSN's parts")
 	}
 	return out.Bytes(), nil

@@ -1,6 +1,7 @@
 package queue
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"log/slog"
@@ -451,16 +452,36 @@ func TestSevenBitDSNEncodesOnlyThe8BitParts(t *testing.T) {
 	}
 }
 
-func TestSevenBitDSNRefusesWhatItDidNotWrite(t *testing.T) {
-	for _, in := range []string{
-		"Subject: hi\r\n\r\nGrüße\r\n",
-		"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\r\nGrüße\r\n--b--\r\n",
-		"Content-Type: multipart/report; boundary=b\r\n\r\nno parts at all\r\n",
-		"Subject: Grüße\r\nContent-Type: multipart/report; boundary=b\r\n\r\n--b\r\n\r\nx\r\n--b--\r\n",
-		"no header section",
+// An ASCII DSN comes back byte for byte: header section, preamble, parts
+// and the closing boundary.
+func TestSevenBitDSNLeavesASCIIAlone(t *testing.T) {
+	dsn, raw := onlyDSN(t, fail550, env("alice@example.com", "bob@example.org"))
+	if dsn.Envelope.Body8Bit {
+		t.Fatal("an ASCII DSN is 8-bit; the test needs a 7-bit one")
+	}
+	seven, err := SevenBitDSN(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(seven, raw) {
+		t.Errorf("an ASCII DSN changed:\n%s\nwas\n%s", seven, raw)
+	}
+}
+
+func TestSevenBitDSNRefusesWhatIsNoDSNOrCannotBeEncoded(t *testing.T) {
+	report := "Content-Type: multipart/report; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nx\r\n--b\r\n"
+	for _, tc := range []struct{ in, want string }{
+		{report + "Content-Type: multipart/mixed; boundary=c\r\n\r\n--c\r\n\r\nGrüße\r\n--c--\r\n--b--\r\n", "8-bit multipart/mixed part"}, // RFC 2045 §6.4
+		{report + "Content-Type: message/partial\r\n\r\nGrüße\r\n--b--\r\n", "8-bit message/partial part"},
+		{report + "Content-Type: text/plain\r\n\r\nGrüße b\r\n--b--\r\n", "holds the DSN's boundary"},
+		{"Subject: hi\r\n\r\nGrüße\r\n", "not a DSN"},
+		{"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\r\nGrüße\r\n--b--\r\n", "not a DSN"},
+		{"Content-Type: multipart/report; boundary=b\r\n\r\nno parts at all\r\n", "no body part"},
+		{"Subject: Grüße\r\nContent-Type: multipart/report; boundary=b\r\n\r\n--b\r\n\r\nx\r\n--b--\r\n", "ASCII header section"},
+		{"no header section", "ASCII header section"},
 	} {
-		if out, err := SevenBitDSN([]byte(in)); err == nil {
-			t.Errorf("SevenBitDSN(%q) = %q, want an error", in, out)
+		if out, err := SevenBitDSN([]byte(tc.in)); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("SevenBitDSN(%q) = %q, %v; want an error saying %q", tc.in, out, err, tc.want)
 		}
 	}
 }
