@@ -3,6 +3,7 @@ package queue
 import (
 	"bufio"
 	"bytes"
+	"fmt"
 	"io"
 	"log/slog"
 	"mime"
@@ -67,7 +68,74 @@ func FuzzDSN(f *testing.F) {
 		// only; RFC 8689 §5: never for a REQUIRETLS message.
 		full := r.Action == "failed" && strings.EqualFold(m.Envelope.Ret, "FULL") && !m.Envelope.RequireTLS
 		checkDSN(t, body, full, m, r, original)
+		checkSevenBit(t, body)
 	})
+}
+
+// checkSevenBit re-encodes a DSN as for an MX without 8BITMIME and checks
+// that it is 7-bit, has CRLF line ends only, and says what the DSN said:
+// the same header section, the same parts decoded, of the same types but
+// for a returned 8-bit message/rfc822, now message/global.
+func checkSevenBit(t *testing.T, dsn []byte) {
+	t.Helper()
+	seven, err := SevenBitDSN(dsn)
+	if end := bytes.Index(dsn, []byte("\r\n\r\n")); !asciiBytes(dsn[:end]) {
+		// A DSN to a UTF-8 sender: it needs SMTPUTF8, which delivery
+		// asks of the MX before 8BITMIME.
+		if err == nil {
+			t.Fatalf("re-encoded a DSN with a UTF-8 header section:\n%s", seven)
+		}
+		return
+	}
+	if err != nil {
+		t.Fatalf("SevenBitDSN: %v\nDSN:\n%s", err, dsn)
+	}
+	for k, c := range seven {
+		if c >= 0x80 || c == '\n' && (k == 0 || seven[k-1] != '\r') || c == '\r' && (k+1 == len(seven) || seven[k+1] != '\n') {
+			t.Fatalf("octet %#x at %d of the re-encoded DSN:\n%s", c, k, seven)
+		}
+	}
+	if asciiBytes(dsn) && !bytes.Equal(seven, dsn) {
+		t.Fatalf("a 7-bit DSN changed:\n%s\nwas\n%s", seven, dsn)
+	}
+	type part struct{ ct, content string }
+	parts := func(b []byte) (textproto.MIMEHeader, []part) {
+		msg, err := mail.ReadMessage(bytes.NewReader(b))
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, params, _ := mime.ParseMediaType(msg.Header.Get("Content-Type"))
+		mr := multipart.NewReader(msg.Body, params["boundary"])
+		var ps []part
+		for {
+			p, err := mr.NextPart() // quoted-printable decoded
+			if err == io.EOF {
+				return textproto.MIMEHeader(msg.Header), ps
+			}
+			if err != nil {
+				t.Fatalf("part %d: %v\n%s", len(ps)+1, err, b)
+			}
+			c, err := io.ReadAll(p)
+			if err != nil {
+				t.Fatalf("part %d: %v\n%s", len(ps)+1, err, b)
+			}
+			ps = append(ps, part{p.Header.Get("Content-Type"), string(c)})
+		}
+	}
+	h0, was := parts(dsn)
+	h1, got := parts(seven)
+	if fmt.Sprint(h0) != fmt.Sprint(h1) || len(was) != len(got) {
+		t.Fatalf("re-encoded DSN %v with %d parts, was %v with %d", h1, len(got), h0, len(was))
+	}
+	for i := range was {
+		want := was[i]
+		if want.ct == "message/rfc822" && !asciiBytes([]byte(want.content)) {
+			want.ct = "message/global"
+		}
+		if got[i] != want {
+			t.Fatalf("part %d re-encoded is %+v, was %+v", i+1, got[i], was[i])
+		}
+	}
 }
 
 // asSubmitted makes s what smtpin could have stored: CRLF line ends only,
