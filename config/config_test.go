@@ -191,6 +191,7 @@ func TestRejectsBadInput(t *testing.T) {
 		{"duplicate user", "[[submission.users]]\nname = \"a\"\npassword_hash = \"" + testHash + "\"\n[[submission.users]]\nname = \"a\"\npassword_hash = \"" + testHash + "\"\n", "line 5: submission.users[1].name: user \"a\" is defined twice"},
 		{"bad sender pattern", "[[submission.users]]\nname = \"a\"\npassword_hash = \"" + testHash + "\"\nallowed_senders = [\"example.com\"]\n", "line 4: submission.users[0].allowed_senders"},
 		{"sender pattern's domain no IDNA name", "[[submission.users]]\nname = \"a\"\npassword_hash = \"" + testHash + "\"\nallowed_senders = [\"*@bücher..example\"]\n", "line 4: submission.users[0].allowed_senders"},
+		{"sender pattern's A-label no A-label", "[[submission.users]]\nname = \"a\"\npassword_hash = \"" + testHash + "\"\nallowed_senders = [\"*@xn--zz.example\"]\n", "line 4: submission.users[0].allowed_senders"},
 		{"postmaster without a domain", "[submission]\npostmaster = \"ops\"\n", "line 2: submission.postmaster"},
 		{"postmaster's local part in UTF-8", "[submission]\npostmaster = \"jörg@example.com\"\n", "line 2: submission.postmaster"},
 		{"star inside a local part", "[[submission.users]]\nname = \"a\"\npassword_hash = \"" + testHash + "\"\nallowed_senders = [\"no*reply@example.com\"]\n", "line 4: submission.users[0].allowed_senders"},

@@ -326,12 +326,24 @@ func (n Nexthop) String() string {
 // §2.3.2.1). The mapping folds case itself, and differently from
 // strings.ToLower: "STRAẞE" is "strasse" to it, "straße" to Go, so every
 // comparison of domains that may hold U-labels must go through this one
-// function. An ASCII name is only lower-cased: IDNA lookups refuse the
-// underscore, which host names in DNS may hold.
+// function. An ASCII name is only lower-cased, since IDNA lookups refuse
+// the underscore, which host names in DNS may hold; but a label that
+// claims to be an A-label ("xn--") must be one, decoding to a valid
+// U-label (RFC 5890 §2.3.2.1, RFC 5891 §5.4).
 func ALabels(domain string) string {
 	domain = strings.TrimSuffix(domain, ".")
 	if isASCII(domain) {
-		return strings.ToLower(domain)
+		domain = strings.ToLower(domain)
+		if strings.Contains(domain, "xn--") {
+			for l := range strings.SplitSeq(domain, ".") {
+				if strings.HasPrefix(l, "xn--") {
+					if _, err := idna.Lookup.ToUnicode(l); err != nil || l == "xn--" {
+						return ""
+					}
+				}
+			}
+		}
+		return domain
 	}
 	if !utf8.ValidString(domain) {
 		return "" // the mapping would make U+FFFD of it, a name of its own

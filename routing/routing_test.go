@@ -238,7 +238,11 @@ func TestALabels(t *testing.T) {
 		"xn--bcher-kva.example": "xn--bcher-kva.example",
 		"straße.de":             "xn--strae-oqa.de",
 		"STRAẞE.de":             "strasse.de", // UTS #46 folds ẞ to ss; Go's ToLower to ß
-		"xn--zz.example":        "xn--zz.example",
+		"xn--zz.example":        "",           // no A-label: "zz" is no Punycode of a valid U-label
+		"xn--.example":          "",
+		"xn--abc-.example":      "",
+		"XN--BCHER-KVA.example": "xn--bcher-kva.example",
+		"host_1.xn--9ca":        "host_1.xn--9ca",        // é, beside an underscore IDNA would refuse
 		"bü\u00adcher.example":  "xn--bcher-kva.example", // a soft hyphen maps to nothing
 		"\x80.example":          "",
 	} {
