@@ -298,7 +298,7 @@ func (q *Queue) dsnBody(orig *message, rcpts []dsnRecipient, msgID string, now t
 	}
 
 	host := q.opts.Hostname
-	var b bytes.Buffer
+	var b bytes.Buffer // the parts; the header section goes in front at the end
 	mw := multipart.NewWriter(&b)
 	subject := map[string]string{
 		"failed":    "Undelivered Mail Returned to Sender",
@@ -314,11 +314,7 @@ func (q *Queue) dsnBody(orig *message, rcpts []dsnRecipient, msgID string, now t
 		"Auto-Submitted: auto-replied", // RFC 3834 §5
 		"MIME-Version: 1.0",
 		`Content-Type: multipart/report; report-type=delivery-status; boundary="` + mw.Boundary() + `"`,
-		"",
-		"This is a MIME-encapsulated message.",
-		"",
 	}
-	b.WriteString(strings.Join(hdr, "\r\n"))
 
 	// RFC 6533 §3, §6: a message with SMTPUTF8, or UTF-8 in what the
 	// report says, gets the global types, with UTF-8 addresses as such.
@@ -430,8 +426,19 @@ func (q *Queue) dsnBody(orig *message, rcpts []dsnRecipient, msgID string, now t
 	if err := mw.Close(); err != nil {
 		return nil, err
 	}
-	return b.Bytes(), nil
+	if !asciiBytes(b.Bytes()) {
+		// RFC 2045 §6.4: a multipart's encoding is the domain of what it
+		// holds (SevenBitDSN takes this line out again).
+		hdr = append(hdr, eightBitField)
+	}
+	hdr = append(hdr, "", "This is a MIME-encapsulated message.", "")
+	dsn := make([]byte, 0, b.Len()+1024)
+	dsn = append(dsn, strings.Join(hdr, "\r\n")...)
+	return append(dsn, b.Bytes()...), nil
 }
+
+// eightBitField declares an 8-bit DSN, in the header section dsnBody writes.
+const eightBitField = "Content-Transfer-Encoding: 8bit"
 
 // addressField is a Final-Recipient value: rfc822 for an ASCII address,
 // utf-8 otherwise (RFC 6533 §3).
@@ -571,14 +578,16 @@ func SevenBitDSN(dsn []byte) ([]byte, error) {
 	if err != nil || mt != "multipart/report" || boundary == "" {
 		return nil, fmt.Errorf("not a DSN: Content-Type %q", hdr.Get("Content-Type"))
 	}
-	// The header section and the preamble go out as they are.
+	// The header section and the preamble go out as they are, but for
+	// the 8-bit declaration.
 	first := bytes.Index(dsn, []byte("\n--"+boundary+"\r\n"))
-	if first < 0 {
+	if first < 0 || first < end {
 		return nil, errors.New("not a DSN: no body part")
 	}
 	var out bytes.Buffer
 	out.Grow(len(dsn) + len(dsn)/4)
-	out.Write(dsn[:first+1])
+	out.Write(bytes.Replace(dsn[:end+2], []byte("\r\n"+eightBitField+"\r\n"), []byte("\r\n"), 1))
+	out.Write(dsn[end+2 : first+1])
 	mw := multipart.NewWriter(&out)
 	if err := mw.SetBoundary(boundary); err != nil {
 		return nil, err

@@ -130,7 +130,7 @@ func TestLongASCIIReplyKeepsTheDSNSevenBit(t *testing.T) {
 	long.Text = "mx.example.org[192.0.2.1]: " + long.Reply
 	dsn, body := onlyDSN(t, long, env("alice@example.com", "bob@example.org"))
 	rep := parseDSN(t, body)
-	if !isASCII(string(body)) || dsn.Envelope.Body8Bit || rep.statusType != "message/delivery-status" {
+	if !isASCII(string(body)) || dsn.Envelope.Body8Bit || rep.statusType != "message/delivery-status" || rep.header["Content-Transfer-Encoding"] != nil {
 		t.Errorf("8-bit %v, BODY=8BITMIME %v, part 2 %q; want a 7-bit report of the classic types",
 			!isASCII(string(body)), dsn.Envelope.Body8Bit, rep.statusType)
 	}
@@ -418,6 +418,11 @@ func TestSevenBitDSNKeepsTheWholeMessage(t *testing.T) {
 	if got.contentType != "message/global" || got.content != original {
 		t.Errorf("returns %q as %q, want the whole message as message/global", got.content, got.contentType)
 	}
+	// RFC 2045 §6.4: the 8-bit multipart says so, the 7-bit one does not.
+	if eight.header.Get("Content-Transfer-Encoding") != "8bit" || got.header["Content-Transfer-Encoding"] != nil {
+		t.Errorf("Content-Transfer-Encoding %q, re-encoded %q; want 8bit, then none", eight.header["Content-Transfer-Encoding"], got.header["Content-Transfer-Encoding"])
+	}
+	delete(eight.header, "Content-Transfer-Encoding")
 	if got.text != eight.text || got.statusType != eight.statusType || !reflect.DeepEqual(got.recipients, eight.recipients) ||
 		!reflect.DeepEqual(got.header, eight.header) {
 		t.Errorf("the notice changed beyond its encoding:\n%+v\nwas\n%+v", got, eight)

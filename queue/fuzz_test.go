@@ -124,6 +124,10 @@ func checkSevenBit(t *testing.T, dsn []byte) {
 	}
 	h0, was := parts(dsn)
 	h1, got := parts(seven)
+	if h1["Content-Transfer-Encoding"] != nil {
+		t.Fatalf("the re-encoded DSN declares %q", h1["Content-Transfer-Encoding"])
+	}
+	delete(h0, "Content-Transfer-Encoding")
 	if fmt.Sprint(h0) != fmt.Sprint(h1) || len(was) != len(got) {
 		t.Fatalf("re-encoded DSN %v with %d parts, was %v with %d", h1, len(got), h0, len(was))
 	}
@@ -182,6 +186,12 @@ func checkDSN(t *testing.T, body []byte, full bool, m *message, r dsnRecipient, 
 		fail("not a message: %v", err)
 	}
 	want := []string{"From", "To", "Subject", "Date", "Message-Id", "Auto-Submitted", "Mime-Version", "Content-Type"}
+	// RFC 2045 §6.4: an 8-bit multipart says so.
+	if eight := !asciiBytes(body[bytes.Index(body, []byte("\r\n\r\n")):]); eight != (msg.Header.Get("Content-Transfer-Encoding") == "8bit") {
+		fail("8-bit body %v, Content-Transfer-Encoding %q", eight, msg.Header["Content-Transfer-Encoding"])
+	} else if eight {
+		want = append(want, "Content-Transfer-Encoding")
+	}
 	if len(msg.Header) != len(want) {
 		fail("header fields %v, want exactly %v", keys(msg.Header), want)
 	}
