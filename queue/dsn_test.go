@@ -109,8 +109,14 @@ func TestDSNToAUTF8SenderIsSMTPUTF8(t *testing.T) {
 // one DSN its sender gets, with its body.
 func onlyDSN(t *testing.T, st Status, e Envelope) (*message, []byte) {
 	t.Helper()
+	return onlyDSNAbout(t, st, e, testBody)
+}
+
+// onlyDSNAbout is onlyDSN for a message of its own.
+func onlyDSNAbout(t *testing.T, st Status, e Envelope, body string) (*message, []byte) {
+	t.Helper()
 	tq := newTestQueue(t, newScripted(all(st)), Options{})
-	tq.enqueue(t, e)
+	tq.enqueueBody(t, e, body)
 	tq.run(t)
 	tq.waitJobs(t, 1)
 	tq.settle(t)
@@ -380,23 +386,14 @@ func TestDSNsStillOwedWhenAStopsGraceEndsAreQueuedAtTheNextStart(t *testing.T) {
 // without it, the message still whole (RFC 6532 §3.7: message/global may
 // be quoted-printable; message/rfc822 may not).
 func TestSevenBitDSNKeepsTheWholeMessage(t *testing.T) {
-	tq := newTestQueue(t, newScripted(all(fail550)), Options{})
 	e := env("alice@example.com", "bob@example.org")
 	e.Ret = "FULL"
 	original := "From: alice@example.com\r\nTo: bob@example.org\r\nSubject: Grüße\r\n\r\n" +
 		"Grüße aus Köln\r\n" + strings.Repeat("é", 450) + "\r\n.leading dot\r\n"
-	tq.enqueueBody(t, e, original)
-	tq.run(t)
-	tq.waitJobs(t, 1)
-	tq.settle(t)
-	dsns := tq.dsnsTo(t, "alice@example.com")
-	if len(dsns) != 1 {
-		t.Fatalf("%d DSNs, want 1", len(dsns))
-	}
-	if env := dsns[0].Envelope; !env.Body8Bit || !env.OwnDSN {
+	dsn, raw := onlyDSNAbout(t, fail550, e, original)
+	if env := dsn.Envelope; !env.Body8Bit || !env.OwnDSN {
 		t.Fatalf("DSN envelope %+v, want an own DSN with 8-bit content", env)
 	}
-	raw := tq.body(t, dsns[0])
 	eight := parseDSN(t, raw)
 	if eight.contentType != "message/rfc822" || eight.content != original {
 		t.Fatalf("the DSN returns %q as %q, want the whole message as message/rfc822", eight.content, eight.contentType)
