@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -299,6 +300,41 @@ func TestFetchRefusesTLSBelow12(t *testing.T) {
 		MaxVersion:   tls.VersionTLS11,
 	})
 	wantResult(t, fetchFails(t, e, nil), sts.ResultFetchError)
+}
+
+// A policy is public, so its fetch offers only classical key exchange
+// (see newHTTPClient); the MX connections keep Go's post-quantum default.
+func TestFetchOffersNoPostQuantumKeyExchange(t *testing.T) {
+	e := newEnv(t)
+	var offered []tls.CurveID
+	e.PolicyHostTLS("example.com", "id1", enforcePolicy, &tls.Config{
+		Certificates: []tls.Certificate{e.CA.Issue(t, "mta-sts.example.com")},
+		GetConfigForClient: func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
+			offered = hello.SupportedCurves
+			return nil, nil
+		},
+	})
+	if _, err := e.Manager(nil).Policy(context.Background(), "example.com"); err != nil {
+		t.Fatal(err)
+	}
+	want := []tls.CurveID{tls.X25519, tls.CurveP256, tls.CurveP384, tls.CurveP521}
+	if !slices.Equal(offered, want) {
+		t.Fatalf("the fetch offered the groups %v, want %v", offered, want)
+	}
+}
+
+// A host configured with P-384 alone (an old hardening recipe) still
+// serves its policy: the fetch offers every classical group.
+func TestFetchFromAHostWithP384Only(t *testing.T) {
+	e := newEnv(t)
+	e.PolicyHostTLS("example.com", "id1", enforcePolicy, &tls.Config{
+		Certificates:     []tls.Certificate{e.CA.Issue(t, "mta-sts.example.com")},
+		CurvePreferences: []tls.CurveID{tls.CurveP384},
+	})
+	cp, err := e.Manager(nil).Policy(context.Background(), "example.com")
+	if err != nil || cp.ID != "id1" {
+		t.Fatalf("got %+v, %v", cp, err)
+	}
 }
 
 func TestFetchFailureIsRecordedForTLSRPT(t *testing.T) {
