@@ -79,3 +79,26 @@ func BenchmarkRequirements(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkFetch is a policy fetch over a new connection, as every fetch
+// is: DNS from the warm cache, the TCP and TLS handshakes on both ends
+// (the server runs in this process), the GET and the parse. It is what a
+// first contact with a domain costs beside the delivery's own handshake.
+//
+//	go test -run '^$' -bench BenchmarkFetch -benchtime 3s -count 6 ./sts/
+func BenchmarkFetch(b *testing.B) {
+	e := newEnv(b)
+	res, err := resolve.New(resolve.Config{Servers: []string{e.DNS.Addr}, Timeout: time.Second})
+	if err != nil {
+		b.Fatal(err)
+	}
+	e.Res = res
+	e.ValidHost("enforce.test", "id1", "version: STSv1\nmode: enforce\nmx: mx.enforce.test\nmax_age: 86400\n")
+	m := e.Manager(nil)
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := m.Fetch(ctx, "enforce.test"); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
