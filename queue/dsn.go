@@ -224,7 +224,7 @@ func (q *Queue) writeDSN(orig *message, rcpts []dsnRecipient, now time.Time) (*m
 			// is 8-bit body content, for which 8BITMIME suffices, so the
 			// sender's MX need not offer SMTPUTF8 to get the notice.
 			SMTPUTF8:   !isASCII(orig.Envelope.From),
-			Body8Bit:   !isASCII(string(body)),   // RFC 6152: so that no 7-bit host gets it
+			Body8Bit:   !asciiBytes(body),        // RFC 6152: so that no 7-bit host gets it
 			RequireTLS: orig.Envelope.RequireTLS, // RFC 8689 §5: bounces keep REQUIRETLS
 			OwnDSN:     true,
 		},
@@ -325,7 +325,7 @@ func (q *Queue) dsnBody(orig *message, rcpts []dsnRecipient, msgID string, now t
 	// part writes one body part; 8-bit content is declared as such.
 	part := func(ct string, content []byte) error {
 		h := textproto.MIMEHeader{"Content-Type": {ct}}
-		if !isASCII(string(content)) {
+		if !asciiBytes(content) {
 			h.Set("Content-Transfer-Encoding", "8bit")
 		}
 		w, err := mw.CreatePart(h)
