@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -306,11 +307,16 @@ func TestFetchRefusesTLSBelow12(t *testing.T) {
 // (see newHTTPClient); the MX connections keep Go's post-quantum default.
 func TestFetchOffersNoPostQuantumKeyExchange(t *testing.T) {
 	e := newEnv(t)
-	var offered []tls.CurveID
+	var (
+		mu      sync.Mutex
+		offered []tls.CurveID
+	)
 	e.PolicyHostTLS("example.com", "id1", enforcePolicy, &tls.Config{
 		Certificates: []tls.Certificate{e.CA.Issue(t, "mta-sts.example.com")},
 		GetConfigForClient: func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
+			mu.Lock()
 			offered = hello.SupportedCurves
+			mu.Unlock()
 			return nil, nil
 		},
 	})
@@ -318,6 +324,8 @@ func TestFetchOffersNoPostQuantumKeyExchange(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := []tls.CurveID{tls.X25519, tls.CurveP256, tls.CurveP384, tls.CurveP521}
+	mu.Lock()
+	defer mu.Unlock()
 	if !slices.Equal(offered, want) {
 		t.Fatalf("the fetch offered the groups %v, want %v", offered, want)
 	}
