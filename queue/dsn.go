@@ -323,10 +323,12 @@ func (q *Queue) dsnBody(orig *message, rcpts []dsnRecipient, msgID string, now t
 		global = global || !isASCII(r.Addr) || !isASCII(r.ORcpt) || !isASCII(r.Last.Text) || !isASCII(r.Last.Reply)
 	}
 	// part writes one body part; 8-bit content is declared as such.
+	eight := false // some part is 8-bit
 	part := func(ct string, content []byte) error {
 		h := textproto.MIMEHeader{"Content-Type": {ct}}
 		if !asciiBytes(content) {
 			h.Set("Content-Transfer-Encoding", "8bit")
+			eight = true
 		}
 		w, err := mw.CreatePart(h)
 		if err == nil {
@@ -426,7 +428,7 @@ func (q *Queue) dsnBody(orig *message, rcpts []dsnRecipient, msgID string, now t
 	if err := mw.Close(); err != nil {
 		return nil, err
 	}
-	if !asciiBytes(b.Bytes()) {
+	if eight {
 		// RFC 2045 §6.4: a multipart's encoding is the domain of what it
 		// holds (SevenBitDSN takes this line out again).
 		hdr = append(hdr, eightBitField)
