@@ -31,19 +31,6 @@ func hasData(f *os.File, off, n int64) bool {
 	return err != nil || d < off+n
 }
 
-// fillPays reports whether the spool directory d is on ext2/3/4 or XFS,
-// whose fdatasync skips the file's metadata after an overwrite inside its
-// blocks, so that fillAhead saves more than it costs. On a copy-on-write
-// file system (Btrfs, ZFS) an overwrite allocates blocks like an append,
-// and on tmpfs nothing is written: zeros would be pure cost there.
-func fillPays(d *os.File) bool {
-	var st unix.Statfs_t
-	if err := unix.Fstatfs(int(d.Fd()), &st); err != nil {
-		return false
-	}
-	return st.Type == unix.EXT4_SUPER_MAGIC || st.Type == unix.XFS_SUPER_MAGIC
-}
-
 // fdatasync flushes f's data and the metadata needed to read it back (its
 // size, after an append), not its timestamps.
 func fdatasync(f *os.File) error {

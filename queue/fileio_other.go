@@ -16,10 +16,6 @@ func cannotPunch(err error) bool { return errors.Is(err, errors.ErrUnsupported) 
 // hasData cannot tell holes here; nothing is punched anyway.
 func hasData(*os.File, int64, int64) bool { return true }
 
-// fillPays: whether an overwrite syncs more cheaply than an append is not
-// known here, so segments are not filled ahead.
-func fillPays(*os.File) bool { return false }
-
 func fdatasync(f *os.File) error { return f.Sync() }
 
 // writeBuffers appends bufs to f, one write each.

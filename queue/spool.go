@@ -28,7 +28,6 @@ type spool struct {
 	cur     *segment                             // the segment the committer appends to
 	segs    map[string]*segment                  // cur and every segment a message refers to
 	noPunch bool                                 // the file system cannot punch holes
-	fill    bool                                 // fillAhead pays on this file system (fillPays)
 	segMax  int64                                // segmentMax; smaller in tests
 	punch   func(f *os.File, off, n int64) error // punchHole; tests hold it up
 	fsync   func(f *os.File) error               // f.Sync in write; tests hold it up or fail it
@@ -62,7 +61,7 @@ func openSpool(dir string) (*spool, error) {
 	if err != nil {
 		return nil, fmt.Errorf("cannot open spool directory %s: %w", dir, plainErr(err))
 	}
-	s := &spool{dir: dir, d: d, segs: make(map[string]*segment), segMax: segmentMax, fill: fillPays(d), punch: punchHole,
+	s := &spool{dir: dir, d: d, segs: make(map[string]*segment), segMax: segmentMax, punch: punchHole,
 		fsync: (*os.File).Sync, punchWake: make(chan struct{}, 1), punchQuit: make(chan struct{}), punchEnded: make(chan struct{})}
 	s.punched.L = &s.mu
 	go s.reclaim()
@@ -237,16 +236,6 @@ const segmentMax = 64 << 20
 // space is given back (see freeLocked).
 const punchEvery = 1 << 20
 
-// fillStep is how far ahead of the appends fillAhead writes a segment's
-// tail with zeros, and fillBatchMax the largest batch it does it for.
-const (
-	fillStep     = 256 << 10
-	fillBatchMax = fillStep / 4
-)
-
-// zeroStep is what fillAhead writes: zeros, never written to.
-var zeroStep [fillStep]byte
-
 // segment is a file of small bodies. Only the committer appends to the
 // current one; records name it with an offset, so a body never moves.
 type segment struct {
@@ -254,11 +243,7 @@ type segment struct {
 	f    *os.File // open for appending while current, nil once retired
 	// size is where the next batch goes: everything before it is written,
 	// but only the stretches whose records committed are referred to.
-	size int64
-	// filled is where the zeros fillAhead wrote end: an append below it
-	// overwrites blocks the file has. Only the committer writes it.
-	filled    int64
-	noFill    bool   // a fill failed (a full disk): appends grow the file
+	size      int64
 	refs      int    // messages in the index whose body is here
 	dead      []span // stretches no record refers to any more, not yet punched
 	deadBytes int64  // their length
@@ -303,9 +288,6 @@ func (s *spool) appendBatch(bodies [][]byte) (seg *segment, offs []int64, fresh 
 	}
 	// writeBuffers consumes its argument; bodies stay as they were.
 	werr := writeBuffers(seg.f, slices.Clone(bodies))
-	if werr == nil && s.fill && off-start <= fillBatchMax {
-		s.fillAhead(seg, off)
-	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	seg.size = off
@@ -317,38 +299,6 @@ func (s *spool) appendBatch(bodies [][]byte) (seg *segment, offs []int64, fresh 
 		return nil, nil, fresh, fmt.Errorf("spool file %s: %w", seg.f.Name(), plainErr(werr))
 	}
 	return seg, offs, fresh, nil
-}
-
-// fillAhead writes zeros over the next fillStep of a segment once less
-// than half a step is left ahead of end, where the next batch goes. The
-// batches after it then overwrite blocks the file has, inside its size,
-// and the fdatasync that makes each durable writes its pages alone: on
-// ext4 and XFS an append must also record the file's new blocks and size,
-// one more write to the device for a batch of a few pages. (PostgreSQL
-// zero-fills its WAL segments for the same reason.) The cost is that the
-// pages are written twice, zeros and then bodies; a batch above
-// fillBatchMax has enough pages of its own that the saved write is small
-// beside them, so it gets no fill. A whole segment filled at its start
-// (64 MiB) cost more than it saved. The fill goes out with the fdatasync
-// of the batch just written; it stops at segMax, where a new segment
-// starts, and after a failure (a full disk).
-func (s *spool) fillAhead(seg *segment, end int64) {
-	if seg.noFill || end+fillStep/2 <= seg.filled {
-		return
-	}
-	from, to := max(end, seg.filled), min(end+fillStep, s.segMax)
-	if to <= from {
-		return
-	}
-	if _, err := seg.f.WriteAt(zeroStep[:to-from], from); err != nil {
-		// Some zeros may be past end now; the next batch writes over
-		// them, and a restart punches what no record refers to.
-		seg.noFill = true
-		return
-	}
-	s.mu.Lock() // retireLocked reads it
-	seg.filled = to
-	s.mu.Unlock()
 }
 
 func (s *spool) newSegment() (*segment, error) {
@@ -526,10 +476,6 @@ func (s *spool) retireLocked(seg *segment) {
 		delete(s.segs, seg.name)
 		s.remove(seg.name)
 		return
-	}
-	if seg.filled > seg.size {
-		// The zeros past the last batch: nothing will be appended.
-		seg.dead = append(seg.dead, span{seg.size, seg.filled - seg.size})
 	}
 	s.punchDeadLocked(seg)
 	seg.f.Close()

@@ -130,13 +130,12 @@ func TestSegmentSpaceOfDeliveredMessagesIsGivenBack(t *testing.T) {
 	tq.spool.waitPunched()
 
 	// Up to punchEvery of what has left waits for the next punch; each
-	// waiting body can keep the partial blocks at its two ends, and the
-	// current segment the zeros written ahead of its appends.
+	// waiting body can keep the partial blocks at its two ends.
 	slack := int64(len(live)) * 2 * 4096
 	if got := spoolBodyBytes(t, tq.spool.dir); got < liveBytes || got > liveBytes+punchEvery {
 		t.Errorf("spool holds %d bytes of bodies, want the %d of the waiting messages and at most %d more", got, liveBytes, punchEvery)
 	}
-	if got, max := allocated(t, tq.spool.dir), liveBytes+slack+punchEvery+fillStep; got > max {
+	if got, max := allocated(t, tq.spool.dir), liveBytes+slack+punchEvery; got > max {
 		t.Errorf("spool takes %d bytes on disk, want at most %d (%d written)", got, max, n*size)
 	}
 	// Leaving the segment (here at close; when full, in a running relay)
@@ -422,133 +421,5 @@ func TestAFailedPunchDoesNotStopThePunching(t *testing.T) {
 	tq.spool.mu.Unlock()
 	if n := calls.Load(); n < 2 || off {
 		t.Errorf("%d punches after the failed one's, punching off %v; want punching to go on", n-1, off)
-	}
-}
-
-// segmentState is the current segment's name, size and fill mark.
-func (tq *testQueue) segmentState() (name string, size, filled int64, noFill bool) {
-	tq.spool.mu.Lock()
-	defer tq.spool.mu.Unlock()
-	seg := tq.spool.cur
-	return seg.name, seg.size, seg.filled, seg.noFill
-}
-
-// Where the file system makes it pay, a segment's tail is written with
-// zeros ahead of its appends, so that later batches overwrite blocks the
-// file has. The zeros never reach into a body, stop at segMax, are given
-// back when the segment is left, and bodies read back whole after a
-// restart.
-func TestSegmentTailIsZeroFilledAheadOfTheAppends(t *testing.T) {
-	requirePunch(t)
-	path := filepath.Join(t.TempDir(), "stsrelay.db")
-	tq := openTestQueue(t, path, newScripted(all(ok250)), Options{})
-	tq.spool.fill = true // whatever the file system under the test
-	bodies := map[string]string{}
-	var name string
-	for i := range 150 { // 600 KiB: the fill moves on twice or more
-		b := numbered(i, 4096)
-		bodies[tq.enqueueBody(t, env("alice@example.com", "bob@example.org"), b)] = b
-		var size, filled int64
-		name, size, filled, _ = tq.segmentState()
-		if filled < size+fillStep/2 || filled > size+fillStep {
-			t.Fatalf("after %d bodies (%d bytes) zeros reach %d, want between half a step and a step (%d) ahead", i+1, size, filled, fillStep)
-		}
-		fi, err := os.Stat(tq.spool.path(name))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if fi.Size() != filled {
-			t.Fatalf("segment file is %d bytes, want the %d the zeros reach", fi.Size(), filled)
-		}
-	}
-	_, size, filled, _ := tq.segmentState()
-	data, err := os.ReadFile(tq.spool.path(name))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if tail := data[size:]; int64(len(tail)) != filled-size || bytes.Count(tail, []byte{0}) != len(tail) {
-		t.Errorf("the %d bytes past the last body are not all zeros", len(tail))
-	}
-	for id, want := range bodies {
-		if got := tq.body(t, tq.stored(t, id)); string(got) != want {
-			t.Fatalf("message %s: body read back differs", id)
-		}
-	}
-
-	// Left (here at close; in a running relay when full), the segment
-	// gives back the zeros: what it takes is the bodies'.
-	tq.Close()
-	tq.db.Close()
-	tq.spool.waitPunched()
-	if got, max := allocated(t, tq.spool.dir), size+8192; got > max {
-		t.Errorf("left segment takes %d bytes on disk, want at most the %d of its bodies and the block after them", got, max)
-	}
-	tq = openTestQueue(t, path, newScripted(all(ok250)), Options{})
-	for id, want := range bodies {
-		if got := tq.body(t, tq.stored(t, id)); string(got) != want {
-			t.Fatalf("message %s after a restart: body read back differs", id)
-		}
-	}
-}
-
-// The fill stops where the segment is full, and a batch above
-// fillBatchMax gets none: its own pages outweigh the write it would save.
-func TestZeroFillStopsAtSegmentEndAndSkipsLargeBatches(t *testing.T) {
-	tq := newTestQueue(t, newScripted(all(ok250)), Options{})
-	tq.spool.fill = true
-	tq.spool.segMax = 64 << 10
-	for i := range 40 { // 160 KiB: three segments
-		tq.enqueueBody(t, env("alice@example.com", "bob@example.org"), numbered(i, 4096))
-		if _, size, filled, _ := tq.segmentState(); filled > max(size, tq.spool.segMax) {
-			t.Fatalf("zeros reach %d in a segment of %d, past its end at %d", filled, size, tq.spool.segMax)
-		}
-	}
-
-	tq = newTestQueue(t, newScripted(all(ok250)), Options{})
-	tq.spool.fill = true
-	tq.enqueueBody(t, env("alice@example.com", "bob@example.org"), numbered(0, fillBatchMax+4096))
-	if _, size, filled, _ := tq.segmentState(); filled != 0 {
-		t.Errorf("a batch of %d bytes got zeros to %d, want none", size, filled)
-	}
-	tq.enqueueBody(t, env("alice@example.com", "bob@example.org"), numbered(1, 4096))
-	if _, size, filled, _ := tq.segmentState(); filled <= size {
-		t.Errorf("a small batch after it got no zeros (size %d, zeros to %d)", size, filled)
-	}
-}
-
-// ROOT ONLY: mounts a tmpfs. A fill that meets a full disk stops filling
-// the segment; the bodies after it go in over the zeros it did write, as
-// far as those reach, each whole, and then the queue says the spool is
-// full.
-func TestZeroFillOnAFullDiskStopsAndBodiesGoInOverItsZeros(t *testing.T) {
-	spool := mountTmpfs(t, 64<<10) // less than a fill step
-	tq := openTestQueue(t, filepath.Join(t.TempDir(), "stsrelay.db"), newScripted(all(ok250)), Options{Dir: spool})
-	tq.spool.fill = true
-	bodies := map[string]string{}
-	b := numbered(0, 4096)
-	bodies[tq.enqueueBody(t, env("alice@example.com", "bob@example.org"), b)] = b
-	if _, _, filled, noFill := tq.segmentState(); !noFill || filled != 0 {
-		t.Fatalf("after a fill that met a full disk: zeros to %d, stopped %v; want none recorded and the fill stopped", filled, noFill)
-	}
-	var err error
-	for i := 1; i < 100; i++ {
-		b := numbered(i, 4096)
-		var id string
-		id, err = tq.Enqueue(context.Background(), env("alice@example.com", "bob@example.org"), strings.NewReader(b))
-		if err != nil {
-			break
-		}
-		bodies[id] = b
-	}
-	if err == nil || !strings.Contains(err.Error(), "no space left") {
-		t.Fatalf("enqueue on a full spool: %v, want a no-space error", err)
-	}
-	if len(bodies) < 10 {
-		t.Errorf("%d bodies went in on a 64 KiB spool, want the space the zeros took used", len(bodies))
-	}
-	for id, want := range bodies {
-		if got := tq.body(t, tq.stored(t, id)); string(got) != want {
-			t.Fatalf("message %s: body read back differs", id)
-		}
 	}
 }
