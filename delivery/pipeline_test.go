@@ -914,3 +914,63 @@ func TestConnectionThatRepliedOutOfTurnIsNotReused(t *testing.T) {
 		})
 	}
 }
+
+// A multiline reply whose last line has another code than the lines
+// before it breaks RFC 5321 §4.2.1, and such servers exist. Its last line
+// ends it, as Postfix reads it: read on, as textproto does, and the next
+// reply's lines become this one's, every later reply of a pipelined group
+// is one command off, and the reply the relay waits for last never
+// comes, while the remote has taken the message.
+func TestMultilineReplyEndsAtItsLastLineWhateverItsCode(t *testing.T) {
+	for _, tc := range []struct {
+		name, ehlo string
+	}{
+		{"BDAT", "250-mx.test\r\n250-PIPELINING\r\n250 CHUNKING\r\n"},
+		{"DATA", "250-mx.test\r\n250 PIPELINING\r\n"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			v, _ := oneMX(t)
+			held := "" // BDAT's group: MAIL's and RCPT's replies, sent with BDAT's
+			v.route("127.0.0.2", dialogue(t, func(c net.Conn, r *bufio.Reader, verb string, f []string) bool {
+				const (
+					mail = "251-2.1.0 one code\r\n250 2.1.0 and another: sender ok\r\n"
+					rcpt = "250-2.1.5 one code\r\n251 2.1.5 and another: will forward\r\n"
+				)
+				switch verb {
+				case "EHLO":
+					io.WriteString(c, tc.ehlo)
+				case "MAIL":
+					if tc.name == "BDAT" {
+						held = mail
+					} else {
+						io.WriteString(c, mail)
+					}
+				case "RCPT":
+					if tc.name == "BDAT" {
+						held += rcpt
+					} else {
+						io.WriteString(c, rcpt)
+					}
+				case "DATA":
+					io.WriteString(c, "354 go on\r\n")
+					if !readDot(r) {
+						return false
+					}
+					io.WriteString(c, "250 2.0.0 queued as D\r\n")
+				case "BDAT":
+					n, _ := strconv.Atoi(f[1])
+					io.CopyN(io.Discard, r, int64(n))
+					io.WriteString(c, held+"250 2.0.0 queued as B\r\n")
+				default:
+					return otherwise(c, verb)
+				}
+				return true
+			}))
+			st := deliver(t, v.engine(), testJob("example.test", "a@example.test"))[0]
+			wantStatus(t, st, 250, "2.0.0")
+			if !strings.Contains(st.Text, "queued as") {
+				t.Errorf("status %q: not the message's own reply", st)
+			}
+		})
+	}
+}

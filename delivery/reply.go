@@ -11,8 +11,9 @@ import (
 // optional. RFC 5321 §4.2 has "Reply-code [ SP textstring ] CRLF", and
 // textproto calls a bare "250" a short response: after the final dot that
 // deferred a message the remote had taken, and it was sent again at every
-// retry. In a multiline reply a bare code is the last line. go-smtp's
-// client reads replies the same way (third_party/go-smtp, README.md).
+// retry. In a multiline reply a bare code is the last line, and so is a
+// line with another code and no hyphen. go-smtp's client reads bare codes
+// the same way (third_party/go-smtp, README.md).
 func readReply(r *textproto.Reader, expectCode int) (code int, msg string, err error) {
 	line, err := r.ReadLine()
 	if err != nil {
@@ -29,13 +30,22 @@ func readReply(r *textproto.Reader, expectCode int) (code int, msg string, err e
 			return 0, "", rerr
 		}
 		code2, cont, more, perr := parseReplyLine(line, 0)
-		if perr != nil || code2 != code {
+		if perr != nil || code2 != code && cont {
 			// As textproto: a stray line is text, and the reply goes on.
 			msg += "\n" + strings.TrimRight(line, "\r\n")
 			continue
 		}
 		msg += "\n" + more
 		continued = cont
+		if code2 != code {
+			// A last line with another code (RFC 5321 §4.2.1 wants one
+			// code on every line) still ends the reply, and its code is
+			// the reply's, as Postfix reads it. textproto reads on: the
+			// next reply's lines become this one's, and every later reply
+			// of a pipelined group answers the wrong command.
+			code = code2
+			_, _, _, err = parseReplyLine(line, expectCode)
+		}
 	}
 	if err != nil && multi && msg != "" {
 		err = &textproto.Error{Code: code, Msg: msg}

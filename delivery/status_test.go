@@ -2,6 +2,7 @@ package delivery
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
 	"net/textproto"
 	"strconv"
@@ -108,14 +109,16 @@ func TestReplyStatusKeepsItsWords(t *testing.T) {
 
 // readReply answers as textproto.Reader.ReadResponse wherever that reads
 // a whole reply, and takes a bare code as a reply without text (RFC 5321
-// §4.2), also as the last line of a multiline reply.
+// §4.2), also as the last line of a multiline reply. A last line with
+// another code ends the reply too, where textproto would read on into
+// the next one.
 func TestReadReplyMatchesTextprotoAndTakesBareCodes(t *testing.T) {
 	reader := func(in string) *textproto.Reader {
 		return textproto.NewReader(bufio.NewReader(strings.NewReader(in + "999 next\r\n")))
 	}
 	for _, in := range []string{
 		"250 ok\r\n", "250 \r\n", "250-mx.test\r\n250-\r\n250 SIZE 10\r\n", "550 5.1.1 no such user\r\n",
-		"451-4.3.0 one\r\n451 4.3.0 two\r\n", "250-a\r\nstray text\r\n250 b\r\n", "250-a\r\n251 other\r\n250 b\r\n",
+		"451-4.3.0 one\r\n451 4.3.0 two\r\n", "250-a\r\nstray text\r\n250 b\r\n", "250-a\r\n251-other\r\n250 b\r\n",
 		"25\r\n", "abc ok\r\n", "250x\r\n", "",
 	} {
 		for _, expect := range []int{0, 2, 25, 250} {
@@ -135,6 +138,9 @@ func TestReadReplyMatchesTextprotoAndTakesBareCodes(t *testing.T) {
 		{"250-mx.test\r\n250\r\n", "mx.test\n", 250},
 		{"250-\r\n250\r\n", "\n", 250},
 		{"550\r\n", "", 550},
+		{"250-a\r\n251 other\r\n", "a\nother", 251},
+		{"250-a\r\n251-b\r\n252 c\r\n", "a\n251-b\nc", 252},
+		{"250-a\r\n251\r\n", "a\n", 251},
 	} {
 		r := reader(tc.in)
 		code, msg, err := readReply(r, 0)
@@ -143,6 +149,21 @@ func TestReadReplyMatchesTextprotoAndTakesBareCodes(t *testing.T) {
 		}
 		if next, _ := r.ReadLine(); next != "999 next" {
 			t.Errorf("%q: the next reply starts %q", tc.in, next)
+		}
+	}
+	// The last line's code is the one checked against the expected.
+	for _, tc := range []struct {
+		in     string
+		expect int
+		fails  bool
+	}{
+		{"250-a\r\n551 no\r\n", 2, true},
+		{"550-a\r\n250 yes\r\n", 2, false},
+	} {
+		code, msg, err := readReply(reader(tc.in), tc.expect)
+		var te *textproto.Error
+		if failed := errors.As(err, &te); failed != tc.fails || tc.fails && (te.Code != code || te.Msg != msg) {
+			t.Errorf("%q (expect %d): %d %q %v, want an error %v carrying the reply", tc.in, tc.expect, code, msg, err, tc.fails)
 		}
 	}
 }

@@ -255,7 +255,8 @@ func (c *Client) readResponse(expectCode int) (int, string, error) {
 // CRLF", and textproto calls a bare "250" a short response: a message the
 // server had taken counted as failed, and was sent again. In a multiline
 // reply a bare code is the last line, where textproto took it for text
-// and read on into the next reply.
+// and read on into the next reply, and so is a line with another code
+// and no hyphen.
 func readReply(r *textproto.Reader, expectCode int) (code int, msg string, err error) {
 	line, err := r.ReadLine()
 	if err != nil {
@@ -272,13 +273,21 @@ func readReply(r *textproto.Reader, expectCode int) (code int, msg string, err e
 			return 0, "", rerr
 		}
 		code2, cont, more, perr := parseReplyLine(line, 0)
-		if perr != nil || code2 != code {
+		if perr != nil || code2 != code && cont {
 			// As textproto: a stray line is text, and the reply goes on.
 			msg += "\n" + strings.TrimRight(line, "\r\n")
 			continue
 		}
 		msg += "\n" + more
 		continued = cont
+		if code2 != code {
+			// stsrelay: a last line with another code (RFC 5321 §4.2.1
+			// wants one code on every line) ends the reply, and its code
+			// is the reply's, as Postfix reads it; textproto read on into
+			// the next reply.
+			code = code2
+			_, _, _, err = parseReplyLine(line, expectCode)
+		}
 	}
 	if err != nil && multi && msg != "" {
 		err = &textproto.Error{Code: code, Msg: msg}

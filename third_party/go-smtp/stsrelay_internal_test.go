@@ -215,7 +215,9 @@ func TestLineLimitReaderMatchesByteByByteReader(t *testing.T) {
 }
 
 // readReply answers as textproto.Reader.ReadResponse wherever that reads
-// a whole reply, and takes a bare code as a reply without text.
+// a whole reply, and takes a bare code as a reply without text. A last
+// line with another code ends the reply too, where textproto would read
+// on into the next one.
 func TestReadReplyMatchesTextprotoAndTakesBareCodes(t *testing.T) {
 	same := []string{
 		"250 ok\r\n",
@@ -224,7 +226,7 @@ func TestReadReplyMatchesTextprotoAndTakesBareCodes(t *testing.T) {
 		"550 5.1.1 no such user\r\n",
 		"451-4.3.0 one\r\n451 4.3.0 two\r\n",
 		"250-a\r\nstray text\r\n250 b\r\n",
-		"250-a\r\n251 other code\r\n250 b\r\n",
+		"250-a\r\n251-other code\r\n250 b\r\n",
 		"25\r\n",
 		"abc ok\r\n",
 		"250x\r\n",
@@ -248,6 +250,8 @@ func TestReadReplyMatchesTextprotoAndTakesBareCodes(t *testing.T) {
 		{"250-mx.test\r\n250\r\n", "mx.test\n", 250},
 		{"250-\r\n250\r\n", "\n", 250},
 		{"550\r\n", "", 550},
+		{"250-a\r\n251 other code\r\n", "a\nother code", 251},
+		{"250-a\r\n251\r\n", "a\n", 251},
 	} {
 		r := textproto.NewReader(bufio.NewReader(strings.NewReader(tc.in + "999 next\r\n")))
 		code, msg, err := readReply(r, 0)
